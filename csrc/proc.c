@@ -1,0 +1,160 @@
+/*
+ * proc.c - process helpers for the worker pool.
+ *
+ * shardc_proc_after_fork: run first thing in a forked worker.  Arms the
+ * parent-death signal (Linux) and then re-checks the parent: if the master
+ * died between fork() and prctl(), the signal would never come, so a
+ * mismatch is reported and the worker exits at once.
+ *
+ * shardc_proc_mem: samples another process's memory.  RSS counts every
+ * resident page, including pages of borrowed inputs shared with the master
+ * and every other worker, so supervision that looked at RSS would "see"
+ * growth whenever a worker merely reads its input.  /proc/PID/smaps_rollup
+ * gives Pss (shared pages divided among sharers) and Private_* (USS), which
+ * grow only with what the worker itself allocates.  This is read in C, with
+ * no allocation, because the supervisor samples every worker often.
+ */
+#define _GNU_SOURCE
+#include "proc.h"
+#include "sys.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__linux__)
+#include <sched.h>
+#include <sys/prctl.h>
+#endif
+
+int shardc_proc_after_fork(int expected_parent, int death_signal)
+{
+#if defined(__linux__)
+    if (prctl(PR_SET_PDEATHSIG, death_signal) == -1)
+        return -errno;
+#else
+    (void)death_signal;
+#endif
+    if (expected_parent > 0 && getppid() != (pid_t)expected_parent)
+        return -ESRCH;
+    return 0;
+}
+
+/* Parse "Key:   1234 kB" lines; returns bytes or -1 if the key is absent. */
+static int64_t shardc__field_kb(const char *buf, const char *key)
+{
+    size_t klen = strlen(key);
+    const char *p = buf;
+
+    while ((p = strstr(p, key)) != NULL) {
+        if ((p == buf || p[-1] == '\n') && p[klen] == ':') {
+            return (int64_t)strtoull(p + klen + 1, NULL, 10) * 1024;
+        }
+        p += klen;
+    }
+    return -1;
+}
+
+static int shardc__read_file(const char *path, char *buf, size_t cap)
+{
+    int fd = (int)SHARDC__RETRY(open(path, O_RDONLY | O_CLOEXEC));
+    size_t used = 0;
+
+    if (fd < 0)
+        return fd;
+    while (used + 1 < cap) {
+        long n = SHARDC__RETRY(read(fd, buf + used, cap - 1 - used));
+        if (n < 0) {
+            close(fd);
+            return (int)n;
+        }
+        if (n == 0)
+            break;
+        used += (size_t)n;
+    }
+    buf[used] = '\0';
+    close(fd);
+    return (int)used;
+}
+
+int shardc_proc_mem(int pid, shardc_mem_t *out)
+{
+#if defined(__linux__)
+    char path[64];
+    char buf[4096];
+    int64_t rss, pss, pc, pd, swap;
+    int rc;
+
+    if (out == NULL)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    snprintf(path, sizeof(path), "/proc/%d/smaps_rollup", pid);
+    rc = shardc__read_file(path, buf, sizeof(buf));
+    if (rc >= 0) {
+        rss = shardc__field_kb(buf, "Rss");
+        pss = shardc__field_kb(buf, "Pss");
+        pc = shardc__field_kb(buf, "Private_Clean");
+        pd = shardc__field_kb(buf, "Private_Dirty");
+        swap = shardc__field_kb(buf, "Swap");
+        if (rss >= 0 && pss >= 0 && pc >= 0 && pd >= 0) {
+            out->rss = (uint64_t)rss;
+            out->pss = (uint64_t)pss;
+            out->uss = (uint64_t)(pc + pd);
+            out->swap = swap > 0 ? (uint64_t)swap : 0;
+            out->precise = 1;
+            return 0;
+        }
+    } else if (rc == -ENOENT || rc == -ESRCH) {
+        /* No such process; a kernel without smaps_rollup has /proc/PID. */
+        snprintf(path, sizeof(path), "/proc/%d", pid);
+        if (access(path, F_OK) != 0)
+            return -ESRCH;
+    }
+    /* Fallback: statm (pages). Pss/Uss are estimated as rss - shared. */
+    snprintf(path, sizeof(path), "/proc/%d/statm", pid);
+    rc = shardc__read_file(path, buf, sizeof(buf));
+    if (rc < 0)
+        return rc == -ENOENT ? -ESRCH : rc;
+    {
+        unsigned long long size_p = 0, res_p = 0, shared_p = 0;
+        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        if (sscanf(buf, "%llu %llu %llu", &size_p, &res_p, &shared_p) != 3)
+            return -EIO;
+        out->rss = res_p * page;
+        out->uss = (res_p > shared_p ? res_p - shared_p : 0) * page;
+        out->pss = out->uss;
+        out->precise = 0;
+    }
+    return 0;
+#else
+    (void)pid;
+    (void)out;
+    return -ENOSYS;
+#endif
+}
+
+int shardc_proc_set_affinity(int pid, const int *cpus, int ncpus)
+{
+#if defined(__linux__)
+    cpu_set_t set;
+    int i;
+
+    CPU_ZERO(&set);
+    for (i = 0; i < ncpus; i++) {
+        if (cpus[i] < 0 || cpus[i] >= CPU_SETSIZE)
+            return -EINVAL;
+        CPU_SET(cpus[i], &set);
+    }
+    if (sched_setaffinity((pid_t)pid, sizeof(set), &set) == -1)
+        return -errno;
+    return 0;
+#else
+    (void)pid;
+    (void)cpus;
+    (void)ncpus;
+    return -ENOTSUP;
+#endif
+}

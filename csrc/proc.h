@@ -1,0 +1,25 @@
+/*
+ * proc.h - process-level helpers for forked workers and their supervisor:
+ * after-fork setup (parent-death signal), memory sampling (RSS/PSS/USS from
+ * /proc/PID/smaps_rollup) and CPU affinity.
+ */
+#ifndef SHARDC_PROC_H
+#define SHARDC_PROC_H
+
+#include <stdint.h>
+
+/* --- cdef begin --- */
+typedef struct {
+    uint64_t rss;   /* resident set size, bytes */
+    uint64_t pss;   /* proportional set size (shared pages divided), bytes */
+    uint64_t uss;   /* private (clean + dirty) bytes: what this process alone holds */
+    uint64_t swap;  /* swapped-out bytes */
+    int precise;    /* 1 when pss/uss came from smaps_rollup, 0 when estimated from rss */
+} shardc_mem_t;
+
+int shardc_proc_after_fork(int expected_parent, int death_signal);
+int shardc_proc_mem(int pid, shardc_mem_t *out);
+int shardc_proc_set_affinity(int pid, const int *cpus, int ncpus);
+/* --- cdef end --- */
+
+#endif /* SHARDC_PROC_H */

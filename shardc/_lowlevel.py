@@ -1,0 +1,252 @@
+"""The only module that imports ``shardc._native`` (the cffi extension).
+
+Everything native goes through here: thin wrappers that call one C function,
+and one choke point, :func:`_check`, that turns the C layer's ``-errno``
+return codes into Python exceptions with the operation, the object's name and
+a targeted hint where the OS limit is a known one.
+
+The module also checks the build stamp at import: a native module compiled
+from other C sources than the ones beside this package (an editable install
+whose ``csrc/`` changed) refuses to load with a message saying how to rebuild.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+from pathlib import Path
+
+from . import _stamp
+from ._version import __version__
+from .errors import SegmentError, ShardcError
+
+try:
+    from ._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "shardc's native module (shardc._native) is missing or failed to load: "
+        f"{exc}. Build it with `pip install -e .` (or `pip install .`) from the source tree."
+    ) from exc
+
+
+def _check_stamp() -> None:
+    built = ffi.string(lib.shardc_build_stamp()).decode()
+    if not built.startswith(__version__ + "+"):
+        raise ImportError(
+            f"stale shardc native module: it was built for shardc {built.split('+')[0]}, "
+            f"but the Python package is {__version__}. Rebuild with `pip install -e .`."
+        )
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    if (csrc / "ffi_build.py").is_file() and os.environ.get("SHARDC_SKIP_STAMP_CHECK") != "1":
+        expected = _stamp.compute_stamp(csrc, __version__)
+        if expected != built:
+            raise ImportError(
+                f"stale shardc native module: built from C sources {built}, but {csrc} now "
+                f"hashes to {expected}. Rebuild with `pip install -e .` "
+                "(set SHARDC_SKIP_STAMP_CHECK=1 to load it anyway)."
+            )
+
+
+_check_stamp()
+
+PAGE_SIZE: int = int(lib.shardc_page_size())
+
+# Hints for errno values whose usual cause is a known OS limit.
+_HINTS = {
+    _errno.ENOSPC: "the backing filesystem is full; on a small /dev/shm (e.g. a container's "
+                   "64 MiB) use backing='file' or set SHARDC_BACKING=file",
+    _errno.ENOMEM: "out of memory or out of memory mappings; if many pages were write-protected "
+                   "separately, raise vm.max_map_count (sysctl -w vm.max_map_count=262144)",
+    _errno.EMFILE: "too many open files in this process; raise the limit with `ulimit -n`",
+    _errno.ENFILE: "too many open files system-wide",
+    _errno.EACCES: "permission denied; named segments are created with mode 0600 by their owner",
+    _errno.EEXIST: "a segment with this name already exists; pick another name or unlink it",
+    _errno.ENOENT: "no segment with this name exists (was it unlinked by its owner?)",
+}
+
+
+def _check(rc: int, op: str, name: str | None = None) -> int:
+    """Return ``rc`` if it is >= 0, else raise the matching exception.
+
+    Args:
+        rc: return value of a C function (``>= 0`` success, ``-errno`` failure).
+        op: the operation, for the message ("mmap", "ftruncate", ...).
+        name: the object the operation was on (segment name), if any.
+
+    Raises:
+        SegmentError: an ``OSError`` subclass with ``errno`` set.
+    """
+    if rc >= 0:
+        return rc
+    code = -rc
+    msg = f"{op} failed" + (f" for segment {name!r}" if name else "") + f": {os.strerror(code)}"
+    hint = _HINTS.get(code)
+    if hint:
+        msg += f" (hint: {hint})"
+    raise SegmentError(code, msg)
+
+
+# --------------------------------------------------------------------------
+# segments (csrc/seg.c)
+# --------------------------------------------------------------------------
+
+BACKING_MEMFD = lib.SHARDC_BACKING_MEMFD
+BACKING_SHM = lib.SHARDC_BACKING_SHM
+BACKING_FILE = lib.SHARDC_BACKING_FILE
+MAP_WRITE = lib.SHARDC_MAP_WRITE
+MAP_PRIVATE = lib.SHARDC_MAP_PRIVATE
+MAP_POPULATE = lib.SHARDC_MAP_POPULATE
+ADVICE = {
+    "normal": lib.SHARDC_ADV_NORMAL,
+    "sequential": lib.SHARDC_ADV_SEQUENTIAL,
+    "random": lib.SHARDC_ADV_RANDOM,
+    "willneed": lib.SHARDC_ADV_WILLNEED,
+    "dontneed": lib.SHARDC_ADV_DONTNEED,
+    "hugepage": lib.SHARDC_ADV_HUGEPAGE,
+}
+
+
+def seg_backing_supported(backing: int) -> bool:
+    return bool(lib.shardc_seg_backing_supported(backing))
+
+
+def seg_create(backing: int, name: str, size: int, persist: bool) -> int:
+    """Create a segment and return its fd."""
+    fd = ffi.new("int *")
+    _check(lib.shardc_seg_create(backing, name.encode(), size, int(persist), fd), "create", name)
+    return fd[0]
+
+
+def seg_open(backing: int, name: str, writable: bool) -> tuple[int, int]:
+    """Open an existing named segment; return ``(fd, size)``."""
+    fd = ffi.new("int *")
+    size = ffi.new("uint64_t *")
+    _check(lib.shardc_seg_open(backing, name.encode(), int(writable), fd, size), "open", name)
+    return fd[0], int(size[0])
+
+
+def seg_unlink(backing: int, name: str) -> None:
+    _check(lib.shardc_seg_unlink(backing, name.encode()), "unlink", name)
+
+
+def seg_seal(fd: int, name: str | None = None) -> bool:
+    """Seal against writes/resizes; False where the backing has no seals."""
+    rc = lib.shardc_seg_seal(fd)
+    if rc == -_errno.ENOTSUP:
+        return False
+    _check(rc, "seal", name)
+    return True
+
+
+def seg_is_sealed(fd: int) -> bool:
+    return bool(_check(lib.shardc_seg_is_sealed(fd), "get seals"))
+
+
+def seg_size(fd: int) -> int:
+    size = ffi.new("uint64_t *")
+    _check(lib.shardc_seg_size(fd, size), "fstat")
+    return int(size[0])
+
+
+def seg_close_fd(fd: int) -> None:
+    _check(lib.shardc_seg_close_fd(fd), "close")
+
+
+def seg_map(fd: int, offset: int, size: int, flags: int, name: str | None = None) -> int:
+    """Map ``size`` bytes of the segment; return the address as an int."""
+    addr = ffi.new("void **")
+    _check(lib.shardc_seg_map(fd, offset, size, flags, addr), "mmap", name)
+    return int(ffi.cast("uintptr_t", addr[0]))
+
+
+def seg_unmap(addr: int, size: int) -> None:
+    _check(lib.shardc_seg_unmap(ffi.cast("void *", addr), size), "munmap")
+
+
+def seg_protect(addr: int, size: int, writable: bool, name: str | None = None) -> None:
+    _check(lib.shardc_seg_protect(ffi.cast("void *", addr), size, int(writable)), "mprotect", name)
+
+
+def seg_advise(addr: int, size: int, advice: str, name: str | None = None) -> None:
+    _check(lib.shardc_seg_advise(ffi.cast("void *", addr), size, ADVICE[advice]), f"madvise({advice})", name)
+
+
+def seg_populate(addr: int, size: int, write: bool, name: str | None = None) -> None:
+    _check(lib.shardc_seg_populate(ffi.cast("void *", addr), size, int(write)), "populate", name)
+
+
+def seg_fill(addr: int, size: int, pattern: bytes) -> None:
+    _check(lib.shardc_seg_fill(ffi.cast("void *", addr), size, pattern, len(pattern)), "fill")
+
+
+def mem_equal(a: int, b: int, n: int) -> bool:
+    return bool(lib.shardc_mem_equal(ffi.cast("void *", a), ffi.cast("void *", b), n))
+
+
+class Mapping:
+    """A mapped region whose lifetime is tied to Python references.
+
+    ``cdata`` is a cffi pointer created with ``ffi.gc``: the region is unmapped
+    when the last reference to it goes away.  :meth:`buffer` returns a buffer
+    object that references ``cdata``, so NumPy arrays built on it keep the
+    mapping alive even after the owning object was closed: a closed buffer's
+    outstanding views never dangle.
+    """
+
+    __slots__ = ("cdata", "addr", "size")
+
+    def __init__(self, addr: int, size: int) -> None:
+        raw = ffi.cast("char *", addr)
+        self.addr = addr
+        self.size = size
+        self.cdata = ffi.gc(raw, lambda p, n=size: lib.shardc_seg_unmap(p, n), size=size)
+
+    def buffer(self) -> object:
+        """A writable buffer over the whole region that keeps the mapping alive."""
+        return ffi.buffer(self.cdata, self.size)
+
+
+def map_segment(fd: int, offset: int, size: int, flags: int, name: str | None = None) -> Mapping:
+    """Map and return a :class:`Mapping` that unmaps itself when unreferenced."""
+    return Mapping(seg_map(fd, offset, size, flags, name), size)
+
+
+# --------------------------------------------------------------------------
+# processes (csrc/proc.c)
+# --------------------------------------------------------------------------
+
+
+def proc_after_fork(expected_parent: int, death_signal: int) -> int:
+    """Arm PDEATHSIG in a fresh child; returns -ESRCH if the parent already died."""
+    return int(lib.shardc_proc_after_fork(expected_parent, death_signal))
+
+
+def proc_mem(pid: int) -> dict[str, int] | None:
+    """Memory of ``pid`` in bytes: rss, pss, uss, swap, precise; None if it is gone."""
+    m = ffi.new("shardc_mem_t *")
+    rc = lib.shardc_proc_mem(pid, m)
+    if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
+        return None
+    _check(rc, f"read memory of pid {pid}")
+    return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
+            "precise": int(m.precise)}
+
+
+def proc_set_affinity(pid: int, cpus: list[int]) -> None:
+    arr = ffi.new("int[]", list(cpus))
+    _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity")
+
+
+# --------------------------------------------------------------------------
+# task ring (csrc/queue.c) -- wrappers go below this line
+# --------------------------------------------------------------------------
+
+# (queue section end)
+
+# --------------------------------------------------------------------------
+# page guards (csrc/guard.c) -- wrappers go below this line
+# --------------------------------------------------------------------------
+
+# (guard section end)
+
+__all__ = ["ffi", "PAGE_SIZE", "ShardcError"]
