@@ -1,0 +1,645 @@
+/*
+ * guard.c - page guards: enforce the copy-on-write policy on borrowed inputs.
+ *
+ * A borrowed input is mapped MAP_PRIVATE + PROT_READ from a sealed segment
+ * and registered here as a region (shardc_guard_add).  Reads cost nothing: the
+ * protection is set once, when the region is added, never per shard.  A store
+ * into a region faults; the SIGSEGV/SIGBUS handler then
+ *
+ *   1. finds the region in a preallocated, fixed-size table (no malloc, no
+ *      locks: the table is only changed from the main thread outside a fault,
+ *      and the handler reads it through acquire loads of each slot's state);
+ *   2. records the page (an index in the region's fixed page array) and the
+ *      offset of the first faulting byte;
+ *   3. mprotect()s that one page PROT_READ|PROT_WRITE and returns: the store
+ *      is retried and the kernel gives it a private copy-on-write page, so
+ *      shared memory is never written, whatever the policy;
+ *   4. for a deny region, announces the violation: it calls the notifier given
+ *      to shardc_guard_install() (Python passes one that calls
+ *      PyErr_SetInterruptEx, so a Python handler raises as soon as the
+ *      running C call returns), or raise()s the notify signal.
+ *
+ * After the shard, shardc_guard_restore() drops exactly the private pages
+ * with MADV_DONTNEED (the next read refaults the shared page) and write-
+ * protects them again.  Dropping only those pages matters: dropping a whole
+ * 1 GiB region would make every later read refault.
+ *
+ * VMAs.  Each single-page mprotect can split a mapping in three, and Linux
+ * caps mappings per process (vm.max_map_count, 65530 by default).  So a
+ * region tracks at most `per_region` pages one by one, and all regions
+ * together at most `total`; past that the region goes whole-writable (one
+ * mprotect that merges its VMAs back into one) and, at collect/restore time,
+ * its private pages are found in /proc/self/pagemap (a present page that is
+ * not a file page, or a swapped one, is a private copy).  Without pagemap
+ * (macOS, a locked-down /proc) restore drops the whole region and the page
+ * count is a lower bound (info.exact = 0).
+ *
+ * Faults that are not ours go to the handler that was installed before us:
+ * its sa_sigaction or sa_handler is called (faulthandler prints its traceback
+ * and re-raises), and when that was SIG_DFL the default disposition is put
+ * back and the fault re-executes (or, for a kill()ed signal, is re-raised), so
+ * real crashes still kill the process with the right signal.  A fault is ours
+ * only if it is a protection fault inside an active region (on x86-64 also a
+ * write, per the page-fault error code); a fault that repeats at the same
+ * address without a restore in between is passed on rather than looped on.
+ *
+ * Threads.  Handlers may run in any thread; all handler-side state is
+ * lock-free atomics.  Add/remove/collect/restore must not race with a shard
+ * that is writing: the worker calls them between shards.
+ */
+#define _GNU_SOURCE
+#include "guard.h"
+#include "sys.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#define SHARDC__PAGE_CAP 1024    /* hard maximum of pages tracked one by one */
+#define SHARDC__ALTSTACK (64 * 1024)
+#define SHARDC__NO_OFFSET UINT64_MAX
+#define SHARDC__PM_CHUNK 2048    /* pagemap entries read per pread */
+
+enum { SHARDC__FREE = 0, SHARDC__ACTIVE = 1 };
+
+struct shardc__region {
+    _Atomic int state;        /* FREE/ACTIVE; release on add, acquire in handler */
+    int mode;
+    uintptr_t start;          /* page aligned */
+    uintptr_t end;            /* start + size rounded up to a page */
+    _Atomic uint32_t ntracked;  /* slots reserved in pages[] (may exceed the cap) */
+    _Atomic uint32_t held;      /* single-page protections counted in g_tracked */
+    _Atomic int overflow;       /* region made whole-writable */
+    _Atomic int written;
+    _Atomic uint64_t first_off;
+    _Atomic uint64_t faults;
+    _Atomic uint32_t pages[SHARDC__PAGE_CAP]; /* page indices within the region */
+};
+
+static struct shardc__region g_regions[SHARDC_GUARD_MAX_REGIONS];
+static _Atomic int g_nslots; /* highest slot ever used + 1: bounds the handler's scan */
+
+static struct sigaction g_prev_segv, g_prev_bus;
+static int g_installed;
+static void (*g_notify)(int);
+static int g_notify_signum;
+static int g_notify_flags;
+
+static _Atomic uint32_t g_per_region = 256;
+static _Atomic uint32_t g_total = 8192;
+static _Atomic uint32_t g_tracked;  /* single-page protections outstanding */
+static _Atomic int g_notify_pending;
+static _Atomic uint64_t g_faults, g_chained, g_overflows, g_notified;
+static _Atomic uintptr_t g_last_addr; /* loop guard: last serviced address */
+static _Atomic int g_last_repeats;
+
+static size_t shardc__ps(void)
+{
+    static size_t ps;
+    if (ps == 0)
+        ps = (size_t)sysconf(_SC_PAGESIZE);
+    return ps;
+}
+
+/* Region containing addr, or -1.  Runs in the handler: loads only. */
+static int shardc__find(uintptr_t addr)
+{
+    int i, n = atomic_load_explicit(&g_nslots, memory_order_acquire);
+
+    for (i = 0; i < n; i++) {
+        struct shardc__region *r = &g_regions[i];
+        /* Acquire: pairs with the release store in add(), so start/end/mode
+         * written before the slot went ACTIVE are visible here. */
+        if (atomic_load_explicit(&r->state, memory_order_acquire) != SHARDC__ACTIVE)
+            continue;
+        if (addr >= r->start && addr < r->end)
+            return i;
+    }
+    return -1;
+}
+
+/* Is this signal a protection fault we may service?  Linux reports a write
+ * to a read-only page as SIGSEGV/SEGV_ACCERR; SIGBUS there means something
+ * else (access past the end of the file) and is never ours.  macOS reports
+ * these writes as SIGBUS, so both signals count there. */
+static int shardc__is_protection_fault(int sig, siginfo_t *info, void *ctx)
+{
+#if defined(__APPLE__)
+    (void)ctx;
+    return (sig == SIGSEGV || sig == SIGBUS) && info->si_code > 0;
+#else
+    if (sig != SIGSEGV || info->si_code != SEGV_ACCERR)
+        return 0;
+#if defined(__x86_64__) && defined(REG_ERR)
+    {
+        /* Page-fault error code: bit 1 = write access, bit 4 = instruction
+         * fetch.  Making a page writable cannot fix a fetch or a read. */
+        long err = (long)((ucontext_t *)ctx)->uc_mcontext.gregs[REG_ERR];
+        if (!(err & 2) || (err & 16))
+            return 0;
+    }
+#else
+    (void)ctx;
+#endif
+    return 1;
+#endif
+}
+
+/* Make the faulting page (or, past the limits, the whole region) writable
+ * and record it.  Returns 0 when the store can be retried, -1 to chain. */
+static int shardc__service(struct shardc__region *r, uintptr_t addr)
+{
+    size_t ps = shardc__ps();
+    uintptr_t page = addr & ~(uintptr_t)(ps - 1);
+    uint64_t none = SHARDC__NO_OFFSET;
+    uint32_t n;
+
+    /* First fault wins: the offset the error message reports. */
+    atomic_compare_exchange_strong(&r->first_off, &none, (uint64_t)(addr - r->start));
+    atomic_fetch_add_explicit(&r->faults, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g_faults, 1, memory_order_relaxed);
+
+    if (!atomic_load_explicit(&r->overflow, memory_order_relaxed)) {
+        n = atomic_fetch_add_explicit(&r->ntracked, 1, memory_order_relaxed);
+        if (n < SHARDC__PAGE_CAP)
+            atomic_store_explicit(&r->pages[n], (uint32_t)((page - r->start) / ps),
+                                  memory_order_relaxed);
+        if (n < atomic_load_explicit(&g_per_region, memory_order_relaxed) &&
+            atomic_fetch_add_explicit(&g_tracked, 1, memory_order_relaxed) <
+                atomic_load_explicit(&g_total, memory_order_relaxed)) {
+            atomic_fetch_add_explicit(&r->held, 1, memory_order_relaxed);
+            if (mprotect((void *)page, ps, PROT_READ | PROT_WRITE) == 0)
+                goto done;
+            /* ENOMEM here is usually vm.max_map_count: fall through to the
+             * whole-region mprotect, which merges VMAs instead of splitting. */
+        } else if (n < atomic_load_explicit(&g_per_region, memory_order_relaxed)) {
+            atomic_fetch_sub_explicit(&g_tracked, 1, memory_order_relaxed);
+        }
+    }
+    if (mprotect((void *)r->start, r->end - r->start, PROT_READ | PROT_WRITE) != 0)
+        return -1;
+    if (!atomic_exchange(&r->overflow, 1))
+        atomic_fetch_add_explicit(&g_overflows, 1, memory_order_relaxed);
+done:
+    /* Release: collect() acquires `written` before reading pages[]. */
+    atomic_store_explicit(&r->written, 1, memory_order_release);
+    if (r->mode == SHARDC_GUARD_DENY) {
+        atomic_store(&g_notify_pending, 1);
+        atomic_fetch_add_explicit(&g_notified, 1, memory_order_relaxed);
+        if (g_notify != NULL)
+            g_notify(g_notify_signum);
+        else if (g_notify_flags & SHARDC_GUARD_NOTIFY_RAISE)
+            raise(g_notify_signum);
+    }
+    return 0;
+}
+
+/* Hand a signal that is not ours to whoever had it before us. */
+static void shardc__chain(int sig, siginfo_t *info, void *ctx)
+{
+    struct sigaction *prev = sig == SIGBUS ? &g_prev_bus : &g_prev_segv;
+    struct sigaction dfl;
+
+    atomic_fetch_add_explicit(&g_chained, 1, memory_order_relaxed);
+    if ((prev->sa_flags & SA_SIGINFO) && prev->sa_sigaction != NULL) {
+        prev->sa_sigaction(sig, info, ctx);
+        return;
+    }
+    if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL &&
+        prev->sa_handler != SIG_IGN) {
+        prev->sa_handler(sig);
+        return;
+    }
+    /* SIG_DFL (SIG_IGN cannot stop a synchronous fault either): put the
+     * default back; the faulting instruction re-executes and the kernel kills
+     * the process with this signal.  A signal sent by kill() does not
+     * re-occur by itself, so send it again (delivered when we return). */
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+    if (info->si_code <= 0)
+        raise(sig);
+}
+
+static void shardc__on_fault(int sig, siginfo_t *info, void *ctx)
+{
+    int saved_errno = errno;
+    uintptr_t addr = (uintptr_t)info->si_addr;
+    int id = -1;
+
+    if (shardc__is_protection_fault(sig, info, ctx))
+        id = shardc__find(addr);
+    if (id >= 0) {
+        /* A store that faults again at the same address although we made its
+         * page writable is not something we can fix: pass it on. */
+        if (atomic_exchange(&g_last_addr, addr) == addr) {
+            if (atomic_fetch_add(&g_last_repeats, 1) >= 3)
+                id = -1;
+        } else {
+            atomic_store(&g_last_repeats, 0);
+        }
+    }
+    if (id < 0 || shardc__service(&g_regions[id], addr) != 0)
+        shardc__chain(sig, info, ctx);
+    errno = saved_errno;
+}
+
+/* Give the process an alternate signal stack if the calling thread has none
+ * (so a fault caused by stack exhaustion still reaches a handler). */
+static int shardc__ensure_altstack(void)
+{
+    stack_t ss;
+    void *mem;
+
+    if (sigaltstack(NULL, &ss) == -1)
+        return -errno;
+    if (!(ss.ss_flags & SS_DISABLE))
+        return 0;
+    mem = mmap(NULL, SHARDC__ALTSTACK, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED)
+        return -errno;
+    ss.ss_sp = mem;
+    ss.ss_size = SHARDC__ALTSTACK;
+    ss.ss_flags = 0;
+    if (sigaltstack(&ss, NULL) == -1) {
+        int err = errno;
+        munmap(mem, SHARDC__ALTSTACK);
+        return -err;
+    }
+    return 0;
+}
+
+static int shardc__install_one(int sig, struct sigaction *prev)
+{
+    struct sigaction sa, cur;
+
+    if (sigaction(sig, NULL, &cur) == -1)
+        return -errno;
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == shardc__on_fault)
+        return 0; /* already ours (e.g. inherited over fork): keep its prev */
+    /* Save the previous action before ours can run and need it. */
+    *prev = cur;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = shardc__on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(sig, &sa, NULL) == -1)
+        return -errno;
+    return 0;
+}
+
+int shardc_guard_install(void (*notify)(int), int signum, int flags)
+{
+    int rc;
+
+    if (signum < 0 || signum >= NSIG || signum == SIGSEGV || signum == SIGBUS)
+        return -EINVAL;
+    if ((flags & SHARDC_GUARD_NOTIFY_RAISE) && notify != NULL)
+        return -EINVAL;
+    g_notify = notify;
+    g_notify_signum = signum;
+    g_notify_flags = flags;
+    rc = shardc__ensure_altstack();
+    if (rc < 0)
+        return rc;
+    rc = shardc__install_one(SIGSEGV, &g_prev_segv);
+    if (rc == 0)
+        rc = shardc__install_one(SIGBUS, &g_prev_bus);
+    if (rc == 0)
+        g_installed = 1;
+    return rc;
+}
+
+int shardc_guard_uninstall(void)
+{
+    struct sigaction cur;
+    int i, sigs[2] = {SIGSEGV, SIGBUS};
+    struct sigaction *prevs[2] = {&g_prev_segv, &g_prev_bus};
+
+    if (!g_installed)
+        return 0;
+    for (i = 0; i < 2; i++) {
+        if (sigaction(sigs[i], NULL, &cur) == -1)
+            return -errno;
+        /* Only undo our own installation, never somebody's later one. */
+        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == shardc__on_fault &&
+            sigaction(sigs[i], prevs[i], NULL) == -1)
+            return -errno;
+    }
+    g_installed = 0;
+    g_notify = NULL;
+    return 0;
+}
+
+int shardc_guard_set_limits(int per_region, int total)
+{
+    if (per_region < 0 || per_region > SHARDC__PAGE_CAP || total < 0)
+        return -EINVAL;
+    atomic_store(&g_per_region, (uint32_t)per_region);
+    atomic_store(&g_total, (uint32_t)total);
+    return 0;
+}
+
+/* Attach one anon_vma to the whole mapping before it is ever split, and leave
+ * it PROT_READ.  Without this, the first copy-on-write fault in each split-off
+ * single page creates that piece's own anon_vma, and VMAs with different
+ * anon_vmas never merge again: every restored page would stay a separate VMA
+ * for the life of the mapping, and shards writing different pages would
+ * creep towards vm.max_map_count.  With a shared anon_vma, re-protecting a
+ * page merges it back into its neighbours.  Cost: one copy-on-write fault
+ * and three syscalls, once per input.  The mapping must be MAP_PRIVATE
+ * (the byte written back would otherwise go to the shared file). */
+static int shardc__prime_anon(uintptr_t start, size_t len)
+{
+    volatile unsigned char *b = (volatile unsigned char *)start;
+
+    if (mprotect((void *)start, len, PROT_READ | PROT_WRITE) == -1)
+        return -errno;
+    *b = *b; /* the copy-on-write fault that creates the anon_vma */
+    if (madvise((void *)start, shardc__ps(), MADV_DONTNEED) == -1 ||
+        mprotect((void *)start, len, PROT_READ) == -1)
+        return -errno;
+    return 0;
+}
+
+int shardc_guard_add(void *addr, uint64_t size, int mode, int *id_out)
+{
+    size_t ps = shardc__ps();
+    uintptr_t start = (uintptr_t)addr, end;
+    int i, slot = -1, n, rc;
+
+    if (id_out == NULL || size == 0 || start % ps != 0 || mode < SHARDC_GUARD_DENY ||
+        mode > SHARDC_GUARD_ALLOW || size > UINT32_MAX * (uint64_t)ps)
+        return -EINVAL;
+    end = start + (uintptr_t)((size + ps - 1) / ps * ps);
+    n = atomic_load(&g_nslots);
+    for (i = 0; i < SHARDC_GUARD_MAX_REGIONS; i++) {
+        struct shardc__region *r = &g_regions[i];
+        if (atomic_load(&r->state) == SHARDC__ACTIVE) {
+            if (start < r->end && r->start < end)
+                return -EEXIST;
+        } else if (slot < 0) {
+            slot = i;
+        }
+    }
+    if (slot < 0)
+        return -ENOSPC;
+    rc = shardc__prime_anon(start, end - start);
+    if (rc < 0)
+        return rc;
+    {
+        struct shardc__region *r = &g_regions[slot];
+        r->mode = mode;
+        r->start = start;
+        r->end = end;
+        atomic_store(&r->ntracked, 0);
+        atomic_store(&r->held, 0);
+        atomic_store(&r->overflow, 0);
+        atomic_store(&r->written, 0);
+        atomic_store(&r->first_off, SHARDC__NO_OFFSET);
+        atomic_store(&r->faults, 0);
+        /* Release: publishes the fields above to the fault handler. */
+        atomic_store_explicit(&r->state, SHARDC__ACTIVE, memory_order_release);
+    }
+    if (slot >= n)
+        atomic_store_explicit(&g_nslots, slot + 1, memory_order_release);
+    *id_out = slot;
+    return 0;
+}
+
+static struct shardc__region *shardc__region(int id)
+{
+    if (id < 0 || id >= SHARDC_GUARD_MAX_REGIONS ||
+        atomic_load(&g_regions[id].state) != SHARDC__ACTIVE)
+        return NULL;
+    return &g_regions[id];
+}
+
+static int shardc__cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Sort and deduplicate pages[] (between shards, never in the handler) and
+ * return the number of distinct pages.  Duplicates come from threads that
+ * faulted on the same page at once. */
+static uint32_t shardc__compact(struct shardc__region *r)
+{
+    uint32_t n = atomic_load(&r->ntracked), i, k = 0;
+    uint32_t *pages = (uint32_t *)r->pages;
+
+    if (n > SHARDC__PAGE_CAP)
+        n = SHARDC__PAGE_CAP;
+    if (n == 0)
+        return 0;
+    qsort(pages, n, sizeof(uint32_t), shardc__cmp_u32);
+    for (i = 1; i < n; i++)
+        if (pages[i] != pages[k])
+            pages[++k] = pages[i];
+    k++;
+    if (!atomic_load(&r->overflow))
+        atomic_store(&r->ntracked, k);
+    return k;
+}
+
+/* MADV_DONTNEED pages [from, to) of a region: their private copies go away
+ * and the next access maps the segment's page again. */
+static int shardc__drop(struct shardc__region *r, uint64_t from, uint64_t to)
+{
+    size_t ps = shardc__ps();
+    return madvise((void *)(r->start + from * ps), (size_t)(to - from) * ps, MADV_DONTNEED);
+}
+
+/* Count a region's private (copy-on-write) pages from /proc/self/pagemap and,
+ * if drop, MADV_DONTNEED each run of them.  Returns the count or -errno. */
+static int64_t shardc__scan_private(struct shardc__region *r, int drop)
+{
+    size_t ps = shardc__ps();
+    uint64_t npages = (r->end - r->start) / ps, i, j, run = UINT64_MAX;
+    uint64_t buf[SHARDC__PM_CHUNK];
+    int64_t count = 0;
+    int fd = (int)SHARDC__RETRY(open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+
+    if (fd < 0)
+        return fd;
+    for (i = 0; i < npages; i += SHARDC__PM_CHUNK) {
+        uint64_t k = npages - i < SHARDC__PM_CHUNK ? npages - i : SHARDC__PM_CHUNK;
+        off_t at = (off_t)((r->start / ps + i) * sizeof(uint64_t));
+        long got = SHARDC__RETRY(pread(fd, buf, k * sizeof(uint64_t), at));
+        if (got != (long)(k * sizeof(uint64_t))) {
+            close(fd);
+            return got < 0 ? got : -EIO;
+        }
+        for (j = 0; j < k; j++) {
+            /* Bit 63 present, 62 swapped, 61 file-page-or-shared-anon: a
+             * present non-file page, or a swapped one, is our private copy. */
+            int priv = ((buf[j] >> 63) & 1 && !((buf[j] >> 61) & 1)) || ((buf[j] >> 62) & 1);
+            if (priv) {
+                count++;
+                if (run == UINT64_MAX)
+                    run = i + j;
+            } else if (run != UINT64_MAX) {
+                if (drop && shardc__drop(r, run, i + j) < 0) {
+                    int err = errno;
+                    close(fd);
+                    return -err;
+                }
+                run = UINT64_MAX;
+            }
+        }
+    }
+    if (run != UINT64_MAX && drop && shardc__drop(r, run, npages) < 0) {
+        int err = errno;
+        close(fd);
+        return -err;
+    }
+    close(fd);
+    return count;
+}
+
+int shardc_guard_collect(int id, shardc_guard_info_t *out)
+{
+    struct shardc__region *r = shardc__region(id);
+
+    if (r == NULL || out == NULL)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    out->mode = r->mode;
+    out->exact = 1;
+    /* Acquire: pairs with the handler's release of `written`. */
+    if (!atomic_load_explicit(&r->written, memory_order_acquire))
+        return 0;
+    out->written = 1;
+    out->first_offset = atomic_load(&r->first_off);
+    out->faults = atomic_load(&r->faults);
+    out->overflow = atomic_load(&r->overflow);
+    if (out->overflow) {
+        int64_t n = shardc__scan_private(r, 0);
+        if (n >= 0) {
+            out->pages = (uint64_t)n;
+        } else {
+            out->pages = atomic_load(&r->ntracked);
+            out->exact = 0;
+        }
+    } else {
+        out->pages = shardc__compact(r);
+    }
+    return 0;
+}
+
+int shardc_guard_restore(int id)
+{
+    struct shardc__region *r = shardc__region(id);
+    size_t ps = shardc__ps();
+
+    if (r == NULL)
+        return -EINVAL;
+    if (!atomic_load_explicit(&r->written, memory_order_acquire))
+        return 0;
+    if (atomic_load(&r->overflow)) {
+        size_t len = r->end - r->start;
+        if (mprotect((void *)r->start, len, PROT_READ) == -1)
+            return -errno;
+        if (shardc__scan_private(r, 1) < 0 &&
+            madvise((void *)r->start, len, MADV_DONTNEED) == -1)
+            return -errno;
+    } else {
+        uint32_t n = shardc__compact(r), i = 0, j;
+        uint32_t *pages = (uint32_t *)r->pages;
+        /* Coalesce adjacent pages: one madvise + one mprotect per run. */
+        while (i < n) {
+            void *at = (void *)(r->start + (uintptr_t)pages[i] * ps);
+            size_t len;
+            for (j = i + 1; j < n && pages[j] == pages[j - 1] + 1; j++)
+                ;
+            len = (size_t)(j - i) * ps;
+            if (mprotect(at, len, PROT_READ) == -1 || madvise(at, len, MADV_DONTNEED) == -1)
+                return -errno;
+            i = j;
+        }
+    }
+    atomic_fetch_sub(&g_tracked, atomic_exchange(&r->held, 0));
+    atomic_store(&r->ntracked, 0);
+    atomic_store(&r->overflow, 0);
+    atomic_store(&r->first_off, SHARDC__NO_OFFSET);
+    atomic_store(&r->faults, 0);
+    atomic_store(&g_last_addr, 0);
+    atomic_store_explicit(&r->written, 0, memory_order_release);
+    return 0;
+}
+
+int shardc_guard_remove(int id)
+{
+    struct shardc__region *r = shardc__region(id);
+    int rc;
+
+    if (r == NULL)
+        return -EINVAL;
+    rc = shardc_guard_restore(id);
+    if (rc < 0)
+        return rc;
+    /* The page array stays (it is static), so a handler still scanning in
+     * another thread reads stale but valid memory, never freed memory. */
+    atomic_store_explicit(&r->state, SHARDC__FREE, memory_order_release);
+    return 0;
+}
+
+int shardc_guard_dirty(int *ids_out, int max)
+{
+    int i, k = 0, n = atomic_load(&g_nslots);
+
+    if (ids_out == NULL && max > 0)
+        return -EINVAL;
+    for (i = 0; i < n; i++) {
+        struct shardc__region *r = &g_regions[i];
+        if (atomic_load(&r->state) == SHARDC__ACTIVE && atomic_load(&r->written)) {
+            if (k < max)
+                ids_out[k] = i;
+            k++;
+        }
+    }
+    return k;
+}
+
+int shardc_guard_lookup(const void *addr, uint64_t len, int *ids_out, int max)
+{
+    uintptr_t lo = (uintptr_t)addr, hi = lo + (uintptr_t)(len ? len : 1);
+    int i, k = 0, n = atomic_load(&g_nslots);
+
+    if (ids_out == NULL && max > 0)
+        return -EINVAL;
+    for (i = 0; i < n; i++) {
+        struct shardc__region *r = &g_regions[i];
+        if (atomic_load(&r->state) == SHARDC__ACTIVE && lo < r->end && r->start < hi) {
+            if (k < max)
+                ids_out[k] = i;
+            k++;
+        }
+    }
+    return k;
+}
+
+int shardc_guard_take_notify(void)
+{
+    return atomic_exchange(&g_notify_pending, 0);
+}
+
+int shardc_guard_counters(shardc_guard_counters_t *out)
+{
+    if (out == NULL)
+        return -EINVAL;
+    out->faults = atomic_load(&g_faults);
+    out->chained = atomic_load(&g_chained);
+    out->overflows = atomic_load(&g_overflows);
+    out->notified = atomic_load(&g_notified);
+    out->tracked = atomic_load(&g_tracked);
+    return 0;
+}
