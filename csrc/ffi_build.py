@@ -67,6 +67,13 @@ ffibuilder.cdef(cdef_text())
 _PREAMBLE = f"""
 #include "shardc.h"
 static const char *shardc_build_stamp(void) {{ return "{build_stamp()}"; }}
+
+/* Page-guard notifier (csrc/guard.h): the SIGSEGV handler calls it for a write
+ * into a deny input, and a Python handler for that signal then raises
+ * BorrowedInputWriteError.  PyErr_SetInterruptEx is async-signal-safe; it is
+ * declared here because cffi's Py_LIMITED_API hides it (stable ABI since 3.10). */
+PyAPI_FUNC(int) PyErr_SetInterruptEx(int signum);
+void shardc_guard_python_notify(int signum) {{ (void)PyErr_SetInterruptEx(signum); }}
 """
 
 _extra = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]

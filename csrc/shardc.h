@@ -8,5 +8,6 @@
 
 #include "seg.h"
 #include "proc.h"
+#include "guard.h"
 
 #endif /* SHARDC_H */
