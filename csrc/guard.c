@@ -428,7 +428,7 @@ static int shardc__cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Sort and deduplicate pages[] (between shards, never in the handler) and
+/* Sort and deduplicate pages[] in place (restore only: between shards) and
  * return the number of distinct pages.  Duplicates come from threads that
  * faulted on the same page at once. */
 static uint32_t shardc__compact(struct shardc__region *r)
@@ -448,6 +448,26 @@ static uint32_t shardc__compact(struct shardc__region *r)
     if (!atomic_load(&r->overflow))
         atomic_store(&r->ntracked, k);
     return k;
+}
+
+/* Distinct pages tracked so far, without touching pages[]: collect() may run
+ * while the shard is still going (the prompt deny error), and sorting the
+ * array in place could race with a fault in another thread appending to it. */
+static uint32_t shardc__count_unique(struct shardc__region *r)
+{
+    uint32_t tmp[SHARDC__PAGE_CAP];
+    uint32_t n = atomic_load(&r->ntracked), i, k = 0;
+
+    if (n > SHARDC__PAGE_CAP)
+        n = SHARDC__PAGE_CAP;
+    for (i = 0; i < n; i++)
+        tmp[i] = atomic_load_explicit(&r->pages[i], memory_order_relaxed);
+    if (n == 0)
+        return 0;
+    qsort(tmp, n, sizeof(uint32_t), shardc__cmp_u32);
+    for (i = 1; i < n; i++)
+        k += tmp[i] != tmp[i - 1];
+    return k + 1;
 }
 
 /* MADV_DONTNEED pages [from, to) of a region: their private copies go away
@@ -530,7 +550,7 @@ int shardc_guard_collect(int id, shardc_guard_info_t *out)
             out->exact = 0;
         }
     } else {
-        out->pages = shardc__compact(r);
+        out->pages = shardc__count_unique(r);
     }
     return 0;
 }

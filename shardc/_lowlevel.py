@@ -247,6 +247,90 @@ def proc_set_affinity(pid: int, cpus: list[int]) -> None:
 # page guards (csrc/guard.c) -- wrappers go below this line
 # --------------------------------------------------------------------------
 
+GUARD_MODES = {
+    "deny": lib.SHARDC_GUARD_DENY,
+    "audit": lib.SHARDC_GUARD_AUDIT,
+    "allow": lib.SHARDC_GUARD_ALLOW,
+}
+GUARD_MODE_NAMES = {v: k for k, v in GUARD_MODES.items()}
+GUARD_MAX_REGIONS: int = lib.SHARDC_GUARD_MAX_REGIONS
+
+
+def guard_install(signum: int, raise_signal: bool = False) -> None:
+    """Install the SIGSEGV/SIGBUS handlers (chaining to the current ones).
+
+    Deny faults are announced on ``signum``: by ``PyErr_SetInterruptEx``
+    (default) or, with ``raise_signal``, by ``raise(signum)`` in the handler.
+    """
+    if raise_signal:
+        notify, flags = ffi.NULL, lib.SHARDC_GUARD_NOTIFY_RAISE
+    else:
+        notify, flags = ffi.addressof(lib, "shardc_guard_python_notify"), lib.SHARDC_GUARD_NOTIFY_CALL
+    _check(lib.shardc_guard_install(notify, signum, flags), "install page-guard signal handlers")
+
+
+def guard_uninstall() -> None:
+    _check(lib.shardc_guard_uninstall(), "uninstall page-guard signal handlers")
+
+
+def guard_set_limits(per_region: int, total: int) -> None:
+    """Pages tracked one by one per region / in all regions before a region goes whole-writable."""
+    _check(lib.shardc_guard_set_limits(per_region, total), "set page-guard limits")
+
+
+def guard_add(addr: int, size: int, mode: int, name: str | None = None) -> int:
+    """Write-protect ``[addr, addr+size)`` (a MAP_PRIVATE mapping) and return its region id."""
+    rid = ffi.new("int *")
+    _check(lib.shardc_guard_add(ffi.cast("void *", addr), size, mode, rid), "protect borrowed input", name)
+    return int(rid[0])
+
+
+def guard_remove(rid: int, name: str | None = None) -> None:
+    _check(lib.shardc_guard_remove(rid), "unprotect borrowed input", name)
+
+
+def guard_collect(rid: int) -> dict[str, int]:
+    """What region ``rid`` saw since its last restore (pages, first_offset, faults, ...)."""
+    info = ffi.new("shardc_guard_info_t *")
+    _check(lib.shardc_guard_collect(rid, info), "collect page-guard events")
+    return {"pages": int(info.pages), "first_offset": int(info.first_offset),
+            "faults": int(info.faults), "written": int(info.written),
+            "overflow": int(info.overflow), "exact": int(info.exact), "mode": int(info.mode)}
+
+
+def guard_restore(rid: int, name: str | None = None) -> None:
+    """Drop the region's private pages and write-protect them again."""
+    _check(lib.shardc_guard_restore(rid), "restore borrowed input", name)
+
+
+def _guard_ids(fn, *args) -> list[int]:  # type: ignore[no-untyped-def]
+    ids = ffi.new("int[]", GUARD_MAX_REGIONS)
+    n = _check(fn(*args, ids, GUARD_MAX_REGIONS), "list page-guard regions")
+    return [int(ids[i]) for i in range(min(n, GUARD_MAX_REGIONS))]
+
+
+def guard_dirty() -> list[int]:
+    """Ids of regions written since their last restore."""
+    return _guard_ids(lib.shardc_guard_dirty)
+
+
+def guard_lookup(addr: int, size: int) -> list[int]:
+    """Ids of regions overlapping ``[addr, addr+size)``."""
+    return _guard_ids(lib.shardc_guard_lookup, ffi.cast("void *", addr), size)
+
+
+def guard_take_notify() -> bool:
+    """True (once) if a deny region was written since the last call."""
+    return bool(lib.shardc_guard_take_notify())
+
+
+def guard_counters() -> dict[str, int]:
+    c = ffi.new("shardc_guard_counters_t *")
+    _check(lib.shardc_guard_counters(c), "read page-guard counters")
+    return {"faults": int(c.faults), "chained": int(c.chained), "overflows": int(c.overflows),
+            "notified": int(c.notified), "tracked": int(c.tracked)}
+
+
 # (guard section end)
 
 __all__ = ["ffi", "PAGE_SIZE", "ShardcError"]
