@@ -1,0 +1,261 @@
+"""Typed shared output arrays: ``shardc.buffer()`` and ``buffer_open()``.
+
+A :class:`Buffer` is a NumPy array whose memory is a shared segment, mapped
+``MAP_SHARED``: a forked worker that writes ``out[i] = v`` writes straight
+into the caller's array, with no result to pickle back.  In the caller it
+behaves as an ndarray (indexing, slicing, fancy indexing, ufuncs, arithmetic,
+``np.asarray(buf)`` without a copy).
+
+Lifetime: :meth:`Buffer.close` (or the context manager) releases the
+segment.  Afterwards the Buffer itself raises :class:`~shardc.errors.ClosedError`
+on use, while NumPy views taken earlier stay valid (they keep the mapping
+alive) -- never a crash, never garbage.
+
+Costs: ``init=None`` or ``0`` costs nothing (fresh shared pages read as
+zero and are allocated on first touch); any other ``init`` fills the buffer
+once, at memcpy speed.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import _lowlevel as ll
+from .errors import ClosedError, InvalidArgumentError
+from .segment import Segment
+
+
+def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
+    """Validate a fixed-size, object-free dtype (shared memory holds raw bytes)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{arg}={dtype!r} is not a NumPy dtype: {exc}") from None
+    if dt.hasobject:
+        raise TypeError(f"{arg}={dt} holds Python objects, which cannot live in shared memory; "
+                        "use a fixed-size dtype (numbers, bool, fixed-width strings, structs)")
+    if dt.itemsize == 0:
+        raise TypeError(f"{arg}={dt} has no size; give a width (e.g. 'S16' or 'U8')")
+    return dt
+
+
+def check_shape(shape: Any, arg: str = "shape") -> tuple[int, ...]:
+    """Validate a shape: an int or a sequence of non-negative ints."""
+    if isinstance(shape, (numbers.Integral, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{arg} must be an int or a tuple of ints, got {shape!r}") from None
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (numbers.Integral, np.integer)):
+            raise TypeError(f"{arg} must contain ints, got {d!r} in {shape!r}")
+        if d < 0:
+            raise InvalidArgumentError(f"{arg} must not be negative, got {d} in {tuple(dims)!r}")
+        out.append(operator.index(d))
+    return tuple(out)
+
+
+class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
+    """A shared, typed, n-dimensional output array (see module docstring).
+
+    Attributes:
+        segment: the underlying :class:`~shardc.segment.Segment`.
+        path: the segment name for ``buffer_open`` (named buffers), else None.
+    """
+
+    __array_priority__ = 20.0
+
+    def __init__(self, segment: Segment, dtype: np.dtype, shape: tuple[int, ...],
+                 readonly: bool = False, offset: int = 0) -> None:
+        self.segment = segment
+        self._dtype = dtype
+        self._shape = shape
+        mapping = segment.mapping(writable=not readonly)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        arr = np.frombuffer(mapping.buffer(), dtype=dtype, count=count, offset=offset)
+        arr = arr.reshape(shape)
+        if readonly:
+            arr.flags.writeable = False
+        self._array: np.ndarray | None = arr
+        self.path = segment.name if segment.persistent else None
+
+    # -- the array ----------------------------------------------------------
+    @property
+    def array(self) -> np.ndarray:
+        """The NumPy view of the buffer (no copy)."""
+        if self._array is None:
+            raise ClosedError("this shardc buffer is closed; create a new one with shardc.buffer()")
+        return self._array
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.array
+        if copy:
+            return np.array(arr, dtype=dtype, copy=True)
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError("cannot convert a shardc buffer to another dtype without a copy")
+            return arr.astype(dtype)
+        return arr
+
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        inputs = tuple(x.array if isinstance(x, Buffer) else x for x in inputs)
+        out = kwargs.get("out")
+        if out is not None:
+            kwargs["out"] = tuple(x.array if isinstance(x, Buffer) else x for x in out)
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        def unwrap(x: Any) -> Any:
+            if isinstance(x, Buffer):
+                return x.array
+            if isinstance(x, (list, tuple)):
+                return type(x)(unwrap(y) for y in x)
+            return x
+        return func(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.array[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.array[key] = value
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.array)
+
+    def __getattr__(self, name: str) -> Any:
+        # Array attributes and methods (sum, mean, T, reshape, ...) delegate.
+        if name.startswith("__") or name in ("_array", "segment", "_dtype", "_shape"):
+            raise AttributeError(name)
+        return getattr(self.array, name)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self._shape)
+
+    @property
+    def size(self) -> int:
+        return self.array.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.nbytes
+
+    # -- lifetime ------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._array is None
+
+    def close(self) -> None:
+        """Release the buffer (idempotent); earlier NumPy views stay valid."""
+        if self._array is None:
+            return
+        self._array = None
+        self.segment.close()
+
+    def __enter__(self) -> "Buffer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a shardc.Buffer is not pickled by value; pass it to shard_map as out={...} or "
+            "borrow={...} (or let fun capture it: shard_map sends it by reference), or pickle "
+            "np.asarray(buf) to copy the data")
+
+    def info(self) -> dict[str, Any]:
+        return {"dtype": str(self._dtype), "shape": self._shape, "nbytes": self.nbytes if not self.closed else 0,
+                **self.segment.info()}
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<shardc.Buffer closed dtype={self._dtype} shape={self._shape}>"
+        return f"<shardc.Buffer {self.segment.backing} dtype={self._dtype} shape={self._shape}>\n{self.array!r}"
+
+
+def buffer(dtype: Any, shape: Any, init: Any = None, backing: str = "auto",
+           name: str | None = None) -> Buffer:
+    """Create a shared output buffer.
+
+    Args:
+        dtype: any fixed-size NumPy dtype (float, int, bool, complex,
+            structured, fixed-width strings).
+        shape: an int or a tuple of non-negative ints.
+        init: None or 0 (free: fresh pages are zero), a scalar to fill with,
+            or an array broadcastable to ``shape``.
+        backing: "auto", "memfd", "shm" or "file" (see :mod:`shardc.segment`).
+        name: make the buffer *named* so ``buffer_open(name, ...)`` can attach
+            it from another process; the creator unlinks it on close.
+
+    Returns:
+        A :class:`Buffer`.
+
+    Raises:
+        TypeError: object or zero-size dtype, non-integer shape.
+        InvalidArgumentError: negative shape, unknown backing, bad init.
+    """
+    dt = check_dtype(dtype)
+    shp = check_shape(shape)
+    nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize if shp else dt.itemsize
+    seg = Segment.create(nbytes, backing=backing, name=name, label="out")
+    try:
+        buf = Buffer(seg, dt, shp)
+        _apply_init(buf, init)
+    except BaseException:
+        seg.close()
+        raise
+    return buf
+
+
+def _apply_init(buf: Buffer, init: Any) -> None:
+    if init is None:
+        return
+    arr = buf.array
+    try:
+        if np.ndim(init) == 0:
+            value = np.array(init, dtype=buf.dtype)
+            if not value.tobytes().strip(b"\0"):
+                return  # all-zero bytes: fresh pages already hold this
+            ll.seg_fill(buf.segment.mapping().addr, arr.nbytes, value.tobytes())
+        else:
+            np.copyto(arr, np.asarray(init), casting="same_kind")
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"init={init!r} cannot fill a buffer of dtype {buf.dtype} "
+                                   f"and shape {buf.shape}: {exc}") from None
+
+
+def buffer_open(path: str, dtype: Any, shape: Any, backing: str = "shm",
+                readonly: bool = False) -> Buffer:
+    """Attach a named buffer created by another process with ``buffer(name=...)``.
+
+    Raises:
+        SegmentError: no such segment (ENOENT) or no permission.
+        InvalidArgumentError: the segment is smaller than ``dtype``/``shape`` need.
+    """
+    dt = check_dtype(dtype)
+    shp = check_shape(shape)
+    seg = Segment.open(path, backing=backing, writable=not readonly)
+    need = int(np.prod(shp, dtype=np.int64)) * dt.itemsize if shp else dt.itemsize
+    if seg.size < need:
+        seg.close()
+        raise InvalidArgumentError(f"segment {path!r} holds {seg.size} bytes, but dtype {dt} and "
+                                   f"shape {shp} need {need}")
+    return Buffer(seg, dt, shp, readonly=readonly)

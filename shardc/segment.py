@@ -1,0 +1,295 @@
+"""Shared-memory segments: the Python side of ``csrc/seg.c``.
+
+A :class:`Segment` is a file descriptor of shared memory plus the mappings
+made of it.  Backings (``backing=``, or the ``SHARDC_BACKING`` environment
+variable when ``"auto"``):
+
+========  ================================================================
+memfd     Linux default.  Anonymous: nothing appears in /dev/shm, so a
+          SIGKILLed master leaks nothing.  Can be sealed read-only.
+shm       POSIX shm_open (the macOS default), unlinked at once unless the
+          segment is *named* (``name=``, for ``buffer_open`` from another
+          process); the creator owns the unlink.
+file      A file in ``SHARDC_TMPDIR`` (default: the temp dir), unlinked at
+          once unless named: for machines whose /dev/shm is tiny.
+========  ================================================================
+
+``"auto"`` tries memfd, then shm, then file, and logs why it fell back (e.g.
+the segment does not fit in /dev/shm).  Every live segment of this process is
+in a registry, so :func:`live_segments` (and ``segment_report()``) can list
+them, and so :func:`find_address` can tell whether an array's memory already
+lives in a shardc segment (then it is passed by reference, never copied).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import weakref
+from typing import Any
+
+from . import _lowlevel as ll
+from .errors import ClosedError, InvalidArgumentError, SegmentError
+
+log = logging.getLogger("shardc")
+
+BACKINGS = ("auto", "memfd", "shm", "file")
+_CODES = {"memfd": ll.BACKING_MEMFD, "shm": ll.BACKING_SHM, "file": ll.BACKING_FILE}
+_counter = itertools.count()
+_TOKEN = secrets.token_hex(3)
+
+# Live segments of this process, by key; and their primary mappings, sorted by
+# address, for find_address().
+_registry: "weakref.WeakValueDictionary[str, Segment]" = weakref.WeakValueDictionary()
+_ranges: list[tuple[int, int, str]] = []  # (addr, end, key), sorted
+_lock = threading.Lock()
+
+
+def default_backing() -> str:
+    env = os.environ.get("SHARDC_BACKING", "").strip().lower()
+    if env:
+        if env not in BACKINGS:
+            raise InvalidArgumentError(
+                f"SHARDC_BACKING={env!r} is not a backing; use one of {', '.join(BACKINGS)}")
+        if env != "auto":
+            return env
+    return "auto"
+
+
+def _tmpdir() -> str:
+    return os.environ.get("SHARDC_TMPDIR") or tempfile.gettempdir()
+
+
+def _shm_free_bytes() -> int | None:
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _candidates(backing: str, size: int, named: bool) -> list[str]:
+    if backing not in BACKINGS:
+        raise InvalidArgumentError(
+            f"backing={backing!r} is not supported; use one of {', '.join(BACKINGS)}")
+    if backing != "auto":
+        if not ll.seg_backing_supported(_CODES[backing]):
+            raise InvalidArgumentError(f"backing={backing!r} is not available on {sys.platform}")
+        if backing == "memfd" and named:
+            raise InvalidArgumentError("a memfd segment cannot be named; use backing='shm' or 'file' "
+                                       "for segments that other processes open by name")
+        return [backing]
+    order = ["shm", "file"] if named else ["memfd", "shm", "file"]
+    return [b for b in order if ll.seg_backing_supported(_CODES[b])]
+
+
+class Segment:
+    """A shared-memory segment (fd + size + backing), owned by its creator.
+
+    Use :meth:`create` or :meth:`open`; :meth:`close` is idempotent and the
+    creator of a named segment unlinks it.  ``map()`` returns a
+    :class:`shardc._lowlevel.Mapping` that stays valid while referenced.
+    """
+
+    def __init__(self, fd: int, size: int, backing: str, name: str, key: str,
+                 owner: bool, persistent: bool) -> None:
+        self.fd = fd
+        self.size = size
+        self.backing = backing
+        self.name = name
+        self.key = key
+        self.owner = owner
+        self.persistent = persistent
+        self.sealed = False
+        self._mapping: ll.Mapping | None = None
+        self._mapping_flags = 0
+        self._closed = False
+        self._pid = os.getpid()
+        with _lock:
+            _registry[key] = self
+        self._finalizer = weakref.finalize(self, _finalize, fd, backing, name,
+                                           owner and persistent, key, self._pid)
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def create(cls, size: int, backing: str = "auto", name: str | None = None,
+               label: str = "buf") -> "Segment":
+        """Create a segment of ``size`` bytes (zero-filled).
+
+        Args:
+            size: bytes (>= 0).
+            backing: "auto", "memfd", "shm" or "file".
+            name: make the segment *named* (persistent until the owner closes
+                it), so another process can open it.  For shm a name like
+                "mydata" becomes "/mydata"; for file it is a path.
+            label: a short tag used in anonymous segment names (debugging).
+
+        Raises:
+            InvalidArgumentError: bad size or backing.
+            SegmentError: the OS refused (message names segment and hint).
+        """
+        if not isinstance(size, int) or size < 0:
+            raise InvalidArgumentError(f"segment size must be a non-negative int, got {size!r}")
+        if backing == "auto":
+            backing = default_backing()
+        named = name is not None
+        errors: list[str] = []
+        key = f"{os.getpid()}.{_TOKEN}.{next(_counter)}"
+        for b in _candidates(backing, size, named):
+            path = _segment_path(b, name, key, label)
+            if b == "shm" and backing == "auto":
+                free = _shm_free_bytes()
+                if free is not None and size > free:
+                    errors.append(f"shm: {size} bytes do not fit in /dev/shm ({free} free)")
+                    log.info("segment of %d bytes does not fit in /dev/shm (%d bytes free); "
+                             "falling back", size, free)
+                    continue
+            try:
+                fd = ll.seg_create(_CODES[b], path, size, named)
+            except SegmentError as exc:
+                if backing != "auto":
+                    raise
+                errors.append(f"{b}: {exc}")
+                log.warning("creating a %s segment of %d bytes failed (%s); trying the next backing",
+                            b, size, exc)
+                continue
+            if errors:
+                log.warning("segment %s uses backing %r after: %s", path, b, "; ".join(errors))
+            return cls(fd, size, b, path, key, owner=True, persistent=named)
+        raise SegmentError(28, f"could not create a segment of {size} bytes with any backing: "
+                               + "; ".join(errors))
+
+    @classmethod
+    def open(cls, name: str, backing: str = "shm", writable: bool = True) -> "Segment":
+        """Open a named segment created by another process (not the owner)."""
+        if backing not in ("shm", "file"):
+            raise InvalidArgumentError("only 'shm' and 'file' segments can be opened by name, "
+                                       f"got backing={backing!r}")
+        path = _segment_path(backing, name, "", "")
+        fd, size = ll.seg_open(_CODES[backing], path, writable)
+        key = f"open.{os.getpid()}.{_TOKEN}.{next(_counter)}"
+        return cls(fd, size, backing, path, key, owner=False, persistent=True)
+
+    @classmethod
+    def adopt(cls, fd: int, size: int, backing: str, name: str, key: str) -> "Segment":
+        """Wrap an fd received from the master (workers): not the owner."""
+        return cls(fd, size, backing, name, key, owner=False, persistent=False)
+
+    # -- use ---------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"segment {self.name!r} is closed")
+
+    def map(self, writable: bool = True, private: bool = False, populate: bool = False) -> ll.Mapping:
+        """Map the whole segment; a new mapping each call (see :meth:`mapping`)."""
+        self._check_open()
+        flags = (ll.MAP_WRITE if writable else 0) | (ll.MAP_PRIVATE if private else 0)
+        flags |= ll.MAP_POPULATE if populate else 0
+        return ll.map_segment(self.fd, 0, self.size, flags, self.name)
+
+    def mapping(self, writable: bool = True) -> ll.Mapping:
+        """The segment's primary shared mapping (created once, registered for
+        :func:`find_address`)."""
+        self._check_open()
+        if self._mapping is None:
+            self._mapping = self.map(writable=writable)
+            self._mapping_flags = int(writable)
+            with _lock:
+                bisect.insort(_ranges, (self._mapping.addr, self._mapping.addr + self.size, self.key))
+        return self._mapping
+
+    def seal(self) -> bool:
+        """Seal against writes and resizing (memfd); False if unsupported."""
+        self._check_open()
+        self.sealed = ll.seg_seal(self.fd, self.name)
+        return self.sealed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the fd (and unlink a named segment this process owns).
+
+        Idempotent.  Arrays already built on a mapping stay valid: the memory
+        is released when the last of them is gone.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._mapping is not None:
+            with _lock:
+                try:
+                    _ranges.remove((self._mapping.addr, self._mapping.addr + self.size, self.key))
+                except ValueError:
+                    pass
+            self._mapping = None
+        self._finalizer()
+
+    def info(self) -> dict[str, Any]:
+        return {"key": self.key, "name": self.name, "backing": self.backing, "size": self.size,
+                "owner": self.owner, "named": self.persistent, "sealed": self.sealed,
+                "closed": self._closed}
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self.fd}"
+        return f"<shardc.Segment {self.name!r} {self.backing} {self.size} bytes {state}>"
+
+
+def _segment_path(backing: str, name: str | None, key: str, label: str) -> str:
+    if backing == "memfd":
+        return f"shardc.{label}.{key}"
+    if backing == "shm":
+        if name is not None:
+            return name if name.startswith("/") else "/" + name
+        # macOS limits shm names to 31 characters.
+        return f"/shardc.{key}"[:31]
+    if name is not None:
+        return os.path.abspath(name)
+    return os.path.join(_tmpdir(), f"shardc.{label}.{key}")
+
+
+def _finalize(fd: int, backing: str, name: str, unlink: bool, key: str, pid: int) -> None:
+    if os.getpid() != pid:
+        return  # a forked child's copy: the fd is the parent's business
+    try:
+        ll.seg_close_fd(fd)
+    except OSError:
+        pass
+    if unlink:
+        try:
+            ll.seg_unlink(_CODES[backing], name)
+        except OSError:
+            pass
+
+
+def live_segments() -> list[Segment]:
+    """Every open segment of this process."""
+    return [s for s in list(_registry.values()) if not s.closed and s._pid == os.getpid()]
+
+
+def find_address(addr: int, nbytes: int) -> tuple[Segment, int] | None:
+    """If ``[addr, addr+nbytes)`` lies in a primary mapping of a live segment,
+    return ``(segment, offset)``; else None."""
+    with _lock:
+        i = bisect.bisect_right(_ranges, (addr, float("inf"), "")) - 1
+        if i < 0:
+            return None
+        start, end, key = _ranges[i]
+    if start <= addr and addr + nbytes <= end:
+        seg = _registry.get(key)
+        if seg is not None and not seg.closed:
+            return seg, addr - start
+    return None

@@ -1,0 +1,310 @@
+"""Borrowed inputs: ``shardc.share(obj)`` puts an object in shared memory once.
+
+Three paths, cheapest first:
+
+1. **By reference.**  An array whose memory already lies in a shardc segment
+   (a :class:`Shared` array, a :class:`~shardc.Buffer`, or any view of
+   them, strides and offset included) costs nothing: workers map the same
+   segment.
+2. **One copy.**  Any other NumPy array is copied once into a segment that
+   is then *sealed* (memfd: the kernel refuses writable shared mappings from
+   then on), keeping its memory order (C, or F for Fortran arrays; other
+   layouts are made C-contiguous).  ``shard_map`` caches that copy per array
+   while the caller keeps the array alive, and before reusing it checks with
+   one ``memcmp`` that the caller did not change the array in between.
+3. **Pickle protocol 5.**  Anything else (dicts of arrays, DataFrames, ...)
+   is pickled with out-of-band buffers; every buffer of at least 64 KiB goes
+   into a segment, so the big parts of the object are zero-copy in workers.
+
+Workers map every borrowed segment ``MAP_PRIVATE`` and read-only; see
+``shardc.guard`` for what happens on a write (the ``cow`` policy).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+
+from . import _lowlevel as ll
+from .buffer import Buffer
+from .errors import ClosedError, InvalidArgumentError
+from .segment import Segment, find_address
+
+log = logging.getLogger("shardc")
+
+MIN_OOB_BYTES = 64 * 1024
+
+
+def array_extent(arr: np.ndarray) -> tuple[int, int]:
+    """``(lowest address, bytes spanned)`` of an array's elements."""
+    if arr.size == 0:
+        return arr.ctypes.data, 0
+    low = high = arr.ctypes.data
+    for n, s in zip(arr.shape, arr.strides):
+        if s < 0:
+            low += (n - 1) * s
+        else:
+            high += (n - 1) * s
+    return low, high - low + arr.itemsize
+
+
+class Shared:
+    """A borrowed input in shared memory (see module docstring).
+
+    Attributes:
+        kind: "array" or "pickle".
+        how: "reference" (already shared), "copied" (copied once now) or
+            "pickled" (protocol-5 payload + out-of-band segments).
+        bytes_copied: bytes written into new segments to share this object.
+        nbytes: size of the data (array bytes, or payload + buffers).
+        segments: the segments it uses.
+    """
+
+    def __init__(self, kind: str, how: str, segments: list[Segment], *, dtype: np.dtype | None = None,
+                 shape: tuple[int, ...] = (), strides: tuple[int, ...] = (), offset: int = 0,
+                 payload: bytes = b"", buffers: list[tuple[int, int]] | None = None,
+                 bytes_copied: int = 0, owns: bool = True) -> None:
+        self.kind = kind
+        self.how = how
+        self.segments = segments
+        self.dtype = dtype
+        self.shape = shape
+        self.strides = strides
+        self.offset = offset
+        self.payload = payload
+        self.buffers = buffers or []  # (segment index, nbytes) per out-of-band buffer
+        self.bytes_copied = bytes_copied
+        self._owns = owns
+        self._closed = False
+        self._array: np.ndarray | None = None
+        if kind == "array":
+            self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if dtype is not None else 0
+        else:
+            self.nbytes = len(payload) + sum(n for _, n in self.buffers)
+
+    @property
+    def array(self) -> np.ndarray:
+        """A read-only NumPy view of a shared array (kind "array")."""
+        if self._closed:
+            raise ClosedError("this shared input is closed")
+        if self.kind != "array":
+            raise TypeError("this shared object is not an array; use .get()")
+        if self._array is None:
+            self._array = view_array(self.segments[0].mapping(writable=False), self.dtype,
+                                     self.shape, self.strides, self.offset, writeable=False)
+        return self._array
+
+    def get(self) -> Any:
+        """The shared object as seen by this process (zero-copy where possible)."""
+        if self.kind == "array":
+            return self.array
+        if self._closed:
+            raise ClosedError("this shared input is closed")
+        bufs = [memoryview(self.segments[i].mapping(writable=False).buffer())[:n].toreadonly()
+                for i, n in self.buffers]
+        return pickle.loads(self.payload, buffers=bufs)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.array
+        return arr.astype(dtype) if dtype is not None and np.dtype(dtype) != arr.dtype else arr
+
+    def descriptor(self) -> dict[str, Any]:
+        """What a worker needs to rebuild the object (segments by key)."""
+        return {"kind": self.kind, "segs": [s.key for s in self.segments], "dtype": self.dtype,
+                "shape": self.shape, "strides": self.strides, "offset": self.offset,
+                "payload": self.payload, "buffers": self.buffers}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release the segments this handle created (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._array = None
+        if self._owns:
+            for s in self.segments:
+                s.close()
+
+    def __enter__(self) -> "Shared":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        what = f"{self.dtype} {self.shape}" if self.kind == "array" else f"{len(self.buffers)} buffers"
+        return f"<shardc.Shared {self.kind} {what} {self.how} {self.nbytes} bytes>"
+
+
+def view_array(mapping: ll.Mapping, dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...],
+               offset: int, writeable: bool) -> np.ndarray:
+    """An ndarray over ``mapping`` (keeps the mapping alive)."""
+    arr = np.ndarray(shape, dtype=dtype, buffer=mapping.buffer(), offset=offset, strides=strides)
+    if not writeable:
+        arr.flags.writeable = False
+    return arr
+
+
+def _by_reference(arr: np.ndarray) -> Shared | None:
+    low, span = array_extent(arr)
+    hit = find_address(low, span)
+    if hit is None:
+        return None
+    seg, _ = hit
+    base = seg.mapping().addr
+    return Shared("array", "reference", [seg], dtype=arr.dtype, shape=arr.shape, strides=arr.strides,
+                  offset=arr.ctypes.data - base, owns=False)
+
+
+def _copy_array(arr: np.ndarray, backing: str) -> Shared:
+    order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
+    nbytes = arr.nbytes
+    seg = Segment.create(nbytes, backing=backing, label="in")
+    try:
+        if nbytes:
+            wmap = seg.map(writable=True)
+            dst = np.ndarray(arr.shape, dtype=arr.dtype, buffer=wmap.buffer(), order=order)
+            np.copyto(dst, arr, casting="no")
+            strides = dst.strides
+            del dst, wmap  # unmap the writable view before sealing
+        else:
+            strides = np.empty(arr.shape, dtype=arr.dtype, order=order).strides
+        seg.seal()
+    except BaseException:
+        seg.close()
+        raise
+    return Shared("array", "copied", [seg], dtype=arr.dtype, shape=arr.shape, strides=strides,
+                  offset=0, bytes_copied=nbytes)
+
+
+def _pickle(obj: Any, backing: str) -> Shared:
+    big: list[pickle.PickleBuffer] = []
+
+    def keep_oob(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes >= MIN_OOB_BYTES:
+            big.append(buf)
+            return False  # out of band
+        return True  # small: serialize in-band
+
+    try:
+        payload = pickle.dumps(obj, protocol=5, buffer_callback=keep_oob)
+    except Exception as exc:
+        raise InvalidArgumentError(f"cannot share {type(obj).__name__}: it is not picklable ({exc})") from exc
+    segs: list[Segment] = []
+    bufs: list[tuple[int, int]] = []
+    copied = 0
+    try:
+        for b in big:
+            raw = b.raw()
+            seg = Segment.create(raw.nbytes, backing=backing, label="in")
+            segs.append(seg)
+            wmap = seg.map(writable=True)
+            memoryview(wmap.buffer())[: raw.nbytes] = raw.cast("B")
+            del wmap
+            seg.seal()
+            bufs.append((len(segs) - 1, raw.nbytes))
+            copied += raw.nbytes
+    except BaseException:
+        for s in segs:
+            s.close()
+        raise
+    return Shared("pickle", "pickled", segs, payload=payload, buffers=bufs, bytes_copied=copied)
+
+
+def share(obj: Any, backing: str = "auto") -> Shared:
+    """Put ``obj`` in shared memory once and return a :class:`Shared` handle.
+
+    Args:
+        obj: a NumPy array (any dtype without Python objects, any layout), a
+            :class:`Shared` (returned as is), a :class:`~shardc.Buffer`, or
+            any picklable object.
+        backing: segment backing for new segments (see :mod:`shardc.segment`).
+
+    Returns:
+        A :class:`Shared`; ``.array`` (arrays) or ``.get()`` gives the data.
+    """
+    if isinstance(obj, Shared):
+        if obj.closed:
+            raise ClosedError("cannot share a closed Shared handle")
+        return obj
+    if isinstance(obj, Buffer):
+        obj = obj.array
+    if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+        ref = _by_reference(obj)
+        if ref is not None:
+            return ref
+        return _copy_array(obj, backing)
+    return _pickle(obj, backing)
+
+
+class ShareCache:
+    """Per-array cache of copies made for ``borrow=`` (while the array lives).
+
+    A cached copy is reused only after a ``memcmp`` shows the caller's array
+    still holds the same bytes, so mutating an array between calls is safe.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Shared]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, arr: np.ndarray, backing: str) -> tuple[Shared, str, float]:
+        """Return ``(shared, how, seconds)``; how is reference/cached/copied."""
+        t0 = time.perf_counter()
+        ref = _by_reference(arr)
+        if ref is not None:
+            return ref, "reference", time.perf_counter() - t0
+        key = id(arr)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None:
+            wr, shared = entry
+            if wr() is arr and not shared.closed and _same_bytes(arr, shared):
+                return shared, "cached", time.perf_counter() - t0
+            self._drop(key)
+        shared = _copy_array(arr, backing)
+        try:
+            wr = weakref.ref(arr, lambda _r, k=key: self._drop(k))
+        except TypeError:
+            return shared, "copied", time.perf_counter() - t0
+        with self._lock:
+            self._entries[key] = (wr, shared)
+        return shared, "copied", time.perf_counter() - t0
+
+    def owns(self, shared: Shared) -> bool:
+        with self._lock:
+            return any(s is shared for _, s in self._entries.values())
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry[1].close()
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._drop(key)
+
+
+def _same_bytes(arr: np.ndarray, shared: Shared) -> bool:
+    if arr.shape != shared.shape or arr.dtype != shared.dtype:
+        return False
+    view = shared.array
+    if arr.nbytes == 0:
+        return True
+    if (arr.flags.c_contiguous and view.flags.c_contiguous) or (arr.flags.f_contiguous and view.flags.f_contiguous):
+        return ll.mem_equal(arr.ctypes.data, view.ctypes.data, arr.nbytes)
+    return bool(np.array_equal(arr.view(np.uint8) if arr.dtype.itemsize == 1 else arr, view, equal_nan=arr.dtype.kind in "fc"))
+
+
+default_cache = ShareCache()
