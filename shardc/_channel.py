@@ -1,0 +1,144 @@
+"""Framed messages (+ file descriptors) over a unix stream socket.
+
+Master and worker talk over one ``socketpair`` per worker.  A frame is an
+8-byte little-endian length and a pickle; file descriptors (segments new to
+the worker) ride with a frame via ``SCM_RIGHTS``.  The socket doubles as a
+lifeline: EOF means the other side died.
+
+All waiting is done by the caller (selectors with deadlines); ``recv`` here
+never blocks longer than the socket's own timeout.
+"""
+
+from __future__ import annotations
+
+import array
+import pickle
+import socket
+import struct
+from collections import deque
+from typing import Any
+
+_HDR = struct.Struct("<Q")
+_MAX_FDS = 64
+
+
+class ChannelClosed(EOFError):
+    """The peer closed its end (or died)."""
+
+
+class Channel:
+    """One end of a master<->worker connection."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._ready: deque[tuple[Any, list[int]]] = deque()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.messages_sent = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # -- sending -------------------------------------------------------------
+    def send(self, obj: Any, fds: list[int] | tuple[int, ...] = ()) -> int:
+        """Send one message; returns its size in bytes."""
+        payload = pickle.dumps(obj, protocol=5)
+        return self.send_bytes(payload, fds)
+
+    def send_bytes(self, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
+        frame = _HDR.pack(len(payload)) + payload
+        view = memoryview(frame)
+        if fds:
+            fds = list(fds)
+            # Send the fds in groups of at most _MAX_FDS, each with >= 1 byte.
+            while fds:
+                group, fds = fds[:_MAX_FDS], fds[_MAX_FDS:]
+                n = socket.send_fds(self.sock, [view[:1] if fds else view], group)
+                view = view[n:]
+        if len(view):
+            self.sock.sendall(view)
+        self.bytes_sent += len(frame)
+        self.messages_sent += 1
+        return len(frame)
+
+    # -- receiving -------------------------------------------------------------
+    def _fill(self) -> bool:
+        """Read what is available (blocking per the socket's timeout).
+
+        Returns False on EOF.
+        """
+        fds = array.array("i")
+        msg, anc, _flags, _addr = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        self._fds.extend(fds)
+        if not msg:
+            return False
+        self._buf += msg
+        self.bytes_received += len(msg)
+        return True
+
+    def _parse(self) -> None:
+        while len(self._buf) >= _HDR.size:
+            (n,) = _HDR.unpack_from(self._buf)
+            if len(self._buf) < _HDR.size + n:
+                return
+            payload = bytes(self._buf[_HDR.size:_HDR.size + n])
+            del self._buf[:_HDR.size + n]
+            fds, self._fds = self._fds, []
+            self._ready.append((pickle.loads(payload), fds))
+
+    def recv(self) -> tuple[Any, list[int]]:
+        """Block until one message is complete; returns ``(obj, fds)``.
+
+        Raises:
+            ChannelClosed: on EOF.
+        """
+        while not self._ready:
+            if not self._fill():
+                raise ChannelClosed("peer closed the channel")
+            self._parse()
+        return self._ready.popleft()
+
+    def recv_ready(self) -> list[tuple[Any, list[int]]]:
+        """Read once (the socket is readable) and return every complete message.
+
+        Raises:
+            ChannelClosed: on EOF with nothing left to return.
+        """
+        alive = self._fill()
+        self._parse()
+        out = list(self._ready)
+        self._ready.clear()
+        if not alive and not out:
+            raise ChannelClosed("peer closed the channel")
+        return out
+
+    def pending(self) -> bool:
+        return bool(self._ready)
+
+    def poll_nonblocking(self) -> list[tuple[Any, list[int]]]:
+        """Return messages already available without blocking."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    if not self._fill():
+                        break
+                except BlockingIOError:
+                    break
+        finally:
+            self.sock.setblocking(True)
+        self._parse()
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

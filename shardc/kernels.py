@@ -1,0 +1,190 @@
+"""Kernel registry: named, reusable shard functions with a memory footprint.
+
+``register_kernel(name, impl, footprint=...)`` makes ``shard_map(kernel=name)``
+run ``impl`` exactly like ``fun``.  The footprint (bytes, or a function of the
+shard returning bytes or ``{"class": ..., "bytes": ...}``) classifies each
+shard as tiny (< 8 MB), medium (< 64 MB) or huge; ``scheduler_policy=
+{"max_huge_concurrency": k}`` then keeps at most k huge chunks running at once.
+
+Built-in kernels (registered at import):
+
+* ``col_means(shard, X, out)``: ``out[shard.idx] = X[:, shard.idx].mean(0)``
+* ``col_vars(shard, X, out)``: sample variance (``ddof=1``), computed with a
+  two-pass algorithm per column block; NaN for columns with < 2 rows, and
+  NaN/inf propagate as in ``np.var``.
+* ``crossprod_tile(tile, X, Y, Z)``: ``Z[tile] = X[:, xs].T @ Y[:, ys]`` for a
+  2-D tile from :func:`tiles2d`, straight into the out buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .shards import Shard, ShardDescriptor
+
+TINY = 8 * 1024**2
+HUGE = 64 * 1024**2
+
+
+@dataclass
+class Kernel:
+    name: str
+    impl: Callable[..., Any]
+    signature: Any = None
+    footprint: Any = None
+    supports_views: bool = True
+    description: str | None = None
+
+    def classify(self, shard: Any) -> tuple[str, int | None]:
+        """``(class, bytes)`` of one shard's footprint."""
+        fp = self.footprint
+        if fp is None:
+            return "tiny", None
+        if callable(fp):
+            fp = fp(shard)
+        if isinstance(fp, dict):
+            cls = fp.get("class")
+            nbytes = fp.get("bytes")
+            if cls is None:
+                cls = classify_bytes(int(nbytes))
+            if cls not in ("tiny", "medium", "huge"):
+                raise InvalidArgumentError(f"kernel {self.name!r}: footprint class {cls!r} is not tiny/medium/huge")
+            return cls, nbytes
+        return classify_bytes(int(fp)), int(fp)
+
+
+def classify_bytes(n: int) -> str:
+    return "tiny" if n < TINY else ("medium" if n < HUGE else "huge")
+
+
+_registry: dict[str, Kernel] = {}
+
+
+def register_kernel(name: str, impl: Callable[..., Any], signature: Any = None, footprint: Any = None,
+                    supports_views: bool = True, description: str | None = None) -> Kernel:
+    """Register ``impl`` under ``name`` (replacing an earlier one) and return it.
+
+    Raises:
+        InvalidArgumentError: empty name, non-callable impl, bad footprint.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"kernel name must be a non-empty string, got {name!r}")
+    if not callable(impl):
+        raise InvalidArgumentError(f"kernel {name!r}: impl must be callable, got {type(impl).__name__}")
+    if footprint is not None and not callable(footprint) and not isinstance(footprint, dict):
+        if isinstance(footprint, bool) or not isinstance(footprint, numbers.Real) or footprint < 0:
+            raise InvalidArgumentError(f"kernel {name!r}: footprint must be bytes (>= 0), a dict or a "
+                                       f"function of the shard, got {footprint!r}")
+    k = Kernel(name, impl, signature, footprint, supports_views, description)
+    _registry[name] = k
+    return k
+
+
+def list_kernels() -> list[str]:
+    """Names of the registered kernels."""
+    return sorted(_registry)
+
+
+def get_kernel(name: str) -> Kernel:
+    try:
+        return _registry[name]
+    except KeyError:
+        raise InvalidArgumentError(f"kernel {name!r} is not registered; known kernels: "
+                                   f"{', '.join(list_kernels())}") from None
+
+
+# -- built-in kernels -------------------------------------------------------------
+
+
+def col_means(shard: Shard, X: np.ndarray, out: np.ndarray) -> None:
+    """Column means of ``X[:, shard.idx]`` into ``out[shard.idx]``."""
+    if X.shape[0] == 0:
+        out[shard.idx] = np.nan
+        return
+    out[shard.idx] = X[:, shard.idx].mean(axis=0)
+
+
+def col_vars(shard: Shard, X: np.ndarray, out: np.ndarray) -> None:
+    """Sample variances (ddof=1) of ``X[:, shard.idx]`` into ``out[shard.idx]``.
+
+    Two passes (mean, then mean squared deviation) per column block: as
+    accurate as ``np.var``; columns with fewer than 2 rows give NaN, and
+    non-finite values propagate (inf -> NaN, as in ``np.var``).
+    """
+    n = X.shape[0]
+    block = X[:, shard.idx]
+    if n < 2:
+        out[shard.idx] = np.nan
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        mu = block.mean(axis=0)
+        dev = block - mu
+        out[shard.idx] = np.einsum("ij,ij->j", dev, dev) / (n - 1)
+
+
+class Tile:
+    """A 2-D tile: rows ``x_start:x_stop`` of Z (columns of X), columns ``y_start:y_stop``."""
+
+    __slots__ = ("id", "x_start", "x_stop", "y_start", "y_stop", "len", "_seedseq", "_rng")
+
+    def __init__(self, id: int, xs: int, xe: int, ys: int, ye: int) -> None:
+        self.id, self.x_start, self.x_stop, self.y_start, self.y_stop = id, xs, xe, ys, ye
+        self.len = (xe - xs) * (ye - ys)
+        self._seedseq = None
+        self._rng = None
+
+    @property
+    def x_len(self) -> int:
+        return self.x_stop - self.x_start
+
+    @property
+    def y_len(self) -> int:
+        return self.y_stop - self.y_start
+
+    def __repr__(self) -> str:
+        return f"Tile(id={self.id}, x={self.x_start}:{self.x_stop}, y={self.y_start}:{self.y_stop})"
+
+
+class TileDescriptor(ShardDescriptor):
+    """Tiles of an ``n_x`` x ``n_y`` output, ``block_x`` x ``block_y`` each."""
+
+    def __init__(self, n_x: int, n_y: int, block_x: int, block_y: int) -> None:
+        self.n_x, self.n_y, self.block_x, self.block_y = n_x, n_y, block_x, block_y
+        self.tx = math.ceil(n_x / block_x)
+        self.ty = math.ceil(n_y / block_y)
+        super().__init__(n_x * n_y, None, "tiles", self.tx * self.ty)
+
+    def shard(self, k: int) -> Any:
+        i, j = divmod(k, self.ty)
+        xs, ys = i * self.block_x, j * self.block_y
+        return Tile(k, xs, min(xs + self.block_x, self.n_x), ys, min(ys + self.block_y, self.n_y))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "strategy": "tiles", "num_shards": self.num_shards, "n_x": self.n_x,
+                "n_y": self.n_y, "block_x": self.block_x, "block_y": self.block_y}
+
+
+def tiles2d(n_x: int, n_y: int, block_x: int, block_y: int) -> TileDescriptor:
+    """2-D tiles covering an ``n_x`` x ``n_y`` output (e.g. for ``crossprod_tile``)."""
+    for name, v in (("n_x", n_x), ("n_y", n_y), ("block_x", block_x), ("block_y", block_y)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise InvalidArgumentError(f"{name} must be a positive integer, got {v!r}")
+    return TileDescriptor(int(n_x), int(n_y), int(block_x), int(block_y))
+
+
+def crossprod_tile(tile: Tile, X: np.ndarray, Y: np.ndarray, Z: np.ndarray) -> None:
+    """``Z[xs, ys] = X[:, xs].T @ Y[:, ys]`` written straight into the out buffer."""
+    xs = slice(tile.x_start, tile.x_stop)
+    ys = slice(tile.y_start, tile.y_stop)
+    np.matmul(X[:, xs].T, Y[:, ys], out=Z[xs, ys])
+
+
+register_kernel("col_means", col_means, description="column means of a column block into out")
+register_kernel("col_vars", col_vars, description="sample variances (ddof=1) of a column block into out")
+register_kernel("crossprod_tile", crossprod_tile, description="X[:, xs].T @ Y[:, ys] into Z, per 2-D tile")

@@ -1,0 +1,665 @@
+"""``shard_map``: validate -> plan -> dispatch -> gather.
+
+Data flow::
+
+    caller ──shard_map(shards, fun, borrow, out, ...)──────────────────────────┐
+      │ validate (no worker started yet: names, sizes, modes, pickling)         │
+      │ share borrowed inputs (by reference / cached copy / one copy / pickle5) │
+      │ cloudpickle fun once (buffers it captures go by reference)              │
+      ▼                                                                         │
+    Run (master) ── "call" + segment fds ──> each worker: map inputs, load fun  │
+      │   loop:  pick chunk of shard ids ──"run"──> worker runs fun(shard, ...) │
+      │          <──"results" (values, errors, timings)── (batched when tiny)   │
+      │          watch: EOF (death) · status table (timeouts, current shard) ·  │
+      │                 USS samples (mem_cap, recycle) · progress bar           │
+      │   on death: requeue the chunk, charge an attempt to the running shard  │
+      ▼                                                                         │
+    ShardResult(results in shard order, failures, diagnostics, pool_stats) <────┘
+
+Actors:
+
+* **Run** (this module) owns one call: its queue of shard ids (fresh ids are
+  a counter, retries a deque: O(1) memory per pending shard), per-worker
+  in-flight sets, attempts, results and diagnostics.  It is the only place
+  that decides to retry, fail, restart or recycle.
+* **Pool** (``shardc.pool``) owns processes: fork, reap, kill, sample memory.
+* **Worker** (``shardc.worker``) runs shards and reports; it never decides
+  anything about retries.
+* ``shm_queue`` mode replaces the "run"/"results" messages by the shared
+  ring (``shardc.dispatch_queue``); supervision is the same Run.
+
+Retries: a shard runs at most ``1 + max_retries`` times.  Exceptions known
+to be deterministic (a ``cow="deny"`` violation, a binding error, an
+unpicklable return value) fail at once.  A worker death charges an attempt
+only to the shard that was running (read from the status table); the other
+shards it held are requeued free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import sys
+import time
+from collections import deque
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _lowlevel as ll
+from ._channel import ChannelClosed
+from .buffer import Buffer
+from .diagnostics import Diagnostics
+from .errors import (InvalidArgumentError, ShardMapError, ShardTimeoutError, WorkerCrashedError,
+                     WorkerMemoryError, signal_label)
+from .kernels import get_kernel
+from .pool import PROFILES, Pool, check_recycle, fmt_bytes, parse_bytes, pool_create, pool_get
+from .result import FailedShard, ShardFailure, ShardResult
+from .segment import Segment, find_address
+from .share import Shared, array_extent, default_cache, share
+from .validate import (COW_MODES, DISPATCH_MODES, check_autotune, check_binding, check_choice,
+                       check_dispatch_opts, check_int, check_names, check_out, check_scheduler_policy,
+                       check_seed, check_timeout, pickle_function, resolve_shards)
+from .worker import (ERR, OK, ST_CALL, ST_CURRENT, ST_START_NS, ST_STATE, STATE_RUNNING,
+                     raise_from_record)
+
+log = logging.getLogger("shardc")
+
+
+class _DefaultStr(str):
+    """The default of ``dispatch_mode``: "rpc_chunked", but distinguishable
+    from an explicit "rpc_chunked" so ``profile="speed"`` may pick shm_queue."""
+
+
+RPC_DEFAULT = _DefaultStr("rpc_chunked")
+_call_ids = iter(range(1, 1 << 62))
+
+
+def shard_map(shards: Any, fun: Callable[..., Any] | None = None, borrow: dict[str, Any] | None = None,
+              out: dict[str, Any] | None = None, kernel: str | None = None,
+              scheduler_policy: dict[str, Any] | None = None, autotune: Any = None,
+              dispatch_mode: str = RPC_DEFAULT, dispatch_opts: dict[str, Any] | None = None,
+              workers: int | None = None, chunk_size: Any = 1, profile: str = "default",
+              mem_cap: Any = "2GB", recycle: Any = True, cow: str = "deny", seed: int | None = None,
+              diagnostics: bool = True, packages: list[str] | None = None, init_expr: Any = None,
+              timeout: float = 3600, max_retries: int = 3, health_check_interval: int = 10, *,
+              pool: Pool | None = None, on_failure: str = "raise", progress: bool | None = None) -> ShardResult:
+    """Run ``fun(shard, **borrow, **out)`` for every shard, in parallel, supervised.
+
+    Args:
+        shards: a descriptor from :func:`shards`/:func:`shards_list`, or an
+            int N (N single-item shards; ``shard.id`` is the item).
+        fun: called in a worker once per shard as ``fun(shard, **borrow,
+            **out)``; shipped once per call.  Or use ``kernel=``.
+        borrow: name -> input shared read-only with every worker, zero-copy
+            (NumPy arrays, :class:`Shared`, buffers, or any picklable object).
+        out: name -> :func:`buffer` that workers write into.
+        kernel: name of a registered kernel instead of ``fun``.
+        scheduler_policy: ``{"max_huge_concurrency": k}``.
+        autotune: None (online chunk tuning for int N), True/"online",
+            False/"none", or a dict.
+        dispatch_mode: "rpc_chunked" (gathers return values) or "shm_queue"
+            (shared ring, no return values: for tiny shards writing to out=).
+        dispatch_opts: per mode: rpc_chunked {"prefetch"}; shm_queue
+            {"block_size", "queue_backing", "error_log",
+            "error_log_max_lines", "claim_batch"}.
+        workers: pool size (None: the existing pool, or CPUs - 1).
+        chunk_size: shards per dispatch (int or "auto").
+        profile: "default", "memory" (recycle at half the drift) or "speed"
+            (picks shm_queue for int N with out buffers).
+        mem_cap: per-worker cap on private memory (USS), e.g. "2GB".
+        recycle: True (50% growth over baseline), False, or a fraction.
+        cow: "deny", "audit" or "allow": what a write into a borrowed input does.
+        seed: makes ``shard.rng`` (and random/np.random) depend only on
+            (seed, shard id): identical results for any workers/chunking.
+        diagnostics: collect per-shard timings and memory samples.
+        packages: modules to import in each worker.
+        init_expr: callable or code string run once in each worker.
+        timeout: seconds one shard may run before its worker is killed.
+        max_retries: retries per shard after a failure (so at most
+            ``1 + max_retries`` attempts).
+        health_check_interval: sample worker memory at least every N shards.
+        pool: run on this :class:`Pool` instead of the default pool.
+        on_failure: "raise" (default: :class:`ShardMapError` carrying the
+            result) or "collect" (return the result with its failures).
+        progress: show a progress bar (None: when stderr is a terminal or in
+            a notebook, for runs over about a second).
+
+    Returns:
+        A :class:`ShardResult`.
+
+    Raises:
+        InvalidArgumentError, BindingError, UnpicklableFunctionError: bad
+            arguments, before any worker starts.
+        ShardMapError: some shards failed permanently (``on_failure="raise"``).
+    """
+    t_start = time.perf_counter()
+    desc, scalar_n = resolve_shards(shards)
+    if fun is not None and kernel is not None:
+        raise InvalidArgumentError("give either fun= or kernel=, not both")
+    if fun is None and kernel is None:
+        raise InvalidArgumentError("give the function to run: fun=... (or kernel='name')")
+    kern = get_kernel(kernel) if kernel is not None else None
+    target = kern.impl if kern is not None else fun
+    if not callable(target):
+        raise InvalidArgumentError(f"fun must be callable, got {type(fun).__name__}")
+    borrow = check_names(borrow, "borrow")
+    out = check_names(out, "out")
+    clash = set(borrow) & set(out)
+    if clash:
+        raise InvalidArgumentError(f"names {sorted(clash)} appear in both borrow= and out=; use distinct names")
+    check_out(out)
+    check_binding(target, list(borrow) + list(out), f"kernel {kernel!r}" if kern else
+                  f"fun {getattr(fun, '__qualname__', fun)!r}")
+    check_choice(cow, "cow", COW_MODES)
+    check_choice(profile, "profile", PROFILES)
+    check_choice(on_failure, "on_failure", ("raise", "collect"))
+    if dispatch_mode is RPC_DEFAULT:
+        mode = "shm_queue" if (profile == "speed" and scalar_n and out and chunk_size == 1) else "rpc_chunked"
+    else:
+        mode = check_choice(dispatch_mode, "dispatch_mode", DISPATCH_MODES)
+    opts = check_dispatch_opts(dispatch_opts, mode)
+    if workers is not None:
+        check_int(workers, "workers", 1)
+    if chunk_size != "auto":
+        chunk_size = check_int(chunk_size, "chunk_size", 1)
+    cap = parse_bytes(mem_cap, "mem_cap")
+    drift = check_recycle(recycle)
+    seed_v = check_seed(seed)
+    timeout_s = check_timeout(timeout)
+    retries = check_int(max_retries, "max_retries", 0)
+    hci = check_int(health_check_interval, "health_check_interval", 1)
+    tune = check_autotune(autotune, scalar_n)
+    policy = check_scheduler_policy(scheduler_policy)
+    if policy.get("max_huge_concurrency") and kern is None:
+        log.info("scheduler_policy max_huge_concurrency applies to kernels with a footprint; "
+                 "fun= has none, so nothing is throttled")
+    if progress not in (None, True, False):
+        raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
+    if packages is not None and (isinstance(packages, str) or not all(isinstance(p, str) for p in packages)):
+        raise InvalidArgumentError("packages must be a list of module names, e.g. ['scipy.stats']")
+
+    run = Run(desc=desc, mode=mode, opts=opts, cow=cow, profile=profile, mem_cap=cap, drift=drift,
+              seed=seed_v, diagnostics=bool(diagnostics), timeout=timeout_s, max_retries=retries,
+              health_check_interval=hci, autotune=tune, chunk_size=chunk_size, kernel=kern,
+              policy=policy, progress=progress)
+    # Pickle fun before any worker exists (clear errors first), collecting the
+    # buffers and shared inputs it captures.
+    run.fun_blob = pickle_function(target, run.capture)
+    run.prepare_inputs(borrow, out)
+    try:
+        run.pool = _get_pool(pool, workers, packages, init_expr, profile)
+        run.execute()
+    finally:
+        run.release()
+    run.diag.wall_seconds = time.perf_counter() - t_start
+    result = run.result()
+    if result.failures and on_failure == "raise":
+        first = min(result.failures)
+        f = result.failures[first]
+        err = ShardMapError(f"{len(result.failures)} of {desc.num_shards} shards failed; first: shard "
+                            f"{first} after {f.attempts} attempt(s): {f.error_type.rsplit('.', 1)[-1]}: "
+                            f"{f.message} (the full result is in err.result; pass on_failure='collect' "
+                            "to get it returned)", result)
+        if f.exception is not None:
+            raise err from f.exception
+        raise err
+    return result
+
+
+def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: Any, profile: str) -> Pool:
+    if pool is not None:
+        pool.check_open()
+        if workers is not None and workers != pool.size:
+            raise InvalidArgumentError(f"workers={workers} conflicts with the given pool of {pool.size} workers")
+        if packages or init_expr is not None:
+            raise InvalidArgumentError("packages/init_expr belong to the pool when pool= is given: "
+                                       "pass them to Pool(...)")
+        return pool
+    cur = pool_get()
+    pk = list(packages or [])
+    if cur is not None and (workers is None or workers == cur.size) and cur.packages == pk and (
+            init_expr is None or init_expr is cur.init_expr or init_expr == cur.init_expr):
+        return cur
+    return pool_create(workers, packages=pk, init_expr=init_expr, profile=profile)
+
+
+class _WState:
+    """Per-worker bookkeeping of one Run."""
+
+    __slots__ = ("inflight", "pending_recycle", "since_sample", "done", "setup", "last_msg")
+
+    def __init__(self) -> None:
+        self.inflight: dict[int, None] = {}
+        self.pending_recycle: str | None = None
+        self.since_sample = 0
+        self.done = 0
+        self.setup = False
+        self.last_msg = time.monotonic()
+
+
+class Run:
+    """One shard_map call: the scheduler and supervisor (see module docstring)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+        self.pool: Pool | None = None
+        self.call_id = next(_call_ids)
+        self.num = self.desc.num_shards
+        self.next_fresh = 0
+        self.retry: deque[int] = deque()
+        self.attempts = np.zeros(self.num, dtype=np.int16)
+        self.state = np.zeros(self.num, dtype=np.int8)  # 0 pending, 1 done, 2 failed
+        self.results: list[Any] = [None] * self.num
+        self.failures: dict[int, ShardFailure] = {}
+        self.history: dict[int, list[str]] = {}
+        self.completed = 0
+        self.n_failed = 0
+        self.retries_total = 0
+        self.entropy = (np.random.SeedSequence(self.seed).entropy if self.seed is not None
+                        else np.random.SeedSequence().entropy)
+        self.captured: dict[int, tuple[Any, dict[str, Any]]] = {}
+        self.fun_blob = b""
+        self.borrow_desc: dict[str, dict[str, Any]] = {}
+        self.out_desc: dict[str, dict[str, Any]] = {}
+        self.segments: dict[str, Segment] = {}
+        self.temporaries: list[Shared] = []
+        self.huge_inflight = 0
+        self.huge_ids: set[int] = set()
+        cs = self.chunk_size
+        self.chunk = 1 if cs == "auto" else cs
+        if cs == "auto" and self.autotune is None:
+            self.autotune = {"mode": "online", "target_chunk_seconds": 0.005, "max_rounds": 64}
+        self.diag = Diagnostics(self)
+        self.ewma_shard_s: float | None = None
+
+    # -- inputs ----------------------------------------------------------------------
+    def _seg_info(self, seg: Segment) -> None:
+        self.segments[seg.key] = seg
+
+    def capture(self, obj: Any) -> Any:
+        """persistent_id hook: a Buffer/Shared captured by fun goes by reference."""
+        key = id(obj)
+        if key not in self.captured:
+            if isinstance(obj, Buffer):
+                if obj.closed:
+                    raise InvalidArgumentError("fun captures a closed shardc buffer")
+                d = _array_desc(obj.array, obj.segment)
+                self._seg_info(obj.segment)
+                self.captured[key] = (obj, ("buffer", d))
+            else:
+                d = obj.descriptor()
+                d["label"] = "captured shared input"
+                for s in obj.segments:
+                    self._seg_info(s)
+                self.captured[key] = (obj, ("shared", d))
+        return self.captured[key][1]
+
+    def prepare_inputs(self, borrow: dict[str, Any], out: dict[str, Any]) -> None:
+        for name, obj in out.items():
+            arr = obj.array if isinstance(obj, Buffer) else obj
+            hit = find_address(*array_extent(arr))
+            assert hit is not None
+            seg = hit[0]
+            self._seg_info(seg)
+            self.out_desc[name] = _array_desc(arr, seg)
+            self.diag.add_out(name, arr.nbytes)
+        for name, obj in borrow.items():
+            t0 = time.perf_counter()
+            if isinstance(obj, Shared):
+                sh, how = obj, "reference"
+            elif isinstance(obj, Buffer):
+                sh, how = share(obj), "reference"
+            elif isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+                sh, how, _ = default_cache.get(obj, "auto")
+            else:
+                sh = share(obj)
+                how = sh.how
+                self.temporaries.append(sh)
+            for s in sh.segments:
+                self._seg_info(s)
+            self.borrow_desc[name] = sh.descriptor()
+            copied = sh.nbytes if how in ("copied", "pickled") else 0
+            self.diag.add_borrow(name, how, sh.nbytes, copied, time.perf_counter() - t0, sh.kind)
+
+    def release(self) -> None:
+        for sh in self.temporaries:
+            sh.close()
+        self.temporaries.clear()
+
+    # -- worker setup --------------------------------------------------------------------
+    def call_message(self, w: Any) -> tuple[dict[str, Any], list[int]]:
+        new = [k for k in self.segments if k not in w.known]
+        infos = [{"key": k, "size": self.segments[k].size, "backing": self.segments[k].backing,
+                  "name": self.segments[k].name} for k in new]
+        fds = [self.segments[k].fd for k in new]
+        msg = {"call_id": self.call_id, "cow": self.cow, "entropy": self.entropy,
+               "seeded": self.seed is not None, "diagnostics": self.diagnostics, "desc": self.desc,
+               "borrow": self.borrow_desc, "out": self.out_desc, "fun": self.fun_blob, "segments": infos}
+        return msg, fds
+
+    def setup_worker(self, w: Any) -> None:
+        msg, fds = self.call_message(w)
+        n = w.chan.send(("call", msg), fds)
+        self.diag.bytes_setup += n
+        w.known.update(k for k in self.segments)
+        w.chan.sock.settimeout(120)
+        try:
+            while True:
+                reply, _ = w.chan.recv()
+                if reply[0] == "ready" and reply[1] == self.call_id:
+                    break
+        finally:
+            w.chan.sock.settimeout(None)
+        if reply[2] is not None:
+            exc = raise_from_record(reply[2])
+            raise InvalidArgumentError(f"worker {w.slot} could not set up the call: {reply[2]['message']}") from exc
+        w.call_id = self.call_id
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def pending_count(self) -> int:
+        return len(self.retry) + (self.num - self.next_fresh)
+
+    def take_chunk(self, size: int) -> list[int]:
+        ids: list[int] = []
+        while self.retry and len(ids) < size:
+            ids.append(self.retry.popleft())
+        if len(ids) < size and self.next_fresh < self.num:
+            k = min(size - len(ids), self.num - self.next_fresh)
+            ids.extend(range(self.next_fresh, self.next_fresh + k))
+            self.next_fresh += k
+        return ids
+
+    def is_huge(self, sid: int) -> bool:
+        if self.kernel is None or not self.policy.get("max_huge_concurrency"):
+            return False
+        return self.kernel.classify(self.desc.shard(sid))[0] == "huge"
+
+    def current_chunk_size(self, workers: int) -> int:
+        size = self.chunk
+        if self.autotune and self.ewma_shard_s is not None:
+            target = float(self.autotune["target_chunk_seconds"])
+            want = max(1, int(target / max(self.ewma_shard_s, 1e-7)))
+            # Keep about 4 chunks per worker in what is left, for balance.
+            cap = max(1, self.pending_count() // (4 * workers))
+            want = min(want, cap, 1 << 16)
+            if want != self.chunk:
+                self.diag.autotune_step(self.chunk, want, self.ewma_shard_s)
+                self.chunk = want
+            size = self.chunk
+        return size
+
+    # -- results and failures --------------------------------------------------------------------
+    def record_success(self, sid: int, value: Any) -> None:
+        if self.state[sid] != 0:
+            return  # a duplicate (a retried shard whose first run also reported)
+        self.state[sid] = 1
+        self.results[sid] = value
+        self.completed += 1
+
+    def record_failure(self, sid: int, err: dict[str, Any], charge: bool = True) -> None:
+        """An attempt of ``sid`` failed; retry it or fail it for good."""
+        if self.state[sid] != 0:
+            return
+        if charge:
+            self.attempts[sid] += 1
+        hist = self.history.setdefault(sid, [])
+        hist.append(f"attempt {int(self.attempts[sid])}: {err['type'].rsplit('.', 1)[-1]}: {err['message']}")
+        if err.get("deterministic") or self.attempts[sid] > self.max_retries:
+            exc = raise_from_record(err) if err.get("exc") is not None or err.get("traceback") else None
+            fail = ShardFailure(sid, int(self.attempts[sid]), err["type"], err["message"],
+                                err.get("traceback", ""), exc, hist)
+            self.failures[sid] = fail
+            self.results[sid] = FailedShard(fail)
+            self.state[sid] = 2
+            self.n_failed += 1
+            self.diag.shard_failed(sid)
+        else:
+            self.retries_total += 1
+            self.retry.append(sid)
+            self.diag.retries += 1
+
+    def crash_record(self, w: Any, sid: int, code: int | None, reason: str | None) -> dict[str, Any]:
+        import pickle
+        label = signal_label(code) if code is not None else "unknown status"
+        if reason == "timeout":
+            exc: BaseException = ShardTimeoutError(
+                f"shard {sid} ran longer than timeout={self.timeout:g}s; worker {w.slot} (pid {w.pid}) was killed")
+        elif reason and reason.startswith("memory"):
+            exc = WorkerMemoryError(f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: {reason[7:]}")
+        else:
+            exc = WorkerCrashedError(f"worker {w.slot} (pid {w.pid}) died with {label} while running shard {sid}",
+                                     exitcode=code, pid=w.pid)
+        return {"type": f"shardc.errors.{type(exc).__name__}", "message": str(exc), "traceback": "",
+                "exc": pickle.dumps(exc), "deterministic": False, "shard": sid}
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def execute(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        self.ws = {w.slot: _WState() for w in pool.workers}
+        self.diag.start(pool)
+        for w in pool.workers:
+            self.setup_worker(w)
+            self.ws[w.slot].setup = True
+        try:
+            if self.mode == "shm_queue":
+                from .dispatch_queue import run_queue
+                run_queue(self)
+            else:
+                self.run_rpc()
+        finally:
+            self.diag.finish(pool)
+            for w in pool.workers:
+                if w.alive:
+                    try:
+                        w.chan.send(("end",))
+                    except OSError:
+                        pass
+
+    def depth(self) -> int:
+        if "prefetch" in self.opts:
+            return int(self.opts["prefetch"])
+        if self.ewma_shard_s is not None and self.ewma_shard_s < 2e-4:
+            return 4
+        return 2
+
+    def fill(self, w: Any) -> None:
+        st = self.ws[w.slot]
+        if st.pending_recycle is not None or not w.alive:
+            return
+        size = self.current_chunk_size(len(self.ws))
+        cap = self.policy.get("max_huge_concurrency")
+        while len(st.inflight) < size * self.depth() and self.pending_count():
+            ids = self.take_chunk(size)
+            if cap:
+                huge = [s for s in ids if self.is_huge(s)]
+                if huge and self.huge_inflight + 1 > cap:
+                    # Put them back (front) and wait for a huge chunk to finish.
+                    for s in reversed(ids):
+                        self.retry.appendleft(s)
+                    self.diag.throttle(w.slot, len(huge))
+                    return
+                if huge:
+                    self.huge_inflight += 1
+                    self.huge_ids.update(huge)
+            for s in ids:
+                st.inflight[s] = None
+            n = w.chan.send(("run", self.call_id, ids))
+            self.diag.dispatched(n, len(ids))
+
+    def finished(self) -> bool:
+        return self.completed + self.n_failed >= self.num
+
+    def on_results(self, w: Any, results: list[tuple]) -> None:
+        st = self.ws[w.slot]
+        diag = self.diag
+        for sid, ok, value, t0, t1, events in results:
+            st.inflight.pop(sid, None)
+            if sid in self.huge_ids:
+                self.huge_ids.discard(sid)
+                self.huge_inflight = max(0, self.huge_inflight - 1)
+            if self.diagnostics:
+                diag.shard_done(sid, w.slot, t0, t1, ok == OK, int(self.attempts[sid]))
+            if events:
+                diag.cow_events(sid, events)
+            if ok == OK:
+                self.record_success(sid, value)
+            else:
+                self.record_failure(sid, value)
+            dt = (t1 - t0) * 1e-9
+            self.ewma_shard_s = dt if self.ewma_shard_s is None else 0.8 * self.ewma_shard_s + 0.2 * dt
+        st.done += len(results)
+        st.since_sample += len(results)
+        st.last_msg = time.monotonic()
+
+    def check_memory(self, w: Any, force: bool = False) -> None:
+        pool = self.pool
+        st = self.ws[w.slot]
+        if not force and st.since_sample < self.health_check_interval:
+            return
+        st.since_sample = 0
+        m = pool.sample(w)
+        if m is None:
+            return
+        self.diag.mem_sample(w, m)
+        pool.mem_cap, pool.recycle, pool.profile = self.mem_cap, self.drift, self.profile
+        verdict = pool.memory_verdict(w)
+        if verdict is not None and st.pending_recycle is None:
+            if time.monotonic() - w.last_recycle < pool.min_recycle_interval:
+                self.diag.event("defer_recycle", w, verdict[1] + " (min recycle interval)")
+                return
+            st.pending_recycle = verdict[1]
+
+    def maybe_recycle(self, w: Any) -> Any:
+        st = self.ws[w.slot]
+        if st.pending_recycle is None or st.inflight:
+            return w
+        reason = st.pending_recycle
+        log.info("recycling worker %d (pid %d): %s", w.slot, w.pid, reason)
+        self.diag.event("recycle", w, reason)
+        return self.replace(w, reason, "recycle")
+
+    def replace(self, w: Any, reason: str, kind: str) -> Any:
+        self.sel.unregister(w.chan.sock)
+        nw = self.pool.replace(w, reason, kind)
+        self.ws[w.slot] = _WState()
+        self.diag.worker_started(nw)
+        if not self.finished():
+            self.setup_worker(nw)
+        self.sel.register(nw.chan.sock, selectors.EVENT_READ, nw.slot)
+        return nw
+
+    def on_death(self, w: Any, reason: str | None = None, code: int | None = None) -> Any:
+        """``w`` died (or was killed for ``reason``): requeue, charge, restart."""
+        pool = self.pool
+        row = pool.status[w.slot]
+        running = int(row[ST_CURRENT]) if (row[ST_STATE] == STATE_RUNNING and row[ST_CALL] in (0, self.call_id)) else None
+        if code is None:
+            code = pool._reap(w, wait=2.0)
+        st = self.ws[w.slot]
+        lost = list(st.inflight)
+        label = signal_label(code) if code is not None else "?"
+        if running is not None and running in st.inflight:
+            why = reason or label
+            log.warning("worker %d (pid %d) %s while running shard %d; %d other shard(s) requeued",
+                        w.slot, w.pid, "was killed: " + reason if reason else f"died with {label}",
+                        running, len(lost) - 1)
+        self.diag.event("death", w, reason or f"died with {label}", code=code, shard=running)
+        for sid in reversed(lost):
+            if sid in self.huge_ids:
+                self.huge_ids.discard(sid)
+                self.huge_inflight = max(0, self.huge_inflight - 1)
+            if sid == running:
+                continue
+            if self.state[sid] == 0:
+                self.retry.appendleft(sid)
+        if running is not None and running in st.inflight:
+            self.record_failure(running, self.crash_record(w, running, code, reason))
+        st.inflight.clear()
+        return self.replace(w, reason or f"worker died with {label}", "restart")
+
+    def watchdog(self) -> None:
+        """Timeouts and runaway memory of running shards (read from the status table)."""
+        pool = self.pool
+        now = time.monotonic_ns()
+        for w in list(pool.workers):
+            if not w.alive:
+                continue
+            row = pool.status[w.slot]
+            if row[ST_STATE] != STATE_RUNNING:
+                continue
+            if (now - int(row[ST_START_NS])) * 1e-9 > self.timeout:
+                pool.kill(w)
+                self.on_death(w, reason="timeout", code=w.exitcode)
+                continue
+            if self.mem_cap is not None:
+                m = pool.sample(w)
+                if m is not None:
+                    self.diag.mem_sample(w, m)
+                    if pool.footprint(m) > 2 * self.mem_cap:
+                        why = (f"memory: {fmt_bytes(pool.footprint(m))} > 2x mem_cap "
+                               f"{fmt_bytes(self.mem_cap)} inside a shard")
+                        pool.kill(w)
+                        self.on_death(w, reason=why, code=w.exitcode)
+
+    def run_rpc(self) -> None:
+        pool = self.pool
+        self.sel = sel = selectors.DefaultSelector()
+        for w in pool.workers:
+            sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
+        try:
+            for w in pool.workers:
+                self.fill(w)
+            tick = 0.05 if self.timeout > 0.2 else self.timeout / 4
+            next_tick = time.monotonic() + tick
+            while not self.finished():
+                events = sel.select(timeout=max(0.0, next_tick - time.monotonic()))
+                for key, _ in events:
+                    w = pool.workers[key.data]
+                    if key.fileobj is not w.chan.sock:
+                        continue  # a replaced worker's stale event
+                    try:
+                        msgs = w.chan.recv_ready()
+                    except (ChannelClosed, ConnectionError):
+                        self.on_death(w)
+                        continue
+                    for msg, _fds in msgs:
+                        if msg[0] == "results" and msg[1] == self.call_id:
+                            self.diag.bytes_results += 0
+                            self.on_results(w, msg[2])
+                    self.check_memory(w)
+                    w = self.maybe_recycle(w)
+                    self.fill(w)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick
+                    self.watchdog()
+                    self.diag.tick(pool, self)
+                    for w in list(pool.workers):
+                        if not w.alive:
+                            self.on_death(w)
+                        w = self.maybe_recycle(pool.workers[w.slot])
+                        self.fill(w)
+            # Results of chunks that were requeued after a death and also
+            # finished elsewhere are dropped by record_success.
+        finally:
+            sel.close()
+            for w in pool.workers:
+                w.chan.sock.settimeout(None)
+
+    # -- the result --------------------------------------------------------------------------------
+    def result(self) -> ShardResult:
+        pool_stats = {"workers": self.pool.size if self.pool else 0,
+                      "status": self.pool.status_table() if self.pool and not self.pool.closed else [],
+                      "events": list(self.pool.events) if self.pool else []}
+        self.diag.completed = self.completed
+        self.diag.failed = self.n_failed
+        return ShardResult(self.results, dict(sorted(self.failures.items())), self.diag, pool_stats, self.desc)
+
+
+def _array_desc(arr: np.ndarray, seg: Segment) -> dict[str, Any]:
+    base = seg.mapping().addr
+    return {"kind": "array", "segs": [seg.key], "dtype": arr.dtype, "shape": arr.shape,
+            "strides": arr.strides, "offset": arr.ctypes.data - base}

@@ -1,0 +1,502 @@
+"""A persistent pool of forked workers, and the module-level default pool.
+
+``Pool(n)`` forks ``n`` workers (milliseconds: no interpreter start, no
+imports), each connected by one unix ``socketpair`` that carries messages,
+passes segment fds (``SCM_RIGHTS``) and is the lifeline (EOF = death).  A
+shared ``int64`` status table (one row per worker slot, see
+``shardc.worker.ST_*``) lets the master see which shard each worker runs and
+since when, without messages.
+
+The pool itself does no scheduling: ``shard_map`` (``shardc.map``) drives it.
+It provides spawning, replacing (restart after death, recycle on memory),
+memory sampling (USS from ``/proc/PID/smaps_rollup``, so pages of borrowed
+inputs shared with the master never count as a worker's growth), a health
+check, and stopping (every wait bounded; SIGKILL as the last word).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from . import _lowlevel as ll
+from ._channel import Channel, ChannelClosed
+from .buffer import buffer
+from .errors import ClosedError, InvalidArgumentError, signal_label
+from .worker import NFIELDS, ST_PID, worker_entry
+
+log = logging.getLogger("shardc")
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
+               "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4,
+               "TIB": 1024**4}
+PROFILES = ("default", "memory", "speed")
+
+
+def parse_bytes(value: Any, arg: str) -> int | None:
+    """Parse a memory size: bytes as a number, or "2GB", "512MB", "1.5G" (binary units).
+
+    None and float("inf") mean "no limit".
+    """
+    import math
+    import re
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"{arg} must be a size like '2GB' or a number of bytes, got {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        if isinstance(value, float) and math.isinf(value) and value > 0:
+            return None
+        if not math.isfinite(float(value)) or value <= 0:
+            raise InvalidArgumentError(f"{arg} must be a positive size, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$", value)
+        unit = m.group(2).upper() if m else None
+        if not m or unit not in _SIZE_UNITS:
+            raise InvalidArgumentError(
+                f"{arg}={value!r} is not a size; write a number with an optional unit, e.g. "
+                "'2GB', '512MB', '1.5G' or 2_000_000_000 (units: B, KB, MB, GB, TB; binary)")
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+        if n <= 0:
+            raise InvalidArgumentError(f"{arg} must be a positive size, got {value!r}")
+        return n
+    raise InvalidArgumentError(f"{arg} must be a size like '2GB' or a number of bytes, got {value!r}")
+
+
+def default_workers() -> int:
+    """``max(1, usable CPUs - 1)``, honouring affinity, cgroup quotas and SHARDC_WORKERS."""
+    env = os.environ.get("SHARDC_WORKERS")
+    if env:
+        try:
+            n = int(env)
+            if n >= 1:
+                return n
+        except ValueError:
+            pass
+        raise InvalidArgumentError(f"SHARDC_WORKERS={env!r} must be a positive integer")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cpus = min(cpus, quota)
+    return max(1, cpus - 1)
+
+
+def _cgroup_cpus() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            q, period = f.read().split()
+        if q == "max":
+            return None
+        import math
+        return max(1, math.ceil(int(q) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+class WorkerHandle:
+    """The master's view of one worker slot."""
+
+    def __init__(self, slot: int, pid: int, chan: Channel) -> None:
+        self.slot = slot
+        self.pid = pid
+        self.chan = chan
+        self.known: set[str] = set()  # segment keys whose fd this worker has
+        self.started = time.monotonic()
+        self.baseline: int | None = None  # USS (or RSS) after start
+        self.last_mem: dict[str, int] | None = None
+        self.peak: dict[str, int] = {"rss": 0, "pss": 0, "uss": 0}
+        self.recycles = 0
+        self.restarts = 0
+        self.last_recycle = 0.0
+        self.state = "idle"
+        self.alive = True
+        self.exitcode: int | None = None
+        self.call_id = -1
+        self.pids: list[int] = [pid]
+
+    def info(self) -> dict[str, Any]:
+        m = self.last_mem or {}
+        return {"worker": self.slot, "pid": self.pid, "state": self.state if self.alive else "dead",
+                "rss": m.get("rss"), "pss": m.get("pss"), "uss": m.get("uss"),
+                "baseline": self.baseline, "recycles": self.recycles, "restarts": self.restarts}
+
+
+class Pool:
+    """A pool of forked worker processes (see module docstring).
+
+    Args:
+        workers: number of workers (default: ``default_workers()``).
+        mem_cap: per-worker memory cap ("2GB"); a worker above it is
+            recycled between shards, and killed mid-shard above 2x.
+        recycle: True (recycle when memory grew 50% over the post-start
+            baseline), False, or a fraction (e.g. 0.25).
+        packages: modules imported in each worker at start.
+        init_expr: a callable or a code string run once in each worker.
+        profile: "default", "memory" (stricter recycling) or "speed".
+        health_check_interval: sample worker memory at least every N shards.
+
+    Use as a context manager, or call :meth:`stop`.
+    """
+
+    def __init__(self, workers: int | None = None, mem_cap: Any = "2GB", recycle: Any = True,
+                 packages: list[str] | None = None, init_expr: Any = None, profile: str = "default",
+                 health_check_interval: int = 10, cow_guard: bool = True) -> None:
+        n = default_workers() if workers is None else workers
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InvalidArgumentError(f"workers must be a positive integer, got {workers!r}")
+        self.size = int(n)
+        self.mem_cap = parse_bytes(mem_cap, "mem_cap")
+        self.recycle = check_recycle(recycle)
+        if profile not in PROFILES:
+            raise InvalidArgumentError(f"profile={profile!r} is not supported; use one of {', '.join(PROFILES)}")
+        self.profile = profile
+        if isinstance(health_check_interval, bool) or not isinstance(health_check_interval, int) or health_check_interval < 1:
+            raise InvalidArgumentError(f"health_check_interval must be a positive integer, got {health_check_interval!r}")
+        self.health_check_interval = health_check_interval
+        self.packages = list(packages or [])
+        for p in self.packages:
+            if not isinstance(p, str):
+                raise InvalidArgumentError(f"packages must be module names (str), got {p!r}")
+        if init_expr is not None and not (callable(init_expr) or isinstance(init_expr, str)):
+            raise InvalidArgumentError("init_expr must be a callable or a string of Python code")
+        if isinstance(init_expr, str):
+            try:
+                compile(init_expr, "<init_expr>", "exec")
+            except SyntaxError as exc:
+                raise InvalidArgumentError(f"init_expr is not valid Python: {exc}") from None
+        self.init_expr = init_expr
+        self._init_blob = cloudpickle.dumps(init_expr) if callable(init_expr) else None
+        self.cow_guard = cow_guard
+        self.min_recycle_interval = 1.0
+        self._closed = False
+        self._pid = os.getpid()
+        self._lock = threading.RLock()
+        self.events: list[dict[str, Any]] = []  # deaths, recycles, restarts (pool lifetime)
+        self.status_buf = buffer(np.int64, (self.size, NFIELDS))
+        self.status = self.status_buf.array
+        self.workers: list[WorkerHandle] = []
+        self.start_seconds = 0.0
+        t0 = time.perf_counter()
+        try:
+            for slot in range(self.size):
+                self.workers.append(self._spawn(slot))
+            for w in self.workers:
+                self._await_hello(w)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.perf_counter() - t0
+        _live_pools.add(self)
+        log.debug("started pool of %d workers in %.1f ms", self.size, self.start_seconds * 1e3)
+
+    # -- spawning ------------------------------------------------------------------
+    def _spawn(self, slot: int) -> WorkerHandle:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.status[slot, :] = 0
+        parent_pid = os.getpid()
+        others = [w.chan.sock for w in self.workers if w.slot != slot]
+        pid = os.fork()
+        if pid == 0:  # child: never returns
+            try:
+                parent_sock.close()
+                for s in others:
+                    s.close()
+                for p in list(_live_pools):
+                    if p is not self:
+                        for w in p.workers:
+                            w.chan.close()
+            finally:
+                worker_entry(slot, child_sock, self.status, parent_pid, self.packages,
+                             None if self._init_blob else self.init_expr, self._init_blob,
+                             self.cow_guard)
+        child_sock.close()
+        return WorkerHandle(slot, pid, Channel(parent_sock))
+
+    def _await_hello(self, w: WorkerHandle, timeout: float = 30.0) -> None:
+        w.chan.sock.settimeout(timeout)
+        try:
+            msg, _ = w.chan.recv()
+        except (ChannelClosed, socket.timeout, OSError) as exc:
+            code = self._reap(w, wait=2.0)
+            raise RuntimeError(f"worker {w.slot} (pid {w.pid}) failed to start "
+                               f"({signal_label(code) if code is not None else exc}); "
+                               "check packages= and init_expr=") from None
+        finally:
+            w.chan.sock.settimeout(None)
+        assert msg[0] == "hello"
+        w.last_mem = ll.proc_mem(w.pid)
+        if w.last_mem:
+            w.baseline = w.last_mem["uss"] if w.last_mem["precise"] else w.last_mem["rss"]
+
+    def replace(self, w: WorkerHandle, reason: str, kind: str) -> WorkerHandle:
+        """Stop ``w`` (if alive) and fork a fresh worker into its slot."""
+        if w.alive:
+            self._terminate(w)
+        nw = self._spawn(w.slot)
+        nw.recycles = w.recycles + (1 if kind == "recycle" else 0)
+        nw.restarts = w.restarts + (1 if kind == "restart" else 0)
+        nw.last_recycle = time.monotonic() if kind == "recycle" else w.last_recycle
+        nw.pids = w.pids + [nw.pid]
+        self.workers[w.slot] = nw
+        self._await_hello(nw)
+        self.events.append({"t": time.time(), "event": kind, "worker": w.slot, "old_pid": w.pid,
+                            "new_pid": nw.pid, "reason": reason})
+        log.info("%s worker %d (pid %d -> %d): %s", "recycled" if kind == "recycle" else "restarted",
+                 w.slot, w.pid, nw.pid, reason)
+        return nw
+
+    # -- death and stopping -----------------------------------------------------------
+    def _reap(self, w: WorkerHandle, wait: float = 1.0) -> int | None:
+        """Collect ``w``'s exit status, waiting up to ``wait`` s, then SIGKILL."""
+        if w.exitcode is not None:
+            return w.exitcode
+        deadline = time.monotonic() + wait
+        killed = False
+        delay = 0.0002
+        while True:
+            try:
+                pid, status = os.waitpid(w.pid, os.WNOHANG)
+            except ChildProcessError:
+                w.alive = False
+                return w.exitcode
+            if pid == w.pid:
+                w.exitcode = os.waitstatus_to_exitcode(status)
+                w.alive = False
+                w.chan.close()
+                return w.exitcode
+            if time.monotonic() > deadline and not killed:
+                try:
+                    os.kill(w.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed = True
+                deadline = time.monotonic() + 5.0
+            elif killed and time.monotonic() > deadline:
+                w.alive = False
+                return None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def kill(self, w: WorkerHandle) -> int | None:
+        """SIGKILL ``w`` and reap it; returns its exit code (negative signal)."""
+        try:
+            os.kill(w.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self._reap(w, wait=5.0)
+
+    def _terminate(self, w: WorkerHandle, grace: float = 1.0) -> None:
+        try:
+            w.chan.send(("exit",))
+        except OSError:
+            pass
+        self._reap(w, wait=grace)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every worker: ask, then SIGKILL after ``timeout``; idempotent."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        self._closed = True
+        for w in self.workers:
+            if w.alive:
+                try:
+                    w.chan.send(("exit",))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for w in self.workers:
+            if w.alive:
+                self._reap(w, wait=max(0.0, deadline - time.monotonic()))
+            w.chan.close()
+        _live_pools.discard(self)
+        self.status_buf.close()
+
+    close = stop
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this pool is stopped; create a new one with shardc.Pool() or pool_create()")
+        if os.getpid() != self._pid:
+            raise ClosedError("a shardc pool cannot be used from a forked child of its master")
+
+    # -- memory --------------------------------------------------------------------------
+    def sample(self, w: WorkerHandle) -> dict[str, int] | None:
+        m = ll.proc_mem(w.pid)
+        if m is not None:
+            w.last_mem = m
+            for k in ("rss", "pss", "uss"):
+                w.peak[k] = max(w.peak[k], m[k])
+        return m
+
+    @staticmethod
+    def footprint(m: dict[str, int]) -> int:
+        """The bytes a worker holds by itself (USS, or RSS when USS is unknown)."""
+        return m["uss"] if m["precise"] else m["rss"]
+
+    def drift_limit(self) -> float | None:
+        if self.recycle is None:
+            return None
+        return self.recycle / 2 if self.profile == "memory" else self.recycle
+
+    def memory_verdict(self, w: WorkerHandle) -> tuple[str, str] | None:
+        """``("recycle", reason)`` when ``w`` should be recycled, else None."""
+        m = w.last_mem
+        if m is None:
+            return None
+        used = self.footprint(m)
+        label = "uss" if m["precise"] else "rss"
+        if self.mem_cap is not None and used > self.mem_cap:
+            return "recycle", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(self.mem_cap)}"
+        limit = self.drift_limit()
+        if limit is not None and w.baseline:
+            growth = used - w.baseline
+            floor = int(os.environ.get("SHARDC_RECYCLE_MIN_BYTES", 32 * 1024**2))
+            if growth > floor and growth > limit * max(w.baseline, floor):
+                return "recycle", (f"{label} grew {fmt_bytes(growth)} over its baseline "
+                                   f"{fmt_bytes(w.baseline)} (> recycle={limit:g})")
+        return None
+
+    # -- reports ---------------------------------------------------------------------------
+    def status_table(self) -> list[dict[str, Any]]:
+        for w in self.workers:
+            if w.alive:
+                self.sample(w)
+        return [w.info() for w in self.workers]
+
+    def health_check(self, busy: set[int] | None = None) -> dict[str, Any]:
+        """Per worker: action none/restart/recycle/defer_recycle, with the reason."""
+        actions = []
+        for w in self.workers:
+            alive = w.alive and _pid_alive(w.pid)
+            if not alive:
+                actions.append({"worker": w.slot, "pid": w.pid, "action": "restart", "reason": "worker_dead"})
+                continue
+            m = self.sample(w)
+            if m is None:
+                actions.append({"worker": w.slot, "pid": w.pid, "action": "none", "reason": "rss_unavailable"})
+                continue
+            verdict = self.memory_verdict(w)
+            if verdict is None:
+                actions.append({"worker": w.slot, "pid": w.pid, "action": "none", "reason": "ok"})
+            else:
+                act = "defer_recycle" if busy and w.slot in busy else "recycle"
+                actions.append({"worker": w.slot, "pid": w.pid, "action": act, "reason": verdict[1]})
+        return {"timestamp": time.time(), "workers": self.size, "actions": actions}
+
+    # -- convenience ----------------------------------------------------------------------
+    def shard_map(self, shards: Any, fun: Any = None, **kwargs: Any) -> Any:
+        """``shard_map`` on this pool (same arguments as :func:`shardc.shard_map`)."""
+        from .map import shard_map
+        return shard_map(shards, fun, pool=self, **kwargs)
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._closed else f"pids={[w.pid for w in self.workers]}"
+        return f"<shardc.Pool workers={self.size} {state}>"
+
+
+def check_recycle(recycle: Any) -> float | None:
+    if recycle is True:
+        return 0.5
+    if recycle is False or recycle is None:
+        return None
+    if isinstance(recycle, (int, float)) and not isinstance(recycle, bool) and recycle > 0:
+        return float(recycle)
+    raise InvalidArgumentError(f"recycle must be True, False or a positive fraction (e.g. 0.5), got {recycle!r}")
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+_default: Pool | None = None
+
+
+def pool_create(n: int | None = None, mem_cap: Any = "2GB", recycle: Any = True, packages: Any = None,
+                init_expr: Any = None, profile: str = "default", health_check_interval: int = 10) -> Pool:
+    """Create the default pool (stopping any previous default pool)."""
+    global _default
+    if _default is not None:
+        _default.stop()
+    _default = Pool(n, mem_cap=mem_cap, recycle=recycle, packages=packages, init_expr=init_expr,
+                    profile=profile, health_check_interval=health_check_interval)
+    return _default
+
+
+def pool_get() -> Pool | None:
+    """The default pool, or None."""
+    if _default is not None and (_default.closed or os.getpid() != _default._pid):
+        return None
+    return _default
+
+
+def pool_stop(pool: Pool | None = None, timeout: float = 5.0) -> None:
+    """Stop ``pool`` (default: the default pool)."""
+    global _default
+    target = pool or _default
+    if target is not None:
+        target.stop(timeout)
+    if target is _default:
+        _default = None
+
+
+def pool_status(pool: Pool | None = None) -> list[dict[str, Any]]:
+    """Per worker: pid, state, rss/pss/uss, baseline, recycles, restarts."""
+    p = pool or pool_get()
+    return [] if p is None else p.status_table()
+
+
+def pool_health_check(pool: Pool | None = None) -> dict[str, Any]:
+    p = pool or pool_get()
+    if p is None:
+        raise ClosedError("there is no pool; create one with pool_create()")
+    return p.health_check()
+
+
+def _stop_all() -> None:
+    for p in list(_live_pools):
+        p.stop(timeout=2.0)
+
+
+import atexit  # noqa: E402
+
+atexit.register(_stop_all)

@@ -1,0 +1,372 @@
+"""The worker: what runs in each forked child of a shardc pool.
+
+Life of a worker::
+
+    fork() ── after_fork(): PDEATHSIG + parent check, SIGINT ignored,
+       │      BLAS/OpenMP limited to 1 thread, RNGs reseeded, packages and
+       │      init_expr run
+       ▼
+    loop: recv message from the master (the socket is also the lifeline:
+       │  EOF = master gone = exit)
+       ├─ "call"   set up a call: unpickle fun once, map borrowed inputs
+       │           (MAP_PRIVATE, read-only, guarded per cow) and out buffers
+       │           (MAP_SHARED) from fds sent with the message; cache them
+       ├─ "run"    run a chunk of shard ids; results go back in one message
+       ├─ "queue"  shm_queue mode: pop blocks of ids from the shared ring until
+       │           it is closed; nothing gathered, progress in shared status
+       ├─ "end"    drop the call's state
+       ├─ "forget" close segments the master closed
+       └─ "exit"   leave (recycling, pool stop)
+
+The worker never returns into the caller's frames: it ends with os._exit.
+Per-shard progress (current shard id and its start time) is written into a
+shared status array the master reads; that is how the master attributes a
+crash or a hang to the exact shard that was running, and how it sees
+progress in shm_queue mode without any message per shard.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+import cloudpickle
+import numpy as np
+
+from . import _lowlevel as ll
+from ._channel import Channel, ChannelClosed
+from .errors import BindingError, BorrowedInputWriteError, ShardcError
+from .segment import Segment
+from .share import view_array
+
+# Status fields: one int64 row per worker slot, in a shared buffer.
+ST_STATE, ST_CURRENT, ST_START_NS, ST_DONE, ST_CALL, ST_BEAT, ST_BLOCK0, ST_BLOCKN, ST_EXIT_REQ, \
+    ST_PID, ST_FAILED = range(11)
+NFIELDS = 16
+STATE_IDLE, STATE_RUNNING, STATE_SETUP = 0, 1, 2
+
+OK, ERR = 0, 1
+
+# Exceptions that will fail the same way on every attempt: never retried.
+DETERMINISTIC = (BorrowedInputWriteError, BindingError)
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves shardc objects captured by ``fun`` (sent by reference)."""
+
+    def __init__(self, data: bytes, worker: "Worker") -> None:
+        super().__init__(io.BytesIO(data))
+        self.worker = worker
+
+    def persistent_load(self, pid: Any) -> Any:
+        tag, desc = pid
+        if tag == "buffer":
+            return self.worker.out_array(desc)
+        if tag == "shared":
+            return self.worker.borrowed_object(desc, desc.get("label", "captured"))
+        raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
+
+
+class CallState:
+    """What a worker holds for the duration of one shard_map call."""
+
+    def __init__(self) -> None:
+        self.call_id = -1
+        self.fun: Any = None
+        self.kwargs: dict[str, Any] = {}
+        self.desc: Any = None
+        self.entropy: int | None = None
+        self.seeded = False
+        self.cow = "deny"
+        self.guard_regions: list[int] = []
+        self.diagnostics = True
+        self.kernel = None
+
+
+class Worker:
+    def __init__(self, slot: int, chan: Channel, status: np.ndarray) -> None:
+        self.slot = slot
+        self.chan = chan
+        self.status = status
+        self.row = status[slot]
+        self.segments: dict[str, Segment] = {}
+        self.shared_maps: dict[str, ll.Mapping] = {}
+        self.private_maps: dict[str, ll.Mapping] = {}
+        self.call = CallState()
+        self.guard: Any = None
+
+    # -- segments ----------------------------------------------------------------
+    def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
+        for info, fd in zip(infos, fds):
+            old = self.segments.pop(info["key"], None)
+            if old is not None:
+                old.close()
+            self.segments[info["key"]] = Segment.adopt(fd, info["size"], info["backing"], info["name"],
+                                                       info["key"])
+
+    def forget(self, keys: list[str]) -> None:
+        for k in keys:
+            seg = self.segments.pop(k, None)
+            self.shared_maps.pop(k, None)
+            self.private_maps.pop(k, None)
+            if seg is not None:
+                seg.close()
+
+    def _shared_map(self, key: str) -> ll.Mapping:
+        m = self.shared_maps.get(key)
+        if m is None:
+            m = self.segments[key].map(writable=True)
+            self.shared_maps[key] = m
+        return m
+
+    def _private_map(self, key: str) -> ll.Mapping:
+        m = self.private_maps.get(key)
+        if m is None:
+            # Read-only private mapping: a write can only ever reach a private
+            # copy-on-write page, and with guards on it faults first.
+            m = self.segments[key].map(writable=False, private=True)
+            self.private_maps[key] = m
+        return m
+
+    def out_array(self, d: dict[str, Any]) -> np.ndarray:
+        m = self._shared_map(d["segs"][0])
+        return view_array(m, d["dtype"], d["shape"], d["strides"], d["offset"], writeable=True)
+
+    def borrowed_object(self, d: dict[str, Any], name: str) -> Any:
+        if d["kind"] == "array":
+            m = self._private_map(d["segs"][0])
+            arr = view_array(m, d["dtype"], d["shape"], d["strides"], d["offset"], writeable=True)
+            self._protect(name, m, d["segs"][0], arr)
+            return arr
+        bufs = []
+        for i, n in d["buffers"]:
+            key = d["segs"][i]
+            m = self._private_map(key)
+            self._protect(name, m, key, None)
+            bufs.append(memoryview(m.buffer())[:n])
+        return pickle.loads(d["payload"], buffers=bufs)
+
+    def _protect(self, name: str, m: ll.Mapping, key: str, arr: np.ndarray | None) -> None:
+        if self.guard is None:
+            return
+        kw = {}
+        if arr is not None:
+            kw = {"itemsize": arr.itemsize, "shape": arr.shape, "strides": arr.strides,
+                  "offset0": arr.ctypes.data - m.addr}
+        self.call.guard_regions.append(self.guard.protect(name, m.addr, m.size, self.call.cow, **kw))
+
+    # -- calls ---------------------------------------------------------------------
+    def setup_call(self, msg: dict[str, Any]) -> None:
+        self.end_call()
+        c = self.call
+        c.call_id = msg["call_id"]
+        c.cow = msg["cow"]
+        c.entropy = msg["entropy"]
+        c.seeded = msg["seeded"]
+        c.diagnostics = msg["diagnostics"]
+        c.desc = msg["desc"]
+        kwargs: dict[str, Any] = {}
+        for name, desc in msg["borrow"].items():
+            kwargs[name] = self.borrowed_object(desc, name)
+        for name, desc in msg["out"].items():
+            kwargs[name] = self.out_array(desc)
+        c.kwargs = kwargs
+        c.fun = _Unpickler(msg["fun"], self).load()
+
+    def end_call(self) -> None:
+        c = self.call
+        if self.guard is not None:
+            for rid in c.guard_regions:
+                try:
+                    self.guard.unprotect(rid)
+                except Exception:
+                    pass
+        self.call = CallState()
+
+    def _seed(self, shard: Any, sid: int) -> None:
+        c = self.call
+        shard._seedseq = (c.entropy, sid)
+        if c.seeded:
+            state = np.random.SeedSequence(c.entropy, spawn_key=(sid, 1)).generate_state(2)
+            np.random.seed(int(state[0]))
+            random.seed(int(state[1]))
+
+    def run_shard(self, sid: int) -> tuple:
+        c = self.call
+        shard = c.desc.shard(sid)  # type: ignore[union-attr]
+        self._seed(shard, sid)
+        row = self.row
+        row[ST_CURRENT] = sid
+        t0 = time.monotonic_ns()
+        row[ST_START_NS] = t0
+        row[ST_STATE] = STATE_RUNNING
+        try:
+            if self.guard is not None and c.guard_regions:
+                with self.guard.shard_scope(sid) as scope:
+                    value = c.fun(shard, **c.kwargs)
+                events = scope.events
+            else:
+                value = c.fun(shard, **c.kwargs)
+                events = None
+            outcome = (sid, OK, value, t0, time.monotonic_ns(), events)
+        except BaseException as exc:  # noqa: BLE001 - everything is reported
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, Exception):
+                exc = RuntimeError(f"shard {sid} raised {type(exc).__name__}({exc})")
+            events = getattr(exc, "cow_events", None)
+            outcome = (sid, ERR, _error_record(exc, sid), t0, time.monotonic_ns(), events)
+        row[ST_STATE] = STATE_IDLE
+        row[ST_BEAT] += 1
+        return outcome
+
+    def run_chunk(self, ids: list[int]) -> list[tuple]:
+        return [self.run_shard(sid) for sid in ids]
+
+    def send_results(self, call_id: int, results: list[tuple]) -> None:
+        try:
+            self.chan.send(("results", call_id, results))
+        except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
+            # One unpicklable return value must not lose the others.
+            fixed = []
+            for r in results:
+                try:
+                    pickle.dumps(r, protocol=5)
+                    fixed.append(r)
+                except Exception as e2:  # noqa: BLE001
+                    err = TypeError(f"the return value of shard {r[0]} cannot be pickled to send it "
+                                    f"back: {e2}; return plain data or write into an out= buffer")
+                    fixed.append((r[0], ERR, _error_record(err, r[0], deterministic=True), r[3], r[4], r[5]))
+            self.chan.send(("results", call_id, fixed))
+            del exc
+
+    # -- main loop ------------------------------------------------------------------
+    def loop(self) -> None:
+        chan = self.chan
+        pending: deque[tuple[Any, list[int]]] = deque()
+        while True:
+            if not pending:
+                pending.append(chan.recv())
+            msg, fds = pending.popleft()
+            kind = msg[0]
+            if kind == "run":
+                call_id, ids = msg[1], msg[2]
+                results = self.run_chunk(ids)
+                # Chunks the master sent ahead are run before replying only
+                # while they are short, so tiny shards cost one message per
+                # few chunks, and long ones still report promptly.
+                t_first = time.monotonic()
+                more = chan.poll_nonblocking()
+                pending.extend(more)
+                while pending and pending[0][0][0] == "run" and time.monotonic() - t_first < 0.002:
+                    nxt, _ = pending.popleft()
+                    results.extend(self.run_chunk(nxt[2]))
+                    pending.extend(chan.poll_nonblocking())
+                self.send_results(call_id, results)
+            elif kind == "call":
+                try:
+                    self.adopt(msg[1].get("segments", []), fds)
+                    self.setup_call(msg[1])
+                    chan.send(("ready", msg[1]["call_id"], None))
+                except BaseException as exc:  # noqa: BLE001
+                    chan.send(("ready", msg[1]["call_id"], _error_record(exc, None)))
+            elif kind == "queue":
+                from .dispatch_queue import worker_queue_loop
+                worker_queue_loop(self, msg[1], fds)
+            elif kind == "end":
+                self.end_call()
+            elif kind == "forget":
+                self.forget(msg[1])
+            elif kind == "ping":
+                chan.send(("pong", msg[1], None))
+            elif kind == "exit":
+                return
+
+
+def _error_record(exc: BaseException, sid: int | None, deterministic: bool | None = None) -> dict[str, Any]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = pickle.dumps(exc, protocol=5)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - unpicklable exception: send text only
+        blob = None
+    det = isinstance(exc, DETERMINISTIC) if deterministic is None else deterministic
+    return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
+            "traceback": tb, "exc": blob, "deterministic": det, "shard": sid}
+
+
+def after_fork(parent_pid: int, packages: list[str], init_expr: Any) -> None:
+    """Make a freshly forked child a well-behaved worker."""
+    if ll.proc_after_fork(parent_pid, signal.SIGKILL) < 0:
+        os._exit(70)  # the master died before we armed PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Fork copied the master's RNG states: give every worker its own.
+    random.seed()
+    np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)
+    except Exception:  # noqa: BLE001 - best effort: no BLAS, or unknown one
+        pass
+    for mod in packages:
+        __import__(mod)
+    if init_expr is not None:
+        if callable(init_expr):
+            init_expr()
+        else:
+            exec(compile(init_expr, "<init_expr>", "exec"), {"__name__": "__shardc_init__"})
+
+
+def worker_entry(slot: int, sock: Any, status: np.ndarray, parent_pid: int, packages: list[str],
+                 init_expr: Any, init_blob: bytes | None, guard_wanted: bool) -> None:
+    """Entry point in the child after fork; never returns."""
+    code = 0
+    try:
+        os.environ["SHARDC_WORKER"] = str(slot)
+        status[slot, ST_PID] = os.getpid()
+        if init_blob is not None:
+            init_expr = cloudpickle.loads(init_blob)
+        after_fork(parent_pid, packages, init_expr)
+        w = Worker(slot, Channel(sock), status)
+        if guard_wanted:
+            try:
+                from . import guard
+                guard.install()
+                w.guard = guard
+            except ImportError:
+                w.guard = None
+        w.chan.send(("hello", os.getpid(), None))
+        w.loop()
+    except ChannelClosed:
+        code = 0  # the master went away: nothing left to do
+    except BaseException:  # noqa: BLE001
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        code = 71
+    finally:
+        os._exit(code)
+
+
+def raise_from_record(rec: dict[str, Any]) -> BaseException:
+    """Rebuild a worker's exception with its traceback as ``__cause__``."""
+    from .errors import RemoteTraceback
+    exc: BaseException | None = None
+    if rec.get("exc") is not None:
+        try:
+            exc = pickle.loads(rec["exc"])
+        except Exception:  # noqa: BLE001
+            exc = None
+    if exc is None:
+        exc = ShardcError(f"{rec['type']}: {rec['message']}")
+    exc.__cause__ = RemoteTraceback(rec["traceback"])
+    return exc
