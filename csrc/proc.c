@@ -13,6 +13,13 @@
  * gives Pss (shared pages divided among sharers) and Private_* (USS), which
  * grow only with what the worker itself allocates.  This is read in C, with
  * no allocation, because the supervisor samples every worker often.
+ *
+ * smaps_rollup walks every mapping of the target under its mmap lock: about
+ * 0.3 ms for a Python worker on these VMs.  shardc_proc_mem_fast reads
+ * /proc/PID/statm instead (a few microseconds): RSS, and RSS minus resident
+ * shared pages as an (over-)estimate of private memory.  The supervisor uses
+ * the fast one on every shard boundary and the precise one when the fast
+ * numbers moved or enough time passed.
  */
 #define _GNU_SOURCE
 #include "proc.h"
@@ -113,21 +120,37 @@ int shardc_proc_mem(int pid, shardc_mem_t *out)
         if (access(path, F_OK) != 0)
             return -ESRCH;
     }
-    /* Fallback: statm (pages). Pss/Uss are estimated as rss - shared. */
+    /* Fallback: statm. */
+    return shardc_proc_mem_fast(pid, out);
+#else
+    (void)pid;
+    (void)out;
+    return -ENOSYS;
+#endif
+}
+
+int shardc_proc_mem_fast(int pid, shardc_mem_t *out)
+{
+#if defined(__linux__)
+    char path[64];
+    char buf[256];
+    unsigned long long size_p = 0, res_p = 0, shared_p = 0;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    int rc;
+
+    if (out == NULL)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
     snprintf(path, sizeof(path), "/proc/%d/statm", pid);
     rc = shardc__read_file(path, buf, sizeof(buf));
     if (rc < 0)
         return rc == -ENOENT ? -ESRCH : rc;
-    {
-        unsigned long long size_p = 0, res_p = 0, shared_p = 0;
-        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
-        if (sscanf(buf, "%llu %llu %llu", &size_p, &res_p, &shared_p) != 3)
-            return -EIO;
-        out->rss = res_p * page;
-        out->uss = (res_p > shared_p ? res_p - shared_p : 0) * page;
-        out->pss = out->uss;
-        out->precise = 0;
-    }
+    if (sscanf(buf, "%llu %llu %llu", &size_p, &res_p, &shared_p) != 3)
+        return -EIO;
+    out->rss = res_p * page;
+    out->uss = (res_p > shared_p ? res_p - shared_p : 0) * page;
+    out->pss = out->uss;
+    out->precise = 0;
     return 0;
 #else
     (void)pid;

@@ -19,6 +19,7 @@ typedef struct {
 
 int shardc_proc_after_fork(int expected_parent, int death_signal);
 int shardc_proc_mem(int pid, shardc_mem_t *out);
+int shardc_proc_mem_fast(int pid, shardc_mem_t *out);
 int shardc_proc_set_affinity(int pid, const int *cpus, int ncpus);
 /* --- cdef end --- */
 

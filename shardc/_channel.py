@@ -20,6 +20,7 @@ from typing import Any
 
 _HDR = struct.Struct("<Q")
 _MAX_FDS = 64
+_ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
 
 
 class ChannelClosed(EOFError):
@@ -47,6 +48,19 @@ class Channel:
         payload = pickle.dumps(obj, protocol=5)
         return self.send_bytes(payload, fds)
 
+    def send_many(self, objs: list[Any]) -> int:
+        """Send several messages with one system call; returns bytes sent."""
+        frames = []
+        for obj in objs:
+            payload = pickle.dumps(obj, protocol=5)
+            frames.append(_HDR.pack(len(payload)))
+            frames.append(payload)
+        data = b"".join(frames)
+        self.sock.sendall(data)
+        self.bytes_sent += len(data)
+        self.messages_sent += len(objs)
+        return len(data)
+
     def send_bytes(self, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
         frame = _HDR.pack(len(payload)) + payload
         view = memoryview(frame)
@@ -64,13 +78,14 @@ class Channel:
         return len(frame)
 
     # -- receiving -------------------------------------------------------------
-    def _fill(self) -> bool:
-        """Read what is available (blocking per the socket's timeout).
+    def _fill(self, flags: int = 0) -> bool:
+        """Read what is available (blocking per the socket's timeout, unless
+        ``flags`` has MSG_DONTWAIT).
 
         Returns False on EOF.
         """
         fds = array.array("i")
-        msg, anc, _flags, _addr = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize))
+        msg, anc, _flags, _addr = self.sock.recvmsg(1 << 20, _ANC_SPACE, flags)
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
@@ -122,16 +137,12 @@ class Channel:
 
     def poll_nonblocking(self) -> list[tuple[Any, list[int]]]:
         """Return messages already available without blocking."""
-        self.sock.setblocking(False)
-        try:
-            while True:
-                try:
-                    if not self._fill():
-                        break
-                except BlockingIOError:
+        while True:
+            try:
+                if not self._fill(socket.MSG_DONTWAIT):
                     break
-        finally:
-            self.sock.setblocking(True)
+            except BlockingIOError:
+                break
         self._parse()
         out = list(self._ready)
         self._ready.clear()

@@ -232,6 +232,16 @@ def proc_mem(pid: int) -> dict[str, int] | None:
             "precise": int(m.precise)}
 
 
+def proc_mem_fast(pid: int) -> dict[str, int] | None:
+    """Cheap memory estimate of ``pid`` from /proc/PID/statm (precise=0); None if gone."""
+    m = ffi.new("shardc_mem_t *")
+    rc = lib.shardc_proc_mem_fast(pid, m)
+    if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
+        return None
+    _check(rc, f"read memory of pid {pid}")
+    return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap), "precise": 0}
+
+
 def proc_set_affinity(pid: int, cpus: list[int]) -> None:
     arr = ffi.new("int[]", list(cpus))
     _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity")
@@ -311,6 +321,8 @@ def _guard_ids(fn, *args) -> list[int]:  # type: ignore[no-untyped-def]
 
 def guard_dirty() -> list[int]:
     """Ids of regions written since their last restore."""
+    if lib.shardc_guard_dirty(ffi.NULL, 0) == 0:  # the common, read-only case: no allocation
+        return []
     return _guard_ids(lib.shardc_guard_dirty)
 
 

@@ -147,9 +147,9 @@ class Diagnostics:
         self.borrow[name] = {"how": how, "bytes": nbytes, "bytes_copied": copied, "seconds": seconds,
                              "kind": kind}
 
-    def dispatched(self, nbytes: int, nshards: int) -> None:
+    def dispatched(self, nbytes: int, nmessages: int) -> None:
         self.bytes_dispatch += nbytes
-        self.messages_dispatch += 1
+        self.messages_dispatch += nmessages
 
     def shard_done(self, sid: int, slot: int, t0: int, t1: int, ok: bool, attempts: int) -> None:
         self.shard_worker[sid] = slot

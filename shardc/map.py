@@ -461,9 +461,15 @@ class Run:
     def depth(self) -> int:
         if "prefetch" in self.opts:
             return int(self.opts["prefetch"])
-        if self.ewma_shard_s is not None and self.ewma_shard_s < 2e-4:
-            return 4
-        return 2
+        # One chunk running and one waiting is enough for long shards; tiny
+        # ones need more queued so a worker never waits for the master's next
+        # message and replies cover many shards: hold ~2 ms of work (at most
+        # 64 chunks), which costs nothing in balance at the end of the run.
+        s = self.ewma_shard_s
+        if s is None:
+            return 2
+        per_chunk = max(s * self.chunk, 1e-6) + 10e-6  # + worker overhead per chunk
+        return max(2, min(64, int(0.002 / per_chunk)))
 
     def fill(self, w: Any) -> None:
         st = self.ws[w.slot]
@@ -471,6 +477,15 @@ class Run:
             return
         size = self.current_chunk_size(len(self.ws))
         cap = self.policy.get("max_huge_concurrency")
+        batch: list[Any] = []
+        try:
+            self._fill_into(w, st, size, cap, batch)
+        finally:
+            if batch:
+                n = w.chan.send_many(batch)
+                self.diag.dispatched(n, len(batch))
+
+    def _fill_into(self, w: Any, st: _WState, size: int, cap: Any, batch: list[Any]) -> None:
         while len(st.inflight) < size * self.depth() and self.pending_count():
             ids = self.take_chunk(size)
             if cap:
@@ -486,8 +501,7 @@ class Run:
                     self.huge_ids.update(huge)
             for s in ids:
                 st.inflight[s] = None
-            n = w.chan.send(("run", self.call_id, ids))
-            self.diag.dispatched(n, len(ids))
+            batch.append(("run", self.call_id, ids))
 
     def finished(self) -> bool:
         return self.completed + self.n_failed >= self.num
@@ -520,7 +534,7 @@ class Run:
         if not force and st.since_sample < self.health_check_interval:
             return
         st.since_sample = 0
-        m = pool.sample(w)
+        m = pool.sample(w) if force else pool.sample_cheap(w)
         if m is None:
             return
         self.diag.mem_sample(w, m)

@@ -126,6 +126,8 @@ class WorkerHandle:
         self.exitcode: int | None = None
         self.call_id = -1
         self.pids: list[int] = [pid]
+        self.precise_t = 0.0  # when the last smaps_rollup sample was taken
+        self.fast_anon = 0  # statm private estimate at that time
 
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}
@@ -338,12 +340,28 @@ class Pool:
 
     # -- memory --------------------------------------------------------------------------
     def sample(self, w: WorkerHandle) -> dict[str, int] | None:
+        """Precise sample (smaps_rollup, ~0.3 ms): RSS, PSS, USS."""
         m = ll.proc_mem(w.pid)
         if m is not None:
             w.last_mem = m
+            w.precise_t = time.monotonic()
             for k in ("rss", "pss", "uss"):
                 w.peak[k] = max(w.peak[k], m[k])
         return m
+
+    def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5,
+                     moved: int = 8 * 1024**2) -> dict[str, int] | None:
+        """Sample on the hot path: statm (~8 us) every time, and a precise
+        sample only when private memory moved by ``moved`` bytes or the
+        precise one is older than ``max_age`` seconds.  Returns the precise
+        sample when one was taken, else None."""
+        fast = ll.proc_mem_fast(w.pid)
+        if fast is None:
+            return None
+        if time.monotonic() - w.precise_t > max_age or abs(fast["uss"] - w.fast_anon) > moved:
+            w.fast_anon = fast["uss"]
+            return self.sample(w)
+        return None
 
     @staticmethod
     def footprint(m: dict[str, int]) -> int:
