@@ -18,8 +18,10 @@ once, at memcpy speed.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -108,7 +110,14 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         out = kwargs.get("out")
         if out is not None:
             kwargs["out"] = tuple(x.array if isinstance(x, Buffer) else x for x in out)
-        return getattr(ufunc, method)(*inputs, **kwargs)
+        result = getattr(ufunc, method)(*inputs, **kwargs)
+        if out is None:
+            return result
+        # Hand back the Buffers given as out=, so ``buf += 1`` (which rebinds
+        # ``buf`` to this return value) keeps ``buf`` a Buffer.
+        if isinstance(result, tuple):
+            return tuple(o if isinstance(o, Buffer) and r is o.array else r for o, r in zip(out, result))
+        return out[0] if isinstance(out[0], Buffer) and result is out[0].array else result
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         def unwrap(x: Any) -> Any:
@@ -127,6 +136,22 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
 
     def __len__(self) -> int:
         return len(self.array)
+
+    # Conversions are looked up on the type, not through __getattr__.
+    def __bool__(self) -> bool:
+        return bool(self.array)
+
+    def __float__(self) -> float:
+        return float(self.array)
+
+    def __int__(self) -> int:
+        return int(self.array)
+
+    def __complex__(self) -> complex:
+        return complex(self.array)
+
+    def __index__(self) -> int:
+        return operator.index(self.array)
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.array)
@@ -214,7 +239,7 @@ def buffer(dtype: Any, shape: Any, init: Any = None, backing: str = "auto",
     """
     dt = check_dtype(dtype)
     shp = check_shape(shape)
-    nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize if shp else dt.itemsize
+    nbytes = _nbytes(dt, shp)
     seg = Segment.create(nbytes, backing=backing, name=name, label="out")
     try:
         buf = Buffer(seg, dt, shp)
@@ -225,19 +250,35 @@ def buffer(dtype: Any, shape: Any, init: Any = None, backing: str = "auto",
     return buf
 
 
+def _nbytes(dt: np.dtype, shp: tuple[int, ...]) -> int:
+    # Python ints: np.prod(int64) would wrap around for absurd shapes.
+    nbytes = math.prod(shp) * dt.itemsize
+    if nbytes > sys.maxsize:
+        raise InvalidArgumentError(f"shape={shp!r} of dtype {dt} needs {nbytes} bytes, more than "
+                                   "this platform can address")
+    return nbytes
+
+
 def _apply_init(buf: Buffer, init: Any) -> None:
     if init is None:
         return
     arr = buf.array
+    # A tuple is one record of a structured dtype, not a sequence to broadcast.
+    scalar = np.ndim(init) == 0 or (buf.dtype.names is not None and isinstance(init, tuple))
     try:
-        if np.ndim(init) == 0:
+        if scalar:
+            src = np.asarray(init) if not isinstance(init, tuple) else None
+            if src is not None and ((src.dtype.kind in "fc" and buf.dtype.kind in "biu")
+                                    or (src.dtype.kind == "c" and buf.dtype.kind == "f")):
+                # As for array inits: no silent 1.5 -> 1 or complex -> real.
+                raise TypeError(f"a {src.dtype} value would be truncated to {buf.dtype}")
             value = np.array(init, dtype=buf.dtype)
             if not value.tobytes().strip(b"\0"):
                 return  # all-zero bytes: fresh pages already hold this
             ll.seg_fill(buf.segment.mapping().addr, arr.nbytes, value.tobytes())
         else:
             np.copyto(arr, np.asarray(init), casting="same_kind")
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgumentError(f"init={init!r} cannot fill a buffer of dtype {buf.dtype} "
                                    f"and shape {buf.shape}: {exc}") from None
 
@@ -252,8 +293,8 @@ def buffer_open(path: str, dtype: Any, shape: Any, backing: str = "shm",
     """
     dt = check_dtype(dtype)
     shp = check_shape(shape)
+    need = _nbytes(dt, shp)
     seg = Segment.open(path, backing=backing, writable=not readonly)
-    need = int(np.prod(shp, dtype=np.int64)) * dt.itemsize if shp else dt.itemsize
     if seg.size < need:
         seg.close()
         raise InvalidArgumentError(f"segment {path!r} holds {seg.size} bytes, but dtype {dt} and "
