@@ -24,6 +24,7 @@ lives in a shardc segment (then it is passed by reference, never copied).
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
 import logging
 import os
@@ -132,19 +133,27 @@ class Segment:
 
         Raises:
             InvalidArgumentError: bad size or backing.
-            SegmentError: the OS refused (message names segment and hint).
+            SegmentError: the OS refused (message names segment and hint);
+                ENOSPC up front if backing="shm" cannot fit in /dev/shm.
         """
         if not isinstance(size, int) or size < 0:
             raise InvalidArgumentError(f"segment size must be a non-negative int, got {size!r}")
+        named = name is not None
         if backing == "auto":
             backing = default_backing()
-        named = name is not None
+            if backing == "memfd" and named:
+                backing = "auto"  # SHARDC_BACKING is a default; a name needs shm or file
         errors: list[str] = []
         key = f"{os.getpid()}.{_TOKEN}.{next(_counter)}"
         for b in _candidates(backing, size, named):
             path = _segment_path(b, name, key, label)
-            if b == "shm" and backing == "auto":
+            if b == "shm":
                 free = _shm_free_bytes()
+                if free is not None and size > free and backing != "auto":
+                    # tmpfs would accept the ftruncate and SIGBUS on first touch.
+                    raise SegmentError(errno.ENOSPC, f"create failed for segment {path!r}: "
+                                       f"{size} bytes do not fit in /dev/shm ({free} bytes free) "
+                                       "(hint: use backing='file' or set SHARDC_BACKING=file)")
                 if free is not None and size > free:
                     errors.append(f"shm: {size} bytes do not fit in /dev/shm ({free} free)")
                     log.info("segment of %d bytes does not fit in /dev/shm (%d bytes free); "
@@ -162,7 +171,7 @@ class Segment:
             if errors:
                 log.warning("segment %s uses backing %r after: %s", path, b, "; ".join(errors))
             return cls(fd, size, b, path, key, owner=True, persistent=named)
-        raise SegmentError(28, f"could not create a segment of {size} bytes with any backing: "
+        raise SegmentError(errno.ENOSPC, f"could not create a segment of {size} bytes with any backing: "
                                + "; ".join(errors))
 
     @classmethod
