@@ -256,7 +256,8 @@ class ShareCache:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, Shared]] = {}
-        self._lock = threading.Lock()
+        # Reentrant: a weakref callback (-> _drop) can run inside a locked section.
+        self._lock = threading.RLock()
 
     def get(self, arr: np.ndarray, backing: str) -> tuple[Shared, str, float]:
         """Return ``(shared, how, seconds)``; how is reference/cached/copied."""
@@ -304,7 +305,10 @@ def _same_bytes(arr: np.ndarray, shared: Shared) -> bool:
         return True
     if (arr.flags.c_contiguous and view.flags.c_contiguous) or (arr.flags.f_contiguous and view.flags.f_contiguous):
         return ll.mem_equal(arr.ctypes.data, view.ctypes.data, arr.nbytes)
-    return bool(np.array_equal(arr.view(np.uint8) if arr.dtype.itemsize == 1 else arr, view, equal_nan=arr.dtype.kind in "fc"))
+    # Compare bytes, not values: -0.0 == 0.0 and NaN payloads would let a
+    # mutated array reuse a stale copy.  A same-size void view works on any strides.
+    raw = np.dtype((np.void, arr.dtype.itemsize))
+    return bool((arr.view(raw) == view.view(raw)).all())
 
 
 default_cache = ShareCache()
