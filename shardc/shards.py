@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from fractions import Fraction
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -37,10 +38,10 @@ def parse_count(value: Any, arg: str) -> int:
         if not m:
             raise ShardSpecError(f"{arg}={value!r} is not a count; use an integer or a string such "
                                  "as '500', '10K', '1M' or '3B' (K=thousand, M=million, B=billion)")
-        n = float(m.group(1)) * _MULT[m.group(2).upper()]
-        if not float(n).is_integer():
+        exact = Fraction(m.group(1)) * _MULT[m.group(2).upper()]  # floats lose digits past 2**53
+        if exact.denominator != 1:
             raise ShardSpecError(f"{arg}={value!r} is not a whole number of items")
-        n = int(n)
+        n = int(exact)
     else:
         raise ShardSpecError(f"{arg} must be a positive integer or a count like '10K', got {value!r}")
     if n < 1:
@@ -211,7 +212,9 @@ def shards(n: Any, block_size: Any = "auto", workers: int | None = None,
                 raise ShardSpecError(f"{name} must be a positive integer, got {v!r}")
         if max_shards_per_worker < min_shards_per_worker:
             raise ShardSpecError("max_shards_per_worker must be >= min_shards_per_worker")
-        block = math.ceil(n / (int(w) * min_shards_per_worker))
+        # Floor, so there are at least min_shards_per_worker per worker
+        # (ceil gave n=10, workers=2 only 5 shards).
+        block = max(1, n // (int(w) * min_shards_per_worker))
         if scratch_bytes_per_item > 0 and scratch_budget > 0:
             block = min(block, max(1, scratch_budget // scratch_bytes_per_item))
         block = max(block, math.ceil(n / (int(w) * max_shards_per_worker)), 1)
