@@ -216,6 +216,10 @@ class Segment:
     def seal(self) -> bool:
         """Seal against writes and resizing (memfd); False if unsupported."""
         self._check_open()
+        if self.backing != "memfd":
+            # Only memfds are created sealable: a tmpfs (shm) fd carries
+            # F_SEAL_SEAL from birth, so F_ADD_SEALS fails with EPERM there.
+            return False
         self.sealed = ll.seg_seal(self.fd, self.name)
         return self.sealed
 
