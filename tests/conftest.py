@@ -1,0 +1,133 @@
+"""Shared test helpers: bounded fork helpers and a segment-leak check.
+
+Every fork test goes through :class:`ForkedChild` (or :func:`fork_run`), which
+waits on the child's pid with a deadline and SIGKILLs it on timeout, so no
+test can hang on a stuck child.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing.connection
+import os
+import select
+import signal
+import traceback
+from typing import Any, Callable, Iterator
+
+import pytest
+
+
+class ForkedChild:
+    """A forked child running ``fn(conn)``; ``conn`` talks to the parent.
+
+    The child reports ``("ok", value)`` or ``("err", traceback)`` and leaves
+    with ``os._exit`` (no atexit handlers, no inherited buffers flushed).
+    """
+
+    def __init__(self, fn: Callable[[multiprocessing.connection.Connection], Any]) -> None:
+        self.conn, child_conn = multiprocessing.Pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                self.conn.close()
+                try:
+                    child_conn.send(("ok", fn(child_conn)))
+                    code = 0
+                except BaseException:
+                    child_conn.send(("err", traceback.format_exc()))
+            finally:
+                os._exit(code)
+        child_conn.close()
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.exitcode: int | None = None
+
+    def recv(self, timeout: float) -> Any:
+        """The child's next message; AssertionError (child killed) on timeout or death."""
+        if not self.conn.poll(timeout):
+            self.kill()
+            raise AssertionError(f"forked child {self.pid} sent nothing within {timeout} s (killed)")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            code = self.join(timeout)
+            raise AssertionError(f"forked child {self.pid} died without reporting (status {code})") from None
+
+    def send(self, obj: Any) -> None:
+        self.conn.send(obj)
+
+    def join(self, timeout: float) -> int:
+        """Wait for exit with a deadline; return the exit code (negative: signal)."""
+        if self.exitcode is None:
+            ready, _, _ = select.select([self.pidfd], [], [], timeout)
+            if not ready:
+                self.kill()
+                raise AssertionError(f"forked child {self.pid} did not exit within {timeout} s (killed)")
+            _, status = os.waitpid(self.pid, 0)
+            self.exitcode = os.waitstatus_to_exitcode(status)
+            self._cleanup()
+        return self.exitcode
+
+    def kill(self) -> None:
+        if self.exitcode is None:
+            os.kill(self.pid, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+            self.exitcode = os.waitstatus_to_exitcode(status)
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        os.close(self.pidfd)
+        self.conn.close()
+
+    def result(self, timeout: float) -> Any:
+        """The child's return value (raises with the child's traceback if it failed)."""
+        status, value = self.recv(timeout)
+        code = self.join(timeout)
+        if status != "ok":
+            raise AssertionError(f"forked child failed:\n{value}")
+        assert code == 0, f"forked child exited with {code}"
+        return value
+
+
+def _fork_run(fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Run ``fn()`` in a forked child and return its (picklable) result.
+
+    Raises AssertionError with the child's traceback if ``fn`` raised, or if the
+    child did not finish within ``timeout`` seconds (it is then SIGKILLed).
+    """
+    return ForkedChild(lambda conn: fn()).result(timeout)
+
+
+@pytest.fixture
+def fork_run() -> Callable[..., Any]:
+    """``fork_run(fn, timeout)``: run ``fn`` in a forked child, return its result."""
+    return _fork_run
+
+
+@pytest.fixture
+def fork_child() -> Iterator[Callable[..., ForkedChild]]:
+    """``fork_child(fn)`` starts a :class:`ForkedChild`; any left running is killed at teardown."""
+    children: list[ForkedChild] = []
+
+    def start(fn: Callable[[multiprocessing.connection.Connection], Any]) -> ForkedChild:
+        children.append(ForkedChild(fn))
+        return children[-1]
+
+    yield start
+    for child in children:
+        child.kill()
+
+
+@pytest.fixture
+def no_segment_leak() -> Iterator[None]:
+    """Fail the test if it leaves an open shardc segment behind."""
+    from shardc import segment
+
+    gc.collect()
+    before = {s.key for s in segment.live_segments()}
+    yield
+    gc.collect()
+    leaked = [s for s in segment.live_segments() if s.key not in before]
+    assert not leaked, f"test leaked segments: {leaked}"
