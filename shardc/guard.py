@@ -89,8 +89,11 @@ Environment variables:
 API:
 
 * :func:`install` / :func:`uninstall`: the process-wide handlers.
-* :func:`protect` / :func:`protect_array` / :func:`unprotect`: inputs.
-* :func:`shard_scope` (a :class:`ShardScope`): one shard; ``scope.events``.
+* :func:`protect` / :func:`protect_array` / :func:`unprotect`: inputs.  Protecting
+  the same mapping (address and size) again shares its region (reference
+  counted; the first name is the one reported).
+* :func:`shard_scope` (a :class:`ShardScope`): one shard; ``scope.events``; an
+  exception leaving the scope carries the same list as ``exc.cow_events``.
 * :func:`cow_stats`: cumulative per-input counters in this process.
 """
 
@@ -126,6 +129,7 @@ class _Input:
     shape: tuple[int, ...] | None
     strides: tuple[int, ...] | None
     offset0: int
+    refs: int = 1  # protect() calls for this same mapping (pickled objects share segments)
 
 
 class _State:
@@ -258,6 +262,12 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
             "would let writes reach shared memory")
     if _state.pid != os.getpid():
         install()
+    for inp in _state.inputs.values():
+        if inp.addr == addr and inp.nbytes == nbytes:
+            # The same mapping again (e.g. two out-of-band buffers of one
+            # pickled input in one segment): share the region, count references.
+            inp.refs += 1
+            return inp.rid
     rid = _ll.guard_add(addr, nbytes, _ll.GUARD_MODES[mode], name)
     _state.inputs[rid] = _Input(rid, name, addr, nbytes, mode, int(itemsize),
                                 None if shape is None else tuple(int(n) for n in shape),
@@ -298,7 +308,12 @@ def unprotect(region_id: int) -> None:
     """Drop private pages and forget the region (call before unmapping it)."""
     if region_id < 0:
         return
-    inp = _state.inputs.pop(region_id, None)
+    inp = _state.inputs.get(region_id)
+    if inp is not None:
+        inp.refs -= 1
+        if inp.refs > 0:
+            return
+        del _state.inputs[region_id]
     _ll.guard_remove(region_id, inp.name if inp else None)
 
 
@@ -507,14 +522,25 @@ class ShardScope:
             except OSError as exc:  # keep restoring the others; report the first failure
                 failure = failure or exc
         if failure is not None:
-            raise failure
+            raise self._with_events(failure)
         if violation is not None:
             if isinstance(ev, BorrowedInputWriteError) and ev.shard_id == self.shard_id:
+                self._with_events(ev)
                 return False  # the prompt error is propagating already
-            raise _deny_error(self.shard_id, violation)
+            raise self._with_events(_deny_error(self.shard_id, violation))
         if isinstance(ev, OSError) and ev.errno == errno.EFAULT and _state.inputs:
-            raise _efault_error(self.shard_id, ev, tb) from ev
+            raise self._with_events(_efault_error(self.shard_id, ev, tb)) from ev
+        if ev is not None:
+            self._with_events(ev)
         return False
+
+    def _with_events(self, exc: BaseException) -> BaseException:
+        """Attach this shard's events as ``exc.cow_events`` (where the type allows it)."""
+        try:
+            exc.cow_events = self.events  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass
+        return exc
 
     @staticmethod
     def _count(inp: _Input, event: dict[str, Any]) -> None:

@@ -527,6 +527,90 @@ def test_install_is_idempotent_and_chains_after_fork() -> None:
     assert res["pristine"]
 
 
+def test_sigbus_past_end_of_segment_is_not_swallowed(tmp_path: Any) -> None:
+    """A SIGBUS inside a guarded mapping (past the segment's end) is a real crash: faulthandler prints, the child dies of SIGBUS."""
+    log = str(tmp_path / "stderr.txt")
+
+    def child() -> None:
+        import faulthandler
+
+        faulthandler.enable(file=open(log, "w"))  # noqa: SIM115 - must outlive the crash
+        fd = L.seg_create(L.BACKING_MEMFD, "guard-short", PS, False)
+        m = L.map_segment(fd, 0, 2 * PS, L.MAP_PRIVATE)  # one page past the end
+        guard.install()
+        guard.protect("short", m.addr, 2 * PS, "audit")
+        ctypes.string_at(m.addr + PS, 1)
+
+    status, _ = run_child(child)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, f"{status:#x}"
+    assert "Bus error" in open(log).read()
+
+
+def test_foreign_notify_signal_goes_to_previous_python_handler() -> None:
+    """A real SIGUSR2 from elsewhere still reaches the Python handler that was installed before the guard."""
+
+    def child() -> dict[str, Any]:
+        seen = []
+        signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+        inp = Input()
+        guard.install()
+        inp.protect("deny")
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0)  # let the handler run
+        with pytest.raises(BorrowedInputWriteError):
+            with guard.shard_scope(1):
+                inp.array[0, 0] = 1.0
+        return {"seen": seen}
+
+    assert child_result(child) == {"seen": [int(signal.SIGUSR2)]}
+
+
+def test_write_from_another_thread_is_caught_at_scope_exit() -> None:
+    """deny: a write from a non-main thread (no prompt Python handler there) still fails the shard at scope exit."""
+
+    def child() -> dict[str, Any]:
+        import threading
+
+        inp = Input()
+        guard.install()
+        inp.protect("deny")
+        with pytest.raises(BorrowedInputWriteError, match=r"shard 6 .* at byte 16400 \(element \[4, 2\]\)"):
+            with guard.shard_scope(6):
+                t = threading.Thread(target=lambda: inp.array.__setitem__((4, 2), 3.0))
+                t.start()
+                t.join(30)
+        return {"pristine": inp.pristine()}
+
+    assert child_result(child) == {"pristine": True}
+
+
+def test_same_mapping_protected_twice_shares_one_region() -> None:
+    """protect() of the same mapping twice returns the same region, reference counted; exceptions carry cow_events."""
+
+    def child() -> dict[str, Any]:
+        inp = Input()
+        guard.install()
+        r1 = guard.protect("obj", inp.private.addr, inp.nbytes, "audit")
+        r2 = guard.protect("obj", inp.private.addr, inp.nbytes, "audit")
+        guard.unprotect(r2)
+        events = None
+        try:
+            with guard.shard_scope(9):
+                ctypes.memset(inp.private.addr + 5, 1, 1)
+                raise ValueError("user bug")
+        except ValueError as exc:
+            events = exc.cow_events  # type: ignore[attr-defined]
+        still = L.guard_lookup(inp.private.addr, 1)
+        guard.unprotect(r1)
+        return {"same": r1 == r2, "events": events, "still": still == [r1],
+                "gone": L.guard_lookup(inp.private.addr, 1) == [], "pristine": inp.pristine()}
+
+    res = child_result(child)
+    assert res["same"] and res["still"] and res["gone"] and res["pristine"]
+    (ev,) = res["events"]
+    assert ev["input"] == "obj" and ev["first_offset"] == 5 and ev["first_index"] == (5,)
+
+
 def test_element_index_for_strided_layouts() -> None:
     """The first written byte maps to the right element for C, Fortran, sliced and reversed layouts."""
     base = np.zeros((6, 8), dtype=np.int32)
