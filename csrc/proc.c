@@ -14,6 +14,10 @@
  * grow only with what the worker itself allocates.  This is read in C, with
  * no allocation, because the supervisor samples every worker often.
  *
+ * The supervisor's measure of a worker's own memory is its anonymous memory
+ * (Pss_Anon): USS would count clean pages of a borrowed segment that only
+ * this worker happens to map (Private_Clean) as if they were its own.
+ *
  * smaps_rollup walks every mapping of the target under its mmap lock: about
  * 0.3 ms for a Python worker on these VMs.  shardc_proc_mem_fast reads
  * /proc/PID/statm instead (a few microseconds): RSS, and RSS minus resident
@@ -92,7 +96,7 @@ int shardc_proc_mem(int pid, shardc_mem_t *out)
 #if defined(__linux__)
     char path[64];
     char buf[4096];
-    int64_t rss, pss, pc, pd, swap;
+    int64_t rss, pss, pc, pd, swap, anon, pss_anon;
     int rc;
 
     if (out == NULL)
@@ -106,11 +110,15 @@ int shardc_proc_mem(int pid, shardc_mem_t *out)
         pc = shardc__field_kb(buf, "Private_Clean");
         pd = shardc__field_kb(buf, "Private_Dirty");
         swap = shardc__field_kb(buf, "Swap");
+        anon = shardc__field_kb(buf, "Anonymous");
+        pss_anon = shardc__field_kb(buf, "Pss_Anon"); /* Linux 5.13+ */
         if (rss >= 0 && pss >= 0 && pc >= 0 && pd >= 0) {
             out->rss = (uint64_t)rss;
             out->pss = (uint64_t)pss;
             out->uss = (uint64_t)(pc + pd);
             out->swap = swap > 0 ? (uint64_t)swap : 0;
+            out->anon = anon > 0 ? (uint64_t)anon : 0;
+            out->pss_anon = pss_anon >= 0 ? (uint64_t)pss_anon : out->anon;
             out->precise = 1;
             return 0;
         }
@@ -147,9 +155,12 @@ int shardc_proc_mem_fast(int pid, shardc_mem_t *out)
         return rc == -ENOENT ? -ESRCH : rc;
     if (sscanf(buf, "%llu %llu %llu", &size_p, &res_p, &shared_p) != 3)
         return -EIO;
+    /* statm's "shared" is RssFile + RssShmem, so the rest is RssAnon. */
     out->rss = res_p * page;
-    out->uss = (res_p > shared_p ? res_p - shared_p : 0) * page;
-    out->pss = out->uss;
+    out->anon = (res_p > shared_p ? res_p - shared_p : 0) * page;
+    out->uss = out->anon;
+    out->pss = out->anon;
+    out->pss_anon = out->anon;
     out->precise = 0;
     return 0;
 #else

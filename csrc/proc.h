@@ -14,6 +14,9 @@ typedef struct {
     uint64_t pss;   /* proportional set size (shared pages divided), bytes */
     uint64_t uss;   /* private (clean + dirty) bytes: what this process alone holds */
     uint64_t swap;  /* swapped-out bytes */
+    uint64_t anon;  /* anonymous resident bytes (heap, stacks, private copies); no shared-memory
+                       segment pages: the part that is really the process's own */
+    uint64_t pss_anon; /* anonymous bytes divided among sharers (e.g. pages inherited over fork) */
     int precise;    /* 1 when pss/uss came from smaps_rollup, 0 when estimated from rss */
 } shardc_mem_t;
 

@@ -229,7 +229,7 @@ def proc_mem(pid: int) -> dict[str, int] | None:
         return None
     _check(rc, f"read memory of pid {pid}")
     return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
-            "precise": int(m.precise)}
+            "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": int(m.precise)}
 
 
 def proc_mem_fast(pid: int) -> dict[str, int] | None:
@@ -239,7 +239,8 @@ def proc_mem_fast(pid: int) -> dict[str, int] | None:
     if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
         return None
     _check(rc, f"read memory of pid {pid}")
-    return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap), "precise": 0}
+    return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
+            "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": 0}
 
 
 def proc_set_affinity(pid: int, cpus: list[int]) -> None:

@@ -59,7 +59,7 @@ class Diagnostics:
         self.shard_attempts = np.zeros(n, dtype=np.int16)
         self.shard_ok = np.zeros(n, dtype=np.int8)  # 1 ok, 2 ok after retry, 3 failed
         self.blocks: list[tuple[int, int, int, int, int]] = []  # shm_queue: worker, start, count, t0, t1
-        self.mem: list[tuple[float, int, int, int, int, int]] = []  # t, slot, pid, rss, pss, uss
+        self.mem: list[tuple[float, int, int, int, int, int, int]] = []  # t, slot, pid, rss, pss, uss, anon
         self.master_mem: list[tuple[float, int, int, int]] = []
         self.events: list[dict[str, Any]] = []
         self.autotune: list[dict[str, Any]] = []
@@ -121,7 +121,7 @@ class Diagnostics:
     def _sample_master(self) -> None:
         m = ll.proc_mem(os.getpid())
         if m is not None:
-            self.master_mem.append((time.monotonic_ns(), m["rss"], m["pss"], m["uss"]))
+            self.master_mem.append((time.monotonic_ns(), m["rss"], m["pss"], m["uss"], m["pss_anon"]))
 
     def tick(self, pool: Any, run: Any) -> None:
         now = time.monotonic()
@@ -185,7 +185,7 @@ class Diagnostics:
                 rec["first_offset"] = e.get("first_offset")
 
     def mem_sample(self, w: Any, m: dict[str, int]) -> None:
-        self.mem.append((time.monotonic_ns(), w.slot, w.pid, m["rss"], m["pss"], m["uss"]))
+        self.mem.append((time.monotonic_ns(), w.slot, w.pid, m["rss"], m["pss"], m["uss"], m["pss_anon"]))
 
     def event(self, kind: str, w: Any, reason: str, code: int | None = None, shard: int | None = None) -> None:
         self.events.append({"t": time.monotonic_ns(), "event": kind, "worker": w.slot, "pid": w.pid,
@@ -211,13 +211,14 @@ class Diagnostics:
 
     def worker_memory(self) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
-        for t, slot, pid, rss, pss, uss in self.mem:
-            rec = out.setdefault(slot, {"peak_rss": 0, "peak_pss": 0, "peak_uss": 0, "end_rss": 0,
-                                        "end_pss": 0, "end_uss": 0, "first_uss": uss, "samples": 0})
+        for t, slot, pid, rss, pss, uss, anon in self.mem:
+            rec = out.setdefault(slot, {"peak_rss": 0, "peak_pss": 0, "peak_uss": 0, "peak_anon": 0,
+                                        "end_rss": 0, "end_pss": 0, "end_uss": 0, "end_anon": 0, "samples": 0})
             rec["peak_rss"] = max(rec["peak_rss"], rss)
             rec["peak_pss"] = max(rec["peak_pss"], pss)
             rec["peak_uss"] = max(rec["peak_uss"], uss)
-            rec["end_rss"], rec["end_pss"], rec["end_uss"] = rss, pss, uss
+            rec["peak_anon"] = max(rec["peak_anon"], anon)
+            rec["end_rss"], rec["end_pss"], rec["end_uss"], rec["end_anon"] = rss, pss, uss, anon
             rec["samples"] += 1
         for slot, rec in out.items():
             rec["baseline"] = self.workers.get(slot, {}).get("baseline")
@@ -240,6 +241,7 @@ class Diagnostics:
             "cow": self.cow, "cow_policy": self.cow_policy, "events": self.events, "workers": workers,
             "master_peak_rss": max((m[1] for m in self.master_mem), default=0),
             "master_peak_uss": max((m[3] for m in self.master_mem), default=0),
+            "master_peak_anon": max((m[4] for m in self.master_mem), default=0),
         }
 
 
@@ -331,14 +333,16 @@ def mem_report(result: Any) -> Report:
     master_rss = max((m[1] for m in d.master_mem), default=0)
     master_uss = max((m[3] for m in d.master_mem), default=0)
     data = {"workers": {str(k): v for k, v in mem.items()},
+            "peak_worker_anon": max((v["peak_anon"] for v in mem.values()), default=0),
             "peak_worker_uss": max((v["peak_uss"] for v in mem.values()), default=0),
             "peak_worker_rss": max((v["peak_rss"] for v in mem.values()), default=0),
             "sum_peak_pss": sum(v["peak_pss"] for v in mem.values()),
             "master_peak_rss": master_rss, "master_peak_uss": master_uss, "samples": len(d.mem)}
-    lines = ["worker  peak rss    peak pss    peak uss    end uss     baseline"]
+    lines = ["worker  peak rss    peak pss    peak uss    peak anon   end anon    baseline anon",
+             "        (rss/pss/uss include pages of shared inputs; anon is the worker's own memory)"]
     for k, v in sorted(mem.items()):
         lines.append(f"{k:>6}  {_fmt(v['peak_rss']):>10}  {_fmt(v['peak_pss']):>10}  {_fmt(v['peak_uss']):>10}  "
-                     f"{_fmt(v['end_uss']):>10}  {_fmt(v['baseline']):>10}")
+                     f"{_fmt(v['peak_anon']):>10}  {_fmt(v['end_anon']):>10}  {_fmt(v['baseline']):>10}")
     lines.append(f"master  peak rss {_fmt(master_rss)}, peak uss {_fmt(master_uss)}  ({len(d.mem)} worker samples)")
     return Report("memory", data, lines)
 
@@ -508,13 +512,15 @@ def plot_timeline(result: Any, path: Any = None, show: bool | None = None) -> An
     ax.set_title(f"shard_map: {d.completed}/{d.num_shards} ok, {d.failed} failed, {d.wall_seconds:.2f} s "
                  f"({d.mode}); green ok, amber retried, red failed, x death, o recycle")
     for slot in sorted(d.workers):
-        pts = [(t, uss, rss) for (t, s, _pid, rss, _pss, uss) in d.mem if s == slot]
+        pts = [(t, anon, pss) for (t, s, _pid, _rss, pss, _uss, anon) in d.mem if s == slot]
         if pts:
             arr = np.array(pts, dtype=float)
-            axm.plot((arr[:, 0] - t0) * 1e-9, arr[:, 1] / 2**20, label=f"worker {slot} USS")
+            line, = axm.plot((arr[:, 0] - t0) * 1e-9, arr[:, 1] / 2**20, label=f"worker {slot} anon")
+            axm.plot((arr[:, 0] - t0) * 1e-9, arr[:, 2] / 2**20, ":", color=line.get_color(),
+                     label=f"worker {slot} PSS")
     if d.master_mem:
         arr = np.array(d.master_mem, dtype=float)
-        axm.plot((arr[:, 0] - t0) * 1e-9, arr[:, 3] / 2**20, "k--", label="master USS")
+        axm.plot((arr[:, 0] - t0) * 1e-9, arr[:, 4] / 2**20, "k--", label="master anon")
     axm.set_ylabel("MiB")
     axm.set_xlabel("seconds since start")
     axm.legend(loc="upper left", fontsize="small")

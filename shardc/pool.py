@@ -9,8 +9,8 @@ since when, without messages.
 
 The pool itself does no scheduling: ``shard_map`` (``shardc.map``) drives it.
 It provides spawning, replacing (restart after death, recycle on memory),
-memory sampling (USS from ``/proc/PID/smaps_rollup``, so pages of borrowed
-inputs shared with the master never count as a worker's growth), a health
+memory sampling (anonymous memory, Pss_Anon from ``/proc/PID/smaps_rollup``,
+so pages of borrowed inputs and out buffers never count as a worker's growth), a health
 check, and stopping (every wait bounded; SIGKILL as the last word).
 """
 
@@ -117,7 +117,7 @@ class WorkerHandle:
         self.started = time.monotonic()
         self.baseline: int | None = None  # USS (or RSS) after start
         self.last_mem: dict[str, int] | None = None
-        self.peak: dict[str, int] = {"rss": 0, "pss": 0, "uss": 0}
+        self.peak: dict[str, int] = {"rss": 0, "pss": 0, "uss": 0, "anon": 0}
         self.recycles = 0
         self.restarts = 0
         self.last_recycle = 0.0
@@ -132,7 +132,7 @@ class WorkerHandle:
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}
         return {"worker": self.slot, "pid": self.pid, "state": self.state if self.alive else "dead",
-                "rss": m.get("rss"), "pss": m.get("pss"), "uss": m.get("uss"),
+                "rss": m.get("rss"), "pss": m.get("pss"), "uss": m.get("uss"), "anon": m.get("pss_anon"),
                 "baseline": self.baseline, "recycles": self.recycles, "restarts": self.restarts}
 
 
@@ -241,7 +241,7 @@ class Pool:
         assert msg[0] == "hello"
         w.last_mem = ll.proc_mem(w.pid)
         if w.last_mem:
-            w.baseline = w.last_mem["uss"] if w.last_mem["precise"] else w.last_mem["rss"]
+            w.baseline = self.footprint(w.last_mem)
 
     def replace(self, w: WorkerHandle, reason: str, kind: str) -> WorkerHandle:
         """Stop ``w`` (if alive) and fork a fresh worker into its slot."""
@@ -347,6 +347,7 @@ class Pool:
             w.precise_t = time.monotonic()
             for k in ("rss", "pss", "uss"):
                 w.peak[k] = max(w.peak[k], m[k])
+            w.peak["anon"] = max(w.peak["anon"], m["pss_anon"])
         return m
 
     def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5,
@@ -358,15 +359,20 @@ class Pool:
         fast = ll.proc_mem_fast(w.pid)
         if fast is None:
             return None
-        if time.monotonic() - w.precise_t > max_age or abs(fast["uss"] - w.fast_anon) > moved:
-            w.fast_anon = fast["uss"]
+        if time.monotonic() - w.precise_t > max_age or abs(fast["anon"] - w.fast_anon) > moved:
+            w.fast_anon = fast["anon"]
             return self.sample(w)
         return None
 
     @staticmethod
     def footprint(m: dict[str, int]) -> int:
-        """The bytes a worker holds by itself (USS, or RSS when USS is unknown)."""
-        return m["uss"] if m["precise"] else m["rss"]
+        """The bytes a worker holds by itself: its anonymous memory (Pss_Anon).
+
+        Not RSS (counts every page of borrowed inputs it reads) and not USS
+        (counts clean pages of a shared segment that only this worker maps):
+        pages of shared segments are never a worker's growth.
+        """
+        return m["pss_anon"]
 
     def drift_limit(self) -> float | None:
         if self.recycle is None:
@@ -379,7 +385,7 @@ class Pool:
         if m is None:
             return None
         used = self.footprint(m)
-        label = "uss" if m["precise"] else "rss"
+        label = "anon"
         if self.mem_cap is not None and used > self.mem_cap:
             return "recycle", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(self.mem_cap)}"
         limit = self.drift_limit()

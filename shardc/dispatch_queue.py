@@ -1,0 +1,388 @@
+"""``dispatch_mode="shm_queue"``: workers pull blocks of shard ids from a
+shared-memory ring (``shardc.queue.TaskRing``, futex-parked, crash-repairable).
+
+Per call the master creates a ring and hands its fd to every worker with a
+"queue" message.  An item is a block of consecutive shard ids, encoded as
+``start << 24 | count``.  The master keeps a few blocks per worker in the
+ring (so nobody waits for it) and sizes blocks online: probe blocks first,
+then blocks of about ``target_chunk_seconds`` of work, shrinking at the end so
+the last blocks spread over all workers.
+
+Workers write only to ``out=`` buffers: return values are not gathered (each
+``results`` entry is None), failures are.  Progress needs no message per
+shard: each worker counts finished shards in the shared status table
+(``ST_DONE``) and names the shard it is running (``ST_CURRENT`` since
+``ST_START_NS``), which is all the supervisor needs:
+
+* **exception** -> the worker sends a "qfail" record; the master requeues the
+  shard as a one-shard block (or fails it: deterministic, or out of retries);
+* **death** -> ``ring.repair(slot)`` returns the dead worker's claimed blocks;
+  ids before ``ST_CURRENT`` in its current block are done, the current one is
+  charged an attempt, the rest are requeued free;
+* **timeout / memory** -> the watchdog kills the worker: a death;
+* **recycle** -> ``ST_EXIT_REQ`` asks the worker to leave after its current
+  block; a fresh worker joins the same ring.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ._channel import ChannelClosed
+from .errors import QueueClosedError
+from .worker import (ERR, ST_BLOCK0, ST_BLOCKN, ST_CALL, ST_CURRENT, ST_DONE, ST_EXIT_REQ, ST_START_NS,
+                     ST_STATE, STATE_IDLE, STATE_RUNNING, _error_record)
+
+COUNT_BITS = 24
+COUNT_MASK = (1 << COUNT_BITS) - 1
+MAX_BLOCK = COUNT_MASK
+
+
+def encode(start: int, count: int) -> int:
+    return (start << COUNT_BITS) | count
+
+
+# ------------------------------------------------------------------------------------------
+# worker side
+# ------------------------------------------------------------------------------------------
+
+
+def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
+    """Pop blocks and run them until the ring is closed (or exit is requested)."""
+    from . import _lowlevel as ll
+    from .queue import TaskRing
+    ring = TaskRing.attach(fds[0], msg["nbytes"])
+    dmap_map = ll.map_segment(fds[1], 0, msg["num"], ll.MAP_WRITE)
+    donemap = memoryview(dmap_map.buffer())
+    ll.seg_close_fd(fds[1])
+    slot = worker.slot
+    chan = worker.chan
+    call = worker.call
+    call_id = msg["call_id"]
+    row = worker.row
+    status_mv = memoryview(row)  # int64 stores through a memoryview are cheapest
+    fun = call.fun
+    kwargs = call.kwargs
+    desc = call.desc
+    make = desc.shard
+    entropy = call.entropy
+    seeded = call.seeded
+    guarded = worker.guard is not None and bool(call.guard_regions)
+    keep_blocks = call.diagnostics
+    blocks: list[tuple[int, int, int, int]] = []
+    batch = int(msg.get("claim_batch", 1))
+    ring.register(slot, worker_pid())
+    exiting = False
+    try:
+        while True:
+            if status_mv[ST_EXIT_REQ]:
+                exiting = True
+                break
+            try:
+                items = ring.pop(slot, batch, timeout=0.05)
+            except QueueClosedError:
+                break
+            if len(items) == 0:
+                continue
+            for item in items.tolist():
+                start = item >> COUNT_BITS
+                stop = start + (item & COUNT_MASK)
+                status_mv[ST_BLOCK0] = start
+                status_mv[ST_BLOCKN] = stop - start
+                t0 = time.monotonic_ns()
+                for sid in range(start, stop):
+                    status_mv[ST_CURRENT] = sid
+                    status_mv[ST_START_NS] = time.monotonic_ns()
+                    status_mv[ST_STATE] = STATE_RUNNING
+                    shard = make(sid)
+                    shard._seedseq = (entropy, sid)
+                    try:
+                        if seeded:
+                            worker._seed(shard, sid)
+                        if guarded:
+                            with worker.guard.shard_scope(sid):
+                                fun(shard, **kwargs)
+                        else:
+                            fun(shard, **kwargs)
+                    except BaseException as exc:  # noqa: BLE001 - reported to the master
+                        status_mv[ST_STATE] = STATE_IDLE
+                        chan.send(("qfail", call_id, (sid, ERR, _error_record(exc, sid),
+                                                      status_mv[ST_START_NS], time.monotonic_ns(), None)))
+                        continue
+                    donemap[sid] = 1
+                    status_mv[ST_DONE] += 1
+                status_mv[ST_STATE] = STATE_IDLE
+                if keep_blocks:
+                    blocks.append((start, stop - start, t0, time.monotonic_ns()))
+            ring.done(slot)
+    finally:
+        status_mv[ST_STATE] = STATE_IDLE
+    chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting}))
+    if exiting:
+        import os
+        os._exit(0)
+
+
+def worker_pid() -> int:
+    import os
+    return os.getpid()
+
+
+# ------------------------------------------------------------------------------------------
+# master side
+# ------------------------------------------------------------------------------------------
+
+
+class QueueFeeder:
+    """Cuts the remaining shard ids into blocks and keeps the ring supplied."""
+
+    def __init__(self, run: Any, ring: Any, workers: int) -> None:
+        self.run = run
+        self.ring = ring
+        self.workers = workers
+        fixed = run.opts.get("block_size")
+        self.fixed = int(fixed) if fixed else None
+        self.block = self.fixed or (64 if run.autotune else max(1, min(4096, run.num // (workers * 8) or 1)))
+        self.tuned = self.fixed is not None or not run.autotune
+        self.t_probe = time.monotonic()
+        self.pushed_blocks = 0
+
+    def retune(self, done: int) -> None:
+        """After the probe blocks: aim at ~target seconds per block."""
+        if self.tuned:
+            return
+        run = self.run
+        elapsed = time.monotonic() - self.t_probe
+        if done < self.workers * self.block or elapsed <= 0:
+            return
+        per_shard = elapsed * self.workers / done
+        target = float(run.autotune["target_chunk_seconds"])
+        new = int(max(1, min(MAX_BLOCK, target / max(per_shard, 1e-8))))
+        run.diag.autotune_step(self.block, new, per_shard)
+        run.ewma_shard_s = per_shard
+        self.block = new
+        self.tuned = True
+
+    def feed(self) -> None:
+        run = self.run
+        low_water = 4 * self.workers
+        size = self.ring.size()
+        room = low_water - size
+        if room <= 0 or run.pending_count() == 0:
+            return
+        items = []
+        for _ in range(room):
+            pending = run.pending_count()
+            if pending == 0:
+                break
+            if run.retry:
+                sid = run.retry.popleft()
+                items.append(encode(sid, 1))
+                continue
+            # Shrink blocks at the end so the tail spreads over every worker.
+            size = min(self.block, max(1, pending // (2 * self.workers)) if self.tuned else self.block)
+            ids = run.take_chunk(size)
+            items.append(encode(ids[0], len(ids)))
+        if items:
+            n = self.ring.push(np.asarray(items, dtype=np.uint64), timeout=0)
+            if n < len(items):  # ring full: give back what did not fit
+                for it in reversed(items[n:]):
+                    start, count = it >> COUNT_BITS, it & COUNT_MASK
+                    for sid in range(start + count - 1, start - 1, -1):
+                        run.retry.appendleft(sid)
+            self.pushed_blocks += n
+            run.diag.dispatched(8 * n, n)
+
+
+def run_queue(run: Any) -> None:
+    """The master loop of shm_queue mode (supervision shared with rpc)."""
+    import selectors
+    from .queue import TaskRing
+    pool = run.pool
+    n = len(pool.workers)
+    backing = run.opts.get("queue_backing", "memfd")
+    backing = {"mmap": "memfd", "auto": "memfd"}.get(backing, backing)
+    ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
+    from .buffer import buffer
+    donemap_buf = buffer(np.uint8, run.num)
+    donemap = donemap_buf.array
+    feeder = QueueFeeder(run, ring, n)
+    run.done_base = 0  # ST_DONE of workers that are gone
+    run.qdone: set[int] = set()
+    sel = selectors.DefaultSelector()
+    run.sel = sel
+
+    def start_worker(w: Any) -> None:
+        pool.status[w.slot, ST_CALL] = run.call_id
+        msg = {"call_id": run.call_id, "nbytes": ring.nbytes, "num": run.num,
+               "claim_batch": int(run.opts.get("claim_batch", 1))}
+        n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap_buf.segment.fd])
+        run.diag.bytes_setup += n_bytes
+
+    def done_total() -> int:
+        return run.done_base + int(pool.status[:, ST_DONE].sum())
+
+    def on_death(w: Any, reason: str | None = None, code: int | None = None) -> None:
+        row = pool.status[w.slot]
+        done_before = int(row[ST_DONE])
+        current = int(row[ST_CURRENT]) if row[ST_STATE] == STATE_RUNNING else None
+        if code is None:
+            code = pool._reap(w, wait=2.0)
+        run.done_base += done_before
+        row[ST_DONE] = 0
+        claimed = [int(x) for x in ring.repair(w.slot)]
+        charged = None
+        if current is not None and any(
+                (it >> COUNT_BITS) <= current < (it >> COUNT_BITS) + (it & COUNT_MASK) for it in claimed):
+            charged = current
+        queued = set(run.retry)
+        requeue = [sid for it in claimed for sid in range(it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK))
+                   if sid != charged and not donemap[sid] and run.state[sid] == 0 and sid not in queued]
+        for sid in reversed(requeue):
+            run.retry.appendleft(sid)
+        st = run.ws[w.slot]
+        st.inflight = {charged: None} if charged is not None else {}
+        # Reuse the rpc death path for logging, charging and restart.
+        pool.status[w.slot, ST_STATE] = STATE_RUNNING if charged is not None else STATE_IDLE
+        pool.status[w.slot, ST_CURRENT] = charged if charged is not None else 0
+        sel.unregister(w.chan.sock)
+        run.sel = _NullSel()
+        nw = run.on_death(w, reason=reason, code=code)
+        run.sel = sel
+        _reregister(nw)
+        if not run.finished():
+            start_worker(nw)
+
+    def _reregister(w: Any) -> None:
+        try:
+            sel.unregister(w.chan.sock)
+        except KeyError:
+            pass
+        sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
+
+    try:
+        for w in pool.workers:
+            sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
+            pool.status[w.slot, ST_DONE] = 0
+            start_worker(w)
+        feeder.feed()
+        tick = 0.05 if run.timeout > 0.2 else run.timeout / 4
+        next_tick = time.monotonic() + tick
+        last_done = 0
+        while True:
+            run.completed = done_total()
+            if run.completed + run.n_failed >= run.num:
+                # The counters are a hint; the done map is the truth.
+                run.completed = int(np.count_nonzero(donemap))
+                if run.completed + run.n_failed >= run.num:
+                    break
+            events = sel.select(timeout=0.002)
+            for key, _ in events:
+                w = pool.workers[key.data]
+                if key.fileobj is not w.chan.sock:
+                    continue
+                try:
+                    msgs = w.chan.recv_ready()
+                except (ChannelClosed, ConnectionError):
+                    on_death(w)
+                    continue
+                for m, _fds in msgs:
+                    if m[0] == "qfail" and m[1] == run.call_id:
+                        sid, _ok, rec, t0, t1, _ev = m[2]
+                        run.record_failure(sid, rec)
+                    elif m[0] == "qdone" and m[1] == run.call_id:
+                        for b in m[2]["blocks"]:
+                            run.diag.block_done(w.slot, *b)
+                        if m[2]["exiting"]:
+                            reason = run.ws[w.slot].pending_recycle or "recycle requested"
+                            run.done_base += int(pool.status[w.slot, ST_DONE])
+                            pool.status[w.slot, ST_DONE] = 0
+                            sel.unregister(w.chan.sock)
+                            pool._reap(w, wait=2.0)
+                            w.alive = False
+                            run.diag.event("recycle", w, reason)
+                            nw = pool.replace(w, reason, "recycle")
+                            run.ws[w.slot] = type(run.ws[w.slot])()
+                            run.diag.worker_started(nw)
+                            run.setup_worker(nw)
+                            sel.register(nw.chan.sock, selectors.EVENT_READ, nw.slot)
+                            start_worker(nw)
+            done = done_total()
+            if done != last_done:
+                feeder.retune(done)
+                last_done = done
+            feeder.feed()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + tick
+                _watchdog(run, pool, on_death)
+                for w in list(pool.workers):
+                    if not w.alive:
+                        on_death(w)
+                    elif run.ws[w.slot].pending_recycle is None:
+                        run.ws[w.slot].since_sample = run.health_check_interval
+                        run.check_memory(w)
+                        if run.ws[w.slot].pending_recycle is not None:
+                            pool.status[w.slot, ST_EXIT_REQ] = 1
+                run.completed = done_total()
+                run.diag.tick(pool, run)
+        ring.close()
+        # Collect every worker's qdone (block timings), with a deadline.
+        deadline = time.monotonic() + 5.0
+        waiting = {w.slot for w in pool.workers if w.alive}
+        while waiting and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.05):
+                w = pool.workers[key.data]
+                try:
+                    msgs = w.chan.recv_ready()
+                except (ChannelClosed, ConnectionError):
+                    waiting.discard(w.slot)
+                    continue
+                for m, _fds in msgs:
+                    if m[0] == "qdone" and m[1] == run.call_id:
+                        for b in m[2]["blocks"]:
+                            run.diag.block_done(w.slot, *b)
+                        waiting.discard(w.slot)
+                    elif m[0] == "qfail" and m[1] == run.call_id:
+                        run.record_failure(m[2][0], m[2][2])
+        run.completed = int(np.count_nonzero(donemap))
+    finally:
+        sel.close()
+        ring.close()
+        ring.release()
+        donemap_buf.close()
+
+
+def _watchdog(run: Any, pool: Any, on_death: Any) -> None:
+    now = time.monotonic_ns()
+    for w in list(pool.workers):
+        if not w.alive:
+            continue
+        row = pool.status[w.slot]
+        if row[ST_STATE] != STATE_RUNNING:
+            continue
+        if (now - int(row[ST_START_NS])) * 1e-9 > run.timeout:
+            pool.kill(w)
+            on_death(w, reason="timeout", code=w.exitcode)
+            continue
+        if run.mem_cap is not None:
+            m = pool.sample_cheap(w, max_age=0.2)
+            if m is not None:
+                run.diag.mem_sample(w, m)
+                if pool.footprint(m) > 2 * run.mem_cap:
+                    from .pool import fmt_bytes
+                    why = (f"memory: {fmt_bytes(pool.footprint(m))} > 2x mem_cap "
+                           f"{fmt_bytes(run.mem_cap)} inside a shard")
+                    pool.kill(w)
+                    on_death(w, reason=why, code=w.exitcode)
+
+
+class _NullSel:
+    def unregister(self, *_a: Any) -> None:
+        pass
+
+    def register(self, *_a: Any) -> None:
+        pass
