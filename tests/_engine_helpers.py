@@ -1,0 +1,80 @@
+"""Helpers shared by the public-API engine tests (test_map.py, test_supervision.py).
+
+Kept out of conftest.py (owned by others): each test file imports what it needs
+and defines its own autouse fixture with :func:`assert_no_stray_children`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import struct
+import termios
+import time
+from typing import Any
+
+import psutil
+
+import shardc
+
+
+def pool_pids(pool: Any = None) -> set[int]:
+    """Pids of the live workers of ``pool`` (default: the default pool)."""
+    p = pool if pool is not None else shardc.pool_get()
+    if p is None or p.closed:
+        return set()
+    return {w.pid for w in p.workers}
+
+
+def children() -> set[int]:
+    """Pids of every live descendant of this process (zombies included)."""
+    return {c.pid for c in psutil.Process().children(recursive=True)}
+
+
+def assert_no_stray_children(allowed: set[int] | None = None, deadline_s: float = 3.0) -> None:
+    """Every descendant of this process must be a live worker of the default pool.
+
+    Waits (bounded by ``deadline_s``) for processes that are already on their
+    way out, then fails naming the strays.
+    """
+    end = time.monotonic() + deadline_s
+    while True:
+        ok = pool_pids() | (allowed or set())
+        stray = children() - ok
+        if not stray or time.monotonic() > end:
+            break
+        psutil.wait_procs([psutil.Process(p) for p in stray if psutil.pid_exists(p)], timeout=0.05)
+    info = []
+    for pid in stray:
+        try:
+            pr = psutil.Process(pid)
+            info.append(f"{pid} ({pr.status()}, {' '.join(pr.cmdline())[:60]!r})")
+        except psutil.Error:
+            info.append(str(pid))
+    assert not stray, f"stray child processes left behind: {info}"
+
+
+def _unread_bytes(sock: Any) -> int:
+    """Bytes this end sent that the peer has not read yet (SIOCOUTQ on AF_UNIX)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def drain(pool: Any = None, timeout: float = 5.0) -> None:
+    """Wait until every worker of ``pool`` has read all the master sent it.
+
+    Works around an engine race (see test_map.py::test_new_segment_right_after_end):
+    when a worker reads the previous call's "end" together with the next
+    "call", the fds of "call" are attached to "end" and setup fails with a
+    KeyError.  Tests that are not about that race call this between calls.
+    """
+    p = pool if pool is not None else shardc.pool_get()
+    if p is None or p.closed:
+        return
+    end = time.monotonic() + timeout
+    for w in p.workers:
+        while w.alive and time.monotonic() < end:
+            try:
+                if _unread_bytes(w.chan.sock) == 0:
+                    break
+            except OSError:
+                break
+            time.sleep(0.0005)
