@@ -43,6 +43,11 @@
  * write, per the page-fault error code); a fault that repeats at the same
  * address without a restore in between is passed on rather than looped on.
  *
+ * macOS: faults arrive as SIGBUS and are handled the same way, but
+ * MADV_DONTNEED there does not discard private copies and there is no
+ * pagemap; pristine restore on macOS needs a MAP_FIXED remap of the segment
+ * (not implemented: the project's CI and target are Linux).
+ *
  * Threads.  Handlers may run in any thread; all handler-side state is
  * lock-free atomics.  Add/remove/collect/restore must not race with a shard
  * that is writing: the worker calls them between shards.
@@ -57,8 +62,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <ucontext.h> /* REG_ERR: the x86-64 page-fault error code */
+#endif
 
 #define SHARDC__PAGE_CAP 1024    /* hard maximum of pages tracked one by one */
 #define SHARDC__ALTSTACK (64 * 1024)
@@ -135,7 +142,7 @@ static int shardc__is_protection_fault(int sig, siginfo_t *info, void *ctx)
 #else
     if (sig != SIGSEGV || info->si_code != SEGV_ACCERR)
         return 0;
-#if defined(__x86_64__) && defined(REG_ERR)
+#if defined(__linux__) && defined(__x86_64__) && defined(REG_ERR)
     {
         /* Page-fault error code: bit 1 = write access, bit 4 = instruction
          * fetch.  Making a page writable cannot fix a fetch or a read. */
