@@ -88,12 +88,14 @@ class Diagnostics:
     # -- collection -----------------------------------------------------------------------
     def start(self, pool: Any) -> None:
         self.t_start_ns = time.monotonic_ns()
+        # Cheap samples at the start (a precise smaps_rollup of the master
+        # costs milliseconds); precise ones follow during and after the run.
         for w in pool.workers:
             self.worker_started(w)
-            m = pool.sample(w)
+            m = ll.proc_mem_fast(w.pid)
             if m is not None:
                 self.mem_sample(w, m)
-        self._sample_master()
+        self._sample_master(precise=False)
         if self._progress:
             from tqdm.auto import tqdm
             tqdm.monitor_interval = 0  # no monitor thread: workers may be forked mid-run
@@ -108,18 +110,19 @@ class Diagnostics:
 
     def finish(self, pool: Any) -> None:
         self.t_end_ns = time.monotonic_ns()
+        precise = (self.t_end_ns - self.t_start_ns) > 200_000_000
         for w in pool.workers:
             if w.alive:
-                m = pool.sample(w)
+                m = pool.sample(w) if precise else ll.proc_mem_fast(w.pid)
                 if m is not None:
                     self.mem_sample(w, m)
-        self._sample_master()
+        self._sample_master(precise=precise)
         if self._bar is not None:
             self._update_bar(force=True)
             self._bar.close()
 
-    def _sample_master(self) -> None:
-        m = ll.proc_mem(os.getpid())
+    def _sample_master(self, precise: bool = True) -> None:
+        m = ll.proc_mem(os.getpid()) if precise else ll.proc_mem_fast(os.getpid())
         if m is not None:
             self.master_mem.append((time.monotonic_ns(), m["rss"], m["pss"], m["uss"], m["pss_anon"]))
 

@@ -634,14 +634,15 @@ class Run:
                     w = pool.workers[key.data]
                     if key.fileobj is not w.chan.sock:
                         continue  # a replaced worker's stale event
+                    before = w.chan.bytes_received
                     try:
                         msgs = w.chan.recv_ready()
                     except (ChannelClosed, ConnectionError):
                         self.on_death(w)
                         continue
+                    self.diag.bytes_results += w.chan.bytes_received - before
                     for msg, _fds in msgs:
                         if msg[0] == "results" and msg[1] == self.call_id:
-                            self.diag.bytes_results += 0
                             self.on_results(w, msg[2])
                     self.check_memory(w)
                     w = self.maybe_recycle(w)

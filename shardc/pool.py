@@ -192,6 +192,20 @@ class Pool:
         self.workers: list[WorkerHandle] = []
         self.start_seconds = 0.0
         t0 = time.perf_counter()
+        # Prepare in the master what every child would otherwise redo.
+        from . import worker as _worker
+        _worker._threadpool_controller()
+        if cow_guard:
+            try:
+                from . import guard as _guard  # noqa: F401 - imported once, before fork
+            except ImportError:
+                pass
+        threads = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        if threads:
+            log.warning("forking %d workers while %d other thread(s) run in this process (%s): a "
+                        "thread holding a lock at fork time can deadlock a worker; create the pool "
+                        "(shardc.pool_create) before starting threads", self.size, len(threads),
+                        ", ".join(threads[:5]))
         try:
             for slot in range(self.size):
                 self.workers.append(self._spawn(slot))

@@ -301,6 +301,21 @@ def _error_record(exc: BaseException, sid: int | None, deterministic: bool | Non
             "traceback": tb, "exc": blob, "deterministic": det, "shard": sid}
 
 
+_CONTROLLER: Any = None
+
+
+def _threadpool_controller() -> Any:
+    """threadpoolctl's controller, built once per master (None without threadpoolctl)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _CONTROLLER = ThreadpoolController()
+        except Exception:  # noqa: BLE001
+            _CONTROLLER = False
+    return _CONTROLLER or None
+
+
 def after_fork(parent_pid: int, packages: list[str], init_expr: Any) -> None:
     """Make a freshly forked child a well-behaved worker."""
     if ll.proc_after_fork(parent_pid, signal.SIGKILL) < 0:
@@ -310,11 +325,15 @@ def after_fork(parent_pid: int, packages: list[str], init_expr: Any) -> None:
     # Fork copied the master's RNG states: give every worker its own.
     random.seed()
     np.random.seed(int.from_bytes(os.urandom(4), "little"))
-    try:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(1)
-    except Exception:  # noqa: BLE001 - best effort: no BLAS, or unknown one
-        pass
+    # One BLAS/OpenMP thread per worker: the pool is the parallelism.  The
+    # controller was built in the master before fork (inspecting loaded
+    # libraries costs ~20 ms); here it only calls set_num_threads (< 1 ms).
+    ctl = _threadpool_controller()
+    if ctl is not None:
+        try:
+            ctl.limit(limits=1)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
     for mod in packages:
         __import__(mod)
     if init_expr is not None:
