@@ -58,6 +58,9 @@ class Diagnostics:
         self.shard_t1 = np.zeros(n, dtype=np.int64)
         self.shard_attempts = np.zeros(n, dtype=np.int16)
         self.shard_ok = np.zeros(n, dtype=np.int8)  # 1 ok, 2 ok after retry, 3 failed
+        # Anonymous-memory growth over each shard, in bytes; measured only when
+        # shards average over 0.5 ms (NaN where not measured).
+        self.shard_mem_delta = np.full(n, np.nan, dtype=np.float64)
         self.blocks: list[tuple[int, int, int, int, int]] = []  # shm_queue: worker, start, count, t0, t1
         self.mem: list[tuple[float, int, int, int, int, int, int]] = []  # t, slot, pid, rss, pss, uss, anon
         self.master_mem: list[tuple[float, int, int, int]] = []
@@ -154,8 +157,11 @@ class Diagnostics:
         self.bytes_dispatch += nbytes
         self.messages_dispatch += nmessages
 
-    def shard_done(self, sid: int, slot: int, t0: int, t1: int, ok: bool, attempts: int) -> None:
+    def shard_done(self, sid: int, slot: int, t0: int, t1: int, ok: bool, attempts: int,
+                   mem_delta: int | None = None) -> None:
         self.shard_worker[sid] = slot
+        if mem_delta is not None:
+            self.shard_mem_delta[sid] = mem_delta
         self.shard_t0[sid] = t0
         self.shard_t1[sid] = t1
         self.shard_attempts[sid] = attempts + 1
@@ -318,6 +324,11 @@ def task_report(result: Any) -> Report:
             wall = (d.shard_t1[ok] - d.shard_t0[ok]) * 1e-9
             data.update(shard_seconds_median=float(np.median(wall)), shard_seconds_p99=float(np.percentile(wall, 99)),
                         shard_seconds_max=float(wall.max()))
+            dm = d.shard_mem_delta[ok]
+            if np.isfinite(dm).any():
+                k = int(np.nanargmax(dm))
+                data.update(shard_mem_delta_max=float(np.nanmax(dm)),
+                            shard_mem_delta_max_shard=int(np.nonzero(ok)[0][k]))
     lines = [f"shards      {d.completed}/{d.num_shards} ok, {d.failed} failed, {d.retries} retries",
              f"wall        {d.wall_seconds:.3f} s  ({d.throughput():,.0f} shards/s, {d.mode})",
              f"dispatch    {d.messages_dispatch} messages, {data['bytes_per_dispatch']:.0f} B each, "
@@ -325,6 +336,9 @@ def task_report(result: Any) -> Report:
     if "shard_seconds_median" in data:
         lines.append(f"per shard   median {data['shard_seconds_median']*1e3:.3f} ms, p99 "
                      f"{data['shard_seconds_p99']*1e3:.3f} ms, max {data['shard_seconds_max']*1e3:.3f} ms")
+    if "shard_mem_delta_max" in data:
+        lines.append(f"memory      largest growth over one shard: {_fmt(data['shard_mem_delta_max'])} "
+                     f"(shard {data['shard_mem_delta_max_shard']})")
     if d.autotune:
         lines.append(f"autotune    chunk {d.autotune[0]['chunk_from']} -> {d._run.chunk} in {len(d.autotune)} steps")
     return Report("tasks", data, lines)

@@ -110,7 +110,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                     except BaseException as exc:  # noqa: BLE001 - reported to the master
                         status_mv[ST_STATE] = STATE_IDLE
                         chan.send(("qfail", call_id, (sid, ERR, _error_record(exc, sid),
-                                                      status_mv[ST_START_NS], time.monotonic_ns(), None)))
+                                                      status_mv[ST_START_NS], time.monotonic_ns(), None, None)))
                         continue
                     donemap[sid] = 1
                     status_mv[ST_DONE] += 1
@@ -291,7 +291,7 @@ def run_queue(run: Any) -> None:
                     continue
                 for m, _fds in msgs:
                     if m[0] == "qfail" and m[1] == run.call_id:
-                        sid, _ok, rec, t0, t1, _ev = m[2]
+                        sid, _ok, rec, t0, t1, _ev, _dm = m[2]
                         run.record_failure(sid, rec)
                     elif m[0] == "qdone" and m[1] == run.call_id:
                         for b in m[2]["blocks"]:

@@ -509,13 +509,13 @@ class Run:
     def on_results(self, w: Any, results: list[tuple]) -> None:
         st = self.ws[w.slot]
         diag = self.diag
-        for sid, ok, value, t0, t1, events in results:
+        for sid, ok, value, t0, t1, events, dmem in results:
             st.inflight.pop(sid, None)
             if sid in self.huge_ids:
                 self.huge_ids.discard(sid)
                 self.huge_inflight = max(0, self.huge_inflight - 1)
             if self.diagnostics:
-                diag.shard_done(sid, w.slot, t0, t1, ok == OK, int(self.attempts[sid]))
+                diag.shard_done(sid, w.slot, t0, t1, ok == OK, int(self.attempts[sid]), dmem)
             if events:
                 diag.cow_events(sid, events)
             if ok == OK:
