@@ -71,6 +71,7 @@
 #define SHARDC__ALTSTACK (64 * 1024)
 #define SHARDC__NO_OFFSET UINT64_MAX
 #define SHARDC__PM_CHUNK 2048    /* pagemap entries read per pread */
+#define SHARDC__MAX_REPEATS 1000 /* same-address faults before we give up */
 
 enum { SHARDC__FREE = 0, SHARDC__ACTIVE = 1 };
 
@@ -243,10 +244,13 @@ static void shardc__on_fault(int sig, siginfo_t *info, void *ctx)
     if (shardc__is_protection_fault(sig, info, ctx))
         id = shardc__find(addr);
     if (id >= 0) {
-        /* A store that faults again at the same address although we made its
-         * page writable is not something we can fix: pass it on. */
+        /* A store that keeps faulting at the same address although we made
+         * its page writable is not something we can fix: pass it on.  The
+         * bound is generous because threads racing on one page legitimately
+         * fault there a few times in a row (the state is process-wide: TLS
+         * is not async-signal-safe in a dlopen()ed module). */
         if (atomic_exchange(&g_last_addr, addr) == addr) {
-            if (atomic_fetch_add(&g_last_repeats, 1) >= 3)
+            if (atomic_fetch_add(&g_last_repeats, 1) >= SHARDC__MAX_REPEATS)
                 id = -1;
         } else {
             atomic_store(&g_last_repeats, 0);

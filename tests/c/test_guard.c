@@ -8,6 +8,7 @@
 #include "seg.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <sys/mman.h>
@@ -327,6 +328,72 @@ static void test_many_scattered_pages(void)
     close(fd);
 }
 
+/* install() gives a process without an alternate signal stack one. */
+static void test_altstack(void)
+{
+    pid_t pid = fork();
+    int status;
+
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        stack_t ss;
+        memset(&ss, 0, sizeof(ss));
+        ss.ss_flags = SS_DISABLE;
+        if (sigaltstack(&ss, NULL) != 0 || shardc_guard_uninstall() < 0)
+            _exit(2);
+        if (shardc_guard_install(NULL, SIGUSR2, 0) < 0 || sigaltstack(NULL, &ss) != 0)
+            _exit(3);
+        _exit((ss.ss_flags & SS_DISABLE) || ss.ss_size < 16384 ? 4 : 0);
+    }
+    CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+struct writer {
+    unsigned char *p;
+    uint64_t npages;
+};
+
+static void *write_all_pages(void *arg)
+{
+    struct writer *w = arg;
+    uint64_t i, ps = shardc_page_size();
+    for (i = 0; i < w->npages; i++)
+        poke(w->p, i * ps + 1, 0x5A);
+    return NULL;
+}
+
+/* Threads racing to fault the same pages: every page is counted once and
+ * restored; nothing reaches the segment. */
+static void test_threads_race_on_pages(void)
+{
+    uint64_t ps = shardc_page_size(), npages = 200, size = npages * ps;
+    unsigned char *p, *s;
+    int fd = make_input(size, &p, &s), id, i;
+    pthread_t th[4];
+    struct writer w = {0, npages};
+    shardc_guard_info_t info;
+    shardc_guard_counters_t c;
+
+    w.p = p;
+    CHECK_RC(shardc_guard_install(count_notify, SIGUSR2, 0));
+    CHECK_RC(shardc_guard_add(p, size, SHARDC_GUARD_AUDIT, &id));
+    for (i = 0; i < 4; i++)
+        CHECK(pthread_create(&th[i], NULL, write_all_pages, &w) == 0);
+    for (i = 0; i < 4; i++)
+        CHECK(pthread_join(th[i], NULL) == 0);
+    CHECK_RC(shardc_guard_collect(id, &info));
+    CHECK(info.pages == npages && info.faults >= npages);
+    CHECK(pristine(s, size));
+    CHECK_RC(shardc_guard_restore(id));
+    CHECK(pristine(p, size));
+    CHECK_RC(shardc_guard_counters(&c));
+    CHECK(c.tracked == 0);
+    CHECK_RC(shardc_guard_remove(id));
+    shardc_seg_unmap(p, size);
+    shardc_seg_unmap(s, size);
+    close(fd);
+}
+
 int main(void)
 {
     if (!shardc_seg_backing_supported(SHARDC_BACKING_MEMFD)) {
@@ -338,6 +405,8 @@ int main(void)
     RUN(test_modes_and_raise_notify);
     RUN(test_chaining);
     RUN(test_many_scattered_pages);
+    RUN(test_altstack);
+    RUN(test_threads_race_on_pages);
     CHECK_RC(shardc_guard_uninstall());
     return 0;
 }
