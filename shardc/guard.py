@@ -35,7 +35,10 @@ Policies (per input):
 * ``audit``: the write goes to a private copy, the shard completes, and an
   event records pages and bytes (page granularity) and the first offset.
 * ``allow``: the same mechanics as audit; the event counts the materialized
-  private bytes.
+  private bytes.  (Mapping allow inputs writable up front and counting private
+  pages in ``/proc/self/pagemap`` after each shard would let kernel writes
+  through, but that scan costs ~14 ms per 256 MiB per shard here, even for
+  shards that only read; fault tracking costs those nothing.)
 * All modes: the next shard sees pristine data; shared memory never changes.
   Kernel writes (``f.readinto(X)`` with a large read, ``os.readv``) are not
   faults but ``EFAULT``: the kernel refuses to write into a read-only page and
@@ -81,7 +84,10 @@ primes one anon_vma over the whole mapping so restored pages merge back into
 one VMA instead of staying split forever.
 
 Limits.  :func:`install` must run after ``faulthandler.enable()`` (it chains to
-it) and in the main thread (Python signal handlers).  The Python notification
+it) and in the main thread (Python signal handlers).  The guard takes over the
+Python handler of the notify signal: a real one from elsewhere goes to the
+Python handler installed before, if any, and is otherwise ignored (not the
+default "terminate").  The Python notification
 only runs in the main thread; writes from other threads are still caught at
 scope exit.  Under deny, a single C call that writes a whole large input
 (``X += 1``) completes into private pages before the error is raised; those
