@@ -80,10 +80,12 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         self._shape = shape
         mapping = segment.mapping(writable=not readonly)
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        arr = np.frombuffer(mapping.buffer(), dtype=dtype, count=count, offset=offset)
-        arr = arr.reshape(shape)
+        raw: Any = mapping.buffer()
         if readonly:
-            arr.flags.writeable = False
+            # Read-only at the buffer level: flags.writeable cannot be turned
+            # back on over a PROT_READ mapping (that would SIGSEGV on store).
+            raw = memoryview(raw).toreadonly()
+        arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape)
         self._array: np.ndarray | None = arr
         self.path = segment.name if segment.persistent else None
 

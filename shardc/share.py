@@ -148,10 +148,14 @@ class Shared:
 def view_array(mapping: ll.Mapping, dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...],
                offset: int, writeable: bool) -> np.ndarray:
     """An ndarray over ``mapping`` (keeps the mapping alive)."""
-    arr = np.ndarray(shape, dtype=dtype, buffer=mapping.buffer(), offset=offset, strides=strides)
+    buf: Any = mapping.buffer()
     if not writeable:
-        arr.flags.writeable = False
-    return arr
+        # A read-only buffer, so nobody can flip ``flags.writeable`` back on
+        # and store into a PROT_READ page (SIGSEGV).
+        # (via frombuffer: np.ndarray(buffer=memoryview) would take the
+        # memoryview's writable exporter as its base).
+        buf = np.frombuffer(memoryview(buf).toreadonly(), dtype=np.uint8)
+    return np.ndarray(shape, dtype=dtype, buffer=buf, offset=offset, strides=strides)
 
 
 def _by_reference(arr: np.ndarray) -> Shared | None:

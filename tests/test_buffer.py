@@ -346,10 +346,15 @@ def test_buffer_open_readonly_and_file_backing(tmp_path):
                 b[0] = 1
             except ValueError as e:
                 print("refused:", e)
+            try:
+                b.array.flags.writeable = True  # over a PROT_READ map this would allow a SIGSEGV
+            except ValueError as e:
+                print("refused:", e)
         """)
         assert out.returncode == 0, out.stderr
         lines = out.stdout.splitlines()
         assert lines[0] == "15" and lines[1].startswith("refused:") and "read-only" in lines[1]
+        assert lines[2].startswith("refused:") and "WRITEABLE" in lines[2]
         assert (buf.array == 3).all()
     assert not os.path.exists(path)
 

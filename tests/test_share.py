@@ -50,6 +50,8 @@ def test_array_is_copied_once_sealed_and_read_only(dtype):
         assert not view.flags.writeable
         with pytest.raises(ValueError, match="read-only"):
             view[0, 0] = view[1, 1]
+        with pytest.raises(ValueError):
+            view.flags.writeable = True  # the pages are PROT_READ: a store would SIGSEGV
         seg = sh.segments[0]
         assert seg.backing == "memfd" and seg.sealed and ll.seg_is_sealed(seg.fd)
         assert owner_segment(view) is seg
