@@ -77,13 +77,31 @@ def register_kernel(name: str, impl: Callable[..., Any], signature: Any = None, 
         raise InvalidArgumentError(f"kernel name must be a non-empty string, got {name!r}")
     if not callable(impl):
         raise InvalidArgumentError(f"kernel {name!r}: impl must be callable, got {type(impl).__name__}")
-    if footprint is not None and not callable(footprint) and not isinstance(footprint, dict):
-        if isinstance(footprint, bool) or not isinstance(footprint, numbers.Real) or footprint < 0:
-            raise InvalidArgumentError(f"kernel {name!r}: footprint must be bytes (>= 0), a dict or a "
-                                       f"function of the shard, got {footprint!r}")
+    if isinstance(footprint, dict):
+        _check_footprint_dict(name, footprint)
+    elif footprint is not None and not callable(footprint) and not _is_byte_count(footprint):
+        raise InvalidArgumentError(f"kernel {name!r}: footprint must be bytes (>= 0), a dict or a "
+                                   f"function of the shard, got {footprint!r}")
     k = Kernel(name, impl, signature, footprint, supports_views, description)
     _registry[name] = k
     return k
+
+
+def _is_byte_count(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0
+
+
+def _check_footprint_dict(name: str, fp: dict[str, Any]) -> None:
+    """A dict footprint is checked when registered, not mid-run when a shard is classified."""
+    unknown = set(fp) - {"class", "bytes"}
+    cls, nbytes = fp.get("class"), fp.get("bytes")
+    if unknown or (cls is None and nbytes is None):
+        raise InvalidArgumentError(f"kernel {name!r}: a footprint dict has 'class' (tiny/medium/huge) "
+                                   f"and/or 'bytes', got {fp!r}")
+    if cls is not None and cls not in ("tiny", "medium", "huge"):
+        raise InvalidArgumentError(f"kernel {name!r}: footprint class {cls!r} is not tiny/medium/huge")
+    if nbytes is not None and not _is_byte_count(nbytes):
+        raise InvalidArgumentError(f"kernel {name!r}: footprint bytes must be a number >= 0, got {nbytes!r}")
 
 
 def list_kernels() -> list[str]:

@@ -476,6 +476,22 @@ def test_footprint_classification():
     k2 = shardc.register_kernel("test_fp2", scale_kernel, footprint={"class": "huge"})
     assert k2.classify(d[0]) == ("huge", None)
     assert shardc.register_kernel("test_fp3", scale_kernel).classify(d[0]) == ("tiny", None)
+    assert shardc.register_kernel("test_fp4", scale_kernel, footprint={"bytes": 9 * 2**20}).classify(d[0]) == \
+        ("medium", 9 * 2**20)
+
+
+@pytest.mark.parametrize("fp,msg", [
+    ({"class": "enormous"}, r"footprint class 'enormous' is not tiny/medium/huge"),
+    ({}, r"a footprint dict has 'class'"),
+    ({"bytes": -5}, r"footprint bytes must be a number >= 0"),
+    (float("nan"), r"footprint must be bytes"),
+    (-1, r"footprint must be bytes"),
+], ids=["bad-class", "empty-dict", "negative-bytes", "nan", "negative"])
+def test_register_kernel_rejects_bad_footprints(fp, msg):
+    """A bad footprint is rejected when the kernel is registered, not mid-run."""
+    with pytest.raises(shardc.InvalidArgumentError, match=msg):
+        shardc.register_kernel("test_badfp", scale_kernel, footprint=fp)
+    assert "test_badfp" not in shardc.list_kernels()
 
 
 def huge_kernel(shard, out):
