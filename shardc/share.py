@@ -112,7 +112,13 @@ class Shared:
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self.array
-        return arr.astype(dtype) if dtype is not None and np.dtype(dtype) != arr.dtype else arr
+        if copy:  # np.array(shared) must give a private, writable copy
+            return np.array(arr, dtype=dtype, copy=True)
+        if dtype is not None and np.dtype(dtype) != arr.dtype:
+            if copy is False:
+                raise ValueError("cannot convert a shared array to another dtype without a copy")
+            return arr.astype(dtype)
+        return arr
 
     def descriptor(self) -> dict[str, Any]:
         """What a worker needs to rebuild the object (segments by key)."""
@@ -243,7 +249,8 @@ def share(obj: Any, backing: str = "auto") -> Shared:
         return obj
     if isinstance(obj, Buffer):
         obj = obj.array
-    if isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+    # A masked array is more than its data: pickle it, or the mask is lost.
+    if isinstance(obj, np.ndarray) and not obj.dtype.hasobject and not isinstance(obj, np.ma.MaskedArray):
         ref = _by_reference(obj)
         if ref is not None:
             return ref

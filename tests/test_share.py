@@ -105,6 +105,26 @@ def test_zero_d_and_empty_arrays(shape):
         assert sh.array.shape == shape and np.array_equal(sh.array, src)
 
 
+def test_array_protocol_copies_only_when_asked():
+    """np.asarray(shared) is the shared view; np.array(shared) is a private writable copy."""
+    with shardc.share(np.arange(100.0)) as sh:
+        assert np.asarray(sh) is sh.array
+        private = np.array(sh)
+        assert not np.shares_memory(private, sh.array) and private.flags.writeable
+        assert np.asarray(sh, dtype=np.float32).dtype == np.float32
+        with pytest.raises(ValueError, match="without a copy"):
+            np.asarray(sh, dtype=np.float32, copy=False)
+
+
+def test_masked_array_keeps_its_mask():
+    """A masked array is pickled whole: .get() returns a MaskedArray with the same mask."""
+    src = np.ma.array(np.arange(20_000.0), mask=np.arange(20_000) % 3 == 0)
+    with shardc.share(src) as sh:
+        got = sh.get()
+        assert isinstance(got, np.ma.MaskedArray) and np.array_equal(got.mask, src.mask)
+        assert np.ma.allequal(got, src)
+
+
 # -- by reference ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [
