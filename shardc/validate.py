@@ -152,6 +152,12 @@ def _find_culprit(fun: Any) -> str | None:
             candidates.append((f"closure variable {name!r}", cell.cell_contents))
         except ValueError:
             pass
+    code_args = code.co_varnames[:code.co_argcount]
+    for name, value in zip(code_args[len(code_args) - len(getattr(fun, "__defaults__", None) or ()):],
+                           getattr(fun, "__defaults__", None) or ()):
+        candidates.append((f"default of argument {name!r}", value))
+    for name, value in (getattr(fun, "__kwdefaults__", None) or {}).items():
+        candidates.append((f"default of argument {name!r}", value))
     for label, obj in candidates:
         if isinstance(obj, (Buffer, Shared)) or inspect.ismodule(obj):
             continue

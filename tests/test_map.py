@@ -202,6 +202,21 @@ def _unpicklable_fun():
     return f
 
 
+def _unpicklable_closure():
+    lk = threading.Lock()
+
+    def f(shard):
+        with lk:
+            return shard.id
+    return f
+
+
+def _kwdefault_fun():
+    def f(shard, *, lk=_LOCK):
+        return shard.id
+    return f
+
+
 def two_args(shard, X):
     return shard.id
 
@@ -231,6 +246,12 @@ VALIDATION = [
      r"kernel 'no_such_kernel' is not registered; known kernels: .*col_means"),
     ("unpicklable", lambda: dict(fun=_unpicklable_fun()), shardc.UnpicklableFunctionError,
      r"global '_LOCK' of type lock"),
+    ("unpicklable-closure", lambda: dict(fun=_unpicklable_closure()), shardc.UnpicklableFunctionError,
+     r"closure variable 'lk' of type lock"),
+    ("unpicklable-default", lambda: dict(fun=lambda shard, lk=_LOCK: 1), shardc.UnpicklableFunctionError,
+     r"default of argument 'lk' of type lock"),
+    ("unpicklable-kwdefault", lambda: dict(fun=_kwdefault_fun()), shardc.UnpicklableFunctionError,
+     r"default of argument 'lk' of type lock"),
     ("mem_cap", lambda: dict(fun=ident, mem_cap="2XB"), shardc.InvalidArgumentError,
      r"mem_cap='2XB' is not a size"),
     ("cow", lambda: dict(fun=ident, cow="copy"), shardc.InvalidArgumentError, r"cow='copy' is not supported"),
