@@ -160,7 +160,16 @@ class Segment:
                              "falling back", size, free)
                     continue
             try:
-                fd = ll.seg_create(_CODES[b], path, size, named)
+                try:
+                    fd = ll.seg_create(_CODES[b], path, size, named)
+                except SegmentError as exc:
+                    if exc.errno == errno.ENOENT and b == "file":
+                        # The generic ENOENT hint ("unlinked by its owner?") is about opening.
+                        where = "SHARDC_TMPDIR" if name is None else "name="
+                        raise SegmentError(errno.ENOENT, f"create failed for segment {path!r}: directory "
+                                           f"{os.path.dirname(path)!r} does not exist (hint: point "
+                                           f"{where} at an existing directory)") from None
+                    raise
             except SegmentError as exc:
                 if backing != "auto":
                     raise

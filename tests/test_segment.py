@@ -227,6 +227,17 @@ def test_errno_becomes_segment_error_naming_segment_and_operation():
     assert "hint:" in str(exc)
 
 
+def test_missing_tmpdir_hint_names_shardc_tmpdir(monkeypatch, tmp_path):
+    """A file segment in a missing SHARDC_TMPDIR fails with ENOENT naming the directory and the variable."""
+    missing = tmp_path / "gone"
+    monkeypatch.setenv("SHARDC_TMPDIR", str(missing))
+    with pytest.raises(SegmentError) as info:
+        Segment.create(PAGE, backing="file")
+    assert info.value.errno == errno.ENOENT
+    assert repr(str(missing)) in str(info.value) and "SHARDC_TMPDIR" in str(info.value)
+    assert "unlinked by its owner" not in str(info.value)
+
+
 def test_enospc_hint_suggests_file_backing():
     """The choke point turns -ENOSPC into SegmentError suggesting backing='file'."""
     with pytest.raises(SegmentError) as info:
