@@ -34,4 +34,181 @@ static inline int64_t shardc__now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* ------------------------------------------------------------------------
+ * Address wait/wake ("futex") on a 32-bit word in memory that may be mapped
+ * MAP_SHARED into several processes.  Always the process-shared variant:
+ * never FUTEX_PRIVATE_FLAG, which would key the wait queue on this process's
+ * mm and miss wakes from other processes.
+ *
+ *   shardc__wait_u32(addr, expected, timeout_ns)
+ *       Sleep while *addr == expected, at most timeout_ns (< 0: no limit).
+ *       Returns 0 when woken, when *addr != expected already, or on a
+ *       spurious wake (callers always re-check their condition);
+ *       -ETIMEDOUT when the time ran out; -EINTR when a signal handler ran,
+ *       so the caller can return to Python and let it run its handlers.
+ *   shardc__wake_u32(addr, n)
+ *       Wake up to n sleepers (INT32_MAX: all).  Returns 0.
+ *
+ * Three implementations: Linux futex(2); macOS os_sync_wait_on_address
+ * (14.4+) or the older __ulock_wait; and, with -DSHARDC_PORTABLE_WAIT=1 or
+ * on other systems, a polling fallback that re-reads the word with short
+ * sleeps (1 us doubling to 1 ms) and whose wake is a no-op.
+ * ------------------------------------------------------------------------ */
+#include <limits.h>
+
+#if !defined(SHARDC_PORTABLE_WAIT) || !SHARDC_PORTABLE_WAIT
+#if defined(__linux__)
+#define SHARDC__WAIT_FUTEX 1
+#elif defined(__APPLE__)
+#define SHARDC__WAIT_ULOCK 1
+#endif
+#endif
+
+#if defined(SHARDC__WAIT_FUTEX)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#elif defined(SHARDC__WAIT_ULOCK)
+#if defined(__has_include)
+#if __has_include(<os/os_sync_wait_on_address.h>)
+#include <os/os_sync_wait_on_address.h>
+#define SHARDC__HAVE_OS_SYNC 1
+#endif
+#endif
+/* Private but stable since macOS 10.12; the fallback below 14.4. */
+extern int __ulock_wait(uint32_t operation, void *addr, uint64_t value,
+                        uint32_t timeout_us);
+extern int __ulock_wake(uint32_t operation, void *addr, uint64_t wake_value);
+#define SHARDC__UL_COMPARE_AND_WAIT_SHARED 3
+#define SHARDC__ULF_WAKE_ALL 0x00000100
+#define SHARDC__ULF_NO_ERRNO 0x01000000
+#endif
+
+/* A hint to the CPU that we are in a spin loop (saves power, yields the
+ * core's resources to a hyperthread sibling). */
+static inline void shardc__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+#if defined(SHARDC__WAIT_FUTEX)
+
+static inline int shardc__wait_u32(uint32_t *addr, uint32_t expected,
+                                   int64_t timeout_ns)
+{
+    struct timespec ts, *tsp = NULL;
+    long r;
+
+    if (timeout_ns >= 0) {
+        ts.tv_sec = (time_t)(timeout_ns / 1000000000LL);
+        ts.tv_nsec = (long)(timeout_ns % 1000000000LL);
+        tsp = &ts;
+    }
+    /* FUTEX_WAIT (shared): the kernel re-checks *addr == expected under its
+     * hash-bucket lock, so a wake between our check and the sleep is seen. */
+    r = syscall(SYS_futex, addr, FUTEX_WAIT, expected, tsp, NULL, 0);
+    if (r == -1 && (errno == ETIMEDOUT || errno == EINTR))
+        return -errno;
+    return 0; /* woken or EAGAIN (value changed): caller re-checks */
+}
+
+static inline int shardc__wake_u32(uint32_t *addr, int n)
+{
+    syscall(SYS_futex, addr, FUTEX_WAKE, n, NULL, NULL, 0);
+    return 0;
+}
+
+#elif defined(SHARDC__WAIT_ULOCK)
+
+static inline int shardc__wait_u32(uint32_t *addr, uint32_t expected,
+                                   int64_t timeout_ns)
+{
+    int r;
+#if defined(SHARDC__HAVE_OS_SYNC)
+    if (__builtin_available(macOS 14.4, *)) {
+        if (timeout_ns < 0)
+            r = os_sync_wait_on_address(addr, expected, 4,
+                                        OS_SYNC_WAIT_ON_ADDRESS_SHARED);
+        else
+            r = os_sync_wait_on_address_with_timeout(
+                addr, expected, 4, OS_SYNC_WAIT_ON_ADDRESS_SHARED,
+                OS_CLOCK_MACH_ABSOLUTE_TIME, (uint64_t)(timeout_ns ? timeout_ns : 1));
+        if (r < 0 && (errno == ETIMEDOUT || errno == EINTR))
+            return -errno;
+        return 0;
+    }
+#endif
+    {
+        /* __ulock_wait takes microseconds and treats 0 as "forever". */
+        uint32_t us = 0;
+        if (timeout_ns >= 0) {
+            int64_t t = (timeout_ns + 999) / 1000;
+            us = (uint32_t)(t < 1 ? 1 : (t > (int64_t)UINT32_MAX ? UINT32_MAX : t));
+        }
+        r = __ulock_wait(SHARDC__UL_COMPARE_AND_WAIT_SHARED | SHARDC__ULF_NO_ERRNO,
+                         addr, expected, us);
+        return (r == -ETIMEDOUT || r == -EINTR) ? r : 0;
+    }
+}
+
+static inline int shardc__wake_u32(uint32_t *addr, int n)
+{
+#if defined(SHARDC__HAVE_OS_SYNC)
+    if (__builtin_available(macOS 14.4, *)) {
+        if (n == 1)
+            os_sync_wake_by_address_any(addr, 4, OS_SYNC_WAKE_BY_ADDRESS_SHARED);
+        else
+            os_sync_wake_by_address_all(addr, 4, OS_SYNC_WAKE_BY_ADDRESS_SHARED);
+        return 0;
+    }
+#endif
+    __ulock_wake(SHARDC__UL_COMPARE_AND_WAIT_SHARED | SHARDC__ULF_NO_ERRNO |
+                     (n == 1 ? 0 : SHARDC__ULF_WAKE_ALL),
+                 addr, 0);
+    return 0;
+}
+
+#else /* portable polling fallback */
+
+static inline int shardc__wait_u32(uint32_t *addr, uint32_t expected,
+                                   int64_t timeout_ns)
+{
+    int64_t deadline = timeout_ns < 0 ? INT64_MAX : shardc__now_ns() + timeout_ns;
+    int64_t nap = 1000; /* 1 us, doubling to 1 ms */
+
+    for (;;) {
+        struct timespec ts;
+        int64_t now;
+        /* acquire: pairs with the waker's increment, so the caller's re-check
+         * after we return sees what was published before it. */
+        if (__atomic_load_n(addr, __ATOMIC_ACQUIRE) != expected)
+            return 0;
+        now = shardc__now_ns();
+        if (now >= deadline)
+            return -ETIMEDOUT;
+        if (nap > deadline - now)
+            nap = deadline - now;
+        ts.tv_sec = 0;
+        ts.tv_nsec = (long)nap;
+        if (nanosleep(&ts, NULL) == -1 && errno == EINTR)
+            return -EINTR;
+        if (nap < 1000000)
+            nap *= 2;
+    }
+}
+
+static inline int shardc__wake_u32(uint32_t *addr, int n)
+{
+    (void)addr;
+    (void)n;
+    return 0; /* sleepers poll the word */
+}
+
+#endif
+
 #endif /* SHARDC_SYS_H */
