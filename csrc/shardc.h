@@ -8,6 +8,7 @@
 
 #include "seg.h"
 #include "proc.h"
+#include "queue.h"
 #include "guard.h"
 
 #endif /* SHARDC_H */
