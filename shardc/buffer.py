@@ -128,7 +128,11 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
             if isinstance(x, (list, tuple)):
                 return type(x)(unwrap(y) for y in x)
             return x
-        return func(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
+        result = func(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
+        out = kwargs.get("out")
+        if isinstance(out, Buffer) and result is out._array:
+            return out  # np.cumsum(x, out=buf) is buf, as for ndarrays
+        return result
 
     def __getitem__(self, key: Any) -> Any:
         return self.array[key]

@@ -166,6 +166,7 @@ def test_numpy_functions_and_methods(mat):
     assert mat.mean() == ref.mean() and mat.T.shape == (6, 4) and mat.reshape(-1).shape == (24,)
     assert np.array_equal(mat.astype(int), ref.astype(int)) and mat.strides == ref.strides
     assert [row.sum() for row in mat] == [row.sum() for row in ref]
+    assert np.cumsum(ref, axis=1, out=mat) is mat and np.array_equal(mat.array, np.cumsum(ref, axis=1))
     np.copyto(mat, 1.5)
     assert (mat.array == 1.5).all()
 
