@@ -241,6 +241,29 @@ def test_leaking_shards_are_recycled_under_mem_cap():
     assert_pool_usable(pool)
 
 
+def balloon(shard):
+    if shard.id == 1:
+        a = np.ones(230 * 2**20 // 8)  # 230 MB touched: > 2x mem_cap
+        time.sleep(5)
+        return float(a[0])
+    return shard.id
+
+
+def test_shard_over_twice_mem_cap_is_killed_mid_shard(pool2):
+    """A shard holding > 2x mem_cap is killed mid-shard: WorkerMemoryError, others unaffected."""
+    t0 = time.monotonic()
+    r = shardc.shard_map(4, balloon, mem_cap="100MB", max_retries=0, on_failure="collect", progress=False)
+    assert time.monotonic() - t0 < 4.0
+    assert r.results[0] == 0 and r.results[2:] == [2, 3] and list(r.failures) == [1]
+    f = r.failures[1]
+    assert f.attempts == 1 and f.error_type == "shardc.errors.WorkerMemoryError"
+    assert isinstance(f.exception, shardc.WorkerMemoryError) and "> 2x mem_cap 100.0 MB inside a shard" in f.message
+    ev = [(e["event"], e["signal"], e["shard"]) for e in r.diagnostics.events]
+    assert ev == [("death", "SIGKILL(-9)", 1)]
+    assert r.diagnostics.events[0]["reason"].startswith("memory: ")
+    assert_pool_usable(pool2)
+
+
 # -- the master dies ------------------------------------------------------------------------------
 
 MASTER = textwrap.dedent("""
