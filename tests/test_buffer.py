@@ -11,6 +11,9 @@ import textwrap
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import shardc
 from shardc import _lowlevel as ll
@@ -171,6 +174,23 @@ def test_numpy_functions_and_methods(mat):
     assert (mat.array == 1.5).all()
 
 
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
+def test_indexing_matches_ndarray_property(data, shape):
+    """Property: basic and integer-array indexing of a Buffer reads and writes exactly like an ndarray."""
+    ref = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+    with shardc.buffer("i4", shape, init=ref) as buf:
+        key = data.draw(hnp.basic_indices(shape, allow_newaxis=True), label="key")
+        assert np.array_equal(buf[key], ref[key])
+        buf[key] = -1
+        ref[key] = -1
+        if ref.ndim:
+            rows = data.draw(st.lists(st.integers(-shape[0], shape[0] - 1), max_size=4), label="rows") \
+                if shape[0] else []
+            assert np.array_equal(buf[rows], ref[rows])
+        assert np.array_equal(buf.array, ref)
+
+
 def test_parent_writes_after_fork_reach_child(fork_child):
     """Writes the parent makes after fork() are visible to the child (both directions are shared)."""
     with shardc.buffer("i8", 100) as buf:
@@ -202,15 +222,18 @@ def test_buffer_is_not_pickled_by_value():
 
 # -- init ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("init", [None, 0, 0.0, False])
-def test_zero_init_costs_no_memory(init):
-    """init=None/0 on a 256 MiB buffer adds no resident memory (fresh pages read as zero)."""
-    gc.collect()
-    before = uss()
-    with shardc.buffer("f8", 32 * MiB, init=init) as buf:
-        grown = uss() - before
-        print(f"init={init!r}: 256 MiB buffer, USS growth {grown / MiB:.2f} MiB")
-        assert grown < 16 * MiB
+@pytest.mark.parametrize("init,backing", [(None, "auto"), (0, "auto"), (0.0, "auto"), (False, "auto"),
+                                          (None, "shm"), (0, "file")])
+def test_zero_init_costs_no_memory(init, backing, monkeypatch, tmp_path):
+    """init=None/0 on a 256 MiB buffer adds no resident memory, RSS or USS (fresh pages read as zero)."""
+    monkeypatch.setenv("SHARDC_TMPDIR", str(tmp_path))
+    before = ll.proc_mem(os.getpid())
+    with shardc.buffer("f8", 32 * MiB, init=init, backing=backing) as buf:
+        after = ll.proc_mem(os.getpid())
+        d_rss, d_uss = after["rss"] - before["rss"], after["uss"] - before["uss"]
+        print(f"init={init!r} {buf.segment.backing}: 256 MiB buffer, RSS +{d_rss / MiB:.2f} MiB, "
+              f"USS +{d_uss / MiB:.2f} MiB")
+        assert d_rss < 16 * MiB and d_uss < 16 * MiB
         assert buf[-1] == 0
 
 
