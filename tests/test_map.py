@@ -604,10 +604,6 @@ def test_pool_starts_fast():
 
 # -- engine bugs (xfail strict until fixed) ------------------------------------------------------
 
-def hog_gil(shard):
-    return shard.id
-
-
 @pytest.mark.xfail(strict=True, reason="_channel.Channel._parse attaches the fds of a recvmsg to the first "
                    "message completed in it: when a worker reads the previous call's 'end' together with the "
                    "next 'call', the call's segment fds go to 'end' and setup fails with KeyError")
