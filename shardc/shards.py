@@ -250,6 +250,8 @@ def shards_list(idxs: Any) -> ShardDescriptor:
                 arr = arr.astype(np.int64)
             else:
                 raise ShardSpecError(f"idxs[{k}] must hold integer indices, got dtype {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+            raise ShardSpecError(f"idxs[{k}] has an index beyond int64 ({int(arr.max())})")
         if arr.min() < 0:
             raise ShardSpecError(f"idxs[{k}] has a negative index ({int(arr.min())}); indices are 0-based and >= 0")
         arr = np.ascontiguousarray(arr, dtype=np.int64)
