@@ -137,6 +137,7 @@ def test_sigkill_every_attempt_fails_that_shard_only(pool2, tmp_path):
     assert isinstance(f.exception, shardc.WorkerCrashedError) and f.exception.exitcode == -9
     assert deaths(r) == [("death", "SIGKILL(-9)", 3)] * 3
     assert r.diagnostics.retries == 2
+    drain()
     with pytest.raises(shardc.ShardMapError, match=r"shard 3 after 2 attempt\(s\): WorkerCrashedError"):
         run(sigkill_always, tmp_path, max_retries=1, on_failure="raise")
     assert_pool_usable(pool2)
