@@ -246,7 +246,8 @@ def shards_list(idxs: Any) -> ShardDescriptor:
         if arr.size == 0:
             raise ShardSpecError(f"idxs[{k}] is empty; every shard needs at least one index")
         if arr.dtype.kind not in "iu":
-            if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
+            if (arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
+                    and arr.max() < 2.0**63):
                 arr = arr.astype(np.int64)
             else:
                 raise ShardSpecError(f"idxs[{k}] must hold integer indices, got dtype {arr.dtype}")

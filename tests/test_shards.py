@@ -210,7 +210,7 @@ def test_invalid_auto_parameters_named(kw, name):
 
 @pytest.mark.parametrize("idxs,pattern", [
     ([], "idxs is empty"), ([[1, 2], []], r"idxs\[1\] is empty"), ([[0, -1]], r"idxs\[0\] has a negative"),
-    ([[0.5]], r"idxs\[0\] must hold integer"), ([["a"]], r"idxs\[0\] must hold integer"),
+    ([[0.5]], r"idxs\[0\] must hold integer"), ([[1.0, 1e20]], r"idxs\[0\] must hold integer"), ([["a"]], r"idxs\[0\] must hold integer"),
     ([[True, False]], r"idxs\[0\] must hold integer"), ([[[1, 2]]], r"idxs\[0\] must be a 1-D"),
     ([np.array([1, 2**63], dtype=np.uint64)], r"idxs\[0\] has an index beyond int64"),
     ("0123", "idxs must be a sequence"), (5, "idxs must be a sequence"), (None, "idxs must be a sequence"),
