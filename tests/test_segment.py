@@ -419,3 +419,13 @@ def test_child_sees_parent_writes_after_fork(fork_child):
         arr[3] = 1234
         proc.send("go")
         assert proc.result(timeout=20) == 1234
+
+
+def test_fork_helper_kills_a_stuck_child(fork_child):
+    """The fork helper's deadline works: a child that never answers is SIGKILLed and reaped."""
+    proc = fork_child(lambda conn: conn.recv())  # waits for a message that never comes
+    with pytest.raises(AssertionError, match="killed"):
+        proc.result(timeout=0.5)
+    assert proc.exitcode == -9
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)
