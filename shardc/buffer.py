@@ -283,7 +283,12 @@ def _apply_init(buf: Buffer, init: Any) -> None:
                 return  # all-zero bytes: fresh pages already hold this
             ll.seg_fill(buf.segment.mapping().addr, arr.nbytes, value.tobytes())
         else:
-            np.copyto(arr, np.asarray(init), casting="same_kind")
+            src = init
+            if not isinstance(init, np.ndarray) and buf.dtype.kind not in "biufc":
+                # Records, strings, dates from Python lists: parse with the
+                # target dtype (numbers keep the same_kind check).
+                src = np.asarray(init, dtype=buf.dtype)
+            np.copyto(arr, np.asarray(src), casting="same_kind")
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidArgumentError(f"init={init!r} cannot fill a buffer of dtype {buf.dtype} "
                                    f"and shape {buf.shape}: {exc}") from None

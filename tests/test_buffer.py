@@ -266,6 +266,11 @@ def test_array_init_broadcasts():
         assert np.array_equal(buf.array, np.tile([1.0, 2.0, 3.0], (4, 1)))
     with shardc.buffer("i4", (3, 2), init=np.array([[1], [2], [3]])) as buf:
         assert buf.array.tolist() == [[1, 1], [2, 2], [3, 3]]
+    recs = [(1, 0.5, b"a", True), (2, 1.5, b"b", False)]
+    with shardc.buffer(STRUCT, (3, 2), init=recs) as buf:  # a list of records broadcasts too
+        assert buf.array.tolist() == [recs] * 3
+    with shardc.buffer("S3", 2, init=["ab", "cd"]) as buf, shardc.buffer("M8[D]", 2, init=["2020-01-01"]) as day:
+        assert buf.array.tolist() == [b"ab", b"cd"] and (day.array == np.datetime64("2020-01-01")).all()
 
 
 @pytest.mark.parametrize("dtype,init", [
