@@ -107,7 +107,8 @@ API:
 * :func:`install` / :func:`uninstall`: the process-wide handlers.
 * :func:`protect` / :func:`protect_array` / :func:`unprotect`: inputs.  Protecting
   the same mapping (address and size) again shares its region (reference
-  counted; the first name is the one reported).
+  counted); an event is named after the input whose elements hold the first
+  written byte.
 * :func:`shard_scope` (a :class:`ShardScope`): one shard; ``scope.events``; an
   exception leaving the scope carries the same list as ``exc.cow_events``.
 * :func:`cow_stats`: cumulative per-input counters in this process.
@@ -145,7 +146,16 @@ class _Input:
     shape: tuple[int, ...] | None
     strides: tuple[int, ...] | None
     offset0: int
-    refs: int = 1  # protect() calls for this same mapping (pickled objects share segments)
+
+    def extent(self) -> tuple[int, int]:
+        """Byte range [lo, hi) of this input's elements, relative to the mapping start."""
+        if self.shape is None or self.strides is None:
+            return self.offset0, self.nbytes
+        if any(n == 0 for n in self.shape):
+            return self.offset0, self.offset0
+        lo = sum((n - 1) * s for n, s in zip(self.shape, self.strides) if s < 0)
+        hi = sum((n - 1) * s for n, s in zip(self.shape, self.strides) if s > 0) + self.itemsize
+        return self.offset0 + lo, self.offset0 + hi
 
 
 class _State:
@@ -156,7 +166,8 @@ class _State:
         self.signum: int | None = None
         self.notify = "interrupt"
         self.prev_handler: Any = None
-        self.inputs: dict[int, _Input] = {}
+        self.inputs: dict[int, _Input] = {}  # region id -> the first input protected there
+        self.views: dict[int, list[_Input]] = {}  # region id -> every input sharing the mapping
         self.current: ShardScope | None = None
         self.seen_notified = 0
         self.stats: dict[str, dict[str, Any]] = {}
@@ -224,7 +235,8 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
 def uninstall() -> None:
     """Remove every protection and restore the previous signal handlers."""
     for rid in list(_state.inputs):
-        unprotect(rid)
+        while rid in _state.inputs:
+            unprotect(rid)
     _ll.guard_uninstall()
     if _state.signum is not None:
         signal.signal(_state.signum, _state.prev_handler or signal.SIG_DFL)
@@ -278,18 +290,22 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
             "would let writes reach shared memory")
     if _state.pid != os.getpid():
         install()
+    def view(rid: int) -> _Input:
+        return _Input(rid, name, addr, nbytes, mode, int(itemsize),
+                      None if shape is None else tuple(int(n) for n in shape),
+                      None if strides is None else tuple(int(s) for s in strides), int(offset0))
+
+    _state.stats.setdefault(name, _new_stats(mode))["mode"] = mode
     for inp in _state.inputs.values():
         if inp.addr == addr and inp.nbytes == nbytes:
-            # The same mapping again (e.g. two out-of-band buffers of one
-            # pickled input in one segment): share the region, count references.
-            inp.refs += 1
+            # The same mapping again (two views of one shared buffer, or two
+            # out-of-band buffers of one pickled object): share the region;
+            # each protect() is one reference, each input keeps its layout.
+            _state.views[inp.rid].append(view(inp.rid))
             return inp.rid
     rid = _ll.guard_add(addr, nbytes, _ll.GUARD_MODES[mode], name)
-    _state.inputs[rid] = _Input(rid, name, addr, nbytes, mode, int(itemsize),
-                                None if shape is None else tuple(int(n) for n in shape),
-                                None if strides is None else tuple(int(s) for s in strides),
-                                int(offset0))
-    _state.stats.setdefault(name, _new_stats(mode))["mode"] = mode
+    _state.inputs[rid] = view(rid)
+    _state.views[rid] = [_state.inputs[rid]]
     return rid
 
 
@@ -326,10 +342,11 @@ def unprotect(region_id: int) -> None:
         return
     inp = _state.inputs.get(region_id)
     if inp is not None:
-        inp.refs -= 1
-        if inp.refs > 0:
+        views = _state.views[region_id]
+        views.pop()
+        if views:
             return
-        del _state.inputs[region_id]
+        del _state.inputs[region_id], _state.views[region_id]
     _ll.guard_remove(region_id, inp.name if inp else None)
 
 
@@ -394,7 +411,19 @@ def _deny_error(shard_id: Any, ev: dict[str, Any]) -> BorrowedInputWriteError:
     return BorrowedInputWriteError(msg, ev["input"], shard_id, ev["first_offset"], ev["first_index"])
 
 
-def _event(inp: _Input, info: dict[str, int], shard_id: Any) -> dict[str, Any]:
+def _view_at(rid: int, offset: int) -> _Input:
+    """The input of region ``rid`` whose elements hold byte ``offset`` (else the first one)."""
+    views = _state.views[rid]
+    for v in views:
+        lo, hi = v.extent()
+        if lo <= offset < hi:
+            return v
+    return views[0]
+
+
+def _event(rid: int, info: dict[str, int], shard_id: Any) -> dict[str, Any]:
+    """One shard's event for region ``rid``, named after the input holding the first written byte."""
+    inp = _view_at(rid, info["first_offset"])
     rel = info["first_offset"] - inp.offset0
     return {"input": inp.name, "shard": shard_id, "mode": inp.mode, "pages": info["pages"],
             "bytes": info["pages"] * _ll.PAGE_SIZE, "first_offset": rel,
@@ -407,7 +436,7 @@ def _pending_deny(shard_id: Any) -> BorrowedInputWriteError | None:
     for rid in _ll.guard_dirty():
         inp = _state.inputs.get(rid)
         if inp is not None and inp.mode == "deny":
-            return _deny_error(shard_id, _event(inp, _ll.guard_collect(rid), shard_id))
+            return _deny_error(shard_id, _event(rid, _ll.guard_collect(rid), shard_id))
     return None
 
 
@@ -468,11 +497,13 @@ def _efault_candidates(tb: TracebackType | None) -> list[_Input]:
                 if span is None:
                     continue
                 for rid in _ll.guard_lookup(span[0], max(span[1] - span[0], 1)):
-                    if rid in _state.inputs:
-                        found[rid] = _state.inputs[rid]
+                    for v in _state.views.get(rid, ()):
+                        lo, hi = v.extent()
+                        if span[0] < v.addr + hi and v.addr + lo < span[1]:
+                            found[id(v)] = v
         if found:
             return list(found.values())
-    return list(_state.inputs.values())
+    return [v for views in _state.views.values() for v in views]
 
 
 def _efault_error(shard_id: Any, exc: OSError, tb: TracebackType | None) -> BorrowedInputWriteError:
@@ -529,9 +560,9 @@ class ShardScope:
             inp = _state.inputs.get(rid)
             try:
                 if inp is not None:
-                    event = _event(inp, _ll.guard_collect(rid), self.shard_id)
+                    event = _event(rid, _ll.guard_collect(rid), self.shard_id)
                     self.events.append(event)
-                    self._count(inp, event)
+                    self._count(event)
                     if inp.mode == "deny" and violation is None:
                         violation = event
                 _ll.guard_restore(rid, inp.name if inp else None)
@@ -559,13 +590,13 @@ class ShardScope:
         return exc
 
     @staticmethod
-    def _count(inp: _Input, event: dict[str, Any]) -> None:
-        st = _state.stats.setdefault(inp.name, _new_stats(inp.mode))
+    def _count(event: dict[str, Any]) -> None:
+        st = _state.stats.setdefault(event["input"], _new_stats(event["mode"]))
         st["shards_written"] += 1
         st["pages"] += event["pages"]
         st["bytes"] += event["bytes"]
         st["faults"] += event["faults"]
-        st["violations"] += inp.mode == "deny"
+        st["violations"] += event["mode"] == "deny"
 
 
 def shard_scope(shard_id: Any) -> ShardScope:

@@ -585,30 +585,46 @@ def test_write_from_another_thread_is_caught_at_scope_exit() -> None:
 
 
 def test_same_mapping_protected_twice_shares_one_region() -> None:
-    """protect() of the same mapping twice returns the same region, reference counted; exceptions carry cow_events."""
+    """Two inputs in one mapping share a region (reference counted); events name the input holding the first written byte; exceptions carry cow_events."""
 
     def child() -> dict[str, Any]:
         inp = Input()
         guard.install()
-        r1 = guard.protect("obj", inp.private.addr, inp.nbytes, "audit")
-        r2 = guard.protect("obj", inp.private.addr, inp.nbytes, "audit")
-        guard.unprotect(r2)
+        X = inp.array
+        top, bottom = X[:32], X[32:, ::-1]
+        r1 = guard.protect_array("top", top, "deny", base_addr=inp.private.addr, nbytes=inp.nbytes)
+        r2 = guard.protect_array("bottom", bottom, "deny", base_addr=inp.private.addr, nbytes=inp.nbytes)
+        r3 = guard.protect("raw", inp.private.addr, inp.nbytes, "deny")
+        guard.unprotect(r3)
+        with pytest.raises(BorrowedInputWriteError) as info:
+            with guard.shard_scope(9):
+                bottom[1, 0] = 7.0  # X[33, 511]
+        msg = str(info.value)
         events = None
         try:
-            with guard.shard_scope(9):
-                ctypes.memset(inp.private.addr + 5, 1, 1)
+            with guard.shard_scope(10):
+                try:
+                    top[0, 5] = 1.0
+                    len(())
+                except BorrowedInputWriteError:
+                    pass
                 raise ValueError("user bug")
-        except ValueError as exc:
+        except BorrowedInputWriteError as exc:
             events = exc.cow_events  # type: ignore[attr-defined]
+        guard.unprotect(r2)
         still = L.guard_lookup(inp.private.addr, 1)
         guard.unprotect(r1)
-        return {"same": r1 == r2, "events": events, "still": still == [r1],
-                "gone": L.guard_lookup(inp.private.addr, 1) == [], "pristine": inp.pristine()}
+        return {"same": r1 == r2 == r3, "msg": msg, "events": events, "still": still == [r1],
+                "gone": L.guard_lookup(inp.private.addr, 1) == [], "pristine": inp.pristine(),
+                "stats": sorted(guard.cow_stats())}
 
     res = child_result(child)
     assert res["same"] and res["still"] and res["gone"] and res["pristine"]
+    offset = 1 * COLS * 8  # bottom[1, 0] from bottom[0, 0] (= X[32, 511])
+    assert res["msg"].startswith(f"shard 9 wrote to borrowed input 'bottom' at byte {offset} (element [1, 0])")
     (ev,) = res["events"]
-    assert ev["input"] == "obj" and ev["first_offset"] == 5 and ev["first_index"] == (5,)
+    assert ev["input"] == "top" and ev["first_offset"] == 40 and ev["first_index"] == (0, 5)
+    assert res["stats"] == ["bottom", "raw", "top"]
 
 
 def test_element_index_for_strided_layouts() -> None:
