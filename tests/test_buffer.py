@@ -191,6 +191,27 @@ def test_indexing_matches_ndarray_property(data, shape):
         assert np.array_equal(buf.array, ref)
 
 
+def test_numpy_operations_in_forked_child(fork_run):
+    """In a forked child a Buffer supports fancy/boolean writes, ufunc out=, in-place ops and np functions."""
+    with shardc.buffer("f8", (4, 5), init=np.arange(20.0).reshape(4, 5)) as buf:
+        def child() -> tuple:
+            buf[[0, 3], 1] = -1.0
+            buf[buf.array > 15] = 100.0
+            np.sqrt(buf, out=buf)
+            b = buf
+            b += 1
+            return float(np.mean(b)), np.asarray(b).ctypes.data == buf.segment.mapping().addr and b is buf
+
+        with np.errstate(invalid="ignore"):  # sqrt(-1), in the child and here
+            mean, zero_copy = fork_run(child, timeout=20)
+            ref = np.arange(20.0).reshape(4, 5)
+            ref[[0, 3], 1] = -1.0
+            ref[ref > 15] = 100.0
+            ref = np.sqrt(ref) + 1
+        assert np.array_equal(buf.array, ref, equal_nan=True) and zero_copy
+        assert np.isnan(mean) and np.isnan(buf[0, 1])  # sqrt(-1) is NaN in both processes
+
+
 def test_parent_writes_after_fork_reach_child(fork_child):
     """Writes the parent makes after fork() are visible to the child (both directions are shared)."""
     with shardc.buffer("i8", 100) as buf:
