@@ -336,7 +336,7 @@ int shardc_queue_push(void *mem, const uint64_t *items, uint32_t n,
 
     if (q == NULL || (items == NULL && n > 0) || n > INT32_MAX)
         return -EINVAL;
-    deadline = timeout_ns < 0 ? -1 : shardc__now_ns() + timeout_ns;
+    deadline = timeout_ns < 0 ? -1 : INT64_MAX; /* set on the first miss */
     while (done < n) {
         int r = try_push(q, items + done, n - done);
         if (r < 0)
@@ -347,6 +347,8 @@ int shardc_queue_push(void *mem, const uint64_t *items, uint32_t n,
             spin_end = 0;
             continue;
         }
+        if (deadline == INT64_MAX)
+            deadline = shardc__now_ns() + timeout_ns;
         if (deadline >= 0 && shardc__now_ns() >= deadline)
             return done ? (int)done : -ETIMEDOUT;
         if (keep_spinning(q, &spin_end, &iter))
@@ -486,6 +488,14 @@ static int park_consumer(qhdr_t *q, uint32_t c, int64_t deadline)
     return r;
 }
 
+/* Only the record's owner bumps its heartbeat, so no locked RMW is needed;
+ * relaxed (both): the master only samples it for liveness. */
+static void bump_heartbeat(qrec_t *r)
+{
+    __atomic_store_n(&r->heartbeat, __atomic_load_n(&r->heartbeat, __ATOMIC_RELAXED) + 1,
+                     __ATOMIC_RELAXED);
+}
+
 static int check_consumer(qhdr_t *q, uint32_t c)
 {
     return q != NULL && c < q->max_consumers;
@@ -502,20 +512,21 @@ int shardc_queue_pop(void *mem, uint32_t consumer, uint64_t *out, uint32_t max,
     if (!check_consumer(q, consumer) || out == NULL || max == 0)
         return -EINVAL;
     r = rec(q, consumer);
-    /* relaxed: a liveness counter the master samples. */
-    __atomic_fetch_add(&r->heartbeat, 1, __ATOMIC_RELAXED);
+    bump_heartbeat(r);
     room = SHARDC_QUEUE_MAX_CLAIM - r->nclaimed;
     if (room == 0)
         return -ENOBUFS;
     if (max > room)
         max = room;
-    deadline = timeout_ns < 0 ? -1 : shardc__now_ns() + timeout_ns;
+    deadline = timeout_ns < 0 ? -1 : INT64_MAX; /* set on the first miss */
     for (;;) {
         int n = try_pop(q, consumer, out, max), w;
         if (n > 0)
             return n;
         if (drained(q))
             return -EPIPE;
+        if (deadline == INT64_MAX)
+            deadline = shardc__now_ns() + timeout_ns;
         if (deadline >= 0 && shardc__now_ns() >= deadline)
             return -ETIMEDOUT;
         if (keep_spinning(q, &spin_end, &iter))
@@ -536,8 +547,7 @@ int shardc_queue_done(void *mem, uint32_t consumer)
     /* release: the work on the items (e.g. writes to output buffers) is in
      * memory before the master can see them as no longer claimed. */
     __atomic_store_n(&r->nclaimed, 0, __ATOMIC_RELEASE);
-    /* relaxed: a liveness counter. */
-    __atomic_fetch_add(&r->heartbeat, 1, __ATOMIC_RELAXED);
+    bump_heartbeat(r);
     return 0;
 }
 
@@ -546,8 +556,7 @@ int shardc_queue_heartbeat(void *mem, uint32_t consumer)
     qhdr_t *q = hdr(mem);
     if (!check_consumer(q, consumer))
         return -EINVAL;
-    /* relaxed: a liveness counter. */
-    __atomic_fetch_add(&rec(q, consumer)->heartbeat, 1, __ATOMIC_RELAXED);
+    bump_heartbeat(rec(q, consumer));
     return 0;
 }
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# bench/run.sh [--quick] - build csrc/ standalone with -O2 into bench/bin/ and
+# run the C benchmarks.  Each prints lines "name<TAB>value<TAB>unit"; what each
+# measures (and what it does not) is in the comment at the top of its source.
+# --quick shrinks every benchmark so the whole run takes well under a minute.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+csrc="$here/../csrc"
+bin="$here/bin"
+quick=()
+if [[ "${1:-}" == "--quick" ]]; then quick=(--quick); fi
+
+# The benchmark list: bench/c/bench_<name>.c, run in this order.
+BENCHES=(ring wake seg)
+
+CC="${CC:-cc}"
+CFLAGS=(-std=gnu11 -O2 -Wall -Wextra -Werror -I"$csrc" -I"$here/c")
+LIBS=(-lpthread)
+[[ "$(uname)" == Linux ]] && LIBS+=(-lrt)
+
+mkdir -p "$bin"
+for b in "${BENCHES[@]}"; do
+    "$CC" "${CFLAGS[@]}" -o "$bin/bench_$b" "$here/c/bench_$b.c" "$csrc"/*.c "${LIBS[@]}"
+done
+for b in "${BENCHES[@]}"; do
+    "$bin/bench_$b" "${quick[@]}"
+done
