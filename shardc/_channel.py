@@ -1,9 +1,12 @@
 """Framed messages (+ file descriptors) over a unix stream socket.
 
-Master and worker talk over one ``socketpair`` per worker.  A frame is an
-8-byte little-endian length and a pickle; file descriptors (segments new to
-the worker) ride with a frame via ``SCM_RIGHTS``.  The socket doubles as a
-lifeline: EOF means the other side died.
+Master and worker talk over one ``socketpair`` per worker.  A frame is a
+12-byte little-endian header (payload length, number of file descriptors)
+and a pickle.  File descriptors (segments new to the worker) travel with the
+frame's first byte via ``SCM_RIGHTS``; the kernel may deliver them together
+with the tail of the previous frame in one read, so the receiver keeps them
+in a FIFO and gives each frame exactly the count its header announces.  The
+socket doubles as a lifeline: EOF means the other side died.
 
 All waiting is done by the caller (selectors with deadlines); ``recv`` here
 never blocks longer than the socket's own timeout.
@@ -18,7 +21,7 @@ import struct
 from collections import deque
 from typing import Any
 
-_HDR = struct.Struct("<Q")
+_HDR = struct.Struct("<QI")
 _MAX_FDS = 64
 _ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
 
@@ -53,7 +56,7 @@ class Channel:
         frames = []
         for obj in objs:
             payload = pickle.dumps(obj, protocol=5)
-            frames.append(_HDR.pack(len(payload)))
+            frames.append(_HDR.pack(len(payload), 0))
             frames.append(payload)
         data = b"".join(frames)
         self.sock.sendall(data)
@@ -62,7 +65,7 @@ class Channel:
         return len(data)
 
     def send_bytes(self, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
-        frame = _HDR.pack(len(payload)) + payload
+        frame = _HDR.pack(len(payload), len(fds)) + payload
         view = memoryview(frame)
         if fds:
             fds = list(fds)
@@ -98,12 +101,14 @@ class Channel:
 
     def _parse(self) -> None:
         while len(self._buf) >= _HDR.size:
-            (n,) = _HDR.unpack_from(self._buf)
+            n, nfds = _HDR.unpack_from(self._buf)
             if len(self._buf) < _HDR.size + n:
                 return
+            if len(self._fds) < nfds:  # cannot happen: fds arrive with the frame's first byte
+                raise ChannelClosed(f"frame announced {nfds} fds but only {len(self._fds)} arrived")
             payload = bytes(self._buf[_HDR.size:_HDR.size + n])
             del self._buf[:_HDR.size + n]
-            fds, self._fds = self._fds, []
+            fds, self._fds = self._fds[:nfds], self._fds[nfds:]
             self._ready.append((pickle.loads(payload), fds))
 
     def recv(self) -> tuple[Any, list[int]]:

@@ -307,8 +307,10 @@ def run_queue(run: Any) -> None:
                             nw = pool.replace(w, reason, "recycle")
                             run.ws[w.slot] = type(run.ws[w.slot])()
                             run.diag.worker_started(nw)
-                            run.setup_worker(nw)
-                            sel.register(nw.chan.sock, selectors.EVENT_READ, nw.slot)
+                            run.sel = _NullSel()
+                            nw = run.setup_worker(nw)
+                            run.sel = sel
+                            _reregister(nw)
                             start_worker(nw)
             done = done_total()
             if done != last_done:
@@ -351,6 +353,7 @@ def run_queue(run: Any) -> None:
         run.completed = int(np.count_nonzero(donemap))
     finally:
         sel.close()
+        run.sel = None
         ring.close()
         ring.release()
         donemap_buf.close()

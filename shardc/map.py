@@ -228,7 +228,7 @@ def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: 
 class _WState:
     """Per-worker bookkeeping of one Run."""
 
-    __slots__ = ("inflight", "pending_recycle", "since_sample", "done", "setup", "last_msg")
+    __slots__ = ("inflight", "pending_recycle", "since_sample", "done", "setup", "last_msg", "deferred")
 
     def __init__(self) -> None:
         self.inflight: dict[int, None] = {}
@@ -237,6 +237,7 @@ class _WState:
         self.done = 0
         self.setup = False
         self.last_msg = time.monotonic()
+        self.deferred = False
 
 
 class Run:
@@ -339,7 +340,37 @@ class Run:
                "borrow": self.borrow_desc, "out": self.out_desc, "fun": self.fun_blob, "segments": infos}
         return msg, fds
 
-    def setup_worker(self, w: Any) -> None:
+    def setup_worker(self, w: Any) -> Any:
+        """Send the call to ``w`` and wait for it to be ready; returns the
+        worker (a replacement if ``w`` turned out to be dead)."""
+        for _attempt in range(3):
+            try:
+                reply = self._setup_once(w)
+                break
+            except (ChannelClosed, ConnectionError, OSError) as exc:
+                code = self.pool._reap(w, wait=2.0)
+                label = signal_label(code) if code is not None else str(exc)
+                self.diag.event("death", w, f"died before the call started ({label})", code=code)
+                self.sel_unregister(w)
+                w = self.pool.replace(w, f"worker died before the call started ({label})", "restart")
+                self.ws[w.slot] = _WState()
+                self.diag.worker_started(w)
+                self.sel_register(w)
+        else:
+            raise RuntimeError(f"worker slot {w.slot} died three times while setting up the call")
+        if reply[2] is not None:
+            exc = raise_from_record(reply[2])
+            raise InvalidArgumentError(f"worker {w.slot} could not set up the call: {reply[2]['message']}") from exc
+        w.call_id = self.call_id
+        return w
+
+    def _setup_once(self, w: Any) -> Any:
+        # Segments the worker holds that this process has closed since: let go.
+        from .segment import _registry
+        stale = [k for k in w.known if (seg := _registry.get(k)) is None or seg.closed]
+        if stale:
+            w.chan.send(("forget", stale))
+            w.known.difference_update(stale)
         msg, fds = self.call_message(w)
         n = w.chan.send(("call", msg), fds)
         self.diag.bytes_setup += n
@@ -349,13 +380,22 @@ class Run:
             while True:
                 reply, _ = w.chan.recv()
                 if reply[0] == "ready" and reply[1] == self.call_id:
-                    break
+                    return reply
         finally:
             w.chan.sock.settimeout(None)
-        if reply[2] is not None:
-            exc = raise_from_record(reply[2])
-            raise InvalidArgumentError(f"worker {w.slot} could not set up the call: {reply[2]['message']}") from exc
-        w.call_id = self.call_id
+
+    def sel_register(self, w: Any) -> None:
+        sel = getattr(self, "sel", None)
+        if sel is not None:
+            sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
+
+    def sel_unregister(self, w: Any) -> None:
+        sel = getattr(self, "sel", None)
+        if sel is not None:
+            try:
+                sel.unregister(w.chan.sock)
+            except (KeyError, ValueError, OSError):
+                pass
 
     # -- scheduling ---------------------------------------------------------------------------
     def pending_count(self) -> int:
@@ -427,7 +467,8 @@ class Run:
             exc: BaseException = ShardTimeoutError(
                 f"shard {sid} ran longer than timeout={self.timeout:g}s; worker {w.slot} (pid {w.pid}) was killed")
         elif reason and reason.startswith("memory"):
-            exc = WorkerMemoryError(f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: {reason[7:]}")
+            exc = WorkerMemoryError(f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: "
+                                    f"{reason.split(':', 1)[1].strip()}")
         else:
             exc = WorkerCrashedError(f"worker {w.slot} (pid {w.pid}) died with {label} while running shard {sid}",
                                      exitcode=code, pid=w.pid)
@@ -438,10 +479,13 @@ class Run:
     def execute(self) -> None:
         pool = self.pool
         assert pool is not None
+        for w in pool.ensure_alive():
+            self.diag.event("death", w, f"worker died while idle ({signal_label(w.exitcode)})"
+                            if w.exitcode is not None else "worker died while idle", code=w.exitcode)
         self.ws = {w.slot: _WState() for w in pool.workers}
         self.diag.start(pool)
-        for w in pool.workers:
-            self.setup_worker(w)
+        for w in list(pool.workers):
+            w = self.setup_worker(w)
             self.ws[w.slot].setup = True
         try:
             if self.mode == "shm_queue":
@@ -482,8 +526,11 @@ class Run:
             self._fill_into(w, st, size, cap, batch)
         finally:
             if batch:
-                n = w.chan.send_many(batch)
-                self.diag.dispatched(n, len(batch))
+                try:
+                    n = w.chan.send_many(batch)
+                    self.diag.dispatched(n, len(batch))
+                except OSError:
+                    pass  # the worker died: its EOF is seen by the loop, which requeues
 
     def _fill_into(self, w: Any, st: _WState, size: int, cap: Any, batch: list[Any]) -> None:
         while len(st.inflight) < size * self.depth() and self.pending_count():
@@ -529,22 +576,31 @@ class Run:
         st.last_msg = time.monotonic()
 
     def check_memory(self, w: Any, force: bool = False) -> None:
+        """Sample ``w`` at a shard boundary: statm every time (~8 us), a
+        precise sample every ``health_check_interval`` shards or whenever
+        anonymous memory moved; decide on recycling from the precise one."""
         pool = self.pool
         st = self.ws[w.slot]
-        if not force and st.since_sample < self.health_check_interval:
-            return
-        st.since_sample = 0
-        m = pool.sample(w) if force else pool.sample_cheap(w)
+        if force or st.since_sample >= self.health_check_interval:
+            st.since_sample = 0
+            m = pool.sample(w)
+        else:
+            m = pool.sample_cheap(w)
         if m is None:
             return
         self.diag.mem_sample(w, m)
         pool.mem_cap, pool.recycle, pool.profile = self.mem_cap, self.drift, self.profile
         verdict = pool.memory_verdict(w)
         if verdict is not None and st.pending_recycle is None:
-            if time.monotonic() - w.last_recycle < pool.min_recycle_interval:
-                self.diag.event("defer_recycle", w, verdict[1] + " (min recycle interval)")
+            kind, reason = verdict
+            # The cap is enforced at the next safe point, always; drift
+            # recycling keeps a minimum interval so it cannot thrash.
+            if kind == "drift" and time.monotonic() - w.last_recycle < pool.min_recycle_interval:
+                if not st.deferred:
+                    self.diag.event("defer_recycle", w, reason + " (min recycle interval)")
+                    st.deferred = True
                 return
-            st.pending_recycle = verdict[1]
+            st.pending_recycle = reason
 
     def maybe_recycle(self, w: Any) -> Any:
         st = self.ws[w.slot]
@@ -556,13 +612,13 @@ class Run:
         return self.replace(w, reason, "recycle")
 
     def replace(self, w: Any, reason: str, kind: str) -> Any:
-        self.sel.unregister(w.chan.sock)
+        self.sel_unregister(w)
         nw = self.pool.replace(w, reason, kind)
         self.ws[w.slot] = _WState()
         self.diag.worker_started(nw)
+        self.sel_register(nw)
         if not self.finished():
-            self.setup_worker(nw)
-        self.sel.register(nw.chan.sock, selectors.EVENT_READ, nw.slot)
+            nw = self.setup_worker(nw)
         return nw
 
     def on_death(self, w: Any, reason: str | None = None, code: int | None = None) -> Any:
@@ -644,7 +700,8 @@ class Run:
                     for msg, _fds in msgs:
                         if msg[0] == "results" and msg[1] == self.call_id:
                             self.on_results(w, msg[2])
-                    self.check_memory(w)
+                    if w.alive:
+                        self.check_memory(w)
                     w = self.maybe_recycle(w)
                     self.fill(w)
                 now = time.monotonic()
@@ -661,8 +718,7 @@ class Run:
             # finished elsewhere are dropped by record_success.
         finally:
             sel.close()
-            for w in pool.workers:
-                w.chan.sock.settimeout(None)
+            self.sel = None
 
     # -- the result --------------------------------------------------------------------------------
     def result(self) -> ShardResult:

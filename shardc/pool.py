@@ -249,9 +249,12 @@ class Pool:
             code = self._reap(w, wait=2.0)
             raise RuntimeError(f"worker {w.slot} (pid {w.pid}) failed to start "
                                f"({signal_label(code) if code is not None else exc}); "
-                               "check packages= and init_expr=") from None
+                               "check packages= and init_expr= (the worker's traceback is on stderr)") from None
         finally:
-            w.chan.sock.settimeout(None)
+            try:
+                w.chan.sock.settimeout(None)
+            except OSError:
+                pass  # already closed by _reap
         assert msg[0] == "hello"
         w.last_mem = ll.proc_mem(w.pid)
         if w.last_mem:
@@ -305,6 +308,36 @@ class Pool:
                 return None
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
+
+    def is_alive(self, w: WorkerHandle) -> bool:
+        """True while ``w`` runs; reaps it (recording its exit code) if it died."""
+        if not w.alive or w.exitcode is not None:
+            return False
+        try:
+            pid, status = os.waitpid(w.pid, os.WNOHANG)
+        except ChildProcessError:
+            w.alive = False
+            return False
+        if pid == w.pid:
+            w.exitcode = os.waitstatus_to_exitcode(status)
+            w.alive = False
+            w.chan.close()
+            return False
+        if _is_zombie(w.pid):
+            # Dead, but its other threads (OpenBLAS starts one when the worker
+            # limits it to 1 thread) are still being torn down, so waitpid
+            # cannot reap it for a moment yet: wait for that, bounded.
+            self._reap(w, wait=1.0)
+            return False
+        return True
+
+    def ensure_alive(self) -> list[WorkerHandle]:
+        """Replace every worker that died since it was last used; returns the replaced ones."""
+        dead = [w for w in self.workers if not self.is_alive(w)]
+        for w in dead:
+            label = signal_label(w.exitcode) if w.exitcode is not None else "unknown status"
+            self.replace(w, f"worker died while idle ({label})", "restart")
+        return dead
 
     def kill(self, w: WorkerHandle) -> int | None:
         """SIGKILL ``w`` and reap it; returns its exit code (negative signal)."""
@@ -394,20 +427,20 @@ class Pool:
         return self.recycle / 2 if self.profile == "memory" else self.recycle
 
     def memory_verdict(self, w: WorkerHandle) -> tuple[str, str] | None:
-        """``("recycle", reason)`` when ``w`` should be recycled, else None."""
+        """``("cap" | "drift", reason)`` when ``w`` should be recycled, else None."""
         m = w.last_mem
         if m is None:
             return None
         used = self.footprint(m)
         label = "anon"
         if self.mem_cap is not None and used > self.mem_cap:
-            return "recycle", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(self.mem_cap)}"
+            return "cap", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(self.mem_cap)}"
         limit = self.drift_limit()
         if limit is not None and w.baseline:
             growth = used - w.baseline
             floor = int(os.environ.get("SHARDC_RECYCLE_MIN_BYTES", 32 * 1024**2))
             if growth > floor and growth > limit * max(w.baseline, floor):
-                return "recycle", (f"{label} grew {fmt_bytes(growth)} over its baseline "
+                return "drift", (f"{label} grew {fmt_bytes(growth)} over its baseline "
                                    f"{fmt_bytes(w.baseline)} (> recycle={limit:g})")
         return None
 
@@ -422,9 +455,10 @@ class Pool:
         """Per worker: action none/restart/recycle/defer_recycle, with the reason."""
         actions = []
         for w in self.workers:
-            alive = w.alive and _pid_alive(w.pid)
-            if not alive:
-                actions.append({"worker": w.slot, "pid": w.pid, "action": "restart", "reason": "worker_dead"})
+            if not self.is_alive(w):
+                label = signal_label(w.exitcode) if w.exitcode is not None else "unknown status"
+                actions.append({"worker": w.slot, "pid": w.pid, "action": "restart",
+                                "reason": "worker_dead", "detail": label})
                 continue
             m = self.sample(w)
             if m is None:
@@ -473,6 +507,16 @@ def fmt_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def _is_zombie(pid: int) -> bool:
+    """True if ``pid`` has exited but is not reaped (Linux /proc; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -602,11 +602,8 @@ def test_pool_starts_fast():
     assert dt < 0.5
 
 
-# -- engine bugs (xfail strict until fixed) ------------------------------------------------------
+# -- engine regressions (bugs found and fixed) ------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="_channel.Channel._parse attaches the fds of a recvmsg to the first "
-                   "message completed in it: when a worker reads the previous call's 'end' together with the "
-                   "next 'call', the call's segment fds go to 'end' and setup fails with KeyError")
 def test_new_segment_right_after_end():
     """A call that brings a new borrowed array right after another call still sets up every worker."""
     import signal
@@ -652,9 +649,6 @@ def _borrowed_fds(pid):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="the master never sends 'forget' for segments it closed: every worker keeps "
-                   "the fd (and the memory) of every borrowed input copy of every past call, so a loop of calls "
-                   "over fresh arrays grows memory by the data size per call")
 def test_workers_release_borrowed_copies_of_past_calls():
     """Copies of borrowed arrays that the caller dropped are released by the workers too."""
     import gc
@@ -670,9 +664,6 @@ def test_workers_release_borrowed_copies_of_past_calls():
         assert max(held.values()) <= 2, f"borrowed-input segments still held by workers: {held}"
 
 
-@pytest.mark.xfail(strict=True, reason="Pool._await_hello reaps the failed worker (closing its channel), then its "
-                   "finally: calls settimeout on the closed socket: OSError(EBADF) replaces the intended "
-                   "'failed to start ... check packages= and init_expr=' error")
 @pytest.mark.parametrize("kw", [{"packages": ["no_such_module_xyz"]}, {"init_expr": "raise ValueError('nope')"}],
                          ids=["packages", "init_expr"])
 def test_worker_start_failure_names_packages_and_init_expr(kw):

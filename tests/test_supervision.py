@@ -227,10 +227,6 @@ def test_leaking_shards_are_recycled_with_health_check_every_shard(tmp_path):
     assert_pool_usable(pool)
 
 
-@pytest.mark.xfail(strict=True, reason="map.Run.check_memory samples worker memory only every "
-                   "health_check_interval shards (default 10), so with mem_cap a leaking worker is never "
-                   "recycled between shards: it grows to 2x mem_cap and is killed mid-shard (a 'death', "
-                   "charged as an attempt) instead")
 def test_leaking_shards_are_recycled_under_mem_cap():
     """mem_cap=100MB with defaults: leaking workers are recycled between shards, memory stays near the cap."""
     pool = shardc.pool_create(2)
@@ -411,9 +407,6 @@ def _kill_idle_worker(pool):
     return pid
 
 
-@pytest.mark.xfail(strict=True, reason="a worker that died while the pool was idle is not detected before the "
-                   "next call: Run.setup_worker sends 'call' to it and shard_map raises BrokenPipeError "
-                   "instead of restarting the worker")
 def test_worker_killed_between_calls_is_replaced(pool2):
     """A worker killed while the pool is idle is replaced by the next call, which succeeds."""
     pid = _kill_idle_worker(pool2)
@@ -424,8 +417,6 @@ def test_worker_killed_between_calls_is_replaced(pool2):
         shardc.pool_stop()  # do not hand a broken pool to the next test
 
 
-@pytest.mark.xfail(strict=True, reason="Pool.health_check tests liveness with os.kill(pid, 0), which succeeds "
-                   "for an unreaped (zombie) child, so a dead worker is reported as action 'none'/'ok'")
 def test_health_check_reports_dead_worker():
     """pool_health_check() asks to restart a worker that died."""
     pool = shardc.pool_create(2)
