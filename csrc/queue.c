@@ -88,17 +88,16 @@
 typedef struct {
     uint64_t magic, total, cells_off, recs_off, rec_size;
     uint32_t capacity, max_consumers, nwords, pad0;
-    char pad1[CL - 48];
-    uint64_t enq;
-    char pad2[CL - 8];
-    uint64_t deq;
-    char pad3[CL - 8];
-    uint32_t items_seq, space_seq, space_waiters, pad4;
-    char pad5[CL - 16];
-    uint64_t parks, wakes, repaired;
+    /* Each group below on its own cache line: producers write enq,
+     * consumers deq, wakers the futex words; nobody false-shares. */
+    _Alignas(CL) uint64_t enq;
+    _Alignas(CL) uint64_t deq;
+    _Alignas(CL) uint32_t items_seq;
+    uint32_t space_seq, space_waiters, pad1;
+    _Alignas(CL) uint64_t parks;
+    uint64_t wakes, repaired;
     int64_t spin_ns;
-    char pad6[CL - 32];
-    uint64_t sleepers[]; /* nwords, padded to a cache line */
+    _Alignas(CL) uint64_t sleepers[]; /* nwords */
 } qhdr_t;
 
 typedef struct {
@@ -113,9 +112,12 @@ typedef struct {
     uint32_t pad0;
     uint64_t state;       /* ST_MAKE(kind, pos, k) */
     uint64_t heartbeat;
-    char pad1[CL - 32];
-    uint64_t items[SHARDC_QUEUE_MAX_CLAIM];
+    _Alignas(CL) uint64_t items[SHARDC_QUEUE_MAX_CLAIM];
 } qrec_t;
+
+_Static_assert(offsetof(qhdr_t, enq) == 64 && offsetof(qhdr_t, deq) == 128 &&
+                   offsetof(qhdr_t, sleepers) == 320,
+               "header lines");
 
 static uint64_t round_up(uint64_t x) { return (x + CL - 1) & ~(uint64_t)(CL - 1); }
 
@@ -144,7 +146,7 @@ uint64_t shardc_queue_bytes(uint32_t capacity, uint32_t max_consumers)
         max_consumers > SHARDC_QUEUE_MAX_CONSUMERS)
         return 0;
     return round_up(sizeof(qhdr_t) + nwords * 8) +
-           (uint64_t)capacity * sizeof(qcell_t) +
+           round_up((uint64_t)capacity * sizeof(qcell_t)) +
            (uint64_t)max_consumers * round_up(sizeof(qrec_t));
 }
 
@@ -165,7 +167,7 @@ int shardc_queue_init(void *mem, uint64_t memsize, uint32_t capacity,
     q->max_consumers = max_consumers;
     q->nwords = (max_consumers + 63) / 64;
     q->cells_off = round_up(sizeof(qhdr_t) + (uint64_t)q->nwords * 8);
-    q->recs_off = q->cells_off + (uint64_t)capacity * sizeof(qcell_t);
+    q->recs_off = q->cells_off + round_up((uint64_t)capacity * sizeof(qcell_t));
     q->rec_size = round_up(sizeof(qrec_t));
     q->spin_ns = DEFAULT_SPIN_NS;
     c = cells(q);

@@ -276,6 +276,8 @@ class TaskRing:
         if out is self._out:
             ptr = self._out_ptr
         else:
+            if out.dtype != np.uint64 or not out.flags.c_contiguous:
+                raise InvalidArgumentError("pop_into needs a C-contiguous uint64 array")
             ptr = ll.ffi.from_buffer("uint64_t[]", out, require_writable=True)
         cap = len(out)
         k = cap if max_items is None else min(max_items, cap)

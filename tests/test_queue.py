@@ -59,6 +59,8 @@ def test_pop_into_preallocated(ring: TaskRing) -> None:
     assert ring.pop_into(0, out, timeout=0) == 3
     assert out[:3].tolist() == [5, 6, 7]
     assert ring.pop_into(0, out, 2, timeout=0) == 0
+    with pytest.raises(InvalidArgumentError):
+        ring.pop_into(0, np.zeros(4, dtype=np.float64), timeout=0)
 
 
 def test_full_and_empty_timeouts(ring: TaskRing) -> None:
