@@ -42,7 +42,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import _lowlevel as ll
-from .errors import ClosedError, InvalidArgumentError
+from .errors import ClosedError, InvalidArgumentError, QueueClosedError
 
 __all__ = ["TaskRing", "MAX_CLAIM"]
 
@@ -101,7 +101,8 @@ class TaskRing:
         Args:
             capacity: number of cells, a power of two.
             max_consumers: number of consumer records (worker slots).
-            backing: ``"memfd"``, ``"shm"`` or ``"file"`` (see ``shardc.segment``).
+            backing: ``"memfd"`` (``"shm"`` where there is no memfd), ``"shm"``
+                or ``"file"`` (see ``shardc.segment``).
 
         Raises:
             InvalidArgumentError: bad capacity, consumer count or backing.
@@ -110,6 +111,8 @@ class TaskRing:
         if backing not in _BACKINGS:
             raise InvalidArgumentError(
                 f"backing must be one of {', '.join(_BACKINGS)}, got {backing!r}")
+        if backing == "memfd" and not ll.seg_backing_supported(ll.BACKING_MEMFD):
+            backing = "shm"  # macOS: no memfd; an unlinked POSIX shm object instead
         nbytes = ll.queue_bytes(capacity, max_consumers)
         if backing == "shm":
             name = f"/shardc-q-{os.getpid()}-{id(object()) & 0xffffff:x}"
@@ -238,7 +241,12 @@ class TaskRing:
         ptr = ll.ffi.from_buffer("uint64_t[]", arr)
         done = 0
         while True:
-            rc = ll.queue_push(mem, ptr + done, n - done, tns)
+            try:
+                rc = ll.queue_push(mem, ptr + done, n - done, tns)
+            except QueueClosedError:
+                if done:  # closed part-way: report what did go in
+                    return done
+                raise
             if rc != ll.QUEUE_EINTR:
                 if rc > 0:
                     done += rc
@@ -331,7 +339,9 @@ class TaskRing:
         return self._out[:n].copy()
 
     def set_spin(self, seconds: float) -> None:
-        """Set how long waits spin before parking (for every process)."""
+        """Set how long waits spin before parking, for every process using the
+        ring (default 10 us; 0 parks at once).  Waking a parked process costs
+        tens of microseconds, handing off to a spinning one under one."""
         ll.queue_set_spin(self._check(), int(seconds * 1e9))
 
     def stats(self) -> dict[str, int]:

@@ -117,6 +117,17 @@ def test_close_wakes_blocked_pop_and_push() -> None:
     r2.close()
     t.join(5)
     assert not t.is_alive() and len(errors) == 2
+
+    # Closed part-way through a blocking push: it reports what went in.
+    r3 = TaskRing.create(capacity=2, max_consumers=1)
+    counts: list[int] = []
+    t = threading.Thread(target=lambda: counts.append(r3.push([1, 2, 3, 4])))
+    t.start()
+    time.sleep(0.05)
+    r3.close()
+    t.join(5)
+    assert not t.is_alive() and counts == [2]
+    r3.detach()
     r.detach()
     r2.detach()
 
@@ -155,6 +166,29 @@ def test_bad_arguments() -> None:
             r.push(np.array([-1, 2]))
         with pytest.raises(SegmentError):
             r.pop(5, 1, timeout=0)
+
+
+@pytest.mark.timeout(20)
+def test_consumer_record_heartbeat_and_sleeping(ring: TaskRing) -> None:
+    """The record shows heartbeats (pop/done/heartbeat) and a parked consumer."""
+    ring.set_spin(0)
+    hb = ring.consumer_info(2)["heartbeat"]
+    ring.pop(2, 1, timeout=0)
+    ring.done(2)
+    ring.heartbeat(2)
+    assert ring.consumer_info(2)["heartbeat"] == hb + 3
+    t = threading.Thread(target=lambda: ring.pop(3, 1, timeout=5))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not ring.consumer_info(3)["sleeping"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    ring.push([9])
+    t.join(5)
+    assert not t.is_alive()
+    info = ring.consumer_info(3)
+    assert (info["sleeping"], info["claimed"], info["state"]) == (False, 1, "idle")
+    assert ring.stats()["wakes"] >= 1
 
 
 def test_claim_record_limit_and_done() -> None:
