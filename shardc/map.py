@@ -312,7 +312,9 @@ class Run:
                 sh, how = obj, "reference"
             elif isinstance(obj, Buffer):
                 sh, how = share(obj), "reference"
-            elif isinstance(obj, np.ndarray) and not obj.dtype.hasobject:
+            elif (type(obj) is np.ndarray or isinstance(obj, np.memmap)) and not obj.dtype.hasobject:
+                # Plain arrays (and memmaps) are shared as raw bytes; subclasses
+                # with state of their own (masked arrays, ...) go through pickle.
                 sh, how, _ = default_cache.get(obj, "auto")
             else:
                 sh = share(obj)

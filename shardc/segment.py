@@ -284,6 +284,11 @@ def _segment_path(backing: str, name: str | None, key: str, label: str) -> str:
 
 
 def _finalize(fd: int, backing: str, name: str, unlink: bool, key: str, pid: int) -> None:
+    # Forget the primary mapping's address range: once the segment is gone
+    # the range may be unmapped and reused by a new segment, and a stale
+    # entry at the same address would hide the live one from find_address.
+    with _lock:
+        _ranges[:] = [r for r in _ranges if r[2] != key]
     if os.getpid() != pid:
         return  # a forked child's copy: the fd is the parent's business
     try:
