@@ -296,6 +296,10 @@ def _one_round(script: str, variants: list[str], argv: list[str], timeout: float
             out[v] = {"error": f"timed out after {timeout:.0f} s"}
             print(f"# {v}: timed out after {timeout:.0f} s", file=sys.stderr, flush=True)
             continue
+        if "stale shardc native module" in cp.stderr:
+            print(f"# {v}: stale native module, rebuilding and retrying", file=sys.stderr, flush=True)
+            ensure_native()
+            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         res = None
         for line in cp.stdout.splitlines():
             if line.startswith("RESULT "):
@@ -335,14 +339,15 @@ def timed_repeats(fn: Callable[[], Any], repeats: int, before: Callable[[], Any]
 
 
 def measure(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None,
-            interval: float = 0.02) -> dict[str, Any]:
+            interval: float = 0.02, mem_first: bool = False) -> dict[str, Any]:
     """Timed repeats without the sampler, then one more run under :class:`MemSampler`.
 
     Reading ``smaps_rollup`` walks page tables (~5-25 ms per process mapping
     GiBs, on a loaded 2-core box), so a sampler running during the timed
-    repeats would steal CPU from the workers; the memory run is separate.
+    repeats would steal CPU from the workers; the memory run is separate (first,
+    with ``mem_first``, so no state left by earlier repeats sits in its baseline).
     """
-    times = timed_repeats(fn, repeats, before)
+    times = [] if mem_first else timed_repeats(fn, repeats, before)
     if before is not None:
         before()
     s = MemSampler(interval=interval)
@@ -350,6 +355,8 @@ def measure(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | Non
         t0 = time.perf_counter()
         fn()
         t_mem = time.perf_counter() - t0
+    if mem_first:
+        times = timed_repeats(fn, repeats, before)
     return {"times": times, "median_s": median(times), "min_s": min(times), "mem_run_s": t_mem,
             "baseline": s.baseline_total, "peak": s.peak_total, "extra": s.extra_total,
             "peak_pss": s.peak_pss, "baseline_pss": s.baseline_pss, "peak_nproc": s.peak_nproc,
@@ -358,3 +365,21 @@ def measure(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | Non
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def ensure_native(repo: str | None = None) -> str:
+    """Make sure ``import shardc`` works in a fresh interpreter; if the native
+    module is stale (other people change csrc/ concurrently), rebuild it once
+    under the shared build lock.  Returns "ok", "rebuilt" or an error text."""
+    repo = repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = [sys.executable, "-c", "import shardc"]
+    cp = subprocess.run(probe, capture_output=True, text=True, cwd=repo)
+    if cp.returncode == 0:
+        return "ok"
+    if "stale shardc native module" not in cp.stderr:
+        return "import shardc failed: " + cp.stderr.strip().splitlines()[-1]
+    subprocess.run(["flock", "/tmp/shardc-build.lock", sys.executable, "setup.py", "build_ext", "--inplace",
+                    "-q"], capture_output=True, text=True, cwd=repo)
+    cp = subprocess.run(probe, capture_output=True, text=True, cwd=repo)
+    return "rebuilt" if cp.returncode == 0 else "import shardc failed after rebuild: " + (
+        cp.stderr.strip().splitlines() or ["?"])[-1]
