@@ -35,6 +35,9 @@
  * reads the bit/counter: one of the two always sees the other (Dekker), so
  * there is no lost wake-up, and no FUTEX_WAKE when nobody sleeps.  Consumers
  * use bits rather than a counter so that repair can clear a dead consumer's.
+ * Waits spin first (spin_ns, 10 us by default) and no single sleep lasts more
+ * than 200 ms, whatever the caller's timeout: a waker that died between its
+ * publish and its wake delays a sleeper, it cannot strand it.
  *
  * Consumer records and crash repair.  A consumer's claim must be
  * recoverable if it is SIGKILLed at any instruction.  Pop therefore:
@@ -82,7 +85,8 @@
 #define ST_POS(s) ((s) & POS_MASK)
 #define ST_MAKE(kind, pos, k)                                                 \
     (((uint64_t)(kind) << 62) | ((uint64_t)(k) << 48) | (pos))
-#define DEFAULT_SPIN_NS 10000
+#define DEFAULT_SPIN_NS 10000     /* 10 us: inside the 2-20 us design range */
+#define MAX_SLEEP_NS 200000000LL  /* 200 ms per futex sleep, then re-check */
 #define CL 64
 
 typedef struct {
@@ -203,13 +207,18 @@ static int keep_spinning(qhdr_t *q, int64_t *spin_end, uint32_t *iter)
     return 1;
 }
 
-static int64_t remaining(int64_t deadline)
+/* How long one futex sleep may last: the caller's remaining time, but never
+ * more than MAX_SLEEP_NS, so that a wake lost to a process that died between
+ * publishing and waking costs at most that much, never a hang. */
+static int64_t sleep_for(int64_t deadline)
 {
     int64_t left;
     if (deadline < 0)
-        return -1;
+        return MAX_SLEEP_NS;
     left = deadline - shardc__now_ns();
-    return left > 0 ? left : 0;
+    if (left <= 0)
+        return 0;
+    return left < MAX_SLEEP_NS ? left : MAX_SLEEP_NS;
 }
 
 /* ---------------------------------------------------------------- push */
@@ -322,7 +331,7 @@ static int park_producer(qhdr_t *q, int64_t deadline)
     if (ring_full(q)) {
         /* relaxed: a statistic. */
         __atomic_fetch_add(&q->parks, 1, __ATOMIC_RELAXED);
-        r = shardc__wait_u32(&q->space_seq, seq, remaining(deadline));
+        r = shardc__wait_u32(&q->space_seq, seq, sleep_for(deadline));
     }
     /* release: our wait is over; wakers may skip us from now on. */
     __atomic_fetch_sub(&q->space_waiters, 1, __ATOMIC_RELEASE);
@@ -483,7 +492,7 @@ static int park_consumer(qhdr_t *q, uint32_t c, int64_t deadline)
     if (!can_pop(q)) {
         /* relaxed: a statistic. */
         __atomic_fetch_add(&q->parks, 1, __ATOMIC_RELAXED);
-        r = shardc__wait_u32(&q->items_seq, seq, remaining(deadline));
+        r = shardc__wait_u32(&q->items_seq, seq, sleep_for(deadline));
     }
     /* release: done sleeping; producers may skip the wake from now on. */
     __atomic_fetch_and(word, ~bit, __ATOMIC_RELEASE);
@@ -600,6 +609,7 @@ int shardc_queue_repair(void *mem, uint32_t consumer, uint64_t *out,
     if (!check_consumer(q, consumer) || (out == NULL && max > 0))
         return -EINVAL;
     r = rec(q, consumer);
+    /* relaxed: the pid was set long before the process could have died. */
     if (process_alive(__atomic_load_n(&r->pid, __ATOMIC_RELAXED)))
         return -EBUSY; /* still running (or an unreaped zombie) */
     /* acquire, and deq strictly before state: a successor marks OWNED before
