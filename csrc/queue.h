@@ -50,20 +50,44 @@ typedef struct {
     uint64_t heartbeat; /* bumped by every pop/done/heartbeat call */
 } shardc_queue_consumer_t;
 
+/* Bytes needed for a ring; 0 if capacity is not a power of two in
+ * [2, MAX_CAPACITY] or max_consumers is not in [1, MAX_CONSUMERS]. */
 uint64_t shardc_queue_bytes(uint32_t capacity, uint32_t max_consumers);
+/* Lay out a ring in mem (64-byte aligned, memsize >= shardc_queue_bytes()). */
 int shardc_queue_init(void *mem, uint64_t memsize, uint32_t capacity,
                       uint32_t max_consumers);
+/* 0 if mem holds an initialized ring that fits in memsize (for attach). */
 int shardc_queue_check(void *mem, uint64_t memsize);
+/* Push n items, waiting for space up to timeout_ns (< 0: no limit, 0: only
+ * what fits).  Returns the count pushed (fewer than n only if the time ran
+ * out or the ring was closed part-way), or -ETIMEDOUT / -EPIPE / -EINTR when
+ * nothing was pushed. */
 int shardc_queue_push(void *mem, const uint64_t *items, uint32_t n,
                       int64_t timeout_ns);
+/* Claim 1..max items (all that are ready, in ring order) as `consumer`,
+ * waiting up to timeout_ns for the first.  They stay claimed in the
+ * consumer's record until shardc_queue_done().  Returns the count, or
+ * -ETIMEDOUT, -EPIPE (closed and drained), -EINTR, -ENOBUFS (the record
+ * already holds SHARDC_QUEUE_MAX_CLAIM items). */
 int shardc_queue_pop(void *mem, uint32_t consumer, uint64_t *out, uint32_t max,
                      int64_t timeout_ns);
+/* The consumer finished everything it popped: drop its claims. */
 int shardc_queue_done(void *mem, uint32_t consumer);
+/* Bump the consumer's heartbeat (only its owner process calls this). */
 int shardc_queue_heartbeat(void *mem, uint32_t consumer);
+/* Record the process using `consumer` (pid 0: unknown).  -EBUSY while the
+ * record holds claims: a slot whose process died must be repaired first. */
 int shardc_queue_register(void *mem, uint32_t consumer, int32_t pid);
+/* After the consumer's process died (and was reaped): release whatever it
+ * still held in the ring and copy its claimed, unfinished items to out (for
+ * requeueing).  Returns their count; -EBUSY if the registered pid is still
+ * alive; -ENOBUFS if max is too small (nothing changed).  Idempotent. */
 int shardc_queue_repair(void *mem, uint32_t consumer, uint64_t *out,
                         uint32_t max);
+/* Close: wake every waiter; pushes then fail with -EPIPE, pops drain what is
+ * left and then return -EPIPE.  Idempotent. */
 int shardc_queue_close(void *mem);
+/* How long waits spin before parking, for every process (default 10 us). */
 int shardc_queue_set_spin(void *mem, int64_t spin_ns);
 int shardc_queue_stats(void *mem, shardc_queue_stats_t *out);
 int shardc_queue_consumer(void *mem, uint32_t consumer,
