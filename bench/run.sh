@@ -25,3 +25,7 @@ done
 for b in "${BENCHES[@]}"; do
     "$bin/bench_$b" "${quick[@]}"
 done
+
+# The Python benchmarks (shardc vs its peers): bench/run_py.py runs its list
+# and writes bench/out/latest.md.
+"${PYTHON:-python}" "$here/run_py.py" "${quick[@]}"
