@@ -28,7 +28,7 @@ the record of a process that is still alive.
 
 *Close.* After :meth:`~TaskRing.close`, pushes raise :class:`QueueClosedError`
 and pops return what is left, then raise :class:`QueueClosedError`.
-``close()`` ends the ring for everybody; :meth:`~TaskRing.detach` only
+``close()`` ends the ring for everybody; :meth:`~TaskRing.release` only
 releases this process's mapping and fd.
 """
 
@@ -159,12 +159,12 @@ class TaskRing:
         return self._max_consumers
 
     @property
-    def detached(self) -> bool:
+    def released(self) -> bool:
         return self._map is None
 
     def _check(self) -> Any:
         if self._map is None:
-            raise ClosedError("task ring: used after detach()")
+            raise ClosedError("task ring: used after release()")
         return self._mem
 
     def close(self) -> None:
@@ -172,7 +172,7 @@ class TaskRing:
         raise, pops drain what is left and then raise. Idempotent."""
         ll.queue_close(self._check())
 
-    def detach(self) -> None:
+    def release(self) -> None:
         """Unmap the ring and close the fd in this process. Idempotent."""
         if self._map is None:
             return
@@ -194,18 +194,18 @@ class TaskRing:
         # lets go of its own view.  A forked child never closes its parent's.
         if self._map is not None and self._owner and os.getpid() == self._pid:
             self.close()
-        self.detach()
+        self.release()
 
     def __del__(self) -> None:  # last net: never close the ring from here
         try:
             if getattr(self, "_map", None) is not None:
-                self.detach()
+                self.release()
         except Exception:
             pass
 
     def __repr__(self) -> str:
         if self._map is None:
-            return "<TaskRing detached>"
+            return "<TaskRing released>"
         st = self.stats()
         return (f"<TaskRing capacity={st['capacity']} size={st['size']} consumers="
                 f"{st['max_consumers']}{' closed' if st['closed'] else ''}>")
@@ -343,6 +343,10 @@ class TaskRing:
         ring (default 10 us; 0 parks at once).  Waking a parked process costs
         tens of microseconds, handing off to a spinning one under one."""
         ll.queue_set_spin(self._check(), int(seconds * 1e9))
+
+    def size(self) -> int:
+        """Items waiting in the ring (pushed, not yet popped)."""
+        return self.stats()["size"]
 
     def stats(self) -> dict[str, int]:
         """capacity, max_consumers, pushed, popped, size, closed, parks, wakes,

@@ -24,10 +24,10 @@ from shardc.queue import MAX_CLAIM, TaskRing
 
 @pytest.fixture
 def ring():
-    """A small ring, detached after the test."""
+    """A small ring, released after the test."""
     r = TaskRing.create(capacity=16, max_consumers=4)
     yield r
-    r.detach()
+    r.release()
 
 
 def shared_array(n: int, dtype: str) -> tuple[np.ndarray, ll.Mapping]:
@@ -49,6 +49,8 @@ def test_fifo_batches_and_stats(ring: TaskRing) -> None:
     assert got[0].dtype == np.uint64
     st = ring.stats()
     assert (st["pushed"], st["popped"], st["size"], st["capacity"]) == (13, 13, 0, 16)
+    ring.push([1, 2])
+    assert ring.size() == 2
     assert ring.consumer_info(1)["claimed"] == 9
 
 
@@ -127,9 +129,9 @@ def test_close_wakes_blocked_pop_and_push() -> None:
     r3.close()
     t.join(5)
     assert not t.is_alive() and counts == [2]
-    r3.detach()
-    r.detach()
-    r2.detach()
+    r3.release()
+    r.release()
+    r2.release()
 
 
 @pytest.mark.parametrize("backing", ["memfd", "shm", "file"])
@@ -140,11 +142,11 @@ def test_backings_and_attach(backing: str) -> None:
         r.push([42])
         assert other.pop(1, 1, timeout=0).tolist() == [42]
         assert r.consumer_info(1)["claimed"] == 1
-        other.detach()
-        other.detach()
+        other.release()
+        other.release()
         with pytest.raises(Exception):
             other.pop(1, 1)
-    assert r.detached
+    assert r.released
 
 
 def test_bad_arguments() -> None:
@@ -316,7 +318,7 @@ def test_fork_stress_sigkill_repair() -> None:
     assert np.all(state == 1), np.flatnonzero(state != 1)[:10]
     assert kills > 0
     print(f"{kills} kills, {requeued} items requeued")
-    ring.detach()
+    ring.release()
     del m1, m2
 
 
@@ -346,8 +348,8 @@ def test_fork_ping_pong_parked_no_lost_wakeups() -> None:
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert b.stats()["parks"] > 0
-    a.detach()
-    b.detach()
+    a.release()
+    b.release()
 
 
 class RingModel(RuleBasedStateMachine):
@@ -437,7 +439,7 @@ class RingModel(RuleBasedStateMachine):
             assert self.ring.consumer_info(c)["claimed"] == len(self.claims[c])
 
     def teardown(self) -> None:
-        self.ring.detach()
+        self.ring.release()
 
 
 TestRingModel = RingModel.TestCase
