@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# bench/run.sh [--quick] - build csrc/ standalone with -O2 into bench/bin/ and
-# run the C benchmarks.  Each prints lines "name<TAB>value<TAB>unit"; what each
-# measures (and what it does not) is in the comment at the top of its source.
-# --quick shrinks every benchmark so the whole run takes well under a minute.
+# bench/run.sh [--quick] [--c-only] - build csrc/ standalone with -O2 into
+# bench/bin/ and run the C benchmarks, then the Python ones (run_py.py).  Each
+# prints lines "name<TAB>value<TAB>unit"; what each measures (and what it does
+# not) is in the comment at the top of its source.  --quick shrinks every
+# benchmark (the C part then takes ~10 s); --c-only skips the Python part.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 csrc="$here/../csrc"
 bin="$here/bin"
 quick=()
-if [[ "${1:-}" == "--quick" ]]; then quick=(--quick); fi
+c_only=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) quick=(--quick) ;;
+        --c-only) c_only=1 ;;
+        *) echo "usage: $0 [--quick] [--c-only]" >&2; exit 2 ;;
+    esac
+done
 
 # The benchmark list: bench/c/bench_<name>.c, run in this order.
 BENCHES=(ring wake seg)
@@ -28,4 +36,6 @@ done
 
 # The Python benchmarks (shardc vs its peers): bench/run_py.py runs its list
 # and writes bench/out/latest.md.
-"${PYTHON:-python}" "$here/run_py.py" "${quick[@]}"
+if [[ $c_only == 0 ]]; then
+    "${PYTHON:-python}" "$here/run_py.py" "${quick[@]}"
+fi
