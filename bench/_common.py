@@ -264,6 +264,9 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         out["times"] = a["times"] + b["times"]
         out["median_s"] = median(out["times"])
         out["min_s"] = min(out["times"])
+    if "cpu" in a and "cpu" in b:
+        out["cpu"] = a["cpu"] + b["cpu"]
+        out["cpu_s"] = median(out["cpu"])
     for k in ("peak", "extra", "peak_pss", "peak_nproc", "peak_shm", "worker_peak_uss", "worker_peak_anon"):
         if k in a and k in b:
             out[k] = max(a[k], b[k])
@@ -326,15 +329,55 @@ def child_main(variant: str, fn: Callable[[], dict[str, Any]]) -> int:
     return 0
 
 
-def timed_repeats(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None) -> list[float]:
-    """Wall seconds of ``fn()`` per repeat (``before()`` runs untimed before each)."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int | None = None) -> dict[int, float]:
+    """pid -> user+system CPU seconds of every live process of the tree."""
+    out: dict[int, float] = {}
+    for pid in tree_pids(os.getpid() if root is None else root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / _TICK
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+class CpuMeter:
+    """CPU seconds used by the whole tree between start() and stop(): live
+    processes from /proc (delta), plus children reaped meanwhile (os.times).
+    Unlike wall time, this hardly depends on what else runs on the box."""
+
+    def start(self) -> None:
+        self._t0 = os.times()
+        self._c0 = tree_cpu()
+
+    def stop(self) -> float:
+        c1 = tree_cpu()
+        t1 = os.times()
+        live = sum(v - self._c0.get(pid, 0.0) for pid, v in c1.items())
+        reaped = (t1.children_user - self._t0.children_user) + (t1.children_system - self._t0.children_system)
+        return live + reaped
+
+
+def timed_repeats(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None,
+                  cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds of ``fn()`` per repeat (``before()`` runs untimed before
+    each); the tree's CPU seconds per repeat are appended to ``cpu``."""
     times = []
+    meter = CpuMeter()
     for _ in range(repeats):
         if before is not None:
             before()
+        meter.start()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        c = meter.stop()
+        if cpu is not None:
+            cpu.append(c)
     return times
 
 
@@ -347,7 +390,8 @@ def measure(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | Non
     repeats would steal CPU from the workers; the memory run is separate (first,
     with ``mem_first``, so no state left by earlier repeats sits in its baseline).
     """
-    times = [] if mem_first else timed_repeats(fn, repeats, before)
+    cpu: list[float] = []
+    times = [] if mem_first else timed_repeats(fn, repeats, before, cpu)
     if before is not None:
         before()
     s = MemSampler(interval=interval)
@@ -356,8 +400,9 @@ def measure(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | Non
         fn()
         t_mem = time.perf_counter() - t0
     if mem_first:
-        times = timed_repeats(fn, repeats, before)
+        times = timed_repeats(fn, repeats, before, cpu)
     return {"times": times, "median_s": median(times), "min_s": min(times), "mem_run_s": t_mem,
+            "cpu": cpu, "cpu_s": median(cpu),
             "baseline": s.baseline_total, "peak": s.peak_total, "extra": s.extra_total,
             "peak_pss": s.peak_pss, "baseline_pss": s.baseline_pss, "peak_nproc": s.peak_nproc,
             "peak_shm": s.peak_shm, "mem_samples": s.samples}

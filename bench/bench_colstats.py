@@ -32,6 +32,9 @@ unless the variant needs the matrix at fork time):
 * ``shardc_shared``: ``Xs = shardc.share(X)`` done beforehand (its time is
   reported separately as ``share_s``), then ``shard_map(borrow={"X": Xs})``.
 
+Also: the CPU seconds used by all processes of the tree per call (median),
+which, unlike wall time, hardly depends on other jobs on a shared box.
+
 Does not measure: data generation, the cost of bigger or smaller blocks,
 BLAS-threaded kernels (every variant is single-threaded NumPy per process),
 or results bigger than two vectors (see ``bench_large_out.py``).  The box
@@ -229,13 +232,14 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
     for name, r in results.items():
         if "error" in r:
             C.emit(f"colstats.{name}.error", r["error"].replace("\t", " ")[:200], "text")
-            table.append([name, "ERROR", "", "", "", "", r["error"][:80]])
+            table.append([name, "ERROR", "", "", "", "", "", "", r["error"][:80]])
             continue
         speed = serial / r["median_s"] if serial else float("nan")
         xs = r["extra"] / r["matrix_bytes"]
         C.emit(f"colstats.{name}.wall_median", r["median_s"], "s")
         C.emit(f"colstats.{name}.wall_min", r["min_s"], "s")
         C.emit(f"colstats.{name}.speedup_vs_serial", speed, "x")
+        C.emit(f"colstats.{name}.cpu_median", r["cpu_s"], "s")
         C.emit(f"colstats.{name}.peak_mem", C.mib(r["peak"]), "MiB")
         C.emit(f"colstats.{name}.extra_mem", C.mib(r["extra"]), "MiB")
         C.emit(f"colstats.{name}.extra_vs_matrix", xs, "x")
@@ -261,12 +265,13 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
         if not r["ok"]:
             note.append("WRONG RESULT")
         note.append(f"load {r['loadavg']:.1f}")
-        table.append([name, r["median_s"], speed, C.mib(r["peak"]), C.mib(r["extra"]), xs, wk, "; ".join(note)])
+        table.append([name, r["median_s"], speed, r["cpu_s"], C.mib(r["peak"]), C.mib(r["extra"]), xs, wk,
+                      "; ".join(note)])
     print()
     print(f"### colstats: {rows} x {cols} float64 ({rows * cols * 8 / 2**20:.0f} MiB), "
           f"{len(blocks(cols))} blocks, {WORKERS} workers")
     print()
-    print(C.table(["variant", "wall s (median)", "speedup vs serial", "peak MiB", "extra MiB",
+    print(C.table(["variant", "wall s (median)", "speedup vs serial", "CPU s (all procs)", "peak MiB", "extra MiB",
                    "extra / matrix", "worker peak USS / anon MiB", "notes"], table))
     targets(results)
 

@@ -139,21 +139,22 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
     for name, r in results.items():
         if "error" in r:
             C.emit(f"large_out.{name}.error", r["error"].replace("\t", " ")[:200], "text")
-            table.append([name, "ERROR", "", "", "", r["error"][:100]])
+            table.append([name, "ERROR", "", "", "", "", r["error"][:100]])
             continue
         C.emit(f"large_out.{name}.wall_median", r["median_s"], "s")
+        C.emit(f"large_out.{name}.cpu_median", r["cpu_s"], "s")
         C.emit(f"large_out.{name}.peak_mem", C.mib(r["peak"]), "MiB")
         C.emit(f"large_out.{name}.extra_mem", C.mib(r["extra"]), "MiB")
         C.emit(f"large_out.{name}.extra_vs_output", r["extra"] / r["out_bytes"], "x")
         C.emit(f"large_out.{name}.correct", int(r["ok"]), "bool")
         C.emit(f"large_out.{name}.loadavg", r["loadavg"], "load")
         note = [f"load {r['loadavg']:.1f}"] + ([] if r["ok"] else ["WRONG RESULT"])
-        table.append([name, r["median_s"], C.mib(r["peak"]), C.mib(r["extra"]), r["extra"] / r["out_bytes"],
+        table.append([name, r["median_s"], r["cpu_s"], C.mib(r["peak"]), C.mib(r["extra"]), r["extra"] / r["out_bytes"],
                       "; ".join(note)])
     print()
     print(f"### large_out: {n} shards x 1 MiB -> one {n} MiB array, {WORKERS} workers")
     print()
-    print(C.table(["variant", "wall s (median)", "peak MiB", "extra MiB", "extra / output", "notes"], table))
+    print(C.table(["variant", "wall s (median)", "CPU s (all procs)", "peak MiB", "extra MiB", "extra / output", "notes"], table))
     ok = lambda k: k in results and "error" not in results[k]  # noqa: E731
     lines = []
     peers = [k for k in VARIANTS[1:] if ok(k)]
