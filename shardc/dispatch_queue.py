@@ -97,11 +97,10 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                     status_mv[ST_CURRENT] = sid
                     status_mv[ST_START_NS] = time.monotonic_ns()
                     status_mv[ST_STATE] = STATE_RUNNING
-                    shard = make(sid)
-                    shard._seedseq = (entropy, sid)
+                    shard = make(sid, (entropy, sid))
                     try:
                         if seeded:
-                            worker._seed(shard, sid)
+                            worker._seed_legacy(sid)
                         if guarded:
                             with worker.guard.shard_scope(sid):
                                 fun(shard, **kwargs)
@@ -147,23 +146,36 @@ class QueueFeeder:
         self.fixed = int(fixed) if fixed else None
         self.block = self.fixed or (64 if run.autotune else max(1, min(4096, run.num // (workers * 8) or 1)))
         self.tuned = self.fixed is not None or not run.autotune
-        self.t_probe = time.monotonic()
+        self.win_t: float | None = None
+        self.win_done = 0
+        self.rounds = 0
         self.pushed_blocks = 0
 
     def retune(self, done: int) -> None:
-        """After the probe blocks: aim at ~target seconds per block."""
-        if self.tuned:
+        """Aim at ~target seconds of work per block, from the throughput
+        measured over windows of >= 20 ms (the first window starts when the
+        first shard is done, so pool wake-up does not count as work)."""
+        if self.fixed is not None or not self.run.autotune:
             return
         run = self.run
-        elapsed = time.monotonic() - self.t_probe
-        if done < self.workers * self.block or elapsed <= 0:
+        now = time.monotonic()
+        if self.win_t is None:
+            if done > 0:
+                self.win_t, self.win_done = now, done
             return
-        per_shard = elapsed * self.workers / done
+        dt = now - self.win_t
+        if dt < 0.02 or done <= self.win_done:
+            return
+        per_shard = dt * self.workers / (done - self.win_done)
+        self.win_t, self.win_done = now, done
+        run.ewma_shard_s = per_shard if run.ewma_shard_s is None else 0.5 * run.ewma_shard_s + 0.5 * per_shard
         target = float(run.autotune["target_chunk_seconds"])
-        new = int(max(1, min(MAX_BLOCK, target / max(per_shard, 1e-8))))
-        run.diag.autotune_step(self.block, new, per_shard)
-        run.ewma_shard_s = per_shard
-        self.block = new
+        new = int(max(1, min(MAX_BLOCK, target / max(run.ewma_shard_s, 1e-8))))
+        if abs(new - self.block) * 4 > self.block and self.rounds < int(run.autotune.get("max_rounds", 64)):
+            run.diag.autotune_step(self.block, new, run.ewma_shard_s)
+            run.chunk = new
+            self.block = new
+            self.rounds += 1
         self.tuned = True
 
     def feed(self) -> None:

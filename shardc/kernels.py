@@ -178,10 +178,12 @@ class TileDescriptor(ShardDescriptor):
         self.ty = math.ceil(n_y / block_y)
         super().__init__(n_x * n_y, None, "tiles", self.tx * self.ty)
 
-    def shard(self, k: int) -> Any:
+    def shard(self, k: int, seedseq: Any = None) -> Any:
         i, j = divmod(k, self.ty)
         xs, ys = i * self.block_x, j * self.block_y
-        return Tile(k, xs, min(xs + self.block_x, self.n_x), ys, min(ys + self.block_y, self.n_y))
+        t = Tile(k, xs, min(xs + self.block_x, self.n_x), ys, min(ys + self.block_y, self.n_y))
+        t._seedseq = seedseq
+        return t
 
     def to_dict(self) -> dict[str, Any]:
         return {"n": self.n, "strategy": "tiles", "num_shards": self.num_shards, "n_x": self.n_x,

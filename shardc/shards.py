@@ -65,14 +65,15 @@ class Shard:
 
     __slots__ = ("id", "start", "stop", "len", "idx", "stride", "_seedseq", "_rng")
 
-    def __init__(self, id: int, start: int, stop: int, length: int, idx: Any, stride: int = 1) -> None:
+    def __init__(self, id: int, start: int, stop: int, length: int, idx: Any, stride: int = 1,
+                 seedseq: Any = None) -> None:
         self.id = id
         self.start = start
         self.stop = stop
         self.len = length
         self.idx = idx
         self.stride = stride
-        self._seedseq: Any = None
+        self._seedseq: Any = seedseq
         self._rng: Any = None
 
     @property
@@ -148,18 +149,23 @@ class ShardDescriptor(Sequence[Shard]):
             raise IndexError(f"shard {i} out of range for {self.num_shards} shards")
         return self.shard(k)
 
-    def shard(self, k: int) -> Shard:
-        """Shard ``k`` (no bounds check; the hot path of workers)."""
+    def shard(self, k: int, seedseq: Any = None) -> Shard:
+        """Shard ``k`` (no bounds check; the hot path of workers).
+
+        ``seedseq`` is what ``shard.rng`` is built from: ``(entropy, k)``.
+        """
         if self.strategy == "contiguous":
             b = self.block_size
             start = k * b  # type: ignore[operator]
-            stop = min(start + b, self.n)  # type: ignore[operator]
-            return Shard(k, start, stop, stop - start, slice(start, stop))
+            stop = start + b  # type: ignore[operator]
+            if stop > self.n:
+                stop = self.n
+            return Shard(k, start, stop, stop - start, slice(start, stop), 1, seedseq)
         if self.strategy == "strided":
             idx = np.arange(k, self.n, self.num_shards, dtype=np.int64)
-            return Shard(k, k, int(idx[-1]) + 1 if len(idx) else k, len(idx), idx, self.num_shards)
+            return Shard(k, k, int(idx[-1]) + 1 if len(idx) else k, len(idx), idx, self.num_shards, seedseq)
         idx = self._lists[k]  # type: ignore[index]
-        return Shard(k, int(idx.min()), int(idx.max()) + 1, len(idx), idx, 0)
+        return Shard(k, int(idx.min()), int(idx.max()) + 1, len(idx), idx, 0, seedseq)
 
     def __iter__(self) -> Iterator[Shard]:
         for k in range(self.num_shards):

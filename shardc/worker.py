@@ -193,18 +193,17 @@ class Worker:
                     pass
         self.call = CallState()
 
-    def _seed(self, shard: Any, sid: int) -> None:
-        c = self.call
-        shard._seedseq = (c.entropy, sid)
-        if c.seeded:
-            state = np.random.SeedSequence(c.entropy, spawn_key=(sid, 1)).generate_state(2)
-            np.random.seed(int(state[0]))
-            random.seed(int(state[1]))
+    def _seed_legacy(self, sid: int) -> None:
+        """Seed ``random`` and ``np.random`` from (seed, shard id), for legacy code."""
+        state = np.random.SeedSequence(self.call.entropy, spawn_key=(sid, 1)).generate_state(2)
+        np.random.seed(int(state[0]))
+        random.seed(int(state[1]))
 
     def run_shard(self, sid: int) -> tuple:
         c = self.call
-        shard = c.desc.shard(sid)  # type: ignore[union-attr]
-        self._seed(shard, sid)
+        shard = c.desc.shard(sid, (c.entropy, sid))  # type: ignore[union-attr]
+        if c.seeded:
+            self._seed_legacy(sid)
         row = self.row
         # Per-shard memory delta (anonymous memory, statm: ~8 us a read)
         # only where shards are long enough for that to be noise.
