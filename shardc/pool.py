@@ -192,6 +192,8 @@ class Pool:
         self.workers: list[WorkerHandle] = []
         self.start_seconds = 0.0
         t0 = time.perf_counter()
+        from .segment import run_janitor_once
+        run_janitor_once()
         # Prepare in the master what every child would otherwise redo.
         from . import worker as _worker
         _worker._threadpool_controller()

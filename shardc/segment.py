@@ -24,6 +24,7 @@ lives in a shardc segment (then it is passed by reference, never copied).
 from __future__ import annotations
 
 import bisect
+import re
 import errno
 import itertools
 import logging
@@ -179,6 +180,8 @@ class Segment:
                 continue
             if errors:
                 log.warning("segment %s uses backing %r after: %s", path, b, "; ".join(errors))
+            if named:
+                _manifest_add(b, path)
             return cls(fd, size, b, path, key, owner=True, persistent=named)
         raise SegmentError(errno.ENOSPC, f"could not create a segment of {size} bytes with any backing: "
                                + "; ".join(errors))
@@ -300,6 +303,138 @@ def _finalize(fd: int, backing: str, name: str, unlink: bool, key: str, pid: int
             ll.seg_unlink(_CODES[backing], name)
         except OSError:
             pass
+        _manifest_remove(backing, name)
+
+
+# -- cleaning up after dead masters ---------------------------------------------------------
+#
+# memfd segments vanish with their last fd, and anonymous shm/file segments
+# are unlinked right after creation, so a SIGKILLed master normally leaves
+# nothing.  Two things can remain: an anonymous shm/file segment whose master
+# died in the microseconds between create and unlink, and *named* segments
+# (buffer(name=...)), which outlive their creator by design while it lives
+# but have no owner once it died.  Named segments are listed in a per-process
+# owner file; janitor() removes what dead masters left behind.
+
+_ANON_SHM = re.compile(r"^shardc\.(\d+)\.[0-9a-f]+\.\d+$")
+_ANON_FILE = re.compile(r"^shardc\.\w+\.(\d+)\.[0-9a-f]+\.\d+$")
+_janitor_ran = False
+
+
+def _owners_dir() -> str:
+    return os.path.join(_tmpdir(), f"shardc-owners-{os.getuid()}")
+
+
+def _owner_file() -> str:
+    return os.path.join(_owners_dir(), f"{os.getpid()}.{_TOKEN}")
+
+
+def _manifest_add(backing: str, path: str) -> None:
+    try:
+        os.makedirs(_owners_dir(), mode=0o700, exist_ok=True)
+        with open(_owner_file(), "a") as f:
+            f.write(f"{backing}\t{path}\n")
+    except OSError as exc:
+        log.warning("could not record named segment %s for cleanup after a crash: %s", path, exc)
+
+
+def _manifest_remove(backing: str, path: str) -> None:
+    fname = _owner_file()
+    try:
+        with open(fname) as f:
+            lines = [ln for ln in f if ln.rstrip("\n") != f"{backing}\t{path}"]
+        if lines:
+            with open(fname, "w") as f:
+                f.writelines(lines)
+        else:
+            os.unlink(fname)
+            try:
+                os.rmdir(_owners_dir())  # only succeeds when no other process has an owner file
+            except OSError:
+                pass
+    except OSError:
+        pass
+
+
+def _pid_dead(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def janitor() -> list[str]:
+    """Remove shm/file segments left by dead shardc masters of this user.
+
+    Runs once per process when the first pool starts (and can be called any
+    time).  Returns the names removed; each is logged.
+    """
+    global _janitor_ran
+    _janitor_ran = True
+    removed: list[str] = []
+    uid = os.getuid()
+    places = [("shm", "/dev/shm", _ANON_SHM), ("file", _tmpdir(), _ANON_FILE)]
+    for backing, folder, pattern in places:
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for entry in entries:
+            m = pattern.match(entry)
+            if not m or not _pid_dead(int(m.group(1))):
+                continue
+            full = os.path.join(folder, entry)
+            try:
+                if os.stat(full).st_uid != uid:
+                    continue
+                os.unlink(full)
+                removed.append(full)
+            except OSError:
+                pass
+    try:
+        owners = os.listdir(_owners_dir())
+    except OSError:
+        owners = []
+    for fname in owners:
+        try:
+            pid = int(fname.split(".", 1)[0])
+        except ValueError:
+            continue
+        if not _pid_dead(pid):
+            continue
+        full = os.path.join(_owners_dir(), fname)
+        try:
+            with open(full) as f:
+                for line in f:
+                    backing, _, path = line.rstrip("\n").partition("\t")
+                    if backing in ("shm", "file") and path:
+                        try:
+                            ll.seg_unlink(_CODES[backing], path)
+                            removed.append(path)
+                        except OSError:
+                            pass
+            os.unlink(full)
+        except OSError:
+            pass
+    if owners:
+        try:
+            os.rmdir(_owners_dir())
+        except OSError:
+            pass
+    for name in removed:
+        log.info("janitor: removed %s, left behind by a shardc process that died", name)
+    return removed
+
+
+def run_janitor_once() -> None:
+    if not _janitor_ran:
+        try:
+            janitor()
+        except Exception as exc:  # noqa: BLE001 - cleanup must never break a start
+            log.debug("janitor failed: %s", exc)
 
 
 def live_segments() -> list[Segment]:
