@@ -97,7 +97,7 @@ class Diagnostics:
             self.worker_started(w)
             m = ll.proc_mem_fast(w.pid)
             if m is not None:
-                self.mem_sample(w, m)
+                self.mem_sample(w, pool.calibrated(w, m))
         self._sample_master(precise=False)
         if self._progress:
             from tqdm.auto import tqdm
@@ -116,7 +116,11 @@ class Diagnostics:
         precise = (self.t_end_ns - self.t_start_ns) > 200_000_000
         for w in pool.workers:
             if w.alive:
-                m = pool.sample(w) if precise else ll.proc_mem_fast(w.pid)
+                if precise:
+                    m = pool.sample(w)
+                else:
+                    m = ll.proc_mem_fast(w.pid)
+                    m = pool.calibrated(w, m) if m is not None else None
                 if m is not None:
                     self.mem_sample(w, m)
         self._sample_master(precise=precise)

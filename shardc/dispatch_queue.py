@@ -332,7 +332,7 @@ def run_queue(run: Any) -> None:
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + tick
-                _watchdog(run, pool, on_death)
+                run.watchdog(on_death)
                 for w in list(pool.workers):
                     if not w.alive:
                         on_death(w)
@@ -364,35 +364,14 @@ def run_queue(run: Any) -> None:
                         run.record_failure(m[2][0], m[2][2])
         run.completed = int(np.count_nonzero(donemap))
     finally:
+        # The call is over: a later rpc_chunked call attributes a death to the
+        # running shard only while ST_CALL is 0 or its own id.
+        pool.status[:, ST_CALL] = 0
         sel.close()
         run.sel = None
         ring.close()
         ring.release()
         donemap_buf.close()
-
-
-def _watchdog(run: Any, pool: Any, on_death: Any) -> None:
-    now = time.monotonic_ns()
-    for w in list(pool.workers):
-        if not w.alive:
-            continue
-        row = pool.status[w.slot]
-        if row[ST_STATE] != STATE_RUNNING:
-            continue
-        if (now - int(row[ST_START_NS])) * 1e-9 > run.timeout:
-            pool.kill(w)
-            on_death(w, reason="timeout", code=w.exitcode)
-            continue
-        if run.mem_cap is not None:
-            m = pool.sample_cheap(w, max_age=0.2)
-            if m is not None:
-                run.diag.mem_sample(w, m)
-                if pool.footprint(m) > 2 * run.mem_cap:
-                    from .pool import fmt_bytes
-                    why = (f"memory: {fmt_bytes(pool.footprint(m))} > 2x mem_cap "
-                           f"{fmt_bytes(run.mem_cap)} inside a shard")
-                    pool.kill(w)
-                    on_death(w, reason=why, code=w.exitcode)
 
 
 class _NullSel:

@@ -652,9 +652,16 @@ class Run:
         st.inflight.clear()
         return self.replace(w, reason or f"worker died with {label}", "restart")
 
-    def watchdog(self) -> None:
-        """Timeouts and runaway memory of running shards (read from the status table)."""
+    def watchdog(self, on_death: Callable[..., Any] | None = None) -> None:
+        """Timeouts and memory of running shards (both dispatch modes).
+
+        Reads the status table for which shard runs since when; takes a cheap
+        statm sample of every running worker (so a shard that allocates and
+        frees within itself still shows in peak memory), and a precise one
+        before killing a worker for holding over 2x ``mem_cap``.
+        """
         pool = self.pool
+        died = on_death or self.on_death
         now = time.monotonic_ns()
         for w in list(pool.workers):
             if not w.alive:
@@ -664,17 +671,22 @@ class Run:
                 continue
             if (now - int(row[ST_START_NS])) * 1e-9 > self.timeout:
                 pool.kill(w)
-                self.on_death(w, reason="timeout", code=w.exitcode)
+                died(w, reason="timeout", code=w.exitcode)
                 continue
-            if self.mem_cap is not None:
-                m = pool.sample(w)
-                if m is not None:
+            fast = ll.proc_mem_fast(w.pid)
+            if fast is None:
+                continue
+            fast = pool.calibrated(w, fast)
+            if self.diagnostics:
+                self.diag.mem_sample(w, fast)
+            if self.mem_cap is not None and fast["anon"] > 2 * self.mem_cap:
+                m = pool.sample(w)  # confirm with the precise number before killing
+                if m is not None and pool.footprint(m) > 2 * self.mem_cap:
                     self.diag.mem_sample(w, m)
-                    if pool.footprint(m) > 2 * self.mem_cap:
-                        why = (f"memory: {fmt_bytes(pool.footprint(m))} > 2x mem_cap "
-                               f"{fmt_bytes(self.mem_cap)} inside a shard")
-                        pool.kill(w)
-                        self.on_death(w, reason=why, code=w.exitcode)
+                    why = (f"memory: {fmt_bytes(pool.footprint(m))} > 2x mem_cap "
+                           f"{fmt_bytes(self.mem_cap)} inside a shard")
+                    pool.kill(w)
+                    died(w, reason=why, code=w.exitcode)
 
     def run_rpc(self) -> None:
         pool = self.pool

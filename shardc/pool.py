@@ -127,6 +127,7 @@ class WorkerHandle:
         self.call_id = -1
         self.pids: list[int] = [pid]
         self.precise_t = 0.0  # when the last smaps_rollup sample was taken
+        self.anon_offset = 0  # statm RssAnon minus Pss_Anon at that sample
         self.fast_anon = 0  # statm private estimate at that time
 
     def info(self) -> dict[str, Any]:
@@ -392,6 +393,12 @@ class Pool:
         """Precise sample (smaps_rollup, ~0.3 ms): RSS, PSS, USS."""
         m = ll.proc_mem(w.pid)
         if m is not None:
+            fast = ll.proc_mem_fast(w.pid)
+            if fast is not None:
+                # statm's RssAnon also counts pages still shared with the master
+                # after fork; remember by how much it exceeds Pss_Anon so cheap
+                # samples can be put on the same scale (see calibrated()).
+                w.anon_offset = fast["anon"] - m["pss_anon"]
             w.last_mem = m
             w.precise_t = time.monotonic()
             for k in ("rss", "pss", "uss"):
@@ -412,6 +419,13 @@ class Pool:
             w.fast_anon = fast["anon"]
             return self.sample(w)
         return None
+
+    @staticmethod
+    def calibrated(w: WorkerHandle, fast: dict[str, int]) -> dict[str, int]:
+        """A cheap (statm) sample with its anonymous memory put on the Pss_Anon
+        scale of ``w``'s last precise sample."""
+        anon = max(0, fast["anon"] - w.anon_offset)
+        return {**fast, "anon": anon, "pss_anon": anon, "uss": anon, "pss": anon}
 
     @staticmethod
     def footprint(m: dict[str, int]) -> int:
