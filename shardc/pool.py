@@ -128,6 +128,7 @@ class WorkerHandle:
         self.pids: list[int] = [pid]
         self.precise_t = 0.0  # when the last smaps_rollup sample was taken
         self.anon_offset = 0  # statm RssAnon minus Pss_Anon at that sample
+        self.cow_slack = 0  # growth that copy-on-write of inherited pages alone can cause
         self.fast_anon = 0  # statm private estimate at that time
 
     def info(self) -> dict[str, Any]:
@@ -259,9 +260,14 @@ class Pool:
             except OSError:
                 pass  # already closed by _reap
         assert msg[0] == "hello"
-        w.last_mem = ll.proc_mem(w.pid)
-        if w.last_mem:
-            w.baseline = self.footprint(w.last_mem)
+        m = self.sample(w)
+        if m is not None:
+            w.baseline = self.footprint(m)
+            # Pages still shared with the master after fork count half in
+            # Pss_Anon; as the worker touches them (refcounts) they become
+            # private and Pss_Anon grows by up to that much with no leak at
+            # all.  Drift is measured beyond this slack.
+            w.cow_slack = max(0, w.anon_offset)
 
     def replace(self, w: WorkerHandle, reason: str, kind: str) -> WorkerHandle:
         """Stop ``w`` (if alive) and fork a fresh worker into its slot."""
@@ -453,11 +459,12 @@ class Pool:
             return "cap", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(self.mem_cap)}"
         limit = self.drift_limit()
         if limit is not None and w.baseline:
-            growth = used - w.baseline
+            growth = used - w.baseline - w.cow_slack
             floor = int(os.environ.get("SHARDC_RECYCLE_MIN_BYTES", 32 * 1024**2))
             if growth > floor and growth > limit * max(w.baseline, floor):
                 return "drift", (f"{label} grew {fmt_bytes(growth)} over its baseline "
-                                   f"{fmt_bytes(w.baseline)} (> recycle={limit:g})")
+                                 f"{fmt_bytes(w.baseline)} (+ {fmt_bytes(w.cow_slack)} copy-on-write "
+                                 f"slack; > recycle={limit:g})")
         return None
 
     # -- reports ---------------------------------------------------------------------------
