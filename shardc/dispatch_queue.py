@@ -227,8 +227,11 @@ def run_queue(run: Any) -> None:
     sel = selectors.DefaultSelector()
     run.sel = sel
 
+    queued_pids: set[int] = set()  # workers that were handed the ring (and will send "qdone")
+
     def start_worker(w: Any) -> None:
         pool.status[w.slot, ST_CALL] = run.call_id
+        queued_pids.add(w.pid)
         msg = {"call_id": run.call_id, "nbytes": ring.nbytes, "num": run.num,
                "claim_batch": int(run.opts.get("claim_batch", 1))}
         n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap_buf.segment.fd])
@@ -346,7 +349,9 @@ def run_queue(run: Any) -> None:
         ring.close()
         # Collect every worker's qdone (block timings), with a deadline.
         deadline = time.monotonic() + 5.0
-        waiting = {w.slot for w in pool.workers if w.alive}
+        # A replacement forked after the last shard finished never got the
+        # ring: waiting for its qdone would only run out the deadline.
+        waiting = {w.slot for w in pool.workers if w.alive and w.pid in queued_pids}
         while waiting and time.monotonic() < deadline:
             for key, _ in sel.select(timeout=0.05):
                 w = pool.workers[key.data]
