@@ -1,8 +1,13 @@
-"""Crash matrix for ``shard_map`` (rpc_chunked): worker deaths by signal and
-exit, exceptions, hangs past ``timeout``, memory leaks under ``mem_cap``,
-and the master itself being SIGKILLed.  Each case asserts the exact outcome
-(results, failure types, attempts, diagnostics events) and that the pool
-still works afterwards."""
+"""Crash matrix for ``shard_map`` in both dispatch modes (rpc_chunked and
+shm_queue): worker deaths by signal and exit, exceptions, hangs past
+``timeout``, memory leaks under ``mem_cap``, workers SIGKILLed from outside
+while they hold ring claims, writes into borrowed inputs, and the master
+itself being SIGKILLed.  Each case asserts the exact outcome (results, the
+``out=`` buffer every shard writes into, failure types, attempts, retries,
+diagnostics events) and that the pool still works afterwards.
+
+shm_queue gathers no return values: there each successful ``results`` entry
+is None and the out buffer is the only output."""
 
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from shardc.errors import RemoteTraceback
 from _engine_helpers import assert_no_stray_children, drain, pool_pids
 
 pytestmark = pytest.mark.timeout(60)
+
+MODES = ["rpc_chunked", "shm_queue"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +59,8 @@ def assert_pool_usable(pool):
     drain(pool)
     r = shardc.shard_map(6, who, progress=False)
     assert [x[0] for x in r.results] == list(range(6))
-    assert {x[1] for x in r.results} <= pool_pids(pool)
+    # Workers of this call (one that leaked in the previous call may be recycled during it).
+    assert {x[1] for x in r.results} <= {p for rec in r.diagnostics.workers.values() for p in rec["pids"]}
     assert all(psutil.pid_exists(p) for p in pool_pids(pool))
 
 
@@ -69,129 +77,174 @@ def _first_time(marker: str) -> bool:
     return True
 
 
-def sigkill_first_attempt(shard, marker):
+def _emit(shard, out):
+    """A shard's output: written into out (both modes) and returned (gathered by rpc only)."""
+    out[shard.id] = shard.id * 2
+    return shard.id * 2
+
+
+def sigkill_first_attempt(shard, marker, out):
     if shard.id == 3 and _first_time(marker):
         os.kill(os.getpid(), signal.SIGKILL)
-    return shard.id * 2
+    return _emit(shard, out)
 
 
-def sigkill_always(shard, marker):
+def sigkill_always(shard, marker, out):
     if shard.id == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    return shard.id * 2
+    return _emit(shard, out)
 
 
-def segfault_first_attempt(shard, marker):
+def segfault_first_attempt(shard, marker, out):
     if shard.id == 3 and _first_time(marker):
         ctypes.string_at(0)
-    return shard.id * 2
+    return _emit(shard, out)
 
 
-def exit3_always(shard, marker):
+def exit3_always(shard, marker, out):
     if shard.id == 3:
         os._exit(3)
-    return shard.id * 2
+    return _emit(shard, out)
 
 
-def raise_always(shard, marker):
+def raise_always(shard, marker, out):
     if shard.id == 3:
         raise KeyError(f"no key for shard {shard.id}")
-    return shard.id * 2
+    return _emit(shard, out)
 
 
-def hang(shard, marker):
+def hang(shard, marker, out):
     if shard.id == 3:
         time.sleep(60)
-    return shard.id * 2
+    return _emit(shard, out)
 
 
-def run(fun, tmp_path, **kw):
+def run(fun, tmp_path, mode="rpc_chunked", n=8, **kw):
+    """shard_map over n one-item shards in ``mode``; the out buffer (init -1) is kept as ``r.out``."""
     marker = str(tmp_path / "marker")
     kw.setdefault("progress", False)
     kw.setdefault("on_failure", "collect")
-    return shardc.shard_map(shardc.shards(8, block_size=1), fun, borrow={"marker": marker}, **kw)
+    out = shardc.buffer(np.int64, (n,), init=-1)
+    try:
+        r = shardc.shard_map(shardc.shards(n, block_size=1), fun, borrow={"marker": marker}, out={"out": out},
+                             dispatch_mode=mode, **kw)
+        r.out = np.asarray(out).copy()
+    except shardc.ShardMapError as err:
+        err.result.out = np.asarray(out).copy()
+        raise
+    finally:
+        out.close()
+    return r
+
+
+def assert_outputs(r, mode, failed=(), written=None):
+    """Every shard but ``failed`` has its output (2 * id) in the out buffer and, in rpc mode, in results;
+    shm_queue results are None; failed shards are FailedShard and (unless in ``written``) left out at -1."""
+    n = len(r.results)
+    for i in range(n):
+        if i in failed:
+            assert isinstance(r.results[i], shardc.FailedShard) and r.results[i].failure is r.failures[i]
+            if written is None or i not in written:
+                assert r.out[i] == -1, (i, r.out)
+        else:
+            assert r.results[i] == (i * 2 if mode == "rpc_chunked" else None), (i, r.results[i])
+            assert r.out[i] == i * 2, (i, r.out)
+    assert sorted(r.failures) == sorted(failed)
 
 
 def deaths(result):
     return [(e["event"], e["signal"], e["shard"]) for e in result.diagnostics.events if e["event"] == "death"]
 
 
-def test_sigkill_first_attempt_is_retried(pool2, tmp_path):
-    """A busy worker SIGKILLed on the first attempt: shard retried once, every result right."""
-    r = run(sigkill_first_attempt, tmp_path)
-    assert r.results == [i * 2 for i in range(8)] and r.succeeded
-    assert r.diagnostics.retries == 1
+@pytest.mark.parametrize("mode", MODES)
+def test_sigkill_first_attempt_is_retried(pool2, tmp_path, mode):
+    """A busy worker SIGKILLed on the first attempt: shard retried once, every output right."""
+    r = run(sigkill_first_attempt, tmp_path, mode)
+    assert_outputs(r, mode)
+    assert r.succeeded and r.diagnostics.retries == 1
     assert deaths(r) == [("death", "SIGKILL(-9)", 3)]
     assert r.diagnostics.events[0]["reason"] == "died with SIGKILL(-9)"
     assert_pool_usable(pool2)
 
 
-def test_sigkill_every_attempt_fails_that_shard_only(pool2, tmp_path):
-    """SIGKILL on every attempt: WorkerCrashedError after 1 + max_retries attempts, others succeed."""
-    r = run(sigkill_always, tmp_path, max_retries=2)
-    assert [x for i, x in enumerate(r.results) if i != 3] == [i * 2 for i in range(8) if i != 3]
-    assert isinstance(r.results[3], shardc.FailedShard) and list(r.failures) == [3]
+@pytest.mark.parametrize("mode", MODES)
+def test_sigkill_every_attempt_fails_that_shard_only(pool2, tmp_path, mode):
+    """SIGKILL on every attempt: WorkerCrashedError after 1 + max_retries attempts, no retry storm, others succeed."""
+    t0 = time.monotonic()
+    r = run(sigkill_always, tmp_path, mode, max_retries=2)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 5.0, f"run took {elapsed:.1f}s"
+    assert_outputs(r, mode, failed=[3])
     f = r.failures[3]
     assert f.attempts == 3 and f.error_type == "shardc.errors.WorkerCrashedError"
     assert "died with SIGKILL(-9) while running shard 3" in f.message
     assert isinstance(f.exception, shardc.WorkerCrashedError) and f.exception.exitcode == -9
-    assert deaths(r) == [("death", "SIGKILL(-9)", 3)] * 3
+    assert deaths(r) == [("death", "SIGKILL(-9)", 3)] * 3, r.diagnostics.events
     assert r.diagnostics.retries == 2
+    assert [h.split(":")[0] for h in f.history] == ["attempt 1", "attempt 2", "attempt 3"]
     drain()
-    with pytest.raises(shardc.ShardMapError, match=r"shard 3 after 2 attempt\(s\): WorkerCrashedError"):
-        run(sigkill_always, tmp_path, max_retries=1, on_failure="raise")
+    with pytest.raises(shardc.ShardMapError, match=r"shard 3 after 2 attempt\(s\): WorkerCrashedError") as info:
+        run(sigkill_always, tmp_path, mode, max_retries=1, on_failure="raise")
+    assert deaths(info.value.result) == [("death", "SIGKILL(-9)", 3)] * 2
     assert_pool_usable(pool2)
 
 
-def test_segfault_is_retried(pool2, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_segfault_is_retried(pool2, tmp_path, mode):
     """A segfault in a shard kills only that attempt; the retry succeeds."""
-    r = run(segfault_first_attempt, tmp_path)
-    assert r.results == [i * 2 for i in range(8)] and r.succeeded and r.diagnostics.retries == 1
+    r = run(segfault_first_attempt, tmp_path, mode)
+    assert_outputs(r, mode)
+    assert r.succeeded and r.diagnostics.retries == 1
     assert deaths(r) == [("death", "SIGSEGV(-11)", 3)]
     assert_pool_usable(pool2)
 
 
-def test_os_exit_is_reported_as_exit_code(pool2, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_os_exit_is_reported_as_exit_code(pool2, tmp_path, mode):
     """os._exit(3) in a shard is a WorkerCrashedError labelled exit(3)."""
-    r = run(exit3_always, tmp_path, max_retries=1)
+    r = run(exit3_always, tmp_path, mode, max_retries=1)
+    assert_outputs(r, mode, failed=[3])
     f = r.failures[3]
-    assert list(r.failures) == [3] and f.attempts == 2
+    assert f.attempts == 2 and r.diagnostics.retries == 1
     assert f.error_type == "shardc.errors.WorkerCrashedError" and "died with exit(3)" in f.message
     assert f.exception.exitcode == 3
     assert deaths(r) == [("death", "exit(3)", 3)] * 2
-    assert [x for i, x in enumerate(r.results) if i != 3] == [i * 2 for i in range(8) if i != 3]
     assert_pool_usable(pool2)
 
 
-def test_exception_retried_then_failed_with_remote_traceback(pool2, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_exception_retried_then_failed_with_remote_traceback(pool2, tmp_path, mode):
     """An exception is retried max_retries times, then fails carrying the remote traceback."""
     before = pool_pids(pool2)
-    r = run(raise_always, tmp_path, max_retries=2)
+    r = run(raise_always, tmp_path, mode, max_retries=2)
+    assert_outputs(r, mode, failed=[3])
     f = r.failures[3]
     assert (f.attempts, f.error_type, f.message) == (3, "builtins.KeyError", "'no key for shard 3'")
     assert r.diagnostics.retries == 2 and deaths(r) == []
     assert "in raise_always" in f.traceback and "KeyError: 'no key for shard 3'" in f.traceback
     assert isinstance(f.exception, KeyError)
     assert isinstance(f.exception.__cause__, RemoteTraceback) and f.exception.__cause__.tb == f.traceback
-    assert len(f.history) == 3
+    assert f.history == ["attempt 1: KeyError: 'no key for shard 3'", "attempt 2: KeyError: 'no key for shard 3'",
+                         "attempt 3: KeyError: 'no key for shard 3'"]
     assert pool_pids(pool2) == before  # no worker is replaced for an exception
     assert_pool_usable(pool2)
 
 
-def test_hang_past_timeout(pool2, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_hang_past_timeout(pool2, tmp_path, mode):
     """A shard hanging past timeout=0.5 fails with ShardTimeoutError; other shards are unaffected."""
     t0 = time.monotonic()
-    r = run(hang, tmp_path, timeout=0.5, max_retries=1)
+    r = run(hang, tmp_path, mode, timeout=0.5, max_retries=1)
     elapsed = time.monotonic() - t0
     assert elapsed < 4.0, f"run took {elapsed:.1f}s"
+    assert_outputs(r, mode, failed=[3])
     f = r.failures[3]
-    assert list(r.failures) == [3] and f.attempts == 2
+    assert f.attempts == 2 and r.diagnostics.retries == 1
     assert f.error_type == "shardc.errors.ShardTimeoutError"
     assert f.message.startswith("shard 3 ran longer than timeout=0.5s")
     assert isinstance(f.exception, shardc.ShardTimeoutError)
     assert [(e["reason"], e["signal"], e["shard"]) for e in r.diagnostics.events] == \
         [("timeout", "SIGKILL(-9)", 3)] * 2
-    assert [x for i, x in enumerate(r.results) if i != 3] == [i * 2 for i in range(8) if i != 3]
     assert_pool_usable(pool2)
 
 
@@ -202,56 +255,79 @@ LEAK_BYTES = 40 * 2**20
 CAP = 100 * 2**20
 
 
-def leak(shard):
-    """Keeps ~40 MB per call alive in the worker (a module-level list)."""
+def leak(shard, out):
+    """Keeps ~40 MB per call alive in the worker (a module-level list); counts its runs in out."""
     _LEAK.append(np.ones(LEAK_BYTES // 8))
+    out[shard.id] += 1
     return shard.id
 
 
-def _check_leak_run(r, n):
-    assert r.results == list(range(n)) and r.succeeded
+def _leak_run(mode, n=12, **kw):
+    out = shardc.buffer(np.int64, (n,), init=0)
+    try:
+        r = shardc.shard_map(shardc.shards(n, block_size=1), leak, out={"out": out}, mem_cap="100MB",
+                             dispatch_mode=mode, progress=False, **kw)
+        r.out = np.asarray(out).copy()
+    finally:
+        out.close()
+    return r
+
+
+def _check_leak_run(r, n, mode):
+    assert r.succeeded and r.results == (list(range(n)) if mode == "rpc_chunked" else [None] * n)
+    assert r.out.tolist() == [1] * n, f"each shard's output exactly once: {r.out.tolist()}"
     recycles = [e for e in r.diagnostics.events if e["event"] == "recycle"]
     assert recycles, f"no recycle events: {[(e['event'], e['reason']) for e in r.diagnostics.events]}"
+    assert all("> mem_cap 100.0 MB" in e["reason"] or "grew" in e["reason"] for e in recycles), recycles
     return recycles
 
 
 def test_leaking_shards_are_recycled_with_health_check_every_shard(tmp_path):
     """mem_cap=100MB with memory checked after every shard: recycles, each result once, bounded memory."""
     pool = shardc.pool_create(2)
-    r = shardc.shard_map(shardc.shards(12, block_size=1), leak, mem_cap="100MB", health_check_interval=1,
-                         progress=False)
-    _check_leak_run(r, 12)
+    r = _leak_run("rpc_chunked", health_check_interval=1)
+    _check_leak_run(r, 12, "rpc_chunked")
     peaks = {k: v["peak_uss"] for k, v in r.diagnostics.worker_memory().items()}
     print(f"\npeak uss per worker (MB): { {k: v >> 20 for k, v in peaks.items()} }")
     assert max(peaks.values()) < 2 * CAP + LEAK_BYTES
     assert_pool_usable(pool)
 
 
-def test_leaking_shards_are_recycled_under_mem_cap():
-    """mem_cap=100MB with defaults: leaking workers are recycled between shards, memory stays near the cap."""
+@pytest.mark.parametrize("mode", MODES)
+def test_leaking_shards_are_recycled_under_mem_cap(mode):
+    """mem_cap=100MB with defaults: leaking workers are recycled between shards, each output written once, memory stays near the cap."""
     pool = shardc.pool_create(2)
-    r = shardc.shard_map(shardc.shards(12, block_size=1), leak, mem_cap="100MB", progress=False)
+    r = _leak_run(mode)
     assert [e for e in r.diagnostics.events if e["event"] == "death"] == []
-    _check_leak_run(r, 12)
+    _check_leak_run(r, 12, mode)
     peaks = {k: v["peak_uss"] for k, v in r.diagnostics.worker_memory().items()}
+    print(f"\npeak uss per worker (MB): { {k: v >> 20 for k, v in peaks.items()} }")
     assert max(peaks.values()) < CAP + 2 * LEAK_BYTES
     assert_pool_usable(pool)
 
 
-def balloon(shard):
+def balloon(shard, out):
     if shard.id == 1:
         a = np.ones(230 * 2**20 // 8)  # 230 MB touched: > 2x mem_cap
         time.sleep(5)
+        out[shard.id] = int(a[0])
         return float(a[0])
+    out[shard.id] = shard.id
     return shard.id
 
 
-def test_shard_over_twice_mem_cap_is_killed_mid_shard(pool2):
+@pytest.mark.parametrize("mode", MODES)
+def test_shard_over_twice_mem_cap_is_killed_mid_shard(pool2, mode):
     """A shard holding > 2x mem_cap is killed mid-shard: WorkerMemoryError, others unaffected."""
+    out = shardc.buffer(np.int64, (4,), init=-1)
     t0 = time.monotonic()
-    r = shardc.shard_map(4, balloon, mem_cap="100MB", max_retries=0, on_failure="collect", progress=False)
+    r = shardc.shard_map(shardc.shards(4, block_size=1), balloon, out={"out": out}, mem_cap="100MB", max_retries=0,
+                         dispatch_mode=mode, on_failure="collect", progress=False)
     assert time.monotonic() - t0 < 4.0
-    assert r.results[0] == 0 and r.results[2:] == [2, 3] and list(r.failures) == [1]
+    assert np.asarray(out).tolist() == [0, -1, 2, 3]
+    out.close()
+    ok = [0, 2, 3] if mode == "rpc_chunked" else [None] * 3
+    assert [r.results[i] for i in (0, 2, 3)] == ok and list(r.failures) == [1]
     f = r.failures[1]
     assert f.attempts == 1 and f.error_type == "shardc.errors.WorkerMemoryError"
     assert isinstance(f.exception, shardc.WorkerMemoryError) and "> 2x mem_cap 100.0 MB inside a shard" in f.message
@@ -334,13 +410,14 @@ def test_master_sigkill_leaves_nothing_behind(tmp_path):
 
 # -- more crash cases -------------------------------------------------------------------------------
 
-def slow_with_marker(shard, marker_dir):
+def slow_with_marker(shard, marker_dir, out):
     Path(marker_dir, f"running.{os.getpid()}.{shard.id}").touch()
     time.sleep(0.3)
-    return shard.id * 2
+    return _emit(shard, out)
 
 
-def test_external_sigkill_of_busy_worker(pool2, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_external_sigkill_of_busy_worker(pool2, tmp_path, mode):
     """A worker SIGKILLed from outside mid-shard: that shard is retried once, the rest unaffected."""
     import threading
     killed = {}
@@ -357,44 +434,145 @@ def test_external_sigkill_of_busy_worker(pool2, tmp_path):
 
     t = threading.Thread(target=killer)
     t.start()
+    out = shardc.buffer(np.int64, (6,), init=-1)
     r = shardc.shard_map(shardc.shards(6, block_size=1), slow_with_marker, borrow={"marker_dir": str(tmp_path)},
-                         progress=False)
+                         out={"out": out}, dispatch_mode=mode, progress=False)
     t.join()
-    assert r.results == [i * 2 for i in range(6)] and r.succeeded and r.diagnostics.retries == 1
+    r.out = np.asarray(out).copy()
+    out.close()
+    assert_outputs(r, mode)
+    assert r.succeeded and r.diagnostics.retries == 1
     assert [(e["event"], e["pid"], e["signal"], e["shard"]) for e in r.diagnostics.events] == \
         [("death", killed["pid"], "SIGKILL(-9)", killed["shard"])]
     assert killed["pid"] not in pool_pids(pool2)
     assert_pool_usable(pool2)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fun,kw,etype", [
     (sigkill_always, {}, "shardc.errors.WorkerCrashedError"),
     (hang, {"timeout": 0.5}, "shardc.errors.ShardTimeoutError"),
 ], ids=["sigkill", "timeout"])
-def test_crash_in_a_chunk_charges_only_the_running_shard(pool2, tmp_path, fun, kw, etype):
-    """With chunk_size=4 and max_retries=0 a death fails only the running shard; its chunk-mates rerun free."""
-    r = run(fun, tmp_path, chunk_size=4, max_retries=0, **kw)
-    assert list(r.failures) == [3] and r.failures[3].attempts == 1 and r.failures[3].error_type == etype
-    assert [x for i, x in enumerate(r.results) if i != 3] == [i * 2 for i in range(8) if i != 3]
+def test_crash_in_a_chunk_charges_only_the_running_shard(pool2, tmp_path, fun, kw, etype, mode):
+    """With chunks (blocks) of 4 and max_retries=0 a death fails only the running shard; its chunk-mates rerun free."""
+    chunk = {"chunk_size": 4} if mode == "rpc_chunked" else {"dispatch_opts": {"block_size": 4}}
+    r = run(fun, tmp_path, mode, max_retries=0, **chunk, **kw)
+    assert_outputs(r, mode, failed=[3])
+    assert r.failures[3].attempts == 1 and r.failures[3].error_type == etype
     assert r.diagnostics.retries == 0
+    assert [(e["event"], e["signal"], e["shard"]) for e in r.diagnostics.events] == [("death", "SIGKILL(-9)", 3)]
     assert_pool_usable(pool2)
 
 
-def write_borrowed(shard, X):
+def test_rpc_call_after_shm_queue_call_charges_the_running_shard(pool2, tmp_path):
+    """A death in an rpc_chunked call right after a shm_queue call on the same workers is charged to its shard."""
+    out = shardc.buffer(np.int64, (64,))
+    shardc.shard_map(64, fill_out, out={"out": out}, dispatch_mode="shm_queue", progress=False)
+    out.close()
+    drain()
+    r = run(sigkill_always, tmp_path, "rpc_chunked", max_retries=0)
+    assert_outputs(r, "rpc_chunked", failed=[3])
+    assert r.failures[3].attempts == 1 and r.diagnostics.retries == 0
+    assert deaths(r) == [("death", "SIGKILL(-9)", 3)], r.diagnostics.events
+    assert_pool_usable(pool2)
+
+
+def fill_out(shard, out):
+    out[shard.id] = shard.id + 1
+
+
+def write_borrowed(shard, X, out=None):
     X[shard.id] = -1.0
+    if out is not None:
+        out[shard.id] = shard.id
     return shard.id
 
 
-def test_write_into_borrowed_input_fails_at_once(pool2):
+@pytest.mark.parametrize("mode", MODES)
+def test_write_into_borrowed_input_fails_at_once(pool2, mode):
     """cow='deny': a write into a borrowed input fails that shard on its first attempt, naming input and offset."""
     X = np.arange(8.0)
-    r = shardc.shard_map(3, write_borrowed, borrow={"X": X}, max_retries=3, on_failure="collect", progress=False)
-    assert list(r.failures) == [0, 1, 2] and r.diagnostics.retries == 0
-    f = r.failures[2]
-    assert f.attempts == 1 and f.error_type == "shardc.errors.BorrowedInputWriteError"
-    assert f.message.startswith("shard 2 wrote to borrowed input 'X' at byte 16")
-    assert (f.exception.input_name, f.exception.shard_id, f.exception.offset) == ("X", 2, 16)
+    out = shardc.buffer(np.int64, (3,), init=-1)
+    r = shardc.shard_map(3, write_borrowed, borrow={"X": X}, out={"out": out}, max_retries=3, dispatch_mode=mode,
+                         on_failure="collect", progress=False)
+    assert list(r.failures) == [0, 1, 2] and r.diagnostics.retries == 0 and deaths(r) == []
+    assert all(isinstance(x, shardc.FailedShard) for x in r.results)
+    out.close()
+    for i, f in r.failures.items():
+        assert f.attempts == 1 and f.error_type == "shardc.errors.BorrowedInputWriteError"
+        assert f.message == (f"shard {i} wrote to borrowed input 'X' at byte {8 * i} (element [{i}]); "
+                             "cow='deny' forbids writes to borrowed inputs")
+        assert (f.exception.input_name, f.exception.shard_id, f.exception.offset) == ("X", i, 8 * i)
+        assert f.history == [f"attempt 1: BorrowedInputWriteError: {f.message}"]
     np.testing.assert_array_equal(X, np.arange(8.0))
+    assert_pool_usable(pool2)
+
+
+# -- a worker killed while it holds ring claims (shm_queue) ------------------------------------------
+
+def tiny_counted(shard, out, runs):
+    """A tiny shard (~20 us): writes its output and counts its runs."""
+    runs[shard.id] += 1
+    end = time.perf_counter() + 20e-6
+    while time.perf_counter() < end:
+        pass
+    out[shard.id] = shard.id + 1
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("claim_batch", [1, 4])
+def test_workers_killed_while_holding_ring_claims_lose_nothing(pool2, claim_batch):
+    """shm_queue: workers SIGKILLed from outside at random moments while running blocks (ring claims held):
+    every shard's output is written, none lost, at most one rerun per kill, each death in the events."""
+    import random as _random
+    import threading
+    from shardc.worker import ST_PID, ST_STATE, STATE_RUNNING
+    n, kills = 60_000, 5
+    out = shardc.buffer(np.int64, (n,), init=0)
+    runs = shardc.buffer(np.int64, (n,), init=0)
+    killed: list[int] = []
+    stop = threading.Event()
+    rng = _random.Random(1234 + claim_batch)
+
+    def killer():
+        seen = np.asarray(out)
+        while len(killed) < kills and not stop.is_set():
+            stop.wait(rng.uniform(0.03, 0.09))
+            if np.count_nonzero(seen) == 0:
+                continue  # not started yet
+            busy = [s for s in range(pool2.size) if pool2.status[s, ST_STATE] == STATE_RUNNING]
+            if not busy:
+                continue
+            pid = int(pool2.status[rng.choice(busy), ST_PID])
+            if pid <= 0 or pid in killed:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+
+    t = threading.Thread(target=killer)
+    t.start()
+    try:
+        r = shardc.shard_map(n, tiny_counted, out={"out": out, "runs": runs}, dispatch_mode="shm_queue",
+                             dispatch_opts={"claim_batch": claim_batch}, progress=False, on_failure="collect")
+    finally:
+        stop.set()
+        t.join()
+    got, ran = np.asarray(out).copy(), np.asarray(runs).copy()
+    out.close()
+    runs.close()
+    assert len(killed) == kills, f"the run ended after {len(killed)} kills; make it longer"
+    lost = np.nonzero(got != np.arange(1, n + 1))[0]
+    assert lost.size == 0, f"{lost.size} shards lost, first {lost[:10].tolist()}"
+    assert r.succeeded and r.results == [None] * n and r.diagnostics.completed == n
+    assert (ran >= 1).all()
+    assert int((ran - 1).sum()) <= kills, f"reruns {int((ran - 1).sum())} for {kills} kills"
+    dead = [e for e in r.diagnostics.events if e["event"] == "death"]
+    assert sorted(e["pid"] for e in dead) == sorted(killed), r.diagnostics.events
+    assert all(e["signal"] == "SIGKILL(-9)" for e in dead)
+    assert r.diagnostics.retries == sum(e["shard"] is not None for e in dead) <= kills
     assert_pool_usable(pool2)
 
 
