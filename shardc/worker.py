@@ -168,6 +168,7 @@ class Worker:
     # -- calls ---------------------------------------------------------------------
     def setup_call(self, msg: dict[str, Any]) -> None:
         self.end_call()
+        self.ewma_ns = -1  # a new fun: learn its shard time again (first shard measured)
         c = self.call
         c.call_id = msg["call_id"]
         c.cow = msg["cow"]
@@ -207,7 +208,7 @@ class Worker:
         row = self.row
         # Per-shard memory delta (anonymous memory, statm: ~8 us a read)
         # only where shards are long enough for that to be noise.
-        measure = c.diagnostics and self.ewma_ns > 500_000
+        measure = c.diagnostics and (self.ewma_ns < 0 or self.ewma_ns > 500_000)
         m0 = ll.proc_mem_fast(self.pid)["anon"] if measure else 0
         row[ST_CURRENT] = sid
         t0 = time.monotonic_ns()
