@@ -102,14 +102,17 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                         if seeded:
                             worker._seed_legacy(sid)
                         if guarded:
-                            with worker.guard.shard_scope(sid):
+                            with worker.guard.shard_scope(sid) as scope:
                                 fun(shard, **kwargs)
+                            if scope.events:  # audit/allow writes: rare, one message each
+                                chan.send(("qcow", call_id, (sid, scope.events)))
                         else:
                             fun(shard, **kwargs)
                     except BaseException as exc:  # noqa: BLE001 - reported to the master
                         status_mv[ST_STATE] = STATE_IDLE
                         chan.send(("qfail", call_id, (sid, ERR, _error_record(exc, sid),
-                                                      status_mv[ST_START_NS], time.monotonic_ns(), None, None)))
+                                                      status_mv[ST_START_NS], time.monotonic_ns(),
+                                                      getattr(exc, "cow_events", None), None)))
                         continue
                     donemap[sid] = 1
                     status_mv[ST_DONE] += 1
@@ -237,6 +240,16 @@ def run_queue(run: Any) -> None:
         n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap_buf.segment.fd])
         run.diag.bytes_setup += n_bytes
 
+    def on_report(m: tuple) -> None:
+        """A failed shard ("qfail") or a shard's writes into borrowed inputs ("qcow")."""
+        if m[0] == "qcow":
+            run.diag.cow_events(*m[2])
+            return
+        sid, _ok, rec, _t0, _t1, events, _dm = m[2]
+        if events:
+            run.diag.cow_events(sid, events)
+        run.record_failure(sid, rec)
+
     def done_total() -> int:
         return run.done_base + int(pool.status[:, ST_DONE].sum())
 
@@ -253,6 +266,8 @@ def run_queue(run: Any) -> None:
         if current is not None and any(
                 (it >> COUNT_BITS) <= current < (it >> COUNT_BITS) + (it & COUNT_MASK) for it in claimed):
             charged = current
+        if charged is not None and donemap[charged]:
+            charged = None  # killed after marking it done, before leaving STATE_RUNNING
         queued = set(run.retry)
         requeue = [sid for it in claimed for sid in range(it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK))
                    if sid != charged and not donemap[sid] and run.state[sid] == 0 and sid not in queued]
@@ -305,9 +320,8 @@ def run_queue(run: Any) -> None:
                     on_death(w)
                     continue
                 for m, _fds in msgs:
-                    if m[0] == "qfail" and m[1] == run.call_id:
-                        sid, _ok, rec, t0, t1, _ev, _dm = m[2]
-                        run.record_failure(sid, rec)
+                    if m[0] in ("qfail", "qcow") and m[1] == run.call_id:
+                        on_report(m)
                     elif m[0] == "qdone" and m[1] == run.call_id:
                         for b in m[2]["blocks"]:
                             run.diag.block_done(w.slot, *b)
@@ -365,8 +379,8 @@ def run_queue(run: Any) -> None:
                         for b in m[2]["blocks"]:
                             run.diag.block_done(w.slot, *b)
                         waiting.discard(w.slot)
-                    elif m[0] == "qfail" and m[1] == run.call_id:
-                        run.record_failure(m[2][0], m[2][2])
+                    elif m[0] in ("qfail", "qcow") and m[1] == run.call_id:
+                        on_report(m)
         run.completed = int(np.count_nonzero(donemap))
     finally:
         # The call is over: a later rpc_chunked call attributes a death to the
