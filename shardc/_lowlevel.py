@@ -221,26 +221,26 @@ def proc_after_fork(expected_parent: int, death_signal: int) -> int:
     return int(lib.shardc_proc_after_fork(expected_parent, death_signal))
 
 
-def proc_mem(pid: int) -> dict[str, int] | None:
-    """Memory of ``pid`` in bytes: rss, pss, uss, swap, precise; None if it is gone."""
+def _read_mem(fn: object, pid: int, what: str) -> dict[str, int] | None:
     m = ffi.new("shardc_mem_t *")
-    rc = lib.shardc_proc_mem(pid, m)
+    rc = fn(pid, m)  # type: ignore[operator]
     if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
         return None
-    _check(rc, f"read memory of pid {pid}")
+    _check(rc, f"read memory ({what}) of pid {pid}")
     return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
             "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": int(m.precise)}
 
 
+def proc_mem(pid: int) -> dict[str, int] | None:
+    """Memory of ``pid`` in bytes from smaps_rollup (~0.3 ms): rss, pss, uss, swap,
+    anon, pss_anon, precise; None if the process is gone."""
+    return _read_mem(lib.shardc_proc_mem, pid, "smaps_rollup")
+
+
 def proc_mem_fast(pid: int) -> dict[str, int] | None:
-    """Cheap memory estimate of ``pid`` from /proc/PID/statm (precise=0); None if gone."""
-    m = ffi.new("shardc_mem_t *")
-    rc = lib.shardc_proc_mem_fast(pid, m)
-    if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
-        return None
-    _check(rc, f"read memory of pid {pid}")
-    return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
-            "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": 0}
+    """Cheap estimate from /proc/PID/statm (~8 us; precise=0, pss/uss/anon = RssAnon);
+    None if the process is gone."""
+    return _read_mem(lib.shardc_proc_mem_fast, pid, "statm")
 
 
 def proc_set_affinity(pid: int, cpus: list[int]) -> None:

@@ -273,7 +273,9 @@ class Report:
     parts: list["Report"] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        d = json.loads(json.dumps(self.data, default=_jsonable))
+        """The report as JSON-serializable data (private keys, like the run itself, left out)."""
+        public = {k: v for k, v in self.data.items() if not k.startswith("_")}
+        d = json.loads(json.dumps(public, default=_jsonable))
         if self.parts:
             d["parts"] = {p.title: p.to_dict() for p in self.parts}
         return d
@@ -475,14 +477,6 @@ def report(result: Any, level: str = "summary") -> Report:
     rep = Report("shardc report", {"level": level, "summary": head}, [head], parts)
     rep.data["_result"] = result
     return rep
-
-
-def _strip_private(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if not k.startswith("_")}
-
-
-Report.to_dict = (lambda self: {**json.loads(json.dumps(_strip_private(self.data), default=_jsonable)),  # type: ignore[method-assign]
-                                **({"parts": {p.title: p.to_dict() for p in self.parts}} if self.parts else {})})
 
 
 # --------------------------------------------------------------------------------------------
