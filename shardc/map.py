@@ -591,8 +591,7 @@ class Run:
         if m is None:
             return
         self.diag.mem_sample(w, m)
-        pool.mem_cap, pool.recycle, pool.profile = self.mem_cap, self.drift, self.profile
-        verdict = pool.memory_verdict(w)
+        verdict = pool.memory_verdict(w, self.mem_cap, self.drift, self.profile)
         if verdict is not None and st.pending_recycle is None:
             kind, reason = verdict
             # The cap is enforced at the next safe point, always; drift
@@ -634,7 +633,6 @@ class Run:
         lost = list(st.inflight)
         label = signal_label(code) if code is not None else "?"
         if running is not None and running in st.inflight:
-            why = reason or label
             log.warning("worker %d (pid %d) %s while running shard %d; %d other shard(s) requeued",
                         w.slot, w.pid, "was killed: " + reason if reason else f"died with {label}",
                         running, len(lost) - 1)

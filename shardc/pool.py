@@ -443,21 +443,27 @@ class Pool:
         """
         return m["pss_anon"]
 
-    def drift_limit(self) -> float | None:
-        if self.recycle is None:
-            return None
-        return self.recycle / 2 if self.profile == "memory" else self.recycle
+    _UNSET: Any = object()
 
-    def memory_verdict(self, w: WorkerHandle) -> tuple[str, str] | None:
-        """``("cap" | "drift", reason)`` when ``w`` should be recycled, else None."""
+    def memory_verdict(self, w: WorkerHandle, mem_cap: Any = _UNSET, recycle: Any = _UNSET,
+                       profile: str | None = None) -> tuple[str, str] | None:
+        """``("cap" | "drift", reason)`` when ``w`` should be recycled, else None.
+
+        ``mem_cap``/``recycle``/``profile`` default to the pool's; a
+        ``shard_map`` call passes its own.
+        """
+        cap = self.mem_cap if mem_cap is Pool._UNSET else mem_cap
+        drift = self.recycle if recycle is Pool._UNSET else recycle
+        prof = profile or self.profile
         m = w.last_mem
         if m is None:
             return None
         used = self.footprint(m)
         label = "anon"
-        if self.mem_cap is not None and used > self.mem_cap:
-            return "cap", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(self.mem_cap)}"
-        limit = self.drift_limit()
+        if cap is not None and used > cap:
+            return "cap", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(cap)}"
+        # profile="memory" recycles at half the drift.
+        limit = None if drift is None else (drift / 2 if prof == "memory" else drift)
         if limit is not None and w.baseline:
             growth = used - w.baseline - w.cow_slack
             floor = int(os.environ.get("SHARDC_RECYCLE_MIN_BYTES", 32 * 1024**2))
