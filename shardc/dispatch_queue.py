@@ -257,6 +257,7 @@ def run_queue(run: Any) -> None:
         row = pool.status[w.slot]
         done_before = int(row[ST_DONE])
         current = int(row[ST_CURRENT]) if row[ST_STATE] == STATE_RUNNING else None
+        block0, blockn = int(row[ST_BLOCK0]), int(row[ST_BLOCKN])
         if code is None:
             code = pool._reap(w, wait=2.0)
         run.done_base += done_before
@@ -269,8 +270,16 @@ def run_queue(run: Any) -> None:
         if charged is not None and donemap[charged]:
             charged = None  # killed after marking it done, before leaving STATE_RUNNING
         queued = set(run.retry)
-        requeue = [sid for it in claimed for sid in range(it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK))
-                   if sid != charged and not donemap[sid] and run.state[sid] == 0 and sid not in queued]
+        requeue = []
+        for it in claimed:
+            start, stop = it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK)
+            if current is not None and (start, stop - start) == (block0, blockn) and start <= current < stop:
+                # The block it was running: the ids before the current one are
+                # finished (done, or failed and reported with a retry of their
+                # own already queued), so only the rest goes back.
+                start = current
+            requeue += [sid for sid in range(start, stop)
+                        if sid != charged and not donemap[sid] and run.state[sid] == 0 and sid not in queued]
         for sid in reversed(requeue):
             run.retry.appendleft(sid)
         st = run.ws[w.slot]
