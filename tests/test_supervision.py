@@ -256,8 +256,12 @@ CAP = 100 * 2**20
 
 
 def leak(shard, out):
-    """Keeps ~40 MB per call alive in the worker (a module-level list); counts its runs in out."""
+    """Keeps ~40 MB per call alive in the worker (a module-level list); counts its runs in out.
+
+    Takes >= 60 ms: shm_queue checks memory once per 50 ms supervisor tick (not at
+    every shard boundary), so a faster leak could pass 2x mem_cap between ticks."""
     _LEAK.append(np.ones(LEAK_BYTES // 8))
+    time.sleep(0.06)
     out[shard.id] += 1
     return shard.id
 
@@ -509,6 +513,39 @@ def test_write_into_borrowed_input_fails_at_once(pool2, mode):
 
 
 # -- a worker killed while it holds ring claims (shm_queue) ------------------------------------------
+
+def fail_then_die(shard, runs, out):
+    """Shard 3 raises on its first run and is slow on its retry; shard 7 SIGKILLs its worker on its first run."""
+    runs[shard.id] += 1
+    first = runs[shard.id] == 1
+    if shard.id == 3:
+        if first:
+            raise ValueError("first run of shard 3")
+        time.sleep(0.6)
+    elif shard.id in (4, 5, 6):
+        time.sleep(0.1)
+    elif shard.id == 7 and first:
+        os.kill(os.getpid(), signal.SIGKILL)
+    out[shard.id] = shard.id + 1
+
+
+def test_death_does_not_rerun_a_failed_shard_whose_retry_is_running(pool2):
+    """shm_queue: a worker dying later in the block where a shard failed does not requeue that shard a second time
+    while its retry runs elsewhere (each shard runs exactly 1 + its charged failures times)."""
+    n = 64
+    runs = shardc.buffer(np.int64, (n,), init=0)
+    out = shardc.buffer(np.int64, (n,), init=0)
+    r = shardc.shard_map(shardc.shards(n, block_size=1), fail_then_die, out={"runs": runs, "out": out},
+                         dispatch_mode="shm_queue", dispatch_opts={"block_size": 8}, on_failure="collect",
+                         progress=False)
+    ran, got = np.asarray(runs).copy(), np.asarray(out).copy()
+    runs.close()
+    out.close()
+    assert r.succeeded and (got == np.arange(1, n + 1)).all()
+    assert deaths(r) == [("death", "SIGKILL(-9)", 7)] and r.diagnostics.retries == 2
+    assert ran[3] == 2 and ran[7] == 2 and (np.delete(ran, [3, 7]) == 1).all(), ran.tolist()
+    assert_pool_usable(pool2)
+
 
 def tiny_counted(shard, out, runs):
     """A tiny shard (~20 us): writes its output and counts its runs."""
