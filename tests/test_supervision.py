@@ -295,6 +295,7 @@ def test_leaking_shards_are_recycled_with_health_check_every_shard(tmp_path):
     print(f"\npeak uss per worker (MB): { {k: v >> 20 for k, v in peaks.items()} }")
     assert max(peaks.values()) < 2 * CAP + LEAK_BYTES
     assert_pool_usable(pool)
+    shardc.pool_stop()  # its workers hold leaked memory: do not hand them to the next test
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -306,8 +307,12 @@ def test_leaking_shards_are_recycled_under_mem_cap(mode):
     _check_leak_run(r, 12, mode)
     peaks = {k: v["peak_uss"] for k, v in r.diagnostics.worker_memory().items()}
     print(f"\npeak uss per worker (MB): { {k: v >> 20 for k, v in peaks.items()} }")
-    assert max(peaks.values()) < CAP + 2 * LEAK_BYTES
+    # rpc checks memory at every shard boundary; shm_queue once per 50 ms tick and
+    # the worker leaves at its next block, so a shard or two more may leak there
+    # (below 2x mem_cap, where it would be killed: no death above).
+    assert max(peaks.values()) < (CAP + 2 * LEAK_BYTES if mode == "rpc_chunked" else 2 * CAP)
     assert_pool_usable(pool)
+    shardc.pool_stop()  # its workers hold leaked memory: do not hand them to the next test
 
 
 def balloon(shard, out):
