@@ -308,10 +308,73 @@ def test_pickled_dict_of_arrays_is_guarded(pool2, cow, mode):
         f = r.failures[0]
         assert list(r.failures) == [0] and f.attempts == 1 and r.diagnostics.retries == 0
         assert f.error_type == "shardc.errors.BorrowedInputWriteError"
-        assert f.message.startswith("shard 0 wrote to borrowed input 'D' at byte ")
+        # A pickled object has no layout: the offset is the byte in D["a"]'s out-of-band buffer.
+        assert f.message.startswith("shard 0 wrote to borrowed input 'D' at byte 40 ")
         assert f.message.endswith("cow='deny' forbids writes to borrowed inputs")
-        assert f.exception.input_name == "D"
+        assert (f.exception.input_name, f.exception.offset) == ("D", 40)
     else:
         expected = D["a"].copy()
         expected[5] = -1.0
         assert r.succeeded and got[0] == crc(expected)
+
+
+# -- layouts and swallowed errors ------------------------------------------------------------------------------
+
+def write_13(shard, X, out):
+    if shard.id == 0:
+        X[1, 3] = -1
+    out[shard.id] = 1
+
+
+def _layouts():
+    base = make_x()
+    return {"fortran": (np.asfortranarray(base), 3 * ROWS * 8 + 8),
+            "int32": (base.astype(np.int32), COLS * 4 + 12),
+            "reversed-rows": (base[::-1], PS + 24)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["fortran", "int32", "reversed-rows", "view-of-shared"])
+def test_deny_message_names_the_element_for_other_layouts(pool2, layout, mode):
+    """deny: byte offset and element index are right for Fortran, int32, reversed and a sliced view of a Shared."""
+    shared = None
+    if layout == "view-of-shared":
+        shared = shardc.share(make_x())
+        X, offset = shared.array[10:, 5:], PS + 24  # by reference: offset and strides of the view
+    else:
+        X, offset = _layouts()[layout]
+    out = shardc.buffer(np.int64, (3,), init=-1)
+    try:
+        r = shardc.shard_map(3, write_13, borrow={"X": X}, out={"out": out}, dispatch_mode=mode, max_retries=2,
+                             on_failure="collect", progress=False)
+        assert np.asarray(out).tolist()[1:] == [1, 1]
+    finally:
+        out.close()
+        if shared is not None:
+            shared.close()
+    assert list(r.failures) == [0] and r.failures[0].attempts == 1 and r.diagnostics.retries == 0
+    assert r.failures[0].message == (f"shard 0 wrote to borrowed input 'X' at byte {offset} (element [1, 3]); "
+                                     "cow='deny' forbids writes to borrowed inputs")
+
+
+def swallow(shard, X, out):
+    if shard.id == 0:
+        try:
+            X[1, 3] = -1.0
+            len(())  # a call: the prompt error is raised here
+        except shardc.BorrowedInputWriteError:
+            pass
+    out[shard.id] = 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_deny_error_swallowed_by_the_shard_still_fails_it(pool2, mode):
+    """deny: a shard that catches the prompt BorrowedInputWriteError still fails, once, at its end."""
+    out = shardc.buffer(np.int64, (4,), init=-1)
+    r = shardc.shard_map(shardc.shards(4, block_size=1), swallow, borrow={"X": make_x()}, out={"out": out},
+                         dispatch_mode=mode, on_failure="collect", progress=False)
+    got = np.asarray(out).tolist()
+    out.close()
+    assert got == [1, 1, 1, 1]  # the shard ran to its end
+    assert list(r.failures) == [0] and r.failures[0].attempts == 1 and r.diagnostics.retries == 0
+    assert r.failures[0].message.startswith(f"shard 0 wrote to borrowed input 'X' at byte {PS + 24} (element [1, 3])")
