@@ -240,12 +240,15 @@ def run_queue(run: Any) -> None:
         n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap_buf.segment.fd])
         run.diag.bytes_setup += n_bytes
 
-    def on_report(m: tuple) -> None:
+    reported: dict[int, set[int]] = {}  # worker pid -> shards whose failure it reported
+
+    def on_report(w: Any, m: tuple) -> None:
         """A failed shard ("qfail") or a shard's writes into borrowed inputs ("qcow")."""
         if m[0] == "qcow":
             run.diag.cow_events(*m[2])
             return
         sid, _ok, rec, _t0, _t1, events, _dm = m[2]
+        reported.setdefault(w.pid, set()).add(sid)
         if events:
             run.diag.cow_events(sid, events)
         run.record_failure(sid, rec)
@@ -270,16 +273,17 @@ def run_queue(run: Any) -> None:
         if charged is not None and donemap[charged]:
             charged = None  # killed after marking it done, before leaving STATE_RUNNING
         queued = set(run.retry)
+        # In the block it was running, the ids before the current one failed
+        # and were reported (their retry is the master's already), unless the
+        # report died unread with the worker (a watchdog kill closes the socket).
+        skip = reported.pop(w.pid, set())
         requeue = []
         for it in claimed:
             start, stop = it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK)
-            if current is not None and (start, stop - start) == (block0, blockn) and start <= current < stop:
-                # The block it was running: the ids before the current one are
-                # finished (done, or failed and reported with a retry of their
-                # own already queued), so only the rest goes back.
-                start = current
+            running = current is not None and (start, stop - start) == (block0, blockn) and start <= current < stop
             requeue += [sid for sid in range(start, stop)
-                        if sid != charged and not donemap[sid] and run.state[sid] == 0 and sid not in queued]
+                        if sid != charged and not donemap[sid] and run.state[sid] == 0 and sid not in queued
+                        and not (running and sid < current and sid in skip)]
         for sid in reversed(requeue):
             run.retry.appendleft(sid)
         st = run.ws[w.slot]
@@ -330,7 +334,7 @@ def run_queue(run: Any) -> None:
                     continue
                 for m, _fds in msgs:
                     if m[0] in ("qfail", "qcow") and m[1] == run.call_id:
-                        on_report(m)
+                        on_report(w, m)
                     elif m[0] == "qdone" and m[1] == run.call_id:
                         for b in m[2]["blocks"]:
                             run.diag.block_done(w.slot, *b)
@@ -397,7 +401,7 @@ def run_queue(run: Any) -> None:
                             run.diag.block_done(w.slot, *b)
                         waiting.discard(w.slot)
                     elif m[0] in ("qfail", "qcow") and m[1] == run.call_id:
-                        on_report(m)
+                        on_report(w, m)
         run.completed = int(np.count_nonzero(donemap))
     finally:
         # The call is over: a later rpc_chunked call attributes a death to the
