@@ -465,7 +465,8 @@ def test_external_sigkill_of_busy_worker(pool2, tmp_path, mode):
 def test_crash_in_a_chunk_charges_only_the_running_shard(pool2, tmp_path, fun, kw, etype, mode):
     """With chunks (blocks) of 4 and max_retries=0 a death fails only the running shard; its chunk-mates rerun free."""
     chunk = {"chunk_size": 4} if mode == "rpc_chunked" else {"dispatch_opts": {"block_size": 4}}
-    r = run(fun, tmp_path, mode, max_retries=0, **chunk, **kw)
+    # 32 shards: shm_queue shrinks blocks only near the end, so shard 3 runs inside a block of 4.
+    r = run(fun, tmp_path, mode, n=32, max_retries=0, **chunk, **kw)
     assert_outputs(r, mode, failed=[3])
     assert r.failures[3].attempts == 1 and r.failures[3].error_type == etype
     assert r.diagnostics.retries == 0
