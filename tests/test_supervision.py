@@ -536,8 +536,7 @@ def fail_then_die(shard, runs, out):
 
 
 def test_death_does_not_rerun_a_failed_shard_whose_retry_is_running(pool2):
-    """shm_queue: a worker dying later in the block where a shard failed does not requeue that shard a second time
-    while its retry runs elsewhere (each shard runs exactly 1 + its charged failures times)."""
+    """shm_queue: a death later in the block where a shard failed does not rerun it while its retry runs elsewhere."""
     n = 64
     runs = shardc.buffer(np.int64, (n,), init=0)
     out = shardc.buffer(np.int64, (n,), init=0)
@@ -565,8 +564,7 @@ def tiny_counted(shard, out, runs):
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("claim_batch", [1, 4])
 def test_workers_killed_while_holding_ring_claims_lose_nothing(pool2, claim_batch):
-    """shm_queue: workers SIGKILLed from outside at random moments while running blocks (ring claims held):
-    every shard's output is written, none lost, at most one rerun per kill, each death in the events."""
+    """shm_queue: workers SIGKILLed at random moments while holding ring claims lose no shard, rerun <= 1 per kill."""
     import random as _random
     import threading
     from shardc.worker import ST_PID, ST_STATE, STATE_RUNNING
