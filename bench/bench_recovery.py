@@ -16,9 +16,10 @@ shard ran exactly once to completion (each shard does ``done[id] += 1`` in an
 out buffer; a shard that completed on a worker that then died before
 reporting it is run again, which shows up here as 2).
 
-Then ``diagnostics=True`` vs ``False`` on bench_tiny's workload (tasks/s of
-trivial shards, variants interleaved over rounds): the price of leaving
-diagnostics on.
+Then ``diagnostics=True`` vs ``False`` on bench_tiny's trivial shards
+(tasks/s), per dispatch mode: calls alternate between the two settings on one
+warm pool (order flipped every pair) and the cost is the median of the
+per-pair ratios, so load from other jobs on the box hits both settings alike.
 
 Does not measure: crashes of the master, hangs (timeouts are detected by a
 watchdog tick), memory-cap kills, or the peers (none retries a shard after
@@ -105,12 +106,48 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
             "bad_calls": bad, "calls": calls, "lost": lost, "dup": dup, "dup_ids": dup_ids[:20], "call_wall_median": C.median(walls)}
 
 
+DIAG_N = {"rpc1": 40_000, "rpc_auto": 400_000, "shm_queue": 1_000_000}
+
+
+def diag_child(kind: str, quick: bool) -> dict[str, Any]:
+    """diagnostics=True vs False, paired: alternate calls on one warm pool
+    (the order flips every pair), so a neighbour's load hits both alike."""
+    import shardc
+    from bench_tiny import shard_return, shard_write
+    n = DIAG_N[kind] // (4 if quick else 1)
+    pairs = 5 if quick else 9
+    pool = shardc.pool_create(WORKERS)
+    buf = shardc.buffer("i8", n)
+
+    def call(diag: bool) -> float:
+        t0 = time.perf_counter()
+        if kind == "shm_queue":
+            shardc.shard_map(n, shard_write, out={"out": buf}, dispatch_mode="shm_queue", pool=pool,
+                             diagnostics=diag)
+        elif kind == "rpc1":
+            shardc.shard_map(n, shard_return, chunk_size=1, autotune=False, pool=pool, diagnostics=diag)
+        else:
+            shardc.shard_map(n, shard_return, chunk_size="auto", pool=pool, diagnostics=diag)
+        return n / (time.perf_counter() - t0)
+
+    try:
+        call(True), call(False)  # warm
+        on, off, ratio = [], [], []
+        for i in range(pairs):
+            order = (True, False) if i % 2 == 0 else (False, True)
+            r = {d: call(d) for d in order}
+            on.append(r[True])
+            off.append(r[False])
+            ratio.append(r[False] / r[True])
+    finally:
+        pool.stop()
+    return {"n": n, "pairs": pairs, "rate_on": C.median(on), "rate_off": C.median(off),
+            "cost": C.median(ratio) - 1, "ratios": ratio}
+
+
 def diag_overhead(quick: bool, rounds: int) -> dict[str, dict[str, Any]]:
-    import bench_tiny
-    variants = ["shardc_rpc1", "shardc_rpc1_nodiag", "shardc_rpc_auto", "shardc_rpc_auto_nodiag",
-                "shardc_shm_queue", "shardc_shm_queue_nodiag"]
-    pass_on = (["--quick"] if quick else []) + ["--repeats", "3"]
-    return C.run_variant_children(os.path.abspath(bench_tiny.__file__), variants, pass_on, 600, rounds=rounds)
+    return C.run_variant_children(os.path.abspath(__file__), [f"diag:{k}" for k in DIAG_N],
+                                  ["--quick"] if quick else [], 600, rounds=1)
 
 
 def report(results: dict[str, dict[str, Any]], diag: dict[str, dict[str, Any]]) -> None:
@@ -142,20 +179,23 @@ def report(results: dict[str, dict[str, Any]], diag: dict[str, dict[str, Any]]) 
         C.print_targets("recovery", _targets(results))
         return
     rows = []
-    for base in ("shardc_rpc1", "shardc_rpc_auto", "shardc_shm_queue"):
-        on, off = diag.get(base, {}), diag.get(base + "_nodiag", {})
-        if "rate" in on and "rate" in off:
-            ov = off["rate"] / on["rate"] - 1
-            C.emit(f"recovery.diag_overhead.{base}", ov * 100, "%")
-            rows.append([base, on["rate"], off["rate"], f"{ov * 100:+.1f}%", f"load {on['loadavg']:.1f}"])
-        else:
-            err = on.get("error") or off.get("error") or "not run"
-            C.emit(f"recovery.diag_overhead.{base}.error", err.replace("\t", " ")[:200], "text")
-            rows.append([base, "ERROR", "", "", err[:100]])
+    for name, r in diag.items():
+        kind = name.split(":", 1)[1]
+        if "error" in r:
+            C.emit(f"recovery.diag_cost.{kind}.error", r["error"].replace("\t", " ")[:200], "text")
+            rows.append([kind, "ERROR", "", "", "", r["error"][:100]])
+            continue
+        C.emit(f"recovery.diag_cost.{kind}", r["cost"] * 100, "%")
+        C.emit(f"recovery.diag_cost.{kind}.rate_on", r["rate_on"], "tasks/s")
+        C.emit(f"recovery.diag_cost.{kind}.rate_off", r["rate_off"], "tasks/s")
+        spread = f"{(min(r['ratios']) - 1) * 100:+.0f}% .. {(max(r['ratios']) - 1) * 100:+.0f}%"
+        rows.append([kind, r["rate_on"], r["rate_off"], f"{r['cost'] * 100:+.1f}%", spread,
+                     f"{r['pairs']} pairs of {r['n']} shards; load {r['loadavg']:.1f}"])
     print()
-    print("### diagnostics=True vs False on bench_tiny's trivial shards (tasks/s, interleaved rounds)")
+    print("### diagnostics=True vs False on trivial shards (tasks/s; paired calls on one pool, alternating)")
     print()
-    print(C.table(["variant", "diagnostics=True", "diagnostics=False", "cost of True", "notes"], rows))
+    print(C.table(["dispatch", "diagnostics=True", "diagnostics=False", "cost of True (median of pairs)",
+                   "pair spread", "notes"], rows))
     C.print_targets("recovery", _targets(results))
 
 
@@ -177,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-diag", action="store_true", help="skip the diagnostics on/off part")
     args = p.parse_args(argv)
     repeats = args.repeats or 1
+    if args.child and args.child.startswith("diag:"):
+        return C.child_main(args.child, lambda: diag_child(args.child.split(":", 1)[1], args.quick))
     if args.child:
         return C.child_main(args.child, lambda: run_child(args.child, args.quick, repeats))
     variants = args.only.split(",") if args.only else [f"{m}:{s}" for m in MODES for s in SCENARIOS]

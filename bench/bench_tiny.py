@@ -192,7 +192,7 @@ def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny")
         C.emit(f"{bench}.{name}.correct", int(r["ok"]), "bool")
         C.emit(f"{bench}.{name}.loadavg", r["loadavg"], "load")
         note = [f"load {r['loadavg']:.1f}"]
-        if r.get("short"):
+        if r["median_s"] < MIN_S:
             note.append(f"run < {MIN_S} s (capped N)")
         if not r["ok"]:
             note.append("WRONG RESULT")

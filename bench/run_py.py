@@ -45,7 +45,7 @@ def header(argv: list[str]) -> str:
     return "\n".join([
         "# shardc Python benchmarks",
         "",
-        f"- run: `python bench/run_py.py {' '.join(argv)}`".replace(" `", "`"),
+        "- run: `" + " ".join(["python bench/run_py.py", *argv]) + "`",
         f"- started: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC",
         f"- commit: {git('rev-parse', '--short', 'HEAD')}" + (" (+ uncommitted changes)" if dirty else ""),
         f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {mem:.0f} GiB, Linux {platform.release()}",
