@@ -71,6 +71,8 @@ class Diagnostics:
         self.cow: dict[str, dict[str, Any]] = {}
         self.cow_policy = run.cow
         self.retries = 0
+        self.returned_ignored = 0  # shm_queue: shards whose return value was dropped
+        self.error_logs: list[str] = []  # shm_queue error_log files
         self.throttles = 0
         self.bytes_setup = 0
         self.bytes_dispatch = 0
@@ -251,6 +253,7 @@ class Diagnostics:
             "bytes_dispatch": self.bytes_dispatch, "messages_dispatch": self.messages_dispatch,
             "bytes_per_dispatch": self.bytes_dispatch / max(1, self.messages_dispatch),
             "bytes_results": self.bytes_results, "borrow": self.borrow, "out": self.out,
+            "returned_ignored": self.returned_ignored, "error_logs": self.error_logs,
             "cow": self.cow, "cow_policy": self.cow_policy, "events": self.events, "workers": workers,
             "master_peak_rss": max((m[1] for m in self.master_mem), default=0),
             "master_peak_uss": max((m[3] for m in self.master_mem), default=0),
@@ -451,6 +454,9 @@ def recommendations(result: Any) -> Report:
     recycles = sum(1 for e in d.events if e["event"] == "recycle")
     if recycles:
         recs.append(f"{recycles} worker recycles for memory: look for leaks in fun, or raise mem_cap")
+    if d.returned_ignored:
+        recs.append(f"{d.returned_ignored} shards returned a value that dispatch_mode='shm_queue' does not "
+                    "gather: write results into out= buffers, or use rpc_chunked")
     if d.throttles:
         recs.append(f"{d.throttles} dispatches were throttled by max_huge_concurrency")
     if d.mode == "shm_queue" and d.num_shards > 10**6 and not d._run.opts.get("block_size"):

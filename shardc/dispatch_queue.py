@@ -26,6 +26,8 @@ shard: each worker counts finished shards in the shared status table
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from typing import Any
 
@@ -35,6 +37,8 @@ from ._channel import ChannelClosed
 from .errors import QueueClosedError
 from .worker import (ERR, ST_BLOCK0, ST_BLOCKN, ST_CALL, ST_CURRENT, ST_DONE, ST_EXIT_REQ, ST_START_NS,
                      ST_STATE, STATE_IDLE, STATE_RUNNING, _error_record)
+
+log = logging.getLogger("shardc")
 
 COUNT_BITS = 24
 COUNT_MASK = (1 << COUNT_BITS) - 1
@@ -74,6 +78,8 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     keep_blocks = call.diagnostics
     blocks: list[tuple[int, int, int, int]] = []
     batch = int(msg.get("claim_batch", 1))
+    elog = _ErrorLog(msg["error_log"], msg["error_log_max_lines"]) if msg.get("error_log") else None
+    returned = 0  # shards whose return value is dropped (this mode gathers none)
     ring.register(slot, worker_pid())
     exiting = False
     try:
@@ -103,14 +109,19 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                             worker._seed_legacy(sid)
                         if guarded:
                             with worker.guard.shard_scope(sid) as scope:
-                                fun(shard, **kwargs)
+                                value = fun(shard, **kwargs)
                             if scope.events:  # audit/allow writes: rare, one message each
                                 chan.send(("qcow", call_id, (sid, scope.events)))
                         else:
-                            fun(shard, **kwargs)
+                            value = fun(shard, **kwargs)
+                        if value is not None:
+                            returned += 1
                     except BaseException as exc:  # noqa: BLE001 - reported to the master
                         status_mv[ST_STATE] = STATE_IDLE
-                        chan.send(("qfail", call_id, (sid, ERR, _error_record(exc, sid),
+                        rec = _error_record(exc, sid)
+                        if elog is not None:
+                            elog.write(rec)
+                        chan.send(("qfail", call_id, (sid, ERR, rec,
                                                       status_mv[ST_START_NS], time.monotonic_ns(),
                                                       getattr(exc, "cow_events", None), None)))
                         continue
@@ -122,10 +133,41 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
             ring.done(slot)
     finally:
         status_mv[ST_STATE] = STATE_IDLE
-    chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting}))
+    if elog is not None:
+        elog.close()
+    chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting, "returned": returned}))
     if exiting:
         import os
         os._exit(0)
+
+
+class _ErrorLog:
+    """``dispatch_opts={"error_log": True}``: a worker's failures, appended to
+    a text file (bounded by ``error_log_max_lines``), for reading while a long
+    run goes on.  The master knows every failure anyway (failure records)."""
+
+    def __init__(self, path: str, max_lines: int) -> None:
+        self.path = path
+        self.left = max_lines
+        self.f: Any = None
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.left <= 0:
+            return
+        if self.f is None:
+            self.f = open(self.path, "a", encoding="utf-8")
+        lines = [f"shard {rec['shard']}: {rec['type']}: {rec['message']}"]
+        lines += ["    " + ln for ln in rec["traceback"].rstrip().splitlines()]
+        lines = lines[: self.left]
+        self.left -= len(lines)
+        if self.left <= 0:
+            lines.append("(error_log_max_lines reached: later failures are in the result only)")
+        self.f.write("\n".join(lines) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
 
 
 def worker_pid() -> int:
@@ -231,12 +273,26 @@ def run_queue(run: Any) -> None:
     run.sel = sel
 
     queued_pids: set[int] = set()  # workers that were handed the ring (and will send "qdone")
+    returned = [0]  # shards whose non-None return value was dropped
+
+    def on_qdone(w: Any, payload: dict[str, Any]) -> None:
+        for b in payload["blocks"]:
+            run.diag.block_done(w.slot, *b)
+        returned[0] += payload.get("returned", 0)
+
+    def error_log_path(w: Any) -> str:
+        import tempfile
+        path = os.path.join(tempfile.gettempdir(), f"shardc-errors-{os.getpid()}-call{run.call_id}-w{w.slot}.log")
+        run.diag.error_logs.append(path)
+        return path
 
     def start_worker(w: Any) -> None:
         pool.status[w.slot, ST_CALL] = run.call_id
         queued_pids.add(w.pid)
         msg = {"call_id": run.call_id, "nbytes": ring.nbytes, "num": run.num,
-               "claim_batch": int(run.opts.get("claim_batch", 1))}
+               "claim_batch": int(run.opts.get("claim_batch", 1)),
+               "error_log": error_log_path(w) if run.opts.get("error_log") else None,
+               "error_log_max_lines": int(run.opts.get("error_log_max_lines", 100))}
         n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap_buf.segment.fd])
         run.diag.bytes_setup += n_bytes
 
@@ -336,8 +392,7 @@ def run_queue(run: Any) -> None:
                     if m[0] in ("qfail", "qcow") and m[1] == run.call_id:
                         on_report(w, m)
                     elif m[0] == "qdone" and m[1] == run.call_id:
-                        for b in m[2]["blocks"]:
-                            run.diag.block_done(w.slot, *b)
+                        on_qdone(w, m[2])
                         if m[2]["exiting"]:
                             reason = run.ws[w.slot].pending_recycle or "recycle requested"
                             run.done_base += int(pool.status[w.slot, ST_DONE])
@@ -397,12 +452,16 @@ def run_queue(run: Any) -> None:
                     continue
                 for m, _fds in msgs:
                     if m[0] == "qdone" and m[1] == run.call_id:
-                        for b in m[2]["blocks"]:
-                            run.diag.block_done(w.slot, *b)
+                        on_qdone(w, m[2])
                         waiting.discard(w.slot)
                     elif m[0] in ("qfail", "qcow") and m[1] == run.call_id:
                         on_report(w, m)
         run.completed = int(np.count_nonzero(donemap))
+        if returned[0]:
+            log.warning("dispatch_mode='shm_queue' gathers no return values, but %d shard(s) returned "
+                        "one: write results into out= buffers, or use dispatch_mode='rpc_chunked'",
+                        returned[0])
+            run.diag.returned_ignored = returned[0]
     finally:
         # The call is over: a later rpc_chunked call attributes a death to the
         # running shard only while ST_CALL is 0 or its own id.

@@ -655,3 +655,42 @@ def test_unpicklable_borrow_rejected_before_workers():
     with pytest.raises(shardc.InvalidArgumentError, match=r"cannot share lock: it is not picklable"):
         shardc.shard_map(2, write_borrowed, borrow={"X": threading.Lock()}, progress=False)
     assert shardc.pool_get() is None
+
+
+def test_shm_queue_error_log_and_dropped_returns(tmp_path):
+    """shm_queue: error_log=True writes each failure with its traceback to a per-worker file, and
+    return values it cannot gather are counted, logged and turned into a recommendation."""
+    out = shardc.buffer(np.int64, 40)
+
+    def f(s, out):
+        if s.id % 10 == 7:
+            raise ValueError(f"bad shard {s.id}")
+        out[s.id] = s.id
+        return s.id  # dropped: shm_queue gathers nothing
+
+    r = shardc.shard_map(40, f, out={"out": out}, dispatch_mode="shm_queue", workers=2, max_retries=0,
+                         dispatch_opts={"error_log": True, "error_log_max_lines": 2000}, on_failure="collect",
+                         progress=False)
+    assert sorted(r.failures) == [7, 17, 27, 37]
+    logs = r.diagnostics.error_logs
+    assert logs
+    text = "".join(open(p).read() for p in logs if os.path.exists(p))
+    for sid in (7, 17, 27, 37):
+        assert f"shard {sid}: builtins.ValueError: bad shard {sid}" in text
+    assert "Traceback" in text
+    assert r.diagnostics.returned_ignored == 36
+    assert any("returned a value" in x for x in shardc.recommendations(r).to_dict()["recommendations"])
+    for p in logs:
+        if os.path.exists(p):
+            os.unlink(p)
+    # The bound: at most error_log_max_lines lines per worker, then a note.
+    r = shardc.shard_map(40, f, out={"out": out}, dispatch_mode="shm_queue", workers=2, max_retries=0,
+                         dispatch_opts={"error_log": True, "error_log_max_lines": 3}, on_failure="collect",
+                         progress=False)
+    for p in r.diagnostics.error_logs:
+        if os.path.exists(p):
+            lines = open(p).read().splitlines()
+            assert len(lines) <= 4 and lines[-1].startswith("(error_log_max_lines reached")
+            os.unlink(p)
+    assert sorted(r.failures) == [7, 17, 27, 37]  # the log is bounded; the result never is
+    out.close()
