@@ -360,11 +360,31 @@ def _same_bytes(arr: np.ndarray, shared: Shared) -> bool:
     if arr.nbytes == 0:
         return True
     if (arr.flags.c_contiguous and view.flags.c_contiguous) or (arr.flags.f_contiguous and view.flags.f_contiguous):
-        return ll.mem_equal(arr.ctypes.data, view.ctypes.data, arr.nbytes)
+        return _parallel_equal(arr.ctypes.data, view.ctypes.data, arr.nbytes)
     # Compare bytes, not values: -0.0 == 0.0 and NaN payloads would let a
     # mutated array reuse a stale copy.  A same-size void view works on any strides.
     raw = np.dtype((np.void, arr.dtype.itemsize))
     return bool((arr.view(raw) == view.view(raw)).all())
+
+
+def _parallel_equal(a: int, b: int, nbytes: int) -> bool:
+    """memcmp of two address ranges, in parallel slices for big ones (cffi
+    releases the GIL; the threads are joined before returning)."""
+    threads = min(4, os.cpu_count() or 1)
+    if nbytes < PARALLEL_COPY_BYTES or threads < 2:
+        return ll.mem_equal(a, b, nbytes)
+    cuts = [nbytes * k // threads for k in range(threads + 1)]
+    same = [False] * threads
+
+    def part(k: int) -> None:
+        same[k] = ll.mem_equal(a + cuts[k], b + cuts[k], cuts[k + 1] - cuts[k])
+
+    workers = [threading.Thread(target=part, args=(k,), name=f"shardc-cmp-{k}") for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return all(same)
 
 
 default_cache = ShareCache()
