@@ -228,14 +228,13 @@ def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: 
 class _WState:
     """Per-worker bookkeeping of one Run."""
 
-    __slots__ = ("inflight", "pending_recycle", "since_sample", "done", "setup", "last_msg", "deferred")
+    __slots__ = ("inflight", "pending_recycle", "since_sample", "done", "last_msg", "deferred")
 
     def __init__(self) -> None:
         self.inflight: dict[int, None] = {}
         self.pending_recycle: str | None = None
         self.since_sample = 0
         self.done = 0
-        self.setup = False
         self.last_msg = time.monotonic()
         self.deferred = False
 
@@ -360,13 +359,16 @@ class Run:
                 self.sel_register(w)
         else:
             raise RuntimeError(f"worker slot {w.slot} died three times while setting up the call")
+        return self._check_ready(w, reply)
+
+    def _check_ready(self, w: Any, reply: Any) -> Any:
         if reply[2] is not None:
             exc = raise_from_record(reply[2])
             raise InvalidArgumentError(f"worker {w.slot} could not set up the call: {reply[2]['message']}") from exc
         w.call_id = self.call_id
         return w
 
-    def _setup_once(self, w: Any) -> Any:
+    def _send_call(self, w: Any) -> None:
         # Segments the worker holds that this process has closed since: let go.
         from .segment import _registry
         stale = [k for k in w.known if (seg := _registry.get(k)) is None or seg.closed]
@@ -377,6 +379,31 @@ class Run:
         n = w.chan.send(("call", msg), fds)
         self.diag.bytes_setup += n
         w.known.update(k for k in self.segments)
+
+    def setup_all(self) -> None:
+        """Set up the call on every worker: all "call" messages first, then
+        the replies, so workers unpickle and map inputs in parallel; a worker
+        that fails here goes through setup_worker's restart path."""
+        sent = []
+        for w in list(self.pool.workers):
+            try:
+                self._send_call(w)
+                sent.append(w)
+            except OSError:
+                self.setup_worker(w)
+        for w in sent:
+            try:
+                reply = self._await_ready(w)
+            except (ChannelClosed, ConnectionError, OSError):
+                self.setup_worker(w)
+                continue
+            self._check_ready(w, reply)
+
+    def _setup_once(self, w: Any) -> Any:
+        self._send_call(w)
+        return self._await_ready(w)
+
+    def _await_ready(self, w: Any) -> Any:
         w.chan.sock.settimeout(120)
         try:
             while True:
@@ -486,9 +513,7 @@ class Run:
                             if w.exitcode is not None else "worker died while idle", code=w.exitcode)
         self.ws = {w.slot: _WState() for w in pool.workers}
         self.diag.start(pool)
-        for w in list(pool.workers):
-            w = self.setup_worker(w)
-            self.ws[w.slot].setup = True
+        self.setup_all()
         try:
             if self.mode == "shm_queue":
                 from .dispatch_queue import run_queue
@@ -583,11 +608,17 @@ class Run:
         anonymous memory moved; decide on recycling from the precise one."""
         pool = self.pool
         st = self.ws[w.slot]
-        if force or st.since_sample >= self.health_check_interval:
-            st.since_sample = 0
+        if force:
             m = pool.sample(w)
         else:
-            m = pool.sample_cheap(w)
+            # statm every time; smaps_rollup (up to ~9 ms with a 1 GiB input
+            # mapped: it walks the page tables) only when anonymous memory
+            # moved by 8 MiB, or every health_check_interval shards if the last
+            # precise sample is over 0.5 s old.
+            due = st.since_sample >= self.health_check_interval
+            if due:
+                st.since_sample = 0
+            m = pool.sample_cheap(w, max_age=0.5 if due else float("inf"))
         if m is None:
             return
         self.diag.mem_sample(w, m)
@@ -706,7 +737,13 @@ class Run:
                     try:
                         msgs = w.chan.recv_ready()
                     except (ChannelClosed, ConnectionError):
-                        self.on_death(w)
+                        nw = self.on_death(w)
+                        # Hand the requeued shards out now (idle survivors
+                        # first), not at the next tick.
+                        for other in pool.workers:
+                            if other is not nw:
+                                self.fill(other)
+                        self.fill(nw)
                         continue
                     self.diag.bytes_results += w.chan.bytes_received - before
                     for msg, _fds in msgs:
@@ -735,7 +772,7 @@ class Run:
     # -- the result --------------------------------------------------------------------------------
     def result(self) -> ShardResult:
         pool_stats = {"workers": self.pool.size if self.pool else 0,
-                      "status": self.pool.status_table() if self.pool and not self.pool.closed else [],
+                      "status": [w.info() for w in self.pool.workers] if self.pool else [],
                       "events": list(self.pool.events) if self.pool else []}
         self.diag.completed = self.completed
         self.diag.failed = self.n_failed

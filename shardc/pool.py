@@ -405,6 +405,7 @@ class Pool:
                 # after fork; remember by how much it exceeds Pss_Anon so cheap
                 # samples can be put on the same scale (see calibrated()).
                 w.anon_offset = fast["anon"] - m["pss_anon"]
+                w.fast_anon = fast["anon"]
             w.last_mem = m
             w.precise_t = time.monotonic()
             for k in ("rss", "pss", "uss"):
