@@ -263,8 +263,7 @@ def run_queue(run: Any) -> None:
     backing = run.opts.get("queue_backing", "memfd")
     backing = {"mmap": "memfd", "auto": "memfd"}.get(backing, backing)
     ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
-    from .buffer import buffer
-    donemap_buf = buffer(np.uint8, run.num)
+    donemap_buf = run.donemap_buf  # the call's done map (closed by run.release)
     donemap = donemap_buf.array
     feeder = QueueFeeder(run, ring, n)
     run.done_base = 0  # ST_DONE of workers that are gone
@@ -470,7 +469,6 @@ def run_queue(run: Any) -> None:
         run.sel = None
         ring.close()
         ring.release()
-        donemap_buf.close()
 
 
 class _NullSel:

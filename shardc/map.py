@@ -49,7 +49,7 @@ import numpy as np
 
 from . import _lowlevel as ll
 from ._channel import ChannelClosed
-from .buffer import Buffer
+from .buffer import Buffer, buffer
 from .diagnostics import Diagnostics
 from .errors import (InvalidArgumentError, ShardMapError, ShardTimeoutError, WorkerCrashedError,
                      WorkerMemoryError, signal_label)
@@ -273,6 +273,12 @@ class Run:
             self.autotune = {"mode": "online", "target_chunk_seconds": 0.005, "max_rounds": 64}
         self.diag = Diagnostics(self)
         self.ewma_shard_s: float | None = None
+        # One byte per shard, shared with the workers: 1 = finished and
+        # returned None, 2 = finished with a value still to be gathered.  After
+        # a death, shards marked 1 are complete (nothing to gather), so they
+        # are not run again; shm_queue uses it as its source of truth.
+        self.donemap_buf = buffer(np.uint8, self.num)
+        self.donemap = self.donemap_buf.array
 
     # -- inputs ----------------------------------------------------------------------
     def _seg_info(self, seg: Segment) -> None:
@@ -297,6 +303,7 @@ class Run:
         return self.captured[key][1]
 
     def prepare_inputs(self, borrow: dict[str, Any], out: dict[str, Any]) -> None:
+        self._seg_info(self.donemap_buf.segment)
         for name, obj in out.items():
             arr = obj.array if isinstance(obj, Buffer) else obj
             hit = find_address(*array_extent(arr))
@@ -326,6 +333,7 @@ class Run:
             self.diag.add_borrow(name, how, sh.nbytes, copied, time.perf_counter() - t0, sh.kind)
 
     def release(self) -> None:
+        self.donemap_buf.close()
         for sh in self.temporaries:
             sh.close()
         self.temporaries.clear()
@@ -337,6 +345,7 @@ class Run:
                   "name": self.segments[k].name} for k in new]
         fds = [self.segments[k].fd for k in new]
         msg = {"call_id": self.call_id, "cow": self.cow, "entropy": self.entropy,
+               "donemap": _array_desc(self.donemap, self.donemap_buf.segment),
                "seeded": self.seed is not None, "diagnostics": self.diagnostics, "desc": self.desc,
                "borrow": self.borrow_desc, "out": self.out_desc, "fun": self.fun_blob, "segments": infos}
         return msg, fds
@@ -672,9 +681,13 @@ class Run:
             if sid in self.huge_ids:
                 self.huge_ids.discard(sid)
                 self.huge_inflight = max(0, self.huge_inflight - 1)
-            if sid == running:
+            if sid == running or self.state[sid] != 0:
                 continue
-            if self.state[sid] == 0:
+            if self.donemap[sid] == 1:
+                # It finished (and returned None) before the worker died with
+                # its report: complete, not run again.
+                self.record_success(sid, None)
+            else:
                 self.retry.appendleft(sid)
         if running is not None and running in st.inflight:
             self.record_failure(running, self.crash_record(w, running, code, reason))

@@ -89,6 +89,7 @@ class CallState:
         self.guard_regions: list[int] = []
         self.diagnostics = True
         self.kernel = None
+        self.donemap: Any = None
 
 
 class Worker:
@@ -182,6 +183,7 @@ class Worker:
         for name, desc in msg["out"].items():
             kwargs[name] = self.out_array(desc)
         c.kwargs = kwargs
+        c.donemap = self.out_array(msg["donemap"]).data  # memoryview: cheapest byte stores
         c.fun = _Unpickler(msg["fun"], self).load()
 
     def end_call(self) -> None:
@@ -223,6 +225,7 @@ class Worker:
                 value = c.fun(shard, **c.kwargs)
                 events = None
             ok, payload = OK, value
+            c.donemap[sid] = 1 if value is None else 2
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, Exception):
                 exc = RuntimeError(f"shard {sid} raised {type(exc).__name__}({exc})")

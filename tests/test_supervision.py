@@ -694,3 +694,27 @@ def test_shm_queue_error_log_and_dropped_returns(tmp_path):
             os.unlink(p)
     assert sorted(r.failures) == [7, 17, 27, 37]  # the log is bounded; the result never is
     out.close()
+
+
+@pytest.mark.parametrize("returns", [False, True])
+def test_finished_unreported_shards_are_not_rerun(tmp_path, returns):
+    """A shard that finished (returning None) in a chunk whose worker then died is complete, not
+    rerun; one that returned a value is rerun (its value died with the worker)."""
+    log = tmp_path / "runs"
+
+    def f(s, log=str(log), returns=returns, marker=str(tmp_path / "killed")):
+        with open(log, "a") as fh:
+            fh.write(f"{s.id}\n")
+        if s.id == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return s.id if returns else None
+
+    r = shardc.shard_map(shardc.shards(2, block_size=1), f, workers=1, chunk_size=2, autotune=False,
+                         progress=False)
+    runs = [int(x) for x in log.read_text().split()]
+    assert r.succeeded and r.diagnostics.retries == 1
+    assert r.results == ([0, 1] if returns else [None, None])
+    assert runs.count(1) == 2
+    assert runs.count(0) == (2 if returns else 1)
+    shardc.pool_stop()
