@@ -178,6 +178,33 @@ class Diagnostics:
             rec["shards"] += 1
             rec["busy_ns"] += t1 - t0
 
+    def batch_done(self, slot: int, results: list[tuple], attempts: np.ndarray) -> None:
+        """Record a results message's shards with array stores (one per column,
+        not one per shard: this runs in the master's hot loop)."""
+        n = len(results)
+        if n < 8:
+            for sid, ok, _v, t0, t1, _e, dmem in results:
+                self.shard_done(sid, slot, t0, t1, ok == 0, int(attempts[sid]), dmem)
+            return
+        sids = np.fromiter((r[0] for r in results), np.int64, n)
+        oks = np.fromiter((r[1] == 0 for r in results), np.bool_, n)
+        t0 = np.fromiter((r[3] for r in results), np.int64, n)
+        t1 = np.fromiter((r[4] for r in results), np.int64, n)
+        att = attempts[sids]
+        self.shard_worker[sids] = slot
+        self.shard_t0[sids] = t0
+        self.shard_t1[sids] = t1
+        self.shard_attempts[sids] = att + 1
+        self.shard_ok[sids] = np.where(oks, np.where(att == 0, 1, 2), 0)
+        if any(r[6] is not None for r in results):
+            for r in results:
+                if r[6] is not None:
+                    self.shard_mem_delta[r[0]] = r[6]
+        rec = self.workers.get(slot)
+        if rec is not None:
+            rec["shards"] += n
+            rec["busy_ns"] += int((t1 - t0).sum())
+
     def block_done(self, slot: int, start: int, count: int, t0: int, t1: int) -> None:
         self.blocks.append((slot, start, count, t0, t1))
         rec = self.workers.get(slot)

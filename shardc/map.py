@@ -250,7 +250,7 @@ class Run:
         self.next_fresh = 0
         self.retry: deque[int] = deque()
         self.attempts = np.zeros(self.num, dtype=np.int16)
-        self.state = np.zeros(self.num, dtype=np.int8)  # 0 pending, 1 done, 2 failed
+        self.state = bytearray(self.num)  # 0 pending, 1 done, 2 failed (bytearray: cheap scalar access)
         self.results: list[Any] = [None] * self.num
         self.failures: dict[int, ShardFailure] = {}
         self.history: dict[int, list[str]] = {}
@@ -592,21 +592,23 @@ class Run:
     def on_results(self, w: Any, results: list[tuple]) -> None:
         st = self.ws[w.slot]
         diag = self.diag
-        for sid, ok, value, t0, t1, events, dmem in results:
-            st.inflight.pop(sid, None)
-            if sid in self.huge_ids:
-                self.huge_ids.discard(sid)
+        inflight = st.inflight
+        huge = self.huge_ids
+        if self.diagnostics:  # before the outcomes: attempts are those of the finished run
+            diag.batch_done(w.slot, results, self.attempts)
+        for sid, ok, value, _t0, _t1, events, _dmem in results:
+            inflight.pop(sid, None)
+            if huge and sid in huge:
+                huge.discard(sid)
                 self.huge_inflight = max(0, self.huge_inflight - 1)
-            if self.diagnostics:
-                diag.shard_done(sid, w.slot, t0, t1, ok == OK, int(self.attempts[sid]), dmem)
             if events:
                 diag.cow_events(sid, events)
             if ok == OK:
                 self.record_success(sid, value)
             else:
                 self.record_failure(sid, value)
-            dt = (t1 - t0) * 1e-9
-            self.ewma_shard_s = dt if self.ewma_shard_s is None else 0.8 * self.ewma_shard_s + 0.2 * dt
+        dt = sum(r[4] - r[3] for r in results) * 1e-9 / len(results)
+        self.ewma_shard_s = dt if self.ewma_shard_s is None else 0.8 * self.ewma_shard_s + 0.2 * dt
         st.done += len(results)
         st.since_sample += len(results)
         st.last_msg = time.monotonic()
