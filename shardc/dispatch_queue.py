@@ -76,6 +76,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     seeded = call.seeded
     guarded = worker.guard is not None and bool(call.guard_regions)
     keep_blocks = call.diagnostics
+    mono = time.monotonic_ns
     blocks: list[tuple[int, int, int, int]] = []
     batch = int(msg.get("claim_batch", 1))
     elog = _ErrorLog(msg["error_log"], msg["error_log_max_lines"]) if msg.get("error_log") else None
@@ -99,10 +100,14 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 status_mv[ST_BLOCK0] = start
                 status_mv[ST_BLOCKN] = stop - start
                 t0 = time.monotonic_ns()
+                ok_in_block = 0
+                # Per shard only what supervision needs: which shard runs and
+                # since when (timeouts, crash attribution) and its done mark.
+                # The state word and the progress counter change per block.
+                status_mv[ST_STATE] = STATE_RUNNING
                 for sid in range(start, stop):
                     status_mv[ST_CURRENT] = sid
-                    status_mv[ST_START_NS] = time.monotonic_ns()
-                    status_mv[ST_STATE] = STATE_RUNNING
+                    status_mv[ST_START_NS] = mono()
                     shard = make(sid, (entropy, sid))
                     try:
                         if seeded:
@@ -124,10 +129,12 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                         chan.send(("qfail", call_id, (sid, ERR, rec,
                                                       status_mv[ST_START_NS], time.monotonic_ns(),
                                                       getattr(exc, "cow_events", None), None)))
+                        status_mv[ST_STATE] = STATE_RUNNING
                         continue
                     donemap[sid] = 1
-                    status_mv[ST_DONE] += 1
+                    ok_in_block += 1
                 status_mv[ST_STATE] = STATE_IDLE
+                status_mv[ST_DONE] += ok_in_block
                 if keep_blocks:
                     blocks.append((start, stop - start, t0, time.monotonic_ns()))
             ring.done(slot)
