@@ -196,7 +196,9 @@ class QueueFeeder:
         self.workers = workers
         fixed = run.opts.get("block_size")
         self.fixed = int(fixed) if fixed else None
-        self.block = self.fixed or (64 if run.autotune else max(1, min(4096, run.num // (workers * 8) or 1)))
+        # Probe blocks are small (a retry never waits behind a long untuned
+        # block); the first 20 ms window of throughput sizes the rest.
+        self.block = self.fixed or (8 if run.autotune else max(1, min(4096, run.num // (workers * 8) or 1)))
         self.tuned = self.fixed is not None or not run.autotune
         self.win_t: float | None = None
         self.win_done = 0
@@ -230,22 +232,36 @@ class QueueFeeder:
             self.rounds += 1
         self.tuned = True
 
-    def feed(self) -> None:
+    def _retry_items(self, limit: int) -> list[int]:
+        """Requeued ids as blocks: consecutive ids (the rest of a dead
+        worker's block) travel together, up to the current block size."""
         run = self.run
-        low_water = 4 * self.workers
-        size = self.ring.size()
-        room = low_water - size
-        if room <= 0 or run.pending_count() == 0:
+        items: list[int] = []
+        while run.retry and len(items) < limit:
+            start = run.retry.popleft()
+            count = 1
+            while run.retry and run.retry[0] == start + count and count < max(1, self.block):
+                run.retry.popleft()
+                count += 1
+            items.append(encode(start, count))
+        return items
+
+    def feed(self) -> None:
+        """Top the ring up to ~2 blocks per worker.  Retries go in first and
+        regardless of that mark, so a retried shard waits behind as little
+        as possible (this also runs right after a death, before the
+        replacement worker is forked)."""
+        run = self.run
+        if run.pending_count() == 0:
             return
-        items = []
-        for _ in range(room):
+        size = self.ring.size()
+        items = self._retry_items(max(0, self.ring.capacity - size))
+        low_water = 2 * self.workers
+        room = low_water - size - len(items)
+        for _ in range(max(0, room)):
             pending = run.pending_count()
             if pending == 0:
                 break
-            if run.retry:
-                sid = run.retry.popleft()
-                items.append(encode(sid, 1))
-                continue
             # Shrink blocks at the end so the tail spreads over every worker.
             size = min(self.block, max(1, pending // (2 * self.workers)) if self.tuned else self.block)
             ids = run.take_chunk(size)
@@ -273,6 +289,7 @@ def run_queue(run: Any) -> None:
     donemap_buf = run.donemap_buf  # the call's done map (closed by run.release)
     donemap = donemap_buf.array
     feeder = QueueFeeder(run, ring, n)
+    run.on_requeue = feeder.feed  # retries enter the ring before a replacement is forked
     run.done_base = 0  # ST_DONE of workers that are gone
     run.qdone: set[int] = set()
     sel = selectors.DefaultSelector()

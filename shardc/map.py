@@ -273,6 +273,7 @@ class Run:
             self.autotune = {"mode": "online", "target_chunk_seconds": 0.005, "max_rounds": 64}
         self.diag = Diagnostics(self)
         self.ewma_shard_s: float | None = None
+        self.on_requeue: Callable[[], None] | None = None  # shm_queue: feed the ring
         # One byte per shard, shared with the workers: 1 = finished and
         # returned None, 2 = finished with a value still to be gathered.  After
         # a death, shards marked 1 are complete (nothing to gather), so they
@@ -694,6 +695,8 @@ class Run:
         if running is not None and running in st.inflight:
             self.record_failure(running, self.crash_record(w, running, code, reason))
         st.inflight.clear()
+        if self.on_requeue is not None:
+            self.on_requeue()  # let survivors start on the requeued shards now
         return self.replace(w, reason or f"worker died with {label}", "restart")
 
     def watchdog(self, on_death: Callable[..., Any] | None = None) -> None:
