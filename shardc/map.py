@@ -54,7 +54,8 @@ from .diagnostics import Diagnostics
 from .errors import (InvalidArgumentError, ShardMapError, ShardTimeoutError, WorkerCrashedError,
                      WorkerMemoryError, signal_label)
 from .kernels import get_kernel
-from .pool import PROFILES, Pool, check_recycle, fmt_bytes, parse_bytes, pool_create, pool_get
+from .pool import (PROFILES, Pool, call_finished, call_started, check_recycle, fmt_bytes, parse_bytes,
+                   pool_create, pool_get)
 from .result import FailedShard, ShardFailure, ShardResult
 from .segment import Segment, find_address
 from .share import Shared, array_extent, default_cache, share
@@ -187,12 +188,14 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, borrow: dict[s
     # Pickle fun before any worker exists (clear errors first), collecting the
     # buffers and shared inputs it captures.
     run.fun_blob = pickle_function(target, run.capture)
-    run.prepare_inputs(borrow, out)
+    call_started()
     try:
+        run.prepare_inputs(borrow, out)
         run.pool = _get_pool(pool, workers, packages, init_expr, profile)
         run.execute()
     finally:
         run.release()
+        call_finished()  # workers let go of segments closed meanwhile (temporaries, done map)
     run.diag.wall_seconds = time.perf_counter() - t_start
     result = run.result()
     if result.failures and on_failure == "raise":

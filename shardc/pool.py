@@ -562,6 +562,55 @@ def _pid_alive(pid: int) -> bool:
 _live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 _default: Pool | None = None
 
+# Segments closed in this process that workers may still map.  Workers are
+# told right away when nothing is being sent to them (no shard_map running);
+# during a call (a close may come from a GC callback in the middle of a
+# frame) the keys wait for the end of the call.
+_pending_forget: set[str] = set()
+_busy_calls = 0
+
+
+def _on_segment_closed(key: str) -> None:
+    _pending_forget.add(key)
+    if _busy_calls == 0:
+        flush_forgets()
+
+
+def flush_forgets() -> None:
+    """Tell every idle worker to drop the closed segments it still maps."""
+    if not _pending_forget:
+        return
+    keys = set(_pending_forget)
+    _pending_forget.difference_update(keys)
+    for p in list(_live_pools):
+        if p.closed or os.getpid() != p._pid:
+            continue
+        for w in p.workers:
+            mine = keys & w.known
+            if mine and w.alive:
+                try:
+                    w.chan.send(("forget", sorted(mine)))
+                except OSError:
+                    continue  # dead: its replacement starts with nothing mapped
+                w.known.difference_update(mine)
+
+
+def call_started() -> None:
+    global _busy_calls
+    _busy_calls += 1
+
+
+def call_finished() -> None:
+    global _busy_calls
+    _busy_calls -= 1
+    if _busy_calls == 0:
+        flush_forgets()
+
+
+from . import segment as _segment  # noqa: E402
+
+_segment._close_hooks.append(_on_segment_closed)
+
 
 def pool_create(n: int | None = None, mem_cap: Any = "2GB", recycle: Any = True, packages: Any = None,
                 init_expr: Any = None, profile: str = "default", health_check_interval: int = 10) -> Pool:

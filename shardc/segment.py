@@ -50,6 +50,9 @@ _TOKEN = secrets.token_hex(3)
 # address, for find_address().
 _registry: "weakref.WeakValueDictionary[str, Segment]" = weakref.WeakValueDictionary()
 _ranges: list[tuple[int, int, str]] = []  # (addr, end, key), sorted
+# Called with a segment's key when it is closed explicitly (the pools use it
+# to tell workers to let go of their mappings at once).
+_close_hooks: list[Any] = []
 _lock = threading.Lock()
 
 
@@ -256,6 +259,8 @@ class Segment:
                     pass
             self._mapping = None
         self._finalizer()
+        for hook in _close_hooks:
+            hook(self.key)
 
     def info(self) -> dict[str, Any]:
         return {"key": self.key, "name": self.name, "backing": self.backing, "size": self.size,

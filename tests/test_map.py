@@ -672,3 +672,30 @@ def test_worker_start_failure_names_packages_and_init_expr(kw):
     with pytest.raises(RuntimeError, match=r"failed to start .*check packages= and init_expr="):
         shardc.shard_map(2, ident, workers=2, progress=False, **kw)
     assert shardc.pool_get() is None
+
+
+def test_closed_buffer_is_released_by_workers_at_once():
+    """Closing an out buffer after a call makes idle workers unmap it right away (no next call needed)."""
+    with shardc.Pool(2) as pool:
+        buf = shardc.buffer(np.uint8, 64 << 20)
+
+        def touch(s, out):
+            out[s.id * (32 << 20):(s.id + 1) * (32 << 20)] = 1  # each worker maps and dirties it
+
+        pool.shard_map(2, touch, out={"out": buf}, progress=False)
+        key = buf.segment.key
+        pids = [w.pid for w in pool.workers]
+
+        def mapped(pid):
+            try:
+                return any(f"shardc.out.{key}" in line for line in open(f"/proc/{pid}/maps"))
+            except OSError:
+                return False
+
+        assert any(mapped(p) for p in pids)
+        buf.close()
+        deadline = time.monotonic() + 5
+        while any(mapped(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(mapped(p) for p in pids)
+        assert all(key not in w.known for w in pool.workers)
