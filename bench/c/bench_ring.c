@@ -18,6 +18,8 @@
  *                               master still spins for the reply.
  */
 #include "bench_common.h"
+
+#include <stdlib.h>
 #include "queue.h"
 
 #include <errno.h>
@@ -156,6 +158,59 @@ static void bench_rtt(const char *name, int worker_parks)
     free(lat);
 }
 
+/* Park/wake cycles: master and worker hand one item back and forth through
+ * two rings with spinning turned off, so every hand-off parks the receiver on
+ * the futex and needs a FUTEX_WAKE.  Every sleep in the ring is capped at
+ * 200 ms, so a lost wake-up cannot hang but shows as a round trip of about
+ * that long: round trips over 100 ms are counted as stalls (expected: 0).
+ * Cycles: SHARDC_BENCH_WAKE_CYCLES, else 10^7 full (a few minutes), 10^5
+ * with --quick.  Does not measure latency percentiles (bench_rtt does). */
+static void bench_park_wake_cycles(void)
+{
+    void *a = new_ring(2, 1), *b = new_ring(2, 1);
+    const char *env = getenv("SHARDC_BENCH_WAKE_CYCLES");
+    long n = env ? atol(env) : (bench_quick ? 100000L : 10000000L);
+    long stalls = 0;
+    int64_t t_start, worst = 0;
+    pid_t pid;
+    int st;
+
+    shardc_queue_set_spin(a, 0);
+    shardc_queue_set_spin(b, 0);
+    pid = fork();
+    if (pid == 0) {
+        uint64_t x;
+        for (long i = 0; i < n; i++) {
+            if (shardc_queue_pop(a, 0, &x, 1, 10000000000LL) != 1)
+                _exit(1);
+            shardc_queue_done(a, 0);
+            if (shardc_queue_push(b, &x, 1, 10000000000LL) != 1)
+                _exit(2);
+        }
+        _exit(0);
+    }
+    t_start = bench_now();
+    for (long i = 0; i < n; i++) {
+        uint64_t x = (uint64_t)i;
+        int64_t t0 = bench_now(), dt;
+        if (shardc_queue_push(a, &x, 1, 10000000000LL) != 1 ||
+            shardc_queue_pop(b, 0, &x, 1, 10000000000LL) != 1 || x != (uint64_t)i)
+            BENCH_DIE("park/wake cycle");
+        shardc_queue_done(b, 0);
+        dt = bench_now() - t0;
+        if (dt > 100000000LL)
+            stalls++;
+        if (dt > worst)
+            worst = dt;
+    }
+    if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        BENCH_DIE("park/wake worker failed");
+    bench_report("ring_park_wake_cycles", (double)n, "cycles");
+    bench_report("ring_park_wake_stalls", (double)stalls, "count");
+    bench_report("ring_park_wake_worst", (double)worst / 1e3, "us");
+    bench_report("ring_park_wake_mean", (double)(bench_now() - t_start) / (double)n / 1e3, "us");
+}
+
 int main(int argc, char **argv)
 {
     bench_args(argc, argv);
@@ -163,5 +218,6 @@ int main(int argc, char **argv)
     bench_stream();
     bench_rtt("ring_rtt_spin", 0);
     bench_rtt("ring_rtt_parked", 1);
+    bench_park_wake_cycles();
     return 0;
 }
