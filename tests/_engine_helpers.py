@@ -14,6 +14,8 @@ from typing import Any
 
 import psutil
 
+import pytest
+
 import shardc
 
 
@@ -78,3 +80,23 @@ def drain(pool: Any = None, timeout: float = 5.0) -> None:
             except OSError:
                 break
             time.sleep(0.0005)
+
+
+# -- fixtures shared by the engine test files (imported there by name) --------------------
+
+@pytest.fixture(autouse=True)
+def no_stray_children():
+    """After each test only the default pool's live workers may remain."""
+    yield
+    drain()
+    assert_no_stray_children()
+
+
+@pytest.fixture
+def pool2():
+    """A default pool of 2 workers (created fresh if the current one differs)."""
+    p = shardc.pool_get()
+    if p is None or p.size != 2 or p.packages or p.init_expr is not None:
+        p = shardc.pool_create(2)
+    drain(p)
+    return p

@@ -24,7 +24,7 @@ import shardc
 from shardc import _lowlevel as ll
 from shardc.share import default_cache
 
-from _engine_helpers import assert_no_stray_children, drain
+from _engine_helpers import assert_no_stray_children, drain, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(not ll.seg_backing_supported(ll.BACKING_MEMFD), reason="needs memfd")]
@@ -34,24 +34,6 @@ COWS = ["deny", "audit", "allow"]
 PS = ll.PAGE_SIZE
 ROWS, COLS = 64, 512  # float64: one row per 4 KiB page
 N = 6
-
-
-@pytest.fixture(autouse=True)
-def no_stray_children():
-    """After each test only the default pool's live workers may remain."""
-    yield
-    drain()
-    assert_no_stray_children()
-
-
-@pytest.fixture
-def pool2():
-    """A default pool of 2 workers."""
-    p = shardc.pool_get()
-    if p is None or p.size != 2 or p.packages or p.init_expr is not None:
-        p = shardc.pool_create(2)
-    drain(p)
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -27,31 +27,13 @@ import pytest
 import shardc
 from shardc.errors import RemoteTraceback
 
-from _engine_helpers import assert_no_stray_children, drain, pool_pids
+from _engine_helpers import assert_no_stray_children, drain, pool_pids, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 
 MODES = ["rpc_chunked", "shm_queue"]
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def no_stray_children():
-    """After each test only the default pool's live workers may remain."""
-    yield
-    drain()
-    assert_no_stray_children()
-
-
-@pytest.fixture
-def pool2():
-    """A default pool of 2 workers."""
-    p = shardc.pool_get()
-    if p is None or p.size != 2 or p.packages or p.init_expr is not None:
-        p = shardc.pool_create(2)
-    drain(p)
-    return p
 
 
 def assert_pool_usable(pool):
