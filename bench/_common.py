@@ -428,3 +428,20 @@ def ensure_native(repo: str | None = None) -> str:
     cp = subprocess.run(probe, capture_output=True, text=True, cwd=repo)
     return "rebuilt" if cp.returncode == 0 else "import shardc failed after rebuild: " + (
         cp.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def variant_main(doc: str, script: str, variants: list[str], run_child: Any, report: Any,
+                 argv: list[str] | None = None) -> int:
+    """The main() of a benchmark whose variants each run in a fresh child
+    interpreter: parse the common flags, run as a child (``--child NAME``) or
+    run every variant's child and report."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = base_parser(doc).parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 5)
+    if args.child:
+        return child_main(args.child, lambda: run_child(args.child, args.quick, repeats))
+    chosen = args.only.split(",") if args.only else variants
+    pass_on = (["--quick"] if args.quick else []) + ["--repeats", str(repeats)]
+    results = run_variant_children(os.path.abspath(script), chosen, pass_on, args.timeout, rounds=args.rounds)
+    report(results, args.quick)
+    return 0

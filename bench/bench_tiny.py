@@ -221,17 +221,7 @@ def targets(results: dict[str, dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = C.base_parser(__doc__).parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 5)
-    if args.child:
-        return C.child_main(args.child, lambda: run_child(args.child, args.quick, repeats))
-    variants = args.only.split(",") if args.only else VARIANTS
-    pass_on = (["--quick"] if args.quick else []) + ["--repeats", str(repeats)]
-    results = C.run_variant_children(os.path.abspath(__file__), variants, pass_on, args.timeout,
-                                     rounds=args.rounds)
-    report(results, args.quick)
-    return 0
+    return C.variant_main(__doc__, __file__, VARIANTS, run_child, report, argv)
 
 
 if __name__ == "__main__":
