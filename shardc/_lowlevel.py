@@ -23,10 +23,15 @@ from .errors import SegmentError, ShardcError
 try:
     from ._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - only without a build
-    raise ImportError(
-        "shardc's native module (shardc._native) is missing or failed to load: "
-        f"{exc}. Build it with `pip install -e .` (or `pip install .`) from the source tree."
-    ) from exc
+    _src = Path(__file__).resolve().parent.parent / "csrc"
+    if _src.is_dir():
+        _why = (f"this is shardc's source tree ({_src.parent}), which has no compiled module: "
+                "build it here with `pip install -e .`, or run from another directory to use an "
+                "installed shardc")
+    else:
+        _why = "reinstall shardc (`pip install --force-reinstall shardc`)"
+    raise ImportError(f"shardc's native module (shardc._native) is missing or failed to load: {exc}; "
+                      f"{_why}") from exc
 
 
 def _check_stamp() -> None:
