@@ -28,6 +28,14 @@ from . import _lowlevel as ll
 from .errors import signal_label
 
 
+def _allocated(seg: Any) -> int | None:
+    """Bytes the kernel has allocated for a segment (st_blocks), None if unknown."""
+    try:
+        return os.fstat(seg.fd).st_blocks * 512
+    except (OSError, AttributeError):
+        return None
+
+
 def _fmt(n: float | None) -> str:
     from .pool import fmt_bytes
     return fmt_bytes(n)
@@ -74,6 +82,8 @@ class Diagnostics:
         self.returned_ignored = 0  # shm_queue: shards whose return value was dropped
         self.error_logs: list[str] = []  # shm_queue error_log files
         self.throttles = 0
+        self._out_segs: dict[str, tuple[Any, str, int | None]] = {}
+        self.out_written: dict[str, int] = {}
         self.bytes_setup = 0
         self.bytes_dispatch = 0
         self.messages_dispatch = 0
@@ -115,6 +125,7 @@ class Diagnostics:
 
     def finish(self, pool: Any) -> None:
         self.t_end_ns = time.monotonic_ns()
+        self._measure_out_written()
         precise = (self.t_end_ns - self.t_start_ns) > 200_000_000
         for w in pool.workers:
             if w.alive:
@@ -153,8 +164,19 @@ class Diagnostics:
             bar.update(done - bar.n)
         bar.set_postfix(failed=run.n_failed, retries=run.retries_total, refresh=force)
 
-    def add_out(self, name: str, nbytes: int) -> None:
+    def add_out(self, name: str, nbytes: int, seg: Any = None) -> None:
         self.out[name] = nbytes
+        if seg is not None and seg.key not in self._out_segs:
+            self._out_segs[seg.key] = (seg, name, _allocated(seg))
+
+    def _measure_out_written(self) -> None:
+        """Bytes of out segments allocated during the run: the pages workers
+        wrote for the first time (shared memory is allocated on first write;
+        rewriting an already written page is not counted)."""
+        for seg, name, before in self._out_segs.values():
+            after = _allocated(seg)
+            if after is not None and before is not None:
+                self.out_written[name] = self.out_written.get(name, 0) + max(0, after - before)
 
     def add_borrow(self, name: str, how: str, nbytes: int, copied: int, seconds: float, kind: str) -> None:
         self.borrow[name] = {"how": how, "bytes": nbytes, "bytes_copied": copied, "seconds": seconds,
@@ -408,6 +430,7 @@ def copy_report(result: Any) -> Report:
     materialized = sum(v["bytes"] for v in d.cow.values())
     data = {"borrow": d.borrow, "borrow_bytes": shared, "borrow_bytes_copied": copied,
             "result_bytes": d.bytes_results, "out_bytes": sum(d.out.values()), "out": d.out,
+            "out_bytes_written": sum(d.out_written.values()), "out_written": d.out_written,
             "materialized_bytes": materialized, "dispatch_bytes": d.bytes_dispatch, "setup_bytes": d.bytes_setup}
     lines = []
     for name, v in d.borrow.items():
@@ -415,7 +438,9 @@ def copy_report(result: Any) -> Report:
                      + (f" ({_fmt(v['bytes_copied'])} copied in {v['seconds']*1e3:.1f} ms)" if v["bytes_copied"] else
                         f" (0 copied, {v['seconds']*1e3:.2f} ms)"))
     for name, n in d.out.items():
-        lines.append(f"out    {name!r}: {_fmt(n)} shared buffer (written in place, nothing gathered)")
+        w = d.out_written.get(name)
+        written = f", {_fmt(w)} newly written during the run" if w is not None else ""
+        lines.append(f"out    {name!r}: {_fmt(n)} shared buffer{written} (in place, nothing gathered)")
     lines.append(f"results gathered: {_fmt(d.bytes_results)}; sent to workers: {_fmt(d.bytes_setup)} setup + "
                  f"{_fmt(d.bytes_dispatch)} dispatch")
     lines.append(f"materialized (private copies of borrowed pages): {_fmt(materialized)}")

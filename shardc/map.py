@@ -315,7 +315,7 @@ class Run:
             seg = hit[0]
             self._seg_info(seg)
             self.out_desc[name] = _array_desc(arr, seg)
-            self.diag.add_out(name, arr.nbytes)
+            self.diag.add_out(name, arr.nbytes, seg)
         for name, obj in borrow.items():
             t0 = time.perf_counter()
             if isinstance(obj, Shared):

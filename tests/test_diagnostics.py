@@ -225,3 +225,20 @@ def test_progress_bar_off_when_not_a_tty_and_when_silenced():
     assert "40/40" not in _run("None", tty=False)
     assert "40/40" in _run("True", tty=False)
     assert "40/40" not in _run("False", tty=False)
+
+
+def test_out_bytes_written_are_measured(pool):
+    """The copy report counts the out-buffer pages the run wrote for the first time."""
+    out = shardc.buffer("f8", 1 << 20)  # 8 MiB, nothing allocated yet
+    try:
+        def write_half(s, out):
+            lo = s.id * (1 << 17)
+            out[lo:lo + (1 << 16)] = 1.0  # 512 KiB of each 1 MiB slice
+
+        r = pool.shard_map(8, write_half, out={"out": out}, progress=False)
+        written = shardc.copy_report(r).to_dict()["out_written"]["out"]
+        assert 4 * MiB <= written <= 4 * MiB + 8 * 4096
+        again = pool.shard_map(8, write_half, out={"out": out}, progress=False)
+        assert shardc.copy_report(again).to_dict()["out_written"]["out"] == 0  # rewrites allocate nothing
+    finally:
+        out.close()
