@@ -63,6 +63,18 @@ def check_shape(shape: Any, arg: str = "shape") -> tuple[int, ...]:
     return tuple(out)
 
 
+def array_protocol(arr: np.ndarray, dtype: Any, copy: Any, what: str) -> np.ndarray:
+    """``__array__`` for objects that hold an ndarray over shared memory:
+    the array itself (no copy) unless a copy or another dtype is asked for."""
+    if copy:
+        return np.array(arr, dtype=dtype, copy=True)
+    if dtype is not None and np.dtype(dtype) != arr.dtype:
+        if copy is False:
+            raise ValueError(f"cannot convert {what} to another dtype without a copy")
+        return arr.astype(dtype)
+    return arr
+
+
 class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
     """A shared, typed, n-dimensional output array (see module docstring).
 
@@ -98,14 +110,7 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         return self._array
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = self.array
-        if copy:
-            return np.array(arr, dtype=dtype, copy=True)
-        if dtype is not None and np.dtype(dtype) != arr.dtype:
-            if copy is False:
-                raise ValueError("cannot convert a shardc buffer to another dtype without a copy")
-            return arr.astype(dtype)
-        return arr
+        return array_protocol(self.array, dtype, copy, "a shardc buffer")
 
     def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
         inputs = tuple(x.array if isinstance(x, Buffer) else x for x in inputs)

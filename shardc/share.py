@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import _lowlevel as ll
-from .buffer import Buffer
+from .buffer import Buffer, array_protocol
 from .errors import ClosedError, InvalidArgumentError
 from .segment import Segment, find_address
 
@@ -112,14 +112,8 @@ class Shared:
         return pickle.loads(self.payload, buffers=bufs)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = self.array
-        if copy:  # np.array(shared) must give a private, writable copy
-            return np.array(arr, dtype=dtype, copy=True)
-        if dtype is not None and np.dtype(dtype) != arr.dtype:
-            if copy is False:
-                raise ValueError("cannot convert a shared array to another dtype without a copy")
-            return arr.astype(dtype)
-        return arr
+        # np.array(shared) gives a private, writable copy; np.asarray the shared view.
+        return array_protocol(self.array, dtype, copy, "a shared array")
 
     def descriptor(self) -> dict[str, Any]:
         """What a worker needs to rebuild the object (segments by key)."""
