@@ -6,7 +6,7 @@ from ._version import __version__
 from .buffer import Buffer, buffer, buffer_open
 from .diagnostics import (copy_report, cow_report, mem_report, recommendations, report, segment_report,
                           task_report)
-from .errors import (BindingError, BorrowedInputWriteError, ClosedError, InvalidArgumentError,
+from .errors import (BindingError, BorrowedInputWriteError, CallSetupTimeoutError, ClosedError, InvalidArgumentError,
                      QueueClosedError, SegmentError, ShardcError, ShardMapError, ShardSpecError,
                      ShardTimeoutError, UnpicklableFunctionError, WorkerCrashedError, WorkerMemoryError)
 from .kernels import list_kernels, register_kernel, tiles2d
@@ -24,5 +24,5 @@ __all__ = [
     "task_report", "segment_report", "recommendations", "ShardcError", "ShardSpecError",
     "InvalidArgumentError", "BindingError", "UnpicklableFunctionError", "ClosedError", "SegmentError",
     "QueueClosedError", "BorrowedInputWriteError", "WorkerCrashedError", "ShardTimeoutError",
-    "WorkerMemoryError", "ShardMapError",
+    "WorkerMemoryError", "ShardMapError", "CallSetupTimeoutError",
 ]

@@ -19,6 +19,7 @@ QueueClosedError               pop/push on a closed, drained task ring
 BorrowedInputWriteError        a worker wrote into a borrowed input (deny)
 WorkerCrashedError             a worker died (signal or exit) in a shard
 ShardTimeoutError              a shard ran past ``timeout``
+CallSetupTimeoutError          a worker hung while setting up a call
 WorkerMemoryError              a worker was killed for exceeding mem_cap
 ShardMapError                  shard_map finished with failed shards
 =============================  ===========================================
@@ -119,6 +120,11 @@ class ShardTimeoutError(ShardcError, TimeoutError):
     """A shard ran longer than ``timeout`` seconds; its worker was killed."""
 
 
+class CallSetupTimeoutError(ShardcError, TimeoutError):
+    """A worker did not finish setting up a call (loading ``fun``, mapping the
+    inputs) within ``SHARDC_SETUP_TIMEOUT`` seconds; it was killed."""
+
+
 class WorkerMemoryError(ShardcError, MemoryError):
     """A worker was killed mid-shard for exceeding its memory cap."""
 
@@ -150,6 +156,6 @@ class RemoteTraceback(Exception):
 __all__ = [
     "ShardcError", "ShardSpecError", "InvalidArgumentError", "BindingError",
     "UnpicklableFunctionError", "ClosedError", "SegmentError", "QueueClosedError",
-    "BorrowedInputWriteError", "WorkerCrashedError", "ShardTimeoutError",
+    "BorrowedInputWriteError", "WorkerCrashedError", "ShardTimeoutError", "CallSetupTimeoutError",
     "WorkerMemoryError", "ShardMapError", "RemoteTraceback", "signal_label",
 ]

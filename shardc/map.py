@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import socket
 import sys
 import time
 from collections import deque
@@ -51,7 +52,7 @@ from . import _lowlevel as ll
 from ._channel import ChannelClosed
 from .buffer import Buffer, buffer
 from .diagnostics import Diagnostics
-from .errors import (InvalidArgumentError, ShardMapError, ShardTimeoutError, WorkerCrashedError,
+from .errors import (CallSetupTimeoutError, InvalidArgumentError, ShardMapError, ShardTimeoutError, WorkerCrashedError,
                      WorkerMemoryError, signal_label)
 from .kernels import get_kernel
 from .pool import (PROFILES, Pool, call_finished, call_started, check_recycle, fmt_bytes, parse_bytes,
@@ -361,6 +362,9 @@ class Run:
             try:
                 reply = self._setup_once(w)
                 break
+            except CallSetupTimeoutError:
+                self.pool.ensure_alive()
+                raise
             except (ChannelClosed, ConnectionError, OSError) as exc:
                 code = self.pool._reap(w, wait=2.0)
                 label = signal_label(code) if code is not None else str(exc)
@@ -404,9 +408,17 @@ class Run:
                 sent.append(w)
             except OSError:
                 self.setup_worker(w)
-        for w in sent:
+        for i, w in enumerate(sent):
             try:
                 reply = self._await_ready(w)
+            except CallSetupTimeoutError:
+                # The others got the same call: kill those that have not
+                # answered yet either, and leave the pool with fresh workers.
+                for other in sent[i + 1:]:
+                    if not other.chan.poll_nonblocking():
+                        self.pool.kill(other)
+                self.pool.ensure_alive()
+                raise
             except (ChannelClosed, ConnectionError, OSError):
                 self.setup_worker(w)
                 continue
@@ -417,14 +429,29 @@ class Run:
         return self._await_ready(w)
 
     def _await_ready(self, w: Any) -> Any:
-        w.chan.sock.settimeout(120)
+        """Wait (bounded: SHARDC_SETUP_TIMEOUT, default 120 s) for ``w`` to
+        load fun and map the inputs.  A worker that does not answer in time is
+        stuck in code shardc cannot interrupt (e.g. unpickling a borrowed
+        object that blocks): it is killed and the call fails, not retried."""
+        limit = float(os.environ.get("SHARDC_SETUP_TIMEOUT", "120"))
+        w.chan.sock.settimeout(limit)
         try:
             while True:
                 reply, _ = w.chan.recv()
                 if reply[0] == "ready" and reply[1] == self.call_id:
                     return reply
+        except socket.timeout:
+            self.pool.kill(w)
+            self.diag.event("death", w, f"killed: no answer to the call setup within {limit:g} s", code=w.exitcode)
+            raise CallSetupTimeoutError(
+                f"worker {w.slot} (pid {w.pid}) did not finish setting up the call within {limit:g} s "
+                "(loading fun and mapping borrowed inputs); something fun or a borrowed object runs "
+                "when unpickled is blocking. It was killed (SHARDC_SETUP_TIMEOUT sets the limit)") from None
         finally:
-            w.chan.sock.settimeout(None)
+            try:
+                w.chan.sock.settimeout(None)
+            except OSError:
+                pass
 
     def sel_register(self, w: Any) -> None:
         sel = getattr(self, "sel", None)

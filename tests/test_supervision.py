@@ -700,3 +700,25 @@ def test_finished_unreported_shards_are_not_rerun(tmp_path, returns):
     assert runs.count(1) == 2
     assert runs.count(0) == (2 if returns else 1)
     shardc.pool_stop()
+
+
+class _BlocksWhenUnpickled:
+    """A borrowed object whose unpickling (in the worker, during call setup) blocks."""
+
+    def __reduce__(self):
+        return (time.sleep, (60,))
+
+
+def test_call_setup_that_hangs_is_bounded(monkeypatch):
+    """A worker stuck while setting up a call (unpickling a borrowed object blocks) is killed
+    after SHARDC_SETUP_TIMEOUT and the call fails with a clear error instead of hanging."""
+    monkeypatch.setenv("SHARDC_SETUP_TIMEOUT", "1")
+    pool = shardc.pool_create(2)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="did not finish setting up the call within 1 s"):
+        shardc.shard_map(2, lambda s, x: 0, borrow={"x": _BlocksWhenUnpickled()}, progress=False)
+    assert time.monotonic() - t0 < 10
+    r = shardc.shard_map(4, lambda s: s.id, progress=False)  # the pool recovers
+    assert r.results == [0, 1, 2, 3]
+    shardc.pool_stop()
+    assert pool.closed
