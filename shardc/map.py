@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import selectors
 import socket
 import sys
@@ -63,8 +64,8 @@ from .share import Shared, array_extent, default_cache, share
 from .validate import (COW_MODES, DISPATCH_MODES, check_autotune, check_binding, check_choice,
                        check_dispatch_opts, check_int, check_names, check_out, check_scheduler_policy,
                        check_seed, check_timeout, pickle_function, resolve_shards)
-from .worker import (ERR, OK, ST_CALL, ST_CURRENT, ST_START_NS, ST_STATE, STATE_RUNNING,
-                     raise_from_record)
+from .worker import (ERR, OK, OK_PICKLED, ST_CALL, ST_CURRENT, ST_SENDING, ST_START_NS, ST_STATE,
+                     STATE_RUNNING, raise_from_record)
 
 log = logging.getLogger("shardc")
 
@@ -530,11 +531,15 @@ class Run:
             self.diag.retries += 1
 
     def crash_record(self, w: Any, sid: int, code: int | None, reason: str | None) -> dict[str, Any]:
-        import pickle
         label = signal_label(code) if code is not None else "unknown status"
         if reason == "timeout":
             exc: BaseException = ShardTimeoutError(
                 f"shard {sid} ran longer than timeout={self.timeout:g}s; worker {w.slot} (pid {w.pid}) was killed")
+        elif reason == "no progress":
+            exc = ShardTimeoutError(
+                f"shard {sid} finished, but worker {w.slot} (pid {w.pid}) then made no progress for "
+                f"timeout={self.timeout:g}s while handing its result back (does pickling the return "
+                "value block?); the worker was killed")
         elif reason and reason.startswith("memory"):
             exc = WorkerMemoryError(f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: "
                                     f"{reason.split(':', 1)[1].strip()}")
@@ -600,6 +605,8 @@ class Run:
                     pass  # the worker died: its EOF is seen by the loop, which requeues
 
     def _fill_into(self, w: Any, st: _WState, size: int, cap: Any, batch: list[Any]) -> None:
+        if not st.inflight:
+            st.last_msg = time.monotonic()  # its no-progress clock starts with this dispatch
         while len(st.inflight) < size * self.depth() and self.pending_count():
             ids = self.take_chunk(size)
             if cap:
@@ -625,6 +632,8 @@ class Run:
         diag = self.diag
         inflight = st.inflight
         huge = self.huge_ids
+        if any(r[1] == OK_PICKLED for r in results):
+            results = [(r[0], OK, pickle.loads(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
         if self.diagnostics:  # before the outcomes: attempts are those of the finished run
             diag.batch_done(w.slot, results, self.attempts)
         for sid, ok, value, _t0, _t1, events, _dmem in results:
@@ -724,6 +733,21 @@ class Run:
                 self.retry.appendleft(sid)
         if running is not None and running in st.inflight:
             self.record_failure(running, self.crash_record(w, running, code, reason))
+        if reason == "no progress":
+            # Stuck outside any shard: charge the shard whose value it was
+            # pickling (ST_SENDING), or, if it was stuck elsewhere, every
+            # finished shard whose value was in transit, so that a result that
+            # cannot be sent fails after its retries instead of looping.
+            sending = int(row[ST_SENDING]) - 1
+            suspects = [sending] if sending in st.inflight else [
+                sid for sid in lost if self.donemap[sid] == 2]
+            for sid in suspects:
+                if self.state[sid] == 0:
+                    try:
+                        self.retry.remove(sid)
+                    except ValueError:
+                        pass
+                    self.record_failure(sid, self.crash_record(w, sid, code, reason))
         st.inflight.clear()
         if self.on_requeue is not None:
             self.on_requeue()  # let survivors start on the requeued shards now
@@ -745,6 +769,14 @@ class Run:
                 continue
             row = pool.status[w.slot]
             if row[ST_STATE] != STATE_RUNNING:
+                # Holding shards, running none, silent for `timeout` seconds:
+                # stuck in shardc's own code (e.g. pickling a result that
+                # blocks).  shm_queue workers hold no shards outside a block.
+                st = self.ws.get(w.slot)
+                if (self.mode == "rpc_chunked" and st is not None and st.inflight
+                        and time.monotonic() - st.last_msg > self.timeout):
+                    pool.kill(w)
+                    died(w, reason="no progress", code=w.exitcode)
                 continue
             if (now - int(row[ST_START_NS])) * 1e-9 > self.timeout:
                 pool.kill(w)

@@ -49,11 +49,14 @@ from .share import view_array
 
 # Status fields: one int64 row per worker slot, in a shared buffer.
 ST_STATE, ST_CURRENT, ST_START_NS, ST_DONE, ST_CALL, ST_BEAT, ST_BLOCK0, ST_BLOCKN, ST_EXIT_REQ, \
-    ST_PID, ST_FAILED = range(11)
+    ST_PID, ST_FAILED, ST_SENDING = range(12)  # ST_SENDING: 1 + id of the shard whose value is being pickled
 NFIELDS = 16
 STATE_IDLE, STATE_RUNNING, STATE_SETUP = 0, 1, 2
 
-OK, ERR = 0, 1
+OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
+
+# Return values that pickle instantly and cannot run user code while pickled.
+_TRIVIAL = (type(None), bool, int, float, complex, str, bytes)
 
 # Exceptions that will fail the same way on every attempt: never retried.
 DETERMINISTIC = (BorrowedInputWriteError, BindingError)
@@ -242,21 +245,25 @@ class Worker:
         return [self.run_shard(sid) for sid in ids]
 
     def send_results(self, call_id: int, results: list[tuple]) -> None:
-        try:
-            self.chan.send(("results", call_id, results))
-        except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
-            # One unpicklable return value must not lose the others.
-            fixed = []
-            for r in results:
+        """Send a batch of outcomes.  Non-trivial return values are pickled one
+        by one first, with ``ST_SENDING`` naming the shard: a value whose
+        pickling fails fails only its shard, and one whose pickling blocks is
+        the only shard the master charges when it kills this worker."""
+        row = self.row
+        out = []
+        for r in results:
+            if r[1] == OK and type(r[2]) not in _TRIVIAL:
+                row[ST_SENDING] = r[0] + 1
                 try:
-                    pickle.dumps(r, protocol=5)
-                    fixed.append(r)
-                except Exception as e2:  # noqa: BLE001
+                    out.append((r[0], OK_PICKLED, pickle.dumps(r[2], protocol=5), *r[3:]))
+                except Exception as exc:  # noqa: BLE001 - reported as that shard's failure
                     err = TypeError(f"the return value of shard {r[0]} cannot be pickled to send it "
-                                    f"back: {e2}; return plain data or write into an out= buffer")
-                    fixed.append((r[0], ERR, _error_record(err, r[0], deterministic=True), *r[3:]))
-            self.chan.send(("results", call_id, fixed))
-            del exc
+                                    f"back: {exc}; return plain data or write into an out= buffer")
+                    out.append((r[0], ERR, _error_record(err, r[0], deterministic=True), *r[3:]))
+            else:
+                out.append(r)
+        row[ST_SENDING] = 0
+        self.chan.send(("results", call_id, out))
 
     # -- main loop ------------------------------------------------------------------
     def loop(self) -> None:

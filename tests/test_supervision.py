@@ -722,3 +722,32 @@ def test_call_setup_that_hangs_is_bounded(monkeypatch):
     assert r.results == [0, 1, 2, 3]
     shardc.pool_stop()
     assert pool.closed
+
+
+class _SlowToPickle:
+    """A return value whose pickling (in the worker, after the shard finished) blocks."""
+
+    def __reduce__(self):
+        time.sleep(60)
+        return (int, (0,))
+
+
+def returns_slow_for_shard_3(s):
+    return _SlowToPickle() if s.id == 3 else s.id * 10
+
+
+def test_worker_stuck_outside_a_shard_is_killed():
+    """A worker that finished its shards but makes no progress handing the results back (pickling
+    blocks) is killed after `timeout`; the suspect shard fails with ShardTimeoutError after its
+    retries, every other shard is correct, and nothing loops."""
+    t0 = time.monotonic()
+    r = shardc.shard_map(shardc.shards(8, block_size=1), returns_slow_for_shard_3, workers=2, timeout=1,
+                         max_retries=1, on_failure="collect", progress=False, autotune=False)
+    assert time.monotonic() - t0 < 20
+    assert list(r.failures) == [3]
+    f = r.failures[3]
+    assert f.error_type == "shardc.errors.ShardTimeoutError" and "made no progress" in f.message
+    assert f.attempts == 2
+    assert [r.results[i] for i in range(8) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
+    assert any(e["event"] == "death" and e["reason"] == "no progress" for e in r.diagnostics.events)
+    shardc.pool_stop()
