@@ -298,6 +298,31 @@ def run_queue(run: Any) -> None:
     queued_pids: set[int] = set()  # workers that were handed the ring (and will send "qdone")
     returned = [0]  # shards whose non-None return value was dropped
 
+    progress: dict[int, tuple[tuple[int, ...], float]] = {}
+
+    def check_progress(now: float) -> None:
+        """Kill a worker that holds ring claims, runs no shard, and shows no
+        progress (ring heartbeat, done count, current shard) for ``timeout``
+        seconds: it is stuck outside any shard, e.g. pickling an error report
+        whose pickling blocks."""
+        for w in list(pool.workers):
+            row = pool.status[w.slot]
+            if not w.alive or row[ST_STATE] == STATE_RUNNING:
+                progress.pop(w.slot, None)
+                continue
+            info = ring.consumer_info(w.slot)
+            if not info["claimed"]:
+                progress.pop(w.slot, None)
+                continue
+            sig = (int(info["heartbeat"]), int(row[ST_DONE]), int(row[ST_CURRENT]), w.pid)
+            seen = progress.get(w.slot)
+            if seen is None or seen[0] != sig:
+                progress[w.slot] = (sig, now)
+            elif now - seen[1] > run.timeout:
+                progress.pop(w.slot, None)
+                pool.kill(w)
+                on_death(w, reason="no progress", code=w.exitcode)
+
     def on_qdone(w: Any, payload: dict[str, Any]) -> None:
         for b in payload["blocks"]:
             run.diag.block_done(w.slot, *b)
@@ -338,7 +363,11 @@ def run_queue(run: Any) -> None:
     def on_death(w: Any, reason: str | None = None, code: int | None = None) -> None:
         row = pool.status[w.slot]
         done_before = int(row[ST_DONE])
-        current = int(row[ST_CURRENT]) if row[ST_STATE] == STATE_RUNNING else None
+        # A worker killed for making no progress was stuck after its current
+        # shard (e.g. pickling that shard's error report): that shard is the one
+        # charged, as if it were still running.
+        current = (int(row[ST_CURRENT]) if row[ST_STATE] == STATE_RUNNING or reason == "no progress"
+                   else None)
         block0, blockn = int(row[ST_BLOCK0]), int(row[ST_BLOCKN])
         if code is None:
             code = pool._reap(w, wait=2.0)
@@ -449,6 +478,7 @@ def run_queue(run: Any) -> None:
                         run.completed = exact
                         break
                 run.watchdog(on_death)
+                check_progress(time.monotonic())
                 for w in list(pool.workers):
                     if not w.alive:
                         on_death(w)

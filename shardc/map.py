@@ -538,8 +538,8 @@ class Run:
         elif reason == "no progress":
             exc = ShardTimeoutError(
                 f"shard {sid} finished, but worker {w.slot} (pid {w.pid}) then made no progress for "
-                f"timeout={self.timeout:g}s while handing its result back (does pickling the return "
-                "value block?); the worker was killed")
+                f"timeout={self.timeout:g}s outside any shard while reporting it (does pickling its "
+                "return value or its exception block?); the worker was killed")
         elif reason and reason.startswith("memory"):
             exc = WorkerMemoryError(f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: "
                                     f"{reason.split(':', 1)[1].strip()}")

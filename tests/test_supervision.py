@@ -751,3 +751,35 @@ def test_worker_stuck_outside_a_shard_is_killed():
     assert [r.results[i] for i in range(8) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
     assert any(e["event"] == "death" and e["reason"] == "no progress" for e in r.diagnostics.events)
     shardc.pool_stop()
+
+
+class _ErrorSlowToPickle(Exception):
+    """An exception whose pickling (for the failure report) blocks."""
+
+    def __reduce__(self):
+        time.sleep(60)
+        return (RuntimeError, ("never",))
+
+
+def raises_slow_error_for_shard_3(s, out):
+    if s.id == 3:
+        raise _ErrorSlowToPickle("stuck")
+    out[s.id] = s.id * 10
+
+
+def test_shm_queue_worker_stuck_reporting_is_killed():
+    """shm_queue: a worker stuck outside any shard while holding ring claims (pickling an error
+    report blocks) is killed after `timeout`; that shard fails after its retries, the rest complete."""
+    out = shardc.buffer(np.int64, 8, init=-1)
+    t0 = time.monotonic()
+    r = shardc.shard_map(8, raises_slow_error_for_shard_3, out={"out": out}, dispatch_mode="shm_queue",
+                         workers=2, timeout=1, max_retries=1, on_failure="collect", progress=False)
+    assert time.monotonic() - t0 < 20
+    assert list(r.failures) == [3]
+    f = r.failures[3]
+    assert f.error_type == "shardc.errors.ShardTimeoutError" and "made no progress" in f.message
+    assert f.attempts == 2
+    assert [int(out[i]) for i in range(8) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
+    assert sum(e["event"] == "death" and e["reason"] == "no progress" for e in r.diagnostics.events) == 2
+    out.close()
+    shardc.pool_stop()
