@@ -681,3 +681,34 @@ def test_closed_buffer_is_released_by_workers_at_once():
             time.sleep(0.01)
         assert not any(mapped(p) for p in pids)
         assert all(key not in w.known for w in pool.workers)
+
+
+def test_profile_speed_picks_shm_queue_only_when_it_applies(pool2):
+    """profile='speed' runs shard_map(N, out=...) in shm_queue; an explicit dispatch_mode, a
+    descriptor or no out buffer keep rpc_chunked."""
+    out = shardc.buffer(np.int64, 50)
+    f = lambda s, out: out.__setitem__(s.id, s.id)  # noqa: E731
+    modes = [
+        shardc.shard_map(50, f, out={"out": out}, profile="speed", progress=False).diagnostics.mode,
+        shardc.shard_map(50, f, out={"out": out}, profile="speed", dispatch_mode="rpc_chunked",
+                         progress=False).diagnostics.mode,
+        shardc.shard_map(shardc.shards(50, block_size=1), f, out={"out": out}, profile="speed",
+                         progress=False).diagnostics.mode,
+        shardc.shard_map(50, lambda s: s.id, profile="speed", progress=False).diagnostics.mode,
+    ]
+    assert modes == ["shm_queue", "rpc_chunked", "rpc_chunked", "rpc_chunked"]
+    assert np.array_equal(out.array, np.arange(50))
+    out.close()
+
+
+def test_profile_memory_halves_the_drift_threshold():
+    """profile='memory' recycles at half the drift that the default profile tolerates."""
+    with shardc.Pool(1) as pool:
+        w = pool.workers[0]
+        w.baseline, w.cow_slack = 100 * 2**20, 0
+        w.last_mem = {"rss": 0, "pss": 0, "uss": 0, "swap": 0, "anon": 0, "precise": 1,
+                      "pss_anon": 100 * 2**20 + 40 * 2**20}  # grew 40 MiB = 0.4x the baseline
+        assert pool.memory_verdict(w, None, 0.5, "default") is None
+        kind, reason = pool.memory_verdict(w, None, 0.5, "memory")
+        assert kind == "drift" and "recycle=0.25" in reason
+        assert pool.memory_verdict(w, 130 * 2**20, None, "default")[0] == "cap"
