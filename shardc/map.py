@@ -233,13 +233,12 @@ def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: 
 class _WState:
     """Per-worker bookkeeping of one Run."""
 
-    __slots__ = ("inflight", "pending_recycle", "since_sample", "done", "last_msg", "deferred")
+    __slots__ = ("inflight", "pending_recycle", "since_sample", "last_msg", "deferred")
 
     def __init__(self) -> None:
         self.inflight: dict[int, None] = {}
         self.pending_recycle: str | None = None
         self.since_sample = 0
-        self.done = 0
         self.last_msg = time.monotonic()
         self.deferred = False
 
@@ -649,7 +648,6 @@ class Run:
                 self.record_failure(sid, value)
         dt = sum(r[4] - r[3] for r in results) * 1e-9 / len(results)
         self.ewma_shard_s = dt if self.ewma_shard_s is None else 0.8 * self.ewma_shard_s + 0.2 * dt
-        st.done += len(results)
         st.since_sample += len(results)
         st.last_msg = time.monotonic()
 

@@ -549,16 +549,6 @@ def _is_zombie(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 _live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 _default: Pool | None = None
 

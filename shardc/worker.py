@@ -48,10 +48,10 @@ from .segment import Segment
 from .share import view_array
 
 # Status fields: one int64 row per worker slot, in a shared buffer.
-ST_STATE, ST_CURRENT, ST_START_NS, ST_DONE, ST_CALL, ST_BEAT, ST_BLOCK0, ST_BLOCKN, ST_EXIT_REQ, \
-    ST_PID, ST_FAILED, ST_SENDING = range(12)  # ST_SENDING: 1 + id of the shard whose value is being pickled
+ST_STATE, ST_CURRENT, ST_START_NS, ST_DONE, ST_CALL, ST_BLOCK0, ST_BLOCKN, ST_EXIT_REQ, \
+    ST_PID, ST_SENDING = range(10)  # ST_SENDING: 1 + id of the shard whose value is being pickled
 NFIELDS = 16
-STATE_IDLE, STATE_RUNNING, STATE_SETUP = 0, 1, 2
+STATE_IDLE, STATE_RUNNING = 0, 1
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
 
@@ -236,7 +236,6 @@ class Worker:
             ok, payload = ERR, _error_record(exc, sid)
         t1 = time.monotonic_ns()
         row[ST_STATE] = STATE_IDLE
-        row[ST_BEAT] += 1
         self.ewma_ns = (t1 - t0) if self.ewma_ns < 0 else (self.ewma_ns * 7 + (t1 - t0)) // 8
         dmem = ll.proc_mem_fast(self.pid)["anon"] - m0 if measure else None
         return (sid, ok, payload, t0, t1, events, dmem)

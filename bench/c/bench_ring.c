@@ -108,6 +108,21 @@ static void bench_stream(void)
     bench_report("ring_stream_1p1c", (double)n / ((double)(bench_now() - t0) / 1e9), "items/s");
 }
 
+/* The worker side of the round-trip benchmarks: pop each item from a and
+ * push it back on b, n times, then exit (never returns). */
+static void echo_child(void *a, void *b, long n)
+{
+    uint64_t x;
+    for (long i = 0; i < n; i++) {
+        if (shardc_queue_pop(a, 0, &x, 1, 10000000000LL) != 1)
+            _exit(1);
+        shardc_queue_done(a, 0);
+        if (shardc_queue_push(b, &x, 1, 10000000000LL) != 1)
+            _exit(2);
+    }
+    _exit(0);
+}
+
 /* Round trips: the master pushes i on a, the worker pops it and pushes it on
  * b, the master pops it from b. */
 static void bench_rtt(const char *name, int worker_parks)
@@ -122,17 +137,8 @@ static void bench_rtt(const char *name, int worker_parks)
     shardc_queue_set_spin(a, worker_parks ? 0 : 2000000000LL);
     shardc_queue_set_spin(b, 2000000000LL);
     pid = fork();
-    if (pid == 0) {
-        uint64_t x;
-        for (int i = 0; i < rounds + 10; i++) {
-            if (shardc_queue_pop(a, 0, &x, 1, 10000000000LL) != 1)
-                _exit(1);
-            shardc_queue_done(a, 0);
-            if (shardc_queue_push(b, &x, 1, 10000000000LL) != 1)
-                _exit(2);
-        }
-        _exit(0);
-    }
+    if (pid == 0)
+        echo_child(a, b, rounds + 10);
     for (int i = 0; i < rounds + 10; i++) {
         uint64_t x = (uint64_t)i;
         int64_t t0;
@@ -178,17 +184,8 @@ static void bench_park_wake_cycles(void)
     shardc_queue_set_spin(a, 0);
     shardc_queue_set_spin(b, 0);
     pid = fork();
-    if (pid == 0) {
-        uint64_t x;
-        for (long i = 0; i < n; i++) {
-            if (shardc_queue_pop(a, 0, &x, 1, 10000000000LL) != 1)
-                _exit(1);
-            shardc_queue_done(a, 0);
-            if (shardc_queue_push(b, &x, 1, 10000000000LL) != 1)
-                _exit(2);
-        }
-        _exit(0);
-    }
+    if (pid == 0)
+        echo_child(a, b, n);
     t_start = bench_now();
     for (long i = 0; i < n; i++) {
         uint64_t x = (uint64_t)i;
