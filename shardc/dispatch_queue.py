@@ -104,6 +104,10 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 # Per shard only what supervision needs: which shard runs and
                 # since when (timeouts, crash attribution) and its done mark.
                 # The state word and the progress counter change per block.
+                # The start time is written before the state: a watchdog that
+                # sees RUNNING must never read a stale (e.g. zero) start time.
+                status_mv[ST_CURRENT] = start
+                status_mv[ST_START_NS] = mono()
                 status_mv[ST_STATE] = STATE_RUNNING
                 for sid in range(start, stop):
                     status_mv[ST_CURRENT] = sid
@@ -129,6 +133,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                         chan.send(("qfail", call_id, (sid, ERR, rec,
                                                       status_mv[ST_START_NS], time.monotonic_ns(),
                                                       getattr(exc, "cow_events", None), None)))
+                        status_mv[ST_START_NS] = mono()  # before RUNNING, as above
                         status_mv[ST_STATE] = STATE_RUNNING
                         continue
                     donemap[sid] = 1

@@ -783,3 +783,40 @@ def test_shm_queue_worker_stuck_reporting_is_killed():
     assert sum(e["event"] == "death" and e["reason"] == "no progress" for e in r.diagnostics.events) == 2
     out.close()
     shardc.pool_stop()
+
+
+def test_shm_queue_never_shows_running_without_a_start_time():
+    """shm_queue workers write a shard's start time before marking themselves RUNNING, so the
+    watchdog never sees RUNNING with a stale start time (that looked like an hours-long shard
+    and got fresh workers killed for "timeout")."""
+    from shardc.worker import ST_START_NS, ST_STATE, STATE_RUNNING
+
+    pool = shardc.pool_create(2)
+    out = shardc.buffer(np.int64, 2000)
+    flags = shardc.buffer(np.int64, 2)  # [0]: stop, [1]: bad observations
+    t_start = time.monotonic_ns()
+    # The watcher is a process, not a thread: the pool forks replacements below,
+    # and forking beside a running thread can deadlock the child.
+    watcher = os.fork()
+    if watcher == 0:
+        status, f = pool.status, flags.array
+        while not f[0]:
+            for slot in range(status.shape[0]):
+                if status[slot, ST_STATE] == STATE_RUNNING and status[slot, ST_START_NS] < t_start:
+                    f[1] += 1
+        os._exit(0)
+    try:
+        for _ in range(25):  # each round starts from fresh workers, whose status rows are zeroed
+            for w in list(pool.workers):
+                pool.replace(w, "test: fresh status row", "restart")
+            r = shardc.shard_map(2000, lambda s, out: out.__setitem__(s.id, 1), out={"out": out},
+                                 dispatch_mode="shm_queue", progress=False)
+            assert not [e for e in r.diagnostics.events if e["event"] == "death"]
+    finally:
+        flags.array[0] = 1
+        os.waitpid(watcher, 0)
+        bad = int(flags.array[1])
+        out.close()
+        flags.close()
+        shardc.pool_stop()
+    assert bad == 0
