@@ -248,6 +248,26 @@ int shardc_seg_protect(void *addr, uint64_t size, int writable)
     return 0;
 }
 
+/* Replace the range with a fresh PROT_NONE anonymous mapping: the kernel frees
+ * whatever pages were there (private copies, pages inherited over fork), and
+ * unlike MADV_DONTNEED on anonymous memory (which would make stale pointers
+ * read zeros) a stray access later is a fault, not wrong data. */
+int shardc_seg_discard(void *addr, uint64_t size)
+{
+    void *got;
+
+    if (size == 0)
+        return 0;
+    if (addr == NULL || (uintptr_t)addr % shardc_page_size() != 0 ||
+        size % shardc_page_size() != 0)
+        return -EINVAL;
+    got = mmap(addr, (size_t)size, PROT_NONE,
+               MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    if (got == MAP_FAILED)
+        return -errno;
+    return 0;
+}
+
 int shardc_seg_advise(void *addr, uint64_t size, int advice)
 {
     int adv;

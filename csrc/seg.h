@@ -42,6 +42,10 @@ int shardc_seg_map(int fd, uint64_t offset, uint64_t size, int flags,
                    void **addr_out);
 int shardc_seg_unmap(void *addr, uint64_t size);
 int shardc_seg_protect(void *addr, uint64_t size, int writable);
+/* Give back the pages of [addr, addr+size) (page aligned) and leave the range
+ * reserved but inaccessible (PROT_NONE): any later access faults instead of
+ * silently reading zeros. */
+int shardc_seg_discard(void *addr, uint64_t size);
 int shardc_seg_advise(void *addr, uint64_t size, int advice);
 int shardc_seg_populate(void *addr, uint64_t size, int write);
 int shardc_seg_fill(void *addr, uint64_t size, const void *pattern,

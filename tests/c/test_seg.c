@@ -183,6 +183,35 @@ static void test_populate_fill_misc(void)
     CHECK(shardc_seg_create(SHARDC_BACKING_FILE, "/nonexistent-dir/x", 10, 0, &fd) == -ENOENT);
 }
 
+/* discard() frees a private range and leaves it inaccessible; the parent's
+ * copy of memory a child discards is untouched. */
+static void test_discard(void)
+{
+    uint64_t ps = shardc_page_size(), size = 8 * ps;
+    unsigned char *a = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    pid_t pid;
+    int status;
+
+    CHECK(a != MAP_FAILED);
+    memset(a, 0x5A, (size_t)size);
+    pid = fork();
+    if (pid == 0) {
+        if (shardc_seg_discard(a + ps, 6 * ps) != 0 || a[0] != 0x5A || a[7 * ps] != 0x5A)
+            _exit(3);
+        signal(SIGSEGV, SIG_DFL);
+        (void)((volatile unsigned char *)a)[2 * ps]; /* must fault */
+        _exit(4);
+    }
+    CHECK(waitpid(pid, &status, 0) == pid);
+    CHECK(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV);
+    CHECK(a[2 * ps] == 0x5A && a[size - 1] == 0x5A);
+    CHECK(shardc_seg_discard(a + 1, ps) == -EINVAL);
+    CHECK(shardc_seg_discard(a, ps + 1) == -EINVAL);
+    CHECK_RC(shardc_seg_discard(a, 0));
+    munmap(a, (size_t)size);
+}
+
 int main(void)
 {
     RUN(test_memfd_roundtrip);
@@ -192,5 +221,6 @@ int main(void)
     RUN(test_seal_and_private);
     RUN(test_protect_faults);
     RUN(test_populate_fill_misc);
+    RUN(test_discard);
     return 0;
 }
