@@ -172,6 +172,11 @@ def seg_protect(addr: int, size: int, writable: bool, name: str | None = None) -
     _check(lib.shardc_seg_protect(ffi.cast("void *", addr), size, int(writable)), "mprotect", name)
 
 
+def seg_discard(addr: int, size: int, name: str | None = None) -> None:
+    """Free the pages of a page-aligned range and leave it PROT_NONE (see seg.h)."""
+    _check(lib.shardc_seg_discard(ffi.cast("void *", addr), size), "discard pages", name)
+
+
 def seg_advise(addr: int, size: int, advice: str, name: str | None = None) -> None:
     _check(lib.shardc_seg_advise(ffi.cast("void *", addr), size, ADVICE[advice]), f"madvise({advice})", name)
 
