@@ -43,20 +43,50 @@
  * write, per the page-fault error code); a fault that repeats at the same
  * address without a restore in between is passed on rather than looped on.
  *
+ * Snapshot regions (mode | SHARDC_GUARD_SNAPSHOT).  An input can also reach a
+ * worker by inheritance: the master forks workers after a big array exists,
+ * and each worker sees its pages copy-on-write.  That memory is private
+ * anonymous memory, not a file mapping (it must be private: in a MAP_SHARED
+ * range the stores would reach other processes until restore undid them),
+ * and the mechanism above would destroy it: MADV_DONTNEED on anonymous memory does not refault anything, it zeroes
+ * the pages (and prime_anon's MADV_DONTNEED of the first page would zero that
+ * page at add time).  A snapshot region is therefore only write-protected at
+ * add time, and gets a save area of `per_region` pages (an anonymous mapping,
+ * faulted in lazily).  The handler copies a page's pristine bytes into the
+ * next save slot *before* making the page writable, so no store can land
+ * first; restore copies the saved bytes back and write-protects the pages
+ * again (they stay private copies; their content is the inherited one).
+ * Saving and recording must be one step across threads, so this path takes a
+ * per-region spinlock (handlers in different threads may race on one page;
+ * the loser finds the page recorded and just retries its store).  The lock
+ * is held only around a memcpy from a readable page, a store to our own
+ * mapping and an mprotect: nothing in it can raise a signal that we handle.
+ * When a page cannot be saved (per-region or global limit reached, or the
+ * single-page mprotect failed), the region goes whole-writable and is marked
+ * lost: its data can no longer be brought back, restore returns
+ * -ENOTRECOVERABLE, and the process must be retired (remove still succeeds).
+ * Pagemap cannot count a snapshot region's written pages (every inherited
+ * page looks private), so an overflowed one reports a lower bound.  remove
+ * makes a snapshot range PROT_READ|PROT_WRITE again: it is the process's own
+ * memory (e.g. a heap array) that the allocator may reuse once it is freed.
+ *
  * macOS: faults arrive as SIGBUS and are handled the same way, but
  * MADV_DONTNEED there does not discard private copies and there is no
  * pagemap; pristine restore on macOS needs a MAP_FIXED remap of the segment
  * (not implemented: the project's CI and target are Linux).
  *
  * Threads.  Handlers may run in any thread; all handler-side state is
- * lock-free atomics.  Add/remove/collect/restore must not race with a shard
- * that is writing: the worker calls them between shards.
+ * lock-free atomics, except a snapshot region's spinlock (above), which is
+ * only ever taken inside the handler.  Add/remove/restore must not race
+ * with a shard that is writing: the worker calls them between shards
+ * (collect may, for the prompt deny error).
  */
 #define _GNU_SOURCE
 #include "guard.h"
 #include "sys.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -77,15 +107,23 @@ enum { SHARDC__FREE = 0, SHARDC__ACTIVE = 1 };
 
 struct shardc__region {
     _Atomic int state;        /* FREE/ACTIVE; release on add, acquire in handler */
-    int mode;
+    int mode;                 /* DENY/AUDIT/ALLOW, without SHARDC_GUARD_SNAPSHOT */
+    int snapshot;             /* restored from save[] instead of refaulted */
     uintptr_t start;          /* page aligned */
     uintptr_t end;            /* start + size rounded up to a page */
-    _Atomic uint32_t ntracked;  /* slots reserved in pages[] (may exceed the cap) */
+    _Atomic uint32_t ntracked;  /* slots reserved in pages[] (may exceed the cap);
+                                 * snapshot: pages saved, written under `lock` */
     _Atomic uint32_t held;      /* single-page protections counted in g_tracked */
     _Atomic int overflow;       /* region made whole-writable */
     _Atomic int written;
     _Atomic uint64_t first_off;
     _Atomic uint64_t faults;
+    /* Snapshot regions only.  pages[i] was saved in save slot i, so pages[]
+     * stays in slot order (restore never sorts it) and has no duplicates. */
+    atomic_flag lock;           /* serializes save + record + mprotect */
+    _Atomic int lost;           /* written pages that were never saved */
+    uint32_t cap;               /* save slots (per_region at add time) */
+    unsigned char *save;        /* cap pages, or NULL when cap is 0 */
     _Atomic uint32_t pages[SHARDC__PAGE_CAP]; /* page indices within the region */
 };
 
@@ -158,6 +196,67 @@ static int shardc__is_protection_fault(int sig, siginfo_t *info, void *ctx)
 #endif
 }
 
+/* Snapshot region: save the faulting page, then make it writable (see the
+ * file comment).  Returns 1 when this call saved the page or gave up on the
+ * region (a new event: mark written, notify), 0 when another thread had
+ * already done so (just retry the store), -1 to chain. */
+static int shardc__snap_service(struct shardc__region *r, uintptr_t page)
+{
+    size_t ps = shardc__ps();
+    uint32_t idx = (uint32_t)((page - r->start) / ps), n, i;
+    int rc = 1;
+
+    /* Acquire: the previous holder's saved bytes and pages[]/ntracked
+     * stores (made in another thread's handler) are visible to us. */
+    while (atomic_flag_test_and_set_explicit(&r->lock, memory_order_acquire))
+        sched_yield(); /* the holder is inside a memcpy + mprotect: brief */
+    if (atomic_load_explicit(&r->overflow, memory_order_relaxed)) {
+        rc = 0; /* whole-writable already: our store just retries */
+        goto out;
+    }
+    n = atomic_load_explicit(&r->ntracked, memory_order_relaxed);
+    for (i = 0; i < n; i++) {
+        if (atomic_load_explicit(&r->pages[i], memory_order_relaxed) == idx) {
+            rc = 0; /* saved and made writable by a racing thread */
+            goto out;
+        }
+    }
+    if (n < r->cap) {
+        if (atomic_fetch_add_explicit(&g_tracked, 1, memory_order_relaxed) <
+            atomic_load_explicit(&g_total, memory_order_relaxed)) {
+            /* The page is still read-only, so these are its pristine bytes. */
+            memcpy(r->save + (size_t)n * ps, (const void *)page, ps);
+            if (mprotect((void *)page, ps, PROT_READ | PROT_WRITE) == 0) {
+                atomic_fetch_add_explicit(&r->held, 1, memory_order_relaxed);
+                atomic_store_explicit(&r->pages[n], idx, memory_order_relaxed);
+                /* Release: collect() (any thread) acquires ntracked before
+                 * reading pages[]. */
+                atomic_store_explicit(&r->ntracked, n + 1, memory_order_release);
+                goto out;
+            }
+            /* ENOMEM (vm.max_map_count): the whole-region fallback below. */
+        }
+        atomic_fetch_sub_explicit(&g_tracked, 1, memory_order_relaxed);
+    }
+    /* No room to save this page: its store (and every later one) will go
+     * unsaved.  Make the region whole-writable and say the data is lost. */
+    if (mprotect((void *)r->start, r->end - r->start, PROT_READ | PROT_WRITE) != 0) {
+        rc = -1;
+        goto out;
+    }
+    atomic_store(&r->lost, 1);
+    if (!atomic_exchange(&r->overflow, 1))
+        atomic_fetch_add_explicit(&g_overflows, 1, memory_order_relaxed);
+out:
+    /* Release, before unlocking: a thread that lost the race and retries
+     * its store must find the region dirty when it collects. */
+    if (rc == 1)
+        atomic_store_explicit(&r->written, 1, memory_order_release);
+    /* Release: publishes the save and the records to the next holder. */
+    atomic_flag_clear_explicit(&r->lock, memory_order_release);
+    return rc;
+}
+
 /* Make the faulting page (or, past the limits, the whole region) writable
  * and record it.  Returns 0 when the store can be retried, -1 to chain. */
 static int shardc__service(struct shardc__region *r, uintptr_t addr)
@@ -172,6 +271,12 @@ static int shardc__service(struct shardc__region *r, uintptr_t addr)
     atomic_fetch_add_explicit(&r->faults, 1, memory_order_relaxed);
     atomic_fetch_add_explicit(&g_faults, 1, memory_order_relaxed);
 
+    if (r->snapshot) {
+        int rc = shardc__snap_service(r, page);
+        if (rc <= 0)
+            return rc;
+        goto done;
+    }
     if (!atomic_load_explicit(&r->overflow, memory_order_relaxed)) {
         n = atomic_fetch_add_explicit(&r->ntracked, 1, memory_order_relaxed);
         if (n < SHARDC__PAGE_CAP)
@@ -384,8 +489,11 @@ int shardc_guard_add(void *addr, uint64_t size, int mode, int *id_out)
 {
     size_t ps = shardc__ps();
     uintptr_t start = (uintptr_t)addr, end;
-    int i, slot = -1, n, rc;
+    int i, slot = -1, n, rc, snapshot = (mode & SHARDC_GUARD_SNAPSHOT) != 0;
+    uint32_t cap = 0;
+    unsigned char *save = NULL;
 
+    mode &= ~SHARDC_GUARD_SNAPSHOT;
     if (id_out == NULL || size == 0 || start % ps != 0 || mode < SHARDC_GUARD_DENY ||
         mode > SHARDC_GUARD_ALLOW || size > UINT32_MAX * (uint64_t)ps)
         return -EINVAL;
@@ -402,12 +510,33 @@ int shardc_guard_add(void *addr, uint64_t size, int mode, int *id_out)
     }
     if (slot < 0)
         return -ENOSPC;
-    rc = shardc__prime_anon(start, end - start);
+    if (snapshot) {
+        /* No prime_anon: its MADV_DONTNEED would zero an anonymous page.
+         * The save area is faulted in only as pages get saved. */
+        cap = atomic_load(&g_per_region);
+        if (cap > 0) {
+            void *m = mmap(NULL, (size_t)cap * ps, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (m == MAP_FAILED)
+                return -errno;
+            save = m;
+        }
+        rc = mprotect((void *)start, end - start, PROT_READ) == -1 ? -errno : 0;
+        if (rc < 0 && save != NULL)
+            munmap(save, (size_t)cap * ps);
+    } else {
+        rc = shardc__prime_anon(start, end - start);
+    }
     if (rc < 0)
         return rc;
     {
         struct shardc__region *r = &g_regions[slot];
         r->mode = mode;
+        r->snapshot = snapshot;
+        r->cap = cap;
+        r->save = save;
+        atomic_flag_clear(&r->lock);
+        atomic_store(&r->lost, 0);
         r->start = start;
         r->end = end;
         atomic_store(&r->ntracked, 0);
@@ -544,6 +673,7 @@ int shardc_guard_collect(int id, shardc_guard_info_t *out)
         return -EINVAL;
     memset(out, 0, sizeof(*out));
     out->mode = r->mode;
+    out->snapshot = r->snapshot;
     out->exact = 1;
     /* Acquire: pairs with the handler's release of `written`. */
     if (!atomic_load_explicit(&r->written, memory_order_acquire))
@@ -552,7 +682,13 @@ int shardc_guard_collect(int id, shardc_guard_info_t *out)
     out->first_offset = atomic_load(&r->first_off);
     out->faults = atomic_load(&r->faults);
     out->overflow = atomic_load(&r->overflow);
-    if (out->overflow) {
+    if (r->snapshot) {
+        /* Saved pages are distinct by construction.  Past an overflow the
+         * rest is unknown: pagemap sees every inherited page as private. */
+        out->lost = atomic_load(&r->lost);
+        out->pages = atomic_load_explicit(&r->ntracked, memory_order_acquire);
+        out->exact = !out->overflow;
+    } else if (out->overflow) {
         int64_t n = shardc__scan_private(r, 0);
         if (n >= 0) {
             out->pages = (uint64_t)n;
@@ -566,6 +702,37 @@ int shardc_guard_collect(int id, shardc_guard_info_t *out)
     return 0;
 }
 
+/* Copy a snapshot region's saved pages back and write-protect them again.
+ * Lost data cannot be restored: the region keeps its state (collect still
+ * says lost) and the caller retires the process. */
+static int shardc__snap_restore(struct shardc__region *r)
+{
+    size_t ps = shardc__ps();
+    uint32_t tmp[SHARDC__PAGE_CAP];
+    uint32_t n = atomic_load(&r->ntracked), i = 0, j;
+
+    if (atomic_load(&r->lost))
+        return -ENOTRECOVERABLE;
+    /* Every saved page is writable until the mprotect pass below. */
+    for (i = 0; i < n; i++) {
+        tmp[i] = atomic_load_explicit(&r->pages[i], memory_order_relaxed);
+        memcpy((void *)(r->start + (uintptr_t)tmp[i] * ps), r->save + (size_t)i * ps, ps);
+    }
+    /* pages[] is in save-slot order; sort a copy to coalesce the mprotects
+     * into one per run of adjacent pages. */
+    qsort(tmp, n, sizeof(uint32_t), shardc__cmp_u32);
+    i = 0;
+    while (i < n) {
+        for (j = i + 1; j < n && tmp[j] == tmp[j - 1] + 1; j++)
+            ;
+        if (mprotect((void *)(r->start + (uintptr_t)tmp[i] * ps), (size_t)(j - i) * ps,
+                     PROT_READ) == -1)
+            return -errno;
+        i = j;
+    }
+    return 0;
+}
+
 int shardc_guard_restore(int id)
 {
     struct shardc__region *r = shardc__region(id);
@@ -575,7 +742,11 @@ int shardc_guard_restore(int id)
         return -EINVAL;
     if (!atomic_load_explicit(&r->written, memory_order_acquire))
         return 0;
-    if (atomic_load(&r->overflow)) {
+    if (r->snapshot) {
+        int rc = shardc__snap_restore(r);
+        if (rc < 0)
+            return rc;
+    } else if (atomic_load(&r->overflow)) {
         size_t len = r->end - r->start;
         if (mprotect((void *)r->start, len, PROT_READ) == -1)
             return -errno;
@@ -614,12 +785,27 @@ int shardc_guard_remove(int id)
 
     if (r == NULL)
         return -EINVAL;
-    rc = shardc_guard_restore(id);
-    if (rc < 0)
-        return rc;
+    if (r->snapshot && atomic_load(&r->lost)) {
+        /* Nothing to restore; the process is being retired.  Release the
+         * protections this region still counts, as restore would. */
+        atomic_fetch_sub(&g_tracked, atomic_exchange(&r->held, 0));
+    } else {
+        rc = shardc_guard_restore(id);
+        if (rc < 0)
+            return rc;
+    }
+    /* A snapshot range is the process's own memory: give it back writable
+     * (a freed heap array's pages are reused by the allocator). */
+    if (r->snapshot &&
+        mprotect((void *)r->start, r->end - r->start, PROT_READ | PROT_WRITE) == -1)
+        return -errno;
     /* The page array stays (it is static), so a handler still scanning in
      * another thread reads stale but valid memory, never freed memory. */
     atomic_store_explicit(&r->state, SHARDC__FREE, memory_order_release);
+    if (r->save != NULL) {
+        munmap(r->save, (size_t)r->cap * shardc__ps());
+        r->save = NULL;
+    }
     return 0;
 }
 

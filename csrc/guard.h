@@ -9,6 +9,10 @@
  * the private pages and write-protects them again.  See guard.c for the
  * mechanism, its limits and why it is built this way.
  *
+ * A snapshot region (mode | SHARDC_GUARD_SNAPSHOT) is memory inherited over
+ * fork() (anonymous, so there is no file to refault from): the handler saves
+ * each page before making it writable, and restore() copies it back.
+ *
  * Every function returns 0 (or a count) on success and -errno on failure.
  */
 #ifndef SHARDC_GUARD_H
@@ -20,6 +24,9 @@
 #define SHARDC_GUARD_DENY 0
 #define SHARDC_GUARD_AUDIT 1
 #define SHARDC_GUARD_ALLOW 2
+/* Flag OR'ed into shardc_guard_add()'s mode (mode & 15 is the policy): the
+ * range is memory inherited over fork(), restored from saved copies. */
+#define SHARDC_GUARD_SNAPSHOT 16
 
 #define SHARDC_GUARD_MAX_REGIONS 256
 
@@ -35,7 +42,9 @@ typedef struct {
     int written;           /* 1 when anything was written since restore */
     int overflow;          /* 1 when the region went whole-writable (too many pages) */
     int exact;             /* 1 when pages is exact, 0 when it is a lower bound */
-    int mode;              /* SHARDC_GUARD_DENY / _AUDIT / _ALLOW */
+    int mode;              /* SHARDC_GUARD_DENY / _AUDIT / _ALLOW (without the flag) */
+    int snapshot;          /* 1 for a SHARDC_GUARD_SNAPSHOT region */
+    int lost;              /* 1 when written pages could not be saved: restore cannot bring the data back */
 } shardc_guard_info_t;
 
 /* Process-wide counters since install (shardc_guard_counters). */

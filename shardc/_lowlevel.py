@@ -402,6 +402,9 @@ GUARD_MODES = {
 }
 GUARD_MODE_NAMES = {v: k for k, v in GUARD_MODES.items()}
 GUARD_MAX_REGIONS: int = lib.SHARDC_GUARD_MAX_REGIONS
+# OR'ed into a mode for guard_add: the range is memory inherited over fork()
+# (anonymous, copy-on-write), saved page by page and copied back on restore.
+GUARD_SNAPSHOT: int = lib.SHARDC_GUARD_SNAPSHOT
 
 
 def guard_install(signum: int, raise_signal: bool = False) -> None:
@@ -427,28 +430,62 @@ def guard_set_limits(per_region: int, total: int) -> None:
 
 
 def guard_add(addr: int, size: int, mode: int, name: str | None = None) -> int:
-    """Write-protect ``[addr, addr+size)`` (a MAP_PRIVATE mapping) and return its region id."""
+    """Write-protect ``[addr, addr+size)`` and return its region id.
+
+    Args:
+        addr: page-aligned start of a MAP_PRIVATE mapping, or, with
+            ``GUARD_SNAPSHOT`` in ``mode``, of memory inherited over fork().
+        size: length in bytes (rounded up to whole pages).
+        mode: a ``GUARD_MODES`` value, optionally ``| GUARD_SNAPSHOT``.
+        name: the input's name, for error messages.
+
+    Returns:
+        The region id.
+
+    Raises:
+        OSError: invalid arguments, the region table is full, or mprotect/mmap failed.
+    """
     rid = ffi.new("int *")
     _check(lib.shardc_guard_add(ffi.cast("void *", addr), size, mode, rid), "protect borrowed input", name)
     return int(rid[0])
 
 
 def guard_remove(rid: int, name: str | None = None) -> None:
+    """Restore region ``rid`` (unless its data is lost) and forget it; a snapshot range is left writable."""
     _check(lib.shardc_guard_remove(rid), "unprotect borrowed input", name)
 
 
 def guard_collect(rid: int) -> dict[str, int]:
-    """What region ``rid`` saw since its last restore (pages, first_offset, faults, ...)."""
+    """What region ``rid`` saw since its last restore (pages, first_offset, faults, ...).
+
+    ``mode`` is the plain policy (without ``GUARD_SNAPSHOT``); ``snapshot`` is 1
+    for a snapshot region, and ``lost`` is 1 when it was written past its save
+    slots, so :func:`guard_restore` cannot bring its data back.
+    """
     info = ffi.new("shardc_guard_info_t *")
     _check(lib.shardc_guard_collect(rid, info), "collect page-guard events")
     return {"pages": int(info.pages), "first_offset": int(info.first_offset),
             "faults": int(info.faults), "written": int(info.written),
-            "overflow": int(info.overflow), "exact": int(info.exact), "mode": int(info.mode)}
+            "overflow": int(info.overflow), "exact": int(info.exact), "mode": int(info.mode),
+            "snapshot": int(info.snapshot), "lost": int(info.lost)}
 
 
-def guard_restore(rid: int, name: str | None = None) -> None:
-    """Drop the region's private pages and write-protect them again."""
-    _check(lib.shardc_guard_restore(rid), "restore borrowed input", name)
+def guard_restore(rid: int, name: str | None = None) -> bool:
+    """Bring the region's written pages back to pristine data and write-protect them again.
+
+    Returns:
+        True when restored (or nothing was written); False when the region is a
+        snapshot region whose data is lost (``guard_collect(rid)["lost"]``): the
+        process must be retired, and :func:`guard_remove` still succeeds.
+
+    Raises:
+        OSError: madvise/mprotect failed.
+    """
+    rc = lib.shardc_guard_restore(rid)
+    if rc == -_errno.ENOTRECOVERABLE:
+        return False
+    _check(rc, "restore borrowed input", name)
+    return True
 
 
 def _guard_ids(fn, *args) -> list[int]:  # type: ignore[no-untyped-def]
