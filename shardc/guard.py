@@ -116,6 +116,7 @@ API:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -171,6 +172,21 @@ class _State:
         self.current: ShardScope | None = None
         self.seen_notified = 0
         self.stats: dict[str, dict[str, Any]] = {}
+        # Inherited inputs (shardc.inherit): the bytes of the partial pages at
+        # their ends, which no page guard can cover, checked after each shard.
+        self.edges: dict[tuple[int, int], _Edge] = {}
+        self.handle_edges: dict[int, list[tuple[int, int]]] = {}
+        self.next_handle = -2
+        self.lost: list[str] = []  # inputs written beyond what can be restored
+
+
+@dataclass
+class _Edge:
+    """Bytes of an inherited input on a page shared with other memory."""
+
+    lo: int
+    saved: bytes
+    views: list[_Input]
 
 
 _state = _State()
@@ -259,7 +275,7 @@ def _mapping_is_private(addr: int) -> bool | None:
 
 def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: int = 1,
             shape: tuple[int, ...] | None = None, strides: tuple[int, ...] | None = None,
-            offset0: int = 0) -> int:
+            offset0: int = 0, snapshot: bool = False) -> int:
     """Guard a borrowed input's mapping and return its region id.
 
     Args:
@@ -270,6 +286,9 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
         itemsize, shape, strides: the array's layout, to turn a byte offset into
             an element index (``shape=None``: a flat array of ``itemsize`` items).
         offset0: byte offset of element ``[0, ...]`` from ``addr``.
+        snapshot: the range is anonymous memory inherited over fork, not a
+            segment mapping: written pages are saved first and copied back
+            after the shard (see ``csrc/guard.c``).
 
     Returns:
         the region id for :func:`unprotect`; ``-1`` for an empty input (nothing to guard).
@@ -303,7 +322,8 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
             # each protect() is one reference, each input keeps its layout.
             _state.views[inp.rid].append(view(inp.rid))
             return inp.rid
-    rid = _ll.guard_add(addr, nbytes, _ll.GUARD_MODES[mode], name)
+    flags = _ll.GUARD_SNAPSHOT if snapshot else 0
+    rid = _ll.guard_add(addr, nbytes, _ll.GUARD_MODES[mode] | flags, name)
     _state.inputs[rid] = view(rid)
     _state.views[rid] = [_state.inputs[rid]]
     return rid
@@ -336,8 +356,88 @@ def protect_array(name: str, array: Any, mode: str = "deny", *, base_addr: int |
                    strides=array.strides, offset0=data - base)
 
 
+def protect_inherited(name: str, array: Any, root: Any, mode: str = "deny") -> int:
+    """Guard an array inherited over fork (``shardc.inherit``); returns a handle
+    for :func:`unprotect`.
+
+    ``root`` is the array that owns the memory (``array`` or a base of it):
+    the whole pages inside its bytes become a snapshot region; the bytes of
+    the partial pages at its two ends (other objects may live on those
+    pages, so they cannot be write-protected) are saved now, compared after
+    every shard and put back, so a write there is reported (when the shard
+    ends rather than at once) and undone like any other.
+    """
+    if mode not in MODES:
+        raise InvalidArgumentError(f"cow must be one of {MODES}, not {mode!r}")
+    lo, hi = _byte_bounds(root)
+    if hi <= lo:
+        return -1
+    if _state.pid != os.getpid():
+        install()
+    page = _ll.PAGE_SIZE
+    a, b = -(-lo // page) * page, hi // page * page
+    data = array.__array_interface__["data"][0]
+    layout = {"itemsize": array.itemsize, "shape": tuple(int(n) for n in array.shape),
+              "strides": tuple(int(s) for s in array.strides)}
+    if b > a:
+        handle = protect(name, a, b - a, mode, offset0=data - a, snapshot=True, **layout)
+        spans = [(lo, a), (b, hi)]
+    else:
+        handle = _state.next_handle
+        _state.next_handle -= 1
+        spans = [(lo, hi)]
+    keys = []
+    for s0, s1 in spans:
+        if s1 <= s0:
+            continue
+        view = _Input(-1, name, s0, s1 - s0, mode, int(layout["itemsize"]), layout["shape"],
+                      layout["strides"], data - s0)
+        edge = _state.edges.get((s0, s1))
+        if edge is None:
+            edge = _state.edges[(s0, s1)] = _Edge(s0, ctypes.string_at(s0, s1 - s0), [])
+        edge.views.append(view)
+        keys.append((s0, s1))
+    _state.handle_edges.setdefault(handle, []).extend(keys)
+    return handle
+
+
+def _check_edges(shard_id: Any) -> list[dict[str, Any]]:
+    """Events for inherited-input edge bytes changed since they were saved; put them back."""
+    events = []
+    for (s0, s1), edge in _state.edges.items():
+        now = ctypes.string_at(s0, s1 - s0)
+        if now == edge.saved:
+            continue
+        first = next(i for i in range(len(now)) if now[i] != edge.saved[i])
+        ctypes.memmove(s0, edge.saved, len(edge.saved))
+        inp = edge.views[0]
+        for v in edge.views:
+            vlo, vhi = v.extent()
+            if vlo <= first < vhi:
+                inp = v
+                break
+        rel = first - inp.offset0
+        events.append({"input": inp.name, "shard": shard_id, "mode": inp.mode, "pages": 1,
+                       "bytes": s1 - s0, "first_offset": rel, "first_index": _element_index(inp, rel),
+                       "faults": 0, "exact": True})
+    return events
+
+
+def take_lost() -> list[str]:
+    """Inputs (inherited over fork) written beyond what can be restored since
+    the last call: the process must not run another shard on them."""
+    lost, _state.lost = _state.lost, []
+    return lost
+
+
 def unprotect(region_id: int) -> None:
     """Drop private pages and forget the region (call before unmapping it)."""
+    for key in _state.handle_edges.pop(region_id, ()):
+        edge = _state.edges.get(key)
+        if edge is not None:
+            edge.views.pop()
+            if not edge.views:
+                del _state.edges[key]
     if region_id < 0:
         return
     inp = _state.inputs.get(region_id)
@@ -545,7 +645,11 @@ class ShardScope:
         # Writes made outside any shard (e.g. by the worker loop) are dropped
         # now, so this shard starts from pristine data.
         for rid in _ll.guard_dirty():
-            _ll.guard_restore(rid)
+            if not _ll.guard_restore(rid):
+                inp = _state.inputs.get(rid)
+                _state.lost.append(inp.name if inp else f"region {rid}")
+        if _state.edges:
+            _check_edges(None)
         _ll.guard_take_notify()
         _state.current = self
         return self
@@ -565,9 +669,21 @@ class ShardScope:
                     self._count(event)
                     if inp.mode == "deny" and violation is None:
                         violation = event
-                _ll.guard_restore(rid, inp.name if inp else None)
+                if not _ll.guard_restore(rid, inp.name if inp else None):
+                    # A snapshot region written on more pages than could be
+                    # saved: this process's copy stays changed (see take_lost).
+                    name = inp.name if inp else f"region {rid}"
+                    _state.lost.append(name)
+                    if inp is not None:
+                        self.events[-1]["lost"] = True
             except OSError as exc:  # keep restoring the others; report the first failure
                 failure = failure or exc
+        if _state.edges:
+            for event in _check_edges(self.shard_id):
+                self.events.append(event)
+                self._count(event)
+                if event["mode"] == "deny" and violation is None:
+                    violation = event
         if failure is not None:
             raise self._with_events(failure)
         if violation is not None:
