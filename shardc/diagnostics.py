@@ -85,6 +85,8 @@ class Diagnostics:
         self._out_segs: dict[str, tuple[Any, str, int | None]] = {}
         self.out_written: dict[str, int] = {}
         self.bytes_setup = 0
+        self.reforked = 0  # workers forked again so they inherit borrowed arrays
+        self.refork_seconds = 0.0
         self.bytes_dispatch = 0
         self.messages_dispatch = 0
         self.bytes_results = 0
@@ -103,6 +105,7 @@ class Diagnostics:
     # -- collection -----------------------------------------------------------------------
     def start(self, pool: Any) -> None:
         self.t_start_ns = time.monotonic_ns()
+        self._pool = pool
         # Cheap samples at the start (a precise smaps_rollup of the master
         # costs milliseconds); precise ones follow during and after the run.
         for w in pool.workers:
@@ -141,6 +144,7 @@ class Diagnostics:
         if self._bar is not None:
             self._update_bar(force=True)
             self._bar.close()
+        self._pool = None  # the result outlives the pool; keep it picklable
 
     def _sample_master(self, precise: bool = True) -> None:
         m = ll.proc_mem(os.getpid()) if precise else ll.proc_mem_fast(os.getpid())
@@ -250,7 +254,11 @@ class Diagnostics:
                 rec["first_offset"] = e.get("first_offset")
 
     def mem_sample(self, w: Any, m: dict[str, int]) -> None:
-        self.mem.append((time.monotonic_ns(), w.slot, w.pid, m["rss"], m["pss"], m["uss"], m["pss_anon"]))
+        # "anon" is the worker's own: Pss_Anon less its share of borrowed
+        # arrays it inherited at fork (shared with the master, write-protected).
+        pool = getattr(self, "_pool", None)
+        anon = pool.footprint(m, w) if pool is not None else m["pss_anon"]
+        self.mem.append((time.monotonic_ns(), w.slot, w.pid, m["rss"], m["pss"], m["uss"], anon))
 
     def event(self, kind: str, w: Any, reason: str, code: int | None = None, shard: int | None = None) -> None:
         self.events.append({"t": time.monotonic_ns(), "event": kind, "worker": w.slot, "pid": w.pid,
@@ -300,6 +308,7 @@ class Diagnostics:
             "failed": self.failed, "retries": self.retries, "wall_seconds": self.wall_seconds,
             "throughput": self.throughput(), "chunk_size": self.chunk_size, "autotune": self.autotune,
             "throttles": self.throttles, "bytes_setup": self.bytes_setup,
+            "reforked_workers": self.reforked, "refork_seconds": self.refork_seconds,
             "bytes_dispatch": self.bytes_dispatch, "messages_dispatch": self.messages_dispatch,
             "bytes_per_dispatch": self.bytes_dispatch / max(1, self.messages_dispatch),
             "bytes_results": self.bytes_results, "borrow": self.borrow, "out": self.out,
@@ -431,12 +440,16 @@ def copy_report(result: Any) -> Report:
     data = {"borrow": d.borrow, "borrow_bytes": shared, "borrow_bytes_copied": copied,
             "result_bytes": d.bytes_results, "out_bytes": sum(d.out.values()), "out": d.out,
             "out_bytes_written": sum(d.out_written.values()), "out_written": d.out_written,
-            "materialized_bytes": materialized, "dispatch_bytes": d.bytes_dispatch, "setup_bytes": d.bytes_setup}
+            "materialized_bytes": materialized, "dispatch_bytes": d.bytes_dispatch, "setup_bytes": d.bytes_setup,
+            "reforked_workers": d.reforked, "refork_seconds": d.refork_seconds}
     lines = []
     for name, v in d.borrow.items():
         lines.append(f"borrow {name!r}: {_fmt(v['bytes'])} {v['how']}"
                      + (f" ({_fmt(v['bytes_copied'])} copied in {v['seconds']*1e3:.1f} ms)" if v["bytes_copied"] else
                         f" (0 copied, {v['seconds']*1e3:.2f} ms)"))
+    if any(v["how"] == "inherited" for v in d.borrow.values()):
+        lines.append(f"inherited inputs: workers see the caller's pages copy-on-write, as of fork time "
+                     f"({d.reforked} worker(s) re-forked for it in {d.refork_seconds*1e3:.1f} ms)")
     for name, n in d.out.items():
         w = d.out_written.get(name)
         written = f", {_fmt(w)} newly written during the run" if w is not None else ""

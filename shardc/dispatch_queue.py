@@ -83,6 +83,9 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     returned = 0  # shards whose return value is dropped (this mode gathers none)
     ring.register(slot, worker_pid())
     exiting = False
+    # Shards claimed but not run because a shard wrote an inherited input
+    # beyond restoring (worker.check_tainted): the master requeues them.
+    unfinished: list[int] = []
     try:
         while True:
             if status_mv[ST_EXIT_REQ]:
@@ -97,6 +100,9 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
             for item in items.tolist():
                 start = item >> COUNT_BITS
                 stop = start + (item & COUNT_MASK)
+                if unfinished:
+                    unfinished += range(start, stop)
+                    continue
                 status_mv[ST_BLOCK0] = start
                 status_mv[ST_BLOCKN] = stop - start
                 t0 = time.monotonic_ns()
@@ -110,6 +116,9 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 status_mv[ST_START_NS] = mono()
                 status_mv[ST_STATE] = STATE_RUNNING
                 for sid in range(start, stop):
+                    if guarded and worker.check_tainted():
+                        unfinished += range(sid, stop)
+                        break
                     status_mv[ST_CURRENT] = sid
                     status_mv[ST_START_NS] = mono()
                     shard = make(sid, (entropy, sid))
@@ -143,11 +152,20 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 if keep_blocks:
                     blocks.append((start, stop - start, t0, time.monotonic_ns()))
             ring.done(slot)
+            if guarded and not unfinished and worker.check_tainted():
+                unfinished.append(-1)  # the last shard of the batch tainted it: nothing left
+            if unfinished:
+                exiting = True
+                break
     finally:
         status_mv[ST_STATE] = STATE_IDLE
     if elog is not None:
         elog.close()
-    chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting, "returned": returned}))
+    chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting, "returned": returned,
+                                  "unfinished": [s for s in unfinished if s >= 0],
+                                  "retire": bool(worker.tainted)}))
+    if worker.tainted:
+        worker.retire()
     if exiting:
         import os
         os._exit(0)
@@ -451,7 +469,12 @@ def run_queue(run: Any) -> None:
                     elif m[0] == "qdone" and m[1] == run.call_id:
                         on_qdone(w, m[2])
                         if m[2]["exiting"]:
-                            reason = run.ws[w.slot].pending_recycle or "recycle requested"
+                            for sid in reversed(m[2].get("unfinished", ())):
+                                if not donemap[sid] and run.state[sid] == 0 and sid not in run.retry:
+                                    run.retry.appendleft(sid)
+                            reason = ("a shard wrote more of an input inherited at fork than can be "
+                                      "restored" if m[2].get("retire") else
+                                      run.ws[w.slot].pending_recycle or "recycle requested")
                             run.done_base += int(pool.status[w.slot, ST_DONE])
                             pool.status[w.slot, ST_DONE] = 0
                             sel.unregister(w.chan.sock)

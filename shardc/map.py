@@ -50,6 +50,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import _lowlevel as ll
+from . import inherit
 from ._channel import ChannelClosed
 from .buffer import Buffer, buffer
 from .diagnostics import Diagnostics
@@ -64,7 +65,7 @@ from .share import Shared, array_extent, default_cache, share
 from .validate import (COW_MODES, DISPATCH_MODES, check_autotune, check_binding, check_choice,
                        check_dispatch_opts, check_int, check_names, check_out, check_scheduler_policy,
                        check_seed, check_timeout, pickle_function, resolve_shards)
-from .worker import (ERR, OK, OK_PICKLED, ST_CALL, ST_CURRENT, ST_SENDING, ST_START_NS, ST_STATE,
+from .worker import (ERR, OK, OK_PICKLED, RETIRE_EXIT, ST_CALL, ST_CURRENT, ST_SENDING, ST_START_NS, ST_STATE,
                      STATE_RUNNING, raise_from_record)
 
 log = logging.getLogger("shardc")
@@ -269,6 +270,7 @@ class Run:
         self.out_desc: dict[str, dict[str, Any]] = {}
         self.segments: dict[str, Segment] = {}
         self.temporaries: list[Shared] = []
+        self.inherit_tokens: list[int] = []  # borrowed arrays workers inherit at fork (shardc.inherit)
         self.huge_inflight = 0
         self.huge_ids: set[int] = set()
         cs = self.chunk_size
@@ -323,6 +325,15 @@ class Run:
                 sh, how = obj, "reference"
             elif isinstance(obj, Buffer):
                 sh, how = share(obj), "reference"
+            elif (type(obj) is np.ndarray and find_address(*array_extent(obj)) is None
+                  and inherit.eligible(obj)):
+                # A big array in private memory: workers forked from now on
+                # inherit it (no copy); execute() re-forks the older ones.
+                token = inherit.hold(obj)
+                self.inherit_tokens.append(token)
+                self.borrow_desc[name] = {"kind": "inherited", "token": token}
+                self.diag.add_borrow(name, "inherited", obj.nbytes, 0, time.perf_counter() - t0, "array")
+                continue
             elif (type(obj) is np.ndarray or isinstance(obj, np.memmap)) and not obj.dtype.hasobject:
                 # Plain arrays (and memmaps) are shared as raw bytes; subclasses
                 # with state of their own (masked arrays, ...) go through pickle.
@@ -338,6 +349,8 @@ class Run:
             self.diag.add_borrow(name, how, sh.nbytes, copied, time.perf_counter() - t0, sh.kind)
 
     def release(self) -> None:
+        for token in self.inherit_tokens:
+            inherit.release(token)
         self.donemap_buf.close()
         for sh in self.temporaries:
             sh.close()
@@ -555,6 +568,13 @@ class Run:
         for w in pool.ensure_alive():
             self.diag.event("death", w, f"worker died while idle ({signal_label(w.exitcode)})"
                             if w.exitcode is not None else "worker died while idle", code=w.exitcode)
+        if self.inherit_tokens:
+            t0 = time.perf_counter()
+            names = [n for n, d in self.borrow_desc.items() if d["kind"] == "inherited"]
+            fresh = pool.refork(frozenset(self.inherit_tokens),
+                                f"fork after borrowed input(s) {names} existed, to inherit them")
+            self.diag.refork_seconds = time.perf_counter() - t0
+            self.diag.reforked = len(fresh)
         self.ws = {w.slot: _WState() for w in pool.workers}
         self.diag.start(pool)
         self.setup_all()
@@ -572,6 +592,8 @@ class Run:
                         w.chan.send(("end",))
                     except OSError:
                         pass
+            if self.inherit_tokens:
+                pool.released_inherited()
 
     def depth(self) -> int:
         if "prefetch" in self.opts:
@@ -716,7 +738,13 @@ class Run:
             log.warning("worker %d (pid %d) %s while running shard %d; %d other shard(s) requeued",
                         w.slot, w.pid, "was killed: " + reason if reason else f"died with {label}",
                         running, len(lost) - 1)
-        self.diag.event("death", w, reason or f"died with {label}", code=code, shard=running)
+        retired = code == RETIRE_EXIT and reason is None
+        if retired:
+            reason = ("retired itself: a shard wrote more of a borrowed input inherited at fork "
+                      "than the page guards can restore")
+            self.diag.event("recycle", w, reason)
+        else:
+            self.diag.event("death", w, reason or f"died with {label}", code=code, shard=running)
         for sid in reversed(lost):
             if sid in self.huge_ids:
                 self.huge_ids.discard(sid)
@@ -749,7 +777,7 @@ class Run:
         st.inflight.clear()
         if self.on_requeue is not None:
             self.on_requeue()  # let survivors start on the requeued shards now
-        return self.replace(w, reason or f"worker died with {label}", "restart")
+        return self.replace(w, reason or f"worker died with {label}", "recycle" if retired else "restart")
 
     def watchdog(self, on_death: Callable[..., Any] | None = None) -> None:
         """Timeouts and memory of running shards (both dispatch modes).
@@ -788,9 +816,9 @@ class Run:
                 self.diag.mem_sample(w, fast)
             if self.mem_cap is not None and fast["anon"] > 2 * self.mem_cap:
                 m = pool.sample(w)  # confirm with the precise number before killing
-                if m is not None and pool.footprint(m) > 2 * self.mem_cap:
+                if m is not None and pool.footprint(m, w) > 2 * self.mem_cap:
                     self.diag.mem_sample(w, m)
-                    why = (f"memory: {fmt_bytes(pool.footprint(m))} > 2x mem_cap "
+                    why = (f"memory: {fmt_bytes(pool.footprint(m, w))} > 2x mem_cap "
                            f"{fmt_bytes(self.mem_cap)} inside a shard")
                     pool.kill(w)
                     died(w, reason=why, code=w.exitcode)

@@ -32,6 +32,7 @@ from . import _lowlevel as ll
 from ._channel import Channel, ChannelClosed
 from .buffer import buffer
 from .errors import ClosedError, InvalidArgumentError, signal_label
+from . import inherit as _inherit
 from .worker import NFIELDS, ST_PID, worker_entry
 
 log = logging.getLogger("shardc")
@@ -130,6 +131,10 @@ class WorkerHandle:
         self.anon_offset = 0  # statm RssAnon minus Pss_Anon at that sample
         self.cow_slack = 0  # growth that copy-on-write of inherited pages alone can cause
         self.fast_anon = 0  # statm private estimate at that time
+        # Borrowed arrays this worker inherited at fork (shardc.inherit tokens)
+        # and their bytes: still mapped until the call that uses them ends.
+        self.inherit_tokens: frozenset[int] = frozenset()
+        self.inherited_bytes = 0
 
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}
@@ -228,6 +233,7 @@ class Pool:
         self.status[slot, :] = 0
         parent_pid = os.getpid()
         others = [w.chan.sock for w in self.workers if w.slot != slot]
+        tokens = _inherit.held_tokens()
         pid = os.fork()
         if pid == 0:  # child: never returns
             try:
@@ -243,7 +249,10 @@ class Pool:
                              None if self._init_blob else self.init_expr, self._init_blob,
                              self.cow_guard)
         child_sock.close()
-        return WorkerHandle(slot, pid, Channel(parent_sock))
+        w = WorkerHandle(slot, pid, Channel(parent_sock))
+        w.inherit_tokens = tokens
+        w.inherited_bytes = _inherit.held_bytes(tokens)
+        return w
 
     def _await_hello(self, w: WorkerHandle, timeout: float = 30.0) -> None:
         w.chan.sock.settimeout(timeout)
@@ -262,12 +271,14 @@ class Pool:
         assert msg[0] == "hello"
         m = self.sample(w)
         if m is not None:
-            w.baseline = self.footprint(m)
+            w.baseline = self.footprint(m, w)
             # Pages still shared with the master after fork count half in
             # Pss_Anon; as the worker touches them (refcounts) they become
             # private and Pss_Anon grows by up to that much with no leak at
-            # all.  Drift is measured beyond this slack.
-            w.cow_slack = max(0, w.anon_offset)
+            # all.  Drift is measured beyond this slack.  Inherited borrowed
+            # arrays are not part of it: they are write-protected, and their
+            # pages are given back at the end of the call.
+            w.cow_slack = max(0, w.anon_offset - (w.inherited_bytes - self.inherit_share(w)))
 
     def replace(self, w: WorkerHandle, reason: str, kind: str) -> WorkerHandle:
         """Stop ``w`` (if alive) and fork a fresh worker into its slot."""
@@ -285,6 +296,56 @@ class Pool:
         log.info("%s worker %d (pid %d -> %d): %s", "recycled" if kind == "recycle" else "restarted",
                  w.slot, w.pid, nw.pid, reason)
         return nw
+
+    def refork(self, tokens: frozenset[int], reason: str) -> list[WorkerHandle]:
+        """Fork a fresh worker in place of every one forked before ``tokens``
+        were held (``shardc.inherit``), so all of them inherit those arrays.
+
+        The old workers are asked to exit first and reaped after the new ones
+        are forked, so their exits overlap.  Returns the new workers.
+        """
+        old = [w for w in self.workers if not tokens <= w.inherit_tokens]
+        if not old:
+            return []
+        for w in old:
+            if w.alive:
+                try:
+                    w.chan.send(("exit",))
+                except OSError:
+                    pass
+        new = []
+        for w in old:
+            nw = self._spawn(w.slot)
+            nw.recycles, nw.restarts, nw.last_recycle = w.recycles, w.restarts, w.last_recycle
+            nw.pids = w.pids + [nw.pid]
+            self.workers[w.slot] = nw
+            new.append(nw)
+        for w in old:
+            self._reap(w, wait=1.0)
+        for nw, w in zip(new, old):
+            self._await_hello(nw)
+            self.events.append({"t": time.time(), "event": "refork", "worker": w.slot, "old_pid": w.pid,
+                                "new_pid": nw.pid, "reason": reason})
+        log.debug("re-forked %d worker(s): %s", len(new), reason)
+        return new
+
+    def inherit_share(self, w: WorkerHandle) -> int:
+        """The part of ``w``'s Pss_Anon that is its share of inherited arrays:
+        their bytes divided among the master and the live workers holding them."""
+        if not w.inherited_bytes:
+            return 0
+        holders = 1 + sum(1 for x in self.workers
+                          if x.inherited_bytes and x.alive and x.inherit_tokens & w.inherit_tokens)
+        return w.inherited_bytes // max(holders, 1)
+
+    def released_inherited(self) -> None:
+        """The call that used the inherited arrays ended: workers gave their
+        pages back (``end``), so their memory is measured without them again."""
+        for w in self.workers:
+            if w.inherited_bytes:
+                w.inherited_bytes = 0
+                w.inherit_tokens = frozenset()
+                w.last_mem = None
 
     # -- death and stopping -----------------------------------------------------------
     def _reap(self, w: WorkerHandle, wait: float = 1.0) -> int | None:
@@ -410,7 +471,7 @@ class Pool:
             w.precise_t = time.monotonic()
             for k in ("rss", "pss", "uss"):
                 w.peak[k] = max(w.peak[k], m[k])
-            w.peak["anon"] = max(w.peak["anon"], m["pss_anon"])
+            w.peak["anon"] = max(w.peak["anon"], self.footprint(m, w))
         return m
 
     def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5,
@@ -434,15 +495,15 @@ class Pool:
         anon = max(0, fast["anon"] - w.anon_offset)
         return {**fast, "anon": anon, "pss_anon": anon, "uss": anon, "pss": anon}
 
-    @staticmethod
-    def footprint(m: dict[str, int]) -> int:
-        """The bytes a worker holds by itself: its anonymous memory (Pss_Anon).
+    def footprint(self, m: dict[str, int], w: WorkerHandle | None = None) -> int:
+        """The bytes a worker holds by itself: its anonymous memory (Pss_Anon),
+        less its share of borrowed arrays it inherited at fork (``w`` given).
 
         Not RSS (counts every page of borrowed inputs it reads) and not USS
         (counts clean pages of a shared segment that only this worker maps):
         pages of shared segments are never a worker's growth.
         """
-        return m["pss_anon"]
+        return max(0, m["pss_anon"] - (self.inherit_share(w) if w is not None else 0))
 
     _UNSET: Any = object()
 
@@ -459,7 +520,7 @@ class Pool:
         m = w.last_mem
         if m is None:
             return None
-        used = self.footprint(m)
+        used = self.footprint(m, w)
         label = "anon"
         if cap is not None and used > cap:
             return "cap", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(cap)}"

@@ -45,13 +45,18 @@ from . import _lowlevel as ll
 from ._channel import Channel, ChannelClosed
 from .errors import BindingError, BorrowedInputWriteError, ShardcError
 from .segment import Segment
-from .share import view_array
+from .share import array_extent, view_array
 
 # Status fields: one int64 row per worker slot, in a shared buffer.
 ST_STATE, ST_CURRENT, ST_START_NS, ST_DONE, ST_CALL, ST_BLOCK0, ST_BLOCKN, ST_EXIT_REQ, \
     ST_PID, ST_SENDING = range(10)  # ST_SENDING: 1 + id of the shard whose value is being pickled
 NFIELDS = 16
 STATE_IDLE, STATE_RUNNING = 0, 1
+
+# Exit status of a worker that retires by itself: a shard wrote more of an
+# input inherited over fork than the guards could save, so this process's
+# copy of it can no longer be restored (the master forks a fresh worker).
+RETIRE_EXIT = 75
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
 
@@ -93,6 +98,7 @@ class CallState:
         self.diagnostics = True
         self.kernel = None
         self.donemap: Any = None
+        self.inherited: list[np.ndarray] = []  # arrays inherited at fork, by owner of the memory
 
 
 class Worker:
@@ -108,6 +114,7 @@ class Worker:
         self.guard: Any = None
         self.pid = os.getpid()
         self.ewma_ns = -1  # running mean of shard wall time, for adaptive measuring
+        self.tainted: list[str] = []  # inherited inputs this process can no longer restore
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -147,6 +154,18 @@ class Worker:
         return view_array(m, d["dtype"], d["shape"], d["strides"], d["offset"], writeable=True)
 
     def borrowed_object(self, d: dict[str, Any], name: str) -> Any:
+        if d["kind"] == "inherited":
+            from . import inherit
+            arr = inherit.lookup(d["token"])
+            root = arr
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            view = arr.view()  # the same memory; fun gets an object of its own
+            if self.guard is not None:
+                self.call.guard_regions.append(self.guard.protect_inherited(name, view, root, self.call.cow))
+            if not any(r is root for r in self.call.inherited):
+                self.call.inherited.append(root)
+            return view
         if d["kind"] == "array":
             m = self._private_map(d["segs"][0])
             arr = view_array(m, d["dtype"], d["shape"], d["strides"], d["offset"], writeable=True)
@@ -197,6 +216,16 @@ class Worker:
                     self.guard.unprotect(rid)
                 except Exception:
                     pass
+        # Give back the pages of inputs inherited at fork (shared with the
+        # master, or private copies of written ones): idle workers must not
+        # pin memory the master may free.  The range stays reserved and
+        # inaccessible, so a stray reference faults instead of reading zeros.
+        for root in c.inherited:
+            lo, span = array_extent(root)
+            hi = lo + span
+            a, b = -(-lo // ll.PAGE_SIZE) * ll.PAGE_SIZE, hi // ll.PAGE_SIZE * ll.PAGE_SIZE
+            if b > a:
+                ll.seg_discard(a, b - a)
         self.call = CallState()
 
     def _seed_legacy(self, sid: int) -> None:
@@ -241,7 +270,25 @@ class Worker:
         return (sid, ok, payload, t0, t1, events, dmem)
 
     def run_chunk(self, ids: list[int]) -> list[tuple]:
-        return [self.run_shard(sid) for sid in ids]
+        out = []
+        for sid in ids:
+            out.append(self.run_shard(sid))
+            if self.check_tainted():
+                break  # the rest of the chunk goes back to the master with this worker's exit
+        return out
+
+    def check_tainted(self) -> bool:
+        """True once a shard wrote an inherited input beyond restoring (the
+        worker must run no further shard; it exits with RETIRE_EXIT)."""
+        if self.guard is not None:
+            self.tainted += self.guard.take_lost()
+        return bool(self.tainted)
+
+    def retire(self) -> None:
+        print(f"shardc worker {self.slot} (pid {self.pid}): retiring: a shard wrote more of inherited "
+              f"input(s) {sorted(set(self.tainted))} than can be restored", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(RETIRE_EXIT)
 
     def send_results(self, call_id: int, results: list[tuple]) -> None:
         """Send a batch of outcomes.  Non-trivial return values are pickled one
@@ -282,11 +329,14 @@ class Worker:
                 t_first = time.monotonic()
                 more = chan.poll_nonblocking()
                 pending.extend(more)
-                while pending and pending[0][0][0] == "run" and time.monotonic() - t_first < 0.002:
+                while (pending and pending[0][0][0] == "run" and time.monotonic() - t_first < 0.002
+                       and not self.tainted):
                     nxt, _ = pending.popleft()
                     results.extend(self.run_chunk(nxt[2]))
                     pending.extend(chan.poll_nonblocking())
                 self.send_results(call_id, results)
+                if self.tainted:
+                    self.retire()
             elif kind == "call":
                 try:
                     self.adopt(msg[1].get("segments", []), fds)

@@ -50,6 +50,41 @@ def make_x():
     return np.arange(ROWS * COLS, dtype=np.float64).reshape(ROWS, COLS)
 
 
+# Where the workers' X comes from: a sealed segment copy (the default for an
+# array this small), or inherited over fork (shardc.inherit, forced here by a
+# 1-byte threshold): then X is a page-aligned view into a bigger private
+# buffer, so its pages and offsets are the same as in the segment copy.
+SOURCES = ["segment", "inherited"]
+
+
+@pytest.fixture(params=SOURCES)
+def source(request, monkeypatch):
+    if request.param == "inherited":
+        monkeypatch.setenv("SHARDC_INHERIT_MIN_BYTES", "1")
+    return request.param
+
+
+def make_src_x(source):
+    if source == "segment":
+        return make_x()
+    nbytes = ROWS * COLS * 8
+    root = np.zeros(nbytes + 3 * PS, np.uint8)
+    off = (-root.ctypes.data) % PS + PS
+    X = root[off:off + nbytes].view(np.float64).reshape(ROWS, COLS)
+    X[...] = make_x()
+    return X
+
+
+def assert_source_pristine(r, X, source, before):
+    """The caller's X is unchanged, and so is the segment copy (or X was really inherited)."""
+    assert crc(X) == before
+    if source == "segment":
+        assert segment_crc(X) == before
+    else:
+        assert r.diagnostics.borrow["X"]["how"] == "inherited"
+        assert r.diagnostics.borrow["X"]["bytes_copied"] == 0
+
+
 def crc(a) -> int:
     return zlib.crc32(np.ascontiguousarray(a))
 
@@ -137,10 +172,10 @@ def assert_others_pristine(r, got, mode, expected_crc):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how", list(STORE_PATHS))
-def test_deny_fails_the_writing_shard_once_with_exact_message(pool2, data_files, how, mode):
+def test_deny_fails_the_writing_shard_once_with_exact_message(pool2, data_files, how, mode, source):
     """deny: the writing shard fails at once with BorrowedInputWriteError naming shard, input, byte and element; nothing else changes."""
     _, offset, index, pages = STORE_PATHS[how]
-    X = make_x()
+    X = make_src_x(source)
     before = crc(X)
     r, got = run_cow(X, how, "deny", mode, data_files)
     assert list(r.failures) == [0] and isinstance(r.results[0], shardc.FailedShard)
@@ -154,7 +189,7 @@ def test_deny_fails_the_writing_shard_once_with_exact_message(pool2, data_files,
         ("X", 0, offset, index)
     assert r.diagnostics.retries == 0 and r.diagnostics.events == []
     assert_others_pristine(r, got, mode, before)
-    assert crc(X) == before and segment_crc(X) == before
+    assert_source_pristine(r, X, source, before)
     rep = shardc.cow_report(r).to_dict()
     assert rep["policy"] == "deny" and rep["violations"] == 1
     assert rep["inputs"] == {"X": {"shards": [0], "pages": pages, "bytes": pages * PS, "first_offset": offset,
@@ -166,10 +201,10 @@ def test_deny_fails_the_writing_shard_once_with_exact_message(pool2, data_files,
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cow", ["audit", "allow"])
 @pytest.mark.parametrize("how", list(STORE_PATHS))
-def test_audit_allow_write_privately_and_report(pool2, data_files, how, cow, mode):
+def test_audit_allow_write_privately_and_report(pool2, data_files, how, cow, mode, source):
     """audit/allow: the writing shard completes and sees its write; others, the caller and the segment see pristine data; the reports list it."""
     _, offset, _index, pages = STORE_PATHS[how]
-    X = make_x()
+    X = make_src_x(source)
     before = crc(X)
     expected = make_x()
     WRITES[how](expected, data_files)  # what shard 0 sees after its write
@@ -178,7 +213,7 @@ def test_audit_allow_write_privately_and_report(pool2, data_files, how, cow, mod
     assert r.succeeded and r.results[0] == (0 if mode == "rpc_chunked" else None)
     assert got[0] == crc(expected)
     assert_others_pristine(r, got, mode, before)
-    assert crc(X) == before and segment_crc(X) == before
+    assert_source_pristine(r, X, source, before)
     assert r.diagnostics.retries == 0 and r.diagnostics.events == []
     rep = shardc.cow_report(r).to_dict()
     assert rep == {"policy": cow, "violations": 0, "copies_triggered": pages,
@@ -192,9 +227,9 @@ def test_audit_allow_write_privately_and_report(pool2, data_files, how, cow, mod
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cow", COWS)
-def test_readinto_from_a_real_file_fails_under_every_mode(pool2, data_files, cow, mode):
+def test_readinto_from_a_real_file_fails_under_every_mode(pool2, data_files, cow, mode, source):
     """A large f.readinto(X) (the kernel writes: EFAULT) fails the shard at once under every cow mode, naming X."""
-    X = make_x()
+    X = make_src_x(source)
     before = crc(X)
     r, got = run_cow(X, "readinto_large", cow, mode, data_files)
     assert list(r.failures) == [0]
@@ -209,16 +244,16 @@ def test_readinto_from_a_real_file_fails_under_every_mode(pool2, data_files, cow
     assert f.exception.input_name == "X" and f.exception.shard_id == 0
     assert r.diagnostics.retries == 0
     assert_others_pristine(r, got, mode, before)
-    assert crc(X) == before and segment_crc(X) == before
+    assert_source_pristine(r, X, source, before)
 
 
 # -- the next shard on the same worker ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cow", COWS)
-def test_next_shard_on_the_same_worker_sees_pristine_data(data_files, cow, mode):
+def test_next_shard_on_the_same_worker_sees_pristine_data(data_files, cow, mode, source):
     """With one worker, shard 0 overwrites all of X (np.copyto) and shards 1.. on that worker read pristine data."""
-    X = make_x()
+    X = make_src_x(source)
     before = crc(X)
     out = shardc.buffer(np.int64, (N,), init=-1)
     with shardc.Pool(1) as pool:

@@ -1,0 +1,135 @@
+"""Big borrowed arrays inherited over ``fork`` instead of copied.
+
+A plain NumPy array that lives in the master's private memory can reach the
+workers in two ways: copied once into a sealed segment (``share()``: ~0.5 s
+per GiB on this machine, and 1x its size in new memory), or *inherited*: the
+workers are forked while the array exists, so the kernel shares its pages
+copy-on-write and nothing is copied at all (fork copies page tables: ~1.5 ms
+for 1 GiB of transparent huge pages).  ``shard_map`` takes the second way for
+arrays of at least ``SHARDC_INHERIT_MIN_BYTES`` (64 MiB): it registers the
+array here (a *token*), and the pool re-forks every worker that was forked
+before the token existed (:meth:`shardc.pool.Pool.refork`).  A worker looks
+the array up by token in its copy of this module's table: it is the very
+same object, at the same address, so workers see it zero-copy.
+
+What the worker sees is a *snapshot*: the array as it was at fork time.  The
+master changing it later (another thread) never reaches a running call.  The
+snapshot lives for one call: tokens are not reused across calls (the master
+may change the array between calls, and checking that would cost more than
+forking again), and at the end of the call each worker drops the pages it
+inherited (:func:`release_pages`), so a ``del X`` in the master gives the
+memory back instead of leaving it pinned in idle workers.
+
+Copy-on-write policy: the worker write-protects the page-aligned interior
+of the array with "snapshot" guard regions (``csrc/guard.c``: the original
+content of a page is saved before the first write is let through, and put
+back after the shard; the memory is anonymous, so dropping a written page
+the way segment mappings are restored would zero it), and compares the
+bytes of the (at most two) partial pages at its ends after each shard.  So
+``cow="deny"`` raises naming the input, and every shard starts from the
+pristine snapshot, exactly as for segment inputs.
+
+Eligible arrays (:func:`eligible`): ``type(arr) is np.ndarray`` (a view is
+fine), not object dtype, at least the threshold in bytes, not already in a
+shardc segment, and every page of it in *private* mappings (``/proc/self/maps``;
+an array over a ``MAP_SHARED`` mapping, e.g. ``np.frombuffer(mmap)``, would
+let a worker's write reach the file), on Linux.  ``np.memmap`` keeps the copy
+path.  ``SHARDC_INHERIT=0`` turns inheritance off (every array is copied).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+DEFAULT_MIN_BYTES = 64 * 1024**2
+
+# token -> the array; read by forked workers in their copy of this dict.
+_held: dict[int, np.ndarray] = {}
+_tokens = itertools.count(1)
+
+
+def min_bytes() -> int:
+    raw = os.environ.get("SHARDC_INHERIT_MIN_BYTES")
+    if not raw:
+        return DEFAULT_MIN_BYTES
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise InvalidArgumentError(f"SHARDC_INHERIT_MIN_BYTES={raw!r} is not an integer "
+                                   "(bytes, e.g. 67108864)") from None
+
+
+def enabled() -> bool:
+    return os.environ.get("SHARDC_INHERIT", "1").strip().lower() not in ("0", "no", "off", "false", "never")
+
+
+def _private_span(lo: int, hi: int) -> bool:
+    """True if every mapping overlapping [lo, hi) is private (and [lo, hi) is fully mapped)."""
+    covered = lo
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, perms = line.split(None, 2)[:2]
+                a, b = (int(x, 16) for x in span.split("-"))
+                if b <= lo:
+                    continue
+                if a >= hi:
+                    break
+                if a > covered or perms[3] != "p":
+                    return False
+                covered = max(covered, b)
+    except OSError:
+        return False
+    return covered >= hi
+
+
+def eligible(arr: Any) -> bool:
+    """Can ``arr`` reach workers by inheritance (see the module docstring)?"""
+    if not sys.platform.startswith("linux") or not enabled():
+        return False
+    if type(arr) is not np.ndarray or arr.dtype.hasobject or arr.nbytes < min_bytes():
+        return False
+    from .share import array_extent
+    lo, span = array_extent(arr)
+    return span > 0 and _private_span(lo, lo + span)
+
+
+def hold(arr: np.ndarray) -> int:
+    """Register ``arr`` for workers forked from now on; returns its token."""
+    token = next(_tokens)
+    _held[token] = arr
+    return token
+
+
+def release(token: int) -> None:
+    _held.pop(token, None)
+
+
+def held_tokens() -> frozenset[int]:
+    """Tokens a worker forked now inherits."""
+    return frozenset(_held)
+
+
+def held_bytes(tokens: frozenset[int]) -> int:
+    return sum(_held[t].nbytes for t in tokens if t in _held)
+
+
+def lookup(token: int) -> np.ndarray:
+    """In a worker: the inherited array of ``token``."""
+    try:
+        return _held[token]
+    except KeyError:
+        raise RuntimeError(f"this worker was forked before inherited input #{token} existed "
+                           "(a shardc bug: the pool should have re-forked it)") from None
+
+
+def interior(lo: int, hi: int, page: int) -> tuple[int, int]:
+    """The whole pages inside [lo, hi): (start, end), end <= start when there are none."""
+    return -(-lo // page) * page, hi // page * page
