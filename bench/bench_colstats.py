@@ -24,11 +24,15 @@ unless the variant needs the matrix at fork time):
 * ``joblib``: ``Parallel(n_jobs=2)`` (loky, warm executor) with the matrix as
   an argument; joblib's auto-memmapping dumps it to /dev/shm once per call.
 * ``mpire``: ``WorkerPool(2, shared_objects=X)`` (fork; pool creation timed).
-* ``shardc_borrow``: ``shard_map(borrow={"X": X})`` with a plain array: copied
-  once into a sealed segment per call (the copy cache is cleared before each
-  repeat, untimed, so every repeat pays the copy).
-* ``shardc_cached``: the same call again with the same unchanged array: the
-  cached copy is reused after a memcmp check.
+* ``shardc_borrow``: ``shard_map(borrow={"X": X})`` with a plain array, the
+  default path for arrays of 64 MiB or more: the pool (created before the
+  data, like every shardc variant) re-forks its workers in the timed call so
+  they inherit X copy-on-write (``shardc.inherit``); nothing is copied.
+* ``shardc_copy``: the same with ``SHARDC_INHERIT=0``: X is copied once into
+  a sealed segment per call (the copy cache is cleared before each repeat,
+  untimed, so every repeat pays the copy).
+* ``shardc_cached``: ``SHARDC_INHERIT=0`` and the same unchanged array again:
+  the cached copy is reused after a memcmp check.
 * ``shardc_shared``: ``Xs = shardc.share(X)`` done beforehand (its time is
   reported separately as ``share_s``), then ``shard_map(borrow={"X": Xs})``.
 
@@ -56,7 +60,7 @@ import _common as C  # noqa: E402
 WORKERS = 2
 BLOCK = 256
 VARIANTS = ["serial", "numpy_whole", "mp_pool_args", "mp_pool_fork", "joblib", "mpire",
-            "shardc_borrow", "shardc_cached", "shardc_shared"]
+            "shardc_borrow", "shardc_copy", "shardc_cached", "shardc_shared"]
 
 _X: np.ndarray | None = None  # the fork-inherited global of mp_pool_fork
 
@@ -123,6 +127,8 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     pool: Any = None
 
     if variant.startswith("shardc"):
+        if variant in ("shardc_copy", "shardc_cached"):
+            os.environ["SHARDC_INHERIT"] = "0"
         import shardc
         from shardc.share import default_cache
         pool = shardc.pool_create(WORKERS)  # a long-lived pool, forked before the data exists
@@ -186,7 +192,7 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
             last["r"] = shardc.shard_map(desc, shard_stats, borrow={"X": src},
                                          out={"means": means, "variances": variances}, pool=pool)
 
-        if variant == "shardc_borrow":
+        if variant == "shardc_copy":
             def before() -> None:
                 default_cache.clear()
         elif variant == "shardc_cached":
@@ -298,6 +304,10 @@ def targets(results: dict[str, dict[str, Any]]) -> None:
             t, tb = results["shardc_borrow"]["median_s"], results[best]["median_s"]
             lines.append(("borrow_vs_fastest_peer", f"borrow: at least as fast as the fastest peer ({best} {tb:.2f} s)", f"{t:.2f} s",
                           t <= tb))
+            # Same-run noise on this shared box is several percent: also say
+            # whether it is within 5% (the ratio is printed either way).
+            lines.append(("borrow_vs_fastest_peer_5pct", "borrow: within 5% of the fastest peer",
+                          f"{t / tb:.3f}x", t <= 1.05 * tb))
         xs = results["shardc_borrow"]["extra"] / results["shardc_borrow"]["matrix_bytes"]
         lines.append(("borrow_extra_mem", "borrow: extra memory <= 1.05x the matrix", f"{xs:.3f}x", xs <= 1.05))
     C.print_targets("colstats", lines)

@@ -135,6 +135,8 @@ class WorkerHandle:
         # and their bytes: still mapped until the call that uses them ends.
         self.inherit_tokens: frozenset[int] = frozenset()
         self.inherited_bytes = 0
+        self.needs_baseline = False  # set by the first precise sample (Pool.refork)
+        self.hello_anon = 0  # statm anonymous memory when it said hello (Pool.refork)
 
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}
@@ -254,7 +256,7 @@ class Pool:
         w.inherited_bytes = _inherit.held_bytes(tokens)
         return w
 
-    def _await_hello(self, w: WorkerHandle, timeout: float = 30.0) -> None:
+    def _await_hello(self, w: WorkerHandle, timeout: float = 30.0, sample: bool = True) -> None:
         w.chan.sock.settimeout(timeout)
         try:
             msg, _ = w.chan.recv()
@@ -269,7 +271,22 @@ class Pool:
             except OSError:
                 pass  # already closed by _reap
         assert msg[0] == "hello"
-        m = self.sample(w)
+        if not sample:
+            # A precise sample (smaps_rollup) of a worker sharing a big
+            # inherited array costs ~5 ms of master time: the first one taken
+            # in the call (when its memory moves, or after max_age) sets the
+            # baseline.  Until then cheap samples are calibrated by counting
+            # the inherited arrays as shared (see calibrated()).
+            w.needs_baseline = True
+            fast = ll.proc_mem_fast(w.pid)
+            if fast is not None:
+                w.fast_anon = w.hello_anon = fast["anon"]
+                w.precise_t = time.monotonic()
+            return
+        self._set_baseline(w, self.sample(w))
+
+    def _set_baseline(self, w: WorkerHandle, m: dict[str, int] | None) -> None:
+        w.needs_baseline = False
         if m is not None:
             w.baseline = self.footprint(m, w)
             # Pages still shared with the master after fork count half in
@@ -323,7 +340,7 @@ class Pool:
         for w in old:
             self._reap(w, wait=1.0)
         for nw, w in zip(new, old):
-            self._await_hello(nw)
+            self._await_hello(nw, sample=False)
             self.events.append({"t": time.time(), "event": "refork", "worker": w.slot, "old_pid": w.pid,
                                 "new_pid": nw.pid, "reason": reason})
         log.debug("re-forked %d worker(s): %s", len(new), reason)
@@ -469,6 +486,8 @@ class Pool:
                 w.fast_anon = fast["anon"]
             w.last_mem = m
             w.precise_t = time.monotonic()
+            if w.needs_baseline:
+                self._set_baseline(w, m)
             for k in ("rss", "pss", "uss"):
                 w.peak[k] = max(w.peak[k], m[k])
             w.peak["anon"] = max(w.peak["anon"], self.footprint(m, w))
@@ -488,11 +507,15 @@ class Pool:
             return self.sample(w)
         return None
 
-    @staticmethod
-    def calibrated(w: WorkerHandle, fast: dict[str, int]) -> dict[str, int]:
+    def calibrated(self, w: WorkerHandle, fast: dict[str, int]) -> dict[str, int]:
         """A cheap (statm) sample with its anonymous memory put on the Pss_Anon
-        scale of ``w``'s last precise sample."""
-        anon = max(0, fast["anon"] - w.anon_offset)
+        scale of ``w``'s last precise sample.  Before the first one (a
+        re-forked worker), what it mapped at hello counts as shared with the
+        master, so its own memory is its growth since then."""
+        if w.needs_baseline:
+            anon = max(0, fast["anon"] - w.hello_anon) + self.inherit_share(w)
+        else:
+            anon = max(0, fast["anon"] - w.anon_offset)
         return {**fast, "anon": anon, "pss_anon": anon, "uss": anon, "pss": anon}
 
     def footprint(self, m: dict[str, int], w: WorkerHandle | None = None) -> int:
