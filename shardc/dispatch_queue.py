@@ -116,9 +116,6 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 status_mv[ST_START_NS] = mono()
                 status_mv[ST_STATE] = STATE_RUNNING
                 for sid in range(start, stop):
-                    if guarded and worker.check_tainted():
-                        unfinished += range(sid, stop)
-                        break
                     status_mv[ST_CURRENT] = sid
                     status_mv[ST_START_NS] = mono()
                     shard = make(sid, (entropy, sid))
@@ -142,11 +139,19 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                         chan.send(("qfail", call_id, (sid, ERR, rec,
                                                       status_mv[ST_START_NS], time.monotonic_ns(),
                                                       getattr(exc, "cow_events", None), None)))
+                        if guarded and worker.check_tainted():
+                            unfinished += range(sid + 1, stop)
+                            break
                         status_mv[ST_START_NS] = mono()  # before RUNNING, as above
                         status_mv[ST_STATE] = STATE_RUNNING
                         continue
                     donemap[sid] = 1
                     ok_in_block += 1
+                    # A write it could not undo (checked only after a shard
+                    # that wrote an input): leave the rest of the block.
+                    if guarded and scope.events and worker.check_tainted():
+                        unfinished += range(sid + 1, stop)
+                        break
                 status_mv[ST_STATE] = STATE_IDLE
                 status_mv[ST_DONE] += ok_in_block
                 if keep_blocks:

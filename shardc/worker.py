@@ -40,6 +40,7 @@ from typing import Any
 
 import cloudpickle
 import numpy as np
+import numpy.random  # noqa: F401 - NumPy imports it lazily: once here, not in every forked worker (~10 ms)
 
 from . import _lowlevel as ll
 from ._channel import Channel, ChannelClosed
@@ -163,6 +164,13 @@ class Worker:
             view = arr.view()  # the same memory; fun gets an object of its own
             if self.guard is not None:
                 self.call.guard_regions.append(self.guard.protect_inherited(name, view, root, self.call.cow))
+            else:
+                # No guards (Pool(cow_guard=False)): read-only like a segment
+                # input, so a write crashes instead of silently diverging.
+                lo, span = array_extent(root)
+                a, b = -(-lo // ll.PAGE_SIZE) * ll.PAGE_SIZE, (lo + span) // ll.PAGE_SIZE * ll.PAGE_SIZE
+                if b > a:
+                    ll.seg_protect(a, b - a, writable=False, name=name)
             if not any(r is root for r in self.call.inherited):
                 self.call.inherited.append(root)
             return view
@@ -272,8 +280,9 @@ class Worker:
     def run_chunk(self, ids: list[int]) -> list[tuple]:
         out = []
         for sid in ids:
-            out.append(self.run_shard(sid))
-            if self.check_tainted():
+            r = self.run_shard(sid)
+            out.append(r)
+            if r[5] and self.check_tainted():  # only a shard that wrote an input can taint
                 break  # the rest of the chunk goes back to the master with this worker's exit
         return out
 

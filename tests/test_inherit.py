@@ -236,3 +236,29 @@ def test_idle_workers_give_the_pages_back(pool2, low_threshold):
                 break
             time.sleep(0.01)
         assert spans == ["---p"], spans
+
+
+def write_middle(shard, X, out):
+    if shard.id == 0:
+        X[256, 3] = -1.0
+    out[shard.id] = X[256, 3]
+
+
+def test_without_guards_a_write_crashes_instead_of_diverging(low_threshold):
+    """Pool(cow_guard=False): the inherited pages are still read-only, so a write is a
+    SIGSEGV (a crash, retried then failed), never a silent private change."""
+    X = make()
+    before = X[256, 3]
+    out = shardc.buffer("f8", 4, init=0.0)
+    try:
+        with shardc.Pool(1, cow_guard=False) as pool:
+            r = pool.shard_map(4, write_middle, borrow={"X": X}, out={"out": out}, max_retries=1,
+                               on_failure="collect", progress=False)
+        got = out.array.copy()
+    finally:
+        out.close()
+    assert r.diagnostics.borrow["X"]["how"] == "inherited"
+    assert list(r.failures) == [0] and r.failures[0].attempts == 2
+    assert "SIGSEGV" in r.failures[0].message
+    np.testing.assert_array_equal(got[1:], before)
+    assert X[256, 3] == before
