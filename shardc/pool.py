@@ -32,6 +32,7 @@ from . import _lowlevel as ll
 from ._channel import Channel, ChannelClosed
 from .buffer import buffer
 from .errors import ClosedError, InvalidArgumentError, signal_label
+from . import guard as _guard  # noqa: F401 - workers use it; imported once, in the master
 from . import inherit as _inherit
 from .worker import NFIELDS, ST_PID, worker_entry
 
