@@ -62,7 +62,7 @@ from .pool import (PROFILES, Pool, call_finished, call_started, check_recycle, f
 from .result import FailedShard, ShardFailure, ShardResult
 from .segment import Segment, find_address
 from .share import Shared, array_extent, default_cache, share
-from .validate import (COW_MODES, DISPATCH_MODES, check_autotune, check_binding, check_choice,
+from .validate import (capture_label, COW_MODES, DISPATCH_MODES, check_autotune, check_binding, check_choice,
                        check_dispatch_opts, check_int, check_names, check_out, check_scheduler_policy,
                        check_seed, check_timeout, pickle_function, resolve_shards)
 from .worker import (ERR, OK, OK_PICKLED, RETIRE_EXIT, ST_CALL, ST_CURRENT, ST_SENDING, ST_START_NS, ST_STATE,
@@ -188,11 +188,12 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, borrow: dict[s
               seed=seed_v, diagnostics=bool(diagnostics), timeout=timeout_s, max_retries=retries,
               health_check_interval=hci, autotune=tune, chunk_size=chunk_size, kernel=kern,
               policy=policy, progress=progress)
-    # Pickle fun before any worker exists (clear errors first), collecting the
-    # buffers and shared inputs it captures.
-    run.fun_blob = pickle_function(target, run.capture)
+    run.target = target
     call_started()
     try:
+        # Pickle fun before any worker exists (clear errors first), collecting
+        # the buffers, shared inputs and inheritable arrays it captures.
+        run.fun_blob = pickle_function(target, run.capture)
         run.prepare_inputs(borrow, out)
         run.pool = _get_pool(pool, workers, packages, init_expr, profile)
         run.execute()
@@ -292,10 +293,20 @@ class Run:
         self.segments[seg.key] = seg
 
     def capture(self, obj: Any) -> Any:
-        """persistent_id hook: a Buffer/Shared captured by fun goes by reference."""
+        """persistent_id hook: a Buffer/Shared captured by fun goes by
+        reference; so does a big plain array workers can inherit at fork
+        (returns None, i.e. pickle it, for one they cannot)."""
         key = id(obj)
         if key not in self.captured:
-            if isinstance(obj, Buffer):
+            if isinstance(obj, np.ndarray):
+                if find_address(*array_extent(obj)) is not None or not inherit.eligible(obj):
+                    return None
+                label = capture_label(self.target, obj)
+                token = inherit.hold(obj)
+                self.inherit_tokens.append(token)
+                self.captured[key] = (obj, ("shared", {"kind": "inherited", "token": token, "label": label}))
+                self.diag.add_borrow(label, "inherited", obj.nbytes, 0, 0.0, "array")
+            elif isinstance(obj, Buffer):
                 if obj.closed:
                     raise InvalidArgumentError("fun captures a closed shardc buffer")
                 d = _array_desc(obj.array, obj.segment)
@@ -570,7 +581,7 @@ class Run:
                             if w.exitcode is not None else "worker died while idle", code=w.exitcode)
         if self.inherit_tokens:
             t0 = time.perf_counter()
-            names = [n for n, d in self.borrow_desc.items() if d["kind"] == "inherited"]
+            names = [n for n, v in self.diag.borrow.items() if v["how"] == "inherited"]
             fresh = pool.refork(frozenset(self.inherit_tokens),
                                 f"fork after borrowed input(s) {names} existed, to inherit them")
             self.diag.refork_seconds = time.perf_counter() - t0

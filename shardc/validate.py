@@ -5,6 +5,7 @@ how to fix it."""
 from __future__ import annotations
 
 import inspect
+import logging
 import numbers
 import pickle
 import io
@@ -13,11 +14,14 @@ from typing import Any, Callable
 import cloudpickle
 import numpy as np
 
+from . import inherit as _inherit
 from .buffer import Buffer
 from .errors import BindingError, InvalidArgumentError, UnpicklableFunctionError
 from .segment import find_address
 from .share import Shared, array_extent
 from .shards import ShardDescriptor, parse_count, shards as make_shards
+
+log = logging.getLogger("shardc")
 
 COW_MODES = ("deny", "audit", "allow")
 DISPATCH_MODES = ("rpc_chunked", "shm_queue")
@@ -111,7 +115,10 @@ def check_binding(fun: Callable[..., Any], names: list[str], what: str) -> None:
 
 
 class _Pickler(cloudpickle.CloudPickler):
-    """cloudpickle that sends shardc buffers and shared inputs by reference."""
+    """cloudpickle that sends shardc buffers and shared inputs by reference,
+    and big plain arrays that workers can inherit at fork (a global or
+    closure variable of ``fun``; see ``shardc.inherit``) by token instead of
+    by value: ``on_ref`` returns None for an array it leaves to pickle."""
 
     def __init__(self, file: Any, on_ref: Callable[[Any], Any]) -> None:
         super().__init__(file, protocol=5)
@@ -119,6 +126,8 @@ class _Pickler(cloudpickle.CloudPickler):
 
     def persistent_id(self, obj: Any) -> Any:  # noqa: D401
         if isinstance(obj, (Buffer, Shared)):
+            return self._on_ref(obj)
+        if type(obj) is np.ndarray and obj.nbytes >= _inherit.min_bytes():
             return self._on_ref(obj)
         return None
 
@@ -128,7 +137,7 @@ def pickle_function(fun: Callable[..., Any], on_ref: Callable[[Any], Any]) -> by
     buf = io.BytesIO()
     try:
         _Pickler(buf, on_ref).dump(fun)
-        return buf.getvalue()
+        blob = buf.getvalue()
     except Exception as exc:  # noqa: BLE001
         culprit = _find_culprit(fun)
         where = f" (it captures {culprit})" if culprit else ""
@@ -136,22 +145,54 @@ def pickle_function(fun: Callable[..., Any], on_ref: Callable[[Any], Any]) -> by
             f"fun {getattr(fun, '__qualname__', fun)!r} cannot be pickled to send it to the workers"
             f"{where}: {type(exc).__name__}: {exc}. Pass such objects through borrow= or create "
             "them inside fun (or with init_expr=)") from exc
+    if len(blob) > BIG_FUN_BYTES:
+        big = _biggest_capture(fun)
+        log.warning("fun %r pickles to %.1f MiB, sent to every worker on every call: it captures big "
+                    "data by value%s; pass it in borrow= (shared, not copied) or build it in init_expr=",
+                    getattr(fun, "__qualname__", fun), len(blob) / 2**20, f" (the biggest: {big})" if big else "")
+    return blob
+
+
+BIG_FUN_BYTES = 16 * 1024**2
+
+
+def _captures(fun: Any) -> list[tuple[str, Any]]:
+    """(label, value) of the globals and closure variables ``fun`` uses."""
+    code = getattr(fun, "__code__", None)
+    if code is None:
+        return []
+    out: list[tuple[str, Any]] = []
+    g = getattr(fun, "__globals__", {})
+    out += [(f"global {name!r}", g[name]) for name in code.co_names if name in g]
+    for name, cell in zip(code.co_freevars, getattr(fun, "__closure__", None) or ()):
+        try:
+            out.append((f"closure variable {name!r}", cell.cell_contents))
+        except ValueError:
+            pass
+    return out
+
+
+def capture_label(fun: Any, obj: Any) -> str:
+    """How ``fun`` refers to ``obj`` (e.g. "global 'X'"), for messages."""
+    for label, value in _captures(fun):
+        if value is obj:
+            return label
+    return "an array captured by fun"
+
+
+def _biggest_capture(fun: Any) -> str | None:
+    sizes = [(getattr(v, "nbytes", 0), label) for label, v in _captures(fun) if hasattr(v, "nbytes")]
+    if not sizes:
+        return None
+    n, label = max(sizes, key=lambda t: t[0])
+    return f"{label}, {n / 2**20:.1f} MiB" if n else None
 
 
 def _find_culprit(fun: Any) -> str | None:
     code = getattr(fun, "__code__", None)
     if code is None:
         return None
-    candidates: list[tuple[str, Any]] = []
-    g = getattr(fun, "__globals__", {})
-    for name in code.co_names:
-        if name in g:
-            candidates.append((f"global {name!r}", g[name]))
-    for name, cell in zip(code.co_freevars, getattr(fun, "__closure__", None) or ()):
-        try:
-            candidates.append((f"closure variable {name!r}", cell.cell_contents))
-        except ValueError:
-            pass
+    candidates = _captures(fun)
     code_args = code.co_varnames[:code.co_argcount]
     for name, value in zip(code_args[len(code_args) - len(getattr(fun, "__defaults__", None) or ()):],
                            getattr(fun, "__defaults__", None) or ()):

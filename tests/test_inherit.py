@@ -262,3 +262,45 @@ def test_without_guards_a_write_crashes_instead_of_diverging(low_threshold):
     assert "SIGSEGV" in r.failures[0].message
     np.testing.assert_array_equal(got[1:], before)
     assert X[256, 3] == before
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_big_array_captured_by_fun_is_inherited_not_pickled(pool2, low_threshold, mode):
+    """fun using a big array from its closure (or a __main__ global): by token, not by value."""
+    X = make()
+
+    def sums(shard, out):
+        out[shard.idx] = X[:, shard.idx].sum(axis=0)
+
+    out = shardc.buffer("f8", X.shape[1])
+    try:
+        r = shardc.shard_map(shardc.shards(X.shape[1], block_size=32), sums, out={"out": out},
+                             dispatch_mode=mode, progress=False)
+        np.testing.assert_allclose(out.array, X.sum(axis=0), rtol=1e-12)
+    finally:
+        out.close()
+    b = r.diagnostics.borrow["closure variable 'X'"]
+    assert b["how"] == "inherited" and b["bytes"] == X.nbytes
+    assert r.diagnostics.bytes_setup < X.nbytes // 8  # fun went without X
+
+
+def test_a_write_into_a_captured_array_is_denied_and_named(pool2, low_threshold):
+    X = make()
+
+    def writes(shard):
+        X[100, 1] = 0.0
+
+    r = shardc.shard_map(2, writes, on_failure="collect", progress=False)
+    assert sorted(r.failures) == [0, 1]
+    assert r.failures[0].message.startswith("shard 0 wrote to borrowed input \"closure variable 'X'\"")
+    assert X[100, 1] != 0.0
+
+
+def test_a_small_captured_array_is_still_pickled(pool2, low_threshold):
+    small = np.arange(1000.0)
+
+    def f(shard):
+        return float(small[shard.id])
+
+    r = shardc.shard_map(3, f, progress=False)
+    assert r.results == [0.0, 1.0, 2.0] and r.diagnostics.borrow == {}
