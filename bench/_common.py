@@ -140,7 +140,14 @@ def tree_memory(root: int | None = None) -> dict[str, Any]:
         total += r.get("Pss", 0) - r.get("Pss_Shmem", 0)
         _shmem_objects(pid, shm)
     total += sum(shm.values())
-    return {"total": total, "pss": pss, "per": per, "nproc": len(per), "shm": sum(shm.values())}
+    # The rollups are read one process after another: if a process started
+    # or ended meanwhile, the pages they share were split among a different
+    # number of processes in different reads, and the sum can over-count by
+    # up to the shared size (e.g. a pool re-forking its workers while they
+    # share a 1 GiB input).  Such a sample is marked unstable.
+    stable = set(tree_pids(root)) == set(pids)
+    return {"total": total, "pss": pss, "per": per, "nproc": len(per), "shm": sum(shm.values()),
+            "stable": stable}
 
 
 class MemSampler:
@@ -159,10 +166,14 @@ class MemSampler:
         self.baseline_total = self.baseline_pss = 0
         self.peak_total = self.peak_pss = self.peak_nproc = 0
         self.peak_shm = 0
+        self.unstable = 0  # samples taken while processes came or went (not in the peaks)
 
     def _take(self) -> dict[str, Any]:
         m = tree_memory(self.root)
         self.samples += 1
+        if not m["stable"]:
+            self.unstable += 1
+            return m  # not counted in the peaks (see tree_memory)
         self.peak_total = max(self.peak_total, m["total"])
         self.peak_pss = max(self.peak_pss, m["pss"])
         self.peak_nproc = max(self.peak_nproc, m["nproc"])
@@ -359,7 +370,11 @@ class CpuMeter:
         t1 = os.times()
         live = sum(v - self._c0.get(pid, 0.0) for pid, v in c1.items())
         reaped = (t1.children_user - self._t0.children_user) + (t1.children_system - self._t0.children_system)
-        return live + reaped
+        # A child reaped meanwhile brings its whole lifetime's CPU into
+        # os.times(): take off what it had used before start() (e.g. pool
+        # workers of the previous repeat, replaced by this one).
+        before = sum(v for pid, v in self._c0.items() if pid not in c1)
+        return live + max(0.0, reaped - before)
 
 
 def timed_repeats(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None,
