@@ -100,7 +100,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
             for item in items.tolist():
                 start = item >> COUNT_BITS
                 stop = start + (item & COUNT_MASK)
-                if unfinished:
+                if unfinished or worker.tainted:
                     unfinished += range(start, stop)
                     continue
                 status_mv[ST_BLOCK0] = start
