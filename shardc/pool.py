@@ -34,6 +34,7 @@ from .buffer import buffer
 from .errors import ClosedError, InvalidArgumentError, signal_label
 from . import guard as _guard  # noqa: F401 - workers use it; imported once, in the master
 from . import inherit as _inherit
+from . import worker as _worker_mod
 from .worker import NFIELDS, ST_PID, worker_entry
 
 log = logging.getLogger("shardc")
@@ -231,12 +232,17 @@ class Pool:
         log.debug("started pool of %d workers in %.1f ms", self.size, self.start_seconds * 1e3)
 
     # -- spawning ------------------------------------------------------------------
-    def _spawn(self, slot: int) -> WorkerHandle:
+    def _spawn(self, slot: int, close: list[WorkerHandle] | None = None) -> WorkerHandle:
+        """Fork a worker into ``slot``; the child closes the master's ends of
+        every other worker's socket (and of ``close``: workers being replaced)."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.status[slot, :] = 0
         parent_pid = os.getpid()
         others = [w.chan.sock for w in self.workers if w.slot != slot]
+        others += [w.chan.sock for w in close or () if w.chan.sock not in others]
         tokens = _inherit.held_tokens()
+        _worker_mod._death_signal = (signal.SIGKILL if threading.current_thread() is threading.main_thread()
+                                     else 0)
         pid = os.fork()
         if pid == 0:  # child: never returns
             try:
@@ -332,14 +338,16 @@ class Pool:
                 except OSError:
                     pass
         new = []
-        for w in old:
-            nw = self._spawn(w.slot)
-            nw.recycles, nw.restarts, nw.last_recycle = w.recycles, w.restarts, w.last_recycle
-            nw.pids = w.pids + [nw.pid]
-            self.workers[w.slot] = nw
-            new.append(nw)
-        for w in old:
-            self._reap(w, wait=1.0)
+        try:
+            for w in old:
+                nw = self._spawn(w.slot, close=old)
+                nw.recycles, nw.restarts, nw.last_recycle = w.recycles, w.restarts, w.last_recycle
+                nw.pids = w.pids + [nw.pid]
+                self.workers[w.slot] = nw
+                new.append(nw)
+        finally:
+            for w in old:  # reaped even if a fork failed half-way (no zombies)
+                self._reap(w, wait=1.0)
         for nw, w in zip(new, old):
             self._await_hello(nw, sample=False)
             self.events.append({"t": time.time(), "event": "refork", "worker": w.slot, "old_pid": w.pid,

@@ -162,15 +162,8 @@ class Worker:
             while isinstance(root.base, np.ndarray):
                 root = root.base
             view = arr.view()  # the same memory; fun gets an object of its own
-            if self.guard is not None:
-                self.call.guard_regions.append(self.guard.protect_inherited(name, view, root, self.call.cow))
-            else:
-                # No guards (Pool(cow_guard=False)): read-only like a segment
-                # input, so a write crashes instead of silently diverging.
-                lo, span = array_extent(root)
-                a, b = -(-lo // ll.PAGE_SIZE) * ll.PAGE_SIZE, (lo + span) // ll.PAGE_SIZE * ll.PAGE_SIZE
-                if b > a:
-                    ll.seg_protect(a, b - a, writable=False, name=name)
+            # (The master inherits only into pools with page guards.)
+            self.call.guard_regions.append(self.guard.protect_inherited(name, view, root, self.call.cow))
             if not any(r is root for r in self.call.inherited):
                 self.call.inherited.append(root)
             return view
@@ -393,9 +386,17 @@ def _threadpool_controller() -> Any:
     return _CONTROLLER or None
 
 
+# Set by the pool just before fork.  Linux sends PDEATHSIG when the *thread*
+# that forked the worker exits, not the process: a pool used from a
+# short-lived thread (a re-fork for an inherited input, a replacement) would
+# lose its workers with that thread.  So workers forked from another thread
+# than the main one rely on their socket (EOF = master gone) instead.
+_death_signal = signal.SIGKILL
+
+
 def after_fork(parent_pid: int, packages: list[str], init_expr: Any) -> None:
     """Make a freshly forked child a well-behaved worker."""
-    if ll.proc_after_fork(parent_pid, signal.SIGKILL) < 0:
+    if ll.proc_after_fork(parent_pid, _death_signal) < 0:
         os._exit(70)  # the master died before we armed PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
