@@ -12,12 +12,15 @@ before the token existed (:meth:`shardc.pool.Pool.refork`).  A worker looks
 the array up by token in its copy of this module's table: it is the very
 same object, at the same address, so workers see it zero-copy.
 
-What the worker sees is a *snapshot*: the array as it was at fork time.  The
-master changing it later (another thread) never reaches a running call.  The
+What a worker sees is a *snapshot*: the array as it was when that worker
+was forked, at the start of the call, or later for a worker that replaces
+a crashed or recycled one (it is forked from the master as it is then).
+So do not change a borrowed array (from another thread) while a call that
+uses it runs: shards on replacement workers would see the change.  The
 snapshot lives for one call: tokens are not reused across calls (the master
 may change the array between calls, and checking that would cost more than
-forking again), and at the end of the call each worker drops the pages it
-inherited (:func:`release_pages`), so a ``del X`` in the master gives the
+forking again), and at the end of the call each worker unmaps the pages it
+inherited (``Worker.end_call``), so a ``del X`` in the master gives the
 memory back instead of leaving it pinned in idle workers.
 
 Copy-on-write policy: the worker write-protects the page-aligned interior
@@ -30,11 +33,13 @@ bytes of the (at most two) partial pages at its ends after each shard.  So
 pristine snapshot, exactly as for segment inputs.
 
 Eligible arrays (:func:`eligible`): ``type(arr) is np.ndarray`` (a view is
-fine), not object dtype, at least the threshold in bytes, not already in a
-shardc segment, and every page of it in *private* mappings (``/proc/self/maps``;
-an array over a ``MAP_SHARED`` mapping, e.g. ``np.frombuffer(mmap)``, would
-let a worker's write reach the file), on Linux.  ``np.memmap`` keeps the copy
-path.  ``SHARDC_INHERIT=0`` turns inheritance off (every array is copied).
+fine) whose owner is an ndarray that allocated its memory (not a view of a
+``bytes``/``bytearray``/mmap object), not object dtype, at least the
+threshold in bytes of memory (a broadcast view counts what is behind it),
+not already in a shardc segment, and every page of it in *private* mappings
+(``/proc/self/maps``), on Linux.  ``np.memmap`` keeps the copy path, and so
+does every array when the pool has no page guards (``Pool(cow_guard=False)``)
+or ``SHARDC_INHERIT=0`` is set.
 """
 
 from __future__ import annotations
@@ -90,15 +95,38 @@ def _private_span(lo: int, hi: int) -> bool:
     return covered >= hi
 
 
+def root_of(arr: np.ndarray) -> np.ndarray:
+    """The array at the end of ``arr``'s chain of ndarray bases."""
+    while isinstance(arr.base, np.ndarray):
+        arr = arr.base
+    return arr
+
+
+def memory_bytes(arr: np.ndarray) -> int:
+    """Bytes of memory behind ``arr``: those its owner spans (a broadcast
+    view of 4 GiB may sit on 8 KiB; a small view may pin a big array)."""
+    from .share import array_extent
+    return array_extent(root_of(arr))[1]
+
+
 def eligible(arr: Any) -> bool:
-    """Can ``arr`` reach workers by inheritance (see the module docstring)?"""
+    """Can ``arr`` reach workers by inheritance (see the module docstring)?
+
+    Its owner must be an ndarray that allocated its own memory: a view of
+    a ``bytes``/``bytearray``/mmap object is copied, as two such views may
+    share pages without sharing an owner."""
     if not sys.platform.startswith("linux") or not enabled():
         return False
-    if type(arr) is not np.ndarray or arr.dtype.hasobject or arr.nbytes < min_bytes():
+    if type(arr) is not np.ndarray or arr.dtype.hasobject or arr.size == 0:
+        return False
+    root = root_of(arr)
+    if root.base is not None or not root.flags.owndata:
         return False
     from .share import array_extent
-    lo, span = array_extent(arr)
-    return span > 0 and _private_span(lo, lo + span)
+    lo, span = array_extent(root)
+    if min(array_extent(arr)[1], span) < min_bytes():
+        return False
+    return _private_span(lo, lo + span)
 
 
 def hold(arr: np.ndarray) -> int:
@@ -118,7 +146,9 @@ def held_tokens() -> frozenset[int]:
 
 
 def held_bytes(tokens: frozenset[int]) -> int:
-    return sum(_held[t].nbytes for t in tokens if t in _held)
+    """Memory behind the arrays of ``tokens``, each owner counted once."""
+    roots = {id(root_of(_held[t])): _held[t] for t in tokens if t in _held}
+    return sum(memory_bytes(a) for a in roots.values())
 
 
 def lookup(token: int) -> np.ndarray:

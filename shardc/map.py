@@ -189,6 +189,11 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, borrow: dict[s
               health_check_interval=hci, autotune=tune, chunk_size=chunk_size, kernel=kern,
               policy=policy, progress=progress)
     run.target = target
+    # Inheritance relies on the page guards to keep each shard's view of the
+    # array pristine (and to catch writes on its partial end pages): a pool
+    # without them (Pool(cow_guard=False)) gets segment copies instead.
+    known = pool if pool is not None else pool_get()
+    run.allow_inherit = known.cow_guard if known is not None else True
     call_started()
     try:
         # Pickle fun before any worker exists (clear errors first), collecting
@@ -235,7 +240,7 @@ def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: 
 class _WState:
     """Per-worker bookkeeping of one Run."""
 
-    __slots__ = ("inflight", "pending_recycle", "since_sample", "last_msg", "deferred")
+    __slots__ = ("inflight", "pending_recycle", "since_sample", "last_msg", "deferred", "retiring")
 
     def __init__(self) -> None:
         self.inflight: dict[int, None] = {}
@@ -243,6 +248,7 @@ class _WState:
         self.since_sample = 0
         self.last_msg = time.monotonic()
         self.deferred = False
+        self.retiring = False  # reported a write it cannot undo: exits after the report
 
 
 class Run:
@@ -272,6 +278,7 @@ class Run:
         self.segments: dict[str, Segment] = {}
         self.temporaries: list[Shared] = []
         self.inherit_tokens: list[int] = []  # borrowed arrays workers inherit at fork (shardc.inherit)
+        self.allow_inherit = True  # False for a pool without page guards
         self.huge_inflight = 0
         self.huge_ids: set[int] = set()
         cs = self.chunk_size
@@ -299,7 +306,8 @@ class Run:
         key = id(obj)
         if key not in self.captured:
             if isinstance(obj, np.ndarray):
-                if find_address(*array_extent(obj)) is not None or not inherit.eligible(obj):
+                if (not self.allow_inherit or find_address(*array_extent(obj)) is not None
+                        or not inherit.eligible(obj)):
                     return None
                 label = capture_label(self.target, obj)
                 token = inherit.hold(obj)
@@ -336,7 +344,7 @@ class Run:
                 sh, how = obj, "reference"
             elif isinstance(obj, Buffer):
                 sh, how = share(obj), "reference"
-            elif (type(obj) is np.ndarray and find_address(*array_extent(obj)) is None
+            elif (self.allow_inherit and type(obj) is np.ndarray and find_address(*array_extent(obj)) is None
                   and inherit.eligible(obj)):
                 # A big array in private memory: workers forked from now on
                 # inherit it (no copy); execute() re-forks the older ones.
@@ -362,6 +370,8 @@ class Run:
     def release(self) -> None:
         for token in self.inherit_tokens:
             inherit.release(token)
+        if self.inherit_tokens and self.pool is not None:
+            self.pool.released_inherited()  # also when the call failed before execute()
         self.donemap_buf.close()
         for sh in self.temporaries:
             sh.close()
@@ -603,8 +613,6 @@ class Run:
                         w.chan.send(("end",))
                     except OSError:
                         pass
-            if self.inherit_tokens:
-                pool.released_inherited()
 
     def depth(self) -> int:
         if "prefetch" in self.opts:
@@ -675,6 +683,8 @@ class Run:
                 self.huge_inflight = max(0, self.huge_inflight - 1)
             if events:
                 diag.cow_events(sid, events)
+                if any(e.get("lost") for e in events):
+                    st.retiring = True  # it exits (RETIRE_EXIT) after this report
             if ok == OK:
                 self.record_success(sid, value)
             else:
@@ -749,7 +759,7 @@ class Run:
             log.warning("worker %d (pid %d) %s while running shard %d; %d other shard(s) requeued",
                         w.slot, w.pid, "was killed: " + reason if reason else f"died with {label}",
                         running, len(lost) - 1)
-        retired = code == RETIRE_EXIT and reason is None
+        retired = code == RETIRE_EXIT and reason is None and st.retiring
         if retired:
             reason = ("retired itself: a shard wrote more of a borrowed input inherited at fork "
                       "than the page guards can restore")
