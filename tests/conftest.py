@@ -17,6 +17,11 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+# A worker that never answers a call's setup makes the master wait this long
+# (default 120 s, as long as pytest-timeout's limit): fail well before that,
+# with shardc's own error, so a regression shows as a failure, not a hang.
+os.environ.setdefault("SHARDC_SETUP_TIMEOUT", "45")
+
 
 class ForkedChild:
     """A forked child running ``fn(conn)``; ``conn`` talks to the parent.
