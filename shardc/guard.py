@@ -109,6 +109,11 @@ API:
   the same mapping (address and size) again shares its region (reference
   counted); an event is named after the input whose elements hold the first
   written byte.
+* :func:`protect_inherited`: an array inherited over fork (``shardc.inherit``):
+  a snapshot region (written pages are saved, then copied back) over its
+  whole pages, and its partial end pages compared and put back after each
+  shard; :func:`take_lost` names inputs written beyond what could be saved
+  (the process must not run another shard on them).
 * :func:`shard_scope` (a :class:`ShardScope`): one shard; ``scope.events``; an
   exception leaving the scope carries the same list as ``exc.cow_events``.
 * :func:`cow_stats`: cumulative per-input counters in this process.
@@ -129,8 +134,8 @@ from typing import Any
 from . import _lowlevel as _ll
 from .errors import BorrowedInputWriteError, InvalidArgumentError
 
-__all__ = ["install", "uninstall", "protect", "protect_array", "unprotect", "ShardScope",
-           "shard_scope", "cow_stats", "MODES"]
+__all__ = ["install", "uninstall", "protect", "protect_array", "protect_inherited", "unprotect",
+           "take_lost", "ShardScope", "shard_scope", "cow_stats", "MODES"]
 
 MODES = ("deny", "audit", "allow")
 _OWN_FILES = {os.path.abspath(__file__), os.path.abspath(_ll.__file__)}
