@@ -306,14 +306,11 @@ class Run:
         key = id(obj)
         if key not in self.captured:
             if isinstance(obj, np.ndarray):
-                if (not self.allow_inherit or find_address(*array_extent(obj)) is not None
-                        or not inherit.eligible(obj)):
+                if not self._inheritable(obj):
                     return None
                 label = capture_label(self.target, obj)
-                token = inherit.hold(obj)
-                self.inherit_tokens.append(token)
-                self.captured[key] = (obj, ("shared", {"kind": "inherited", "token": token, "label": label}))
-                self.diag.add_borrow(label, "inherited", obj.nbytes, 0, 0.0, "array")
+                desc = self._inherit(label, obj, time.perf_counter())
+                self.captured[key] = (obj, ("shared", {**desc, "label": label}))
             elif isinstance(obj, Buffer):
                 if obj.closed:
                     raise InvalidArgumentError("fun captures a closed shardc buffer")
@@ -327,6 +324,19 @@ class Run:
                     self._seg_info(s)
                 self.captured[key] = (obj, ("shared", d))
         return self.captured[key][1]
+
+    def _inheritable(self, obj: Any) -> bool:
+        """A big array in private memory that workers can inherit at fork."""
+        return (self.allow_inherit and type(obj) is np.ndarray
+                and find_address(*array_extent(obj)) is None and inherit.eligible(obj))
+
+    def _inherit(self, name: str, obj: np.ndarray, t0: float) -> dict[str, Any]:
+        """Hold ``obj`` for workers forked from now on (execute() re-forks the
+        older ones); returns the worker's descriptor."""
+        token = inherit.hold(obj)
+        self.inherit_tokens.append(token)
+        self.diag.add_borrow(name, "inherited", obj.nbytes, 0, time.perf_counter() - t0, "array")
+        return {"kind": "inherited", "token": token}
 
     def prepare_inputs(self, borrow: dict[str, Any], out: dict[str, Any]) -> None:
         self._seg_info(self.donemap_buf.segment)
@@ -344,14 +354,8 @@ class Run:
                 sh, how = obj, "reference"
             elif isinstance(obj, Buffer):
                 sh, how = share(obj), "reference"
-            elif (self.allow_inherit and type(obj) is np.ndarray and find_address(*array_extent(obj)) is None
-                  and inherit.eligible(obj)):
-                # A big array in private memory: workers forked from now on
-                # inherit it (no copy); execute() re-forks the older ones.
-                token = inherit.hold(obj)
-                self.inherit_tokens.append(token)
-                self.borrow_desc[name] = {"kind": "inherited", "token": token}
-                self.diag.add_borrow(name, "inherited", obj.nbytes, 0, time.perf_counter() - t0, "array")
+            elif self._inheritable(obj):
+                self.borrow_desc[name] = self._inherit(name, obj, t0)
                 continue
             elif (type(obj) is np.ndarray or isinstance(obj, np.memmap)) and not obj.dtype.hasobject:
                 # Plain arrays (and memmaps) are shared as raw bytes; subclasses

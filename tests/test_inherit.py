@@ -169,22 +169,26 @@ def overwrite_all(shard, X, out):
     out[shard.id] = X.sum()
 
 
+def run_overwrite_all(X, n=12, **kw):
+    """12 one-shard blocks of overwrite_all on one worker (cow="allow"); (result, out)."""
+    out = shardc.buffer("f8", n, init=np.nan)
+    try:
+        with shardc.Pool(1) as pool:
+            r = pool.shard_map(shardc.shards(n, block_size=1), overwrite_all, borrow={"X": X},
+                               out={"out": out}, cow="allow", progress=False, **kw)
+            return r, out.array.copy()
+    finally:
+        out.close()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_write_beyond_restoring_retires_the_worker_and_loses_nothing(low_threshold, mode):
     """allow + a write of every page: the shard completes, its worker retires, every later
     shard (on a fresh worker) sees the pristine array, and no shard is lost or charged."""
     X = make()
     want = X.sum()
-    n = 12
-    out = shardc.buffer("f8", n, init=np.nan)
-    try:
-        with shardc.Pool(1) as pool:
-            r = pool.shard_map(shardc.shards(n, block_size=1), overwrite_all, borrow={"X": X},
-                               out={"out": out}, cow="allow", dispatch_mode=mode, progress=False)
-            got = out.array.copy()
-            pids = r.diagnostics.workers[0]["pids"]
-    finally:
-        out.close()
+    r, got = run_overwrite_all(X, dispatch_mode=mode)
+    pids = r.diagnostics.workers[0]["pids"]
     assert r.succeeded and r.diagnostics.retries == 0
     assert got[0] == 0.0
     np.testing.assert_allclose(got[1:], want, rtol=1e-12)
@@ -313,16 +317,7 @@ def test_a_tainted_worker_runs_none_of_its_other_claimed_blocks(low_threshold):
     back to the master; none runs on the copy that could not be restored."""
     X = make()
     want = X.sum()
-    n = 12
-    out = shardc.buffer("f8", n, init=np.nan)
-    try:
-        with shardc.Pool(1) as pool:
-            r = pool.shard_map(shardc.shards(n, block_size=1), overwrite_all, borrow={"X": X},
-                               out={"out": out}, cow="allow", dispatch_mode="shm_queue",
-                               dispatch_opts={"claim_batch": 4, "block_size": 1}, progress=False)
-            got = out.array.copy()
-    finally:
-        out.close()
+    r, got = run_overwrite_all(X, dispatch_mode="shm_queue", dispatch_opts={"claim_batch": 4, "block_size": 1})
     assert r.succeeded and r.diagnostics.retries == 0
     np.testing.assert_allclose(got[1:], want, rtol=1e-12)
 
