@@ -157,9 +157,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 if keep_blocks:
                     blocks.append((start, stop - start, t0, time.monotonic_ns()))
             ring.done(slot)
-            if guarded and not unfinished and worker.check_tainted():
-                unfinished.append(-1)  # the last shard of the batch tainted it: nothing left
-            if unfinished:
+            if unfinished or (guarded and worker.check_tainted()):
                 exiting = True
                 break
     finally:
@@ -167,7 +165,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     if elog is not None:
         elog.close()
     chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting, "returned": returned,
-                                  "unfinished": [s for s in unfinished if s >= 0],
+                                  "unfinished": unfinished,
                                   "retire": bool(worker.tainted)}))
     if worker.tainted:
         worker.retire()

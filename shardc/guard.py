@@ -132,6 +132,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from . import _lowlevel as _ll
+from . import inherit as _inherit
 from .errors import BorrowedInputWriteError, InvalidArgumentError
 
 __all__ = ["install", "uninstall", "protect", "protect_array", "protect_inherited", "unprotect",
@@ -380,7 +381,7 @@ def protect_inherited(name: str, array: Any, root: Any, mode: str = "deny") -> i
     if _state.pid != os.getpid():
         install()
     page = _ll.PAGE_SIZE
-    a, b = -(-lo // page) * page, hi // page * page
+    a, b = _inherit.interior(lo, hi, page)
     data = array.__array_interface__["data"][0]
     layout = {"itemsize": array.itemsize, "shape": tuple(int(n) for n in array.shape),
               "strides": tuple(int(s) for s in array.strides)}

@@ -206,13 +206,7 @@ class Pool:
         from .segment import run_janitor_once
         run_janitor_once()
         # Prepare in the master what every child would otherwise redo.
-        from . import worker as _worker
-        _worker._threadpool_controller()
-        if cow_guard:
-            try:
-                from . import guard as _guard  # noqa: F401 - imported once, before fork
-            except ImportError:
-                pass
+        _worker_mod._threadpool_controller()
         threads = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
         if threads:
             log.warning("forking %d workers while %d other thread(s) run in this process (%s): a "
@@ -527,15 +521,15 @@ class Pool:
             anon = max(0, fast["anon"] - w.anon_offset)
         return {**fast, "anon": anon, "pss_anon": anon, "uss": anon, "pss": anon}
 
-    def footprint(self, m: dict[str, int], w: WorkerHandle | None = None) -> int:
-        """The bytes a worker holds by itself: its anonymous memory (Pss_Anon),
-        less its share of borrowed arrays it inherited at fork (``w`` given).
+    def footprint(self, m: dict[str, int], w: WorkerHandle) -> int:
+        """The bytes ``w`` holds by itself: its anonymous memory (Pss_Anon),
+        less its share of borrowed arrays it inherited at fork.
 
         Not RSS (counts every page of borrowed inputs it reads) and not USS
         (counts clean pages of a shared segment that only this worker maps):
         pages of shared segments are never a worker's growth.
         """
-        return max(0, m["pss_anon"] - (self.inherit_share(w) if w is not None else 0))
+        return max(0, m["pss_anon"] - self.inherit_share(w))
 
     _UNSET: Any = object()
 

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.random  # noqa: F401 - NumPy imports it lazily: once here, not in every forked worker (~10 ms)
 
 from . import _lowlevel as ll
+from . import inherit
 from ._channel import Channel, ChannelClosed
 from .errors import BindingError, BorrowedInputWriteError, ShardcError
 from .segment import Segment
@@ -156,11 +157,8 @@ class Worker:
 
     def borrowed_object(self, d: dict[str, Any], name: str) -> Any:
         if d["kind"] == "inherited":
-            from . import inherit
             arr = inherit.lookup(d["token"])
-            root = arr
-            while isinstance(root.base, np.ndarray):
-                root = root.base
+            root = inherit.root_of(arr)
             view = arr.view()  # the same memory; fun gets an object of its own
             # (The master inherits only into pools with page guards.)
             self.call.guard_regions.append(self.guard.protect_inherited(name, view, root, self.call.cow))
@@ -223,8 +221,7 @@ class Worker:
         # inaccessible, so a stray reference faults instead of reading zeros.
         for root in c.inherited:
             lo, span = array_extent(root)
-            hi = lo + span
-            a, b = -(-lo // ll.PAGE_SIZE) * ll.PAGE_SIZE, hi // ll.PAGE_SIZE * ll.PAGE_SIZE
+            a, b = inherit.interior(lo, lo + span, ll.PAGE_SIZE)
             if b > a:
                 ll.seg_discard(a, b - a)
         self.call = CallState()
