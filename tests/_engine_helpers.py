@@ -7,6 +7,7 @@ and defines its own autouse fixture with :func:`assert_no_stray_children`.
 from __future__ import annotations
 
 import fcntl
+import os
 import struct
 import termios
 import time
@@ -25,6 +26,20 @@ def pool_pids(pool: Any = None) -> set[int]:
     if p is None or p.closed:
         return set()
     return {w.pid for w in p.workers}
+
+
+def fd_targets(pid: int) -> list[str]:
+    """What the open fds of process ``pid`` point at. A worker may open and close a file
+    (a /proc read) while we list its fds: an fd that vanishes between listdir and readlink
+    is skipped."""
+    fd_dir = f"/proc/{pid}/fd"
+    out = []
+    for fd in os.listdir(fd_dir):
+        try:
+            out.append(os.readlink(f"{fd_dir}/{fd}"))
+        except OSError:
+            continue
+    return out
 
 
 def children() -> set[int]:

@@ -21,7 +21,7 @@ import pytest
 import shardc
 from shardc import _lowlevel as ll
 
-from _engine_helpers import no_stray_children, pool2  # noqa: F401 (fixtures)
+from _engine_helpers import fd_targets, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.skipif(not os.path.exists("/proc/self/maps"),
                                                           reason="inheritance needs Linux /proc")]
@@ -366,8 +366,7 @@ def test_a_reforked_worker_holds_no_other_worker_socket(pool2, low_threshold):
     """After a re-fork, each worker has exactly one socket: its own."""
     run_sums(make())
     for w in pool2.workers:
-        socks = [fd for fd in os.listdir(f"/proc/{w.pid}/fd")
-                 if os.readlink(f"/proc/{w.pid}/fd/{fd}").startswith("socket:")]
+        socks = [t for t in fd_targets(w.pid) if t.startswith("socket:")]
         assert len(socks) == 1, (w.slot, socks)
 
 

@@ -18,7 +18,7 @@ import pytest
 import shardc
 from shardc.errors import RemoteTraceback
 
-from _engine_helpers import assert_no_stray_children, children, drain, pool_pids, no_stray_children, pool2  # noqa: F401 (fixtures)
+from _engine_helpers import assert_no_stray_children, children, drain, fd_targets, pool_pids, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -619,16 +619,7 @@ def read_first(shard, X):
 
 
 def _borrowed_fds(pid):
-    fd_dir = f"/proc/{pid}/fd"
-    out = []
-    for fd in os.listdir(fd_dir):
-        try:
-            target = os.readlink(f"{fd_dir}/{fd}")
-        except OSError:
-            continue
-        if "shardc.in." in target:
-            out.append(target)
-    return out
+    return [t for t in fd_targets(pid) if "shardc.in." in t]
 
 
 def test_workers_release_borrowed_copies_of_past_calls():
