@@ -383,6 +383,25 @@ def _threadpool_controller() -> Any:
     return _CONTROLLER or None
 
 
+def _stop_openblas_threads(ctl: Any) -> None:
+    """Stop the thread pool that OpenBLAS (pthreads build) starts in a forked child.
+
+    OpenBLAS shuts its threads down before every fork and restarts them lazily;
+    ``openblas_set_num_threads`` (called by ``ctl.limit`` above) is such a restart,
+    and each new thread busy-waits for work for ~0.1 s (``THREAD_TIMEOUT``, 2^28
+    cycles).  On a full machine that spin takes ~0.1 s of CPU per worker start
+    from the kernels (measured: the first shard after a fork ran 40 ms slower).
+    With the thread count at 1, OpenBLAS never needs its pool again, so shut it
+    down; a later ``threadpool_limits`` raise restarts it as usual."""
+    for lc in getattr(ctl, "lib_controllers", ()):
+        if getattr(lc, "internal_api", None) != "openblas" or getattr(lc, "threading_layer", None) != "pthreads":
+            continue
+        try:
+            lc.dynlib.blas_thread_shutdown_()
+        except (AttributeError, OSError):  # an OpenBLAS without the symbol: keep its pool
+            pass
+
+
 # Set by the pool just before fork.  Linux sends PDEATHSIG when the *thread*
 # that forked the worker exits, not the process: a pool used from a
 # short-lived thread (a re-fork for an inherited input, a replacement) would
@@ -409,6 +428,7 @@ def after_fork(parent_pid: int, packages: list[str], init_expr: Any) -> None:
             ctl.limit(limits=1)
         except Exception:  # noqa: BLE001 - best effort
             pass
+        _stop_openblas_threads(ctl)
     for mod in packages:
         __import__(mod)
     if init_expr is not None:

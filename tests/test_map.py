@@ -584,6 +584,32 @@ def test_pool_starts_fast():
     assert dt < 0.5
 
 
+def blas_state(shard):
+    from threadpoolctl import threadpool_info
+    return ([(i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"],
+            len(os.listdir("/proc/self/task")))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_workers_run_blas_single_threaded_without_a_spinning_thread_pool():
+    """Workers limit BLAS to one thread, and an OpenBLAS worker holds no BLAS thread.
+
+    OpenBLAS restarts its thread pool (stopped before every fork) when its
+    thread count is set, and each pool thread busy-waits ~0.1 s: the worker
+    would be two threads, one burning a CPU the kernels need."""
+    from threadpoolctl import threadpool_info
+    if not any(i["internal_api"] == "openblas" and i.get("threading_layer") == "pthreads"
+               for i in threadpool_info()):
+        pytest.skip("NumPy is not linked to a pthreads OpenBLAS")
+    with shardc.Pool(2) as pool:
+        for w in pool.workers:
+            assert len(os.listdir(f"/proc/{w.pid}/task")) == 1, "a fresh worker has an extra thread"
+        r = pool.shard_map(2, blas_state, progress=False)
+    for libs, threads in r.results:
+        assert libs and all(n == 1 for _, n in libs), libs
+        assert threads == 1
+
+
 # -- engine regressions (bugs found and fixed) ------------------------------------------------------
 
 def test_new_segment_right_after_end():
