@@ -490,11 +490,12 @@ int shardc_guard_add(void *addr, uint64_t size, int mode, int *id_out)
     size_t ps = shardc__ps();
     uintptr_t start = (uintptr_t)addr, end;
     int i, slot = -1, n, rc, snapshot = (mode & SHARDC_GUARD_SNAPSHOT) != 0;
+    int primed = (mode & SHARDC_GUARD_PRIMED) != 0;
     uint32_t cap = 0;
     unsigned char *save = NULL;
 
-    mode &= ~SHARDC_GUARD_SNAPSHOT;
-    if (id_out == NULL || size == 0 || start % ps != 0 || mode < SHARDC_GUARD_DENY ||
+    mode &= ~(SHARDC_GUARD_SNAPSHOT | SHARDC_GUARD_PRIMED);
+    if (id_out == NULL || size == 0 || start % ps != 0 || mode < SHARDC_GUARD_DENY || (snapshot && primed) ||
         mode > SHARDC_GUARD_ALLOW || size > UINT32_MAX * (uint64_t)ps)
         return -EINVAL;
     end = start + (uintptr_t)((size + ps - 1) / ps * ps);
@@ -524,6 +525,9 @@ int shardc_guard_add(void *addr, uint64_t size, int mode, int *id_out)
         rc = mprotect((void *)start, end - start, PROT_READ) == -1 ? -errno : 0;
         if (rc < 0 && save != NULL)
             munmap(save, (size_t)cap * ps);
+    } else if (primed) {
+        /* A no-op when the range is still PROT_READ from the last restore. */
+        rc = mprotect((void *)start, end - start, PROT_READ) == -1 ? -errno : 0;
     } else {
         rc = shardc__prime_anon(start, end - start);
     }

@@ -203,12 +203,13 @@ class Mapping:
     outstanding views never dangle.
     """
 
-    __slots__ = ("cdata", "addr", "size")
+    __slots__ = ("cdata", "addr", "size", "primed")
 
     def __init__(self, addr: int, size: int) -> None:
         raw = ffi.cast("char *", addr)
         self.addr = addr
         self.size = size
+        self.primed = False  # page guards set up on it once (see GUARD_PRIMED)
         self.cdata = ffi.gc(raw, lambda p, n=size: lib.shardc_seg_unmap(p, n), size=size)
 
     def buffer(self) -> object:
@@ -405,6 +406,7 @@ GUARD_MAX_REGIONS: int = lib.SHARDC_GUARD_MAX_REGIONS
 # OR'ed into a mode for guard_add: the range is memory inherited over fork()
 # (anonymous, copy-on-write), saved page by page and copied back on restore.
 GUARD_SNAPSHOT: int = lib.SHARDC_GUARD_SNAPSHOT
+GUARD_PRIMED: int = lib.SHARDC_GUARD_PRIMED
 
 
 def guard_install(signum: int, raise_signal: bool = False) -> None:
@@ -436,7 +438,8 @@ def guard_add(addr: int, size: int, mode: int, name: str | None = None) -> int:
         addr: page-aligned start of a MAP_PRIVATE mapping, or, with
             ``GUARD_SNAPSHOT`` in ``mode``, of memory inherited over fork().
         size: length in bytes (rounded up to whole pages).
-        mode: a ``GUARD_MODES`` value, optionally ``| GUARD_SNAPSHOT``.
+        mode: a ``GUARD_MODES`` value, optionally ``| GUARD_SNAPSHOT`` or
+            ``| GUARD_PRIMED`` (the same mapping was guarded before: skip priming).
         name: the input's name, for error messages.
 
     Returns:

@@ -36,7 +36,7 @@ import numpy as np
 from ._channel import ChannelClosed
 from .errors import QueueClosedError
 from .worker import (ERR, ST_BLOCK0, ST_BLOCKN, ST_CALL, ST_CURRENT, ST_DONE, ST_EXIT_REQ, ST_START_NS,
-                     ST_STATE, STATE_IDLE, STATE_RUNNING, _error_record)
+                     ST_STATE, STATE_IDLE, STATE_RUNNING, _error_record, release_traceback)
 
 log = logging.getLogger("shardc")
 
@@ -134,6 +134,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                     except BaseException as exc:  # noqa: BLE001 - reported to the master
                         status_mv[ST_STATE] = STATE_IDLE
                         rec = _error_record(exc, sid)
+                        release_traceback(exc)
                         if elog is not None:
                             elog.write(rec)
                         chan.send(("qfail", call_id, (sid, ERR, rec,

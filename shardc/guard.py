@@ -281,7 +281,7 @@ def _mapping_is_private(addr: int) -> bool | None:
 
 def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: int = 1,
             shape: tuple[int, ...] | None = None, strides: tuple[int, ...] | None = None,
-            offset0: int = 0, snapshot: bool = False) -> int:
+            offset0: int = 0, snapshot: bool = False, primed: bool = False) -> int:
     """Guard a borrowed input's mapping and return its region id.
 
     Args:
@@ -295,6 +295,9 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
         snapshot: the range is anonymous memory inherited over fork, not a
             segment mapping: written pages are saved first and copied back
             after the shard (see ``csrc/guard.c``).
+        primed: this mapping was guarded before (and not remapped since): skip
+            the one-time priming, which walks every page table entry of the
+            mapping twice.
 
     Returns:
         the region id for :func:`unprotect`; ``-1`` for an empty input (nothing to guard).
@@ -328,7 +331,7 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
             # each protect() is one reference, each input keeps its layout.
             _state.views[inp.rid].append(view(inp.rid))
             return inp.rid
-    flags = _ll.GUARD_SNAPSHOT if snapshot else 0
+    flags = _ll.GUARD_SNAPSHOT if snapshot else _ll.GUARD_PRIMED if primed else 0
     rid = _ll.guard_add(addr, nbytes, _ll.GUARD_MODES[mode] | flags, name)
     _state.inputs[rid] = view(rid)
     _state.views[rid] = [_state.inputs[rid]]

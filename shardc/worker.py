@@ -185,7 +185,9 @@ class Worker:
         if arr is not None:
             kw = {"itemsize": arr.itemsize, "shape": arr.shape, "strides": arr.strides,
                   "offset0": arr.ctypes.data - m.addr}
-        self.call.guard_regions.append(self.guard.protect(name, m.addr, m.size, self.call.cow, **kw))
+        self.call.guard_regions.append(self.guard.protect(name, m.addr, m.size, self.call.cow, primed=m.primed,
+                                                          **kw))
+        m.primed = True
 
     # -- calls ---------------------------------------------------------------------
     def setup_call(self, msg: dict[str, Any]) -> None:
@@ -261,6 +263,7 @@ class Worker:
                 exc = RuntimeError(f"shard {sid} raised {type(exc).__name__}({exc})")
             events = getattr(exc, "cow_events", None)
             ok, payload = ERR, _error_record(exc, sid)
+            release_traceback(exc)
         t1 = time.monotonic_ns()
         row[ST_STATE] = STATE_IDLE
         self.ewma_ns = (t1 - t0) if self.ewma_ns < 0 else (self.ewma_ns * 7 + (t1 - t0)) // 8
@@ -366,6 +369,25 @@ def _error_record(exc: BaseException, sid: int | None, deterministic: bool | Non
     det = isinstance(exc, DETERMINISTIC) if deterministic is None else deterministic
     return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
             "traceback": tb, "exc": blob, "deterministic": det, "shard": sid}
+
+
+def release_traceback(exc: BaseException) -> None:
+    """Drop the frames of a recorded shard exception and of its chain.
+
+    Their locals hold fun's arguments (views of mapped inputs and out
+    buffers) and the loop's own state (a call's task ring): whatever still
+    holds the exception, e.g. a reference cycle through a frame, would keep
+    those mapped until the cyclic GC ran.  Measured before this: three
+    mappings left behind per call with a failed shard."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
 
 
 _CONTROLLER: Any = None

@@ -395,3 +395,39 @@ def test_deny_error_swallowed_by_the_shard_still_fails_it(pool2, mode):
     assert got == [1, 1, 1, 1]  # the shard ran to its end
     assert list(r.failures) == [0] and r.failures[0].attempts == 1 and r.diagnostics.retries == 0
     assert r.failures[0].message.startswith(f"shard 0 wrote to borrowed input 'X' at byte {PS + 24} (element [1, 3])")
+
+
+# -- a segment guarded again in later calls ------------------------------------------------------------------
+
+def write_row_and_count_maps(shard, X, out):
+    if shard.id == 0:
+        X[1, 3] = -1.0
+    with open("/proc/self/maps") as f:
+        out[shard.id] = (X[1, 3], sum(1 for _ in f))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_segment_borrowed_again_is_guarded_again(mode):
+    """The same shared segment in consecutive calls on the same worker: the
+    guard is set up once per mapping (later calls only write-protect it,
+    csrc GUARD_PRIMED), and still every call's write is refused, every other
+    shard reads pristine data and the worker's mappings do not pile up."""
+    Xs = shardc.share(make_x())
+    out = shardc.buffer(np.float64, (N, 2), init=-2.0)
+    maps = []
+    try:
+        with shardc.Pool(1) as pool:
+            for call in range(4):
+                out.array[:] = -2.0
+                r = pool.shard_map(shardc.shards(N, block_size=1), write_row_and_count_maps, borrow={"X": Xs},
+                                   out={"out": out}, cow="deny", dispatch_mode=mode, on_failure="collect",
+                                   progress=False)
+                assert list(r.failures) == [0], call
+                assert r.failures[0].exception.input_name == "X"
+                assert out.array[1:, 0].tolist() == [float(1 * COLS + 3)] * (N - 1)
+                maps.append(out.array[1:, 1].max())
+        assert Xs.array[1, 3] == 1 * COLS + 3
+        assert maps[3] <= maps[1] + 2, maps
+    finally:
+        out.close()
+        Xs.close()

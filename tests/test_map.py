@@ -612,6 +612,40 @@ def test_workers_run_blas_single_threaded_without_a_spinning_thread_pool():
 
 # -- engine regressions (bugs found and fixed) ------------------------------------------------------
 
+def fail_first_and_count_maps(shard, X, out):
+    if shard.id == 0:
+        try:
+            raise ValueError("shard 0 fails")
+        except ValueError as exc:
+            kept = exc  # a reference cycle: exc -> traceback -> this frame -> kept -> exc
+            raise kept
+    with open("/proc/self/maps") as f:
+        out[shard.id] = sum(1 for _ in f) + 0 * X[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts mappings in /proc")
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_a_failed_shard_leaves_no_mapping_behind(mode):
+    """The frames of a failed shard's traceback hold its arguments (mapped views)
+    and, in shm_queue mode, the loop's task ring: a worker failing one shard per
+    call used to keep 1-3 more mappings after every call."""
+    X = shardc.share(np.arange(4096.0))
+    out = shardc.buffer(np.float64, (6,), init=0.0)
+    counts = []
+    try:
+        with shardc.Pool(1) as pool:
+            for _ in range(5):
+                r = pool.shard_map(shardc.shards(6, block_size=1), fail_first_and_count_maps, borrow={"X": X},
+                                   out={"out": out}, dispatch_mode=mode, on_failure="collect", max_retries=0,
+                                   progress=False)
+                assert list(r.failures) == [0]
+                counts.append(int(out.array[1:].max()))
+        assert counts[4] <= counts[1], counts
+    finally:
+        out.close()
+        X.close()
+
+
 def test_new_segment_right_after_end():
     """A call that brings a new borrowed array right after another call still sets up every worker."""
     import signal

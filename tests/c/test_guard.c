@@ -444,6 +444,43 @@ static unsigned read_all(const unsigned char *a, uint64_t size)
     return sum;
 }
 
+/* SHARDC_GUARD_PRIMED: a mapping guarded before is only write-protected on
+ * the next add (no second prime).  Writes are still caught, recorded and
+ * undone, VMAs still merge back after restore (the anon_vma of the first
+ * prime is still there), and a range left writable is write-protected again. */
+static void test_primed_readd(void)
+{
+    uint64_t ps = shardc_page_size(), size = 64 * ps, f0;
+    unsigned char *p, *s;
+    int fd = make_input(size, &p, &s), id, maps0, round;
+    shardc_guard_info_t info;
+
+    CHECK_RC(shardc_guard_install(count_notify, SIGUSR2, 0));
+    CHECK(shardc_guard_add(p, size, 7 | SHARDC_GUARD_PRIMED, &id) == -EINVAL);
+    CHECK_RC(shardc_guard_add(p, size, SHARDC_GUARD_AUDIT, &id));
+    CHECK_RC(shardc_guard_remove(id));
+    maps0 = count_maps();
+    for (round = 0; round < 3; round++) {
+        if (round == 2) /* e.g. left whole-writable: add must arm it again */
+            CHECK(mprotect(p, size, PROT_READ | PROT_WRITE) == 0);
+        CHECK_RC(shardc_guard_add(p, size, SHARDC_GUARD_AUDIT | SHARDC_GUARD_PRIMED, &id));
+        f0 = faults_now();
+        poke(p, 3 * ps + 1, 0x11);
+        poke(p, 40 * ps, 0x22);
+        CHECK(faults_now() == f0 + 2);
+        CHECK(count_maps() >= maps0 + 4); /* split while written */
+        CHECK_RC(shardc_guard_collect(id, &info));
+        CHECK(info.pages == 2 && info.first_offset == 3 * ps + 1);
+        CHECK(pristine(s, size));
+        CHECK_RC(shardc_guard_remove(id));
+        CHECK(pristine(p, size));
+        CHECK(count_maps() <= maps0 + 2); /* merged back */
+    }
+    shardc_seg_unmap(p, size);
+    shardc_seg_unmap(s, size);
+    close(fd);
+}
+
 /* The flag is accepted only with a valid policy, and collect reports the
  * plain mode and snapshot = 1 even before any write. */
 static void test_snapshot_arguments(void)
@@ -456,8 +493,9 @@ static void test_snapshot_arguments(void)
 
     CHECK(m != MAP_FAILED);
     CHECK(shardc_guard_add(m, ps, SHARDC_GUARD_SNAPSHOT | 3, &id) == -EINVAL);
-    CHECK(shardc_guard_add(m, ps, 32, &id) == -EINVAL);
-    CHECK(shardc_guard_add(m, ps, SHARDC_GUARD_SNAPSHOT | 32, &id) == -EINVAL);
+    CHECK(shardc_guard_add(m, ps, 64, &id) == -EINVAL);
+    CHECK(shardc_guard_add(m, ps, SHARDC_GUARD_SNAPSHOT | 64, &id) == -EINVAL);
+    CHECK(shardc_guard_add(m, ps, SHARDC_GUARD_SNAPSHOT | SHARDC_GUARD_PRIMED, &id) == -EINVAL);
     CHECK(shardc_guard_add(m, ps, -1, &id) == -EINVAL);
     CHECK(shardc_guard_add(m + 1, ps, SHARDC_GUARD_SNAPSHOT, &id) == -EINVAL);
     CHECK_RC(shardc_guard_add(m, 2 * ps, SHARDC_GUARD_ALLOW | SHARDC_GUARD_SNAPSHOT, &id));
@@ -841,6 +879,7 @@ int main(void)
     RUN(test_modes_and_raise_notify);
     RUN(test_chaining);
     RUN(test_many_scattered_pages);
+    RUN(test_primed_readd);
     RUN(test_altstack);
     RUN(test_threads_race_on_pages);
     RUN(test_snapshot_arguments);
