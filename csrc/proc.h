@@ -1,7 +1,7 @@
 /*
  * proc.h - process-level helpers for forked workers and their supervisor:
  * after-fork setup (parent-death signal), memory sampling (RSS/PSS/USS from
- * /proc/PID/smaps_rollup) and CPU affinity.
+ * /proc/PID/smaps_rollup), CPU affinity and the worker's heap policy.
  */
 #ifndef SHARDC_PROC_H
 #define SHARDC_PROC_H
@@ -24,6 +24,16 @@ int shardc_proc_after_fork(int expected_parent, int death_signal);
 int shardc_proc_mem(int pid, shardc_mem_t *out);
 int shardc_proc_mem_fast(int pid, shardc_mem_t *out);
 int shardc_proc_set_affinity(int pid, const int *cpus, int ncpus);
+/* Heap reuse in this process (glibc; -ENOSYS elsewhere).  keep > 0: serve
+ * every allocation from the heap instead of fresh mmaps, and keep up to
+ * `keep` freed bytes at its top, so a kernel's big temporaries are faulted
+ * and zeroed once rather than in every shard; keep == 0: glibc's defaults
+ * again (fixed thresholds) and the free memory trimmed. */
+int shardc_proc_heap_reuse(uint64_t keep);
+/* Free bytes the allocator holds (glibc >= 2.33: mallinfo2 fordblks). */
+int64_t shardc_proc_heap_free(void);
+/* Give free heap memory back to the kernel (malloc_trim(0)); 1 if any was. */
+int shardc_proc_heap_trim(void);
 /* --- cdef end --- */
 
 #endif /* SHARDC_PROC_H */

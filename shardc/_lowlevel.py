@@ -259,6 +259,25 @@ def proc_set_affinity(pid: int, cpus: list[int]) -> None:
     _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity")
 
 
+def heap_reuse(keep: int) -> bool:
+    """This process's heap policy (csrc/proc.c): ``keep > 0`` serves big
+    allocations from the heap and keeps up to ``keep`` freed bytes at its top
+    for reuse; ``0`` restores glibc's defaults.  False where unsupported (not
+    glibc, or an allocator that refuses ``mallopt``)."""
+    return lib.shardc_proc_heap_reuse(max(0, int(keep))) == 0
+
+
+def heap_free() -> int:
+    """Free bytes held by the allocator (-1 if unknown)."""
+    n = lib.shardc_proc_heap_free()
+    return int(n) if n >= 0 else -1
+
+
+def heap_trim() -> None:
+    """Give the allocator's free memory back to the kernel (``malloc_trim(0)``)."""
+    lib.shardc_proc_heap_trim()
+
+
 # --------------------------------------------------------------------------
 # task ring (csrc/queue.c) -- wrappers go below this line
 # --------------------------------------------------------------------------

@@ -155,8 +155,11 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                         break
                 status_mv[ST_STATE] = STATE_IDLE
                 status_mv[ST_DONE] += ok_in_block
+                t1 = time.monotonic_ns()
                 if keep_blocks:
-                    blocks.append((start, stop - start, t0, time.monotonic_ns()))
+                    blocks.append((start, stop - start, t0, t1))
+                if t1 - t0 > 1_000_000:  # blocks of a millisecond or more: ~1 us is noise
+                    worker.heap_check()
             ring.done(slot)
             if unfinished or (guarded and worker.check_tainted()):
                 exiting = True

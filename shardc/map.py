@@ -57,7 +57,7 @@ from .diagnostics import Diagnostics
 from .errors import (CallSetupTimeoutError, InvalidArgumentError, ShardMapError, ShardTimeoutError, WorkerCrashedError,
                      WorkerMemoryError, signal_label)
 from .kernels import get_kernel
-from .pool import (PROFILES, Pool, call_finished, call_started, check_recycle, fmt_bytes, parse_bytes,
+from .pool import (PROFILES, Pool, call_finished, call_started, check_recycle, fmt_bytes, heap_keep, parse_bytes,
                    pool_create, pool_get)
 from .result import FailedShard, ShardFailure, ShardResult
 from .segment import Segment, find_address
@@ -390,7 +390,8 @@ class Run:
         msg = {"call_id": self.call_id, "cow": self.cow, "entropy": self.entropy,
                "donemap": _array_desc(self.donemap, self.donemap_buf.segment),
                "seeded": self.seed is not None, "diagnostics": self.diagnostics, "desc": self.desc,
-               "borrow": self.borrow_desc, "out": self.out_desc, "fun": self.fun_blob, "segments": infos}
+               "borrow": self.borrow_desc, "out": self.out_desc, "fun": self.fun_blob, "segments": infos,
+               "heap_keep": heap_keep(self.profile, self.mem_cap)}
         return msg, fds
 
     def setup_worker(self, w: Any) -> Any:

@@ -51,7 +51,10 @@ from .share import array_extent, view_array
 
 # Status fields: one int64 row per worker slot, in a shared buffer.
 ST_STATE, ST_CURRENT, ST_START_NS, ST_DONE, ST_CALL, ST_BLOCK0, ST_BLOCKN, ST_EXIT_REQ, \
-    ST_PID, ST_SENDING = range(10)  # ST_SENDING: 1 + id of the shard whose value is being pickled
+    ST_PID, ST_SENDING, ST_HEAP_KEPT = range(11)
+# ST_SENDING: 1 + id of the shard whose value is being pickled.  ST_HEAP_KEPT:
+# freed heap bytes the worker keeps for reuse (heap reuse, see Worker.heap_check),
+# which the master does not count as drift.
 NFIELDS = 16
 STATE_IDLE, STATE_RUNNING = 0, 1
 
@@ -117,6 +120,7 @@ class Worker:
         self.pid = os.getpid()
         self.ewma_ns = -1  # running mean of shard wall time, for adaptive measuring
         self.tainted: list[str] = []  # inherited inputs this process can no longer restore
+        self.heap_keep = 0  # heap reuse: freed bytes kept for the next shard (0: glibc defaults)
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -200,6 +204,9 @@ class Worker:
         c.seeded = msg["seeded"]
         c.diagnostics = msg["diagnostics"]
         c.desc = msg["desc"]
+        keep = int(msg.get("heap_keep", 0))
+        if keep != self.heap_keep:
+            self.heap_keep = keep if ll.heap_reuse(keep) else 0
         kwargs: dict[str, Any] = {}
         for name, desc in msg["borrow"].items():
             kwargs[name] = self.borrowed_object(desc, name)
@@ -227,6 +234,22 @@ class Worker:
             if b > a:
                 ll.seg_discard(a, b - a)
         self.call = CallState()
+        if self.heap_keep:  # an idle worker keeps no freed memory
+            ll.heap_trim()
+            self.row[ST_HEAP_KEPT] = 0
+
+    def heap_check(self) -> None:
+        """After a shard (or block) long enough to amortize it (~1 us): with heap
+        reuse on, give freed memory back once the allocator holds more than
+        ``heap_keep`` free bytes (holes below the heap's top, which
+        M_TRIM_THRESHOLD does not bound), and publish what it keeps."""
+        if not self.heap_keep:
+            return
+        free = ll.heap_free()
+        if free > self.heap_keep:
+            ll.heap_trim()
+            free = 0
+        self.row[ST_HEAP_KEPT] = max(free, 0)
 
     def _seed_legacy(self, sid: int) -> None:
         """Seed ``random`` and ``np.random`` from (seed, shard id), for legacy code."""
@@ -242,7 +265,8 @@ class Worker:
         row = self.row
         # Per-shard memory delta (anonymous memory, statm: ~8 us a read)
         # only where shards are long enough for that to be noise.
-        measure = c.diagnostics and (self.ewma_ns < 0 or self.ewma_ns > 500_000)
+        long = self.ewma_ns < 0 or self.ewma_ns > 500_000
+        measure = c.diagnostics and long
         m0 = ll.proc_mem_fast(self.pid)["anon"] if measure else 0
         row[ST_CURRENT] = sid
         t0 = time.monotonic_ns()
@@ -268,6 +292,8 @@ class Worker:
         row[ST_STATE] = STATE_IDLE
         self.ewma_ns = (t1 - t0) if self.ewma_ns < 0 else (self.ewma_ns * 7 + (t1 - t0)) // 8
         dmem = ll.proc_mem_fast(self.pid)["anon"] - m0 if measure else None
+        if long:
+            self.heap_check()
         return (sid, ok, payload, t0, t1, events, dmem)
 
     def run_chunk(self, ids: list[int]) -> list[tuple]:

@@ -1,0 +1,119 @@
+"""Heap reuse in workers (``shardc.pool.heap_keep``, csrc/proc.c).
+
+A NumPy kernel that makes a block-sized temporary (``var()`` of a 32 MiB
+block) gets it from glibc as a fresh mmap in every shard: every page faulted
+and zeroed again.  Workers keep freed memory for their next shards during a
+call, give it back at the end of the call, and the master does not mistake
+the kept memory for a leak.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import numpy as np
+import pytest
+
+import shardc
+from shardc import _lowlevel as ll
+
+from _engine_helpers import no_stray_children  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not sys.platform.startswith("linux") or not ll.heap_reuse(0),
+                                 reason="heap reuse needs glibc")]
+
+BLOCK = 32 * 1024**2  # above glibc's largest mmap threshold
+
+
+def no_thp():
+    """Worker init: 4 KiB pages only, so minor faults count pages (NumPy asks
+    for transparent huge pages on big arrays: 16 faults per 32 MiB)."""
+    import ctypes
+    PR_SET_THP_DISABLE = 41
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
+
+
+def temp_faults(shard):
+    """Minor faults taken by allocating, filling and freeing a 32 MiB temporary."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(BLOCK // 8)
+    del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+
+def run_faults(pool, **kw):
+    r = pool.shard_map(shardc.shards(6, block_size=1), temp_faults, progress=False, **kw)
+    assert r.succeeded
+    return r
+
+
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_a_kernel_temporary_is_faulted_once_per_call(mode, tmp_path):
+    """With one worker, the first shard faults the temporary and the next ones reuse it."""
+    with shardc.Pool(1, init_expr=no_thp) as pool:
+        if mode == "rpc_chunked":
+            faults = run_faults(pool, chunk_size=1).results
+        else:
+            out = shardc.buffer(np.int64, (6,), init=-1)
+
+            def into_out(shard, out):
+                out[shard.id] = temp_faults(shard)
+
+            r = pool.shard_map(shardc.shards(6, block_size=1), into_out, out={"out": out},
+                               dispatch_mode="shm_queue", dispatch_opts={"block_size": 1}, progress=False)
+            assert r.succeeded
+            faults = out.array.tolist()
+            out.close()
+    pages = BLOCK // ll.PAGE_SIZE
+    assert faults[0] > pages // 4, faults  # 8192 with 4 KiB pages (fewer if THP served it)
+    assert max(faults[1:]) < pages // 20, faults
+
+
+@pytest.mark.parametrize("how", ["profile_memory", "env_off"])
+def test_heap_reuse_is_off_with_profile_memory_or_the_env_switch(how, monkeypatch):
+    kw = {}
+    if how == "profile_memory":
+        kw["profile"] = "memory"
+    else:
+        monkeypatch.setenv("SHARDC_HEAP_REUSE", "0")
+    with shardc.Pool(1, init_expr=no_thp) as pool:
+        run_faults(pool)  # a call with reuse on first: switching it off must take effect
+        monkeypatch.delenv("SHARDC_HEAP_REUSE", raising=False)
+        if how == "env_off":
+            monkeypatch.setenv("SHARDC_HEAP_REUSE", "0")
+        faults = run_faults(pool, chunk_size=1, **kw).results
+    assert min(faults) > BLOCK // ll.PAGE_SIZE // 4, faults
+
+
+def hold_and_free(shard):
+    a = np.ones(96 * 1024**2 // 8)  # 96 MiB, kept after the first shard
+    return float(a[shard.id])
+
+
+def test_kept_memory_is_given_back_and_is_not_drift():
+    """Shards that each free 96 MiB: no drift recycling (the worker's baseline is
+    ~40 MiB; 96 MiB kept would otherwise read as 2x growth), and after the call
+    the worker's anonymous memory is back near where it started."""
+    with shardc.Pool(1, init_expr=no_thp) as pool:
+        w = pool.workers[0]
+        pool.shard_map(2, hold_and_free, progress=False)  # warm: imports, first allocations
+        before = ll.proc_mem_fast(w.pid)["anon"]
+        r = pool.shard_map(shardc.shards(24, block_size=1), hold_and_free, chunk_size=1, progress=False)
+        after = ll.proc_mem_fast(pool.workers[0].pid)["anon"]
+        assert r.succeeded
+        assert [e for e in r.diagnostics.events if e["event"] in ("recycle", "defer_recycle")] == []
+        assert pool.workers[0].pid == w.pid
+    assert after - before < 16 * 1024**2, (before, after)
+
+
+def test_heap_keep_bounds(monkeypatch):
+    from shardc.pool import HEAP_KEEP_MAX, heap_keep
+    monkeypatch.delenv("SHARDC_HEAP_REUSE", raising=False)
+    assert heap_keep("default", None) == HEAP_KEEP_MAX
+    assert heap_keep("speed", 400 * 1024**2) == 100 * 1024**2
+    assert heap_keep("memory", None) == 0
+    monkeypatch.setenv("SHARDC_HEAP_REUSE", "0")
+    assert heap_keep("default", None) == 0
