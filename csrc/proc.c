@@ -33,7 +33,11 @@
  * here.  With M_MMAP_MAX = 0 they come from the heap and a freed block is
  * reused by the next shard.  M_TRIM_THRESHOLD bounds what stays at the top of
  * the heap; free holes below the top are bounded by the caller, which trims
- * when heap_free() exceeds its limit and at the end of every call.
+ * when its estimate of resident free memory exceeds its limit and at the end
+ * of every call.  mallinfo2 (glibc 2.33) is what makes that bound possible,
+ * so older glibc gets no reuse at all.  Thread arenas keep their free tops
+ * with a high M_TRIM_THRESHOLD (malloc_trim does not release them): the
+ * caller watches their size and turns reuse off for good once they grow.
  */
 #define _GNU_SOURCE
 #include "proc.h"
@@ -209,9 +213,15 @@ int shardc_proc_set_affinity(int pid, const int *cpus, int ncpus)
 #endif
 }
 
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+#define SHARDC_HEAP_REUSE 1 /* mallopt + mallinfo2: the caller can bound what is kept */
+#else
+#define SHARDC_HEAP_REUSE 0
+#endif
+
 int shardc_proc_heap_reuse(uint64_t keep)
 {
-#if defined(__GLIBC__)
+#if SHARDC_HEAP_REUSE
     int trim = keep > (uint64_t)INT_MAX ? INT_MAX : (int)keep;
 
     if (keep > 0) {
@@ -232,19 +242,28 @@ int shardc_proc_heap_reuse(uint64_t keep)
 #endif
 }
 
-int64_t shardc_proc_heap_free(void)
+int shardc_proc_heap_stats(shardc_heap_t *out)
 {
-#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+#if SHARDC_HEAP_REUSE
     struct mallinfo2 mi = mallinfo2();
-    return (int64_t)mi.fordblks;
+
+    if (out == NULL)
+        return -EINVAL;
+    out->free = (int64_t)mi.fordblks;
+    out->used = (int64_t)mi.uordblks;
+    out->arena = (int64_t)mi.arena;
+    out->top = (int64_t)mi.keepcost;
+    out->brk = (uint64_t)(uintptr_t)sbrk(0);
+    return 0;
 #else
+    (void)out;
     return -ENOSYS;
 #endif
 }
 
 int shardc_proc_heap_trim(void)
 {
-#if defined(__GLIBC__)
+#if SHARDC_HEAP_REUSE
     return malloc_trim(0);
 #else
     return -ENOSYS;

@@ -263,14 +263,17 @@ def heap_reuse(keep: int) -> bool:
     """This process's heap policy (csrc/proc.c): ``keep > 0`` serves big
     allocations from the heap and keeps up to ``keep`` freed bytes at its top
     for reuse; ``0`` restores glibc's defaults.  False where unsupported (not
-    glibc, or an allocator that refuses ``mallopt``)."""
+    glibc >= 2.33, or an allocator that refuses ``mallopt``)."""
     return lib.shardc_proc_heap_reuse(max(0, int(keep))) == 0
 
 
-def heap_free() -> int:
-    """Free bytes held by the allocator (-1 if unknown)."""
-    n = lib.shardc_proc_heap_free()
-    return int(n) if n >= 0 else -1
+def heap_stats() -> dict[str, int] | None:
+    """The allocator's totals: ``free``, ``used``, ``arena`` (bytes taken from the
+    system), ``top`` (the main heap's releasable top), ``brk``; None where unknown."""
+    h = ffi.new("shardc_heap_t *")
+    if lib.shardc_proc_heap_stats(h) < 0:
+        return None
+    return {"free": h.free, "used": h.used, "arena": h.arena, "top": h.top, "brk": h.brk}
 
 
 def heap_trim() -> None:

@@ -305,7 +305,9 @@ class Pool:
     def _set_baseline(self, w: WorkerHandle, m: dict[str, int] | None) -> None:
         w.needs_baseline = False
         if m is not None:
-            w.baseline = self.footprint(m, w)
+            # (A deferred baseline, taken during a call, must not include freed
+            # memory the worker keeps for reuse: drift subtracts that itself.)
+            w.baseline = max(0, self.footprint(m, w) - int(self.status[w.slot, ST_HEAP_KEPT]))
             # Pages still shared with the master after fork count half in
             # Pss_Anon; as the worker touches them (refcounts) they become
             # private and Pss_Anon grows by up to that much with no leak at

@@ -121,6 +121,9 @@ class Worker:
         self.ewma_ns = -1  # running mean of shard wall time, for adaptive measuring
         self.tainted: list[str] = []  # inherited inputs this process can no longer restore
         self.heap_keep = 0  # heap reuse: freed bytes kept for the next shard (0: glibc defaults)
+        self.heap_ref: tuple[int, int] = (0, 0)  # (anon, heap in use) when nothing freed was resident
+        self.heap_arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
+        self.heap_refused = False  # thread arenas grew under reuse: never again in this process
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -204,9 +207,7 @@ class Worker:
         c.seeded = msg["seeded"]
         c.diagnostics = msg["diagnostics"]
         c.desc = msg["desc"]
-        keep = int(msg.get("heap_keep", 0))
-        if keep != self.heap_keep:
-            self.heap_keep = keep if ll.heap_reuse(keep) else 0
+        self.set_heap_keep(0 if self.heap_refused else int(msg.get("heap_keep", 0)))
         kwargs: dict[str, Any] = {}
         for name, desc in msg["borrow"].items():
             kwargs[name] = self.borrowed_object(desc, name)
@@ -235,21 +236,62 @@ class Worker:
                 ll.seg_discard(a, b - a)
         self.call = CallState()
         if self.heap_keep:  # an idle worker keeps no freed memory
-            ll.heap_trim()
+            st = ll.heap_stats()
+            if st is not None and self._thread_arena_growth(st) > 8 * 1024**2:
+                # Shards allocated in threads: their arenas keep freed tops
+                # that malloc_trim cannot release.  Defaults from now on.
+                self.heap_refused = True
+                self.set_heap_keep(0)
+            else:
+                self._heap_trimmed()
+
+    # -- heap reuse (csrc/proc.c) ------------------------------------------------------
+    def _thread_arena_growth(self, st: dict[str, int]) -> int:
+        """Growth of the allocator's arenas since reuse was turned on, beyond the
+        growth of the main heap (the program break): thread arenas."""
+        arena0, brk0 = self.heap_arenas
+        return (st["arena"] - arena0) - (st["brk"] - brk0)
+
+    def set_heap_keep(self, keep: int) -> None:
+        if keep == self.heap_keep:
+            return
+        self.heap_keep = keep if ll.heap_reuse(keep) else 0
+        st = ll.heap_stats() if self.heap_keep else None
+        if st is None:
+            self.heap_keep = 0
             self.row[ST_HEAP_KEPT] = 0
+            return
+        self.heap_arenas = (st["arena"], st["brk"])
+        self._heap_trimmed()
+
+    def _heap_trimmed(self) -> None:
+        """Trim, and take the reference point: nothing freed is resident now."""
+        ll.heap_trim()
+        st = ll.heap_stats()
+        self.heap_ref = (ll.proc_mem_fast(self.pid)["anon"], st["used"] if st else 0)
+        self.row[ST_HEAP_KEPT] = 0
 
     def heap_check(self) -> None:
-        """After a shard (or block) long enough to amortize it (~1 us): with heap
-        reuse on, give freed memory back once the allocator holds more than
-        ``heap_keep`` free bytes (holes below the heap's top, which
-        M_TRIM_THRESHOLD does not bound), and publish what it keeps."""
+        """After a shard (or block) long enough to amortize it (~20 us): with heap
+        reuse on, estimate the freed memory the worker holds resident, trim once
+        it exceeds ``heap_keep`` and publish it for the master (kept memory is
+        not drift).
+
+        The estimate is the growth of anonymous memory since the last trim not
+        explained by growth of the allocations in use, capped by the
+        allocator's free bytes (trimmed holes count there although they are not
+        resident: only they can make it too high, and by at most their size)."""
         if not self.heap_keep:
             return
-        free = ll.heap_free()
-        if free > self.heap_keep:
-            ll.heap_trim()
-            free = 0
-        self.row[ST_HEAP_KEPT] = max(free, 0)
+        st = ll.heap_stats()
+        if st is None:
+            return
+        anon0, used0 = self.heap_ref
+        resident = (ll.proc_mem_fast(self.pid)["anon"] - anon0) - (st["used"] - used0)
+        if resident > self.heap_keep:
+            self._heap_trimmed()
+            return
+        self.row[ST_HEAP_KEPT] = max(0, min(resident, st["free"]))
 
     def _seed_legacy(self, sid: int) -> None:
         """Seed ``random`` and ``np.random`` from (seed, shard id), for legacy code."""
@@ -283,11 +325,14 @@ class Worker:
             ok, payload = OK, value
             c.donemap[sid] = 1 if value is None else 2
         except BaseException as exc:  # noqa: BLE001 - everything is reported
+            raised = exc
             if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, Exception):
                 exc = RuntimeError(f"shard {sid} raised {type(exc).__name__}({exc})")
             events = getattr(exc, "cow_events", None)
             ok, payload = ERR, _error_record(exc, sid)
+            release_traceback(raised)
             release_traceback(exc)
+            del raised
         t1 = time.monotonic_ns()
         row[ST_STATE] = STATE_IDLE
         self.ewma_ns = (t1 - t0) if self.ewma_ns < 0 else (self.ewma_ns * 7 + (t1 - t0)) // 8
