@@ -27,7 +27,7 @@ int shardc_proc_set_affinity(int pid, const int *cpus, int ncpus);
 /* What the allocator holds (glibc >= 2.33, from mallinfo2 over all arenas). */
 typedef struct {
     int64_t free;  /* free bytes in the arenas (resident or not: trimmed holes still count) */
-    int64_t used;  /* bytes in use by allocations from the arenas */
+    int64_t used;  /* bytes in use: allocations from the arenas and mmapped ones */
     int64_t arena; /* bytes the arenas took from the system (main heap + thread arenas) */
     int64_t top;   /* the main heap's releasable top (keepcost) */
     uint64_t brk;  /* the program break: the main heap's end */

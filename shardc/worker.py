@@ -121,7 +121,7 @@ class Worker:
         self.ewma_ns = -1  # running mean of shard wall time, for adaptive measuring
         self.tainted: list[str] = []  # inherited inputs this process can no longer restore
         self.heap_keep = 0  # heap reuse: freed bytes kept for the next shard (0: glibc defaults)
-        self.heap_ref: tuple[int, int] = (0, 0)  # (anon, heap in use) when nothing freed was resident
+        self.heap_ref: tuple[int, int, int] = (0, 0, 0)  # (anon, heap used, heap free) at the last trim
         self.heap_arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
         self.heap_refused = False  # thread arenas grew under reuse: never again in this process
 
@@ -236,14 +236,9 @@ class Worker:
                 ll.seg_discard(a, b - a)
         self.call = CallState()
         if self.heap_keep:  # an idle worker keeps no freed memory
-            st = ll.heap_stats()
-            if st is not None and self._thread_arena_growth(st) > 8 * 1024**2:
-                # Shards allocated in threads: their arenas keep freed tops
-                # that malloc_trim cannot release.  Defaults from now on.
-                self.heap_refused = True
-                self.set_heap_keep(0)
-            else:
-                self._heap_trimmed()
+            self.heap_check()  # (turns reuse off for good if thread arenas grew)
+            if self.heap_keep and not self._heap_trimmed():
+                self._refuse_heap_reuse()
 
     # -- heap reuse (csrc/proc.c) ------------------------------------------------------
     def _thread_arena_growth(self, st: dict[str, int]) -> int:
@@ -256,40 +251,65 @@ class Worker:
         if keep == self.heap_keep:
             return
         self.heap_keep = keep if ll.heap_reuse(keep) else 0
-        st = ll.heap_stats() if self.heap_keep else None
-        if st is None:
-            self.heap_keep = 0
-            self.row[ST_HEAP_KEPT] = 0
-            return
-        self.heap_arenas = (st["arena"], st["brk"])
-        self._heap_trimmed()
+        self.row[ST_HEAP_KEPT] = 0
+        if self.heap_keep:
+            st = ll.heap_stats()
+            if st is None or not self._heap_trimmed():
+                self._refuse_heap_reuse()
+                return
+            self.heap_arenas = (st["arena"], st["brk"])
 
-    def _heap_trimmed(self) -> None:
+    def _refuse_heap_reuse(self) -> None:
+        """glibc's defaults for the rest of this process."""
+        self.heap_refused = True
+        self.heap_keep = 0
+        self.row[ST_HEAP_KEPT] = 0
+        ll.heap_reuse(0)
+
+    def _own_anon(self) -> int | None:
+        try:
+            m = ll.proc_mem_fast(self.pid)
+        except OSError:  # e.g. EMFILE: a shard that leaks file descriptors
+            return None
+        return None if m is None else m["anon"]
+
+    def _heap_trimmed(self) -> bool:
         """Trim, and take the reference point: nothing freed is resident now."""
         ll.heap_trim()
-        st = ll.heap_stats()
-        self.heap_ref = (ll.proc_mem_fast(self.pid)["anon"], st["used"] if st else 0)
+        st, anon = ll.heap_stats(), self._own_anon()
+        if st is None or anon is None:
+            return False
+        self.heap_ref = (anon, st["used"], st["free"])
         self.row[ST_HEAP_KEPT] = 0
+        return True
 
     def heap_check(self) -> None:
         """After a shard (or block) long enough to amortize it (~20 us): with heap
-        reuse on, estimate the freed memory the worker holds resident, trim once
-        it exceeds ``heap_keep`` and publish it for the master (kept memory is
-        not drift).
+        reuse on, bound the freed memory the worker holds and publish an
+        estimate of it for the master (kept memory is not drift).
 
-        The estimate is the growth of anonymous memory since the last trim not
-        explained by growth of the allocations in use, capped by the
-        allocator's free bytes (trimmed holes count there although they are not
-        resident: only they can make it too high, and by at most their size)."""
+        The estimate (a lower bound) is the growth of anonymous memory since
+        the last trim not explained by growth of the memory in use, capped by
+        the allocator's free bytes.  Trimmed holes still count as free although
+        they are not resident (only they can make it too high, by at most their
+        size); memory in use but never touched can make it too low, so the
+        growth of free bytes since the trim bounds it from above.  Past either
+        bound, or once thread arenas grow (their freed tops cannot be trimmed
+        from here), the worker trims or stops keeping memory."""
         if not self.heap_keep:
             return
-        st = ll.heap_stats()
-        if st is None:
+        st, anon = ll.heap_stats(), self._own_anon()
+        if st is None or anon is None:
+            self._refuse_heap_reuse()
             return
-        anon0, used0 = self.heap_ref
-        resident = (ll.proc_mem_fast(self.pid)["anon"] - anon0) - (st["used"] - used0)
-        if resident > self.heap_keep:
-            self._heap_trimmed()
+        if self._thread_arena_growth(st) > 8 * 1024**2:
+            self._refuse_heap_reuse()
+            return
+        anon0, used0, free0 = self.heap_ref
+        resident = (anon - anon0) - (st["used"] - used0)
+        if resident > self.heap_keep or st["free"] - free0 > self.heap_keep:
+            if not self._heap_trimmed():
+                self._refuse_heap_reuse()
             return
         self.row[ST_HEAP_KEPT] = max(0, min(resident, st["free"]))
 
@@ -408,6 +428,7 @@ class Worker:
                     results.extend(self.run_chunk(nxt[2]))
                     pending.extend(chan.poll_nonblocking())
                 self.send_results(call_id, results)
+                del results  # return values must not live on in an idle worker
                 if self.tainted:
                     self.retire()
             elif kind == "call":
