@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import weakref
+from collections import deque
 from typing import Any
 
 from . import _lowlevel as ll
@@ -54,6 +55,22 @@ _ranges: list[tuple[int, int, str]] = []  # (addr, end, key), sorted
 # to tell workers to let go of their mappings at once).
 _close_hooks: list[Any] = []
 _lock = threading.Lock()
+# Keys of segments finalized since _lock was last taken: their ranges are
+# dropped by the next holder (_purge_dead_ranges).  A finalizer must not take
+# _lock itself: the cyclic GC can run it inside any allocation, including one
+# made while this same thread holds _lock (Segment.__init__ inserting into
+# _registry), and the lock is not reentrant: the worker hung there for good.
+_dead_keys: deque[str] = deque()
+
+
+def _purge_dead_ranges() -> None:
+    """Forget the address ranges of finalized segments (call with _lock held)."""
+    if not _dead_keys:
+        return
+    dead = set()
+    while _dead_keys:
+        dead.add(_dead_keys.popleft())
+    _ranges[:] = [r for r in _ranges if r[2] not in dead]
 
 
 def default_backing() -> str:
@@ -117,6 +134,7 @@ class Segment:
         self._closed = False
         self._pid = os.getpid()
         with _lock:
+            _purge_dead_ranges()
             _registry[key] = self
         self._finalizer = weakref.finalize(self, _finalize, fd, backing, name,
                                            owner and persistent, key, self._pid)
@@ -225,6 +243,7 @@ class Segment:
             self._mapping = self.map(writable=writable)
             self._mapping_flags = int(writable)
             with _lock:
+                _purge_dead_ranges()
                 bisect.insort(_ranges, (self._mapping.addr, self._mapping.addr + self.size, self.key))
         return self._mapping
 
@@ -253,6 +272,7 @@ class Segment:
         self._closed = True
         if self._mapping is not None:
             with _lock:
+                _purge_dead_ranges()
                 try:
                     _ranges.remove((self._mapping.addr, self._mapping.addr + self.size, self.key))
                 except ValueError:
@@ -295,8 +315,7 @@ def _finalize(fd: int, backing: str, name: str, unlink: bool, key: str, pid: int
     # Forget the primary mapping's address range: once the segment is gone
     # the range may be unmapped and reused by a new segment, and a stale
     # entry at the same address would hide the live one from find_address.
-    with _lock:
-        _ranges[:] = [r for r in _ranges if r[2] != key]
+    _dead_keys.append(key)  # (deque.append: atomic, no lock; see _dead_keys)
     if os.getpid() != pid:
         return  # a forked child's copy: the fd is the parent's business
     try:
@@ -451,6 +470,7 @@ def find_address(addr: int, nbytes: int) -> tuple[Segment, int] | None:
     """If ``[addr, addr+nbytes)`` lies in a primary mapping of a live segment,
     return ``(segment, offset)``; else None."""
     with _lock:
+        _purge_dead_ranges()
         i = bisect.bisect_right(_ranges, (addr, float("inf"), "")) - 1
         if i < 0:
             return None

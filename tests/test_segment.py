@@ -430,3 +430,25 @@ def test_fork_helper_kills_a_stuck_child(fork_child):
     assert proc.exitcode == -9
     with pytest.raises(ProcessLookupError):
         os.kill(proc.pid, 0)
+
+
+def _finalize_under_the_registry_lock() -> bool:
+    """In a child: the cyclic GC frees a segment while this thread holds the
+    registry lock, as it can inside any allocation made under it (it did in
+    Segment.__init__, in a worker, and hung it for good)."""
+    import gc
+    from shardc import segment as S
+    seg = S.Segment.create(4096)
+    m = seg.mapping()
+    key, addr = seg.key, m.addr
+    cycle: list = [seg]
+    cycle.append(cycle)  # only the cyclic GC can free it now
+    del seg, cycle
+    with S._lock:
+        gc.collect()  # runs the finalizer here
+    # The dead segment's range is gone from find_address (its mapping m is still alive).
+    return S.find_address(addr, 8) is None and all(r[2] != key for r in S._ranges)
+
+
+def test_gc_finalizing_a_segment_under_the_registry_lock_does_not_deadlock(fork_run):
+    assert fork_run(_finalize_under_the_registry_lock, 10)
