@@ -283,7 +283,7 @@ class Worker:
         self.row[ST_HEAP_KEPT] = 0
         return True
 
-    def heap_check(self) -> None:
+    def heap_check(self, anon: int | None = None) -> None:
         """After a shard (or block) long enough to amortize it (~20 us): with heap
         reuse on, bound the freed memory the worker holds and publish an
         estimate of it for the master (kept memory is not drift).
@@ -295,10 +295,13 @@ class Worker:
         size); memory in use but never touched can make it too low, so the
         growth of free bytes since the trim bounds it from above.  Past either
         bound, or once thread arenas grow (their freed tops cannot be trimmed
-        from here), the worker trims or stops keeping memory."""
+        from here), the worker trims or stops keeping memory.  ``anon``: this
+        process's anonymous memory if the caller just read it."""
         if not self.heap_keep:
             return
-        st, anon = ll.heap_stats(), self._own_anon()
+        st = ll.heap_stats()
+        if anon is None:
+            anon = self._own_anon()
         if st is None or anon is None:
             self._refuse_heap_reuse()
             return
@@ -356,9 +359,10 @@ class Worker:
         t1 = time.monotonic_ns()
         row[ST_STATE] = STATE_IDLE
         self.ewma_ns = (t1 - t0) if self.ewma_ns < 0 else (self.ewma_ns * 7 + (t1 - t0)) // 8
-        dmem = ll.proc_mem_fast(self.pid)["anon"] - m0 if measure else None
+        m1 = ll.proc_mem_fast(self.pid)["anon"] if measure else None
+        dmem = m1 - m0 if m1 is not None else None
         if long:
-            self.heap_check()
+            self.heap_check(m1)
         return (sid, ok, payload, t0, t1, events, dmem)
 
     def run_chunk(self, ids: list[int]) -> list[tuple]:
