@@ -252,7 +252,6 @@ int shardc_proc_heap_stats(shardc_heap_t *out)
     out->free = (int64_t)mi.fordblks;
     out->used = (int64_t)(mi.uordblks + mi.hblkhd); /* hblkhd: chunks glibc mmapped */
     out->arena = (int64_t)mi.arena;
-    out->top = (int64_t)mi.keepcost;
     out->brk = (uint64_t)(uintptr_t)sbrk(0);
     return 0;
 #else

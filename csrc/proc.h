@@ -29,7 +29,6 @@ typedef struct {
     int64_t free;  /* free bytes in the arenas (resident or not: trimmed holes still count) */
     int64_t used;  /* bytes in use: allocations from the arenas and mmapped ones */
     int64_t arena; /* bytes the arenas took from the system (main heap + thread arenas) */
-    int64_t top;   /* the main heap's releasable top (keepcost) */
     uint64_t brk;  /* the program break: the main heap's end */
 } shardc_heap_t;
 

@@ -269,11 +269,11 @@ def heap_reuse(keep: int) -> bool:
 
 def heap_stats() -> dict[str, int] | None:
     """The allocator's totals: ``free``, ``used``, ``arena`` (bytes taken from the
-    system), ``top`` (the main heap's releasable top), ``brk``; None where unknown."""
+    system) and ``brk`` (the program break); None where unknown."""
     h = ffi.new("shardc_heap_t *")
     if lib.shardc_proc_heap_stats(h) < 0:
         return None
-    return {"free": h.free, "used": h.used, "arena": h.arena, "top": h.top, "brk": h.brk}
+    return {"free": h.free, "used": h.used, "arena": h.arena, "brk": h.brk}
 
 
 def heap_trim() -> None:

@@ -24,6 +24,7 @@ lives in a shardc segment (then it is passed by reference, never copied).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import re
 import errno
 import itertools
@@ -35,7 +36,7 @@ import tempfile
 import threading
 import weakref
 from collections import deque
-from typing import Any
+from typing import Any, Iterator
 
 from . import _lowlevel as ll
 from .errors import ClosedError, InvalidArgumentError, SegmentError
@@ -56,21 +57,23 @@ _ranges: list[tuple[int, int, str]] = []  # (addr, end, key), sorted
 _close_hooks: list[Any] = []
 _lock = threading.Lock()
 # Keys of segments finalized since _lock was last taken: their ranges are
-# dropped by the next holder (_purge_dead_ranges).  A finalizer must not take
+# dropped by the next holder (_registry_locked).  A finalizer must not take
 # _lock itself: the cyclic GC can run it inside any allocation, including one
 # made while this same thread holds _lock (Segment.__init__ inserting into
 # _registry), and the lock is not reentrant: the worker hung there for good.
 _dead_keys: deque[str] = deque()
 
 
-def _purge_dead_ranges() -> None:
-    """Forget the address ranges of finalized segments (call with _lock held)."""
-    if not _dead_keys:
-        return
-    dead = set()
-    while _dead_keys:
-        dead.add(_dead_keys.popleft())
-    _ranges[:] = [r for r in _ranges if r[2] not in dead]
+@contextlib.contextmanager
+def _registry_locked() -> Iterator[None]:
+    """Hold _lock, with the ranges of segments finalized meanwhile dropped."""
+    with _lock:
+        if _dead_keys:
+            dead = set()
+            while _dead_keys:
+                dead.add(_dead_keys.popleft())
+            _ranges[:] = [r for r in _ranges if r[2] not in dead]
+        yield
 
 
 def default_backing() -> str:
@@ -133,8 +136,7 @@ class Segment:
         self._mapping_flags = 0
         self._closed = False
         self._pid = os.getpid()
-        with _lock:
-            _purge_dead_ranges()
+        with _registry_locked():
             _registry[key] = self
         self._finalizer = weakref.finalize(self, _finalize, fd, backing, name,
                                            owner and persistent, key, self._pid)
@@ -242,8 +244,7 @@ class Segment:
         if self._mapping is None:
             self._mapping = self.map(writable=writable)
             self._mapping_flags = int(writable)
-            with _lock:
-                _purge_dead_ranges()
+            with _registry_locked():
                 bisect.insort(_ranges, (self._mapping.addr, self._mapping.addr + self.size, self.key))
         return self._mapping
 
@@ -271,8 +272,7 @@ class Segment:
             return
         self._closed = True
         if self._mapping is not None:
-            with _lock:
-                _purge_dead_ranges()
+            with _registry_locked():
                 try:
                     _ranges.remove((self._mapping.addr, self._mapping.addr + self.size, self.key))
                 except ValueError:
@@ -469,8 +469,7 @@ def live_segments() -> list[Segment]:
 def find_address(addr: int, nbytes: int) -> tuple[Segment, int] | None:
     """If ``[addr, addr+nbytes)`` lies in a primary mapping of a live segment,
     return ``(segment, offset)``; else None."""
-    with _lock:
-        _purge_dead_ranges()
+    with _registry_locked():
         i = bisect.bisect_right(_ranges, (addr, float("inf"), "")) - 1
         if i < 0:
             return None
