@@ -35,8 +35,9 @@ import numpy as np
 
 from ._channel import ChannelClosed
 from .errors import QueueClosedError
-from .worker import (ERR, ST_BLOCK0, ST_BLOCKN, ST_CALL, ST_CURRENT, ST_DONE, ST_EXIT_REQ, ST_START_NS,
-                     ST_STATE, STATE_IDLE, STATE_RUNNING, _error_record, release_traceback)
+from .protocol import ERR, error_record as _error_record
+from .status import STATE_RUNNING
+from .worker import release_traceback
 
 log = logging.getLogger("shardc")
 
@@ -59,15 +60,13 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     from . import _lowlevel as ll
     from .queue import TaskRing
     ring = TaskRing.attach(fds[0], msg["nbytes"])
-    dmap_map = ll.map_segment(fds[1], 0, msg["num"], ll.MAP_WRITE)
-    donemap = memoryview(dmap_map.buffer())
-    ll.seg_close_fd(fds[1])
+    ll.seg_close_fd(fds[1])  # the done map: mapped at the call's setup already
     slot = worker.slot
     chan = worker.chan
     call = worker.call
     call_id = msg["call_id"]
     row = worker.row
-    status_mv = memoryview(row)  # int64 stores through a memoryview are cheapest
+    done = call.donemap
     fun = call.fun
     kwargs = call.kwargs
     desc = call.desc
@@ -76,7 +75,6 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     seeded = call.seeded
     guarded = worker.guard is not None and bool(call.guard_regions)
     keep_blocks = call.diagnostics
-    mono = time.monotonic_ns
     blocks: list[tuple[int, int, int, int]] = []
     batch = int(msg.get("claim_batch", 1))
     elog = _ErrorLog(msg["error_log"], msg["error_log_max_lines"]) if msg.get("error_log") else None
@@ -88,7 +86,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     unfinished: list[int] = []
     try:
         while True:
-            if status_mv[ST_EXIT_REQ]:
+            if row.exit_requested():
                 exiting = True
                 break
             try:
@@ -103,21 +101,13 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 if unfinished or worker.tainted:
                     unfinished += range(start, stop)
                     continue
-                status_mv[ST_BLOCK0] = start
-                status_mv[ST_BLOCKN] = stop - start
-                t0 = time.monotonic_ns()
-                ok_in_block = 0
                 # Per shard only what supervision needs: which shard runs and
-                # since when (timeouts, crash attribution) and its done mark.
-                # The state word and the progress counter change per block.
-                # The start time is written before the state: a watchdog that
-                # sees RUNNING must never read a stale (e.g. zero) start time.
-                status_mv[ST_CURRENT] = start
-                status_mv[ST_START_NS] = mono()
-                status_mv[ST_STATE] = STATE_RUNNING
-                for sid in range(start, stop):
-                    status_mv[ST_CURRENT] = sid
-                    status_mv[ST_START_NS] = mono()
+                # since when (timeouts, crash attribution) and its done mark,
+                # in one call (csrc/status.c orders them for the master).
+                t0 = ts = row.block_begin(start, stop - start)
+                ok_in_block = 0
+                sid = start
+                while sid < stop:
                     shard = make(sid, (entropy, sid))
                     try:
                         if seeded:
@@ -132,29 +122,34 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                         if value is not None:
                             returned += 1
                     except BaseException as exc:  # noqa: BLE001 - reported to the master
-                        status_mv[ST_STATE] = STATE_IDLE
+                        row.set_idle()
                         rec = _error_record(exc, sid)
                         release_traceback(exc)
                         if elog is not None:
                             elog.write(rec)
-                        chan.send(("qfail", call_id, (sid, ERR, rec,
-                                                      status_mv[ST_START_NS], time.monotonic_ns(),
+                        chan.send(("qfail", call_id, (sid, ERR, rec, ts, time.monotonic_ns(),
                                                       getattr(exc, "cow_events", None), None)))
                         if guarded and worker.check_tainted():
                             unfinished += range(sid + 1, stop)
-                            break
-                        status_mv[ST_START_NS] = mono()  # before RUNNING, as above
-                        status_mv[ST_STATE] = STATE_RUNNING
+                            stop = sid + 1
+                        sid += 1
+                        if sid < stop:
+                            ts = row.shard_begin(sid)
                         continue
-                    donemap[sid] = 1
                     ok_in_block += 1
                     # A write it could not undo (checked only after a shard
                     # that wrote an input): leave the rest of the block.
                     if guarded and scope.events and worker.check_tainted():
                         unfinished += range(sid + 1, stop)
-                        break
-                status_mv[ST_STATE] = STATE_IDLE
-                status_mv[ST_DONE] += ok_in_block
+                        stop = sid + 1
+                    if sid + 1 < stop:
+                        ts = row.shard_next(done, sid, 1, sid + 1)
+                    else:
+                        row.block_end(done, sid, 1, ok_in_block)
+                        ok_in_block = -1
+                    sid += 1
+                if ok_in_block >= 0:  # the block ended on a failed shard
+                    row.block_end(done, stop - 1, 0, ok_in_block)
                 t1 = time.monotonic_ns()
                 if keep_blocks:
                     blocks.append((start, stop - start, t0, t1))
@@ -165,7 +160,7 @@ def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
                 exiting = True
                 break
     finally:
-        status_mv[ST_STATE] = STATE_IDLE
+        row.set_idle()
     if elog is not None:
         elog.close()
     chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting, "returned": returned,
@@ -316,8 +311,7 @@ def run_queue(run: Any) -> None:
     backing = run.opts.get("queue_backing", "memfd")
     backing = {"mmap": "memfd", "auto": "memfd"}.get(backing, backing)
     ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
-    donemap_buf = run.donemap_buf  # the call's done map (closed by run.release)
-    donemap = donemap_buf.array
+    donemap = run.donemap  # the call's done map (closed by run.release)
     feeder = QueueFeeder(run, ring, n)
     run.on_requeue = feeder.feed  # retries enter the ring before a replacement is forked
     run.done_base = 0  # ST_DONE of workers that are gone
@@ -336,15 +330,15 @@ def run_queue(run: Any) -> None:
         seconds: it is stuck outside any shard, e.g. pickling an error report
         whose pickling blocks."""
         for w in list(pool.workers):
-            row = pool.status[w.slot]
-            if not w.alive or row[ST_STATE] == STATE_RUNNING:
+            row = pool.status.read(w.slot)
+            if not w.alive or row.state == STATE_RUNNING:
                 progress.pop(w.slot, None)
                 continue
             info = ring.consumer_info(w.slot)
             if not info["claimed"]:
                 progress.pop(w.slot, None)
                 continue
-            sig = (int(info["heartbeat"]), int(row[ST_DONE]), int(row[ST_CURRENT]), w.pid)
+            sig = (int(info["heartbeat"]), row.done, row.current, w.pid)
             seen = progress.get(w.slot)
             if seen is None or seen[0] != sig:
                 progress[w.slot] = (sig, now)
@@ -365,13 +359,13 @@ def run_queue(run: Any) -> None:
         return path
 
     def start_worker(w: Any) -> None:
-        pool.status[w.slot, ST_CALL] = run.call_id
+        pool.status.set_call(w.slot, run.call_id)
         queued_pids.add(w.pid)
         msg = {"call_id": run.call_id, "nbytes": ring.nbytes, "num": run.num,
                "claim_batch": int(run.opts.get("claim_batch", 1)),
                "error_log": error_log_path(w) if run.opts.get("error_log") else None,
                "error_log_max_lines": int(run.opts.get("error_log_max_lines", 100))}
-        n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap_buf.segment.fd])
+        n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap.segment.fd])
         run.diag.bytes_setup += n_bytes
 
     reported: dict[int, set[int]] = {}  # worker pid -> shards whose failure it reported
@@ -388,27 +382,24 @@ def run_queue(run: Any) -> None:
         run.record_failure(sid, rec)
 
     def done_total() -> int:
-        return run.done_base + int(pool.status[:, ST_DONE].sum())
+        return run.done_base + pool.status.done_total()
 
     def on_death(w: Any, reason: str | None = None, code: int | None = None) -> None:
-        row = pool.status[w.slot]
-        done_before = int(row[ST_DONE])
+        row = pool.status.read(w.slot)
         # A worker killed for making no progress was stuck after its current
         # shard (e.g. pickling that shard's error report): that shard is the one
         # charged, as if it were still running.
-        current = (int(row[ST_CURRENT]) if row[ST_STATE] == STATE_RUNNING or reason == "no progress"
-                   else None)
-        block0, blockn = int(row[ST_BLOCK0]), int(row[ST_BLOCKN])
+        current = row.current if row.state == STATE_RUNNING or reason == "no progress" else None
+        block0, blockn = row.block0, row.blockn
         if code is None:
             code = pool._reap(w, wait=2.0)
-        run.done_base += done_before
-        row[ST_DONE] = 0
+        run.done_base += pool.status.take_done(w.slot)
         claimed = [int(x) for x in ring.repair(w.slot)]
         charged = None
         if current is not None and any(
                 (it >> COUNT_BITS) <= current < (it >> COUNT_BITS) + (it & COUNT_MASK) for it in claimed):
             charged = current
-        if charged is not None and donemap[charged]:
+        if charged is not None and donemap.get(charged):
             charged = None  # killed after marking it done, before leaving STATE_RUNNING
         queued = set(run.retry)
         # In the block it was running, the ids before the current one failed
@@ -420,18 +411,16 @@ def run_queue(run: Any) -> None:
             start, stop = it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK)
             running = current is not None and (start, stop - start) == (block0, blockn) and start <= current < stop
             requeue += [sid for sid in range(start, stop)
-                        if sid != charged and not donemap[sid] and run.state[sid] == 0 and sid not in queued
+                        if sid != charged and not donemap.get(sid) and run.state[sid] == 0 and sid not in queued
                         and not (running and sid < current and sid in skip)]
         for sid in reversed(requeue):
             run.retry.appendleft(sid)
         st = run.ws[w.slot]
         st.inflight = {charged: None} if charged is not None else {}
         # Reuse the rpc death path for logging, charging and restart.
-        pool.status[w.slot, ST_STATE] = STATE_RUNNING if charged is not None else STATE_IDLE
-        pool.status[w.slot, ST_CURRENT] = charged if charged is not None else 0
         sel.unregister(w.chan.sock)
         run.sel = _NullSel()
-        nw = run.on_death(w, reason=reason, code=code)
+        nw = run.on_death(w, reason=reason, code=code, running=charged)
         run.sel = sel
         _reregister(nw)
         if not run.finished():
@@ -447,7 +436,7 @@ def run_queue(run: Any) -> None:
     try:
         for w in pool.workers:
             sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
-            pool.status[w.slot, ST_DONE] = 0
+            pool.status.take_done(w.slot)  # counts start at 0 each call
             start_worker(w)
         feeder.feed()
         tick = 0.05 if run.timeout > 0.2 else run.timeout / 4
@@ -457,7 +446,7 @@ def run_queue(run: Any) -> None:
             run.completed = done_total()
             if run.completed + run.n_failed >= run.num:
                 # The counters are a hint; the done map is the truth.
-                run.completed = int(np.count_nonzero(donemap))
+                run.completed = donemap.count()
                 if run.completed + run.n_failed >= run.num:
                     break
             events = sel.select(timeout=0.002)
@@ -477,13 +466,12 @@ def run_queue(run: Any) -> None:
                         on_qdone(w, m[2])
                         if m[2]["exiting"]:
                             for sid in reversed(m[2].get("unfinished", ())):
-                                if not donemap[sid] and run.state[sid] == 0 and sid not in run.retry:
+                                if not donemap.get(sid) and run.state[sid] == 0 and sid not in run.retry:
                                     run.retry.appendleft(sid)
                             reason = ("a shard wrote more of an input inherited at fork than can be "
                                       "restored" if m[2].get("retire") else
                                       run.ws[w.slot].pending_recycle or "recycle requested")
-                            run.done_base += int(pool.status[w.slot, ST_DONE])
-                            pool.status[w.slot, ST_DONE] = 0
+                            run.done_base += pool.status.take_done(w.slot)
                             sel.unregister(w.chan.sock)
                             pool._reap(w, wait=2.0)
                             w.alive = False
@@ -508,7 +496,7 @@ def run_queue(run: Any) -> None:
                     # The counters can stay one short for good (a worker killed
                     # between marking a shard done and counting it): once all
                     # work is handed out, ask the done map every tick.
-                    exact = int(np.count_nonzero(donemap))
+                    exact = donemap.count()
                     if exact + run.n_failed >= run.num:
                         run.completed = exact
                         break
@@ -521,7 +509,7 @@ def run_queue(run: Any) -> None:
                         run.ws[w.slot].since_sample = run.health_check_interval
                         run.check_memory(w)
                         if run.ws[w.slot].pending_recycle is not None:
-                            pool.status[w.slot, ST_EXIT_REQ] = 1
+                            pool.status.request_exit(w.slot)
                 run.completed = done_total()
                 run.diag.tick(pool, run)
         ring.close()
@@ -544,7 +532,7 @@ def run_queue(run: Any) -> None:
                         waiting.discard(w.slot)
                     elif m[0] in ("qfail", "qcow") and m[1] == run.call_id:
                         on_report(w, m)
-        run.completed = int(np.count_nonzero(donemap))
+        run.completed = donemap.count()
         if returned[0]:
             log.warning("dispatch_mode='shm_queue' gathers no return values, but %d shard(s) returned "
                         "one: write results into out= buffers, or use dispatch_mode='rpc_chunked'",
@@ -553,7 +541,7 @@ def run_queue(run: Any) -> None:
     finally:
         # The call is over: a later rpc_chunked call attributes a death to the
         # running shard only while ST_CALL is 0 or its own id.
-        pool.status[:, ST_CALL] = 0
+        pool.status.clear_calls()
         sel.close()
         run.sel = None
         ring.close()

@@ -65,8 +65,8 @@ from .share import Shared, array_extent, default_cache, share
 from .validate import (capture_label, COW_MODES, DISPATCH_MODES, check_autotune, check_binding, check_choice,
                        check_dispatch_opts, check_int, check_names, check_out, check_scheduler_policy,
                        check_seed, check_timeout, pickle_function, resolve_shards)
-from .worker import (ERR, OK, OK_PICKLED, RETIRE_EXIT, ST_CALL, ST_CURRENT, ST_SENDING, ST_START_NS, ST_STATE,
-                     STATE_RUNNING, raise_from_record)
+from .protocol import ERR, OK, OK_PICKLED, RETIRE_EXIT, raise_from_record
+from .status import STATE_RUNNING, DoneMap
 
 log = logging.getLogger("shardc")
 
@@ -292,8 +292,7 @@ class Run:
         # returned None, 2 = finished with a value still to be gathered.  After
         # a death, shards marked 1 are complete (nothing to gather), so they
         # are not run again; shm_queue uses it as its source of truth.
-        self.donemap_buf = buffer(np.uint8, self.num)
-        self.donemap = self.donemap_buf.array
+        self.donemap = DoneMap(self.num)
 
     # -- inputs ----------------------------------------------------------------------
     def _seg_info(self, seg: Segment) -> None:
@@ -339,7 +338,7 @@ class Run:
         return {"kind": "inherited", "token": token}
 
     def prepare_inputs(self, borrow: dict[str, Any], out: dict[str, Any]) -> None:
-        self._seg_info(self.donemap_buf.segment)
+        self._seg_info(self.donemap.segment)
         for name, obj in out.items():
             arr = obj.array if isinstance(obj, Buffer) else obj
             hit = find_address(*array_extent(arr))
@@ -376,7 +375,7 @@ class Run:
             inherit.release(token)
         if self.inherit_tokens and self.pool is not None:
             self.pool.released_inherited()  # also when the call failed before execute()
-        self.donemap_buf.close()
+        self.donemap.close()
         for sh in self.temporaries:
             sh.close()
         self.temporaries.clear()
@@ -388,7 +387,7 @@ class Run:
                   "name": self.segments[k].name} for k in new]
         fds = [self.segments[k].fd for k in new]
         msg = {"call_id": self.call_id, "cow": self.cow, "entropy": self.entropy,
-               "donemap": _array_desc(self.donemap, self.donemap_buf.segment),
+               "donemap": _array_desc(self.donemap.array, self.donemap.segment),
                "seeded": self.seed is not None, "diagnostics": self.diagnostics, "desc": self.desc,
                "borrow": self.borrow_desc, "out": self.out_desc, "fun": self.fun_blob, "segments": infos,
                "heap_keep": heap_keep(self.profile, self.mem_cap)}
@@ -750,11 +749,13 @@ class Run:
             nw = self.setup_worker(nw)
         return nw
 
-    def on_death(self, w: Any, reason: str | None = None, code: int | None = None) -> Any:
-        """``w`` died (or was killed for ``reason``): requeue, charge, restart."""
+    def on_death(self, w: Any, reason: str | None = None, code: int | None = None, running: Any = False) -> Any:
+        """``w`` died (or was killed for ``reason``): requeue, charge, restart.
+        ``running``: the shard to charge, if the caller knows (else read from the status row)."""
         pool = self.pool
-        row = pool.status[w.slot]
-        running = int(row[ST_CURRENT]) if (row[ST_STATE] == STATE_RUNNING and row[ST_CALL] in (0, self.call_id)) else None
+        row = pool.status.read(w.slot)
+        if running is False:
+            running = pool.status.running(w.slot, self.call_id)
         if code is None:
             code = pool._reap(w, wait=2.0)
         st = self.ws[w.slot]
@@ -777,7 +778,7 @@ class Run:
                 self.huge_inflight = max(0, self.huge_inflight - 1)
             if sid == running or self.state[sid] != 0:
                 continue
-            if self.donemap[sid] == 1:
+            if self.donemap.get(sid) == 1:
                 # It finished (and returned None) before the worker died with
                 # its report: complete, not run again.
                 self.record_success(sid, None)
@@ -790,9 +791,9 @@ class Run:
             # pickling (ST_SENDING), or, if it was stuck elsewhere, every
             # finished shard whose value was in transit, so that a result that
             # cannot be sent fails after its retries instead of looping.
-            sending = int(row[ST_SENDING]) - 1
+            sending = row.sending - 1
             suspects = [sending] if sending in st.inflight else [
-                sid for sid in lost if self.donemap[sid] == 2]
+                sid for sid in lost if self.donemap.get(sid) == 2]
             for sid in suspects:
                 if self.state[sid] == 0:
                     try:
@@ -819,8 +820,8 @@ class Run:
         for w in list(pool.workers):
             if not w.alive:
                 continue
-            row = pool.status[w.slot]
-            if row[ST_STATE] != STATE_RUNNING:
+            row = pool.status.read(w.slot)
+            if row.state != STATE_RUNNING:
                 # Holding shards, running none, silent for `timeout` seconds:
                 # stuck in shardc's own code (e.g. pickling a result that
                 # blocks).  shm_queue workers hold no shards outside a block.
@@ -830,7 +831,7 @@ class Run:
                     pool.kill(w)
                     died(w, reason="no progress", code=w.exitcode)
                 continue
-            if (now - int(row[ST_START_NS])) * 1e-9 > self.timeout:
+            if (now - row.start_ns) * 1e-9 > self.timeout:
                 pool.kill(w)
                 died(w, reason="timeout", code=w.exitcode)
                 continue

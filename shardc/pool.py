@@ -30,18 +30,16 @@ import numpy as np
 
 from . import _lowlevel as ll
 from ._channel import Channel, ChannelClosed
-from .buffer import buffer
+from .units import check_recycle, fmt_bytes, parse_bytes  # noqa: F401 - re-exported
 from .errors import ClosedError, InvalidArgumentError, signal_label
 from . import guard as _guard  # noqa: F401 - workers use it; imported once, in the master
 from . import inherit as _inherit
 from . import worker as _worker_mod
-from .worker import NFIELDS, ST_HEAP_KEPT, ST_PID, worker_entry
+from .status import StatusTable
+from .worker import worker_entry
 
 log = logging.getLogger("shardc")
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
-               "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4,
-               "TIB": 1024**4}
 PROFILES = ("default", "memory", "speed")
 
 HEAP_KEEP_MAX = 256 * 1024**2
@@ -61,35 +59,6 @@ def heap_keep(profile: str, mem_cap: int | None) -> int:
     return HEAP_KEEP_MAX if mem_cap is None else min(HEAP_KEEP_MAX, mem_cap // 4)
 
 
-def parse_bytes(value: Any, arg: str) -> int | None:
-    """Parse a memory size: bytes as a number, or "2GB", "512MB", "1.5G" (binary units).
-
-    None and float("inf") mean "no limit".
-    """
-    import math
-    import re
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise InvalidArgumentError(f"{arg} must be a size like '2GB' or a number of bytes, got {value!r}")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        if isinstance(value, float) and math.isinf(value) and value > 0:
-            return None
-        if not math.isfinite(float(value)) or value <= 0:
-            raise InvalidArgumentError(f"{arg} must be a positive size, got {value!r}")
-        return int(value)
-    if isinstance(value, str):
-        m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$", value)
-        unit = m.group(2).upper() if m else None
-        if not m or unit not in _SIZE_UNITS:
-            raise InvalidArgumentError(
-                f"{arg}={value!r} is not a size; write a number with an optional unit, e.g. "
-                "'2GB', '512MB', '1.5G' or 2_000_000_000 (units: B, KB, MB, GB, TB; binary)")
-        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
-        if n <= 0:
-            raise InvalidArgumentError(f"{arg} must be a positive size, got {value!r}")
-        return n
-    raise InvalidArgumentError(f"{arg} must be a size like '2GB' or a number of bytes, got {value!r}")
 
 
 def default_workers() -> int:
@@ -214,8 +183,7 @@ class Pool:
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self.events: list[dict[str, Any]] = []  # deaths, recycles, restarts (pool lifetime)
-        self.status_buf = buffer(np.int64, (self.size, NFIELDS))
-        self.status = self.status_buf.array
+        self.status = StatusTable(self.size)
         self.workers: list[WorkerHandle] = []
         self.start_seconds = 0.0
         t0 = time.perf_counter()
@@ -246,7 +214,7 @@ class Pool:
         """Fork a worker into ``slot``; the child closes the master's ends of
         every other worker's socket (and of ``close``: workers being replaced)."""
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.status[slot, :] = 0
+        self.status.reset(slot)
         parent_pid = os.getpid()
         others = [w.chan.sock for w in self.workers if w.slot != slot]
         others += [w.chan.sock for w in close or () if w.chan.sock not in others]
@@ -307,7 +275,7 @@ class Pool:
         if m is not None:
             # (A deferred baseline, taken during a call, must not include freed
             # memory the worker keeps for reuse: drift subtracts that itself.)
-            w.baseline = max(0, self.footprint(m, w) - int(self.status[w.slot, ST_HEAP_KEPT]))
+            w.baseline = max(0, self.footprint(m, w) - self.status.heap_kept(w.slot))
             # Pages still shared with the master after fork count half in
             # Pss_Anon; as the worker touches them (refcounts) they become
             # private and Pss_Anon grows by up to that much with no leak at
@@ -479,7 +447,7 @@ class Pool:
                 self._reap(w, wait=max(0.0, deadline - time.monotonic()))
             w.chan.close()
         _live_pools.discard(self)
-        self.status_buf.close()
+        self.status.close()
 
     close = stop
 
@@ -572,7 +540,7 @@ class Pool:
         limit = None if drift is None else (drift / 2 if prof == "memory" else drift)
         if limit is not None and w.baseline:
             # Freed memory the worker keeps for reuse (heap_keep) is not a leak.
-            growth = used - w.baseline - w.cow_slack - int(self.status[w.slot, ST_HEAP_KEPT])
+            growth = used - w.baseline - w.cow_slack - self.status.heap_kept(w.slot)
             floor = int(os.environ.get("SHARDC_RECYCLE_MIN_BYTES", 32 * 1024**2))
             if growth > floor and growth > limit * max(w.baseline, floor):
                 return "drift", (f"{label} grew {fmt_bytes(growth)} over its baseline "
@@ -625,24 +593,8 @@ class Pool:
         return f"<shardc.Pool workers={self.size} {state}>"
 
 
-def check_recycle(recycle: Any) -> float | None:
-    if recycle is True:
-        return 0.5
-    if recycle is False or recycle is None:
-        return None
-    if isinstance(recycle, (int, float)) and not isinstance(recycle, bool) and recycle > 0:
-        return float(recycle)
-    raise InvalidArgumentError(f"recycle must be True, False or a positive fraction (e.g. 0.5), got {recycle!r}")
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _is_zombie(pid: int) -> bool:

@@ -45,31 +45,13 @@ import numpy.random  # noqa: F401 - NumPy imports it lazily: once here, not in e
 from . import _lowlevel as ll
 from . import inherit
 from ._channel import Channel, ChannelClosed
-from .errors import BindingError, BorrowedInputWriteError, ShardcError
+from .protocol import ERR, OK, OK_PICKLED, RETIRE_EXIT, error_record as _error_record, raise_from_record  # noqa: F401
 from .segment import Segment
+from .status import DoneMap, StatusTable
 from .share import array_extent, view_array
-
-# Status fields: one int64 row per worker slot, in a shared buffer.
-ST_STATE, ST_CURRENT, ST_START_NS, ST_DONE, ST_CALL, ST_BLOCK0, ST_BLOCKN, ST_EXIT_REQ, \
-    ST_PID, ST_SENDING, ST_HEAP_KEPT = range(11)
-# ST_SENDING: 1 + id of the shard whose value is being pickled.  ST_HEAP_KEPT:
-# freed heap bytes the worker keeps for reuse (heap reuse, see Worker.heap_check),
-# which the master does not count as drift.
-NFIELDS = 16
-STATE_IDLE, STATE_RUNNING = 0, 1
-
-# Exit status of a worker that retires by itself: a shard wrote more of an
-# input inherited over fork than the guards could save, so this process's
-# copy of it can no longer be restored (the master forks a fresh worker).
-RETIRE_EXIT = 75
-
-OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
 
 # Return values that pickle instantly and cannot run user code while pickled.
 _TRIVIAL = (type(None), bool, int, float, complex, str, bytes)
-
-# Exceptions that will fail the same way on every attempt: never retried.
-DETERMINISTIC = (BorrowedInputWriteError, BindingError)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -107,11 +89,10 @@ class CallState:
 
 
 class Worker:
-    def __init__(self, slot: int, chan: Channel, status: np.ndarray) -> None:
+    def __init__(self, slot: int, chan: Channel, status: StatusTable) -> None:
         self.slot = slot
         self.chan = chan
-        self.status = status
-        self.row = status[slot]
+        self.row = status.row(slot)
         self.segments: dict[str, Segment] = {}
         self.shared_maps: dict[str, ll.Mapping] = {}
         self.private_maps: dict[str, ll.Mapping] = {}
@@ -214,7 +195,7 @@ class Worker:
         for name, desc in msg["out"].items():
             kwargs[name] = self.out_array(desc)
         c.kwargs = kwargs
-        c.donemap = self.out_array(msg["donemap"]).data  # memoryview: cheapest byte stores
+        c.donemap = DoneMap.attach(self.out_array(msg["donemap"]))
         c.fun = _Unpickler(msg["fun"], self).load()
 
     def end_call(self) -> None:
@@ -251,7 +232,7 @@ class Worker:
         if keep == self.heap_keep:
             return
         self.heap_keep = keep if ll.heap_reuse(keep) else 0
-        self.row[ST_HEAP_KEPT] = 0
+        self.row.set_heap_kept(0)
         if self.heap_keep:
             st = ll.heap_stats()
             if st is None or not self._heap_trimmed():
@@ -263,7 +244,7 @@ class Worker:
         """glibc's defaults for the rest of this process."""
         self.heap_refused = True
         self.heap_keep = 0
-        self.row[ST_HEAP_KEPT] = 0
+        self.row.set_heap_kept(0)
         ll.heap_reuse(0)
 
     def _own_anon(self) -> int | None:
@@ -280,7 +261,7 @@ class Worker:
         if st is None or anon is None:
             return False
         self.heap_ref = (anon, st["used"], st["free"])
-        self.row[ST_HEAP_KEPT] = 0
+        self.row.set_heap_kept(0)
         return True
 
     def heap_check(self, anon: int | None = None) -> None:
@@ -314,7 +295,7 @@ class Worker:
             if not self._heap_trimmed():
                 self._refuse_heap_reuse()
             return
-        self.row[ST_HEAP_KEPT] = max(0, min(resident, st["free"]))
+        self.row.set_heap_kept(max(0, min(resident, st["free"])))
 
     def _seed_legacy(self, sid: int) -> None:
         """Seed ``random`` and ``np.random`` from (seed, shard id), for legacy code."""
@@ -333,10 +314,8 @@ class Worker:
         long = self.ewma_ns < 0 or self.ewma_ns > 500_000
         measure = c.diagnostics and long
         m0 = ll.proc_mem_fast(self.pid)["anon"] if measure else 0
-        row[ST_CURRENT] = sid
-        t0 = time.monotonic_ns()
-        row[ST_START_NS] = t0
-        row[ST_STATE] = STATE_RUNNING
+        t0 = row.shard_begin(sid)
+        mark = 0
         try:
             if self.guard is not None and c.guard_regions:
                 with self.guard.shard_scope(sid) as scope:
@@ -346,7 +325,7 @@ class Worker:
                 value = c.fun(shard, **c.kwargs)
                 events = None
             ok, payload = OK, value
-            c.donemap[sid] = 1 if value is None else 2
+            mark = 1 if value is None else 2
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             raised = exc
             if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, Exception):
@@ -356,8 +335,7 @@ class Worker:
             release_traceback(raised)
             release_traceback(exc)
             del raised
-        t1 = time.monotonic_ns()
-        row[ST_STATE] = STATE_IDLE
+        t1 = row.shard_end(c.donemap, sid, mark)
         self.ewma_ns = (t1 - t0) if self.ewma_ns < 0 else (self.ewma_ns * 7 + (t1 - t0)) // 8
         m1 = ll.proc_mem_fast(self.pid)["anon"] if measure else None
         dmem = m1 - m0 if m1 is not None else None
@@ -396,7 +374,7 @@ class Worker:
         out = []
         for r in results:
             if r[1] == OK and type(r[2]) not in _TRIVIAL:
-                row[ST_SENDING] = r[0] + 1
+                row.set_sending(r[0])
                 try:
                     out.append((r[0], OK_PICKLED, pickle.dumps(r[2], protocol=5), *r[3:]))
                 except Exception as exc:  # noqa: BLE001 - reported as that shard's failure
@@ -405,7 +383,7 @@ class Worker:
                     out.append((r[0], ERR, _error_record(err, r[0], deterministic=True), *r[3:]))
             else:
                 out.append(r)
-        row[ST_SENDING] = 0
+        row.set_sending(None)
         self.chan.send(("results", call_id, out))
 
     # -- main loop ------------------------------------------------------------------
@@ -454,17 +432,6 @@ class Worker:
             elif kind == "exit":
                 return
 
-
-def _error_record(exc: BaseException, sid: int | None, deterministic: bool | None = None) -> dict[str, Any]:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        blob = pickle.dumps(exc, protocol=5)
-        pickle.loads(blob)
-    except Exception:  # noqa: BLE001 - unpicklable exception: send text only
-        blob = None
-    det = isinstance(exc, DETERMINISTIC) if deterministic is None else deterministic
-    return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
-            "traceback": tb, "exc": blob, "deterministic": det, "shard": sid}
 
 
 def release_traceback(exc: BaseException) -> None:
@@ -556,13 +523,13 @@ def after_fork(parent_pid: int, packages: list[str], init_expr: Any) -> None:
             exec(compile(init_expr, "<init_expr>", "exec"), {"__name__": "__shardc_init__"})
 
 
-def worker_entry(slot: int, sock: Any, status: np.ndarray, parent_pid: int, packages: list[str],
+def worker_entry(slot: int, sock: Any, status: StatusTable, parent_pid: int, packages: list[str],
                  init_expr: Any, init_blob: bytes | None, guard_wanted: bool) -> None:
     """Entry point in the child after fork; never returns."""
     code = 0
     try:
         os.environ["SHARDC_WORKER"] = str(slot)
-        status[slot, ST_PID] = os.getpid()
+        status.row(slot).set_pid(os.getpid())
         if init_blob is not None:
             init_expr = cloudpickle.loads(init_blob)
         after_fork(parent_pid, packages, init_expr)
@@ -587,18 +554,3 @@ def worker_entry(slot: int, sock: Any, status: np.ndarray, parent_pid: int, pack
         code = 71
     finally:
         os._exit(code)
-
-
-def raise_from_record(rec: dict[str, Any]) -> BaseException:
-    """Rebuild a worker's exception with its traceback as ``__cause__``."""
-    from .errors import RemoteTraceback
-    exc: BaseException | None = None
-    if rec.get("exc") is not None:
-        try:
-            exc = pickle.loads(rec["exc"])
-        except Exception:  # noqa: BLE001
-            exc = None
-    if exc is None:
-        exc = ShardcError(f"{rec['type']}: {rec['message']}")
-    exc.__cause__ = RemoteTraceback(rec["traceback"])
-    return exc

@@ -549,7 +549,7 @@ def test_workers_killed_while_holding_ring_claims_lose_nothing(pool2, claim_batc
     """shm_queue: workers SIGKILLed at random moments while holding ring claims lose no shard, rerun <= 1 per kill."""
     import random as _random
     import threading
-    from shardc.worker import ST_PID, ST_STATE, STATE_RUNNING
+    from shardc.status import STATE_RUNNING
     n, kills = 60_000, 5
     out = shardc.buffer(np.int64, (n,), init=0)
     runs = shardc.buffer(np.int64, (n,), init=0)
@@ -563,10 +563,10 @@ def test_workers_killed_while_holding_ring_claims_lose_nothing(pool2, claim_batc
             stop.wait(rng.uniform(0.03, 0.09))
             if np.count_nonzero(seen) == 0:
                 continue  # not started yet
-            busy = [s for s in range(pool2.size) if pool2.status[s, ST_STATE] == STATE_RUNNING]
+            busy = [s for s in range(pool2.size) if pool2.status.read(s).state == STATE_RUNNING]
             if not busy:
                 continue
-            pid = int(pool2.status[rng.choice(busy), ST_PID])
+            pid = pool2.status.pid(rng.choice(busy))
             if pid <= 0 or pid in killed:
                 continue
             try:
@@ -789,7 +789,7 @@ def test_shm_queue_never_shows_running_without_a_start_time():
     """shm_queue workers write a shard's start time before marking themselves RUNNING, so the
     watchdog never sees RUNNING with a stale start time (that looked like an hours-long shard
     and got fresh workers killed for "timeout")."""
-    from shardc.worker import ST_START_NS, ST_STATE, STATE_RUNNING
+    from shardc.status import STATE_RUNNING
 
     pool = shardc.pool_create(2)
     out = shardc.buffer(np.int64, 2000)
@@ -801,8 +801,9 @@ def test_shm_queue_never_shows_running_without_a_start_time():
     if watcher == 0:
         status, f = pool.status, flags.array
         while not f[0]:
-            for slot in range(status.shape[0]):
-                if status[slot, ST_STATE] == STATE_RUNNING and status[slot, ST_START_NS] < t_start:
+            for slot in range(status.nslots):
+                row = status.read(slot)
+                if row.state == STATE_RUNNING and row.start_ns < t_start:
                     f[1] += 1
         os._exit(0)
     try:

@@ -1,0 +1,84 @@
+"""The master <-> worker protocol: message tags, the shard outcome, error records.
+
+A leaf module (imports nothing of shardc but errors): both sides and every
+dispatcher use these names, so a message's shape is written down once.
+
+Messages (tuples; the first item is the tag):
+
+master -> worker
+    ``(CALL, msg)`` + fds          set up a call (fun, inputs, out buffers)
+    ``(RUN, call_id, ids)``        rpc: run a chunk of shard ids
+    ``(QUEUE, msg)`` + fds         shm_queue: pop blocks from the ring until it closes
+    ``(END,)``                     drop the call's state
+    ``(FORGET, keys)``             close segments the master closed
+    ``(EXIT,)``                    leave
+
+worker -> master
+    ``(HELLO, pid, None)``         started
+    ``(READY, call_id, err)``      the call is set up (err: an error record or None)
+    ``(RESULTS, call_id, [Outcome])``   rpc: a chunk's outcomes
+    ``(QFAIL, call_id, Outcome)``  shm_queue: a failed shard
+    ``(QCOW, call_id, (sid, events))``  shm_queue: writes into borrowed inputs
+    ``(QDONE, call_id, dict)``     shm_queue: the worker left the ring
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any, NamedTuple
+
+from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, ShardcError
+
+CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "exit"
+HELLO, READY, RESULTS, QFAIL, QCOW, QDONE = "hello", "ready", "results", "qfail", "qcow", "qdone"
+
+OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
+
+# Exit status of a worker that retires by itself: a shard wrote more of an
+# input inherited over fork than the guards could save, so this process's
+# copy of it can no longer be restored (the master forks a fresh worker).
+RETIRE_EXIT = 75
+
+# Exceptions that will fail the same way on every attempt: never retried.
+DETERMINISTIC: tuple[type[BaseException], ...] = (BorrowedInputWriteError, BindingError)
+
+
+class Outcome(NamedTuple):
+    """What one attempt of one shard produced (sent back to the master)."""
+
+    sid: int
+    ok: int  # OK, ERR or OK_PICKLED
+    value: Any  # the return value (OK), its pickle (OK_PICKLED) or an error record (ERR)
+    t0: int  # monotonic ns at start
+    t1: int  # monotonic ns at end
+    events: list[dict[str, Any]] | None  # cow events (writes into borrowed inputs)
+    mem_delta: int | None  # anonymous-memory growth over the shard, if measured
+
+
+def error_record(exc: BaseException, sid: int | None, deterministic: bool | None = None) -> dict[str, Any]:
+    """A picklable description of ``exc`` (type, message, traceback, the exception if it pickles)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    blob: bytes | None
+    try:
+        blob = pickle.dumps(exc, protocol=5)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - unpicklable exception: send text only
+        blob = None
+    det = isinstance(exc, DETERMINISTIC) if deterministic is None else deterministic
+    return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
+            "traceback": tb, "exc": blob, "deterministic": det, "shard": sid}
+
+
+def raise_from_record(rec: dict[str, Any]) -> BaseException:
+    """Rebuild a worker's exception with its traceback as ``__cause__``."""
+    exc: BaseException | None = None
+    if rec.get("exc") is not None:
+        try:
+            exc = pickle.loads(rec["exc"])
+        except Exception:  # noqa: BLE001
+            exc = None
+    if exc is None:
+        exc = ShardcError(f"{rec['type']}: {rec['message']}")
+    exc.__cause__ = RemoteTraceback(rec["traceback"])
+    return exc
