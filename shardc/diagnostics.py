@@ -55,7 +55,7 @@ def _want_progress(flag: bool | None) -> bool:
 class Diagnostics:
     """Everything one run measured (see module docstring)."""
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any) -> None:  # run: mode, num, cow, diagnostics, chunk, progress, opts
         self.mode = run.mode
         self.num_shards = run.num
         self.cow = run.cow
@@ -100,7 +100,9 @@ class Diagnostics:
         self.workers: dict[int, dict[str, Any]] = {}
         self._bar: Any = None
         self._progress = _want_progress(run.progress)
-        self._run = run
+        self.chunk_final = run.chunk
+        self.block_size_opt = bool(run.opts.get("block_size"))
+        self._counts = (0, 0, 0)  # completed, failed, retries (for the progress bar)
         self._last_master = 0.0
 
     # -- collection -----------------------------------------------------------------------
@@ -157,7 +159,8 @@ class Diagnostics:
             self.master_precise = self.master_precise or bool(m.get("precise", 1))
             self.master_mem.append((time.monotonic_ns(), m["rss"], m["pss"], m["uss"], m["pss_anon"]))
 
-    def tick(self, pool: Any, run: Any) -> None:
+    def tick(self, completed: int, failed: int, retries: int) -> None:
+        self._counts = (completed, failed, retries)
         now = time.monotonic()
         if now - self._last_master > 0.5:
             # statm: a precise sample of a master holding a big array costs
@@ -170,11 +173,11 @@ class Diagnostics:
         bar = self._bar
         if bar is None:
             return
-        run = self._run
-        done = run.completed + run.n_failed
+        completed, failed, retries = self._counts
+        done = completed + failed
         if done > bar.n:
             bar.update(done - bar.n)
-        bar.set_postfix(failed=run.n_failed, retries=run.retries_total, refresh=force)
+        bar.set_postfix(failed=failed, retries=retries, refresh=force)
 
     def add_out(self, name: str, nbytes: int, seg: Any = None) -> None:
         self.out[name] = nbytes
@@ -392,7 +395,7 @@ def task_report(result: Any) -> Report:
     d = _diag(result)
     data = {"shards_total": d.num_shards, "shards_completed": d.completed, "shards_failed": d.failed,
             "retries": d.retries, "wall_seconds": round(d.wall_seconds, 6), "throughput": d.throughput(),
-            "dispatch_mode": d.mode, "chunk_size_final": d._run.chunk, "autotune_steps": len(d.autotune),
+            "dispatch_mode": d.mode, "chunk_size_final": d.chunk_final, "autotune_steps": len(d.autotune),
             "throttle_events": d.throttles, "messages_dispatched": d.messages_dispatch,
             "bytes_dispatched": d.bytes_dispatch,
             "bytes_per_dispatch": round(d.bytes_dispatch / max(1, d.messages_dispatch), 1),
@@ -419,7 +422,7 @@ def task_report(result: Any) -> Report:
         lines.append(f"memory      largest growth over one shard: {_fmt(data['shard_mem_delta_max'])} "
                      f"(shard {data['shard_mem_delta_max_shard']})")
     if d.autotune:
-        lines.append(f"autotune    chunk {d.autotune[0]['chunk_from']} -> {d._run.chunk} in {len(d.autotune)} steps")
+        lines.append(f"autotune    chunk {d.autotune[0]['chunk_from']} -> {d.chunk_final} in {len(d.autotune)} steps")
     return Report("tasks", data, lines)
 
 
@@ -517,7 +520,7 @@ def recommendations(result: Any) -> Report:
     recs: list[str] = []
     t = task_report(result).data
     med = t.get("shard_seconds_median")
-    if d.mode == "rpc_chunked" and med is not None and med < 0.02 and d._run.chunk < 16 and d.num_shards > 100:
+    if d.mode == "rpc_chunked" and med is not None and med < 0.02 and d.chunk_final < 16 and d.num_shards > 100:
         recs.append(f"shards take {med*1e3:.2f} ms (median) in rpc mode: raise chunk_size (e.g. "
                     f"{max(2, int(0.02 / max(med, 1e-6)))}), or use dispatch_mode='shm_queue' with out= buffers")
     for name, v in d.borrow.items():
@@ -537,7 +540,7 @@ def recommendations(result: Any) -> Report:
                     "gather: write results into out= buffers, or use rpc_chunked")
     if d.throttles:
         recs.append(f"{d.throttles} dispatches were throttled by max_huge_concurrency")
-    if d.mode == "shm_queue" and d.num_shards > 10**6 and not d._run.opts.get("block_size"):
+    if d.mode == "shm_queue" and d.num_shards > 10**6 and not d.block_size_opt:
         recs.append("over a million shards in shm_queue mode: a larger dispatch_opts block_size lowers overhead")
     return Report("recommendations", {"recommendations": recs}, [f"- {r}" for r in recs] or ["- none"])
 

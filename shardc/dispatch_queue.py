@@ -33,10 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from ._channel import ChannelClosed
+import tempfile
+
+from .dispatch import Dispatcher, Loss
 from .errors import QueueClosedError
-from .protocol import ERR, error_record as _error_record
-from .status import STATE_RUNNING
+from .protocol import ERR, QCOW, QDONE, QFAIL, QUEUE
+from .protocol import error_record as _error_record
+from .queue import TaskRing
+from .scheduler import Scheduler
+from .status import STATE_RUNNING, RowSnapshot
 from .worker import release_traceback
 
 log = logging.getLogger("shardc")
@@ -58,7 +63,6 @@ def encode(start: int, count: int) -> int:
 def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
     """Pop blocks and run them until the ring is closed (or exit is requested)."""
     from . import _lowlevel as ll
-    from .queue import TaskRing
     ring = TaskRing.attach(fds[0], msg["nbytes"])
     ll.seg_close_fd(fds[1])  # the done map: mapped at the call's setup already
     slot = worker.slot
@@ -215,16 +219,18 @@ def worker_pid() -> int:
 class QueueFeeder:
     """Cuts the remaining shard ids into blocks and keeps the ring supplied."""
 
-    def __init__(self, run: Any, ring: Any, workers: int) -> None:
-        self.run = run
+    def __init__(self, sched: Scheduler, diag: Any, ring: Any, workers: int, block_size: int | None,
+                 autotune: dict[str, Any] | None) -> None:
+        self.sched = sched
+        self.diag = diag
         self.ring = ring
         self.workers = workers
-        fixed = run.opts.get("block_size")
-        self.fixed = int(fixed) if fixed else None
+        self.fixed = int(block_size) if block_size else None
+        self.autotune = autotune
         # Probe blocks are small (a retry never waits behind a long untuned
         # block); the first 20 ms window of throughput sizes the rest.
-        self.block = self.fixed or (8 if run.autotune else max(1, min(4096, run.num // (workers * 8) or 1)))
-        self.tuned = self.fixed is not None or not run.autotune
+        self.block = self.fixed or (8 if autotune else max(1, min(4096, sched.num // (workers * 8) or 1)))
+        self.tuned = self.fixed is not None or not autotune
         self.win_t: float | None = None
         self.win_done = 0
         self.rounds = 0
@@ -234,9 +240,9 @@ class QueueFeeder:
         """Aim at ~target seconds of work per block, from the throughput
         measured over windows of >= 20 ms (the first window starts when the
         first shard is done, so pool wake-up does not count as work)."""
-        if self.fixed is not None or not self.run.autotune:
+        if self.fixed is not None or not self.autotune:
             return
-        run = self.run
+        sched = self.sched
         now = time.monotonic()
         if self.win_t is None:
             if done > 0:
@@ -247,12 +253,14 @@ class QueueFeeder:
             return
         per_shard = dt * self.workers / (done - self.win_done)
         self.win_t, self.win_done = now, done
-        run.ewma_shard_s = per_shard if run.ewma_shard_s is None else 0.5 * run.ewma_shard_s + 0.5 * per_shard
-        target = float(run.autotune["target_chunk_seconds"])
-        new = int(max(1, min(MAX_BLOCK, target / max(run.ewma_shard_s, 1e-8))))
-        if abs(new - self.block) * 4 > self.block and self.rounds < int(run.autotune.get("max_rounds", 64)):
-            run.diag.autotune_step(self.block, new, run.ewma_shard_s)
-            run.chunk = new
+        sched.observe(per_shard, weight=0.5)
+        ewma = sched.ewma_shard_s
+        assert ewma is not None
+        target = float(self.autotune["target_chunk_seconds"])
+        new = int(max(1, min(MAX_BLOCK, target / max(ewma, 1e-8))))
+        if abs(new - self.block) * 4 > self.block and self.rounds < int(self.autotune.get("max_rounds", 64)):
+            self.diag.autotune_step(self.block, new, ewma)
+            sched.chunk = new
             self.block = new
             self.rounds += 1
         self.tuned = True
@@ -260,13 +268,13 @@ class QueueFeeder:
     def _retry_items(self, limit: int) -> list[int]:
         """Requeued ids as blocks: consecutive ids (the rest of a dead
         worker's block) travel together, up to the current block size."""
-        run = self.run
+        retry = self.sched.retry
         items: list[int] = []
-        while run.retry and len(items) < limit:
-            start = run.retry.popleft()
+        while retry and len(items) < limit:
+            start = retry.popleft()
             count = 1
-            while run.retry and run.retry[0] == start + count and count < max(1, self.block):
-                run.retry.popleft()
+            while retry and retry[0] == start + count and count < max(1, self.block):
+                retry.popleft()
                 count += 1
             items.append(encode(start, count))
         return items
@@ -276,281 +284,251 @@ class QueueFeeder:
         regardless of that mark, so a retried shard waits behind as little
         as possible (this also runs right after a death, before the
         replacement worker is forked)."""
-        run = self.run
-        if run.pending_count() == 0:
+        sched = self.sched
+        if sched.pending_count() == 0:
             return
         size = self.ring.size()
         items = self._retry_items(max(0, self.ring.capacity - size))
-        low_water = 2 * self.workers
-        room = low_water - size - len(items)
+        room = 2 * self.workers - size - len(items)
         for _ in range(max(0, room)):
-            pending = run.pending_count()
+            pending = sched.pending_count()
             if pending == 0:
                 break
             # Shrink blocks at the end so the tail spreads over every worker.
             size = min(self.block, max(1, pending // (2 * self.workers)) if self.tuned else self.block)
-            ids = run.take_chunk(size)
+            ids = sched.take_chunk(size)
             items.append(encode(ids[0], len(ids)))
         if items:
             n = self.ring.push(np.asarray(items, dtype=np.uint64), timeout=0)
             if n < len(items):  # ring full: give back what did not fit
                 for it in reversed(items[n:]):
                     start, count = it >> COUNT_BITS, it & COUNT_MASK
-                    for sid in range(start + count - 1, start - 1, -1):
-                        run.retry.appendleft(sid)
+                    sched.put_back(list(range(start, start + count)))
             self.pushed_blocks += n
-            run.diag.dispatched(8 * n, n)
+            self.diag.dispatched(8 * n, n)
 
 
-def run_queue(run: Any) -> None:
-    """The master loop of shm_queue mode (supervision shared with rpc)."""
-    import selectors
-    from .queue import TaskRing
-    pool = run.pool
-    n = len(pool.workers)
-    backing = run.opts.get("queue_backing", "memfd")
-    backing = {"mmap": "memfd", "auto": "memfd"}.get(backing, backing)
-    ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
-    donemap = run.donemap  # the call's done map (closed by run.release)
-    feeder = QueueFeeder(run, ring, n)
-    run.on_requeue = feeder.feed  # retries enter the ring before a replacement is forked
-    run.done_base = 0  # ST_DONE of workers that are gone
-    run.qdone: set[int] = set()
-    sel = selectors.DefaultSelector()
-    run.sel = sel
+class QueueDispatcher(Dispatcher):
+    """Blocks through the shared ring (see the module docstring)."""
 
-    queued_pids: set[int] = set()  # workers that were handed the ring (and will send "qdone")
-    returned = [0]  # shards whose non-None return value was dropped
+    poll_interval = 0.002  # progress is read from shared counters, not messages
 
-    progress: dict[int, tuple[tuple[int, ...], float]] = {}
+    def __init__(self, sup: Any) -> None:
+        self.sup = sup
+        self.call = call = sup.call
+        self.sched: Scheduler = sup.sched
+        self.diag = sup.diag
+        self.pool = pool = sup.pool
+        self.status = pool.status
+        self.ws = sup.ws
+        self.call_id = call.call_id
+        opts = call.opts
+        backing = opts.get("queue_backing", "memfd")
+        backing = {"mmap": "memfd", "auto": "memfd"}.get(backing, backing)
+        n = len(pool.workers)
+        self.ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
+        self.done = call.donemap  # the call's done map (closed with the call)
+        self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"),
+                                  self.sched.autotune)
+        self.done_base = 0  # finished-shard counts of workers that are gone
+        self.queued_pids: set[int] = set()  # workers handed the ring (each sends QDONE)
+        self.returned = 0  # shards whose non-None return value was dropped
+        self.reported: dict[int, set[int]] = {}  # worker pid -> shards whose failure it reported
+        self.progress: dict[int, tuple[tuple[int, ...], float]] = {}
+        self.last_done = 0
+        self.tick_due = False
+        self.closed = False
 
-    def check_progress(now: float) -> None:
-        """Kill a worker that holds ring claims, runs no shard, and shows no
-        progress (ring heartbeat, done count, current shard) for ``timeout``
-        seconds: it is stuck outside any shard, e.g. pickling an error report
-        whose pickling blocks."""
-        for w in list(pool.workers):
-            row = pool.status.read(w.slot)
-            if not w.alive or row.state == STATE_RUNNING:
-                progress.pop(w.slot, None)
-                continue
-            info = ring.consumer_info(w.slot)
-            if not info["claimed"]:
-                progress.pop(w.slot, None)
-                continue
-            sig = (int(info["heartbeat"]), row.done, row.current, w.pid)
-            seen = progress.get(w.slot)
-            if seen is None or seen[0] != sig:
-                progress[w.slot] = (sig, now)
-            elif now - seen[1] > run.timeout:
-                progress.pop(w.slot, None)
-                pool.kill(w)
-                on_death(w, reason="no progress", code=w.exitcode)
-
-    def on_qdone(w: Any, payload: dict[str, Any]) -> None:
-        for b in payload["blocks"]:
-            run.diag.block_done(w.slot, *b)
-        returned[0] += payload.get("returned", 0)
-
-    def error_log_path(w: Any) -> str:
-        import tempfile
-        path = os.path.join(tempfile.gettempdir(), f"shardc-errors-{os.getpid()}-call{run.call_id}-w{w.slot}.log")
-        run.diag.error_logs.append(path)
+    # -- handing out work -------------------------------------------------------------
+    def _error_log_path(self, w: Any) -> str:
+        path = os.path.join(tempfile.gettempdir(),
+                            f"shardc-errors-{os.getpid()}-call{self.call_id}-w{w.slot}.log")
+        self.diag.error_logs.append(path)
         return path
 
-    def start_worker(w: Any) -> None:
-        pool.status.set_call(w.slot, run.call_id)
-        queued_pids.add(w.pid)
-        msg = {"call_id": run.call_id, "nbytes": ring.nbytes, "num": run.num,
-               "claim_batch": int(run.opts.get("claim_batch", 1)),
-               "error_log": error_log_path(w) if run.opts.get("error_log") else None,
-               "error_log_max_lines": int(run.opts.get("error_log_max_lines", 100))}
-        n_bytes = w.chan.send(("queue", msg), [ring.fd, donemap.segment.fd])
-        run.diag.bytes_setup += n_bytes
+    def attach(self, w: Any) -> None:
+        """Hand ``w`` the ring."""
+        opts = self.call.opts
+        self.status.set_call(w.slot, self.call_id)
+        self.queued_pids.add(w.pid)
+        msg = {"call_id": self.call_id, "nbytes": self.ring.nbytes, "num": self.sched.num,
+               "claim_batch": int(opts.get("claim_batch", 1)),
+               "error_log": self._error_log_path(w) if opts.get("error_log") else None,
+               "error_log_max_lines": int(opts.get("error_log_max_lines", 100))}
+        self.diag.bytes_setup += w.chan.send((QUEUE, msg), [self.ring.fd, self.done.segment.fd])
 
-    reported: dict[int, set[int]] = {}  # worker pid -> shards whose failure it reported
+    def start(self) -> None:
+        for w in self.pool.workers:
+            self.status.take_done(w.slot)  # counts start at 0 each call
+            self.attach(w)
+        self.feeder.feed()
 
-    def on_report(w: Any, m: tuple) -> None:
-        """A failed shard ("qfail") or a shard's writes into borrowed inputs ("qcow")."""
-        if m[0] == "qcow":
-            run.diag.cow_events(*m[2])
+    def requeued(self) -> None:
+        self.feeder.feed()  # retries enter the ring before a replacement is forked
+
+    def done_total(self) -> int:
+        return self.done_base + self.status.done_total()
+
+    # -- messages -------------------------------------------------------------------------
+    def _report(self, w: Any, m: tuple) -> None:
+        """A failed shard (QFAIL) or a shard's writes into borrowed inputs (QCOW)."""
+        if m[0] == QCOW:
+            self.diag.cow_events(*m[2])
             return
         sid, _ok, rec, _t0, _t1, events, _dm = m[2]
-        reported.setdefault(w.pid, set()).add(sid)
+        self.reported.setdefault(w.pid, set()).add(sid)
         if events:
-            run.diag.cow_events(sid, events)
-        run.record_failure(sid, rec)
+            self.diag.cow_events(sid, events)
+        self.sched.record_failure(sid, rec)
 
-    def done_total() -> int:
-        return run.done_base + pool.status.done_total()
+    def _qdone(self, w: Any, payload: dict[str, Any]) -> None:
+        for b in payload["blocks"]:
+            self.diag.block_done(w.slot, *b)
+        self.returned += payload.get("returned", 0)
 
-    def on_death(w: Any, reason: str | None = None, code: int | None = None) -> None:
-        row = pool.status.read(w.slot)
+    def on_messages(self, w: Any, msgs: list[tuple[Any, list[int]]]) -> None:
+        for m, _fds in msgs:
+            if m[1] != self.call_id:
+                continue
+            if m[0] in (QFAIL, QCOW):
+                self._report(w, m)
+            elif m[0] == QDONE:
+                self._qdone(w, m[2])
+                if m[2]["exiting"]:
+                    self._left(w, m[2])
+                    return
+
+    def _left(self, w: Any, payload: dict[str, Any]) -> None:
+        """``w`` left the ring (recycle requested, or it retires): requeue
+        what it claimed and did not run, and replace it."""
+        done, sched = self.done, self.sched
+        sched.requeue([sid for sid in payload.get("unfinished", ()) if not done.get(sid)])
+        if payload.get("retire"):
+            self.ws[w.slot].pending_recycle = "a shard wrote more of an input inherited at fork than can be restored"
+        self.done_base += self.status.take_done(w.slot)
+        self.pool._reap(w, wait=2.0)
+        self.sup.recycle_now(w)
+
+    def after_poll(self) -> None:
+        done = self.done_total()
+        if done != self.last_done:
+            self.feeder.retune(done)
+            self.last_done = done
+        self.feeder.feed()
+        self.sched.completed = done
+
+    def on_tick(self) -> None:
+        self.tick_due = True
+        for w in list(self.pool.workers):
+            if w.alive and self.ws[w.slot].pending_recycle is None:
+                self.sup.check_memory(w, due=True)
+        self.sched.completed = self.done_total()
+
+    def finished(self) -> bool:
+        sched = self.sched
+        if self.done_total() + sched.n_failed < sched.num:
+            # The counters can stay one short for good (a worker killed
+            # between marking a shard done and counting it): once all work
+            # is handed out, ask the done map every tick.
+            if not self.tick_due or sched.pending_count() or self.ring.size():
+                return False
+            self.tick_due = False
+        # The counters are a hint; the done map is the truth.
+        exact = self.done.count()
+        if exact + sched.n_failed >= sched.num:
+            sched.completed = exact
+            return True
+        return False
+
+    # -- supervision hooks ----------------------------------------------------------------
+    def recycle(self, w: Any) -> None:
+        self.status.request_exit(w.slot)  # it leaves after its current block (QDONE exiting)
+
+    def stalled(self, w: Any, row: RowSnapshot, now: float) -> bool:
+        """Holds ring claims, runs no shard, and shows no progress (ring
+        heartbeat, done count, current shard) for ``timeout`` seconds: stuck
+        outside any shard, e.g. pickling an error report that blocks."""
+        info = self.ring.consumer_info(w.slot)
+        if not info["claimed"]:
+            self.progress.pop(w.slot, None)
+            return False
+        sig = (int(info["heartbeat"]), row.done, row.current, w.pid)
+        seen = self.progress.get(w.slot)
+        if seen is None or seen[0] != sig:
+            self.progress[w.slot] = (sig, now)
+            return False
+        if now - seen[1] > self.call.timeout:
+            self.progress.pop(w.slot, None)
+            return True
+        return False
+
+    def lost(self, w: Any, reason: str | None) -> Loss:
+        row = self.status.read(w.slot)
+        done = self.done
         # A worker killed for making no progress was stuck after its current
-        # shard (e.g. pickling that shard's error report): that shard is the one
-        # charged, as if it were still running.
+        # shard (e.g. pickling that shard's error report): that shard is the
+        # one charged, as if it were still running.
         current = row.current if row.state == STATE_RUNNING or reason == "no progress" else None
-        block0, blockn = row.block0, row.blockn
-        if code is None:
-            code = pool._reap(w, wait=2.0)
-        run.done_base += pool.status.take_done(w.slot)
-        claimed = [int(x) for x in ring.repair(w.slot)]
+        self.done_base += self.status.take_done(w.slot)
+        claimed = [int(x) for x in self.ring.repair(w.slot)]
         charged = None
         if current is not None and any(
                 (it >> COUNT_BITS) <= current < (it >> COUNT_BITS) + (it & COUNT_MASK) for it in claimed):
             charged = current
-        if charged is not None and donemap.get(charged):
-            charged = None  # killed after marking it done, before leaving STATE_RUNNING
-        queued = set(run.retry)
+        if charged is not None and done.get(charged):
+            charged = None  # killed after marking it done, before leaving RUNNING
         # In the block it was running, the ids before the current one failed
-        # and were reported (their retry is the master's already), unless the
-        # report died unread with the worker (a watchdog kill closes the socket).
-        skip = reported.pop(w.pid, set())
+        # and were reported (their retry is the scheduler's already), unless
+        # the report died unread with the worker (a watchdog kill closes the socket).
+        skip = self.reported.pop(w.pid, set())
         requeue = []
         for it in claimed:
             start, stop = it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK)
-            running = current is not None and (start, stop - start) == (block0, blockn) and start <= current < stop
+            running = current is not None and (start, stop - start) == (row.block0, row.blockn) and start <= current < stop
             requeue += [sid for sid in range(start, stop)
-                        if sid != charged and not donemap.get(sid) and run.state[sid] == 0 and sid not in queued
+                        if sid != charged and not done.get(sid)
                         and not (running and sid < current and sid in skip)]
-        for sid in reversed(requeue):
-            run.retry.appendleft(sid)
-        st = run.ws[w.slot]
-        st.inflight = {charged: None} if charged is not None else {}
-        # Reuse the rpc death path for logging, charging and restart.
-        sel.unregister(w.chan.sock)
-        run.sel = _NullSel()
-        nw = run.on_death(w, reason=reason, code=code, running=charged)
-        run.sel = sel
-        _reregister(nw)
-        if not run.finished():
-            start_worker(nw)
+        self.progress.pop(w.slot, None)
+        return Loss(requeue, [charged] if charged is not None else [], [])
 
-    def _reregister(w: Any) -> None:
-        try:
-            sel.unregister(w.chan.sock)
-        except KeyError:
-            pass
-        sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
-
-    try:
-        for w in pool.workers:
-            sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
-            pool.status.take_done(w.slot)  # counts start at 0 each call
-            start_worker(w)
-        feeder.feed()
-        tick = 0.05 if run.timeout > 0.2 else run.timeout / 4
-        next_tick = time.monotonic() + tick
-        last_done = 0
-        while True:
-            run.completed = done_total()
-            if run.completed + run.n_failed >= run.num:
-                # The counters are a hint; the done map is the truth.
-                run.completed = donemap.count()
-                if run.completed + run.n_failed >= run.num:
-                    break
-            events = sel.select(timeout=0.002)
-            for key, _ in events:
-                w = pool.workers[key.data]
-                if key.fileobj is not w.chan.sock:
-                    continue
-                try:
-                    msgs = w.chan.recv_ready()
-                except (ChannelClosed, ConnectionError):
-                    on_death(w)
-                    continue
-                for m, _fds in msgs:
-                    if m[0] in ("qfail", "qcow") and m[1] == run.call_id:
-                        on_report(w, m)
-                    elif m[0] == "qdone" and m[1] == run.call_id:
-                        on_qdone(w, m[2])
-                        if m[2]["exiting"]:
-                            for sid in reversed(m[2].get("unfinished", ())):
-                                if not donemap.get(sid) and run.state[sid] == 0 and sid not in run.retry:
-                                    run.retry.appendleft(sid)
-                            reason = ("a shard wrote more of an input inherited at fork than can be "
-                                      "restored" if m[2].get("retire") else
-                                      run.ws[w.slot].pending_recycle or "recycle requested")
-                            run.done_base += pool.status.take_done(w.slot)
-                            sel.unregister(w.chan.sock)
-                            pool._reap(w, wait=2.0)
-                            w.alive = False
-                            run.diag.event("recycle", w, reason)
-                            nw = pool.replace(w, reason, "recycle")
-                            run.ws[w.slot] = type(run.ws[w.slot])()
-                            run.diag.worker_started(nw)
-                            run.sel = _NullSel()
-                            nw = run.setup_worker(nw)
-                            run.sel = sel
-                            _reregister(nw)
-                            start_worker(nw)
-            done = done_total()
-            if done != last_done:
-                feeder.retune(done)
-                last_done = done
-            feeder.feed()
-            now = time.monotonic()
-            if now >= next_tick:
-                next_tick = now + tick
-                if run.pending_count() == 0 and ring.size() == 0:
-                    # The counters can stay one short for good (a worker killed
-                    # between marking a shard done and counting it): once all
-                    # work is handed out, ask the done map every tick.
-                    exact = donemap.count()
-                    if exact + run.n_failed >= run.num:
-                        run.completed = exact
-                        break
-                run.watchdog(on_death)
-                check_progress(time.monotonic())
-                for w in list(pool.workers):
-                    if not w.alive:
-                        on_death(w)
-                    elif run.ws[w.slot].pending_recycle is None:
-                        run.ws[w.slot].since_sample = run.health_check_interval
-                        run.check_memory(w)
-                        if run.ws[w.slot].pending_recycle is not None:
-                            pool.status.request_exit(w.slot)
-                run.completed = done_total()
-                run.diag.tick(pool, run)
-        ring.close()
-        # Collect every worker's qdone (block timings), with a deadline.
+    # -- the end ------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Close the ring and collect every worker's QDONE (block timings), with a deadline."""
+        self.ring.close()
         deadline = time.monotonic() + 5.0
         # A replacement forked after the last shard finished never got the
-        # ring: waiting for its qdone would only run out the deadline.
-        waiting = {w.slot for w in pool.workers if w.alive and w.pid in queued_pids}
+        # ring: waiting for its QDONE would only run out the deadline.
+        waiting = {w.slot for w in self.pool.workers if w.alive and w.pid in self.queued_pids}
+        sel = self.sup.sel
         while waiting and time.monotonic() < deadline:
             for key, _ in sel.select(timeout=0.05):
-                w = pool.workers[key.data]
-                try:
-                    msgs = w.chan.recv_ready()
-                except (ChannelClosed, ConnectionError):
+                w = self.pool.workers[key.data]
+                msgs = self.sup.receive(w)
+                if msgs is None:
                     waiting.discard(w.slot)
                     continue
                 for m, _fds in msgs:
-                    if m[0] == "qdone" and m[1] == run.call_id:
-                        on_qdone(w, m[2])
+                    if m[1] != self.call_id:
+                        continue
+                    if m[0] == QDONE:
+                        self._qdone(w, m[2])
                         waiting.discard(w.slot)
-                    elif m[0] in ("qfail", "qcow") and m[1] == run.call_id:
-                        on_report(w, m)
-        run.completed = donemap.count()
-        if returned[0]:
+                    elif m[0] in (QFAIL, QCOW):
+                        self._report(w, m)
+        self.sched.completed = self.done.count()
+        if self.returned:
             log.warning("dispatch_mode='shm_queue' gathers no return values, but %d shard(s) returned "
                         "one: write results into out= buffers, or use dispatch_mode='rpc_chunked'",
-                        returned[0])
-            run.diag.returned_ignored = returned[0]
-    finally:
+                        self.returned)
+            self.diag.returned_ignored = self.returned
+
+    def close(self) -> None:
+        """Release the ring (also when the call failed)."""
+        if self.closed:
+            return
+        self.closed = True
         # The call is over: a later rpc_chunked call attributes a death to the
-        # running shard only while ST_CALL is 0 or its own id.
-        pool.status.clear_calls()
-        sel.close()
-        run.sel = None
-        ring.close()
-        ring.release()
-
-
-class _NullSel:
-    def unregister(self, *_a: Any) -> None:
-        pass
-
-    def register(self, *_a: Any) -> None:
-        pass
+        # running shard only while the row's call is 0 or its own id.
+        self.status.clear_calls()
+        self.ring.close()
+        self.ring.release()

@@ -125,6 +125,12 @@ class CallSetupTimeoutError(ShardcError, TimeoutError):
     inputs) within ``SHARDC_SETUP_TIMEOUT`` seconds; it was killed."""
 
 
+class WorkerSetupError(ShardcError, RuntimeError):
+    """A worker could not start, or could not set up a call (e.g. ``fun``
+    failed to unpickle there, or a borrowed object failed to load); the
+    worker's exception is the ``__cause__``."""
+
+
 class WorkerMemoryError(ShardcError, MemoryError):
     """A worker was killed mid-shard for exceeding its memory cap."""
 
@@ -157,5 +163,5 @@ __all__ = [
     "ShardcError", "ShardSpecError", "InvalidArgumentError", "BindingError",
     "UnpicklableFunctionError", "ClosedError", "SegmentError", "QueueClosedError",
     "BorrowedInputWriteError", "WorkerCrashedError", "ShardTimeoutError", "CallSetupTimeoutError",
-    "WorkerMemoryError", "ShardMapError", "RemoteTraceback", "signal_label",
+    "WorkerMemoryError", "WorkerSetupError", "ShardMapError", "RemoteTraceback", "signal_label",
 ]

@@ -35,6 +35,7 @@ from .errors import ClosedError, InvalidArgumentError, signal_label
 from . import guard as _guard  # noqa: F401 - workers use it; imported once, in the master
 from . import inherit as _inherit
 from . import worker as _worker_mod
+from .protocol import END
 from .status import StatusTable
 from .worker import worker_entry
 
@@ -429,6 +430,15 @@ class Pool:
         except OSError:
             pass
         self._reap(w, wait=grace)
+
+    def end_call(self) -> None:
+        """Tell every live worker the call is over (it drops the call's state)."""
+        for w in self.workers:
+            if w.alive:
+                try:
+                    w.chan.send((END,))
+                except OSError:
+                    pass
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every worker: ask, then SIGKILL after ``timeout``; idempotent."""

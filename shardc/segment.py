@@ -466,6 +466,12 @@ def live_segments() -> list[Segment]:
     return [s for s in list(_registry.values()) if not s.closed and s._pid == os.getpid()]
 
 
+def live_segment(key: str) -> Segment | None:
+    """The open segment with ``key`` in this process, or None (closed or collected)."""
+    seg = _registry.get(key)
+    return None if seg is None or seg.closed else seg
+
+
 def find_address(addr: int, nbytes: int) -> tuple[Segment, int] | None:
     """If ``[addr, addr+nbytes)`` lies in a primary mapping of a live segment,
     return ``(segment, offset)``; else None."""

@@ -1,0 +1,177 @@
+"""``dispatch_mode="rpc_chunked"``: chunks of shard ids over per-worker sockets.
+
+The master sends ``(RUN, call_id, ids)`` messages to each worker and keeps
+several chunks queued per worker (``depth``), so a worker never waits for the
+master; the worker runs them and replies with one ``RESULTS`` message of
+:class:`shardc.protocol.Outcome` per few chunks (values pickled one by one).
+Return values are gathered into the result.
+
+What a dead worker held (:meth:`RpcDispatcher.lost`): its in-flight ids.  The
+one it was running (status row) is charged; ids the done map marks finished
+with no value (1) count as done; the rest are requeued free.  A worker killed
+for making no progress outside any shard was stuck reporting: the shard whose
+value it was pickling (``sending`` in its row) is charged, or, if it was stuck
+elsewhere, every finished shard whose value was in transit, so a result that
+cannot be sent fails after its retries instead of looping.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any
+
+from .dispatch import Dispatcher, Loss
+from .protocol import OK, OK_PICKLED, RESULTS, RUN
+from .status import RowSnapshot
+
+
+class RpcDispatcher(Dispatcher):
+    """Chunks over sockets (see the module docstring)."""
+
+    def __init__(self, sup: Any) -> None:
+        self.sup = sup
+        self.call = sup.call
+        self.sched = sup.sched
+        self.diag = sup.diag
+        self.pool = sup.pool
+        self.ws = sup.ws
+        self.call_id = self.call.call_id
+        self.prefetch = self.call.opts.get("prefetch")
+        t = self.call.timeout
+        self.poll_interval = 0.05 if t > 0.2 else t / 4
+
+    # -- handing out work -------------------------------------------------------------
+    def depth(self) -> int:
+        """Chunks kept queued per worker."""
+        if self.prefetch is not None:
+            return int(self.prefetch)
+        # One chunk running and one waiting is enough for long shards; tiny
+        # ones need more queued so a worker never waits for the master's next
+        # message and replies cover many shards: hold ~2 ms of work (at most
+        # 64 chunks), which costs nothing in balance at the end of the run.
+        s = self.sched.ewma_shard_s
+        if s is None:
+            return 2
+        per_chunk = max(s * self.sched.chunk, 1e-6) + 10e-6  # + worker overhead per chunk
+        return max(2, min(64, int(0.002 / per_chunk)))
+
+    def fill(self, w: Any) -> None:
+        """Top ``w``'s queue of chunks up to ``depth``."""
+        st = self.ws[w.slot]
+        if st.pending_recycle is not None or not w.alive:
+            return
+        sched = self.sched
+        size = sched.chunk_size(len(self.ws))
+        if not st.inflight:
+            st.last_msg = time.monotonic()  # its no-progress clock starts with this dispatch
+        batch: list[Any] = []
+        limit = size * self.depth()
+        while len(st.inflight) < limit and sched.pending_count():
+            ids = sched.take_chunk(size)
+            if not sched.admit(ids):
+                break  # huge-kernel throttle: wait for a huge chunk to finish
+            for s in ids:
+                st.inflight[s] = None
+            batch.append((RUN, self.call_id, ids))
+        if batch:
+            try:
+                n = w.chan.send_many(batch)
+                self.diag.dispatched(n, len(batch))
+            except OSError:
+                pass  # the worker died: its EOF is seen by the loop, which requeues
+
+    def start(self) -> None:
+        for w in self.pool.workers:
+            self.fill(w)
+
+    def attach(self, w: Any) -> None:
+        self.fill(w)
+
+    def requeued(self) -> None:
+        for w in self.pool.workers:
+            if w.alive:
+                self.fill(w)
+
+    # -- results ------------------------------------------------------------------------
+    def on_messages(self, w: Any, msgs: list[tuple[Any, list[int]]]) -> None:
+        for msg, _fds in msgs:
+            if msg[0] == RESULTS and msg[1] == self.call_id:
+                self.on_results(w, msg[2])
+        if w.alive:
+            self.sup.check_memory(w)
+        w = self.maybe_recycle(w)
+        self.fill(w)
+
+    def on_results(self, w: Any, results: list[tuple]) -> None:
+        st = self.ws[w.slot]
+        sched, diag = self.sched, self.diag
+        inflight = st.inflight
+        if any(r[1] == OK_PICKLED for r in results):
+            results = [(r[0], OK, pickle.loads(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
+        if self.call.diagnostics:  # before the outcomes: attempts are those of the finished run
+            diag.batch_done(w.slot, results, sched.attempts)
+        huge = sched.huge_ids
+        for sid, ok, value, _t0, _t1, events, _dmem in results:
+            inflight.pop(sid, None)
+            if huge:
+                sched.released(sid)
+            if events:
+                diag.cow_events(sid, events)
+                if any(e.get("lost") for e in events):
+                    st.retiring = True  # it exits (RETIRE_EXIT) after this report
+            if ok == OK:
+                sched.record_success(sid, value)
+            else:
+                sched.record_failure(sid, value)
+        sched.observe(sum(r[4] - r[3] for r in results) * 1e-9 / len(results))
+        st.since_sample += len(results)
+        st.last_msg = time.monotonic()
+
+    def after_poll(self) -> None:
+        pass
+
+    def on_tick(self) -> None:
+        for w in list(self.pool.workers):
+            w = self.maybe_recycle(w)
+            self.fill(w)
+
+    def finished(self) -> bool:
+        return self.sched.finished()
+
+    # -- supervision hooks ----------------------------------------------------------------
+    def recycle(self, w: Any) -> None:
+        pass  # replaced by maybe_recycle once its in-flight chunks are reported
+
+    def maybe_recycle(self, w: Any) -> Any:
+        st = self.ws[w.slot]
+        if st.pending_recycle is None or st.inflight or not w.alive:
+            return w
+        return self.sup.recycle_now(w)
+
+    def stalled(self, w: Any, row: RowSnapshot, now: float) -> bool:
+        # Holding shards, running none, silent for `timeout` seconds: stuck
+        # in shardc's own code (e.g. pickling a result that blocks).
+        st = self.ws.get(w.slot)
+        return st is not None and bool(st.inflight) and now - st.last_msg > self.call.timeout
+
+    def lost(self, w: Any, reason: str | None) -> Loss:
+        row = self.pool.status.read(w.slot)
+        running = self.pool.status.running(w.slot, self.call_id)
+        st = self.ws[w.slot]
+        held = list(st.inflight)
+        done = self.call.donemap
+        charge: list[int] = []
+        if running is not None and running in st.inflight:
+            charge.append(running)
+        if reason == "no progress":
+            sending = row.sending - 1
+            charge += [sending] if sending in st.inflight else [sid for sid in held if done.get(sid) == 2]
+        completed = [sid for sid in held if sid not in charge and done.get(sid) == 1]
+        skip = set(charge) | set(completed)
+        return Loss([sid for sid in held if sid not in skip], charge, completed)
+
+    def drain(self) -> None:
+        # Results of chunks that were requeued after a death and also
+        # finished elsewhere were dropped by record_success.
+        pass

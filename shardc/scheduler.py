@@ -1,0 +1,164 @@
+"""The scheduler: which shard runs next, how many at once, and what a failure costs.
+
+Shared by every dispatcher.  It owns one call's queue of shard ids (fresh ids
+are a counter, retries a deque: O(1) memory per pending shard), attempts,
+per-shard state and results, chunk sizing (fixed, or tuned online from the
+measured shard time) and the huge-kernel throttle
+(``scheduler_policy={"max_huge_concurrency": k}``).  It never talks to a
+worker: dispatchers take chunks from it and report outcomes to it; the
+supervisor reports deaths to it.
+
+Retries: a shard runs at most ``1 + max_retries`` times.  Exceptions known
+to be deterministic (a ``cow="deny"`` violation, a binding error, an
+unpicklable return value) fail at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from .diagnostics import Diagnostics
+from .protocol import raise_from_record
+from .result import FailedShard, ShardFailure
+
+PENDING, DONE, FAILED = 0, 1, 2
+
+
+class Scheduler:
+    """One call's shard bookkeeping (see the module docstring).
+
+    Args:
+        num: number of shards.
+        max_retries: retries per shard after a failure.
+        chunk: shards per dispatch to start with.
+        autotune: None, or ``{"target_chunk_seconds", "max_rounds"}`` for online tuning.
+        huge: None, or ``(k, is_huge)``: at most ``k`` chunks holding shards
+            for which ``is_huge(sid)`` is true run at once.
+        diag: the call's diagnostics record.
+    """
+
+    def __init__(self, num: int, max_retries: int, chunk: int, autotune: dict[str, Any] | None,
+                 huge: tuple[int, Any] | None, diag: Diagnostics) -> None:
+        self.num = num
+        self.max_retries = max_retries
+        self.chunk = chunk
+        self.autotune = autotune
+        self.huge = huge
+        self.diag = diag
+        self.next_fresh = 0
+        self.retry: deque[int] = deque()
+        self.attempts = np.zeros(num, dtype=np.int16)
+        self.state = bytearray(num)  # PENDING/DONE/FAILED (bytearray: cheap scalar access)
+        self.results: list[Any] = [None] * num
+        self.failures: dict[int, ShardFailure] = {}
+        self.history: dict[int, list[str]] = {}
+        self.completed = 0
+        self.n_failed = 0
+        self.retries_total = 0
+        self.ewma_shard_s: float | None = None  # measured seconds per shard
+        self.huge_inflight = 0
+        self.huge_ids: set[int] = set()
+
+    # -- taking work ---------------------------------------------------------------------
+    def finished(self) -> bool:
+        return self.completed + self.n_failed >= self.num
+
+    def pending_count(self) -> int:
+        return len(self.retry) + (self.num - self.next_fresh)
+
+    def take_chunk(self, size: int) -> list[int]:
+        """Up to ``size`` ids: retries first, then fresh ones."""
+        ids: list[int] = []
+        while self.retry and len(ids) < size:
+            ids.append(self.retry.popleft())
+        if len(ids) < size and self.next_fresh < self.num:
+            k = min(size - len(ids), self.num - self.next_fresh)
+            ids.extend(range(self.next_fresh, self.next_fresh + k))
+            self.next_fresh += k
+        return ids
+
+    def put_back(self, ids: list[int]) -> None:
+        """Return ids that were taken but not handed out (they go first)."""
+        for s in reversed(ids):
+            self.retry.appendleft(s)
+
+    def requeue(self, ids: list[int]) -> None:
+        """Shards a dead or leaving worker held, not run to the end: again, first, free of charge."""
+        queued = set(self.retry) if len(ids) > 1 else ()
+        for s in reversed(ids):
+            if self.state[s] == PENDING and s not in queued:
+                self.retry.appendleft(s)
+
+    def admit(self, ids: list[int]) -> bool:
+        """The huge-kernel throttle: False (ids put back) when this chunk would
+        exceed ``max_huge_concurrency``; else count it as running."""
+        if self.huge is None:
+            return True
+        cap, is_huge = self.huge
+        huge = [s for s in ids if is_huge(s)]
+        if not huge:
+            return True
+        if self.huge_inflight + 1 > cap:
+            self.put_back(ids)
+            self.diag.throttle(-1, len(huge))
+            return False
+        self.huge_inflight += 1
+        self.huge_ids.update(huge)
+        return True
+
+    def released(self, sid: int) -> None:
+        """``sid`` is no longer running (finished, failed or lost): free its huge slot."""
+        if self.huge_ids and sid in self.huge_ids:
+            self.huge_ids.discard(sid)
+            self.huge_inflight = max(0, self.huge_inflight - 1)
+
+    def observe(self, seconds_per_shard: float, weight: float = 0.2) -> None:
+        """A measured shard time (for autotuning and queue depth)."""
+        e = self.ewma_shard_s
+        self.ewma_shard_s = seconds_per_shard if e is None else (1 - weight) * e + weight * seconds_per_shard
+
+    def chunk_size(self, workers: int) -> int:
+        """Shards per dispatch now: fixed, or ~target seconds of work (keeping
+        about 4 chunks per worker in what is left, for balance)."""
+        if self.autotune and self.ewma_shard_s is not None:
+            target = float(self.autotune["target_chunk_seconds"])
+            want = max(1, int(target / max(self.ewma_shard_s, 1e-7)))
+            cap = max(1, self.pending_count() // (4 * workers))
+            want = min(want, cap, 1 << 16)
+            if want != self.chunk:
+                self.diag.autotune_step(self.chunk, want, self.ewma_shard_s)
+                self.chunk = want
+        return self.chunk
+
+    # -- outcomes ------------------------------------------------------------------------
+    def record_success(self, sid: int, value: Any) -> None:
+        if self.state[sid] != PENDING:
+            return  # a duplicate (a retried shard whose first run also reported)
+        self.state[sid] = DONE
+        self.results[sid] = value
+        self.completed += 1
+
+    def record_failure(self, sid: int, err: dict[str, Any], charge: bool = True) -> None:
+        """An attempt of ``sid`` failed (``err``: a protocol error record); retry it or fail it for good."""
+        if self.state[sid] != PENDING:
+            return
+        if charge:
+            self.attempts[sid] += 1
+        hist = self.history.setdefault(sid, [])
+        hist.append(f"attempt {int(self.attempts[sid])}: {err['type'].rsplit('.', 1)[-1]}: {err['message']}")
+        if err.get("deterministic") or self.attempts[sid] > self.max_retries:
+            exc = raise_from_record(err) if err.get("exc") is not None or err.get("traceback") else None
+            fail = ShardFailure(sid, int(self.attempts[sid]), err["type"], err["message"],
+                                err.get("traceback", ""), exc, hist)
+            self.failures[sid] = fail
+            self.results[sid] = FailedShard(fail)
+            self.state[sid] = FAILED
+            self.n_failed += 1
+            self.diag.shard_failed(sid)
+        else:
+            self.retries_total += 1
+            self.retry.append(sid)
+            self.diag.retries += 1

@@ -1,0 +1,330 @@
+"""The supervisor: the master's one event loop, and everything about worker health.
+
+It is shared by both dispatch modes (``shardc.dispatch``).  It
+
+* sets the call up on every worker (``shardc.call.CallSetup``),
+* runs the one event loop: wait on every worker's socket (EOF = death) with
+  a deadline, hand messages to the dispatcher, and every ~50 ms run the
+  watchdog and the diagnostics tick;
+* watches time and memory (the **watchdog**): a shard running past
+  ``timeout`` (read from the worker's status row), a worker stuck outside any
+  shard (the dispatcher says what "stuck" means for its transport), a worker
+  over 2x ``mem_cap`` inside a shard; and decides on recycling at shard
+  boundaries (``mem_cap``, drift);
+* handles every death in one place (:meth:`Supervisor.handle_death`): reap,
+  ask the dispatcher what the worker held (:class:`shardc.dispatch.Loss`),
+  requeue/charge through the scheduler, then replace the worker;
+* replaces workers in one place (:meth:`Supervisor.replace`), for deaths,
+  recycles and workers that die before the call starts.
+
+A death charges an attempt only to the shard that was running (read from the
+status row); the other shards the worker held are requeued free.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import selectors
+import time
+from typing import Any
+
+from . import _lowlevel as ll
+from ._channel import ChannelClosed
+from .call import Call, CallSetup, WorkerGone
+from .diagnostics import Diagnostics
+from .dispatch import Dispatcher
+from .errors import (CallSetupTimeoutError, ShardTimeoutError, WorkerCrashedError, WorkerMemoryError,
+                     WorkerSetupError, signal_label)
+from .protocol import RETIRE_EXIT
+from .scheduler import Scheduler
+from .status import STATE_RUNNING
+from .units import fmt_bytes
+
+log = logging.getLogger("shardc")
+
+REPLACE_ATTEMPTS = 3  # a slot whose fresh workers die this often before the call starts fails the call
+
+
+class WorkerState:
+    """The supervisor's (and dispatcher's) bookkeeping of one worker during a call."""
+
+    __slots__ = ("inflight", "pending_recycle", "since_sample", "last_msg", "deferred", "retiring")
+
+    def __init__(self) -> None:
+        self.inflight: dict[int, None] = {}  # rpc: shard ids sent, not yet reported
+        self.pending_recycle: str | None = None  # why it is to be replaced at its next safe point
+        self.since_sample = 0  # shards since the last memory check
+        self.last_msg = time.monotonic()
+        self.deferred = False  # a drift recycle deferred by the minimum interval (reported once)
+        self.retiring = False  # reported a write it cannot undo: exits (RETIRE_EXIT) after the report
+
+
+class Supervisor:
+    """Runs one call on ``pool`` (see the module docstring)."""
+
+    def __init__(self, call: Call, pool: Any, sched: Scheduler, diag: Diagnostics) -> None:
+        self.call = call
+        self.pool = pool
+        self.status = pool.status
+        self.sched = sched
+        self.diag = diag
+        self.setup = CallSetup(call, diag)
+        self.ws: dict[int, WorkerState] = {w.slot: WorkerState() for w in pool.workers}
+        self.dispatcher: Dispatcher | None = None
+        self.sel: selectors.BaseSelector | None = None
+
+    # -- setting the call up ------------------------------------------------------------
+    def setup_all(self) -> None:
+        """Set up the call on every worker: all messages first, then the
+        replies, so workers load fun and map inputs in parallel."""
+        sent, dead = [], []
+        for w in list(self.pool.workers):
+            try:
+                self.setup.send(w)
+                sent.append(w)
+            except OSError:
+                dead.append(w)
+        for i, w in enumerate(sent):
+            try:
+                self.setup.await_ready(w, self.pool.kill)
+            except CallSetupTimeoutError:
+                # The others got the same call: kill those that have not
+                # answered yet either, and leave the pool with fresh workers.
+                for other in sent[i + 1:]:
+                    if not other.chan.poll_nonblocking():
+                        self.pool.kill(other)
+                self.pool.ensure_alive()
+                raise
+            except WorkerGone:
+                dead.append(w)
+        for w in dead:
+            self._died_before_call(w)
+
+    def _died_before_call(self, w: Any) -> Any:
+        code = self.pool._reap(w, wait=2.0)
+        label = signal_label(code) if code is not None else "unknown status"
+        self.diag.event("death", w, f"died before the call started ({label})", code=code)
+        return self.replace(w, f"worker died before the call started ({label})", "restart")
+
+    # -- replacing: the one way ---------------------------------------------------------
+    def replace(self, w: Any, reason: str, kind: str) -> Any:
+        """Stop ``w`` (if alive) and fork a fresh worker into its slot; while
+        the call has work left, set the call up in it and hand it to the
+        dispatcher.  ``kind``: "restart" (after a death) or "recycle"."""
+        for _ in range(REPLACE_ATTEMPTS):
+            self._unwatch(w)
+            nw = self.pool.replace(w, reason, kind)
+            self.ws[nw.slot] = WorkerState()
+            self.diag.worker_started(nw)
+            self._watch(nw)
+            if self.sched.finished():
+                return nw
+            try:
+                self.setup.send(nw)
+                self.setup.await_ready(nw, self.pool.kill)
+            except CallSetupTimeoutError:
+                self.pool.ensure_alive()
+                raise
+            except (WorkerGone, OSError):
+                code = self.pool._reap(nw, wait=2.0)
+                label = signal_label(code) if code is not None else "unknown status"
+                self.diag.event("death", nw, f"died before the call started ({label})", code=code)
+                w, reason, kind = nw, f"worker died before the call started ({label})", "restart"
+                continue
+            if self.dispatcher is not None:
+                self.dispatcher.attach(nw)
+            return nw
+        raise WorkerSetupError(f"worker slot {w.slot}: {REPLACE_ATTEMPTS} fresh workers in a row died before "
+                               f"the call started (last: {reason}); see the workers' stderr")
+
+    # -- deaths: the one place ----------------------------------------------------------
+    def handle_death(self, w: Any, reason: str | None = None, code: int | None = None) -> Any:
+        """``w`` died (or was killed for ``reason``): requeue what it held,
+        charge what it was running, replace it.  Returns the new worker."""
+        assert self.dispatcher is not None
+        if code is None:
+            code = self.pool._reap(w, wait=2.0)
+        st = self.ws[w.slot]
+        loss = self.dispatcher.lost(w, reason)
+        label = signal_label(code) if code is not None else "?"
+        running = loss.charge[0] if loss.charge else None
+        if running is not None:
+            log.warning("worker %d (pid %d) %s while running shard %d; %d other shard(s) requeued",
+                        w.slot, w.pid, "was killed: " + reason if reason else f"died with {label}",
+                        running, len(loss.requeue))
+        retired = code == RETIRE_EXIT and reason is None and st.retiring
+        if retired:
+            reason = ("retired itself: a shard wrote more of a borrowed input inherited at fork "
+                      "than the page guards can restore")
+            self.diag.event("recycle", w, reason)
+        else:
+            self.diag.event("death", w, reason or f"died with {label}", code=code, shard=running)
+        sched = self.sched
+        for sid in loss.requeue + loss.charge + loss.completed:
+            sched.released(sid)
+        for sid in loss.completed:
+            sched.record_success(sid, None)
+        sched.requeue(loss.requeue)
+        for sid in loss.charge:
+            sched.record_failure(sid, self.crash_record(w, sid, code, reason))
+        st.inflight.clear()
+        self.dispatcher.requeued()  # survivors start on the requeued shards now
+        return self.replace(w, reason or f"worker died with {label}", "recycle" if retired else "restart")
+
+    def crash_record(self, w: Any, sid: int, code: int | None, reason: str | None) -> dict[str, Any]:
+        """The error record charged to ``sid`` for ``w``'s death."""
+        label = signal_label(code) if code is not None else "unknown status"
+        timeout = self.call.timeout
+        exc: BaseException
+        if reason == "timeout":
+            exc = ShardTimeoutError(
+                f"shard {sid} ran longer than timeout={timeout:g}s; worker {w.slot} (pid {w.pid}) was killed")
+        elif reason == "no progress":
+            exc = ShardTimeoutError(
+                f"shard {sid} finished, but worker {w.slot} (pid {w.pid}) then made no progress for "
+                f"timeout={timeout:g}s outside any shard while reporting it (does pickling its "
+                "return value or its exception block?); the worker was killed")
+        elif reason and reason.startswith("memory"):
+            exc = WorkerMemoryError(f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: "
+                                    f"{reason.split(':', 1)[1].strip()}")
+        else:
+            exc = WorkerCrashedError(f"worker {w.slot} (pid {w.pid}) died with {label} while running shard {sid}",
+                                     exitcode=code, pid=w.pid)
+        return {"type": f"shardc.errors.{type(exc).__name__}", "message": str(exc), "traceback": "",
+                "exc": pickle.dumps(exc), "deterministic": False, "shard": sid}
+
+    # -- memory -----------------------------------------------------------------------------
+    def check_memory(self, w: Any, due: bool = False) -> None:
+        """Sample ``w`` at a shard boundary: statm every time (~8 us), a
+        precise sample every ``health_check_interval`` shards (or when
+        ``due``) if the last is over 0.5 s old, or whenever anonymous memory
+        moved by 8 MiB; decide on recycling from the precise one."""
+        pool = self.pool
+        st = self.ws[w.slot]
+        if due or st.since_sample >= self.call.health_check_interval:
+            st.since_sample = 0
+            due = True
+        m = pool.sample_cheap(w, max_age=0.5 if due else float("inf"))
+        if m is None:
+            return
+        self.diag.mem_sample(w, m)
+        verdict = pool.memory_verdict(w, self.call.mem_cap, self.call.drift, self.call.profile)
+        if verdict is not None and st.pending_recycle is None:
+            kind, reason = verdict
+            # The cap is enforced at the next safe point, always; drift
+            # recycling keeps a minimum interval so it cannot thrash.
+            if kind == "drift" and time.monotonic() - w.last_recycle < pool.min_recycle_interval:
+                if not st.deferred:
+                    self.diag.event("defer_recycle", w, reason + " (min recycle interval)")
+                    st.deferred = True
+                return
+            st.pending_recycle = reason
+            assert self.dispatcher is not None
+            self.dispatcher.recycle(w)
+
+    def recycle_now(self, w: Any) -> Any:
+        """Replace ``w`` for its pending recycle (it is at a safe point)."""
+        reason = self.ws[w.slot].pending_recycle or "recycle requested"
+        log.info("recycling worker %d (pid %d): %s", w.slot, w.pid, reason)
+        self.diag.event("recycle", w, reason)
+        return self.replace(w, reason, "recycle")
+
+    def watchdog(self) -> None:
+        """Timeouts and memory of running shards, stuck workers.
+
+        Reads each status row for which shard runs since when; takes a cheap
+        statm sample of every running worker (so a shard that allocates and
+        frees within itself still shows in peak memory), and a precise one
+        before killing a worker for holding over 2x ``mem_cap``."""
+        pool, call = self.pool, self.call
+        assert self.dispatcher is not None
+        now_ns = time.monotonic_ns()
+        now = time.monotonic()
+        for w in list(pool.workers):
+            if not w.alive:
+                continue
+            row = self.status.read(w.slot)
+            if row.state != STATE_RUNNING:
+                if self.dispatcher.stalled(w, row, now):
+                    pool.kill(w)
+                    self.handle_death(w, reason="no progress", code=w.exitcode)
+                continue
+            if (now_ns - row.start_ns) * 1e-9 > call.timeout:
+                pool.kill(w)
+                self.handle_death(w, reason="timeout", code=w.exitcode)
+                continue
+            fast = ll.proc_mem_fast(w.pid)
+            if fast is None:
+                continue
+            fast = pool.calibrated(w, fast)
+            if call.diagnostics:
+                self.diag.mem_sample(w, fast)
+            cap = call.mem_cap
+            if cap is not None and fast["anon"] > 2 * cap:
+                m = pool.sample(w)  # confirm with the precise number before killing
+                if m is not None and pool.footprint(m, w) > 2 * cap:
+                    self.diag.mem_sample(w, m)
+                    why = f"memory: {fmt_bytes(pool.footprint(m, w))} > 2x mem_cap {fmt_bytes(cap)} inside a shard"
+                    pool.kill(w)
+                    self.handle_death(w, reason=why, code=w.exitcode)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _watch(self, w: Any) -> None:
+        if self.sel is not None:
+            self.sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
+
+    def _unwatch(self, w: Any) -> None:
+        if self.sel is not None:
+            try:
+                self.sel.unregister(w.chan.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def receive(self, w: Any) -> list[tuple[Any, list[int]]] | None:
+        """Messages waiting from ``w``; None if it died (the caller handles the death)."""
+        before = w.chan.bytes_received
+        try:
+            msgs = w.chan.recv_ready()
+        except (ChannelClosed, ConnectionError):
+            return None
+        self.diag.bytes_results += w.chan.bytes_received - before
+        return msgs
+
+    def run(self, dispatcher: Dispatcher) -> None:
+        """Run the call to the end with ``dispatcher``."""
+        self.dispatcher = dispatcher
+        pool = self.pool
+        self.sel = sel = selectors.DefaultSelector()
+        try:
+            for w in pool.workers:
+                self._watch(w)
+            dispatcher.start()
+            timeout = self.call.timeout
+            tick = 0.05 if timeout > 0.2 else timeout / 4
+            next_tick = time.monotonic() + tick
+            while not dispatcher.finished():
+                wait = min(dispatcher.poll_interval, next_tick - time.monotonic())
+                for key, _ in sel.select(timeout=max(0.0, wait)):
+                    w = pool.workers[key.data]
+                    if key.fileobj is not w.chan.sock:
+                        continue  # a replaced worker's stale event
+                    msgs = self.receive(w)
+                    if msgs is None:
+                        self.handle_death(w)
+                    else:
+                        dispatcher.on_messages(w, msgs)
+                dispatcher.after_poll()
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + tick
+                    self.watchdog()
+                    for w in list(pool.workers):
+                        if not w.alive:
+                            self.handle_death(w)
+                    dispatcher.on_tick()
+                    self.diag.tick(self.sched.completed, self.sched.n_failed, self.sched.retries_total)
+            dispatcher.drain()
+        finally:
+            sel.close()
+            self.sel = None
