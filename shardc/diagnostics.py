@@ -37,7 +37,7 @@ def _allocated(seg: Any) -> int | None:
 
 
 def _fmt(n: float | None) -> str:
-    from .pool import fmt_bytes
+    from .units import fmt_bytes
     return fmt_bytes(n)
 
 

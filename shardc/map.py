@@ -38,7 +38,9 @@ from .dispatch_rpc import RpcDispatcher
 from .errors import InvalidArgumentError, ShardMapError, signal_label
 from .inputs import InputPlan
 from .kernels import get_kernel
-from .pool import PROFILES, Pool, call_finished, call_started, heap_keep, pool_create, pool_get
+from .forget import call_finished, call_started
+from .memory import PROFILES, heap_keep
+from .pool import Pool, pool_create, pool_get, register_front_end
 from .result import ShardResult
 from .scheduler import Scheduler
 from .status import DoneMap
@@ -265,3 +267,6 @@ def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: 
             init_expr is None or init_expr is cur.init_expr or init_expr == cur.init_expr):
         return cur
     return pool_create(workers, packages=pk, init_expr=init_expr, profile=profile)
+
+
+register_front_end(shard_map)

@@ -22,118 +22,32 @@ import signal
 import socket
 import threading
 import time
-import weakref
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
-import numpy as np
 
 from . import _lowlevel as ll
-from ._channel import Channel, ChannelClosed
-from .units import check_recycle, fmt_bytes, parse_bytes  # noqa: F401 - re-exported
-from .errors import ClosedError, InvalidArgumentError, signal_label
 from . import guard as _guard  # noqa: F401 - workers use it; imported once, in the master
 from . import inherit as _inherit
 from . import worker as _worker_mod
-from .protocol import END
+from ._channel import Channel, ChannelClosed
+from .errors import ClosedError, InvalidArgumentError, WorkerSetupError, signal_label
+from .forget import live_pools
+from .handle import WorkerHandle
+from .memory import PROFILES, MemoryModel
+from .protocol import END, EXIT, HELLO
+from .segment import run_janitor_once
 from .status import StatusTable
+from .sysinfo import default_workers, is_zombie
+from .units import check_recycle, parse_bytes
+from .validate import check_choice, check_int
 from .worker import worker_entry
 
 log = logging.getLogger("shardc")
 
-PROFILES = ("default", "memory", "speed")
-
-HEAP_KEEP_MAX = 256 * 1024**2
 
 
-def heap_keep(profile: str, mem_cap: int | None) -> int:
-    """Freed heap bytes each worker keeps for its next shards during a call
-    (0: glibc's defaults, every big temporary a fresh mmap).
-
-    Keeping them means a kernel's block-sized temporaries are faulted and
-    zeroed once per call instead of in every shard (~10% of a memory-bound
-    NumPy kernel here).  At most 256 MiB and a quarter of ``mem_cap``; off with
-    ``profile="memory"`` or ``SHARDC_HEAP_REUSE=0``.  Workers give it all back
-    at the end of the call."""
-    if profile == "memory" or os.environ.get("SHARDC_HEAP_REUSE", "1") == "0":
-        return 0
-    return HEAP_KEEP_MAX if mem_cap is None else min(HEAP_KEEP_MAX, mem_cap // 4)
-
-
-
-
-def default_workers() -> int:
-    """``max(1, usable CPUs - 1)``, honouring affinity, cgroup quotas and SHARDC_WORKERS."""
-    env = os.environ.get("SHARDC_WORKERS")
-    if env:
-        try:
-            n = int(env)
-            if n >= 1:
-                return n
-        except ValueError:
-            pass
-        raise InvalidArgumentError(f"SHARDC_WORKERS={env!r} must be a positive integer")
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_cpus()
-    if quota is not None:
-        cpus = min(cpus, quota)
-    return max(1, cpus - 1)
-
-
-def _cgroup_cpus() -> int | None:
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            q, period = f.read().split()
-        if q == "max":
-            return None
-        import math
-        return max(1, math.ceil(int(q) / int(period)))
-    except (OSError, ValueError):
-        return None
-
-
-class WorkerHandle:
-    """The master's view of one worker slot."""
-
-    def __init__(self, slot: int, pid: int, chan: Channel) -> None:
-        self.slot = slot
-        self.pid = pid
-        self.chan = chan
-        self.known: set[str] = set()  # segment keys whose fd this worker has
-        self.started = time.monotonic()
-        self.baseline: int | None = None  # USS (or RSS) after start
-        self.last_mem: dict[str, int] | None = None
-        self.peak: dict[str, int] = {"rss": 0, "pss": 0, "uss": 0, "anon": 0}
-        self.recycles = 0
-        self.restarts = 0
-        self.last_recycle = 0.0
-        self.state = "idle"
-        self.alive = True
-        self.exitcode: int | None = None
-        self.call_id = -1
-        self.pids: list[int] = [pid]
-        self.precise_t = 0.0  # when the last smaps_rollup sample was taken
-        self.anon_offset = 0  # statm RssAnon minus Pss_Anon at that sample
-        self.cow_slack = 0  # growth that copy-on-write of inherited pages alone can cause
-        self.fast_anon = 0  # statm private estimate at that time
-        # Borrowed arrays this worker inherited at fork (shardc.inherit tokens)
-        # and their bytes: still mapped until the call that uses them ends.
-        self.inherit_tokens: frozenset[int] = frozenset()
-        self.inherited_bytes = 0
-        self.needs_baseline = False  # set by the first precise sample (Pool.refork)
-        self.hello_anon = 0  # statm anonymous memory when it said hello (Pool.refork)
-
-    def info(self) -> dict[str, Any]:
-        m = self.last_mem or {}
-        return {"worker": self.slot, "pid": self.pid, "state": self.state if self.alive else "dead",
-                "rss": m.get("rss"), "pss": m.get("pss"), "uss": m.get("uss"), "anon": m.get("pss_anon"),
-                "baseline": self.baseline, "recycles": self.recycles, "restarts": self.restarts}
-
-
-class Pool:
+class Pool(MemoryModel):
     """A pool of forked worker processes (see module docstring).
 
     Args:
@@ -153,18 +67,11 @@ class Pool:
     def __init__(self, workers: int | None = None, mem_cap: Any = "2GB", recycle: Any = True,
                  packages: list[str] | None = None, init_expr: Any = None, profile: str = "default",
                  health_check_interval: int = 10, cow_guard: bool = True) -> None:
-        n = default_workers() if workers is None else workers
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise InvalidArgumentError(f"workers must be a positive integer, got {workers!r}")
-        self.size = int(n)
+        self.size = default_workers() if workers is None else check_int(workers, "workers", 1)
         self.mem_cap = parse_bytes(mem_cap, "mem_cap")
         self.recycle = check_recycle(recycle)
-        if profile not in PROFILES:
-            raise InvalidArgumentError(f"profile={profile!r} is not supported; use one of {', '.join(PROFILES)}")
-        self.profile = profile
-        if isinstance(health_check_interval, bool) or not isinstance(health_check_interval, int) or health_check_interval < 1:
-            raise InvalidArgumentError(f"health_check_interval must be a positive integer, got {health_check_interval!r}")
-        self.health_check_interval = health_check_interval
+        self.profile = check_choice(profile, "profile", PROFILES)
+        self.health_check_interval = check_int(health_check_interval, "health_check_interval", 1)
         self.packages = list(packages or [])
         for p in self.packages:
             if not isinstance(p, str):
@@ -182,13 +89,11 @@ class Pool:
         self.min_recycle_interval = 1.0
         self._closed = False
         self._pid = os.getpid()
-        self._lock = threading.RLock()
         self.events: list[dict[str, Any]] = []  # deaths, recycles, restarts (pool lifetime)
         self.status = StatusTable(self.size)
         self.workers: list[WorkerHandle] = []
         self.start_seconds = 0.0
         t0 = time.perf_counter()
-        from .segment import run_janitor_once
         run_janitor_once()
         # Prepare in the master what every child would otherwise redo.
         _worker_mod._threadpool_controller()
@@ -207,7 +112,7 @@ class Pool:
             self.stop()
             raise
         self.start_seconds = time.perf_counter() - t0
-        _live_pools.add(self)
+        live_pools.add(self)
         log.debug("started pool of %d workers in %.1f ms", self.size, self.start_seconds * 1e3)
 
     # -- spawning ------------------------------------------------------------------
@@ -228,7 +133,7 @@ class Pool:
                 parent_sock.close()
                 for s in others:
                     s.close()
-                for p in list(_live_pools):
+                for p in list(live_pools):
                     if p is not self:
                         for w in p.workers:
                             w.chan.close()
@@ -248,7 +153,7 @@ class Pool:
             msg, _ = w.chan.recv()
         except (ChannelClosed, socket.timeout, OSError) as exc:
             code = self._reap(w, wait=2.0)
-            raise RuntimeError(f"worker {w.slot} (pid {w.pid}) failed to start "
+            raise WorkerSetupError(f"worker {w.slot} (pid {w.pid}) failed to start "
                                f"({signal_label(code) if code is not None else exc}); "
                                "check packages= and init_expr= (the worker's traceback is on stderr)") from None
         finally:
@@ -256,7 +161,7 @@ class Pool:
                 w.chan.sock.settimeout(None)
             except OSError:
                 pass  # already closed by _reap
-        assert msg[0] == "hello"
+        assert msg[0] == HELLO
         if not sample:
             # A precise sample (smaps_rollup) of a worker sharing a big
             # inherited array costs ~5 ms of master time: the first one taken
@@ -270,20 +175,6 @@ class Pool:
                 w.precise_t = time.monotonic()
             return
         self._set_baseline(w, self.sample(w))
-
-    def _set_baseline(self, w: WorkerHandle, m: dict[str, int] | None) -> None:
-        w.needs_baseline = False
-        if m is not None:
-            # (A deferred baseline, taken during a call, must not include freed
-            # memory the worker keeps for reuse: drift subtracts that itself.)
-            w.baseline = max(0, self.footprint(m, w) - self.status.heap_kept(w.slot))
-            # Pages still shared with the master after fork count half in
-            # Pss_Anon; as the worker touches them (refcounts) they become
-            # private and Pss_Anon grows by up to that much with no leak at
-            # all.  Drift is measured beyond this slack.  Inherited borrowed
-            # arrays are not part of it: they are write-protected, and their
-            # pages are given back at the end of the call.
-            w.cow_slack = max(0, w.anon_offset - (w.inherited_bytes - self.inherit_share(w)))
 
     def replace(self, w: WorkerHandle, reason: str, kind: str) -> WorkerHandle:
         """Stop ``w`` (if alive) and fork a fresh worker into its slot."""
@@ -315,7 +206,7 @@ class Pool:
         for w in old:
             if w.alive:
                 try:
-                    w.chan.send(("exit",))
+                    w.chan.send((EXIT,))
                 except OSError:
                     pass
         new = []
@@ -335,24 +226,6 @@ class Pool:
                                 "new_pid": nw.pid, "reason": reason})
         log.debug("re-forked %d worker(s): %s", len(new), reason)
         return new
-
-    def inherit_share(self, w: WorkerHandle) -> int:
-        """The part of ``w``'s Pss_Anon that is its share of inherited arrays:
-        their bytes divided among the master and the live workers holding them."""
-        if not w.inherited_bytes:
-            return 0
-        holders = 1 + sum(1 for x in self.workers
-                          if x.inherited_bytes and x.alive and x.inherit_tokens & w.inherit_tokens)
-        return w.inherited_bytes // max(holders, 1)
-
-    def released_inherited(self) -> None:
-        """The call that used the inherited arrays ended: workers gave their
-        pages back (``end``), so their memory is measured without them again."""
-        for w in self.workers:
-            if w.inherited_bytes:
-                w.inherited_bytes = 0
-                w.inherit_tokens = frozenset()
-                w.last_mem = None
 
     # -- death and stopping -----------------------------------------------------------
     def _reap(self, w: WorkerHandle, wait: float = 1.0) -> int | None:
@@ -400,7 +273,7 @@ class Pool:
             w.alive = False
             w.chan.close()
             return False
-        if _is_zombie(w.pid):
+        if is_zombie(w.pid):
             # Dead, but its other threads (OpenBLAS starts one when the worker
             # limits it to 1 thread) are still being torn down, so waitpid
             # cannot reap it for a moment yet: wait for that, bounded.
@@ -426,7 +299,7 @@ class Pool:
 
     def _terminate(self, w: WorkerHandle, grace: float = 1.0) -> None:
         try:
-            w.chan.send(("exit",))
+            w.chan.send((EXIT,))
         except OSError:
             pass
         self._reap(w, wait=grace)
@@ -448,7 +321,7 @@ class Pool:
         for w in self.workers:
             if w.alive:
                 try:
-                    w.chan.send(("exit",))
+                    w.chan.send((EXIT,))
                 except OSError:
                     pass
         deadline = time.monotonic() + timeout
@@ -456,7 +329,7 @@ class Pool:
             if w.alive:
                 self._reap(w, wait=max(0.0, deadline - time.monotonic()))
             w.chan.close()
-        _live_pools.discard(self)
+        live_pools.discard(self)
         self.status.close()
 
     close = stop
@@ -472,92 +345,6 @@ class Pool:
             raise ClosedError("a shardc pool cannot be used from a forked child of its master")
 
     # -- memory --------------------------------------------------------------------------
-    def sample(self, w: WorkerHandle) -> dict[str, int] | None:
-        """Precise sample (smaps_rollup, ~0.3 ms): RSS, PSS, USS."""
-        m = ll.proc_mem(w.pid)
-        if m is not None:
-            fast = ll.proc_mem_fast(w.pid)
-            if fast is not None:
-                # statm's RssAnon also counts pages still shared with the master
-                # after fork; remember by how much it exceeds Pss_Anon so cheap
-                # samples can be put on the same scale (see calibrated()).
-                w.anon_offset = fast["anon"] - m["pss_anon"]
-                w.fast_anon = fast["anon"]
-            w.last_mem = m
-            w.precise_t = time.monotonic()
-            if w.needs_baseline:
-                self._set_baseline(w, m)
-            for k in ("rss", "pss", "uss"):
-                w.peak[k] = max(w.peak[k], m[k])
-            w.peak["anon"] = max(w.peak["anon"], self.footprint(m, w))
-        return m
-
-    def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5,
-                     moved: int = 8 * 1024**2) -> dict[str, int] | None:
-        """Sample on the hot path: statm (~8 us) every time, and a precise
-        sample only when private memory moved by ``moved`` bytes or the
-        precise one is older than ``max_age`` seconds.  Returns the precise
-        sample when one was taken, else None."""
-        fast = ll.proc_mem_fast(w.pid)
-        if fast is None:
-            return None
-        if time.monotonic() - w.precise_t > max_age or abs(fast["anon"] - w.fast_anon) > moved:
-            w.fast_anon = fast["anon"]
-            return self.sample(w)
-        return None
-
-    def calibrated(self, w: WorkerHandle, fast: dict[str, int]) -> dict[str, int]:
-        """A cheap (statm) sample with its anonymous memory put on the Pss_Anon
-        scale of ``w``'s last precise sample.  Before the first one (a
-        re-forked worker), what it mapped at hello counts as shared with the
-        master, so its own memory is its growth since then."""
-        if w.needs_baseline:
-            anon = max(0, fast["anon"] - w.hello_anon) + self.inherit_share(w)
-        else:
-            anon = max(0, fast["anon"] - w.anon_offset)
-        return {**fast, "anon": anon, "pss_anon": anon, "uss": anon, "pss": anon}
-
-    def footprint(self, m: dict[str, int], w: WorkerHandle) -> int:
-        """The bytes ``w`` holds by itself: its anonymous memory (Pss_Anon),
-        less its share of borrowed arrays it inherited at fork.
-
-        Not RSS (counts every page of borrowed inputs it reads) and not USS
-        (counts clean pages of a shared segment that only this worker maps):
-        pages of shared segments are never a worker's growth.
-        """
-        return max(0, m["pss_anon"] - self.inherit_share(w))
-
-    _UNSET: Any = object()
-
-    def memory_verdict(self, w: WorkerHandle, mem_cap: Any = _UNSET, recycle: Any = _UNSET,
-                       profile: str | None = None) -> tuple[str, str] | None:
-        """``("cap" | "drift", reason)`` when ``w`` should be recycled, else None.
-
-        ``mem_cap``/``recycle``/``profile`` default to the pool's; a
-        ``shard_map`` call passes its own.
-        """
-        cap = self.mem_cap if mem_cap is Pool._UNSET else mem_cap
-        drift = self.recycle if recycle is Pool._UNSET else recycle
-        prof = profile or self.profile
-        m = w.last_mem
-        if m is None:
-            return None
-        used = self.footprint(m, w)
-        label = "anon"
-        if cap is not None and used > cap:
-            return "cap", f"{label} {fmt_bytes(used)} > mem_cap {fmt_bytes(cap)}"
-        # profile="memory" recycles at half the drift.
-        limit = None if drift is None else (drift / 2 if prof == "memory" else drift)
-        if limit is not None and w.baseline:
-            # Freed memory the worker keeps for reuse (heap_keep) is not a leak.
-            growth = used - w.baseline - w.cow_slack - self.status.heap_kept(w.slot)
-            floor = int(os.environ.get("SHARDC_RECYCLE_MIN_BYTES", 32 * 1024**2))
-            if growth > floor and growth > limit * max(w.baseline, floor):
-                return "drift", (f"{label} grew {fmt_bytes(growth)} over its baseline "
-                                 f"{fmt_bytes(w.baseline)} (+ {fmt_bytes(w.cow_slack)} copy-on-write "
-                                 f"slack; > recycle={limit:g})")
-        return None
-
     # -- reports ---------------------------------------------------------------------------
     def status_table(self) -> list[dict[str, Any]]:
         for w in self.workers:
@@ -589,8 +376,9 @@ class Pool:
     # -- convenience ----------------------------------------------------------------------
     def shard_map(self, shards: Any, fun: Any = None, **kwargs: Any) -> Any:
         """``shard_map`` on this pool (same arguments as :func:`shardc.shard_map`)."""
-        from .map import shard_map
-        return shard_map(shards, fun, pool=self, **kwargs)
+        if _front_end is None:  # pragma: no cover - shardc/__init__ imports map
+            raise ClosedError("shardc.map is not loaded; import shardc")
+        return _front_end(shards, fun, pool=self, **kwargs)
 
     def __enter__(self) -> "Pool":
         return self
@@ -607,68 +395,15 @@ class Pool:
 
 
 
-def _is_zombie(pid: int) -> bool:
-    """True if ``pid`` has exited but is not reaped (Linux /proc; False elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X")
-
-
-_live_pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 _default: Pool | None = None
-
-# Segments closed in this process that workers may still map.  Workers are
-# told right away when nothing is being sent to them (no shard_map running);
-# during a call (a close may come from a GC callback in the middle of a
-# frame) the keys wait for the end of the call.
-_pending_forget: set[str] = set()
-_busy_calls = 0
+# The front end Pool.shard_map calls: shardc.map registers shard_map at import
+# (the pool sits below the front ends and does not import them).
+_front_end: Callable[..., Any] | None = None
 
 
-def _on_segment_closed(key: str) -> None:
-    _pending_forget.add(key)
-    if _busy_calls == 0:
-        flush_forgets()
-
-
-def flush_forgets() -> None:
-    """Tell every idle worker to drop the closed segments it still maps."""
-    if not _pending_forget:
-        return
-    keys = set(_pending_forget)
-    _pending_forget.difference_update(keys)
-    for p in list(_live_pools):
-        if p.closed or os.getpid() != p._pid:
-            continue
-        for w in p.workers:
-            mine = keys & w.known
-            if mine and w.alive:
-                try:
-                    w.chan.send(("forget", sorted(mine)))
-                except OSError:
-                    continue  # dead: its replacement starts with nothing mapped
-                w.known.difference_update(mine)
-
-
-def call_started() -> None:
-    global _busy_calls
-    _busy_calls += 1
-
-
-def call_finished() -> None:
-    global _busy_calls
-    _busy_calls -= 1
-    if _busy_calls == 0:
-        flush_forgets()
-
-
-from . import segment as _segment  # noqa: E402
-
-_segment._close_hooks.append(_on_segment_closed)
-
+def register_front_end(fn: Callable[..., Any]) -> None:
+    global _front_end
+    _front_end = fn
 
 def pool_create(n: int | None = None, mem_cap: Any = "2GB", recycle: Any = True, packages: Any = None,
                 init_expr: Any = None, profile: str = "default", health_check_interval: int = 10) -> Pool:
@@ -712,7 +447,7 @@ def pool_health_check(pool: Pool | None = None) -> dict[str, Any]:
 
 
 def _stop_all() -> None:
-    for p in list(_live_pools):
+    for p in list(live_pools):
         p.stop(timeout=2.0)
 
 

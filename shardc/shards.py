@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import ShardSpecError
+from .sysinfo import default_workers
 
 STRATEGIES = ("contiguous", "strided")
 _COUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*$", re.I)
@@ -181,7 +182,6 @@ class ShardDescriptor(Sequence[Shard]):
 
 
 def _default_workers() -> int:
-    from .pool import default_workers  # late: pool imports more
     return default_workers()
 
 

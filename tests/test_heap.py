@@ -1,4 +1,4 @@
-"""Heap reuse in workers (``shardc.pool.heap_keep``, csrc/proc.c).
+"""Heap reuse in workers (``shardc.memory.heap_keep``, csrc/proc.c).
 
 A NumPy kernel that makes a block-sized temporary (``var()`` of a 32 MiB
 block) gets it from glibc as a fresh mmap in every shard: every page faulted
@@ -90,6 +90,10 @@ def hold_and_free(shard):
     return float(a[shard.id])
 
 
+def noop(shard):
+    return None
+
+
 def test_kept_memory_is_given_back_and_is_not_drift():
     """Shards that each free 96 MiB: no drift recycling (the worker's baseline is
     ~40 MiB; 96 MiB kept would otherwise read as 2x growth), and after the call
@@ -99,6 +103,9 @@ def test_kept_memory_is_given_back_and_is_not_drift():
         pool.shard_map(2, hold_and_free, progress=False)  # warm: imports, first allocations
         before = ll.proc_mem_fast(w.pid)["anon"]
         r = pool.shard_map(shardc.shards(24, block_size=1), hold_and_free, chunk_size=1, progress=False)
+        # The worker gives kept memory back when it handles the call's END, after
+        # shard_map returned: a next call's setup is answered only after that.
+        pool.shard_map(1, noop, progress=False)
         after = ll.proc_mem_fast(pool.workers[0].pid)["anon"]
         assert r.succeeded
         assert [e for e in r.diagnostics.events if e["event"] in ("recycle", "defer_recycle")] == []
@@ -150,7 +157,7 @@ def test_reuse_turns_itself_off_once_shards_allocate_in_threads():
 
 
 def test_heap_keep_bounds(monkeypatch):
-    from shardc.pool import HEAP_KEEP_MAX, heap_keep
+    from shardc.memory import HEAP_KEEP_MAX, heap_keep
     monkeypatch.delenv("SHARDC_HEAP_REUSE", raising=False)
     assert heap_keep("default", None) == HEAP_KEEP_MAX
     assert heap_keep("speed", 400 * 1024**2) == 100 * 1024**2
