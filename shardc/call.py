@@ -128,6 +128,6 @@ class CallSetup:
             except OSError:
                 pass
         if reply[2] is not None:
-            exc = raise_from_record(reply[2])
-            raise WorkerSetupError(f"worker {w.slot} could not set up the call: {reply[2]['message']}") from exc
+            cause = raise_from_record(reply[2])
+            raise WorkerSetupError(f"worker {w.slot} could not set up the call: {reply[2]['message']}") from cause
         w.call_id = self.call.call_id

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -41,7 +41,8 @@ from .protocol import ERR, QCOW, QDONE, QFAIL, QUEUE
 from .protocol import error_record as _error_record
 from .queue import TaskRing
 from .scheduler import Scheduler
-from .status import STATE_RUNNING, RowSnapshot
+from .status import STATE_RUNNING, DoneMap, RowSnapshot, StatusTable
+from .supervisor import Supervisor
 from .worker import release_traceback
 
 log = logging.getLogger("shardc")
@@ -313,13 +314,13 @@ class QueueDispatcher(Dispatcher):
 
     poll_interval = 0.002  # progress is read from shared counters, not messages
 
-    def __init__(self, sup: Any) -> None:
+    def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.call = call = sup.call
         self.sched: Scheduler = sup.sched
         self.diag = sup.diag
         self.pool = pool = sup.pool
-        self.status = pool.status
+        self.status: StatusTable = pool.status
         self.ws = sup.ws
         self.call_id = call.call_id
         opts = call.opts
@@ -327,7 +328,8 @@ class QueueDispatcher(Dispatcher):
         backing = {"mmap": "memfd", "auto": "memfd"}.get(backing, backing)
         n = len(pool.workers)
         self.ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
-        self.done = call.donemap  # the call's done map (closed with the call)
+        assert call.donemap is not None
+        self.done: DoneMap = call.donemap  # the call's done map (closed with the call)
         self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"),
                                   self.sched.autotune)
         self.done_base = 0  # finished-shard counts of workers that are gone
@@ -370,7 +372,7 @@ class QueueDispatcher(Dispatcher):
         return self.done_base + self.status.done_total()
 
     # -- messages -------------------------------------------------------------------------
-    def _report(self, w: Any, m: tuple) -> None:
+    def _report(self, w: Any, m: tuple[Any, ...]) -> None:
         """A failed shard (QFAIL) or a shard's writes into borrowed inputs (QCOW)."""
         if m[0] == QCOW:
             self.diag.cow_events(*m[2])
@@ -452,7 +454,7 @@ class QueueDispatcher(Dispatcher):
         if not info["claimed"]:
             self.progress.pop(w.slot, None)
             return False
-        sig = (int(info["heartbeat"]), row.done, row.current, w.pid)
+        sig = (cast(int, info["heartbeat"]), row.done, row.current, w.pid)
         seen = self.progress.get(w.slot)
         if seen is None or seen[0] != sig:
             self.progress[w.slot] = (sig, now)
@@ -484,10 +486,11 @@ class QueueDispatcher(Dispatcher):
         requeue = []
         for it in claimed:
             start, stop = it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK)
-            running = current is not None and (start, stop - start) == (row.block0, row.blockn) and start <= current < stop
+            cur = -1 if current is None else current
+            running = current is not None and (start, stop - start) == (row.block0, row.blockn) and start <= cur < stop
             requeue += [sid for sid in range(start, stop)
                         if sid != charged and not done.get(sid)
-                        and not (running and sid < current and sid in skip)]
+                        and not (running and sid < cur and sid in skip)]
         self.progress.pop(w.slot, None)
         return Loss(requeue, [charged] if charged is not None else [], [])
 
@@ -500,6 +503,7 @@ class QueueDispatcher(Dispatcher):
         # ring: waiting for its QDONE would only run out the deadline.
         waiting = {w.slot for w in self.pool.workers if w.alive and w.pid in self.queued_pids}
         sel = self.sup.sel
+        assert sel is not None
         while waiting and time.monotonic() < deadline:
             for key, _ in sel.select(timeout=0.05):
                 w = self.pool.workers[key.data]

@@ -23,13 +23,14 @@ from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .protocol import OK, OK_PICKLED, RESULTS, RUN
-from .status import RowSnapshot
+from .status import DoneMap, RowSnapshot
+from .supervisor import Supervisor
 
 
 class RpcDispatcher(Dispatcher):
     """Chunks over sockets (see the module docstring)."""
 
-    def __init__(self, sup: Any) -> None:
+    def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.call = sup.call
         self.sched = sup.sched
@@ -37,6 +38,8 @@ class RpcDispatcher(Dispatcher):
         self.pool = sup.pool
         self.ws = sup.ws
         self.call_id = self.call.call_id
+        assert self.call.donemap is not None
+        self.done: DoneMap = self.call.donemap
         self.prefetch = self.call.opts.get("prefetch")
         t = self.call.timeout
         self.poll_interval = 0.05 if t > 0.2 else t / 4
@@ -103,7 +106,7 @@ class RpcDispatcher(Dispatcher):
         w = self.maybe_recycle(w)
         self.fill(w)
 
-    def on_results(self, w: Any, results: list[tuple]) -> None:
+    def on_results(self, w: Any, results: list[tuple[Any, ...]]) -> None:
         st = self.ws[w.slot]
         sched, diag = self.sched, self.diag
         inflight = st.inflight
@@ -153,14 +156,14 @@ class RpcDispatcher(Dispatcher):
         # Holding shards, running none, silent for `timeout` seconds: stuck
         # in shardc's own code (e.g. pickling a result that blocks).
         st = self.ws.get(w.slot)
-        return st is not None and bool(st.inflight) and now - st.last_msg > self.call.timeout
+        return st is not None and bool(st.inflight) and now - st.last_msg > float(self.call.timeout)
 
     def lost(self, w: Any, reason: str | None) -> Loss:
         row = self.pool.status.read(w.slot)
         running = self.pool.status.running(w.slot, self.call_id)
         st = self.ws[w.slot]
         held = list(st.inflight)
-        done = self.call.donemap
+        done = self.done
         charge: list[int] = []
         if running is not None and running in st.inflight:
             charge.append(running)

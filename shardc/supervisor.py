@@ -285,7 +285,7 @@ class Supervisor:
         """Messages waiting from ``w``; None if it died (the caller handles the death)."""
         before = w.chan.bytes_received
         try:
-            msgs = w.chan.recv_ready()
+            msgs: list[tuple[Any, list[int]]] = w.chan.recv_ready()
         except (ChannelClosed, ConnectionError):
             return None
         self.diag.bytes_results += w.chan.bytes_received - before
