@@ -421,6 +421,9 @@ class QueueDispatcher(Dispatcher):
 
     def on_tick(self) -> None:
         self.tick_due = True
+        for w in self.pool.workers:  # a running worker is making progress: its stall clock restarts
+            if self.progress and self.status.read(w.slot).state == STATE_RUNNING:
+                self.progress.pop(w.slot, None)
         for w in list(self.pool.workers):
             if w.alive and self.ws[w.slot].pending_recycle is None:
                 self.sup.check_memory(w, due=True)
