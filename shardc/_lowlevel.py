@@ -16,7 +16,7 @@ import errno as _errno
 import os
 from pathlib import Path
 
-from . import _stamp
+from . import _stamp, config
 from ._version import __version__
 from .errors import SegmentError, ShardcError
 
@@ -42,7 +42,7 @@ def _check_stamp() -> None:
             f"but the Python package is {__version__}. Rebuild with `pip install -e .`."
         )
     csrc = Path(__file__).resolve().parent.parent / "csrc"
-    if (csrc / "ffi_build.py").is_file() and os.environ.get("SHARDC_SKIP_STAMP_CHECK") != "1":
+    if (csrc / "ffi_build.py").is_file() and not config.get_bool("SHARDC_SKIP_STAMP_CHECK"):
         expected = _stamp.compute_stamp(csrc, __version__)
         if expected != built:
             raise ImportError(

@@ -132,6 +132,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from . import _lowlevel as _ll
+from . import config
 from . import inherit as _inherit
 from .errors import BorrowedInputWriteError, InvalidArgumentError
 
@@ -198,24 +199,6 @@ class _Edge:
 _state = _State()
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgumentError(f"{name}={raw!r} is not an integer") from None
-
-
-def _default_signal() -> int:
-    raw = os.environ.get("SHARDC_GUARD_SIGNAL", "SIGUSR2")
-    try:
-        return int(raw) if raw.isdigit() else int(getattr(signal.Signals, raw.upper()))
-    except AttributeError:
-        raise InvalidArgumentError(f"SHARDC_GUARD_SIGNAL={raw!r} is not a signal name") from None
-
-
 def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
     """Install the fault handlers in this process (idempotent; call in each worker).
 
@@ -232,7 +215,7 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
     """
     if notify not in ("interrupt", "signal"):
         raise InvalidArgumentError(f"notify must be 'interrupt' or 'signal', not {notify!r}")
-    signum = _default_signal() if signum is None else int(signum)
+    signum = config.get_int("SHARDC_GUARD_SIGNAL") if signum is None else int(signum)
     if signum in (signal.SIGSEGV, signal.SIGBUS, signal.SIGINT):
         raise InvalidArgumentError(f"cannot notify on {signal.Signals(signum).name}")
     if threading.current_thread() is not threading.main_thread():
@@ -245,8 +228,8 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
     prev = signal.signal(signum, _on_notify)
     if prev is not _on_notify:  # after fork the inherited handler is already ours
         _state.prev_handler = prev
-    _ll.guard_set_limits(_env_int("SHARDC_GUARD_PAGES_PER_REGION", 256),
-                         _env_int("SHARDC_GUARD_PAGES_TOTAL", 8192))
+    _ll.guard_set_limits(config.get_int("SHARDC_GUARD_PAGES_PER_REGION"),
+                         config.get_int("SHARDC_GUARD_PAGES_TOTAL"))
     _ll.guard_install(signum, raise_signal=(notify == "signal"))
     _state.pid = os.getpid()
     _state.signum = signum

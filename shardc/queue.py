@@ -35,13 +35,13 @@ releases this process's mapping and fd.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Any, Iterable
 
 import numpy as np
 
 from . import _lowlevel as ll
+from . import config
 from .errors import ClosedError, InvalidArgumentError, QueueClosedError
 
 __all__ = ["TaskRing", "MAX_CLAIM"]
@@ -117,7 +117,7 @@ class TaskRing:
         if backing == "shm":
             name = f"/shardc-q-{os.getpid()}-{id(object()) & 0xffffff:x}"
         elif backing == "file":
-            name = os.path.join(os.environ.get("SHARDC_TMPDIR") or tempfile.gettempdir(),
+            name = os.path.join(config.get_str("SHARDC_TMPDIR"),
                                 f"shardc-q-{os.getpid()}-{time.monotonic_ns():x}")
         else:
             name = "shardc-taskring"

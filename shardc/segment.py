@@ -32,13 +32,13 @@ import logging
 import os
 import secrets
 import sys
-import tempfile
 import threading
 import weakref
 from collections import deque
 from typing import Any, Iterator
 
 from . import _lowlevel as ll
+from . import config
 from .errors import ClosedError, InvalidArgumentError, SegmentError
 
 log = logging.getLogger("shardc")
@@ -77,18 +77,11 @@ def _registry_locked() -> Iterator[None]:
 
 
 def default_backing() -> str:
-    env = os.environ.get("SHARDC_BACKING", "").strip().lower()
-    if env:
-        if env not in BACKINGS:
-            raise InvalidArgumentError(
-                f"SHARDC_BACKING={env!r} is not a backing; use one of {', '.join(BACKINGS)}")
-        if env != "auto":
-            return env
-    return "auto"
+    return config.get_str("SHARDC_BACKING")
 
 
 def _tmpdir() -> str:
-    return os.environ.get("SHARDC_TMPDIR") or tempfile.gettempdir()
+    return config.get_str("SHARDC_TMPDIR")
 
 
 def _shm_free_bytes() -> int | None:
