@@ -10,19 +10,38 @@ class                          raised when
 =============================  ===========================================
 ShardcError                    base of everything below
 ShardSpecError                 bad ``shards()``/``shards_list()`` input
-InvalidArgumentError           a bad argument value (sizes, modes, ...)
+InvalidArgumentError           a bad argument or ``SHARDC_*`` value
+InvalidTypeError               an argument of a type shardc cannot use
+ShardIndexError                a shard index out of range (an IndexError)
 BindingError                   ``fun``'s signature does not accept an input
 UnpicklableFunctionError       ``fun`` (or what it captured) cannot be sent
 ClosedError                    use of a closed buffer, segment or pool
-SegmentError                   an OS call on a segment failed (an OSError)
+UsageError                     an API used where it cannot work (wrong
+                               thread, nested scopes)
+NativeModuleError              the native module is missing or stale (an
+                               ImportError, raised by ``import shardc``)
+ShardcOSError                  an OS call failed (an OSError, ``errno``
+                               set): processes, memory sampling, heap
+SegmentError                   ... on a shared-memory segment
+QueueError                     ... on the task ring (a SegmentError: the
+                               ring lives in one)
+GuardError                     ... in the page guards (mprotect, region
+                               table)
 QueueClosedError               pop/push on a closed, drained task ring
 BorrowedInputWriteError        a worker wrote into a borrowed input (deny)
+WorkerSetupError               a worker failed to start, or to set up a
+                               call (load ``fun``, map the inputs)
 WorkerCrashedError             a worker died (signal or exit) in a shard
 ShardTimeoutError              a shard ran past ``timeout``
 CallSetupTimeoutError          a worker hung while setting up a call
 WorkerMemoryError              a worker was killed for exceeding mem_cap
 ShardMapError                  shard_map finished with failed shards
 =============================  ===========================================
+
+Which class a failed C call raises is decided by the primitive it came from
+(``shardc._lowlevel._check``): ``seg.c`` -> :class:`SegmentError`, ``queue.c``
+-> :class:`QueueError`, ``guard.c`` -> :class:`GuardError`, ``proc.c`` (process
+setup, memory sampling, heap policy) -> :class:`ShardcOSError`.
 """
 
 from __future__ import annotations
@@ -40,7 +59,15 @@ class ShardSpecError(ShardcError, ValueError):
 
 
 class InvalidArgumentError(ShardcError, ValueError):
-    """An argument has a value shardc cannot use; the message names it."""
+    """An argument (or a ``SHARDC_*`` variable) has a value shardc cannot use; the message names it."""
+
+
+class InvalidTypeError(ShardcError, TypeError):
+    """An argument has a type shardc cannot use (e.g. a dtype holding Python objects)."""
+
+
+class ShardIndexError(ShardcError, IndexError):
+    """A shard index is out of range for its descriptor."""
 
 
 class BindingError(ShardcError, TypeError):
@@ -55,12 +82,48 @@ class ClosedError(ShardcError, ValueError):
     """An operation on a buffer, segment or pool that was already closed."""
 
 
-class SegmentError(ShardcError, OSError):
-    """An OS call on a shared-memory segment failed.
+class UsageError(ShardcError, RuntimeError):
+    """An API was used where it cannot work: outside the main thread, or nested
+    where nesting is not supported."""
+
+
+class NativeModuleError(ShardcError, ImportError):
+    """``shardc._native`` is missing, or was built from other C sources than the
+    package's; the message says how to rebuild."""
+
+
+class ShardcOSError(ShardcError, OSError):
+    """An OS call made by shardc's C layer failed.
+
+    ``errno`` is set; the message names the operation (and the object, where
+    there is one) and a hint where the usual cause is a known OS limit.  Raised
+    as is for process setup, memory sampling and the heap policy (``proc.c``);
+    the subclasses below say which other primitive failed.
+    """
+
+
+class SegmentError(ShardcOSError):
+    """An OS call on a shared-memory segment failed (``seg.c``).
 
     ``errno`` is set; the message names the segment and the operation, and a
     hint where one applies (e.g. ENOSPC on /dev/shm).
     """
+
+
+class QueueError(SegmentError):
+    """A task-ring operation failed (``queue.c``): a bad consumer, a full claim
+    record (ENOBUFS), repair of a live consumer or register over claims (EBUSY).
+
+    It is a :class:`SegmentError` because the ring is a protocol over one
+    shared segment, and code written before the ring had its own class
+    catches ``SegmentError``.  A closed ring is :class:`QueueClosedError`.
+    """
+
+
+class GuardError(ShardcOSError):
+    """A page-guard operation failed (``guard.c``): mprotect/mmap on a borrowed
+    input (ENOMEM: see the ``vm.max_map_count`` hint), a full region table
+    (ENOSPC), an overlapping region (EEXIST), or the signal handlers."""
 
 
 class QueueClosedError(ShardcError, EOFError):
@@ -97,6 +160,13 @@ def signal_label(code: int) -> str:
         except ValueError:
             return f"signal({code})"
     return f"exit({code})"
+
+
+class WorkerSetupError(ShardcError, RuntimeError):
+    """A worker failed to start (its ``packages=``/``init_expr=`` failed, or it
+    died on the way), or failed to set up a call: unpickling ``fun``, mapping
+    the borrowed inputs and out buffers.  The worker's error is the message,
+    and its traceback the ``__cause__`` where it sent one."""
 
 
 class WorkerCrashedError(ShardcError, RuntimeError):
@@ -154,8 +224,9 @@ class RemoteTraceback(Exception):
 
 
 __all__ = [
-    "ShardcError", "ShardSpecError", "InvalidArgumentError", "BindingError",
-    "UnpicklableFunctionError", "ClosedError", "SegmentError", "QueueClosedError",
-    "BorrowedInputWriteError", "WorkerCrashedError", "ShardTimeoutError", "CallSetupTimeoutError",
-    "WorkerMemoryError", "ShardMapError", "RemoteTraceback", "signal_label",
+    "ShardcError", "ShardSpecError", "InvalidArgumentError", "InvalidTypeError", "ShardIndexError",
+    "BindingError", "UnpicklableFunctionError", "ClosedError", "UsageError", "NativeModuleError",
+    "ShardcOSError", "SegmentError", "QueueError", "GuardError", "QueueClosedError",
+    "BorrowedInputWriteError", "WorkerSetupError", "WorkerCrashedError", "ShardTimeoutError",
+    "CallSetupTimeoutError", "WorkerMemoryError", "ShardMapError", "RemoteTraceback", "signal_label",
 ]

@@ -134,7 +134,7 @@ from typing import Any
 from . import _lowlevel as _ll
 from . import config
 from . import inherit as _inherit
-from .errors import BorrowedInputWriteError, InvalidArgumentError
+from .errors import BorrowedInputWriteError, InvalidArgumentError, UsageError
 
 __all__ = ["install", "uninstall", "protect", "protect_array", "protect_inherited", "unprotect",
            "take_lost", "ShardScope", "shard_scope", "cow_stats", "MODES"]
@@ -211,7 +211,8 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
         notify: ``"interrupt"`` (PyErr_SetInterruptEx, default) or ``"signal"`` (raise()).
 
     Raises:
-        InvalidArgumentError: bad ``notify`` or signal; RuntimeError outside the main thread.
+        InvalidArgumentError: bad ``notify`` or signal.
+        UsageError: called outside the main thread (a RuntimeError).
     """
     if notify not in ("interrupt", "signal"):
         raise InvalidArgumentError(f"notify must be 'interrupt' or 'signal', not {notify!r}")
@@ -219,7 +220,7 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
     if signum in (signal.SIGSEGV, signal.SIGBUS, signal.SIGINT):
         raise InvalidArgumentError(f"cannot notify on {signal.Signals(signum).name}")
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("shardc.guard.install() must run in the main thread")
+        raise UsageError("shardc.guard.install() must run in the main thread")
     if _state.pid == os.getpid() and _state.signum == signum and _state.notify == notify:
         return
     if _state.signum is not None and _state.signum != signum:
@@ -287,7 +288,7 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
 
     Raises:
         InvalidArgumentError: bad mode, shared mapping, misaligned address.
-        SegmentError: mprotect failed (e.g. too many mappings: see the hint).
+        GuardError: mprotect failed (e.g. too many mappings: see the hint).
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"cow must be one of {MODES}, not {mode!r}")
@@ -633,7 +634,7 @@ class ShardScope:
 
     def __enter__(self) -> ShardScope:
         if _state.current is not None:
-            raise RuntimeError("shard scopes do not nest")
+            raise UsageError("shard scopes do not nest")
         # Writes made outside any shard (e.g. by the worker loop) are dropped
         # now, so this shard starts from pristine data.
         for rid in _ll.guard_dirty():

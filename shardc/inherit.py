@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from . import config
+from .errors import WorkerSetupError
 
 DEFAULT_MIN_BYTES = int(config.SETTINGS["SHARDC_INHERIT_MIN_BYTES"].default or 0)
 
@@ -148,7 +149,7 @@ def lookup(token: int) -> np.ndarray:
     try:
         return _held[token]
     except KeyError:
-        raise RuntimeError(f"this worker was forked before inherited input #{token} existed "
+        raise WorkerSetupError(f"this worker was forked before inherited input #{token} existed "
                            "(a shardc bug: the pool should have re-forked it)") from None
 
 

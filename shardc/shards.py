@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ShardSpecError
+from .errors import InvalidTypeError, ShardIndexError, ShardSpecError
 
 STRATEGIES = ("contiguous", "strided")
 _COUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*$", re.I)
@@ -141,12 +141,12 @@ class ShardDescriptor(Sequence[Shard]):
         if isinstance(i, slice):
             return [self.shard(k) for k in range(*i.indices(self.num_shards))]
         if isinstance(i, bool) or not isinstance(i, (numbers.Integral, np.integer)):
-            raise TypeError(f"shard index must be an int or slice, got {i!r}")
+            raise InvalidTypeError(f"shard index must be an int or slice, got {i!r}")
         k = int(i)
         if k < 0:
             k += self.num_shards
         if not 0 <= k < self.num_shards:
-            raise IndexError(f"shard {i} out of range for {self.num_shards} shards")
+            raise ShardIndexError(f"shard {i} out of range for {self.num_shards} shards")
         return self.shard(k)
 
     def shard(self, k: int, seedseq: Any = None) -> Shard:

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _lowlevel as ll
 from .buffer import Buffer, array_protocol
-from .errors import ClosedError, InvalidArgumentError
+from .errors import ClosedError, InvalidArgumentError, InvalidTypeError
 from .segment import Segment, find_address
 
 log = logging.getLogger("shardc")
@@ -95,7 +95,7 @@ class Shared:
         if self._closed:
             raise ClosedError("this shared input is closed")
         if self.kind != "array":
-            raise TypeError("this shared object is not an array; use .get()")
+            raise InvalidTypeError("this shared object is not an array; use .get()")
         if self._array is None:
             self._array = view_array(self.segments[0].mapping(writable=False), self.dtype,
                                      self.shape, self.strides, self.offset, writeable=False)
