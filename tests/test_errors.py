@@ -211,3 +211,18 @@ def test_no_new_builtin_exceptions_raised() -> None:
     """No module raises a bare builtin exception (use a shardc.errors class), beyond the known list."""
     new = _builtin_raises() - KNOWN_BUILTIN_RAISES - PROTOCOL_RAISES
     assert not new, f"raise a shardc.errors class (it can also inherit the builtin) instead of: {sorted(new)}"
+
+
+def test_kernel_reserved_fields_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """register_kernel's reserved signature/supports_views are type-checked, so a later meaning breaks nothing."""
+    from shardc import kernels
+    from shardc.kernels import get_kernel, register_kernel
+
+    monkeypatch.setattr(kernels, "_registry", dict(kernels._registry))  # leave the real registry alone
+
+    with pytest.raises(InvalidArgumentError, match="signature"):
+        register_kernel("bad_sig", lambda shard: None, signature=3)
+    with pytest.raises(InvalidArgumentError, match="supports_views"):
+        register_kernel("bad_views", lambda shard: None, supports_views="yes")
+    k = register_kernel("reserved_ok", lambda shard: None, signature="shard", supports_views=False)
+    assert get_kernel("reserved_ok") is k and k.signature == "shard" and k.supports_views is False
