@@ -63,38 +63,6 @@ _check_stamp()
 
 PAGE_SIZE: int = int(lib.shardc_page_size())
 
-# Hints for errno values whose usual cause is a known OS limit.  Which ones
-# apply depends on the primitive: ENOSPC from a segment means a full
-# filesystem, from the page guards a full region table.
-_COMMON_HINTS = {
-    _errno.ENOMEM: "out of memory or out of memory mappings; if many pages were write-protected "
-                   "separately, raise vm.max_map_count (sysctl -w vm.max_map_count=262144)",
-    _errno.EMFILE: "too many open files in this process; raise the limit with `ulimit -n`",
-    _errno.ENFILE: "too many open files system-wide",
-}
-_SEGMENT_HINTS = {
-    **_COMMON_HINTS,
-    _errno.ENOSPC: "the backing filesystem is full; on a small /dev/shm (e.g. a container's "
-                   "64 MiB) use backing='file' or set SHARDC_BACKING=file",
-    _errno.EACCES: "permission denied; named segments are created with mode 0600 by their owner",
-    _errno.EEXIST: "a segment with this name already exists; pick another name or unlink it",
-    _errno.ENOENT: "no segment with this name exists (was it unlinked by its owner?)",
-}
-_GUARD_HINTS = {
-    **_COMMON_HINTS,
-    _errno.ENOSPC: f"the page-guard region table is full ({int(lib.SHARDC_GUARD_MAX_REGIONS)} borrowed "
-                   "inputs per process); borrow fewer, larger inputs",
-    _errno.EEXIST: "the range overlaps a borrowed input that is already protected",
-}
-# error class -> (what ``name`` names in the message, hints)
-_DOMAINS: dict[type[ShardcOSError], tuple[str, dict[int, str]]] = {
-    SegmentError: ("segment", _SEGMENT_HINTS),
-    QueueError: ("task ring", _COMMON_HINTS),
-    GuardError: ("borrowed input", _GUARD_HINTS),
-    ShardcOSError: ("", _COMMON_HINTS),
-}
-
-
 def _check(rc: int, op: str, name: str | None = None, error: type[ShardcOSError] = SegmentError) -> int:
     """Return ``rc`` if it is >= 0, else raise ``error`` for ``-rc``.
 
@@ -103,7 +71,7 @@ def _check(rc: int, op: str, name: str | None = None, error: type[ShardcOSError]
         op: the operation, for the message ("mmap", "ftruncate", ...).
         name: the object the operation was on (segment name, input name), if any.
         error: the class of the primitive the call belongs to (see the module
-            docstring); it picks the hints too.
+            docstring); its ``subject`` and ``hints`` shape the message.
 
     Raises:
         ShardcOSError: ``error``, an ``OSError`` subclass with ``errno`` set.
@@ -111,10 +79,9 @@ def _check(rc: int, op: str, name: str | None = None, error: type[ShardcOSError]
     if rc >= 0:
         return rc
     code = -rc
-    what, hints = _DOMAINS.get(error, _DOMAINS[ShardcOSError])
-    on = f" for {what} {name!r}" if what else f" for {name!r}"
+    on = f" for {error.subject} {name!r}" if error.subject else f" for {name!r}"
     msg = f"{op} failed" + (on if name else "") + f": {os.strerror(code)}"
-    hint = hints.get(code)
+    hint = error.hints.get(code)
     if hint:
         msg += f" (hint: {hint})"
     raise error(code, msg)

@@ -46,8 +46,9 @@ setup, memory sampling, heap policy) -> :class:`ShardcOSError`.
 
 from __future__ import annotations
 
+import errno
 import signal
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ShardcError(Exception):
@@ -92,6 +93,17 @@ class NativeModuleError(ShardcError, ImportError):
     package's; the message says how to rebuild."""
 
 
+# Hints for errno values whose usual cause is a known OS limit.  Which ones
+# apply depends on the primitive: ENOSPC from a segment means a full
+# filesystem, from the page guards a full region table.
+_COMMON_HINTS = {
+    errno.ENOMEM: "out of memory or out of memory mappings; if many pages were write-protected "
+                  "separately, raise vm.max_map_count (sysctl -w vm.max_map_count=262144)",
+    errno.EMFILE: "too many open files in this process; raise the limit with `ulimit -n`",
+    errno.ENFILE: "too many open files system-wide",
+}
+
+
 class ShardcOSError(ShardcError, OSError):
     """An OS call made by shardc's C layer failed.
 
@@ -99,7 +111,14 @@ class ShardcOSError(ShardcError, OSError):
     there is one) and a hint where the usual cause is a known OS limit.  Raised
     as is for process setup, memory sampling and the heap policy (``proc.c``);
     the subclasses below say which other primitive failed.
+
+    Class attributes (read by ``shardc._lowlevel._check`` to build messages):
+        subject: what an object name is in a message ("segment 'x'").
+        hints: errno -> hint for this primitive.
     """
+
+    subject: ClassVar[str] = ""
+    hints: ClassVar[dict[int, str]] = _COMMON_HINTS
 
 
 class SegmentError(ShardcOSError):
@@ -108,6 +127,16 @@ class SegmentError(ShardcOSError):
     ``errno`` is set; the message names the segment and the operation, and a
     hint where one applies (e.g. ENOSPC on /dev/shm).
     """
+
+    subject = "segment"
+    hints = {
+        **_COMMON_HINTS,
+        errno.ENOSPC: "the backing filesystem is full; on a small /dev/shm (e.g. a container's "
+                      "64 MiB) use backing='file' or set SHARDC_BACKING=file",
+        errno.EACCES: "permission denied; named segments are created with mode 0600 by their owner",
+        errno.EEXIST: "a segment with this name already exists; pick another name or unlink it",
+        errno.ENOENT: "no segment with this name exists (was it unlinked by its owner?)",
+    }
 
 
 class QueueError(SegmentError):
@@ -119,11 +148,22 @@ class QueueError(SegmentError):
     catches ``SegmentError``.  A closed ring is :class:`QueueClosedError`.
     """
 
+    subject = "task ring"
+    hints = _COMMON_HINTS  # not the segment's: ENOENT/ENOSPC mean other things here
+
 
 class GuardError(ShardcOSError):
     """A page-guard operation failed (``guard.c``): mprotect/mmap on a borrowed
     input (ENOMEM: see the ``vm.max_map_count`` hint), a full region table
     (ENOSPC), an overlapping region (EEXIST), or the signal handlers."""
+
+    subject = "borrowed input"
+    hints = {
+        **_COMMON_HINTS,
+        errno.ENOSPC: "the page-guard region table is full (shardc._lowlevel.GUARD_MAX_REGIONS "
+                      "borrowed inputs per process); borrow fewer, larger inputs",
+        errno.EEXIST: "the range overlaps a borrowed input that is already protected",
+    }
 
 
 class QueueClosedError(ShardcError, EOFError):
