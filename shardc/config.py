@@ -22,6 +22,7 @@ This module imports nothing of shardc but :mod:`shardc.errors`.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from .errors import InvalidArgumentError
 
 __all__ = ["Setting", "SETTINGS", "setting", "get_int", "get_optional_int", "get_float", "get_bool",
-           "get_str", "is_set", "render_markdown"]
+           "get_str", "is_set", "default_workers", "render_markdown"]
 
 _TRUE = ("1", "yes", "on", "true", "always")
 _FALSE = ("0", "no", "off", "false", "never")
@@ -250,6 +251,34 @@ def get_bool(name: str) -> bool:
 def get_str(name: str) -> str:
     """A ``choice`` (lower-cased) or ``path`` setting."""
     return str(_required(name, _typed(name, ("choice", "path"))))
+
+
+def default_workers() -> int:
+    """``SHARDC_WORKERS``, else its computed default: ``max(1, usable CPUs - 1)``,
+    where usable CPUs honours the affinity mask and a cgroup v2 CPU quota."""
+    n = get_optional_int("SHARDC_WORKERS")
+    if n is not None:
+        return n
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cpus = min(cpus, quota)
+    return max(1, cpus - 1)
+
+
+def _cgroup_cpus() -> int | None:
+    """CPUs allowed by a cgroup v2 quota (``cpu.max``), rounded up; None without one."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
 
 
 def _default_cell(spec: Setting) -> str:

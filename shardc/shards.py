@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import config
 from .errors import InvalidTypeError, ShardIndexError, ShardSpecError
 
 STRATEGIES = ("contiguous", "strided")
@@ -180,11 +181,6 @@ class ShardDescriptor(Sequence[Shard]):
                 f"num_shards={self.num_shards}>")
 
 
-def _default_workers() -> int:
-    from .pool import default_workers  # late: pool imports more
-    return default_workers()
-
-
 def shards(n: Any, block_size: Any = "auto", workers: int | None = None,
            strategy: str = "contiguous", min_shards_per_worker: int = 4,
            max_shards_per_worker: int = 64, scratch_bytes_per_item: int = 0,
@@ -209,7 +205,7 @@ def shards(n: Any, block_size: Any = "auto", workers: int | None = None,
     if strategy not in STRATEGIES:
         raise ShardSpecError(f"strategy={strategy!r} is not supported; use 'contiguous' or 'strided'")
     if isinstance(block_size, str) and block_size.strip().lower() == "auto":
-        w = _default_workers() if workers is None else workers
+        w = config.default_workers() if workers is None else workers
         if isinstance(w, bool) or not isinstance(w, (numbers.Integral, np.integer)) or w < 1:
             raise ShardSpecError(f"workers must be a positive integer, got {workers!r}")
         for name, v in (("min_shards_per_worker", min_shards_per_worker),

@@ -160,3 +160,16 @@ def test_guard_and_inherit_read_through_config(monkeypatch: pytest.MonkeyPatch) 
         inherit.min_bytes()
     monkeypatch.setenv("SHARDC_BACKING", "Shm")
     assert segment.default_backing() == "shm"
+
+
+def test_default_workers_matches_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config.default_workers() is SHARDC_WORKERS, else what the pool computes (CPUs - 1, at least 1)."""
+    from shardc import pool
+
+    monkeypatch.delenv("SHARDC_WORKERS", raising=False)
+    assert config.default_workers() == pool.default_workers() >= 1
+    monkeypatch.setenv("SHARDC_WORKERS", "5")
+    assert config.default_workers() == 5
+    monkeypatch.setenv("SHARDC_WORKERS", "-1")
+    with pytest.raises(InvalidArgumentError, match="SHARDC_WORKERS='-1'"):
+        config.default_workers()
