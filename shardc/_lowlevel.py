@@ -3,13 +3,9 @@
 Everything native goes through here: thin wrappers that call one C function,
 and one choke point, :func:`_check`, that turns the C layer's ``-errno``
 return codes into Python exceptions with the operation, the object's name and
-a targeted hint where the OS limit is a known one.  The exception's class
-says which primitive failed: segments (``seg.c``) raise
-:class:`~shardc.errors.SegmentError`, the task ring (``queue.c``)
-:class:`~shardc.errors.QueueError`, the page guards (``guard.c``)
-:class:`~shardc.errors.GuardError`, and process setup, memory sampling and
-the heap policy (``proc.c``) :class:`~shardc.errors.ShardcOSError`; all are
-``OSError`` subclasses with ``errno`` set.
+a targeted hint where the OS limit is a known one.  The class says which
+primitive failed: ``seg.c`` -> ``SegmentError``, ``queue.c`` -> ``QueueError``,
+``guard.c`` -> ``GuardError``, ``proc.c`` -> ``ShardcOSError`` (all OSErrors).
 
 The module also checks the build stamp at import: a native module compiled
 from other C sources than the ones beside this package (an editable install
@@ -20,12 +16,22 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import _stamp, config
 from ._version import __version__
-from .errors import (GuardError, InvalidArgumentError, NativeModuleError, QueueClosedError, QueueError,
-                     SegmentError, ShardcError, ShardcOSError)
+from .errors import (
+    GuardError,
+    InvalidArgumentError,
+    NativeModuleError,
+    QueueClosedError,
+    QueueError,
+    SegmentError,
+    ShardcError,
+    ShardcOSError,
+)
 
 try:
     from ._native import ffi, lib
@@ -90,11 +96,6 @@ def _check(rc: int, op: str, name: str | None = None, error: type[ShardcOSError]
 def _gcheck(rc: int, op: str, name: str | None = None) -> int:
     """:func:`_check` for the page guards."""
     return _check(rc, op, name, GuardError)
-
-
-def _pcheck(rc: int, op: str) -> int:
-    """:func:`_check` for process setup, memory sampling and the heap."""
-    return _check(rc, op, None, ShardcOSError)
 
 
 # --------------------------------------------------------------------------
@@ -218,8 +219,8 @@ class Mapping:
         self.primed = False  # page guards set up on it once (see GUARD_PRIMED)
         self.cdata = ffi.gc(raw, lambda p, n=size: lib.shardc_seg_unmap(p, n), size=size)
 
-    def buffer(self) -> object:
-        """A writable buffer over the whole region that keeps the mapping alive."""
+    def buffer(self) -> Any:
+        """A writable cffi buffer over the whole region that keeps the mapping alive."""
         return ffi.buffer(self.cdata, self.size)
 
 
@@ -243,7 +244,7 @@ def _read_mem(fn: object, pid: int, what: str) -> dict[str, int] | None:
     rc = fn(pid, m)  # type: ignore[operator]
     if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
         return None
-    _pcheck(rc, f"read memory ({what}) of pid {pid}")
+    _check(rc, f"read memory ({what}) of pid {pid}", error=ShardcOSError)
     return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
             "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": int(m.precise)}
 
@@ -262,7 +263,7 @@ def proc_mem_fast(pid: int) -> dict[str, int] | None:
 
 def proc_set_affinity(pid: int, cpus: list[int]) -> None:
     arr = ffi.new("int[]", list(cpus))
-    _pcheck(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity")
+    _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity", error=ShardcOSError)
 
 
 def heap_reuse(keep: int) -> bool:
@@ -515,7 +516,7 @@ def guard_restore(rid: int, name: str | None = None) -> bool:
     return True
 
 
-def _guard_ids(fn, *args) -> list[int]:  # type: ignore[no-untyped-def]
+def _guard_ids(fn: Callable[..., int], *args: object) -> list[int]:
     ids = ffi.new("int[]", GUARD_MAX_REGIONS)
     n = _gcheck(fn(*args, ids, GUARD_MAX_REGIONS), "list page-guard regions")
     return [int(ids[i]) for i in range(min(n, GUARD_MAX_REGIONS))]

@@ -22,7 +22,8 @@ import math
 import numbers
 import operator
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -123,7 +124,7 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         # Hand back the Buffers given as out=, so ``buf += 1`` (which rebinds
         # ``buf`` to this return value) keeps ``buf`` a Buffer.
         if isinstance(result, tuple):
-            return tuple(o if isinstance(o, Buffer) and r is o.array else r for o, r in zip(out, result))
+            return tuple(o if isinstance(o, Buffer) and r is o.array else r for o, r in zip(out, result, strict=False))
         return out[0] if isinstance(out[0], Buffer) and result is out[0].array else result
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
@@ -205,7 +206,7 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         self._array = None
         self.segment.close()
 
-    def __enter__(self) -> "Buffer":
+    def __enter__(self) -> Buffer:
         return self
 
     def __exit__(self, *exc: object) -> None:

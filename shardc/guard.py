@@ -129,7 +129,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from . import _lowlevel as _ll
 from . import config
@@ -161,8 +161,8 @@ class _Input:
             return self.offset0, self.nbytes
         if any(n == 0 for n in self.shape):
             return self.offset0, self.offset0
-        lo = sum((n - 1) * s for n, s in zip(self.shape, self.strides) if s < 0)
-        hi = sum((n - 1) * s for n, s in zip(self.shape, self.strides) if s > 0) + self.itemsize
+        lo = sum((n - 1) * s for n, s in zip(self.shape, self.strides, strict=True) if s < 0)
+        hi = sum((n - 1) * s for n, s in zip(self.shape, self.strides, strict=True) if s > 0) + self.itemsize
         return self.offset0 + lo, self.offset0 + hi
 
 
@@ -466,17 +466,21 @@ def _element_index(inp: _Input, rel: int) -> tuple[int, ...] | None:
             return None
         return (rel // itemsize,)
     shape = inp.shape
-    strides = inp.strides
-    if strides is None:  # C order
-        strides, acc = [], itemsize
+    strides: tuple[int, ...]
+    if inp.strides is None:  # C order
+        c_order: list[int] = []
+        acc = itemsize
         for n in reversed(shape):
-            strides.insert(0, acc)
+            c_order.insert(0, acc)
             acc *= max(n, 1)
+        strides = tuple(c_order)
+    else:
+        strides = inp.strides
     if any(n == 0 for n in shape):
         return None
     # Measure from the lowest-addressed element; a negative stride flips its axis.
     low, dims = 0, []
-    for n, s in zip(shape, strides):
+    for n, s in zip(shape, strides, strict=True):
         if s < 0:
             low += (n - 1) * s
         dims.append((n, abs(s), s < 0))
@@ -648,7 +652,7 @@ class ShardScope:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+                 tb: TracebackType | None) -> Literal[False]:
         _state.current = None
         _ll.guard_take_notify()
         violation = None

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,9 @@ class Kernel:
             cls = fp.get("class")
             nbytes = fp.get("bytes")
             if cls is None:
+                if nbytes is None:
+                    raise InvalidArgumentError(f"kernel {self.name!r}: footprint of shard {getattr(shard, 'id', '?')} "
+                                               f"has neither 'class' nor 'bytes': {fp!r}")
                 cls = classify_bytes(int(nbytes))
             if cls not in ("tiny", "medium", "huge"):
                 raise InvalidArgumentError(f"kernel {self.name!r}: footprint class {cls!r} is not tiny/medium/huge")
@@ -125,7 +129,7 @@ def register_kernel(name: str, impl: Callable[..., Any], signature: str | None =
 
 
 def _is_byte_count(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and float(v) >= 0
 
 
 def _check_footprint_dict(name: str, fp: dict[str, Any]) -> None:

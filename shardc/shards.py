@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +31,7 @@ def parse_count(value: Any, arg: str) -> int:
     """Parse a positive count: an int, or a string like "10K", "1M", "3B" (B = billions)."""
     if isinstance(value, bool):
         raise ShardSpecError(f"{arg} must be a positive integer or a count like '10K', got {value!r}")
-    if isinstance(value, (numbers.Integral, np.integer)):
-        n = int(value)
-    elif isinstance(value, float) and value.is_integer():
+    if isinstance(value, (numbers.Integral, np.integer)) or isinstance(value, float) and value.is_integer():
         n = int(value)
     elif isinstance(value, str):
         m = _COUNT_RE.match(value)
@@ -138,7 +137,7 @@ class ShardDescriptor(Sequence[Shard]):
     def __len__(self) -> int:
         return self.num_shards
 
-    def __getitem__(self, i: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self.shard(k) for k in range(*i.indices(self.num_shards))]
         if isinstance(i, bool) or not isinstance(i, (numbers.Integral, np.integer)):

@@ -10,16 +10,27 @@ import pickle
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import shardc
 import shardc._lowlevel as ll
 from shardc import errors, inherit
 from shardc._channel import ChannelClosed
-from shardc.errors import (ClosedError, GuardError, InvalidArgumentError, InvalidTypeError, NativeModuleError,
-                           QueueClosedError, QueueError, SegmentError, ShardcError, ShardcOSError, ShardIndexError,
-                           UsageError, WorkerSetupError)
+from shardc.errors import (
+    ClosedError,
+    GuardError,
+    InvalidArgumentError,
+    InvalidTypeError,
+    NativeModuleError,
+    QueueClosedError,
+    QueueError,
+    SegmentError,
+    ShardcError,
+    ShardcOSError,
+    ShardIndexError,
+    UsageError,
+    WorkerSetupError,
+)
 from shardc.queue import TaskRing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +63,7 @@ def test_every_class_is_a_shardc_error_and_its_builtin() -> None:
 
 
 def test_os_errors_form_one_family() -> None:
-    """Segment, queue and guard errors are ShardcOSErrors; a QueueError is also a SegmentError (old code catches that)."""
+    """Segment, queue and guard errors are ShardcOSErrors; a QueueError is also a SegmentError (as before)."""
     assert issubclass(SegmentError, ShardcOSError) and issubclass(GuardError, ShardcOSError)
     assert issubclass(QueueError, SegmentError)
     assert not issubclass(GuardError, SegmentError)

@@ -97,7 +97,7 @@ def elementary_cycles(graph: dict[str, dict[str, int]], limit: int = 10_000) -> 
 
 def _describe(cycle: tuple[str, ...], graph: dict[str, dict[str, int]]) -> str:
     hops = []
-    for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+    for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True):
         hops.append(f"{a} -> {b} ({_modules()[a].relative_to(REPO)}:{graph[a][b]})")
     return "; ".join(hops)
 
