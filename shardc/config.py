@@ -13,7 +13,7 @@ Values are read from the environment on every call (nothing is cached), so a
 variable changed at run time, or by a test's ``monkeypatch.setenv``, takes
 effect at the next read.  An empty value counts as unset.
 
-``python -m shardc.config`` prints the table as Markdown; the README's
+``render_markdown()`` (or ``tools/settings_table.py``) gives the table as Markdown; the README's
 "Settings (environment variables)" section is that output, and a test keeps
 the two equal.
 
@@ -30,8 +30,19 @@ from dataclasses import dataclass
 
 from .errors import InvalidArgumentError
 
-__all__ = ["Setting", "SETTINGS", "setting", "get_int", "get_optional_int", "get_float", "get_bool",
-           "get_str", "is_set", "default_workers", "render_markdown"]
+__all__ = [
+    "Setting",
+    "SETTINGS",
+    "setting",
+    "get_int",
+    "get_optional_int",
+    "get_float",
+    "get_bool",
+    "get_str",
+    "is_set",
+    "default_workers",
+    "render_markdown",
+]
 
 _TRUE = ("1", "yes", "on", "true", "always")
 _FALSE = ("0", "no", "off", "false", "never")
@@ -94,53 +105,126 @@ def _num(x: float) -> str:
 
 
 # Runtime settings by topic, then the other scopes; the README's table is rendered from this.
-SETTINGS: dict[str, Setting] = {s.name: s for s in (
-    Setting("SHARDC_BACKING", "choice", "auto",
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting(
+            "SHARDC_BACKING",
+            "choice",
+            "auto",
             "default segment backing: `auto` (memfd, then shm, then file, with the reason logged), "
             "`memfd`, `shm`, `file`; an explicit `backing=` wins",
-            choices=("auto", "memfd", "shm", "file")),
-    Setting("SHARDC_TMPDIR", "path", None,
+            choices=("auto", "memfd", "shm", "file"),
+        ),
+        Setting(
+            "SHARDC_TMPDIR",
+            "path",
+            None,
             "directory for `file` segments, file-backed task rings and the janitor's owner files",
-            default_doc="the temp dir"),
-    Setting("SHARDC_WORKERS", "int", None,
+            default_doc="the temp dir",
+        ),
+        Setting(
+            "SHARDC_WORKERS",
+            "int",
+            None,
             "default pool size",
-            default_doc="usable CPUs - 1, at least 1 (affinity and cgroup quota respected)", minimum=1),
-    Setting("SHARDC_SETUP_TIMEOUT", "float", 120.0,
+            default_doc="usable CPUs - 1, at least 1 (affinity and cgroup quota respected)",
+            minimum=1,
+        ),
+        Setting(
+            "SHARDC_SETUP_TIMEOUT",
+            "float",
+            120.0,
             "seconds a worker may take to load `fun` and map the inputs of a call before it is killed "
             "and the call fails with `CallSetupTimeoutError`",
-            minimum=0, exclusive_minimum=True),
-    Setting("SHARDC_INHERIT", "bool", True,
-            "`0` turns off inheriting big borrowed arrays at fork (they are copied into a segment instead)"),
-    Setting("SHARDC_INHERIT_MIN_BYTES", "int", 64 * 1024**2,
+            minimum=0,
+            exclusive_minimum=True,
+        ),
+        Setting(
+            "SHARDC_INHERIT",
+            "bool",
+            True,
+            "`0` turns off inheriting big borrowed arrays at fork (they are copied into a segment instead)",
+        ),
+        Setting(
+            "SHARDC_INHERIT_MIN_BYTES",
+            "int",
+            64 * 1024**2,
             "smallest plain array (bytes) inherited at fork instead of copied",
-            default_doc="67108864 (64 MiB)", minimum=0),
-    Setting("SHARDC_RECYCLE_MIN_BYTES", "int", 32 * 1024**2,
+            default_doc="67108864 (64 MiB)",
+            minimum=0,
+        ),
+        Setting(
+            "SHARDC_RECYCLE_MIN_BYTES",
+            "int",
+            32 * 1024**2,
             "memory growth (bytes) below this never counts as drift",
-            default_doc="33554432 (32 MiB)", minimum=0),
-    Setting("SHARDC_HEAP_REUSE", "bool", True,
+            default_doc="33554432 (32 MiB)",
+            minimum=0,
+        ),
+        Setting(
+            "SHARDC_HEAP_REUSE",
+            "bool",
+            True,
             "`0`: workers return freed memory to the kernel at once (glibc's default) instead of keeping "
-            "it for their next shards during a call"),
-    Setting("SHARDC_GUARD_SIGNAL", "signal", int(signal.SIGUSR2),
+            "it for their next shards during a call",
+        ),
+        Setting(
+            "SHARDC_GUARD_SIGNAL",
+            "signal",
+            int(signal.SIGUSR2),
             "signal the page guards use to raise a deny error in Python",
-            default_doc="SIGUSR2"),
-    Setting("SHARDC_GUARD_PAGES_PER_REGION", "int", 256,
+            default_doc="SIGUSR2",
+        ),
+        Setting(
+            "SHARDC_GUARD_PAGES_PER_REGION",
+            "int",
+            256,
             "pages of one borrowed input tracked one by one before it is tracked as a whole",
-            minimum=0, maximum=1024),
-    Setting("SHARDC_GUARD_PAGES_TOTAL", "int", 8192,
+            minimum=0,
+            maximum=1024,
+        ),
+        Setting(
+            "SHARDC_GUARD_PAGES_TOTAL",
+            "int",
+            8192,
             "pages of all borrowed inputs together tracked one by one",
-            minimum=0, maximum=2**31 - 1),
-    Setting("SHARDC_SKIP_STAMP_CHECK", "bool", False,
-            "load a native module built from other C sources (development only)"),
-    Setting("SHARDC_WORKER", "int", None,
+            minimum=0,
+            maximum=2**31 - 1,
+        ),
+        Setting(
+            "SHARDC_SKIP_STAMP_CHECK",
+            "bool",
+            False,
+            "load a native module built from other C sources (development only)",
+        ),
+        Setting(
+            "SHARDC_WORKER",
+            "int",
+            None,
             "set by shardc in each worker to its slot number (0, 1, ...); unset in the caller",
-            default_doc="unset", minimum=0, scope="worker"),
-    Setting("SHARDC_PORTABLE_WAIT", "bool", False,
+            default_doc="unset",
+            minimum=0,
+            scope="worker",
+        ),
+        Setting(
+            "SHARDC_PORTABLE_WAIT",
+            "bool",
+            False,
             "at build time (`csrc/ffi_build.py`): the polling wait fallback instead of futexes",
-            scope="build"),
-    Setting("SHARDC_BENCH_WAKE_CYCLES", "int", 10**7,
+            scope="build",
+        ),
+        Setting(
+            "SHARDC_BENCH_WAKE_CYCLES",
+            "int",
+            10**7,
             "park/wake cycles in `bench/run.sh`",
-            default_doc="10^7; 10^5 with `--quick`", minimum=1, scope="bench"),
-)}
+            default_doc="10^7; 10^5 with `--quick`",
+            minimum=1,
+            scope="bench",
+        ),
+    )
+}
 
 
 def _spec(name: str) -> Setting:
@@ -190,8 +274,7 @@ def _parse(spec: Setting, raw: str) -> Value:
         raise _bad(spec, raw) from None
     if spec.kind == "float" and number != number:  # NaN passes no bound
         raise _bad(spec, raw)
-    if spec.minimum is not None and (number < spec.minimum
-                                     or (spec.exclusive_minimum and number == spec.minimum)):
+    if spec.minimum is not None and (number < spec.minimum or (spec.exclusive_minimum and number == spec.minimum)):
         raise _bad(spec, raw)
     if spec.maximum is not None and number > spec.maximum:
         raise _bad(spec, raw)
@@ -306,7 +389,3 @@ def render_markdown() -> str:
     for s in rows:
         lines.append(f"| `{s.name}` | {_type_cell(s)} | {_default_cell(s)} | {s.meaning} |")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(render_markdown(), end="")

@@ -36,15 +36,27 @@ def _readme_table() -> str:
 def test_readme_table_equals_rendering() -> None:
     """The README's settings table is exactly what render_markdown() prints (it cannot go stale)."""
     assert _readme_table() == config.render_markdown(), (
-        "README.md's settings table differs from shardc/config.py: paste `python -m shardc.config` into it")
+        "README.md's settings table differs from shardc/config.py: run tools/settings_table.py --write"
+    )
 
 
-def test_module_main_prints_the_table() -> None:
-    """`python -m shardc.config` prints the Markdown table."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), SHARDC_SKIP_STAMP_CHECK="1")
-    out = subprocess.run([sys.executable, "-m", "shardc.config"], capture_output=True, text=True,
-                         env=env, cwd=REPO, timeout=60, check=True).stdout
-    assert out == config.render_markdown()
+def test_tool_prints_and_writes_the_table(tmp_path: Path) -> None:
+    """tools/settings_table.py prints the table, and --write puts it into a README in place of an old one."""
+    env = dict(os.environ, SHARDC_SKIP_STAMP_CHECK="1")
+    tool = REPO / "tools" / "settings_table.py"
+    out = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert out.stdout == config.render_markdown() and not out.stderr
+    # --write on a copy of the tree's README with a stale table
+    fake = tmp_path / "repo"
+    (fake / "tools").mkdir(parents=True)
+    (fake / "tools" / "settings_table.py").write_text(tool.read_text())
+    (fake / "shardc").symlink_to(REPO / "shardc")
+    (fake / "README.md").write_text(f"# x\n\n{SECTION}\n\nintro\n\n| old | table |\n|---|---|\n\nafter\n")
+    subprocess.run(
+        [sys.executable, str(fake / "tools" / "settings_table.py"), "--write"], env=env, timeout=60, check=True
+    )
+    text = (fake / "README.md").read_text()
+    assert text == f"# x\n\n{SECTION}\n\nintro\n\n{config.render_markdown()}\nafter\n"
 
 
 def _env_names_in_source() -> set[str]:
@@ -114,19 +126,23 @@ def test_values_are_parsed_and_read_live(monkeypatch: pytest.MonkeyPatch) -> Non
     assert config.get_optional_int("SHARDC_WORKERS") == 3 and config.setting("SHARDC_WORKERS") == 3
 
 
-@pytest.mark.parametrize(("name", "raw", "expected"), [
-    ("SHARDC_SETUP_TIMEOUT", "soon", "a number > 0"),
-    ("SHARDC_SETUP_TIMEOUT", "0", "a number > 0"),
-    ("SHARDC_SETUP_TIMEOUT", "nan", "a number > 0"),
-    ("SHARDC_WORKERS", "0", "an integer >= 1"),
-    ("SHARDC_WORKERS", "2.5", "an integer >= 1"),
-    ("SHARDC_BACKING", "ramdisk", "one of auto, memfd, shm, file"),
-    ("SHARDC_INHERIT", "maybe", "a boolean"),
-    ("SHARDC_GUARD_SIGNAL", "SIGNOPE", "a signal name"),
-    ("SHARDC_GUARD_PAGES_PER_REGION", "5000", "an integer in [0, 1024]"),
-])
-def test_bad_values_name_the_variable_and_form(monkeypatch: pytest.MonkeyPatch, name: str, raw: str,
-                                               expected: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("SHARDC_SETUP_TIMEOUT", "soon", "a number > 0"),
+        ("SHARDC_SETUP_TIMEOUT", "0", "a number > 0"),
+        ("SHARDC_SETUP_TIMEOUT", "nan", "a number > 0"),
+        ("SHARDC_WORKERS", "0", "an integer >= 1"),
+        ("SHARDC_WORKERS", "2.5", "an integer >= 1"),
+        ("SHARDC_BACKING", "ramdisk", "one of auto, memfd, shm, file"),
+        ("SHARDC_INHERIT", "maybe", "a boolean"),
+        ("SHARDC_GUARD_SIGNAL", "SIGNOPE", "a signal name"),
+        ("SHARDC_GUARD_PAGES_PER_REGION", "5000", "an integer in [0, 1024]"),
+    ],
+)
+def test_bad_values_name_the_variable_and_form(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str, expected: str
+) -> None:
     """A bad value raises InvalidArgumentError (a ValueError) naming the variable, value and expected form."""
     monkeypatch.setenv(name, raw)
     with pytest.raises(InvalidArgumentError) as info:

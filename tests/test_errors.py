@@ -37,13 +37,26 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Each class and the builtin it must also be, so `except <builtin>` keeps working.
 BUILTIN_OF = {
-    "ShardSpecError": ValueError, "InvalidArgumentError": ValueError, "InvalidTypeError": TypeError,
-    "ShardIndexError": IndexError, "BindingError": TypeError, "UnpicklableFunctionError": TypeError,
-    "ClosedError": ValueError, "UsageError": RuntimeError, "NativeModuleError": ImportError,
-    "ShardcOSError": OSError, "SegmentError": OSError, "QueueError": OSError, "GuardError": OSError,
-    "QueueClosedError": EOFError, "WorkerSetupError": RuntimeError, "WorkerCrashedError": RuntimeError,
-    "ShardTimeoutError": TimeoutError, "CallSetupTimeoutError": TimeoutError,
-    "WorkerMemoryError": MemoryError, "ShardMapError": RuntimeError,
+    "ShardSpecError": ValueError,
+    "InvalidArgumentError": ValueError,
+    "InvalidTypeError": TypeError,
+    "ShardIndexError": IndexError,
+    "BindingError": TypeError,
+    "UnpicklableFunctionError": TypeError,
+    "ClosedError": ValueError,
+    "UsageError": RuntimeError,
+    "NativeModuleError": ImportError,
+    "ShardcOSError": OSError,
+    "SegmentError": OSError,
+    "QueueError": OSError,
+    "GuardError": OSError,
+    "QueueClosedError": EOFError,
+    "WorkerSetupError": RuntimeError,
+    "WorkerCrashedError": RuntimeError,
+    "ShardTimeoutError": TimeoutError,
+    "CallSetupTimeoutError": TimeoutError,
+    "WorkerMemoryError": MemoryError,
+    "ShardMapError": RuntimeError,
 }
 
 
@@ -190,22 +203,25 @@ def test_native_module_error_is_an_import_error() -> None:
 
 # (module, builtin) pairs raised today in modules under rewrite: to be emptied by the #12 redesign.
 KNOWN_BUILTIN_RAISES = {
-    ("shardc.map", "RuntimeError"),        # a worker slot dying during setup -> WorkerSetupError
-    ("shardc.pool", "RuntimeError"),       # a worker failing to start -> WorkerSetupError
+    ("shardc.map", "RuntimeError"),  # a worker slot dying during setup -> WorkerSetupError
+    ("shardc.pool", "RuntimeError"),  # a worker failing to start -> WorkerSetupError
     ("shardc.diagnostics", "ValueError"),
     ("shardc.diagnostics", "TypeError"),
     ("shardc.diagnostics", "ImportError"),
 }
 # Raised on purpose: protocol signals Python itself expects, not shardc failures.
 PROTOCOL_RAISES = {
-    ("shardc.buffer", "AttributeError"),   # __getattr__ delegation
+    ("shardc.buffer", "AttributeError"),  # __getattr__ delegation
     ("shardc.worker", "UnpicklingError"),  # pickle's persistent_load protocol
 }
 
 
 def _builtin_raises() -> set[tuple[str, str]]:
-    names = {n for n in dir(builtins) if isinstance(getattr(builtins, n), type)
-             and issubclass(getattr(builtins, n), BaseException)} | {"UnpicklingError"}
+    names = {
+        n
+        for n in dir(builtins)
+        if isinstance(getattr(builtins, n), type) and issubclass(getattr(builtins, n), BaseException)
+    } | {"UnpicklingError"}
     found = set()
     for path in sorted((REPO / "shardc").rglob("*.py")):
         mod = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
