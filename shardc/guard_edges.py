@@ -77,7 +77,17 @@ class EdgeTable:
                     inp = v
                     break
             rel = first - inp.offset0
-            events.append({"input": inp.name, "shard": shard_id, "mode": inp.mode, "pages": 1,
-                           "bytes": s1 - s0, "first_offset": rel, "first_index": element_index(inp, rel),
-                           "faults": 0, "exact": True})
+            events.append(
+                {
+                    "input": inp.name,
+                    "shard": shard_id,
+                    "mode": inp.mode,
+                    "pages": 1,
+                    "bytes": s1 - s0,
+                    "first_offset": rel,
+                    "first_index": element_index(inp, rel),
+                    "faults": 0,
+                    "exact": True,
+                }
+            )
         return events

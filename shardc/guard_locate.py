@@ -19,8 +19,16 @@ import numpy as np
 
 from .errors import BorrowedInputWriteError
 
-__all__ = ["Input", "byte_bounds_of", "element_index", "format_index", "deny_error", "buffer_span",
-           "efault_candidates", "efault_error"]
+__all__ = [
+    "Input",
+    "byte_bounds_of",
+    "element_index",
+    "format_index",
+    "deny_error",
+    "buffer_span",
+    "efault_candidates",
+    "efault_error",
+]
 
 
 @dataclass
@@ -104,8 +112,10 @@ def format_index(index: tuple[int, ...] | None) -> str:
 
 
 def deny_error(shard_id: Any, ev: dict[str, Any]) -> BorrowedInputWriteError:
-    msg = (f"shard {shard_id} wrote to borrowed input {ev['input']!r} at byte {ev['first_offset']} "
-           f"({format_index(ev['first_index'])}); cow='deny' forbids writes to borrowed inputs")
+    msg = (
+        f"shard {shard_id} wrote to borrowed input {ev['input']!r} at byte {ev['first_offset']} "
+        f"({format_index(ev['first_index'])}); cow='deny' forbids writes to borrowed inputs"
+    )
     return BorrowedInputWriteError(msg, ev["input"], shard_id, ev["first_offset"], ev["first_index"])
 
 
@@ -122,8 +132,9 @@ def buffer_span(obj: Any) -> tuple[int, int] | None:
     return None
 
 
-def efault_candidates(tb: TracebackType | None, views: dict[int, list[Input]],
-                      lookup: Callable[[int, int], list[int]]) -> list[Input]:
+def efault_candidates(
+    tb: TracebackType | None, views: dict[int, list[Input]], lookup: Callable[[int, int], list[int]]
+) -> list[Input]:
     """Inputs a failed system call may have been given, innermost frame first.
 
     Args:
@@ -160,9 +171,14 @@ def efault_error(shard_id: Any, exc: OSError, cands: list[Input]) -> BorrowedInp
     else:
         names = ", ".join(repr(c.name) for c in cands)
         what, name, mode = f"one of the borrowed inputs {names} (could not tell which)", None, None
-    why = ("cow='deny' forbids writes to borrowed inputs" if mode == "deny" else
-           "the kernel cannot write into borrowed inputs under any cow mode (they are read-only "
-           "mappings); read into a private copy (e.g. X.copy()) instead")
-    msg = (f"shard {shard_id} passed {what} to a system call that writes into it "
-           f"(readinto/readv/recv_into: {exc.strerror or 'EFAULT'}); {why}")
+    why = (
+        "cow='deny' forbids writes to borrowed inputs"
+        if mode == "deny"
+        else "the kernel cannot write into borrowed inputs under any cow mode (they are read-only "
+        "mappings); read into a private copy (e.g. X.copy()) instead"
+    )
+    msg = (
+        f"shard {shard_id} passed {what} to a system call that writes into it "
+        f"(readinto/readv/recv_into: {exc.strerror or 'EFAULT'}); {why}"
+    )
     return BorrowedInputWriteError(msg, name, shard_id, None, None)
