@@ -13,6 +13,7 @@ from .errors import (
                           GuardError,
                           InvalidArgumentError,
                           InvalidTypeError,
+                          MissingDependencyError,
                           NativeModuleError,
                           QueueClosedError,
                           QueueError,
@@ -45,5 +46,6 @@ __all__ = [
     "InvalidArgumentError", "BindingError", "UnpicklableFunctionError", "ClosedError", "SegmentError",
     "QueueClosedError", "BorrowedInputWriteError", "WorkerCrashedError", "ShardTimeoutError",
     "WorkerMemoryError", "ShardMapError", "CallSetupTimeoutError", "InvalidTypeError", "ShardIndexError",
-    "UsageError", "NativeModuleError", "ShardcOSError", "QueueError", "GuardError", "WorkerSetupError",
+    "UsageError", "NativeModuleError", "MissingDependencyError", "ShardcOSError", "QueueError", "GuardError",
+    "WorkerSetupError",
 ]

@@ -20,6 +20,8 @@ UsageError                     an API used where it cannot work (wrong
                                thread, nested scopes)
 NativeModuleError              the native module is missing or stale (an
                                ImportError, raised by ``import shardc``)
+MissingDependencyError         an optional package a feature needs is not
+                               installed (an ImportError; e.g. matplotlib)
 ShardcOSError                  an OS call failed (an OSError, ``errno``
                                set): processes, memory sampling, heap
 SegmentError                   ... on a shared-memory segment
@@ -102,6 +104,11 @@ _COMMON_HINTS = {
     errno.EMFILE: "too many open files in this process; raise the limit with `ulimit -n`",
     errno.ENFILE: "too many open files system-wide",
 }
+
+
+class MissingDependencyError(ShardcError, ImportError):
+    """An optional package a feature needs (e.g. matplotlib for plots) is not
+    installed; the message says what to install."""
 
 
 class ShardcOSError(ShardcError, OSError):
@@ -266,6 +273,7 @@ class RemoteTraceback(Exception):
 __all__ = [
     "ShardcError", "ShardSpecError", "InvalidArgumentError", "InvalidTypeError", "ShardIndexError",
     "BindingError", "UnpicklableFunctionError", "ClosedError", "UsageError", "NativeModuleError",
+    "MissingDependencyError",
     "ShardcOSError", "SegmentError", "QueueError", "GuardError", "QueueClosedError",
     "BorrowedInputWriteError", "WorkerSetupError", "WorkerCrashedError", "ShardTimeoutError",
     "CallSetupTimeoutError", "WorkerMemoryError", "ShardMapError", "RemoteTraceback", "signal_label",

@@ -46,6 +46,7 @@ BUILTIN_OF = {
     "ClosedError": ValueError,
     "UsageError": RuntimeError,
     "NativeModuleError": ImportError,
+    "MissingDependencyError": ImportError,
     "ShardcOSError": OSError,
     "SegmentError": OSError,
     "QueueError": OSError,
