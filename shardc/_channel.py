@@ -21,12 +21,14 @@ import struct
 from collections import deque
 from typing import Any
 
+from .errors import ShardcError
+
 _HDR = struct.Struct("<QI")
 _MAX_FDS = 64
 _ANC_SPACE = socket.CMSG_SPACE(_MAX_FDS * 4)
 
 
-class ChannelClosed(EOFError):
+class ChannelClosed(ShardcError, EOFError):
     """The peer closed its end (or died)."""
 
 

@@ -3,7 +3,9 @@
 Everything native goes through here: thin wrappers that call one C function,
 and one choke point, :func:`_check`, that turns the C layer's ``-errno``
 return codes into Python exceptions with the operation, the object's name and
-a targeted hint where the OS limit is a known one.
+a targeted hint where the OS limit is a known one.  The class says which
+primitive failed: ``seg.c`` -> ``SegmentError``, ``queue.c`` -> ``QueueError``,
+``guard.c`` -> ``GuardError``, ``proc.c`` -> ``ShardcOSError`` (all OSErrors).
 
 The module also checks the build stamp at import: a native module compiled
 from other C sources than the ones beside this package (an editable install
@@ -14,11 +16,22 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from . import _stamp
+from . import _stamp, config
 from ._version import __version__
-from .errors import SegmentError, ShardcError
+from .errors import (
+    GuardError,
+    InvalidArgumentError,
+    NativeModuleError,
+    QueueClosedError,
+    QueueError,
+    SegmentError,
+    ShardcError,
+    ShardcOSError,
+)
 
 try:
     from ._native import ffi, lib
@@ -30,22 +43,22 @@ except ImportError as exc:  # pragma: no cover - only without a build
                 "installed shardc")
     else:
         _why = "reinstall shardc (`pip install --force-reinstall shardc`)"
-    raise ImportError(f"shardc's native module (shardc._native) is missing or failed to load: {exc}; "
+    raise NativeModuleError(f"shardc's native module (shardc._native) is missing or failed to load: {exc}; "
                       f"{_why}") from exc
 
 
 def _check_stamp() -> None:
     built = ffi.string(lib.shardc_build_stamp()).decode()
     if not built.startswith(__version__ + "+"):
-        raise ImportError(
+        raise NativeModuleError(
             f"stale shardc native module: it was built for shardc {built.split('+')[0]}, "
             f"but the Python package is {__version__}. Rebuild with `pip install -e .`."
         )
     csrc = Path(__file__).resolve().parent.parent / "csrc"
-    if (csrc / "ffi_build.py").is_file() and os.environ.get("SHARDC_SKIP_STAMP_CHECK") != "1":
+    if (csrc / "ffi_build.py").is_file() and not config.get_bool("SHARDC_SKIP_STAMP_CHECK"):
         expected = _stamp.compute_stamp(csrc, __version__)
         if expected != built:
-            raise ImportError(
+            raise NativeModuleError(
                 f"stale shardc native module: built from C sources {built}, but {csrc} now "
                 f"hashes to {expected}. Rebuild with `pip install -e .` "
                 "(set SHARDC_SKIP_STAMP_CHECK=1 to load it anyway)."
@@ -56,39 +69,33 @@ _check_stamp()
 
 PAGE_SIZE: int = int(lib.shardc_page_size())
 
-# Hints for errno values whose usual cause is a known OS limit.
-_HINTS = {
-    _errno.ENOSPC: "the backing filesystem is full; on a small /dev/shm (e.g. a container's "
-                   "64 MiB) use backing='file' or set SHARDC_BACKING=file",
-    _errno.ENOMEM: "out of memory or out of memory mappings; if many pages were write-protected "
-                   "separately, raise vm.max_map_count (sysctl -w vm.max_map_count=262144)",
-    _errno.EMFILE: "too many open files in this process; raise the limit with `ulimit -n`",
-    _errno.ENFILE: "too many open files system-wide",
-    _errno.EACCES: "permission denied; named segments are created with mode 0600 by their owner",
-    _errno.EEXIST: "a segment with this name already exists; pick another name or unlink it",
-    _errno.ENOENT: "no segment with this name exists (was it unlinked by its owner?)",
-}
-
-
-def _check(rc: int, op: str, name: str | None = None) -> int:
-    """Return ``rc`` if it is >= 0, else raise the matching exception.
+def _check(rc: int, op: str, name: str | None = None, error: type[ShardcOSError] = SegmentError) -> int:
+    """Return ``rc`` if it is >= 0, else raise ``error`` for ``-rc``.
 
     Args:
         rc: return value of a C function (``>= 0`` success, ``-errno`` failure).
         op: the operation, for the message ("mmap", "ftruncate", ...).
-        name: the object the operation was on (segment name), if any.
+        name: the object the operation was on (segment name, input name), if any.
+        error: the class of the primitive the call belongs to (see the module
+            docstring); its ``subject`` and ``hints`` shape the message.
 
     Raises:
-        SegmentError: an ``OSError`` subclass with ``errno`` set.
+        ShardcOSError: ``error``, an ``OSError`` subclass with ``errno`` set.
     """
     if rc >= 0:
         return rc
     code = -rc
-    msg = f"{op} failed" + (f" for segment {name!r}" if name else "") + f": {os.strerror(code)}"
-    hint = _HINTS.get(code)
+    on = f" for {error.subject} {name!r}" if error.subject else f" for {name!r}"
+    msg = f"{op} failed" + (on if name else "") + f": {os.strerror(code)}"
+    hint = error.hints.get(code)
     if hint:
         msg += f" (hint: {hint})"
-    raise SegmentError(code, msg)
+    raise error(code, msg)
+
+
+def _gcheck(rc: int, op: str, name: str | None = None) -> int:
+    """:func:`_check` for the page guards."""
+    return _check(rc, op, name, GuardError)
 
 
 # --------------------------------------------------------------------------
@@ -212,8 +219,8 @@ class Mapping:
         self.primed = False  # page guards set up on it once (see GUARD_PRIMED)
         self.cdata = ffi.gc(raw, lambda p, n=size: lib.shardc_seg_unmap(p, n), size=size)
 
-    def buffer(self) -> object:
-        """A writable buffer over the whole region that keeps the mapping alive."""
+    def buffer(self) -> Any:
+        """A writable cffi buffer over the whole region that keeps the mapping alive."""
         return ffi.buffer(self.cdata, self.size)
 
 
@@ -237,7 +244,7 @@ def _read_mem(fn: object, pid: int, what: str) -> dict[str, int] | None:
     rc = fn(pid, m)  # type: ignore[operator]
     if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
         return None
-    _check(rc, f"read memory ({what}) of pid {pid}")
+    _check(rc, f"read memory ({what}) of pid {pid}", error=ShardcOSError)
     return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
             "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": int(m.precise)}
 
@@ -256,7 +263,7 @@ def proc_mem_fast(pid: int) -> dict[str, int] | None:
 
 def proc_set_affinity(pid: int, cpus: list[int]) -> None:
     arr = ffi.new("int[]", list(cpus))
-    _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity")
+    _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity", error=ShardcOSError)
 
 
 def heap_reuse(keep: int) -> bool:
@@ -282,16 +289,13 @@ def heap_trim() -> None:
 
 
 # --------------------------------------------------------------------------
-# task ring (csrc/queue.c) -- wrappers go below this line
+# task ring (csrc/queue.c)
 # --------------------------------------------------------------------------
 #
 # The ring is addressed by a ``void *`` to its (mapped) memory; its layout is
 # private to queue.c.  push/pop keep the C semantics so the hot path stays
 # one C call: they return a count, ``0`` on timeout, ``QUEUE_EINTR`` when a
 # signal handler must run (the caller retries), and raise on the rest.
-
-from .errors import InvalidArgumentError as _InvalidArgumentError  # noqa: E402
-from .errors import QueueClosedError as _QueueClosedError  # noqa: E402
 
 QUEUE_MAX_CLAIM: int = lib.SHARDC_QUEUE_MAX_CLAIM
 QUEUE_MAX_CONSUMERS: int = lib.SHARDC_QUEUE_MAX_CONSUMERS
@@ -309,19 +313,20 @@ def _qcheck(rc: int, op: str, consumer: int | None = None) -> int:
     if rc >= 0:
         return rc
     if rc == _Q_EPIPE:
-        raise _QueueClosedError(f"task ring {op}: the ring is closed"
+        raise QueueClosedError(f"task ring {op}: the ring is closed"
                                 + (" and drained" if op == "pop" else ""))
     if rc == _Q_ENOBUFS and consumer is not None:
-        raise SegmentError(_errno.ENOBUFS, f"task ring {op} for consumer {consumer}: it holds "
+        raise QueueError(_errno.ENOBUFS, f"task ring {op} for consumer {consumer}: it holds "
                            f"{QUEUE_MAX_CLAIM} claimed items (the maximum); call done() first")
-    return _check(rc, f"task ring {op}" + (f" (consumer {consumer})" if consumer is not None else ""))
+    return _check(rc, f"task ring {op}" + (f" (consumer {consumer})" if consumer is not None else ""),
+                  error=QueueError)
 
 
 def queue_bytes(capacity: int, max_consumers: int) -> int:
     """Bytes a ring of ``capacity`` cells (a power of two) and ``max_consumers`` needs."""
     n = int(lib.shardc_queue_bytes(capacity, max_consumers))
     if n == 0:
-        raise _InvalidArgumentError(
+        raise InvalidArgumentError(
             f"task ring: capacity must be a power of two in [2, {QUEUE_MAX_CAPACITY}] and "
             f"max_consumers in [1, {QUEUE_MAX_CONSUMERS}]; got capacity={capacity}, "
             f"max_consumers={max_consumers}")
@@ -336,7 +341,7 @@ def queue_check(mem: object, size: int) -> None:
     """Raise unless ``mem`` holds an initialized ring that fits in ``size`` bytes."""
     rc = lib.shardc_queue_check(mem, size)
     if rc == -_errno.EINVAL:
-        raise _InvalidArgumentError("task ring attach: the segment holds no initialized task ring")
+        raise InvalidArgumentError("task ring attach: the segment holds no initialized task ring")
     _qcheck(rc, "attach")
 
 
@@ -371,7 +376,7 @@ def queue_heartbeat(mem: object, consumer: int) -> None:
 def queue_register(mem: object, consumer: int, pid: int) -> None:
     rc = lib.shardc_queue_register(mem, consumer, pid)
     if rc == -_errno.EBUSY:
-        raise SegmentError(_errno.EBUSY, f"task ring register: consumer {consumer} still holds "
+        raise QueueError(_errno.EBUSY, f"task ring register: consumer {consumer} still holds "
                            "claimed items; repair() it first")
     _qcheck(rc, "register", consumer)
 
@@ -380,7 +385,7 @@ def queue_repair(mem: object, consumer: int, out: object, max_items: int) -> int
     """Hand back a dead consumer's unfinished items into ``out``; returns the count."""
     rc = lib.shardc_queue_repair(mem, consumer, out, max_items)
     if rc == -_errno.EBUSY:
-        raise SegmentError(_errno.EBUSY, f"task ring repair: consumer {consumer}'s process is "
+        raise QueueError(_errno.EBUSY, f"task ring repair: consumer {consumer}'s process is "
                            "still alive (or not yet reaped); kill and wait for it first")
     return _qcheck(rc, "repair", consumer)
 
@@ -412,10 +417,8 @@ def queue_consumer(mem: object, consumer: int) -> dict[str, object]:
             "heartbeat": int(ci.heartbeat)}
 
 
-# (queue section end)
-
 # --------------------------------------------------------------------------
-# page guards (csrc/guard.c) -- wrappers go below this line
+# page guards (csrc/guard.c)
 # --------------------------------------------------------------------------
 
 GUARD_MODES = {
@@ -441,16 +444,16 @@ def guard_install(signum: int, raise_signal: bool = False) -> None:
         notify, flags = ffi.NULL, lib.SHARDC_GUARD_NOTIFY_RAISE
     else:
         notify, flags = ffi.addressof(lib, "shardc_guard_python_notify"), lib.SHARDC_GUARD_NOTIFY_CALL
-    _check(lib.shardc_guard_install(notify, signum, flags), "install page-guard signal handlers")
+    _gcheck(lib.shardc_guard_install(notify, signum, flags), "install page-guard signal handlers")
 
 
 def guard_uninstall() -> None:
-    _check(lib.shardc_guard_uninstall(), "uninstall page-guard signal handlers")
+    _gcheck(lib.shardc_guard_uninstall(), "uninstall page-guard signal handlers")
 
 
 def guard_set_limits(per_region: int, total: int) -> None:
     """Pages tracked one by one per region / in all regions before a region goes whole-writable."""
-    _check(lib.shardc_guard_set_limits(per_region, total), "set page-guard limits")
+    _gcheck(lib.shardc_guard_set_limits(per_region, total), "set page-guard limits")
 
 
 def guard_add(addr: int, size: int, mode: int, name: str | None = None) -> int:
@@ -471,13 +474,13 @@ def guard_add(addr: int, size: int, mode: int, name: str | None = None) -> int:
         OSError: invalid arguments, the region table is full, or mprotect/mmap failed.
     """
     rid = ffi.new("int *")
-    _check(lib.shardc_guard_add(ffi.cast("void *", addr), size, mode, rid), "protect borrowed input", name)
+    _gcheck(lib.shardc_guard_add(ffi.cast("void *", addr), size, mode, rid), "page-guard protect", name)
     return int(rid[0])
 
 
 def guard_remove(rid: int, name: str | None = None) -> None:
     """Restore region ``rid`` (unless its data is lost) and forget it; a snapshot range is left writable."""
-    _check(lib.shardc_guard_remove(rid), "unprotect borrowed input", name)
+    _gcheck(lib.shardc_guard_remove(rid), "page-guard unprotect", name)
 
 
 def guard_collect(rid: int) -> dict[str, int]:
@@ -488,7 +491,7 @@ def guard_collect(rid: int) -> dict[str, int]:
     slots, so :func:`guard_restore` cannot bring its data back.
     """
     info = ffi.new("shardc_guard_info_t *")
-    _check(lib.shardc_guard_collect(rid, info), "collect page-guard events")
+    _gcheck(lib.shardc_guard_collect(rid, info), "collect page-guard events")
     return {"pages": int(info.pages), "first_offset": int(info.first_offset),
             "faults": int(info.faults), "written": int(info.written),
             "overflow": int(info.overflow), "exact": int(info.exact), "mode": int(info.mode),
@@ -509,13 +512,13 @@ def guard_restore(rid: int, name: str | None = None) -> bool:
     rc = lib.shardc_guard_restore(rid)
     if rc == -_errno.ENOTRECOVERABLE:
         return False
-    _check(rc, "restore borrowed input", name)
+    _gcheck(rc, "page-guard restore", name)
     return True
 
 
-def _guard_ids(fn, *args) -> list[int]:  # type: ignore[no-untyped-def]
+def _guard_ids(fn: Callable[..., int], *args: object) -> list[int]:
     ids = ffi.new("int[]", GUARD_MAX_REGIONS)
-    n = _check(fn(*args, ids, GUARD_MAX_REGIONS), "list page-guard regions")
+    n = _gcheck(fn(*args, ids, GUARD_MAX_REGIONS), "list page-guard regions")
     return [int(ids[i]) for i in range(min(n, GUARD_MAX_REGIONS))]
 
 
@@ -538,11 +541,9 @@ def guard_take_notify() -> bool:
 
 def guard_counters() -> dict[str, int]:
     c = ffi.new("shardc_guard_counters_t *")
-    _check(lib.shardc_guard_counters(c), "read page-guard counters")
+    _gcheck(lib.shardc_guard_counters(c), "read page-guard counters")
     return {"faults": int(c.faults), "chained": int(c.chained), "overflows": int(c.overflows),
             "notified": int(c.notified), "tracked": int(c.tracked)}
 
-
-# (guard section end)
 
 __all__ = ["ffi", "PAGE_SIZE", "ShardcError"]

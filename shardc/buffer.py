@@ -22,12 +22,13 @@ import math
 import numbers
 import operator
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from . import _lowlevel as ll
-from .errors import ClosedError, InvalidArgumentError
+from .errors import ClosedError, InvalidArgumentError, InvalidTypeError
 from .segment import Segment
 
 
@@ -36,12 +37,12 @@ def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
-        raise TypeError(f"{arg}={dtype!r} is not a NumPy dtype: {exc}") from None
+        raise InvalidTypeError(f"{arg}={dtype!r} is not a NumPy dtype: {exc}") from None
     if dt.hasobject:
-        raise TypeError(f"{arg}={dt} holds Python objects, which cannot live in shared memory; "
+        raise InvalidTypeError(f"{arg}={dt} holds Python objects, which cannot live in shared memory; "
                         "use a fixed-size dtype (numbers, bool, fixed-width strings, structs)")
     if dt.itemsize == 0:
-        raise TypeError(f"{arg}={dt} has no size; give a width (e.g. 'S16' or 'U8')")
+        raise InvalidTypeError(f"{arg}={dt} has no size; give a width (e.g. 'S16' or 'U8')")
     return dt
 
 
@@ -52,11 +53,11 @@ def check_shape(shape: Any, arg: str = "shape") -> tuple[int, ...]:
     try:
         dims = tuple(shape)
     except TypeError:
-        raise TypeError(f"{arg} must be an int or a tuple of ints, got {shape!r}") from None
+        raise InvalidTypeError(f"{arg} must be an int or a tuple of ints, got {shape!r}") from None
     out = []
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, (numbers.Integral, np.integer)):
-            raise TypeError(f"{arg} must contain ints, got {d!r} in {shape!r}")
+            raise InvalidTypeError(f"{arg} must contain ints, got {d!r} in {shape!r}")
         if d < 0:
             raise InvalidArgumentError(f"{arg} must not be negative, got {d} in {tuple(dims)!r}")
         out.append(operator.index(d))
@@ -70,7 +71,7 @@ def array_protocol(arr: np.ndarray, dtype: Any, copy: Any, what: str) -> np.ndar
         return np.array(arr, dtype=dtype, copy=True)
     if dtype is not None and np.dtype(dtype) != arr.dtype:
         if copy is False:
-            raise ValueError(f"cannot convert {what} to another dtype without a copy")
+            raise InvalidArgumentError(f"cannot convert {what} to another dtype without a copy")
         return arr.astype(dtype)
     return arr
 
@@ -123,7 +124,7 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         # Hand back the Buffers given as out=, so ``buf += 1`` (which rebinds
         # ``buf`` to this return value) keeps ``buf`` a Buffer.
         if isinstance(result, tuple):
-            return tuple(o if isinstance(o, Buffer) and r is o.array else r for o, r in zip(out, result))
+            return tuple(o if isinstance(o, Buffer) and r is o.array else r for o, r in zip(out, result, strict=False))
         return out[0] if isinstance(out[0], Buffer) and result is out[0].array else result
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
@@ -170,7 +171,7 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
     def __getattr__(self, name: str) -> Any:
         # Array attributes and methods (sum, mean, T, reshape, ...) delegate.
         if name.startswith("__") or name in ("_array", "segment", "_dtype", "_shape"):
-            raise AttributeError(name)
+            raise AttributeError(name)  # the attribute protocol's own signal, not a shardc failure
         return getattr(self.array, name)
 
     @property
@@ -205,14 +206,14 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         self._array = None
         self.segment.close()
 
-    def __enter__(self) -> "Buffer":
+    def __enter__(self) -> Buffer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __reduce__(self) -> Any:
-        raise TypeError(
+        raise InvalidTypeError(
             "a shardc.Buffer is not pickled by value; pass it to shard_map as out={...} or "
             "borrow={...} (or let fun capture it: shard_map sends it by reference), or pickle "
             "np.asarray(buf) to copy the data")
@@ -245,7 +246,7 @@ def buffer(dtype: Any, shape: Any, init: Any = None, backing: str = "auto",
         A :class:`Buffer`.
 
     Raises:
-        TypeError: object or zero-size dtype, non-integer shape.
+        InvalidTypeError: object or zero-size dtype, non-integer shape (a TypeError).
         InvalidArgumentError: negative shape, unknown backing, bad init.
     """
     dt = check_dtype(dtype)
@@ -282,7 +283,7 @@ def _apply_init(buf: Buffer, init: Any) -> None:
             if src is not None and ((src.dtype.kind in "fc" and buf.dtype.kind in "biu")
                                     or (src.dtype.kind == "c" and buf.dtype.kind == "f")):
                 # As for array inits: no silent 1.5 -> 1 or complex -> real.
-                raise TypeError(f"a {src.dtype} value would be truncated to {buf.dtype}")
+                raise InvalidTypeError(f"a {src.dtype} value would be truncated to {buf.dtype}")
             value = np.array(init, dtype=buf.dtype)
             if not value.tobytes().strip(b"\0"):
                 return  # all-zero bytes: fresh pages already hold this

@@ -10,12 +10,12 @@ parallel: all messages go out before the first reply is read.
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
 
+from . import config
 from ._channel import ChannelClosed
 from .diagnostics import Diagnostics
 from .errors import CallSetupTimeoutError, WorkerSetupError
@@ -65,7 +65,7 @@ class CallSetup:
     def __init__(self, call: Call, diag: Diagnostics) -> None:
         self.call = call
         self.diag = diag
-        self.limit = float(os.environ.get("SHARDC_SETUP_TIMEOUT", "120"))
+        self.limit = config.get_float("SHARDC_SETUP_TIMEOUT")
 
     def message(self, w: Any) -> tuple[dict[str, Any], list[int]]:
         c = self.call

@@ -10,25 +10,47 @@ class                          raised when
 =============================  ===========================================
 ShardcError                    base of everything below
 ShardSpecError                 bad ``shards()``/``shards_list()`` input
-InvalidArgumentError           a bad argument value (sizes, modes, ...)
+InvalidArgumentError           a bad argument or ``SHARDC_*`` value
+InvalidTypeError               an argument of a type shardc cannot use
+ShardIndexError                a shard index out of range (an IndexError)
 BindingError                   ``fun``'s signature does not accept an input
 UnpicklableFunctionError       ``fun`` (or what it captured) cannot be sent
 ClosedError                    use of a closed buffer, segment or pool
-SegmentError                   an OS call on a segment failed (an OSError)
+UsageError                     an API used where it cannot work (wrong
+                               thread, nested scopes)
+NativeModuleError              the native module is missing or stale (an
+                               ImportError, raised by ``import shardc``)
+MissingDependencyError         an optional package a feature needs is not
+                               installed (an ImportError; e.g. matplotlib)
+ShardcOSError                  an OS call failed (an OSError, ``errno``
+                               set): processes, memory sampling, heap
+SegmentError                   ... on a shared-memory segment
+QueueError                     ... on the task ring (a SegmentError: the
+                               ring lives in one)
+GuardError                     ... in the page guards (mprotect, region
+                               table)
 QueueClosedError               pop/push on a closed, drained task ring
 BorrowedInputWriteError        a worker wrote into a borrowed input (deny)
+WorkerSetupError               a worker failed to start, or to set up a
+                               call (load ``fun``, map the inputs)
 WorkerCrashedError             a worker died (signal or exit) in a shard
 ShardTimeoutError              a shard ran past ``timeout``
 CallSetupTimeoutError          a worker hung while setting up a call
 WorkerMemoryError              a worker was killed for exceeding mem_cap
 ShardMapError                  shard_map finished with failed shards
 =============================  ===========================================
+
+Which class a failed C call raises is decided by the primitive it came from
+(``shardc._lowlevel._check``): ``seg.c`` -> :class:`SegmentError`, ``queue.c``
+-> :class:`QueueError`, ``guard.c`` -> :class:`GuardError`, ``proc.c`` (process
+setup, memory sampling, heap policy) -> :class:`ShardcOSError`.
 """
 
 from __future__ import annotations
 
+import errno
 import signal
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ShardcError(Exception):
@@ -40,7 +62,15 @@ class ShardSpecError(ShardcError, ValueError):
 
 
 class InvalidArgumentError(ShardcError, ValueError):
-    """An argument has a value shardc cannot use; the message names it."""
+    """An argument (or a ``SHARDC_*`` variable) has a value shardc cannot use; the message names it."""
+
+
+class InvalidTypeError(ShardcError, TypeError):
+    """An argument has a type shardc cannot use (e.g. a dtype holding Python objects)."""
+
+
+class ShardIndexError(ShardcError, IndexError):
+    """A shard index is out of range for its descriptor."""
 
 
 class BindingError(ShardcError, TypeError):
@@ -55,12 +85,92 @@ class ClosedError(ShardcError, ValueError):
     """An operation on a buffer, segment or pool that was already closed."""
 
 
-class SegmentError(ShardcError, OSError):
-    """An OS call on a shared-memory segment failed.
+class UsageError(ShardcError, RuntimeError):
+    """An API was used where it cannot work: outside the main thread, or nested
+    where nesting is not supported."""
+
+
+class NativeModuleError(ShardcError, ImportError):
+    """``shardc._native`` is missing, or was built from other C sources than the
+    package's; the message says how to rebuild."""
+
+
+# Hints for errno values whose usual cause is a known OS limit.  Which ones
+# apply depends on the primitive: ENOSPC from a segment means a full
+# filesystem, from the page guards a full region table.
+_COMMON_HINTS = {
+    errno.ENOMEM: "out of memory or out of memory mappings; if many pages were write-protected "
+                  "separately, raise vm.max_map_count (sysctl -w vm.max_map_count=262144)",
+    errno.EMFILE: "too many open files in this process; raise the limit with `ulimit -n`",
+    errno.ENFILE: "too many open files system-wide",
+}
+
+
+class MissingDependencyError(ShardcError, ImportError):
+    """An optional package a feature needs (e.g. matplotlib for plots) is not
+    installed; the message says what to install."""
+
+
+class ShardcOSError(ShardcError, OSError):
+    """An OS call made by shardc's C layer failed.
+
+    ``errno`` is set; the message names the operation (and the object, where
+    there is one) and a hint where the usual cause is a known OS limit.  Raised
+    as is for process setup, memory sampling and the heap policy (``proc.c``);
+    the subclasses below say which other primitive failed.
+
+    Class attributes (read by ``shardc._lowlevel._check`` to build messages):
+        subject: what an object name is in a message ("segment 'x'").
+        hints: errno -> hint for this primitive.
+    """
+
+    subject: ClassVar[str] = ""
+    hints: ClassVar[dict[int, str]] = _COMMON_HINTS
+
+
+class SegmentError(ShardcOSError):
+    """An OS call on a shared-memory segment failed (``seg.c``).
 
     ``errno`` is set; the message names the segment and the operation, and a
     hint where one applies (e.g. ENOSPC on /dev/shm).
     """
+
+    subject = "segment"
+    hints = {
+        **_COMMON_HINTS,
+        errno.ENOSPC: "the backing filesystem is full; on a small /dev/shm (e.g. a container's "
+                      "64 MiB) use backing='file' or set SHARDC_BACKING=file",
+        errno.EACCES: "permission denied; named segments are created with mode 0600 by their owner",
+        errno.EEXIST: "a segment with this name already exists; pick another name or unlink it",
+        errno.ENOENT: "no segment with this name exists (was it unlinked by its owner?)",
+    }
+
+
+class QueueError(SegmentError):
+    """A task-ring operation failed (``queue.c``): a bad consumer, a full claim
+    record (ENOBUFS), repair of a live consumer or register over claims (EBUSY).
+
+    It is a :class:`SegmentError` because the ring is a protocol over one
+    shared segment, and code written before the ring had its own class
+    catches ``SegmentError``.  A closed ring is :class:`QueueClosedError`.
+    """
+
+    subject = "task ring"
+    hints = _COMMON_HINTS  # not the segment's: ENOENT/ENOSPC mean other things here
+
+
+class GuardError(ShardcOSError):
+    """A page-guard operation failed (``guard.c``): mprotect/mmap on a borrowed
+    input (ENOMEM: see the ``vm.max_map_count`` hint), a full region table
+    (ENOSPC), an overlapping region (EEXIST), or the signal handlers."""
+
+    subject = "borrowed input"
+    hints = {
+        **_COMMON_HINTS,
+        errno.ENOSPC: "the page-guard region table is full (shardc._lowlevel.GUARD_MAX_REGIONS "
+                      "borrowed inputs per process); borrow fewer, larger inputs",
+        errno.EEXIST: "the range overlaps a borrowed input that is already protected",
+    }
 
 
 class QueueClosedError(ShardcError, EOFError):
@@ -99,6 +209,13 @@ def signal_label(code: int) -> str:
     return f"exit({code})"
 
 
+class WorkerSetupError(ShardcError, RuntimeError):
+    """A worker failed to start (its ``packages=``/``init_expr=`` failed, or it
+    died on the way), or failed to set up a call: unpickling ``fun``, mapping
+    the borrowed inputs and out buffers.  The worker's error is the message,
+    and its traceback the ``__cause__`` where it sent one."""
+
+
 class WorkerCrashedError(ShardcError, RuntimeError):
     """The worker running a shard died.
 
@@ -123,12 +240,6 @@ class ShardTimeoutError(ShardcError, TimeoutError):
 class CallSetupTimeoutError(ShardcError, TimeoutError):
     """A worker did not finish setting up a call (loading ``fun``, mapping the
     inputs) within ``SHARDC_SETUP_TIMEOUT`` seconds; it was killed."""
-
-
-class WorkerSetupError(ShardcError, RuntimeError):
-    """A worker could not start, or could not set up a call (e.g. ``fun``
-    failed to unpickle there, or a borrowed object failed to load); the
-    worker's exception is the ``__cause__``."""
 
 
 class WorkerMemoryError(ShardcError, MemoryError):
@@ -160,8 +271,10 @@ class RemoteTraceback(Exception):
 
 
 __all__ = [
-    "ShardcError", "ShardSpecError", "InvalidArgumentError", "BindingError",
-    "UnpicklableFunctionError", "ClosedError", "SegmentError", "QueueClosedError",
-    "BorrowedInputWriteError", "WorkerCrashedError", "ShardTimeoutError", "CallSetupTimeoutError",
-    "WorkerMemoryError", "WorkerSetupError", "ShardMapError", "RemoteTraceback", "signal_label",
+    "ShardcError", "ShardSpecError", "InvalidArgumentError", "InvalidTypeError", "ShardIndexError",
+    "BindingError", "UnpicklableFunctionError", "ClosedError", "UsageError", "NativeModuleError",
+    "MissingDependencyError",
+    "ShardcOSError", "SegmentError", "QueueError", "GuardError", "QueueClosedError",
+    "BorrowedInputWriteError", "WorkerSetupError", "WorkerCrashedError", "ShardTimeoutError",
+    "CallSetupTimeoutError", "WorkerMemoryError", "ShardMapError", "RemoteTraceback", "signal_label",
 ]

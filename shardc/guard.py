@@ -93,14 +93,10 @@ scope exit.  Under deny, a single C call that writes a whole large input
 (``X += 1``) completes into private pages before the error is raised; those
 pages are dropped at scope exit.
 
-Environment variables:
-
-==================================  =========================================
-``SHARDC_GUARD_SIGNAL``             signal used to notify Python (default
-                                    ``SIGUSR2``; a name or a number)
-``SHARDC_GUARD_PAGES_PER_REGION``   pages tracked one by one per input (256)
-``SHARDC_GUARD_PAGES_TOTAL``        ... in all inputs together (8192)
-==================================  =========================================
+Settings (:mod:`shardc.config`): ``SHARDC_GUARD_SIGNAL`` (default SIGUSR2),
+``SHARDC_GUARD_PAGES_PER_REGION`` (256) and ``SHARDC_GUARD_PAGES_TOTAL`` (8192).
+Where a write landed and the errors naming it: :mod:`shardc.guard_locate`; the
+partial end pages of inherited inputs: :mod:`shardc.guard_edges`.
 
 API:
 
@@ -121,48 +117,32 @@ API:
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from . import _lowlevel as _ll
+from . import config
+from . import guard_edges as _edges
+from . import guard_locate as _locate
 from . import inherit as _inherit
-from .errors import BorrowedInputWriteError, InvalidArgumentError
+from .errors import BorrowedInputWriteError, InvalidArgumentError, UsageError
+from .guard_edges import EdgeTable
+from .guard_locate import Input as _Input
+from .guard_locate import byte_bounds_of as _byte_bounds
+from .guard_locate import deny_error as _deny_error
+from .guard_locate import element_index as _element_index
 
 __all__ = ["install", "uninstall", "protect", "protect_array", "protect_inherited", "unprotect",
            "take_lost", "ShardScope", "shard_scope", "cow_stats", "MODES"]
 
 MODES = ("deny", "audit", "allow")
-_OWN_FILES = {os.path.abspath(__file__), os.path.abspath(_ll.__file__)}
-
-
-@dataclass
-class _Input:
-    rid: int
-    name: str
-    addr: int
-    nbytes: int
-    mode: str
-    itemsize: int
-    shape: tuple[int, ...] | None
-    strides: tuple[int, ...] | None
-    offset0: int
-
-    def extent(self) -> tuple[int, int]:
-        """Byte range [lo, hi) of this input's elements, relative to the mapping start."""
-        if self.shape is None or self.strides is None:
-            return self.offset0, self.nbytes
-        if any(n == 0 for n in self.shape):
-            return self.offset0, self.offset0
-        lo = sum((n - 1) * s for n, s in zip(self.shape, self.strides) if s < 0)
-        hi = sum((n - 1) * s for n, s in zip(self.shape, self.strides) if s > 0) + self.itemsize
-        return self.offset0 + lo, self.offset0 + hi
+# Frames in these files are the guard's own machinery (see _in_guard_code).
+_OWN_FILES = {os.path.abspath(f) for f in (__file__, _ll.__file__, _locate.__file__, _edges.__file__)}
 
 
 class _State:
@@ -180,40 +160,12 @@ class _State:
         self.stats: dict[str, dict[str, Any]] = {}
         # Inherited inputs (shardc.inherit): the bytes of the partial pages at
         # their ends, which no page guard can cover, checked after each shard.
-        self.edges: dict[tuple[int, int], _Edge] = {}
-        self.handle_edges: dict[int, list[tuple[int, int]]] = {}
+        self.edges = EdgeTable()
         self.next_handle = -2
         self.lost: list[str] = []  # inputs written beyond what can be restored
 
 
-@dataclass
-class _Edge:
-    """Bytes of an inherited input on a page shared with other memory."""
-
-    lo: int
-    saved: bytes
-    views: list[_Input]
-
-
 _state = _State()
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgumentError(f"{name}={raw!r} is not an integer") from None
-
-
-def _default_signal() -> int:
-    raw = os.environ.get("SHARDC_GUARD_SIGNAL", "SIGUSR2")
-    try:
-        return int(raw) if raw.isdigit() else int(getattr(signal.Signals, raw.upper()))
-    except AttributeError:
-        raise InvalidArgumentError(f"SHARDC_GUARD_SIGNAL={raw!r} is not a signal name") from None
 
 
 def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
@@ -228,15 +180,16 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
         notify: ``"interrupt"`` (PyErr_SetInterruptEx, default) or ``"signal"`` (raise()).
 
     Raises:
-        InvalidArgumentError: bad ``notify`` or signal; RuntimeError outside the main thread.
+        InvalidArgumentError: bad ``notify`` or signal.
+        UsageError: called outside the main thread (a RuntimeError).
     """
     if notify not in ("interrupt", "signal"):
         raise InvalidArgumentError(f"notify must be 'interrupt' or 'signal', not {notify!r}")
-    signum = _default_signal() if signum is None else int(signum)
+    signum = config.get_int("SHARDC_GUARD_SIGNAL") if signum is None else int(signum)
     if signum in (signal.SIGSEGV, signal.SIGBUS, signal.SIGINT):
         raise InvalidArgumentError(f"cannot notify on {signal.Signals(signum).name}")
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("shardc.guard.install() must run in the main thread")
+        raise UsageError("shardc.guard.install() must run in the main thread")
     if _state.pid == os.getpid() and _state.signum == signum and _state.notify == notify:
         return
     if _state.signum is not None and _state.signum != signum:
@@ -245,8 +198,8 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
     prev = signal.signal(signum, _on_notify)
     if prev is not _on_notify:  # after fork the inherited handler is already ours
         _state.prev_handler = prev
-    _ll.guard_set_limits(_env_int("SHARDC_GUARD_PAGES_PER_REGION", 256),
-                         _env_int("SHARDC_GUARD_PAGES_TOTAL", 8192))
+    _ll.guard_set_limits(config.get_int("SHARDC_GUARD_PAGES_PER_REGION"),
+                         config.get_int("SHARDC_GUARD_PAGES_TOTAL"))
     _ll.guard_install(signum, raise_signal=(notify == "signal"))
     _state.pid = os.getpid()
     _state.signum = signum
@@ -304,7 +257,7 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
 
     Raises:
         InvalidArgumentError: bad mode, shared mapping, misaligned address.
-        SegmentError: mprotect failed (e.g. too many mappings: see the hint).
+        GuardError: mprotect failed (e.g. too many mappings: see the hint).
     """
     if mode not in MODES:
         raise InvalidArgumentError(f"cow must be one of {MODES}, not {mode!r}")
@@ -336,16 +289,6 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
     _state.inputs[rid] = view(rid)
     _state.views[rid] = [_state.inputs[rid]]
     return rid
-
-
-def _byte_bounds(array: Any) -> tuple[int, int]:
-    """Lowest and one-past-highest byte address of a NumPy array."""
-    try:
-        from numpy.lib.array_utils import byte_bounds
-    except ImportError:  # numpy < 2
-        from numpy import byte_bounds  # type: ignore[attr-defined,no-redef]
-    lo, hi = byte_bounds(array)
-    return int(lo), int(hi)
 
 
 def protect_array(name: str, array: Any, mode: str = "deny", *, base_addr: int | None = None,
@@ -395,41 +338,9 @@ def protect_inherited(name: str, array: Any, root: Any, mode: str = "deny") -> i
         handle = _state.next_handle
         _state.next_handle -= 1
         spans = [(lo, hi)]
-    keys = []
-    for s0, s1 in spans:
-        if s1 <= s0:
-            continue
-        view = _Input(-1, name, s0, s1 - s0, mode, int(layout["itemsize"]), layout["shape"],
-                      layout["strides"], data - s0)
-        edge = _state.edges.get((s0, s1))
-        if edge is None:
-            edge = _state.edges[(s0, s1)] = _Edge(s0, ctypes.string_at(s0, s1 - s0), [])
-        edge.views.append(view)
-        keys.append((s0, s1))
-    _state.handle_edges.setdefault(handle, []).extend(keys)
+    _state.edges.add(handle, spans, lambda s0, s1: _Input(-1, name, s0, s1 - s0, mode, int(layout["itemsize"]),
+                                                          layout["shape"], layout["strides"], data - s0))
     return handle
-
-
-def _check_edges(shard_id: Any) -> list[dict[str, Any]]:
-    """Events for inherited-input edge bytes changed since they were saved; put them back."""
-    events = []
-    for (s0, s1), edge in _state.edges.items():
-        now = ctypes.string_at(s0, s1 - s0)
-        if now == edge.saved:
-            continue
-        first = next(i for i in range(len(now)) if now[i] != edge.saved[i])
-        ctypes.memmove(s0, edge.saved, len(edge.saved))
-        inp = edge.views[0]
-        for v in edge.views:
-            vlo, vhi = v.extent()
-            if vlo <= first < vhi:
-                inp = v
-                break
-        rel = first - inp.offset0
-        events.append({"input": inp.name, "shard": shard_id, "mode": inp.mode, "pages": 1,
-                       "bytes": s1 - s0, "first_offset": rel, "first_index": _element_index(inp, rel),
-                       "faults": 0, "exact": True})
-    return events
 
 
 def take_lost() -> list[str]:
@@ -441,12 +352,7 @@ def take_lost() -> list[str]:
 
 def unprotect(region_id: int) -> None:
     """Drop private pages and forget the region (call before unmapping it)."""
-    for key in _state.handle_edges.pop(region_id, ()):
-        edge = _state.edges.get(key)
-        if edge is not None:
-            edge.views.pop()
-            if not edge.views:
-                del _state.edges[key]
+    _state.edges.drop(region_id)
     if region_id < 0:
         return
     inp = _state.inputs.get(region_id)
@@ -474,52 +380,6 @@ def cow_stats() -> dict[str, dict[str, Any]]:
     return {k: dict(v) for k, v in _state.stats.items()}
 
 
-def _element_index(inp: _Input, rel: int) -> tuple[int, ...] | None:
-    """Index of the element holding byte ``rel`` (relative to element [0, ...]), or None."""
-    itemsize = max(inp.itemsize, 1)
-    if inp.shape is None:
-        if rel < 0 or rel >= inp.nbytes - inp.offset0:
-            return None
-        return (rel // itemsize,)
-    shape = inp.shape
-    strides = inp.strides
-    if strides is None:  # C order
-        strides, acc = [], itemsize
-        for n in reversed(shape):
-            strides.insert(0, acc)
-            acc *= max(n, 1)
-    if any(n == 0 for n in shape):
-        return None
-    # Measure from the lowest-addressed element; a negative stride flips its axis.
-    low, dims = 0, []
-    for n, s in zip(shape, strides):
-        if s < 0:
-            low += (n - 1) * s
-        dims.append((n, abs(s), s < 0))
-    rem = rel - low
-    if rem < 0:
-        return None
-    index = [0] * len(shape)
-    for k in sorted(range(len(shape)), key=lambda k: -dims[k][1]):
-        n, s, flipped = dims[k]
-        i = 0 if s == 0 else min(rem // s, n - 1)
-        rem -= i * s
-        index[k] = n - 1 - i if flipped else i
-    return tuple(index) if rem < itemsize else None
-
-
-def _format_index(index: tuple[int, ...] | None) -> str:
-    if index is None:
-        return "not inside any element"
-    return "element [" + ", ".join(str(i) for i in index) + "]"
-
-
-def _deny_error(shard_id: Any, ev: dict[str, Any]) -> BorrowedInputWriteError:
-    msg = (f"shard {shard_id} wrote to borrowed input {ev['input']!r} at byte {ev['first_offset']} "
-           f"({_format_index(ev['first_index'])}); cow='deny' forbids writes to borrowed inputs")
-    return BorrowedInputWriteError(msg, ev["input"], shard_id, ev["first_offset"], ev["first_index"])
-
-
 def _view_at(rid: int, offset: int) -> _Input:
     """The input of region ``rid`` whose elements hold byte ``offset`` (else the first one)."""
     views = _state.views[rid]
@@ -538,6 +398,14 @@ def _event(rid: int, info: dict[str, int], shard_id: Any) -> dict[str, Any]:
             "bytes": info["pages"] * _ll.PAGE_SIZE, "first_offset": rel,
             "first_index": _element_index(inp, rel), "faults": info["faults"],
             "exact": bool(info["exact"])}
+
+
+def _efault_error(shard_id: Any, exc: OSError, tb: TracebackType | None) -> BorrowedInputWriteError:
+    """The named error for an ``OSError(EFAULT)`` from a system call given a borrowed input."""
+    cands = _locate.efault_candidates(tb, _state.views, _ll.guard_lookup)
+    for inp in cands:
+        _state.stats.setdefault(inp.name, _new_stats(inp.mode))["kernel_writes"] += 1
+    return _locate.efault_error(shard_id, exc, cands)
 
 
 def _pending_deny(shard_id: Any) -> BorrowedInputWriteError | None:
@@ -576,62 +444,6 @@ def _on_notify(signum: int, frame: FrameType | None) -> None:
         raise err
 
 
-def _buffer_span(obj: Any) -> tuple[int, int] | None:
-    """(lo, hi) address range of an ndarray/memoryview/bytearray, or None."""
-    try:
-        import numpy as np
-
-        if isinstance(obj, (memoryview, bytearray)):
-            obj = np.asarray(obj)  # shares the memory: only its address is needed
-        if isinstance(obj, np.ndarray):
-            lo, hi = _byte_bounds(obj)
-            return int(lo), int(hi)
-    except Exception:  # noqa: BLE001 - best effort: exotic buffers are simply not candidates
-        return None
-    return None
-
-
-def _efault_candidates(tb: TracebackType | None) -> list[_Input]:
-    """Inputs a failed system call may have been given, innermost frame first."""
-    frames = []
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    for frame in reversed(frames):
-        found: dict[int, _Input] = {}
-        for value in list(frame.f_locals.values()):
-            items = value if isinstance(value, (list, tuple)) and len(value) < 64 else [value]
-            for item in items:
-                span = _buffer_span(item)
-                if span is None:
-                    continue
-                for rid in _ll.guard_lookup(span[0], max(span[1] - span[0], 1)):
-                    for v in _state.views.get(rid, ()):
-                        lo, hi = v.extent()
-                        if span[0] < v.addr + hi and v.addr + lo < span[1]:
-                            found[id(v)] = v
-        if found:
-            return list(found.values())
-    return [v for views in _state.views.values() for v in views]
-
-
-def _efault_error(shard_id: Any, exc: OSError, tb: TracebackType | None) -> BorrowedInputWriteError:
-    cands = _efault_candidates(tb)
-    for inp in cands:
-        _state.stats.setdefault(inp.name, _new_stats(inp.mode))["kernel_writes"] += 1
-    if len(cands) == 1:
-        what, name, mode = f"borrowed input {cands[0].name!r}", cands[0].name, cands[0].mode
-    else:
-        names = ", ".join(repr(c.name) for c in cands)
-        what, name, mode = f"one of the borrowed inputs {names} (could not tell which)", None, None
-    why = ("cow='deny' forbids writes to borrowed inputs" if mode == "deny" else
-           "the kernel cannot write into borrowed inputs under any cow mode (they are read-only "
-           "mappings); read into a private copy (e.g. X.copy()) instead")
-    msg = (f"shard {shard_id} passed {what} to a system call that writes into it "
-           f"(readinto/readv/recv_into: {exc.strerror or 'EFAULT'}); {why}")
-    return BorrowedInputWriteError(msg, name, shard_id, None, None)
-
-
 class ShardScope:
     """One shard's guard scope (see the module docstring).
 
@@ -650,7 +462,7 @@ class ShardScope:
 
     def __enter__(self) -> ShardScope:
         if _state.current is not None:
-            raise RuntimeError("shard scopes do not nest")
+            raise UsageError("shard scopes do not nest")
         # Writes made outside any shard (e.g. by the worker loop) are dropped
         # now, so this shard starts from pristine data.
         for rid in _ll.guard_dirty():
@@ -658,13 +470,13 @@ class ShardScope:
                 inp = _state.inputs.get(rid)
                 _state.lost.append(inp.name if inp else f"region {rid}")
         if _state.edges:
-            _check_edges(None)
+            _state.edges.check(None)
         _ll.guard_take_notify()
         _state.current = self
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> bool:
+                 tb: TracebackType | None) -> Literal[False]:
         _state.current = None
         _ll.guard_take_notify()
         violation = None
@@ -688,7 +500,7 @@ class ShardScope:
             except OSError as exc:  # keep restoring the others; report the first failure
                 failure = failure or exc
         if _state.edges:
-            for event in _check_edges(self.shard_id):
+            for event in _state.edges.check(self.shard_id):
                 self.events.append(event)
                 self._count(event)
                 if event["mode"] == "deny" and violation is None:

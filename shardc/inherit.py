@@ -45,15 +45,15 @@ or ``SHARDC_INHERIT=0`` is set.
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgumentError
+from . import config
+from .errors import WorkerSetupError
 
-DEFAULT_MIN_BYTES = 64 * 1024**2
+DEFAULT_MIN_BYTES = int(config.SETTINGS["SHARDC_INHERIT_MIN_BYTES"].default or 0)
 
 # token -> the array; read by forked workers in their copy of this dict.
 _held: dict[int, np.ndarray] = {}
@@ -61,18 +61,11 @@ _tokens = itertools.count(1)
 
 
 def min_bytes() -> int:
-    raw = os.environ.get("SHARDC_INHERIT_MIN_BYTES")
-    if not raw:
-        return DEFAULT_MIN_BYTES
-    try:
-        return max(1, int(raw))
-    except ValueError:
-        raise InvalidArgumentError(f"SHARDC_INHERIT_MIN_BYTES={raw!r} is not an integer "
-                                   "(bytes, e.g. 67108864)") from None
+    return max(1, config.get_int("SHARDC_INHERIT_MIN_BYTES"))
 
 
 def enabled() -> bool:
-    return os.environ.get("SHARDC_INHERIT", "1").strip().lower() not in ("0", "no", "off", "false", "never")
+    return config.get_bool("SHARDC_INHERIT")
 
 
 def _private_span(lo: int, hi: int) -> bool:
@@ -156,7 +149,7 @@ def lookup(token: int) -> np.ndarray:
     try:
         return _held[token]
     except KeyError:
-        raise RuntimeError(f"this worker was forked before inherited input #{token} existed "
+        raise WorkerSetupError(f"this worker was forked before inherited input #{token} existed "
                            "(a shardc bug: the pool should have re-forked it)") from None
 
 

@@ -14,14 +14,23 @@ Built-in kernels (registered at import):
   NaN/inf propagate as in ``np.var``.
 * ``crossprod_tile(tile, X, Y, Z)``: ``Z[tile] = X[:, xs].T @ Y[:, ys]`` for a
   2-D tile from :func:`tiles2d`, straight into the out buffer.
+
+Reserved fields.  ``signature`` and ``supports_views`` are accepted for parity
+with the R package ``shard``'s ``register_kernel`` and stored, but nothing in
+shardc reads them yet: every kernel is called like ``fun`` (its parameters are
+bound to ``borrow=``/``out=`` by name) and always receives views of shared
+memory, never copies.  They are validated when registered (a string or None,
+a bool) so that giving them a meaning later cannot break a registration that
+works today.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,9 +43,22 @@ HUGE = 64 * 1024**2
 
 @dataclass
 class Kernel:
+    """A registered kernel.
+
+    Attributes:
+        name: the registry key (``shard_map(kernel=name)``).
+        impl: the function, called like ``fun``.
+        signature: reserved (see the module docstring); a description of the
+            arguments, e.g. ``"shard, X, out"``, or None.
+        footprint: bytes, a dict, or a function of the shard (see :meth:`classify`).
+        supports_views: reserved (see the module docstring); whether ``impl``
+            accepts non-contiguous views.  Always True in practice today.
+        description: one line for :func:`list_kernels` users.
+    """
+
     name: str
     impl: Callable[..., Any]
-    signature: Any = None
+    signature: str | None = None
     footprint: Any = None
     supports_views: bool = True
     description: str | None = None
@@ -52,6 +74,9 @@ class Kernel:
             cls = fp.get("class")
             nbytes = fp.get("bytes")
             if cls is None:
+                if nbytes is None:
+                    raise InvalidArgumentError(f"kernel {self.name!r}: footprint of shard {getattr(shard, 'id', '?')} "
+                                               f"has neither 'class' nor 'bytes': {fp!r}")
                 cls = classify_bytes(int(nbytes))
             if cls not in ("tiny", "medium", "huge"):
                 raise InvalidArgumentError(f"kernel {self.name!r}: footprint class {cls!r} is not tiny/medium/huge")
@@ -66,17 +91,33 @@ def classify_bytes(n: int) -> str:
 _registry: dict[str, Kernel] = {}
 
 
-def register_kernel(name: str, impl: Callable[..., Any], signature: Any = None, footprint: Any = None,
+def register_kernel(name: str, impl: Callable[..., Any], signature: str | None = None, footprint: Any = None,
                     supports_views: bool = True, description: str | None = None) -> Kernel:
     """Register ``impl`` under ``name`` (replacing an earlier one) and return it.
 
+    Args:
+        name: the registry key.
+        impl: the function, called like ``fun``.
+        signature: reserved: a string describing the arguments, or None.
+        footprint: bytes per shard, ``{"class": ..., "bytes": ...}``, or a
+            function of the shard returning either.
+        supports_views: reserved: must be a bool.
+        description: one line describing the kernel.
+
     Raises:
-        InvalidArgumentError: empty name, non-callable impl, bad footprint.
+        InvalidArgumentError: empty name, non-callable impl, bad footprint, or a
+            reserved field of the wrong type.
     """
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"kernel name must be a non-empty string, got {name!r}")
     if not callable(impl):
         raise InvalidArgumentError(f"kernel {name!r}: impl must be callable, got {type(impl).__name__}")
+    if signature is not None and not isinstance(signature, str):
+        raise InvalidArgumentError(f"kernel {name!r}: signature (reserved) must be a string or None, "
+                                   f"got {signature!r}")
+    if not isinstance(supports_views, bool):
+        raise InvalidArgumentError(f"kernel {name!r}: supports_views (reserved) must be True or False, "
+                                   f"got {supports_views!r}")
     if isinstance(footprint, dict):
         _check_footprint_dict(name, footprint)
     elif footprint is not None and not callable(footprint) and not _is_byte_count(footprint):
@@ -88,7 +129,7 @@ def register_kernel(name: str, impl: Callable[..., Any], signature: Any = None, 
 
 
 def _is_byte_count(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0
+    return not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and float(v) >= 0
 
 
 def _check_footprint_dict(name: str, fp: dict[str, Any]) -> None:

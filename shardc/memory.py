@@ -14,11 +14,11 @@ verdicts: ``("cap" | "drift", reason)`` or None.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from . import _lowlevel as ll
+from . import config
 from .handle import WorkerHandle
 from .units import fmt_bytes
 
@@ -35,7 +35,7 @@ def heap_keep(profile: str, mem_cap: int | None) -> int:
     NumPy kernel here).  At most 256 MiB and a quarter of ``mem_cap``; off with
     ``profile="memory"`` or ``SHARDC_HEAP_REUSE=0``.  Workers give it all back
     at the end of the call."""
-    if profile == "memory" or os.environ.get("SHARDC_HEAP_REUSE", "1") == "0":
+    if profile == "memory" or not config.get_bool("SHARDC_HEAP_REUSE"):
         return 0
     return HEAP_KEEP_MAX if mem_cap is None else min(HEAP_KEEP_MAX, mem_cap // 4)
 
@@ -159,7 +159,7 @@ class MemoryModel:
         if limit is not None and w.baseline:
             # Freed memory the worker keeps for reuse (heap_keep) is not a leak.
             growth = used - w.baseline - w.cow_slack - self.status.heap_kept(w.slot)
-            floor = int(os.environ.get("SHARDC_RECYCLE_MIN_BYTES", 32 * 1024**2))
+            floor = config.get_int("SHARDC_RECYCLE_MIN_BYTES")
             if growth > floor and growth > limit * max(w.baseline, floor):
                 return "drift", (f"{label} grew {fmt_bytes(growth)} over its baseline "
                                  f"{fmt_bytes(w.baseline)} (+ {fmt_bytes(w.cow_slack)} copy-on-write "

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import cloudpickle
 
 from . import _lowlevel as ll
+from . import config
 from . import guard as _guard  # noqa: F401 - workers use it; imported once, in the master
 from . import inherit as _inherit
 from . import worker as _worker_mod
@@ -38,7 +39,7 @@ from .memory import PROFILES, MemoryModel
 from .protocol import END, EXIT, HELLO
 from .segment import run_janitor_once
 from .status import StatusTable
-from .sysinfo import default_workers, is_zombie
+from .sysinfo import is_zombie
 from .units import check_recycle, parse_bytes
 from .validate import check_choice, check_int
 from .worker import worker_entry
@@ -67,7 +68,7 @@ class Pool(MemoryModel):
     def __init__(self, workers: int | None = None, mem_cap: Any = "2GB", recycle: Any = True,
                  packages: list[str] | None = None, init_expr: Any = None, profile: str = "default",
                  health_check_interval: int = 10, cow_guard: bool = True) -> None:
-        self.size = default_workers() if workers is None else check_int(workers, "workers", 1)
+        self.size = config.default_workers() if workers is None else check_int(workers, "workers", 1)
         self.mem_cap = parse_bytes(mem_cap, "mem_cap")
         self.recycle = check_recycle(recycle)
         self.profile = check_choice(profile, "profile", PROFILES)

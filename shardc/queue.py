@@ -35,13 +35,14 @@ releases this process's mapping and fd.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 from . import _lowlevel as ll
+from . import config
 from .errors import ClosedError, InvalidArgumentError, QueueClosedError
 
 __all__ = ["TaskRing", "MAX_CLAIM"]
@@ -95,7 +96,7 @@ class TaskRing:
 
     @classmethod
     def create(cls, capacity: int = 1024, max_consumers: int = 8,
-               backing: str = "memfd") -> "TaskRing":
+               backing: str = "memfd") -> TaskRing:
         """Create a segment holding a fresh ring.
 
         Args:
@@ -117,7 +118,7 @@ class TaskRing:
         if backing == "shm":
             name = f"/shardc-q-{os.getpid()}-{id(object()) & 0xffffff:x}"
         elif backing == "file":
-            name = os.path.join(os.environ.get("SHARDC_TMPDIR") or tempfile.gettempdir(),
+            name = os.path.join(config.get_str("SHARDC_TMPDIR"),
                                 f"shardc-q-{os.getpid()}-{time.monotonic_ns():x}")
         else:
             name = "shardc-taskring"
@@ -129,7 +130,7 @@ class TaskRing:
             raise
 
     @classmethod
-    def attach(cls, fd: int, nbytes: int) -> "TaskRing":
+    def attach(cls, fd: int, nbytes: int) -> TaskRing:
         """Map an existing ring from an fd received by fork or ``SCM_RIGHTS``.
 
         The fd is duplicated: the caller keeps ownership of the one it passed.
@@ -186,7 +187,7 @@ class TaskRing:
             except OSError:
                 pass
 
-    def __enter__(self) -> "TaskRing":
+    def __enter__(self) -> TaskRing:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,20 +25,21 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import re
 import errno
 import itertools
 import logging
 import os
+import re
 import secrets
 import sys
-import tempfile
 import threading
 import weakref
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from . import _lowlevel as ll
+from . import config
 from .errors import ClosedError, InvalidArgumentError, SegmentError
 
 log = logging.getLogger("shardc")
@@ -50,7 +51,7 @@ _TOKEN = secrets.token_hex(3)
 
 # Live segments of this process, by key; and their primary mappings, sorted by
 # address, for find_address().
-_registry: "weakref.WeakValueDictionary[str, Segment]" = weakref.WeakValueDictionary()
+_registry: weakref.WeakValueDictionary[str, Segment] = weakref.WeakValueDictionary()
 _ranges: list[tuple[int, int, str]] = []  # (addr, end, key), sorted
 # Called with a segment's key when it is closed explicitly (the pools use it
 # to tell workers to let go of their mappings at once).
@@ -77,18 +78,11 @@ def _registry_locked() -> Iterator[None]:
 
 
 def default_backing() -> str:
-    env = os.environ.get("SHARDC_BACKING", "").strip().lower()
-    if env:
-        if env not in BACKINGS:
-            raise InvalidArgumentError(
-                f"SHARDC_BACKING={env!r} is not a backing; use one of {', '.join(BACKINGS)}")
-        if env != "auto":
-            return env
-    return "auto"
+    return config.get_str("SHARDC_BACKING")
 
 
 def _tmpdir() -> str:
-    return os.environ.get("SHARDC_TMPDIR") or tempfile.gettempdir()
+    return config.get_str("SHARDC_TMPDIR")
 
 
 def _shm_free_bytes() -> int | None:
@@ -144,7 +138,7 @@ class Segment:
     # -- construction -------------------------------------------------------
     @classmethod
     def create(cls, size: int, backing: str = "auto", name: str | None = None,
-               label: str = "buf") -> "Segment":
+               label: str = "buf") -> Segment:
         """Create a segment of ``size`` bytes (zero-filled).
 
         Args:
@@ -210,7 +204,7 @@ class Segment:
                                + "; ".join(errors))
 
     @classmethod
-    def open(cls, name: str, backing: str = "shm", writable: bool = True) -> "Segment":
+    def open(cls, name: str, backing: str = "shm", writable: bool = True) -> Segment:
         """Open a named segment created by another process (not the owner)."""
         if backing not in ("shm", "file"):
             raise InvalidArgumentError("only 'shm' and 'file' segments can be opened by name, "
@@ -221,7 +215,7 @@ class Segment:
         return cls(fd, size, backing, path, key, owner=False, persistent=True)
 
     @classmethod
-    def adopt(cls, fd: int, size: int, backing: str, name: str, key: str) -> "Segment":
+    def adopt(cls, fd: int, size: int, backing: str, name: str, key: str) -> Segment:
         """Wrap an fd received from the master (workers): not the owner."""
         return cls(fd, size, backing, name, key, owner=False, persistent=False)
 
@@ -287,7 +281,7 @@ class Segment:
                 "owner": self.owner, "named": self.persistent, "sealed": self.sealed,
                 "closed": self._closed}
 
-    def __enter__(self) -> "Segment":
+    def __enter__(self) -> Segment:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -400,8 +394,8 @@ def janitor() -> list[str]:
     _janitor_ran = True
     removed: list[str] = []
     uid = os.getuid()
-    places = [("shm", "/dev/shm", _ANON_SHM), ("file", _tmpdir(), _ANON_FILE)]
-    for backing, folder, pattern in places:
+    places = [("/dev/shm", _ANON_SHM), (_tmpdir(), _ANON_FILE)]
+    for folder, pattern in places:
         try:
             entries = os.listdir(folder)
         except OSError:

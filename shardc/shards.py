@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import numbers
 import re
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from .errors import ShardSpecError
-from .sysinfo import default_workers
+from . import config
+from .errors import InvalidTypeError, ShardIndexError, ShardSpecError
 
 STRATEGIES = ("contiguous", "strided")
 _COUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*$", re.I)
@@ -30,9 +31,7 @@ def parse_count(value: Any, arg: str) -> int:
     """Parse a positive count: an int, or a string like "10K", "1M", "3B" (B = billions)."""
     if isinstance(value, bool):
         raise ShardSpecError(f"{arg} must be a positive integer or a count like '10K', got {value!r}")
-    if isinstance(value, (numbers.Integral, np.integer)):
-        n = int(value)
-    elif isinstance(value, float) and value.is_integer():
+    if isinstance(value, (numbers.Integral, np.integer)) or isinstance(value, float) and value.is_integer():
         n = int(value)
     elif isinstance(value, str):
         m = _COUNT_RE.match(value)
@@ -138,16 +137,16 @@ class ShardDescriptor(Sequence[Shard]):
     def __len__(self) -> int:
         return self.num_shards
 
-    def __getitem__(self, i: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self.shard(k) for k in range(*i.indices(self.num_shards))]
         if isinstance(i, bool) or not isinstance(i, (numbers.Integral, np.integer)):
-            raise TypeError(f"shard index must be an int or slice, got {i!r}")
+            raise InvalidTypeError(f"shard index must be an int or slice, got {i!r}")
         k = int(i)
         if k < 0:
             k += self.num_shards
         if not 0 <= k < self.num_shards:
-            raise IndexError(f"shard {i} out of range for {self.num_shards} shards")
+            raise ShardIndexError(f"shard {i} out of range for {self.num_shards} shards")
         return self.shard(k)
 
     def shard(self, k: int, seedseq: Any = None) -> Shard:
@@ -181,10 +180,6 @@ class ShardDescriptor(Sequence[Shard]):
                 f"num_shards={self.num_shards}>")
 
 
-def _default_workers() -> int:
-    return default_workers()
-
-
 def shards(n: Any, block_size: Any = "auto", workers: int | None = None,
            strategy: str = "contiguous", min_shards_per_worker: int = 4,
            max_shards_per_worker: int = 64, scratch_bytes_per_item: int = 0,
@@ -209,7 +204,7 @@ def shards(n: Any, block_size: Any = "auto", workers: int | None = None,
     if strategy not in STRATEGIES:
         raise ShardSpecError(f"strategy={strategy!r} is not supported; use 'contiguous' or 'strided'")
     if isinstance(block_size, str) and block_size.strip().lower() == "auto":
-        w = _default_workers() if workers is None else workers
+        w = config.default_workers() if workers is None else workers
         if isinstance(w, bool) or not isinstance(w, (numbers.Integral, np.integer)) or w < 1:
             raise ShardSpecError(f"workers must be a positive integer, got {workers!r}")
         for name, v in (("min_shards_per_worker", min_shards_per_worker),

@@ -28,13 +28,13 @@ import pickle
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from . import _lowlevel as ll
 from .buffer import Buffer, array_protocol
-from .errors import ClosedError, InvalidArgumentError
+from .errors import ClosedError, InvalidArgumentError, InvalidTypeError
 from .segment import Segment, find_address
 
 log = logging.getLogger("shardc")
@@ -47,7 +47,7 @@ def array_extent(arr: np.ndarray) -> tuple[int, int]:
     if arr.size == 0:
         return arr.ctypes.data, 0
     low = high = arr.ctypes.data
-    for n, s in zip(arr.shape, arr.strides):
+    for n, s in zip(arr.shape, arr.strides, strict=True):
         if s < 0:
             low += (n - 1) * s
         else:
@@ -95,8 +95,9 @@ class Shared:
         if self._closed:
             raise ClosedError("this shared input is closed")
         if self.kind != "array":
-            raise TypeError("this shared object is not an array; use .get()")
+            raise InvalidTypeError("this shared object is not an array; use .get()")
         if self._array is None:
+            assert self.dtype is not None  # set for every kind "array"
             self._array = view_array(self.segments[0].mapping(writable=False), self.dtype,
                                      self.shape, self.strides, self.offset, writeable=False)
         return self._array
@@ -135,7 +136,7 @@ class Shared:
             for s in self.segments:
                 s.close()
 
-    def __enter__(self) -> "Shared":
+    def __enter__(self) -> Shared:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -215,7 +216,7 @@ def _parallel_copy(dst: np.ndarray, src: np.ndarray, addr: int, order: str) -> N
 
 
 def _copy_array(arr: np.ndarray, backing: str) -> Shared:
-    order = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
+    order: Literal["C", "F"] = "F" if (arr.flags.f_contiguous and not arr.flags.c_contiguous) else "C"
     nbytes = arr.nbytes
     seg = Segment.create(nbytes, backing=backing, label="in")
     try:
@@ -325,7 +326,7 @@ class ShareCache:
             self._drop(key)
         shared = _copy_array(arr, backing)
         try:
-            wr = weakref.ref(arr, lambda _r, k=key: self._drop(k))
+            wr = weakref.ref(arr, lambda _r: self._drop(key))
         except TypeError:
             return shared, "copied", time.perf_counter() - t0
         with self._lock:

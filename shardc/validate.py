@@ -5,11 +5,11 @@ how to fix it."""
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import numbers
-import pickle
-import io
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 import numpy as np
@@ -18,8 +18,9 @@ from . import inherit as _inherit
 from .buffer import Buffer
 from .errors import BindingError, InvalidArgumentError, UnpicklableFunctionError
 from .segment import find_address
+from .shards import ShardDescriptor, parse_count
+from .shards import shards as make_shards
 from .share import Shared, array_extent
-from .shards import ShardDescriptor, parse_count, shards as make_shards
 
 log = logging.getLogger("shardc")
 
@@ -164,7 +165,7 @@ def _captures(fun: Any) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     g = getattr(fun, "__globals__", {})
     out += [(f"global {name!r}", g[name]) for name in code.co_names if name in g]
-    for name, cell in zip(code.co_freevars, getattr(fun, "__closure__", None) or ()):
+    for name, cell in zip(code.co_freevars, getattr(fun, "__closure__", None) or (), strict=False):
         try:
             out.append((f"closure variable {name!r}", cell.cell_contents))
         except ValueError:
@@ -195,7 +196,7 @@ def _find_culprit(fun: Any) -> str | None:
     candidates = _captures(fun)
     code_args = code.co_varnames[:code.co_argcount]
     for name, value in zip(code_args[len(code_args) - len(getattr(fun, "__defaults__", None) or ()):],
-                           getattr(fun, "__defaults__", None) or ()):
+                           getattr(fun, "__defaults__", None) or (), strict=True):
         candidates.append((f"default of argument {name!r}", value))
     for name, value in (getattr(fun, "__kwdefaults__", None) or {}).items():
         candidates.append((f"default of argument {name!r}", value))
@@ -218,7 +219,7 @@ def check_seed(seed: Any) -> int | None:
 
 
 def check_timeout(timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not float(timeout) > 0:
         raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {timeout!r}")
     return float(timeout)
 
