@@ -204,8 +204,6 @@ def test_native_module_error_is_an_import_error() -> None:
 
 # (module, builtin) pairs raised today in modules under rewrite: to be emptied by the #12 redesign.
 KNOWN_BUILTIN_RAISES = {
-    ("shardc.map", "RuntimeError"),  # a worker slot dying during setup -> WorkerSetupError
-    ("shardc.pool", "RuntimeError"),  # a worker failing to start -> WorkerSetupError
     ("shardc.diagnostics", "ValueError"),
     ("shardc.diagnostics", "TypeError"),
     ("shardc.diagnostics", "ImportError"),

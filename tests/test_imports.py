@@ -21,18 +21,12 @@ MAX_LINES = 550
 # alphabetically first (a -> b -> ... -> a).  To be emptied by the #12 redesign.
 KNOWN_CYCLES = {
     ("shardc.dispatch_queue", "shardc.worker"),
-    ("shardc.map", "shardc.pool"),
-    ("shardc.diagnostics", "shardc.pool", "shardc.map"),
-    ("shardc.diagnostics", "shardc.pool", "shardc.map", "shardc.result"),
 }
 
 # Modules over MAX_LINES today.  To be emptied by the #12 redesign.
 KNOWN_BIG_MODULES = {
     "shardc.diagnostics",
     "shardc.dispatch_queue",
-    "shardc.guard",
-    "shardc.map",
-    "shardc.pool",
     "shardc.worker",
 }
 
