@@ -379,7 +379,7 @@ def run_queue(run: Any) -> None:
         reported.setdefault(w.pid, set()).add(sid)
         if events:
             run.diag.cow_events(sid, events)
-        run.record_failure(sid, rec)
+        run.record_failure(sid, rec, worker=w.slot)
 
     def done_total() -> int:
         return run.done_base + pool.status.done_total()
@@ -511,7 +511,8 @@ def run_queue(run: Any) -> None:
                         if run.ws[w.slot].pending_recycle is not None:
                             pool.status.request_exit(w.slot)
                 run.completed = done_total()
-                run.diag.tick(pool, run)
+                run.diag.tick()
+                run.bar.update(run.completed + run.n_failed, run.n_failed, run.retries_total)
         ring.close()
         # Collect every worker's qdone (block timings), with a deadline.
         deadline = time.monotonic() + 5.0

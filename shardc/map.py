@@ -53,7 +53,7 @@ from . import _lowlevel as ll
 from . import inherit
 from ._channel import ChannelClosed
 from .buffer import Buffer, buffer
-from .diagnostics import Diagnostics
+from .diagnostics import Diagnostics, Progress
 from .errors import (CallSetupTimeoutError, InvalidArgumentError, ShardMapError, ShardTimeoutError, WorkerCrashedError,
                      WorkerMemoryError, signal_label)
 from .kernels import get_kernel
@@ -285,7 +285,8 @@ class Run:
         self.chunk = 1 if cs == "auto" else cs
         if cs == "auto" and self.autotune is None:
             self.autotune = {"mode": "online", "target_chunk_seconds": 0.005, "max_rounds": 64}
-        self.diag = Diagnostics(self)
+        self.diag = Diagnostics(mode=self.mode, num_shards=self.num, cow=self.cow, enabled=self.diagnostics,
+                                chunk_size=self.chunk)
         self.ewma_shard_s: float | None = None
         self.on_requeue: Callable[[], None] | None = None  # shm_queue: feed the ring
         # One byte per shard, shared with the workers: 1 = finished and
@@ -545,7 +546,7 @@ class Run:
         self.results[sid] = value
         self.completed += 1
 
-    def record_failure(self, sid: int, err: dict[str, Any], charge: bool = True) -> None:
+    def record_failure(self, sid: int, err: dict[str, Any], charge: bool = True, worker: int | None = None) -> None:
         """An attempt of ``sid`` failed; retry it or fail it for good."""
         if self.state[sid] != 0:
             return
@@ -561,11 +562,11 @@ class Run:
             self.results[sid] = FailedShard(fail)
             self.state[sid] = 2
             self.n_failed += 1
-            self.diag.shard_failed(sid)
+            self.diag.attempt_failed(sid, worker, int(self.attempts[sid]), err, final=True)
         else:
             self.retries_total += 1
             self.retry.append(sid)
-            self.diag.retries += 1
+            self.diag.attempt_failed(sid, worker, int(self.attempts[sid]), err, final=False)
 
     def crash_record(self, w: Any, sid: int, code: int | None, reason: str | None) -> dict[str, Any]:
         label = signal_label(code) if code is not None else "unknown status"
@@ -602,6 +603,7 @@ class Run:
             self.diag.reforked = len(fresh)
         self.ws = {w.slot: _WState() for w in pool.workers}
         self.diag.start(pool)
+        self.bar = Progress(self.num, f"shard_map[{self.mode}]", self.progress)
         self.setup_all()
         try:
             if self.mode == "shm_queue":
@@ -610,7 +612,9 @@ class Run:
             else:
                 self.run_rpc()
         finally:
-            self.diag.finish(pool)
+            self.diag.finish(pool, segments=self.segments)
+            self.bar.update(self.completed + self.n_failed, self.n_failed, self.retries_total)
+            self.bar.close()
             for w in pool.workers:
                 if w.alive:
                     try:
@@ -692,7 +696,7 @@ class Run:
             if ok == OK:
                 self.record_success(sid, value)
             else:
-                self.record_failure(sid, value)
+                self.record_failure(sid, value, worker=w.slot)
         dt = sum(r[4] - r[3] for r in results) * 1e-9 / len(results)
         self.ewma_shard_s = dt if self.ewma_shard_s is None else 0.8 * self.ewma_shard_s + 0.2 * dt
         st.since_sample += len(results)
@@ -717,7 +721,7 @@ class Run:
             m = pool.sample_cheap(w, max_age=0.5 if due else float("inf"))
         if m is None:
             return
-        self.diag.mem_sample(w, m)
+        self.diag.mem_sample(w, m, anon=pool.footprint(m, w))
         verdict = pool.memory_verdict(w, self.mem_cap, self.drift, self.profile)
         if verdict is not None and st.pending_recycle is None:
             kind, reason = verdict
@@ -785,7 +789,7 @@ class Run:
             else:
                 self.retry.appendleft(sid)
         if running is not None and running in st.inflight:
-            self.record_failure(running, self.crash_record(w, running, code, reason))
+            self.record_failure(running, self.crash_record(w, running, code, reason), worker=w.slot)
         if reason == "no progress":
             # Stuck outside any shard: charge the shard whose value it was
             # pickling (ST_SENDING), or, if it was stuck elsewhere, every
@@ -800,7 +804,7 @@ class Run:
                         self.retry.remove(sid)
                     except ValueError:
                         pass
-                    self.record_failure(sid, self.crash_record(w, sid, code, reason))
+                    self.record_failure(sid, self.crash_record(w, sid, code, reason), worker=w.slot)
         st.inflight.clear()
         if self.on_requeue is not None:
             self.on_requeue()  # let survivors start on the requeued shards now
@@ -840,11 +844,11 @@ class Run:
                 continue
             fast = pool.calibrated(w, fast)
             if self.diagnostics:
-                self.diag.mem_sample(w, fast)
+                self.diag.mem_sample(w, fast, anon=pool.footprint(fast, w))
             if self.mem_cap is not None and fast["anon"] > 2 * self.mem_cap:
                 m = pool.sample(w)  # confirm with the precise number before killing
                 if m is not None and pool.footprint(m, w) > 2 * self.mem_cap:
-                    self.diag.mem_sample(w, m)
+                    self.diag.mem_sample(w, m, anon=pool.footprint(m, w))
                     why = (f"memory: {fmt_bytes(pool.footprint(m, w))} > 2x mem_cap "
                            f"{fmt_bytes(self.mem_cap)} inside a shard")
                     pool.kill(w)
@@ -890,7 +894,8 @@ class Run:
                 if now >= next_tick:
                     next_tick = now + tick
                     self.watchdog()
-                    self.diag.tick(pool, self)
+                    self.diag.tick()
+                    self.bar.update(self.completed + self.n_failed, self.n_failed, self.retries_total)
                     for w in list(pool.workers):
                         if not w.alive:
                             self.on_death(w)
