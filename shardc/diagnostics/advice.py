@@ -4,17 +4,23 @@ Dispatch overhead is measured from what the run collected, not guessed from
 the shard time.  Each worker runs its units (shards in rpc mode, blocks in
 shm_queue mode) one after the other, so the time between the end of one
 unit and the start of the next on the same worker is what dispatch cost
-that worker: receiving the chunk, sending results back, waiting for the
+that worker: reading the chunk, sending results back, waiting for the
 master.  In rpc mode a chunk boundary costs more than the step between two
 shards of one chunk; with ``M`` chunks sent, the ``M`` largest gaps are
-taken as chunk boundaries, the rest as steps inside chunks.  Medians, not
-means: a worker preempted by another process for a few milliseconds is not
-a dispatch cost, and bigger chunks would not remove it.
+taken as chunk boundaries, the rest as steps inside chunks.
 
-A larger chunk divides the per-chunk part only: going from ``k`` to ``k'``
-shards per chunk saves ``(1 - k/k')`` of it.  That saving, as a share of
-the workers' time, is the expected gain the advice states; under
-:data:`MIN_GAIN` there is no advice.
+Typical values, not sums: the per-chunk cost ``C`` is the median boundary
+gap less the median step, the shard time ``s`` the median shard.  On a
+loaded machine a worker descheduled for a few milliseconds in a gap is not
+a dispatch cost (bigger chunks would not remove it), and the median is not
+moved by it.  (The total time in gaps, ``gap_seconds``, is reported too.)
+
+One chunk of ``k`` shards then takes ``C + k*s + (k-1)*step`` on a worker;
+the overhead share is ``C`` over that.  Going from ``k`` to ``k'`` shards per
+chunk changes the worker time per shard from ``T(k)`` to ``T(k')``: the
+expected gain is ``1 - T(k')/T(k)``, and under :data:`MIN_GAIN` there is no
+advice.  ``k'`` is the chunk whose boundary costs :data:`TARGET_SHARE` of its
+work, capped so that every worker still gets about four chunks.
 """
 
 from __future__ import annotations
@@ -33,11 +39,23 @@ TARGET_SHARE = 0.01  # size the advised chunk so the per-chunk cost is about 1% 
 MAX_CHUNK = 1 << 16  # rpc's largest chunk (scheduler cap)
 
 
+def fmt_seconds(t: float) -> str:
+    """A duration for people: "850 ns", "3.2 us", "12.5 ms", "1.50 s"."""
+    if t < 1e-6:
+        return f"{t * 1e9:.0f} ns"
+    if t < 1e-3:
+        return f"{t * 1e6:.1f} us"
+    if t < 1:
+        return f"{t * 1e3:.1f} ms"
+    return f"{t:.2f} s"
+
+
 def _units(d: Diagnostics) -> tuple[list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], int] | None:
     """Per worker slot: (slot, t0, t1, shards) of its units in start order, and
     the number of dispatch messages (chunks or blocks) they came in."""
     if d.mode == "rpc_chunked" and d.enabled:
-        ran = np.nonzero(d.shard_ok != NOT_RUN)[0]
+        # Shards with timings: a shard whose every attempt crashed has none.
+        ran = np.nonzero((d.shard_ok != NOT_RUN) & (d.shard_worker >= 0) & (d.shard_t1 > 0))[0]
         if len(ran) == 0:
             return None
         slots = d.shard_worker[ran]
@@ -67,8 +85,10 @@ def dispatch_overhead(d: Diagnostics) -> dict[str, Any] | None:
         ``chunk_cost_seconds`` (typical cost of one chunk/block boundary on a
         worker), ``step_cost_seconds`` (between two shards of one chunk),
         ``shard_seconds`` (median), ``shards_per_chunk`` (mean),
-        ``overhead_share`` (chunk costs over all worker time), ``busy_seconds``
-        and ``gap_seconds`` (summed over workers), and ``messages``.
+        ``overhead_share`` (the chunk cost over a typical chunk's time on a
+        worker), ``busy_seconds`` and ``gap_seconds`` (summed over workers),
+        ``gap_share`` (all gaps over busy + gaps, preemption included),
+        ``messages`` and ``workers``.
     """
     got = _units(d)
     if got is None:
@@ -97,37 +117,43 @@ def dispatch_overhead(d: Diagnostics) -> dict[str, Any] | None:
         gaps_all.append(g[keep])
     gaps = np.sort(np.concatenate(gaps_all)) if gaps_all else np.zeros(0, dtype=np.int64)
     n_gaps = len(gaps)
-    shard_s = float(np.median(np.concatenate(durations))) * 1e-9 if durations else 0.0
-    boundaries = min(n_gaps, max(0, messages - sequences))
-    if d.mode == "shm_queue":
-        boundaries = n_gaps  # every gap is a claim of the next block
+    shard = float(np.median(np.concatenate(durations))) if durations else 0.0
+    # Sequences of units on one worker: their first unit has no gap before it.
+    boundaries = n_gaps if d.mode == "shm_queue" else min(n_gaps, max(0, messages - sequences))
     inside = gaps[:n_gaps - boundaries]
     step = float(np.median(inside)) if len(inside) else 0.0
     edge = float(np.median(gaps[n_gaps - boundaries:])) if boundaries else 0.0
     chunk_cost = max(0.0, edge - step)
-    total = busy + int(gaps.sum())
-    per_chunk = n_shards / max(1, messages)
+    k = max(1.0, n_shards / max(1, messages))
+    cycle = chunk_cost + k * shard + (k - 1) * step
+    gap_total = int(gaps.sum())
     return {"chunk_cost_seconds": chunk_cost * 1e-9, "step_cost_seconds": step * 1e-9,
-            "shard_seconds": shard_s, "shards_per_chunk": per_chunk,
-            "overhead_share": chunk_cost * boundaries / total if total else 0.0,
-            "busy_seconds": busy * 1e-9, "gap_seconds": int(gaps.sum()) * 1e-9, "messages": messages,
-            "workers": len(per_worker)}
+            "shard_seconds": shard * 1e-9, "shards_per_chunk": k,
+            "overhead_share": chunk_cost / cycle if cycle > 0 else 0.0,
+            "busy_seconds": busy * 1e-9, "gap_seconds": gap_total * 1e-9,
+            "gap_share": gap_total / (busy + gap_total) if busy + gap_total else 0.0,
+            "messages": messages, "workers": len(per_worker)}
+
+
+def _per_shard(o: dict[str, Any], k: float) -> float:
+    """Worker time per shard with chunks of ``k`` shards (see module docstring)."""
+    return (o["chunk_cost_seconds"] + k * o["shard_seconds"] + (k - 1) * o["step_cost_seconds"]) / k
 
 
 def chunk_advice(d: Diagnostics) -> dict[str, Any] | None:
     """A larger chunk (rpc) or block (shm_queue) size and the share of worker
-    time it is expected to save, or None when that is under :data:`MIN_GAIN`."""
+    time per shard it is expected to save, or None when that is under :data:`MIN_GAIN`."""
     o = dispatch_overhead(d)
-    if o is None or o["overhead_share"] <= 0 or o["shard_seconds"] <= 0:
+    if o is None or o["chunk_cost_seconds"] <= 0 or o["shard_seconds"] <= 0:
         return None
-    k = max(1.0, o["shards_per_chunk"])
+    k = o["shards_per_chunk"]
     want = math.ceil(o["chunk_cost_seconds"] / (TARGET_SHARE * o["shard_seconds"]))
     # Keep about 4 chunks per worker for balance, as autotune does.
     cap = max(1, d.num_shards // (4 * max(1, o["workers"])))
     want = int(min(want, cap, MAX_CHUNK))
     if want <= k:
         return None
-    gain = o["overhead_share"] * (1 - k / want)
+    gain = 1 - _per_shard(o, want) / _per_shard(o, k)
     if gain < MIN_GAIN:
         return None
     return {**o, "advised": want, "gain": gain}
@@ -142,11 +168,12 @@ def recommendations(result: Any) -> Report:
     if adv is not None:
         data["chunk_advice"] = adv
         wall = d.wall_seconds
-        cost = (f"dispatch costs {adv['chunk_cost_seconds'] * 1e6:.0f} us per "
+        cost = (f"dispatch costs {fmt_seconds(adv['chunk_cost_seconds'])} per "
                 f"{'chunk' if d.mode == 'rpc_chunked' else 'block'} of {adv['shards_per_chunk']:.1f} shard(s) "
-                f"(shards take {adv['shard_seconds'] * 1e3:.3f} ms, median): {adv['overhead_share']:.0%} of "
-                f"the workers' time")
-        gain = f"expected gain about {adv['gain']:.0%} of worker time (~{adv['gain'] * wall:.2f} s of {wall:.2f} s)"
+                f"(shards take {fmt_seconds(adv['shard_seconds'])}, median): {adv['overhead_share']:.0%} of "
+                f"a chunk's time on a worker")
+        gain = (f"expected gain about {adv['gain']:.0%} of the workers' time per shard "
+                f"(~{adv['gain'] * wall:.2f} s of this run's {wall:.2f} s)")
         if d.mode == "rpc_chunked":
             alt = (", or dispatch_mode='shm_queue' with out= buffers (no message per chunk)"
                    if adv["shard_seconds"] < 1e-3 else "")

@@ -102,6 +102,11 @@ class Diagnostics:
         self.completed = 0
         self.failed = 0
         self.workers: dict[int, dict[str, Any]] = {}
+        # The master's CPU time from start() to finish() (this process, all
+        # threads): with the wall time it tells whether the master loop was
+        # saturated, i.e. whether workers waited for it.
+        self.master_cpu_seconds = 0.0
+        self._cpu0: float | None = None
         self._last_master = 0.0
 
     # -- collection -----------------------------------------------------------------------
@@ -117,6 +122,7 @@ class Diagnostics:
                 m = pool.calibrated(w, m)
                 self.mem_sample(w, m, anon=pool.footprint(m, w))
         self._sample_master(precise=False)
+        self._cpu0 = time.process_time()
 
     def worker_started(self, w: Any) -> None:
         """Worker handle ``w`` (slot, pid, baseline read; not kept) serves the run."""
@@ -130,6 +136,8 @@ class Diagnostics:
         and the out-buffer pages written, measured on ``segments`` (the
         call's segments by key; neither is kept)."""
         self.t_end_ns = time.monotonic_ns()
+        if self._cpu0 is not None:
+            self.master_cpu_seconds = time.process_time() - self._cpu0
         self._measure_out_written(segments or {})
         precise = (self.t_end_ns - self.t_start_ns) > 200_000_000
         for w in pool.workers:
@@ -355,7 +363,7 @@ class Diagnostics:
             "reforked_workers": self.reforked, "refork_seconds": self.refork_seconds,
             "bytes_dispatch": self.bytes_dispatch, "messages_dispatch": self.messages_dispatch,
             "bytes_per_dispatch": self.bytes_dispatch / max(1, self.messages_dispatch),
-            "bytes_results": self.bytes_results, "borrow": self.borrow, "out": self.out,
+            "bytes_results": self.bytes_results, "master_cpu_seconds": self.master_cpu_seconds, "borrow": self.borrow, "out": self.out,
             "returned_ignored": self.returned_ignored, "error_logs": self.error_logs,
             "cow": self.cow, "cow_policy": self.cow_policy, "events": self.events, "workers": workers,
             "retried_shards": self.retried_shards(),

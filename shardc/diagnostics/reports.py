@@ -14,7 +14,7 @@ import numpy as np
 
 from ..segment import live_segments
 from ..units import fmt_bytes
-from .advice import dispatch_overhead, recommendations
+from .advice import dispatch_overhead, fmt_seconds, recommendations
 from .base import Report, diag_of
 from .collect import NOT_RUN
 
@@ -68,9 +68,10 @@ def task_report(result: Any) -> Report:
              f"dispatch    {d.messages_dispatch} messages, {data['bytes_per_dispatch']:.0f} B each, "
              f"setup {fmt_bytes(d.bytes_setup)}"]
     if o is not None:
-        lines.append(f"overhead    {o['chunk_cost_seconds'] * 1e6:.0f} us per "
+        lines.append(f"overhead    {fmt_seconds(o['chunk_cost_seconds'])} per "
                      f"{'chunk' if d.mode == 'rpc_chunked' else 'block'} of {o['shards_per_chunk']:.1f} shard(s) "
-                     f"on the workers, {o['overhead_share']:.1%} of their time")
+                     f"on a worker ({o['overhead_share']:.1%} of a chunk's time, median); "
+                     f"{o['gap_share']:.1%} of worker time between units")
     if "shard_seconds_median" in data:
         lines.append(f"per shard   median {data['shard_seconds_median']*1e3:.3f} ms, p99 "
                      f"{data['shard_seconds_p99']*1e3:.3f} ms, max {data['shard_seconds_max']*1e3:.3f} ms")
