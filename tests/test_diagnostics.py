@@ -4,17 +4,27 @@ the progress bar shows on a terminal and stays off otherwise."""
 
 from __future__ import annotations
 
+import ast
+import gc
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
+import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import shardc
+from shardc.diagnostics import Diagnostics, Progress, chunk_advice, dispatch_overhead
+from shardc.diagnostics.advice import MIN_GAIN
+from shardc.diagnostics.reports import RETRIED_LINES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -248,17 +258,6 @@ def test_out_bytes_written_are_measured(pool):
 # a result is plain data: it pickles, pins nothing, reads the same in another process
 # --------------------------------------------------------------------------------------------
 
-import gc  # noqa: E402
-import pickle  # noqa: E402
-import threading  # noqa: E402
-import types  # noqa: E402
-import weakref  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from shardc.diagnostics import Diagnostics, Progress, chunk_advice, dispatch_overhead  # noqa: E402
-from shardc.diagnostics.advice import MIN_GAIN  # noqa: E402
-from shardc.diagnostics.reports import RETRIED_LINES  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -382,11 +381,16 @@ def test_result_keeps_no_pool_alive():
     assert r.results == [0, 1, 2]
 
 
+def _reader(X):
+    """A fun that captures ``X`` in its closure."""
+    return lambda s: float(X[s.id])
+
+
 def test_result_keeps_no_captured_array_alive(pool):
     """An array captured by fun is freed once the caller drops it, though the result lives on."""
     X = np.arange(1000.0)
     ref = weakref.ref(X)
-    r = pool.shard_map(4, lambda s: float(X[s.id]), progress=False)
+    r = pool.shard_map(4, _reader(X), progress=False)
     assert r.results == [0.0, 1.0, 2.0, 3.0]
     del X
     gc.collect()
@@ -421,7 +425,7 @@ def test_result_read_in_another_process(pool, tmp_path):
     r = pool.shard_map(6, fail_some, borrow={"marker": str(tmp_path / "m")}, max_retries=1, progress=False,
                        on_failure="collect")
     p = subprocess.run([sys.executable, "-c", _READ_ELSEWHERE], input=pickle.dumps(r), capture_output=True,
-                       cwd=REPO, timeout=60)
+                       cwd=REPO, timeout=60, check=False)
     assert p.returncode == 0, p.stderr.decode()
     lines = p.stdout.decode().splitlines()
     assert lines[0] == "5 1 [2, 4]"
@@ -478,7 +482,7 @@ def test_recommendation_text_says_the_gain(pool):
     rec = shardc.recommendations(r).to_dict()
     adv = rec["chunk_advice"]
     assert adv["advised"] > 1 and adv["gain"] >= MIN_GAIN
-    text = [x for x in rec["recommendations"] if "chunk_size=" in x][0]
+    text = next(x for x in rec["recommendations"] if "chunk_size=" in x)
     assert f"chunk_size={adv['advised']}" in text and "expected gain about" in text and " s of " in text
 
 
@@ -496,8 +500,7 @@ def test_no_chunk_advice_for_long_shards(pool):
 
 
 def test_timeline_draws_sampled_memory_as_steps_and_markers(tmp_path):
-    """Memory series are steps (anon) or bare markers (PSS of precise samples only), and each legend
-    entry says how it was sampled."""
+    """Memory is drawn as steps (anon) or bare markers (PSS, precise samples only), legend saying the sampling."""
     pytest.importorskip("matplotlib")
     d = _synthetic(40, 5_000_000, 100_000)
     w = types.SimpleNamespace(slot=0, pid=123, baseline=0)
@@ -537,9 +540,7 @@ def test_progress_object_is_fed_counts():
 
 
 def test_diagnostics_package_imports_stay_low():
-    """shardc.diagnostics imports neither pool nor map nor result, and imports inside functions only
-    its optional heavy dependencies (matplotlib, tqdm)."""
-    import ast
+    """shardc.diagnostics imports no pool/map/result, and inside functions only matplotlib or tqdm."""
     banned = {"pool", "map", "result", "dispatch_queue", "worker"}
     for path in sorted((REPO / "shardc" / "diagnostics").glob("*.py")):
         tree = ast.parse(path.read_text())
@@ -548,7 +549,7 @@ def test_diagnostics_package_imports_stay_low():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""] + [a.name for a in node.names]
                 if node.level:  # relative: "..pool" or "from .. import pool"
-                    assert not banned & set(n.split(".")[0] for n in names), (path.name, names)
+                    assert not banned & {n.split(".")[0] for n in names}, (path.name, names)
                 roots = {(node.module or "").split(".")[0]}
             elif isinstance(node, ast.Import):
                 roots = {a.name.split(".")[0] for a in node.names}

@@ -40,7 +40,7 @@ class Report:
     title: str
     data: dict[str, Any]
     lines: list[str] = field(default_factory=list)
-    parts: list["Report"] = field(default_factory=list)
+    parts: list[Report] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-serializable data (private keys, like the run itself, left out)."""

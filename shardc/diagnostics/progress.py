@@ -64,6 +64,6 @@ class Progress:
         """Draw the last counts and close the bar (idempotent)."""
         bar, self._bar = self._bar, None
         if bar is not None:
-            done, failed, retries = self._last
+            _done, failed, retries = self._last
             bar.set_postfix(failed=failed, retries=retries, refresh=True)
             bar.close()

@@ -26,8 +26,8 @@ def _retried_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     failed = sum(1 for r in rows if r["outcome"] == "failed")
-    lines = [f"retried     {len(rows)} shard(s) had a failed attempt ({len(rows) - failed} ok in the end, "
-             f"{failed} failed):"]
+    lines = [(f"retried     {len(rows)} shard(s) had a failed attempt ({len(rows) - failed} ok in the end, "
+              f"{failed} failed):")]
     for r in rows[:RETRIED_LINES]:
         workers = ", ".join("?" if w is None else str(w) for w in r["workers"])
         lines.append(f"  shard {r['shard']}: {r['attempts']} attempt(s), {r['outcome']}, worker(s) {workers}; "
@@ -65,8 +65,8 @@ def task_report(result: Any) -> Report:
         data["dispatch_overhead"] = o
     lines = [f"shards      {d.completed}/{d.num_shards} ok, {d.failed} failed, {d.retries} retries",
              f"wall        {d.wall_seconds:.3f} s  ({d.throughput():,.0f} shards/s, {d.mode})",
-             f"dispatch    {d.messages_dispatch} messages, {data['bytes_per_dispatch']:.0f} B each, "
-             f"setup {fmt_bytes(d.bytes_setup)}"]
+             (f"dispatch    {d.messages_dispatch} messages, {data['bytes_per_dispatch']:.0f} B each, "
+              f"setup {fmt_bytes(d.bytes_setup)}")]
     if o is not None:
         lines.append(f"overhead    {fmt_seconds(o['chunk_cost_seconds'])} per "
                      f"{'chunk' if d.mode == 'rpc_chunked' else 'block'} of {o['shards_per_chunk']:.1f} shard(s) "
