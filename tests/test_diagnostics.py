@@ -476,6 +476,23 @@ def test_chunk_advice_states_the_expected_gain():
     assert chunk_advice(_synthetic(200, 12_000_000, 12_000_000 * MIN_GAIN * 0.9)) is None
 
 
+def test_block_advice_in_shm_queue_mode_comes_from_gaps_between_blocks():
+    """shm_queue: the per-block claim cost is the gap between a worker's blocks; the advice names block_size."""
+    d = Diagnostics(mode="shm_queue", num_shards=4000, cow="deny")
+    t = [0, 0]
+    for b in range(400):  # blocks of 10 shards of 20 us, 300 us apart on each worker
+        w = b % 2
+        d.block_done(w, 10 * b, 10, t[w], t[w] + 200_000)
+        t[w] += 500_000
+    d.completed, d.wall_seconds = 4000, max(t) * 1e-9
+    o = dispatch_overhead(d)
+    assert o["chunk_cost_seconds"] == pytest.approx(300e-6) and o["shard_seconds"] == pytest.approx(20e-6)
+    assert o["overhead_share"] == pytest.approx(0.6)
+    rec = shardc.recommendations(types.SimpleNamespace(diagnostics=d)).to_dict()
+    assert rec["chunk_advice"]["advised"] == 500  # capped: 4000 shards / (4 x 2 workers)
+    assert any("dispatch_opts={'block_size': 500}" in x and "expected gain" in x for x in rec["recommendations"])
+
+
 def test_recommendation_text_says_the_gain(pool):
     """Tiny rpc shards: the advice names a chunk_size above 1 and the expected gain in percent and seconds."""
     r = pool.shard_map(2000, lambda s: s.id, progress=False, autotune=False)
