@@ -172,7 +172,7 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
         if r is not None:
             d = r.diagnostics.to_dict()
             res["messages"] = d.get("messages_dispatch")
-            res["final_chunk"] = r.diagnostics.chunk_size
+            res["final_chunk"] = getattr(r.diagnostics, "chunk_size_final", r.diagnostics.chunk_size)
     finally:
         cleanup()
     return res

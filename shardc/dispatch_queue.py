@@ -381,7 +381,7 @@ class QueueDispatcher(Dispatcher):
         self.reported.setdefault(w.pid, set()).add(sid)
         if events:
             self.diag.cow_events(sid, events)
-        self.sched.record_failure(sid, rec)
+        self.sched.record_failure(sid, rec, worker=w.slot)
 
     def _qdone(self, w: Any, payload: dict[str, Any]) -> None:
         for b in payload["blocks"]:

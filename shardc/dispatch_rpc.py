@@ -126,7 +126,7 @@ class RpcDispatcher(Dispatcher):
             if ok == OK:
                 sched.record_success(sid, value)
             else:
-                sched.record_failure(sid, value)
+                sched.record_failure(sid, value, worker=w.slot)
         sched.observe(sum(r[4] - r[3] for r in results) * 1e-9 / len(results))
         st.since_sample += len(results)
         st.last_msg = time.monotonic()

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import time
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
 
 from .call import Call
-from .diagnostics import Diagnostics
+from .diagnostics import Diagnostics, Progress
 from .dispatch_queue import QueueDispatcher
 from .dispatch_rpc import RpcDispatcher
 from .errors import InvalidArgumentError, ShardMapError, signal_label
@@ -170,8 +169,7 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dic
                 heap_keep=heap_keep(profile, cap))
     call.entropy = np.random.SeedSequence(seed_v).entropy  # type: ignore[assignment]
     chunk = 1 if chunk_size == "auto" else chunk_size
-    diag = Diagnostics(SimpleNamespace(mode=mode, num=desc.num_shards, cow=cow, diagnostics=call.diagnostics,
-                                       chunk=chunk, progress=progress, opts=opts))
+    diag = Diagnostics(mode=mode, num_shards=desc.num_shards, cow=cow, enabled=call.diagnostics, chunk_size=chunk)
     huge = None
     if kern is not None and policy.get("max_huge_concurrency"):
         huge = (int(policy["max_huge_concurrency"]), lambda sid: kern.classify(desc.shard(sid))[0] == "huge")
@@ -198,7 +196,7 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dic
         for rec in plan.borrow_records:
             diag.add_borrow(*rec)
         run_pool = _get_pool(pool, workers, packages, init_expr, profile)
-        _run(call, run_pool, sched, diag)
+        _run(call, run_pool, sched, diag, progress)
     finally:
         if plan.release() and run_pool is not None:
             run_pool.released_inherited()  # also when the call failed before it ran
@@ -208,7 +206,6 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dic
     diag.wall_seconds = time.perf_counter() - t_start
     diag.completed = sched.completed
     diag.failed = sched.n_failed
-    diag.chunk_final = sched.chunk
     pool_stats = {"workers": run_pool.size, "status": [w.info() for w in run_pool.workers],
                   "events": list(run_pool.events)}
     result = ShardResult(sched.results, dict(sorted(sched.failures.items())), diag, pool_stats, desc)
@@ -225,7 +222,7 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dic
     return result
 
 
-def _run(call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics) -> None:
+def _run(call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics, progress: bool | None) -> None:
     """Run the call on ``pool``: fresh workers where needed, set up, dispatch, end."""
     plan = call.plan
     assert plan is not None
@@ -238,18 +235,22 @@ def _run(call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics) -> None:
                             f"fork after borrowed input(s) {plan.inherited_names()} existed, to inherit them")
         diag.refork_seconds = time.perf_counter() - t0
         diag.reforked = len(fresh)
-    sup = Supervisor(call, pool, sched, diag)
     diag.start(pool)
-    sup.setup_all()
-    dispatcher = QueueDispatcher(sup) if call.mode == "shm_queue" else RpcDispatcher(sup)
+    bar = Progress(sched.num, f"shard_map[{call.mode}]", progress)
     try:
-        sup.run(dispatcher)
+        sup = Supervisor(call, pool, sched, diag, bar)
+        sup.setup_all()
+        dispatcher = QueueDispatcher(sup) if call.mode == "shm_queue" else RpcDispatcher(sup)
+        try:
+            sup.run(dispatcher)
+        finally:
+            if isinstance(dispatcher, QueueDispatcher):
+                dispatcher.close()
+            diag.finish(pool, segments=plan.segments)
+            sup.progress_update(refresh=True)
+            pool.end_call()
     finally:
-        if isinstance(dispatcher, QueueDispatcher):
-            dispatcher.close()
-        diag.tick(sched.completed, sched.n_failed, sched.retries_total)
-        diag.finish(pool)
-        pool.end_call()
+        bar.close()
 
 
 def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: Any, profile: str) -> Pool:

@@ -1,11 +1,52 @@
-"""What ``shard_map`` returns: :class:`ShardResult` and failure records."""
+"""What ``shard_map`` returns: :class:`ShardResult` and failure records.
+
+A result is plain data: the values, the failure records, the run's
+:class:`~shardc.diagnostics.Diagnostics` (itself plain) and a snapshot of
+the pool's state as dicts and lists.  It holds no reference to the pool,
+its workers, ``fun`` or anything ``fun`` captured, so keeping a result
+keeps none of them alive, and ``pickle.dumps(result)`` works: save it, or
+send it to another process and read its reports there.  A failure whose
+exception object does not pickle (or would not unpickle) travels without
+it, keeping its type, message and traceback text.
+"""
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from .errors import ShardcError
+import numpy as np
+
+from .diagnostics import plot_timeline, report
+from .errors import RemoteTraceback, ShardMapError
+
+
+def _plain(obj: Any) -> Any:
+    """A copy of ``obj`` made of dicts, lists, str, int, float, bool and None
+    (NumPy scalars become Python numbers; anything else its repr)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {(k if isinstance(k, (str, int)) else repr(k)): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in obj]
+    return repr(obj)
+
+
+def _exception_blob(exc: BaseException | None) -> bytes | None:
+    """``exc`` pickled, if it pickles and unpickles here; else None."""
+    if exc is None:
+        return None
+    try:
+        blob = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - any failure means: travel without the object
+        return None
+    return blob
 
 
 @dataclass
@@ -31,6 +72,27 @@ class ShardFailure:
     traceback: str = ""
     exception: BaseException | None = None
     history: list[str] = field(default_factory=list)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The exception travels as its own pickle so that one that cannot be
+        # rebuilt on the other side (its class is missing there, or its
+        # __init__ wants other arguments) drops only itself, not the result.
+        state = dict(self.__dict__)
+        state["exception"] = _exception_blob(self.exception)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        blob = state.get("exception")
+        exc = None
+        if blob is not None:
+            try:
+                exc = pickle.loads(blob)
+            except Exception:  # noqa: BLE001 - keep type, message and traceback text
+                exc = None
+        if exc is not None and exc.__cause__ is None and state.get("traceback"):
+            exc.__cause__ = RemoteTraceback(state["traceback"])  # pickle drops __cause__: put it back
+        self.__dict__.update(state)
+        self.exception = exc
 
     def to_dict(self) -> dict[str, Any]:
         return {"shard_id": self.shard_id, "attempts": self.attempts, "error_type": self.error_type,
@@ -64,7 +126,9 @@ class ShardResult:
             :class:`FailedShard` for a shard that failed permanently.
         failures: shard id -> :class:`ShardFailure`.
         diagnostics: what the run measured (see ``shardc.diagnostics``).
-        pool_stats: the pool's state after the run.
+        pool_stats: the pool's state after the run, as plain dicts and lists
+            (a copy: the result keeps no reference to the pool).
+        shards: the shard descriptor of the call.
     """
 
     def __init__(self, results: list[Any], failures: dict[int, ShardFailure], diagnostics: Any,
@@ -72,7 +136,7 @@ class ShardResult:
         self.results = results
         self.failures = failures
         self.diagnostics = diagnostics
-        self.pool_stats = pool_stats
+        self.pool_stats = _plain(pool_stats)
         self.shards = shards
 
     @property
@@ -84,8 +148,8 @@ class ShardResult:
         """The results; raises if any shard failed (use ``results`` to see partial output)."""
         if self.failures:
             first = min(self.failures)
-            raise ShardcError(f"{len(self.failures)} shard(s) failed (first: shard {first}: "
-                              f"{self.failures[first].message}); see .failures")
+            raise ShardMapError(f"{len(self.failures)} shard(s) failed (first: shard {first}: "
+                                f"{self.failures[first].message}); see .failures", self)
         return self.results
 
     def __len__(self) -> int:
@@ -98,12 +162,11 @@ class ShardResult:
         return iter(self.results)
 
     def report(self, level: str = "summary") -> Any:
-        from .diagnostics import report
+        """The run's report (see :func:`shardc.diagnostics.report`)."""
         return report(self, level=level)
 
     def plot(self, path: Any = None, **kwargs: Any) -> Any:
         """Draw the run's timeline (see :func:`shardc.diagnostics.plot_timeline`)."""
-        from .diagnostics import plot_timeline
         return plot_timeline(self, path=path, **kwargs)
 
     def __repr__(self) -> str:

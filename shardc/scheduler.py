@@ -141,8 +141,9 @@ class Scheduler:
         self.results[sid] = value
         self.completed += 1
 
-    def record_failure(self, sid: int, err: dict[str, Any], charge: bool = True) -> None:
-        """An attempt of ``sid`` failed (``err``: a protocol error record); retry it or fail it for good."""
+    def record_failure(self, sid: int, err: dict[str, Any], charge: bool = True, worker: int | None = None) -> None:
+        """An attempt of ``sid`` failed on worker slot ``worker`` (``err``: a protocol error record);
+        retry it or fail it for good."""
         if self.state[sid] != PENDING:
             return
         if charge:
@@ -157,8 +158,8 @@ class Scheduler:
             self.results[sid] = FailedShard(fail)
             self.state[sid] = FAILED
             self.n_failed += 1
-            self.diag.shard_failed(sid)
+            self.diag.attempt_failed(sid, worker, int(self.attempts[sid]), err, final=True)
         else:
             self.retries_total += 1
             self.retry.append(sid)
-            self.diag.retries += 1
+            self.diag.attempt_failed(sid, worker, int(self.attempts[sid]), err, final=False)

@@ -32,7 +32,7 @@ from typing import Any
 from . import _lowlevel as ll
 from ._channel import ChannelClosed
 from .call import Call, CallSetup, WorkerGone
-from .diagnostics import Diagnostics
+from .diagnostics import Diagnostics, Progress
 from .dispatch import Dispatcher
 from .errors import (CallSetupTimeoutError, ShardTimeoutError, WorkerCrashedError, WorkerMemoryError,
                      WorkerSetupError, signal_label)
@@ -63,12 +63,13 @@ class WorkerState:
 class Supervisor:
     """Runs one call on ``pool`` (see the module docstring)."""
 
-    def __init__(self, call: Call, pool: Any, sched: Scheduler, diag: Diagnostics) -> None:
+    def __init__(self, call: Call, pool: Any, sched: Scheduler, diag: Diagnostics, bar: Progress) -> None:
         self.call = call
         self.pool = pool
         self.status = pool.status
         self.sched = sched
         self.diag = diag
+        self.bar = bar
         self.setup = CallSetup(call, diag)
         self.ws: dict[int, WorkerState] = {w.slot: WorkerState() for w in pool.workers}
         self.dispatcher: Dispatcher | None = None
@@ -167,7 +168,7 @@ class Supervisor:
             sched.record_success(sid, None)
         sched.requeue(loss.requeue)
         for sid in loss.charge:
-            sched.record_failure(sid, self.crash_record(w, sid, code, reason))
+            sched.record_failure(sid, self.crash_record(w, sid, code, reason), worker=w.slot)
         st.inflight.clear()
         self.dispatcher.requeued()  # survivors start on the requeued shards now
         return self.replace(w, reason or f"worker died with {label}", "recycle" if retired else "restart")
@@ -208,7 +209,7 @@ class Supervisor:
         m = pool.sample_cheap(w, max_age=0.5 if due else float("inf"))
         if m is None:
             return
-        self.diag.mem_sample(w, m)
+        self.diag.mem_sample(w, m, anon=pool.footprint(m, w))
         verdict = pool.memory_verdict(w, self.call.mem_cap, self.call.drift, self.call.profile)
         if verdict is not None and st.pending_recycle is None:
             kind, reason = verdict
@@ -259,17 +260,21 @@ class Supervisor:
                 continue
             fast = pool.calibrated(w, fast)
             if call.diagnostics:
-                self.diag.mem_sample(w, fast)
+                self.diag.mem_sample(w, fast, anon=pool.footprint(fast, w))
             cap = call.mem_cap
             if cap is not None and fast["anon"] > 2 * cap:
                 m = pool.sample(w)  # confirm with the precise number before killing
                 if m is not None and pool.footprint(m, w) > 2 * cap:
-                    self.diag.mem_sample(w, m)
+                    self.diag.mem_sample(w, m, anon=pool.footprint(m, w))
                     why = f"memory: {fmt_bytes(pool.footprint(m, w))} > 2x mem_cap {fmt_bytes(cap)} inside a shard"
                     pool.kill(w)
                     self.handle_death(w, reason=why, code=w.exitcode)
 
     # -- the loop ---------------------------------------------------------------------------
+    def progress_update(self, refresh: bool = False) -> None:
+        s = self.sched
+        self.bar.update(s.completed + s.n_failed, s.n_failed, s.retries_total, refresh=refresh)
+
     def _watch(self, w: Any) -> None:
         if self.sel is not None:
             self.sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
@@ -323,7 +328,8 @@ class Supervisor:
                         if not w.alive:
                             self.handle_death(w)
                     dispatcher.on_tick()
-                    self.diag.tick(self.sched.completed, self.sched.n_failed, self.sched.retries_total)
+                    self.diag.tick()
+                    self.progress_update()
             dispatcher.drain()
         finally:
             sel.close()
