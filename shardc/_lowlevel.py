@@ -376,12 +376,19 @@ def queue_register(mem: object, consumer: int, pid: int) -> None:
     _qcheck(rc, "register", consumer)
 
 
-def queue_repair(mem: object, consumer: int, out: object, max_items: int) -> int:
-    """Hand back a dead consumer's unfinished items into ``out``; returns the count."""
-    rc = lib.shardc_queue_repair(mem, consumer, out, max_items)
+QUEUE_ANY_PID: int = lib.SHARDC_QUEUE_ANY_PID
+
+
+def queue_repair(mem: object, consumer: int, reaped_pid: int, out: object, max_items: int) -> int:
+    """Hand back the unfinished items of a consumer whose process the caller
+    reaped (``reaped_pid``, or ``QUEUE_ANY_PID``) into ``out``; returns the count."""
+    rc = lib.shardc_queue_repair(mem, consumer, reaped_pid, out, max_items)
     if rc == -_errno.EBUSY:
-        raise SegmentError(_errno.EBUSY, f"task ring repair: consumer {consumer}'s process is "
-                           "still alive (or not yet reaped); kill and wait for it first")
+        who = "this process" if reaped_pid in (QUEUE_ANY_PID, os.getpid()) else \
+            f"another process than the reaped pid {reaped_pid}"
+        raise SegmentError(_errno.EBUSY, f"task ring repair: consumer {consumer} is registered to "
+                           f"{who}, which may be alive; repair only the record of a worker "
+                           "you killed and reaped")
     return _qcheck(rc, "repair", consumer)
 
 
