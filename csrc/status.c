@@ -62,7 +62,7 @@ typedef struct {
     int64_t state, current, start_ns, block0, blockn;
 } snap_t;
 
-struct shardc_status_row {
+typedef struct {
     /* lines 0-1: written by the worker only (but `done`, see below) */
     uint64_t seq; /* copy[seq & 1] is visible; bumped once per update */
     snap_t copy[2];
@@ -70,8 +70,7 @@ struct shardc_status_row {
     /* line 2: written by the master only */
     _Alignas(CL) int64_t call;
     int64_t exit_req;
-};
-typedef struct shardc_status_row row_t;
+} row_t;
 
 /* Process-local (never shared): what a worker's per-shard calls need. */
 struct shardc_status_writer {
@@ -95,11 +94,22 @@ int64_t shardc_status_now_ns(void)
 #if defined(__APPLE__)
     /* CPython's time.monotonic_ns() on macOS: mach_absolute_time() scaled
      * by the timebase, split as in its _PyTime_MulDiv to avoid overflow. */
-    static mach_timebase_info_data_t tb;
-    uint64_t t = mach_absolute_time();
-    if (tb.denom == 0)
+    static uint32_t numer, denom; /* the timebase, cached (fixed per boot) */
+    uint64_t t = mach_absolute_time(), n, d;
+    /* acquire: pairs with the release below, so numer is set when denom is. */
+    d = __atomic_load_n(&denom, __ATOMIC_ACQUIRE);
+    if (d == 0) {
+        mach_timebase_info_data_t tb;
         mach_timebase_info(&tb);
-    return (int64_t)((t / tb.denom) * tb.numer + (t % tb.denom) * tb.numer / tb.denom);
+        /* relaxed, then release: any thread may race here; all store the
+         * same values. */
+        __atomic_store_n(&numer, tb.numer, __ATOMIC_RELAXED);
+        __atomic_store_n(&denom, tb.denom, __ATOMIC_RELEASE);
+        d = tb.denom;
+    }
+    /* relaxed: ordered by the acquire load of denom above. */
+    n = __atomic_load_n(&numer, __ATOMIC_RELAXED);
+    return (int64_t)((t / d) * n + (t % d) * n / d);
 #else
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic_ns() on Linux */

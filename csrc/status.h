@@ -63,9 +63,10 @@ int shardc_status_writer_set_done(shardc_status_writer_t *w, uint8_t *done,
                                   uint64_t n);
 
 /* --- worker side: one call per state change (each returns the time it
- * stamped, or now, in ns; -EINVAL for a bad argument, e.g. a shard id
- * outside the done map).  `mark` is the shard's done byte (1 or 2; 0:
- * failed, no mark). */
+ * stamped, or now, in ns; -EINVAL for a shard id outside the done map, in
+ * which case nothing changed).  `mark` is the shard's done byte (1 or 2; 0:
+ * failed, no mark).  w must have been initialized: the per-shard calls do
+ * not check it. */
 
 /* `sid` starts now: current, start time and RUNNING, as one update. */
 int64_t shardc_status_begin(shardc_status_writer_t *w, int64_t sid);

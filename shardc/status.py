@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _lowlevel as ll
-from .buffer import buffer
+from .buffer import Buffer, buffer
 
 STATE_IDLE, STATE_RUNNING = ll.STATUS_IDLE, ll.STATUS_RUNNING
 
@@ -206,13 +206,15 @@ class DoneMap:
     """One byte per shard of a call, shared by the master and its workers."""
 
     def __init__(self, num: int) -> None:
-        self._buf = buffer(np.uint8, max(num, 1))
+        self._buf: Buffer | None = buffer(np.uint8, max(num, 1))
         self.num = num
         self._a = self._buf.array
         self._p = ll.status_bytes_ptr(self._a)
 
     @property
     def segment(self):  # type: ignore[no-untyped-def]
+        if self._buf is None:
+            raise AttributeError("an attached done map has no segment of its own")
         return self._buf.segment
 
     @property

@@ -33,15 +33,15 @@ def verify(model: str, tmp_path: Path, defines: tuple[str, ...] = ()) -> str:
     src = tmp_path / model
     shutil.copy(SPIN_DIR / model, src)
     gen = subprocess.run([spin, *defines, "-a", model], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, check=False)
     assert gen.returncode == 0 and (tmp_path / "pan.c").is_file(), gen.stdout + gen.stderr
     # SAFETY: assertions and invalid end states (no never claim); COLLAPSE
     # keeps the state store small.
     build = subprocess.run([cc, "-O2", "-w", "-DSAFETY", "-DCOLLAPSE", "-o", "pan", "pan.c"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
     assert build.returncode == 0, build.stderr
     run = subprocess.run(["./pan", "-m20000", "-w22"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     return run.stdout + run.stderr
 
 

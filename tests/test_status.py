@@ -192,7 +192,7 @@ def test_sigkilled_writer_leaves_consistent_row(fork_child) -> None:  # type: ig
         table = StatusTable(1)
         done = DoneMap(10**6)
 
-        def worker(conn):  # type: ignore[no-untyped-def]
+        def worker(conn, table=table, done=done):  # type: ignore[no-untyped-def]
             row = table.row(0)
             dm = DoneMap.attach(done.array)
             conn.send("go")
