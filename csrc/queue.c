@@ -56,7 +56,10 @@
  * (nothing claimed, the copies are ignored); OWNED, or CLAIMING with deq ==
  * (pos + k, X), proves it succeeded: repair releases those of the k cells
  * that still read p + 1 (nobody else may touch them) and hands back
- * items[0 .. intent_base + k).  No step holds anything others wait for
+ * items[0 .. intent_base + k).  Repair never asks the OS whether the
+ * consumer lives: the caller (the master, after waitpid) says which pid it
+ * reaped, and repair only checks that the record is that pid's (a pid can be
+ * reused by an unrelated process as soon as it is reaped).  No step holds anything others wait for
  * except the k claimed cells, which repair releases: a dead consumer never
  * leaves the ring locked.  A producer that dies between its CAS and its
  * publish does stall consumers at that position; in shardc the only
@@ -68,7 +71,6 @@
 #include "queue.h"
 #include "sys.h"
 
-#include <signal.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/types.h>
@@ -590,15 +592,20 @@ int shardc_queue_register(void *mem, uint32_t consumer, int32_t pid)
     return 0;
 }
 
-static int process_alive(int32_t pid)
+/* May the caller, who reaped reaped_pid, repair a record registered to
+ * pid?  Only the caller's word counts: no kill(pid, 0), which after the
+ * reap may find an unrelated process that reuses the pid. */
+static int repair_allowed(int32_t pid, int32_t reaped_pid)
 {
-    if (pid <= 0)
-        return 0;
-    return kill(pid, 0) == 0 || errno == EPERM;
+    if (pid == 0)
+        return 1; /* never registered, or repaired already */
+    if (pid == (int32_t)getpid())
+        return 0; /* the caller itself: certainly alive */
+    return reaped_pid == SHARDC_QUEUE_ANY_PID || reaped_pid == pid;
 }
 
-int shardc_queue_repair(void *mem, uint32_t consumer, uint64_t *out,
-                        uint32_t max)
+int shardc_queue_repair(void *mem, uint32_t consumer, int32_t reaped_pid,
+                        uint64_t *out, uint32_t max)
 {
     qhdr_t *q = hdr(mem);
     qrec_t *r;
@@ -606,12 +613,14 @@ int shardc_queue_repair(void *mem, uint32_t consumer, uint64_t *out,
     uint32_t k, kind, total;
     int owned = 0;
 
-    if (!check_consumer(q, consumer) || (out == NULL && max > 0))
+    if (!check_consumer(q, consumer) || (out == NULL && max > 0) ||
+        reaped_pid < SHARDC_QUEUE_ANY_PID)
         return -EINVAL;
     r = rec(q, consumer);
-    /* relaxed: the pid was set long before the process could have died. */
-    if (process_alive(__atomic_load_n(&r->pid, __ATOMIC_RELAXED)))
-        return -EBUSY; /* still running (or an unreaped zombie) */
+    /* relaxed: register() stored it in a process the caller has reaped (the
+     * reap orders that process's writes before us) or in the caller. */
+    if (!repair_allowed(__atomic_load_n(&r->pid, __ATOMIC_RELAXED), reaped_pid))
+        return -EBUSY; /* registered to a process the caller did not reap */
     /* acquire, and deq strictly before state: a successor marks OWNED before
      * moving deq, so seeing deq moved implies seeing the mark. */
     w = __atomic_load_n(&q->deq, __ATOMIC_ACQUIRE);

@@ -11,7 +11,8 @@
  *   -EPIPE      push: the ring is closed; pop: closed and drained
  *   -EINTR      a signal handler ran while parked (nothing claimed): retry
  *   -ENOBUFS    pop: the consumer's claim record is full, call done() first
- *   -EBUSY      register/repair: the record is in use / its process is alive
+ *   -EBUSY      register: the record holds claims; repair: the record is
+ *               registered to another process than the one reaped
  *   -EINVAL     bad argument or not an initialized ring
  */
 #ifndef SHARDC_QUEUE_H
@@ -23,6 +24,10 @@
 #define SHARDC_QUEUE_MAX_CLAIM 256
 #define SHARDC_QUEUE_MAX_CONSUMERS 1024
 #define SHARDC_QUEUE_MAX_CAPACITY 1073741824
+
+/* shardc_queue_repair(reaped_pid): the caller vouches that whichever
+ * process registered the record is gone (reaped). */
+#define SHARDC_QUEUE_ANY_PID -1
 
 /* Consumer record states reported by shardc_queue_consumer(). */
 #define SHARDC_QUEUE_IDLE 0
@@ -78,12 +83,18 @@ int shardc_queue_heartbeat(void *mem, uint32_t consumer);
 /* Record the process using `consumer` (pid 0: unknown).  -EBUSY while the
  * record holds claims: a slot whose process died must be repaired first. */
 int shardc_queue_register(void *mem, uint32_t consumer, int32_t pid);
-/* After the consumer's process died (and was reaped): release whatever it
- * still held in the ring and copy its claimed, unfinished items to out (for
- * requeueing).  Returns their count; -EBUSY if the registered pid is still
- * alive; -ENOBUFS if max is too small (nothing changed).  Idempotent. */
-int shardc_queue_repair(void *mem, uint32_t consumer, uint64_t *out,
-                        uint32_t max);
+/* After the consumer's process died and the caller reaped it (waitpid
+ * returned reaped_pid): release whatever it still held in the ring and copy
+ * its claimed, unfinished items to out (for requeueing).  Liveness is the
+ * caller's word, never probed: once reaped, the pid may already belong to
+ * an unrelated process.  reaped_pid is the pid the caller reaped, or
+ * SHARDC_QUEUE_ANY_PID for "whoever registered it is gone".  Returns the
+ * count; -EBUSY if the record is registered to another pid than reaped_pid
+ * (a successor took it over) or to the calling process itself; -ENOBUFS if
+ * max is too small (nothing changed).  Idempotent (a repaired record is
+ * unregistered: pid 0). */
+int shardc_queue_repair(void *mem, uint32_t consumer, int32_t reaped_pid,
+                        uint64_t *out, uint32_t max);
 /* Close: wake every waiter; pushes then fail with -EPIPE, pops drain what is
  * left and then return -EPIPE.  Idempotent. */
 int shardc_queue_close(void *mem);

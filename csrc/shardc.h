@@ -10,5 +10,6 @@
 #include "proc.h"
 #include "queue.h"
 #include "guard.h"
+#include "status.h"
 
 #endif /* SHARDC_H */

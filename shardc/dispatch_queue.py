@@ -16,7 +16,7 @@ shard: each worker counts finished shards in the shared status table
 
 * **exception** -> the worker sends a "qfail" record; the master requeues the
   shard as a one-shard block (or fails it: deterministic, or out of retries);
-* **death** -> ``ring.repair(slot)`` returns the dead worker's claimed blocks;
+* **death** -> ``ring.repair(slot, reaped_pid)`` returns the dead worker's claimed blocks;
   ids before ``ST_CURRENT`` in its current block are done, the current one is
   charged an attempt, the rest are requeued free;
 * **timeout / memory** -> the watchdog kills the worker: a death;
@@ -475,7 +475,7 @@ class QueueDispatcher(Dispatcher):
         # one charged, as if it were still running.
         current = row.current if row.state == STATE_RUNNING or reason == "no progress" else None
         self.done_base += self.status.take_done(w.slot)
-        claimed = [int(x) for x in self.ring.repair(w.slot)]
+        claimed = [int(x) for x in self.ring.repair(w.slot, w.pid)]  # w was reaped: its pid may be reused
         charged = None
         if current is not None and any(
                 (it >> COUNT_BITS) <= current < (it >> COUNT_BITS) + (it & COUNT_MASK) for it in claimed):

@@ -23,8 +23,11 @@ it calls :meth:`~TaskRing.done`.  If the worker dies (SIGKILL included, at any
 instruction), the master reaps it and calls :meth:`~TaskRing.repair`, which
 releases anything the dead worker still held in the ring and returns its
 claimed-but-unfinished items for requeueing.  A worker calls
-:meth:`~TaskRing.register` with its pid first, so repair can refuse to touch
-the record of a process that is still alive.
+:meth:`~TaskRing.register` with its pid first.  Repair takes the master's
+word that the worker is dead (it has reaped it) and never probes the pid:
+once reaped, a pid can belong to an unrelated new process.  It only refuses
+a record registered to the calling process itself, or, given the reaped pid,
+to another process (a successor that already took the slot over).
 
 *Close.* After :meth:`~TaskRing.close`, pushes raise :class:`QueueClosedError`
 and pops return what is left, then raise :class:`QueueClosedError`.
@@ -314,8 +317,9 @@ class TaskRing:
     def register(self, consumer: int, pid: int | None = None) -> None:
         """Record the process that uses ``consumer`` (default: this one).
 
-        Call it in the worker before its first pop, so :meth:`repair` can
-        tell a dead worker from a live one.
+        Call it in the worker before its first pop, so that :meth:`repair`,
+        given the pid the master reaped, can tell that worker's record from
+        one a successor has registered since.
 
         Raises:
             SegmentError: (EBUSY) the record still holds another process's
@@ -325,18 +329,28 @@ class TaskRing:
 
     # ------------------------------------------------------------ master
 
-    def repair(self, consumer: int) -> np.ndarray:
-        """Recover a dead consumer's record.
+    def repair(self, consumer: int, pid: int | None = None) -> np.ndarray:
+        """Recover the record of a consumer whose process is dead and reaped.
 
         Releases whatever the dead process still held in the ring and returns
         the items it had claimed but not finished (call :meth:`push` to
         requeue them).  Idempotent: a second call returns an empty array.
 
+        Call it only after reaping the consumer's process (``waitpid``): its
+        liveness is not probed, since the pid may be reused as soon as it is
+        reaped.
+
+        Args:
+            consumer: the record (worker slot).
+            pid: the pid the caller reaped; the record must be registered to
+                it (or to nobody).  None: whoever registered it is gone.
+
         Raises:
-            SegmentError: (EBUSY) the registered process is still alive or not
-                yet reaped.
+            SegmentError: (EBUSY) the record is registered to this process, or
+                to another process than ``pid``.
         """
-        n = ll.queue_repair(self._check(), consumer, self._out_ptr, MAX_CLAIM)
+        reaped = ll.QUEUE_ANY_PID if pid is None else int(pid)
+        n = ll.queue_repair(self._check(), consumer, reaped, self._out_ptr, MAX_CLAIM)
         return self._out[:n].copy()
 
     def set_spin(self, seconds: float) -> None:

@@ -6,9 +6,17 @@ since when (timeouts, crash attribution), how many shards it finished
 it keeps.  The done map has one byte per shard of a call: 1 = finished and
 returned None, 2 = finished with a value still to be gathered.
 
-Every write to this shared memory goes through these methods (and through C,
-``csrc/status.c``, where the ordering between processes is written down):
-Python stores are not ordered on arm64.
+Every read and write of this shared memory goes through C accessors
+(``csrc/status.c``, where the ordering between processes is written down):
+Python stores are not ordered on arm64.  Each state change of a shard is one
+C call (a cffi call costs ~90 ns): ``shard_begin`` stamps the current shard,
+its start time and RUNNING as one update; ``shard_end``/``shard_next``/
+``block_end`` store the done mark (release) before the row moves on, so a
+master that sees IDLE or a new ``current`` also sees the previous mark.
+:meth:`StatusTable.read` returns a consistent snapshot (a two-copy seqlock):
+never RUNNING with another shard's start time, and never a torn row, even
+if the worker was SIGKILLed in the middle of an update.  Timestamps come
+from the clock of :func:`time.monotonic_ns`.
 
 Roles:
 
@@ -20,18 +28,28 @@ Roles:
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import numpy as np
 
-from .buffer import buffer
+from . import _lowlevel as ll
+from .buffer import Buffer, buffer
+from .errors import UsageError
+from .segment import Segment
 
-STATE_IDLE, STATE_RUNNING = 0, 1
+STATE_IDLE, STATE_RUNNING = ll.STATUS_IDLE, ll.STATUS_RUNNING
 
-# Row layout (int64 fields).  Only this module (and csrc/status.c) knows it.
-_STATE, _CURRENT, _START_NS, _DONE, _CALL, _BLOCK0, _BLOCKN, _EXIT_REQ, _PID, _SENDING, _HEAP_KEPT = range(11)
-_NFIELDS = 16
+# The C functions of the per-shard hot path, bound once (one cffi call each).
+_begin = ll.status_begin
+_end = ll.status_end
+_next = ll.status_next
+_block_begin = ll.status_block_begin
+_block_end = ll.status_block_end
+_exit_requested = ll.status_exit_requested
+_done_get = ll.status_done_get
+_done_count = ll.status_done_count
+_NULL = ll.NULL
+_fail = ll.status_fail
 
 
 class RowSnapshot(NamedTuple):
@@ -55,8 +73,10 @@ class StatusTable:
 
     def __init__(self, nslots: int) -> None:
         self.nslots = nslots
-        self._buf = buffer(np.int64, (nslots, _NFIELDS))
-        self._a = self._buf.array
+        nbytes = ll.status_bytes(nslots)
+        self._buf = buffer(np.uint8, nbytes)
+        self._mem = ll.status_mem_ptr(self._buf.array)
+        ll.status_init(self._mem, nbytes, nslots)
 
     # -- master ----------------------------------------------------------------------
     def row(self, slot: int) -> "StatusRow":
@@ -64,7 +84,7 @@ class StatusTable:
         return StatusRow(self, slot)
 
     def read(self, slot: int) -> RowSnapshot:
-        return RowSnapshot(*(int(x) for x in self._a[slot, :11]))
+        return RowSnapshot(*ll.status_read(self._mem, slot))
 
     def running(self, slot: int, call_id: int | None = None) -> int | None:
         """The shard ``slot`` runs, or None (idle, or running another call's)."""
@@ -77,115 +97,126 @@ class StatusTable:
 
     def reset(self, slot: int) -> None:
         """Zero ``slot``'s row (before a worker is forked into it)."""
-        self._a[slot, :] = 0
+        ll.status_reset(self._mem, slot)
 
     def set_call(self, slot: int, call_id: int) -> None:
-        self._a[slot, _CALL] = call_id
+        ll.status_set_call(self._mem, slot, call_id)
 
     def clear_calls(self) -> None:
-        self._a[:, _CALL] = 0
+        ll.status_clear_calls(self._mem)
 
     def request_exit(self, slot: int) -> None:
-        self._a[slot, _EXIT_REQ] = 1
+        ll.status_request_exit(self._mem, slot)
 
     def take_done(self, slot: int) -> int:
         """``slot``'s finished-shard count, zeroed (a worker that is gone)."""
-        n = int(self._a[slot, _DONE])
-        self._a[slot, _DONE] = 0
-        return n
+        return ll.status_take_done(self._mem, slot)
 
     def done_total(self) -> int:
-        return int(self._a[:, _DONE].sum())
+        return ll.status_done_total(self._mem)
 
     def heap_kept(self, slot: int) -> int:
-        return int(self._a[slot, _HEAP_KEPT])
+        return ll.status_heap_kept(self._mem, slot)
 
     def pid(self, slot: int) -> int:
-        return int(self._a[slot, _PID])
+        return ll.status_pid(self._mem, slot)
 
     def close(self) -> None:
         self._buf.close()
 
 
 class StatusRow:
-    """Worker side: the one writer of a slot's row."""
+    """Worker side: the one writer of a slot's row.
 
-    __slots__ = ("_r", "slot")
+    Every method is one C call (``csrc/status.c``); the ones that stamp a
+    time return it (``time.monotonic_ns()`` clock).  The done map of the
+    marks is bound to the C writer when it changes, so the per-shard calls
+    pass only the shard ids."""
+
+    __slots__ = ("_done", "_owner", "_p", "_table", "slot")
 
     def __init__(self, table: StatusTable, slot: int) -> None:
         self.slot = slot
-        self._r = memoryview(table._a[slot])  # int64 stores through a memoryview are cheapest
+        self._table = table  # keeps the shared memory (which ``_p`` points into) alive
+        self._owner, self._p = ll.status_writer(table._mem, slot)
+        self._done: DoneMap | None = None
+
+    def _bind(self, done: "DoneMap | None") -> None:
+        """Marks go to ``done`` from now on (a new call's map)."""
+        if done is None:
+            ll.status_writer_set_done(self._p, _NULL, 0)
+        else:
+            ll.status_writer_set_done(self._p, done._p, done.num)
+        self._done = done
+
+    def _failed(self, rc: int, op: str, sid: int) -> None:
+        _fail(rc, op, sid, self._done.num if self._done is not None else 0)
 
     def set_pid(self, pid: int) -> None:
-        self._r[_PID] = pid
+        ll.status_set_pid(self._p, pid)
 
     def shard_begin(self, sid: int) -> int:
         """``sid`` starts now: current, start time, then RUNNING.  Returns t0 (ns)."""
-        r = self._r
-        r[_CURRENT] = sid
-        t0 = time.monotonic_ns()
-        r[_START_NS] = t0
-        r[_STATE] = STATE_RUNNING
-        return t0
+        return _begin(self._p, sid)
 
     def shard_end(self, done: "DoneMap | None", sid: int, mark: int) -> int:
         """``sid`` finished: its done mark (1/2; 0 = failed, none), then IDLE.  Returns t1 (ns)."""
-        if mark and done is not None:
-            done._mv[sid] = mark
-        self._r[_STATE] = STATE_IDLE
-        return time.monotonic_ns()
+        if done is not self._done:
+            self._bind(done)
+        t = _end(self._p, sid, mark)
+        if t < 0:
+            self._failed(t, "shard_end", sid)
+        return t
 
     def shard_next(self, done: "DoneMap", sid: int, mark: int, nxt: int) -> int:
         """Inside a block (state stays RUNNING): mark ``sid`` done, start ``nxt``.  Returns now (ns)."""
-        r = self._r
-        if mark:
-            done._mv[sid] = mark
-        r[_CURRENT] = nxt
-        t = time.monotonic_ns()
-        r[_START_NS] = t
+        if done is not self._done:
+            self._bind(done)
+        t = _next(self._p, sid, mark, nxt)
+        if t < 0:
+            self._failed(t, "shard_next", sid)
         return t
 
     def block_begin(self, start: int, count: int) -> int:
         """A block of ``count`` ids from ``start`` begins (RUNNING its first shard)."""
-        r = self._r
-        r[_BLOCK0] = start
-        r[_BLOCKN] = count
-        return self.shard_begin(start)
+        return _block_begin(self._p, start, count)
 
     def block_end(self, done: "DoneMap", sid: int, mark: int, ok: int) -> int:
         """The block is over after ``sid`` (its done mark ``mark``, 0 = none):
         IDLE, and ``ok`` more shards finished.  Returns now (ns)."""
-        r = self._r
-        if mark:
-            done._mv[sid] = mark
-        r[_STATE] = STATE_IDLE
-        r[_DONE] += ok
-        return time.monotonic_ns()
+        if done is not self._done:
+            self._bind(done)
+        t = _block_end(self._p, sid, mark, ok)
+        if t < 0:
+            self._failed(t, "block_end", sid)
+        return t
 
     def set_idle(self) -> None:
-        self._r[_STATE] = STATE_IDLE
+        ll.status_set_idle(self._p)
 
     def set_sending(self, sid: int | None) -> None:
-        self._r[_SENDING] = 0 if sid is None else sid + 1
+        ll.status_set_sending(self._p, 0 if sid is None else sid + 1)
 
     def set_heap_kept(self, nbytes: int) -> None:
-        self._r[_HEAP_KEPT] = nbytes
+        ll.status_set_heap_kept(self._p, nbytes)
 
     def exit_requested(self) -> bool:
-        return bool(self._r[_EXIT_REQ])
+        return bool(_exit_requested(self._p))
 
 
 class DoneMap:
     """One byte per shard of a call, shared by the master and its workers."""
 
     def __init__(self, num: int) -> None:
-        self._buf = buffer(np.uint8, max(num, 1))
+        self._buf: Buffer | None = buffer(np.uint8, max(num, 1))
         self.num = num
         self._a = self._buf.array
-        self._mv = self._a.data
+        self._p = ll.status_bytes_ptr(self._a)
 
     @property
-    def segment(self):  # type: ignore[no-untyped-def]
+    def segment(self) -> Segment:
+        if self._buf is None:  # a worker's handle: the master owns the segment
+            raise UsageError("an attached done map has no segment of its own")
         return self._buf.segment
 
     @property
@@ -200,15 +231,18 @@ class DoneMap:
         self._buf = None
         self.num = arr.shape[0]
         self._a = arr
-        self._mv = arr.data
+        self._p = ll.status_bytes_ptr(arr)
         return self
 
     def get(self, sid: int) -> int:
-        return int(self._mv[sid])
+        v = _done_get(self._p, self.num, sid)
+        if v < 0:
+            _fail(v, "done get", sid, self.num)
+        return v
 
     def count(self) -> int:
         """Shards marked done."""
-        return int(np.count_nonzero(self._a[: self.num]))
+        return _done_count(self._p, self.num)
 
     def close(self) -> None:
         if self._buf is not None:

@@ -234,6 +234,39 @@ def test_register_and_repair_rules() -> None:
         assert r.stats()["repaired"] == 2
 
 
+def test_repair_takes_the_reaped_pid_not_a_probe() -> None:
+    """repair trusts the pid the caller reaped: it repairs a record whose pid
+    is alive again (reused by another process), and refuses a record that
+    another process than the reaped one registered."""
+    with TaskRing.create(16, 2) as r:
+        r.push(range(6))
+        live = os.fork()
+        if live == 0:  # pragma: no cover - child: the process reusing the pid
+            time.sleep(30)
+            os._exit(0)
+        try:
+            dead = os.fork()
+            if dead == 0:  # pragma: no cover - child: registers the live pid as its own
+                code = 1
+                try:
+                    r.register(1, live)
+                    code = 0 if r.pop(1, 2, timeout=0).tolist() == [0, 1] else 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(dead, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            os.kill(live, 0)  # the registered pid is alive
+            with pytest.raises(SegmentError, match="another process than the reaped pid") as ei:
+                r.repair(1, dead)  # registered to `live`, not to the pid we reaped
+            assert ei.value.errno == errno.EBUSY
+            assert r.consumer_info(1)["claimed"] == 2
+            assert r.repair(1, live).tolist() == [0, 1]  # the caller's word, no probe
+            assert r.consumer_info(1)["pid"] == 0
+        finally:
+            os.kill(live, signal.SIGKILL)
+            os.waitpid(live, 0)
+
+
 def _worker(ring: TaskRing, c: int, state: np.ndarray, errors: np.ndarray) -> None:
     """Worker loop for the kill test: claim (must be QUEUED), work, mark DONE, done()."""
     ring.register(c)
@@ -293,7 +326,7 @@ def test_fork_stress_sigkill_repair() -> None:
             c = int(rng.integers(n_workers))
             os.kill(pids[c], signal.SIGKILL)
             os.waitpid(pids[c], 0)
-            back = ring.repair(c)
+            back = ring.repair(c, pids[c])
             for i in back:
                 assert state[i] in (0, 1, 2 + c)
             back = back[state[back] != 1]  # DONE before done(): already delivered

@@ -204,7 +204,8 @@ static void test_close_wakes_sleepers(void)
 
 /* Pops without done() accumulate claims up to SHARDC_QUEUE_MAX_CLAIM; done()
  * clears them; register refuses a record that holds claims; repair refuses a
- * live process and hands the claims of a dead one back. */
+ * record registered to the caller or to another pid than the one it reaped,
+ * and hands the claims of a reaped one back. */
 static void test_claims_and_repair(void)
 {
     enum { CAP = 1024 };
@@ -228,19 +229,27 @@ static void test_claims_and_repair(void)
     CHECK_RC(shardc_queue_consumer(q, 0, &ci));
     CHECK(ci.claimed == SHARDC_QUEUE_MAX_CLAIM && ci.state == SHARDC_QUEUE_IDLE);
     CHECK(shardc_queue_register(q, 0, 0) == -EBUSY);
-    CHECK(shardc_queue_repair(q, 0, out, 10) == -ENOBUFS);
-    CHECK(shardc_queue_repair(q, 0, out, CAP) == SHARDC_QUEUE_MAX_CLAIM);
+    CHECK(shardc_queue_repair(q, 0, SHARDC_QUEUE_ANY_PID, out, 10) == -ENOBUFS);
+    CHECK(shardc_queue_repair(q, 0, -2, out, CAP) == -EINVAL);
+    CHECK(shardc_queue_repair(q, 0, SHARDC_QUEUE_ANY_PID, out, CAP) == SHARDC_QUEUE_MAX_CLAIM);
     for (int i = 0; i < SHARDC_QUEUE_MAX_CLAIM; i++)
         CHECK(out[i] == (uint64_t)i);
-    CHECK(shardc_queue_repair(q, 0, out, CAP) == 0); /* idempotent */
+    CHECK(shardc_queue_repair(q, 0, SHARDC_QUEUE_ANY_PID, out, CAP) == 0); /* idempotent */
 
     /* done() clears claims: nothing to repair. */
     CHECK(shardc_queue_pop(q, 1, out, 10, 0) == 10);
     CHECK(out[0] == SHARDC_QUEUE_MAX_CLAIM);
     CHECK_RC(shardc_queue_done(q, 1));
-    CHECK(shardc_queue_repair(q, 1, out, CAP) == 0);
+    CHECK(shardc_queue_repair(q, 1, SHARDC_QUEUE_ANY_PID, out, CAP) == 0);
 
-    /* A live registered process is refused; once reaped it is repaired. */
+    /* A record registered to the caller itself (certainly alive) is refused. */
+    CHECK_RC(shardc_queue_register(q, 1, getpid()));
+    CHECK(shardc_queue_repair(q, 1, SHARDC_QUEUE_ANY_PID, out, CAP) == -EBUSY);
+    CHECK(shardc_queue_repair(q, 1, getpid(), out, CAP) == -EBUSY);
+    CHECK_RC(shardc_queue_register(q, 1, 0));
+
+    /* A record registered to a live process other than the one the caller
+     * reaped is refused; once that process is reaped it is repaired. */
     pid = fork();
     if (pid == 0) {
         uint64_t o[5];
@@ -252,14 +261,53 @@ static void test_claims_and_repair(void)
     }
     while (shardc_queue_consumer(q, 2, &ci) == 0 && ci.claimed != 5)
         usleep(1000);
-    CHECK(shardc_queue_repair(q, 2, out, CAP) == -EBUSY);
+    CHECK(shardc_queue_repair(q, 2, pid + 1, out, CAP) == -EBUSY);
+    CHECK_RC(shardc_queue_consumer(q, 2, &ci));
+    CHECK(ci.pid == pid && ci.claimed == 5); /* untouched */
     kill(pid, SIGKILL);
     CHECK(waitpid(pid, &st, 0) == pid);
-    CHECK(shardc_queue_repair(q, 2, out, CAP) == 5);
+    CHECK(shardc_queue_repair(q, 2, pid, out, CAP) == 5);
     CHECK(out[0] == SHARDC_QUEUE_MAX_CLAIM + 10);
     CHECK_RC(shardc_queue_consumer(q, 2, &ci));
     CHECK(ci.pid == 0 && ci.claimed == 0);
     free_ring(q, CAP, 3);
+}
+
+/* The pid of a reaped consumer is reused by a live, unrelated process
+ * before the master repairs: repair takes the caller's word (it reaped that
+ * pid) and does not probe the pid, so it still repairs.  The reuse is
+ * simulated by a dead consumer that had registered a live process's pid. */
+static void test_repair_reused_pid(void)
+{
+    enum { CAP = 16 };
+    uint64_t in[4] = {7, 8, 9, 10}, out[CAP];
+    void *q = new_ring(CAP, 2, NULL);
+    shardc_queue_consumer_t ci;
+    pid_t live = fork(), dead;
+    int st;
+
+    if (live == 0) {
+        pause(); /* the "unrelated process" now holding the pid */
+        _exit(0);
+    }
+    CHECK(shardc_queue_push(q, in, 4, 0) == 4);
+    dead = fork();
+    if (dead == 0) {
+        uint64_t o[3];
+        /* Registers the live process's pid, as if it were its own reused one. */
+        _exit(shardc_queue_register(q, 1, live) == 0 && shardc_queue_pop(q, 1, o, 3, 0) == 3
+                  ? 0 : 1);
+    }
+    CHECK(waitpid(dead, &st, 0) == dead);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK(kill(live, 0) == 0); /* the registered pid is alive... */
+    CHECK(shardc_queue_repair(q, 1, live, out, CAP) == 3); /* ...and repair proceeds */
+    CHECK(out[0] == 7 && out[1] == 8 && out[2] == 9);
+    CHECK_RC(shardc_queue_consumer(q, 1, &ci));
+    CHECK(ci.pid == 0 && ci.claimed == 0);
+    kill(live, SIGKILL);
+    CHECK(waitpid(live, &st, 0) == live);
+    free_ring(q, CAP, 2);
 }
 
 /* ------------------------------------------------------------ stress */
@@ -419,7 +467,7 @@ static void test_kill_repair_requeue(void)
             usleep((rnd >> 4) % 200);
             kill(pids[c], SIGKILL);
             CHECK(waitpid(pids[c], &st, 0) == pids[c]);
-            n = shardc_queue_repair(q, c, rep, SHARDC_QUEUE_MAX_CLAIM);
+            n = shardc_queue_repair(q, c, pids[c], rep, SHARDC_QUEUE_MAX_CLAIM);
             CHECK(n >= 0);
             for (int i = 0; i < n; i++) {
                 uint8_t cur = __atomic_load_n(&state[rep[i]], __ATOMIC_SEQ_CST);
@@ -549,7 +597,7 @@ static void test_kill_in_claim_window(void)
         kill(pid, SIGKILL);
         CHECK(waitpid(pid, &st, 0) == pid);
         CHECK(WIFSIGNALED(st));
-        n = shardc_queue_repair(q, 1, rep, SHARDC_QUEUE_MAX_CLAIM);
+        n = shardc_queue_repair(q, 1, pid, rep, SHARDC_QUEUE_MAX_CLAIM);
         CHECK(n >= 0);
         /* The dead consumer may or may not have counted these: un-count
          * them and requeue; they are counted when popped again. */
@@ -677,7 +725,7 @@ static void test_kill_at_every_instruction(void)
             }
             for (int i = 0; i < ngot; i++)
                 count[got[i]]++;
-            r = shardc_queue_repair(q, 1, rep, SHARDC_QUEUE_MAX_CLAIM);
+            r = shardc_queue_repair(q, 1, SHARDC_QUEUE_ANY_PID, rep, SHARDC_QUEUE_MAX_CLAIM);
             CHECK(r >= 0);
             for (int i = 0; i < r; i++)
                 count[rep[i]]++;
@@ -760,6 +808,7 @@ int main(void)
     RUN(test_close_drain);
     RUN(test_close_wakes_sleepers);
     RUN(test_claims_and_repair);
+    RUN(test_repair_reused_pid);
     RUN(test_mpmc_exactly_once);
     RUN(test_kill_repair_requeue);
     RUN(test_kill_in_claim_window);
