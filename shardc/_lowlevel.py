@@ -259,26 +259,31 @@ def proc_set_affinity(pid: int, cpus: list[int]) -> None:
     _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity")
 
 
+# --------------------------------------------------------------------------
+# heap policy (csrc/heap.c)
+# --------------------------------------------------------------------------
+
+
 def heap_reuse(keep: int) -> bool:
-    """This process's heap policy (csrc/proc.c): ``keep > 0`` serves big
+    """This process's heap policy (csrc/heap.c): ``keep > 0`` serves big
     allocations from the heap and keeps up to ``keep`` freed bytes at its top
     for reuse; ``0`` restores glibc's defaults.  False where unsupported (not
     glibc >= 2.33, or an allocator that refuses ``mallopt``)."""
-    return lib.shardc_proc_heap_reuse(max(0, int(keep))) == 0
+    return lib.shardc_heap_reuse(max(0, int(keep))) == 0
 
 
 def heap_stats() -> dict[str, int] | None:
     """The allocator's totals: ``free``, ``used``, ``arena`` (bytes taken from the
     system) and ``brk`` (the program break); None where unknown."""
     h = ffi.new("shardc_heap_t *")
-    if lib.shardc_proc_heap_stats(h) < 0:
+    if lib.shardc_heap_stats(h) < 0:
         return None
     return {"free": h.free, "used": h.used, "arena": h.arena, "brk": h.brk}
 
 
 def heap_trim() -> None:
     """Give the allocator's free memory back to the kernel (``malloc_trim(0)``)."""
-    lib.shardc_proc_heap_trim()
+    lib.shardc_heap_trim()
 
 
 # --------------------------------------------------------------------------
