@@ -34,178 +34,15 @@ from typing import Any
 import numpy as np
 
 from ._channel import ChannelClosed
-from .errors import QueueClosedError
-from .protocol import ERR, error_record as _error_record
 from .status import STATE_RUNNING
-from .worker import release_traceback
+from .worker.queue_loop import (  # the ring item format
+    COUNT_BITS,
+    COUNT_MASK,
+    MAX_BLOCK,
+    encode,
+)
 
 log = logging.getLogger("shardc")
-
-COUNT_BITS = 24
-COUNT_MASK = (1 << COUNT_BITS) - 1
-MAX_BLOCK = COUNT_MASK
-
-
-def encode(start: int, count: int) -> int:
-    return (start << COUNT_BITS) | count
-
-
-# ------------------------------------------------------------------------------------------
-# worker side
-# ------------------------------------------------------------------------------------------
-
-
-def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
-    """Pop blocks and run them until the ring is closed (or exit is requested)."""
-    from . import _lowlevel as ll
-    from .queue import TaskRing
-    ring = TaskRing.attach(fds[0], msg["nbytes"])
-    ll.seg_close_fd(fds[1])  # the done map: mapped at the call's setup already
-    slot = worker.slot
-    chan = worker.chan
-    call = worker.call
-    call_id = msg["call_id"]
-    row = worker.row
-    done = call.donemap
-    fun = call.fun
-    kwargs = call.kwargs
-    desc = call.desc
-    make = desc.shard
-    entropy = call.entropy
-    seeded = call.seeded
-    guarded = worker.guard is not None and bool(call.guard_regions)
-    keep_blocks = call.diagnostics
-    blocks: list[tuple[int, int, int, int]] = []
-    batch = int(msg.get("claim_batch", 1))
-    elog = _ErrorLog(msg["error_log"], msg["error_log_max_lines"]) if msg.get("error_log") else None
-    returned = 0  # shards whose return value is dropped (this mode gathers none)
-    ring.register(slot, worker_pid())
-    exiting = False
-    # Shards claimed but not run because a shard wrote an inherited input
-    # beyond restoring (worker.check_tainted): the master requeues them.
-    unfinished: list[int] = []
-    try:
-        while True:
-            if row.exit_requested():
-                exiting = True
-                break
-            try:
-                items = ring.pop(slot, batch, timeout=0.05)
-            except QueueClosedError:
-                break
-            if len(items) == 0:
-                continue
-            for item in items.tolist():
-                start = item >> COUNT_BITS
-                stop = start + (item & COUNT_MASK)
-                if unfinished or worker.tainted:
-                    unfinished += range(start, stop)
-                    continue
-                # Per shard only what supervision needs: which shard runs and
-                # since when (timeouts, crash attribution) and its done mark,
-                # in one call (csrc/status.c orders them for the master).
-                t0 = ts = row.block_begin(start, stop - start)
-                ok_in_block = 0
-                sid = start
-                while sid < stop:
-                    shard = make(sid, (entropy, sid))
-                    try:
-                        if seeded:
-                            worker._seed_legacy(sid)
-                        if guarded:
-                            with worker.guard.shard_scope(sid) as scope:
-                                value = fun(shard, **kwargs)
-                            if scope.events:  # audit/allow writes: rare, one message each
-                                chan.send(("qcow", call_id, (sid, scope.events)))
-                        else:
-                            value = fun(shard, **kwargs)
-                        if value is not None:
-                            returned += 1
-                    except BaseException as exc:  # noqa: BLE001 - reported to the master
-                        row.set_idle()
-                        rec = _error_record(exc, sid)
-                        release_traceback(exc)
-                        if elog is not None:
-                            elog.write(rec)
-                        chan.send(("qfail", call_id, (sid, ERR, rec, ts, time.monotonic_ns(),
-                                                      getattr(exc, "cow_events", None), None)))
-                        if guarded and worker.check_tainted():
-                            unfinished += range(sid + 1, stop)
-                            stop = sid + 1
-                        sid += 1
-                        if sid < stop:
-                            ts = row.shard_begin(sid)
-                        continue
-                    ok_in_block += 1
-                    # A write it could not undo (checked only after a shard
-                    # that wrote an input): leave the rest of the block.
-                    if guarded and scope.events and worker.check_tainted():
-                        unfinished += range(sid + 1, stop)
-                        stop = sid + 1
-                    if sid + 1 < stop:
-                        ts = row.shard_next(done, sid, 1, sid + 1)
-                    else:
-                        row.block_end(done, sid, 1, ok_in_block)
-                        ok_in_block = -1
-                    sid += 1
-                if ok_in_block >= 0:  # the block ended on a failed shard
-                    row.block_end(done, stop - 1, 0, ok_in_block)
-                t1 = time.monotonic_ns()
-                if keep_blocks:
-                    blocks.append((start, stop - start, t0, t1))
-                if t1 - t0 > 1_000_000:  # blocks of a millisecond or more: ~1 us is noise
-                    worker.heap_check()
-            ring.done(slot)
-            if unfinished or (guarded and worker.check_tainted()):
-                exiting = True
-                break
-    finally:
-        row.set_idle()
-    if elog is not None:
-        elog.close()
-    chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting, "returned": returned,
-                                  "unfinished": unfinished,
-                                  "retire": bool(worker.tainted)}))
-    if worker.tainted:
-        worker.retire()
-    if exiting:
-        import os
-        os._exit(0)
-
-
-class _ErrorLog:
-    """``dispatch_opts={"error_log": True}``: a worker's failures, appended to
-    a text file (bounded by ``error_log_max_lines``), for reading while a long
-    run goes on.  The master knows every failure anyway (failure records)."""
-
-    def __init__(self, path: str, max_lines: int) -> None:
-        self.path = path
-        self.left = max_lines
-        self.f: Any = None
-
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.left <= 0:
-            return
-        if self.f is None:
-            self.f = open(self.path, "a", encoding="utf-8")
-        lines = [f"shard {rec['shard']}: {rec['type']}: {rec['message']}"]
-        lines += ["    " + ln for ln in rec["traceback"].rstrip().splitlines()]
-        lines = lines[: self.left]
-        self.left -= len(lines)
-        if self.left <= 0:
-            lines.append("(error_log_max_lines reached: later failures are in the result only)")
-        self.f.write("\n".join(lines) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-
-
-def worker_pid() -> int:
-    import os
-    return os.getpid()
-
 
 # ------------------------------------------------------------------------------------------
 # master side
@@ -305,6 +142,7 @@ class QueueFeeder:
 def run_queue(run: Any) -> None:
     """The master loop of shm_queue mode (supervision shared with rpc)."""
     import selectors
+
     from .queue import TaskRing
     pool = run.pool
     n = len(pool.workers)
