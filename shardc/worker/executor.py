@@ -75,8 +75,12 @@ from .heap import HeapPolicy
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
 
-OnFail = Callable[[tuple], None]  # gets a failed shard's outcome tuple
-OnCow = Callable[[int, list], None]  # gets (shard id, cow events) of a shard that finished
+Events = list[dict[str, Any]]  # cow events of one shard (shardc.guard.ShardScope.events)
+# One shard's outcome, laid out as shardc.protocol.Outcome:
+# (sid, ok, value or error record, t0, t1, cow events, memory delta).
+OutcomeTuple = tuple[int, int, Any, int, int, "Events | None", "int | None"]
+OnFail = Callable[[OutcomeTuple], None]  # gets a failed shard's outcome
+OnCow = Callable[[int, Events], None]  # gets (shard id, cow events) of a shard that finished
 
 
 class CallState:
@@ -129,7 +133,7 @@ def release_traceback(exc: BaseException) -> None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        traceback.clear_frames(e.__traceback__)  # type: ignore[arg-type]
+        traceback.clear_frames(e.__traceback__)
         e.__traceback__ = None
         todo += [e.__cause__, e.__context__]
 
@@ -163,7 +167,7 @@ class ShardExecutor:
         self.call = CallState()
         self.ewma_ns = -1
         self.tainted: list[str] = []
-        self._bound: tuple = ()
+        self._bound: tuple[Any, ...] = ()
 
     # -- call ----------------------------------------------------------------------------
     def begin_call(self) -> None:
@@ -181,42 +185,50 @@ class ShardExecutor:
         return c
 
     # -- the two entry points ----------------------------------------------------------------
-    def run_ids(self, ids: list[int], out: list[tuple] | None = None) -> list[tuple]:
+    def run_ids(self, ids: list[int], out: list[OutcomeTuple] | None = None) -> list[OutcomeTuple]:
         """rpc_chunked: run ``ids`` and return (``out`` extended with) one
         outcome tuple per shard run.  Shards after one that tainted this
         worker are not run (and have no outcome)."""
         if out is None:
             out = []
         if ids:
-            self._run(ids, False, out, out.append, None)
+            append = out.append
+            self._run([*ids, -1], -1, len(ids), False, append, append, None)
         return out
 
     def run_block(self, start: int, stop: int, on_fail: OnFail, on_cow: OnCow) -> RunStats:
         """shm_queue: run the block ``start .. stop-1``; failures go to
         ``on_fail``, cow events of finished shards to ``on_cow``."""
-        return self._run(range(start, stop), True, None, on_fail, on_cow)
+        return RunStats(*self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow))
 
     # -- the one loop ----------------------------------------------------------------------
-    def _run(self, ids: Any, block: bool, out: list[tuple] | None, on_fail: OnFail,
-             on_cow: OnCow | None) -> RunStats:
+    def _run(self, seq: Any, end: int, n: int, block: bool, append: OnFail | None, on_fail: OnFail,
+             on_cow: OnCow | None) -> tuple[int, int, int, int, int, int | None]:
+        """Run the ``n`` ids of ``seq``; its last item is ``end``, a sentinel
+        that is not run.  ``append`` gathers every outcome (rpc) or is None.  The loop looks one id ahead (``nxt``) so that a shard's
+        end and the next one's start are one status call, and ``nxt == end``
+        is the one test for the last shard (cheaper than counting).  Returns
+        the fields of a :class:`RunStats` (a plain tuple: rpc runs chunks of
+        one shard, where building the NamedTuple would cost ~10%)."""
         fun, kwargs, make, entropy, seeded, guard, done, diag = self._bound
         row = self.row
         heap = self.heap
-        n = len(ids)
-        last = n - 1
-        gather = out is not None
-        append = out.append if out is not None else None  # (gather <=> append is not None)
+        gather = append is not None
         vmark = 2 if gather else 1  # done mark of a shard that returned a value
         long = self.ewma_ns < 0 or self.ewma_ns > LONG_NS
-        each = long and gather  # per-shard memory and timing: rpc, long shards
-        sample = long and (diag or heap.keep)
-        m0 = heap.own_anon() if sample and diag else None
-        dmem = None
-        events = None
-        sid = ids[0]
-        t0 = t_first = row.block_begin(sid, n) if block else row.shard_begin(sid)
-        i = ok = returned = 0
-        while True:
+        if long:
+            each = gather  # per-shard memory and timing: rpc, long shards
+            sample = bool(diag or heap.keep)  # memory read at all (for the delta, for the heap)
+            m0 = heap.own_anon() if diag else None
+        else:
+            each = sample = False
+            m0 = None
+        dmem = events = None
+        it = iter(seq)
+        sid = next(it)
+        t0 = t1 = t_first = row.block_begin(sid, n) if block else row.shard_begin(sid)
+        ok = failed = returned = 0
+        for nxt in it:
             shard = make(sid, (entropy, sid))
             try:
                 if seeded:
@@ -240,13 +252,12 @@ class ShardExecutor:
                     dmem, m0, each = self._measure(t0, t1, m0, diag)
                 on_fail((sid, ERR, rec, t0, t1, events, dmem))
                 events = dmem = None
-                stop = guard is not None and self.check_tainted()
-                if i == last or stop:
+                failed += 1
+                if nxt == end or (guard is not None and self.check_tainted()):
                     if block:
                         t1 = row.block_end(done, sid, 0, ok)
                     break
-                i += 1
-                sid = ids[i]
+                sid = nxt
                 t0 = row.shard_begin(sid)
                 continue
             ok += 1
@@ -259,16 +270,14 @@ class ShardExecutor:
                 if on_cow is not None:
                     on_cow(sid, events)
                 if self.check_tainted():
-                    last = i  # leave the rest of the run to the master
-            if i == last:
+                    end = nxt  # leave the rest of the run to the master
+            if nxt == end:
                 t1 = row.block_end(done, sid, mark, ok) if block else row.shard_end(done, sid, mark)
                 if gather:
                     if each:
                         dmem, m0, each = self._measure(t0, t1, m0, diag)
                     append((sid, OK, value, t0, t1, events, dmem))  # type: ignore[misc]
                 break
-            i += 1
-            nxt = ids[i]
             if gather:
                 t1 = row.shard_next(done, sid, mark, nxt)
                 if each:
@@ -279,7 +288,7 @@ class ShardExecutor:
             else:  # the hot path of shm_queue: nothing more per shard
                 t0 = row.shard_next(done, sid, mark, nxt)
             sid = nxt
-        ran = i + 1
+        ran = ok + failed
         bdmem = None
         if not (long and gather):  # no per-shard measure: learn the shard time from the run
             avg = (t1 - t_first) // ran
@@ -291,7 +300,7 @@ class ShardExecutor:
                 heap.check(m1)
             elif t1 - t_first > HEAP_CHECK_NS:
                 heap.check()
-        return RunStats(ran, ok, returned, t_first, t1, bdmem)
+        return (ran, ok, returned, t_first, t1, bdmem)
 
     def _measure(self, t0: int, t1: int, m0: int | None, diag: bool) -> tuple[int | None, int | None, bool]:
         """After a long shard (rpc): its memory delta, the reading the next

@@ -22,8 +22,6 @@ Nothing here is shared between processes except the one published number.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .. import _lowlevel as ll
 from ..status import StatusRow
 
@@ -77,7 +75,7 @@ class HeapPolicy:
             m = ll.proc_mem_fast(self.pid)
         except OSError:  # e.g. EMFILE: a shard that leaks file descriptors
             return None
-        return None if m is None else m["anon"]
+        return None if m is None else int(m["anon"])
 
     def trim(self) -> bool:
         """Trim, and take the reference point: nothing freed is resident now.
@@ -90,7 +88,7 @@ class HeapPolicy:
         self.row.set_heap_kept(0)
         return True
 
-    def _thread_arena_growth(self, st: dict[str, Any]) -> int:
+    def _thread_arena_growth(self, st: dict[str, int]) -> int:
         """Growth of the allocator's arenas since reuse was turned on, beyond the
         growth of the main heap (the program break): thread arenas."""
         arena0, brk0 = self._arenas

@@ -27,7 +27,7 @@ from ..errors import QueueClosedError
 from ..protocol import QCOW, QDONE, QFAIL
 from ..queue import TaskRing
 from ..status import StatusRow
-from .executor import ShardExecutor
+from .executor import Events, OutcomeTuple, ShardExecutor
 
 COUNT_BITS = 24
 COUNT_MASK = (1 << COUNT_BITS) - 1
@@ -53,12 +53,12 @@ def run_queue_call(slot: int, chan: Channel, row: StatusRow, ex: ShardExecutor, 
     batch = int(msg.get("claim_batch", 1))
     elog = _ErrorLog(msg["error_log"], msg["error_log_max_lines"]) if msg.get("error_log") else None
 
-    def on_fail(outcome: tuple) -> None:
+    def on_fail(outcome: OutcomeTuple) -> None:
         if elog is not None:
             elog.write(outcome[2])
         chan.send((QFAIL, call_id, outcome))
 
-    def on_cow(sid: int, events: list) -> None:  # audit/allow writes: rare, one message each
+    def on_cow(sid: int, events: Events) -> None:  # audit/allow writes: rare, one message each
         chan.send((QCOW, call_id, (sid, events)))
 
     returned = 0  # shards whose return value is dropped (this mode gathers none)
