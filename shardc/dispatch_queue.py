@@ -22,6 +22,10 @@ shard: each worker counts finished shards in the shared status table
 * **timeout / memory** -> the watchdog kills the worker: a death;
 * **recycle** -> ``ST_EXIT_REQ`` asks the worker to leave after its current
   block; a fresh worker joins the same ring.
+
+This module is the master side only.  The worker side (pop a block, run it
+with the one shard executor, report) is ``shardc.worker.queue_loop``, which
+also defines the ring's item format imported here.
 """
 
 from __future__ import annotations

@@ -17,10 +17,12 @@ import pytest
 from _engine_helpers import no_stray_children, pool2  # noqa: F401 (fixtures)
 
 import shardc
-from shardc.protocol import ERR, OK
+from shardc.protocol import ERR, OK, QDONE, QFAIL
+from shardc.queue import TaskRing
 from shardc.status import STATE_IDLE, DoneMap, StatusTable
 from shardc.worker.executor import LONG_NS, ShardExecutor
 from shardc.worker.heap import HeapPolicy
+from shardc.worker.queue_loop import encode, run_queue_call
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -178,6 +180,36 @@ def test_seeding_is_the_same_in_both_modes(harness):
     h.ex.begin_call()
     h.block(2, 4)
     assert dict(got) == rpc and rpc[2] != rpc[3]
+
+
+class _Chan:
+    """Records what the queue loop sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any, fds: Any = None) -> int:
+        self.sent.append(msg)
+        return 0
+
+
+def test_queue_loop_runs_ring_blocks_and_reports(harness):
+    """run_queue_call: every block of a closed ring runs; QFAIL per failure, then QDONE with block timings, memory deltas of long blocks and the dropped-value count."""
+    h = harness(lambda shard: fails_on_3(shard) or odd_value(shard))
+    h.ex.ewma_ns = 2 * LONG_NS  # long shards: memory measured per block
+    ring = TaskRing.create(capacity=16, max_consumers=1)
+    ring.push(np.asarray([encode(0, 3), encode(3, 5)], dtype=np.uint64), timeout=0)
+    ring.close()
+    chan = _Chan()
+    msg = {"call_id": 7, "nbytes": ring.nbytes, "claim_batch": 2}
+    run_queue_call(0, chan, h.row, h.ex, msg, [os.dup(ring.fd), os.dup(h.done.segment.fd)])
+    ring.release()
+    assert [m[0] for m in chan.sent] == [QFAIL, QDONE] and chan.sent[0][2][0] == 3
+    done = chan.sent[-1][2]
+    assert [b[:2] for b in done["blocks"]] == [(0, 3), (3, 5)]
+    assert [m[:2] for m in done["mem"]] == [(0, 3), (3, 5)] and all(isinstance(m[2], int) for m in done["mem"])
+    assert (done["returned"], done["unfinished"], done["exiting"], done["retire"]) == (3, [], False, False)
+    assert h.marks() == [1, 1, 1, 0, 1, 1, 1, 1] and h.table.read(0).done == 7
 
 
 def sys_exits(shard: Any, out: Any = None) -> int:
