@@ -20,7 +20,7 @@ import shardc
 from shardc.protocol import ERR, OK, QDONE, QFAIL
 from shardc.queue import TaskRing
 from shardc.status import STATE_IDLE, DoneMap, StatusTable
-from shardc.worker.executor import LONG_NS, ShardExecutor
+from shardc.worker.executor import LONG_NS, RunStats, ShardExecutor
 from shardc.worker.heap import HeapPolicy
 from shardc.worker.queue_loop import encode, run_queue_call
 
@@ -45,7 +45,7 @@ class Harness:
         self.cow: list[Any] = []
 
     def block(self, start: int, stop: int) -> Any:
-        return self.ex.run_block(start, stop, self.failed.append, lambda sid, ev: self.cow.append((sid, ev)))
+        return RunStats(*self.ex.run_block(start, stop, self.failed.append, lambda sid, ev: self.cow.append((sid, ev))))
 
     def marks(self) -> list[int]:
         return [self.done.get(i) for i in range(N)]

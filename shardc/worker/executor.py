@@ -79,6 +79,7 @@ Events = list[dict[str, Any]]  # cow events of one shard (shardc.guard.ShardScop
 # One shard's outcome, laid out as shardc.protocol.Outcome:
 # (sid, ok, value or error record, t0, t1, cow events, memory delta).
 OutcomeTuple = tuple[int, int, Any, int, int, "Events | None", "int | None"]
+RunTuple = tuple[int, int, int, int, int, "int | None"]  # laid out as RunStats
 OnFail = Callable[[OutcomeTuple], None]  # gets a failed shard's outcome
 OnCow = Callable[[int, Events], None]  # gets (shard id, cow events) of a shard that finished
 
@@ -101,7 +102,9 @@ class CallState:
 
 
 class RunStats(NamedTuple):
-    """What ``run_block`` did (shm_queue)."""
+    """What ``run_block`` did (shm_queue): the layout of the plain tuple it
+    returns (``RunStats(*t)`` names the fields; the queue loop unpacks it:
+    per block of 8 probe shards a NamedTuple and its attribute reads cost ~5%)."""
 
     ran: int  # ids run from the start of the block (fewer than asked: tainted, the rest not run)
     ok: int  # of those, finished without an exception
@@ -196,26 +199,28 @@ class ShardExecutor:
             self._run([*ids, -1], -1, len(ids), False, append, append, None)
         return out
 
-    def run_block(self, start: int, stop: int, on_fail: OnFail, on_cow: OnCow) -> RunStats:
+    def run_block(self, start: int, stop: int, on_fail: OnFail, on_cow: OnCow) -> RunTuple:
         """shm_queue: run the block ``start .. stop-1``; failures go to
-        ``on_fail``, cow events of finished shards to ``on_cow``."""
-        return RunStats(*self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow))
+        ``on_fail``, cow events of finished shards to ``on_cow``.  Returns the
+        fields of a :class:`RunStats`."""
+        return self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow)
 
     # -- the one loop ----------------------------------------------------------------------
     def _run(self, seq: Any, end: int, n: int, block: bool, append: OnFail | None, on_fail: OnFail,
-             on_cow: OnCow | None) -> tuple[int, int, int, int, int, int | None]:
+             on_cow: OnCow | None) -> RunTuple:
         """Run the ``n`` ids of ``seq``; its last item is ``end``, a sentinel
-        that is not run.  ``append`` gathers every outcome (rpc) or is None.  The loop looks one id ahead (``nxt``) so that a shard's
-        end and the next one's start are one status call, and ``nxt == end``
-        is the one test for the last shard (cheaper than counting).  Returns
-        the fields of a :class:`RunStats` (a plain tuple: rpc runs chunks of
-        one shard, where building the NamedTuple would cost ~10%)."""
+        that is not run.  ``append`` gathers every outcome (rpc) or is None.
+        The loop looks one id ahead (``nxt``) so that a shard's end and the
+        next one's start are one status call, and ``nxt == end`` is the one
+        test for the last shard (cheaper than counting).  Returns the fields
+        of a :class:`RunStats`."""
         fun, kwargs, make, entropy, seeded, guard, done, diag = self._bound
         row = self.row
         heap = self.heap
         gather = append is not None
         vmark = 2 if gather else 1  # done mark of a shard that returned a value
-        long = self.ewma_ns < 0 or self.ewma_ns > LONG_NS
+        ewma = self.ewma_ns
+        long = ewma < 0 or ewma > LONG_NS
         if long:
             each = gather  # per-shard memory and timing: rpc, long shards
             sample = bool(diag or heap.keep)  # memory read at all (for the delta, for the heap)
@@ -292,15 +297,20 @@ class ShardExecutor:
         bdmem = None
         if not (long and gather):  # no per-shard measure: learn the shard time from the run
             avg = (t1 - t_first) // ran
-            self.ewma_ns = avg if self.ewma_ns < 0 else (self.ewma_ns * 7 + avg) // 8
-            if sample:  # long shards in a block: its memory delta
-                m1 = heap.own_anon()
-                if m0 is not None and m1 is not None:
-                    bdmem = m1 - m0
-                heap.check(m1)
-            elif t1 - t_first > HEAP_CHECK_NS:
-                heap.check()
+            self.ewma_ns = avg if ewma < 0 else (ewma * 7 + avg) >> 3
+            if sample or t1 - t_first > HEAP_CHECK_NS:
+                bdmem = self._after_run(sample, m0)
         return (ran, ok, returned, t_first, t1, bdmem)
+
+    def _after_run(self, sample: bool, m0: int | None) -> int | None:
+        """After a run of long shards (``sample``: returns its memory delta if
+        ``m0`` was read) or a long run of short ones: check the heap."""
+        if not sample:
+            self.heap.check()
+            return None
+        m1 = self.heap.own_anon()
+        self.heap.check(m1)
+        return m1 - m0 if m0 is not None and m1 is not None else None
 
     def _measure(self, t0: int, t1: int, m0: int | None, diag: bool) -> tuple[int | None, int | None, bool]:
         """After a long shard (rpc): its memory delta, the reading the next
@@ -309,7 +319,7 @@ class ShardExecutor:
         m1 = self.heap.own_anon() if diag or self.heap.keep else None
         dmem = m1 - m0 if diag and m0 is not None and m1 is not None else None
         dt = t1 - t0
-        self.ewma_ns = dt if self.ewma_ns < 0 else (self.ewma_ns * 7 + dt) // 8
+        self.ewma_ns = dt if self.ewma_ns < 0 else (self.ewma_ns * 7 + dt) >> 3
         self.heap.check(m1)
         return dmem, m1, self.ewma_ns > LONG_NS
 

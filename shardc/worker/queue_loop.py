@@ -84,14 +84,14 @@ def run_queue_call(slot: int, chan: Channel, row: StatusRow, ex: ShardExecutor, 
                 if unfinished or ex.tainted:
                     unfinished += range(start, stop)
                     continue
-                st = ex.run_block(start, stop, on_fail, on_cow)
-                if start + st.ran < stop:
-                    unfinished += range(start + st.ran, stop)
-                returned += st.returned
+                ran, _ok, nret, t0, t1, dmem = ex.run_block(start, stop, on_fail, on_cow)  # RunStats
+                if start + ran < stop:
+                    unfinished += range(start + ran, stop)
+                returned += nret
                 if keep_blocks:
-                    blocks.append((start, st.ran, st.t0, st.t1))
-                if st.mem_delta is not None:
-                    mem.append((start, st.ran, st.mem_delta))
+                    blocks.append((start, ran, t0, t1))
+                if dmem is not None:
+                    mem.append((start, ran, dmem))
             ring.done(slot)
             if unfinished or ex.check_tainted():
                 exiting = True
