@@ -3,7 +3,7 @@
 ::
 
     rpc_chunked   loop.py:       RUN(ids) ─> run_ids(ids) ─> [outcome tuples] ─> RESULTS
-    shm_queue     queue_loop.py: ring item ─> run_block(start, stop, on_fail, on_cow) ─> RunStats
+    shm_queue     queue_loop.py: ring item ─> run_block(start, stop, on_fail, on_cow) ─> RunStats fields
                                                   │ failures ─> QFAIL, cow events ─> QCOW
                                     both ─> _run(): one loop over the ids
 
@@ -43,9 +43,14 @@ Unified behaviours (they had diverged between the two modes):
   unpickled and re-raised in the master, a ``SystemExit`` would end the
   caller's program.
 * Memory delta (anonymous memory from statm, ~8 us a read) is measured only
-  where shards are long (running mean > 0.5 ms, or not yet known), so it is
-  noise; per shard in rpc (the outcome's ``mem_delta``), per block in the
-  queue (``RunStats.mem_delta``; the queue gathers nothing per shard).
+  where shards are long (running mean > 0.5 ms, or not yet known), so that
+  the read is noise; per shard in rpc (the outcome's ``mem_delta``), per
+  block in the queue (``RunStats.mem_delta``, sent in QDONE's ``"mem"``: the
+  queue has no per-shard message to carry it).  The queue used to measure
+  none; without ``diagnostics`` neither mode reports one.
+* The shard state stays RUNNING across a run (``shard_next`` moves it from
+  shard to shard) in both modes; rpc used to go IDLE between the shards of a
+  chunk, for no reader's benefit, at one more status write per shard.
 * Heap reuse is checked (``HeapPolicy.check``) after each long shard, or
   after a run of short ones that took over 1 ms.
 * Taint: after a shard that wrote an input inherited at fork (cow events), or
