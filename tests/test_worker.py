@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ import pytest
 from _engine_helpers import no_stray_children, pool2  # noqa: F401 (fixtures)
 
 import shardc
-from shardc.protocol import ERR, OK, QDONE, QFAIL
+from shardc.protocol import ERR, OK, QDONE, QFAIL, RESULTS, RUN
 from shardc.queue import TaskRing
 from shardc.status import STATE_IDLE, DoneMap, StatusTable
 from shardc.worker.executor import LONG_NS, RunStats, ShardExecutor
 from shardc.worker.heap import HeapPolicy
+from shardc.worker.loop import Worker
 from shardc.worker.queue_loop import encode, run_queue_call
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,11 +34,12 @@ N = 8
 class Harness:
     """An executor bound to ``fun`` over N shards, with its status row and done map."""
 
-    def __init__(self, fun: Any, seeded: bool = False, diagnostics: bool = True) -> None:
+    def __init__(self, fun: Any, seeded: bool = False, diagnostics: bool = True,
+                 executor: type[ShardExecutor] = ShardExecutor) -> None:
         self.table = StatusTable(1)
         self.row = self.table.row(0)
         self.done = DoneMap(N)
-        self.ex = ShardExecutor(self.row, None, HeapPolicy(self.row, os.getpid()))  # heap reuse stays off
+        self.ex = executor(self.row, None, HeapPolicy(self.row, os.getpid()))  # heap reuse stays off
         c = self.ex.call
         c.fun, c.kwargs, c.desc = fun, {}, shardc.shards(N, block_size=1)
         c.entropy, c.seeded, c.diagnostics, c.donemap = 1234, seeded, diagnostics, self.done
@@ -210,6 +213,41 @@ def test_queue_loop_runs_ring_blocks_and_reports(harness):
     assert [m[:2] for m in done["mem"]] == [(0, 3), (3, 5)] and all(isinstance(m[2], int) for m in done["mem"])
     assert (done["returned"], done["unfinished"], done["exiting"], done["retire"]) == (3, [], False, False)
     assert h.marks() == [1, 1, 1, 0, 1, 1, 1, 1] and h.table.read(0).done == 7
+
+
+class _CountingExecutor(ShardExecutor):
+    """Counts run_ids calls."""
+
+    def __init__(self, *a: Any) -> None:
+        super().__init__(*a)
+        self.runs: list[list[int]] = []
+
+    def run_ids(self, ids: list[int], out: list | None = None) -> list:
+        self.runs.append(list(ids))
+        return super().run_ids(ids, out)
+
+
+class _RpcChan(_Chan):
+    def poll_nonblocking(self) -> list:
+        return []
+
+
+@pytest.mark.parametrize("shards", ["short", "long"])
+def test_rpc_chunks_queued_behind_run_in_one_call_when_short(harness, shards):
+    """Worker.run_chunks: RUN chunks already queued run in one executor call when shards are known to be short, one call each when long (and only within ~2 ms); one RESULTS, in order."""
+    h = harness(odd_value if shards == "short" else sleeps, executor=_CountingExecutor)
+    chan = _RpcChan()
+    w = Worker(0, chan, h.table, None)
+    w.ex = h.ex
+    pending = deque(((RUN, 1, [i]), []) for i in range(1, 6))
+    w.run_chunks((RUN, 1, [0]), pending)
+    ran = [sid for r in h.ex.runs for sid in r]
+    if shards == "short":
+        assert h.ex.runs == [[0], [1, 2, 3, 4, 5]] and not pending
+    else:
+        assert all(len(r) == 1 for r in h.ex.runs) and 1 <= len(ran) <= 4 and len(pending) == 6 - len(ran)
+    assert [m[0] for m in chan.sent] == [RESULTS]
+    assert [o[0] for o in chan.sent[0][2]] == ran == list(range(len(ran)))
 
 
 def sys_exits(shard: Any, out: Any = None) -> int:

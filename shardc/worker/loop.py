@@ -71,7 +71,8 @@ _TRIVIAL = (type(None), bool, int, float, complex, str, bytes)
 
 # Chunks the master sent ahead are run before replying only while they are
 # short (this long since the first), so tiny shards cost one message per few
-# chunks, and long ones still report promptly.
+# chunks, and long ones still report promptly.  Chunks already queued that the
+# running mean says fit in the time left run in one executor call.
 COALESCE_S = 0.002
 
 
@@ -248,10 +249,20 @@ class Worker:
         results = ex.run_ids(msg[2])
         t_first = time.monotonic()
         pending.extend(chan.poll_nonblocking())
-        while (pending and pending[0][0][0] == RUN and time.monotonic() - t_first < COALESCE_S
-               and not ex.tainted):
-            nxt, _ = pending.popleft()
-            ex.run_ids(nxt[2], results)
+        while pending and pending[0][0][0] == RUN and not ex.tainted:
+            left = COALESCE_S - (time.monotonic() - t_first)
+            if left <= 0:
+                break
+            ids = pending.popleft()[0][2]
+            # Shards known to be short: the chunks queued behind this one that
+            # fit in the time left run in the same executor call (chunks of one
+            # tiny shard would otherwise pay the call's setup once per shard).
+            fit = left * 1e9 / ex.ewma_ns if ex.ewma_ns > 0 else 0
+            if pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
+                ids = list(ids)
+                while pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
+                    ids += pending.popleft()[0][2]
+            ex.run_ids(ids, results)
             pending.extend(chan.poll_nonblocking())
         self.send_results(call_id, results)
         del results  # return values must not live on in an idle worker
