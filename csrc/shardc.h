@@ -8,6 +8,7 @@
 
 #include "seg.h"
 #include "proc.h"
+#include "heap.h"
 #include "queue.h"
 #include "guard.h"
 #include "status.h"

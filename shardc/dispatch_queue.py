@@ -1,8 +1,9 @@
 """``dispatch_mode="shm_queue"``: workers pull blocks of shard ids from a
 shared-memory ring (``shardc.queue.TaskRing``, futex-parked, crash-repairable).
+This is the master's half; the worker's is ``shardc.worker.queue_loop``.
 
 Per call the master creates a ring and hands its fd to every worker with a
-"queue" message.  An item is a block of consecutive shard ids, encoded as
+``QUEUE`` message.  An item is a block of consecutive shard ids, encoded as
 ``start << 24 | count``.  The master keeps a few blocks per worker in the
 ring (so nobody waits for it) and sizes blocks online: probe blocks first,
 then blocks of about ``target_chunk_seconds`` of work, shrinking at the end so
@@ -10,211 +11,40 @@ the last blocks spread over all workers.
 
 Workers write only to ``out=`` buffers: return values are not gathered (each
 ``results`` entry is None), failures are.  Progress needs no message per
-shard: each worker counts finished shards in the shared status table
-(``ST_DONE``) and names the shard it is running (``ST_CURRENT`` since
-``ST_START_NS``), which is all the supervisor needs:
+shard: each worker counts finished shards in its status row (``done``) and
+names the shard it is running (``current`` since ``start_ns``; C accessors,
+``shardc.status``), which is all the supervisor needs:
 
-* **exception** -> the worker sends a "qfail" record; the master requeues the
-  shard as a one-shard block (or fails it: deterministic, or out of retries);
-* **death** -> ``ring.repair(slot, reaped_pid)`` returns the dead worker's claimed blocks;
-  ids before ``ST_CURRENT`` in its current block are done, the current one is
-  charged an attempt, the rest are requeued free;
-* **timeout / memory** -> the watchdog kills the worker: a death;
-* **recycle** -> ``ST_EXIT_REQ`` asks the worker to leave after its current
-  block; a fresh worker joins the same ring.
+* **exception** -> the worker sends a ``QFAIL`` record; the scheduler requeues
+  the shard as a one-shard block (or fails it: deterministic, or out of retries);
+* **death** -> :meth:`QueueDispatcher.lost`: ``ring.repair(slot, reaped_pid)``
+  returns the dead worker's claimed blocks; ids the done map marks are done,
+  the running one is charged an attempt, the rest are requeued free;
+* **timeout / memory** -> the supervisor's watchdog kills the worker: a death;
+* **recycle** -> the row's exit request asks the worker to leave after its
+  current block (``QDONE`` with ``exiting``); the supervisor replaces it and
+  the fresh worker joins the same ring.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from typing import Any, cast
 
 import numpy as np
 
-import tempfile
-
 from .dispatch import Dispatcher, Loss
-from .errors import QueueClosedError
-from .protocol import ERR, QCOW, QDONE, QFAIL, QUEUE
-from .protocol import error_record as _error_record
+from .protocol import QCOW, QDONE, QFAIL, QUEUE
 from .queue import TaskRing
 from .scheduler import Scheduler
 from .status import STATE_RUNNING, DoneMap, RowSnapshot, StatusTable
 from .supervisor import Supervisor
-from .worker import release_traceback
+from .worker.queue_loop import COUNT_BITS, COUNT_MASK, MAX_BLOCK, encode  # the ring item format
 
 log = logging.getLogger("shardc")
-
-COUNT_BITS = 24
-COUNT_MASK = (1 << COUNT_BITS) - 1
-MAX_BLOCK = COUNT_MASK
-
-
-def encode(start: int, count: int) -> int:
-    return (start << COUNT_BITS) | count
-
-
-# ------------------------------------------------------------------------------------------
-# worker side
-# ------------------------------------------------------------------------------------------
-
-
-def worker_queue_loop(worker: Any, msg: dict[str, Any], fds: list[int]) -> None:
-    """Pop blocks and run them until the ring is closed (or exit is requested)."""
-    from . import _lowlevel as ll
-    ring = TaskRing.attach(fds[0], msg["nbytes"])
-    ll.seg_close_fd(fds[1])  # the done map: mapped at the call's setup already
-    slot = worker.slot
-    chan = worker.chan
-    call = worker.call
-    call_id = msg["call_id"]
-    row = worker.row
-    done = call.donemap
-    fun = call.fun
-    kwargs = call.kwargs
-    desc = call.desc
-    make = desc.shard
-    entropy = call.entropy
-    seeded = call.seeded
-    guarded = worker.guard is not None and bool(call.guard_regions)
-    keep_blocks = call.diagnostics
-    blocks: list[tuple[int, int, int, int]] = []
-    batch = int(msg.get("claim_batch", 1))
-    elog = _ErrorLog(msg["error_log"], msg["error_log_max_lines"]) if msg.get("error_log") else None
-    returned = 0  # shards whose return value is dropped (this mode gathers none)
-    ring.register(slot, worker_pid())
-    exiting = False
-    # Shards claimed but not run because a shard wrote an inherited input
-    # beyond restoring (worker.check_tainted): the master requeues them.
-    unfinished: list[int] = []
-    try:
-        while True:
-            if row.exit_requested():
-                exiting = True
-                break
-            try:
-                items = ring.pop(slot, batch, timeout=0.05)
-            except QueueClosedError:
-                break
-            if len(items) == 0:
-                continue
-            for item in items.tolist():
-                start = item >> COUNT_BITS
-                stop = start + (item & COUNT_MASK)
-                if unfinished or worker.tainted:
-                    unfinished += range(start, stop)
-                    continue
-                # Per shard only what supervision needs: which shard runs and
-                # since when (timeouts, crash attribution) and its done mark,
-                # in one call (csrc/status.c orders them for the master).
-                t0 = ts = row.block_begin(start, stop - start)
-                ok_in_block = 0
-                sid = start
-                while sid < stop:
-                    shard = make(sid, (entropy, sid))
-                    try:
-                        if seeded:
-                            worker._seed_legacy(sid)
-                        if guarded:
-                            with worker.guard.shard_scope(sid) as scope:
-                                value = fun(shard, **kwargs)
-                            if scope.events:  # audit/allow writes: rare, one message each
-                                chan.send(("qcow", call_id, (sid, scope.events)))
-                        else:
-                            value = fun(shard, **kwargs)
-                        if value is not None:
-                            returned += 1
-                    except BaseException as exc:  # noqa: BLE001 - reported to the master
-                        row.set_idle()
-                        rec = _error_record(exc, sid)
-                        release_traceback(exc)
-                        if elog is not None:
-                            elog.write(rec)
-                        chan.send(("qfail", call_id, (sid, ERR, rec, ts, time.monotonic_ns(),
-                                                      getattr(exc, "cow_events", None), None)))
-                        if guarded and worker.check_tainted():
-                            unfinished += range(sid + 1, stop)
-                            stop = sid + 1
-                        sid += 1
-                        if sid < stop:
-                            ts = row.shard_begin(sid)
-                        continue
-                    ok_in_block += 1
-                    # A write it could not undo (checked only after a shard
-                    # that wrote an input): leave the rest of the block.
-                    if guarded and scope.events and worker.check_tainted():
-                        unfinished += range(sid + 1, stop)
-                        stop = sid + 1
-                    if sid + 1 < stop:
-                        ts = row.shard_next(done, sid, 1, sid + 1)
-                    else:
-                        row.block_end(done, sid, 1, ok_in_block)
-                        ok_in_block = -1
-                    sid += 1
-                if ok_in_block >= 0:  # the block ended on a failed shard
-                    row.block_end(done, stop - 1, 0, ok_in_block)
-                t1 = time.monotonic_ns()
-                if keep_blocks:
-                    blocks.append((start, stop - start, t0, t1))
-                if t1 - t0 > 1_000_000:  # blocks of a millisecond or more: ~1 us is noise
-                    worker.heap_check()
-            ring.done(slot)
-            if unfinished or (guarded and worker.check_tainted()):
-                exiting = True
-                break
-    finally:
-        row.set_idle()
-    if elog is not None:
-        elog.close()
-    chan.send(("qdone", call_id, {"blocks": blocks, "exiting": exiting, "returned": returned,
-                                  "unfinished": unfinished,
-                                  "retire": bool(worker.tainted)}))
-    if worker.tainted:
-        worker.retire()
-    if exiting:
-        import os
-        os._exit(0)
-
-
-class _ErrorLog:
-    """``dispatch_opts={"error_log": True}``: a worker's failures, appended to
-    a text file (bounded by ``error_log_max_lines``), for reading while a long
-    run goes on.  The master knows every failure anyway (failure records)."""
-
-    def __init__(self, path: str, max_lines: int) -> None:
-        self.path = path
-        self.left = max_lines
-        self.f: Any = None
-
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.left <= 0:
-            return
-        if self.f is None:
-            self.f = open(self.path, "a", encoding="utf-8")
-        lines = [f"shard {rec['shard']}: {rec['type']}: {rec['message']}"]
-        lines += ["    " + ln for ln in rec["traceback"].rstrip().splitlines()]
-        lines = lines[: self.left]
-        self.left -= len(lines)
-        if self.left <= 0:
-            lines.append("(error_log_max_lines reached: later failures are in the result only)")
-        self.f.write("\n".join(lines) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-
-
-def worker_pid() -> int:
-    import os
-    return os.getpid()
-
-
-# ------------------------------------------------------------------------------------------
-# master side
-# ------------------------------------------------------------------------------------------
 
 
 class QueueFeeder:

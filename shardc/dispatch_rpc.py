@@ -100,6 +100,7 @@ class RpcDispatcher(Dispatcher):
     def on_messages(self, w: Any, msgs: list[tuple[Any, list[int]]]) -> None:
         for msg, _fds in msgs:
             if msg[0] == RESULTS and msg[1] == self.call_id:
+                self.diag.messages_results += 1
                 self.on_results(w, msg[2])
         if w.alive:
             self.sup.check_memory(w)

@@ -142,7 +142,10 @@ __all__ = ["install", "uninstall", "protect", "protect_array", "protect_inherite
 
 MODES = ("deny", "audit", "allow")
 # Frames in these files are the guard's own machinery (see _in_guard_code).
-_OWN_FILES = {os.path.abspath(f) for f in (__file__, _ll.__file__, _locate.__file__, _edges.__file__)}
+# Frames of the guard modules and of the native wrappers are shardc's own code.
+_LL_DIR = os.path.dirname(os.path.abspath(_ll.__file__))
+_OWN_FILES = {os.path.abspath(f) for f in (__file__, _locate.__file__, _edges.__file__)} | {
+    os.path.join(_LL_DIR, f) for f in os.listdir(_LL_DIR) if f.endswith(".py")}
 
 
 class _State:

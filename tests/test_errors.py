@@ -205,7 +205,7 @@ def test_native_module_error_is_an_import_error() -> None:
 # Raised on purpose: protocol signals Python itself expects, not shardc failures.
 PROTOCOL_RAISES = {
     ("shardc.buffer", "AttributeError"),  # __getattr__ delegation
-    ("shardc.worker", "UnpicklingError"),  # pickle's persistent_load protocol
+    ("shardc.worker.loop", "UnpicklingError"),  # pickle's persistent_load protocol
 }
 
 

@@ -1,4 +1,4 @@
-"""Heap reuse in workers (``shardc.memory.heap_keep``, csrc/proc.c).
+"""Heap reuse in workers (``shardc.memory.heap_keep``, csrc/heap.c).
 
 A NumPy kernel that makes a block-sized temporary (``var()`` of a 32 MiB
 block) gets it from glibc as a fresh mmap in every shard: every page faulted

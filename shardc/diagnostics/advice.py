@@ -119,11 +119,18 @@ def dispatch_overhead(d: Diagnostics) -> dict[str, Any] | None:
     n_gaps = len(gaps)
     shard = float(np.median(np.concatenate(durations))) if durations else 0.0
     # Sequences of units on one worker: their first unit has no gap before it.
-    boundaries = n_gaps if d.mode == "shm_queue" else min(n_gaps, max(0, messages - sequences))
+    # An rpc worker runs the chunks queued behind the first in one go and
+    # replies once for them, so the boundaries that cost are its replies (each
+    # a wait for the master); their cost is spread over the chunks they carried.
+    replies = getattr(d, "messages_results", 0)
+    units = replies if d.mode == "rpc_chunked" and replies else messages
+    boundaries = n_gaps if d.mode == "shm_queue" else min(n_gaps, max(0, units - sequences))
     inside = gaps[:n_gaps - boundaries]
     step = float(np.median(inside)) if len(inside) else 0.0
     edge = float(np.median(gaps[n_gaps - boundaries:])) if boundaries else 0.0
     chunk_cost = max(0.0, edge - step)
+    if d.mode == "rpc_chunked" and boundaries and messages > units:
+        chunk_cost *= boundaries / max(1, messages - sequences)
     k = max(1.0, n_shards / max(1, messages))
     cycle = chunk_cost + k * shard + (k - 1) * step
     gap_total = int(gaps.sum())

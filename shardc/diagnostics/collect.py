@@ -96,6 +96,7 @@ class Diagnostics:
         self.refork_seconds = 0.0
         self.bytes_dispatch = 0
         self.messages_dispatch = 0
+        self.messages_results = 0  # rpc: RESULTS messages (a worker replies once per few chunks)
         self.bytes_results = 0
         self.wall_seconds = 0.0
         self.t_start_ns = 0
@@ -364,7 +365,7 @@ class Diagnostics:
             "reforked_workers": self.reforked, "refork_seconds": self.refork_seconds,
             "bytes_dispatch": self.bytes_dispatch, "messages_dispatch": self.messages_dispatch,
             "bytes_per_dispatch": self.bytes_dispatch / max(1, self.messages_dispatch),
-            "bytes_results": self.bytes_results, "master_cpu_seconds": self.master_cpu_seconds, "borrow": self.borrow, "out": self.out,
+            "bytes_results": self.bytes_results, "messages_results": self.messages_results, "master_cpu_seconds": self.master_cpu_seconds, "borrow": self.borrow, "out": self.out,
             "returned_ignored": self.returned_ignored, "error_logs": self.error_logs,
             "cow": self.cow, "cow_policy": self.cow_policy, "events": self.events, "workers": workers,
             "retried_shards": self.retried_shards(),

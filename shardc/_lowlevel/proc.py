@@ -1,0 +1,73 @@
+"""Processes (csrc/proc.c, csrc/heap.c): after-fork setup, memory sampling, the worker's heap policy."""
+
+from __future__ import annotations
+
+import errno as _errno
+
+from ..errors import (
+    ShardcOSError,
+)
+from .core import _check, ffi, lib
+
+# --------------------------------------------------------------------------
+# processes (csrc/proc.c)
+# --------------------------------------------------------------------------
+
+
+def proc_after_fork(expected_parent: int, death_signal: int) -> int:
+    """Arm PDEATHSIG in a fresh child; returns -ESRCH if the parent already died."""
+    return int(lib.shardc_proc_after_fork(expected_parent, death_signal))
+
+
+def _read_mem(fn: object, pid: int, what: str) -> dict[str, int] | None:
+    m = ffi.new("shardc_mem_t *")
+    rc = fn(pid, m)  # type: ignore[operator]
+    if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
+        return None
+    _check(rc, f"read memory ({what}) of pid {pid}", error=ShardcOSError)
+    return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
+            "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": int(m.precise)}
+
+
+def proc_mem(pid: int) -> dict[str, int] | None:
+    """Memory of ``pid`` in bytes from smaps_rollup (~0.3 ms): rss, pss, uss, swap,
+    anon, pss_anon, precise; None if the process is gone."""
+    return _read_mem(lib.shardc_proc_mem, pid, "smaps_rollup")
+
+
+def proc_mem_fast(pid: int) -> dict[str, int] | None:
+    """Cheap estimate from /proc/PID/statm (~8 us; precise=0, pss/uss/anon = RssAnon);
+    None if the process is gone."""
+    return _read_mem(lib.shardc_proc_mem_fast, pid, "statm")
+
+
+def proc_set_affinity(pid: int, cpus: list[int]) -> None:
+    arr = ffi.new("int[]", list(cpus))
+    _check(lib.shardc_proc_set_affinity(pid, arr, len(cpus)), "sched_setaffinity", error=ShardcOSError)
+
+
+# --------------------------------------------------------------------------
+# heap policy (csrc/heap.c)
+# --------------------------------------------------------------------------
+
+
+def heap_reuse(keep: int) -> bool:
+    """This process's heap policy (csrc/heap.c): ``keep > 0`` serves big
+    allocations from the heap and keeps up to ``keep`` freed bytes at its top
+    for reuse; ``0`` restores glibc's defaults.  False where unsupported (not
+    glibc >= 2.33, or an allocator that refuses ``mallopt``)."""
+    return lib.shardc_heap_reuse(max(0, int(keep))) == 0
+
+
+def heap_stats() -> dict[str, int] | None:
+    """The allocator's totals: ``free``, ``used``, ``arena`` (bytes taken from the
+    system) and ``brk`` (the program break); None where unknown."""
+    h = ffi.new("shardc_heap_t *")
+    if lib.shardc_heap_stats(h) < 0:
+        return None
+    return {"free": h.free, "used": h.used, "arena": h.arena, "brk": h.brk}
+
+
+def heap_trim() -> None:
+    """Give the allocator's free memory back to the kernel (``malloc_trim(0)``)."""
+    lib.shardc_heap_trim()

@@ -1,0 +1,344 @@
+"""The shard executor: the one place a worker runs shards, in both dispatch modes.
+
+::
+
+    rpc_chunked   loop.py:       RUN(ids) ─> run_ids(ids) ─> [outcome tuples] ─> RESULTS
+    shm_queue     queue_loop.py: ring item ─> run_block(start, stop, on_fail, on_cow) ─> RunStats fields
+                                                  │ failures ─> QFAIL, cow events ─> QCOW
+                                    both ─> _run(): one loop over the ids
+
+For every shard, ``_run`` makes the shard object (``shard.rng`` from
+``(entropy, id)``), seeds ``random``/``np.random`` when the call has a seed,
+runs ``fun`` inside the guard scope when inputs are guarded (its cow events
+ride with the outcome), turns any exception into an error record
+(``shardc.protocol.error_record``) and drops its frames, and writes the
+shard's state through the worker's :class:`~shardc.status.StatusRow`: which
+shard runs since when, its done mark, idle.  A run of shards costs one status
+call per shard boundary (``shard_next``) plus one at each end, and no Python
+call per shard beyond ``fun`` and the shard's constructor: the shm_queue hot
+loop runs tiny shards (~1 us) where one more call is ~5%.
+
+What differs between the modes is a parameter, not a second copy:
+
+=====================  =============================  ==============================
+                       rpc_chunked (``run_ids``)      shm_queue (``run_block``)
+=====================  =============================  ==============================
+ids                    a list (retries need not be    a block ``range(start, stop)``
+                       consecutive)
+status calls           ``shard_begin`` ... ``shard_   ``block_begin`` ... ``block_end``
+                       next`` ... ``shard_end``       (also counts done shards)
+done mark              1 returned None, 2 a value to  always 1: nothing is gathered,
+                       gather (a worker dying before  so a finished shard is complete
+                       RESULTS loses it: rerun it)    whatever it returned
+outcomes               every one, in a list           failures (``on_fail``) and cow
+                                                      events (``on_cow``) only
+memory delta           per shard                      per block
+=====================  =============================  ==============================
+
+Unified behaviours (they had diverged between the two modes):
+
+* A ``BaseException`` that is not an ``Exception`` (``SystemExit`` from
+  ``sys.exit()``, ``KeyboardInterrupt``, ``GeneratorExit``) fails only that
+  shard, as a ``RuntimeError`` naming it with the original as ``__cause__``:
+  unpickled and re-raised in the master, a ``SystemExit`` would end the
+  caller's program.
+* Memory delta (anonymous memory from statm, ~8 us a read) is measured only
+  where shards are long (running mean > 0.5 ms, or not yet known), so that
+  the read is noise; per shard in rpc (the outcome's ``mem_delta``), per
+  block in the queue (``RunStats.mem_delta``, sent in QDONE's ``"mem"``: the
+  queue has no per-shard message to carry it).  The queue used to measure
+  none; without ``diagnostics`` neither mode reports one.
+* The shard state stays RUNNING across a run (``shard_next`` moves it from
+  shard to shard) in both modes; rpc used to go IDLE between the shards of a
+  chunk, for no reader's benefit, at one more status write per shard.
+* Heap reuse is checked (``HeapPolicy.check``) after each long shard, or
+  after a run of short ones that took over 1 ms.
+* Taint: after a shard that wrote an input inherited at fork (cow events), or
+  failed under guards, a write the guards could not undo stops the run; the
+  ids not run are left for the master and the worker retires.
+* The outcome tuples are laid out as :class:`shardc.protocol.Outcome` but
+  are plain tuples: a NamedTuple pickles as a class call per item (measured:
+  8x the dump and 3x the load time of a plain tuple, in a message of 1000).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import traceback
+from collections.abc import Callable
+from time import monotonic_ns
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ..protocol import ERR, OK, RETIRE_EXIT, error_record
+from ..status import DoneMap, StatusRow
+from .heap import HeapPolicy
+
+LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
+HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
+
+Events = list[dict[str, Any]]  # cow events of one shard (shardc.guard.ShardScope.events)
+# One shard's outcome, laid out as shardc.protocol.Outcome:
+# (sid, ok, value or error record, t0, t1, cow events, memory delta).
+OutcomeTuple = tuple[int, int, Any, int, int, "Events | None", "int | None"]
+RunTuple = tuple[int, int, int, int, int, "int | None"]  # laid out as RunStats
+OnFail = Callable[[OutcomeTuple], None]  # gets a failed shard's outcome
+OnCow = Callable[[int, Events], None]  # gets (shard id, cow events) of a shard that finished
+
+
+class CallState:
+    """What a worker holds for the duration of one shard_map call."""
+
+    def __init__(self) -> None:
+        self.call_id = -1
+        self.fun: Any = None
+        self.kwargs: dict[str, Any] = {}
+        self.desc: Any = None  # shardc.shards.Shards: .shard(id, seedseq) builds a shard
+        self.entropy: int | None = None
+        self.seeded = False
+        self.cow = "deny"
+        self.guard_regions: list[int] = []
+        self.diagnostics = True
+        self.donemap: DoneMap | None = None
+        self.inherited: list[np.ndarray] = []  # arrays inherited at fork, by owner of the memory
+
+
+class RunStats(NamedTuple):
+    """What ``run_block`` did (shm_queue): the layout of the plain tuple it
+    returns (``RunStats(*t)`` names the fields; the queue loop unpacks it:
+    per block of 8 probe shards a NamedTuple and its attribute reads cost ~5%)."""
+
+    ran: int  # ids run from the start of the block (fewer than asked: tainted, the rest not run)
+    ok: int  # of those, finished without an exception
+    returned: int  # of those, returned a value (dropped: shm_queue gathers none)
+    t0: int  # monotonic ns at the start of the first shard
+    t1: int  # monotonic ns at the end of the last
+    mem_delta: int | None  # anonymous-memory growth over the block, if measured
+
+
+def seed_legacy(entropy: int | None, sid: int) -> None:
+    """Seed ``random`` and ``np.random`` from (seed, shard id), for legacy code."""
+    state = np.random.SeedSequence(entropy, spawn_key=(sid, 1)).generate_state(2)
+    np.random.seed(int(state[0]))
+    random.seed(int(state[1]))
+
+
+def release_traceback(exc: BaseException) -> None:
+    """Drop the frames of a recorded shard exception and of its chain.
+
+    Their locals hold fun's arguments (views of mapped inputs and out
+    buffers) and the loop's own state (a call's task ring): whatever still
+    holds the exception, e.g. a reference cycle through a frame, would keep
+    those mapped until the cyclic GC ran.  Measured before this: three
+    mappings left behind per call with a failed shard."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e.__traceback__ = None
+        todo += [e.__cause__, e.__context__]
+
+
+def shard_error(exc: BaseException, sid: int) -> BaseException:
+    """The exception reported for shard ``sid``: ``exc`` itself, or for a
+    BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)
+    a RuntimeError naming it, with ``exc`` as its cause."""
+    if isinstance(exc, Exception):
+        return exc
+    err = RuntimeError(f"shard {sid} raised {type(exc).__name__}({exc})")
+    err.__cause__ = exc
+    return err
+
+
+class ShardExecutor:
+    """Runs shards of the worker's current call (see the module docstring).
+
+    Attributes:
+        call: the current call's state (a fresh :class:`CallState` between calls).
+        ewma_ns: running mean of shard wall time (-1: not known yet).
+        tainted: inherited inputs this process can no longer restore.
+    """
+
+    __slots__ = ("_bound", "call", "ewma_ns", "guard", "heap", "row", "tainted")
+
+    def __init__(self, row: StatusRow, guard: Any, heap: HeapPolicy) -> None:
+        self.row = row
+        self.guard = guard  # the shardc.guard module, or None without page guards
+        self.heap = heap
+        self.call = CallState()
+        self.ewma_ns = -1
+        self.tainted: list[str] = []
+        self._bound: tuple[Any, ...] = ()
+
+    # -- call ----------------------------------------------------------------------------
+    def begin_call(self) -> None:
+        """``self.call`` is set up: bind what the loop reads, and learn the
+        shard time of the new ``fun`` again (its first shard is measured)."""
+        c = self.call
+        guard = self.guard if self.guard is not None and c.guard_regions else None
+        self._bound = (c.fun, c.kwargs, c.desc.shard, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
+        self.ewma_ns = -1
+
+    def end_call(self) -> CallState:
+        """Hand back the finished call's state; a fresh one is current."""
+        c, self.call = self.call, CallState()
+        self._bound = ()
+        return c
+
+    # -- the two entry points ----------------------------------------------------------------
+    def run_ids(self, ids: list[int], out: list[OutcomeTuple] | None = None) -> list[OutcomeTuple]:
+        """rpc_chunked: run ``ids`` and return (``out`` extended with) one
+        outcome tuple per shard run.  Shards after one that tainted this
+        worker are not run (and have no outcome)."""
+        if out is None:
+            out = []
+        if ids:
+            append = out.append
+            self._run([*ids, -1], -1, len(ids), False, append, append, None)
+        return out
+
+    def run_block(self, start: int, stop: int, on_fail: OnFail, on_cow: OnCow) -> RunTuple:
+        """shm_queue: run the block ``start .. stop-1``; failures go to
+        ``on_fail``, cow events of finished shards to ``on_cow``.  Returns the
+        fields of a :class:`RunStats`."""
+        return self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow)
+
+    # -- the one loop ----------------------------------------------------------------------
+    def _run(self, seq: Any, end: int, n: int, block: bool, append: OnFail | None, on_fail: OnFail,
+             on_cow: OnCow | None) -> RunTuple:
+        """Run the ``n`` ids of ``seq``; its last item is ``end``, a sentinel
+        that is not run.  ``append`` gathers every outcome (rpc) or is None.
+        The loop looks one id ahead (``nxt``) so that a shard's end and the
+        next one's start are one status call, and ``nxt == end`` is the one
+        test for the last shard (cheaper than counting).  Returns the fields
+        of a :class:`RunStats`."""
+        fun, kwargs, make, entropy, seeded, guard, done, diag = self._bound
+        row = self.row
+        heap = self.heap
+        gather = append is not None
+        vmark = 2 if gather else 1  # done mark of a shard that returned a value
+        ewma = self.ewma_ns
+        long = ewma < 0 or ewma > LONG_NS
+        if long:
+            each = gather  # per-shard memory and timing: rpc, long shards
+            sample = bool(diag or heap.keep)  # memory read at all (for the delta, for the heap)
+            m0 = heap.own_anon() if diag else None
+        else:
+            each = sample = False
+            m0 = None
+        dmem = events = None
+        it = iter(seq)
+        sid = next(it)
+        t0 = t1 = t_first = row.block_begin(sid, n) if block else row.shard_begin(sid)
+        ok = failed = returned = 0
+        for nxt in it:
+            shard = make(sid, (entropy, sid))
+            try:
+                if seeded:
+                    seed_legacy(entropy, sid)
+                if guard is None:
+                    value = fun(shard, **kwargs)
+                else:
+                    with guard.shard_scope(sid) as scope:
+                        value = fun(shard, **kwargs)
+                    events = scope.events or None
+            except BaseException as exc:  # noqa: BLE001 - everything is reported
+                # Idle before the record: formatting (or pickling) it is not the shard's time.
+                row.set_idle()
+                t1 = monotonic_ns()
+                events = getattr(exc, "cow_events", None) or None
+                err = shard_error(exc, sid)
+                rec = error_record(err, sid)
+                release_traceback(err)
+                del err
+                if each:
+                    dmem, m0, each = self._measure(t0, t1, m0, diag)
+                on_fail((sid, ERR, rec, t0, t1, events, dmem))
+                events = dmem = None
+                failed += 1
+                if nxt == end or (guard is not None and self.check_tainted()):
+                    if block:
+                        t1 = row.block_end(done, sid, 0, ok)
+                    break
+                sid = nxt
+                t0 = row.shard_begin(sid)
+                continue
+            ok += 1
+            if value is None:
+                mark = 1
+            else:
+                mark = vmark
+                returned += 1
+            if events is not None:  # it wrote a borrowed input (audit/allow, or a lost restore)
+                if on_cow is not None:
+                    on_cow(sid, events)
+                if self.check_tainted():
+                    end = nxt  # leave the rest of the run to the master
+            if nxt == end:
+                t1 = row.block_end(done, sid, mark, ok) if block else row.shard_end(done, sid, mark)
+                if gather:
+                    if each:
+                        dmem, m0, each = self._measure(t0, t1, m0, diag)
+                    append((sid, OK, value, t0, t1, events, dmem))  # type: ignore[misc]
+                break
+            if gather:
+                t1 = row.shard_next(done, sid, mark, nxt)
+                if each:
+                    dmem, m0, each = self._measure(t0, t1, m0, diag)
+                append((sid, OK, value, t0, t1, events, dmem))  # type: ignore[misc]
+                dmem = None
+                t0 = t1
+            else:  # the hot path of shm_queue: nothing more per shard
+                t0 = row.shard_next(done, sid, mark, nxt)
+            sid = nxt
+        ran = ok + failed
+        bdmem = None
+        if not (long and gather):  # no per-shard measure: learn the shard time from the run
+            avg = (t1 - t_first) // ran
+            self.ewma_ns = avg if ewma < 0 else (ewma * 7 + avg) >> 3
+            if sample or t1 - t_first > HEAP_CHECK_NS:
+                bdmem = self._after_run(sample, m0)
+        return (ran, ok, returned, t_first, t1, bdmem)
+
+    def _after_run(self, sample: bool, m0: int | None) -> int | None:
+        """After a run of long shards (``sample``: returns its memory delta if
+        ``m0`` was read) or a long run of short ones: check the heap."""
+        if not sample:
+            self.heap.check()
+            return None
+        m1 = self.heap.own_anon()
+        self.heap.check(m1)
+        return m1 - m0 if m0 is not None and m1 is not None else None
+
+    def _measure(self, t0: int, t1: int, m0: int | None, diag: bool) -> tuple[int | None, int | None, bool]:
+        """After a long shard (rpc): its memory delta, the reading the next
+        shard starts from, whether shards are still long; updates the running
+        mean and checks the heap with the same reading."""
+        m1 = self.heap.own_anon() if diag or self.heap.keep else None
+        dmem = m1 - m0 if diag and m0 is not None and m1 is not None else None
+        dt = t1 - t0
+        self.ewma_ns = dt if self.ewma_ns < 0 else (self.ewma_ns * 7 + dt) >> 3
+        self.heap.check(m1)
+        return dmem, m1, self.ewma_ns > LONG_NS
+
+    # -- taint ------------------------------------------------------------------------------
+    def check_tainted(self) -> bool:
+        """True once a shard wrote an inherited input beyond restoring (the
+        worker must run no further shard; it exits with RETIRE_EXIT)."""
+        if self.guard is not None:
+            self.tainted += self.guard.take_lost()
+        return bool(self.tainted)
+
+    def retire(self) -> None:
+        """Leave: this process's copy of an inherited input cannot be restored."""
+        print(f"shardc worker {self.row.slot} (pid {os.getpid()}): retiring: a shard wrote more of "
+              f"inherited input(s) {sorted(set(self.tainted))} than can be restored", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(RETIRE_EXIT)

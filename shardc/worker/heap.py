@@ -1,0 +1,133 @@
+"""Heap reuse in a worker: how much freed memory it keeps between shards.
+
+glibc hands every big temporary (a NumPy kernel's block-sized arrays) a
+fresh mmap and unmaps it on free, so each shard faults and zeroes those
+pages again.  With reuse on (``csrc/heap.c``: every allocation from the heap,
+up to ``keep`` freed bytes kept at its top) the next shard reuses them.  This
+module bounds what is kept and tells the master about it:
+
+* **on** at a call's setup with the master's ``heap_keep`` (``shardc.pool.heap_keep``),
+  from a trimmed heap (the reference point of every estimate);
+* **checked** after shards (or blocks) long enough to amortize it (~20 us):
+  an estimate of the freed memory still resident is published in the
+  worker's status row (``set_heap_kept``: the master does not count it as
+  drift) and bounded by trimming;
+* **off** at the end of the call (an idle worker keeps nothing);
+* **refused** for the rest of the process once the estimate cannot be made
+  (no ``mallinfo2``, /proc unreadable) or thread arenas grew (glibc cannot
+  trim their free tops from here).
+
+Nothing here is shared between processes except the one published number.
+"""
+
+from __future__ import annotations
+
+from .. import _lowlevel as ll
+from ..status import StatusRow
+
+# Thread arenas may grow this much under reuse before it is refused for good.
+THREAD_ARENA_SLACK = 8 * 1024**2
+
+
+class HeapPolicy:
+    """One worker's heap reuse state (see the module docstring).
+
+    Attributes:
+        keep: freed bytes kept for the next shard (0: glibc's defaults).
+        refused: reuse was turned off for the rest of this process.
+    """
+
+    __slots__ = ("_arenas", "_ref", "keep", "pid", "refused", "row")
+
+    def __init__(self, row: StatusRow, pid: int) -> None:
+        self.row = row
+        self.pid = pid
+        self.keep = 0
+        self.refused = False
+        self._ref: tuple[int, int, int] = (0, 0, 0)  # (anon, heap used, heap free) at the last trim
+        self._arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
+
+    def set_keep(self, keep: int) -> None:
+        """Keep up to ``keep`` freed bytes from now on (0: glibc's defaults)."""
+        if self.refused:
+            keep = 0
+        if keep == self.keep:
+            return
+        self.keep = keep if ll.heap_reuse(keep) else 0
+        self.row.set_heap_kept(0)
+        if self.keep:
+            st = ll.heap_stats()
+            if st is None or not self.trim():
+                self.refuse()
+                return
+            self._arenas = (st["arena"], st["brk"])
+
+    def refuse(self) -> None:
+        """glibc's defaults for the rest of this process."""
+        self.refused = True
+        self.keep = 0
+        self.row.set_heap_kept(0)
+        ll.heap_reuse(0)
+
+    def own_anon(self) -> int | None:
+        """This process's anonymous memory (statm, ~8 us), or None if unreadable."""
+        try:
+            m = ll.proc_mem_fast(self.pid)
+        except OSError:  # e.g. EMFILE: a shard that leaks file descriptors
+            return None
+        return None if m is None else int(m["anon"])
+
+    def trim(self) -> bool:
+        """Trim, and take the reference point: nothing freed is resident now.
+        False if the reference cannot be read."""
+        ll.heap_trim()
+        st, anon = ll.heap_stats(), self.own_anon()
+        if st is None or anon is None:
+            return False
+        self._ref = (anon, st["used"], st["free"])
+        self.row.set_heap_kept(0)
+        return True
+
+    def _thread_arena_growth(self, st: dict[str, int]) -> int:
+        """Growth of the allocator's arenas since reuse was turned on, beyond the
+        growth of the main heap (the program break): thread arenas."""
+        arena0, brk0 = self._arenas
+        return (st["arena"] - arena0) - (st["brk"] - brk0)
+
+    def check(self, anon: int | None = None) -> None:
+        """Bound the freed memory kept and publish an estimate of it.
+
+        The estimate (a lower bound) is the growth of anonymous memory since
+        the last trim not explained by growth of the memory in use, capped by
+        the allocator's free bytes.  Trimmed holes still count as free although
+        they are not resident (only they can make it too high, by at most their
+        size); memory in use but never touched can make it too low, so the
+        growth of free bytes since the trim bounds it from above.  Past either
+        bound the worker trims; once thread arenas grow (their freed tops
+        cannot be trimmed from here) it stops keeping memory.
+
+        Args:
+            anon: this process's anonymous memory, if the caller just read it.
+        """
+        if not self.keep:
+            return
+        st = ll.heap_stats()
+        if anon is None:
+            anon = self.own_anon()
+        if st is None or anon is None or self._thread_arena_growth(st) > THREAD_ARENA_SLACK:
+            self.refuse()
+            return
+        anon0, used0, free0 = self._ref
+        resident = (anon - anon0) - (st["used"] - used0)
+        if resident > self.keep or st["free"] - free0 > self.keep:
+            if not self.trim():
+                self.refuse()
+            return
+        self.row.set_heap_kept(max(0, min(resident, st["free"])))
+
+    def end_call(self) -> None:
+        """The call is over: an idle worker keeps no freed memory."""
+        if self.keep:
+            self.check()  # (turns reuse off for good if thread arenas grew)
+            if self.keep and not self.trim():
+                self.refuse()

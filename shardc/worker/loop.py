@@ -1,0 +1,391 @@
+"""A worker's life: after-fork setup, the message loop, a call's setup and
+teardown, and the segments it maps.
+
+::
+
+    fork() ── after_fork(): PDEATHSIG + parent check, SIGINT ignored,
+       │      BLAS/OpenMP limited to 1 thread, RNGs reseeded, packages and
+       │      init_expr run
+       ▼
+    loop: recv a message from the master (the socket is also the lifeline:
+       │  EOF = master gone = exit)
+       ├─ CALL    set up a call: unpickle fun once, map borrowed inputs
+       │          (MAP_PRIVATE, read-only, guarded per cow) and out buffers
+       │          (MAP_SHARED) from fds sent with the message; cache them
+       ├─ RUN     rpc_chunked: ShardExecutor.run_ids(chunk) -> RESULTS
+       ├─ QUEUE   shm_queue: queue_loop.run_queue_call (ShardExecutor.run_block
+       │          per block) until the ring closes -> QDONE
+       ├─ END     drop the call's state
+       ├─ FORGET  close segments the master closed
+       └─ EXIT    leave (recycling, pool stop)
+
+The worker never returns into the caller's frames: it ends with os._exit.
+Shards run only in :mod:`shardc.worker.executor`; this module decides when.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import random
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from typing import Any, NoReturn
+
+import cloudpickle
+import numpy as np
+import numpy.random  # NumPy imports it lazily: once here, not in every forked worker (~10 ms)
+
+from .. import _lowlevel as ll
+from .. import guard as _guard
+from .. import inherit
+from .._channel import Channel, ChannelClosed
+from ..protocol import (
+    CALL,
+    END,
+    ERR,
+    EXIT,
+    FORGET,
+    HELLO,
+    OK,
+    OK_PICKLED,
+    QUEUE,
+    READY,
+    RESULTS,
+    RUN,
+    error_record,
+)
+from ..segment import Segment
+from ..share import array_extent, view_array
+from ..status import DoneMap, StatusTable
+from .executor import ShardExecutor
+from .heap import HeapPolicy
+from .queue_loop import run_queue_call
+
+# Return values that pickle instantly and cannot run user code while pickled.
+_TRIVIAL = (type(None), bool, int, float, complex, str, bytes)
+
+# Chunks the master sent ahead are run before replying only while they are
+# short (this long since the first), so tiny shards cost one message per few
+# chunks, and long ones still report promptly.  Chunks already queued that the
+# running mean says fit in the time left run in one executor call.
+COALESCE_S = 0.002
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves shardc objects captured by ``fun`` (sent by reference)."""
+
+    def __init__(self, data: bytes, worker: Worker) -> None:
+        super().__init__(io.BytesIO(data))
+        self.worker = worker
+
+    def persistent_load(self, pid: Any) -> Any:
+        tag, desc = pid
+        if tag == "buffer":
+            return self.worker.out_array(desc)
+        if tag == "shared":
+            return self.worker.borrowed_object(desc, desc.get("label", "captured"))
+        raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
+
+
+class Worker:
+    """The state of one worker process: its channel, segments and mappings,
+    and the executor that runs its call's shards."""
+
+    def __init__(self, slot: int, chan: Channel, status: StatusTable, guard: Any) -> None:
+        self.slot = slot
+        self.chan = chan
+        self.row = status.row(slot)
+        self.pid = os.getpid()
+        self.guard = guard  # the shardc.guard module, or None without page guards
+        self.segments: dict[str, Segment] = {}
+        self.shared_maps: dict[str, ll.Mapping] = {}
+        self.private_maps: dict[str, ll.Mapping] = {}
+        self.heap = HeapPolicy(self.row, self.pid)
+        self.ex = ShardExecutor(self.row, guard, self.heap)
+
+    # -- segments ----------------------------------------------------------------
+    def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
+        for info, fd in zip(infos, fds):
+            old = self.segments.pop(info["key"], None)
+            if old is not None:
+                old.close()
+            self.segments[info["key"]] = Segment.adopt(fd, info["size"], info["backing"], info["name"],
+                                                       info["key"])
+
+    def forget(self, keys: list[str]) -> None:
+        for k in keys:
+            seg = self.segments.pop(k, None)
+            self.shared_maps.pop(k, None)
+            self.private_maps.pop(k, None)
+            if seg is not None:
+                seg.close()
+
+    def _shared_map(self, key: str) -> ll.Mapping:
+        m = self.shared_maps.get(key)
+        if m is None:
+            m = self.segments[key].map(writable=True)
+            self.shared_maps[key] = m
+        return m
+
+    def _private_map(self, key: str) -> ll.Mapping:
+        m = self.private_maps.get(key)
+        if m is None:
+            # Read-only private mapping: a write can only ever reach a private
+            # copy-on-write page, and with guards on it faults first.
+            m = self.segments[key].map(writable=False, private=True)
+            self.private_maps[key] = m
+        return m
+
+    def out_array(self, d: dict[str, Any]) -> np.ndarray:
+        m = self._shared_map(d["segs"][0])
+        return view_array(m, d["dtype"], d["shape"], d["strides"], d["offset"], writeable=True)
+
+    def borrowed_object(self, d: dict[str, Any], name: str) -> Any:
+        c = self.ex.call
+        if d["kind"] == "inherited":
+            arr = inherit.lookup(d["token"])
+            root = inherit.root_of(arr)
+            view = arr.view()  # the same memory; fun gets an object of its own
+            # (The master inherits only into pools with page guards.)
+            c.guard_regions.append(self.guard.protect_inherited(name, view, root, c.cow))
+            if not any(r is root for r in c.inherited):
+                c.inherited.append(root)
+            return view
+        if d["kind"] == "array":
+            m = self._private_map(d["segs"][0])
+            arr = view_array(m, d["dtype"], d["shape"], d["strides"], d["offset"], writeable=True)
+            self._protect(name, m, arr)
+            return arr
+        bufs = []
+        for i, n in d["buffers"]:
+            m = self._private_map(d["segs"][i])
+            self._protect(name, m, None)
+            bufs.append(memoryview(m.buffer())[:n])
+        return pickle.loads(d["payload"], buffers=bufs)
+
+    def _protect(self, name: str, m: ll.Mapping, arr: np.ndarray | None) -> None:
+        if self.guard is None:
+            return
+        kw = {}
+        if arr is not None:
+            kw = {"itemsize": arr.itemsize, "shape": arr.shape, "strides": arr.strides,
+                  "offset0": arr.ctypes.data - m.addr}
+        c = self.ex.call
+        c.guard_regions.append(self.guard.protect(name, m.addr, m.size, c.cow, primed=m.primed, **kw))
+        m.primed = True
+
+    # -- calls ---------------------------------------------------------------------
+    def setup_call(self, msg: dict[str, Any]) -> None:
+        self.end_call()
+        c = self.ex.call
+        c.call_id = msg["call_id"]
+        c.cow = msg["cow"]
+        c.entropy = msg["entropy"]
+        c.seeded = msg["seeded"]
+        c.diagnostics = msg["diagnostics"]
+        c.desc = msg["desc"]
+        self.heap.set_keep(int(msg.get("heap_keep", 0)))
+        kwargs: dict[str, Any] = {}
+        for name, desc in msg["borrow"].items():
+            kwargs[name] = self.borrowed_object(desc, name)
+        for name, desc in msg["out"].items():
+            kwargs[name] = self.out_array(desc)
+        c.kwargs = kwargs
+        c.donemap = DoneMap.attach(self.out_array(msg["donemap"]))
+        c.fun = _Unpickler(msg["fun"], self).load()
+        self.ex.begin_call()
+
+    def end_call(self) -> None:
+        c = self.ex.end_call()
+        if self.guard is not None:
+            for rid in c.guard_regions:
+                try:
+                    self.guard.unprotect(rid)
+                except Exception:  # noqa: BLE001, S110 - best effort: the next call re-protects
+                    pass
+        # Give back the pages of inputs inherited at fork (shared with the
+        # master, or private copies of written ones): idle workers must not
+        # pin memory the master may free.  The range stays reserved and
+        # inaccessible, so a stray reference faults instead of reading zeros.
+        for root in c.inherited:
+            lo, span = array_extent(root)
+            a, b = inherit.interior(lo, lo + span, ll.PAGE_SIZE)
+            if b > a:
+                ll.seg_discard(a, b - a)
+        self.heap.end_call()
+
+    # -- rpc_chunked ---------------------------------------------------------------------
+    def send_results(self, call_id: int, results: list[tuple]) -> None:
+        """Send a batch of outcomes.  Non-trivial return values are pickled one
+        by one first, with ``ST_SENDING`` naming the shard: a value whose
+        pickling fails fails only its shard, and one whose pickling blocks is
+        the only shard the master charges when it kills this worker."""
+        row = self.row
+        out = []
+        for r in results:
+            if r[1] == OK and type(r[2]) not in _TRIVIAL:
+                row.set_sending(r[0])
+                try:
+                    out.append((r[0], OK_PICKLED, pickle.dumps(r[2], protocol=5), *r[3:]))
+                except Exception as exc:  # noqa: BLE001 - reported as that shard's failure
+                    err = TypeError(f"the return value of shard {r[0]} cannot be pickled to send it "
+                                    f"back: {exc}; return plain data or write into an out= buffer")
+                    out.append((r[0], ERR, error_record(err, r[0], deterministic=True), *r[3:]))
+            else:
+                out.append(r)
+        row.set_sending(None)
+        self.chan.send((RESULTS, call_id, out))
+
+    def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]]) -> None:
+        """Run a RUN message's chunk, and the RUN messages queued behind it
+        while they are short; send all their outcomes in one RESULTS."""
+        chan, ex = self.chan, self.ex
+        call_id = msg[1]
+        results = ex.run_ids(msg[2])
+        t_first = time.monotonic()
+        pending.extend(chan.poll_nonblocking())
+        while pending and pending[0][0][0] == RUN and not ex.tainted:
+            left = COALESCE_S - (time.monotonic() - t_first)
+            if left <= 0:
+                break
+            ids = pending.popleft()[0][2]
+            # Shards known to be short: the chunks queued behind this one that
+            # fit in the time left run in the same executor call (chunks of one
+            # tiny shard would otherwise pay the call's setup once per shard).
+            fit = left * 1e9 / ex.ewma_ns if ex.ewma_ns > 0 else 0
+            if pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
+                ids = list(ids)
+                while pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
+                    ids += pending.popleft()[0][2]
+            ex.run_ids(ids, results)
+            pending.extend(chan.poll_nonblocking())
+        self.send_results(call_id, results)
+        del results  # return values must not live on in an idle worker
+        if ex.tainted:
+            ex.retire()
+
+    # -- main loop ------------------------------------------------------------------
+    def loop(self) -> None:
+        chan = self.chan
+        pending: deque[tuple[Any, list[int]]] = deque()
+        while True:
+            if not pending:
+                pending.append(chan.recv())
+            msg, fds = pending.popleft()
+            kind = msg[0]
+            if kind == RUN:
+                self.run_chunks(msg, pending)
+            elif kind == CALL:
+                try:
+                    self.adopt(msg[1].get("segments", []), fds)
+                    self.setup_call(msg[1])
+                    chan.send((READY, msg[1]["call_id"], None))
+                except BaseException as exc:  # noqa: BLE001 - reported to the master
+                    chan.send((READY, msg[1]["call_id"], error_record(exc, None)))
+            elif kind == QUEUE:
+                run_queue_call(self.slot, chan, self.row, self.ex, msg[1], fds)
+            elif kind == END:
+                self.end_call()
+            elif kind == FORGET:
+                self.forget(msg[1])
+            elif kind == EXIT:
+                return
+
+
+_CONTROLLER: Any = None
+
+
+def _threadpool_controller() -> Any:
+    """threadpoolctl's controller, built once per master (None without threadpoolctl)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController  # optional dependency
+            _CONTROLLER = ThreadpoolController()
+        except Exception:  # noqa: BLE001 - no threadpoolctl, or it failed: no limits
+            _CONTROLLER = False
+    return _CONTROLLER or None
+
+
+def _stop_openblas_threads(ctl: Any) -> None:
+    """Stop the thread pool that OpenBLAS (pthreads build) starts in a forked child.
+
+    OpenBLAS shuts its threads down before every fork and restarts them lazily;
+    ``openblas_set_num_threads`` (called by ``ctl.limit`` above) is such a restart,
+    and each new thread busy-waits for work for ~0.1 s (``THREAD_TIMEOUT``, 2^28
+    cycles).  On a full machine that spin takes ~0.1 s of CPU per worker start
+    from the kernels (measured: the first shard after a fork ran 40 ms slower).
+    With the thread count at 1, OpenBLAS never needs its pool again, so shut it
+    down; a later ``threadpool_limits`` raise restarts it as usual."""
+    for lc in getattr(ctl, "lib_controllers", ()):
+        if getattr(lc, "internal_api", None) != "openblas" or getattr(lc, "threading_layer", None) != "pthreads":
+            continue
+        try:
+            lc.dynlib.blas_thread_shutdown_()
+        except (AttributeError, OSError):  # an OpenBLAS without the symbol: keep its pool
+            pass
+
+
+def after_fork(parent_pid: int, packages: list[str], init_expr: Any, death_signal: int = signal.SIGKILL) -> None:
+    """Make a freshly forked child a well-behaved worker (``death_signal``:
+    PDEATHSIG, 0 for none; see ``shardc.worker._death_signal``)."""
+    if ll.proc_after_fork(parent_pid, death_signal) < 0:
+        os._exit(70)  # the master died before we armed PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Fork copied the master's RNG states: give every worker its own.
+    random.seed()
+    np.random.seed(int.from_bytes(os.urandom(4), "little"))
+    # One BLAS/OpenMP thread per worker: the pool is the parallelism.  The
+    # controller was built in the master before fork (inspecting loaded
+    # libraries costs ~20 ms); here it only calls set_num_threads (< 1 ms).
+    ctl = _threadpool_controller()
+    if ctl is not None:
+        try:
+            ctl.limit(limits=1)
+        except Exception:  # noqa: BLE001, S110 - best effort
+            pass
+        _stop_openblas_threads(ctl)
+    for mod in packages:
+        __import__(mod)
+    if init_expr is not None:
+        if callable(init_expr):
+            init_expr()
+        else:
+            exec(compile(init_expr, "<init_expr>", "exec"), {"__name__": "__shardc_init__"})  # noqa: S102 - the user's init code
+
+
+def worker_entry(slot: int, sock: Any, status: StatusTable, parent_pid: int, packages: list[str],
+                 init_expr: Any, init_blob: bytes | None, guard_wanted: bool,
+                 death_signal: int = signal.SIGKILL) -> NoReturn:
+    """Entry point in the child after fork; never returns."""
+    code = 0
+    try:
+        os.environ["SHARDC_WORKER"] = str(slot)
+        status.row(slot).set_pid(os.getpid())
+        if init_blob is not None:
+            init_expr = cloudpickle.loads(init_blob)
+        after_fork(parent_pid, packages, init_expr, death_signal)
+        guard = None
+        if guard_wanted:
+            _guard.install()
+            guard = _guard
+        w = Worker(slot, Channel(sock), status, guard)
+        w.chan.send((HELLO, os.getpid(), None))
+        w.loop()
+    except ChannelClosed:
+        code = 0  # the master went away: nothing left to do
+    except BaseException:  # noqa: BLE001 - printed, then exit 71
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001, S110 - stderr closed: nothing left to tell
+            pass
+        code = 71
+    finally:
+        os._exit(code)
