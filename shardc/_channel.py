@@ -108,8 +108,8 @@ class Channel:
                 return
             if len(self._fds) < nfds:  # cannot happen: fds arrive with the frame's first byte
                 raise ChannelClosed(f"frame announced {nfds} fds but only {len(self._fds)} arrived")
-            payload = bytes(self._buf[_HDR.size:_HDR.size + n])
-            del self._buf[:_HDR.size + n]
+            payload = bytes(self._buf[_HDR.size : _HDR.size + n])
+            del self._buf[: _HDR.size + n]
             fds, self._fds = self._fds[:nfds], self._fds[nfds:]
             self._ready.append((pickle.loads(payload), fds))
 

@@ -39,8 +39,10 @@ def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
     except TypeError as exc:
         raise InvalidTypeError(f"{arg}={dtype!r} is not a NumPy dtype: {exc}") from None
     if dt.hasobject:
-        raise InvalidTypeError(f"{arg}={dt} holds Python objects, which cannot live in shared memory; "
-                        "use a fixed-size dtype (numbers, bool, fixed-width strings, structs)")
+        raise InvalidTypeError(
+            f"{arg}={dt} holds Python objects, which cannot live in shared memory; "
+            "use a fixed-size dtype (numbers, bool, fixed-width strings, structs)"
+        )
     if dt.itemsize == 0:
         raise InvalidTypeError(f"{arg}={dt} has no size; give a width (e.g. 'S16' or 'U8')")
     return dt
@@ -86,8 +88,9 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
 
     __array_priority__ = 20.0
 
-    def __init__(self, segment: Segment, dtype: np.dtype, shape: tuple[int, ...],
-                 readonly: bool = False, offset: int = 0) -> None:
+    def __init__(
+        self, segment: Segment, dtype: np.dtype, shape: tuple[int, ...], readonly: bool = False, offset: int = 0
+    ) -> None:
         self.segment = segment
         self._dtype = dtype
         self._shape = shape
@@ -134,6 +137,7 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
             if isinstance(x, (list, tuple)):
                 return type(x)(unwrap(y) for y in x)
             return x
+
         result = func(*unwrap(args), **{k: unwrap(v) for k, v in kwargs.items()})
         out = kwargs.get("out")
         if isinstance(out, Buffer) and result is out._array:
@@ -216,11 +220,16 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         raise InvalidTypeError(
             "a shardc.Buffer is not pickled by value; pass it to shard_map as out={...} or "
             "borrow={...} (or let fun capture it: shard_map sends it by reference), or pickle "
-            "np.asarray(buf) to copy the data")
+            "np.asarray(buf) to copy the data"
+        )
 
     def info(self) -> dict[str, Any]:
-        return {"dtype": str(self._dtype), "shape": self._shape, "nbytes": self.nbytes if not self.closed else 0,
-                **self.segment.info()}
+        return {
+            "dtype": str(self._dtype),
+            "shape": self._shape,
+            "nbytes": self.nbytes if not self.closed else 0,
+            **self.segment.info(),
+        }
 
     def __repr__(self) -> str:
         if self.closed:
@@ -228,8 +237,7 @@ class Buffer(np.lib.mixins.NDArrayOperatorsMixin):
         return f"<shardc.Buffer {self.segment.backing} dtype={self._dtype} shape={self._shape}>\n{self.array!r}"
 
 
-def buffer(dtype: Any, shape: Any, init: Any = None, backing: str = "auto",
-           name: str | None = None) -> Buffer:
+def buffer(dtype: Any, shape: Any, init: Any = None, backing: str = "auto", name: str | None = None) -> Buffer:
     """Create a shared output buffer.
 
     Args:
@@ -266,8 +274,9 @@ def _nbytes(dt: np.dtype, shp: tuple[int, ...]) -> int:
     # Python ints: np.prod(int64) would wrap around for absurd shapes.
     nbytes = math.prod(shp) * dt.itemsize
     if nbytes > sys.maxsize:
-        raise InvalidArgumentError(f"shape={shp!r} of dtype {dt} needs {nbytes} bytes, more than "
-                                   "this platform can address")
+        raise InvalidArgumentError(
+            f"shape={shp!r} of dtype {dt} needs {nbytes} bytes, more than this platform can address"
+        )
     return nbytes
 
 
@@ -280,8 +289,10 @@ def _apply_init(buf: Buffer, init: Any) -> None:
     try:
         if scalar:
             src = np.asarray(init) if not isinstance(init, tuple) else None
-            if src is not None and ((src.dtype.kind in "fc" and buf.dtype.kind in "biu")
-                                    or (src.dtype.kind == "c" and buf.dtype.kind == "f")):
+            if src is not None and (
+                (src.dtype.kind in "fc" and buf.dtype.kind in "biu")
+                or (src.dtype.kind == "c" and buf.dtype.kind == "f")
+            ):
                 # As for array inits: no silent 1.5 -> 1 or complex -> real.
                 raise InvalidTypeError(f"a {src.dtype} value would be truncated to {buf.dtype}")
             value = np.array(init, dtype=buf.dtype)
@@ -296,12 +307,12 @@ def _apply_init(buf: Buffer, init: Any) -> None:
                 src = np.asarray(init, dtype=buf.dtype)
             np.copyto(arr, np.asarray(src), casting="same_kind")
     except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidArgumentError(f"init={init!r} cannot fill a buffer of dtype {buf.dtype} "
-                                   f"and shape {buf.shape}: {exc}") from None
+        raise InvalidArgumentError(
+            f"init={init!r} cannot fill a buffer of dtype {buf.dtype} and shape {buf.shape}: {exc}"
+        ) from None
 
 
-def buffer_open(path: str, dtype: Any, shape: Any, backing: str = "shm",
-                readonly: bool = False) -> Buffer:
+def buffer_open(path: str, dtype: Any, shape: Any, backing: str = "shm", readonly: bool = False) -> Buffer:
     """Attach a named buffer created by another process with ``buffer(name=...)``.
 
     Raises:
@@ -314,6 +325,7 @@ def buffer_open(path: str, dtype: Any, shape: Any, backing: str = "shm",
     seg = Segment.open(path, backing=backing, writable=not readonly)
     if seg.size < need:
         seg.close()
-        raise InvalidArgumentError(f"segment {path!r} holds {seg.size} bytes, but dtype {dt} and "
-                                   f"shape {shp} need {need}")
+        raise InvalidArgumentError(
+            f"segment {path!r} holds {seg.size} bytes, but dtype {dt} and shape {shp} need {need}"
+        )
     return Buffer(seg, dt, shp, readonly=readonly)

@@ -10,7 +10,6 @@ parallel: all messages go out before the first reply is read.
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -75,10 +74,20 @@ class CallSetup:
         segs = plan.segments
         infos = [{"key": k, "size": segs[k].size, "backing": segs[k].backing, "name": segs[k].name} for k in new]
         fds = [segs[k].fd for k in new]
-        msg = {"call_id": c.call_id, "cow": c.cow, "entropy": c.entropy,
-               "donemap": array_desc(dm.array, dm.segment), "seeded": c.seed is not None,
-               "diagnostics": c.diagnostics, "desc": c.desc, "borrow": plan.borrow, "out": plan.out,
-               "fun": c.fun_blob, "segments": infos, "heap_keep": c.heap_keep}
+        msg = {
+            "call_id": c.call_id,
+            "cow": c.cow,
+            "entropy": c.entropy,
+            "donemap": array_desc(dm.array, dm.segment),
+            "seeded": c.seed is not None,
+            "diagnostics": c.diagnostics,
+            "desc": c.desc,
+            "borrow": plan.borrow,
+            "out": plan.out,
+            "fun": c.fun_blob,
+            "segments": infos,
+            "heap_keep": c.heap_keep,
+        }
         return msg, fds
 
     def send(self, w: Any) -> None:
@@ -113,13 +122,14 @@ class CallSetup:
                 reply, _ = w.chan.recv()
                 if reply[0] == READY and reply[1] == self.call.call_id:
                     break
-        except socket.timeout:
+        except TimeoutError:
             kill(w)
             self.diag.event("death", w, f"killed: no answer to the call setup within {limit:g} s", code=w.exitcode)
             raise CallSetupTimeoutError(
                 f"worker {w.slot} (pid {w.pid}) did not finish setting up the call within {limit:g} s "
                 "(loading fun and mapping borrowed inputs); something fun or a borrowed object runs "
-                "when unpickled is blocking. It was killed (SHARDC_SETUP_TIMEOUT sets the limit)") from None
+                "when unpickled is blocking. It was killed (SHARDC_SETUP_TIMEOUT sets the limit)"
+            ) from None
         except (ChannelClosed, ConnectionError, OSError) as exc:
             raise WorkerGone(str(exc)) from None
         finally:

@@ -50,8 +50,15 @@ log = logging.getLogger("shardc")
 class QueueFeeder:
     """Cuts the remaining shard ids into blocks and keeps the ring supplied."""
 
-    def __init__(self, sched: Scheduler, diag: Any, ring: Any, workers: int, block_size: int | None,
-                 autotune: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        sched: Scheduler,
+        diag: Any,
+        ring: Any,
+        workers: int,
+        block_size: int | None,
+        autotune: dict[str, Any] | None,
+    ) -> None:
         self.sched = sched
         self.diag = diag
         self.ring = ring
@@ -160,8 +167,7 @@ class QueueDispatcher(Dispatcher):
         self.ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
         assert call.donemap is not None
         self.done: DoneMap = call.donemap  # the call's done map (closed with the call)
-        self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"),
-                                  self.sched.autotune)
+        self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"), self.sched.autotune)
         self.done_base = 0  # finished-shard counts of workers that are gone
         self.queued_pids: set[int] = set()  # workers handed the ring (each sends QDONE)
         self.returned = 0  # shards whose non-None return value was dropped
@@ -173,8 +179,7 @@ class QueueDispatcher(Dispatcher):
 
     # -- handing out work -------------------------------------------------------------
     def _error_log_path(self, w: Any) -> str:
-        path = os.path.join(tempfile.gettempdir(),
-                            f"shardc-errors-{os.getpid()}-call{self.call_id}-w{w.slot}.log")
+        path = os.path.join(tempfile.gettempdir(), f"shardc-errors-{os.getpid()}-call{self.call_id}-w{w.slot}.log")
         self.diag.error_logs.append(path)
         return path
 
@@ -183,10 +188,14 @@ class QueueDispatcher(Dispatcher):
         opts = self.call.opts
         self.status.set_call(w.slot, self.call_id)
         self.queued_pids.add(w.pid)
-        msg = {"call_id": self.call_id, "nbytes": self.ring.nbytes, "num": self.sched.num,
-               "claim_batch": int(opts.get("claim_batch", 1)),
-               "error_log": self._error_log_path(w) if opts.get("error_log") else None,
-               "error_log_max_lines": int(opts.get("error_log_max_lines", 100))}
+        msg = {
+            "call_id": self.call_id,
+            "nbytes": self.ring.nbytes,
+            "num": self.sched.num,
+            "claim_batch": int(opts.get("claim_batch", 1)),
+            "error_log": self._error_log_path(w) if opts.get("error_log") else None,
+            "error_log_max_lines": int(opts.get("error_log_max_lines", 100)),
+        }
         self.diag.bytes_setup += w.chan.send((QUEUE, msg), [self.ring.fd, self.done.segment.fd])
 
     def start(self) -> None:
@@ -308,7 +317,8 @@ class QueueDispatcher(Dispatcher):
         claimed = [int(x) for x in self.ring.repair(w.slot, w.pid)]  # w was reaped: its pid may be reused
         charged = None
         if current is not None and any(
-                (it >> COUNT_BITS) <= current < (it >> COUNT_BITS) + (it & COUNT_MASK) for it in claimed):
+            (it >> COUNT_BITS) <= current < (it >> COUNT_BITS) + (it & COUNT_MASK) for it in claimed
+        ):
             charged = current
         if charged is not None and done.get(charged):
             charged = None  # killed after marking it done, before leaving RUNNING
@@ -321,9 +331,11 @@ class QueueDispatcher(Dispatcher):
             start, stop = it >> COUNT_BITS, (it >> COUNT_BITS) + (it & COUNT_MASK)
             cur = -1 if current is None else current
             running = current is not None and (start, stop - start) == (row.block0, row.blockn) and start <= cur < stop
-            requeue += [sid for sid in range(start, stop)
-                        if sid != charged and not done.get(sid)
-                        and not (running and sid < cur and sid in skip)]
+            requeue += [
+                sid
+                for sid in range(start, stop)
+                if sid != charged and not done.get(sid) and not (running and sid < cur and sid in skip)
+            ]
         self.progress.pop(w.slot, None)
         return Loss(requeue, [charged] if charged is not None else [], [])
 
@@ -354,9 +366,11 @@ class QueueDispatcher(Dispatcher):
                         self._report(w, m)
         self.sched.completed = self.done.count()
         if self.returned:
-            log.warning("dispatch_mode='shm_queue' gathers no return values, but %d shard(s) returned "
-                        "one: write results into out= buffers, or use dispatch_mode='rpc_chunked'",
-                        self.returned)
+            log.warning(
+                "dispatch_mode='shm_queue' gathers no return values, but %d shard(s) returned "
+                "one: write results into out= buffers, or use dispatch_mode='rpc_chunked'",
+                self.returned,
+            )
             self.diag.returned_ignored = self.returned
 
     def close(self) -> None:

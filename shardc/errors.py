@@ -100,7 +100,7 @@ class NativeModuleError(ShardcError, ImportError):
 # filesystem, from the page guards a full region table.
 _COMMON_HINTS = {
     errno.ENOMEM: "out of memory or out of memory mappings; if many pages were write-protected "
-                  "separately, raise vm.max_map_count (sysctl -w vm.max_map_count=262144)",
+    "separately, raise vm.max_map_count (sysctl -w vm.max_map_count=262144)",
     errno.EMFILE: "too many open files in this process; raise the limit with `ulimit -n`",
     errno.ENFILE: "too many open files system-wide",
 }
@@ -139,7 +139,7 @@ class SegmentError(ShardcOSError):
     hints = {
         **_COMMON_HINTS,
         errno.ENOSPC: "the backing filesystem is full; on a small /dev/shm (e.g. a container's "
-                      "64 MiB) use backing='file' or set SHARDC_BACKING=file",
+        "64 MiB) use backing='file' or set SHARDC_BACKING=file",
         errno.EACCES: "permission denied; named segments are created with mode 0600 by their owner",
         errno.EEXIST: "a segment with this name already exists; pick another name or unlink it",
         errno.ENOENT: "no segment with this name exists (was it unlinked by its owner?)",
@@ -168,7 +168,7 @@ class GuardError(ShardcOSError):
     hints = {
         **_COMMON_HINTS,
         errno.ENOSPC: "the page-guard region table is full (shardc._lowlevel.GUARD_MAX_REGIONS "
-                      "borrowed inputs per process); borrow fewer, larger inputs",
+        "borrowed inputs per process); borrow fewer, larger inputs",
         errno.EEXIST: "the range overlaps a borrowed input that is already protected",
     }
 
@@ -187,8 +187,14 @@ class BorrowedInputWriteError(ShardcError):
         index: element index (tuple) of that byte, or None.
     """
 
-    def __init__(self, message: str, input_name: str | None = None, shard_id: int | None = None,
-                 offset: int | None = None, index: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        input_name: str | None = None,
+        shard_id: int | None = None,
+        offset: int | None = None,
+        index: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__(message)
         self.input_name = input_name
         self.shard_id = shard_id
@@ -271,10 +277,29 @@ class RemoteTraceback(Exception):
 
 
 __all__ = [
-    "ShardcError", "ShardSpecError", "InvalidArgumentError", "InvalidTypeError", "ShardIndexError",
-    "BindingError", "UnpicklableFunctionError", "ClosedError", "UsageError", "NativeModuleError",
+    "ShardcError",
+    "ShardSpecError",
+    "InvalidArgumentError",
+    "InvalidTypeError",
+    "ShardIndexError",
+    "BindingError",
+    "UnpicklableFunctionError",
+    "ClosedError",
+    "UsageError",
+    "NativeModuleError",
     "MissingDependencyError",
-    "ShardcOSError", "SegmentError", "QueueError", "GuardError", "QueueClosedError",
-    "BorrowedInputWriteError", "WorkerSetupError", "WorkerCrashedError", "ShardTimeoutError",
-    "CallSetupTimeoutError", "WorkerMemoryError", "ShardMapError", "RemoteTraceback", "signal_label",
+    "ShardcOSError",
+    "SegmentError",
+    "QueueError",
+    "GuardError",
+    "QueueClosedError",
+    "BorrowedInputWriteError",
+    "WorkerSetupError",
+    "WorkerCrashedError",
+    "ShardTimeoutError",
+    "CallSetupTimeoutError",
+    "WorkerMemoryError",
+    "ShardMapError",
+    "RemoteTraceback",
+    "signal_label",
 ]

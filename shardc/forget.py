@@ -18,7 +18,7 @@ from typing import Any
 from .protocol import FORGET
 from .segment import _close_hooks
 
-live_pools: "weakref.WeakSet[Any]" = weakref.WeakSet()
+live_pools: weakref.WeakSet[Any] = weakref.WeakSet()
 
 # Segments closed in this process that workers may still map.  Workers are
 # told right away when nothing is being sent to them (no shard_map running);

@@ -137,15 +137,27 @@ from .guard_locate import byte_bounds_of as _byte_bounds
 from .guard_locate import deny_error as _deny_error
 from .guard_locate import element_index as _element_index
 
-__all__ = ["install", "uninstall", "protect", "protect_array", "protect_inherited", "unprotect",
-           "take_lost", "ShardScope", "shard_scope", "cow_stats", "MODES"]
+__all__ = [
+    "install",
+    "uninstall",
+    "protect",
+    "protect_array",
+    "protect_inherited",
+    "unprotect",
+    "take_lost",
+    "ShardScope",
+    "shard_scope",
+    "cow_stats",
+    "MODES",
+]
 
 MODES = ("deny", "audit", "allow")
 # Frames in these files are the guard's own machinery (see _in_guard_code).
 # Frames of the guard modules and of the native wrappers are shardc's own code.
 _LL_DIR = os.path.dirname(os.path.abspath(_ll.__file__))
 _OWN_FILES = {os.path.abspath(f) for f in (__file__, _locate.__file__, _edges.__file__)} | {
-    os.path.join(_LL_DIR, f) for f in os.listdir(_LL_DIR) if f.endswith(".py")}
+    os.path.join(_LL_DIR, f) for f in os.listdir(_LL_DIR) if f.endswith(".py")
+}
 
 
 class _State:
@@ -201,8 +213,7 @@ def install(signum: int | None = None, *, notify: str = "interrupt") -> None:
     prev = signal.signal(signum, _on_notify)
     if prev is not _on_notify:  # after fork the inherited handler is already ours
         _state.prev_handler = prev
-    _ll.guard_set_limits(config.get_int("SHARDC_GUARD_PAGES_PER_REGION"),
-                         config.get_int("SHARDC_GUARD_PAGES_TOTAL"))
+    _ll.guard_set_limits(config.get_int("SHARDC_GUARD_PAGES_PER_REGION"), config.get_int("SHARDC_GUARD_PAGES_TOTAL"))
     _ll.guard_install(signum, raise_signal=(notify == "signal"))
     _state.pid = os.getpid()
     _state.signum = signum
@@ -235,9 +246,19 @@ def _mapping_is_private(addr: int) -> bool | None:
     return False
 
 
-def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: int = 1,
-            shape: tuple[int, ...] | None = None, strides: tuple[int, ...] | None = None,
-            offset0: int = 0, snapshot: bool = False, primed: bool = False) -> int:
+def protect(
+    name: str,
+    addr: int,
+    nbytes: int,
+    mode: str = "deny",
+    *,
+    itemsize: int = 1,
+    shape: tuple[int, ...] | None = None,
+    strides: tuple[int, ...] | None = None,
+    offset0: int = 0,
+    snapshot: bool = False,
+    primed: bool = False,
+) -> int:
     """Guard a borrowed input's mapping and return its region id.
 
     Args:
@@ -271,13 +292,23 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
     if sys.platform.startswith("linux") and _mapping_is_private(addr) is False:
         raise InvalidArgumentError(
             f"borrowed input {name!r} at {addr:#x} is not a MAP_PRIVATE mapping; page guards "
-            "would let writes reach shared memory")
+            "would let writes reach shared memory"
+        )
     if _state.pid != os.getpid():
         install()
+
     def view(rid: int) -> _Input:
-        return _Input(rid, name, addr, nbytes, mode, int(itemsize),
-                      None if shape is None else tuple(int(n) for n in shape),
-                      None if strides is None else tuple(int(s) for s in strides), int(offset0))
+        return _Input(
+            rid,
+            name,
+            addr,
+            nbytes,
+            mode,
+            int(itemsize),
+            None if shape is None else tuple(int(n) for n in shape),
+            None if strides is None else tuple(int(s) for s in strides),
+            int(offset0),
+        )
 
     _state.stats.setdefault(name, _new_stats(mode))["mode"] = mode
     for inp in _state.inputs.values():
@@ -294,8 +325,9 @@ def protect(name: str, addr: int, nbytes: int, mode: str = "deny", *, itemsize: 
     return rid
 
 
-def protect_array(name: str, array: Any, mode: str = "deny", *, base_addr: int | None = None,
-                  nbytes: int | None = None) -> int:
+def protect_array(
+    name: str, array: Any, mode: str = "deny", *, base_addr: int | None = None, nbytes: int | None = None
+) -> int:
     """:func:`protect` for a NumPy array that lives in a private mapping.
 
     Args:
@@ -307,8 +339,9 @@ def protect_array(name: str, array: Any, mode: str = "deny", *, base_addr: int |
     data = array.__array_interface__["data"][0]
     base = lo - lo % _ll.PAGE_SIZE if base_addr is None else base_addr
     size = hi - base if nbytes is None else nbytes
-    return protect(name, base, size, mode, itemsize=array.itemsize, shape=array.shape,
-                   strides=array.strides, offset0=data - base)
+    return protect(
+        name, base, size, mode, itemsize=array.itemsize, shape=array.shape, strides=array.strides, offset0=data - base
+    )
 
 
 def protect_inherited(name: str, array: Any, root: Any, mode: str = "deny") -> int:
@@ -332,8 +365,11 @@ def protect_inherited(name: str, array: Any, root: Any, mode: str = "deny") -> i
     page = _ll.PAGE_SIZE
     a, b = _inherit.interior(lo, hi, page)
     data = array.__array_interface__["data"][0]
-    layout = {"itemsize": array.itemsize, "shape": tuple(int(n) for n in array.shape),
-              "strides": tuple(int(s) for s in array.strides)}
+    layout = {
+        "itemsize": array.itemsize,
+        "shape": tuple(int(n) for n in array.shape),
+        "strides": tuple(int(s) for s in array.strides),
+    }
     if b > a:
         handle = protect(name, a, b - a, mode, offset0=data - a, snapshot=True, **layout)
         spans = [(lo, a), (b, hi)]
@@ -341,8 +377,13 @@ def protect_inherited(name: str, array: Any, root: Any, mode: str = "deny") -> i
         handle = _state.next_handle
         _state.next_handle -= 1
         spans = [(lo, hi)]
-    _state.edges.add(handle, spans, lambda s0, s1: _Input(-1, name, s0, s1 - s0, mode, int(layout["itemsize"]),
-                                                          layout["shape"], layout["strides"], data - s0))
+    _state.edges.add(
+        handle,
+        spans,
+        lambda s0, s1: _Input(
+            -1, name, s0, s1 - s0, mode, int(layout["itemsize"]), layout["shape"], layout["strides"], data - s0
+        ),
+    )
     return handle
 
 
@@ -369,8 +410,7 @@ def unprotect(region_id: int) -> None:
 
 
 def _new_stats(mode: str) -> dict[str, Any]:
-    return {"mode": mode, "shards_written": 0, "pages": 0, "bytes": 0, "faults": 0,
-            "violations": 0, "kernel_writes": 0}
+    return {"mode": mode, "shards_written": 0, "pages": 0, "bytes": 0, "faults": 0, "violations": 0, "kernel_writes": 0}
 
 
 def cow_stats() -> dict[str, dict[str, Any]]:
@@ -397,10 +437,17 @@ def _event(rid: int, info: dict[str, int], shard_id: Any) -> dict[str, Any]:
     """One shard's event for region ``rid``, named after the input holding the first written byte."""
     inp = _view_at(rid, info["first_offset"])
     rel = info["first_offset"] - inp.offset0
-    return {"input": inp.name, "shard": shard_id, "mode": inp.mode, "pages": info["pages"],
-            "bytes": info["pages"] * _ll.PAGE_SIZE, "first_offset": rel,
-            "first_index": _element_index(inp, rel), "faults": info["faults"],
-            "exact": bool(info["exact"])}
+    return {
+        "input": inp.name,
+        "shard": shard_id,
+        "mode": inp.mode,
+        "pages": info["pages"],
+        "bytes": info["pages"] * _ll.PAGE_SIZE,
+        "first_offset": rel,
+        "first_index": _element_index(inp, rel),
+        "faults": info["faults"],
+        "exact": bool(info["exact"]),
+    }
 
 
 def _efault_error(shard_id: Any, exc: OSError, tb: TracebackType | None) -> BorrowedInputWriteError:
@@ -478,8 +525,9 @@ class ShardScope:
         _state.current = self
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         _state.current = None
         _ll.guard_take_notify()
         violation = None

@@ -41,6 +41,15 @@ class WorkerHandle:
 
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}
-        return {"worker": self.slot, "pid": self.pid, "state": self.state if self.alive else "dead",
-                "rss": m.get("rss"), "pss": m.get("pss"), "uss": m.get("uss"), "anon": m.get("pss_anon"),
-                "baseline": self.baseline, "recycles": self.recycles, "restarts": self.restarts}
+        return {
+            "worker": self.slot,
+            "pid": self.pid,
+            "state": self.state if self.alive else "dead",
+            "rss": m.get("rss"),
+            "pss": m.get("pss"),
+            "uss": m.get("uss"),
+            "anon": m.get("pss_anon"),
+            "baseline": self.baseline,
+            "recycles": self.recycles,
+            "restarts": self.restarts,
+        }

@@ -99,6 +99,7 @@ def memory_bytes(arr: np.ndarray) -> int:
     """Bytes of memory behind ``arr``: those its owner spans (a broadcast
     view of 4 GiB may sit on 8 KiB; a small view may pin a big array)."""
     from .share import array_extent
+
     return array_extent(root_of(arr))[1]
 
 
@@ -116,6 +117,7 @@ def eligible(arr: Any) -> bool:
     if root.base is not None or not root.flags.owndata:
         return False
     from .share import array_extent
+
     lo, span = array_extent(root)
     if min(array_extent(arr)[1], span) < min_bytes():
         return False
@@ -149,8 +151,10 @@ def lookup(token: int) -> np.ndarray:
     try:
         return _held[token]
     except KeyError:
-        raise WorkerSetupError(f"this worker was forked before inherited input #{token} existed "
-                           "(a shardc bug: the pool should have re-forked it)") from None
+        raise WorkerSetupError(
+            f"this worker was forked before inherited input #{token} existed "
+            "(a shardc bug: the pool should have re-forked it)"
+        ) from None
 
 
 def interior(lo: int, hi: int, page: int) -> tuple[int, int]:

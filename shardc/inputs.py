@@ -23,7 +23,8 @@ call ends.  Nothing here talks to workers.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,14 @@ BorrowRecord = tuple[str, str, int, int, float, str]
 def array_desc(arr: np.ndarray, seg: Segment) -> dict[str, Any]:
     """A worker's descriptor of ``arr``, which lives in ``seg``."""
     base = seg.mapping().addr
-    return {"kind": "array", "segs": [seg.key], "dtype": arr.dtype, "shape": arr.shape,
-            "strides": arr.strides, "offset": arr.ctypes.data - base}
+    return {
+        "kind": "array",
+        "segs": [seg.key],
+        "dtype": arr.dtype,
+        "shape": arr.shape,
+        "strides": arr.strides,
+        "offset": arr.ctypes.data - base,
+    }
 
 
 class InputPlan:
@@ -97,8 +104,12 @@ class InputPlan:
 
     def _inheritable(self, obj: Any) -> bool:
         """A big array in private memory that workers can inherit at fork."""
-        return (self.allow_inherit and type(obj) is np.ndarray
-                and find_address(*array_extent(obj)) is None and inherit.eligible(obj))
+        return (
+            self.allow_inherit
+            and type(obj) is np.ndarray
+            and find_address(*array_extent(obj)) is None
+            and inherit.eligible(obj)
+        )
 
     def _inherit(self, name: str, obj: np.ndarray, t0: float) -> dict[str, Any]:
         token = inherit.hold(obj)

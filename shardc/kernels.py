@@ -75,8 +75,10 @@ class Kernel:
             nbytes = fp.get("bytes")
             if cls is None:
                 if nbytes is None:
-                    raise InvalidArgumentError(f"kernel {self.name!r}: footprint of shard {getattr(shard, 'id', '?')} "
-                                               f"has neither 'class' nor 'bytes': {fp!r}")
+                    raise InvalidArgumentError(
+                        f"kernel {self.name!r}: footprint of shard {getattr(shard, 'id', '?')} "
+                        f"has neither 'class' nor 'bytes': {fp!r}"
+                    )
                 cls = classify_bytes(int(nbytes))
             if cls not in ("tiny", "medium", "huge"):
                 raise InvalidArgumentError(f"kernel {self.name!r}: footprint class {cls!r} is not tiny/medium/huge")
@@ -91,8 +93,14 @@ def classify_bytes(n: int) -> str:
 _registry: dict[str, Kernel] = {}
 
 
-def register_kernel(name: str, impl: Callable[..., Any], signature: str | None = None, footprint: Any = None,
-                    supports_views: bool = True, description: str | None = None) -> Kernel:
+def register_kernel(
+    name: str,
+    impl: Callable[..., Any],
+    signature: str | None = None,
+    footprint: Any = None,
+    supports_views: bool = True,
+    description: str | None = None,
+) -> Kernel:
     """Register ``impl`` under ``name`` (replacing an earlier one) and return it.
 
     Args:
@@ -113,16 +121,17 @@ def register_kernel(name: str, impl: Callable[..., Any], signature: str | None =
     if not callable(impl):
         raise InvalidArgumentError(f"kernel {name!r}: impl must be callable, got {type(impl).__name__}")
     if signature is not None and not isinstance(signature, str):
-        raise InvalidArgumentError(f"kernel {name!r}: signature (reserved) must be a string or None, "
-                                   f"got {signature!r}")
+        raise InvalidArgumentError(f"kernel {name!r}: signature (reserved) must be a string or None, got {signature!r}")
     if not isinstance(supports_views, bool):
-        raise InvalidArgumentError(f"kernel {name!r}: supports_views (reserved) must be True or False, "
-                                   f"got {supports_views!r}")
+        raise InvalidArgumentError(
+            f"kernel {name!r}: supports_views (reserved) must be True or False, got {supports_views!r}"
+        )
     if isinstance(footprint, dict):
         _check_footprint_dict(name, footprint)
     elif footprint is not None and not callable(footprint) and not _is_byte_count(footprint):
-        raise InvalidArgumentError(f"kernel {name!r}: footprint must be bytes (>= 0), a dict or a "
-                                   f"function of the shard, got {footprint!r}")
+        raise InvalidArgumentError(
+            f"kernel {name!r}: footprint must be bytes (>= 0), a dict or a function of the shard, got {footprint!r}"
+        )
     k = Kernel(name, impl, signature, footprint, supports_views, description)
     _registry[name] = k
     return k
@@ -137,8 +146,9 @@ def _check_footprint_dict(name: str, fp: dict[str, Any]) -> None:
     unknown = set(fp) - {"class", "bytes"}
     cls, nbytes = fp.get("class"), fp.get("bytes")
     if unknown or (cls is None and nbytes is None):
-        raise InvalidArgumentError(f"kernel {name!r}: a footprint dict has 'class' (tiny/medium/huge) "
-                                   f"and/or 'bytes', got {fp!r}")
+        raise InvalidArgumentError(
+            f"kernel {name!r}: a footprint dict has 'class' (tiny/medium/huge) and/or 'bytes', got {fp!r}"
+        )
     if cls is not None and cls not in ("tiny", "medium", "huge"):
         raise InvalidArgumentError(f"kernel {name!r}: footprint class {cls!r} is not tiny/medium/huge")
     if nbytes is not None and not _is_byte_count(nbytes):
@@ -154,8 +164,9 @@ def get_kernel(name: str) -> Kernel:
     try:
         return _registry[name]
     except KeyError:
-        raise InvalidArgumentError(f"kernel {name!r} is not registered; known kernels: "
-                                   f"{', '.join(list_kernels())}") from None
+        raise InvalidArgumentError(
+            f"kernel {name!r} is not registered; known kernels: {', '.join(list_kernels())}"
+        ) from None
 
 
 # -- built-in kernels -------------------------------------------------------------
@@ -227,8 +238,15 @@ class TileDescriptor(ShardDescriptor):
         return t
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "strategy": "tiles", "num_shards": self.num_shards, "n_x": self.n_x,
-                "n_y": self.n_y, "block_x": self.block_x, "block_y": self.block_y}
+        return {
+            "n": self.n,
+            "strategy": "tiles",
+            "num_shards": self.num_shards,
+            "n_x": self.n_x,
+            "n_y": self.n_y,
+            "block_x": self.block_x,
+            "block_y": self.block_y,
+        }
 
 
 def tiles2d(n_x: int, n_y: int, block_x: int, block_y: int) -> TileDescriptor:

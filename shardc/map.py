@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -35,9 +36,9 @@ from .diagnostics import Diagnostics, Progress
 from .dispatch_queue import QueueDispatcher
 from .dispatch_rpc import RpcDispatcher
 from .errors import InvalidArgumentError, ShardMapError, signal_label
+from .forget import call_finished, call_started
 from .inputs import InputPlan
 from .kernels import get_kernel
-from .forget import call_finished, call_started
 from .memory import PROFILES, heap_keep
 from .pool import Pool, pool_create, pool_get, register_front_end
 from .result import ShardResult
@@ -45,9 +46,22 @@ from .scheduler import Scheduler
 from .status import DoneMap
 from .supervisor import Supervisor
 from .units import check_recycle, parse_bytes
-from .validate import (COW_MODES, DISPATCH_MODES, check_autotune, check_binding, check_choice, check_dispatch_opts,
-                       check_int, check_names, check_out, check_scheduler_policy, check_seed, check_timeout,
-                       pickle_function, resolve_shards)
+from .validate import (
+    COW_MODES,
+    DISPATCH_MODES,
+    check_autotune,
+    check_binding,
+    check_choice,
+    check_dispatch_opts,
+    check_int,
+    check_names,
+    check_out,
+    check_scheduler_policy,
+    check_seed,
+    check_timeout,
+    pickle_function,
+    resolve_shards,
+)
 
 log = logging.getLogger("shardc")
 
@@ -60,15 +74,34 @@ class _DefaultStr(str):
 RPC_DEFAULT = _DefaultStr("rpc_chunked")
 
 
-def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dict[str, Any] | None = None,
-              out: dict[str, Any] | None = None, kernel: str | None = None,
-              scheduler_policy: dict[str, Any] | None = None, autotune: Any = None,
-              dispatch_mode: str = RPC_DEFAULT, dispatch_opts: dict[str, Any] | None = None,
-              workers: int | None = None, chunk_size: Any = 1, profile: str = "default",
-              mem_cap: Any = "2GB", recycle: Any = True, cow: str = "deny", seed: int | None = None,
-              diagnostics: bool = True, packages: list[str] | None = None, init_expr: Any = None,
-              timeout: float = 3600, max_retries: int = 3, health_check_interval: int = 10,
-              pool: Pool | None = None, on_failure: str = "raise", progress: bool | None = None) -> ShardResult:
+def shard_map(
+    shards: Any,
+    fun: Callable[..., Any] | None = None,
+    *,
+    borrow: dict[str, Any] | None = None,
+    out: dict[str, Any] | None = None,
+    kernel: str | None = None,
+    scheduler_policy: dict[str, Any] | None = None,
+    autotune: Any = None,
+    dispatch_mode: str = RPC_DEFAULT,
+    dispatch_opts: dict[str, Any] | None = None,
+    workers: int | None = None,
+    chunk_size: Any = 1,
+    profile: str = "default",
+    mem_cap: Any = "2GB",
+    recycle: Any = True,
+    cow: str = "deny",
+    seed: int | None = None,
+    diagnostics: bool = True,
+    packages: list[str] | None = None,
+    init_expr: Any = None,
+    timeout: float = 3600,
+    max_retries: int = 3,
+    health_check_interval: int = 10,
+    pool: Pool | None = None,
+    on_failure: str = "raise",
+    progress: bool | None = None,
+) -> ShardResult:
     """Run ``fun(shard, **borrow, **out)`` for every shard, in parallel, supervised.
 
     Args:
@@ -135,8 +168,9 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dic
     if clash:
         raise InvalidArgumentError(f"names {sorted(clash)} appear in both borrow= and out=; use distinct names")
     check_out(out)
-    check_binding(target, list(borrow) + list(out), f"kernel {kernel!r}" if kern else
-                  f"fun {getattr(fun, '__qualname__', fun)!r}")
+    check_binding(
+        target, list(borrow) + list(out), f"kernel {kernel!r}" if kern else f"fun {getattr(fun, '__qualname__', fun)!r}"
+    )
     check_choice(cow, "cow", COW_MODES)
     check_choice(profile, "profile", PROFILES)
     check_choice(on_failure, "on_failure", ("raise", "collect"))
@@ -156,17 +190,29 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dic
         tune = {"mode": "online", "target_chunk_seconds": 0.005, "max_rounds": 64}
     policy = check_scheduler_policy(scheduler_policy)
     if policy.get("max_huge_concurrency") and kern is None:
-        log.info("scheduler_policy max_huge_concurrency applies to kernels with a footprint; "
-                 "fun= has none, so nothing is throttled")
+        log.info(
+            "scheduler_policy max_huge_concurrency applies to kernels with a footprint; "
+            "fun= has none, so nothing is throttled"
+        )
     if progress not in (None, True, False):
         raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
     if packages is not None and (isinstance(packages, str) or not all(isinstance(p, str) for p in packages)):
         raise InvalidArgumentError("packages must be a list of module names, e.g. ['scipy.stats']")
-    call = Call(desc=desc, mode=mode, opts=opts, cow=cow, profile=profile, mem_cap=cap,
-                drift=check_recycle(recycle), seed=seed_v, diagnostics=bool(diagnostics),
-                timeout=check_timeout(timeout), max_retries=check_int(max_retries, "max_retries", 0),
-                health_check_interval=check_int(health_check_interval, "health_check_interval", 1),
-                heap_keep=heap_keep(profile, cap))
+    call = Call(
+        desc=desc,
+        mode=mode,
+        opts=opts,
+        cow=cow,
+        profile=profile,
+        mem_cap=cap,
+        drift=check_recycle(recycle),
+        seed=seed_v,
+        diagnostics=bool(diagnostics),
+        timeout=check_timeout(timeout),
+        max_retries=check_int(max_retries, "max_retries", 0),
+        health_check_interval=check_int(health_check_interval, "health_check_interval", 1),
+        heap_keep=heap_keep(profile, cap),
+    )
     call.entropy = np.random.SeedSequence(seed_v).entropy  # type: ignore[assignment]
     chunk = 1 if chunk_size == "auto" else chunk_size
     diag = Diagnostics(mode=mode, num_shards=desc.num_shards, cow=cow, enabled=call.diagnostics, chunk_size=chunk)
@@ -206,16 +252,22 @@ def shard_map(shards: Any, fun: Callable[..., Any] | None = None, *, borrow: dic
     diag.wall_seconds = time.perf_counter() - t_start
     diag.completed = sched.completed
     diag.failed = sched.n_failed
-    pool_stats = {"workers": run_pool.size, "status": [w.info() for w in run_pool.workers],
-                  "events": list(run_pool.events)}
+    pool_stats = {
+        "workers": run_pool.size,
+        "status": [w.info() for w in run_pool.workers],
+        "events": list(run_pool.events),
+    }
     result = ShardResult(sched.results, dict(sorted(sched.failures.items())), diag, pool_stats, desc)
     if result.failures and on_failure == "raise":
         first = min(result.failures)
         f = result.failures[first]
-        err = ShardMapError(f"{len(result.failures)} of {desc.num_shards} shards failed; first: shard "
-                            f"{first} after {f.attempts} attempt(s): {f.error_type.rsplit('.', 1)[-1]}: "
-                            f"{f.message} (the full result is in err.result; pass on_failure='collect' "
-                            "to get it returned)", result)
+        err = ShardMapError(
+            f"{len(result.failures)} of {desc.num_shards} shards failed; first: shard "
+            f"{first} after {f.attempts} attempt(s): {f.error_type.rsplit('.', 1)[-1]}: "
+            f"{f.message} (the full result is in err.result; pass on_failure='collect' "
+            "to get it returned)",
+            result,
+        )
         if f.exception is not None:
             raise err from f.exception
         raise err
@@ -227,12 +279,20 @@ def _run(call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics, progress: 
     plan = call.plan
     assert plan is not None
     for w in pool.ensure_alive():
-        diag.event("death", w, f"worker died while idle ({signal_label(w.exitcode)})"
-                   if w.exitcode is not None else "worker died while idle", code=w.exitcode)
+        diag.event(
+            "death",
+            w,
+            f"worker died while idle ({signal_label(w.exitcode)})"
+            if w.exitcode is not None
+            else "worker died while idle",
+            code=w.exitcode,
+        )
     if plan.inherit_tokens:
         t0 = time.perf_counter()
-        fresh = pool.refork(frozenset(plan.inherit_tokens),
-                            f"fork after borrowed input(s) {plan.inherited_names()} existed, to inherit them")
+        fresh = pool.refork(
+            frozenset(plan.inherit_tokens),
+            f"fork after borrowed input(s) {plan.inherited_names()} existed, to inherit them",
+        )
         diag.refork_seconds = time.perf_counter() - t0
         diag.reforked = len(fresh)
     diag.start(pool)
@@ -259,13 +319,18 @@ def _get_pool(pool: Pool | None, workers: int | None, packages: Any, init_expr: 
         if workers is not None and workers != pool.size:
             raise InvalidArgumentError(f"workers={workers} conflicts with the given pool of {pool.size} workers")
         if packages or init_expr is not None:
-            raise InvalidArgumentError("packages/init_expr belong to the pool when pool= is given: "
-                                       "pass them to Pool(...)")
+            raise InvalidArgumentError(
+                "packages/init_expr belong to the pool when pool= is given: pass them to Pool(...)"
+            )
         return pool
     cur = pool_get()
     pk = list(packages or [])
-    if cur is not None and (workers is None or workers == cur.size) and cur.packages == pk and (
-            init_expr is None or init_expr is cur.init_expr or init_expr == cur.init_expr):
+    if (
+        cur is not None
+        and (workers is None or workers == cur.size)
+        and cur.packages == pk
+        and (init_expr is None or init_expr is cur.init_expr or init_expr == cur.init_expr)
+    ):
         return cur
     return pool_create(workers, packages=pk, init_expr=init_expr, profile=profile)
 

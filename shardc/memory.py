@@ -62,13 +62,15 @@ class MemoryModel:
             # arrays are not part of it: they are write-protected, and their
             # pages are given back at the end of the call.
             w.cow_slack = max(0, w.anon_offset - (w.inherited_bytes - self.inherit_share(w)))
+
     def inherit_share(self, w: WorkerHandle) -> int:
         """The part of ``w``'s Pss_Anon that is its share of inherited arrays:
         their bytes divided among the master and the live workers holding them."""
         if not w.inherited_bytes:
             return 0
-        holders = 1 + sum(1 for x in self.workers
-                          if x.inherited_bytes and x.alive and x.inherit_tokens & w.inherit_tokens)
+        holders = 1 + sum(
+            1 for x in self.workers if x.inherited_bytes and x.alive and x.inherit_tokens & w.inherit_tokens
+        )
         return w.inherited_bytes // max(holders, 1)
 
     def released_inherited(self) -> None:
@@ -100,8 +102,7 @@ class MemoryModel:
             w.peak["anon"] = max(w.peak["anon"], self.footprint(m, w))
         return m
 
-    def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5,
-                     moved: int = 8 * 1024**2) -> dict[str, int] | None:
+    def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5, moved: int = 8 * 1024**2) -> dict[str, int] | None:
         """Sample on the hot path: statm (~8 us) every time, and a precise
         sample only when private memory moved by ``moved`` bytes or the
         precise one is older than ``max_age`` seconds.  Returns the precise
@@ -137,8 +138,9 @@ class MemoryModel:
 
     _UNSET: Any = object()
 
-    def memory_verdict(self, w: WorkerHandle, mem_cap: Any = _UNSET, recycle: Any = _UNSET,
-                       profile: str | None = None) -> tuple[str, str] | None:
+    def memory_verdict(
+        self, w: WorkerHandle, mem_cap: Any = _UNSET, recycle: Any = _UNSET, profile: str | None = None
+    ) -> tuple[str, str] | None:
         """``("cap" | "drift", reason)`` when ``w`` should be recycled, else None.
 
         ``mem_cap``/``recycle``/``profile`` default to the pool's; a
@@ -161,7 +163,9 @@ class MemoryModel:
             growth = used - w.baseline - w.cow_slack - self.status.heap_kept(w.slot)
             floor = config.get_int("SHARDC_RECYCLE_MIN_BYTES")
             if growth > floor and growth > limit * max(w.baseline, floor):
-                return "drift", (f"{label} grew {fmt_bytes(growth)} over its baseline "
-                                 f"{fmt_bytes(w.baseline)} (+ {fmt_bytes(w.cow_slack)} copy-on-write "
-                                 f"slack; > recycle={limit:g})")
+                return "drift", (
+                    f"{label} grew {fmt_bytes(growth)} over its baseline "
+                    f"{fmt_bytes(w.baseline)} (+ {fmt_bytes(w.cow_slack)} copy-on-write "
+                    f"slack; > recycle={limit:g})"
+                )
         return None

@@ -22,7 +22,8 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
@@ -47,7 +48,6 @@ from .worker import worker_entry
 log = logging.getLogger("shardc")
 
 
-
 class Pool(MemoryModel):
     """A pool of forked worker processes (see module docstring).
 
@@ -65,9 +65,17 @@ class Pool(MemoryModel):
     Use as a context manager, or call :meth:`stop`.
     """
 
-    def __init__(self, workers: int | None = None, mem_cap: Any = "2GB", recycle: Any = True,
-                 packages: list[str] | None = None, init_expr: Any = None, profile: str = "default",
-                 health_check_interval: int = 10, cow_guard: bool = True) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        mem_cap: Any = "2GB",
+        recycle: Any = True,
+        packages: list[str] | None = None,
+        init_expr: Any = None,
+        profile: str = "default",
+        health_check_interval: int = 10,
+        cow_guard: bool = True,
+    ) -> None:
         self.size = config.default_workers() if workers is None else check_int(workers, "workers", 1)
         self.mem_cap = parse_bytes(mem_cap, "mem_cap")
         self.recycle = check_recycle(recycle)
@@ -100,10 +108,14 @@ class Pool(MemoryModel):
         _worker_mod._threadpool_controller()
         threads = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
         if threads:
-            log.warning("forking %d workers while %d other thread(s) run in this process (%s): a "
-                        "thread holding a lock at fork time can deadlock a worker; create the pool "
-                        "(shardc.pool_create) before starting threads", self.size, len(threads),
-                        ", ".join(threads[:5]))
+            log.warning(
+                "forking %d workers while %d other thread(s) run in this process (%s): a "
+                "thread holding a lock at fork time can deadlock a worker; create the pool "
+                "(shardc.pool_create) before starting threads",
+                self.size,
+                len(threads),
+                ", ".join(threads[:5]),
+            )
         try:
             for slot in range(self.size):
                 self.workers.append(self._spawn(slot))
@@ -126,8 +138,7 @@ class Pool(MemoryModel):
         others = [w.chan.sock for w in self.workers if w.slot != slot]
         others += [w.chan.sock for w in close or () if w.chan.sock not in others]
         tokens = _inherit.held_tokens()
-        _worker_mod._death_signal = (signal.SIGKILL if threading.current_thread() is threading.main_thread()
-                                     else 0)
+        _worker_mod._death_signal = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
         pid = os.fork()
         if pid == 0:  # child: never returns
             try:
@@ -139,9 +150,16 @@ class Pool(MemoryModel):
                         for w in p.workers:
                             w.chan.close()
             finally:
-                worker_entry(slot, child_sock, self.status, parent_pid, self.packages,
-                             None if self._init_blob else self.init_expr, self._init_blob,
-                             self.cow_guard)
+                worker_entry(
+                    slot,
+                    child_sock,
+                    self.status,
+                    parent_pid,
+                    self.packages,
+                    None if self._init_blob else self.init_expr,
+                    self._init_blob,
+                    self.cow_guard,
+                )
         child_sock.close()
         w = WorkerHandle(slot, pid, Channel(parent_sock))
         w.inherit_tokens = tokens
@@ -152,11 +170,13 @@ class Pool(MemoryModel):
         w.chan.sock.settimeout(timeout)
         try:
             msg, _ = w.chan.recv()
-        except (ChannelClosed, socket.timeout, OSError) as exc:
+        except (TimeoutError, ChannelClosed, OSError) as exc:
             code = self._reap(w, wait=2.0)
-            raise WorkerSetupError(f"worker {w.slot} (pid {w.pid}) failed to start "
-                               f"({signal_label(code) if code is not None else exc}); "
-                               "check packages= and init_expr= (the worker's traceback is on stderr)") from None
+            raise WorkerSetupError(
+                f"worker {w.slot} (pid {w.pid}) failed to start "
+                f"({signal_label(code) if code is not None else exc}); "
+                "check packages= and init_expr= (the worker's traceback is on stderr)"
+            ) from None
         finally:
             try:
                 w.chan.sock.settimeout(None)
@@ -188,10 +208,17 @@ class Pool(MemoryModel):
         nw.pids = w.pids + [nw.pid]
         self.workers[w.slot] = nw
         self._await_hello(nw)
-        self.events.append({"t": time.time(), "event": kind, "worker": w.slot, "old_pid": w.pid,
-                            "new_pid": nw.pid, "reason": reason})
-        log.info("%s worker %d (pid %d -> %d): %s", "recycled" if kind == "recycle" else "restarted",
-                 w.slot, w.pid, nw.pid, reason)
+        self.events.append(
+            {"t": time.time(), "event": kind, "worker": w.slot, "old_pid": w.pid, "new_pid": nw.pid, "reason": reason}
+        )
+        log.info(
+            "%s worker %d (pid %d -> %d): %s",
+            "recycled" if kind == "recycle" else "restarted",
+            w.slot,
+            w.pid,
+            nw.pid,
+            reason,
+        )
         return nw
 
     def refork(self, tokens: frozenset[int], reason: str) -> list[WorkerHandle]:
@@ -221,10 +248,18 @@ class Pool(MemoryModel):
         finally:
             for w in old:  # reaped even if a fork failed half-way (no zombies)
                 self._reap(w, wait=1.0)
-        for nw, w in zip(new, old):
+        for nw, w in zip(new, old, strict=False):
             self._await_hello(nw, sample=False)
-            self.events.append({"t": time.time(), "event": "refork", "worker": w.slot, "old_pid": w.pid,
-                                "new_pid": nw.pid, "reason": reason})
+            self.events.append(
+                {
+                    "t": time.time(),
+                    "event": "refork",
+                    "worker": w.slot,
+                    "old_pid": w.pid,
+                    "new_pid": nw.pid,
+                    "reason": reason,
+                }
+            )
         log.debug("re-forked %d worker(s): %s", len(new), reason)
         return new
 
@@ -359,8 +394,9 @@ class Pool(MemoryModel):
         for w in self.workers:
             if not self.is_alive(w):
                 label = signal_label(w.exitcode) if w.exitcode is not None else "unknown status"
-                actions.append({"worker": w.slot, "pid": w.pid, "action": "restart",
-                                "reason": "worker_dead", "detail": label})
+                actions.append(
+                    {"worker": w.slot, "pid": w.pid, "action": "restart", "reason": "worker_dead", "detail": label}
+                )
                 continue
             m = self.sample(w)
             if m is None:
@@ -381,7 +417,7 @@ class Pool(MemoryModel):
             raise ClosedError("shardc.map is not loaded; import shardc")
         return _front_end(shards, fun, pool=self, **kwargs)
 
-    def __enter__(self) -> "Pool":
+    def __enter__(self) -> Pool:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -390,10 +426,6 @@ class Pool(MemoryModel):
     def __repr__(self) -> str:
         state = "stopped" if self._closed else f"pids={[w.pid for w in self.workers]}"
         return f"<shardc.Pool workers={self.size} {state}>"
-
-
-
-
 
 
 _default: Pool | None = None
@@ -406,14 +438,29 @@ def register_front_end(fn: Callable[..., Any]) -> None:
     global _front_end
     _front_end = fn
 
-def pool_create(n: int | None = None, mem_cap: Any = "2GB", recycle: Any = True, packages: Any = None,
-                init_expr: Any = None, profile: str = "default", health_check_interval: int = 10) -> Pool:
+
+def pool_create(
+    n: int | None = None,
+    mem_cap: Any = "2GB",
+    recycle: Any = True,
+    packages: Any = None,
+    init_expr: Any = None,
+    profile: str = "default",
+    health_check_interval: int = 10,
+) -> Pool:
     """Create the default pool (stopping any previous default pool)."""
     global _default
     if _default is not None:
         _default.stop()
-    _default = Pool(n, mem_cap=mem_cap, recycle=recycle, packages=packages, init_expr=init_expr,
-                    profile=profile, health_check_interval=health_check_interval)
+    _default = Pool(
+        n,
+        mem_cap=mem_cap,
+        recycle=recycle,
+        packages=packages,
+        init_expr=init_expr,
+        profile=profile,
+        health_check_interval=health_check_interval,
+    )
     return _default
 
 

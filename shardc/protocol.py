@@ -66,8 +66,14 @@ def error_record(exc: BaseException, sid: int | None, deterministic: bool | None
     except Exception:  # noqa: BLE001 - unpicklable exception: send text only
         blob = None
     det = isinstance(exc, DETERMINISTIC) if deterministic is None else deterministic
-    return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": str(exc),
-            "traceback": tb, "exc": blob, "deterministic": det, "shard": sid}
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc),
+        "traceback": tb,
+        "exc": blob,
+        "deterministic": det,
+        "shard": sid,
+    }
 
 
 def raise_from_record(rec: dict[str, Any]) -> BaseException:

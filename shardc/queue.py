@@ -72,8 +72,7 @@ class TaskRing:
     ``SCM_RIGHTS``) can :meth:`attach` with ``(fd, nbytes)``.
     """
 
-    def __init__(self, fd: int, nbytes: int, owner: bool,
-                 init: tuple[int, int] | None = None) -> None:
+    def __init__(self, fd: int, nbytes: int, owner: bool, init: tuple[int, int] | None = None) -> None:
         self._map: ll.Mapping | None = None
         self._fd = fd
         self._nbytes = nbytes
@@ -98,8 +97,7 @@ class TaskRing:
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, capacity: int = 1024, max_consumers: int = 8,
-               backing: str = "memfd") -> TaskRing:
+    def create(cls, capacity: int = 1024, max_consumers: int = 8, backing: str = "memfd") -> TaskRing:
         """Create a segment holding a fresh ring.
 
         Args:
@@ -113,16 +111,14 @@ class TaskRing:
             SegmentError: the segment could not be created or mapped.
         """
         if backing not in _BACKINGS:
-            raise InvalidArgumentError(
-                f"backing must be one of {', '.join(_BACKINGS)}, got {backing!r}")
+            raise InvalidArgumentError(f"backing must be one of {', '.join(_BACKINGS)}, got {backing!r}")
         if backing == "memfd" and not ll.seg_backing_supported(ll.BACKING_MEMFD):
             backing = "shm"  # macOS: no memfd; an unlinked POSIX shm object instead
         nbytes = ll.queue_bytes(capacity, max_consumers)
         if backing == "shm":
-            name = f"/shardc-q-{os.getpid()}-{id(object()) & 0xffffff:x}"
+            name = f"/shardc-q-{os.getpid()}-{id(object()) & 0xFFFFFF:x}"
         elif backing == "file":
-            name = os.path.join(config.get_str("SHARDC_TMPDIR"),
-                                f"shardc-q-{os.getpid()}-{time.monotonic_ns():x}")
+            name = os.path.join(config.get_str("SHARDC_TMPDIR"), f"shardc-q-{os.getpid()}-{time.monotonic_ns():x}")
         else:
             name = "shardc-taskring"
         fd = ll.seg_create(_BACKINGS[backing], name, nbytes, False)
@@ -211,8 +207,10 @@ class TaskRing:
         if self._map is None:
             return "<TaskRing released>"
         st = self.stats()
-        return (f"<TaskRing capacity={st['capacity']} size={st['size']} consumers="
-                f"{st['max_consumers']}{' closed' if st['closed'] else ''}>")
+        return (
+            f"<TaskRing capacity={st['capacity']} size={st['size']} consumers="
+            f"{st['max_consumers']}{' closed' if st['closed'] else ''}>"
+        )
 
     # ------------------------------------------------------------ producer
 
@@ -263,8 +261,7 @@ class TaskRing:
 
     # ------------------------------------------------------------ consumer
 
-    def pop(self, consumer: int, max_items: int = MAX_CLAIM,
-            timeout: float | None = None) -> np.ndarray:
+    def pop(self, consumer: int, max_items: int = MAX_CLAIM, timeout: float | None = None) -> np.ndarray:
         """Claim up to ``max_items`` items as consumer ``consumer``.
 
         Waits (spin, then park) until at least one item is there.  The items
@@ -280,8 +277,9 @@ class TaskRing:
         n = self.pop_into(consumer, self._out, max_items, timeout)
         return self._out[:n].copy()
 
-    def pop_into(self, consumer: int, out: np.ndarray, max_items: int | None = None,
-                 timeout: float | None = None) -> int:
+    def pop_into(
+        self, consumer: int, out: np.ndarray, max_items: int | None = None, timeout: float | None = None
+    ) -> int:
         """Like :meth:`pop`, but fill ``out`` (a contiguous uint64 array) and
         return the count (0 on timeout).  The allocation-free hot path."""
         mem = self._check()

@@ -95,8 +95,14 @@ class ShardFailure:
         self.exception = exc
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shard_id": self.shard_id, "attempts": self.attempts, "error_type": self.error_type,
-                "message": self.message, "traceback": self.traceback, "history": list(self.history)}
+        return {
+            "shard_id": self.shard_id,
+            "attempts": self.attempts,
+            "error_type": self.error_type,
+            "message": self.message,
+            "traceback": self.traceback,
+            "history": list(self.history),
+        }
 
     def __repr__(self) -> str:
         return f"<ShardFailure shard={self.shard_id} attempts={self.attempts} {self.error_type}: {self.message}>"
@@ -131,8 +137,14 @@ class ShardResult:
         shards: the shard descriptor of the call.
     """
 
-    def __init__(self, results: list[Any], failures: dict[int, ShardFailure], diagnostics: Any,
-                 pool_stats: dict[str, Any], shards: Any) -> None:
+    def __init__(
+        self,
+        results: list[Any],
+        failures: dict[int, ShardFailure],
+        diagnostics: Any,
+        pool_stats: dict[str, Any],
+        shards: Any,
+    ) -> None:
         self.results = results
         self.failures = failures
         self.diagnostics = diagnostics
@@ -148,8 +160,11 @@ class ShardResult:
         """The results; raises if any shard failed (use ``results`` to see partial output)."""
         if self.failures:
             first = min(self.failures)
-            raise ShardMapError(f"{len(self.failures)} shard(s) failed (first: shard {first}: "
-                                f"{self.failures[first].message}); see .failures", self)
+            raise ShardMapError(
+                f"{len(self.failures)} shard(s) failed (first: shard {first}: "
+                f"{self.failures[first].message}); see .failures",
+                self,
+            )
         return self.results
 
     def __len__(self) -> int:
@@ -173,4 +188,4 @@ class ShardResult:
         d = self.diagnostics
         wall = getattr(d, "wall_seconds", None) if d is not None else None
         extra = f" in {wall:.3f}s" if wall is not None else ""
-        return (f"<ShardResult {len(self.results)} shards, {len(self.failures)} failed{extra}>")
+        return f"<ShardResult {len(self.results)} shards, {len(self.failures)} failed{extra}>"

@@ -40,8 +40,15 @@ class Scheduler:
         diag: the call's diagnostics record.
     """
 
-    def __init__(self, num: int, max_retries: int, chunk: int, autotune: dict[str, Any] | None,
-                 huge: tuple[int, Any] | None, diag: Diagnostics) -> None:
+    def __init__(
+        self,
+        num: int,
+        max_retries: int,
+        chunk: int,
+        autotune: dict[str, Any] | None,
+        huge: tuple[int, Any] | None,
+        diag: Diagnostics,
+    ) -> None:
         self.num = num
         self.max_retries = max_retries
         self.chunk = chunk
@@ -152,8 +159,9 @@ class Scheduler:
         hist.append(f"attempt {int(self.attempts[sid])}: {err['type'].rsplit('.', 1)[-1]}: {err['message']}")
         if err.get("deterministic") or self.attempts[sid] > self.max_retries:
             exc = raise_from_record(err) if err.get("exc") is not None or err.get("traceback") else None
-            fail = ShardFailure(sid, int(self.attempts[sid]), err["type"], err["message"],
-                                err.get("traceback", ""), exc, hist)
+            fail = ShardFailure(
+                sid, int(self.attempts[sid]), err["type"], err["message"], err.get("traceback", ""), exc, hist
+            )
             self.failures[sid] = fail
             self.results[sid] = FailedShard(fail)
             self.state[sid] = FAILED

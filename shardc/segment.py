@@ -95,14 +95,15 @@ def _shm_free_bytes() -> int | None:
 
 def _candidates(backing: str, size: int, named: bool) -> list[str]:
     if backing not in BACKINGS:
-        raise InvalidArgumentError(
-            f"backing={backing!r} is not supported; use one of {', '.join(BACKINGS)}")
+        raise InvalidArgumentError(f"backing={backing!r} is not supported; use one of {', '.join(BACKINGS)}")
     if backing != "auto":
         if not ll.seg_backing_supported(_CODES[backing]):
             raise InvalidArgumentError(f"backing={backing!r} is not available on {sys.platform}")
         if backing == "memfd" and named:
-            raise InvalidArgumentError("a memfd segment cannot be named; use backing='shm' or 'file' "
-                                       "for segments that other processes open by name")
+            raise InvalidArgumentError(
+                "a memfd segment cannot be named; use backing='shm' or 'file' "
+                "for segments that other processes open by name"
+            )
         return [backing]
     order = ["shm", "file"] if named else ["memfd", "shm", "file"]
     return [b for b in order if ll.seg_backing_supported(_CODES[b])]
@@ -116,8 +117,7 @@ class Segment:
     :class:`shardc._lowlevel.Mapping` that stays valid while referenced.
     """
 
-    def __init__(self, fd: int, size: int, backing: str, name: str, key: str,
-                 owner: bool, persistent: bool) -> None:
+    def __init__(self, fd: int, size: int, backing: str, name: str, key: str, owner: bool, persistent: bool) -> None:
         self.fd = fd
         self.size = size
         self.backing = backing
@@ -132,13 +132,11 @@ class Segment:
         self._pid = os.getpid()
         with _registry_locked():
             _registry[key] = self
-        self._finalizer = weakref.finalize(self, _finalize, fd, backing, name,
-                                           owner and persistent, key, self._pid)
+        self._finalizer = weakref.finalize(self, _finalize, fd, backing, name, owner and persistent, key, self._pid)
 
     # -- construction -------------------------------------------------------
     @classmethod
-    def create(cls, size: int, backing: str = "auto", name: str | None = None,
-               label: str = "buf") -> Segment:
+    def create(cls, size: int, backing: str = "auto", name: str | None = None, label: str = "buf") -> Segment:
         """Create a segment of ``size`` bytes (zero-filled).
 
         Args:
@@ -169,13 +167,15 @@ class Segment:
                 free = _shm_free_bytes()
                 if free is not None and size > free and backing != "auto":
                     # tmpfs would accept the ftruncate and SIGBUS on first touch.
-                    raise SegmentError(errno.ENOSPC, f"create failed for segment {path!r}: "
-                                       f"{size} bytes do not fit in /dev/shm ({free} bytes free) "
-                                       "(hint: use backing='file' or set SHARDC_BACKING=file)")
+                    raise SegmentError(
+                        errno.ENOSPC,
+                        f"create failed for segment {path!r}: "
+                        f"{size} bytes do not fit in /dev/shm ({free} bytes free) "
+                        "(hint: use backing='file' or set SHARDC_BACKING=file)",
+                    )
                 if free is not None and size > free:
                     errors.append(f"shm: {size} bytes do not fit in /dev/shm ({free} free)")
-                    log.info("segment of %d bytes does not fit in /dev/shm (%d bytes free); "
-                             "falling back", size, free)
+                    log.info("segment of %d bytes does not fit in /dev/shm (%d bytes free); falling back", size, free)
                     continue
             try:
                 try:
@@ -184,31 +184,33 @@ class Segment:
                     if exc.errno == errno.ENOENT and b == "file":
                         # The generic ENOENT hint ("unlinked by its owner?") is about opening.
                         where = "SHARDC_TMPDIR" if name is None else "name="
-                        raise SegmentError(errno.ENOENT, f"create failed for segment {path!r}: directory "
-                                           f"{os.path.dirname(path)!r} does not exist (hint: point "
-                                           f"{where} at an existing directory)") from None
+                        raise SegmentError(
+                            errno.ENOENT,
+                            f"create failed for segment {path!r}: directory "
+                            f"{os.path.dirname(path)!r} does not exist (hint: point "
+                            f"{where} at an existing directory)",
+                        ) from None
                     raise
             except SegmentError as exc:
                 if backing != "auto":
                     raise
                 errors.append(f"{b}: {exc}")
-                log.warning("creating a %s segment of %d bytes failed (%s); trying the next backing",
-                            b, size, exc)
+                log.warning("creating a %s segment of %d bytes failed (%s); trying the next backing", b, size, exc)
                 continue
             if errors:
                 log.warning("segment %s uses backing %r after: %s", path, b, "; ".join(errors))
             if named:
                 _manifest_add(b, path)
             return cls(fd, size, b, path, key, owner=True, persistent=named)
-        raise SegmentError(errno.ENOSPC, f"could not create a segment of {size} bytes with any backing: "
-                               + "; ".join(errors))
+        raise SegmentError(
+            errno.ENOSPC, f"could not create a segment of {size} bytes with any backing: " + "; ".join(errors)
+        )
 
     @classmethod
     def open(cls, name: str, backing: str = "shm", writable: bool = True) -> Segment:
         """Open a named segment created by another process (not the owner)."""
         if backing not in ("shm", "file"):
-            raise InvalidArgumentError("only 'shm' and 'file' segments can be opened by name, "
-                                       f"got backing={backing!r}")
+            raise InvalidArgumentError(f"only 'shm' and 'file' segments can be opened by name, got backing={backing!r}")
         path = _segment_path(backing, name, "", "")
         fd, size = ll.seg_open(_CODES[backing], path, writable)
         key = f"open.{os.getpid()}.{_TOKEN}.{next(_counter)}"
@@ -277,9 +279,16 @@ class Segment:
             hook(self.key)
 
     def info(self) -> dict[str, Any]:
-        return {"key": self.key, "name": self.name, "backing": self.backing, "size": self.size,
-                "owner": self.owner, "named": self.persistent, "sealed": self.sealed,
-                "closed": self._closed}
+        return {
+            "key": self.key,
+            "name": self.name,
+            "backing": self.backing,
+            "size": self.size,
+            "owner": self.owner,
+            "named": self.persistent,
+            "sealed": self.sealed,
+            "closed": self._closed,
+        }
 
     def __enter__(self) -> Segment:
         return self

@@ -36,8 +36,10 @@ def parse_count(value: Any, arg: str) -> int:
     elif isinstance(value, str):
         m = _COUNT_RE.match(value)
         if not m:
-            raise ShardSpecError(f"{arg}={value!r} is not a count; use an integer or a string such "
-                                 "as '500', '10K', '1M' or '3B' (K=thousand, M=million, B=billion)")
+            raise ShardSpecError(
+                f"{arg}={value!r} is not a count; use an integer or a string such "
+                "as '500', '10K', '1M' or '3B' (K=thousand, M=million, B=billion)"
+            )
         exact = Fraction(m.group(1)) * _MULT[m.group(2).upper()]  # floats lose digits past 2**53
         if exact.denominator != 1:
             raise ShardSpecError(f"{arg}={value!r} is not a whole number of items")
@@ -65,8 +67,9 @@ class Shard:
 
     __slots__ = ("id", "start", "stop", "len", "idx", "stride", "_seedseq", "_rng")
 
-    def __init__(self, id: int, start: int, stop: int, length: int, idx: Any, stride: int = 1,
-                 seedseq: Any = None) -> None:
+    def __init__(
+        self, id: int, start: int, stop: int, length: int, idx: Any, stride: int = 1, seedseq: Any = None
+    ) -> None:
         self.id = id
         self.start = start
         self.stop = stop
@@ -102,8 +105,12 @@ class Shard:
         if not isinstance(other, Shard):
             return NotImplemented
         return (self.id, self.start, self.stop, self.len, self.stride) == (
-            other.id, other.start, other.stop, other.len, other.stride) and np.array_equal(
-            self.indices(), other.indices())
+            other.id,
+            other.start,
+            other.stop,
+            other.len,
+            other.stride,
+        ) and np.array_equal(self.indices(), other.indices())
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -126,8 +133,9 @@ class ShardDescriptor(Sequence[Shard]):
         num_shards: number of shards (also ``len(desc)``).
     """
 
-    def __init__(self, n: int, block_size: int | None, strategy: str, num_shards: int,
-                 lists: list[np.ndarray] | None = None) -> None:
+    def __init__(
+        self, n: int, block_size: int | None, strategy: str, num_shards: int, lists: list[np.ndarray] | None = None
+    ) -> None:
         self.n = n
         self.block_size = block_size
         self.strategy = strategy
@@ -172,18 +180,25 @@ class ShardDescriptor(Sequence[Shard]):
             yield self.shard(k)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "block_size": self.block_size, "strategy": self.strategy,
-                "num_shards": self.num_shards}
+        return {"n": self.n, "block_size": self.block_size, "strategy": self.strategy, "num_shards": self.num_shards}
 
     def __repr__(self) -> str:
-        return (f"<ShardDescriptor n={self.n} strategy={self.strategy} block_size={self.block_size} "
-                f"num_shards={self.num_shards}>")
+        return (
+            f"<ShardDescriptor n={self.n} strategy={self.strategy} block_size={self.block_size} "
+            f"num_shards={self.num_shards}>"
+        )
 
 
-def shards(n: Any, block_size: Any = "auto", workers: int | None = None,
-           strategy: str = "contiguous", min_shards_per_worker: int = 4,
-           max_shards_per_worker: int = 64, scratch_bytes_per_item: int = 0,
-           scratch_budget: int = 0) -> ShardDescriptor:
+def shards(
+    n: Any,
+    block_size: Any = "auto",
+    workers: int | None = None,
+    strategy: str = "contiguous",
+    min_shards_per_worker: int = 4,
+    max_shards_per_worker: int = 64,
+    scratch_bytes_per_item: int = 0,
+    scratch_budget: int = 0,
+) -> ShardDescriptor:
     """Cut ``0..n-1`` into shards.
 
     Args:
@@ -207,8 +222,10 @@ def shards(n: Any, block_size: Any = "auto", workers: int | None = None,
         w = config.default_workers() if workers is None else workers
         if isinstance(w, bool) or not isinstance(w, (numbers.Integral, np.integer)) or w < 1:
             raise ShardSpecError(f"workers must be a positive integer, got {workers!r}")
-        for name, v in (("min_shards_per_worker", min_shards_per_worker),
-                        ("max_shards_per_worker", max_shards_per_worker)):
+        for name, v in (
+            ("min_shards_per_worker", min_shards_per_worker),
+            ("max_shards_per_worker", max_shards_per_worker),
+        ):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ShardSpecError(f"{name} must be a positive integer, got {v!r}")
         if max_shards_per_worker < min_shards_per_worker:
@@ -247,8 +264,12 @@ def shards_list(idxs: Any) -> ShardDescriptor:
         if arr.size == 0:
             raise ShardSpecError(f"idxs[{k}] is empty; every shard needs at least one index")
         if arr.dtype.kind not in "iu":
-            if (arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))
-                    and arr.max() < 2.0**63):
+            if (
+                arr.dtype.kind == "f"
+                and np.all(np.isfinite(arr))
+                and np.all(arr == np.round(arr))
+                and arr.max() < 2.0**63
+            ):
                 arr = arr.astype(np.int64)
             else:
                 raise ShardSpecError(f"idxs[{k}] must hold integer indices, got dtype {arr.dtype}")

@@ -67,10 +67,21 @@ class Shared:
         segments: the segments it uses.
     """
 
-    def __init__(self, kind: str, how: str, segments: list[Segment], *, dtype: np.dtype | None = None,
-                 shape: tuple[int, ...] = (), strides: tuple[int, ...] = (), offset: int = 0,
-                 payload: bytes = b"", buffers: list[tuple[int, int]] | None = None,
-                 bytes_copied: int = 0, owns: bool = True) -> None:
+    def __init__(
+        self,
+        kind: str,
+        how: str,
+        segments: list[Segment],
+        *,
+        dtype: np.dtype | None = None,
+        shape: tuple[int, ...] = (),
+        strides: tuple[int, ...] = (),
+        offset: int = 0,
+        payload: bytes = b"",
+        buffers: list[tuple[int, int]] | None = None,
+        bytes_copied: int = 0,
+        owns: bool = True,
+    ) -> None:
         self.kind = kind
         self.how = how
         self.segments = segments
@@ -98,8 +109,14 @@ class Shared:
             raise InvalidTypeError("this shared object is not an array; use .get()")
         if self._array is None:
             assert self.dtype is not None  # set for every kind "array"
-            self._array = view_array(self.segments[0].mapping(writable=False), self.dtype,
-                                     self.shape, self.strides, self.offset, writeable=False)
+            self._array = view_array(
+                self.segments[0].mapping(writable=False),
+                self.dtype,
+                self.shape,
+                self.strides,
+                self.offset,
+                writeable=False,
+            )
         return self._array
 
     def get(self) -> Any:
@@ -108,8 +125,7 @@ class Shared:
             return self.array
         if self._closed:
             raise ClosedError("this shared input is closed")
-        bufs = [memoryview(self.segments[i].mapping(writable=False).buffer())[:n].toreadonly()
-                for i, n in self.buffers]
+        bufs = [memoryview(self.segments[i].mapping(writable=False).buffer())[:n].toreadonly() for i, n in self.buffers]
         return pickle.loads(self.payload, buffers=bufs)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -118,9 +134,16 @@ class Shared:
 
     def descriptor(self) -> dict[str, Any]:
         """What a worker needs to rebuild the object (segments by key)."""
-        return {"kind": self.kind, "segs": [s.key for s in self.segments], "dtype": self.dtype,
-                "shape": self.shape, "strides": self.strides, "offset": self.offset,
-                "payload": self.payload, "buffers": self.buffers}
+        return {
+            "kind": self.kind,
+            "segs": [s.key for s in self.segments],
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "strides": self.strides,
+            "offset": self.offset,
+            "payload": self.payload,
+            "buffers": self.buffers,
+        }
 
     @property
     def closed(self) -> bool:
@@ -147,8 +170,9 @@ class Shared:
         return f"<shardc.Shared {self.kind} {what} {self.how} {self.nbytes} bytes>"
 
 
-def view_array(mapping: ll.Mapping, dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...],
-               offset: int, writeable: bool) -> np.ndarray:
+def view_array(
+    mapping: ll.Mapping, dtype: np.dtype, shape: tuple[int, ...], strides: tuple[int, ...], offset: int, writeable: bool
+) -> np.ndarray:
     """An ndarray over ``mapping`` (keeps the mapping alive)."""
     buf: Any = mapping.buffer()
     if not writeable:
@@ -167,8 +191,16 @@ def _by_reference(arr: np.ndarray) -> Shared | None:
         return None
     seg, _ = hit
     base = seg.mapping().addr
-    return Shared("array", "reference", [seg], dtype=arr.dtype, shape=arr.shape, strides=arr.strides,
-                  offset=arr.ctypes.data - base, owns=False)
+    return Shared(
+        "array",
+        "reference",
+        [seg],
+        dtype=arr.dtype,
+        shape=arr.shape,
+        strides=arr.strides,
+        offset=arr.ctypes.data - base,
+        owns=False,
+    )
 
 
 PARALLEL_COPY_BYTES = 64 * 1024**2
@@ -232,8 +264,9 @@ def _copy_array(arr: np.ndarray, backing: str) -> Shared:
     except BaseException:
         seg.close()
         raise
-    return Shared("array", "copied", [seg], dtype=arr.dtype, shape=arr.shape, strides=strides,
-                  offset=0, bytes_copied=nbytes)
+    return Shared(
+        "array", "copied", [seg], dtype=arr.dtype, shape=arr.shape, strides=strides, offset=0, bytes_copied=nbytes
+    )
 
 
 def _pickle(obj: Any, backing: str) -> Shared:

@@ -28,7 +28,8 @@ Roles:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -39,15 +40,15 @@ from .segment import Segment
 
 STATE_IDLE, STATE_RUNNING = ll.STATUS_IDLE, ll.STATUS_RUNNING
 
-# The C functions of the per-shard hot path, bound once (one cffi call each).
-_begin = ll.status_begin
-_end = ll.status_end
-_next = ll.status_next
-_block_begin = ll.status_block_begin
-_block_end = ll.status_block_end
-_exit_requested = ll.status_exit_requested
-_done_get = ll.status_done_get
-_done_count = ll.status_done_count
+# The per-shard C calls, bound once (each returns ns >= 0 or a -errno; see _lowlevel.status).
+_begin: Callable[[Any, int], int] = ll.status_begin
+_end: Callable[[Any, int, int], int] = ll.status_end
+_next: Callable[[Any, int, int, int], int] = ll.status_next
+_block_begin: Callable[[Any, int, int], int] = ll.status_block_begin
+_block_end: Callable[[Any, int, int, int], int] = ll.status_block_end
+_exit_requested: Callable[[Any], int] = ll.status_exit_requested
+_done_get: Callable[[Any, int, int], int] = ll.status_done_get
+_done_count: Callable[[Any, int], int] = ll.status_done_count
 _NULL = ll.NULL
 _fail = ll.status_fail
 
@@ -79,7 +80,7 @@ class StatusTable:
         ll.status_init(self._mem, nbytes, nslots)
 
     # -- master ----------------------------------------------------------------------
-    def row(self, slot: int) -> "StatusRow":
+    def row(self, slot: int) -> StatusRow:
         """The writer for ``slot`` (used by the worker forked into it)."""
         return StatusRow(self, slot)
 
@@ -141,7 +142,7 @@ class StatusRow:
         self._owner, self._p = ll.status_writer(table._mem, slot)
         self._done: DoneMap | None = None
 
-    def _bind(self, done: "DoneMap | None") -> None:
+    def _bind(self, done: DoneMap | None) -> None:
         """Marks go to ``done`` from now on (a new call's map)."""
         if done is None:
             ll.status_writer_set_done(self._p, _NULL, 0)
@@ -159,7 +160,7 @@ class StatusRow:
         """``sid`` starts now: current, start time, then RUNNING.  Returns t0 (ns)."""
         return _begin(self._p, sid)
 
-    def shard_end(self, done: "DoneMap | None", sid: int, mark: int) -> int:
+    def shard_end(self, done: DoneMap | None, sid: int, mark: int) -> int:
         """``sid`` finished: its done mark (1/2; 0 = failed, none), then IDLE.  Returns t1 (ns)."""
         if done is not self._done:
             self._bind(done)
@@ -168,7 +169,7 @@ class StatusRow:
             self._failed(t, "shard_end", sid)
         return t
 
-    def shard_next(self, done: "DoneMap", sid: int, mark: int, nxt: int) -> int:
+    def shard_next(self, done: DoneMap, sid: int, mark: int, nxt: int) -> int:
         """Inside a block (state stays RUNNING): mark ``sid`` done, start ``nxt``.  Returns now (ns)."""
         if done is not self._done:
             self._bind(done)
@@ -181,7 +182,7 @@ class StatusRow:
         """A block of ``count`` ids from ``start`` begins (RUNNING its first shard)."""
         return _block_begin(self._p, start, count)
 
-    def block_end(self, done: "DoneMap", sid: int, mark: int, ok: int) -> int:
+    def block_end(self, done: DoneMap, sid: int, mark: int, ok: int) -> int:
         """The block is over after ``sid`` (its done mark ``mark``, 0 = none):
         IDLE, and ``ok`` more shards finished.  Returns now (ns)."""
         if done is not self._done:
@@ -225,7 +226,7 @@ class DoneMap:
         return self._a
 
     @classmethod
-    def attach(cls, arr: np.ndarray) -> "DoneMap":
+    def attach(cls, arr: np.ndarray) -> DoneMap:
         """A worker's handle on the map mapped at ``arr`` (a uint8 view)."""
         self = cls.__new__(cls)
         self._buf = None

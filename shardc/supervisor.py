@@ -34,8 +34,14 @@ from ._channel import ChannelClosed
 from .call import Call, CallSetup, WorkerGone
 from .diagnostics import Diagnostics, Progress
 from .dispatch import Dispatcher
-from .errors import (CallSetupTimeoutError, ShardTimeoutError, WorkerCrashedError, WorkerMemoryError,
-                     WorkerSetupError, signal_label)
+from .errors import (
+    CallSetupTimeoutError,
+    ShardTimeoutError,
+    WorkerCrashedError,
+    WorkerMemoryError,
+    WorkerSetupError,
+    signal_label,
+)
 from .protocol import RETIRE_EXIT
 from .scheduler import Scheduler
 from .status import STATE_RUNNING
@@ -92,7 +98,7 @@ class Supervisor:
             except CallSetupTimeoutError:
                 # The others got the same call: kill those that have not
                 # answered yet either, and leave the pool with fresh workers.
-                for other in sent[i + 1:]:
+                for other in sent[i + 1 :]:
                     if not other.chan.poll_nonblocking():
                         self.pool.kill(other)
                 self.pool.ensure_alive()
@@ -136,8 +142,10 @@ class Supervisor:
             if self.dispatcher is not None:
                 self.dispatcher.attach(nw)
             return nw
-        raise WorkerSetupError(f"worker slot {w.slot}: {REPLACE_ATTEMPTS} fresh workers in a row died before "
-                               f"the call started (last: {reason}); see the workers' stderr")
+        raise WorkerSetupError(
+            f"worker slot {w.slot}: {REPLACE_ATTEMPTS} fresh workers in a row died before "
+            f"the call started (last: {reason}); see the workers' stderr"
+        )
 
     # -- deaths: the one place ----------------------------------------------------------
     def handle_death(self, w: Any, reason: str | None = None, code: int | None = None) -> Any:
@@ -151,13 +159,20 @@ class Supervisor:
         label = signal_label(code) if code is not None else "?"
         running = loss.charge[0] if loss.charge else None
         if running is not None:
-            log.warning("worker %d (pid %d) %s while running shard %d; %d other shard(s) requeued",
-                        w.slot, w.pid, "was killed: " + reason if reason else f"died with {label}",
-                        running, len(loss.requeue))
+            log.warning(
+                "worker %d (pid %d) %s while running shard %d; %d other shard(s) requeued",
+                w.slot,
+                w.pid,
+                "was killed: " + reason if reason else f"died with {label}",
+                running,
+                len(loss.requeue),
+            )
         retired = code == RETIRE_EXIT and reason is None and st.retiring
         if retired:
-            reason = ("retired itself: a shard wrote more of a borrowed input inherited at fork "
-                      "than the page guards can restore")
+            reason = (
+                "retired itself: a shard wrote more of a borrowed input inherited at fork "
+                "than the page guards can restore"
+            )
             self.diag.event("recycle", w, reason)
         else:
             self.diag.event("death", w, reason or f"died with {label}", code=code, shard=running)
@@ -180,20 +195,30 @@ class Supervisor:
         exc: BaseException
         if reason == "timeout":
             exc = ShardTimeoutError(
-                f"shard {sid} ran longer than timeout={timeout:g}s; worker {w.slot} (pid {w.pid}) was killed")
+                f"shard {sid} ran longer than timeout={timeout:g}s; worker {w.slot} (pid {w.pid}) was killed"
+            )
         elif reason == "no progress":
             exc = ShardTimeoutError(
                 f"shard {sid} finished, but worker {w.slot} (pid {w.pid}) then made no progress for "
                 f"timeout={timeout:g}s outside any shard while reporting it (does pickling its "
-                "return value or its exception block?); the worker was killed")
+                "return value or its exception block?); the worker was killed"
+            )
         elif reason and reason.startswith("memory"):
-            exc = WorkerMemoryError(f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: "
-                                    f"{reason.split(':', 1)[1].strip()}")
+            exc = WorkerMemoryError(
+                f"shard {sid}: worker {w.slot} (pid {w.pid}) was killed: {reason.split(':', 1)[1].strip()}"
+            )
         else:
-            exc = WorkerCrashedError(f"worker {w.slot} (pid {w.pid}) died with {label} while running shard {sid}",
-                                     exitcode=code, pid=w.pid)
-        return {"type": f"shardc.errors.{type(exc).__name__}", "message": str(exc), "traceback": "",
-                "exc": pickle.dumps(exc), "deterministic": False, "shard": sid}
+            exc = WorkerCrashedError(
+                f"worker {w.slot} (pid {w.pid}) died with {label} while running shard {sid}", exitcode=code, pid=w.pid
+            )
+        return {
+            "type": f"shardc.errors.{type(exc).__name__}",
+            "message": str(exc),
+            "traceback": "",
+            "exc": pickle.dumps(exc),
+            "deterministic": False,
+            "shard": sid,
+        }
 
     # -- memory -----------------------------------------------------------------------------
     def check_memory(self, w: Any, due: bool = False) -> None:

@@ -10,9 +10,22 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 
-_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
-               "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4,
-               "TIB": 1024**4}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "KB": 1024,
+    "KIB": 1024,
+    "M": 1024**2,
+    "MB": 1024**2,
+    "MIB": 1024**2,
+    "G": 1024**3,
+    "GB": 1024**3,
+    "GIB": 1024**3,
+    "T": 1024**4,
+    "TB": 1024**4,
+    "TIB": 1024**4,
+}
 
 
 def parse_bytes(value: Any, arg: str) -> int | None:
@@ -36,7 +49,8 @@ def parse_bytes(value: Any, arg: str) -> int | None:
         if not m or unit not in _SIZE_UNITS:
             raise InvalidArgumentError(
                 f"{arg}={value!r} is not a size; write a number with an optional unit, e.g. "
-                "'2GB', '512MB', '1.5G' or 2_000_000_000 (units: B, KB, MB, GB, TB; binary)")
+                "'2GB', '512MB', '1.5G' or 2_000_000_000 (units: B, KB, MB, GB, TB; binary)"
+            )
         n = int(float(m.group(1)) * _SIZE_UNITS[unit])
         if n <= 0:
             raise InvalidArgumentError(f"{arg} must be a positive size, got {value!r}")

@@ -42,8 +42,9 @@ def check_int(value: Any, arg: str, minimum: int) -> int:
 
 def check_choice(value: Any, arg: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise InvalidArgumentError(f"{arg}={value!r} is not supported; use one of: "
-                                   + ", ".join(repr(c) for c in choices))
+        raise InvalidArgumentError(
+            f"{arg}={value!r} is not supported; use one of: " + ", ".join(repr(c) for c in choices)
+        )
     return value
 
 
@@ -55,7 +56,8 @@ def resolve_shards(shards: Any) -> tuple[ShardDescriptor, bool]:
         n = parse_count(shards, "shards")
         return make_shards(n, block_size=1), True
     raise InvalidArgumentError(
-        f"shards must be an int N or a descriptor from shards()/shards_list(), got {type(shards).__name__}")
+        f"shards must be an int N or a descriptor from shards()/shards_list(), got {type(shards).__name__}"
+    )
 
 
 def check_names(d: Any, arg: str) -> dict[str, Any]:
@@ -65,8 +67,9 @@ def check_names(d: Any, arg: str) -> dict[str, Any]:
         raise InvalidArgumentError(f"{arg} must be a dict of name -> object, got {type(d).__name__}")
     for k in d:
         if not isinstance(k, str) or not k.isidentifier():
-            raise InvalidArgumentError(f"{arg} keys must be valid Python identifiers (they become "
-                                       f"keyword arguments of fun), got {k!r}")
+            raise InvalidArgumentError(
+                f"{arg} keys must be valid Python identifiers (they become keyword arguments of fun), got {k!r}"
+            )
     return dict(d)
 
 
@@ -81,7 +84,8 @@ def check_out(out: dict[str, Any]) -> None:
         raise InvalidArgumentError(
             f"out[{name!r}] must be a shardc.buffer(...) (or a view of one), got "
             f"{type(obj).__name__}: a plain array lives only in this process, so worker writes "
-            "would be lost; create it with shardc.buffer(dtype, shape)")
+            "would be lost; create it with shardc.buffer(dtype, shape)"
+        )
 
 
 def check_binding(fun: Callable[..., Any], names: list[str], what: str) -> None:
@@ -95,24 +99,30 @@ def check_binding(fun: Callable[..., Any], names: list[str], what: str) -> None:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     has_var_pos = any(p.kind is p.VAR_POSITIONAL for p in params)
     if not positional and not has_var_pos:
-        raise BindingError(f"{what} must take the shard as its first argument: def f(shard, ...), "
-                           f"but its signature is {sig}")
+        raise BindingError(
+            f"{what} must take the shard as its first argument: def f(shard, ...), but its signature is {sig}"
+        )
     accepted = {p.name for p in params[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     if positional and positional[0].kind is positional[0].POSITIONAL_OR_KEYWORD and positional[0] is params[0]:
         accepted.discard(params[0].name)
     for n in names:
         if n == params[0].name and params[0].kind is not params[0].VAR_POSITIONAL:
-            raise BindingError(f"the name {n!r} in borrow/out clashes with {what}'s first parameter "
-                               f"(the shard); rename one of them")
+            raise BindingError(
+                f"the name {n!r} in borrow/out clashes with {what}'s first parameter (the shard); rename one of them"
+            )
         if n not in accepted and not has_var_kw:
-            raise BindingError(f"{what} has no parameter {n!r} for the borrowed input/out buffer of "
-                               f"that name; add it (def f(shard, {', '.join(names)})) or **kwargs. "
-                               f"Signature: {sig}")
+            raise BindingError(
+                f"{what} has no parameter {n!r} for the borrowed input/out buffer of "
+                f"that name; add it (def f(shard, {', '.join(names)})) or **kwargs. "
+                f"Signature: {sig}"
+            )
     provided = set(names)
     for p in params[1:]:
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in provided:
-            raise BindingError(f"{what} requires an argument {p.name!r} that neither borrow= nor out= "
-                               f"provides; pass it in borrow={{'{p.name}': ...}} or give it a default")
+            raise BindingError(
+                f"{what} requires an argument {p.name!r} that neither borrow= nor out= "
+                f"provides; pass it in borrow={{'{p.name}': ...}} or give it a default"
+            )
 
 
 class _Pickler(cloudpickle.CloudPickler):
@@ -145,12 +155,17 @@ def pickle_function(fun: Callable[..., Any], on_ref: Callable[[Any], Any]) -> by
         raise UnpicklableFunctionError(
             f"fun {getattr(fun, '__qualname__', fun)!r} cannot be pickled to send it to the workers"
             f"{where}: {type(exc).__name__}: {exc}. Pass such objects through borrow= or create "
-            "them inside fun (or with init_expr=)") from exc
+            "them inside fun (or with init_expr=)"
+        ) from exc
     if len(blob) > BIG_FUN_BYTES:
         big = _biggest_capture(fun)
-        log.warning("fun %r pickles to %.1f MiB, sent to every worker on every call: it captures big "
-                    "data by value%s; pass it in borrow= (shared, not copied) or build it in init_expr=",
-                    getattr(fun, "__qualname__", fun), len(blob) / 2**20, f" (the biggest: {big})" if big else "")
+        log.warning(
+            "fun %r pickles to %.1f MiB, sent to every worker on every call: it captures big "
+            "data by value%s; pass it in borrow= (shared, not copied) or build it in init_expr=",
+            getattr(fun, "__qualname__", fun),
+            len(blob) / 2**20,
+            f" (the biggest: {big})" if big else "",
+        )
     return blob
 
 
@@ -194,9 +209,12 @@ def _find_culprit(fun: Any) -> str | None:
     if code is None:
         return None
     candidates = _captures(fun)
-    code_args = code.co_varnames[:code.co_argcount]
-    for name, value in zip(code_args[len(code_args) - len(getattr(fun, "__defaults__", None) or ()):],
-                           getattr(fun, "__defaults__", None) or (), strict=True):
+    code_args = code.co_varnames[: code.co_argcount]
+    for name, value in zip(
+        code_args[len(code_args) - len(getattr(fun, "__defaults__", None) or ()) :],
+        getattr(fun, "__defaults__", None) or (),
+        strict=True,
+    ):
         candidates.append((f"default of argument {name!r}", value))
     for name, value in (getattr(fun, "__kwdefaults__", None) or {}).items():
         candidates.append((f"default of argument {name!r}", value))
@@ -234,8 +252,13 @@ def check_autotune(autotune: Any, scalar_n: bool) -> dict[str, Any] | None:
     if autotune is False or autotune == "none":
         return None
     if isinstance(autotune, dict):
-        unknown = set(autotune) - {"mode", "target_chunk_seconds", "max_rounds", "probe_shards_per_worker",
-                                   "min_shard_time"}
+        unknown = set(autotune) - {
+            "mode",
+            "target_chunk_seconds",
+            "max_rounds",
+            "probe_shards_per_worker",
+            "min_shard_time",
+        }
         if unknown:
             raise InvalidArgumentError(f"autotune has unknown keys {sorted(unknown)}")
         mode = autotune.get("mode", "online")
@@ -254,8 +277,10 @@ def check_dispatch_opts(opts: Any, mode: str) -> dict[str, Any]:
         raise InvalidArgumentError(f"dispatch_opts must be a dict, got {type(opts).__name__}")
     unknown = set(opts) - DISPATCH_OPTS[mode]
     if unknown:
-        raise InvalidArgumentError(f"dispatch_opts keys {sorted(unknown)} do not apply to dispatch_mode="
-                                   f"{mode!r}; it accepts {sorted(DISPATCH_OPTS[mode])}")
+        raise InvalidArgumentError(
+            f"dispatch_opts keys {sorted(unknown)} do not apply to dispatch_mode="
+            f"{mode!r}; it accepts {sorted(DISPATCH_OPTS[mode])}"
+        )
     if "block_size" in opts:
         check_int(opts["block_size"], "dispatch_opts['block_size']", 1)
     if "queue_backing" in opts:
@@ -276,8 +301,9 @@ def check_scheduler_policy(policy: Any) -> dict[str, Any]:
         raise InvalidArgumentError(f"scheduler_policy must be a dict, got {type(policy).__name__}")
     unknown = set(policy) - {"max_huge_concurrency"}
     if unknown:
-        raise InvalidArgumentError(f"scheduler_policy has unknown keys {sorted(unknown)}; "
-                                   "supported: max_huge_concurrency")
+        raise InvalidArgumentError(
+            f"scheduler_policy has unknown keys {sorted(unknown)}; supported: max_huge_concurrency"
+        )
     if "max_huge_concurrency" in policy:
         check_int(policy["max_huge_concurrency"], "scheduler_policy['max_huge_concurrency']", 1)
     return dict(policy)

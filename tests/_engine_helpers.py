@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import psutil
-
 import pytest
 
 import shardc
@@ -98,6 +97,7 @@ def drain(pool: Any = None, timeout: float = 5.0) -> None:
 
 
 # -- fixtures shared by the engine test files (imported there by name) --------------------
+
 
 @pytest.fixture(autouse=True)
 def no_stray_children():

@@ -13,7 +13,8 @@ import os
 import select
 import signal
 import traceback
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 

@@ -57,6 +57,7 @@ def uss() -> int:
 
 # -- dtypes and shapes ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtype_roundtrip_and_fork_write(dtype, fork_run):
     """Any fixed-size dtype: fresh buffer is zero, parent writes read back, a forked child's writes reach the parent."""
@@ -75,8 +76,7 @@ def test_dtype_roundtrip_and_fork_write(dtype, fork_run):
         assert np.array_equal(buf.array, want)  # ... is the parent's memory
 
 
-@pytest.mark.parametrize("shape", [(), 0, (0,), (0, 3), (3, 0, 2), 7, (2, 3, 4), (np.int64(2), np.uint8(3))],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(), 0, (0,), (0, 3), (3, 0, 2), 7, (2, 3, 4), (np.int64(2), np.uint8(3))], ids=str)
 def test_any_shape(shape):
     """0-d, zero-size and n-d shapes (ints or NumPy ints) give arrays of exactly that shape."""
     want = (shape,) if np.ndim(shape) == 0 and shape != () else tuple(int(d) for d in shape)
@@ -102,6 +102,7 @@ def test_zero_size_buffer_works():
 
 
 # -- NumPy behaviour --------------------------------------------------------------------
+
 
 @pytest.fixture
 def mat():
@@ -129,7 +130,7 @@ def test_ufuncs_and_operators(mat):
     ref = np.arange(24.0).reshape(4, 6)
     assert np.array_equal(mat + 1, ref + 1) and np.array_equal(2 * mat, 2 * ref)
     assert np.array_equal(mat - mat, ref - ref) and np.array_equal(mat / 2, ref / 2)
-    assert np.array_equal(-mat, -ref) and np.array_equal(mat ** 2, ref ** 2)
+    assert np.array_equal(-mat, -ref) and np.array_equal(mat**2, ref**2)
     assert np.array_equal(mat @ np.ones(6), ref @ np.ones(6))
     assert np.array_equal(mat == 5, ref == 5) and np.array_equal(mat > 5, ref > 5)
     assert np.array_equal(np.sqrt(mat), np.sqrt(ref)) and np.add.reduce(mat, axis=0).tolist() == ref.sum(0).tolist()
@@ -185,8 +186,9 @@ def test_indexing_matches_ndarray_property(data, shape):
         buf[key] = -1
         ref[key] = -1
         if ref.ndim:
-            rows = data.draw(st.lists(st.integers(-shape[0], shape[0] - 1), max_size=4), label="rows") \
-                if shape[0] else []
+            rows = (
+                data.draw(st.lists(st.integers(-shape[0], shape[0] - 1), max_size=4), label="rows") if shape[0] else []
+            )
             assert np.array_equal(buf[rows], ref[rows])
         assert np.array_equal(buf.array, ref)
 
@@ -194,6 +196,7 @@ def test_indexing_matches_ndarray_property(data, shape):
 def test_numpy_operations_in_forked_child(fork_run):
     """In a forked child a Buffer supports fancy/boolean writes, ufunc out=, in-place ops and np functions."""
     with shardc.buffer("f8", (4, 5), init=np.arange(20.0).reshape(4, 5)) as buf:
+
         def child() -> tuple:
             buf[[0, 3], 1] = -1.0
             buf[buf.array > 15] = 100.0
@@ -215,6 +218,7 @@ def test_numpy_operations_in_forked_child(fork_run):
 def test_parent_writes_after_fork_reach_child(fork_child):
     """Writes the parent makes after fork() are visible to the child (both directions are shared)."""
     with shardc.buffer("i8", 100) as buf:
+
         def child(conn) -> int:
             conn.recv()
             return int(buf.sum())
@@ -236,15 +240,16 @@ def test_out_of_bounds_index_raises_index_error(mat):
 
 def test_buffer_is_not_pickled_by_value():
     """Pickling a Buffer raises TypeError pointing at out=/borrow= instead of copying silently."""
-    with shardc.buffer("f8", 3) as buf:
-        with pytest.raises(TypeError, match="not pickled by value"):
-            pickle.dumps(buf)
+    with shardc.buffer("f8", 3) as buf, pytest.raises(TypeError, match="not pickled by value"):
+        pickle.dumps(buf)
 
 
 # -- init ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("init,backing", [(None, "auto"), (0, "auto"), (0.0, "auto"), (False, "auto"),
-                                          (None, "shm"), (0, "file")])
+
+@pytest.mark.parametrize(
+    "init,backing", [(None, "auto"), (0, "auto"), (0.0, "auto"), (False, "auto"), (None, "shm"), (0, "file")]
+)
 def test_zero_init_costs_no_memory(init, backing, monkeypatch, tmp_path):
     """init=None/0 on a 256 MiB buffer adds no resident memory, RSS or USS (fresh pages read as zero)."""
     monkeypatch.setenv("SHARDC_TMPDIR", str(tmp_path))
@@ -252,8 +257,10 @@ def test_zero_init_costs_no_memory(init, backing, monkeypatch, tmp_path):
     with shardc.buffer("f8", 32 * MiB, init=init, backing=backing) as buf:
         after = ll.proc_mem(os.getpid())
         d_rss, d_uss = after["rss"] - before["rss"], after["uss"] - before["uss"]
-        print(f"init={init!r} {buf.segment.backing}: 256 MiB buffer, RSS +{d_rss / MiB:.2f} MiB, "
-              f"USS +{d_uss / MiB:.2f} MiB")
+        print(
+            f"init={init!r} {buf.segment.backing}: 256 MiB buffer, RSS +{d_rss / MiB:.2f} MiB, "
+            f"USS +{d_uss / MiB:.2f} MiB"
+        )
         assert d_rss < 16 * MiB and d_uss < 16 * MiB
         assert buf[-1] == 0
 
@@ -268,16 +275,33 @@ def test_nonzero_init_fills_and_is_measured():
         assert (buf.array == 2.5).all()
 
 
-@pytest.mark.parametrize("dtype,init", [
-    ("f4", 1.5), ("i2", -7), ("u1", 255), ("?", True), ("c16", 1 - 2j), ("c8", 3j),
-    (STRUCT, (7, 2.5, b"abc", True)), ("S4", b"ab"), ("U2", "xy"), ("f8", -0.0), ("f8", np.nan),
-    ("M8[D]", np.datetime64("2001-02-03")), ("i8", np.int8(-1)),
-], ids=str)
+@pytest.mark.parametrize(
+    "dtype,init",
+    [
+        ("f4", 1.5),
+        ("i2", -7),
+        ("u1", 255),
+        ("?", True),
+        ("c16", 1 - 2j),
+        ("c8", 3j),
+        (STRUCT, (7, 2.5, b"abc", True)),
+        ("S4", b"ab"),
+        ("U2", "xy"),
+        ("f8", -0.0),
+        ("f8", np.nan),
+        ("M8[D]", np.datetime64("2001-02-03")),
+        ("i8", np.int8(-1)),
+    ],
+    ids=str,
+)
 def test_scalar_init_fills(dtype, init):
     """Non-zero scalar inits (incl. structured tuples, complex, strings, -0.0, NaN) fill every element."""
     with shardc.buffer(dtype, (5, 3), init=init) as buf:
-        want = np.full((5, 3), init, dtype=dtype) if not isinstance(init, tuple) else \
-            np.array([init] * 15, dtype=dtype).reshape(5, 3)
+        want = (
+            np.full((5, 3), init, dtype=dtype)
+            if not isinstance(init, tuple)
+            else np.array([init] * 15, dtype=dtype).reshape(5, 3)
+        )
         assert buf.array.tobytes() == want.tobytes()
 
 
@@ -294,10 +318,20 @@ def test_array_init_broadcasts():
         assert buf.array.tolist() == [b"ab", b"cd"] and (day.array == np.datetime64("2020-01-01")).all()
 
 
-@pytest.mark.parametrize("dtype,init", [
-    ("f8", [1.0, 2.0, 3.0]), ("f8", "abc"), ("i4", 1.5), ("i4", 2j), ("f8", 1 + 1j), ("u1", 300),
-    ("i4", np.ones((4, 3))), (STRUCT, (1, 2.0)),
-], ids=str)
+@pytest.mark.parametrize(
+    "dtype,init",
+    [
+        ("f8", [1.0, 2.0, 3.0]),
+        ("f8", "abc"),
+        ("i4", 1.5),
+        ("i4", 2j),
+        ("f8", 1 + 1j),
+        ("u1", 300),
+        ("i4", np.ones((4, 3))),
+        (STRUCT, (1, 2.0)),
+    ],
+    ids=str,
+)
 def test_bad_init_names_init(dtype, init):
     """A bad init raises InvalidArgumentError (a ValueError) naming init, and leaks no segment."""
     with pytest.raises(ValueError, match=r"^init=") as info:
@@ -307,10 +341,21 @@ def test_bad_init_names_init(dtype, init):
 
 # -- argument errors ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape,exc", [
-    (-1, InvalidArgumentError), ((3, -2), InvalidArgumentError), (2.5, TypeError), ((2, 1.0), TypeError),
-    ("12", TypeError), (None, TypeError), ((True, 2), TypeError), ((2**40, 2**40), InvalidArgumentError),
-], ids=str)
+
+@pytest.mark.parametrize(
+    "shape,exc",
+    [
+        (-1, InvalidArgumentError),
+        ((3, -2), InvalidArgumentError),
+        (2.5, TypeError),
+        ((2, 1.0), TypeError),
+        ("12", TypeError),
+        (None, TypeError),
+        ((True, 2), TypeError),
+        ((2**40, 2**40), InvalidArgumentError),
+    ],
+    ids=str,
+)
 def test_bad_shape_names_shape(shape, exc):
     """Negative, non-integer or absurd shapes raise TypeError/ValueError naming shape."""
     with pytest.raises(exc, match="shape"):
@@ -332,14 +377,26 @@ def test_unknown_backing_names_backing():
 
 # -- close -------------------------------------------------------------------------------------------
 
+
 def test_use_after_close_raises_closed_error():
     """After close() the Buffer raises ClosedError for every use and never crashes."""
     buf = shardc.buffer("f8", (10, 10), init=1.0)
     buf.close()
     buf.close()  # idempotent
-    uses = [lambda: buf[0], lambda: buf.__setitem__(0, 1.0), lambda: buf.sum(), lambda: buf + 1,
-            lambda: np.add(buf, 1), lambda: np.asarray(buf), lambda: np.mean(buf), lambda: len(buf),
-            lambda: list(buf), lambda: buf.array, lambda: buf.size, lambda: buf.T]
+    uses = [
+        lambda: buf[0],
+        lambda: buf.__setitem__(0, 1.0),
+        lambda: buf.sum(),
+        lambda: buf + 1,
+        lambda: np.add(buf, 1),
+        lambda: np.asarray(buf),
+        lambda: np.mean(buf),
+        lambda: len(buf),
+        lambda: list(buf),
+        lambda: buf.array,
+        lambda: buf.size,
+        lambda: buf.T,
+    ]
     for use in uses:
         with pytest.raises(ClosedError):
             use()
@@ -360,12 +417,14 @@ def test_views_taken_before_close_stay_valid():
 
 # -- named buffers and buffer_open ---------------------------------------------------------------------
 
+
 def run_python(code: str) -> subprocess.CompletedProcess:
     # This process already checked the build stamp; a C edit by someone else mid-run
     # must not fail the child's import of the same extension.
     env = dict(os.environ, PYTHONPATH=REPO, SHARDC_SKIP_STAMP_CHECK="1")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_buffer_open_from_unrelated_process():

@@ -14,20 +14,20 @@ Lower-level guard behaviour is in test_guard.py."""
 from __future__ import annotations
 
 import ctypes
-import os
 import zlib
 
 import numpy as np
 import pytest
+from _engine_helpers import assert_no_stray_children, drain, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 import shardc
 from shardc import _lowlevel as ll
 from shardc.share import default_cache
 
-from _engine_helpers import assert_no_stray_children, drain, no_stray_children, pool2  # noqa: F401 (fixtures)
-
-pytestmark = [pytest.mark.timeout(60),
-              pytest.mark.skipif(not ll.seg_backing_supported(ll.BACKING_MEMFD), reason="needs memfd")]
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not ll.seg_backing_supported(ll.BACKING_MEMFD), reason="needs memfd"),
+]
 
 MODES = ["rpc_chunked", "shm_queue"]
 COWS = ["deny", "audit", "allow"]
@@ -70,7 +70,7 @@ def make_src_x(source):
     nbytes = ROWS * COLS * 8
     root = np.zeros(nbytes + 3 * PS, np.uint8)
     off = (-root.ctypes.data) % PS + PS
-    X = root[off:off + nbytes].view(np.float64).reshape(ROWS, COLS)
+    X = root[off : off + nbytes].view(np.float64).reshape(ROWS, COLS)
     X[...] = make_x()
     return X
 
@@ -90,6 +90,7 @@ def crc(a) -> int:
 
 
 # -- write paths (run by shard 0 in a worker; also applied locally to a copy for the expected data) --
+
 
 def w_setitem(X, files):
     X[1, 3] = -1.0
@@ -145,9 +146,18 @@ def run_cow(X, how, cow, mode, files, **kw):
     """shard_map(N, shard_fun) with X borrowed; returns (result, out contents)."""
     out = shardc.buffer(np.int64, (N,), init=-1)
     try:
-        r = shardc.shard_map(shardc.shards(N, block_size=1), shard_fun,
-                             borrow={"X": X, "how": how, "files": files}, out={"out": out}, cow=cow,
-                             dispatch_mode=mode, max_retries=3, on_failure="collect", progress=False, **kw)
+        r = shardc.shard_map(
+            shardc.shards(N, block_size=1),
+            shard_fun,
+            borrow={"X": X, "how": how, "files": files},
+            out={"out": out},
+            cow=cow,
+            dispatch_mode=mode,
+            max_retries=3,
+            on_failure="collect",
+            progress=False,
+            **kw,
+        )
         return r, np.asarray(out).copy()
     finally:
         out.close()
@@ -158,7 +168,7 @@ def segment_crc(X) -> int:
     sh, how, _ = default_cache.get(X, "auto")
     assert how == "cached"
     m = sh.segments[0].map(writable=False)
-    view = np.frombuffer(m.buffer(), np.uint8)[sh.offset:sh.offset + X.nbytes]
+    view = np.frombuffer(m.buffer(), np.uint8)[sh.offset : sh.offset + X.nbytes]
     return crc(view)
 
 
@@ -169,6 +179,7 @@ def assert_others_pristine(r, got, mode, expected_crc):
 
 
 # -- deny ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how", list(STORE_PATHS))
@@ -181,22 +192,30 @@ def test_deny_fails_the_writing_shard_once_with_exact_message(pool2, data_files,
     assert list(r.failures) == [0] and isinstance(r.results[0], shardc.FailedShard)
     f = r.failures[0]
     idx = ", ".join(map(str, index))
-    assert f.message == (f"shard 0 wrote to borrowed input 'X' at byte {offset} (element [{idx}]); "
-                         "cow='deny' forbids writes to borrowed inputs")
+    assert f.message == (
+        f"shard 0 wrote to borrowed input 'X' at byte {offset} (element [{idx}]); "
+        "cow='deny' forbids writes to borrowed inputs"
+    )
     assert f.error_type == "shardc.errors.BorrowedInputWriteError" and f.attempts == 1
     assert isinstance(f.exception, shardc.BorrowedInputWriteError)
-    assert (f.exception.input_name, f.exception.shard_id, f.exception.offset, f.exception.index) == \
-        ("X", 0, offset, index)
+    assert (f.exception.input_name, f.exception.shard_id, f.exception.offset, f.exception.index) == (
+        "X",
+        0,
+        offset,
+        index,
+    )
     assert r.diagnostics.retries == 0 and r.diagnostics.events == []
     assert_others_pristine(r, got, mode, before)
     assert_source_pristine(r, X, source, before)
     rep = shardc.cow_report(r).to_dict()
     assert rep["policy"] == "deny" and rep["violations"] == 1
-    assert rep["inputs"] == {"X": {"shards": [0], "pages": pages, "bytes": pages * PS, "first_offset": offset,
-                                   "mode": "deny"}}
+    assert rep["inputs"] == {
+        "X": {"shards": [0], "pages": pages, "bytes": pages * PS, "first_offset": offset, "mode": "deny"}
+    }
 
 
 # -- audit / allow ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cow", ["audit", "allow"])
@@ -216,14 +235,18 @@ def test_audit_allow_write_privately_and_report(pool2, data_files, how, cow, mod
     assert_source_pristine(r, X, source, before)
     assert r.diagnostics.retries == 0 and r.diagnostics.events == []
     rep = shardc.cow_report(r).to_dict()
-    assert rep == {"policy": cow, "violations": 0, "copies_triggered": pages,
-                   "inputs": {"X": {"shards": [0], "pages": pages, "bytes": pages * PS, "first_offset": offset,
-                                    "mode": cow}}}
+    assert rep == {
+        "policy": cow,
+        "violations": 0,
+        "copies_triggered": pages,
+        "inputs": {"X": {"shards": [0], "pages": pages, "bytes": pages * PS, "first_offset": offset, "mode": cow}},
+    }
     cp = shardc.copy_report(r).to_dict()
     assert cp["materialized_bytes"] == pages * PS
 
 
 # -- the kernel writes: EFAULT under every mode ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cow", COWS)
@@ -235,8 +258,10 @@ def test_readinto_from_a_real_file_fails_under_every_mode(pool2, data_files, cow
     assert list(r.failures) == [0]
     f = r.failures[0]
     assert f.attempts == 1 and f.error_type == "shardc.errors.BorrowedInputWriteError"
-    assert f.message.startswith("shard 0 passed borrowed input 'X' to a system call that writes into it "
-                                "(readinto/readv/recv_into: Bad address); ")
+    assert f.message.startswith(
+        "shard 0 passed borrowed input 'X' to a system call that writes into it "
+        "(readinto/readv/recv_into: Bad address); "
+    )
     if cow == "deny":
         assert f.message.endswith("cow='deny' forbids writes to borrowed inputs")
     else:
@@ -249,6 +274,7 @@ def test_readinto_from_a_real_file_fails_under_every_mode(pool2, data_files, cow
 
 # -- the next shard on the same worker ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("cow", COWS)
 def test_next_shard_on_the_same_worker_sees_pristine_data(data_files, cow, mode, source):
@@ -257,9 +283,16 @@ def test_next_shard_on_the_same_worker_sees_pristine_data(data_files, cow, mode,
     before = crc(X)
     out = shardc.buffer(np.int64, (N,), init=-1)
     with shardc.Pool(1) as pool:
-        r = pool.shard_map(shardc.shards(N, block_size=1), shard_fun,
-                           borrow={"X": X, "how": "copyto", "files": data_files}, out={"out": out}, cow=cow,
-                           dispatch_mode=mode, on_failure="collect", progress=False)
+        r = pool.shard_map(
+            shardc.shards(N, block_size=1),
+            shard_fun,
+            borrow={"X": X, "how": "copyto", "files": data_files},
+            out={"out": out},
+            cow=cow,
+            dispatch_mode=mode,
+            on_failure="collect",
+            progress=False,
+        )
         pids = {p for rec in r.diagnostics.workers.values() for p in rec["pids"]}
     got = np.asarray(out).copy()
     out.close()
@@ -270,6 +303,7 @@ def test_next_shard_on_the_same_worker_sees_pristine_data(data_files, cow, mode,
 
 
 # -- what is not flagged --------------------------------------------------------------------------------------
+
 
 def read_and_fill(shard, X, out):
     """Reads X, fills its row of out (many pages), and records the guard faults it caused."""
@@ -283,20 +317,27 @@ def test_out_writes_and_reads_are_never_flagged(pool2, mode):
     """deny: shards that read X and write whole pages of out= are not flagged and cause no guard faults."""
     X = make_x()
     out = shardc.buffer(np.float64, (N, 4 * COLS), init=-1.0)  # 4 pages per row
-    r = shardc.shard_map(shardc.shards(N, block_size=1), read_and_fill, borrow={"X": X}, out={"out": out}, cow="deny",
-                         dispatch_mode=mode, progress=False)
+    r = shardc.shard_map(
+        shardc.shards(N, block_size=1),
+        read_and_fill,
+        borrow={"X": X},
+        out={"out": out},
+        cow="deny",
+        dispatch_mode=mode,
+        progress=False,
+    )
     got = np.asarray(out).copy()
     out.close()
     assert r.succeeded
     assert got[:, 0].tolist() == [0.0] * N  # no fault in any shard
     for i in range(N):
         assert (got[i, 1:] == X[i].sum()).all()
-    assert shardc.cow_report(r).to_dict() == {"policy": "deny", "inputs": {}, "violations": 0,
-                                              "copies_triggered": 0}
+    assert shardc.cow_report(r).to_dict() == {"policy": "deny", "inputs": {}, "violations": 0, "copies_triggered": 0}
     assert shardc.copy_report(r).to_dict()["materialized_bytes"] == 0
 
 
 # -- pickle-path borrowed objects ---------------------------------------------------------------------------------
+
 
 def write_dict(shard, D, out):
     if shard.id == 0:
@@ -311,8 +352,17 @@ def test_pickled_dict_of_arrays_is_guarded(pool2, cow, mode):
     D = {"a": np.arange(20_000, dtype=np.float64), "b": np.ones(3), "name": "cfg"}
     before = crc(D["a"])
     out = shardc.buffer(np.int64, (N,), init=-1)
-    r = shardc.shard_map(shardc.shards(N, block_size=1), write_dict, borrow={"D": D}, out={"out": out}, cow=cow,
-                         dispatch_mode=mode, max_retries=3, on_failure="collect", progress=False)
+    r = shardc.shard_map(
+        shardc.shards(N, block_size=1),
+        write_dict,
+        borrow={"D": D},
+        out={"out": out},
+        cow=cow,
+        dispatch_mode=mode,
+        max_retries=3,
+        on_failure="collect",
+        progress=False,
+    )
     got = np.asarray(out).copy()
     out.close()
     assert r.diagnostics.borrow["D"]["how"] == "pickled"
@@ -337,6 +387,7 @@ def test_pickled_dict_of_arrays_is_guarded(pool2, cow, mode):
 
 # -- layouts and swallowed errors ------------------------------------------------------------------------------
 
+
 def write_13(shard, X, out):
     if shard.id == 0:
         X[1, 3] = -1
@@ -345,9 +396,11 @@ def write_13(shard, X, out):
 
 def _layouts():
     base = make_x()
-    return {"fortran": (np.asfortranarray(base), 3 * ROWS * 8 + 8),
-            "int32": (base.astype(np.int32), COLS * 4 + 12),
-            "reversed-rows": (base[::-1], PS + 24)}
+    return {
+        "fortran": (np.asfortranarray(base), 3 * ROWS * 8 + 8),
+        "int32": (base.astype(np.int32), COLS * 4 + 12),
+        "reversed-rows": (base[::-1], PS + 24),
+    }
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -362,16 +415,26 @@ def test_deny_message_names_the_element_for_other_layouts(pool2, layout, mode):
         X, offset = _layouts()[layout]
     out = shardc.buffer(np.int64, (3,), init=-1)
     try:
-        r = shardc.shard_map(3, write_13, borrow={"X": X}, out={"out": out}, dispatch_mode=mode, max_retries=2,
-                             on_failure="collect", progress=False)
+        r = shardc.shard_map(
+            3,
+            write_13,
+            borrow={"X": X},
+            out={"out": out},
+            dispatch_mode=mode,
+            max_retries=2,
+            on_failure="collect",
+            progress=False,
+        )
         assert np.asarray(out).tolist()[1:] == [1, 1]
     finally:
         out.close()
         if shared is not None:
             shared.close()
     assert list(r.failures) == [0] and r.failures[0].attempts == 1 and r.diagnostics.retries == 0
-    assert r.failures[0].message == (f"shard 0 wrote to borrowed input 'X' at byte {offset} (element [1, 3]); "
-                                     "cow='deny' forbids writes to borrowed inputs")
+    assert r.failures[0].message == (
+        f"shard 0 wrote to borrowed input 'X' at byte {offset} (element [1, 3]); "
+        "cow='deny' forbids writes to borrowed inputs"
+    )
 
 
 def swallow(shard, X, out):
@@ -388,8 +451,15 @@ def swallow(shard, X, out):
 def test_deny_error_swallowed_by_the_shard_still_fails_it(pool2, mode):
     """deny: a shard that catches the prompt BorrowedInputWriteError still fails, once, at its end."""
     out = shardc.buffer(np.int64, (4,), init=-1)
-    r = shardc.shard_map(shardc.shards(4, block_size=1), swallow, borrow={"X": make_x()}, out={"out": out},
-                         dispatch_mode=mode, on_failure="collect", progress=False)
+    r = shardc.shard_map(
+        shardc.shards(4, block_size=1),
+        swallow,
+        borrow={"X": make_x()},
+        out={"out": out},
+        dispatch_mode=mode,
+        on_failure="collect",
+        progress=False,
+    )
     got = np.asarray(out).tolist()
     out.close()
     assert got == [1, 1, 1, 1]  # the shard ran to its end
@@ -398,6 +468,7 @@ def test_deny_error_swallowed_by_the_shard_still_fails_it(pool2, mode):
 
 
 # -- a segment guarded again in later calls ------------------------------------------------------------------
+
 
 def write_row_and_count_maps(shard, X, out):
     if shard.id == 0:
@@ -419,9 +490,16 @@ def test_a_segment_borrowed_again_is_guarded_again(mode):
         with shardc.Pool(1) as pool:
             for call in range(4):
                 out.array[:] = -2.0
-                r = pool.shard_map(shardc.shards(N, block_size=1), write_row_and_count_maps, borrow={"X": Xs},
-                                   out={"out": out}, cow="deny", dispatch_mode=mode, on_failure="collect",
-                                   progress=False)
+                r = pool.shard_map(
+                    shardc.shards(N, block_size=1),
+                    write_row_and_count_maps,
+                    borrow={"X": Xs},
+                    out={"out": out},
+                    cow="deny",
+                    dispatch_mode=mode,
+                    on_failure="collect",
+                    progress=False,
+                )
                 assert list(r.failures) == [0], call
                 assert r.failures[0].exception.input_name == "X"
                 assert out.array[1:, 0].tolist() == [float(1 * COLS + 3)] * (N - 1)

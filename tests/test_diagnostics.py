@@ -135,8 +135,15 @@ def test_forced_crash_shows_the_death(pool, tmp_path):
 def test_reports_round_trip_through_json(pool):
     """Every report's to_dict() survives json.dumps/loads unchanged."""
     r = pool.shard_map(shardc.shards(10, block_size=2), lambda s: s.id, progress=False)
-    for rep in (shardc.report(r, level="segments"), shardc.mem_report(r), shardc.copy_report(r),
-                shardc.cow_report(r), shardc.task_report(r), shardc.segment_report(), shardc.recommendations(r)):
+    for rep in (
+        shardc.report(r, level="segments"),
+        shardc.mem_report(r),
+        shardc.copy_report(r),
+        shardc.cow_report(r),
+        shardc.task_report(r),
+        shardc.segment_report(),
+        shardc.recommendations(r),
+    ):
         d = rep.to_dict()
         assert json.loads(json.dumps(d)) == d
         assert str(rep).strip()
@@ -203,11 +210,13 @@ def _run(flag: str, tty: bool) -> str:
     import pty
     import struct
     import termios
+
     master, slave = pty.openpty()
     # A real terminal has a size; a fresh pty is 0x0, where tqdm draws nothing.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=slave, close_fds=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, close_fds=True
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -241,9 +250,10 @@ def test_out_bytes_written_are_measured(pool):
     """The copy report counts the out-buffer pages the run wrote for the first time."""
     out = shardc.buffer("f8", 1 << 20)  # 8 MiB, nothing allocated yet
     try:
+
         def write_half(s, out):
             lo = s.id * (1 << 17)
-            out[lo:lo + (1 << 16)] = 1.0  # 512 KiB of each 1 MiB slice
+            out[lo : lo + (1 << 16)] = 1.0  # 512 KiB of each 1 MiB slice
 
         r = pool.shard_map(8, write_half, out={"out": out}, progress=False)
         written = shardc.copy_report(r).to_dict()["out_written"]["out"]
@@ -294,8 +304,15 @@ def _plain_leaves(obj, path="d"):
 @pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
 def test_task_report_names_retried_and_failed_shards(pool, tmp_path, mode):
     """The task report lists each retried/failed shard with its attempts, outcome and workers, in text and to_dict."""
-    r = pool.shard_map(6, fail_some, borrow={"marker": str(tmp_path / "m")}, max_retries=2, progress=False,
-                       on_failure="collect", dispatch_mode=mode)
+    r = pool.shard_map(
+        6,
+        fail_some,
+        borrow={"marker": str(tmp_path / "m")},
+        max_retries=2,
+        progress=False,
+        on_failure="collect",
+        dispatch_mode=mode,
+    )
     rep = shardc.task_report(r)
     rows = {row["shard"]: row for row in rep.to_dict()["retried_shards"]}
     assert sorted(rows) == [2, 4]
@@ -326,8 +343,9 @@ def test_retried_shard_list_is_bounded_in_text_but_complete_in_to_dict():
 
 def test_result_pickles_and_round_trips(pool, tmp_path):
     """pickle.dumps(result) works; values, failures with their exceptions, pool_stats and reports survive."""
-    r = pool.shard_map(6, fail_some, borrow={"marker": str(tmp_path / "m")}, max_retries=1, progress=False,
-                       on_failure="collect")
+    r = pool.shard_map(
+        6, fail_some, borrow={"marker": str(tmp_path / "m")}, max_retries=1, progress=False, on_failure="collect"
+    )
     back = pickle.loads(pickle.dumps(r))
     assert back.results[:4] == [0, 10, 20, 30] and back.results[5] == 50 and not back.results[4]
     assert list(back.failures) == [4]
@@ -351,7 +369,13 @@ def test_failure_whose_exception_does_not_pickle_keeps_its_text():
     back = pickle.loads(pickle.dumps(f))
     assert back.exception is None
     assert (back.shard_id, back.attempts, back.error_type, back.message, back.traceback, back.history) == (
-        3, 2, "builtins.RuntimeError", "holds a lock", "Traceback: ...", ["a", "b"])
+        3,
+        2,
+        "builtins.RuntimeError",
+        "holds a lock",
+        "Traceback: ...",
+        ["a", "b"],
+    )
     assert f.exception is exc  # pickling did not change the original
 
 
@@ -422,10 +446,17 @@ print(shardc.report(r, level="workers"))
 
 def test_result_read_in_another_process(pool, tmp_path):
     """A pickled result sent to a fresh interpreter gives the same reports there."""
-    r = pool.shard_map(6, fail_some, borrow={"marker": str(tmp_path / "m")}, max_retries=1, progress=False,
-                       on_failure="collect")
-    p = subprocess.run([sys.executable, "-c", _READ_ELSEWHERE], input=pickle.dumps(r), capture_output=True,
-                       cwd=REPO, timeout=60, check=False)
+    r = pool.shard_map(
+        6, fail_some, borrow={"marker": str(tmp_path / "m")}, max_retries=1, progress=False, on_failure="collect"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", _READ_ELSEWHERE],
+        input=pickle.dumps(r),
+        capture_output=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr.decode()
     lines = p.stdout.decode().splitlines()
     assert lines[0] == "5 1 [2, 4]"
@@ -524,8 +555,11 @@ def test_timeline_draws_sampled_memory_as_steps_and_markers(tmp_path):
     d.worker_started(w)
     for i in range(12):  # cheap samples (statm: pss is an estimate) with a precise one every 4th
         precise = int(i % 4 == 3)
-        d.mem_sample(w, {"rss": 300 * MiB, "pss": (150 if precise else 10) * MiB, "uss": 10 * MiB,
-                         "precise": precise}, anon=10 * MiB)
+        d.mem_sample(
+            w,
+            {"rss": 300 * MiB, "pss": (150 if precise else 10) * MiB, "uss": 10 * MiB, "precise": precise},
+            anon=10 * MiB,
+        )
         time.sleep(0.002)
     fig = shardc.diagnostics.plot_timeline(types.SimpleNamespace(diagnostics=d), path=tmp_path / "t.png")
     axm = fig.axes[1]

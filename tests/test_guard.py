@@ -14,7 +14,8 @@ import signal
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,8 +24,10 @@ from shardc import _lowlevel as L
 from shardc import guard
 from shardc.errors import BorrowedInputWriteError, InvalidArgumentError
 
-pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not L.seg_backing_supported(L.BACKING_MEMFD), reason="needs memfd")]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not L.seg_backing_supported(L.BACKING_MEMFD), reason="needs memfd"),
+]
 
 PS = L.PAGE_SIZE
 ROWS, COLS = 64, 512  # float64: one row per 4 KiB page
@@ -35,8 +38,7 @@ ROWS, COLS = 64, 512  # float64: one row per 4 KiB page
 # --------------------------------------------------------------------------
 
 
-def run_child(fn: Callable[[], Any], timeout: float = 90.0, stderr_path: str | None = None
-              ) -> tuple[int, Any]:
+def run_child(fn: Callable[[], Any], timeout: float = 90.0, stderr_path: str | None = None) -> tuple[int, Any]:
     """Run fn() in a forked child; return (wait status, fn's result).
 
     The child pickles {"ok": result} or {"error": traceback text} into a pipe
@@ -58,7 +60,7 @@ def run_child(fn: Callable[[], Any], timeout: float = 90.0, stderr_path: str | N
                 payload, code = {"error": traceback.format_exc()}, 1
             data = pickle.dumps(payload)
             while data:
-                data = data[os.write(w, data):]
+                data = data[os.write(w, data) :]
         finally:
             os._exit(code)
     os.close(w)
@@ -124,9 +126,11 @@ class Input:
 
     def pristine(self) -> bool:
         """The private view and the segment both still hold the initial data."""
-        return (self.shared_digest() == self.digest
-                and float(self.array.sum()) == self.expected_sum
-                and bool(np.array_equal(self.array.ravel()[:5], np.arange(5.0))))
+        return (
+            self.shared_digest() == self.digest
+            and float(self.array.sum()) == self.expected_sum
+            and bool(np.array_equal(self.array.ravel()[:5], np.arange(5.0)))
+        )
 
 
 def data_file(nbytes: int) -> str:
@@ -214,8 +218,7 @@ def _k_readinto_large(X: np.ndarray) -> None:
         os.unlink(path)
 
 
-KERNEL_PATHS = {"readv": _k_readv, "readinto_raw": _k_readinto_raw,
-                "readinto_buffered_large": _k_readinto_large}
+KERNEL_PATHS = {"readv": _k_readv, "readinto_raw": _k_readinto_raw, "readinto_buffered_large": _k_readinto_large}
 
 
 # --------------------------------------------------------------------------
@@ -233,21 +236,29 @@ def test_deny_store_paths(path: str) -> None:
         guard.install()
         inp.protect("deny")
         X = inp.array
-        with pytest.raises(BorrowedInputWriteError) as info:
-            with guard.shard_scope(7) as scope:
-                write(X)
+        with pytest.raises(BorrowedInputWriteError) as info, guard.shard_scope(7) as scope:
+            write(X)
         err = info.value
         after = inp.shared_digest() == inp.digest
         with guard.shard_scope(8) as scope2:
             total = float(X.sum())  # a normal shard: reads only
-        return {"msg": str(err), "attrs": (err.input_name, err.shard_id, err.offset, err.index),
-                "events": scope.events, "events2": scope2.events, "shared_same": after,
-                "sum": total, "expected": inp.expected_sum, "pristine": inp.pristine()}
+        return {
+            "msg": str(err),
+            "attrs": (err.input_name, err.shard_id, err.offset, err.index),
+            "events": scope.events,
+            "events2": scope2.events,
+            "shared_same": after,
+            "sum": total,
+            "expected": inp.expected_sum,
+            "pristine": inp.pristine(),
+        }
 
     res = child_result(child)
     idx = "[" + ", ".join(map(str, index)) + "]"
-    assert res["msg"] == (f"shard 7 wrote to borrowed input 'X' at byte {offset} (element {idx}); "
-                          "cow='deny' forbids writes to borrowed inputs")
+    assert res["msg"] == (
+        f"shard 7 wrote to borrowed input 'X' at byte {offset} (element {idx}); "
+        "cow='deny' forbids writes to borrowed inputs"
+    )
     assert res["attrs"] == ("X", 7, offset, index)
     assert res["shared_same"] and res["pristine"]
     assert res["sum"] == res["expected"] and res["events2"] == []
@@ -315,13 +326,16 @@ def test_kernel_writes_become_named_errors(path: str, mode: str) -> None:
         inp.protect(mode)
         other.protect(mode)
         X = inp.array
-        with pytest.raises(BorrowedInputWriteError) as info:
-            with guard.shard_scope(5):
-                KERNEL_PATHS[path](X)
+        with pytest.raises(BorrowedInputWriteError) as info, guard.shard_scope(5):
+            KERNEL_PATHS[path](X)
         err = info.value
-        return {"msg": str(err), "name": err.input_name, "cause": type(err.__cause__).__name__,
-                "pristine": inp.pristine() and other.pristine(),
-                "stats": guard.cow_stats()["X"]["kernel_writes"]}
+        return {
+            "msg": str(err),
+            "name": err.input_name,
+            "cause": type(err.__cause__).__name__,
+            "pristine": inp.pristine() and other.pristine(),
+            "stats": guard.cow_stats()["X"]["kernel_writes"],
+        }
 
     res = child_result(child)
     assert res["name"] == "X" and res["cause"] == "OSError" and res["pristine"]
@@ -338,9 +352,8 @@ def test_efault_with_ambiguous_input_names_candidates() -> None:
         guard.install()
         a.protect("deny")
         b.protect("deny")
-        with pytest.raises(BorrowedInputWriteError) as info:
-            with guard.shard_scope(2):
-                raise OSError(14, "Bad address")
+        with pytest.raises(BorrowedInputWriteError) as info, guard.shard_scope(2):
+            raise OSError(14, "Bad address")
         return str(info.value)
 
     msg = child_result(child)
@@ -370,8 +383,14 @@ def test_audit_allow_record_and_restore(path: str, mode: str) -> None:
         shared_same = inp.shared_digest() == inp.digest
         with guard.shard_scope(12) as scope2:
             pristine = inp.pristine()
-        return {"events": scope.events, "events2": scope2.events, "changed": changed,
-                "shared_same": shared_same, "pristine": pristine, "stats": guard.cow_stats()["X"]}
+        return {
+            "events": scope.events,
+            "events2": scope2.events,
+            "changed": changed,
+            "shared_same": shared_same,
+            "pristine": pristine,
+            "stats": guard.cow_stats()["X"],
+        }
 
     res = child_result(child)
     (ev,) = res["events"]
@@ -397,7 +416,7 @@ def test_stats_accumulate_over_shards() -> None:
         inp.protect("allow")
         for shard in range(5):
             with guard.shard_scope(shard):
-                inp.array[shard, :] = -1.0   # one page
+                inp.array[shard, :] = -1.0  # one page
                 inp.array[10 + shard, 0] = -1.0  # another page
         with guard.shard_scope(99):
             pristine = inp.pristine()
@@ -405,8 +424,15 @@ def test_stats_accumulate_over_shards() -> None:
 
     res = child_result(child)
     assert res["pristine"]
-    assert res["stats"] == {"mode": "allow", "shards_written": 5, "pages": 10, "bytes": 10 * PS,
-                            "faults": 10, "violations": 0, "kernel_writes": 0}
+    assert res["stats"] == {
+        "mode": "allow",
+        "shards_written": 5,
+        "pages": 10,
+        "bytes": 10 * PS,
+        "faults": 10,
+        "violations": 0,
+        "kernel_writes": 0,
+    }
 
 
 def test_out_buffer_writes_are_never_flagged() -> None:
@@ -513,9 +539,8 @@ def test_install_is_idempotent_and_chains_after_fork() -> None:
 
         def grandchild() -> str:
             guard.install()
-            with pytest.raises(BorrowedInputWriteError) as info:
-                with guard.shard_scope(21):
-                    inp.array[2, 2] = 0.0
+            with pytest.raises(BorrowedInputWriteError) as info, guard.shard_scope(21):
+                inp.array[2, 2] = 0.0
             return str(info.value)
 
         msg = child_result(grandchild)
@@ -557,9 +582,8 @@ def test_foreign_notify_signal_goes_to_previous_python_handler() -> None:
         inp.protect("deny")
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(0)  # let the handler run
-        with pytest.raises(BorrowedInputWriteError):
-            with guard.shard_scope(1):
-                inp.array[0, 0] = 1.0
+        with pytest.raises(BorrowedInputWriteError), guard.shard_scope(1):
+            inp.array[0, 0] = 1.0
         return {"seen": seen}
 
     assert child_result(child) == {"seen": [int(signal.SIGUSR2)]}
@@ -596,9 +620,8 @@ def test_same_mapping_protected_twice_shares_one_region() -> None:
         r2 = guard.protect_array("bottom", bottom, "deny", base_addr=inp.private.addr, nbytes=inp.nbytes)
         r3 = guard.protect("raw", inp.private.addr, inp.nbytes, "deny")
         guard.unprotect(r3)
-        with pytest.raises(BorrowedInputWriteError) as info:
-            with guard.shard_scope(9):
-                bottom[1, 0] = 7.0  # X[33, 511]
+        with pytest.raises(BorrowedInputWriteError) as info, guard.shard_scope(9):
+            bottom[1, 0] = 7.0  # X[33, 511]
         msg = str(info.value)
         events = None
         try:
@@ -614,9 +637,15 @@ def test_same_mapping_protected_twice_shares_one_region() -> None:
         guard.unprotect(r2)
         still = L.guard_lookup(inp.private.addr, 1)
         guard.unprotect(r1)
-        return {"same": r1 == r2 == r3, "msg": msg, "events": events, "still": still == [r1],
-                "gone": L.guard_lookup(inp.private.addr, 1) == [], "pristine": inp.pristine(),
-                "stats": sorted(guard.cow_stats())}
+        return {
+            "same": r1 == r2 == r3,
+            "msg": msg,
+            "events": events,
+            "still": still == [r1],
+            "gone": L.guard_lookup(inp.private.addr, 1) == [],
+            "pristine": inp.pristine(),
+            "stats": sorted(guard.cow_stats()),
+        }
 
     res = child_result(child)
     assert res["same"] and res["still"] and res["gone"] and res["pristine"]
@@ -634,8 +663,7 @@ def test_element_index_for_strided_layouts() -> None:
     lo_all, _ = guard._byte_bounds(base)
     for view in cases:
         data = view.__array_interface__["data"][0]
-        inp = guard._Input(0, "v", lo_all, base.nbytes, "deny", view.itemsize, view.shape,
-                           view.strides, data - lo_all)
+        inp = guard._Input(0, "v", lo_all, base.nbytes, "deny", view.itemsize, view.shape, view.strides, data - lo_all)
         for idx in np.ndindex(*view.shape):
             addr = data + sum(i * s for i, s in zip(idx, view.strides))
             for within in (0, view.itemsize - 1):
@@ -678,8 +706,10 @@ def test_measure_read_only_overhead() -> None:
 
     res = child_result(child)
     ratio = res["guarded"] / res["plain"]
-    print(f"\nread_only_256MiB\tguarded={res['guarded'] * 1e3:.1f}ms\tplain={res['plain'] * 1e3:.1f}ms"
-          f"\tratio={ratio:.3f}\nempty_shard_scope\t{res['scope_us']:.2f}\tus")
+    print(
+        f"\nread_only_256MiB\tguarded={res['guarded'] * 1e3:.1f}ms\tplain={res['plain'] * 1e3:.1f}ms"
+        f"\tratio={ratio:.3f}\nempty_shard_scope\t{res['scope_us']:.2f}\tus"
+    )
     assert ratio < 1.5
 
 
@@ -713,10 +743,15 @@ def test_measure_first_write_fault_cost(how: str) -> None:
             except BorrowedInputWriteError:
                 pass
             best_r = min(best_r, time.perf_counter() - t)
-        return {"guarded_us": best_g / npages * 1e6, "plain_us": best_p / npages * 1e6,
-                "restore_us": best_r / npages * 1e6}
+        return {
+            "guarded_us": best_g / npages * 1e6,
+            "plain_us": best_p / npages * 1e6,
+            "restore_us": best_r / npages * 1e6,
+        }
 
     res = child_result(child)
-    print(f"\nfirst_write_fault[{how}]\t{res['guarded_us']:.2f}\tus/page"
-          f"\t(plain COW fault {res['plain_us']:.2f} us/page; scope exit {res['restore_us']:.2f} us/page)")
+    print(
+        f"\nfirst_write_fault[{how}]\t{res['guarded_us']:.2f}\tus/page"
+        f"\t(plain COW fault {res['plain_us']:.2f} us/page; scope exit {res['restore_us']:.2f} us/page)"
+    )
     assert res["guarded_us"] < 1000

@@ -9,21 +9,22 @@ the kept memory for a leak.
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 
 import numpy as np
 import pytest
+from _engine_helpers import no_stray_children  # noqa: F401 (fixture)
 
 import shardc
 from shardc import _lowlevel as ll
 
-from _engine_helpers import no_stray_children  # noqa: F401 (fixture)
-
-pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not sys.platform.startswith("linux") or ll.heap_stats() is None,
-                                 reason="heap reuse needs glibc >= 2.33")]
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux") or ll.heap_stats() is None, reason="heap reuse needs glibc >= 2.33"
+    ),
+]
 
 BLOCK = 32 * 1024**2  # above glibc's largest mmap threshold
 
@@ -32,6 +33,7 @@ def no_thp():
     """Worker init: 4 KiB pages only, so minor faults count pages (NumPy asks
     for transparent huge pages on big arrays: 16 faults per 32 MiB)."""
     import ctypes
+
     PR_SET_THP_DISABLE = 41
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
@@ -62,8 +64,14 @@ def test_a_kernel_temporary_is_faulted_once_per_call(mode, tmp_path):
             def into_out(shard, out):
                 out[shard.id] = temp_faults(shard)
 
-            r = pool.shard_map(shardc.shards(6, block_size=1), into_out, out={"out": out},
-                               dispatch_mode="shm_queue", dispatch_opts={"block_size": 1}, progress=False)
+            r = pool.shard_map(
+                shardc.shards(6, block_size=1),
+                into_out,
+                out={"out": out},
+                dispatch_mode="shm_queue",
+                dispatch_opts={"block_size": 1},
+                progress=False,
+            )
             assert r.succeeded
             faults = out.array.tolist()
             out.close()
@@ -127,8 +135,14 @@ def leak_after_temp(shard):
 def test_kept_memory_does_not_hide_a_leak():
     """Drift recycling (no mem_cap) still sees a real leak while freed memory is kept."""
     with shardc.Pool(1, init_expr=no_thp) as pool:
-        r = pool.shard_map(shardc.shards(8, block_size=1), leak_after_temp, mem_cap=None, chunk_size=1,
-                           health_check_interval=1, progress=False)
+        r = pool.shard_map(
+            shardc.shards(8, block_size=1),
+            leak_after_temp,
+            mem_cap=None,
+            chunk_size=1,
+            health_check_interval=1,
+            progress=False,
+        )
     assert r.succeeded
     recycles = [e for e in r.diagnostics.events if e["event"] == "recycle"]
     assert recycles and all("grew" in e["reason"] for e in recycles), r.diagnostics.events
@@ -158,6 +172,7 @@ def test_reuse_turns_itself_off_once_shards_allocate_in_threads():
 
 def test_heap_keep_bounds(monkeypatch):
     from shardc.memory import HEAP_KEEP_MAX, heap_keep
+
     monkeypatch.delenv("SHARDC_HEAP_REUSE", raising=False)
     assert heap_keep("default", None) == HEAP_KEEP_MAX
     assert heap_keep("speed", 400 * 1024**2) == 100 * 1024**2

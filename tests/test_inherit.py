@@ -17,14 +17,15 @@ import signal
 
 import numpy as np
 import pytest
+from _engine_helpers import fd_targets, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 import shardc
 from shardc import _lowlevel as ll
 
-from _engine_helpers import fd_targets, no_stray_children, pool2  # noqa: F401 (fixtures)
-
-pytestmark = [pytest.mark.timeout(90), pytest.mark.skipif(not os.path.exists("/proc/self/maps"),
-                                                          reason="inheritance needs Linux /proc")]
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="inheritance needs Linux /proc"),
+]
 
 MODES = ["rpc_chunked", "shm_queue"]
 PS = ll.PAGE_SIZE
@@ -46,8 +47,15 @@ def col_sums(shard, X, out):
 def run_sums(X, mode="rpc_chunked", **kw):
     out = shardc.buffer("f8", X.shape[1])
     try:
-        r = shardc.shard_map(shardc.shards(X.shape[1], block_size=32), col_sums, borrow={"X": X},
-                             out={"out": out}, dispatch_mode=mode, progress=False, **kw)
+        r = shardc.shard_map(
+            shardc.shards(X.shape[1], block_size=32),
+            col_sums,
+            borrow={"X": X},
+            out={"out": out},
+            dispatch_mode=mode,
+            progress=False,
+            **kw,
+        )
         return r, out.array.copy()
     finally:
         out.close()
@@ -115,9 +123,14 @@ def test_a_crash_is_retried_on_a_worker_that_inherits_too(pool2, low_threshold, 
     X = make()
     out = shardc.buffer("f8", X.shape[1])
     try:
-        r = shardc.shard_map(shardc.shards(X.shape[1], block_size=32), crash_once,
-                             borrow={"X": X, "flag": str(tmp_path / f"flag-{mode}")}, out={"out": out},
-                             dispatch_mode=mode, progress=False)
+        r = shardc.shard_map(
+            shardc.shards(X.shape[1], block_size=32),
+            crash_once,
+            borrow={"X": X, "flag": str(tmp_path / f"flag-{mode}")},
+            out={"out": out},
+            dispatch_mode=mode,
+            progress=False,
+        )
         np.testing.assert_allclose(out.array, X.sum(axis=0), rtol=1e-12)
     finally:
         out.close()
@@ -143,8 +156,16 @@ def test_writes_on_the_partial_edge_pages_are_caught_and_undone(pool2, low_thres
     out = shardc.buffer("f8", 8, init=0.0)
     try:
         with shardc.Pool(1) as pool:  # one worker: shards 2.. run after the writes, in the same process
-            r = pool.shard_map(8, write_edges, borrow={"X": X}, out={"out": out}, cow=cow,
-                               dispatch_mode=mode, on_failure="collect", progress=False)
+            r = pool.shard_map(
+                8,
+                write_edges,
+                borrow={"X": X},
+                out={"out": out},
+                cow=cow,
+                dispatch_mode=mode,
+                on_failure="collect",
+                progress=False,
+            )
         got = out.array.copy()
     finally:
         out.close()
@@ -157,7 +178,8 @@ def test_writes_on_the_partial_edge_pages_are_caught_and_undone(pool2, low_thres
         assert r.failures[0].message.startswith("shard 0 wrote to borrowed input 'X' at byte 0 (element [0, 0])")
         last = X.nbytes - 8
         assert r.failures[1].message.startswith(
-            f"shard 1 wrote to borrowed input 'X' at byte {last} (element [511, 511])")
+            f"shard 1 wrote to borrowed input 'X' at byte {last} (element [511, 511])"
+        )
     else:
         assert r.succeeded
     assert X[0, 0] != -5.0 and X[-1, -1] != -5.0
@@ -174,8 +196,15 @@ def run_overwrite_all(X, n=12, **kw):
     out = shardc.buffer("f8", n, init=np.nan)
     try:
         with shardc.Pool(1) as pool:
-            r = pool.shard_map(shardc.shards(n, block_size=1), overwrite_all, borrow={"X": X},
-                               out={"out": out}, cow="allow", progress=False, **kw)
+            r = pool.shard_map(
+                shardc.shards(n, block_size=1),
+                overwrite_all,
+                borrow={"X": X},
+                out={"out": out},
+                cow="allow",
+                progress=False,
+                **kw,
+            )
             return r, out.array.copy()
     finally:
         out.close()
@@ -208,8 +237,9 @@ def test_inherited_pages_do_not_count_as_worker_memory(low_threshold):
     out = shardc.buffer("f8", 64)
     try:
         with shardc.Pool(2, mem_cap="60MB") as pool:  # its share of X is ~89 MB
-            r = pool.shard_map(64, worker_memory, borrow={"X": X}, out={"out": out}, progress=False,
-                               health_check_interval=1)
+            r = pool.shard_map(
+                64, worker_memory, borrow={"X": X}, out={"out": out}, progress=False, health_check_interval=1
+            )
             np.testing.assert_allclose(out.array, 4096.0)
     finally:
         out.close()
@@ -226,6 +256,7 @@ def test_idle_workers_give_the_pages_back(pool2, low_threshold):
     lo = X.ctypes.data
     a, b = -(-lo // PS) * PS, (lo + X.nbytes) // PS * PS
     import time
+
     deadline = time.monotonic() + 5
     for w in pool2.workers:
         while True:
@@ -258,8 +289,15 @@ def test_without_guards_big_arrays_are_copied_and_a_write_crashes(low_threshold)
     out = shardc.buffer("f8", 4, init=0.0)
     try:
         with shardc.Pool(1, cow_guard=False) as pool:
-            r = pool.shard_map(4, write_middle_or_edge, borrow={"X": X}, out={"out": out}, max_retries=1,
-                               on_failure="collect", progress=False)
+            r = pool.shard_map(
+                4,
+                write_middle_or_edge,
+                borrow={"X": X},
+                out={"out": out},
+                max_retries=1,
+                on_failure="collect",
+                progress=False,
+            )
         got = out.array.copy()
     finally:
         out.close()
@@ -280,8 +318,9 @@ def test_a_big_array_captured_by_fun_is_inherited_not_pickled(pool2, low_thresho
 
     out = shardc.buffer("f8", X.shape[1])
     try:
-        r = shardc.shard_map(shardc.shards(X.shape[1], block_size=32), sums, out={"out": out},
-                             dispatch_mode=mode, progress=False)
+        r = shardc.shard_map(
+            shardc.shards(X.shape[1], block_size=32), sums, out={"out": out}, dispatch_mode=mode, progress=False
+        )
         np.testing.assert_allclose(out.array, X.sum(axis=0), rtol=1e-12)
     finally:
         out.close()
@@ -335,8 +374,9 @@ def test_a_call_from_a_short_lived_thread_leaves_the_workers_alive(low_threshold
     X = make()
     with shardc.Pool(2) as pool:
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", pool.shard_map(4, sums_of, borrow={"X": X},
-                                                                                 progress=False)))
+        t = threading.Thread(
+            target=lambda: box.setdefault("r", pool.shard_map(4, sums_of, borrow={"X": X}, progress=False))
+        )
         t.start()
         t.join(60)
         assert box["r"].succeeded

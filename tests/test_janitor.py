@@ -35,8 +35,13 @@ def test_named_segment_of_a_killed_master_is_removed(backing: str, tmp_path, mon
     code = _LEAVE_NAMED.format(backing=backing)
     if backing == "file":
         code = code.replace('"shardc-jt-%d" % os.getpid()', f'"{tmp_path}/shardc-jt-%d" % os.getpid()')
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "SHARDC_TMPDIR": str(tmp_path)}, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SHARDC_TMPDIR": str(tmp_path)},
+        timeout=30,
+    )
     assert proc.returncode == -9, proc.stderr
     path = proc.stdout.strip()
     where = "/dev/shm" + path if backing == "shm" else path

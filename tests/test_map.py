@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from _engine_helpers import assert_no_stray_children, children, drain, fd_targets, no_stray_children, pool2, pool_pids  # noqa: F401 (fixtures)
 
 import shardc
 from shardc.errors import RemoteTraceback
-
-from _engine_helpers import assert_no_stray_children, children, drain, fd_targets, pool_pids, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 
 
 # -- functions run in workers (module level: pickled by reference) ------------------------------
+
 
 def ident(shard):
     return shard.id
@@ -53,8 +53,11 @@ def returns_none_or_raises(shard):
 
 
 def draws(shard):
-    return (shard.rng.integers(0, 2**62, size=4).tolist(), np.random.randint(0, 2**31, size=2).tolist(),
-            random.random())
+    return (
+        shard.rng.integers(0, 2**62, size=4).tolist(),
+        np.random.randint(0, 2**31, size=2).tolist(),
+        random.random(),
+    )
 
 
 def draws_flaky(shard, marker):
@@ -76,6 +79,7 @@ def init_callable():
 
 # -- calling contract ---------------------------------------------------------------------------
 
+
 def test_int_n_runs_one_shard_per_item_in_order(pool2):
     """shard_map(N, fun) gives N single-item shards, results in shard order."""
     r = shardc.shard_map(7, shard_info, progress=False)
@@ -87,8 +91,12 @@ def test_int_n_runs_one_shard_per_item_in_order(pool2):
 def test_descriptors_from_shards_and_shards_list(pool2):
     """Descriptors from shards()/shards_list() reach fun intact, in order."""
     r = shardc.shard_map(shardc.shards(10, block_size=3), shard_info, progress=False)
-    assert [x[:5] for x in r.results] == [(0, 0, 3, 3, [0, 1, 2]), (1, 3, 6, 3, [3, 4, 5]),
-                                          (2, 6, 9, 3, [6, 7, 8]), (3, 9, 10, 1, [9])]
+    assert [x[:5] for x in r.results] == [
+        (0, 0, 3, 3, [0, 1, 2]),
+        (1, 3, 6, 3, [3, 4, 5]),
+        (2, 6, 9, 3, [6, 7, 8]),
+        (3, 9, 10, 1, [9]),
+    ]
     r = shardc.shard_map(shardc.shards_list([[5, 1], [0], [2, 3, 4]]), shard_info, progress=False)
     assert [(x[0], x[3], x[4]) for x in r.results] == [(0, 2, [5, 1]), (1, 1, [0]), (2, 3, [2, 3, 4])]
 
@@ -97,8 +105,7 @@ def test_borrow_and_out_by_name(pool2):
     """fun(shard, **borrow, **out): borrowed arrays read right, out writes visible after."""
     X = np.arange(60, dtype=np.float64).reshape(6, 10)
     out = shardc.buffer(np.float64, (10,))
-    r = shardc.shard_map(shardc.shards(10, block_size=3), col_sums, borrow={"X": X}, out={"out": out},
-                         progress=False)
+    r = shardc.shard_map(shardc.shards(10, block_size=3), col_sums, borrow={"X": X}, out={"out": out}, progress=False)
     np.testing.assert_array_equal(np.asarray(out), X.sum(axis=0))
     assert r.results == [float(X[:, s].sum()) for s in (slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10))]
     assert r.diagnostics.out == {"out": 80}
@@ -181,6 +188,7 @@ def _unpicklable_fun():
     def f(shard):  # nested: cloudpickle sends it by value, with the globals it uses
         with _LOCK:
             return shard.id
+
     return f
 
 
@@ -190,12 +198,14 @@ def _unpicklable_closure():
     def f(shard):
         with lk:
             return shard.id
+
     return f
 
 
 def _kwdefault_fun():
     def f(shard, *, lk=_LOCK):
         return shard.id
+
     return f
 
 
@@ -214,68 +224,166 @@ def _buf():
 
 
 VALIDATION = [
-    ("unknown-borrow-name", lambda: dict(fun=two_args, borrow={"X": 1, "Y": 2}),
-     shardc.BindingError, r"has no parameter 'Y'"),
-    ("unknown-out-name", lambda: dict(fun=two_args, borrow={"X": 1}, out={"Z": _buf()}),
-     shardc.BindingError, r"has no parameter 'Z'"),
+    (
+        "unknown-borrow-name",
+        lambda: dict(fun=two_args, borrow={"X": 1, "Y": 2}),
+        shardc.BindingError,
+        r"has no parameter 'Y'",
+    ),
+    (
+        "unknown-out-name",
+        lambda: dict(fun=two_args, borrow={"X": 1}, out={"Z": _buf()}),
+        shardc.BindingError,
+        r"has no parameter 'Z'",
+    ),
     ("missing-required", lambda: dict(fun=two_args), shardc.BindingError, r"requires an argument 'X'"),
-    ("kernel-unknown-name", lambda: dict(kernel="col_means", borrow={"Y": np.ones((2, 4))}, out={"out": _buf()}),
-     shardc.BindingError, r"kernel 'col_means' has no parameter 'Y'"),
-    ("fun-and-kernel", lambda: dict(fun=ident, kernel="col_means"), shardc.InvalidArgumentError,
-     r"either fun= or kernel=, not both"),
+    (
+        "kernel-unknown-name",
+        lambda: dict(kernel="col_means", borrow={"Y": np.ones((2, 4))}, out={"out": _buf()}),
+        shardc.BindingError,
+        r"kernel 'col_means' has no parameter 'Y'",
+    ),
+    (
+        "fun-and-kernel",
+        lambda: dict(fun=ident, kernel="col_means"),
+        shardc.InvalidArgumentError,
+        r"either fun= or kernel=, not both",
+    ),
     ("neither", lambda: dict(), shardc.InvalidArgumentError, r"give the function to run"),
-    ("unknown-kernel", lambda: dict(kernel="no_such_kernel"), shardc.InvalidArgumentError,
-     r"kernel 'no_such_kernel' is not registered; known kernels: .*col_means"),
-    ("unpicklable", lambda: dict(fun=_unpicklable_fun()), shardc.UnpicklableFunctionError,
-     r"global '_LOCK' of type lock"),
-    ("unpicklable-closure", lambda: dict(fun=_unpicklable_closure()), shardc.UnpicklableFunctionError,
-     r"closure variable 'lk' of type lock"),
-    ("unpicklable-default", lambda: dict(fun=lambda shard, lk=_LOCK: 1), shardc.UnpicklableFunctionError,
-     r"default of argument 'lk' of type lock"),
-    ("unpicklable-kwdefault", lambda: dict(fun=_kwdefault_fun()), shardc.UnpicklableFunctionError,
-     r"default of argument 'lk' of type lock"),
-    ("mem_cap", lambda: dict(fun=ident, mem_cap="2XB"), shardc.InvalidArgumentError,
-     r"mem_cap='2XB' is not a size"),
+    (
+        "unknown-kernel",
+        lambda: dict(kernel="no_such_kernel"),
+        shardc.InvalidArgumentError,
+        r"kernel 'no_such_kernel' is not registered; known kernels: .*col_means",
+    ),
+    (
+        "unpicklable",
+        lambda: dict(fun=_unpicklable_fun()),
+        shardc.UnpicklableFunctionError,
+        r"global '_LOCK' of type lock",
+    ),
+    (
+        "unpicklable-closure",
+        lambda: dict(fun=_unpicklable_closure()),
+        shardc.UnpicklableFunctionError,
+        r"closure variable 'lk' of type lock",
+    ),
+    (
+        "unpicklable-default",
+        lambda: dict(fun=lambda shard, lk=_LOCK: 1),
+        shardc.UnpicklableFunctionError,
+        r"default of argument 'lk' of type lock",
+    ),
+    (
+        "unpicklable-kwdefault",
+        lambda: dict(fun=_kwdefault_fun()),
+        shardc.UnpicklableFunctionError,
+        r"default of argument 'lk' of type lock",
+    ),
+    ("mem_cap", lambda: dict(fun=ident, mem_cap="2XB"), shardc.InvalidArgumentError, r"mem_cap='2XB' is not a size"),
     ("cow", lambda: dict(fun=ident, cow="copy"), shardc.InvalidArgumentError, r"cow='copy' is not supported"),
-    ("profile", lambda: dict(fun=ident, profile="fast"), shardc.InvalidArgumentError,
-     r"profile='fast' is not supported"),
-    ("dispatch_mode", lambda: dict(fun=ident, dispatch_mode="threads"), shardc.InvalidArgumentError,
-     r"dispatch_mode='threads' is not supported"),
+    (
+        "profile",
+        lambda: dict(fun=ident, profile="fast"),
+        shardc.InvalidArgumentError,
+        r"profile='fast' is not supported",
+    ),
+    (
+        "dispatch_mode",
+        lambda: dict(fun=ident, dispatch_mode="threads"),
+        shardc.InvalidArgumentError,
+        r"dispatch_mode='threads' is not supported",
+    ),
     ("workers-0", lambda: dict(fun=ident, workers=0), shardc.InvalidArgumentError, r"workers must be >= 1, got 0"),
     ("workers-neg", lambda: dict(fun=ident, workers=-2), shardc.InvalidArgumentError, r"workers must be >= 1"),
-    ("workers-float", lambda: dict(fun=ident, workers=1.5), shardc.InvalidArgumentError,
-     r"workers must be an integer"),
-    ("chunk_size-0", lambda: dict(fun=ident, chunk_size=0), shardc.InvalidArgumentError,
-     r"chunk_size must be >= 1, got 0"),
-    ("chunk_size-str", lambda: dict(fun=ident, chunk_size="big"), shardc.InvalidArgumentError,
-     r"chunk_size must be an integer"),
+    ("workers-float", lambda: dict(fun=ident, workers=1.5), shardc.InvalidArgumentError, r"workers must be an integer"),
+    (
+        "chunk_size-0",
+        lambda: dict(fun=ident, chunk_size=0),
+        shardc.InvalidArgumentError,
+        r"chunk_size must be >= 1, got 0",
+    ),
+    (
+        "chunk_size-str",
+        lambda: dict(fun=ident, chunk_size="big"),
+        shardc.InvalidArgumentError,
+        r"chunk_size must be an integer",
+    ),
     ("timeout-0", lambda: dict(fun=ident, timeout=0), shardc.InvalidArgumentError, r"timeout must be a positive"),
-    ("timeout-str", lambda: dict(fun=ident, timeout="5"), shardc.InvalidArgumentError,
-     r"timeout must be a positive"),
-    ("timeout-nan", lambda: dict(fun=ident, timeout=float("nan")), shardc.InvalidArgumentError,
-     r"timeout must be a positive"),
-    ("max_retries", lambda: dict(fun=ident, max_retries=-1), shardc.InvalidArgumentError,
-     r"max_retries must be >= 0, got -1"),
+    ("timeout-str", lambda: dict(fun=ident, timeout="5"), shardc.InvalidArgumentError, r"timeout must be a positive"),
+    (
+        "timeout-nan",
+        lambda: dict(fun=ident, timeout=float("nan")),
+        shardc.InvalidArgumentError,
+        r"timeout must be a positive",
+    ),
+    (
+        "max_retries",
+        lambda: dict(fun=ident, max_retries=-1),
+        shardc.InvalidArgumentError,
+        r"max_retries must be >= 0, got -1",
+    ),
     ("seed-neg", lambda: dict(fun=ident, seed=-1), shardc.InvalidArgumentError, r"seed must be None or a non-negative"),
-    ("seed-float", lambda: dict(fun=ident, seed=1.5), shardc.InvalidArgumentError, r"seed must be None or a non-negative"),
-    ("out-plain-ndarray", lambda: dict(fun=two_args, borrow={"X": 1}, out={"o": np.zeros(3)}),
-     shardc.InvalidArgumentError, r"out\['o'\] must be a shardc.buffer"),
-    ("both-borrow-and-out", lambda: dict(fun=two_args, borrow={"X": 1}, out={"X": _buf()}),
-     shardc.InvalidArgumentError, r"names \['X'\] appear in both borrow= and out="),
-    ("dispatch_opts", lambda: dict(fun=ident, dispatch_opts={"block_size": 4}), shardc.InvalidArgumentError,
-     r"dispatch_opts keys \['block_size'\] do not apply to dispatch_mode='rpc_chunked'"),
-    ("dispatch_opts-type", lambda: dict(fun=ident, dispatch_opts=["prefetch"]), shardc.InvalidArgumentError,
-     r"dispatch_opts must be a dict"),
-    ("autotune-str", lambda: dict(fun=ident, autotune="sometimes"), shardc.InvalidArgumentError,
-     r"autotune must be None, True, False"),
-    ("autotune-keys", lambda: dict(fun=ident, autotune={"rounds": 3}), shardc.InvalidArgumentError,
-     r"autotune has unknown keys \['rounds'\]"),
-    ("autotune-mode", lambda: dict(fun=ident, autotune={"mode": "offline"}), shardc.InvalidArgumentError,
-     r"autotune mode 'offline' is not supported"),
-    ("scheduler_policy", lambda: dict(fun=ident, scheduler_policy={"max_huge": 1}), shardc.InvalidArgumentError,
-     r"scheduler_policy has unknown keys \['max_huge'\]"),
-    ("on_failure", lambda: dict(fun=ident, on_failure="ignore"), shardc.InvalidArgumentError,
-     r"on_failure='ignore' is not supported"),
+    (
+        "seed-float",
+        lambda: dict(fun=ident, seed=1.5),
+        shardc.InvalidArgumentError,
+        r"seed must be None or a non-negative",
+    ),
+    (
+        "out-plain-ndarray",
+        lambda: dict(fun=two_args, borrow={"X": 1}, out={"o": np.zeros(3)}),
+        shardc.InvalidArgumentError,
+        r"out\['o'\] must be a shardc.buffer",
+    ),
+    (
+        "both-borrow-and-out",
+        lambda: dict(fun=two_args, borrow={"X": 1}, out={"X": _buf()}),
+        shardc.InvalidArgumentError,
+        r"names \['X'\] appear in both borrow= and out=",
+    ),
+    (
+        "dispatch_opts",
+        lambda: dict(fun=ident, dispatch_opts={"block_size": 4}),
+        shardc.InvalidArgumentError,
+        r"dispatch_opts keys \['block_size'\] do not apply to dispatch_mode='rpc_chunked'",
+    ),
+    (
+        "dispatch_opts-type",
+        lambda: dict(fun=ident, dispatch_opts=["prefetch"]),
+        shardc.InvalidArgumentError,
+        r"dispatch_opts must be a dict",
+    ),
+    (
+        "autotune-str",
+        lambda: dict(fun=ident, autotune="sometimes"),
+        shardc.InvalidArgumentError,
+        r"autotune must be None, True, False",
+    ),
+    (
+        "autotune-keys",
+        lambda: dict(fun=ident, autotune={"rounds": 3}),
+        shardc.InvalidArgumentError,
+        r"autotune has unknown keys \['rounds'\]",
+    ),
+    (
+        "autotune-mode",
+        lambda: dict(fun=ident, autotune={"mode": "offline"}),
+        shardc.InvalidArgumentError,
+        r"autotune mode 'offline' is not supported",
+    ),
+    (
+        "scheduler_policy",
+        lambda: dict(fun=ident, scheduler_policy={"max_huge": 1}),
+        shardc.InvalidArgumentError,
+        r"scheduler_policy has unknown keys \['max_huge'\]",
+    ),
+    (
+        "on_failure",
+        lambda: dict(fun=ident, on_failure="ignore"),
+        shardc.InvalidArgumentError,
+        r"on_failure='ignore' is not supported",
+    ),
 ]
 
 
@@ -302,6 +410,7 @@ def test_bad_shards_argument_rejected_before_workers():
 
 
 # -- results and failures -----------------------------------------------------------------------
+
 
 def test_failed_shard_is_distinguishable_from_none(pool2):
     """A failed shard is a FailedShard in results, a None return stays None."""
@@ -357,6 +466,7 @@ def test_many_tiny_shards_in_order_with_auto_chunks(pool2):
 
 # -- seeds --------------------------------------------------------------------------------------
 
+
 def test_seeded_draws_identical_across_workers_and_chunking(pool2, tmp_path):
     """seed=s: shard.rng, np.random and random draws do not depend on workers, chunking or retries."""
     d = shardc.shards(12, block_size=1)
@@ -409,6 +519,7 @@ def test_unseeded_shards_get_distinct_streams(pool2):
 
 # -- kernels ------------------------------------------------------------------------------------
 
+
 def scale_kernel(shard, X, out):
     out[shard.idx] = X[shard.idx] * 2
 
@@ -421,8 +532,9 @@ def test_register_and_run_kernel(pool2):
     assert {"col_means", "col_vars", "crossprod_tile", "test_scale2"} <= set(names) and names == sorted(names)
     X = np.arange(9.0)
     out = shardc.buffer(np.float64, (9,))
-    shardc.shard_map(shardc.shards(9, block_size=4), kernel="test_scale2", borrow={"X": X}, out={"out": out},
-                     progress=False)
+    shardc.shard_map(
+        shardc.shards(9, block_size=4), kernel="test_scale2", borrow={"X": X}, out={"out": out}, progress=False
+    )
     np.testing.assert_array_equal(np.asarray(out), X * 2)
     with pytest.raises(shardc.InvalidArgumentError, match=r"impl must be callable"):
         shardc.register_kernel("bad", 3)
@@ -453,8 +565,9 @@ def test_col_means_and_col_vars_match_numpy(pool2):
     one = np.arange(6.0).reshape(1, 6)
     v1 = shardc.buffer(np.float64, (6,), init=7.0)
     drain()
-    shardc.shard_map(shardc.shards(6, block_size=4), kernel="col_vars", borrow={"X": one}, out={"out": v1},
-                     progress=False)
+    shardc.shard_map(
+        shardc.shards(6, block_size=4), kernel="col_vars", borrow={"X": one}, out={"out": v1}, progress=False
+    )
     assert np.isnan(np.asarray(v1)).all()
 
 
@@ -474,22 +587,32 @@ def test_footprint_classification():
     """Footprints classify as tiny (<8 MB), medium (<64 MB) or huge."""
     k = shardc.register_kernel("test_fp", scale_kernel, footprint=lambda s: s.len * 2**20)
     d = shardc.shards_list([[0] * 1, list(range(8)), list(range(63)), list(range(64))])
-    assert [k.classify(s) for s in d] == [("tiny", 2**20), ("medium", 8 * 2**20), ("medium", 63 * 2**20),
-                                          ("huge", 64 * 2**20)]
+    assert [k.classify(s) for s in d] == [
+        ("tiny", 2**20),
+        ("medium", 8 * 2**20),
+        ("medium", 63 * 2**20),
+        ("huge", 64 * 2**20),
+    ]
     k2 = shardc.register_kernel("test_fp2", scale_kernel, footprint={"class": "huge"})
     assert k2.classify(d[0]) == ("huge", None)
     assert shardc.register_kernel("test_fp3", scale_kernel).classify(d[0]) == ("tiny", None)
-    assert shardc.register_kernel("test_fp4", scale_kernel, footprint={"bytes": 9 * 2**20}).classify(d[0]) == \
-        ("medium", 9 * 2**20)
+    assert shardc.register_kernel("test_fp4", scale_kernel, footprint={"bytes": 9 * 2**20}).classify(d[0]) == (
+        "medium",
+        9 * 2**20,
+    )
 
 
-@pytest.mark.parametrize("fp,msg", [
-    ({"class": "enormous"}, r"footprint class 'enormous' is not tiny/medium/huge"),
-    ({}, r"a footprint dict has 'class'"),
-    ({"bytes": -5}, r"footprint bytes must be a number >= 0"),
-    (float("nan"), r"footprint must be bytes"),
-    (-1, r"footprint must be bytes"),
-], ids=["bad-class", "empty-dict", "negative-bytes", "nan", "negative"])
+@pytest.mark.parametrize(
+    "fp,msg",
+    [
+        ({"class": "enormous"}, r"footprint class 'enormous' is not tiny/medium/huge"),
+        ({}, r"a footprint dict has 'class'"),
+        ({"bytes": -5}, r"footprint bytes must be a number >= 0"),
+        (float("nan"), r"footprint must be bytes"),
+        (-1, r"footprint must be bytes"),
+    ],
+    ids=["bad-class", "empty-dict", "negative-bytes", "nan", "negative"],
+)
 def test_register_kernel_rejects_bad_footprints(fp, msg):
     """A bad footprint is rejected when the kernel is registered, not mid-run."""
     with pytest.raises(shardc.InvalidArgumentError, match=msg):
@@ -506,8 +629,13 @@ def test_max_huge_concurrency_throttles_and_completes(pool2):
     """max_huge_concurrency=1 throttles huge shards (no two overlap) and completes every shard."""
     shardc.register_kernel("test_huge", huge_kernel, footprint=128 * 2**20)
     out = shardc.buffer(np.int64, (8,))
-    r = shardc.shard_map(shardc.shards(8, block_size=1), kernel="test_huge", out={"out": out},
-                         scheduler_policy={"max_huge_concurrency": 1}, progress=False)
+    r = shardc.shard_map(
+        shardc.shards(8, block_size=1),
+        kernel="test_huge",
+        out={"out": out},
+        scheduler_policy={"max_huge_concurrency": 1},
+        progress=False,
+    )
     np.testing.assert_array_equal(np.asarray(out), np.arange(1, 9))
     d = r.diagnostics
     assert d.throttles > 0 and r.succeeded and d.completed == 8
@@ -516,6 +644,7 @@ def test_max_huge_concurrency_throttles_and_completes(pool2):
 
 
 # -- pools --------------------------------------------------------------------------------------
+
 
 def test_pool_context_manager_reuses_workers():
     """Pool(2).shard_map reuses the same worker pids across calls; stop ends them."""
@@ -561,8 +690,14 @@ def test_packages_and_init_expr_run_in_each_worker():
     shardc.pool_stop()
     sys.modules.pop("colorsys", None)
     assert os.environ.get("SHARDC_TEST_INIT") is None
-    r = shardc.shard_map(shardc.shards(6, block_size=1), worker_env, workers=2, packages=["json", "colorsys"],
-                         init_expr=init_callable, progress=False)
+    r = shardc.shard_map(
+        shardc.shards(6, block_size=1),
+        worker_env,
+        workers=2,
+        packages=["json", "colorsys"],
+        init_expr=init_callable,
+        progress=False,
+    )
     assert r.results == [("callable", True, True)] * 6
     assert "colorsys" not in sys.modules and os.environ.get("SHARDC_TEST_INIT") is None
     code = "import os\nos.environ['SHARDC_TEST_INIT'] = 'string'"
@@ -586,8 +721,11 @@ def test_pool_starts_fast():
 
 def blas_state(shard):
     from threadpoolctl import threadpool_info
-    return ([(i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"],
-            len(os.listdir("/proc/self/task")))
+
+    return (
+        [(i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"],
+        len(os.listdir("/proc/self/task")),
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
@@ -598,8 +736,8 @@ def test_workers_run_blas_single_threaded_without_a_spinning_thread_pool():
     thread count is set, and each pool thread busy-waits ~0.1 s: the worker
     would be two threads, one burning a CPU the kernels need."""
     from threadpoolctl import threadpool_info
-    if not any(i["internal_api"] == "openblas" and i.get("threading_layer") == "pthreads"
-               for i in threadpool_info()):
+
+    if not any(i["internal_api"] == "openblas" and i.get("threading_layer") == "pthreads" for i in threadpool_info()):
         pytest.skip("NumPy is not linked to a pthreads OpenBLAS")
     with shardc.Pool(2) as pool:
         for w in pool.workers:
@@ -611,6 +749,7 @@ def test_workers_run_blas_single_threaded_without_a_spinning_thread_pool():
 
 
 # -- engine regressions (bugs found and fixed) ------------------------------------------------------
+
 
 def fail_first_and_count_maps(shard, X, out):
     if shard.id == 0:
@@ -635,9 +774,16 @@ def test_a_failed_shard_leaves_no_mapping_behind(mode):
     try:
         with shardc.Pool(1) as pool:
             for _ in range(5):
-                r = pool.shard_map(shardc.shards(6, block_size=1), fail_first_and_count_maps, borrow={"X": X},
-                                   out={"out": out}, dispatch_mode=mode, on_failure="collect", max_retries=0,
-                                   progress=False)
+                r = pool.shard_map(
+                    shardc.shards(6, block_size=1),
+                    fail_first_and_count_maps,
+                    borrow={"X": X},
+                    out={"out": out},
+                    dispatch_mode=mode,
+                    on_failure="collect",
+                    max_retries=0,
+                    progress=False,
+                )
                 assert list(r.failures) == [0]
                 counts.append(int(out.array[1:].max()))
         assert counts[4] <= counts[1], counts
@@ -649,6 +795,7 @@ def test_a_failed_shard_leaves_no_mapping_behind(mode):
 def test_new_segment_right_after_end():
     """A call that brings a new borrowed array right after another call still sets up every worker."""
     import signal
+
     with shardc.Pool(2) as pool:
         slow = pool.workers[0].pid
         stopped = pool.workers[1].pid
@@ -685,6 +832,7 @@ def _borrowed_fds(pid):
 def test_workers_release_borrowed_copies_of_past_calls():
     """Copies of borrowed arrays that the caller dropped are released by the workers too."""
     import gc
+
     with shardc.Pool(2) as pool:
         for i in range(12):
             X = np.full(1000, float(i))
@@ -697,8 +845,11 @@ def test_workers_release_borrowed_copies_of_past_calls():
         assert max(held.values()) <= 2, f"borrowed-input segments still held by workers: {held}"
 
 
-@pytest.mark.parametrize("kw", [{"packages": ["no_such_module_xyz"]}, {"init_expr": "raise ValueError('nope')"}],
-                         ids=["packages", "init_expr"])
+@pytest.mark.parametrize(
+    "kw",
+    [{"packages": ["no_such_module_xyz"]}, {"init_expr": "raise ValueError('nope')"}],
+    ids=["packages", "init_expr"],
+)
 def test_worker_start_failure_names_packages_and_init_expr(kw):
     """A worker that cannot start (missing package, failing init_expr) gives an error pointing at them."""
     shardc.pool_stop()
@@ -713,7 +864,7 @@ def test_closed_buffer_is_released_by_workers_at_once():
         buf = shardc.buffer(np.uint8, 64 << 20)
 
         def touch(s, out):
-            out[s.id * (32 << 20):(s.id + 1) * (32 << 20)] = 1  # each worker maps and dirties it
+            out[s.id * (32 << 20) : (s.id + 1) * (32 << 20)] = 1  # each worker maps and dirties it
 
         pool.shard_map(2, touch, out={"out": buf}, progress=False)
         key = buf.segment.key
@@ -741,10 +892,12 @@ def test_profile_speed_picks_shm_queue_only_when_it_applies(pool2):
     f = lambda s, out: out.__setitem__(s.id, s.id)  # noqa: E731
     modes = [
         shardc.shard_map(50, f, out={"out": out}, profile="speed", progress=False).diagnostics.mode,
-        shardc.shard_map(50, f, out={"out": out}, profile="speed", dispatch_mode="rpc_chunked",
-                         progress=False).diagnostics.mode,
-        shardc.shard_map(shardc.shards(50, block_size=1), f, out={"out": out}, profile="speed",
-                         progress=False).diagnostics.mode,
+        shardc.shard_map(
+            50, f, out={"out": out}, profile="speed", dispatch_mode="rpc_chunked", progress=False
+        ).diagnostics.mode,
+        shardc.shard_map(
+            shardc.shards(50, block_size=1), f, out={"out": out}, profile="speed", progress=False
+        ).diagnostics.mode,
         shardc.shard_map(50, lambda s: s.id, profile="speed", progress=False).diagnostics.mode,
     ]
     assert modes == ["shm_queue", "rpc_chunked", "rpc_chunked", "rpc_chunked"]
@@ -757,8 +910,15 @@ def test_profile_memory_halves_the_drift_threshold():
     with shardc.Pool(1) as pool:
         w = pool.workers[0]
         w.baseline, w.cow_slack = 100 * 2**20, 0
-        w.last_mem = {"rss": 0, "pss": 0, "uss": 0, "swap": 0, "anon": 0, "precise": 1,
-                      "pss_anon": 100 * 2**20 + 40 * 2**20}  # grew 40 MiB = 0.4x the baseline
+        w.last_mem = {
+            "rss": 0,
+            "pss": 0,
+            "uss": 0,
+            "swap": 0,
+            "anon": 0,
+            "precise": 1,
+            "pss_anon": 100 * 2**20 + 40 * 2**20,
+        }  # grew 40 MiB = 0.4x the baseline
         assert pool.memory_verdict(w, None, 0.5, "default") is None
         kind, reason = pool.memory_verdict(w, None, 0.5, "memory")
         assert kind == "drift" and "recycle=0.25" in reason

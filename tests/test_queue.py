@@ -339,8 +339,7 @@ def test_fork_stress_sigkill_repair() -> None:
             next_kill = time.monotonic() + float(rng.uniform(0.002, 0.02))
         if not pending:
             infos = [ring.consumer_info(c) for c in range(n_workers)]
-            if ring.stats()["size"] == 0 and all(i["claimed"] == 0 and i["state"] == "idle"
-                                                 for i in infos):
+            if ring.stats()["size"] == 0 and all(i["claimed"] == 0 and i["state"] == "idle" for i in infos):
                 break
             time.sleep(0.001)
     ring.close()
@@ -476,5 +475,6 @@ class RingModel(RuleBasedStateMachine):
 
 
 TestRingModel = RingModel.TestCase
-TestRingModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
-                                  suppress_health_check=[HealthCheck.too_slow])
+TestRingModel.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)

@@ -51,6 +51,7 @@ def fail_backings(monkeypatch, failing: dict[str, int]) -> None:
 
 # -- backings -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backing", BACKINGS)
 def test_backing_roundtrip(backing):
     """Each backing creates a zero-filled segment whose two shared maps see each other's writes."""
@@ -92,6 +93,7 @@ def test_zero_size_segment_maps():
 
 
 # -- SHARDC_BACKING and argument validation -------------------------------------
+
 
 @pytest.mark.parametrize("backing", BACKINGS)
 def test_env_var_picks_backing_for_auto(monkeypatch, backing):
@@ -153,12 +155,12 @@ def test_named_memfd_rejected():
 
 # -- auto fallback ----------------------------------------------------------------
 
+
 def test_auto_falls_back_when_memfd_fails_and_logs(monkeypatch, caplog):
     """auto: a failing memfd falls back to shm, and the shardc logger says why."""
     fail_backings(monkeypatch, {"memfd": errno.EMFILE})
-    with caplog.at_level(logging.INFO, logger="shardc"):
-        with Segment.create(PAGE) as seg:
-            assert seg.backing == "shm"
+    with caplog.at_level(logging.INFO, logger="shardc"), Segment.create(PAGE) as seg:
+        assert seg.backing == "shm"
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "shardc")
     assert "memfd" in text and "Too many open files" in text and "'shm'" in text
 
@@ -167,9 +169,8 @@ def test_auto_skips_shm_that_does_not_fit_and_logs(monkeypatch, caplog):
     """auto: a segment bigger than /dev/shm's free space goes to a file, logged as not fitting."""
     fail_backings(monkeypatch, {"memfd": errno.ENOSYS})
     monkeypatch.setattr(segment, "_shm_free_bytes", lambda: PAGE)
-    with caplog.at_level(logging.INFO, logger="shardc"):
-        with Segment.create(4 * PAGE) as seg:
-            assert seg.backing == "file"
+    with caplog.at_level(logging.INFO, logger="shardc"), Segment.create(4 * PAGE) as seg:
+        assert seg.backing == "file"
     text = "\n".join(r.getMessage() for r in caplog.records if r.name == "shardc")
     assert "does not fit in /dev/shm" in text and "'file'" in text
 
@@ -202,6 +203,7 @@ def test_explicit_backing_does_not_fall_back(monkeypatch):
 
 
 # -- errors -----------------------------------------------------------------------
+
 
 def test_explicit_shm_too_big_is_enospc_with_file_hint():
     """backing='shm' larger than /dev/shm fails up front with ENOSPC and a backing='file' hint."""
@@ -267,6 +269,7 @@ def test_open_rejects_memfd():
 
 # -- named segments -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backing", ["shm", "file"])
 def test_named_segment_persists_until_owner_closes(backing, tmp_path):
     """A named segment exists until its owner closes it (a non-owner close keeps it), then is unlinked."""
@@ -321,8 +324,9 @@ def test_interpreter_exit_leaves_nothing(tmp_path):
         assert {tag!r} in os.listdir("/dev/shm") and {tag!r} in os.listdir({str(tmp_path)!r})
         print("created", len(keep))
     """)
-    env = dict(os.environ, PYTHONPATH=REPO, SHARDC_TMPDIR=str(tmp_path),
-               SHARDC_SKIP_STAMP_CHECK="1")  # checked by this process already
+    env = dict(
+        os.environ, PYTHONPATH=REPO, SHARDC_TMPDIR=str(tmp_path), SHARDC_SKIP_STAMP_CHECK="1"
+    )  # checked by this process already
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "created 5"
@@ -331,6 +335,7 @@ def test_interpreter_exit_leaves_nothing(tmp_path):
 
 
 # -- sealing -------------------------------------------------------------------------
+
 
 def test_seal_memfd_forbids_writable_shared_maps():
     """A sealed memfd refuses new writable shared maps (EPERM) but still maps read-only and private."""
@@ -366,6 +371,7 @@ def test_seal_unsupported_backings_return_false(backing):
 
 
 # -- registry and lifetime ---------------------------------------------------------------
+
 
 def test_live_segments_tracks_open_segments():
     """live_segments() lists a segment while open, not after close."""
@@ -437,7 +443,9 @@ def _finalize_under_the_registry_lock() -> bool:
     registry lock, as it can inside any allocation made under it (it did in
     Segment.__init__, in a worker, and hung it for good)."""
     import gc
+
     from shardc import segment as S
+
     seg = S.Segment.create(4096)
     m = seg.mapping()
     key, addr = seg.key, m.addr

@@ -36,6 +36,7 @@ def check_cover(desc: ShardDescriptor, n: int) -> None:
 
 # -- properties --------------------------------------------------------------------------------
 
+
 @FAST
 @given(n=st.integers(1, 5000), block=st.integers(1, 6000), strategy=st.sampled_from(["contiguous", "strided"]))
 def test_explicit_block_size_covers_range_exactly_once(n, block, strategy):
@@ -75,6 +76,7 @@ def test_shards_list_keeps_each_list(lists):
 
 # -- contiguous and strided details ----------------------------------------------------------------
 
+
 def test_contiguous_idx_is_a_slice_giving_views():
     """Contiguous shards carry a slice, so X[:, shard.idx] is a zero-copy view."""
     X = np.arange(5 * 103, dtype=np.float64).reshape(5, 103)
@@ -84,7 +86,7 @@ def test_contiguous_idx_is_a_slice_giving_views():
         assert isinstance(s.idx, slice) and s.idx == slice(s.start, s.stop)
         view = X[:, s.idx]
         assert np.shares_memory(view, X) and not view.flags.owndata
-        assert np.array_equal(view, X[:, s.start:s.stop])
+        assert np.array_equal(view, X[:, s.start : s.stop])
 
 
 def test_strided_shards_interleave():
@@ -111,8 +113,11 @@ def test_descriptor_sequence_protocol():
 
 def test_shards_pickle_roundtrip():
     """A Shard pickles to an equal Shard (what a worker receives)."""
-    for s in (shardc.shards(50, block_size=7)[3], shardc.shards(50, block_size=7, strategy="strided")[2],
-              shardc.shards_list([[4, 2, 9]])[0]):
+    for s in (
+        shardc.shards(50, block_size=7)[3],
+        shardc.shards(50, block_size=7, strategy="strided")[2],
+        shardc.shards_list([[4, 2, 9]])[0],
+    ):
         assert pickle.loads(pickle.dumps(s)) == s
 
 
@@ -126,10 +131,24 @@ def test_huge_n_is_lazy():
 
 # -- block_size and count strings -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,value", [
-    ("500", 500), ("10K", 10_000), ("10k", 10_000), ("1M", 10**6), ("3B", 3 * 10**9), ("1.5K", 1500),
-    (" 2 M ", 2 * 10**6), ("123456789123B", 123456789123 * 10**9), (7, 7), (np.int32(9), 9), (4.0, 4),
-], ids=str)
+
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("500", 500),
+        ("10K", 10_000),
+        ("10k", 10_000),
+        ("1M", 10**6),
+        ("3B", 3 * 10**9),
+        ("1.5K", 1500),
+        (" 2 M ", 2 * 10**6),
+        ("123456789123B", 123456789123 * 10**9),
+        (7, 7),
+        (np.int32(9), 9),
+        (4.0, 4),
+    ],
+    ids=str,
+)
 def test_count_strings(text, value):
     """Counts accept ints and strings with K/M/B suffixes (B = billions), exactly."""
     assert parse_count(text, "block_size") == value
@@ -149,9 +168,18 @@ def test_block_size_larger_than_n_gives_one_shard():
 
 # -- auto sizing --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n,workers,shards", [
-    (1000, 2, 8), (10, 2, 10), (9, 2, 9), (3, 4, 3), (10**6, 4, 16), (1000, 1, 4),
-])
+
+@pytest.mark.parametrize(
+    "n,workers,shards",
+    [
+        (1000, 2, 8),
+        (10, 2, 10),
+        (9, 2, 9),
+        (3, 4, 3),
+        (10**6, 4, 16),
+        (1000, 1, 4),
+    ],
+)
 def test_auto_shard_counts(n, workers, shards):
     """block_size='auto' aims at 4 shards per worker (fewer only when n is smaller)."""
     assert len(shardc.shards(n, workers=workers)) == shards
@@ -175,6 +203,7 @@ def test_auto_uses_default_workers(monkeypatch):
 
 # -- validation ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [0, -1, 2.5, "abc", "1.5", "-3", None, True, [3], float("nan"), "5X"], ids=repr)
 def test_invalid_n_names_n(n):
     """A non-positive, fractional or malformed n raises ShardSpecError (a ValueError) naming n."""
@@ -197,24 +226,40 @@ def test_invalid_strategy_names_strategy(strategy):
         shardc.shards(100, strategy=strategy, workers=2)
 
 
-@pytest.mark.parametrize("kw,name", [
-    ({"workers": 0}, "workers"), ({"workers": 1.5}, "workers"), ({"workers": True}, "workers"),
-    ({"min_shards_per_worker": 0}, "min_shards_per_worker"),
-    ({"max_shards_per_worker": 2, "min_shards_per_worker": 4}, "max_shards_per_worker"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"workers": 0}, "workers"),
+        ({"workers": 1.5}, "workers"),
+        ({"workers": True}, "workers"),
+        ({"min_shards_per_worker": 0}, "min_shards_per_worker"),
+        ({"max_shards_per_worker": 2, "min_shards_per_worker": 4}, "max_shards_per_worker"),
+    ],
+)
 def test_invalid_auto_parameters_named(kw, name):
     """Bad workers/min/max shards per worker raise ShardSpecError naming the argument."""
     with pytest.raises(ShardSpecError, match=name):
         shardc.shards(100, **{"workers": 2, **kw})
 
 
-@pytest.mark.parametrize("idxs,pattern", [
-    ([], "idxs is empty"), ([[1, 2], []], r"idxs\[1\] is empty"), ([[0, -1]], r"idxs\[0\] has a negative"),
-    ([[0.5]], r"idxs\[0\] must hold integer"), ([[1.0, 1e20]], r"idxs\[0\] must hold integer"), ([["a"]], r"idxs\[0\] must hold integer"),
-    ([[True, False]], r"idxs\[0\] must hold integer"), ([[[1, 2]]], r"idxs\[0\] must be a 1-D"),
-    ([np.array([1, 2**63], dtype=np.uint64)], r"idxs\[0\] has an index beyond int64"),
-    ("0123", "idxs must be a sequence"), (5, "idxs must be a sequence"), (None, "idxs must be a sequence"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "idxs,pattern",
+    [
+        ([], "idxs is empty"),
+        ([[1, 2], []], r"idxs\[1\] is empty"),
+        ([[0, -1]], r"idxs\[0\] has a negative"),
+        ([[0.5]], r"idxs\[0\] must hold integer"),
+        ([[1.0, 1e20]], r"idxs\[0\] must hold integer"),
+        ([["a"]], r"idxs\[0\] must hold integer"),
+        ([[True, False]], r"idxs\[0\] must hold integer"),
+        ([[[1, 2]]], r"idxs\[0\] must be a 1-D"),
+        ([np.array([1, 2**63], dtype=np.uint64)], r"idxs\[0\] has an index beyond int64"),
+        ("0123", "idxs must be a sequence"),
+        (5, "idxs must be a sequence"),
+        (None, "idxs must be a sequence"),
+    ],
+    ids=repr,
+)
 def test_invalid_index_lists_named(idxs, pattern):
     """Empty, negative, non-integer or malformed index lists raise ShardSpecError naming the list."""
     with pytest.raises(ShardSpecError, match=pattern):

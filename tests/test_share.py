@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import time
 
 import numpy as np
@@ -14,7 +13,7 @@ import shardc
 from shardc import _lowlevel as ll
 from shardc import segment
 from shardc.errors import ClosedError, InvalidArgumentError, SegmentError
-from shardc.share import MIN_OOB_BYTES, Shared, ShareCache, default_cache
+from shardc.share import MIN_OOB_BYTES, ShareCache, default_cache
 
 pytestmark = pytest.mark.usefixtures("no_segment_leak")
 
@@ -37,6 +36,7 @@ def owner_segment(arr: np.ndarray) -> segment.Segment | None:
 
 
 # -- one copy into a sealed segment ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_array_is_copied_once_sealed_and_read_only(dtype):
@@ -84,10 +84,17 @@ def test_fortran_order_is_kept():
         assert sh.array.strides == src.strides and np.array_equal(sh.array, src)
 
 
-@pytest.mark.parametrize("make", [
-    lambda a: a[:, ::3], lambda a: a[::-1], lambda a: a.T[::2], lambda a: a[1:-1, 2:-2][::-2, ::-1],
-    lambda a: a["b"] if a.dtype.names else a[:, 5],
-], ids=["step", "reversed", "T-step", "nested-negative", "column"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda a: a[:, ::3],
+        lambda a: a[::-1],
+        lambda a: a.T[::2],
+        lambda a: a[1:-1, 2:-2][::-2, ::-1],
+        lambda a: a["b"] if a.dtype.names else a[:, 5],
+    ],
+    ids=["step", "reversed", "T-step", "nested-negative", "column"],
+)
 def test_non_contiguous_views_become_contiguous(make):
     """A non-contiguous view is copied once into a C-contiguous array with the same values."""
     base = np.arange(20 * 30, dtype=np.float64).reshape(20, 30)
@@ -127,10 +134,23 @@ def test_masked_array_keeps_its_mask():
 
 # -- by reference ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [
-    lambda b: b, lambda b: b.array, lambda b: b[2:7], lambda b: b[:, ::2], lambda b: b[::-1, ::-3],
-    lambda b: b.array.T, lambda b: b[3], lambda b: b[::-2, 4], lambda b: b[5:5], lambda b: b["y"],
-], ids=["buffer", "array", "rows", "step", "negative", "T", "row", "neg-col", "empty", "field"])
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda b: b,
+        lambda b: b.array,
+        lambda b: b[2:7],
+        lambda b: b[:, ::2],
+        lambda b: b[::-1, ::-3],
+        lambda b: b.array.T,
+        lambda b: b[3],
+        lambda b: b[::-2, 4],
+        lambda b: b[5:5],
+        lambda b: b["y"],
+    ],
+    ids=["buffer", "array", "rows", "step", "negative", "T", "row", "neg-col", "empty", "field"],
+)
 def test_arrays_in_segments_pass_by_reference(make):
     """A Buffer or any view of one (any strides, incl. negative) is shared by reference: no copy, same memory."""
     dt = np.dtype([("x", "<f8"), ("y", "<i4")])
@@ -175,10 +195,15 @@ def test_buffer_writes_after_share_are_seen_by_reference():
 
 # -- pickle protocol 5 -----------------------------------------------------------------------------
 
+
 def test_dict_of_arrays_is_pickled_with_big_buffers_in_segments():
     """A dict of arrays goes through pickle 5: big arrays land in segments and .get() reads them in place."""
-    obj = {"big": np.arange(100_000.0), "fortran": np.asfortranarray(np.ones((200, 100), np.float32)),
-           "small": np.arange(10), "meta": {"name": "x", "n": 3}}
+    obj = {
+        "big": np.arange(100_000.0),
+        "fortran": np.asfortranarray(np.ones((200, 100), np.float32)),
+        "small": np.arange(10),
+        "meta": {"name": "x", "n": 3},
+    }
     with shardc.share(obj) as sh:
         assert sh.kind == "pickle" and sh.how == "pickled"
         assert len(sh.segments) == 2 and sh.bytes_copied == 800_000 + 80_000
@@ -222,6 +247,7 @@ def test_unpicklable_object_names_the_type():
 
 # -- lifetime ------------------------------------------------------------------------------------------
 
+
 def test_close_releases_segments_and_blocks_use():
     """close() releases the segments (idempotent); .array/.get() then raise ClosedError; earlier views stay valid."""
     sh = shardc.share(np.arange(1000.0))
@@ -250,6 +276,7 @@ def test_forked_child_reads_shared_copy(fork_run):
 
 # -- ShareCache -----------------------------------------------------------------------------------------
 
+
 def test_default_cache_is_a_share_cache():
     """share.default_cache is the process-wide ShareCache."""
     assert isinstance(default_cache, ShareCache)
@@ -267,11 +294,15 @@ def test_cache_reuses_copy_while_unchanged():
     assert first.closed
 
 
-@pytest.mark.parametrize("change", [
-    lambda a: a.__setitem__((3, 3), 5.0),
-    lambda a: a.__setitem__((0, 0), -0.0),  # equal as a value, different bytes
-    lambda a: a.__setitem__((1, 0), np.frombuffer(np.uint64(0x7FF8000000000001).tobytes(), np.float64)[0]),
-], ids=["value", "negative-zero", "nan-payload"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda a: a.__setitem__((3, 3), 5.0),
+        lambda a: a.__setitem__((0, 0), -0.0),  # equal as a value, different bytes
+        lambda a: a.__setitem__((1, 0), np.frombuffer(np.uint64(0x7FF8000000000001).tobytes(), np.float64)[0]),
+    ],
+    ids=["value", "negative-zero", "nan-payload"],
+)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_cache_recopies_after_mutation(change, layout):
     """A caller mutating the array (even to -0.0 or another NaN) gets a fresh copy, never a stale one."""
@@ -309,6 +340,7 @@ def test_cache_passes_buffers_by_reference():
 
 # -- costs (256 MiB) -------------------------------------------------------------------------------------
 
+
 def vm_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -340,9 +372,11 @@ def test_share_256mib_costs_one_copy_in_time_and_memory(big):
         sh.array.sum()  # map and touch all of the copy, so it counts in our RSS
         peak_added = vm_kib("VmHWM") - before
         now_added = vm_kib("VmRSS") - before
-        print(f"\nshare 256 MiB: {t_share * 1e3:.0f} ms vs np.copy {t_copy * 1e3:.0f} ms; "
-              f"memory added {now_added / MiB:.1f} MiB, peak {peak_added / MiB:.1f} MiB "
-              f"({peak_added / big.nbytes:.3f}x)")
+        print(
+            f"\nshare 256 MiB: {t_share * 1e3:.0f} ms vs np.copy {t_copy * 1e3:.0f} ms; "
+            f"memory added {now_added / MiB:.1f} MiB, peak {peak_added / MiB:.1f} MiB "
+            f"({peak_added / big.nbytes:.3f}x)"
+        )
         assert sh.bytes_copied == big.nbytes
         assert t_share < 4 * t_copy + 0.25  # loose: other processes share these 2 cores
         assert peak_added <= 1.05 * big.nbytes
@@ -376,9 +410,11 @@ def test_forked_reader_adds_no_private_memory(big, fork_child):
         m2 = ll.proc_mem(proc.pid)
         proc.send("exit")
         assert proc.result(20) is None
-        print(f"\nchild after reading 256 MiB: RSS {m1['rss'] / MiB:.1f} MiB "
-              f"(+{(m1['rss'] - m0['rss']) / MiB:.1f}), USS {m1['uss'] / MiB:.1f} MiB "
-              f"(+{(m1['uss'] - m0['uss']) / MiB:.1f}); after a private copy USS {m2['uss'] / MiB:.1f} MiB")
+        print(
+            f"\nchild after reading 256 MiB: RSS {m1['rss'] / MiB:.1f} MiB "
+            f"(+{(m1['rss'] - m0['rss']) / MiB:.1f}), USS {m1['uss'] / MiB:.1f} MiB "
+            f"(+{(m1['uss'] - m0['uss']) / MiB:.1f}); after a private copy USS {m2['uss'] / MiB:.1f} MiB"
+        )
         assert m1["precise"]
         assert m1["rss"] - m0["rss"] >= 0.9 * big.nbytes
         assert m1["uss"] < 0.1 * big.nbytes and m1["uss"] - m0["uss"] < 0.05 * big.nbytes

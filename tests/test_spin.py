@@ -20,8 +20,7 @@ import pytest
 SPIN_DIR = Path(__file__).resolve().parent / "spin"
 
 if shutil.which("spin") is None and not os.environ.get("CI"):
-    pytest.skip("spin is not installed (apt-get install spin); required when CI is set",
-                allow_module_level=True)
+    pytest.skip("spin is not installed (apt-get install spin); required when CI is set", allow_module_level=True)
 
 
 def verify(model: str, tmp_path: Path, defines: tuple[str, ...] = ()) -> str:
@@ -32,16 +31,24 @@ def verify(model: str, tmp_path: Path, defines: tuple[str, ...] = ()) -> str:
     assert cc is not None, "a C compiler is needed to build pan"
     src = tmp_path / model
     shutil.copy(SPIN_DIR / model, src)
-    gen = subprocess.run([spin, *defines, "-a", model], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60, check=False)
+    gen = subprocess.run(
+        [spin, *defines, "-a", model], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
     assert gen.returncode == 0 and (tmp_path / "pan.c").is_file(), gen.stdout + gen.stderr
     # SAFETY: assertions and invalid end states (no never claim); COLLAPSE
     # keeps the state store small.
-    build = subprocess.run([cc, "-O2", "-w", "-DSAFETY", "-DCOLLAPSE", "-o", "pan", "pan.c"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    build = subprocess.run(
+        [cc, "-O2", "-w", "-DSAFETY", "-DCOLLAPSE", "-o", "pan", "pan.c"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert build.returncode == 0, build.stderr
-    run = subprocess.run(["./pan", "-m20000", "-w22"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, check=False)
+    run = subprocess.run(
+        ["./pan", "-m20000", "-w22"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
     return run.stdout + run.stderr
 
 

@@ -98,8 +98,12 @@ def test_bad_arguments(table: StatusTable) -> None:
     done = DoneMap(4)
     row = table.row(0)
     row.shard_begin(3)
-    for call in (lambda: row.shard_end(done, 4, 1), lambda: row.shard_end(done, -1, 1),
-                 lambda: row.shard_next(done, 9, 1, 10), lambda: row.block_end(done, 4, 1, 1)):
+    for call in (
+        lambda: row.shard_end(done, 4, 1),
+        lambda: row.shard_end(done, -1, 1),
+        lambda: row.shard_next(done, 9, 1, 10),
+        lambda: row.block_end(done, 4, 1, 1),
+    ):
         with pytest.raises(InvalidArgumentError, match="outside the done map"):
             call()
     assert table.read(0)[:2] == (STATE_RUNNING, 3) and done.count() == 0

@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from _engine_helpers import assert_no_stray_children, drain, no_stray_children, pool2, pool_pids  # noqa: F401 (fixtures)
 
 import shardc
 from shardc.errors import RemoteTraceback
-
-from _engine_helpers import assert_no_stray_children, drain, pool_pids, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,6 +50,7 @@ def who(shard):
 
 
 # -- crash cases: shard 3 misbehaves ------------------------------------------------------------
+
 
 def _first_time(marker: str) -> bool:
     if os.path.exists(marker):
@@ -108,8 +108,9 @@ def run(fun, tmp_path, mode="rpc_chunked", n=8, **kw):
     kw.setdefault("on_failure", "collect")
     out = shardc.buffer(np.int64, (n,), init=-1)
     try:
-        r = shardc.shard_map(shardc.shards(n, block_size=1), fun, borrow={"marker": marker}, out={"out": out},
-                             dispatch_mode=mode, **kw)
+        r = shardc.shard_map(
+            shardc.shards(n, block_size=1), fun, borrow={"marker": marker}, out={"out": out}, dispatch_mode=mode, **kw
+        )
         r.out = np.asarray(out).copy()
     except shardc.ShardMapError as err:
         err.result.out = np.asarray(out).copy()
@@ -206,8 +207,11 @@ def test_exception_retried_then_failed_with_remote_traceback(pool2, tmp_path, mo
     assert "in raise_always" in f.traceback and "KeyError: 'no key for shard 3'" in f.traceback
     assert isinstance(f.exception, KeyError)
     assert isinstance(f.exception.__cause__, RemoteTraceback) and f.exception.__cause__.tb == f.traceback
-    assert f.history == ["attempt 1: KeyError: 'no key for shard 3'", "attempt 2: KeyError: 'no key for shard 3'",
-                         "attempt 3: KeyError: 'no key for shard 3'"]
+    assert f.history == [
+        "attempt 1: KeyError: 'no key for shard 3'",
+        "attempt 2: KeyError: 'no key for shard 3'",
+        "attempt 3: KeyError: 'no key for shard 3'",
+    ]
     assert pool_pids(pool2) == before  # no worker is replaced for an exception
     assert_pool_usable(pool2)
 
@@ -225,8 +229,7 @@ def test_hang_past_timeout(pool2, tmp_path, mode):
     assert f.error_type == "shardc.errors.ShardTimeoutError"
     assert f.message.startswith("shard 3 ran longer than timeout=0.5s")
     assert isinstance(f.exception, shardc.ShardTimeoutError)
-    assert [(e["reason"], e["signal"], e["shard"]) for e in r.diagnostics.events] == \
-        [("timeout", "SIGKILL(-9)", 3)] * 2
+    assert [(e["reason"], e["signal"], e["shard"]) for e in r.diagnostics.events] == [("timeout", "SIGKILL(-9)", 3)] * 2
     assert_pool_usable(pool2)
 
 
@@ -251,8 +254,15 @@ def leak(shard, out):
 def _leak_run(mode, n=12, **kw):
     out = shardc.buffer(np.int64, (n,), init=0)
     try:
-        r = shardc.shard_map(shardc.shards(n, block_size=1), leak, out={"out": out}, mem_cap="100MB",
-                             dispatch_mode=mode, progress=False, **kw)
+        r = shardc.shard_map(
+            shardc.shards(n, block_size=1),
+            leak,
+            out={"out": out},
+            mem_cap="100MB",
+            dispatch_mode=mode,
+            progress=False,
+            **kw,
+        )
         r.out = np.asarray(out).copy()
     finally:
         out.close()
@@ -312,8 +322,16 @@ def test_shard_over_twice_mem_cap_is_killed_mid_shard(pool2, mode):
     """A shard holding > 2x mem_cap is killed mid-shard: WorkerMemoryError, others unaffected."""
     out = shardc.buffer(np.int64, (4,), init=-1)
     t0 = time.monotonic()
-    r = shardc.shard_map(shardc.shards(4, block_size=1), balloon, out={"out": out}, mem_cap="100MB", max_retries=0,
-                         dispatch_mode=mode, on_failure="collect", progress=False)
+    r = shardc.shard_map(
+        shardc.shards(4, block_size=1),
+        balloon,
+        out={"out": out},
+        mem_cap="100MB",
+        max_retries=0,
+        dispatch_mode=mode,
+        on_failure="collect",
+        progress=False,
+    )
     assert time.monotonic() - t0 < 4.0
     assert np.asarray(out).tolist() == [0, -1, 2, 3]
     out.close()
@@ -401,6 +419,7 @@ def test_master_sigkill_leaves_nothing_behind(tmp_path):
 
 # -- more crash cases -------------------------------------------------------------------------------
 
+
 def slow_with_marker(shard, marker_dir, out):
     Path(marker_dir, f"running.{os.getpid()}.{shard.id}").touch()
     time.sleep(0.3)
@@ -411,6 +430,7 @@ def slow_with_marker(shard, marker_dir, out):
 def test_external_sigkill_of_busy_worker(pool2, tmp_path, mode):
     """A worker SIGKILLed from outside mid-shard: that shard is retried once, the rest unaffected."""
     import threading
+
     killed = {}
 
     def killer():
@@ -426,24 +446,35 @@ def test_external_sigkill_of_busy_worker(pool2, tmp_path, mode):
     t = threading.Thread(target=killer)
     t.start()
     out = shardc.buffer(np.int64, (6,), init=-1)
-    r = shardc.shard_map(shardc.shards(6, block_size=1), slow_with_marker, borrow={"marker_dir": str(tmp_path)},
-                         out={"out": out}, dispatch_mode=mode, progress=False)
+    r = shardc.shard_map(
+        shardc.shards(6, block_size=1),
+        slow_with_marker,
+        borrow={"marker_dir": str(tmp_path)},
+        out={"out": out},
+        dispatch_mode=mode,
+        progress=False,
+    )
     t.join()
     r.out = np.asarray(out).copy()
     out.close()
     assert_outputs(r, mode)
     assert r.succeeded and r.diagnostics.retries == 1
-    assert [(e["event"], e["pid"], e["signal"], e["shard"]) for e in r.diagnostics.events] == \
-        [("death", killed["pid"], "SIGKILL(-9)", killed["shard"])]
+    assert [(e["event"], e["pid"], e["signal"], e["shard"]) for e in r.diagnostics.events] == [
+        ("death", killed["pid"], "SIGKILL(-9)", killed["shard"])
+    ]
     assert killed["pid"] not in pool_pids(pool2)
     assert_pool_usable(pool2)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("fun,kw,etype", [
-    (sigkill_always, {}, "shardc.errors.WorkerCrashedError"),
-    (hang, {"timeout": 0.5}, "shardc.errors.ShardTimeoutError"),
-], ids=["sigkill", "timeout"])
+@pytest.mark.parametrize(
+    "fun,kw,etype",
+    [
+        (sigkill_always, {}, "shardc.errors.WorkerCrashedError"),
+        (hang, {"timeout": 0.5}, "shardc.errors.ShardTimeoutError"),
+    ],
+    ids=["sigkill", "timeout"],
+)
 def test_crash_in_a_chunk_charges_only_the_running_shard(pool2, tmp_path, fun, kw, etype, mode):
     """With chunks (blocks) of 4 and max_retries=0 a death fails only the running shard; its chunk-mates rerun free."""
     chunk = {"chunk_size": 4} if mode == "rpc_chunked" else {"dispatch_opts": {"block_size": 4}}
@@ -485,15 +516,25 @@ def test_write_into_borrowed_input_fails_at_once(pool2, mode):
     """cow='deny': a write into a borrowed input fails that shard on its first attempt, naming input and offset."""
     X = np.arange(8.0)
     out = shardc.buffer(np.int64, (3,), init=-1)
-    r = shardc.shard_map(3, write_borrowed, borrow={"X": X}, out={"out": out}, max_retries=3, dispatch_mode=mode,
-                         on_failure="collect", progress=False)
+    r = shardc.shard_map(
+        3,
+        write_borrowed,
+        borrow={"X": X},
+        out={"out": out},
+        max_retries=3,
+        dispatch_mode=mode,
+        on_failure="collect",
+        progress=False,
+    )
     assert list(r.failures) == [0, 1, 2] and r.diagnostics.retries == 0 and deaths(r) == []
     assert all(isinstance(x, shardc.FailedShard) for x in r.results)
     out.close()
     for i, f in r.failures.items():
         assert f.attempts == 1 and f.error_type == "shardc.errors.BorrowedInputWriteError"
-        assert f.message == (f"shard {i} wrote to borrowed input 'X' at byte {8 * i} (element [{i}]); "
-                             "cow='deny' forbids writes to borrowed inputs")
+        assert f.message == (
+            f"shard {i} wrote to borrowed input 'X' at byte {8 * i} (element [{i}]); "
+            "cow='deny' forbids writes to borrowed inputs"
+        )
         assert (f.exception.input_name, f.exception.shard_id, f.exception.offset) == ("X", i, 8 * i)
         assert f.history == [f"attempt 1: BorrowedInputWriteError: {f.message}"]
     np.testing.assert_array_equal(X, np.arange(8.0))
@@ -501,6 +542,7 @@ def test_write_into_borrowed_input_fails_at_once(pool2, mode):
 
 
 # -- a worker killed while it holds ring claims (shm_queue) ------------------------------------------
+
 
 def fail_then_die(shard, runs, out):
     """Shard 3 raises on its first run and is slow on its retry; shard 7 SIGKILLs its worker on its first run."""
@@ -522,9 +564,15 @@ def test_death_does_not_rerun_a_failed_shard_whose_retry_is_running(pool2):
     n = 64
     runs = shardc.buffer(np.int64, (n,), init=0)
     out = shardc.buffer(np.int64, (n,), init=0)
-    r = shardc.shard_map(shardc.shards(n, block_size=1), fail_then_die, out={"runs": runs, "out": out},
-                         dispatch_mode="shm_queue", dispatch_opts={"block_size": 8}, on_failure="collect",
-                         progress=False)
+    r = shardc.shard_map(
+        shardc.shards(n, block_size=1),
+        fail_then_die,
+        out={"runs": runs, "out": out},
+        dispatch_mode="shm_queue",
+        dispatch_opts={"block_size": 8},
+        on_failure="collect",
+        progress=False,
+    )
     ran, got = np.asarray(runs).copy(), np.asarray(out).copy()
     runs.close()
     out.close()
@@ -549,7 +597,9 @@ def test_workers_killed_while_holding_ring_claims_lose_nothing(pool2, claim_batc
     """shm_queue: workers SIGKILLed at random moments while holding ring claims lose no shard, rerun <= 1 per kill."""
     import random as _random
     import threading
+
     from shardc.status import STATE_RUNNING
+
     n, kills = 60_000, 5
     out = shardc.buffer(np.int64, (n,), init=0)
     runs = shardc.buffer(np.int64, (n,), init=0)
@@ -578,8 +628,15 @@ def test_workers_killed_while_holding_ring_claims_lose_nothing(pool2, claim_batc
     t = threading.Thread(target=killer)
     t.start()
     try:
-        r = shardc.shard_map(n, tiny_counted, out={"out": out, "runs": runs}, dispatch_mode="shm_queue",
-                             dispatch_opts={"claim_batch": claim_batch}, progress=False, on_failure="collect")
+        r = shardc.shard_map(
+            n,
+            tiny_counted,
+            out={"out": out, "runs": runs},
+            dispatch_mode="shm_queue",
+            dispatch_opts={"claim_batch": claim_batch},
+            progress=False,
+            on_failure="collect",
+        )
     finally:
         stop.set()
         t.join()
@@ -624,8 +681,9 @@ def test_health_check_reports_dead_worker():
     pid = _kill_idle_worker(pool)
     try:
         acts = shardc.pool_health_check()["actions"]
-        assert [(a["pid"], a["action"], a["reason"]) for a in acts if a["worker"] == 0] == \
-            [(pid, "restart", "worker_dead")]
+        assert [(a["pid"], a["action"], a["reason"]) for a in acts if a["worker"] == 0] == [
+            (pid, "restart", "worker_dead")
+        ]
     finally:
         shardc.pool_stop()  # reaps the dead worker too
 
@@ -633,6 +691,7 @@ def test_health_check_reports_dead_worker():
 def test_unpicklable_borrow_rejected_before_workers():
     """An unpicklable borrowed object is rejected before any worker starts."""
     import threading
+
     shardc.pool_stop()
     with pytest.raises(shardc.InvalidArgumentError, match=r"cannot share lock: it is not picklable"):
         shardc.shard_map(2, write_borrowed, borrow={"X": threading.Lock()}, progress=False)
@@ -650,9 +709,17 @@ def test_shm_queue_error_log_and_dropped_returns(tmp_path):
         out[s.id] = s.id
         return s.id  # dropped: shm_queue gathers nothing
 
-    r = shardc.shard_map(40, f, out={"out": out}, dispatch_mode="shm_queue", workers=2, max_retries=0,
-                         dispatch_opts={"error_log": True, "error_log_max_lines": 2000}, on_failure="collect",
-                         progress=False)
+    r = shardc.shard_map(
+        40,
+        f,
+        out={"out": out},
+        dispatch_mode="shm_queue",
+        workers=2,
+        max_retries=0,
+        dispatch_opts={"error_log": True, "error_log_max_lines": 2000},
+        on_failure="collect",
+        progress=False,
+    )
     assert sorted(r.failures) == [7, 17, 27, 37]
     logs = r.diagnostics.error_logs
     assert logs
@@ -666,9 +733,17 @@ def test_shm_queue_error_log_and_dropped_returns(tmp_path):
         if os.path.exists(p):
             os.unlink(p)
     # The bound: at most error_log_max_lines lines per worker, then a note.
-    r = shardc.shard_map(40, f, out={"out": out}, dispatch_mode="shm_queue", workers=2, max_retries=0,
-                         dispatch_opts={"error_log": True, "error_log_max_lines": 3}, on_failure="collect",
-                         progress=False)
+    r = shardc.shard_map(
+        40,
+        f,
+        out={"out": out},
+        dispatch_mode="shm_queue",
+        workers=2,
+        max_retries=0,
+        dispatch_opts={"error_log": True, "error_log_max_lines": 3},
+        on_failure="collect",
+        progress=False,
+    )
     for p in r.diagnostics.error_logs:
         if os.path.exists(p):
             lines = open(p).read().splitlines()
@@ -692,8 +767,7 @@ def test_finished_unreported_shards_are_not_rerun(tmp_path, returns):
             os.kill(os.getpid(), signal.SIGKILL)
         return s.id if returns else None
 
-    r = shardc.shard_map(shardc.shards(2, block_size=1), f, workers=1, chunk_size=2, autotune=False,
-                         progress=False)
+    r = shardc.shard_map(shardc.shards(2, block_size=1), f, workers=1, chunk_size=2, autotune=False, progress=False)
     runs = [int(x) for x in log.read_text().split()]
     assert r.succeeded and r.diagnostics.retries == 1
     assert r.results == ([0, 1] if returns else [None, None])
@@ -741,8 +815,16 @@ def test_worker_stuck_outside_a_shard_is_killed():
     blocks) is killed after `timeout`; the suspect shard fails with ShardTimeoutError after its
     retries, every other shard is correct, and nothing loops."""
     t0 = time.monotonic()
-    r = shardc.shard_map(shardc.shards(8, block_size=1), returns_slow_for_shard_3, workers=2, timeout=1,
-                         max_retries=1, on_failure="collect", progress=False, autotune=False)
+    r = shardc.shard_map(
+        shardc.shards(8, block_size=1),
+        returns_slow_for_shard_3,
+        workers=2,
+        timeout=1,
+        max_retries=1,
+        on_failure="collect",
+        progress=False,
+        autotune=False,
+    )
     assert time.monotonic() - t0 < 20
     assert list(r.failures) == [3]
     f = r.failures[3]
@@ -772,8 +854,17 @@ def test_shm_queue_worker_stuck_reporting_is_killed():
     report blocks) is killed after `timeout`; that shard fails after its retries, the rest complete."""
     out = shardc.buffer(np.int64, 8, init=-1)
     t0 = time.monotonic()
-    r = shardc.shard_map(8, raises_slow_error_for_shard_3, out={"out": out}, dispatch_mode="shm_queue",
-                         workers=2, timeout=1, max_retries=1, on_failure="collect", progress=False)
+    r = shardc.shard_map(
+        8,
+        raises_slow_error_for_shard_3,
+        out={"out": out},
+        dispatch_mode="shm_queue",
+        workers=2,
+        timeout=1,
+        max_retries=1,
+        on_failure="collect",
+        progress=False,
+    )
     assert time.monotonic() - t0 < 20
     assert list(r.failures) == [3]
     f = r.failures[3]
@@ -810,8 +901,13 @@ def test_shm_queue_never_shows_running_without_a_start_time():
         for _ in range(25):  # each round starts from fresh workers, whose status rows are zeroed
             for w in list(pool.workers):
                 pool.replace(w, "test: fresh status row", "restart")
-            r = shardc.shard_map(2000, lambda s, out: out.__setitem__(s.id, 1), out={"out": out},
-                                 dispatch_mode="shm_queue", progress=False)
+            r = shardc.shard_map(
+                2000,
+                lambda s, out: out.__setitem__(s.id, 1),
+                out={"out": out},
+                dispatch_mode="shm_queue",
+                progress=False,
+            )
             assert not [e for e in r.diagnostics.events if e["event"] == "death"]
     finally:
         flags.array[0] = 1

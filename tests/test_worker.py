@@ -34,8 +34,9 @@ N = 8
 class Harness:
     """An executor bound to ``fun`` over N shards, with its status row and done map."""
 
-    def __init__(self, fun: Any, seeded: bool = False, diagnostics: bool = True,
-                 executor: type[ShardExecutor] = ShardExecutor) -> None:
+    def __init__(
+        self, fun: Any, seeded: bool = False, diagnostics: bool = True, executor: type[ShardExecutor] = ShardExecutor
+    ) -> None:
         self.table = StatusTable(1)
         self.row = self.table.row(0)
         self.done = DoneMap(N)
@@ -290,8 +291,11 @@ def _module_graph() -> dict[str, set[str]]:
                 deps.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
                 parts = pkg.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else [])) \
-                    if node.level else (node.module or "")
+                base = (
+                    ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                    if node.level
+                    else (node.module or "")
+                )
                 # "from .. import x" needs the module x, not the whole package
                 deps.update(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names)
         graph[mod] = {d for d in deps if d in files}
@@ -302,8 +306,13 @@ def test_worker_package_never_imports_the_master_side():
     """Nothing shardc/worker imports, directly or through other modules (imports inside functions too), is map, pool, dispatch_queue or the package root."""
     graph = _module_graph()
     start = [m for m in graph if m.startswith("shardc.worker")]
-    assert sorted(start) == ["shardc.worker", "shardc.worker.executor", "shardc.worker.heap", "shardc.worker.loop",
-                             "shardc.worker.queue_loop"]
+    assert sorted(start) == [
+        "shardc.worker",
+        "shardc.worker.executor",
+        "shardc.worker.heap",
+        "shardc.worker.loop",
+        "shardc.worker.queue_loop",
+    ]
     seen: set[str] = set()
     todo = list(start)
     while todo:

@@ -31,13 +31,16 @@ try:
 except ImportError as exc:  # pragma: no cover - only without a build
     _src = Path(__file__).resolve().parent.parent.parent / "csrc"
     if _src.is_dir():
-        _why = (f"this is shardc's source tree ({_src.parent}), which has no compiled module: "
-                "build it here with `pip install -e .`, or run from another directory to use an "
-                "installed shardc")
+        _why = (
+            f"this is shardc's source tree ({_src.parent}), which has no compiled module: "
+            "build it here with `pip install -e .`, or run from another directory to use an "
+            "installed shardc"
+        )
     else:
         _why = "reinstall shardc (`pip install --force-reinstall shardc`)"
-    raise NativeModuleError(f"shardc's native module (shardc._native) is missing or failed to load: {exc}; "
-                      f"{_why}") from exc
+    raise NativeModuleError(
+        f"shardc's native module (shardc._native) is missing or failed to load: {exc}; {_why}"
+    ) from exc
 
 
 def _check_stamp() -> None:
@@ -61,6 +64,7 @@ def _check_stamp() -> None:
 _check_stamp()
 
 PAGE_SIZE: int = int(lib.shardc_page_size())
+
 
 def _check(rc: int, op: str, name: str | None = None, error: type[ShardcOSError] = SegmentError) -> int:
     """Return ``rc`` if it is >= 0, else raise ``error`` for ``-rc``.

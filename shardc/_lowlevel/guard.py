@@ -82,10 +82,17 @@ def guard_collect(rid: int) -> dict[str, int]:
     """
     info = ffi.new("shardc_guard_info_t *")
     _gcheck(lib.shardc_guard_collect(rid, info), "collect page-guard events")
-    return {"pages": int(info.pages), "first_offset": int(info.first_offset),
-            "faults": int(info.faults), "written": int(info.written),
-            "overflow": int(info.overflow), "exact": int(info.exact), "mode": int(info.mode),
-            "snapshot": int(info.snapshot), "lost": int(info.lost)}
+    return {
+        "pages": int(info.pages),
+        "first_offset": int(info.first_offset),
+        "faults": int(info.faults),
+        "written": int(info.written),
+        "overflow": int(info.overflow),
+        "exact": int(info.exact),
+        "mode": int(info.mode),
+        "snapshot": int(info.snapshot),
+        "lost": int(info.lost),
+    }
 
 
 def guard_restore(rid: int, name: str | None = None) -> bool:
@@ -132,5 +139,10 @@ def guard_take_notify() -> bool:
 def guard_counters() -> dict[str, int]:
     c = ffi.new("shardc_guard_counters_t *")
     _gcheck(lib.shardc_guard_counters(c), "read page-guard counters")
-    return {"faults": int(c.faults), "chained": int(c.chained), "overflows": int(c.overflows),
-            "notified": int(c.notified), "tracked": int(c.tracked)}
+    return {
+        "faults": int(c.faults),
+        "chained": int(c.chained),
+        "overflows": int(c.overflows),
+        "notified": int(c.notified),
+        "tracked": int(c.tracked),
+    }

@@ -25,8 +25,15 @@ def _read_mem(fn: object, pid: int, what: str) -> dict[str, int] | None:
     if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
         return None
     _check(rc, f"read memory ({what}) of pid {pid}", error=ShardcOSError)
-    return {"rss": int(m.rss), "pss": int(m.pss), "uss": int(m.uss), "swap": int(m.swap),
-            "anon": int(m.anon), "pss_anon": int(m.pss_anon), "precise": int(m.precise)}
+    return {
+        "rss": int(m.rss),
+        "pss": int(m.pss),
+        "uss": int(m.uss),
+        "swap": int(m.swap),
+        "anon": int(m.anon),
+        "pss_anon": int(m.pss_anon),
+        "precise": int(m.precise),
+    }
 
 
 def proc_mem(pid: int) -> dict[str, int] | None:

@@ -24,8 +24,7 @@ from .core import _check, ffi, lib
 QUEUE_MAX_CLAIM: int = lib.SHARDC_QUEUE_MAX_CLAIM
 QUEUE_MAX_CONSUMERS: int = lib.SHARDC_QUEUE_MAX_CONSUMERS
 QUEUE_MAX_CAPACITY: int = lib.SHARDC_QUEUE_MAX_CAPACITY
-QUEUE_STATES = {lib.SHARDC_QUEUE_IDLE: "idle", lib.SHARDC_QUEUE_CLAIMING: "claiming",
-                lib.SHARDC_QUEUE_OWNED: "owned"}
+QUEUE_STATES = {lib.SHARDC_QUEUE_IDLE: "idle", lib.SHARDC_QUEUE_CLAIMING: "claiming", lib.SHARDC_QUEUE_OWNED: "owned"}
 QUEUE_EINTR = -_errno.EINTR
 _Q_ETIMEDOUT = -_errno.ETIMEDOUT
 _Q_EPIPE = -_errno.EPIPE
@@ -37,13 +36,14 @@ def _qcheck(rc: int, op: str, consumer: int | None = None) -> int:
     if rc >= 0:
         return rc
     if rc == _Q_EPIPE:
-        raise QueueClosedError(f"task ring {op}: the ring is closed"
-                                + (" and drained" if op == "pop" else ""))
+        raise QueueClosedError(f"task ring {op}: the ring is closed" + (" and drained" if op == "pop" else ""))
     if rc == _Q_ENOBUFS and consumer is not None:
-        raise QueueError(_errno.ENOBUFS, f"task ring {op} for consumer {consumer}: it holds "
-                           f"{QUEUE_MAX_CLAIM} claimed items (the maximum); call done() first")
-    return _check(rc, f"task ring {op}" + (f" (consumer {consumer})" if consumer is not None else ""),
-                  error=QueueError)
+        raise QueueError(
+            _errno.ENOBUFS,
+            f"task ring {op} for consumer {consumer}: it holds "
+            f"{QUEUE_MAX_CLAIM} claimed items (the maximum); call done() first",
+        )
+    return _check(rc, f"task ring {op}" + (f" (consumer {consumer})" if consumer is not None else ""), error=QueueError)
 
 
 def queue_bytes(capacity: int, max_consumers: int) -> int:
@@ -53,7 +53,8 @@ def queue_bytes(capacity: int, max_consumers: int) -> int:
         raise InvalidArgumentError(
             f"task ring: capacity must be a power of two in [2, {QUEUE_MAX_CAPACITY}] and "
             f"max_consumers in [1, {QUEUE_MAX_CONSUMERS}]; got capacity={capacity}, "
-            f"max_consumers={max_consumers}")
+            f"max_consumers={max_consumers}"
+        )
     return n
 
 
@@ -100,8 +101,9 @@ def queue_heartbeat(mem: object, consumer: int) -> None:
 def queue_register(mem: object, consumer: int, pid: int) -> None:
     rc = lib.shardc_queue_register(mem, consumer, pid)
     if rc == -_errno.EBUSY:
-        raise QueueError(_errno.EBUSY, f"task ring register: consumer {consumer} still holds "
-                           "claimed items; repair() it first")
+        raise QueueError(
+            _errno.EBUSY, f"task ring register: consumer {consumer} still holds claimed items; repair() it first"
+        )
     _qcheck(rc, "register", consumer)
 
 
@@ -113,11 +115,17 @@ def queue_repair(mem: object, consumer: int, reaped_pid: int, out: object, max_i
     reaped (``reaped_pid``, or ``QUEUE_ANY_PID``) into ``out``; returns the count."""
     rc = lib.shardc_queue_repair(mem, consumer, reaped_pid, out, max_items)
     if rc == -_errno.EBUSY:
-        who = "this process" if reaped_pid in (QUEUE_ANY_PID, os.getpid()) else \
-            f"another process than the reaped pid {reaped_pid}"
-        raise QueueError(_errno.EBUSY, f"task ring repair: consumer {consumer} is registered to "
-                           f"{who}, which may be alive; repair only the record of a worker "
-                           "you killed and reaped")
+        who = (
+            "this process"
+            if reaped_pid in (QUEUE_ANY_PID, os.getpid())
+            else f"another process than the reaped pid {reaped_pid}"
+        )
+        raise QueueError(
+            _errno.EBUSY,
+            f"task ring repair: consumer {consumer} is registered to "
+            f"{who}, which may be alive; repair only the record of a worker "
+            "you killed and reaped",
+        )
     return _qcheck(rc, "repair", consumer)
 
 
@@ -129,8 +137,18 @@ def queue_set_spin(mem: object, spin_ns: int) -> None:
     _qcheck(lib.shardc_queue_set_spin(mem, spin_ns), "set_spin")
 
 
-_QUEUE_STATS_FIELDS = ("capacity", "max_consumers", "pushed", "popped", "size", "closed",
-                       "parks", "wakes", "repaired", "spin_ns")
+_QUEUE_STATS_FIELDS = (
+    "capacity",
+    "max_consumers",
+    "pushed",
+    "popped",
+    "size",
+    "closed",
+    "parks",
+    "wakes",
+    "repaired",
+    "spin_ns",
+)
 
 
 def queue_stats(mem: object) -> dict[str, int]:
@@ -143,6 +161,10 @@ def queue_consumer(mem: object, consumer: int) -> dict[str, object]:
     """A consumer record: pid, state (idle/claiming/owned), claimed, sleeping, heartbeat."""
     ci = ffi.new("shardc_queue_consumer_t *")
     _qcheck(lib.shardc_queue_consumer(mem, consumer, ci), "consumer info", consumer)
-    return {"pid": int(ci.pid), "state": QUEUE_STATES.get(int(ci.state), str(ci.state)),
-            "claimed": int(ci.claimed), "sleeping": bool(ci.sleeping),
-            "heartbeat": int(ci.heartbeat)}
+    return {
+        "pid": int(ci.pid),
+        "state": QUEUE_STATES.get(int(ci.state), str(ci.state)),
+        "claimed": int(ci.claimed),
+        "sleeping": bool(ci.sleeping),
+        "heartbeat": int(ci.heartbeat),
+    }

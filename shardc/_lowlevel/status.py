@@ -41,8 +41,9 @@ status_now_ns = lib.shardc_status_now_ns
 def status_fail(rc: int, op: str, sid: int | None = None, n: int | None = None) -> None:
     """Raise for a failed status call (``rc < 0``)."""
     if rc == -_errno.EINVAL and sid is not None:
-        raise InvalidArgumentError(f"status {op}: shard id {sid} is outside the done map "
-                                    f"({n} shards) or its mark is not a byte")
+        raise InvalidArgumentError(
+            f"status {op}: shard id {sid} is outside the done map ({n} shards) or its mark is not a byte"
+        )
     _check(rc, f"status {op}")
 
 
@@ -73,16 +74,38 @@ def status_writer_set_done(w: object, done: object, n: int) -> None:
     _check(lib.shardc_status_writer_set_done(w, done, n), "status writer set_done")
 
 
-_STATUS_FIELDS = ("state", "current", "start_ns", "done", "call", "block0", "blockn", "exit_req",
-                  "pid", "sending", "heap_kept")
+_STATUS_FIELDS = (
+    "state",
+    "current",
+    "start_ns",
+    "done",
+    "call",
+    "block0",
+    "blockn",
+    "exit_req",
+    "pid",
+    "sending",
+    "heap_kept",
+)
 
 
 def status_read(mem: object, slot: int) -> tuple[int, ...]:
     """A consistent snapshot of row ``slot``, in :data:`_STATUS_FIELDS` order."""
     s = ffi.new("shardc_status_snap_t *")
     _check(lib.shardc_status_read(mem, slot, s), f"status read (row {slot})")
-    return (s.state, s.current, s.start_ns, s.done, s.call, s.block0, s.blockn, s.exit_req,
-            s.pid, s.sending, s.heap_kept)
+    return (
+        s.state,
+        s.current,
+        s.start_ns,
+        s.done,
+        s.call,
+        s.block0,
+        s.blockn,
+        s.exit_req,
+        s.pid,
+        s.sending,
+        s.heap_kept,
+    )
 
 
 def status_reset(mem: object, slot: int) -> None:

@@ -20,6 +20,20 @@ from .plot import plot_timeline
 from .progress import Progress
 from .reports import copy_report, cow_report, mem_report, report, segment_report, task_report, worker_report
 
-__all__ = ["Diagnostics", "Progress", "Report", "chunk_advice", "copy_report", "cow_report", "diag_of",
-           "dispatch_overhead", "mem_report", "plot_timeline", "recommendations", "report", "segment_report",
-           "task_report", "worker_report"]
+__all__ = [
+    "Diagnostics",
+    "Progress",
+    "Report",
+    "chunk_advice",
+    "copy_report",
+    "cow_report",
+    "diag_of",
+    "dispatch_overhead",
+    "mem_report",
+    "plot_timeline",
+    "recommendations",
+    "report",
+    "segment_report",
+    "task_report",
+    "worker_report",
+]

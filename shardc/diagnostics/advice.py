@@ -125,21 +125,27 @@ def dispatch_overhead(d: Diagnostics) -> dict[str, Any] | None:
     replies = getattr(d, "messages_results", 0)
     units = replies if d.mode == "rpc_chunked" and replies else messages
     boundaries = n_gaps if d.mode == "shm_queue" else min(n_gaps, max(0, units - sequences))
-    inside = gaps[:n_gaps - boundaries]
+    inside = gaps[: n_gaps - boundaries]
     step = float(np.median(inside)) if len(inside) else 0.0
-    edge = float(np.median(gaps[n_gaps - boundaries:])) if boundaries else 0.0
+    edge = float(np.median(gaps[n_gaps - boundaries :])) if boundaries else 0.0
     chunk_cost = max(0.0, edge - step)
     if d.mode == "rpc_chunked" and boundaries and messages > units:
         chunk_cost *= boundaries / max(1, messages - sequences)
     k = max(1.0, n_shards / max(1, messages))
     cycle = chunk_cost + k * shard + (k - 1) * step
     gap_total = int(gaps.sum())
-    return {"chunk_cost_seconds": chunk_cost * 1e-9, "step_cost_seconds": step * 1e-9,
-            "shard_seconds": shard * 1e-9, "shards_per_chunk": k,
-            "overhead_share": chunk_cost / cycle if cycle > 0 else 0.0,
-            "busy_seconds": busy * 1e-9, "gap_seconds": gap_total * 1e-9,
-            "gap_share": gap_total / (busy + gap_total) if busy + gap_total else 0.0,
-            "messages": messages, "workers": len(per_worker)}
+    return {
+        "chunk_cost_seconds": chunk_cost * 1e-9,
+        "step_cost_seconds": step * 1e-9,
+        "shard_seconds": shard * 1e-9,
+        "shards_per_chunk": k,
+        "overhead_share": chunk_cost / cycle if cycle > 0 else 0.0,
+        "busy_seconds": busy * 1e-9,
+        "gap_seconds": gap_total * 1e-9,
+        "gap_share": gap_total / (busy + gap_total) if busy + gap_total else 0.0,
+        "messages": messages,
+        "workers": len(per_worker),
+    }
 
 
 def _per_shard(o: dict[str, Any], k: float) -> float:
@@ -175,33 +181,46 @@ def recommendations(result: Any) -> Report:
     if adv is not None:
         data["chunk_advice"] = adv
         wall = d.wall_seconds
-        cost = (f"dispatch costs {fmt_seconds(adv['chunk_cost_seconds'])} per "
-                f"{'chunk' if d.mode == 'rpc_chunked' else 'block'} of {adv['shards_per_chunk']:.1f} shard(s) "
-                f"(shards take {fmt_seconds(adv['shard_seconds'])}, median): {adv['overhead_share']:.0%} of "
-                f"a chunk's time on a worker")
-        gain = (f"expected gain about {adv['gain']:.0%} of the workers' time per shard "
-                f"(~{adv['gain'] * wall:.2f} s of this run's {wall:.2f} s)")
+        cost = (
+            f"dispatch costs {fmt_seconds(adv['chunk_cost_seconds'])} per "
+            f"{'chunk' if d.mode == 'rpc_chunked' else 'block'} of {adv['shards_per_chunk']:.1f} shard(s) "
+            f"(shards take {fmt_seconds(adv['shard_seconds'])}, median): {adv['overhead_share']:.0%} of "
+            f"a chunk's time on a worker"
+        )
+        gain = (
+            f"expected gain about {adv['gain']:.0%} of the workers' time per shard "
+            f"(~{adv['gain'] * wall:.2f} s of this run's {wall:.2f} s)"
+        )
         if d.mode == "rpc_chunked":
-            alt = (", or dispatch_mode='shm_queue' with out= buffers (no message per chunk)"
-                   if adv["shard_seconds"] < 1e-3 else "")
+            alt = (
+                ", or dispatch_mode='shm_queue' with out= buffers (no message per chunk)"
+                if adv["shard_seconds"] < 1e-3
+                else ""
+            )
             recs.append(f"{cost}; chunk_size={adv['advised']} would cut it, {gain}{alt}")
         else:
             recs.append(f"{cost}; dispatch_opts={{'block_size': {adv['advised']}}} would cut it, {gain}")
     for name, v in d.borrow.items():
         if v["bytes_copied"] > 64 * 1024**2:
-            recs.append(f"borrow {name!r} was copied ({fmt_bytes(v['bytes_copied'])}): call shardc.share() once "
-                        "and pass the result to avoid the copy on every call")
+            recs.append(
+                f"borrow {name!r} was copied ({fmt_bytes(v['bytes_copied'])}): call shardc.share() once "
+                "and pass the result to avoid the copy on every call"
+            )
     for name, v in d.cow.items():
-        recs.append(f"shards wrote {fmt_bytes(v['bytes'])} into borrowed input {name!r} (private copies): copy "
-                    "the part you modify explicitly, or write results into an out= buffer")
+        recs.append(
+            f"shards wrote {fmt_bytes(v['bytes'])} into borrowed input {name!r} (private copies): copy "
+            "the part you modify explicitly, or write results into an out= buffer"
+        )
     if d.retries:
         recs.append(f"{d.retries} retries happened: see the tasks report, result.failures and the workers report")
     recycles = sum(1 for e in d.events if e["event"] == "recycle")
     if recycles:
         recs.append(f"{recycles} worker recycles for memory: look for leaks in fun, or raise mem_cap")
     if d.returned_ignored:
-        recs.append(f"{d.returned_ignored} shards returned a value that dispatch_mode='shm_queue' does not "
-                    "gather: write results into out= buffers, or use rpc_chunked")
+        recs.append(
+            f"{d.returned_ignored} shards returned a value that dispatch_mode='shm_queue' does not "
+            "gather: write results into out= buffers, or use rpc_chunked"
+        )
     if d.throttles:
         recs.append(f"{d.throttles} dispatches were throttled by max_huge_concurrency")
     return Report("recommendations", {"recommendations": recs, **data}, [f"- {r}" for r in recs] or ["- none"])

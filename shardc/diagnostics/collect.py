@@ -56,8 +56,7 @@ class Diagnostics:
         chunk_size: the chunk size the run starts with (1 under autotune).
     """
 
-    def __init__(self, *, mode: str, num_shards: int, cow: str, enabled: bool = True,
-                 chunk_size: int = 1) -> None:
+    def __init__(self, *, mode: str, num_shards: int, cow: str, enabled: bool = True, chunk_size: int = 1) -> None:
         self.mode = mode
         self.num_shards = int(num_shards)
         self.cow_policy = cow
@@ -128,8 +127,9 @@ class Diagnostics:
 
     def worker_started(self, w: Any) -> None:
         """Worker handle ``w`` (slot, pid, baseline read; not kept) serves the run."""
-        rec = self.workers.setdefault(w.slot, {"pids": [], "baseline": w.baseline, "shards": 0,
-                                               "busy_ns": 0, "deaths": 0, "recycles": 0})
+        rec = self.workers.setdefault(
+            w.slot, {"pids": [], "baseline": w.baseline, "shards": 0, "busy_ns": 0, "deaths": 0, "recycles": 0}
+        )
         if w.pid not in rec["pids"]:
             rec["pids"].append(w.pid)
 
@@ -190,15 +190,15 @@ class Diagnostics:
                 self.out_written[name] = self.out_written.get(name, 0) + max(0, after - before)
 
     def add_borrow(self, name: str, how: str, nbytes: int, copied: int, seconds: float, kind: str) -> None:
-        self.borrow[name] = {"how": how, "bytes": nbytes, "bytes_copied": copied, "seconds": seconds,
-                             "kind": kind}
+        self.borrow[name] = {"how": how, "bytes": nbytes, "bytes_copied": copied, "seconds": seconds, "kind": kind}
 
     def dispatched(self, nbytes: int, nmessages: int) -> None:
         self.bytes_dispatch += nbytes
         self.messages_dispatch += nmessages
 
-    def shard_done(self, sid: int, slot: int, t0: int, t1: int, ok: bool, attempts: int,
-                   mem_delta: int | None = None) -> None:
+    def shard_done(
+        self, sid: int, slot: int, t0: int, t1: int, ok: bool, attempts: int, mem_delta: int | None = None
+    ) -> None:
         self.shard_worker[sid] = slot
         if mem_delta is not None:
             self.shard_mem_delta[sid] = mem_delta
@@ -249,14 +249,18 @@ class Diagnostics:
         if self.enabled:
             self.shard_ok[sid] = FAILED
 
-    def attempt_failed(self, sid: int, worker: int | None, attempt: int, err: Mapping[str, Any],
-                       final: bool) -> None:
+    def attempt_failed(self, sid: int, worker: int | None, attempt: int, err: Mapping[str, Any], final: bool) -> None:
         """Attempt ``attempt`` of shard ``sid`` failed on worker slot ``worker``
         (None if unknown) with error record ``err``; ``final``: no retry follows."""
         self.attempt_log.setdefault(int(sid), []).append(
-            {"attempt": int(attempt), "worker": None if worker is None else int(worker),
-             "error": str(err.get("type", "?")).rsplit(".", 1)[-1], "message": str(err.get("message", ""))[:200],
-             "final": bool(final)})
+            {
+                "attempt": int(attempt),
+                "worker": None if worker is None else int(worker),
+                "error": str(err.get("type", "?")).rsplit(".", 1)[-1],
+                "message": str(err.get("message", ""))[:200],
+                "final": bool(final),
+            }
+        )
         if final:
             self.shard_failed(sid)
         else:
@@ -265,8 +269,10 @@ class Diagnostics:
     def cow_events(self, sid: int, events: list[dict[str, Any]]) -> None:
         for e in events:
             name = e.get("input", "?")
-            rec = self.cow.setdefault(name, {"shards": [], "pages": 0, "bytes": 0, "first_offset": None,
-                                             "mode": e.get("mode", self.cow_policy)})
+            rec = self.cow.setdefault(
+                name,
+                {"shards": [], "pages": 0, "bytes": 0, "first_offset": None, "mode": e.get("mode", self.cow_policy)},
+            )
             rec["shards"].append(sid)
             rec["pages"] += int(e.get("pages", 0))
             rec["bytes"] += int(e.get("bytes", 0))
@@ -284,9 +290,17 @@ class Diagnostics:
         self.mem.append((time.monotonic_ns(), w.slot, w.pid, m["rss"], m["pss"], uss, anon, precise))
 
     def event(self, kind: str, w: Any, reason: str, code: int | None = None, shard: int | None = None) -> None:
-        self.events.append({"t": time.monotonic_ns(), "event": kind, "worker": w.slot, "pid": w.pid,
-                            "reason": reason, "signal": signal_label(code) if code is not None else None,
-                            "shard": shard})
+        self.events.append(
+            {
+                "t": time.monotonic_ns(),
+                "event": kind,
+                "worker": w.slot,
+                "pid": w.pid,
+                "reason": reason,
+                "signal": signal_label(code) if code is not None else None,
+                "shard": shard,
+            }
+        )
         rec = self.workers.get(w.slot)
         if rec is not None:
             if kind == "death":
@@ -298,8 +312,9 @@ class Diagnostics:
         self.throttles += 1
 
     def autotune_step(self, old: int, new: int, shard_seconds: float) -> None:
-        self.autotune.append({"t": time.monotonic_ns(), "chunk_from": old, "chunk_to": new,
-                              "shard_seconds": shard_seconds})
+        self.autotune.append(
+            {"t": time.monotonic_ns(), "chunk_from": old, "chunk_to": new, "shard_seconds": shard_seconds}
+        )
 
     # -- derived --------------------------------------------------------------------------
     @property
@@ -320,9 +335,15 @@ class Diagnostics:
             workers = [a["worker"] for a in log]
             if not failed:
                 workers.append(self._last_worker(sid))
-            out.append({"shard": sid, "attempts": len(log) + (0 if failed else 1),
-                        "outcome": "failed" if failed else "ok", "workers": workers,
-                        "last_error": f"{log[-1]['error']}: {log[-1]['message']}"})
+            out.append(
+                {
+                    "shard": sid,
+                    "attempts": len(log) + (0 if failed else 1),
+                    "outcome": "failed" if failed else "ok",
+                    "workers": workers,
+                    "last_error": f"{log[-1]['error']}: {log[-1]['message']}",
+                }
+            )
         return out
 
     def _last_worker(self, sid: int) -> int | None:
@@ -338,8 +359,20 @@ class Diagnostics:
     def worker_memory(self) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
         for _t, slot, _pid, rss, pss, uss, anon, _precise in self.mem:
-            rec = out.setdefault(slot, {"peak_rss": 0, "peak_pss": 0, "peak_uss": 0, "peak_anon": 0,
-                                        "end_rss": 0, "end_pss": 0, "end_uss": 0, "end_anon": 0, "samples": 0})
+            rec = out.setdefault(
+                slot,
+                {
+                    "peak_rss": 0,
+                    "peak_pss": 0,
+                    "peak_uss": 0,
+                    "peak_anon": 0,
+                    "end_rss": 0,
+                    "end_pss": 0,
+                    "end_uss": 0,
+                    "end_anon": 0,
+                    "samples": 0,
+                },
+            )
             rec["peak_rss"] = max(rec["peak_rss"], rss)
             rec["peak_pss"] = max(rec["peak_pss"], pss)
             rec["peak_uss"] = max(rec["peak_uss"], uss)
@@ -357,17 +390,34 @@ class Diagnostics:
         for slot, rec in self.workers.items():
             workers[str(slot)] = {**rec, "busy_fraction": rec["busy_ns"] / wall_ns, **mem.get(slot, {})}
         return {
-            "mode": self.mode, "num_shards": self.num_shards, "completed": self.completed,
-            "failed": self.failed, "retries": self.retries, "wall_seconds": self.wall_seconds,
-            "throughput": self.throughput(), "chunk_size": self.chunk_size,
-            "chunk_size_final": self.chunk_size_final, "autotune": self.autotune,
-            "throttles": self.throttles, "bytes_setup": self.bytes_setup,
-            "reforked_workers": self.reforked, "refork_seconds": self.refork_seconds,
-            "bytes_dispatch": self.bytes_dispatch, "messages_dispatch": self.messages_dispatch,
+            "mode": self.mode,
+            "num_shards": self.num_shards,
+            "completed": self.completed,
+            "failed": self.failed,
+            "retries": self.retries,
+            "wall_seconds": self.wall_seconds,
+            "throughput": self.throughput(),
+            "chunk_size": self.chunk_size,
+            "chunk_size_final": self.chunk_size_final,
+            "autotune": self.autotune,
+            "throttles": self.throttles,
+            "bytes_setup": self.bytes_setup,
+            "reforked_workers": self.reforked,
+            "refork_seconds": self.refork_seconds,
+            "bytes_dispatch": self.bytes_dispatch,
+            "messages_dispatch": self.messages_dispatch,
             "bytes_per_dispatch": self.bytes_dispatch / max(1, self.messages_dispatch),
-            "bytes_results": self.bytes_results, "messages_results": self.messages_results, "master_cpu_seconds": self.master_cpu_seconds, "borrow": self.borrow, "out": self.out,
-            "returned_ignored": self.returned_ignored, "error_logs": self.error_logs,
-            "cow": self.cow, "cow_policy": self.cow_policy, "events": self.events, "workers": workers,
+            "bytes_results": self.bytes_results,
+            "messages_results": self.messages_results,
+            "master_cpu_seconds": self.master_cpu_seconds,
+            "borrow": self.borrow,
+            "out": self.out,
+            "returned_ignored": self.returned_ignored,
+            "error_logs": self.error_logs,
+            "cow": self.cow,
+            "cow_policy": self.cow_policy,
+            "events": self.events,
+            "workers": workers,
             "retried_shards": self.retried_shards(),
             "master_peak_rss": max((m[1] for m in self.master_mem), default=0),
             "master_peak_uss": max((m[3] for m in self.master_mem), default=0),
@@ -375,5 +425,7 @@ class Diagnostics:
         }
 
     def __repr__(self) -> str:
-        return (f"<Diagnostics {self.mode} {self.completed}/{self.num_shards} ok, {self.failed} failed, "
-                f"{self.retries} retries, {self.wall_seconds:.3f} s>")
+        return (
+            f"<Diagnostics {self.mode} {self.completed}/{self.num_shards} ok, {self.failed} failed, "
+            f"{self.retries} retries, {self.wall_seconds:.3f} s>"
+        )

@@ -52,6 +52,7 @@ def plot_timeline(result: Any, path: Any = None, show: bool | None = None) -> An
     # dependency (shardc[plot]) and takes ~0.3 s to import.
     try:
         import matplotlib
+
         if path is not None and "ipykernel" not in sys.modules:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
@@ -64,23 +65,32 @@ def plot_timeline(result: Any, path: Any = None, show: bool | None = None) -> An
         raise InvalidTypeError(f"expected a ShardResult from shard_map, got {type(result).__name__}")
     t0 = d.t_start_ns
     rows = max(1, len(d.workers))
-    fig, (ax, axm) = plt.subplots(2, 1, figsize=(11, 2.5 + 0.5 * rows + 3), sharex=True,
-                                  gridspec_kw={"height_ratios": [rows, 2.5]})
+    fig, (ax, axm) = plt.subplots(
+        2, 1, figsize=(11, 2.5 + 0.5 * rows + 3), sharex=True, gridspec_kw={"height_ratios": [rows, 2.5]}
+    )
     _draw_shards(ax, d, t0)
     ax.set_yticks(sorted(d.workers))
     ax.set_yticklabels([f"worker {s}" for s in sorted(d.workers)])
-    ax.set_title(f"shard_map: {d.completed}/{d.num_shards} ok, {d.failed} failed, {d.wall_seconds:.2f} s "
-                 f"({d.mode})")
-    keys = [Patch(color=_COLORS[OK], label="shard ok"), Patch(color=_COLORS[OK_RETRIED], label="ok after retry"),
-            Patch(color=_COLORS[FAILED], label="failed"),
-            Line2D([], [], marker="x", color="#c0392b", linestyle="none", label="death"),
-            Line2D([], [], marker="o", color="#2c6fbb", linestyle="none", label="recycle")]
+    ax.set_title(f"shard_map: {d.completed}/{d.num_shards} ok, {d.failed} failed, {d.wall_seconds:.2f} s ({d.mode})")
+    keys = [
+        Patch(color=_COLORS[OK], label="shard ok"),
+        Patch(color=_COLORS[OK_RETRIED], label="ok after retry"),
+        Patch(color=_COLORS[FAILED], label="failed"),
+        Line2D([], [], marker="x", color="#c0392b", linestyle="none", label="death"),
+        Line2D([], [], marker="o", color="#2c6fbb", linestyle="none", label="recycle"),
+    ]
     ax.legend(handles=keys, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     _draw_memory(axm, d, t0)
     axm.set_ylabel("MiB")
     axm.set_xlabel("seconds since start")
-    axm.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False,
-               title="memory (sampled)", title_fontsize="small")
+    axm.legend(
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize="small",
+        frameon=False,
+        title="memory (sampled)",
+        title_fontsize="small",
+    )
     fig.tight_layout()
     if path is not None:
         fig.savefig(os.fspath(path), bbox_inches="tight")
@@ -101,30 +111,58 @@ def _draw_shards(ax: Any, d: Diagnostics, t0: int) -> None:
                 widths = np.maximum((d.shard_t1[sel] - d.shard_t0[sel]) * 1e-9, 1e-6)
                 ax.barh(d.shard_worker[sel], widths, left=starts, height=0.6, color=color, linewidth=0)
     for slot, _start, _count, b0, b1 in d.blocks:
-        ax.barh(slot, max((b1 - b0) * 1e-9, 1e-6), left=(b0 - t0) * 1e-9, height=0.6, color=_COLORS[OK],
-                linewidth=0)
+        ax.barh(slot, max((b1 - b0) * 1e-9, 1e-6), left=(b0 - t0) * 1e-9, height=0.6, color=_COLORS[OK], linewidth=0)
     for e in d.events:
         x = (e["t"] - t0) * 1e-9
         death = e["event"] == "death"
-        ax.plot([x], [e["worker"]], marker="x" if death else "o", color="#c0392b" if death else "#2c6fbb",
-                markersize=10, linestyle="none")
+        ax.plot(
+            [x],
+            [e["worker"]],
+            marker="x" if death else "o",
+            color="#c0392b" if death else "#2c6fbb",
+            markersize=10,
+            linestyle="none",
+        )
 
 
 def _draw_memory(axm: Any, d: Diagnostics, t0: int) -> None:
     for slot in sorted(d.workers):
-        pts = np.array([(t, anon, pss, precise) for (t, s, _pid, _rss, pss, _uss, anon, precise) in d.mem
-                        if s == slot], dtype=float).reshape(-1, 4)
+        pts = np.array(
+            [(t, anon, pss, precise) for (t, s, _pid, _rss, pss, _uss, anon, precise) in d.mem if s == slot],
+            dtype=float,
+        ).reshape(-1, 4)
         if not len(pts):
             continue
         x = (pts[:, 0] - t0) * 1e-9
-        line, = axm.step(x, pts[:, 1] / 2**20, where="post", marker=".", markersize=4,
-                         label=f"worker {slot} own anon ({_cadence(pts[:, 0])})")
+        (line,) = axm.step(
+            x,
+            pts[:, 1] / 2**20,
+            where="post",
+            marker=".",
+            markersize=4,
+            label=f"worker {slot} own anon ({_cadence(pts[:, 0])})",
+        )
         exact = pts[:, 3] > 0
         if exact.any():
-            axm.plot(x[exact], pts[exact, 2] / 2**20, linestyle="none", marker="D", markersize=5,
-                     markerfacecolor="none", color=line.get_color(),
-                     label=f"worker {slot} PSS, smaps_rollup only ({_cadence(pts[exact, 0])})")
+            axm.plot(
+                x[exact],
+                pts[exact, 2] / 2**20,
+                linestyle="none",
+                marker="D",
+                markersize=5,
+                markerfacecolor="none",
+                color=line.get_color(),
+                label=f"worker {slot} PSS, smaps_rollup only ({_cadence(pts[exact, 0])})",
+            )
     if d.master_mem:
         arr = np.array(d.master_mem, dtype=float)
-        axm.step((arr[:, 0] - t0) * 1e-9, arr[:, 4] / 2**20, where="post", color="k", linestyle="--", marker=".",
-                 markersize=4, label=f"master anon ({_cadence(arr[:, 0])})")
+        axm.step(
+            (arr[:, 0] - t0) * 1e-9,
+            arr[:, 4] / 2**20,
+            where="post",
+            color="k",
+            linestyle="--",
+            marker=".",
+            markersize=4,
+            label=f"master anon ({_cadence(arr[:, 0])})",
+        )

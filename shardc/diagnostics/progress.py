@@ -41,9 +41,11 @@ class Progress:
             # tqdm is imported here, not at module level: it costs ~30 ms and
             # is needed only when a bar is drawn.
             from tqdm.auto import tqdm
+
             tqdm.monitor_interval = 0  # no monitor thread: workers may be forked mid-run
-            self._bar = tqdm(total=self.total, unit="shard", delay=1.0, file=sys.stderr,
-                             dynamic_ncols=True, desc=desc, leave=True)
+            self._bar = tqdm(
+                total=self.total, unit="shard", delay=1.0, file=sys.stderr, dynamic_ncols=True, desc=desc, leave=True
+            )
 
     @property
     def active(self) -> bool:

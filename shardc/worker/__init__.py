@@ -36,9 +36,16 @@ __all__ = ["_death_signal", "_threadpool_controller", "after_fork", "release_tra
 _death_signal: int = signal.SIGKILL
 
 
-def worker_entry(slot: int, sock: Any, status: StatusTable, parent_pid: int, packages: list[str],
-                 init_expr: Any, init_blob: bytes | None, guard_wanted: bool) -> NoReturn:
+def worker_entry(
+    slot: int,
+    sock: Any,
+    status: StatusTable,
+    parent_pid: int,
+    packages: list[str],
+    init_expr: Any,
+    init_blob: bytes | None,
+    guard_wanted: bool,
+) -> NoReturn:
     """Entry point in the child after fork (see :func:`shardc.worker.loop.worker_entry`);
     never returns.  Passes on the death signal the pool chose for this fork."""
-    _loop.worker_entry(slot, sock, status, parent_pid, packages, init_expr, init_blob, guard_wanted,
-                       _death_signal)
+    _loop.worker_entry(slot, sock, status, parent_pid, packages, init_expr, init_blob, guard_wanted, _death_signal)

@@ -211,8 +211,9 @@ class ShardExecutor:
         return self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow)
 
     # -- the one loop ----------------------------------------------------------------------
-    def _run(self, seq: Any, end: int, n: int, block: bool, append: OnFail | None, on_fail: OnFail,
-             on_cow: OnCow | None) -> RunTuple:
+    def _run(
+        self, seq: Any, end: int, n: int, block: bool, append: OnFail | None, on_fail: OnFail, on_cow: OnCow | None
+    ) -> RunTuple:
         """Run the ``n`` ids of ``seq``; its last item is ``end``, a sentinel
         that is not run.  ``append`` gathers every outcome (rpc) or is None.
         The loop looks one id ahead (``nxt``) so that a shard's end and the
@@ -338,7 +339,10 @@ class ShardExecutor:
 
     def retire(self) -> None:
         """Leave: this process's copy of an inherited input cannot be restored."""
-        print(f"shardc worker {self.row.slot} (pid {os.getpid()}): retiring: a shard wrote more of "
-              f"inherited input(s) {sorted(set(self.tainted))} than can be restored", file=sys.stderr)
+        print(
+            f"shardc worker {self.row.slot} (pid {os.getpid()}): retiring: a shard wrote more of "
+            f"inherited input(s) {sorted(set(self.tainted))} than can be restored",
+            file=sys.stderr,
+        )
         sys.stderr.flush()
         os._exit(RETIRE_EXIT)

@@ -110,12 +110,11 @@ class Worker:
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
-        for info, fd in zip(infos, fds):
+        for info, fd in zip(infos, fds, strict=True):
             old = self.segments.pop(info["key"], None)
             if old is not None:
                 old.close()
-            self.segments[info["key"]] = Segment.adopt(fd, info["size"], info["backing"], info["name"],
-                                                       info["key"])
+            self.segments[info["key"]] = Segment.adopt(fd, info["size"], info["backing"], info["name"], info["key"])
 
     def forget(self, keys: list[str]) -> None:
         for k in keys:
@@ -173,8 +172,12 @@ class Worker:
             return
         kw = {}
         if arr is not None:
-            kw = {"itemsize": arr.itemsize, "shape": arr.shape, "strides": arr.strides,
-                  "offset0": arr.ctypes.data - m.addr}
+            kw = {
+                "itemsize": arr.itemsize,
+                "shape": arr.shape,
+                "strides": arr.strides,
+                "offset0": arr.ctypes.data - m.addr,
+            }
         c = self.ex.call
         c.guard_regions.append(self.guard.protect(name, m.addr, m.size, c.cow, primed=m.primed, **kw))
         m.primed = True
@@ -233,8 +236,10 @@ class Worker:
                 try:
                     out.append((r[0], OK_PICKLED, pickle.dumps(r[2], protocol=5), *r[3:]))
                 except Exception as exc:  # noqa: BLE001 - reported as that shard's failure
-                    err = TypeError(f"the return value of shard {r[0]} cannot be pickled to send it "
-                                    f"back: {exc}; return plain data or write into an out= buffer")
+                    err = TypeError(
+                        f"the return value of shard {r[0]} cannot be pickled to send it "
+                        f"back: {exc}; return plain data or write into an out= buffer"
+                    )
                     out.append((r[0], ERR, error_record(err, r[0], deterministic=True), *r[3:]))
             else:
                 out.append(r)
@@ -306,6 +311,7 @@ def _threadpool_controller() -> Any:
     if _CONTROLLER is None:
         try:
             from threadpoolctl import ThreadpoolController  # optional dependency
+
             _CONTROLLER = ThreadpoolController()
         except Exception:  # noqa: BLE001 - no threadpoolctl, or it failed: no limits
             _CONTROLLER = False
@@ -360,9 +366,17 @@ def after_fork(parent_pid: int, packages: list[str], init_expr: Any, death_signa
             exec(compile(init_expr, "<init_expr>", "exec"), {"__name__": "__shardc_init__"})  # noqa: S102 - the user's init code
 
 
-def worker_entry(slot: int, sock: Any, status: StatusTable, parent_pid: int, packages: list[str],
-                 init_expr: Any, init_blob: bytes | None, guard_wanted: bool,
-                 death_signal: int = signal.SIGKILL) -> NoReturn:
+def worker_entry(
+    slot: int,
+    sock: Any,
+    status: StatusTable,
+    parent_pid: int,
+    packages: list[str],
+    init_expr: Any,
+    init_blob: bytes | None,
+    guard_wanted: bool,
+    death_signal: int = signal.SIGKILL,
+) -> NoReturn:
     """Entry point in the child after fork; never returns."""
     code = 0
     try:

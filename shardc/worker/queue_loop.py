@@ -39,8 +39,9 @@ def encode(start: int, count: int) -> int:
     return (start << COUNT_BITS) | count
 
 
-def run_queue_call(slot: int, chan: Channel, row: StatusRow, ex: ShardExecutor, msg: dict[str, Any],
-                   fds: list[int]) -> None:
+def run_queue_call(
+    slot: int, chan: Channel, row: StatusRow, ex: ShardExecutor, msg: dict[str, Any], fds: list[int]
+) -> None:
     """Pop blocks and run them until the ring is closed (or exit is
     requested); then send ``QDONE``.  Exits the process (``os._exit``) when the
     worker leaves the pool: recycled, or retiring (tainted)."""
@@ -100,8 +101,20 @@ def run_queue_call(slot: int, chan: Channel, row: StatusRow, ex: ShardExecutor, 
         row.set_idle()
     if elog is not None:
         elog.close()
-    chan.send((QDONE, call_id, {"blocks": blocks, "mem": mem, "exiting": exiting, "returned": returned,
-                                "unfinished": unfinished, "retire": bool(ex.tainted)}))
+    chan.send(
+        (
+            QDONE,
+            call_id,
+            {
+                "blocks": blocks,
+                "mem": mem,
+                "exiting": exiting,
+                "returned": returned,
+                "unfinished": unfinished,
+                "retire": bool(ex.tainted),
+            },
+        )
+    )
     if ex.tainted:
         ex.retire()
     if exiting:
