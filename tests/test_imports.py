@@ -17,18 +17,6 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "shardc"
 MAX_LINES = 550
 
-# Import cycles known today, each as its modules in import order, starting from the
-# alphabetically first (a -> b -> ... -> a).  To be emptied by the #12 redesign.
-KNOWN_CYCLES = {
-    ("shardc.dispatch_queue", "shardc.worker"),
-}
-
-# Modules over MAX_LINES today.  To be emptied by the #12 redesign.
-KNOWN_BIG_MODULES = {
-    "shardc.dispatch_queue",
-    "shardc.worker",
-}
-
 
 def _modules() -> dict[str, Path]:
     mods = {}
@@ -132,17 +120,17 @@ def f():
     assert cyc == {("x", "y"), ("x", "y", "z")}
 
 
-def test_no_new_import_cycles() -> None:
-    """No import cycle in shardc beyond the known ones (which the #12 redesign removes)."""
+def test_no_import_cycles() -> None:
+    """No import cycle in shardc (imports inside functions included)."""
     graph = import_graph()
-    new = sorted(elementary_cycles(graph) - KNOWN_CYCLES, key=len)
+    new = sorted(elementary_cycles(graph), key=len)
     assert not new, "import cycle(s) in shardc:\n" + "\n".join(_describe(c, graph) for c in new)
 
 
-def test_no_new_big_modules() -> None:
-    """No module in shardc/ is over MAX_LINES lines, beyond the known ones."""
+def test_no_big_modules() -> None:
+    """No module in shardc/ is over MAX_LINES lines."""
     sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
-    big = {name: n for name, n in sizes.items() if n > MAX_LINES and name not in KNOWN_BIG_MODULES}
+    big = {name: n for name, n in sizes.items() if n > MAX_LINES}
     assert not big, f"modules over {MAX_LINES} lines (split them): " + ", ".join(
         f"{name} ({n} lines)" for name, n in sorted(big.items())
     )
