@@ -52,3 +52,10 @@ def test_cross_build(part: str, tmp_path: Path) -> None:
                 ran = f"ok   {exe} under qemu-aarch64" in out
                 skipped = f"SKIP {exe} under qemu:" in out
                 assert ran or skipped, f"{exe}: neither run nor skipped with a reason\n{out}"
+
+
+def test_cross_build_refuses_an_unknown_part() -> None:
+    """The script names its parts when given one it does not know, and exits 2 without building anything."""
+    proc = subprocess.run(["bash", str(SCRIPT), "windows"], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert "unknown part: windows (macos, arm64-linux)" in proc.stdout
