@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def test_cross_build(part: str, tmp_path: Path) -> None:
     missing = _missing(part)
     if missing and not os.environ.get("CI"):
         pytest.skip(f"needs {', '.join(missing)} (required when CI is set; see .ci/run)")
-    env = {**os.environ, "OUT": str(tmp_path)}
+    # zig from this interpreter's ziglang (the script's default is whatever `python3` is).
+    env = {"ZIG": f"{sys.executable} -m ziglang", **os.environ, "OUT": str(tmp_path)}
     proc = subprocess.run(
         ["bash", str(SCRIPT), part], capture_output=True, text=True, timeout=580, env=env, check=False
     )
