@@ -44,9 +44,8 @@ import numpy as np
 import numpy.random  # NumPy imports it lazily: once here, not in every forked worker (~10 ms)
 
 from .. import _lowlevel as ll
-from .. import config
+from .. import config, inherit
 from .. import guard as _guard
-from .. import inherit
 from .._channel import Channel, ChannelClosed
 from ..protocol import (
     CALL,
