@@ -39,8 +39,9 @@
  * and re-raises), and when that was SIG_DFL the default disposition is put
  * back and the fault re-executes (or, for a kill()ed signal, is re-raised), so
  * real crashes still kill the process with the right signal.  A fault is ours
- * only if it is a protection fault inside an active region (on x86-64 also a
- * write, per the page-fault error code); a fault that repeats at the same
+ * only if it is a protection fault inside an active region and, where the
+ * kernel says what the access was (x86-64's page-fault error code, arm64's
+ * ESR), a write; a fault that repeats at the same
  * address without a restore in between is passed on rather than looped on.
  *
  * Snapshot regions (mode | SHARDC_GUARD_SNAPSHOT).  An input can also reach a
@@ -94,7 +95,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 #if defined(__linux__)
-#include <ucontext.h> /* REG_ERR: the x86-64 page-fault error code */
+#include <ucontext.h> /* the fault's access kind: x86-64 REG_ERR, arm64 ESR record */
+#elif defined(__APPLE__)
+#include <sys/ucontext.h> /* uc_mcontext->__es: the exception state */
 #endif
 
 #define SHARDC__PAGE_CAP 1024    /* hard maximum of pages tracked one by one */
@@ -169,31 +172,91 @@ static int shardc__find(uintptr_t addr)
     return -1;
 }
 
+#if defined(__aarch64__)
+/* An arm64 Exception Syndrome Register value: EC (bits 31:26) says what
+ * trapped, and for a data abort ISS bit 6 (WnR) says write, not read. */
+static int shardc__esr_is_write(uint64_t esr)
+{
+    unsigned ec = (unsigned)(esr >> 26) & 0x3f;
+
+    if (ec == 0x24 || ec == 0x25) /* data abort, from EL0 / same EL */
+        return (int)((esr >> 6) & 1);
+    if (ec == 0x20 || ec == 0x21) /* instruction abort: a fetch */
+        return 0;
+    return -1; /* no syndrome we can read (e.g. zero) */
+}
+#endif
+
+#if defined(__linux__) && defined(__aarch64__)
+/* Linux puts the fault's ESR in an esr_context record among the extension
+ * records of the signal frame (uc_mcontext.__reserved: {magic, size} headers,
+ * a zero magic ends them), when it has one: qemu-user, for instance, writes
+ * none.  The record layout is the kernel's ABI (asm/sigcontext.h), spelled
+ * out here because that header clashes with glibc's signal.h. */
+#define SHARDC__ESR_MAGIC 0x45535201u
+static int shardc__linux_esr_is_write(void *ctx)
+{
+    const unsigned char *rec = ((ucontext_t *)ctx)->uc_mcontext.__reserved;
+    size_t off = 0, cap = sizeof(((ucontext_t *)ctx)->uc_mcontext.__reserved);
+
+    while (off + 8 <= cap) {
+        uint32_t magic, size;
+        uint64_t esr;
+        memcpy(&magic, rec + off, 4);
+        memcpy(&size, rec + off + 4, 4);
+        if (magic == 0 || size < 8 || size > cap - off)
+            break;
+        if (magic == SHARDC__ESR_MAGIC && size >= 16) {
+            memcpy(&esr, rec + off + 8, 8);
+            return shardc__esr_is_write(esr);
+        }
+        off += size;
+    }
+    return -1;
+}
+#endif
+
+/* Was the faulting access a write?  1 yes; 0 a read or an instruction fetch
+ * (making the page writable cannot fix those); -1 the kernel left no record
+ * of the access kind. */
+static int shardc__fault_is_write(void *ctx)
+{
+#if defined(__linux__) && defined(__x86_64__) && defined(REG_ERR)
+    /* Page-fault error code: bit 1 = write access, bit 4 = instruction fetch. */
+    long err = (long)((ucontext_t *)ctx)->uc_mcontext.gregs[REG_ERR];
+    return (err & 2) && !(err & 16);
+#elif defined(__linux__) && defined(__aarch64__)
+    return shardc__linux_esr_is_write(ctx);
+#elif defined(__APPLE__) && defined(__aarch64__)
+    return shardc__esr_is_write(((ucontext_t *)ctx)->uc_mcontext->__es.__esr);
+#elif defined(__APPLE__) && defined(__x86_64__)
+    /* The same page-fault error code as on Linux, for trap 14 (#PF). */
+    if (((ucontext_t *)ctx)->uc_mcontext->__es.__trapno != 14)
+        return -1;
+    return (((ucontext_t *)ctx)->uc_mcontext->__es.__err & 2) &&
+           !(((ucontext_t *)ctx)->uc_mcontext->__es.__err & 16);
+#else
+    (void)ctx;
+    return -1;
+#endif
+}
+
 /* Is this signal a protection fault we may service?  Linux reports a write
  * to a read-only page as SIGSEGV/SEGV_ACCERR; SIGBUS there means something
  * else (access past the end of the file) and is never ours.  macOS reports
- * these writes as SIGBUS, so both signals count there. */
+ * these writes as SIGBUS, so both signals count there.  Where the access kind
+ * is unknown, a protection fault in a guarded page is taken as a write: the
+ * pages are readable, so a read cannot fault there. */
 static int shardc__is_protection_fault(int sig, siginfo_t *info, void *ctx)
 {
 #if defined(__APPLE__)
-    (void)ctx;
-    return (sig == SIGSEGV || sig == SIGBUS) && info->si_code > 0;
+    if (!((sig == SIGSEGV || sig == SIGBUS) && info->si_code > 0))
+        return 0;
 #else
     if (sig != SIGSEGV || info->si_code != SEGV_ACCERR)
         return 0;
-#if defined(__linux__) && defined(__x86_64__) && defined(REG_ERR)
-    {
-        /* Page-fault error code: bit 1 = write access, bit 4 = instruction
-         * fetch.  Making a page writable cannot fix a fetch or a read. */
-        long err = (long)((ucontext_t *)ctx)->uc_mcontext.gregs[REG_ERR];
-        if (!(err & 2) || (err & 16))
-            return 0;
-    }
-#else
-    (void)ctx;
 #endif
-    return 1;
-#endif
+    return shardc__fault_is_write(ctx) != 0;
 }
 
 /* Snapshot region: save the faulting page, then make it writable (see the

@@ -2,9 +2,10 @@
  * proc.c - process helpers for the worker pool.
  *
  * shardc_proc_after_fork: run first thing in a forked worker.  Arms the
- * parent-death signal (Linux) and then re-checks the parent: if the master
- * died between fork() and prctl(), the signal would never come, so a
- * mismatch is reported and the worker exits at once.
+ * parent-death signal (Linux; with death_signal 0, or on other systems, the
+ * Python side watches the parent instead) and then re-checks the parent:
+ * if the master died between fork() and prctl(), the signal would never
+ * come, so a mismatch is reported and the worker exits at once.
  *
  * shardc_proc_mem: samples another process's memory.  RSS counts every
  * resident page, including pages of borrowed inputs shared with the master
@@ -25,6 +26,18 @@
  * the fast one on every shard boundary and the precise one when the fast
  * numbers moved or enough time passed.
  *
+ * macOS has no /proc and no PSS.  Its own per-task accounting is the
+ * "physical footprint": dirty private (anonymous) memory, compressed memory
+ * included, without clean file or shared-segment pages, which is what the
+ * supervisor means by a worker's own memory.  proc_pid_rusage() gives it (and
+ * the resident size) for any process of the same user in one system call;
+ * for the calling process task_info(TASK_VM_INFO) also gives the compressed
+ * bytes (our "swap").  Both samplers return the same numbers there, marked
+ * precise: the footprint is the kernel's count, not an estimate.  There is
+ * no per-sharer division (pss = pss_anon = the footprint), so pages a worker
+ * still shares copy-on-write with the master after fork are not halved as
+ * Pss_Anon halves them on Linux.
+ *
  * The worker's heap policy (malloc reuse) is in heap.c.
  */
 #define _GNU_SOURCE
@@ -42,12 +55,16 @@
 #if defined(__linux__)
 #include <sched.h>
 #include <sys/prctl.h>
+#elif defined(__APPLE__)
+#include <libproc.h>
+#include <mach/mach.h>
+#include <sys/resource.h>
 #endif
 
 int shardc_proc_after_fork(int expected_parent, int death_signal)
 {
 #if defined(__linux__)
-    if (prctl(PR_SET_PDEATHSIG, death_signal) == -1)
+    if (death_signal > 0 && prctl(PR_SET_PDEATHSIG, death_signal) == -1)
         return -errno;
 #else
     (void)death_signal;
@@ -56,6 +73,9 @@ int shardc_proc_after_fork(int expected_parent, int death_signal)
         return -ESRCH;
     return 0;
 }
+
+#if defined(__linux__)
+/* The /proc readers below serve only the Linux samplers. */
 
 /* Parse "Key:   1234 kB" lines; returns bytes or -1 if the key is absent. */
 static int64_t shardc__field_kb(const char *buf, const char *key)
@@ -93,6 +113,42 @@ static int shardc__read_file(const char *path, char *buf, size_t cap)
     close(fd);
     return (int)used;
 }
+#endif /* __linux__ */
+
+#if defined(__APPLE__)
+/* The platform's own accounting (see the file comment).  The calling process
+ * is asked through its task port, which needs no privilege; any other one
+ * through proc_pid_rusage, which works for processes of the same user (our
+ * workers) and fails with ESRCH once the process is gone. */
+static int shardc__mac_mem(int pid, shardc_mem_t *out)
+{
+    if (out == NULL)
+        return -EINVAL;
+    memset(out, 0, sizeof(*out));
+    if (pid == (int)getpid()) {
+        task_vm_info_data_t vi;
+        mach_msg_type_number_t cnt = TASK_VM_INFO_COUNT;
+        if (task_info(mach_task_self(), TASK_VM_INFO, (task_info_t)&vi, &cnt) != KERN_SUCCESS)
+            return -EIO;
+        out->rss = (uint64_t)vi.resident_size;
+        out->anon = (uint64_t)vi.phys_footprint;
+        out->swap = (uint64_t)vi.compressed;
+    } else {
+        struct rusage_info_v2 ri;
+        if (pid <= 0)
+            return -ESRCH;
+        if (proc_pid_rusage(pid, RUSAGE_INFO_V2, (rusage_info_t *)&ri) != 0)
+            return -errno;
+        out->rss = ri.ri_resident_size;
+        out->anon = ri.ri_phys_footprint;
+    }
+    out->uss = out->anon;
+    out->pss = out->anon;
+    out->pss_anon = out->anon;
+    out->precise = 1;
+    return 0;
+}
+#endif
 
 int shardc_proc_mem(int pid, shardc_mem_t *out)
 {
@@ -133,6 +189,8 @@ int shardc_proc_mem(int pid, shardc_mem_t *out)
     }
     /* Fallback: statm. */
     return shardc_proc_mem_fast(pid, out);
+#elif defined(__APPLE__)
+    return shardc__mac_mem(pid, out);
 #else
     (void)pid;
     (void)out;
@@ -166,6 +224,8 @@ int shardc_proc_mem_fast(int pid, shardc_mem_t *out)
     out->pss_anon = out->anon;
     out->precise = 0;
     return 0;
+#elif defined(__APPLE__)
+    return shardc__mac_mem(pid, out); /* one system call: as cheap as statm */
 #else
     (void)pid;
     (void)out;

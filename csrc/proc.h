@@ -1,7 +1,8 @@
 /*
  * proc.h - process-level helpers for forked workers and their supervisor:
  * after-fork setup (parent-death signal), memory sampling (RSS/PSS/USS from
- * /proc/PID/smaps_rollup) and CPU affinity.  The worker's heap policy
+ * /proc/PID/smaps_rollup on Linux, the physical footprint from
+ * proc_pid_rusage/task_info on macOS; -ENOSYS elsewhere) and CPU affinity.  The worker's heap policy
  * is in heap.h.
  */
 #ifndef SHARDC_PROC_H
@@ -18,7 +19,8 @@ typedef struct {
     uint64_t anon;  /* anonymous resident bytes (heap, stacks, private copies); no shared-memory
                        segment pages: the part that is really the process's own */
     uint64_t pss_anon; /* anonymous bytes divided among sharers (e.g. pages inherited over fork) */
-    int precise;    /* 1 when pss/uss came from smaps_rollup, 0 when estimated from rss */
+    int precise;    /* 1 when the kernel counted them (smaps_rollup; macOS's physical
+                       footprint), 0 when estimated from rss (statm) */
 } shardc_mem_t;
 
 int shardc_proc_after_fork(int expected_parent, int death_signal);

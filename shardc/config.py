@@ -124,6 +124,15 @@ SETTINGS: dict[str, Setting] = {
             default_doc="the temp dir",
         ),
         Setting(
+            "SHARDC_PORTABLE",
+            "bool",
+            False,
+            "`1` (Linux): take the paths of platforms without Linux's extras, to test them here: POSIX shm "
+            "segments instead of memfd, no parent-death signal (workers see the master's death as their "
+            "socket's EOF), memory sampled through psutil; the polling wait is the build option "
+            "`SHARDC_PORTABLE_WAIT`",
+        ),
+        Setting(
             "SHARDC_WORKERS",
             "int",
             None,

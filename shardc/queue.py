@@ -112,8 +112,10 @@ class TaskRing:
         """
         if backing not in _BACKINGS:
             raise InvalidArgumentError(f"backing must be one of {', '.join(_BACKINGS)}, got {backing!r}")
-        if backing == "memfd" and not ll.seg_backing_supported(ll.BACKING_MEMFD):
-            backing = "shm"  # macOS: no memfd; an unlinked POSIX shm object instead
+        if backing == "memfd" and (
+            not ll.seg_backing_supported(ll.BACKING_MEMFD) or config.get_bool("SHARDC_PORTABLE")
+        ):
+            backing = "shm"  # macOS (and portable mode): no memfd; an unlinked POSIX shm object instead
         nbytes = ll.queue_bytes(capacity, max_consumers)
         if backing == "shm":
             name = f"/shardc-q-{os.getpid()}-{id(object()) & 0xFFFFFF:x}"

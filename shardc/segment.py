@@ -15,7 +15,8 @@ file      A file in ``SHARDC_TMPDIR`` (default: the temp dir), unlinked at
 ========  ================================================================
 
 ``"auto"`` tries memfd, then shm, then file, and logs why it fell back (e.g.
-the segment does not fit in /dev/shm).  Every live segment of this process is
+the segment does not fit in /dev/shm).  Portable mode (``SHARDC_PORTABLE=1``)
+has no memfd, as on macOS: shm is the default there.  Every live segment of this process is
 in a registry, so :func:`live_segments` (and ``segment_report()``) can list
 them, and so :func:`find_address` can tell whether an array's memory already
 lives in a shardc segment (then it is passed by reference, never copied).
@@ -93,12 +94,22 @@ def _shm_free_bytes() -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def backing_available(backing: str) -> bool:
+    """Whether segments can use ``backing`` here.  Portable mode
+    (``SHARDC_PORTABLE=1``) has no memfd, as on macOS."""
+    if backing == "memfd" and config.get_bool("SHARDC_PORTABLE"):
+        return False
+    return bool(ll.seg_backing_supported(_CODES[backing]))
+
+
 def _candidates(backing: str, size: int, named: bool) -> list[str]:
     if backing not in BACKINGS:
         raise InvalidArgumentError(f"backing={backing!r} is not supported; use one of {', '.join(BACKINGS)}")
     if backing != "auto":
-        if not ll.seg_backing_supported(_CODES[backing]):
-            raise InvalidArgumentError(f"backing={backing!r} is not available on {sys.platform}")
+        if not backing_available(backing):
+            portable = config.get_bool("SHARDC_PORTABLE")
+            where = "in portable mode (SHARDC_PORTABLE=1)" if portable else f"on {sys.platform}"
+            raise InvalidArgumentError(f"backing={backing!r} is not available {where}")
         if backing == "memfd" and named:
             raise InvalidArgumentError(
                 "a memfd segment cannot be named; use backing='shm' or 'file' "
@@ -106,7 +117,7 @@ def _candidates(backing: str, size: int, named: bool) -> list[str]:
             )
         return [backing]
     order = ["shm", "file"] if named else ["memfd", "shm", "file"]
-    return [b for b in order if ll.seg_backing_supported(_CODES[b])]
+    return [b for b in order if backing_available(b)]
 
 
 class Segment:

@@ -1,9 +1,18 @@
-"""Processes (csrc/proc.c, csrc/heap.c): after-fork setup, memory sampling, the worker's heap policy."""
+"""Processes (csrc/proc.c, csrc/heap.c): after-fork setup, memory sampling, the worker's heap policy.
+
+Memory samplers.  Linux: ``/proc/PID/smaps_rollup`` (precise) and ``statm``
+(fast), in C.  macOS: the physical footprint from ``proc_pid_rusage``, in C
+(both samplers).  Elsewhere (the C sampler answers ``-ENOSYS``) and in
+portable mode (``SHARDC_PORTABLE=1``, which runs this path on Linux so CI
+exercises it): psutil's ``memory_info``, an estimate (``precise=0``): RSS less
+its shared part where psutil knows one (Linux), else RSS itself.
+"""
 
 from __future__ import annotations
 
 import errno as _errno
 
+from .. import config
 from ..errors import (
     ShardcOSError,
 )
@@ -19,11 +28,30 @@ def proc_after_fork(expected_parent: int, death_signal: int) -> int:
     return int(lib.shardc_proc_after_fork(expected_parent, death_signal))
 
 
+def _portable_mem(pid: int) -> dict[str, int] | None:
+    """The psutil sampler (see the module docstring); None if the process is gone."""
+    import psutil  # only here: the native samplers need no import
+
+    try:
+        info = psutil.Process(pid).memory_info()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied as exc:
+        raise ShardcOSError(_errno.EPERM, f"read memory (psutil) of pid {pid}: {exc}") from None
+    rss = int(info.rss)
+    anon = max(0, rss - int(getattr(info, "shared", 0)))
+    return {"rss": rss, "pss": anon, "uss": anon, "swap": 0, "anon": anon, "pss_anon": anon, "precise": 0}
+
+
 def _read_mem(fn: object, pid: int, what: str) -> dict[str, int] | None:
+    if config.get_bool("SHARDC_PORTABLE"):
+        return _portable_mem(pid)
     m = ffi.new("shardc_mem_t *")
     rc = fn(pid, m)  # type: ignore[operator]
     if rc == -_errno.ESRCH or rc == -_errno.ENOENT:
         return None
+    if rc == -_errno.ENOSYS:  # no native sampler on this platform
+        return _portable_mem(pid)
     _check(rc, f"read memory ({what}) of pid {pid}", error=ShardcOSError)
     return {
         "rss": int(m.rss),
@@ -37,14 +65,14 @@ def _read_mem(fn: object, pid: int, what: str) -> dict[str, int] | None:
 
 
 def proc_mem(pid: int) -> dict[str, int] | None:
-    """Memory of ``pid`` in bytes from smaps_rollup (~0.3 ms): rss, pss, uss, swap,
-    anon, pss_anon, precise; None if the process is gone."""
+    """Memory of ``pid`` in bytes from smaps_rollup (~0.3 ms; macOS: the physical
+    footprint): rss, pss, uss, swap, anon, pss_anon, precise; None if the process is gone."""
     return _read_mem(lib.shardc_proc_mem, pid, "smaps_rollup")
 
 
 def proc_mem_fast(pid: int) -> dict[str, int] | None:
-    """Cheap estimate from /proc/PID/statm (~8 us; precise=0, pss/uss/anon = RssAnon);
-    None if the process is gone."""
+    """Cheap estimate from /proc/PID/statm (~8 us; precise=0, pss/uss/anon = RssAnon;
+    macOS: the same as :func:`proc_mem`); None if the process is gone."""
     return _read_mem(lib.shardc_proc_mem_fast, pid, "statm")
 
 

@@ -3,7 +3,8 @@ teardown, and the segments it maps.
 
 ::
 
-    fork() ── after_fork(): PDEATHSIG + parent check, SIGINT ignored,
+    fork() ── after_fork(): PDEATHSIG (or, without one, a thread that watches
+       │      the master's exit) + parent check, SIGINT ignored,
        │      BLAS/OpenMP limited to 1 thread, RNGs reseeded, packages and
        │      init_expr run
        ▼
@@ -29,8 +30,10 @@ import io
 import os
 import pickle
 import random
+import select
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -41,8 +44,8 @@ import numpy as np
 import numpy.random  # NumPy imports it lazily: once here, not in every forked worker (~10 ms)
 
 from .. import _lowlevel as ll
+from .. import config, inherit
 from .. import guard as _guard
-from .. import inherit
 from .._channel import Channel, ChannelClosed
 from ..protocol import (
     CALL,
@@ -337,11 +340,45 @@ def _stop_openblas_threads(ctl: Any) -> None:
             pass
 
 
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the master is gone, for a worker without a parent-death signal.
+
+    Its socket's EOF covers a worker waiting for a message, not one polling the
+    task ring (``shm_queue``) or running a long shard.  A daemon thread waits
+    for the master's exit: a kqueue ``EVFILT_PROC``/``NOTE_EXIT`` event on macOS,
+    else it polls ``getppid()`` (a dead master's children are re-parented)
+    every 0.2 s."""
+
+    def watch() -> None:
+        if sys.platform == "darwin":
+            try:
+                kq = select.kqueue()
+                ev = select.kevent(
+                    parent_pid, filter=select.KQ_FILTER_PROC, flags=select.KQ_EV_ADD, fflags=select.KQ_NOTE_EXIT
+                )
+                kq.control([ev], 0)
+                while os.getppid() == parent_pid:
+                    kq.control(None, 1, 1.0)  # the 1 s bound re-checks a death before the ADD
+            except OSError:
+                pass  # no such process already, or no kqueue support: poll below
+        while os.getppid() == parent_pid:
+            time.sleep(0.2)
+        os._exit(0)  # the master went away: nothing left to do (as on EOF)
+
+    threading.Thread(target=watch, name="shardc-parent-watch", daemon=True).start()
+
+
 def after_fork(parent_pid: int, packages: list[str], init_expr: Any, death_signal: int = signal.SIGKILL) -> None:
     """Make a freshly forked child a well-behaved worker (``death_signal``:
-    PDEATHSIG, 0 for none; see ``shardc.worker._death_signal``)."""
+    PDEATHSIG, 0 for none; see ``shardc.worker._death_signal``).  Portable mode
+    (``SHARDC_PORTABLE=1``) arms none, as on macOS: the worker learns of the
+    master's death from its socket's EOF."""
+    if config.get_bool("SHARDC_PORTABLE"):
+        death_signal = 0
     if ll.proc_after_fork(parent_pid, death_signal) < 0:
         os._exit(70)  # the master died before we armed PDEATHSIG
+    if death_signal == 0:
+        _watch_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Fork copied the master's RNG states: give every worker its own.

@@ -431,11 +431,13 @@ static void kill_consumer_main(void *q, uint32_t c, uint8_t *state, uint64_t *er
 static void test_kill_repair_requeue(void)
 {
     enum { C = 3, CAP = 256 };
-    const uint32_t N = 400000 / SCALE;
+    const uint32_t N = 400000 / SCALE, MAX_KILLS = 300 / SCALE + 20;
     void *q = new_ring(CAP, C, NULL);
     uint8_t *state = shared(N);
     uint64_t *errors = shared(4096);
-    uint64_t *pending = malloc(sizeof(uint64_t) * (N + 1024));
+    /* Room for every id plus each kill's repaired claims: requeues can pass
+     * a thousand (under qemu-user with the polling wait they did). */
+    uint64_t *pending = malloc(sizeof(uint64_t) * (N + (uint64_t)MAX_KILLS * SHARDC_QUEUE_MAX_CLAIM));
     uint64_t npending = 0, head = 0, kills = 0, requeued = 0;
     uint64_t rep[SHARDC_QUEUE_MAX_CLAIM];
     pid_t pids[C];
@@ -461,7 +463,7 @@ static void test_kill_repair_requeue(void)
                 head += (uint64_t)r;
         }
         rnd = rnd * 1103515245u + 12345u;
-        if ((rnd >> 16) % 16 == 0 && kills < 300 / SCALE + 20) {
+        if ((rnd >> 16) % 16 == 0 && kills < MAX_KILLS) {
             uint32_t c = (rnd >> 8) % C;
             int n;
             usleep((rnd >> 4) % 200);

@@ -1,0 +1,51 @@
+"""Portable mode (``SHARDC_PORTABLE=1``, issue #19): on Linux, shardc takes the
+paths platforms without Linux's extras take: POSIX shm instead of memfd (segments
+and task rings), memory sampled through psutil, no parent-death signal.
+
+These check the switch itself in the normal suite; ``.ci/run`` also runs most of
+the suite with the switch on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shardc import _lowlevel as ll
+from shardc.errors import InvalidArgumentError
+from shardc.queue import TaskRing
+from shardc.segment import Segment
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="portable mode is a Linux switch")
+
+
+def test_segments_and_rings_use_shm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto picks shm, an explicit memfd is refused naming the mode, and a task ring lives in shm too."""
+    monkeypatch.setenv("SHARDC_PORTABLE", "1")
+    with Segment.create(ll.PAGE_SIZE) as seg:
+        assert seg.backing == "shm"
+    with pytest.raises(InvalidArgumentError, match=r"backing='memfd' is not available in portable mode"):
+        Segment.create(ll.PAGE_SIZE, backing="memfd")
+    with TaskRing.create(capacity=8, max_consumers=1) as ring:
+        assert not os.readlink(f"/proc/self/fd/{ring._fd}").startswith("/memfd:")
+    monkeypatch.setenv("SHARDC_PORTABLE", "0")
+    with Segment.create(ll.PAGE_SIZE) as seg, TaskRing.create(capacity=8, max_consumers=1) as ring:
+        assert seg.backing == "memfd"
+        assert os.readlink(f"/proc/self/fd/{ring._fd}").startswith("/memfd:")
+
+
+def test_memory_comes_from_the_portable_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both samplers answer with psutil's estimate (precise=0, anon within rss), and None for a reaped pid."""
+    monkeypatch.setenv("SHARDC_PORTABLE", "1")
+    for sample in (ll.proc_mem, ll.proc_mem_fast):
+        m = sample(os.getpid())
+        assert m is not None and m["precise"] == 0
+        assert 0 < m["anon"] <= m["rss"] and m["pss_anon"] == m["uss"] == m["anon"]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert ll.proc_mem(child.pid) is None
+    monkeypatch.setenv("SHARDC_PORTABLE", "0")
+    assert ll.proc_mem(os.getpid())["precise"] == 1  # type: ignore[index]
