@@ -63,6 +63,7 @@ class Shard:
         stride: step between items (strided shards; 1 for contiguous).
         rng: a ``numpy.random.Generator`` for this shard, set inside
             ``shard_map`` (its stream depends only on the seed and ``id``).
+            Built on first use: a shard that never draws pays nothing for it.
     """
 
     __slots__ = ("id", "start", "stop", "len", "idx", "stride", "_seedseq", "_rng")
@@ -87,7 +88,11 @@ class Shard:
             if ss is None:
                 self._rng = np.random.default_rng()
             else:
-                if isinstance(ss, tuple):  # (run entropy, shard id): built lazily
+                # The run's entropy (the executor passes just that: no tuple
+                # per shard), or (entropy, shard id): built only now.
+                if isinstance(ss, (int, np.integer)):
+                    ss = np.random.SeedSequence(int(ss), spawn_key=(self.id,))
+                elif isinstance(ss, tuple):
                     ss = np.random.SeedSequence(ss[0], spawn_key=(ss[1],))
                 self._rng = np.random.Generator(np.random.PCG64(ss))
         return self._rng
@@ -160,7 +165,10 @@ class ShardDescriptor(Sequence[Shard]):
     def shard(self, k: int, seedseq: Any = None) -> Shard:
         """Shard ``k`` (no bounds check; the hot path of workers).
 
-        ``seedseq`` is what ``shard.rng`` is built from: ``(entropy, k)``.
+        ``seedseq`` is what ``shard.rng`` is built from, when first used: the
+        run's entropy (an int; the stream is ``SeedSequence(entropy,
+        spawn_key=(k,))``), ``(entropy, k)``, a ``SeedSequence``, or None
+        (a fresh, unseeded generator).
         """
         if self.strategy == "contiguous":
             b = self.block_size

@@ -8,7 +8,7 @@
                                     both ─> _run(): one loop over the ids
 
 For every shard, ``_run`` makes the shard object (``shard.rng`` from
-``(entropy, id)``), seeds ``random``/``np.random`` when the call has a seed,
+``(entropy, id)``, built only when ``fun`` first uses it), seeds ``random``/``np.random`` when the call has a seed,
 runs ``fun`` inside the guard scope when inputs are guarded (its cow events
 ride with the outcome), turns any exception into an error record
 (``shardc.protocol.error_record``) and drops its frames, and writes the
@@ -240,7 +240,7 @@ class ShardExecutor:
         t0 = t1 = t_first = row.block_begin(sid, n) if block else row.shard_begin(sid)
         ok = failed = returned = 0
         for nxt in it:
-            shard = make(sid, (entropy, sid))
+            shard = make(sid, entropy)  # shard.rng from (entropy, sid), built only if fun uses it
             try:
                 if seeded:
                     seed_legacy(entropy, sid)
