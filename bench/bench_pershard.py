@@ -9,7 +9,8 @@ shards ``shard_map(N, fun)`` makes (one item each) and bench_tiny's trivial
 * ``bare_call``: ``f(shard)`` of a function that returns at once;
 * ``fun_call``: ``fun(shard, **kwargs)`` with the out buffer as keyword (the
   user's shard itself, as the executor calls it);
-* ``shard_object``: building the shard (``desc.shard(id, entropy)``);
+* ``shard_object``: building the shard (``desc.maker()``, as the executor
+  does); ``shard_init``: the same through ``Shard.__init__`` (before);
 * ``rng_first_use``: building ``shard.rng`` (paid only by shards that use it);
 * ``status_next``: the done mark + status row update between two shards (one
   C call through ``StatusRow.shard_next``); ``status_next_raw``: the same C
@@ -87,7 +88,8 @@ def in_process(n: int, rounds: int) -> dict[str, float]:
     row = table.row(0)
     done = DoneMap(n)
     shard0 = desc.shard(0, entropy)
-    make = desc.shard
+    make = desc.maker()  # what the executor uses
+    make_init = desc.shard  # through Shard.__init__
     res: dict[str, float] = {}
 
     def loop(k: int) -> None:
@@ -106,6 +108,11 @@ def in_process(n: int, rounds: int) -> dict[str, float]:
 
     def shard_object(k: int) -> None:
         m, e = make, entropy
+        for sid in range(k):
+            m(sid, e)
+
+    def shard_init(k: int) -> None:
+        m, e = make_init, entropy
         for sid in range(k):
             m(sid, e)
 
@@ -165,6 +172,7 @@ def in_process(n: int, rounds: int) -> dict[str, float]:
     res["bare_call"] = per_shard_ns(bare, n, rounds)
     res["fun_call"] = per_shard_ns(fun_call, n, rounds)
     res["shard_object"] = per_shard_ns(shard_object, n, rounds)
+    res["shard_init"] = per_shard_ns(shard_init, n, rounds)
     res["rng_first_use"] = per_shard_ns(rng_first, min(n, 20_000), rounds)
     res["status_next"] = per_shard_ns(status_next, n, rounds)
     res["status_next_raw"] = per_shard_ns(status_next_raw, n, rounds)
@@ -215,7 +223,8 @@ ROWS = [  # (piece, what it is, counted in shm_queue / rpc)
     ("loop", "empty loop over the ids", "", ""),
     ("bare_call", "Python call of a function returning None", "", ""),
     ("fun_call", "fun(shard, **kwargs): the trivial shard", "x", "x"),
-    ("shard_object", "shard object (desc.shard)", "x", "x"),
+    ("shard_object", "shard object (desc.maker(): slots filled directly)", "x", "x"),
+    ("shard_init", "the same through Shard.__init__ (before)", "", ""),
     ("status_next", "done mark + status row (StatusRow.shard_next)", "x", "x"),
     ("status_next_raw", "the same C call, no Python method", "", ""),
     ("outcome_tuple", "outcome tuple per shard", "", "x"),

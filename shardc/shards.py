@@ -183,6 +183,35 @@ class ShardDescriptor(Sequence[Shard]):
         idx = self._lists[k]  # type: ignore[index]
         return Shard(k, int(idx.min()), int(idx.max()) + 1, len(idx), idx, 0, seedseq)
 
+    def maker(self) -> Any:
+        """A function ``make(k, seedseq=None)`` equal to :meth:`shard`, for the
+        worker's loop: for contiguous shards it fills the slots of a bare
+        ``Shard`` directly (measured on Python 3.11: 0.23 us a shard against
+        0.66 us through ``Shard.__init__``, whose call by the class is not
+        specialized; a trivial shard's whole loop was about 1 us)."""
+        if self.strategy != "contiguous" or type(self).shard is not ShardDescriptor.shard:
+            return self.shard
+        b, n, new = self.block_size, self.n, Shard.__new__
+        assert b is not None
+
+        def make(k: int, seedseq: Any = None) -> Shard:
+            s = new(Shard)
+            start = k * b
+            stop = start + b
+            if stop > n:
+                stop = n
+            s.id = k
+            s.start = start
+            s.stop = stop
+            s.len = stop - start
+            s.idx = slice(start, stop)
+            s.stride = 1
+            s._seedseq = seedseq
+            s._rng = None
+            return s
+
+        return make
+
     def __iter__(self) -> Iterator[Shard]:
         for k in range(self.num_shards):
             yield self.shard(k)

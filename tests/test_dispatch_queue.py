@@ -328,3 +328,27 @@ def test_seeded_draws_are_identical_across_modes_and_calls():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("n,block", [(10, 1), (10, 3), (1000, 7), (5, 5)])
+def test_fast_shard_maker_builds_the_same_shards(n, block):
+    """desc.maker() (the worker's factory) builds shards equal to desc.shard(), rng included."""
+    d = shards(n, block_size=block)
+    make = d.maker()
+    for k in range(d.num_shards):
+        a, b = make(k, 5), d.shard(k, 5)
+        assert a == b and (a.id, a.start, a.stop, a.len, a.idx, a.stride) == (
+            b.id,
+            b.start,
+            b.stop,
+            b.len,
+            b.idx,
+            b.stride,
+        )
+        assert a.rng.integers(0, 2**62) == b.rng.integers(0, 2**62)
+
+
+def test_maker_of_other_strategies_is_shard():
+    """Strided and list descriptors hand out their own shard() as the maker."""
+    d = shards(10, block_size=2, strategy="strided")
+    assert d.maker() == d.shard

@@ -183,7 +183,8 @@ class ShardExecutor:
         shard time of the new ``fun`` again (its first shard is measured)."""
         c = self.call
         guard = self.guard if self.guard is not None and c.guard_regions else None
-        self._bound = (c.fun, c.kwargs, c.desc.shard, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
+        make = c.desc.maker() if hasattr(c.desc, "maker") else c.desc.shard  # the fast shard factory
+        self._bound = (c.fun, c.kwargs, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         self.ewma_ns = -1
 
     def end_call(self) -> CallState:
