@@ -48,6 +48,7 @@ from typing import Any, cast
 import numpy as np
 
 from .dispatch import Dispatcher, Loss
+from .errors import QueueClosedError
 from .protocol import QCOW, QDONE, QFAIL, QUEUE
 from .queue import TaskRing
 from .scheduler import Scheduler
@@ -220,7 +221,13 @@ class QueueFeeder:
             items.append(encode(ids[0], len(ids)))
             fresh += 1
         if items:
-            n = self.ring.push(np.asarray(items, dtype=np.uint64), timeout=0)
+            try:
+                n = self.ring.push(np.asarray(items, dtype=np.uint64), timeout=0)
+            except QueueClosedError:
+                # A worker closes the ring once every shard is done, so this
+                # cannot happen while anything is pending; if it ever did, the
+                # ids go back and the master's done map check ends the call.
+                n = 0
             if n < len(items):  # ring full: give back what did not fit
                 for it in reversed(items[n:]):
                     start, count = it >> COUNT_BITS, it & COUNT_MASK

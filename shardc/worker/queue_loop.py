@@ -14,6 +14,10 @@ it claimed but did not run.
 A worker that finds the ring empty sends ``QIDLE`` once before it parks
 (again only after it got more work): the master's loop wakes at once to
 refill the ring or to see the call is over, instead of at its next poll.
+A worker that finds the ring empty and every shard of the call done (the
+status rows' counts reach the call's shard count) closes the ring itself:
+the workers parked in it wake and leave too, without waiting for the
+master's close.
 
 The ring is the pool's (the master resets it per call, see
 ``shardc.dispatch_queue.pool_ring``): the worker keeps its mapping between
