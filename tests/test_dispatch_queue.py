@@ -352,3 +352,33 @@ def test_maker_of_other_strategies_is_shard():
     """Strided and list descriptors hand out their own shard() as the maker."""
     d = shards(10, block_size=2, strategy="strided")
     assert d.maker() == d.shard
+
+
+def _two(shard, b, a):
+    return (b, a)
+
+
+def _defaults(shard, a, b=2):
+    return (a, b)
+
+
+def _kwonly(shard, *, a):
+    return a
+
+
+def _varkw(shard, a, **kw):
+    return a
+
+
+def test_positional_args_only_where_binding_is_the_same():
+    """The executor calls fun(shard, *args) only for plain functions whose other parameters are exactly the kwargs."""
+    from shardc.worker.executor import positional_args
+
+    assert positional_args(_two, {"a": 1, "b": 2}) == (2, 1)
+    assert _two(None, *positional_args(_two, {"a": 1, "b": 2})) == _two(None, a=1, b=2)
+    assert positional_args(_defaults, {"a": 1}) is None
+    assert positional_args(_kwonly, {"a": 1}) is None
+    assert positional_args(_varkw, {"a": 1}) is None
+    assert positional_args(_two, {"a": 1, "c": 2}) is None
+    assert positional_args(len, {}) is None
+    assert positional_args(lambda s: s, {}) == ()
