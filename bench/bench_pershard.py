@@ -8,7 +8,8 @@ shards ``shard_map(N, fun)`` makes (one item each) and bench_tiny's trivial
 * ``loop``: an empty ``for`` over the ids (the floor every loop pays);
 * ``bare_call``: ``f(shard)`` of a function that returns at once;
 * ``fun_call``: ``fun(shard, **kwargs)`` with the out buffer as keyword (the
-  user's shard itself, as the executor calls it);
+  user's shard itself); ``fun_call_args``: ``fun(shard, *args)``, as the
+  executor calls it where that binds the same;
 * ``shard_object``: building the shard (``desc.maker()``, as the executor
   does); ``shard_init``: the same through ``Shard.__init__`` (before);
 * ``rng_first_use``: building ``shard.rng`` (paid only by shards that use it);
@@ -106,6 +107,11 @@ def in_process(n: int, rounds: int) -> dict[str, float]:
         for _sid in range(k):
             f(s, **kw)
 
+    def fun_call_args(k: int) -> None:
+        f, s, a = shard_write, shard0, (out,)
+        for _sid in range(k):
+            f(s, *a)
+
     def shard_object(k: int) -> None:
         m, e = make, entropy
         for sid in range(k):
@@ -171,6 +177,7 @@ def in_process(n: int, rounds: int) -> dict[str, float]:
     res["loop"] = per_shard_ns(loop, n, rounds)
     res["bare_call"] = per_shard_ns(bare, n, rounds)
     res["fun_call"] = per_shard_ns(fun_call, n, rounds)
+    res["fun_call_args"] = per_shard_ns(fun_call_args, n, rounds)
     res["shard_object"] = per_shard_ns(shard_object, n, rounds)
     res["shard_init"] = per_shard_ns(shard_init, n, rounds)
     res["rng_first_use"] = per_shard_ns(rng_first, min(n, 20_000), rounds)
@@ -222,7 +229,8 @@ def end_to_end(n: int, rounds: int) -> dict[str, float]:
 ROWS = [  # (piece, what it is, counted in shm_queue / rpc)
     ("loop", "empty loop over the ids", "", ""),
     ("bare_call", "Python call of a function returning None", "", ""),
-    ("fun_call", "fun(shard, **kwargs): the trivial shard", "x", "x"),
+    ("fun_call", "fun(shard, **kwargs): the trivial shard (before)", "", ""),
+    ("fun_call_args", "fun(shard, *args): how the executor calls it where that binds the same", "x", "x"),
     ("shard_object", "shard object (desc.maker(): slots filled directly)", "x", "x"),
     ("shard_init", "the same through Shard.__init__ (before)", "", ""),
     ("status_next", "done mark + status row (StatusRow.shard_next)", "x", "x"),
