@@ -22,6 +22,14 @@ Variants (each in a fresh interpreter):
 * ``mpire``: ``WorkerPool(2, keep_alive=True).map(f, range(N))`` (its default
   chunking).
 
+* ``grid``: the per-call-size grid: N = 10^2, 2*10^3 and 10^3 .. 10^6 shards,
+  ``shm_queue`` (writing ``out=``) vs ``rpc_chunked`` with ``chunk_size="auto"``
+  (gathering), calls of the two modes alternating on one warm pool; ms per
+  call and shards/s, median of >= 5 calls (up to 200 for small N).  Its
+  targets (issue 18): a 100-shard shm_queue call <= 1.5 ms, 2,000 shards <=
+  3 ms, shm_queue throughput non-decreasing in N over 10^2..10^6 (within
+  10%), and never below rpc_chunked's on the grid.
+
 Every variant checks its output (the ids, in order).  Does not measure:
 functions that do real work (see bench_colstats), pool start (see
 bench_startup), or results bigger than an int (see bench_large_out).
@@ -57,7 +65,9 @@ SIZES = {
     "mpire": (20_000, 8_000_000, 3_000_000),
 }
 VARIANTS = ["shardc_shm_queue", "shardc_rpc1", "shardc_rpc_auto", "mp_pool_map1", "mp_pool_map_auto",
-            "joblib_b1", "joblib_auto", "mpire"]
+            "joblib_b1", "joblib_auto", "mpire", "grid"]
+GRID_N = [100, 1_000, 2_000, 10_000, 100_000, 1_000_000]
+GRID_MODES = ["shm_queue", "rpc_auto"]
 
 
 def ident(i: int) -> int:
@@ -136,7 +146,91 @@ def make_runner(variant: str, quick: bool) -> tuple[Any, Any, Any]:
     raise SystemExit(f"unknown variant {variant}")
 
 
+def run_grid(quick: bool, repeats: int) -> dict[str, Any]:
+    """The per-call-size grid (see the module docstring): one warm pool, the
+    two modes' calls alternating (order flipped every round) at each N."""
+    import shardc
+
+    pool = shardc.pool_create(WORKERS)
+    grid: dict[str, Any] = {}
+    ok = True
+    try:
+        for n in GRID_N:
+            buf = shardc.buffer("i8", n)
+            last: dict[str, Any] = {}
+
+            def shm(n: int = n, buf: Any = buf) -> None:
+                shardc.shard_map(n, shard_write, out={"out": buf}, dispatch_mode="shm_queue", pool=pool)
+
+            def rpc(n: int = n) -> None:
+                last["rpc"] = shardc.shard_map(n, shard_return, chunk_size="auto", pool=pool)
+
+            calls = {"shm_queue": shm, "rpc_auto": rpc}
+            for call in calls.values():
+                call()  # warm: buffers, caches, the ring
+            t0 = time.perf_counter()
+            shm()
+            rpc()
+            est = time.perf_counter() - t0
+            budget = 0.6 if quick else 1.5  # seconds per size, both modes
+            reps = int(min(200, max(repeats, budget / max(est, 1e-4))))
+            times: dict[str, list[float]] = {m: [] for m in calls}
+            for r in range(reps):
+                for m in GRID_MODES if r % 2 == 0 else GRID_MODES[::-1]:
+                    t0 = time.perf_counter()
+                    calls[m]()
+                    times[m].append(time.perf_counter() - t0)
+            ok = ok and bool(np.array_equal(buf.array, np.arange(n))) and last["rpc"].results == list(range(n))
+            grid[str(n)] = {m: {"median_s": C.median(v), "min_s": min(v), "calls": len(v)} for m, v in times.items()}
+            buf.close()
+    finally:
+        pool.stop()
+    return {"grid": grid, "ok": ok}
+
+
+def report_grid(r: dict[str, Any]) -> None:
+    """The grid's lines, table and targets."""
+    grid = r["grid"]
+    rows = []
+    for n_s, modes in grid.items():
+        n = int(n_s)
+        row: list[Any] = [n]
+        for m in GRID_MODES:
+            med = modes[m]["median_s"]
+            C.emit(f"tiny.grid.{m}.n{n}.ms", med * 1e3, "ms/call")
+            C.emit(f"tiny.grid.{m}.n{n}.rate", n / med, "shards/s")
+            row += [med * 1e3, n / med]
+        row += [modes["rpc_auto"]["median_s"] / modes["shm_queue"]["median_s"], modes["shm_queue"]["calls"]]
+        rows.append(row)
+    print()
+    print(f"### tiny grid: ms per call and shards/s by call size, {WORKERS} workers, warm pool, seed=None")
+    print()
+    print(C.table(["N", "shm_queue ms", "shm_queue shards/s", "rpc auto ms", "rpc auto shards/s",
+                   "shm speed-up", "calls/mode"], rows))
+    shm = {int(k): v["shm_queue"]["median_s"] for k, v in grid.items()}
+    rpc = {int(k): v["rpc_auto"]["median_s"] for k, v in grid.items()}
+    lines = []
+    if 100 in shm:
+        lines.append(("grid_shm_100", "shm_queue 100 shards <= 1.5 ms", f"{shm[100] * 1e3:.2f} ms", shm[100] <= 1.5e-3))
+    if 2000 in shm:
+        lines.append(("grid_shm_2000", "shm_queue 2,000 shards <= 3 ms", f"{shm[2000] * 1e3:.2f} ms",
+                      shm[2000] <= 3e-3))
+    decades = sorted(n for n in shm if n in (100, 1_000, 10_000, 100_000, 1_000_000))
+    rates = [n / shm[n] for n in decades]
+    worst = min((b / a for a, b in zip(rates, rates[1:])), default=1.0)
+    lines.append(("grid_shm_monotone", "shm_queue shards/s non-decreasing in N, 10^2..10^6 (within 10%)",
+                  f"worst step {worst:.2f}x", worst >= 0.9))
+    slow = min(rpc[n] / shm[n] for n in shm)
+    lines.append(("grid_shm_vs_rpc", "shm_queue never slower than rpc auto on the grid",
+                  f"worst shm/rpc speed {slow:.2f}x", slow >= 1.0))
+    if not r.get("ok", True):
+        lines.append(("grid_correct", "grid outputs correct", "WRONG RESULT", False))
+    C.print_targets("tiny", lines)
+
+
 def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
+    if variant == "grid":
+        return run_grid(quick, repeats)
     run, cleanup, info = make_runner(variant, quick)
     n0, cap_full, cap_quick = SIZES[variant]
     cap = cap_quick if quick else cap_full
@@ -180,6 +274,7 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
 
 def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny") -> None:
     table = []
+    grid = results.pop("grid", None)
     for name, r in results.items():
         if "error" in r:
             C.emit(f"{bench}.{name}.error", r["error"].replace("\t", " ")[:200], "text")
@@ -201,8 +296,13 @@ def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny")
     print(f"### tiny: trivial tasks, {WORKERS} workers, warm pools")
     print()
     print(C.table(["variant", "tasks/s (median)", "N", "wall s", "peak MiB", "notes"], table))
-    if bench == "tiny":
+    if bench == "tiny" and results:
         targets(results)
+    if grid is not None:
+        if "error" in grid:
+            C.emit(f"{bench}.grid.error", grid["error"].replace("\t", " ")[:200], "text")
+        else:
+            report_grid(grid)
 
 
 def targets(results: dict[str, dict[str, Any]]) -> None:

@@ -14,6 +14,8 @@ Metrics (lower is better for all, so ratio = B/A):
 * ``bench_colstats`` ``shardc_borrow`` / ``shardc_shared``: median wall seconds.
 * ``bench_recovery`` ``rpc_chunked:alone`` / ``shm_queue:alone``: median seconds
   from a worker's SIGKILL to the retry of its shard starting.
+* ``bench_tiny`` ``grid`` (only with ``--only grid``: it takes ~20 s a side):
+  median seconds per call of each mode at each call size, one line each.
 
 Usage::
 
@@ -45,6 +47,7 @@ CASES = [  # (script, variant, metric)
     ("bench_recovery.py", "rpc_chunked:alone", "median_s"),
     ("bench_recovery.py", "shm_queue:alone", "median_s"),
 ]
+EXTRA = [("bench_tiny.py", "grid", "grid")]  # run only when named in --only
 
 
 def worktree(ref: str, base: str) -> str:
@@ -59,7 +62,8 @@ def worktree(ref: str, base: str) -> str:
     return path
 
 
-def run_case(tree: str, script: str, variant: str, metric: str, quick: bool) -> float:
+def run_case(tree: str, script: str, variant: str, metric: str, quick: bool) -> dict[str, float]:
+    """The case's metric(s) for the package at ``tree``: name -> value (lower is better)."""
     # The benchmark scripts of THIS checkout (identical measurement code for
     # both commits), the package of the commit under test.
     cmd = [sys.executable, os.path.join(HERE, script), "--child", variant, "--repeats", "3" if quick else "5"]
@@ -72,9 +76,11 @@ def run_case(tree: str, script: str, variant: str, metric: str, quick: bool) -> 
             res = json.loads(line[7:])
             if "error" in res:
                 raise RuntimeError(f"{script} {variant} at {tree}: {res['error']}")
+            if metric == "grid":
+                return {f"{m}.n{n}": float(v[m]["median_s"]) for n, v in res["grid"].items() for m in v}
             if metric == "per_task":
-                return 1.0 / float(res["rate"])
-            return float(res[metric])
+                return {"": 1.0 / float(res["rate"])}
+            return {"": float(res[metric])}
     raise RuntimeError(f"{script} {variant} at {tree} printed no result:\n{cp.stdout[-2000:]}\n{cp.stderr[-2000:]}")
 
 
@@ -89,20 +95,25 @@ def main(argv: list[str] | None = None) -> int:
     base = os.path.join(tempfile.gettempdir(), "shardc-compare")
     os.makedirs(base, exist_ok=True)
     trees = {"A": worktree(args.a, base), "B": worktree(args.b, base)}
-    cases = [c for c in CASES if not args.only or c[1] in args.only.split(",")]
-    vals: dict[tuple[str, str], dict[str, list[float]]] = {(s, v): {"A": [], "B": []} for s, v, _ in cases}
+    only = args.only.split(",") if args.only else None
+    cases = [c for c in CASES if not only or c[1] in only] + [c for c in EXTRA if only and c[1] in only]
+    # (script, variant, metric key) -> side -> values
+    vals: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     for r in range(args.rounds):
         for script, variant, metric in cases:
             order = ("A", "B") if r % 2 == 0 else ("B", "A")
             for side in order:
-                vals[(script, variant)][side].append(run_case(trees[side], script, variant, metric, args.quick))
-            print(f"# round {r + 1}: {variant} A={vals[(script, variant)]['A'][-1]:.6g} "
-                  f"B={vals[(script, variant)]['B'][-1]:.6g}", file=sys.stderr, flush=True)
+                for key, x in run_case(trees[side], script, variant, metric, args.quick).items():
+                    vals.setdefault((script, variant, key), {"A": [], "B": []})[side].append(x)
+            for (s_, v_, key), v in vals.items():
+                if (s_, v_) == (script, variant) and v["A"] and v["B"]:
+                    print(f"# round {r + 1}: {variant}{':' + key if key else ''} A={v['A'][-1]:.6g} "
+                          f"B={v['B'][-1]:.6g}", file=sys.stderr, flush=True)
     print(f"# A = {args.a} ({os.path.basename(trees['A'])}), B = {args.b} ({os.path.basename(trees['B'])}), "
           f"{args.rounds} rounds, interleaved; ratio = median(B) / median(A), lower is better")
-    for (script, variant), v in vals.items():
+    for (script, variant, key), v in vals.items():
         ma, mb = statistics.median(v["A"]), statistics.median(v["B"])
-        name = f"{script.removesuffix('.py')}:{variant}"
+        name = f"{script.removesuffix('.py')}:{variant}{':' + key if key else ''}"
         print(f"{name}\t{mb / ma:.3f}\tB/A")
         print(f"#   A {', '.join(f'{x:.4g}' for x in v['A'])}\n#   B {', '.join(f'{x:.4g}' for x in v['B'])}")
     return 0

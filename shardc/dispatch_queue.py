@@ -2,12 +2,22 @@
 shared-memory ring (``shardc.queue.TaskRing``, futex-parked, crash-repairable).
 This is the master's half; the worker's is ``shardc.worker.queue_loop``.
 
-Per call the master creates a ring and hands its fd to every worker with a
-``QUEUE`` message.  An item is a block of consecutive shard ids, encoded as
-``start << 24 | count``.  The master keeps a few blocks per worker in the
-ring (so nobody waits for it) and sizes blocks online: probe blocks first,
-then blocks of about ``target_chunk_seconds`` of work, shrinking at the end so
-the last blocks spread over all workers.
+The ring belongs to the pool (:func:`pool_ring`): created by the first
+shm_queue call, laid out afresh by each later one (no worker is inside it
+then: each answered the call's setup, which it reads only after leaving the
+previous call's ring), and handed to every worker with a ``QUEUE`` message;
+a worker keeps its mapping across calls.  An item is a block of consecutive
+shard ids, encoded as ``start << 24 | count``.  The master keeps a few blocks
+per worker in the ring and sizes blocks online: probe blocks first, growing
+while the workers run through each round of them in less than the target
+(:meth:`QueueFeeder.ramp`), then blocks of about ``target_chunk_seconds`` of
+work, shrinking at the end so the last blocks spread over all workers.
+
+Nobody waits out a poll interval: a worker that finds the ring empty says so
+once (``QIDLE``) before it parks, which wakes the master's loop at once to
+top the ring up, or to see that the call is over.  (Measured before: the
+master refilled the ring only every 2 ms poll, so a 100-shard call took
+10 ms and a 2,000-shard call 57 ms, almost all of it workers waiting.)
 
 Workers write only to ``out=`` buffers: return values are not gathered (each
 ``results`` entry is None), failures are.  Progress needs no message per
@@ -28,6 +38,7 @@ names the shard it is running (``current`` since ``start_ns``; C accessors,
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -37,14 +48,45 @@ from typing import Any, cast
 import numpy as np
 
 from .dispatch import Dispatcher, Loss
+from .errors import QueueClosedError
 from .protocol import QCOW, QDONE, QFAIL, QUEUE
 from .queue import TaskRing
 from .scheduler import Scheduler
 from .status import STATE_RUNNING, DoneMap, RowSnapshot, StatusTable
 from .supervisor import Supervisor
-from .worker.queue_loop import COUNT_BITS, COUNT_MASK, MAX_BLOCK, encode  # the ring item format
+from .worker.queue_loop import COUNT_BITS, COUNT_MASK, MAX_BLOCK, QIDLE, encode  # the ring item format
 
 log = logging.getLogger("shardc")
+
+PROBE_BLOCK = 8  # shards per block before anything is measured
+RAMP = 64  # a round of blocks the workers ran through quickly grows blocks at most this much
+SMALL_CALL = 64  # shards per worker up to which the first feed pushes the whole call
+RING_CAPACITY = 1024
+_ring_serial = itertools.count(1)
+
+
+def pool_ring(pool: Any, workers: int, backing: str) -> tuple[TaskRing, str]:
+    """The pool's task ring, empty and open for a new call, and its token.
+
+    Created once per pool (and backing) and kept on ``pool.queue_ring``;
+    every later call lays a fresh ring over the same memory
+    (:meth:`TaskRing.reset`), which is safe because no worker is inside it:
+    a worker reads the call's setup only after leaving the previous call's
+    ring, and the caller has every worker's answer to it.  Workers keep
+    their mapping of a ring they know by its token (no map and unmap per
+    call).  ``Pool.stop`` releases it."""
+    held = getattr(pool, "queue_ring", None)
+    if held is not None:
+        ring, token, kind = held
+        if kind == backing and not ring.released and ring.max_consumers == workers:
+            ring.reset()
+            return ring, token
+        ring.release()
+        pool.queue_ring = None
+    ring = TaskRing.create(capacity=RING_CAPACITY, max_consumers=workers, backing=backing)
+    token = f"{os.getpid()}-{next(_ring_serial)}"
+    pool.queue_ring = (ring, token, backing)
+    return ring, token
 
 
 class QueueFeeder:
@@ -66,13 +108,16 @@ class QueueFeeder:
         self.fixed = int(block_size) if block_size else None
         self.autotune = autotune
         # Probe blocks are small (a retry never waits behind a long untuned
-        # block); the first 20 ms window of throughput sizes the rest.
-        self.block = self.fixed or (8 if autotune else max(1, min(4096, sched.num // (workers * 8) or 1)))
+        # block); rounds of them that the workers finish quickly grow them
+        # (ramp), and the first 20 ms window of throughput sizes the rest.
+        self.block = self.fixed or (PROBE_BLOCK if autotune else max(1, min(4096, sched.num // (workers * 8) or 1)))
         self.tuned = self.fixed is not None or not autotune
         self.win_t: float | None = None
         self.win_done = 0
         self.rounds = 0
         self.pushed_blocks = 0
+        self.t_first: float | None = None  # when the first block went in (the ramp's clock)
+        self.dry = False  # a worker found the ring empty since the last feed (QIDLE)
 
     def retune(self, done: int) -> None:
         """Aim at ~target seconds of work per block, from the throughput
@@ -117,31 +162,78 @@ class QueueFeeder:
             items.append(encode(start, count))
         return items
 
-    def feed(self) -> None:
+    def ramp(self, done: int) -> None:
+        """Before the first window is measured: the workers ran through
+        every block handed out (the ring ran dry) and ``done`` shards took
+        less than the target per block, so blocks grow, up to ``RAMP``-fold
+        per round, towards ``target_chunk_seconds`` of work.  The estimate
+        counts the time since the first block went in, workers' wake-ups
+        included, so it errs towards small blocks; slow shards (a block of
+        probes over the target) never grow here."""
+        if self.tuned or self.autotune is None or self.t_first is None or done <= 0:
+            return
+        per_shard = (time.monotonic() - self.t_first) * self.workers / done
+        target = float(self.autotune["target_chunk_seconds"])
+        if per_shard * self.block >= target or self.rounds >= int(self.autotune.get("max_rounds", 64)):
+            return
+        new = int(min(MAX_BLOCK, self.block * RAMP, max(self.block, target / max(per_shard, 1e-8))))
+        if new > self.block:
+            self.diag.autotune_step(self.block, new, per_shard)
+            self.sched.chunk = new
+            self.block = new
+            self.rounds += 1
+
+    def feed(self, done: int = 0) -> None:
         """Top the ring up to ~2 blocks per worker.  Retries go in first and
         regardless of that mark, so a retried shard waits behind as little
         as possible (this also runs right after a death, before the
-        replacement worker is forked)."""
+        replacement worker is forked).  ``done``: shards finished so far
+        (for the ramp, when the ring ran dry)."""
         sched = self.sched
         if sched.pending_count() == 0:
             return
         size = self.ring.size()
+        if size == 0 and self.dry:
+            self.ramp(done)
+        self.dry = False
         items = self._retry_items(max(0, self.ring.capacity - size))
+        cap = self.ring.capacity - size - len(items)
         room = 2 * self.workers - size - len(items)
-        for _ in range(max(0, room)):
+        if not self.tuned and self.t_first is None and sched.pending_count() <= SMALL_CALL * self.workers:
+            # A small call goes in whole, in probe blocks: no round trip to
+            # the master for the rest (a retry waits at most behind the call).
+            room = cap
+        fresh = 0
+        while fresh < cap:
             pending = sched.pending_count()
             if pending == 0:
                 break
-            # Shrink blocks at the end so the tail spreads over every worker.
-            size = min(self.block, max(1, pending // (2 * self.workers)) if self.tuned else self.block)
-            ids = sched.take_chunk(size)
+            # Shrink blocks at the end so the tail spreads over every worker
+            # (rounded up: the blocks that fit in the ring cover what is left).
+            cover = -(-pending // (2 * self.workers))
+            if fresh >= room and cover >= self.block:
+                break
+            # Past the mark only the tail goes in, whole: less than 2 full
+            # blocks per worker in ever smaller blocks, so a retry waits
+            # behind no more work than usual, and the last shards need no
+            # further round trips to the master.
+            ids = sched.take_chunk(min(self.block, max(1, cover)))
             items.append(encode(ids[0], len(ids)))
+            fresh += 1
         if items:
-            n = self.ring.push(np.asarray(items, dtype=np.uint64), timeout=0)
+            try:
+                n = self.ring.push(np.asarray(items, dtype=np.uint64), timeout=0)
+            except QueueClosedError:
+                # A worker closes the ring once every shard is done, so this
+                # cannot happen while anything is pending; if it ever did, the
+                # ids go back and the master's done map check ends the call.
+                n = 0
             if n < len(items):  # ring full: give back what did not fit
                 for it in reversed(items[n:]):
                     start, count = it >> COUNT_BITS, it & COUNT_MASK
                     sched.put_back(list(range(start, start + count)))
+            if self.t_first is None and n:
+                self.t_first = time.monotonic()
             self.pushed_blocks += n
             self.diag.dispatched(8 * n, n)
 
@@ -164,12 +256,13 @@ class QueueDispatcher(Dispatcher):
         backing = opts.get("queue_backing", "memfd")
         backing = {"mmap": "memfd", "auto": "memfd"}.get(backing, backing)
         n = len(pool.workers)
-        self.ring = TaskRing.create(capacity=1024, max_consumers=n, backing=backing)
+        self.ring, self.ring_token = pool_ring(pool, n, backing)
         assert call.donemap is not None
         self.done: DoneMap = call.donemap  # the call's done map (closed with the call)
         self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"), self.sched.autotune)
         self.done_base = 0  # finished-shard counts of workers that are gone
         self.queued_pids: set[int] = set()  # workers handed the ring (each sends QDONE)
+        self.left_pids: set[int] = set()  # workers that sent QDONE (left the ring)
         self.returned = 0  # shards whose non-None return value was dropped
         self.reported: dict[int, set[int]] = {}  # worker pid -> shards whose failure it reported
         self.progress: dict[int, tuple[tuple[int, ...], float]] = {}
@@ -190,19 +283,27 @@ class QueueDispatcher(Dispatcher):
         self.queued_pids.add(w.pid)
         msg = {
             "call_id": self.call_id,
+            "ring": self.ring_token,
             "nbytes": self.ring.nbytes,
             "num": self.sched.num,
             "claim_batch": int(opts.get("claim_batch", 1)),
             "error_log": self._error_log_path(w) if opts.get("error_log") else None,
             "error_log_max_lines": int(opts.get("error_log_max_lines", 100)),
         }
-        self.diag.bytes_setup += w.chan.send((QUEUE, msg), [self.ring.fd, self.done.segment.fd])
+        self.diag.bytes_setup += w.chan.send((QUEUE, msg), [self.ring.fd])
 
     def start(self) -> None:
         for w in self.pool.workers:
             self.status.take_done(w.slot)  # counts start at 0 each call
-            self.attach(w)
+        # Blocks first: a worker's first pop then finds work instead of
+        # parking (and being woken, ~50-85 us) until the master pushes.
         self.feeder.feed()
+        for w in self.pool.workers:
+            self.attach(w)
+        # The ramp's clock starts when the workers can start (sending QUEUE
+        # to sleeping workers costs the master ~0.1 ms each here).
+        if self.feeder.t_first is not None:
+            self.feeder.t_first = time.monotonic()
 
     def requeued(self) -> None:
         self.feeder.feed()  # retries enter the ring before a replacement is forked
@@ -223,15 +324,20 @@ class QueueDispatcher(Dispatcher):
         self.sched.record_failure(sid, rec, worker=w.slot)
 
     def _qdone(self, w: Any, payload: dict[str, Any]) -> None:
+        self.left_pids.add(w.pid)
         for b in payload["blocks"]:
             self.diag.block_done(w.slot, *b)
+        for start, count, delta in payload.get("mem", ()):
+            self.diag.block_mem_delta(w.slot, start, count, delta)
         self.returned += payload.get("returned", 0)
 
     def on_messages(self, w: Any, msgs: list[tuple[Any, list[int]]]) -> None:
         for m, _fds in msgs:
             if m[1] != self.call_id:
                 continue
-            if m[0] in (QFAIL, QCOW):
+            if m[0] == QIDLE:
+                self.feeder.dry = True  # the loop goes on to after_poll: refill, or see the end
+            elif m[0] in (QFAIL, QCOW):
                 self._report(w, m)
             elif m[0] == QDONE:
                 self._qdone(w, m[2])
@@ -255,7 +361,7 @@ class QueueDispatcher(Dispatcher):
         if done != self.last_done:
             self.feeder.retune(done)
             self.last_done = done
-        self.feeder.feed()
+        self.feeder.feed(done)
         self.sched.completed = done
 
     def on_tick(self) -> None:
@@ -346,7 +452,10 @@ class QueueDispatcher(Dispatcher):
         deadline = time.monotonic() + 5.0
         # A replacement forked after the last shard finished never got the
         # ring: waiting for its QDONE would only run out the deadline.
-        waiting = {w.slot for w in self.pool.workers if w.alive and w.pid in self.queued_pids}
+        # A worker that saw every shard done has left already (QDONE read).
+        waiting = {
+            w.slot for w in self.pool.workers if w.alive and w.pid in self.queued_pids and w.pid not in self.left_pids
+        }
         sel = self.sup.sel
         assert sel is not None
         while waiting and time.monotonic() < deadline:
@@ -374,12 +483,14 @@ class QueueDispatcher(Dispatcher):
             self.diag.returned_ignored = self.returned
 
     def close(self) -> None:
-        """Release the ring (also when the call failed)."""
+        """Close the ring (also when the call failed): workers still in it
+        leave once they have run what is left.  The pool keeps the ring for
+        its next shm_queue call (``pool_ring``)."""
         if self.closed:
             return
         self.closed = True
         # The call is over: a later rpc_chunked call attributes a death to the
         # running shard only while the row's call is 0 or its own id.
         self.status.clear_calls()
-        self.ring.close()
-        self.ring.release()
+        if not self.ring.released:
+            self.ring.close()

@@ -175,6 +175,9 @@ def shard_map(
     check_choice(profile, "profile", PROFILES)
     check_choice(on_failure, "on_failure", ("raise", "collect"))
     if dispatch_mode is RPC_DEFAULT:
+        # shm_queue is picked at every size: since issue 18 it is at least as
+        # fast as rpc_chunked (chunk_size="auto") from 10^2 to 10^6 trivial
+        # shards (bench/bench_tiny.py --only grid); before, it lost below ~200k.
         mode = "shm_queue" if (profile == "speed" and scalar_n and out and chunk_size == 1) else "rpc_chunked"
     else:
         mode = check_choice(dispatch_mode, "dispatch_mode", DISPATCH_MODES)

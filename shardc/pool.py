@@ -100,6 +100,9 @@ class Pool(MemoryModel):
         self._pid = os.getpid()
         self.events: list[dict[str, Any]] = []  # deaths, recycles, restarts (pool lifetime)
         self.status = StatusTable(self.size)
+        # shm_queue's task ring, reused by every call on this pool:
+        # (TaskRing, token, backing), set and reset by shardc.dispatch_queue.pool_ring.
+        self.queue_ring: Any = None
         self.workers: list[WorkerHandle] = []
         self.start_seconds = 0.0
         t0 = time.perf_counter()
@@ -367,6 +370,9 @@ class Pool(MemoryModel):
             w.chan.close()
         live_pools.discard(self)
         self.status.close()
+        if self.queue_ring is not None:
+            self.queue_ring[0].release()
+            self.queue_ring = None
 
     close = stop
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from . import _lowlevel as ll
 from . import config
-from .errors import ClosedError, InvalidArgumentError, QueueClosedError
+from .errors import ClosedError, InvalidArgumentError, QueueClosedError, UsageError
 
 __all__ = ["TaskRing", "MAX_CLAIM"]
 
@@ -173,6 +173,24 @@ class TaskRing:
         """Close the ring for every process: wake all waiters; further pushes
         raise, pops drain what is left and then raise. Idempotent."""
         ll.queue_close(self._check())
+
+    def reset(self) -> None:
+        """Lay a fresh ring (empty, open, no records) over this one's memory,
+        with the same capacity and consumers: the creator reuses it for a new
+        round of work without a new segment, and processes that mapped it keep
+        their mapping.
+
+        Only while no other process is inside the ring (pushing, popping or
+        holding claims): whatever they held is forgotten.  shardc's master
+        resets the pool's ring once every worker has left the previous call.
+
+        Raises:
+            UsageError: called in a process that did not create the ring.
+        """
+        mem = self._check()
+        if not self._owner or os.getpid() != self._pid:
+            raise UsageError("task ring: only the process that created it may reset it")
+        ll.queue_init(mem, self._nbytes, self._capacity, self._max_consumers)
 
     def release(self) -> None:
         """Unmap the ring and close the fd in this process. Idempotent."""

@@ -63,6 +63,7 @@ class Shard:
         stride: step between items (strided shards; 1 for contiguous).
         rng: a ``numpy.random.Generator`` for this shard, set inside
             ``shard_map`` (its stream depends only on the seed and ``id``).
+            Built on first use: a shard that never draws pays nothing for it.
     """
 
     __slots__ = ("id", "start", "stop", "len", "idx", "stride", "_seedseq", "_rng")
@@ -87,7 +88,11 @@ class Shard:
             if ss is None:
                 self._rng = np.random.default_rng()
             else:
-                if isinstance(ss, tuple):  # (run entropy, shard id): built lazily
+                # The run's entropy (the executor passes just that: no tuple
+                # per shard), or (entropy, shard id): built only now.
+                if isinstance(ss, (int, np.integer)):
+                    ss = np.random.SeedSequence(int(ss), spawn_key=(self.id,))
+                elif isinstance(ss, tuple):
                     ss = np.random.SeedSequence(ss[0], spawn_key=(ss[1],))
                 self._rng = np.random.Generator(np.random.PCG64(ss))
         return self._rng
@@ -160,7 +165,10 @@ class ShardDescriptor(Sequence[Shard]):
     def shard(self, k: int, seedseq: Any = None) -> Shard:
         """Shard ``k`` (no bounds check; the hot path of workers).
 
-        ``seedseq`` is what ``shard.rng`` is built from: ``(entropy, k)``.
+        ``seedseq`` is what ``shard.rng`` is built from, when first used: the
+        run's entropy (an int; the stream is ``SeedSequence(entropy,
+        spawn_key=(k,))``), ``(entropy, k)``, a ``SeedSequence``, or None
+        (a fresh, unseeded generator).
         """
         if self.strategy == "contiguous":
             b = self.block_size
@@ -174,6 +182,35 @@ class ShardDescriptor(Sequence[Shard]):
             return Shard(k, k, int(idx[-1]) + 1 if len(idx) else k, len(idx), idx, self.num_shards, seedseq)
         idx = self._lists[k]  # type: ignore[index]
         return Shard(k, int(idx.min()), int(idx.max()) + 1, len(idx), idx, 0, seedseq)
+
+    def maker(self) -> Any:
+        """A function ``make(k, seedseq=None)`` equal to :meth:`shard`, for the
+        worker's loop: for contiguous shards it fills the slots of a bare
+        ``Shard`` directly (measured on Python 3.11: 0.23 us a shard against
+        0.66 us through ``Shard.__init__``, whose call by the class is not
+        specialized; a trivial shard's whole loop was about 1 us)."""
+        if self.strategy != "contiguous" or type(self).shard is not ShardDescriptor.shard:
+            return self.shard
+        b, n, new = self.block_size, self.n, Shard.__new__
+        assert b is not None
+
+        def make(k: int, seedseq: Any = None) -> Shard:
+            s = new(Shard)
+            start = k * b
+            stop = start + b
+            if stop > n:
+                stop = n
+            s.id = k
+            s.start = start
+            s.stop = stop
+            s.len = stop - start
+            s.idx = slice(start, stop)
+            s.stride = 1
+            s._seedseq = seedseq
+            s._rng = None
+            return s
+
+        return make
 
     def __iter__(self) -> Iterator[Shard]:
         for k in range(self.num_shards):

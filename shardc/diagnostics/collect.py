@@ -72,6 +72,9 @@ class Diagnostics:
         # shards average over 0.5 ms (NaN where not measured).
         self.shard_mem_delta = np.full(n, np.nan, dtype=np.float64)
         self.blocks: list[tuple[int, int, int, int, int]] = []  # shm_queue: worker, start, count, t0, t1
+        # shm_queue: worker, start, count, anonymous-memory growth over the block
+        # (bytes); measured, like shard_mem_delta, only for blocks of long shards.
+        self.block_mem: list[tuple[int, int, int, int]] = []
         # Worker samples: t, slot, pid, rss, pss, uss, anon, precise (1: smaps_rollup, 0: statm estimate).
         self.mem: list[tuple[int, int, int, int, int, int, int, int]] = []
         self.master_mem: list[tuple[int, int, int, int, int]] = []  # t, rss, pss, uss, anon
@@ -245,6 +248,16 @@ class Diagnostics:
             rec["shards"] += count
             rec["busy_ns"] += t1 - t0
 
+    def block_mem_delta(self, slot: int, start: int, count: int, delta: int) -> None:
+        """shm_queue: worker ``slot``'s memory grew by ``delta`` bytes over the
+        block of ``count`` shards from ``start`` (a one-shard block's is that
+        shard's own delta)."""
+        if not self.enabled:
+            return
+        self.block_mem.append((slot, start, count, delta))
+        if count == 1:
+            self.shard_mem_delta[start] = delta
+
     def shard_failed(self, sid: int) -> None:
         if self.enabled:
             self.shard_ok[sid] = FAILED
@@ -413,6 +426,9 @@ class Diagnostics:
             "borrow": self.borrow,
             "out": self.out,
             "returned_ignored": self.returned_ignored,
+            # shm_queue: blocks whose memory growth was measured, and the largest growth (bytes)
+            "block_mem_measured": len(self.block_mem),
+            "block_mem_max_delta": max((b[3] for b in self.block_mem), default=None),
             "error_logs": self.error_logs,
             "cow": self.cow,
             "cow_policy": self.cow_policy,

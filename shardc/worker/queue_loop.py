@@ -11,6 +11,19 @@ borrowed inputs one ``QCOW`` each; ``QDONE`` closes the worker's part of the
 call with its block timings, the count of dropped return values and any ids
 it claimed but did not run.
 
+A worker that finds the ring empty sends ``QIDLE`` once before it parks
+(again only after it got more work): the master's loop wakes at once to
+refill the ring or to see the call is over, instead of at its next poll.
+A worker that finds the ring empty and every shard of the call done (the
+status rows' counts reach the call's shard count) closes the ring itself:
+the workers parked in it wake and leave too, without waiting for the
+master's close.
+
+The ring is the pool's (the master resets it per call, see
+``shardc.dispatch_queue.pool_ring``): the worker keeps its mapping between
+calls, keyed by the ring's token, and closes the fd sent again with each
+``QUEUE``.
+
 The worker leaves the ring when the master asks (``exit_requested``: a
 recycle, after the current block) or when a shard wrote an inherited input
 beyond restoring (it retires); either way it exits once ``QDONE`` is sent.
@@ -33,6 +46,29 @@ COUNT_BITS = 24
 COUNT_MASK = (1 << COUNT_BITS) - 1
 MAX_BLOCK = COUNT_MASK
 
+# worker -> master ``(QIDLE, call_id, None)``: the ring was empty when this
+# worker looked for work.  Defined here with the ring's item format: only the
+# queue mode's two halves use it.
+QIDLE = "qidle"
+
+_ring: tuple[str, TaskRing] | None = None  # (token, mapping) of the pool's ring, kept between calls
+
+
+def _attach(token: str | None, fd: int, nbytes: int) -> TaskRing:
+    """The ring of ``token``: the mapping kept from an earlier call, or a new one."""
+    global _ring
+    if token is not None and _ring is not None and _ring[0] == token and not _ring[1].released:
+        ll.seg_close_fd(fd)
+        return _ring[1]
+    if _ring is not None:
+        _ring[1].release()
+        _ring = None
+    ring = TaskRing.attach(fd, nbytes)
+    ll.seg_close_fd(fd)  # attach took a duplicate
+    if token is not None:
+        _ring = (token, ring)
+    return ring
+
 
 def encode(start: int, count: int) -> int:
     """The ring item for ``count`` ids from ``start``."""
@@ -45,8 +81,9 @@ def run_queue_call(
     """Pop blocks and run them until the ring is closed (or exit is
     requested); then send ``QDONE``.  Exits the process (``os._exit``) when the
     worker leaves the pool: recycled, or retiring (tainted)."""
-    ring = TaskRing.attach(fds[0], msg["nbytes"])
-    ll.seg_close_fd(fds[1])  # the done map: mapped at the call's setup already
+    ring = _attach(msg.get("ring"), fds[0], msg["nbytes"])
+    for fd in fds[1:]:  # the done map (sent by older masters): mapped at the call's setup already
+        ll.seg_close_fd(fd)
     call_id = msg["call_id"]
     keep_blocks = ex.call.diagnostics
     blocks: list[tuple[int, int, int, int]] = []  # (start, count, t0, t1) per block run
@@ -68,17 +105,37 @@ def run_queue_call(
     # restoring (ShardExecutor.check_tainted): the master requeues them.
     unfinished: list[int] = []
     ring.register(slot, os.getpid())
+    idle = (QIDLE, call_id, None)
+    told = False  # QIDLE sent, no work since
+    num = int(msg.get("num", -1))
+    # Every row's finished-shard count: once it reaches num, the whole call
+    # is done, so the worker that sees it closes the ring (nothing can be
+    # pushed any more: no shard is pending) and every worker leaves at once
+    # (QDONE) instead of parking until the master closes it.  The count never
+    # overcounts (a shard is counted once, by the worker that marked it);
+    # after a death it undercounts (the master took the dead row's count),
+    # and then the master's close ends the call as before.
+    table = row._table
     try:
         while True:
             if row.exit_requested():
                 exiting = True
                 break
             try:
-                items = ring.pop(slot, batch, timeout=0.05)
+                items = ring.pop(slot, batch, timeout=0)
+                if len(items) == 0:
+                    if num >= 0 and table.done_total() >= num:
+                        ring.close()  # wakes the workers parked in it: they leave too
+                        break
+                    if not told:
+                        chan.send(idle)
+                        told = True
+                    items = ring.pop(slot, batch, timeout=0.05)
+                    if len(items) == 0:
+                        continue
             except QueueClosedError:
                 break
-            if len(items) == 0:
-                continue
+            told = False
             for item in items.tolist():
                 start = item >> COUNT_BITS
                 stop = start + (item & COUNT_MASK)
