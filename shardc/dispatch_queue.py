@@ -49,12 +49,12 @@ import numpy as np
 
 from .dispatch import Dispatcher, Loss
 from .errors import QueueClosedError
-from .protocol import QCOW, QDONE, QFAIL, QUEUE
+from .protocol import QCOW, QDONE, QFAIL, QIDLE, QUEUE
 from .queue import TaskRing
 from .scheduler import Scheduler
 from .status import STATE_RUNNING, DoneMap, RowSnapshot, StatusTable
 from .supervisor import Supervisor
-from .worker.queue_loop import COUNT_BITS, COUNT_MASK, MAX_BLOCK, QIDLE, encode  # the ring item format
+from .worker.queue_loop import COUNT_BITS, COUNT_MASK, MAX_BLOCK, encode  # the ring item format
 
 log = logging.getLogger("shardc")
 

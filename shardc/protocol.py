@@ -20,6 +20,7 @@ worker -> master
     ``(QFAIL, call_id, Outcome)``  shm_queue: a failed shard
     ``(QCOW, call_id, (sid, events))``  shm_queue: writes into borrowed inputs
     ``(QDONE, call_id, dict)``     shm_queue: the worker left the ring
+    ``(QIDLE, call_id, None)``     shm_queue: the ring was empty when it looked (once, before it parks)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any, NamedTuple
 from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, ShardcError
 
 CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "exit"
-HELLO, READY, RESULTS, QFAIL, QCOW, QDONE = "hello", "ready", "results", "qfail", "qcow", "qdone"
+HELLO, READY, RESULTS, QFAIL, QCOW, QDONE, QIDLE = "hello", "ready", "results", "qfail", "qcow", "qdone", "qidle"
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
 

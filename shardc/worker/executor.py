@@ -260,6 +260,7 @@ class ShardExecutor:
         it = iter(seq)
         sid = next(it)
         t0 = t1 = t_first = row.block_begin(sid, n) if block else row.shard_begin(sid)
+        next_c, rh = row.next_call(done)  # one C call per shard boundary, no method call
         ok = failed = returned = 0
         for nxt in it:
             shard = make(sid, entropy)  # shard.rng from (entropy, sid), built only if fun uses it
@@ -312,14 +313,18 @@ class ShardExecutor:
                     append((sid, OK, value, t0, t1, events, dmem))  # type: ignore[misc]
                 break
             if gather:
-                t1 = row.shard_next(done, sid, mark, nxt)
+                t1 = next_c(rh, sid, mark, nxt)
+                if t1 < 0:
+                    row.failed(t1, "shard_next", sid)
                 if each:
                     dmem, m0, each = self._measure(t0, t1, m0, diag)
                 append((sid, OK, value, t0, t1, events, dmem))  # type: ignore[misc]
                 dmem = None
                 t0 = t1
             else:  # the hot path of shm_queue: nothing more per shard
-                t0 = row.shard_next(done, sid, mark, nxt)
+                t0 = next_c(rh, sid, mark, nxt)
+                if t0 < 0:
+                    row.failed(t0, "shard_next", sid)
             sid = nxt
         ran = ok + failed
         bdmem = None

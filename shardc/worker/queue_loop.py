@@ -37,7 +37,7 @@ from typing import Any
 from .. import _lowlevel as ll
 from .._channel import Channel
 from ..errors import QueueClosedError
-from ..protocol import QCOW, QDONE, QFAIL
+from ..protocol import QCOW, QDONE, QFAIL, QIDLE
 from ..queue import TaskRing
 from ..status import StatusRow
 from .executor import Events, OutcomeTuple, ShardExecutor
@@ -46,10 +46,6 @@ COUNT_BITS = 24
 COUNT_MASK = (1 << COUNT_BITS) - 1
 MAX_BLOCK = COUNT_MASK
 
-# worker -> master ``(QIDLE, call_id, None)``: the ring was empty when this
-# worker looked for work.  Defined here with the ring's item format: only the
-# queue mode's two halves use it.
-QIDLE = "qidle"
 
 _ring: tuple[str, TaskRing] | None = None  # (token, mapping) of the pool's ring, kept between calls
 
