@@ -145,4 +145,5 @@ def guard_counters() -> dict[str, int]:
         "overflows": int(c.overflows),
         "notified": int(c.notified),
         "tracked": int(c.tracked),
+        "leaked_saves": int(c.leaked_saves),
     }
