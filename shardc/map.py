@@ -196,7 +196,9 @@ def shard_map(
         )
     if progress not in (None, True, False):
         raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
-    if packages is not None and (isinstance(packages, str) or not all(isinstance(p, str) for p in packages)):
+    if packages is not None and (
+        not isinstance(packages, (list, tuple)) or not all(isinstance(p, str) for p in packages)
+    ):
         raise InvalidArgumentError("packages must be a list of module names, e.g. ['scipy.stats']")
     call = Call(
         desc=desc,
