@@ -36,7 +36,9 @@ def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
     """Validate a fixed-size, object-free dtype (shared memory holds raw bytes)."""
     try:
         dt = np.dtype(dtype)
-    except TypeError as exc:
+    except (TypeError, ValueError, SyntaxError, KeyError) as exc:
+        # NumPy's parser of dtype strings raises any of these ("0:" ValueError,
+        # "01" SyntaxError from its literal evaluation of shapes).
         raise InvalidTypeError(f"{arg}={dtype!r} is not a NumPy dtype: {exc}") from None
     if dt.hasobject:
         raise InvalidTypeError(
