@@ -41,7 +41,8 @@ def check_int(value: Any, arg: str, minimum: int) -> int:
 
 
 def check_choice(value: Any, arg: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    # Type first: `in` compares with ==, which an array answers elementwise.
+    if not isinstance(value, str) or value not in choices:
         raise InvalidArgumentError(
             f"{arg}={value!r} is not supported; use one of: " + ", ".join(repr(c) for c in choices)
         )
