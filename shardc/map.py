@@ -174,6 +174,8 @@ def shard_map(
     check_choice(cow, "cow", COW_MODES)
     check_choice(profile, "profile", PROFILES)
     check_choice(on_failure, "on_failure", ("raise", "collect"))
+    if not (isinstance(chunk_size, str) and chunk_size == "auto"):
+        chunk_size = check_int(chunk_size, "chunk_size", 1)
     if dispatch_mode is RPC_DEFAULT:
         mode = "shm_queue" if (profile == "speed" and scalar_n and out and chunk_size == 1) else "rpc_chunked"
     else:
@@ -181,8 +183,6 @@ def shard_map(
     opts = check_dispatch_opts(dispatch_opts, mode)
     if workers is not None:
         check_int(workers, "workers", 1)
-    if chunk_size != "auto":
-        chunk_size = check_int(chunk_size, "chunk_size", 1)
     cap = parse_bytes(mem_cap, "mem_cap")
     seed_v = check_seed(seed)
     tune = check_autotune(autotune, scalar_n)
