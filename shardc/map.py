@@ -194,7 +194,7 @@ def shard_map(
             "scheduler_policy max_huge_concurrency applies to kernels with a footprint; "
             "fun= has none, so nothing is throttled"
         )
-    if progress not in (None, True, False):
+    if progress is not None and not isinstance(progress, bool):
         raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
     if packages is not None and (
         not isinstance(packages, (list, tuple)) or not all(isinstance(p, str) for p in packages)
