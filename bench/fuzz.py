@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuzz_properties_passed\t{passed}\tcount")
     print(f"fuzz_properties_failed\t{failed}\tcount")
     if proc.returncode != 0:
-        print(proc.stdout[-5000:], file=sys.stderr)
+        findings = [ln.strip() for ln in proc.stdout.splitlines() if "AssertionError: " in ln or "Falsifying" in ln]
+        print("\n".join(dict.fromkeys(findings)) or proc.stdout[-5000:], file=sys.stderr)
     return 0 if proc.returncode == 0 else 1
 
 

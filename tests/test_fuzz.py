@@ -156,6 +156,15 @@ def _not_huge(v: Any) -> bool:
     return not (1024 < abs(float(v)) < 2**62) or v != v
 
 
+def _not_huge_dtype(d: Any) -> bool:
+    """Leave out valid dtypes with gigantic items ('U9999999999'): filling one
+    is a real MemoryError of this machine, not a bug of shardc."""
+    try:
+        return np.dtype(d).itemsize <= 1 << 20
+    except Exception:  # noqa: BLE001 - not a dtype at all: keep it, shardc must reject it
+        return True
+
+
 SHAPES = st.one_of(
     HOSTILE.filter(_not_huge),
     st.tuples(st.integers(-2, 4), st.integers(-2, 4)),
@@ -170,7 +179,7 @@ def segments() -> str:
 
 @SLOW
 @given(
-    dtype=DTYPES,
+    dtype=DTYPES.filter(_not_huge_dtype),
     shape=SHAPES,
     init=HOSTILE,
     backing=st.one_of(HOSTILE, st.sampled_from(["auto", "memfd", "shm", "file"])),
@@ -187,7 +196,9 @@ def test_buffer_hostile(dtype: Any, shape: Any, init: Any, backing: Any) -> None
 
 
 @SLOW
-@given(path=st.one_of(HOSTILE, st.text(max_size=40)), dtype=DTYPES, shape=SHAPES, backing=HOSTILE)
+@given(
+    path=st.one_of(HOSTILE, st.text(max_size=40)), dtype=DTYPES.filter(_not_huge_dtype), shape=SHAPES, backing=HOSTILE
+)
 def test_buffer_open_hostile(path: Any, dtype: Any, shape: Any, backing: Any) -> None:
     """buffer_open() of hostile or missing names: a ShardcError naming an argument; nothing leaks."""
     before = segments()
