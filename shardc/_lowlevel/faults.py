@@ -20,6 +20,7 @@ import errno as _errno
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import InvalidArgumentError
 from . import core, guard, proc, queue, seg, status
 
 _WRAPPERS = (seg, queue, status, guard, proc, core)
@@ -71,9 +72,9 @@ def inject(function: str, err: int | str, nth: int = 1, times: int = 1) -> None:
     global _proxy
     code = getattr(_errno, err) if isinstance(err, str) else int(err)
     if not callable(getattr(core.lib, function, None)):
-        raise ValueError(f"no native function {function!r}")
+        raise InvalidArgumentError(f"no native function {function!r}")
     if nth < 1 or times < 1:
-        raise ValueError("nth and times must be >= 1")
+        raise InvalidArgumentError("nth and times must be >= 1")
     if _proxy is None:
         _proxy = _FaultyLib(core.lib)
         for mod in _WRAPPERS:
