@@ -272,6 +272,7 @@ def shards_list(idxs: Any) -> ShardDescriptor:
                 and np.all(np.isfinite(arr))
                 and np.all(arr == np.round(arr))
                 and arr.max() < 2.0**63
+                and arr.min() >= -(2.0**63)  # else the cast below is undefined (NumPy warns)
             ):
                 arr = arr.astype(np.int64)
             else:
