@@ -54,6 +54,9 @@ def check_shape(shape: Any, arg: str = "shape") -> tuple[int, ...]:
     """Validate a shape: an int or a sequence of non-negative ints."""
     if isinstance(shape, (numbers.Integral, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
+    if isinstance(shape, (str, bytes, dict)):
+        # Iterable, but not a shape: "" would be () (a 0-d buffer), a dict its keys.
+        raise InvalidTypeError(f"{arg} must be an int or a tuple of ints, got {shape!r}")
     try:
         dims = tuple(shape)
     except TypeError:
