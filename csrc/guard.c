@@ -80,7 +80,14 @@
  * lock-free atomics, except a snapshot region's spinlock (above), which is
  * only ever taken inside the handler.  Add/remove/restore must not race
  * with a shard that is writing: the worker calls them between shards
- * (collect may, for the prompt deny error).
+ * (collect may, for the prompt deny error).  A user thread that outlives
+ * its shard breaks that rule, so the handler at least cannot die of it:
+ * each region counts the handlers inside it, remove() waits for them before
+ * unmapping a save area, and a store that faulted in a snapshot range just
+ * removed (writable again) is retried.  Both fault signals are in the
+ * handler's sa_mask, so a SIGBUS cannot nest inside a SIGSEGV handler that
+ * holds a spinlock.  The page size is read once, at install/add: the
+ * handler never calls sysconf.
  */
 #define _GNU_SOURCE
 #include "guard.h"
@@ -105,6 +112,7 @@
 #define SHARDC__NO_OFFSET UINT64_MAX
 #define SHARDC__PM_CHUNK 2048    /* pagemap entries read per pread */
 #define SHARDC__MAX_REPEATS 1000 /* same-address faults before we give up */
+#define SHARDC__DRAIN_NS 1000000000LL /* remove(): wait for handlers at most 1 s */
 
 enum { SHARDC__FREE = 0, SHARDC__ACTIVE = 1 };
 
@@ -119,6 +127,11 @@ struct shardc__region {
     _Atomic uint32_t held;      /* single-page protections counted in g_tracked */
     _Atomic int overflow;       /* region made whole-writable */
     _Atomic int written;
+    _Atomic int users;          /* handlers inside this region right now: remove()
+                                 * waits for 0 before unmapping the save area */
+    _Atomic uintptr_t gone_start, gone_end; /* a removed snapshot range, writable
+                                 * again: a fault there that raced with remove
+                                 * is retried instead of chained */
     _Atomic uint64_t first_off;
     _Atomic uint64_t faults;
     /* Snapshot regions only.  pages[i] was saved in save slot i, so pages[]
@@ -146,13 +159,26 @@ static _Atomic int g_notify_pending;
 static _Atomic uint64_t g_faults, g_chained, g_overflows, g_notified;
 static _Atomic uintptr_t g_last_addr; /* loop guard: last serviced address */
 static _Atomic int g_last_repeats;
+static _Atomic uint64_t g_leaked_saves; /* save areas left mapped (handler never left) */
+
+/* The page size, set by shardc__init_ps() from install() and add() (never
+ * from the handler: sysconf is not async-signal-safe, and a lazily written
+ * plain static would be a data race with a handler in another thread that
+ * got there first).  A region only becomes visible to the handler through
+ * add()'s release store of its state, which orders this store before it. */
+static _Atomic size_t g_ps;
+
+static void shardc__init_ps(void)
+{
+    if (atomic_load_explicit(&g_ps, memory_order_relaxed) == 0)
+        atomic_store_explicit(&g_ps, (size_t)sysconf(_SC_PAGESIZE), memory_order_relaxed);
+}
 
 static size_t shardc__ps(void)
 {
-    static size_t ps;
-    if (ps == 0)
-        ps = (size_t)sysconf(_SC_PAGESIZE);
-    return ps;
+    /* Relaxed: the value never changes once set, and every caller runs
+     * after shardc__init_ps() (directly or via a region's acquire). */
+    return atomic_load_explicit(&g_ps, memory_order_relaxed);
 }
 
 /* Region containing addr, or -1.  Runs in the handler: loads only. */
@@ -403,15 +429,57 @@ static void shardc__chain(int sig, siginfo_t *info, void *ctx)
         raise(sig);
 }
 
+/* Enter region id for addr: count this handler in the region's users, then
+ * re-check that the slot is still that region.  Seq_cst on both sides (our
+ * increment then load of state; remove's store of FREE then load of users)
+ * is the Dekker pair: either we see FREE and leave, or remove sees us and
+ * waits, so the save area and the range stay valid while we use them. */
+static struct shardc__region *shardc__enter(int id, uintptr_t addr)
+{
+    struct shardc__region *r = &g_regions[id];
+
+    atomic_fetch_add(&r->users, 1);
+    if (atomic_load(&r->state) == SHARDC__ACTIVE && addr >= r->start && addr < r->end)
+        return r;
+    /* Release: nothing of the region was touched; pairs with remove's load. */
+    atomic_fetch_sub_explicit(&r->users, 1, memory_order_release);
+    return NULL;
+}
+
+/* Was addr in a snapshot region that remove() has made writable again?  A
+ * store that faulted just before the removal then only needs a retry; the
+ * default action would kill a process whose user thread outlived its shard
+ * (and chaining to SIG_DFL would uninstall us for good).  Loads only. */
+static int shardc__in_freed_snapshot(uintptr_t addr)
+{
+    int i, n = atomic_load_explicit(&g_nslots, memory_order_acquire);
+
+    for (i = 0; i < n; i++) {
+        struct shardc__region *r = &g_regions[i];
+        /* Acquire: pairs with remove()'s store of FREE, made after it
+         * published gone_start/gone_end. */
+        if (atomic_load_explicit(&r->state, memory_order_acquire) == SHARDC__FREE &&
+            addr >= atomic_load_explicit(&r->gone_start, memory_order_relaxed) &&
+            addr < atomic_load_explicit(&r->gone_end, memory_order_relaxed))
+            return 1;
+    }
+    return 0;
+}
+
 static void shardc__on_fault(int sig, siginfo_t *info, void *ctx)
 {
-    int saved_errno = errno;
+    int saved_errno = errno, rc = -1, ours = 0;
     uintptr_t addr = (uintptr_t)info->si_addr;
+    struct shardc__region *r = NULL;
     int id = -1;
 
-    if (shardc__is_protection_fault(sig, info, ctx))
+    if (shardc__is_protection_fault(sig, info, ctx)) {
         id = shardc__find(addr);
-    if (id >= 0) {
+        if (id >= 0 && (r = shardc__enter(id, addr)) == NULL)
+            id = -1;
+        ours = id >= 0 || shardc__in_freed_snapshot(addr);
+    }
+    if (ours) {
         /* A store that keeps faulting at the same address although we made
          * its page writable is not something we can fix: pass it on.  The
          * bound is generous because threads racing on one page legitimately
@@ -419,12 +487,16 @@ static void shardc__on_fault(int sig, siginfo_t *info, void *ctx)
          * is not async-signal-safe in a dlopen()ed module). */
         if (atomic_exchange(&g_last_addr, addr) == addr) {
             if (atomic_fetch_add(&g_last_repeats, 1) >= SHARDC__MAX_REPEATS)
-                id = -1;
+                ours = 0;
         } else {
             atomic_store(&g_last_repeats, 0);
         }
     }
-    if (id < 0 || shardc__service(&g_regions[id], addr) != 0)
+    if (ours)
+        rc = id >= 0 ? shardc__service(r, addr) : 0; /* else: just retry the store */
+    if (r != NULL) /* Release: our last use of the region's memory is done. */
+        atomic_fetch_sub_explicit(&r->users, 1, memory_order_release);
+    if (rc != 0)
         shardc__chain(sig, info, ctx);
     errno = saved_errno;
 }
@@ -468,7 +540,14 @@ static int shardc__install_one(int sig, struct sigaction *prev)
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = shardc__on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    /* Block both fault signals while either handler runs: a SIGBUS must not
+     * nest inside a SIGSEGV handler that holds a snapshot region's spinlock
+     * (it would spin on it forever).  A synchronous fault inside the handler
+     * then kills the process (the kernel forces a blocked one), and a kill()ed
+     * one waits until we return. */
     sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGSEGV);
+    sigaddset(&sa.sa_mask, SIGBUS);
     if (sigaction(sig, &sa, NULL) == -1)
         return -errno;
     return 0;
@@ -482,6 +561,7 @@ int shardc_guard_install(void (*notify)(int), int signum, int flags)
         return -EINVAL;
     if ((flags & SHARDC_GUARD_NOTIFY_RAISE) && notify != NULL)
         return -EINVAL;
+    shardc__init_ps();
     g_notify = notify;
     g_notify_signum = signum;
     g_notify_flags = flags;
@@ -550,13 +630,15 @@ static int shardc__prime_anon(uintptr_t start, size_t len)
 
 int shardc_guard_add(void *addr, uint64_t size, int mode, int *id_out)
 {
-    size_t ps = shardc__ps();
+    size_t ps;
     uintptr_t start = (uintptr_t)addr, end;
     int i, slot = -1, n, rc, snapshot = (mode & SHARDC_GUARD_SNAPSHOT) != 0;
     int primed = (mode & SHARDC_GUARD_PRIMED) != 0;
     uint32_t cap = 0;
     unsigned char *save = NULL;
 
+    shardc__init_ps();
+    ps = shardc__ps();
     mode &= ~(SHARDC_GUARD_SNAPSHOT | SHARDC_GUARD_PRIMED);
     if (id_out == NULL || size == 0 || start % ps != 0 || mode < SHARDC_GUARD_DENY || (snapshot && primed) ||
         mode > SHARDC_GUARD_ALLOW || size > UINT32_MAX * (uint64_t)ps)
@@ -612,6 +694,8 @@ int shardc_guard_add(void *addr, uint64_t size, int mode, int *id_out)
         atomic_store(&r->written, 0);
         atomic_store(&r->first_off, SHARDC__NO_OFFSET);
         atomic_store(&r->faults, 0);
+        atomic_store(&r->gone_start, 0);
+        atomic_store(&r->gone_end, 0);
         /* Release: publishes the fields above to the fault handler. */
         atomic_store_explicit(&r->state, SHARDC__ACTIVE, memory_order_release);
     }
@@ -635,26 +719,27 @@ static int shardc__cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Sort and deduplicate pages[] in place (restore only: between shards) and
- * return the number of distinct pages.  Duplicates come from threads that
- * faulted on the same page at once. */
-static uint32_t shardc__compact(struct shardc__region *r)
+/* Copy pages[] into out (plain memory), sorted and deduplicated, and return
+ * the number of distinct pages.  pages[] itself is _Atomic: sorting it in
+ * place through a plain pointer (what this once did) is undefined behaviour,
+ * and a handler in another thread may still append to it.  Duplicates come
+ * from threads that faulted on the same page at once. */
+static uint32_t shardc__sorted_pages(struct shardc__region *r, uint32_t *out)
 {
-    uint32_t n = atomic_load(&r->ntracked), i, k = 0;
-    uint32_t *pages = (uint32_t *)r->pages;
+    /* Acquire: pairs with the handlers' updates of ntracked/pages[]. */
+    uint32_t n = atomic_load_explicit(&r->ntracked, memory_order_acquire), i, k = 0;
 
     if (n > SHARDC__PAGE_CAP)
         n = SHARDC__PAGE_CAP;
     if (n == 0)
         return 0;
-    qsort(pages, n, sizeof(uint32_t), shardc__cmp_u32);
+    for (i = 0; i < n; i++)
+        out[i] = atomic_load_explicit(&r->pages[i], memory_order_relaxed);
+    qsort(out, n, sizeof(uint32_t), shardc__cmp_u32);
     for (i = 1; i < n; i++)
-        if (pages[i] != pages[k])
-            pages[++k] = pages[i];
-    k++;
-    if (!atomic_load(&r->overflow))
-        atomic_store(&r->ntracked, k);
-    return k;
+        if (out[i] != out[k])
+            out[++k] = out[i];
+    return k + 1;
 }
 
 /* Distinct pages tracked so far, without touching pages[]: collect() may run
@@ -663,18 +748,8 @@ static uint32_t shardc__compact(struct shardc__region *r)
 static uint32_t shardc__count_unique(struct shardc__region *r)
 {
     uint32_t tmp[SHARDC__PAGE_CAP];
-    uint32_t n = atomic_load(&r->ntracked), i, k = 0;
 
-    if (n > SHARDC__PAGE_CAP)
-        n = SHARDC__PAGE_CAP;
-    for (i = 0; i < n; i++)
-        tmp[i] = atomic_load_explicit(&r->pages[i], memory_order_relaxed);
-    if (n == 0)
-        return 0;
-    qsort(tmp, n, sizeof(uint32_t), shardc__cmp_u32);
-    for (i = 1; i < n; i++)
-        k += tmp[i] != tmp[i - 1];
-    return k + 1;
+    return shardc__sorted_pages(r, tmp);
 }
 
 /* MADV_DONTNEED pages [from, to) of a region: their private copies go away
@@ -821,8 +896,8 @@ int shardc_guard_restore(int id)
             madvise((void *)r->start, len, MADV_DONTNEED) == -1)
             return -errno;
     } else {
-        uint32_t n = shardc__compact(r), i = 0, j;
-        uint32_t *pages = (uint32_t *)r->pages;
+        uint32_t pages[SHARDC__PAGE_CAP];
+        uint32_t n = shardc__sorted_pages(r, pages), i = 0, j;
         /* Coalesce adjacent pages: one madvise + one mprotect per run. */
         while (i < n) {
             void *at = (void *)(r->start + (uintptr_t)pages[i] * ps);
@@ -863,14 +938,31 @@ int shardc_guard_remove(int id)
     }
     /* A snapshot range is the process's own memory: give it back writable
      * (a freed heap array's pages are reused by the allocator). */
-    if (r->snapshot &&
-        mprotect((void *)r->start, r->end - r->start, PROT_READ | PROT_WRITE) == -1)
-        return -errno;
-    /* The page array stays (it is static), so a handler still scanning in
-     * another thread reads stale but valid memory, never freed memory. */
-    atomic_store_explicit(&r->state, SHARDC__FREE, memory_order_release);
+    if (r->snapshot) {
+        if (mprotect((void *)r->start, r->end - r->start, PROT_READ | PROT_WRITE) == -1)
+            return -errno;
+        atomic_store_explicit(&r->gone_start, r->start, memory_order_relaxed);
+        atomic_store_explicit(&r->gone_end, r->end, memory_order_relaxed);
+    }
+    /* Seq_cst: the Dekker pair with shardc__enter().  From here on no new
+     * handler uses the region; the page array stays (it is static), so one
+     * still scanning the table reads stale but valid memory. */
+    atomic_store(&r->state, SHARDC__FREE);
+    /* A thread that outlived its shard may still be inside the handler for
+     * this region: about to copy into the save area, or to mprotect a page
+     * of the range the caller unmaps next.  Wait for such handlers (they run
+     * a memcpy and an mprotect); should one never leave, keep the save area
+     * mapped (a leak of cap pages, counted) rather than crash in it. */
+    {
+        int64_t deadline = shardc__now_ns() + SHARDC__DRAIN_NS;
+        while (atomic_load(&r->users) != 0 && shardc__now_ns() < deadline)
+            sched_yield();
+    }
     if (r->save != NULL) {
-        munmap(r->save, (size_t)r->cap * shardc__ps());
+        if (atomic_load(&r->users) == 0)
+            munmap(r->save, (size_t)r->cap * shardc__ps());
+        else
+            atomic_fetch_add(&g_leaked_saves, 1);
         r->save = NULL;
     }
     return 0;
@@ -925,5 +1017,6 @@ int shardc_guard_counters(shardc_guard_counters_t *out)
     out->overflows = atomic_load(&g_overflows);
     out->notified = atomic_load(&g_notified);
     out->tracked = atomic_load(&g_tracked);
+    out->leaked_saves = atomic_load(&g_leaked_saves);
     return 0;
 }

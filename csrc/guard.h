@@ -59,6 +59,7 @@ typedef struct {
     uint64_t overflows;  /* regions switched to whole-writable */
     uint64_t notified;   /* deny notifications sent */
     uint64_t tracked;    /* single-page protections outstanding right now */
+    uint64_t leaked_saves; /* snapshot save areas remove() left mapped: a handler never left */
 } shardc_guard_counters_t;
 
 int shardc_guard_install(void (*notify)(int), int signum, int flags);

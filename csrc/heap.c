@@ -85,7 +85,10 @@ int shardc_heap_stats(shardc_heap_t *out)
 int shardc_heap_trim(void)
 {
 #if SHARDC_HEAP_REUSE
-    return malloc_trim(0);
+    /* malloc_trim returns 1/0 (released or not), never an error: report
+     * success in the csrc/ convention (0 or -errno, never a bare flag). */
+    malloc_trim(0);
+    return 0;
 #else
     return -ENOSYS;
 #endif

@@ -26,7 +26,8 @@ typedef struct {
 int shardc_heap_reuse(uint64_t keep);
 /* The allocator's totals into *out; -EINVAL for NULL, -ENOSYS as above. */
 int shardc_heap_stats(shardc_heap_t *out);
-/* Give free heap memory back to the kernel (malloc_trim(0)); 1 if any was.
+/* Give free heap memory back to the kernel (malloc_trim(0)); 0, or -ENOSYS
+ * where unsupported.
  * Not the tops of thread arenas: glibc trims those only when freeing. */
 int shardc_heap_trim(void);
 /* --- cdef end --- */

@@ -201,7 +201,7 @@ static int keep_spinning(qhdr_t *q, int64_t *spin_end, uint32_t *iter)
         int64_t s = __atomic_load_n(&q->spin_ns, __ATOMIC_RELAXED);
         if (s <= 0)
             return 0;
-        *spin_end = shardc__now_ns() + s;
+        *spin_end = shardc__deadline_ns(s);
     }
     shardc__cpu_relax();
     if ((++*iter & 31) == 0 && shardc__now_ns() >= *spin_end)
@@ -361,7 +361,7 @@ int shardc_queue_push(void *mem, const uint64_t *items, uint32_t n,
             continue;
         }
         if (deadline == INT64_MAX)
-            deadline = shardc__now_ns() + timeout_ns;
+            deadline = shardc__deadline_ns(timeout_ns);
         if (deadline >= 0 && shardc__now_ns() >= deadline)
             return done ? (int)done : -ETIMEDOUT;
         if (keep_spinning(q, &spin_end, &iter))
@@ -539,7 +539,7 @@ int shardc_queue_pop(void *mem, uint32_t consumer, uint64_t *out, uint32_t max,
         if (drained(q))
             return -EPIPE;
         if (deadline == INT64_MAX)
-            deadline = shardc__now_ns() + timeout_ns;
+            deadline = shardc__deadline_ns(timeout_ns);
         if (deadline >= 0 && shardc__now_ns() >= deadline)
             return -ETIMEDOUT;
         if (keep_spinning(q, &spin_end, &iter))

@@ -27,7 +27,6 @@
 
 #if defined(__linux__)
 #include <linux/memfd.h>
-#include <sys/syscall.h>
 #endif
 
 #ifndef MADV_POPULATE_READ
@@ -40,7 +39,7 @@
 int shardc_seg_backing_supported(int backing)
 {
     switch (backing) {
-#if defined(__linux__) && defined(MFD_CLOEXEC)
+#if defined(SHARDC__HAVE_MEMFD) && defined(MFD_CLOEXEC)
     case SHARDC_BACKING_MEMFD:
         return 1;
 #endif
@@ -73,11 +72,10 @@ int shardc_seg_create(int backing, const char *name, uint64_t size, int persist,
         return -EFBIG;
 
     if (backing == SHARDC_BACKING_MEMFD) {
-#if defined(__linux__) && defined(MFD_CLOEXEC)
+#if defined(SHARDC__HAVE_MEMFD) && defined(MFD_CLOEXEC)
         if (persist)
             return -EINVAL; /* a memfd has no name another process can open */
-        fd = (int)SHARDC__RETRY(
-            syscall(SYS_memfd_create, name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
+        fd = shardc__memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
 #else
         return -ENOSYS;
 #endif

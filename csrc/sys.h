@@ -34,6 +34,20 @@ static inline int64_t shardc__now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* The monotonic time timeout_ns (>= 0) from now, saturating instead of
+ * overflowing: now + a huge timeout (INT64_MAX from a caller that means
+ * "practically forever") is signed overflow, undefined behaviour that in
+ * practice wraps to a deadline in the past.  Saturates at INT64_MAX - 1,
+ * because callers use INT64_MAX as "no deadline computed yet". */
+static inline int64_t shardc__deadline_ns(int64_t timeout_ns)
+{
+    int64_t now = shardc__now_ns();
+
+    if (timeout_ns < 0)
+        timeout_ns = 0;
+    return timeout_ns > INT64_MAX - 1 - now ? INT64_MAX - 1 : now + timeout_ns;
+}
+
 /* ------------------------------------------------------------------------
  * Address wait/wake ("futex") on a 32-bit word in memory that may be mapped
  * MAP_SHARED into several processes.  Always the process-shared variant:
@@ -64,9 +78,21 @@ static inline int64_t shardc__now_ns(void)
 #endif
 #endif
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#if defined(SYS_memfd_create)
+#define SHARDC__HAVE_MEMFD 1
+/* memfd_create(2) through syscall(): glibc < 2.27 has no wrapper.  Returns
+ * the fd or -errno (EINTR retried). */
+static inline int shardc__memfd_create(const char *name, unsigned int flags)
+{
+    return (int)SHARDC__RETRY(syscall(SYS_memfd_create, name, flags));
+}
+#endif
+#endif
+
 #if defined(SHARDC__WAIT_FUTEX)
 #include <linux/futex.h>
-#include <sys/syscall.h>
 #elif defined(SHARDC__WAIT_ULOCK)
 #if defined(__has_include)
 #if __has_include(<os/os_sync_wait_on_address.h>)
@@ -178,7 +204,7 @@ static inline int shardc__wake_u32(uint32_t *addr, int n)
 static inline int shardc__wait_u32(uint32_t *addr, uint32_t expected,
                                    int64_t timeout_ns)
 {
-    int64_t deadline = timeout_ns < 0 ? INT64_MAX : shardc__now_ns() + timeout_ns;
+    int64_t deadline = timeout_ns < 0 ? INT64_MAX : shardc__deadline_ns(timeout_ns);
     int64_t nap = 1000; /* 1 us, doubling to 1 ms */
 
     for (;;) {

@@ -36,7 +36,9 @@ def check_dtype(dtype: Any, arg: str = "dtype") -> np.dtype:
     """Validate a fixed-size, object-free dtype (shared memory holds raw bytes)."""
     try:
         dt = np.dtype(dtype)
-    except TypeError as exc:
+    except (TypeError, ValueError, SyntaxError, KeyError) as exc:
+        # NumPy's parser of dtype strings raises any of these ("0:" ValueError,
+        # "01" SyntaxError from its literal evaluation of shapes).
         raise InvalidTypeError(f"{arg}={dtype!r} is not a NumPy dtype: {exc}") from None
     if dt.hasobject:
         raise InvalidTypeError(
@@ -52,6 +54,9 @@ def check_shape(shape: Any, arg: str = "shape") -> tuple[int, ...]:
     """Validate a shape: an int or a sequence of non-negative ints."""
     if isinstance(shape, (numbers.Integral, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
+    if isinstance(shape, (str, bytes, dict)):
+        # Iterable, but not a shape: "" would be () (a 0-d buffer), a dict its keys.
+        raise InvalidTypeError(f"{arg} must be an int or a tuple of ints, got {shape!r}")
     try:
         dims = tuple(shape)
     except TypeError:

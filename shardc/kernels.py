@@ -161,6 +161,8 @@ def list_kernels() -> list[str]:
 
 
 def get_kernel(name: str) -> Kernel:
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"kernel must be the name of a registered kernel (a str), got {name!r}")
     try:
         return _registry[name]
     except KeyError:

@@ -174,6 +174,8 @@ def shard_map(
     check_choice(cow, "cow", COW_MODES)
     check_choice(profile, "profile", PROFILES)
     check_choice(on_failure, "on_failure", ("raise", "collect"))
+    if not (isinstance(chunk_size, str) and chunk_size == "auto"):
+        chunk_size = check_int(chunk_size, "chunk_size", 1)
     if dispatch_mode is RPC_DEFAULT:
         # shm_queue is picked at every size: since issue 18 it is at least as
         # fast as rpc_chunked (chunk_size="auto") from 10^2 to 10^6 trivial
@@ -184,8 +186,6 @@ def shard_map(
     opts = check_dispatch_opts(dispatch_opts, mode)
     if workers is not None:
         check_int(workers, "workers", 1)
-    if chunk_size != "auto":
-        chunk_size = check_int(chunk_size, "chunk_size", 1)
     cap = parse_bytes(mem_cap, "mem_cap")
     seed_v = check_seed(seed)
     tune = check_autotune(autotune, scalar_n)
@@ -197,9 +197,11 @@ def shard_map(
             "scheduler_policy max_huge_concurrency applies to kernels with a footprint; "
             "fun= has none, so nothing is throttled"
         )
-    if progress not in (None, True, False):
+    if progress is not None and not isinstance(progress, bool):
         raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
-    if packages is not None and (isinstance(packages, str) or not all(isinstance(p, str) for p in packages)):
+    if packages is not None and (
+        not isinstance(packages, (list, tuple)) or not all(isinstance(p, str) for p in packages)
+    ):
         raise InvalidArgumentError("packages must be a list of module names, e.g. ['scipy.stats']")
     call = Call(
         desc=desc,

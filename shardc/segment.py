@@ -166,6 +166,9 @@ class Segment:
         if not isinstance(size, int) or size < 0:
             raise InvalidArgumentError(f"segment size must be a non-negative int, got {size!r}")
         named = name is not None
+        if not isinstance(backing, str):
+            # Before any == on it: an array would answer elementwise.
+            raise InvalidArgumentError(f"backing={backing!r} is not supported; use one of {', '.join(BACKINGS)}")
         if backing == "auto":
             backing = default_backing()
             if backing == "memfd" and named:
@@ -220,7 +223,7 @@ class Segment:
     @classmethod
     def open(cls, name: str, backing: str = "shm", writable: bool = True) -> Segment:
         """Open a named segment created by another process (not the owner)."""
-        if backing not in ("shm", "file"):
+        if not isinstance(backing, str) or backing not in ("shm", "file"):
             raise InvalidArgumentError(f"only 'shm' and 'file' segments can be opened by name, got backing={backing!r}")
         path = _segment_path(backing, name, "", "")
         fd, size = ll.seg_open(_CODES[backing], path, writable)

@@ -253,7 +253,10 @@ def shards(
         ShardSpecError: (a ``ValueError``) naming the bad argument.
     """
     n = parse_count(n, "n")
-    if strategy not in STRATEGIES:
+    for name, v in (("scratch_bytes_per_item", scratch_bytes_per_item), ("scratch_budget", scratch_budget)):
+        if isinstance(v, bool) or not isinstance(v, (numbers.Integral, np.integer)) or v < 0:
+            raise ShardSpecError(f"{name} must be a non-negative integer (bytes), got {v!r}")
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ShardSpecError(f"strategy={strategy!r} is not supported; use 'contiguous' or 'strided'")
     if isinstance(block_size, str) and block_size.strip().lower() == "auto":
         w = config.default_workers() if workers is None else workers
@@ -306,6 +309,7 @@ def shards_list(idxs: Any) -> ShardDescriptor:
                 and np.all(np.isfinite(arr))
                 and np.all(arr == np.round(arr))
                 and arr.max() < 2.0**63
+                and arr.min() >= -(2.0**63)  # else the cast below is undefined (NumPy warns)
             ):
                 arr = arr.astype(np.int64)
             else:

@@ -356,6 +356,22 @@ class Supervisor:
                     self.diag.tick()
                     self.progress_update()
             dispatcher.drain()
+        except KeyboardInterrupt:
+            self.interrupted()
+            raise
         finally:
             sel.close()
             self.sel = None
+
+    def interrupted(self) -> None:
+        """Ctrl-C (``KeyboardInterrupt``) in the caller during the run: stop
+        every worker's current shard now.  The workers hold the call's work
+        (chunks sent, ring blocks) and would run on, so the next call would
+        wait for them: each is killed and replaced by a fresh worker (not set
+        up for this call), and the pool serves the next call at once."""
+        for w in list(self.pool.workers):
+            self._unwatch(w)
+            if w.alive:
+                self.pool.kill(w)
+            self.diag.event("death", w, "killed: KeyboardInterrupt in the caller", code=w.exitcode)
+            self.pool.replace(w, "the call was interrupted (KeyboardInterrupt in the caller)", "restart")

@@ -41,7 +41,8 @@ def check_int(value: Any, arg: str, minimum: int) -> int:
 
 
 def check_choice(value: Any, arg: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    # Type first: `in` compares with ==, which an array answers elementwise.
+    if not isinstance(value, str) or value not in choices:
         raise InvalidArgumentError(
             f"{arg}={value!r} is not supported; use one of: " + ", ".join(repr(c) for c in choices)
         )
@@ -247,9 +248,9 @@ def check_autotune(autotune: Any, scalar_n: bool) -> dict[str, Any] | None:
     defaults = {"mode": "online", "target_chunk_seconds": 0.005, "max_rounds": 64}
     if autotune is None:
         return defaults if scalar_n else None
-    if autotune is True or autotune == "online":
+    if autotune is True or (isinstance(autotune, str) and autotune == "online"):
         return defaults
-    if autotune is False or autotune == "none":
+    if autotune is False or (isinstance(autotune, str) and autotune == "none"):
         return None
     if isinstance(autotune, dict):
         unknown = set(autotune) - {
@@ -262,10 +263,10 @@ def check_autotune(autotune: Any, scalar_n: bool) -> dict[str, Any] | None:
         if unknown:
             raise InvalidArgumentError(f"autotune has unknown keys {sorted(unknown)}")
         mode = autotune.get("mode", "online")
+        if not isinstance(mode, str) or mode not in ("online", "none"):
+            raise InvalidArgumentError(f"autotune mode {mode!r} is not supported; use 'online' or 'none'")
         if mode == "none":
             return None
-        if mode != "online":
-            raise InvalidArgumentError(f"autotune mode {mode!r} is not supported; use 'online' or 'none'")
         return {**defaults, **autotune}
     raise InvalidArgumentError(f"autotune must be None, True, False, 'online', 'none' or a dict, got {autotune!r}")
 

@@ -15,7 +15,7 @@ CDIR = Path(__file__).resolve().parent / "c"
 TESTS = sorted(p.stem for p in CDIR.glob("test_*.c"))
 VARIANTS = ["", "_asan", "_portable"]
 # Threaded harnesses also built with -fsanitize=thread (tests/c/Makefile TSAN_TESTS).
-TSAN_TESTS = ["test_status"]
+TSAN_TESTS = ["test_status", "test_queue_threads"]
 CASES = [(name, v) for name in TESTS for v in VARIANTS] + [(name, "_tsan") for name in TSAN_TESTS]
 LABELS = {"": "O2", "_asan": "asan", "_portable": "portable", "_tsan": "tsan"}
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from .core import _gcheck, ffi, lib
 
+_native = lib  # the module itself: ffi.addressof needs it, not faults.py's stand-in
+
 # --------------------------------------------------------------------------
 # page guards (csrc/guard.c)
 # --------------------------------------------------------------------------
@@ -33,7 +35,7 @@ def guard_install(signum: int, raise_signal: bool = False) -> None:
     if raise_signal:
         notify, flags = ffi.NULL, lib.SHARDC_GUARD_NOTIFY_RAISE
     else:
-        notify, flags = ffi.addressof(lib, "shardc_guard_python_notify"), lib.SHARDC_GUARD_NOTIFY_CALL
+        notify, flags = ffi.addressof(_native, "shardc_guard_python_notify"), lib.SHARDC_GUARD_NOTIFY_CALL
     _gcheck(lib.shardc_guard_install(notify, signum, flags), "install page-guard signal handlers")
 
 
@@ -145,4 +147,5 @@ def guard_counters() -> dict[str, int]:
         "overflows": int(c.overflows),
         "notified": int(c.notified),
         "tracked": int(c.tracked),
+        "leaked_saves": int(c.leaked_saves),
     }

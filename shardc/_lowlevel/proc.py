@@ -24,7 +24,9 @@ from .core import _check, ffi, lib
 
 
 def proc_after_fork(expected_parent: int, death_signal: int) -> int:
-    """Arm PDEATHSIG in a fresh child; returns -ESRCH if the parent already died."""
+    """Arm PDEATHSIG in a fresh child.  Returns 0, or the C call's ``-errno``
+    (``-ESRCH``: the parent already died): a fresh child cannot raise to anyone,
+    so the caller decides (it exits at once on any negative value)."""
     return int(lib.shardc_proc_after_fork(expected_parent, death_signal))
 
 
@@ -105,4 +107,6 @@ def heap_stats() -> dict[str, int] | None:
 
 def heap_trim() -> None:
     """Give the allocator's free memory back to the kernel (``malloc_trim(0)``)."""
-    lib.shardc_heap_trim()
+    rc = lib.shardc_heap_trim()
+    if rc != -_errno.ENOSYS:  # no glibc malloc: nothing to trim
+        _check(rc, "malloc_trim", error=ShardcOSError)
