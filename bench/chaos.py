@@ -375,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     pool = shardc.pool_create(args.workers)
     try:
         warm = shardc.buffer("int64", 8)
-        shardc.shard_map(8, tiny, out={"out": warm}, progress=False)
+        # Both modes: the pool keeps one task ring for shm_queue calls (reset per
+        # call, released by pool_stop), part of the pool's baseline, not a leak.
+        for mode in ("rpc_chunked", "shm_queue"):
+            shardc.shard_map(8, tiny, out={"out": warm}, dispatch_mode=mode, progress=False)
         warm.close()
         gc.collect()
         with_pool = snapshot()
