@@ -63,11 +63,14 @@ class HeapPolicy:
             self._arenas = (st["arena"], st["brk"])
 
     def refuse(self) -> None:
-        """glibc's defaults for the rest of this process."""
+        """glibc's defaults for the rest of this process, and give back what
+        was kept (freed chunks left in the heap would otherwise serve the next
+        big allocations, resident, as if reuse were still on)."""
         self.refused = True
         self.keep = 0
         self.row.set_heap_kept(0)
         ll.heap_reuse(0)
+        ll.heap_trim()
 
     def own_anon(self) -> int | None:
         """This process's anonymous memory (statm, ~8 us), or None if unreadable."""
