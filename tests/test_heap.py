@@ -159,14 +159,28 @@ def temps_in_threads(shard):
         return sum(ex.map(work, range(3)))
 
 
-def test_reuse_turns_itself_off_once_shards_allocate_in_threads():
-    """glibc's thread arenas keep their freed tops while reuse is on (malloc_trim
-    cannot release them): after a call whose shards allocated in threads, the
-    worker goes back to glibc's defaults for good."""
+def _threads_scenario() -> list[int]:
     with shardc.Pool(1, init_expr=no_thp) as pool:
         assert max(run_faults(pool, chunk_size=1).results[1:]) < BLOCK // ll.PAGE_SIZE // 20  # reuse on
         assert pool.shard_map(2, temps_in_threads, progress=False).succeeded
-        faults = run_faults(pool, chunk_size=1).results
+        return list(run_faults(pool, chunk_size=1).results)
+
+
+def test_reuse_turns_itself_off_once_shards_allocate_in_threads():
+    """glibc's thread arenas keep their freed tops while reuse is on (malloc_trim
+    cannot release them): after a call whose shards allocated in threads, the
+    worker goes back to glibc's defaults for good.  Run from a fresh interpreter:
+    a worker forked from this long-lived one inherits its thread arenas, and one
+    with room left takes the shard's threads without growing (see README)."""
+    import json
+    import os
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import json, sys; sys.path.insert(0, {here!r}); import test_heap as t; print(json.dumps(t._threads_scenario()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    faults = json.loads(proc.stdout.strip().splitlines()[-1])
     assert min(faults) > BLOCK // ll.PAGE_SIZE // 4, faults
 
 
