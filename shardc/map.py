@@ -56,6 +56,7 @@ from .validate import (
     check_int,
     check_names,
     check_out,
+    check_packages,
     check_scheduler_policy,
     check_seed,
     check_timeout,
@@ -199,10 +200,7 @@ def shard_map(
         )
     if progress is not None and not isinstance(progress, bool):
         raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
-    if packages is not None and (
-        not isinstance(packages, (list, tuple)) or not all(isinstance(p, str) for p in packages)
-    ):
-        raise InvalidArgumentError("packages must be a list of module names, e.g. ['scipy.stats']")
+    check_packages(packages)
     call = Call(
         desc=desc,
         mode=mode,

@@ -42,7 +42,7 @@ from .segment import run_janitor_once
 from .status import StatusTable
 from .sysinfo import is_zombie
 from .units import check_recycle, parse_bytes
-from .validate import check_choice, check_int
+from .validate import check_choice, check_int, check_packages
 from .worker import worker_entry
 
 log = logging.getLogger("shardc")
@@ -81,10 +81,7 @@ class Pool(MemoryModel):
         self.recycle = check_recycle(recycle)
         self.profile = check_choice(profile, "profile", PROFILES)
         self.health_check_interval = check_int(health_check_interval, "health_check_interval", 1)
-        self.packages = list(packages or [])
-        for p in self.packages:
-            if not isinstance(p, str):
-                raise InvalidArgumentError(f"packages must be module names (str), got {p!r}")
+        self.packages = check_packages(packages)
         if init_expr is not None and not (callable(init_expr) or isinstance(init_expr, str)):
             raise InvalidArgumentError("init_expr must be a callable or a string of Python code")
         if isinstance(init_expr, str):

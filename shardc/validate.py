@@ -40,6 +40,15 @@ def check_int(value: Any, arg: str, minimum: int) -> int:
     return int(value)
 
 
+def check_packages(packages: Any) -> list[str]:
+    """``packages=``: None or a list/tuple of module names; returns a list."""
+    if packages is None:
+        return []
+    if not isinstance(packages, (list, tuple)) or not all(isinstance(p, str) for p in packages):
+        raise InvalidArgumentError(f"packages must be a list of module names, e.g. ['scipy.stats'], got {packages!r}")
+    return list(packages)
+
+
 def check_choice(value: Any, arg: str, choices: tuple[str, ...]) -> str:
     # Type first: `in` compares with ==, which an array answers elementwise.
     if not isinstance(value, str) or value not in choices:
