@@ -138,7 +138,10 @@ class Pool(MemoryModel):
         others = [w.chan.sock for w in self.workers if w.slot != slot]
         others += [w.chan.sock for w in close or () if w.chan.sock not in others]
         tokens = _inherit.held_tokens()
-        _worker_mod._death_signal = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
+        # Linux sends PDEATHSIG when the *thread* that forked the worker exits:
+        # workers forked from another thread than the main one (a re-fork for an
+        # inherited input, a replacement) rely on their socket's EOF instead (0).
+        death_signal = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
         pid = os.fork()
         if pid == 0:  # child: never returns
             try:
@@ -159,6 +162,7 @@ class Pool(MemoryModel):
                     None if self._init_blob else self.init_expr,
                     self._init_blob,
                     self.cow_guard,
+                    death_signal,
                 )
         child_sock.close()
         w = WorkerHandle(slot, pid, Channel(parent_sock))

@@ -12,40 +12,12 @@ Modules (nothing here imports the master side: ``map``, ``pool``,
   executor) and the ring's item format;
 * :mod:`~shardc.worker.heap` -- heap reuse policy (C part: ``csrc/heap.c``).
 
-This package re-exports what the master side uses.  ``_death_signal`` is the
-one setting: the pool sets it just before each fork.
+This package re-exports what the master side uses.
 """
 
 from __future__ import annotations
 
-import signal
-from typing import Any, NoReturn
-
-from ..status import StatusTable
-from . import loop as _loop
 from .executor import release_traceback
-from .loop import _threadpool_controller, after_fork
+from .loop import _threadpool_controller, after_fork, worker_entry
 
-__all__ = ["_death_signal", "_threadpool_controller", "after_fork", "release_traceback", "worker_entry"]
-
-# Set by the pool just before fork.  Linux sends PDEATHSIG when the *thread*
-# that forked the worker exits, not the process: a pool used from a
-# short-lived thread (a re-fork for an inherited input, a replacement) would
-# lose its workers with that thread.  So workers forked from another thread
-# than the main one rely on their socket (EOF = master gone) instead (0).
-_death_signal: int = signal.SIGKILL
-
-
-def worker_entry(
-    slot: int,
-    sock: Any,
-    status: StatusTable,
-    parent_pid: int,
-    packages: list[str],
-    init_expr: Any,
-    init_blob: bytes | None,
-    guard_wanted: bool,
-) -> NoReturn:
-    """Entry point in the child after fork (see :func:`shardc.worker.loop.worker_entry`);
-    never returns.  Passes on the death signal the pool chose for this fork."""
-    _loop.worker_entry(slot, sock, status, parent_pid, packages, init_expr, init_blob, guard_wanted, _death_signal)
+__all__ = ["_threadpool_controller", "after_fork", "release_traceback", "worker_entry"]

@@ -370,7 +370,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 def after_fork(parent_pid: int, packages: list[str], init_expr: Any, death_signal: int = signal.SIGKILL) -> None:
     """Make a freshly forked child a well-behaved worker (``death_signal``:
-    PDEATHSIG, 0 for none; see ``shardc.worker._death_signal``).  Portable mode
+    PDEATHSIG, 0 for none: the pool's choice for this fork).  Portable mode
     (``SHARDC_PORTABLE=1``) arms none, as on macOS: the worker learns of the
     master's death from its socket's EOF."""
     if config.get_bool("SHARDC_PORTABLE"):
