@@ -247,7 +247,9 @@ int64_t shardc_status_begin(shardc_status_writer_t *w, int64_t sid)
     return v.start_ns;
 }
 
-int64_t shardc_status_end(shardc_status_writer_t *w, int64_t sid, int32_t mark)
+/* The end of a shard (and of a run): its done mark first, then the row goes
+ * IDLE, so a master that sees IDLE also sees the mark.  0 or -EINVAL. */
+static int end_idle(shardc_status_writer_t *w, int64_t sid, int32_t mark)
 {
     uint64_t seq;
     snap_t v;
@@ -257,6 +259,13 @@ int64_t shardc_status_end(shardc_status_writer_t *w, int64_t sid, int32_t mark)
     load_copy(visible(r, &seq), &v);
     v.state = SHARDC_STATUS_IDLE;
     publish(r, seq, &v);
+    return 0;
+}
+
+int64_t shardc_status_end(shardc_status_writer_t *w, int64_t sid, int32_t mark)
+{
+    if (end_idle(w, sid, mark) < 0)
+        return -EINVAL;
     return shardc_status_now_ns();
 }
 
@@ -294,19 +303,13 @@ int64_t shardc_status_block_begin(shardc_status_writer_t *w, int64_t start,
 int64_t shardc_status_block_end(shardc_status_writer_t *w, int64_t sid,
                                 int32_t mark, int64_t ok)
 {
-    uint64_t seq;
-    snap_t v;
-    row_t *r = w->row;
-    if (mark_done(w, sid, mark) < 0)
+    if (end_idle(w, sid, mark) < 0)
         return -EINVAL;
-    load_copy(visible(r, &seq), &v);
-    v.state = SHARDC_STATUS_IDLE;
-    publish(r, seq, &v);
     if (ok)
         /* release RMW: the marks counted are visible to a master whose
          * acquire (take_done / done_total) reads the sum; an RMW because
          * the master zeroes the word with an exchange. */
-        __atomic_fetch_add(&r->done, ok, __ATOMIC_RELEASE);
+        __atomic_fetch_add(&w->row->done, ok, __ATOMIC_RELEASE);
     return shardc_status_now_ns();
 }
 
