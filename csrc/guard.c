@@ -875,6 +875,28 @@ static int shardc__snap_restore(struct shardc__region *r)
     return 0;
 }
 
+/* Take a snapshot region's lock from outside the handler.  restore() holds
+ * it from the first re-protection until ntracked is 0 again: a thread that
+ * outlived its shard and stores into a page restore has just made read-only
+ * then waits inside one fault, and afterwards saves the restored page anew.
+ * Without the lock it found the page still listed as saved, retried, and
+ * faulted again for as long as restore ran; a preempted restore turned that
+ * into the handler's repeat bound and a crash. */
+static void shardc__snap_lock(struct shardc__region *r)
+{
+    /* Acquire: pairs with the handler's release of the lock. */
+    while (atomic_flag_test_and_set_explicit(&r->lock, memory_order_acquire))
+        sched_yield();
+}
+
+static int shardc__reset(struct shardc__region *r);
+
+#ifdef SHARDC_TEST_HOOKS
+/* tests/c only: called inside restore's locked window, so a test can hold
+ * the window open as a preempted restore would. */
+void (*shardc_guard_test_restore_pause)(void);
+#endif
+
 int shardc_guard_restore(int id)
 {
     struct shardc__region *r = shardc__region(id);
@@ -885,9 +907,18 @@ int shardc_guard_restore(int id)
     if (!atomic_load_explicit(&r->written, memory_order_acquire))
         return 0;
     if (r->snapshot) {
-        int rc = shardc__snap_restore(r);
-        if (rc < 0)
-            return rc;
+        int rc;
+        shardc__snap_lock(r);
+        rc = shardc__snap_restore(r);
+#ifdef SHARDC_TEST_HOOKS
+        if (shardc_guard_test_restore_pause != NULL)
+            shardc_guard_test_restore_pause();
+#endif
+        if (rc == 0)
+            rc = shardc__reset(r);
+        /* Release: the reset records reach the next handler to lock. */
+        atomic_flag_clear_explicit(&r->lock, memory_order_release);
+        return rc;
     } else if (atomic_load(&r->overflow)) {
         size_t len = r->end - r->start;
         if (mprotect((void *)r->start, len, PROT_READ) == -1)
@@ -910,6 +941,12 @@ int shardc_guard_restore(int id)
             i = j;
         }
     }
+    return shardc__reset(r);
+}
+
+/* A restored region's records back to "nothing written". */
+static int shardc__reset(struct shardc__region *r)
+{
     atomic_fetch_sub(&g_tracked, atomic_exchange(&r->held, 0));
     atomic_store(&r->ntracked, 0);
     atomic_store(&r->overflow, 0);
@@ -958,6 +995,10 @@ int shardc_guard_remove(int id)
         while (atomic_load(&r->users) != 0 && shardc__now_ns() < deadline)
             sched_yield();
     }
+    /* A store that raced with restore may have saved a page (and counted a
+     * protection) again before the range became writable: release it too. */
+    if (atomic_load(&r->users) == 0)
+        atomic_fetch_sub(&g_tracked, atomic_exchange(&r->held, 0));
     if (r->save != NULL) {
         if (atomic_load(&r->users) == 0)
             munmap(r->save, (size_t)r->cap * shardc__ps());

@@ -17,6 +17,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -944,6 +945,51 @@ static void test_remove_while_thread_writes(void)
     munmap(p, size);
 }
 
+extern void (*shardc_guard_test_restore_pause)(void);
+
+static void pause_5ms(void)
+{
+    struct timespec t = {0, 5000000};
+    nanosleep(&t, NULL);
+}
+
+/* The same race with restore held open for 5 ms, as when the thread calling
+ * remove() is preempted between re-protecting the saved pages and resetting
+ * the records: the writer must wait for it inside one fault.  (It used to
+ * refault on a page still listed as saved until the handler's repeat bound
+ * chained the fault to SIG_DFL and killed the process: seen once in CI.) */
+static void test_remove_preempted_restore(void)
+{
+    uint64_t ps = shardc_page_size(), npages = 4, size = npages * ps;
+    unsigned char *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                            -1, 0);
+    uint64_t before = tracked_now();
+    int id, dirty = -1, round;
+
+    CHECK(p != MAP_FAILED);
+    CHECK_RC(shardc_guard_install(count_notify, SIGUSR2, 0));
+    shardc_guard_test_restore_pause = pause_5ms;
+    for (round = 0; round < 20; round++) {
+        struct outliver o = {.p = p, .npages = npages};
+        pthread_t th;
+        CHECK_RC(shardc_guard_add(p, size, SHARDC_GUARD_AUDIT | SHARDC_GUARD_SNAPSHOT, &id));
+        CHECK(pthread_create(&th, NULL, outliver_write, &o) == 0);
+        while (!atomic_load(&o.started))
+            sched_yield();
+        /* Let the writer dirty every page so restore has work to do. */
+        while (shardc_guard_dirty(&dirty, 1) == 0)
+            sched_yield();
+        CHECK(dirty == id);
+        CHECK(shardc_guard_remove(id) == 0);
+        atomic_store(&o.stop, 1);
+        CHECK(pthread_join(th, NULL) == 0);
+    }
+    shardc_guard_test_restore_pause = NULL;
+    /* Pages the writer saved again during restore are released by remove. */
+    CHECK(tracked_now() == before);
+    munmap(p, size);
+}
+
 int main(void)
 {
     if (!shardc_seg_backing_supported(SHARDC_BACKING_MEMFD)) {
@@ -966,6 +1012,7 @@ int main(void)
     RUN(test_snapshot_threads);
     RUN(test_handler_masks_fault_signals);
     RUN(test_remove_while_thread_writes);
+    RUN(test_remove_preempted_restore);
     CHECK_RC(shardc_guard_uninstall());
     return 0;
 }
