@@ -98,8 +98,9 @@ build_arm64_linux() {
         for variant in "${VARIANTS[@]}"; do
             exe=$name$([ "$variant" = portable ] && echo _portable)
             bin=$dir/$exe
+            # SHARDC_TEST_HOOKS: the test-only hooks tests/c/Makefile also enables.
             # shellcheck disable=SC2046
-            compile "$CROSS_CC" "${WARN[@]}" -O2 -g -static $(variant_flags "$variant") \
+            compile "$CROSS_CC" "${WARN[@]}" -DSHARDC_TEST_HOOKS -O2 -g -static $(variant_flags "$variant") \
                 -o "$bin" "$test" csrc/*.c -lpthread -lrt || continue
             if [ -n "${QEMU_SKIP[$name]:-}" ]; then
                 echo "SKIP $exe under qemu: ${QEMU_SKIP[$name]}"
