@@ -107,6 +107,11 @@
 #include <sys/ucontext.h> /* uc_mcontext->__es: the exception state */
 #endif
 
+#if defined(__linux__)
+#define SHARDC__HAS_PAGEMAP 1 /* /proc/self/pagemap: which pages are private copies */
+#else
+#define SHARDC__HAS_PAGEMAP 0
+#endif
 #define SHARDC__PAGE_CAP 1024    /* hard maximum of pages tracked one by one */
 #define SHARDC__ALTSTACK (64 * 1024)
 #define SHARDC__NO_OFFSET UINT64_MAX
@@ -768,8 +773,13 @@ static int64_t shardc__scan_private(struct shardc__region *r, int drop)
     uint64_t npages = (r->end - r->start) / ps, i, j, run = UINT64_MAX;
     uint64_t buf[SHARDC__PM_CHUNK];
     int64_t count = 0;
-    int fd = (int)SHARDC__RETRY(open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+    int fd;
 
+    /* No pagemap elsewhere (macOS): not even an open() attempt; the caller
+     * drops the whole region instead. */
+    if (!SHARDC__HAS_PAGEMAP)
+        return -ENOSYS;
+    fd = (int)SHARDC__RETRY(open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
     if (fd < 0)
         return fd;
     for (i = 0; i < npages; i += SHARDC__PM_CHUNK) {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -49,3 +50,25 @@ def test_memory_comes_from_the_portable_sampler(monkeypatch: pytest.MonkeyPatch)
     assert ll.proc_mem(child.pid) is None
     monkeypatch.setenv("SHARDC_PORTABLE", "0")
     assert ll.proc_mem(os.getpid())["precise"] == 1  # type: ignore[index]
+
+
+def test_memory_report_says_what_the_platform_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where PSS/USS do not exist the memory report says so (instead of a column of estimates read as PSS)."""
+    import numpy as np
+
+    import shardc
+
+    def run() -> Any:
+        out = shardc.buffer("f8", 4)
+        res = shardc.shard_map(4, lambda s, out: out.__setitem__(s.id, 1.0), out={"out": out}, workers=1)
+        assert np.array_equal(np.asarray(out), np.ones(4))
+        return shardc.mem_report(res)
+
+    monkeypatch.setenv("SHARDC_PORTABLE", "1")
+    rep = run()
+    assert rep.data["sampler"] == "psutil"
+    assert any("PSS and USS are not available on this platform" in line for line in rep.lines)
+    monkeypatch.setenv("SHARDC_PORTABLE", "0")
+    rep = run()
+    assert rep.data["sampler"] == "smaps_rollup"
+    assert not any("not available" in line for line in rep.lines)

@@ -42,6 +42,7 @@ from .proc import (  # noqa: F401
     heap_reuse,
     heap_stats,
     heap_trim,
+    mem_sampler,
     proc_after_fork,
     proc_mem,
     proc_mem_fast,

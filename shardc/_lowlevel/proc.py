@@ -11,6 +11,7 @@ its shared part where psutil knows one (Linux), else RSS itself.
 from __future__ import annotations
 
 import errno as _errno
+import sys
 
 from .. import config
 from ..errors import (
@@ -28,6 +29,18 @@ def proc_after_fork(expected_parent: int, death_signal: int) -> int:
     (``-ESRCH``: the parent already died): a fresh child cannot raise to anyone,
     so the caller decides (it exits at once on any negative value)."""
     return int(lib.shardc_proc_after_fork(expected_parent, death_signal))
+
+
+def mem_sampler() -> str:
+    """Which sampler :func:`proc_mem` uses here: "smaps_rollup" (Linux: real
+    PSS and USS), "footprint" (macOS: the physical footprint stands in for
+    PSS and USS, which macOS does not have) or "psutil" (portable mode and
+    other platforms: an RSS-based estimate)."""
+    if config.get_bool("SHARDC_PORTABLE"):
+        return "psutil"
+    if sys.platform.startswith("linux"):
+        return "smaps_rollup"
+    return "footprint" if sys.platform == "darwin" else "psutil"
 
 
 def _portable_mem(pid: int) -> dict[str, int] | None:

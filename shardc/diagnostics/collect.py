@@ -79,6 +79,7 @@ class Diagnostics:
         self.mem: list[tuple[int, int, int, int, int, int, int, int]] = []
         self.master_mem: list[tuple[int, int, int, int, int]] = []  # t, rss, pss, uss, anon
         self.master_precise = False  # any precise (smaps_rollup) sample of the master
+        self.mem_sampler = ll.mem_sampler()  # what "pss"/"uss" mean here (see mem_report)
         self.events: list[dict[str, Any]] = []
         # Failed attempts: shard id -> one dict per failed attempt (attempt,
         # worker, error, final); kept whether or not ``enabled`` (failures are rare).

@@ -116,6 +116,15 @@ def task_report(result: Any) -> Report:
     return Report("tasks", data, lines)
 
 
+# What the pss/uss columns hold where the platform has no PSS/USS (mem_sampler).
+_SAMPLER_NOTES = {
+    "footprint": "macOS has neither; the pss and uss columns repeat the physical footprint, "
+    "which counts the worker's own memory and not the shared inputs it maps",
+    "psutil": "the psutil sampler (portable mode, or a platform without a native one) "
+    "estimates them as RSS less its shared part",
+}
+
+
 def mem_report(result: Any) -> Report:
     """Peak and end memory of every worker (RSS, PSS, USS, own anonymous memory) and of the master."""
     d = diag_of(result)
@@ -131,6 +140,7 @@ def mem_report(result: Any) -> Report:
         "master_peak_rss": master_rss,
         "master_peak_uss": master_uss,
         "samples": len(d.mem),
+        "sampler": getattr(d, "mem_sampler", "smaps_rollup"),
     }
     lines = [
         "worker  peak rss    peak pss    peak uss    peak anon   end anon    baseline anon",
@@ -142,6 +152,9 @@ def mem_report(result: Any) -> Report:
             f"{fmt_bytes(v['peak_uss']):>10}  {fmt_bytes(v['peak_anon']):>10}  "
             f"{fmt_bytes(v['end_anon']):>10}  {fmt_bytes(v['baseline']):>10}"
         )
+    note = _SAMPLER_NOTES.get(data["sampler"])
+    if note:
+        lines.append(f"        note: PSS and USS are not available on this platform: {note}")
     est = "" if d.master_precise else " (statm estimate, an upper bound: run < 0.5 s)"
     lines.append(
         f"master  peak rss {fmt_bytes(master_rss)}, peak uss {fmt_bytes(master_uss)}{est}  "
