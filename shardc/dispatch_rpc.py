@@ -22,9 +22,12 @@ import time
 from typing import Any
 
 from .dispatch import Dispatcher, Loss
+from .errors import ShardcOSError
 from .protocol import OK, OK_PICKLED, RESULTS, RUN
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
+
+SEND_FAILURES_MAX = 8  # consecutive failed sends (each retires a worker) before the call fails
 
 
 class RpcDispatcher(Dispatcher):
@@ -43,6 +46,7 @@ class RpcDispatcher(Dispatcher):
         self.prefetch = self.call.opts.get("prefetch")
         t = self.call.timeout
         self.poll_interval = 0.05 if t > 0.2 else t / 4
+        self.send_failures = 0  # in a row: a send that keeps failing fails the call
 
     # -- handing out work -------------------------------------------------------------
     def depth(self) -> int:
@@ -81,8 +85,22 @@ class RpcDispatcher(Dispatcher):
             try:
                 n = w.chan.send_many(batch)
                 self.diag.dispatched(n, len(batch))
-            except OSError:
-                pass  # the worker died: its EOF is seen by the loop, which requeues
+                self.send_failures = 0
+            except OSError as exc:
+                self.send_failures += 1
+                if self.send_failures > SEND_FAILURES_MAX:
+                    raise ShardcOSError(
+                        exc.errno or 0,
+                        f"sending work to the workers failed {self.send_failures} times in a row "
+                        f"(last: worker {w.slot}, {exc.strerror or exc}); the call is stopped rather "
+                        "than replacing workers forever",
+                    ) from exc
+                # Usually the worker died; a send can also fail with the worker
+                # alive (ENOBUFS, a frame cut short), and then nothing would ever
+                # answer for these chunks.  Kill it either way: its EOF brings the
+                # loop to the one death handler, which requeues what it held and
+                # charges only a shard the status row says was running.
+                self.pool.kill(w)
 
     def start(self) -> None:
         for w in self.pool.workers:

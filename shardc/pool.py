@@ -33,7 +33,7 @@ from . import guard as _guard  # noqa: F401 - workers use it; imported once, in 
 from . import inherit as _inherit
 from . import worker as _worker_mod
 from ._channel import Channel, ChannelClosed
-from .errors import ClosedError, InvalidArgumentError, WorkerSetupError, signal_label
+from .errors import ClosedError, InvalidArgumentError, ShardcOSError, WorkerSetupError, signal_label
 from .forget import live_pools
 from .handle import WorkerHandle
 from .memory import PROFILES, MemoryModel
@@ -142,7 +142,16 @@ class Pool(MemoryModel):
         # workers forked from another thread than the main one (a re-fork for an
         # inherited input, a replacement) rely on their socket's EOF instead (0).
         death_signal = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN (process limit), ENOMEM: nothing was created but the pair
+            parent_sock.close()
+            child_sock.close()
+            raise ShardcOSError(
+                exc.errno or 0,
+                f"fork a worker for slot {slot}: {exc.strerror or exc} (the per-user process limit, "
+                "`ulimit -u`, or memory: fewer workers= or a smaller mem_cap help)",
+            ) from None
         if pid == 0:  # child: never returns
             try:
                 parent_sock.close()

@@ -302,6 +302,12 @@ class Supervisor:
 
     def _watch(self, w: Any) -> None:
         if self.sel is not None:
+            # A worker killed elsewhere (a failed send) has its socket closed
+            # while still registered; its fd number can come back with this
+            # worker's socket: drop the stale registration first.
+            stale = self.sel.get_map().get(w.chan.sock.fileno())
+            if stale is not None:
+                self.sel.unregister(stale.fileobj)
             self.sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
 
     def _unwatch(self, w: Any) -> None:

@@ -132,3 +132,110 @@ def test_worker_guard_enomem() -> None:
         out.close()
     finally:
         shardc.pool_stop(pool)
+
+
+# -- Python-level calls: fork and socket send ------------------------------------
+# These are not native calls, so the test is the injector: it wraps the Python
+# call the engine makes (os.fork in pool.py, Channel.send_many in the rpc
+# dispatcher) to fail the Nth time.
+
+
+def _failing(real, err: str, nth: int, times: int):
+    calls = {"n": 0, "fired": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= nth and calls["fired"] < times:
+            calls["fired"] += 1
+            code = getattr(errno, err)
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    return wrapper, calls
+
+
+def test_fork_fails_at_pool_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fork() failing EAGAIN while a pool starts: ShardcOSError naming fork and the process limit; no fd, segment or worker leaks."""
+    shardc.pool_stop()
+    before = state()
+    wrapper, calls = _failing(os.fork, "EAGAIN", nth=2, times=1)
+    monkeypatch.setattr(os, "fork", wrapper)
+    with pytest.raises(shardc.errors.ShardcOSError) as ei:
+        shardc.pool_create(2)
+    monkeypatch.undo()
+    assert calls["fired"] == 1 and ei.value.errno == errno.EAGAIN
+    assert "fork a worker for slot 1" in str(ei.value) and "ulimit -u" in str(ei.value)
+    del ei
+    gc.collect()
+    assert state() == before  # the first worker was stopped, the socket pair of the second closed
+    out = shardc.buffer("f8", 8)
+    r = shardc.shard_map(8, ident, out={"out": out}, workers=2, progress=False, timeout=20)
+    assert not r.failures and list(np.asarray(out)) == list(range(1, 9))
+    out.close()
+
+
+def test_fork_fails_when_replacing_a_dead_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fork() failing while a crashed worker is replaced mid-call: the call stops with that ShardcOSError (not a hang) and the pool serves the next call."""
+    pool = shardc.pool_create(2)
+    try:
+
+        def crash(shard, out):
+            if shard.id == 3:
+                os._exit(7)
+            out[shard.id] = shard.id + 1
+
+        out = shardc.buffer("f8", 16)
+        before = state()[1]
+        wrapper, calls = _failing(os.fork, "EAGAIN", nth=1, times=1000)
+        monkeypatch.setattr(os, "fork", wrapper)
+        with pytest.raises(shardc.errors.ShardcOSError, match="fork a worker"):
+            shardc.shard_map(16, crash, out={"out": out}, pool=pool, progress=False, timeout=20)
+        monkeypatch.undo()
+        assert calls["fired"] >= 1
+        gc.collect()
+        assert state()[1] == before
+        r = shardc.shard_map(16, ident, out={"out": out}, pool=pool, progress=False, timeout=20)
+        assert not r.failures and list(np.asarray(out)) == list(range(1, 17))
+        out.close()
+    finally:
+        shardc.pool_stop(pool)
+
+
+def test_send_fails_with_the_worker_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send of work failing (ENOBUFS) with the worker alive: that worker is retired, its chunks rerun elsewhere uncharged; every shard done once, no failure, no hang."""
+    from shardc._channel import Channel
+
+    pool = shardc.pool_create(2)
+    try:
+        out = shardc.buffer("f8", 200)
+        wrapper, calls = _failing(Channel.send_many, "ENOBUFS", nth=3, times=1)
+        monkeypatch.setattr(Channel, "send_many", wrapper)
+        r = shardc.shard_map(200, ident, out={"out": out}, pool=pool, chunk_size=4, progress=False, timeout=20)
+        monkeypatch.undo()
+        assert calls["fired"] == 1
+        assert not r.failures and list(np.asarray(out)) == list(range(1, 201))
+        deaths = [e for e in r.diagnostics.events if e["event"] == "death"]
+        assert len(deaths) == 1, deaths  # the retired worker, replaced
+        assert r.diagnostics.retries == 0  # nothing was charged for it
+        out.close()
+    finally:
+        shardc.pool_stop(pool)
+
+
+def test_send_keeps_failing_stops_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sends that fail every time: the call stops with a ShardcOSError saying so, instead of replacing workers forever."""
+    from shardc._channel import Channel
+
+    pool = shardc.pool_create(2)
+    try:
+        out = shardc.buffer("f8", 50)
+        wrapper, calls = _failing(Channel.send_many, "ENOBUFS", nth=1, times=10**6)
+        monkeypatch.setattr(Channel, "send_many", wrapper)
+        with pytest.raises(shardc.errors.ShardcOSError, match="times in a row"):
+            shardc.shard_map(50, ident, out={"out": out}, pool=pool, progress=False, timeout=20)
+        monkeypatch.undo()
+        r = shardc.shard_map(50, ident, out={"out": out}, pool=pool, progress=False, timeout=20)
+        assert not r.failures and list(np.asarray(out)) == list(range(1, 51))
+        out.close()
+    finally:
+        shardc.pool_stop(pool)
