@@ -140,7 +140,10 @@ def snapshot() -> dict[str, Any]:
 
     maps = Path("/proc/self/maps").read_text().splitlines()
     try:
-        shm = set(os.listdir("/dev/shm"))
+        # Only names shardc makes (segments "shardc.*", task rings "shardc-q-*"):
+        # other programs on the machine (multiprocessing's "sem.mp-*" of a
+        # benchmark running beside this one) come and go on their own.
+        shm = {n for n in os.listdir("/dev/shm") if n.startswith("shardc")}
     except OSError:
         shm = set()
     me = psutil.Process()
