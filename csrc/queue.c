@@ -679,6 +679,16 @@ int shardc_queue_close(void *mem)
     return 0;
 }
 
+/* sys.h's run-time switch to the polling wait (this process only; a forked
+ * child starts with its parent's value). */
+int shardc__portable_wait = 0;
+
+int shardc_queue_set_portable_wait(int on)
+{
+    /* relaxed: a switch read at the start of each sleep; see sys.h. */
+    return __atomic_exchange_n(&shardc__portable_wait, on != 0, __ATOMIC_RELAXED);
+}
+
 int shardc_queue_set_spin(void *mem, int64_t spin_ns)
 {
     qhdr_t *q = hdr(mem);

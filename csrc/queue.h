@@ -98,6 +98,10 @@ int shardc_queue_repair(void *mem, uint32_t consumer, int32_t reaped_pid,
 /* Close: wake every waiter; pushes then fail with -EPIPE, pops drain what is
  * left and then return -EPIPE.  Idempotent. */
 int shardc_queue_close(void *mem);
+/* Park with the polling wait instead of futex/ulock in this process (and
+ * its children forked later); wakes are still sent.  Returns the previous
+ * setting.  SHARDC_PORTABLE=1 turns it on. */
+int shardc_queue_set_portable_wait(int on);
 /* How long waits spin before parking, for every process (default 10 us). */
 int shardc_queue_set_spin(void *mem, int64_t spin_ns);
 int shardc_queue_stats(void *mem, shardc_queue_stats_t *out);

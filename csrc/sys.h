@@ -67,8 +67,45 @@ static inline int64_t shardc__deadline_ns(int64_t timeout_ns)
  * (14.4+) or the older __ulock_wait; and, with -DSHARDC_PORTABLE_WAIT=1 or
  * on other systems, a polling fallback that re-reads the word with short
  * sleeps (1 us doubling to 1 ms) and whose wake is a no-op.
+ *
+ * The polling wait is also compiled into the futex and ulock builds and
+ * chosen at run time when shardc__portable_wait is set (queue.c's
+ * shardc_queue_set_portable_wait; SHARDC_PORTABLE=1 sets it): the wakes stay
+ * real, so processes that disagree on the switch still never miss a wake
+ * (a poller needs none, a sleeper gets one).
  * ------------------------------------------------------------------------ */
 #include <limits.h>
+
+/* Defined in queue.c; read relaxed (a plain switch, no data hangs on it). */
+extern int shardc__portable_wait;
+
+/* The polling wait (see above); the whole implementation in portable builds. */
+static inline int shardc__poll_wait_u32(uint32_t *addr, uint32_t expected,
+                                        int64_t timeout_ns)
+{
+    int64_t deadline = timeout_ns < 0 ? INT64_MAX : shardc__deadline_ns(timeout_ns);
+    int64_t nap = 1000; /* 1 us, doubling to 1 ms */
+
+    for (;;) {
+        struct timespec ts;
+        int64_t now;
+        /* acquire: pairs with the waker's increment, so the caller's re-check
+         * after we return sees what was published before it. */
+        if (__atomic_load_n(addr, __ATOMIC_ACQUIRE) != expected)
+            return 0;
+        now = shardc__now_ns();
+        if (now >= deadline)
+            return -ETIMEDOUT;
+        if (nap > deadline - now)
+            nap = deadline - now;
+        ts.tv_sec = 0;
+        ts.tv_nsec = (long)nap;
+        if (nanosleep(&ts, NULL) == -1 && errno == EINTR)
+            return -EINTR;
+        if (nap < 1000000)
+            nap *= 2;
+    }
+}
 
 #if !defined(SHARDC_PORTABLE_WAIT) || !SHARDC_PORTABLE_WAIT
 #if defined(__linux__)
@@ -130,6 +167,8 @@ static inline int shardc__wait_u32(uint32_t *addr, uint32_t expected,
     struct timespec ts, *tsp = NULL;
     long r;
 
+    if (__atomic_load_n(&shardc__portable_wait, __ATOMIC_RELAXED))
+        return shardc__poll_wait_u32(addr, expected, timeout_ns);
     if (timeout_ns >= 0) {
         ts.tv_sec = (time_t)(timeout_ns / 1000000000LL);
         ts.tv_nsec = (long)(timeout_ns % 1000000000LL);
@@ -155,6 +194,9 @@ static inline int shardc__wait_u32(uint32_t *addr, uint32_t expected,
                                    int64_t timeout_ns)
 {
     int r;
+
+    if (__atomic_load_n(&shardc__portable_wait, __ATOMIC_RELAXED))
+        return shardc__poll_wait_u32(addr, expected, timeout_ns);
 #if defined(SHARDC__HAVE_OS_SYNC)
     if (__builtin_available(macOS 14.4, *)) {
         if (timeout_ns < 0)
@@ -204,28 +246,7 @@ static inline int shardc__wake_u32(uint32_t *addr, int n)
 static inline int shardc__wait_u32(uint32_t *addr, uint32_t expected,
                                    int64_t timeout_ns)
 {
-    int64_t deadline = timeout_ns < 0 ? INT64_MAX : shardc__deadline_ns(timeout_ns);
-    int64_t nap = 1000; /* 1 us, doubling to 1 ms */
-
-    for (;;) {
-        struct timespec ts;
-        int64_t now;
-        /* acquire: pairs with the waker's increment, so the caller's re-check
-         * after we return sees what was published before it. */
-        if (__atomic_load_n(addr, __ATOMIC_ACQUIRE) != expected)
-            return 0;
-        now = shardc__now_ns();
-        if (now >= deadline)
-            return -ETIMEDOUT;
-        if (nap > deadline - now)
-            nap = deadline - now;
-        ts.tv_sec = 0;
-        ts.tv_nsec = (long)nap;
-        if (nanosleep(&ts, NULL) == -1 && errno == EINTR)
-            return -EINTR;
-        if (nap < 1000000)
-            nap *= 2;
-    }
+    return shardc__poll_wait_u32(addr, expected, timeout_ns);
 }
 
 static inline int shardc__wake_u32(uint32_t *addr, int n)

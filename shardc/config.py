@@ -129,8 +129,8 @@ SETTINGS: dict[str, Setting] = {
             False,
             "`1` (Linux): take the paths of platforms without Linux's extras, to test them here: POSIX shm "
             "segments instead of memfd, no parent-death signal (workers see the master's death as their "
-            "socket's EOF), memory sampled through psutil; the polling wait is the build option "
-            "`SHARDC_PORTABLE_WAIT`",
+            "socket's EOF), memory sampled through psutil, and the polling wait instead of futexes "
+            "(read at import)",
         ),
         Setting(
             "SHARDC_WORKERS",
@@ -220,7 +220,8 @@ SETTINGS: dict[str, Setting] = {
             "SHARDC_PORTABLE_WAIT",
             "bool",
             False,
-            "at build time (`csrc/ffi_build.py`): the polling wait fallback instead of futexes",
+            "at build time (`csrc/ffi_build.py`): build only the polling wait, as on a platform "
+            "without futex or ulock (the C tests' portable variant)",
             scope="build",
         ),
         Setting(

@@ -72,3 +72,34 @@ def test_memory_report_says_what_the_platform_lacks(monkeypatch: pytest.MonkeyPa
     rep = run()
     assert rep.data["sampler"] == "smaps_rollup"
     assert not any("not available" in line for line in rep.lines)
+
+
+def test_polling_wait_is_a_runtime_switch() -> None:
+    """The polling wait is chosen at run time (SHARDC_PORTABLE=1 sets it at import, no rebuild): workers forked with it on park by polling, the master still wakes, shm_queue gives the right answer, and it can be switched back."""
+    import numpy as np
+
+    import shardc
+
+    shardc.pool_stop()
+    before = ll.queue_set_portable_wait(True)
+    try:
+        pool = shardc.pool_create(2)  # forked with the switch on
+        try:
+            out = shardc.buffer("i8", 5000)
+            for _ in range(3):  # idle between calls: the workers park in the polling wait
+                r = shardc.shard_map(
+                    5000,
+                    lambda s, out: out.__setitem__(s.id, s.id * 3),
+                    out={"out": out},
+                    dispatch_mode="shm_queue",
+                    pool=pool,
+                    progress=False,
+                    timeout=30,
+                )
+                assert not r.failures and np.array_equal(np.asarray(out), np.arange(5000) * 3)
+            out.close()
+        finally:
+            shardc.pool_stop(pool)
+        assert ll.queue_set_portable_wait(before) is True
+    finally:
+        ll.queue_set_portable_wait(before)

@@ -66,6 +66,7 @@ from .queue import (  # noqa: F401
     queue_push,
     queue_register,
     queue_repair,
+    queue_set_portable_wait,
     queue_set_spin,
     queue_stats,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from .. import config
 from ..errors import (
     InvalidArgumentError,
     QueueClosedError,
@@ -29,6 +30,19 @@ QUEUE_EINTR = -_errno.EINTR
 _Q_ETIMEDOUT = -_errno.ETIMEDOUT
 _Q_EPIPE = -_errno.EPIPE
 _Q_ENOBUFS = -_errno.ENOBUFS
+
+
+def queue_set_portable_wait(on: bool) -> bool:
+    """Park this process's ring waits with the polling wait (as where there
+    is no futex or ulock) instead of the native one; workers forked later
+    inherit the setting.  Wakes are still sent, so processes that disagree
+    never miss one.  Returns the previous setting."""
+    return bool(lib.shardc_queue_set_portable_wait(1 if on else 0))
+
+
+# Portable mode (SHARDC_PORTABLE=1) takes the polling wait, as macOS before
+# 14.4 without ulock would: one switch, no rebuild (csrc/sys.h).
+queue_set_portable_wait(config.get_bool("SHARDC_PORTABLE"))
 
 
 def _qcheck(rc: int, op: str, consumer: int | None = None) -> int:
