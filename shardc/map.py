@@ -134,6 +134,8 @@ def shard_map(
         raise InvalidArgumentError("give the function to run: fun=... (or kernel='name')")
     kern = get_kernel(kernel) if kernel is not None else None
     target = kern.impl if kern is not None else fun
+    if kern is not None:
+        kern.check_shards(desc)
     if not callable(target):
         raise InvalidArgumentError(f"fun must be callable, got {type(fun).__name__}")
     borrow = check_names(borrow, "borrow")
