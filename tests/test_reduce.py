@@ -331,3 +331,24 @@ def test_master_holds_few_partials_in_a_real_run(pools):
     assert red["groups"] == 1024 and red["partials"] == 1024
     assert (r.value == sum(range(1 << 14))).all()
     assert red["max_partials_held"] <= 2 * 64 * 10 // 4, red  # far below the 1024 partials a list would hold
+
+
+def test_big_partials_travel_in_segments_not_pickles(pools):
+    """2 MiB Gram partials (and a big F-order shard_map value) come back through segments: the
+    socket carries a few hundred bytes, the values are exact, the master keeps no fd."""
+    Xs = shardc.share(np.random.default_rng(2).random((4000, 512)))
+    X = Xs.array
+    fds_before = len(os.listdir("/proc/self/fd"))
+    r = shardc.shard_reduce(
+        shardc.shards(4000, block_size=500), map=lambda s, X: X[s.idx].T @ X[s.idx], combine=operator.add,
+        init=np.zeros((512, 512)), borrow={"X": X}, pool=pools[2], progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(r.value, X.T @ X, rtol=1e-12)
+    assert r.diagnostics.reduce["partial_max_bytes"] == 512 * 512 * 8
+    assert r.diagnostics.bytes_results < 8 * 1024, r.diagnostics.bytes_results  # 8 x 2 MiB did not go by socket
+    m = shardc.shard_map(2, lambda s: np.full((600, 500), s.id, order="F"), pool=pools[2], progress=False)
+    assert all(v.flags.f_contiguous and (v == i).all() for i, v in enumerate(m.results))
+    assert m.diagnostics.bytes_results < 4096
+    del r, m
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    Xs.close()
