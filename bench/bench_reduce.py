@@ -85,15 +85,19 @@ def part_a(n: int, repeats: int, pool: shardc.Pool) -> dict[str, float]:
     buf = shardc.buffer(np.int64, n)
 
     def reduce_mode(mode: str) -> Any:
-        return lambda: shardc.shard_reduce(
-            n, map=ident, combine=operator.add, init=0, dispatch_mode=mode, pool=pool, progress=False
-        ).value
+        return lambda: (
+            shardc.shard_reduce(
+                n, map=ident, combine=operator.add, init=0, dispatch_mode=mode, pool=pool, progress=False
+            ).value
+        )
 
     def map_mode(mode: str, chunk: Any) -> Any:
         def run() -> int:
-            shardc.shard_map(n, write_id, out={"o": buf}, dispatch_mode=mode, chunk_size=chunk, pool=pool,
-                             progress=False)
+            shardc.shard_map(
+                n, write_id, out={"o": buf}, dispatch_mode=mode, chunk_size=chunk, pool=pool, progress=False
+            )
             return int(buf.array.sum())
+
         return run
 
     desc = shardc.shards(n, block_size=1)
@@ -157,8 +161,13 @@ def part_b(rows: int, cols: int, repeats: int, pool: shardc.Pool) -> dict[str, f
 
     def reduce_colsums() -> np.ndarray:
         return shardc.shard_reduce(
-            desc, map=lambda s, X: X[s.idx].sum(0), combine=operator.add, init=np.zeros(cols), borrow={"X": Xs},
-            pool=pool, progress=False,
+            desc,
+            map=lambda s, X: X[s.idx].sum(0),
+            combine=operator.add,
+            init=np.zeros(cols),
+            borrow={"X": Xs},
+            pool=pool,
+            progress=False,
         ).value
 
     for name, fn in [
