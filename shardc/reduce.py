@@ -215,7 +215,7 @@ def shard_reduce(
     requested = call.mode
     if requested == "shm_queue":
         call.mode, call.opts = "rpc_chunked", {}  # partials are values: see the module docstring
-    fold = Fold(fn, combine, init, desc, call.seed is not None)
+    fold = Fold(fn, combine, init, call.seed is not None)
     n_groups = gdesc.num_shards
     diag = Diagnostics(mode=call.mode, num_shards=n_groups, cow=cow, enabled=call.diagnostics, chunk_size=chunk)
     tree = TreeCombiner(n_groups, combine)

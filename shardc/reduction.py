@@ -54,10 +54,11 @@ def auto_group_size(num_shards: int) -> int:
 class Group:
     """One task of a reduction: shards ``start .. stop-1`` of the caller's descriptor."""
 
-    __slots__ = ("id", "start", "stop", "_seedseq")
+    __slots__ = ("id", "start", "stop", "_seedseq", "make")
 
-    def __init__(self, gid: int, start: int, stop: int, seedseq: Any = None) -> None:
+    def __init__(self, gid: int, start: int, stop: int, seedseq: Any = None, make: Any = None) -> None:
         self.id, self.start, self.stop, self._seedseq = gid, start, stop, seedseq
+        self.make = make  # the caller's descriptor's shard factory: make(sid, seedseq) -> Shard
 
     def __repr__(self) -> str:
         return f"Group(id={self.id}, shards={self.start}..{self.stop - 1})"
@@ -80,7 +81,19 @@ class GroupDescriptor:
 
     def shard(self, g: int, seedseq: Any = None) -> Group:
         start, stop = self.bounds(g)
-        return Group(g, start, stop, seedseq)
+        return Group(g, start, stop, seedseq, self.inner.shard)
+
+    def maker(self) -> Callable[..., Group]:
+        """The worker's group factory; each group carries the caller's fast
+        shard factory (``ShardDescriptor.maker``), built once per call."""
+        inner = self.inner.maker() if hasattr(self.inner, "maker") else self.inner.shard
+        size, n = self.size, self.n_inner
+
+        def make(g: int, seedseq: Any = None) -> Group:
+            start = g * size
+            return Group(g, start, min(start + size, n), seedseq, inner)
+
+        return make
 
     def __len__(self) -> int:
         return self.num_shards
@@ -110,23 +123,14 @@ class Fold:
     Called by the engine like ``fun``: ``fold(group, **borrow, **out)``.
     """
 
-    def __init__(self, fn: Callable[..., Any], combine: Callable[[Any, Any], Any], init: Any, desc: Any, seeded: bool):
+    def __init__(self, fn: Callable[..., Any], combine: Callable[[Any, Any], Any], init: Any, seeded: bool) -> None:
         self.fn = fn
         self.combine = combine
         self.init = init
-        self.desc = desc  # the caller's ShardDescriptor
         self.seeded = seeded
-        self._make: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_make"] = None  # a closure of the descriptor: rebuilt in the worker
-        return state
 
     def __call__(self, group: Group, **kw: Any) -> Any:
-        make = self._make
-        if make is None:
-            make = self._make = self.desc.maker() if hasattr(self.desc, "maker") else self.desc.shard
+        make = group.make
         at = memoryview(kw.pop(AT_NAME))
         fn, combine, seeded = self.fn, self.combine, self.seeded
         ent = group._seedseq
