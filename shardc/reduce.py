@@ -239,7 +239,10 @@ def shard_reduce(
         at = at_buf.array.copy()
     finally:
         at_buf.close()
+    # The fold's bookkeeping array is not the caller's output: leave it out of the reports.
     diag.out.pop(AT_NAME, None)
+    diag.out_written.pop(AT_NAME, None)
+    diag._out_alloc = {k: v for k, v in diag._out_alloc.items() if v[0] != AT_NAME}
     diag.wall_seconds = time.perf_counter() - t_start
     failures = {}
     missing = []

@@ -352,3 +352,20 @@ def test_big_partials_travel_in_segments_not_pickles(pools):
     del r, m
     assert len(os.listdir("/proc/self/fd")) == fds_before
     Xs.close()
+
+
+def test_registered_kernel_as_map_and_user_out(pools):
+    """kernel= names the map; a user out= buffer is written alongside the reduction and left in the reports."""
+    shardc.register_kernel("test_block_colsum", lambda s, X, seen: (seen.__setitem__(s.id, 1), X[s.idx].sum(0))[1])
+    X = np.arange(300.0).reshape(100, 3)
+    seen = shardc.buffer(np.int8, 10)
+    try:
+        r = shardc.shard_reduce(
+            shardc.shards(100, block_size=10), None, operator.add, np.zeros(3), kernel="test_block_colsum",
+            borrow={"X": X}, out={"seen": seen}, pool=pools[2], progress=False,
+        )  # fmt: skip
+        np.testing.assert_array_equal(r.value, X.sum(0))
+        assert seen.array.tolist() == [1] * 10
+        assert list(r.diagnostics.out) == ["seen"] and "_shardc_reduce_at" not in r.diagnostics.out_written
+    finally:
+        seen.close()
