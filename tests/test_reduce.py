@@ -80,13 +80,16 @@ def test_bit_identical_across_workers_chunks_modes(pools):
 
 
 def test_shards_folded_in_id_order_with_shard_map_seeds(pools):
-    """List concatenation shows every shard once, in id order; shard.rng matches shard_map's for the seed."""
+    """List concatenation shows every shard once, in id order; shard.rng and the seeded legacy
+    np.random stream match shard_map's for the same seed and shard id."""
     desc = shardc.shards(257, block_size=1)
     r = shardc.shard_reduce(
-        desc, map=lambda s: [(s.id, s.rng.random())], combine=operator.add, init=[], seed=3, group_size=10,
-        pool=pools[2], progress=False,
+        desc, map=lambda s: [(s.id, s.rng.random(), np.random.random())], combine=operator.add, init=[], seed=3,
+        group_size=10, pool=pools[2], progress=False,
     )  # fmt: skip
-    m = shardc.shard_map(desc, lambda s: (s.id, s.rng.random()), seed=3, pool=pools[2], progress=False)
+    m = shardc.shard_map(
+        desc, lambda s: (s.id, s.rng.random(), np.random.random()), seed=3, pool=pools[2], progress=False
+    )
     assert r.value == m.results
 
 
