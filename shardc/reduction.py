@@ -41,7 +41,7 @@ from .worker.executor import seed_legacy
 
 AT_NAME = "_shardc_reduce_at"  # the out= name of the per-group "folding shard" array
 TARGET_GROUPS = 1024  # group_size="auto": about this many groups (from num_shards only)
-_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, tuple, frozenset)
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)  # not tuples: they may hold arrays
 
 
 def auto_group_size(num_shards: int) -> int:

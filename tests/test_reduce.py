@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import operator
 import os
+import pickle
 import signal
 import threading
 from pathlib import Path
@@ -45,6 +46,22 @@ def test_value_and_diagnostics(pools):
     assert red["group_size"] == g and red["groups"] == -(-10_000 // g) == red["partials"]
     assert red["combine_steps"] == red["groups"] - 1 and red["fold_steps"] == 10_000
     assert r.diagnostics.num_shards == red["groups"]
+    back = pickle.loads(pickle.dumps(r))  # plain data, like ShardResult
+    assert back.value == r.value and back.diagnostics.reduce == red
+
+
+def test_tuple_identity_with_arrays_is_copied_per_group(pools):
+    """init=(array, count) with an in-place combine: every group starts from its own copy."""
+
+    def comb(acc, v):
+        acc[0][:] += v[0]
+        return (acc[0], acc[1] + v[1])
+
+    r = shardc.shard_reduce(
+        50, lambda s: (np.full(2, s.id, dtype=np.int64), 1), comb, (np.zeros(2, dtype=np.int64), 0), group_size=5,
+        pool=pools[2], progress=False,
+    )  # fmt: skip
+    assert r.value[0].tolist() == [sum(range(50))] * 2 and r.value[1] == 50
 
 
 def test_bit_identical_across_workers_chunks_modes(pools):
