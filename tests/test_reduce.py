@@ -9,6 +9,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +390,34 @@ def test_registered_kernel_as_map_and_user_out(pools):
         assert list(r.diagnostics.out) == ["seen"] and "_shardc_reduce_at" not in r.diagnostics.out_written
     finally:
         seen.close()
+
+
+def test_hung_shard_times_out_under_its_own_id(pools):
+    """A shard that hangs past timeout: its worker is killed, the group fails (no retry left), the
+    failure is filed under the hung shard as a ShardTimeoutError; the rest is reduced."""
+
+    def hang(s):
+        if s.id == 13:
+            time.sleep(30)
+        return s.id
+
+    r = shardc.shard_reduce(
+        20, hang, operator.add, 0, group_size=5, timeout=0.5, max_retries=0, on_failure="collect",
+        pool=pools[2], progress=False,
+    )  # fmt: skip
+    assert list(r.failures) == [13] and r.missing == [(10, 15)]
+    assert r.failures[13].error_type == "shardc.errors.ShardTimeoutError"
+    assert r.value == sum(range(20)) - sum(range(10, 15))
+
+
+def test_every_group_failing_leaves_the_identity(pools):
+    """With every group failed, collect returns init itself and lists every shard as missing."""
+
+    def bad(s):
+        raise ValueError(f"bad {s.id}")
+
+    r = shardc.shard_reduce(
+        6, bad, operator.add, 0, group_size=2, max_retries=0, on_failure="collect", pool=pools[2], progress=False
+    )
+    assert r.value == 0 and sorted(r.failures) == [0, 2, 4] and r.missing == [(0, 2), (2, 4), (4, 6)]
+    assert r.diagnostics.reduce["partials"] == 0 and r.diagnostics.reduce["fold_steps"] == 0
