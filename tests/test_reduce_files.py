@@ -87,3 +87,21 @@ def test_copy_on_write_memmap_with_private_changes_is_copied(pool, matrix):
     assert file_reference(mm) is None
     r = shardc.shard_map(1, lambda s, X: float(X[0, 0]), borrow={"X": mm}, pool=pool, progress=False)
     assert r.results == [1234.5] and r.diagnostics.borrow["X"]["how"] in ("copied", "cached")
+
+
+def test_file_bigger_than_mem_cap_streams_without_kills(pool, tmp_path):
+    """A 96 MiB file reduced by workers capped at 32 MB: its pages are the file's, not the
+    workers' own memory, so nobody is killed or recycled and nothing is copied."""
+    path = tmp_path / "big.f64"
+    rows, cols = 12288, 1024
+    mm = np.memmap(path, dtype=np.float64, mode="w+", shape=(rows, cols))
+    mm[:] = np.arange(rows, dtype=np.float64)[:, None]
+    mm.flush()
+    ro = np.memmap(path, dtype=np.float64, mode="r", shape=(rows, cols))
+    r = shardc.shard_reduce(
+        shardc.shards(rows, block_size=512), map=lambda s, X: X[s.idx].sum(0), combine=operator.add,
+        init=np.zeros(cols), borrow={"X": ro}, mem_cap="32MB", pool=pool, progress=False,
+    )  # fmt: skip
+    assert (r.value == rows * (rows - 1) / 2).all()
+    assert r.diagnostics.borrow["X"]["bytes_copied"] == 0
+    assert not [e for e in r.diagnostics.events if e["event"] in ("death", "recycle")], r.diagnostics.events
