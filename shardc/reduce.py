@@ -250,7 +250,7 @@ def shard_reduce(
         f = shard_failure(sched.failures[g], gdesc, at)
         failures[f.shard_id] = f
         missing.append(gdesc.bounds(g))
-    diag.reduce = {  # type: ignore[attr-defined]
+    diag.reduce = {
         "groups": n_groups,
         "group_size": gsize,
         "requested_mode": requested,
