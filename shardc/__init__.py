@@ -18,6 +18,7 @@ from .errors import (
     NativeModuleError,
     QueueClosedError,
     QueueError,
+    ReduceError,
     SegmentError,
     ShardcError,
     ShardcOSError,
@@ -34,6 +35,8 @@ from .errors import (
 from .kernels import list_kernels, register_kernel, tiles2d
 from .map import shard_map
 from .pool import Pool, pool_create, pool_get, pool_health_check, pool_status, pool_stop
+from .reduce import shard_reduce
+from .reduction import ReduceResult
 from .result import FailedShard, ShardFailure, ShardResult
 from .shards import Shard, ShardDescriptor, shards, shards_list
 from .share import Shared, share
@@ -51,6 +54,8 @@ __all__ = [
     "shards_list",
     "tiles2d",
     "shard_map",
+    "shard_reduce",
+    "ReduceResult",
     "ShardResult",
     "ShardFailure",
     "FailedShard",
@@ -82,6 +87,7 @@ __all__ = [
     "ShardTimeoutError",
     "WorkerMemoryError",
     "ShardMapError",
+    "ReduceError",
     "CallSetupTimeoutError",
     "InvalidTypeError",
     "ShardIndexError",

@@ -23,9 +23,11 @@ from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
-from .protocol import OK, OK_PICKLED, RESULTS, RUN
+from .protocol import OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
+from .values import close_fds
+from .values import unpack as unpack_value
 
 SEND_FAILURES_MAX = 8  # consecutive failed sends (each retires a worker) before the call fails
 
@@ -116,19 +118,25 @@ class RpcDispatcher(Dispatcher):
 
     # -- results ------------------------------------------------------------------------
     def on_messages(self, w: Any, msgs: list[tuple[Any, list[int]]]) -> None:
-        for msg, _fds in msgs:
+        for msg, fds in msgs:
             if msg[0] == RESULTS and msg[1] == self.call_id:
                 self.diag.messages_results += 1
-                self.on_results(w, msg[2])
+                self.on_results(w, msg[2], fds)
+            else:
+                close_fds(fds)
         if w.alive:
             self.sup.check_memory(w)
         w = self.maybe_recycle(w)
         self.fill(w)
 
-    def on_results(self, w: Any, results: list[tuple[Any, ...]]) -> None:
+    def on_results(self, w: Any, results: list[tuple[Any, ...]], fds: list[int] | None = None) -> None:
         st = self.ws[w.slot]
         sched, diag = self.sched, self.diag
         inflight = st.inflight
+        if fds:  # big arrays in segments (shardc.values): map them, the array is the value
+            results = [
+                (r[0], OK, unpack_value(fds[r[2][0]], r[2][1]), *r[3:]) if r[1] == OK_SEGMENT else r for r in results
+            ]
         if any(r[1] == OK_PICKLED for r in results):
             results = [(r[0], OK, pickle.loads(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
         if self.call.diagnostics:  # before the outcomes: attempts are those of the finished run

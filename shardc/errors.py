@@ -38,6 +38,8 @@ ShardTimeoutError              a shard ran past ``timeout``
 CallSetupTimeoutError          a worker hung while setting up a call
 WorkerMemoryError              a worker was killed for exceeding mem_cap
 ShardMapError                  shard_map finished with failed shards
+ReduceError                    shard_reduce finished with failed groups (a
+                               ShardMapError)
 =============================  ===========================================
 
 Which class a failed C call raises is decided by the primitive it came from
@@ -265,6 +267,11 @@ class ShardMapError(ShardcError, RuntimeError):
         self.result = result
 
 
+class ReduceError(ShardMapError):
+    """``shard_reduce`` finished but some groups failed (or ``combine`` raised
+    on the master); ``result`` is the :class:`~shardc.ReduceResult`."""
+
+
 class RemoteTraceback(Exception):
     """Carries a worker's formatted traceback; set as ``__cause__``."""
 
@@ -300,6 +307,7 @@ __all__ = [
     "CallSetupTimeoutError",
     "WorkerMemoryError",
     "ShardMapError",
+    "ReduceError",
     "RemoteTraceback",
     "signal_label",
 ]

@@ -10,6 +10,8 @@ input                         fate (``how`` in ``copy_report``)
 ``Shared`` / ``Buffer``       by reference: its segment is sent, nothing copied
 plain array in private memory inherited: workers are (re)forked after it exists
 (big, pool with page guards)  and see it copy-on-write, read-only (``inherit``)
+``np.memmap`` of a file       by file reference: workers map the file itself
+(mode r, r+, w+)              (read-only, private, guarded), nothing copied
 other plain array / memmap    a sealed copy, cached while the caller keeps it
 any other object              pickled (protocol 5), buffers out-of-band in segments
 ============================  ==================================================
@@ -32,7 +34,7 @@ from . import inherit
 from .buffer import Buffer
 from .errors import InvalidArgumentError
 from .segment import Segment, find_address
-from .share import Shared, array_extent, default_cache, share
+from .share import Shared, array_extent, default_cache, file_reference, share
 from .validate import capture_label
 
 # What a borrowed input cost, for the diagnostics: (name, how, bytes, bytes copied, seconds, kind).
@@ -138,6 +140,9 @@ class InputPlan:
             elif self._inheritable(obj):
                 self.borrow[name] = self._inherit(name, obj, t0)
                 continue
+            elif isinstance(obj, np.memmap) and (ref := file_reference(obj)) is not None:
+                sh, how = ref, "file"  # the file is the shared memory: map it, copy nothing
+                self._temporaries.append(sh)
             elif (type(obj) is np.ndarray or isinstance(obj, np.memmap)) and not obj.dtype.hasobject:
                 # Plain arrays (and memmaps) are shared as raw bytes; subclasses
                 # with state of their own (masked arrays, ...) go through pickle.

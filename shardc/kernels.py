@@ -15,6 +15,11 @@ Built-in kernels (registered at import):
 * ``crossprod_tile(tile, X, Y, Z)``: ``Z[tile] = X[:, xs].T @ Y[:, ys]`` for a
   2-D tile from :func:`tiles2d`, straight into the out buffer.
 
+Shards a kernel needs.  ``descriptor=`` names the descriptor kind (its
+``strategy``: "contiguous", "strided", "list", "tiles") a kernel's shards must
+come from; ``shard_map``/``shard_reduce`` check it before any worker starts
+(``crossprod_tile`` needs "tiles", from :func:`tiles2d`).
+
 Reserved fields.  ``signature`` and ``supports_views`` are accepted for parity
 with the R package ``shard``'s ``register_kernel`` and stored, but nothing in
 shardc reads them yet: every kernel is called like ``fun`` (its parameters are
@@ -54,6 +59,8 @@ class Kernel:
         supports_views: reserved (see the module docstring); whether ``impl``
             accepts non-contiguous views.  Always True in practice today.
         description: one line for :func:`list_kernels` users.
+        descriptor: None (any shards), or the descriptor kind(s) (``strategy``)
+            its shards must come from, e.g. "tiles".
     """
 
     name: str
@@ -62,6 +69,21 @@ class Kernel:
     footprint: Any = None
     supports_views: bool = True
     description: str | None = None
+    descriptor: str | tuple[str, ...] | None = None
+
+    def check_shards(self, desc: Any) -> None:
+        """Raise before any worker starts if ``desc`` is not the kind of shards this kernel needs."""
+        want = self.descriptor
+        if want is None:
+            return
+        kinds = (want,) if isinstance(want, str) else want
+        got = getattr(desc, "strategy", None)
+        if got not in kinds:
+            hint = " from tiles2d(n_x, n_y, block_x, block_y)" if "tiles" in kinds else ""
+            raise InvalidArgumentError(
+                f"kernel {self.name!r} needs shards of kind {' or '.join(map(repr, kinds))}{hint}, "
+                f"got {got!r} shards ({desc!r})"
+            )
 
     def classify(self, shard: Any) -> tuple[str, int | None]:
         """``(class, bytes)`` of one shard's footprint."""
@@ -91,6 +113,7 @@ def classify_bytes(n: int) -> str:
 
 
 _registry: dict[str, Kernel] = {}
+DESCRIPTOR_KINDS = ("contiguous", "strided", "list", "tiles")
 
 
 def register_kernel(
@@ -100,6 +123,7 @@ def register_kernel(
     footprint: Any = None,
     supports_views: bool = True,
     description: str | None = None,
+    descriptor: str | tuple[str, ...] | None = None,
 ) -> Kernel:
     """Register ``impl`` under ``name`` (replacing an earlier one) and return it.
 
@@ -111,6 +135,9 @@ def register_kernel(
             function of the shard returning either.
         supports_views: reserved: must be a bool.
         description: one line describing the kernel.
+        descriptor: None, or the descriptor kind(s) its shards must come from
+            ("contiguous", "strided", "list", "tiles"); checked by
+            ``shard_map``/``shard_reduce`` before any worker starts.
 
     Raises:
         InvalidArgumentError: empty name, non-callable impl, bad footprint, or a
@@ -132,7 +159,14 @@ def register_kernel(
         raise InvalidArgumentError(
             f"kernel {name!r}: footprint must be bytes (>= 0), a dict or a function of the shard, got {footprint!r}"
         )
-    k = Kernel(name, impl, signature, footprint, supports_views, description)
+    kinds = (descriptor,) if isinstance(descriptor, str) else descriptor
+    if kinds is not None and (
+        not isinstance(kinds, tuple) or not kinds or not all(k in DESCRIPTOR_KINDS for k in kinds)
+    ):
+        raise InvalidArgumentError(
+            f"kernel {name!r}: descriptor must be None or one or more of {DESCRIPTOR_KINDS}, got {descriptor!r}"
+        )
+    k = Kernel(name, impl, signature, footprint, supports_views, description, descriptor)
     _registry[name] = k
     return k
 
@@ -268,4 +302,6 @@ def crossprod_tile(tile: Tile, X: np.ndarray, Y: np.ndarray, Z: np.ndarray) -> N
 
 register_kernel("col_means", col_means, description="column means of a column block into out")
 register_kernel("col_vars", col_vars, description="sample variances (ddof=1) of a column block into out")
-register_kernel("crossprod_tile", crossprod_tile, description="X[:, xs].T @ Y[:, ys] into Z, per 2-D tile")
+register_kernel(
+    "crossprod_tile", crossprod_tile, description="X[:, xs].T @ Y[:, ys] into Z, per 2-D tile", descriptor="tiles"
+)

@@ -16,7 +16,8 @@ master -> worker
 worker -> master
     ``(HELLO, pid, None)``         started
     ``(READY, call_id, err)``      the call is set up (err: an error record or None)
-    ``(RESULTS, call_id, [Outcome])``   rpc: a chunk's outcomes
+    ``(RESULTS, call_id, [Outcome])`` (+ fds)   rpc: a chunk's outcomes (fds: big
+                                   array values, ``shardc.values``)
     ``(QFAIL, call_id, Outcome)``  shm_queue: a failed shard
     ``(QCOW, call_id, (sid, events))``  shm_queue: writes into borrowed inputs
     ``(QDONE, call_id, dict)``     shm_queue: the worker left the ring
@@ -35,6 +36,7 @@ CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "
 HELLO, READY, RESULTS, QFAIL, QCOW, QDONE, QIDLE = "hello", "ready", "results", "qfail", "qcow", "qdone", "qidle"
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
+OK_SEGMENT = 3  # a big array in a segment whose fd rides with the message: value = (fd index, spec)
 
 # Exit status of a worker that retires by itself: a shard wrote more of an
 # input inherited over fork than the guards could save, so this process's
@@ -49,7 +51,7 @@ class Outcome(NamedTuple):
     """What one attempt of one shard produced (sent back to the master)."""
 
     sid: int
-    ok: int  # OK, ERR or OK_PICKLED
+    ok: int  # OK, ERR, OK_PICKLED or OK_SEGMENT
     value: Any  # the return value (OK), its pickle (OK_PICKLED) or an error record (ERR)
     t0: int  # monotonic ns at start
     t1: int  # monotonic ns at end

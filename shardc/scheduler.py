@@ -8,6 +8,11 @@ measured shard time) and the huge-kernel throttle
 worker: dispatchers take chunks from it and report outcomes to it; the
 supervisor reports deaths to it.
 
+A front end that streams values (``shard_reduce``) gives a ``sink``: each
+final outcome goes to ``sink(sid, value, ok)`` as it arrives and the
+scheduler keeps no value (``results`` stays None), so the master holds only
+what the sink keeps.
+
 Retries: a shard runs at most ``1 + max_retries`` times.  Exceptions known
 to be deterministic (a ``cow="deny"`` violation, a binding error, an
 unpicklable return value) fail at once.
@@ -38,6 +43,9 @@ class Scheduler:
         huge: None, or ``(k, is_huge)``: at most ``k`` chunks holding shards
             for which ``is_huge(sid)`` is true run at once.
         diag: the call's diagnostics record.
+        sink: None (values are kept in ``results``), or ``sink(sid, value,
+            ok)`` called once per shard with its final outcome (``ok``
+            False: ``value`` is its :class:`ShardFailure`); nothing is kept.
     """
 
     def __init__(
@@ -48,6 +56,7 @@ class Scheduler:
         autotune: dict[str, Any] | None,
         huge: tuple[int, Any] | None,
         diag: Diagnostics,
+        sink: Any = None,
     ) -> None:
         self.num = num
         self.max_retries = max_retries
@@ -55,6 +64,7 @@ class Scheduler:
         self.autotune = autotune
         self.huge = huge
         self.diag = diag
+        self.sink = sink
         self.next_fresh = 0
         self.retry: deque[int] = deque()
         self.attempts = np.zeros(num, dtype=np.int16)
@@ -145,8 +155,11 @@ class Scheduler:
         if self.state[sid] != PENDING:
             return  # a duplicate (a retried shard whose first run also reported)
         self.state[sid] = DONE
-        self.results[sid] = value
         self.completed += 1
+        if self.sink is not None:
+            self.sink(sid, value, True)
+        else:
+            self.results[sid] = value
 
     def record_failure(self, sid: int, err: dict[str, Any], charge: bool = True, worker: int | None = None) -> None:
         """An attempt of ``sid`` failed on worker slot ``worker`` (``err``: a protocol error record);
@@ -163,10 +176,13 @@ class Scheduler:
                 sid, int(self.attempts[sid]), err["type"], err["message"], err.get("traceback", ""), exc, hist
             )
             self.failures[sid] = fail
-            self.results[sid] = FailedShard(fail)
             self.state[sid] = FAILED
             self.n_failed += 1
             self.diag.attempt_failed(sid, worker, int(self.attempts[sid]), err, final=True)
+            if self.sink is not None:
+                self.sink(sid, fail, False)
+            else:
+                self.results[sid] = FailedShard(fail)
         else:
             self.retries_total += 1
             self.retry.append(sid)

@@ -23,6 +23,7 @@ Workers map every borrowed segment ``MAP_PRIVATE`` and read-only; see
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import pickle
 import threading
@@ -60,8 +61,9 @@ class Shared:
 
     Attributes:
         kind: "array" or "pickle".
-        how: "reference" (already shared), "copied" (copied once now) or
-            "pickled" (protocol-5 payload + out-of-band segments).
+        how: "reference" (already shared), "file" (a memmap's file, mapped
+            by the workers), "copied" (copied once now) or "pickled"
+            (protocol-5 payload + out-of-band segments).
         bytes_copied: bytes written into new segments to share this object.
         nbytes: size of the data (array bytes, or payload + buffers).
         segments: the segments it uses.
@@ -302,6 +304,38 @@ def _pickle(obj: Any, backing: str) -> Shared:
             s.close()
         raise
     return Shared("pickle", "pickled", segs, payload=payload, buffers=bufs, bytes_copied=copied)
+
+
+def file_reference(arr: np.ndarray) -> Shared | None:
+    """A file-backed array (``np.memmap``) by reference to its file: workers
+    map the file itself (read-only, private, under the cow guards), nothing is
+    copied.  None when ``arr`` is not a memmap sharing its file's pages (mode
+    "c" keeps private changes the file does not have; a derived array may
+    have no mapping): it is then copied like any other array.
+
+    The array must not change while a call runs (as for every borrowed
+    input); a file changed by another process meanwhile shows in the workers.
+    """
+    mm = getattr(arr, "_mmap", None)
+    path = getattr(arr, "filename", None)
+    if not isinstance(arr, np.memmap) or mm is None or path is None or getattr(arr, "mode", "c") == "c":
+        return None
+    if arr.dtype.hasobject or arr.size == 0:
+        return None
+    try:
+        base = np.frombuffer(mm, dtype=np.uint8).ctypes.data  # the start of numpy's mapping
+    except (TypeError, ValueError):  # a closed mmap
+        return None
+    start = int(arr.offset) - int(arr.offset) % mmap.ALLOCATIONGRANULARITY  # its file offset (as numpy maps it)
+    offset = start + (arr.ctypes.data - base)
+    seg = Segment.open(os.fspath(path), backing="file", writable=False)
+    lo, span = array_extent(arr)
+    if lo - arr.ctypes.data + offset < 0 or lo - arr.ctypes.data + offset + span > seg.size:
+        seg.close()  # the file shrank under the memmap: copy what the array shows
+        return None
+    return Shared(
+        "array", "file", [seg], dtype=arr.dtype, shape=arr.shape, strides=arr.strides, offset=offset, owns=True
+    )
 
 
 def share(obj: Any, backing: str = "auto") -> Shared:

@@ -90,6 +90,7 @@ class Diagnostics:
         self.cow: dict[str, dict[str, Any]] = {}
         self.retries = 0
         self.returned_ignored = 0  # shm_queue: shards whose return value was dropped
+        self.reduce: dict[str, Any] = {}  # shard_reduce's own counts (groups, partials, combine steps, ...)
         self.error_logs: list[str] = []  # shm_queue error_log files
         self.throttles = 0
         self._out_alloc: dict[str, tuple[str, int | None]] = {}  # segment key -> (name, bytes allocated at start)

@@ -56,6 +56,7 @@ from ..protocol import (
     HELLO,
     OK,
     OK_PICKLED,
+    OK_SEGMENT,
     QUEUE,
     READY,
     RESULTS,
@@ -65,6 +66,8 @@ from ..protocol import (
 from ..segment import Segment
 from ..share import array_extent, view_array
 from ..status import DoneMap, StatusTable
+from ..values import is_big_array
+from ..values import pack as pack_value
 from .executor import ShardExecutor
 from .heap import HeapPolicy
 from .queue_loop import run_queue_call
@@ -233,10 +236,19 @@ class Worker:
         the only shard the master charges when it kills this worker."""
         row = self.row
         out = []
+        segs: list[Segment] = []  # big arrays travel in segments (shardc.values), their fds with the message
         for r in results:
             if r[1] == OK and type(r[2]) not in _TRIVIAL:
                 row.set_sending(r[0])
                 try:
+                    if is_big_array(r[2]):
+                        try:
+                            seg, spec = pack_value(r[2])
+                            segs.append(seg)
+                            out.append((r[0], OK_SEGMENT, (len(segs) - 1, spec), *r[3:]))
+                            continue
+                        except OSError:
+                            pass  # no room for a segment: pickle it as before
                     out.append((r[0], OK_PICKLED, pickle.dumps(r[2], protocol=5), *r[3:]))
                 except Exception as exc:  # noqa: BLE001 - reported as that shard's failure
                     err = TypeError(
@@ -247,7 +259,11 @@ class Worker:
             else:
                 out.append(r)
         row.set_sending(None)
-        self.chan.send((RESULTS, call_id, out))
+        try:
+            self.chan.send((RESULTS, call_id, out), [seg.fd for seg in segs])
+        finally:
+            for seg in segs:
+                seg.close()
 
     def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]]) -> None:
         """Run a RUN message's chunk, and the RUN messages queued behind it
