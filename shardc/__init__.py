@@ -11,6 +11,7 @@ from .errors import (
     BorrowedInputWriteError,
     CallSetupTimeoutError,
     ClosedError,
+    ExecutorBrokenError,
     GuardError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -31,6 +32,7 @@ from .errors import (
     WorkerMemoryError,
     WorkerSetupError,
 )
+from .executor import Executor
 from .kernels import list_kernels, register_kernel, tiles2d
 from .map import shard_map
 from .pool import Pool, pool_create, pool_get, pool_health_check, pool_status, pool_stop
@@ -51,6 +53,8 @@ __all__ = [
     "shards_list",
     "tiles2d",
     "shard_map",
+    "Executor",
+    "ExecutorBrokenError",
     "ShardResult",
     "ShardFailure",
     "FailedShard",

@@ -72,11 +72,14 @@ class RpcDispatcher(Dispatcher):
         limit = size * self.depth()
         while len(st.inflight) < limit and sched.pending_count():
             ids = sched.take_chunk(size)
+            if not ids:
+                break  # an open call's fed tasks were all cancelled (shardc.stream)
             if not sched.admit(ids):
                 break  # huge-kernel throttle: wait for a huge chunk to finish
             for s in ids:
                 st.inflight[s] = None
-            batch.append((RUN, self.call_id, ids))
+            data = sched.task_data(ids)
+            batch.append((RUN, self.call_id, ids) if data is None else (RUN, self.call_id, ids, data))
         if batch:
             try:
                 n = w.chan.send_many(batch)

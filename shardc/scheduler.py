@@ -87,6 +87,13 @@ class Scheduler:
             self.next_fresh += k
         return ids
 
+    def task_data(self, ids: list[int]) -> Any:
+        """Data the workers need for ``ids`` beyond their ids (sent with the
+        chunk; the worker's call descriptor gets it): None for a shard_map
+        call, where an id says it all.  Open calls (``shardc.stream``) send
+        each task's pickled function and arguments."""
+        return None
+
     def put_back(self, ids: list[int]) -> None:
         """Return ids that were taken but not handed out (they go first)."""
         for s in reversed(ids):

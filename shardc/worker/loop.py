@@ -249,19 +249,26 @@ class Worker:
         row.set_sending(None)
         self.chan.send((RESULTS, call_id, out))
 
+    def chunk_ids(self, msg: tuple) -> list[int]:
+        """A RUN message's ids; per-id data riding with them (an open call's
+        tasks) goes to the call's descriptor first."""
+        if len(msg) > 3:
+            self.ex.call.desc.feed(msg[2], msg[3])
+        return msg[2]
+
     def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]]) -> None:
         """Run a RUN message's chunk, and the RUN messages queued behind it
         while they are short; send all their outcomes in one RESULTS."""
         chan, ex = self.chan, self.ex
         call_id = msg[1]
-        results = ex.run_ids(msg[2])
+        results = ex.run_ids(self.chunk_ids(msg))
         t_first = time.monotonic()
         pending.extend(chan.poll_nonblocking())
         while pending and pending[0][0][0] == RUN and not ex.tainted:
             left = COALESCE_S - (time.monotonic() - t_first)
             if left <= 0:
                 break
-            ids = pending.popleft()[0][2]
+            ids = self.chunk_ids(pending.popleft()[0])
             # Shards known to be short: the chunks queued behind this one that
             # fit in the time left run in the same executor call (chunks of one
             # tiny shard would otherwise pay the call's setup once per shard).
@@ -269,7 +276,7 @@ class Worker:
             if pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
                 ids = list(ids)
                 while pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
-                    ids += pending.popleft()[0][2]
+                    ids += self.chunk_ids(pending.popleft()[0])
             ex.run_ids(ids, results)
             pending.extend(chan.poll_nonblocking())
         self.send_results(call_id, results)
