@@ -1,0 +1,19 @@
+"""Peer suites run against shardc: each module may list the peer tests it
+expects to fail, with the reason, in ``XFAIL = {test name: reason}``; they
+are marked ``xfail(strict=True)`` here, so a test that starts passing shows."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        table = getattr(item.module, "XFAIL", None) if hasattr(item, "module") else None
+        if not table:
+            continue
+        name = item.name.split("[", 1)[0]
+        key = f"{item.cls.__name__}.{name}" if item.cls is not None else name
+        reason = table.get(key, table.get(name))
+        if reason is not None:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
