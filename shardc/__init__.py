@@ -36,6 +36,7 @@ from .executor import Executor
 from .kernels import list_kernels, register_kernel, tiles2d
 from .map import shard_map
 from .pool import Pool, pool_create, pool_get, pool_health_check, pool_status, pool_stop
+from .pool_map import DispatchResult, dispatch_chunks, pool_lapply, pool_sapply  # also attaches Pool.map/imap
 from .result import FailedShard, ShardFailure, ShardResult
 from .shards import Shard, ShardDescriptor, shards, shards_list
 from .share import Shared, share
@@ -64,6 +65,10 @@ __all__ = [
     "pool_stop",
     "pool_status",
     "pool_health_check",
+    "pool_lapply",
+    "pool_sapply",
+    "dispatch_chunks",
+    "DispatchResult",
     "register_kernel",
     "list_kernels",
     "report",

@@ -83,8 +83,9 @@ def run_task(task: Any, **borrow: Any) -> Any:
         raise ShardcError("shardc internal error: a task arrived without its data")
     kind, fn, args, kwargs = pickle.loads(task)
     if kind == _CHUNK:
-        if borrow:
-            return [fn(*a, **borrow) for a in args]
+        kw = {**borrow, **kwargs} if kwargs else borrow
+        if kw:
+            return [fn(*a, **kw) for a in args]
         return [fn(*a) for a in args]
     if borrow:
         kwargs = {**borrow, **kwargs}
@@ -318,6 +319,13 @@ class Executor(_BaseExecutor):
         """Schedule ``fn(*args, **kwargs)`` (plus the borrowed inputs); returns its Future."""
         return self._submit(_CALL, fn, args, kwargs)
 
+    def submit_batch(
+        self, fn: Callable[..., Any], arg_tuples: list[tuple[Any, ...]], kwargs: dict[str, Any] | None = None
+    ) -> Future[list[Any]]:
+        """One task running ``[fn(*a, **kwargs) for a in arg_tuples]`` (plus the
+        borrowed inputs): what ``map`` with a ``chunksize`` sends per chunk."""
+        return self._submit(_CHUNK, fn, list(arg_tuples), kwargs)
+
     def _submit(self, kind: int, fn: Any, args: Any, kwargs: Any) -> Future[Any]:
         if not callable(fn):
             raise InvalidArgumentError(f"fn must be callable, got {type(fn).__name__}")
@@ -359,7 +367,7 @@ class Executor(_BaseExecutor):
         if n == 1:
             fs = [self._submit(_CALL, fn, a, {}) for a in items]
             return _ordered(fs, end, flat=False)
-        fs = [self._submit(_CHUNK, fn, chunk, None) for chunk in _chunks(items, n)]
+        fs = [self._submit(_CHUNK, fn, chunk, None) for chunk in chunked(items, n)]
         return _ordered(fs, end, flat=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -401,7 +409,7 @@ def _result(f: Future[Any], end: float | None) -> Any:
     return f.result() if end is None else f.result(end - time.monotonic())
 
 
-def _chunks(items: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
+def chunked(items: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
     while True:
         chunk = list(itertools.islice(items, n))
         if not chunk:
