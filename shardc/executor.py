@@ -36,7 +36,6 @@ import atexit
 import functools
 import itertools
 import logging
-import pickle
 import threading
 import time
 import weakref
@@ -44,8 +43,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
 from typing import Any
-
-import cloudpickle
 
 from .call import Call
 from .diagnostics import Diagnostics, Progress
@@ -67,6 +64,7 @@ from .result import ShardFailure
 from .status import DoneMap
 from .stream import StreamScheduler, TaskTable, Waker
 from .supervisor import Supervisor
+from .task_pickle import ArgSharer, dumps_task
 from .units import check_recycle, parse_bytes
 from .validate import COW_MODES, check_choice, check_int, check_names, check_timeout, pickle_function
 
@@ -81,7 +79,7 @@ def run_task(task: Any, **borrow: Any) -> Any:
     """The open call's function, in a worker: unpickle one task and run it."""
     if task is None:
         raise ShardcError("shardc internal error: a task arrived without its data")
-    kind, fn, args, kwargs = pickle.loads(task)
+    kind, fn, args, kwargs = task.load()
     if kind == _CHUNK:
         kw = {**borrow, **kwargs} if kwargs else borrow
         if kw:
@@ -90,16 +88,6 @@ def run_task(task: Any, **borrow: Any) -> Any:
     if borrow:
         kwargs = {**borrow, **kwargs}
     return fn(*args, **kwargs)
-
-
-def dumps_task(kind: int, fn: Any, args: Any, kwargs: Any) -> bytes:
-    """Pickle a task: plain pickle when it can (fast), else cloudpickle
-    (lambdas, closures, functions defined in ``__main__``)."""
-    t = (kind, fn, args, kwargs)
-    try:
-        return pickle.dumps(t, protocol=5)
-    except Exception:  # noqa: BLE001 - cloudpickle is the general path
-        return cloudpickle.dumps(t, protocol=5)
 
 
 def _task_error(fn: Any, fail: ShardFailure) -> BaseException:
@@ -205,6 +193,11 @@ class Executor(_BaseExecutor):
             is idle, and each result is sent as soon as it exists.  More
             saves a round trip per task for tiny tasks (``map`` with a
             ``chunksize`` does that better).
+        max_nbytes: None (default: arguments are pickled, as by
+            ProcessPoolExecutor), or a size ("1M"): NumPy array arguments
+            this big or bigger are shared zero-copy instead (copied once
+            into shared memory, reused while the array lives; read-only in
+            the task under ``cow``; see ``shardc.task_pickle``).
 
     Raises:
         InvalidArgumentError: a bad argument (before any worker starts).
@@ -226,6 +219,7 @@ class Executor(_BaseExecutor):
         packages: list[str] | None = None,
         pool: Pool | None = None,
         prefetch: int = 1,
+        max_nbytes: Any = None,
     ) -> None:
         if max_workers is not None and (
             isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
@@ -238,6 +232,7 @@ class Executor(_BaseExecutor):
         drift = check_recycle(recycle)
         check_choice(cow, "cow", COW_MODES)
         depth = check_int(prefetch, "prefetch", 1)
+        share_min = None if max_nbytes is None else parse_bytes(max_nbytes, "max_nbytes")
         if initializer is not None and not callable(initializer):
             raise InvalidArgumentError(f"initializer must be callable, got {type(initializer).__name__}")
         if not isinstance(initargs, tuple):
@@ -252,6 +247,7 @@ class Executor(_BaseExecutor):
                 )
         self._shutdown = False
         self._engine: _Engine | None = None
+        self._sharer = ArgSharer(share_min) if share_min else None
         call = Call(
             desc=TaskTable(CAPACITY),
             mode="rpc_chunked",
@@ -334,7 +330,7 @@ class Executor(_BaseExecutor):
         fut: Future[Any] = Future()
         fut._shardc_fn = fn  # type: ignore[attr-defined] # names the task in errors
         try:
-            data = dumps_task(kind, fn, args, kwargs)
+            data, segs = dumps_task((kind, fn, args, kwargs), self._sharer)
         except Exception as exc:  # noqa: BLE001 - the future fails, as with ProcessPoolExecutor
             name = getattr(fn, "__qualname__", None) or repr(fn)
             err = UnpicklableFunctionError(f"task {name} cannot be pickled to send it to a worker: {exc}")
@@ -347,7 +343,7 @@ class Executor(_BaseExecutor):
                 raise ExecutorBrokenError(f"this executor cannot run tasks any more: {engine.broken}")
             if self._shutdown:
                 raise UsageError("cannot schedule new futures after shutdown")
-            engine.sched.feed(fut, data)
+            engine.sched.feed(fut, data, segs)
         return fut
 
     def map(
@@ -380,8 +376,8 @@ class Executor(_BaseExecutor):
         with engine.lock:
             self._shutdown = True
         if cancel_futures:
-            for fut, _ in engine.sched.take_incoming():
-                fut.cancel()
+            for t in engine.sched.take_incoming():
+                t[0].cancel()
         engine.close()
         _live.discard(self)
         if wait and engine.thread is not threading.current_thread():

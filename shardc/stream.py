@@ -78,23 +78,38 @@ class Waker:
         self._w.close()
 
 
+class Task:
+    """A task's data in a worker; :meth:`load` unpickles it (inside the
+    shard's error handling, so a task that cannot be loaded fails alone)."""
+
+    __slots__ = ("blob", "loader")
+
+    def __init__(self, blob: bytes, loader: Callable[[bytes], Any]) -> None:
+        self.blob = blob
+        self.loader = loader
+
+    def load(self) -> Any:
+        return self.loader(self.blob)
+
+
 class TaskTable:
     """The call descriptor of an open call (sent to workers with the call).
 
     In a worker, :meth:`feed` stores the data that came with a chunk and
-    :meth:`shard` hands a slot's data to the call's function (once)."""
+    :meth:`shard` hands a slot's :class:`Task` to the call's function (once)."""
 
     def __init__(self, capacity: int) -> None:
         self.num_shards = capacity
-        self._data: dict[int, Any] = {}
+        self._data: dict[int, Task] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"num_shards": self.num_shards, "_data": {}}
 
-    def feed(self, ids: list[int], data: list[Any]) -> None:
-        self._data.update(zip(ids, data, strict=True))
+    def feed(self, ids: list[int], data: list[bytes], loader: Callable[[bytes], Any]) -> None:
+        for k, blob in zip(ids, data, strict=True):
+            self._data[k] = Task(blob, loader)
 
-    def shard(self, k: int, seedseq: Any = None) -> Any:
+    def shard(self, k: int, seedseq: Any = None) -> Task | None:
         return self._data.pop(k, None)
 
 
@@ -128,16 +143,20 @@ class StreamScheduler(Scheduler):
         self.accept = accept
         self.donemap = donemap
         self.waker = waker
-        self.incoming: deque[tuple[Any, Any]] = deque()  # (key, data), fed from any thread
+        self.incoming: deque[tuple[Any, Any, Any]] = deque()  # (key, data, refs), fed from any thread
         self.free = list(range(capacity - 1, -1, -1))  # slots not in use (pop() gives the lowest first)
         self.keys: list[Any] = [None] * capacity
         self.data: dict[int, Any] = {}
+        self.refs: dict[int, tuple[Any, Any]] = {}  # slot -> (segments, shared descriptors) its data refers to
         self.closed = False
         self.next_fresh = capacity  # the base class's fresh-id counter is not used
 
     # -- the feed (any thread) ---------------------------------------------------------
-    def feed(self, key: Any, data: Any) -> None:
-        self.incoming.append((key, data))
+    def feed(self, key: Any, data: Any, refs: tuple[Any, Any] | None = None) -> None:
+        """A task: ``data`` (bytes, unpickled in the worker by its loader),
+        with ``refs``: None, or ``(segments, shared descriptors)`` of the
+        arrays it refers to (segments go to workers that lack them)."""
+        self.incoming.append((key, data, refs))
         self.waker.wake()
 
     def close(self) -> None:
@@ -145,7 +164,7 @@ class StreamScheduler(Scheduler):
         self.closed = True
         self.waker.wake()
 
-    def take_incoming(self) -> list[tuple[Any, Any]]:
+    def take_incoming(self) -> list[tuple[Any, Any, Any]]:
         """Remove and return the tasks fed but not started (to cancel them)."""
         out = []
         while True:
@@ -170,7 +189,7 @@ class StreamScheduler(Scheduler):
             ids.append(self.retry.popleft())
         while len(ids) < size and self.free:
             try:
-                key, data = self.incoming.popleft()
+                key, data, refs = self.incoming.popleft()
             except IndexError:
                 break
             if not self.accept(key):
@@ -178,14 +197,26 @@ class StreamScheduler(Scheduler):
             sid = self.free.pop()
             self.keys[sid] = key
             self.data[sid] = data
+            if refs:
+                self.refs[sid] = refs
             self.state[sid] = PENDING
             self.attempts[sid] = 0
             ids.append(sid)
         return ids
 
-    def task_data(self, ids: list[int]) -> Any:
-        data = self.data
-        return [data[s] for s in ids]
+    def task_data(self, ids: list[int]) -> tuple[list[Any], list[Any], list[Any]]:
+        data, refs = self.data, self.refs
+        if not refs:
+            return [data[s] for s in ids], [], []
+        segs: dict[str, Any] = {}
+        shared: list[Any] = []
+        for s in ids:
+            r = refs.get(s)
+            if r is not None:
+                for seg in r[0]:
+                    segs[seg.key] = seg
+                shared.extend(r[1])
+        return [data[s] for s in ids], list(segs.values()), shared
 
     def record_success(self, sid: int, value: Any) -> None:
         if self.state[sid] != PENDING:
@@ -209,6 +240,7 @@ class StreamScheduler(Scheduler):
         key = self.keys[sid]
         self.keys[sid] = None
         self.data.pop(sid, None)
+        self.refs.pop(sid, None)
         self.history.pop(sid, None)
         self.diag.attempt_log.pop(sid, None)
         self.donemap.clear(sid)
@@ -224,4 +256,5 @@ class StreamScheduler(Scheduler):
         keys = [k for k in self.keys if k is not None]
         self.keys = [None] * self.num
         self.data.clear()
-        return keys + [k for k, _ in self.take_incoming()]
+        self.refs.clear()
+        return keys + [t[0] for t in self.take_incoming()]

@@ -256,3 +256,26 @@ def test_initializer_runs_in_every_worker():
         assert set(ex.map(get_env, ["H15_INIT"] * 4)) == {"yes"}
     with pytest.raises(UsageError):
         ex.submit(square, 1)
+
+
+def arg_info(X, i):
+    return float(X[i].sum()), X.ctypes.data
+
+
+def arg_write(X):
+    X[3, 0] = 5.0
+
+
+def test_max_nbytes_shares_big_array_arguments_zero_copy_read_only():
+    X = np.ones((512, 512))  # 2 MiB
+    small = np.ones((4, 4))
+    with shardc.Executor(2, max_nbytes="1M") as ex:
+        out = [f.result(timeout=30) for f in [ex.submit(arg_info, X, i) for i in range(20)]]
+        assert [o[0] for o in out] == [512.0] * 20
+        assert len({o[1] for o in out}) <= 2  # mapped once per worker, not unpickled per task
+        with pytest.raises(BorrowedInputWriteError, match=r"'task argument' .*element \[3, 0\]"):
+            ex.submit(arg_write, X).result(timeout=30)
+        assert X[3, 0] == 1.0
+        ex.submit(arg_write, small).result(timeout=30)  # under max_nbytes: pickled, a private copy
+    with shardc.Executor(1) as ex:  # default: pickled, as ProcessPoolExecutor does
+        ex.submit(arg_write, X).result(timeout=30)
