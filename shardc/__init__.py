@@ -33,6 +33,8 @@ from .errors import (
     WorkerSetupError,
 )
 from .executor import Executor
+from .joblib_hook import install as _install_joblib_hook
+from .joblib_hook import register_joblib
 from .kernels import list_kernels, register_kernel, tiles2d
 from .map import shard_map
 from .pool import Pool, pool_create, pool_get, pool_health_check, pool_status, pool_stop
@@ -69,6 +71,7 @@ __all__ = [
     "pool_sapply",
     "dispatch_chunks",
     "DispatchResult",
+    "register_joblib",
     "register_kernel",
     "list_kernels",
     "report",
@@ -102,3 +105,5 @@ __all__ = [
     "GuardError",
     "WorkerSetupError",
 ]
+
+_install_joblib_hook()  # registers the joblib backend when joblib is (or gets) imported

@@ -90,10 +90,9 @@ def run_task(task: Any, **borrow: Any) -> Any:
     return fn(*args, **kwargs)
 
 
-def _task_error(fn: Any, fail: ShardFailure) -> BaseException:
+def _task_error(name: str, fail: ShardFailure) -> BaseException:
     """The exception a failed task's future gets."""
     exc = fail.exception
-    name = getattr(fn, "__qualname__", None) or repr(fn)
     if isinstance(exc, WorkerCrashedError | WorkerMemoryError):
         # The supervisor's record names the slot ("shard 17"): name the task.
         msg = (
@@ -398,7 +397,11 @@ def _deliver(fut: Future[Any], ok: bool, value: Any) -> None:
     if ok:
         fut.set_result(value)
     else:
-        fut.set_exception(_task_error(getattr(fut, "_shardc_fn", None), value))
+        name = getattr(fut, "_shardc_name", None)
+        if name is None:
+            fn = getattr(fut, "_shardc_fn", None)
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+        fut.set_exception(_task_error(name, value))
 
 
 def _result(f: Future[Any], end: float | None) -> Any:

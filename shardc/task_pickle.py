@@ -89,16 +89,14 @@ def dumps_task(task: tuple[Any, ...], sharer: ArgSharer | None) -> tuple[bytes, 
             return pickle.dumps(task, protocol=5), None
         except Exception:  # noqa: BLE001 - cloudpickle is the general path
             return cloudpickle.dumps(task, protocol=5), None
-    for cls in (_PlainSharing, _CloudSharing):
+    buf = io.BytesIO()
+    p = _PlainSharing(buf, sharer)
+    try:
+        p.dump(task)
+    except Exception:  # noqa: BLE001 - cloudpickle is the general path
         buf = io.BytesIO()
-        p = cls(buf, sharer)
-        try:
-            p.dump(task)
-        except Exception:
-            if cls is _CloudSharing:
-                raise
-            continue
-        if not p.shared:
-            return buf.getvalue(), None
-        return buf.getvalue(), (tuple(p.segments.values()), tuple(p.shared.values()))
-    raise AssertionError("unreachable")  # pragma: no cover
+        p = _CloudSharing(buf, sharer)
+        p.dump(task)
+    if not p.shared:
+        return buf.getvalue(), None
+    return buf.getvalue(), (tuple(p.segments.values()), tuple(p.shared.values()))

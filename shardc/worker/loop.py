@@ -291,12 +291,12 @@ class Worker:
         mapped read-only under the call's cow policy, once per call."""
         return _Unpickler(blob, self, self.task_objects).load()
 
-    def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]], fds: list[int]) -> None:
+    def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]], fds: list[int] | None = None) -> None:
         """Run a RUN message's chunk, and the RUN messages queued behind it
         while they are short; send all their outcomes in one RESULTS."""
         chan, ex = self.chan, self.ex
         call_id = msg[1]
-        results = ex.run_ids(self.chunk_ids(msg, fds))
+        results = ex.run_ids(self.chunk_ids(msg, fds or []))
         t_first = time.monotonic()
         pending.extend(chan.poll_nonblocking())
         while pending and pending[0][0][0] == RUN and not ex.tainted:
