@@ -40,8 +40,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import Executor as _BaseExecutor
-from concurrent.futures import Future
 from typing import Any
 
 from .call import Call
@@ -80,19 +80,42 @@ def run_task(task: Any, **borrow: Any) -> Any:
     if task is None:
         raise ShardcError("shardc internal error: a task arrived without its data")
     kind, fn, args, kwargs = task.load()
-    if kind == _CHUNK:
-        kw = {**borrow, **kwargs} if kwargs else borrow
-        if kw:
-            return [fn(*a, **kw) for a in args]
-        return [fn(*a) for a in args]
-    if borrow:
-        kwargs = {**borrow, **kwargs}
-    return fn(*args, **kwargs)
+    try:
+        if kind == _CHUNK:
+            kw = {**borrow, **kwargs} if kwargs else borrow
+            if kw:
+                return [fn(*a, **kw) for a in args]
+            return [fn(*a) for a in args]
+        if borrow:
+            kwargs = {**borrow, **kwargs}
+        return fn(*args, **kwargs)
+    except Exception:
+        raise
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: the future raises it, as with ProcessPoolExecutor
+        raise TaskBaseException(exc) from exc
+
+
+class TaskBaseException(ShardcError):
+    """Carries a ``BaseException`` that is not an ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``) raised by a task from the worker (where the shard
+    executor would turn it into a ``RuntimeError``) to the task's future,
+    which gets the original."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"task raised {type(original).__name__}({original})")
+        self.original = original
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.original,))
 
 
 def _task_error(name: str, fail: ShardFailure) -> BaseException:
     """The exception a failed task's future gets."""
     exc = fail.exception
+    if isinstance(exc, TaskBaseException):
+        orig = exc.original
+        orig.__cause__ = exc.__cause__  # the worker's traceback
+        return orig
     if isinstance(exc, WorkerCrashedError | WorkerMemoryError):
         # The supervisor's record names the slot ("shard 17"): name the task.
         msg = (
@@ -119,6 +142,8 @@ class _Engine:
         self.call = call
         self.broken: BaseException | None = None
         self.lock = threading.Lock()
+        self.kill_requested = False
+        call.wake.on_wake = self.on_wake
         self.thread = threading.Thread(target=self.serve, name="shardc-executor", daemon=True)
 
     def serve(self) -> None:
@@ -149,6 +174,26 @@ class _Engine:
                 call.wake.close()
 
     def close(self) -> None:
+        self.sched.close()
+
+    def on_wake(self) -> None:
+        """In the engine thread, on each wake: carry out a kill request."""
+        if not self.kill_requested:
+            return
+        self.kill_requested = False
+        sched, sup, pool = self.sched, self.sup, self.pool
+        sched.closed = True
+        busy = [w for w in pool.workers if w.alive and sup.ws[w.slot].inflight]
+        for fut in sched.drop_all():
+            if fut.running() or fut.set_running_or_notify_cancel():
+                fut.set_exception(CancelledError("the executor was terminated while the task was pending or running"))
+        for w in busy:
+            pool.kill(w)
+            sup.handle_death(w, reason="terminated", code=w.exitcode)
+
+    def kill(self) -> None:
+        """Ask the engine thread to drop every task and kill busy workers."""
+        self.kill_requested = True
         self.sched.close()
 
 
@@ -380,6 +425,23 @@ class Executor(_BaseExecutor):
         engine.close()
         _live.discard(self)
         if wait and engine.thread is not threading.current_thread():
+            engine.thread.join()
+
+    def terminate(self) -> None:
+        """Stop now: tasks not started are cancelled, workers running tasks
+        are killed (those futures fail with ``CancelledError``), then as
+        ``shutdown(wait=True)`` (an own pool is stopped; a given pool keeps
+        fresh workers in the killed ones' places)."""
+        engine = self._engine
+        if engine is None:
+            return
+        with engine.lock:
+            self._shutdown = True
+        for t in engine.sched.take_incoming():
+            t[0].cancel()
+        engine.kill()
+        _live.discard(self)
+        if engine.thread is not threading.current_thread():
             engine.thread.join()
 
     def __repr__(self) -> str:

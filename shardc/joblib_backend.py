@@ -33,6 +33,7 @@ offers no entry point for backends.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -57,14 +58,18 @@ except ImportError as _exc:  # pragma: no cover - exercised without joblib only
 _lock = threading.Lock()
 _cached: Pool | None = None  # the pool Parallel calls reuse (one size at a time)
 _busy: set[int] = set()  # ids of pools an executor runs on now
+_owner = os.getpid()  # the process the two above belong to
 
 
 def _take_pool(n_jobs: int) -> tuple[Pool, bool]:
     """A pool of ``n_jobs`` workers for one Parallel call: the cached one
     when free (else a private one, e.g. for concurrent calls from threads);
     returns ``(pool, private)``."""
-    global _cached
+    global _cached, _owner
     with _lock:
+        if _owner != os.getpid():  # a forked child (e.g. of an outer multiprocessing Parallel)
+            _owner, _cached = os.getpid(), None
+            _busy.clear()
         p = _cached
         if p is not None and (p.closed or p.size != n_jobs) and id(p) not in _busy:
             p.stop()
@@ -141,16 +146,25 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         require: str | None = None,
         max_nbytes: Any = "1M",
         mmap_mode: str | None = "r",
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
         **backend_kwargs: Any,
     ) -> int:
         n_jobs = self.effective_n_jobs(n_jobs)
+        if initializer is None:  # given to parallel_config: a backend parameter
+            initializer = self.backend_kwargs.get("initializer")
+            initargs = self.backend_kwargs.get("initargs", ())
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
         share = max_nbytes if mmap_mode in ("r", "c") and max_nbytes is not None else None
         if self._executor is not None:
             self.terminate()
-        pool, private = self._pool = _take_pool(n_jobs)
+        if initializer is not None:  # a pool of its own, whose workers ran it (joblib >= 1.5)
+            init = functools.partial(initializer, *initargs)
+            pool, private = self._pool = Pool(n_jobs, init_expr=init), True
+        else:
+            pool, private = self._pool = _take_pool(n_jobs)
         try:
             self._executor = Executor(
                 pool=pool,
@@ -191,11 +205,15 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         self.reset_batch_stats()
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
-        """Cancel the batches not started; those running finish first (their
-        pool is reused)."""
+        """Cancel the batches not started and kill the workers running the
+        others (fresh ones take their places in the pool)."""
+        ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.terminate()
         self.terminate()
         if ensure_ready and self.parallel is not None:
-            self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **self.parallel._backend_kwargs)
+            kw = {**self.backend_kwargs, **self.parallel._backend_kwargs}
+            self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **kw)
 
 
 def register_joblib() -> None:

@@ -56,6 +56,7 @@ class Waker:
         self._r, self._w = socket.socketpair()
         self._r.setblocking(False)
         self._w.setblocking(False)
+        self.on_wake: Callable[[], None] | None = None  # run in the loop's thread after each drain
 
     def fileno(self) -> int:
         return self._r.fileno()
@@ -72,6 +73,8 @@ class Waker:
                 pass
         except (BlockingIOError, OSError):
             pass
+        if self.on_wake is not None:
+            self.on_wake()
 
     def close(self) -> None:
         self._r.close()
@@ -249,6 +252,18 @@ class StreamScheduler(Scheduler):
         if len(diag.mem) > 4096 or len(diag.master_mem) > 4096:  # a long-lived call keeps the recent samples
             del diag.mem[:2048], diag.master_mem[:2048]
         self.deliver(key, ok, value)
+
+    def drop_all(self) -> list[Any]:
+        """Stop: every task not delivered is dropped (slots freed, nothing
+        retried); returns their keys, in flight first, then those fed."""
+        for sid, k in enumerate(self.keys):
+            if k is not None:
+                self.state[sid] = FAILED
+                self.donemap.clear(sid)
+                self.free.append(sid)
+        self.retry.clear()
+        self.history.clear()
+        return self.abandon()
 
     def abandon(self) -> list[Any]:
         """The call stopped for good: the keys of every task not delivered

@@ -8,12 +8,30 @@ import pytest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # A peer module with KEEP_ONLY = name: keep only its cases parametrized with that backend.
+    keep, dropped = [], []
+    for item in items:
+        only = getattr(getattr(item, "module", None), "KEEP_ONLY", None)
+        (keep if only is None or _runs_backend(item, only) else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
     for item in items:
         table = getattr(item.module, "XFAIL", None) if hasattr(item, "module") else None
         if not table:
             continue
         name = item.name.split("[", 1)[0]
         key = f"{item.cls.__name__}.{name}" if item.cls is not None else name
-        reason = table.get(key, table.get(name))
+        reason = table.get(item.name, table.get(key, table.get(name)))
         if reason is not None:
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+
+
+def _runs_backend(item: pytest.Item, name: str) -> bool:
+    spec = getattr(item, "callspec", None)
+    if spec is None:
+        return False
+    for v in spec.params.values():
+        if v == name or type(v).__name__ == "ShardcBackend":
+            return True
+    return False
