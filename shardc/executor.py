@@ -70,6 +70,7 @@ from .validate import COW_MODES, check_choice, check_int, check_names, check_tim
 
 log = logging.getLogger("shardc")
 
+AUTO_CHUNK_MAX = 1024  # map(chunksize=None): items per task at most
 CAPACITY = 4096  # tasks in flight at most (slots of the open call); more wait in the master
 NO_TIMEOUT = 10.0 * 365 * 86400  # timeout=None: the watchdog never fires
 _CALL, _CHUNK = 0, 1  # task kinds: fn(*args, **kwargs), or [fn(*a) for a in args]
@@ -391,19 +392,35 @@ class Executor(_BaseExecutor):
         return fut
 
     def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int | None = None,
     ) -> Iterator[Any]:
         """``fn`` over the items of ``iterables`` in order, like the builtin
-        ``map``; ``chunksize`` items travel as one task (faster for tiny
-        ones); ``timeout``: seconds from this call until every result is due
+        ``map``; ``chunksize`` items travel as one task.  None (default):
+        about 8 tasks per worker, at most ``AUTO_CHUNK_MAX`` items each (as
+        ``multiprocessing.Pool.map`` chunks; ``ProcessPoolExecutor`` sends
+        one item per task unless told otherwise): results, their order and
+        the first exception raised are the same whatever the chunking.
+        ``timeout``: seconds from this call until every result is due
         (``TimeoutError`` otherwise)."""
-        n = check_int(chunksize, "chunksize", 1)
+        if chunksize is not None:
+            check_int(chunksize, "chunksize", 1)
         if not callable(fn):
             raise InvalidArgumentError(f"fn must be callable, got {type(fn).__name__}")
         if timeout is not None:
             timeout = float(timeout)
         end = None if timeout is None else time.monotonic() + timeout
-        items = zip(*iterables, strict=False)
+        items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
+        if chunksize is None:
+            todo = list(items)
+            per = 8 * self._max_workers
+            n = max(1, min(AUTO_CHUNK_MAX, (len(todo) + per - 1) // per))
+            items = iter(todo)
+        else:
+            n = chunksize
         if n == 1:
             fs = [self._submit(_CALL, fn, a, {}) for a in items]
             return _ordered(fs, end, flat=False)

@@ -33,7 +33,7 @@ same again (``concurrent.futures`` semantics; ``shard_map`` retries those too).
 
 from __future__ import annotations
 
-import socket
+import os
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -53,32 +53,36 @@ class Waker:
     from any thread, ``drain`` in the loop."""
 
     def __init__(self) -> None:
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
         self.on_wake: Callable[[], None] | None = None  # run in the loop's thread after each drain
 
     def fileno(self) -> int:
-        return self._r.fileno()
+        return self._r
 
     def wake(self) -> None:
         try:
-            self._w.send(b"\0")
-        except (BlockingIOError, OSError):
+            os.write(self._w, b"\0")
+        except OSError:
             pass  # full (a wake is pending anyway) or closed
 
     def drain(self) -> None:
         try:
-            while self._r.recv(4096):
+            while os.read(self._r, 4096):
                 pass
-        except (BlockingIOError, OSError):
+        except OSError:
             pass
         if self.on_wake is not None:
             self.on_wake()
 
     def close(self) -> None:
-        self._r.close()
-        self._w.close()
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._r = self._w = -1
 
 
 class Task:
@@ -159,8 +163,14 @@ class StreamScheduler(Scheduler):
         """A task: ``data`` (bytes, unpickled in the worker by its loader),
         with ``refs``: None, or ``(segments, shared descriptors)`` of the
         arrays it refers to (segments go to workers that lack them)."""
-        self.incoming.append((key, data, refs))
-        self.waker.wake()
+        incoming = self.incoming
+        incoming.append((key, data, refs))
+        if len(incoming) == 1:
+            # Else a wake is pending, or the tasks before this one wait for a
+            # free slot and a delivery will dispatch them (and this one); two
+            # threads feeding at once may both skip it: the loop's tick (50 ms)
+            # dispatches then.
+            self.waker.wake()
 
     def close(self) -> None:
         """No more tasks: the call finishes once those fed are delivered."""

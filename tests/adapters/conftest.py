@@ -31,7 +31,4 @@ def _runs_backend(item: pytest.Item, name: str) -> bool:
     spec = getattr(item, "callspec", None)
     if spec is None:
         return False
-    for v in spec.params.values():
-        if v == name or type(v).__name__ == "ShardcBackend":
-            return True
-    return False
+    return any(v == name or type(v).__name__ == "ShardcBackend" for v in spec.params.values())
