@@ -117,15 +117,19 @@ def _task_error(name: str, fail: ShardFailure) -> BaseException:
         orig = exc.original
         orig.__cause__ = exc.__cause__  # the worker's traceback
         return orig
-    if isinstance(exc, WorkerCrashedError | WorkerMemoryError):
+    kind = fail.error_type.rsplit(".", 1)[-1]
+    if kind in ("WorkerCrashedError", "WorkerMemoryError"):
         # The supervisor's record names the slot ("shard 17"): name the task.
+        # (Decided by the record's type name, not by the rebuilt exception.)
         msg = (
             f"task {name}: its worker died on each of {fail.attempts} attempt(s) "
             f"(max_retries={fail.attempts - 1}); last: {fail.message}"
         )
-        if isinstance(exc, WorkerCrashedError):
-            return WorkerCrashedError(msg, exitcode=exc.exitcode, pid=exc.pid)
-        return WorkerMemoryError(msg)
+        if kind == "WorkerCrashedError":
+            return WorkerCrashedError(msg, exitcode=getattr(exc, "exitcode", None), pid=getattr(exc, "pid", None))
+        err = WorkerMemoryError(msg)
+        err.__cause__ = exc
+        return err
     if exc is None:
         return ShardcError(f"task {name} failed: {fail.error_type}: {fail.message}")
     return exc
