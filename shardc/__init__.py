@@ -11,6 +11,7 @@ from .errors import (
     BorrowedInputWriteError,
     CallSetupTimeoutError,
     ClosedError,
+    ExecutorBrokenError,
     GuardError,
     InvalidArgumentError,
     InvalidTypeError,
@@ -32,9 +33,13 @@ from .errors import (
     WorkerMemoryError,
     WorkerSetupError,
 )
+from .executor import Executor
+from .joblib_hook import install as _install_joblib_hook
+from .joblib_hook import register_joblib
 from .kernels import list_kernels, register_kernel, tiles2d
 from .map import shard_map
 from .pool import Pool, pool_create, pool_get, pool_health_check, pool_status, pool_stop
+from .pool_map import DispatchResult, dispatch_chunks, pool_lapply, pool_sapply  # also attaches Pool.map/imap
 from .reduce import shard_reduce
 from .reduction import ReduceResult
 from .result import FailedShard, ShardFailure, ShardResult
@@ -56,6 +61,8 @@ __all__ = [
     "shard_map",
     "shard_reduce",
     "ReduceResult",
+    "Executor",
+    "ExecutorBrokenError",
     "ShardResult",
     "ShardFailure",
     "FailedShard",
@@ -65,6 +72,11 @@ __all__ = [
     "pool_stop",
     "pool_status",
     "pool_health_check",
+    "pool_lapply",
+    "pool_sapply",
+    "dispatch_chunks",
+    "DispatchResult",
+    "register_joblib",
     "register_kernel",
     "list_kernels",
     "report",
@@ -99,3 +111,5 @@ __all__ = [
     "GuardError",
     "WorkerSetupError",
 ]
+
+_install_joblib_hook()  # registers the joblib backend when joblib is (or gets) imported

@@ -56,6 +56,9 @@ class Call:
     fun_blob: bytes = b""
     plan: InputPlan | None = None
     donemap: DoneMap | None = None
+    # An open call (shardc.stream): fed tasks while it runs.  ``wake`` has
+    # fileno() and drain(); it is readable when tasks were fed or the feed closed.
+    wake: Any = None
 
 
 class CallSetup:

@@ -68,7 +68,8 @@ class Dispatcher(ABC):
         """``w`` must be replaced at its next safe point (memory verdict)."""
 
     def requeued(self) -> None:  # noqa: B027 - optional hook
-        """Shards were requeued (after a death): let survivors start on them now."""
+        """Work was added (shards requeued after a death, or tasks fed to an
+        open call, see ``shardc.stream``): let workers start on it now."""
 
     @abstractmethod
     def drain(self) -> None:

@@ -78,11 +78,34 @@ class RpcDispatcher(Dispatcher):
         limit = size * self.depth()
         while len(st.inflight) < limit and sched.pending_count():
             ids = sched.take_chunk(size)
+            if not ids:
+                break  # an open call's fed tasks were all cancelled (shardc.stream)
             if not sched.admit(ids):
                 break  # huge-kernel throttle: wait for a huge chunk to finish
             for s in ids:
                 st.inflight[s] = None
-            batch.append((RUN, self.call_id, ids))
+            td = sched.task_data(ids)
+            if td is None:
+                batch.append((RUN, self.call_id, ids))
+                continue
+            data, segs, shared = td
+            if not shared:
+                batch.append((RUN, self.call_id, ids, data))
+                continue
+            # Segments the worker lacks go with this message as fds (SCM_RIGHTS).
+            new = [s for s in segs if s.key not in w.known]
+            infos = [{"key": s.key, "size": s.size, "backing": s.backing, "name": s.name} for s in new]
+            self._send(w, batch)
+            batch = []
+            try:
+                msg = (RUN, self.call_id, ids, data, infos, shared)
+                self.diag.dispatched(w.chan.send(msg, [s.fd for s in new]), 1)
+                w.known.update(s.key for s in new)
+            except OSError:
+                pass  # the worker died: its EOF is seen by the loop, which requeues
+        self._send(w, batch)
+
+    def _send(self, w: Any, batch: list[Any]) -> None:
         if batch:
             try:
                 n = w.chan.send_many(batch)

@@ -34,6 +34,8 @@ BorrowedInputWriteError        a worker wrote into a borrowed input (deny)
 WorkerSetupError               a worker failed to start, or to set up a
                                call (load ``fun``, map the inputs)
 WorkerCrashedError             a worker died (signal or exit) in a shard
+                               (also a BrokenProcessPool, for Executor users)
+ExecutorBrokenError            an Executor's engine stopped for good
 ShardTimeoutError              a shard ran past ``timeout``
 CallSetupTimeoutError          a worker hung while setting up a call
 WorkerMemoryError              a worker was killed for exceeding mem_cap
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import errno
 import signal
+from concurrent.futures.process import BrokenProcessPool  # ~7 ms at import: see WorkerCrashedError
 from typing import Any, ClassVar
 
 
@@ -224,8 +227,14 @@ class WorkerSetupError(ShardcError, RuntimeError):
     and its traceback the ``__cause__`` where it sent one."""
 
 
-class WorkerCrashedError(ShardcError, RuntimeError):
-    """The worker running a shard died.
+class WorkerCrashedError(ShardcError, BrokenProcessPool):
+    """The worker running a shard (or an Executor task) died.
+
+    A ``RuntimeError``, and a :class:`concurrent.futures.process.BrokenProcessPool`:
+    code written for ``ProcessPoolExecutor`` catches a worker death as
+    ``BrokenProcessPool``, and keeps doing so on :class:`shardc.Executor`
+    (whose pool, unlike the standard one, stays usable: only the task that
+    was running fails, after its retries).
 
     Attributes:
         exitcode: negative signal number or positive exit status.
@@ -239,6 +248,12 @@ class WorkerCrashedError(ShardcError, RuntimeError):
 
     def __reduce__(self) -> Any:
         return (type(self), (str(self), self.exitcode, self.pid))
+
+
+class ExecutorBrokenError(ShardcError, BrokenProcessPool):
+    """A :class:`shardc.Executor` can run nothing more: its engine stopped on
+    an error it cannot recover from (e.g. workers that die while starting,
+    every time).  Pending futures fail with it; ``submit`` raises it."""
 
 
 class ShardTimeoutError(ShardcError, TimeoutError):
@@ -303,6 +318,7 @@ __all__ = [
     "BorrowedInputWriteError",
     "WorkerSetupError",
     "WorkerCrashedError",
+    "ExecutorBrokenError",
     "ShardTimeoutError",
     "CallSetupTimeoutError",
     "WorkerMemoryError",

@@ -8,6 +8,11 @@ Messages (tuples; the first item is the tag):
 master -> worker
     ``(CALL, msg)`` + fds          set up a call (fun, inputs, out buffers)
     ``(RUN, call_id, ids)``        rpc: run a chunk of shard ids
+    ``(RUN, call_id, ids, data)``  ... with per-id data (an open call's tasks, see
+                                   ``shardc.stream``): ``desc.feed(ids, data, load)`` first
+    ``(RUN, call_id, ids, data, segments, shared)`` + fds   ... and arrays the data refers
+                                   to: ``shared`` descriptors, in ``segments`` (sent as fds)
+                                   or in segments the worker holds; mapped before the chunk
     ``(QUEUE, msg)`` + fds         shm_queue: pop blocks from the ring until it closes
     ``(END,)``                     drop the call's state
     ``(FORGET, keys)``             close segments the master closed

@@ -97,6 +97,17 @@ class Scheduler:
             self.next_fresh += k
         return ids
 
+    def task_data(self, ids: list[int]) -> tuple[list[Any], list[Any], list[Any]] | None:
+        """What the workers need for ``ids`` beyond their ids, sent with the
+        chunk: ``(data per id, segments, shared)`` (the worker's call
+        descriptor gets the data; segments it does not hold yet travel as
+        fds; ``shared``: descriptors of arrays in them the worker maps, under
+        the call's cow policy, before the chunk runs), or None for a
+        shard_map call, where an id says it all.  Open calls (``shardc.stream``)
+        send each task's pickled function and arguments, and big array
+        arguments by reference."""
+        return None
+
     def put_back(self, ids: list[int]) -> None:
         """Return ids that were taken but not handed out (they go first)."""
         for s in reversed(ids):

@@ -254,6 +254,11 @@ class DoneMap:
             _fail(v, "done get", sid, self.num)
         return v
 
+    def clear(self, sid: int) -> None:
+        """Unmark ``sid`` (an open call reuses the id for a new task; no
+        worker holds it)."""
+        ll.status_done_mark(self._p, self.num, sid, 0)
+
     def count(self) -> int:
         """Shards marked done."""
         return _done_count(self._p, self.num)

@@ -335,6 +335,9 @@ class Supervisor:
         try:
             for w in pool.workers:
                 self._watch(w)
+            wake = self.call.wake
+            if wake is not None:
+                sel.register(wake, selectors.EVENT_READ, None)
             dispatcher.start()
             timeout = self.call.timeout
             tick = 0.05 if timeout > 0.2 else timeout / 4
@@ -342,6 +345,10 @@ class Supervisor:
             while not dispatcher.finished():
                 wait = min(dispatcher.poll_interval, next_tick - time.monotonic())
                 for key, _ in sel.select(timeout=max(0.0, wait)):
+                    if key.data is None:  # an open call was fed (or closed)
+                        wake.drain()
+                        dispatcher.requeued()
+                        continue
                     w = pool.workers[key.data]
                     if key.fileobj is not w.chan.sock:
                         continue  # a replaced worker's stale event

@@ -54,6 +54,7 @@ BUILTIN_OF = {
     "QueueClosedError": EOFError,
     "WorkerSetupError": RuntimeError,
     "WorkerCrashedError": RuntimeError,
+    "ExecutorBrokenError": RuntimeError,
     "ShardTimeoutError": TimeoutError,
     "CallSetupTimeoutError": TimeoutError,
     "WorkerMemoryError": MemoryError,

@@ -82,19 +82,30 @@ _TRIVIAL = (type(None), bool, int, float, complex, str, bytes)
 COALESCE_S = 0.002
 
 
+def _shared_key(d: dict[str, Any]) -> tuple[Any, ...]:
+    return (tuple(d["segs"]), d["offset"], d["shape"], d["strides"], str(d["dtype"]))
+
+
 class _Unpickler(pickle.Unpickler):
     """Resolves shardc objects captured by ``fun`` (sent by reference)."""
 
-    def __init__(self, data: bytes, worker: Worker) -> None:
+    def __init__(self, data: bytes, worker: Worker, memo: dict[Any, Any] | None = None) -> None:
         super().__init__(io.BytesIO(data))
         self.worker = worker
+        self.shared_memo = memo  # shared objects already mapped this call (tasks of an open call)
 
     def persistent_load(self, pid: Any) -> Any:
         tag, desc = pid
         if tag == "buffer":
             return self.worker.out_array(desc)
         if tag == "shared":
-            return self.worker.borrowed_object(desc, desc.get("label", "captured"))
+            if self.shared_memo is None:
+                return self.worker.borrowed_object(desc, desc.get("label", "captured"))
+            key = _shared_key(desc)
+            obj = self.shared_memo.get(key)
+            if obj is None:
+                obj = self.shared_memo[key] = self.worker.borrowed_object(desc, desc.get("label", "argument"))
+            return obj
         raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
 
 
@@ -113,6 +124,7 @@ class Worker:
         self.private_maps: dict[str, ll.Mapping] = {}
         self.heap = HeapPolicy(self.row, self.pid)
         self.ex = ShardExecutor(self.row, guard, self.heap)
+        self.task_objects: dict[Any, Any] = {}  # see load_task
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -210,6 +222,7 @@ class Worker:
         self.ex.begin_call()
 
     def end_call(self) -> None:
+        self.task_objects.clear()
         c = self.ex.end_call()
         if self.guard is not None:
             for rid in c.guard_regions:
@@ -265,19 +278,48 @@ class Worker:
             for seg in segs:
                 seg.close()
 
-    def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]]) -> None:
+    def chunk_ids(self, msg: tuple, fds: list[int]) -> list[int]:
+        """A RUN message's ids; per-id data riding with them (an open call's
+        tasks) goes to the call's descriptor first, with :meth:`load_task` to
+        unpickle it, after adopting the segments sent along."""
+        if len(msg) > 3:
+            if len(msg) > 4:
+                self.adopt(msg[4], fds)
+                self.map_shared(msg[5])
+            self.ex.call.desc.feed(msg[2], msg[3], self.load_task)
+        return msg[2]
+
+    def map_shared(self, descs: list[dict[str, Any]]) -> None:
+        """Map (and guard, under the call's cow policy) the arrays an open
+        call's tasks refer to, before they run, once per call; the executor
+        binds the guard scope again when the first ones appear."""
+        fresh = False
+        for d in descs:
+            key = _shared_key(d)
+            if key not in self.task_objects:
+                self.task_objects[key] = self.borrowed_object(d, d.get("label", "task argument"))
+                fresh = True
+        if fresh:
+            self.ex.begin_call()
+
+    def load_task(self, blob: bytes) -> Any:
+        """Unpickle an open call's task: arrays it refers to in segments are
+        mapped read-only under the call's cow policy, once per call."""
+        return _Unpickler(blob, self, self.task_objects).load()
+
+    def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]], fds: list[int] | None = None) -> None:
         """Run a RUN message's chunk, and the RUN messages queued behind it
         while they are short; send all their outcomes in one RESULTS."""
         chan, ex = self.chan, self.ex
         call_id = msg[1]
-        results = ex.run_ids(msg[2])
+        results = ex.run_ids(self.chunk_ids(msg, fds or []))
         t_first = time.monotonic()
         pending.extend(chan.poll_nonblocking())
         while pending and pending[0][0][0] == RUN and not ex.tainted:
             left = COALESCE_S - (time.monotonic() - t_first)
             if left <= 0:
                 break
-            ids = pending.popleft()[0][2]
+            ids = self.chunk_ids(*pending.popleft())
             # Shards known to be short: the chunks queued behind this one that
             # fit in the time left run in the same executor call (chunks of one
             # tiny shard would otherwise pay the call's setup once per shard).
@@ -285,7 +327,7 @@ class Worker:
             if pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
                 ids = list(ids)
                 while pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
-                    ids += pending.popleft()[0][2]
+                    ids += self.chunk_ids(*pending.popleft())
             ex.run_ids(ids, results)
             pending.extend(chan.poll_nonblocking())
         self.send_results(call_id, results)
@@ -303,7 +345,7 @@ class Worker:
             msg, fds = pending.popleft()
             kind = msg[0]
             if kind == RUN:
-                self.run_chunks(msg, pending)
+                self.run_chunks(msg, pending, fds)
             elif kind == CALL:
                 try:
                     self.adopt(msg[1].get("segments", []), fds)

@@ -1,0 +1,221 @@
+"""A joblib parallel backend on shardc: ``joblib.parallel_config(backend="shardc")``.
+
+::
+
+    Parallel(n_jobs=2)(delayed(f)(X, i) for i in ...)
+      configure()  -> a shardc.Executor on a cached shardc.Pool of n_jobs workers
+                      (one open call per Parallel call: shardc.stream)
+      submit(batch) -> Executor.submit(BatchedCalls): big NumPy arguments
+                      (joblib's max_nbytes rule) go as shared segments, zero-copy
+      terminate()  -> the executor shuts down; the pool stays for the next call
+
+What it changes compared with loky:
+
+* **big arrays**: an argument of ``max_nbytes`` or more (joblib's default
+  "1M") is copied once into a sealed shardc segment (reused while the array
+  lives) and mapped read-only in each worker under ``cow="deny"`` (joblib's
+  ``mmap_mode="r"``; ``"c"`` maps it under ``cow="allow"``: writes stay
+  private), instead of being dumped to a memmapped file.  ``mmap_mode``
+  "r+"/"w+" (writes meant to reach the caller) and ``max_nbytes=None``
+  pickle the arrays instead.
+* **crashes**: a batch whose worker died runs again on a fresh worker
+  (``max_retries``, default 3) instead of breaking the pool; after that it
+  fails with :class:`~shardc.errors.WorkerCrashedError` naming the function.
+* ``timeout`` (a backend parameter) bounds each batch: its worker is killed.
+* ``require="sharedmem"`` falls back to threads and nested ``Parallel`` calls
+  inside a task run on threads, both as with joblib's own process backends.
+
+Registration: ``import shardc`` registers the backend when joblib is already
+imported, or else when joblib is imported later (a one-shot import hook that
+imports nothing itself); :func:`register_joblib` does it explicitly.  joblib
+offers no entry point for backends.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import warnings
+from concurrent.futures import Future
+from typing import Any
+
+from .errors import InvalidArgumentError, MissingDependencyError
+from .executor import Executor
+from .pool import Pool
+
+try:
+    from joblib._parallel_backends import (
+        AutoBatchingMixin,
+        FallbackToBackend,
+        ParallelBackendBase,
+        SequentialBackend,
+    )
+    from joblib.parallel import cpu_count, register_parallel_backend
+except ImportError as _exc:  # pragma: no cover - exercised without joblib only
+    raise MissingDependencyError("the joblib backend needs joblib >= 1.3: pip install 'shardc[joblib]'") from _exc
+
+_lock = threading.Lock()
+_cached: Pool | None = None  # the pool Parallel calls reuse (one size at a time)
+_busy: set[int] = set()  # ids of pools an executor runs on now
+_owner = os.getpid()  # the process the two above belong to
+
+
+def _take_pool(n_jobs: int) -> tuple[Pool, bool]:
+    """A pool of ``n_jobs`` workers for one Parallel call: the cached one
+    when free (else a private one, e.g. for concurrent calls from threads);
+    returns ``(pool, private)``."""
+    global _cached, _owner
+    with _lock:
+        if _owner != os.getpid():  # a forked child (e.g. of an outer multiprocessing Parallel)
+            _owner, _cached = os.getpid(), None
+            _busy.clear()
+        p = _cached
+        if p is not None and (p.closed or p.size != n_jobs) and id(p) not in _busy:
+            p.stop()
+            p = _cached = None
+        if p is None:
+            p = _cached = Pool(n_jobs)
+        if id(p) not in _busy:
+            _busy.add(id(p))
+            return p, False
+    return Pool(n_jobs), True
+
+
+def _give_back(pool: Pool, private: bool) -> None:
+    with _lock:
+        _busy.discard(id(pool))
+    if private:
+        pool.stop()
+
+
+class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
+    """joblib backend running batches on a shardc pool (see the module docstring).
+
+    Args (backend parameters, e.g. ``parallel_config(backend="shardc", max_retries=1)``):
+        max_retries: times a batch runs again after its worker died.
+        timeout: seconds one batch may run (None: no limit).
+        mem_cap: per-worker memory cap, as in ``shard_map``.
+    """
+
+    supports_retrieve_callback = True
+    supports_inner_max_num_threads = False
+    uses_threads = False
+    supports_sharedmem = False
+    default_n_jobs = 1
+
+    def __init__(
+        self,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+        max_retries: int = 3,
+        timeout: float | None = None,
+        mem_cap: Any = "2GB",
+        **backend_kwargs: Any,
+    ) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **backend_kwargs)
+        self.max_retries = max_retries
+        self.task_timeout = timeout
+        self.mem_cap = mem_cap
+        self._executor: Executor | None = None
+        self._pool: tuple[Pool, bool] | None = None
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise InvalidArgumentError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            return 1
+        if os.environ.get("SHARDC_WORKER") is not None:
+            return 1  # inside a shardc worker: no pool of its own
+        if not (self.in_main_thread() or self.nesting_level == 0):
+            if n_jobs != 1:
+                warnings.warn(
+                    "shardc-backed parallel loops cannot be nested below threads, setting n_jobs=1",
+                    stacklevel=3,
+                )
+            return 1
+        if n_jobs < 0:
+            return max(cpu_count() + 1 + n_jobs, 1)
+        return int(n_jobs)
+
+    def configure(
+        self,
+        n_jobs: int = 1,
+        parallel: Any = None,
+        prefer: str | None = None,
+        require: str | None = None,
+        max_nbytes: Any = "1M",
+        mmap_mode: str | None = "r",
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
+        **backend_kwargs: Any,
+    ) -> int:
+        n_jobs = self.effective_n_jobs(n_jobs)
+        if initializer is None:  # given to parallel_config: a backend parameter
+            initializer = self.backend_kwargs.get("initializer")
+            initargs = self.backend_kwargs.get("initargs", ())
+        if n_jobs == 1:
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        self.parallel = parallel
+        share = max_nbytes if mmap_mode in ("r", "c") and max_nbytes is not None else None
+        if self._executor is not None:
+            self.terminate()
+        if initializer is not None:  # a pool of its own, whose workers ran it (joblib >= 1.5)
+            init = functools.partial(initializer, *initargs)
+            pool, private = self._pool = Pool(n_jobs, init_expr=init), True
+        else:
+            pool, private = self._pool = _take_pool(n_jobs)
+        try:
+            self._executor = Executor(
+                pool=pool,
+                max_retries=self.max_retries,
+                timeout=self.task_timeout,
+                mem_cap=self.mem_cap,
+                cow="allow" if mmap_mode == "c" else "deny",
+                max_nbytes=share or None,
+            )
+        except BaseException:
+            _give_back(pool, private)
+            self._pool = None
+            raise
+        return n_jobs
+
+    def submit(self, func: Any, callback: Any = None) -> Future[Any]:
+        assert self._executor is not None, "configure() first"
+        fut = self._executor.submit(func)
+        items = getattr(func, "items", None)
+        if items:
+            f = items[0][0]
+            fname = getattr(f, "__qualname__", None) or type(f).__name__
+            fut._shardc_name = f"joblib batch of {len(items)} call(s) to {fname}"  # type: ignore[attr-defined]
+        if callback is not None:
+            fut.add_done_callback(callback)
+        return fut
+
+    def retrieve_result_callback(self, out: Future[Any]) -> Any:
+        return out.result()
+
+    def terminate(self) -> None:
+        ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            _give_back(*self._pool)
+            self._pool = None
+        self.reset_batch_stats()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Cancel the batches not started and kill the workers running the
+        others (fresh ones take their places in the pool)."""
+        ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.terminate()
+        self.terminate()
+        if ensure_ready and self.parallel is not None:
+            kw = {**self.backend_kwargs, **self.parallel._backend_kwargs}
+            self.configure(n_jobs=self.parallel.n_jobs, parallel=self.parallel, **kw)
+
+
+def register_joblib() -> None:
+    """Register the "shardc" joblib backend (idempotent)."""
+    register_parallel_backend("shardc", ShardcBackend)

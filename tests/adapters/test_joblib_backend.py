@@ -1,0 +1,129 @@
+"""shardc's joblib backend: registration without importing joblib, big
+arrays zero-copy and read-only, crash retries, generators, nesting, threads
+fallback, and scikit-learn giving loky's results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import shardc
+from shardc.errors import BorrowedInputWriteError, WorkerCrashedError
+
+joblib = pytest.importorskip("joblib", minversion="1.3")
+from joblib import Parallel, delayed, parallel_config  # noqa: E402
+
+shardc.register_joblib()
+
+
+def square(x):
+    return x * x
+
+
+def address_and_sum(X, i):
+    return X.ctypes.data, float(X[i].sum()), X.flags.writeable
+
+
+def write_first(X):
+    X[0, 0] = -1.0
+    return X[0, 0]
+
+
+def die_once(x, marker):
+    if x == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def die_always(x):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def inner_sum(n):
+    return sum(Parallel(n_jobs=2)(delayed(square)(i) for i in range(n)))
+
+
+def test_import_shardc_registers_without_importing_joblib():
+    code = (
+        "import sys, shardc; assert 'joblib' not in sys.modules, 'imported joblib'\n"
+        "import joblib\n"
+        "from joblib.parallel import BACKENDS\n"
+        "assert 'shardc' in BACKENDS, sorted(BACKENDS)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_results_in_order_generators_and_auto_batches():
+    with parallel_config(backend="shardc", n_jobs=2):
+        assert Parallel()(delayed(square)(i) for i in range(200)) == [i * i for i in range(200)]
+        gen = Parallel(return_as="generator")(delayed(square)(i) for i in range(20))
+        assert list(gen) == [i * i for i in range(20)]
+        unordered = Parallel(return_as="generator_unordered")(delayed(square)(i) for i in range(20))
+        assert sorted(unordered) == [i * i for i in range(20)]
+        assert Parallel(n_jobs=-1, batch_size="auto")(delayed(square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+
+
+def test_big_array_argument_is_shared_zero_copy_and_read_only():
+    X = np.ones((1024, 256))  # 2 MiB > max_nbytes 1M
+    with parallel_config(backend="shardc", n_jobs=2):
+        out = Parallel()(delayed(address_and_sum)(X, i) for i in range(16))
+        assert [o[1] for o in out] == [256.0] * 16
+        assert len({o[0] for o in out}) <= 2  # one mapping per worker for every task
+        with pytest.raises(BorrowedInputWriteError, match=r"element \[0, 0\]"):
+            Parallel()(delayed(write_first)(X) for _ in range(2))
+        assert X[0, 0] == 1.0
+        # mmap_mode="c": copy-on-write, the write stays private to the task
+        assert Parallel(mmap_mode="c")(delayed(write_first)(X) for _ in range(2)) == [-1.0, -1.0]
+        # max_nbytes=None: pickled, a private copy
+        assert Parallel(max_nbytes=None)(delayed(write_first)(X) for _ in range(2)) == [-1.0, -1.0]
+    assert X[0, 0] == 1.0
+
+
+def test_crash_is_retried_and_finally_names_the_function(tmp_path):
+    marker = str(tmp_path / "m")
+    with parallel_config(backend="shardc", n_jobs=2):
+        assert Parallel(batch_size=1)(delayed(die_once)(i, marker) for i in range(6)) == list(range(6))
+    with parallel_config(backend="shardc", n_jobs=2, max_retries=1):
+        with pytest.raises(WorkerCrashedError, match="joblib batch of 1 call.* to die_always"):
+            Parallel(batch_size=1)(delayed(die_always)(i) for i in range(2))
+        assert Parallel()(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+
+
+def test_nested_parallel_runs_on_threads_and_sharedmem_falls_back():
+    with parallel_config(backend="shardc", n_jobs=2):
+        assert Parallel()(delayed(inner_sum)(n) for n in range(5)) == [sum(i * i for i in range(n)) for n in range(5)]
+        seen = []
+        Parallel(require="sharedmem")(delayed(seen.append)(i) for i in range(5))
+        assert sorted(seen) == list(range(5))
+
+
+sklearn = pytest.importorskip("sklearn")
+
+
+def test_sklearn_cross_val_score_and_grid_search_match_loky():
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.model_selection import GridSearchCV, cross_val_score
+    from sklearn.svm import SVC
+
+    X, y = make_classification(n_samples=300, n_features=12, random_state=0)
+    rf = RandomForestClassifier(n_estimators=50, random_state=0)
+    grid = {"C": [0.1, 1.0, 10.0], "gamma": ["scale", 0.01]}
+    res = {}
+    for backend in ("loky", "shardc"):
+        with parallel_config(backend=backend):
+            cv = cross_val_score(rf, X, y, cv=5, n_jobs=2)
+            gs = GridSearchCV(SVC(), grid, cv=3, n_jobs=2).fit(X, y)
+        res[backend] = (cv, gs.best_params_, gs.cv_results_["mean_test_score"])
+    np.testing.assert_array_equal(res["loky"][0], res["shardc"][0])
+    assert res["loky"][1] == res["shardc"][1]
+    np.testing.assert_array_equal(res["loky"][2], res["shardc"][2])
