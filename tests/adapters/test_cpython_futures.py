@@ -23,6 +23,9 @@ import pytest
 
 import shardc
 
+# A peer project's own suite: its own CI step (.ci/run), not the core run (-m peer_suite).
+pytestmark = pytest.mark.peer_suite
+
 DEFAULT = "/tmp/shardc-peer/cpython/usr/lib/python3.11/test/test_concurrent_futures.py"
 PATH = Path(os.environ.get("SHARDC_CPYTHON_FUTURES", DEFAULT))
 

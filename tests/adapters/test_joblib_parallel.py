@@ -10,6 +10,9 @@ import pytest
 
 import shardc
 
+# A peer project's own suite: its own CI step (.ci/run), not the core run (-m peer_suite).
+pytestmark = pytest.mark.peer_suite
+
 pytest.importorskip("joblib", minversion="1.3")
 shardc.register_joblib()  # first: the peer module's lists are built from joblib's BACKENDS at import
 peer = pytest.importorskip("joblib.test.test_parallel")
