@@ -8,6 +8,7 @@ import operator
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -421,3 +422,23 @@ def test_every_group_failing_leaves_the_identity(pools):
     )
     assert r.value == 0 and sorted(r.failures) == [0, 2, 4] and r.missing == [(0, 2), (2, 4), (4, 6)]
     assert r.diagnostics.reduce["partials"] == 0 and r.diagnostics.reduce["fold_steps"] == 0
+
+
+def test_channel_close_releases_fds_of_a_frame_cut_short():
+    """A worker killed while sending RESULTS (fds first, then the payload) leaves fds in the
+    master's channel: closing the channel closes them (each may pin a big value's segment)."""
+    from shardc._channel import _HDR, Channel
+
+    a, b = socket.socketpair()
+    master = Channel(b)
+    base = len(os.listdir("/proc/self/fd"))
+    r, w = os.pipe()
+    payload = pickle.dumps(("results", 1, []))
+    socket.send_fds(a, [_HDR.pack(len(payload), 2) + payload[:3]], [r, w])  # the rest never comes
+    os.close(r)
+    os.close(w)
+    a.close()
+    assert master.recv_ready() == []
+    assert len(os.listdir("/proc/self/fd")) == base - 1 + 2  # the peer's end closed, 2 fds held by the channel
+    master.close()
+    assert len(os.listdir("/proc/self/fd")) == base - 2  # both sockets and both fds closed
