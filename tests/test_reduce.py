@@ -50,6 +50,8 @@ def test_value_and_diagnostics(pools):
     assert r.diagnostics.num_shards == red["groups"]
     back = pickle.loads(pickle.dumps(r))  # plain data, like ShardResult
     assert back.value == r.value and back.diagnostics.reduce == red
+    head = r.report().data["summary"]  # groups are not the caller's shards: say which is which
+    assert head.startswith(f"shard_reduce: {red['groups']}/{red['groups']} groups ok (10000 shards folded"), head
 
 
 def test_tuple_identity_with_arrays_is_copied_per_group(pools):
