@@ -444,3 +444,28 @@ def test_channel_close_releases_fds_of_a_frame_cut_short():
     assert len(os.listdir("/proc/self/fd")) == base - 1 + 2  # the peer's end closed, 2 fds held by the channel
     master.close()
     assert len(os.listdir("/proc/self/fd")) == base - 2  # both sockets and both fds closed
+
+
+def test_master_failing_to_map_a_big_value_fails_that_attempt_only(pools, monkeypatch):
+    """The master cannot map a segment-borne value (ENOMEM): that shard's attempt fails and is
+    retried, the other value of the same message arrives, and no fd is left open."""
+    from shardc import dispatch_rpc, values
+
+    calls = []
+
+    def flaky_unpack(fd, spec):
+        calls.append(fd)
+        if len(calls) == 1:
+            values.close_fds([fd])
+            raise shardc.SegmentError(12, "mmap of segment 'value' failed (injected)")
+        return values.unpack(fd, spec)
+
+    monkeypatch.setattr(dispatch_rpc, "unpack_value", flaky_unpack)
+    fds = len(os.listdir("/proc/self/fd"))
+    r = shardc.shard_map(
+        2, lambda s: np.full(300_000, s.id, dtype=np.int64), chunk_size=2, max_retries=1, pool=pools[1],
+        progress=False,
+    )  # fmt: skip
+    assert [int(v[0]) for v in r.results] == [0, 1] and r.diagnostics.retries == 1 and len(calls) == 3
+    del r
+    assert len(os.listdir("/proc/self/fd")) == fds
