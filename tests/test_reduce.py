@@ -469,3 +469,41 @@ def test_master_failing_to_map_a_big_value_fails_that_attempt_only(pools, monkey
     assert [int(v[0]) for v in r.results] == [0, 1] and r.diagnostics.retries == 1 and len(calls) == 3
     del r
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def value_fds() -> list[str]:
+    """The master's open fds of big-value segments (shardc.values)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own fd
+        if "shardc.value." in link:
+            out.append(link)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_stale_big_values_of_an_aborted_call_leave_no_fd(pools, mode):
+    """combine raising SystemExit on the master aborts the call with groups still running; their
+    RESULTS (big values: segment fds) reach the next call's setup or dispatcher, which close them."""
+    master = os.getpid()
+
+    def combine(a, b):
+        if os.getpid() == master and not isinstance(a, int):
+            raise SystemExit("stop")
+        return a + b
+
+    out = shardc.buffer("int64", 4)
+    assert value_fds() == []
+    with pytest.raises(SystemExit):
+        shardc.shard_reduce(
+            40, lambda s: (time.sleep(0.05), np.full(200_000, s.id))[1], combine, 0, group_size=1, pool=pools[2],
+            progress=False,
+        )  # fmt: skip
+    time.sleep(0.5)  # the running groups finish and report to a call that is over
+    r = shardc.shard_map(4, lambda s, o: o.__setitem__(s.id, s.id), out={"o": out}, dispatch_mode=mode, pool=pools[2])
+    assert r.succeeded and list(out.array) == [0, 1, 2, 3]
+    out.close()
+    assert value_fds() == []
