@@ -507,3 +507,18 @@ def test_stale_big_values_of_an_aborted_call_leave_no_fd(pools, mode):
     assert r.succeeded and list(out.array) == [0, 1, 2, 3]
     out.close()
     assert value_fds() == []
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_combine_returning_none_is_named(pools, group_size):
+    """The classic slip, an in-place combine without `return acc`: the error says so, in the
+    worker (a group of several shards) and on the master (one-shard groups)."""
+
+    def combine(a, b):
+        a += b
+
+    with pytest.raises(shardc.ReduceError, match="combine returned None as the accumulator"):
+        shardc.shard_reduce(
+            8, lambda s: np.ones(3), combine, np.zeros(3), group_size=group_size, max_retries=0, pool=pools[1],
+            progress=False,
+        )  # fmt: skip
