@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from .diagnostics import report
+from .errors import InvalidTypeError
 from .result import ShardFailure, _plain
 from .shards import ShardDescriptor
 from .worker.executor import seed_legacy
@@ -152,7 +153,7 @@ class Fold:
                     acc = combine(acc, fn(make(sid, ent)))
         except TypeError as exc:
             if acc is None and self.init is not None:
-                raise TypeError(f"{exc} ({NONE_HINT})") from exc
+                raise InvalidTypeError(f"{exc} ({NONE_HINT})") from exc
             raise
         return acc
 
