@@ -522,3 +522,27 @@ def test_combine_returning_none_is_named(pools, group_size):
             8, lambda s: np.ones(3), combine, np.zeros(3), group_size=group_size, max_retries=0, pool=pools[1],
             progress=False,
         )  # fmt: skip
+
+
+def test_scheduler_sink_gets_each_group_once():
+    """A group reported twice (a requeued group whose first run's RESULTS also arrive), or reported
+    after it failed for good, reaches the tree once: the first final outcome wins."""
+    from shardc.diagnostics import Diagnostics
+    from shardc.scheduler import Scheduler
+
+    seen = []
+    tree = TreeCombiner(3, operator.add)
+
+    def sink(g, value, ok):
+        seen.append((g, ok))
+        tree.put(g, value, ok)
+
+    sched = Scheduler(3, 0, 1, None, None, Diagnostics(mode="rpc_chunked", num_shards=3, cow="deny"), sink=sink)
+    assert sched.take_chunk(3) == [0, 1, 2]
+    sched.record_success(0, 10)
+    sched.record_success(0, 10)  # the duplicate
+    sched.record_failure(1, {"type": "RuntimeError", "message": "x", "deterministic": True})
+    sched.record_success(1, 20)  # late, after the group failed for good
+    sched.record_success(2, 30)
+    assert seen == [(0, True), (1, False), (2, True)] and sched.results == [None] * 3
+    assert tree.result(0) == 40 and tree.partials == 2 and tree.held == 0
