@@ -15,6 +15,7 @@ never blocks longer than the socket's own timeout.
 from __future__ import annotations
 
 import array
+import os
 import pickle
 import socket
 import struct
@@ -156,7 +157,17 @@ class Channel:
         return out
 
     def close(self) -> None:
+        """Close the socket and every received fd nobody took: those of a frame
+        cut short by the peer's death and of messages never read (each may pin
+        a segment, e.g. a big return value, ``shardc.values``)."""
         try:
             self.sock.close()
         except OSError:
             pass
+        left = self._fds + [fd for _msg, fds in self._ready for fd in fds]
+        self._fds, self._ready = [], deque()
+        for fd in left:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -22,6 +22,7 @@ from .inputs import InputPlan, array_desc
 from .protocol import CALL, FORGET, READY, raise_from_record
 from .segment import live_segment
 from .status import DoneMap
+from .values import close_fds
 
 _call_ids = count(1)
 
@@ -122,9 +123,10 @@ class CallSetup:
         try:
             w.chan.sock.settimeout(limit)
             while True:
-                reply, _ = w.chan.recv()
+                reply, fds = w.chan.recv()
                 if reply[0] == READY and reply[1] == self.call.call_id:
                     break
+                close_fds(fds)  # a stale message's big values (e.g. of a call aborted in the master)
         except TimeoutError:
             kill(w)
             self.diag.event("death", w, f"killed: no answer to the call setup within {limit:g} s", code=w.exitcode)

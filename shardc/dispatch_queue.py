@@ -54,6 +54,7 @@ from .queue import TaskRing
 from .scheduler import Scheduler
 from .status import STATE_RUNNING, DoneMap, RowSnapshot, StatusTable
 from .supervisor import Supervisor
+from .values import close_fds
 from .worker.queue_loop import COUNT_BITS, COUNT_MASK, MAX_BLOCK, encode  # the ring item format
 
 log = logging.getLogger("shardc")
@@ -332,7 +333,8 @@ class QueueDispatcher(Dispatcher):
         self.returned += payload.get("returned", 0)
 
     def on_messages(self, w: Any, msgs: list[tuple[Any, list[int]]]) -> None:
-        for m, _fds in msgs:
+        for m, fds in msgs:
+            close_fds(fds)  # only a stale rpc RESULTS carries fds (big values): nobody will read them
             if m[1] != self.call_id:
                 continue
             if m[0] == QIDLE:
@@ -465,7 +467,8 @@ class QueueDispatcher(Dispatcher):
                 if msgs is None:
                     waiting.discard(w.slot)
                     continue
-                for m, _fds in msgs:
+                for m, fds in msgs:
+                    close_fds(fds)
                     if m[1] != self.call_id:
                         continue
                     if m[0] == QDONE:

@@ -23,13 +23,22 @@ from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
-from .protocol import OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN
+from .protocol import ERR, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, error_record
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 from .values import close_fds
 from .values import unpack as unpack_value
 
 SEND_FAILURES_MAX = 8  # consecutive failed sends (each retires a worker) before the call fails
+
+
+def _unpacked(r: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
+    """Outcome ``r`` with its segment-borne array mapped (its fd closed either way); an array the
+    master cannot map (ENOMEM, ...) fails that attempt like any error, and is retried."""
+    try:
+        return (r[0], OK, unpack_value(fds[r[2][0]], r[2][1]), *r[3:])
+    except OSError as exc:
+        return (r[0], ERR, error_record(exc, r[0], deterministic=False), *r[3:])
 
 
 class RpcDispatcher(Dispatcher):
@@ -157,9 +166,7 @@ class RpcDispatcher(Dispatcher):
         sched, diag = self.sched, self.diag
         inflight = st.inflight
         if fds:  # big arrays in segments (shardc.values): map them, the array is the value
-            results = [
-                (r[0], OK, unpack_value(fds[r[2][0]], r[2][1]), *r[3:]) if r[1] == OK_SEGMENT else r for r in results
-            ]
+            results = [_unpacked(r, fds) if r[1] == OK_SEGMENT else r for r in results]
         if any(r[1] == OK_PICKLED for r in results):
             results = [(r[0], OK, pickle.loads(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
         if self.call.diagnostics:  # before the outcomes: attempts are those of the finished run

@@ -140,7 +140,7 @@ class InputPlan:
             elif self._inheritable(obj):
                 self.borrow[name] = self._inherit(name, obj, t0)
                 continue
-            elif isinstance(obj, np.memmap) and (ref := file_reference(obj)) is not None:
+            elif isinstance(obj, np.memmap) and (ref := file_reference(obj, f"borrow[{name!r}]")) is not None:
                 sh, how = ref, "file"  # the file is the shared memory: map it, copy nothing
                 self._temporaries.append(sh)
             elif (type(obj) is np.ndarray or isinstance(obj, np.memmap)) and not obj.dtype.hasobject:

@@ -45,7 +45,7 @@ from .kernels import get_kernel
 from .pool import Pool
 from .reduction import AT_NAME, Fold, GroupDescriptor, ReduceResult, TreeCombiner, auto_group_size, shard_failure
 from .scheduler import Scheduler
-from .validate import check_binding, check_int, check_names, check_out, resolve_shards
+from .validate import check_binding, check_int, check_names, check_out, pickle_function, resolve_shards
 
 log = logging.getLogger("shardc")
 
@@ -80,6 +80,16 @@ def _check_picklable(obj: Any, what: str) -> None:
         raise UnpicklableFunctionError(
             f"{what} cannot be pickled to send it to the workers: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _name_unpicklable_map(fn: Any, what: str, exc: UnpicklableFunctionError) -> None:
+    """The engine could not pickle the fold: combine and init were checked, so it is ``map``
+    (or the kernel); raise naming it and what it captures, not the internal Fold object."""
+    try:
+        pickle_function(fn, lambda obj: None)
+    except UnpicklableFunctionError as inner:
+        raise UnpicklableFunctionError(f"shard_reduce's {what.split(' ', 1)[0]}=: {inner}") from inner.__cause__
+    raise exc
 
 
 def shard_reduce(
@@ -237,6 +247,10 @@ def shard_reduce(
             label="shard_reduce",
         )
         at = at_buf.array.copy()
+    except UnpicklableFunctionError as exc:
+        if call.fun_blob:
+            raise  # fun was pickled: this came from something else
+        _name_unpicklable_map(fn, what, exc)
     finally:
         at_buf.close()
     # The fold's bookkeeping array is not the caller's output: leave it out of the reports.

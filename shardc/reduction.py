@@ -35,12 +35,14 @@ from typing import Any
 import numpy as np
 
 from .diagnostics import report
+from .errors import InvalidTypeError
 from .result import ShardFailure, _plain
 from .shards import ShardDescriptor
 from .worker.executor import seed_legacy
 
 AT_NAME = "_shardc_reduce_at"  # the out= name of the per-group "folding shard" array
 TARGET_GROUPS = 1024  # group_size="auto": about this many groups (from num_shards only)
+NONE_HINT = "combine returned None as the accumulator: an in-place combine must return it, e.g. a += b; return a"
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes)  # not tuples: they may hold arrays
 
 
@@ -136,18 +138,23 @@ class Fold:
         ent = group._seedseq
         g = group.id
         acc = fresh(self.init)
-        if kw:
-            for sid in range(group.start, group.stop):
-                at[g] = sid
-                if seeded:
-                    seed_legacy(ent, sid)
-                acc = combine(acc, fn(make(sid, ent), **kw))
-        else:
-            for sid in range(group.start, group.stop):
-                at[g] = sid
-                if seeded:
-                    seed_legacy(ent, sid)
-                acc = combine(acc, fn(make(sid, ent)))
+        try:
+            if kw:
+                for sid in range(group.start, group.stop):
+                    at[g] = sid
+                    if seeded:
+                        seed_legacy(ent, sid)
+                    acc = combine(acc, fn(make(sid, ent), **kw))
+            else:
+                for sid in range(group.start, group.stop):
+                    at[g] = sid
+                    if seeded:
+                        seed_legacy(ent, sid)
+                    acc = combine(acc, fn(make(sid, ent)))
+        except TypeError as exc:
+            if acc is None and self.init is not None:
+                raise InvalidTypeError(f"{exc} ({NONE_HINT})") from exc
+            raise
         return acc
 
 
@@ -219,6 +226,8 @@ class TreeCombiner:
         except Exception as exc:  # noqa: BLE001 - raised after the run, with where it happened
             self.error = exc
             self.error_where = f"combining two partials at level {level} of the tree"
+            if left is None or right is None:
+                self.error_where += f" (a partial is None: {NONE_HINT})"
             return _ABSENT
         self.steps += 1
         return out

@@ -10,7 +10,7 @@ supervisor reports deaths to it.
 
 A front end that streams values (``shard_reduce``) gives a ``sink``: each
 final outcome goes to ``sink(sid, value, ok)`` as it arrives and the
-scheduler keeps no value (``results`` stays None), so the master holds only
+scheduler keeps no value (``results`` holds only None), so the master holds only
 what the sink keeps.
 
 Retries: a shard runs at most ``1 + max_retries`` times.  Exceptions known

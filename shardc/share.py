@@ -306,36 +306,75 @@ def _pickle(obj: Any, backing: str) -> Shared:
     return Shared("pickle", "pickled", segs, payload=payload, buffers=bufs, bytes_copied=copied)
 
 
-def file_reference(arr: np.ndarray) -> Shared | None:
+def file_reference(arr: np.ndarray, name: str = "the memmap") -> Shared | None:
     """A file-backed array (``np.memmap``) by reference to its file: workers
     map the file itself (read-only, private, under the cow guards), nothing is
     copied.  None when ``arr`` is not a memmap sharing its file's pages (mode
     "c" keeps private changes the file does not have; a derived array may
-    have no mapping): it is then copied like any other array.
+    have no mapping) or when its path now names another file (replaced
+    since it was mapped): it is then copied like any other array.
 
     The array must not change while a call runs (as for every borrowed
     input); a file changed by another process meanwhile shows in the workers.
+
+    Raises:
+        InvalidArgumentError: the file was truncated below the end of the
+            array (reading it, even to copy it, would kill the process with
+            SIGBUS).
     """
     mm = getattr(arr, "_mmap", None)
     path = getattr(arr, "filename", None)
-    if not isinstance(arr, np.memmap) or mm is None or path is None or getattr(arr, "mode", "c") == "c":
+    if not isinstance(arr, np.memmap) or mm is None or path is None:
         return None
     if arr.dtype.hasobject or arr.size == 0:
         return None
     try:
         base = np.frombuffer(mm, dtype=np.uint8).ctypes.data  # the start of numpy's mapping
-    except (TypeError, ValueError):  # a closed mmap
+        file_size = mm.size()  # of the file numpy mapped (its own fd), even if the path was replaced
+    except (TypeError, ValueError, OSError):  # a closed mmap
         return None
     start = int(arr.offset) - int(arr.offset) % mmap.ALLOCATIONGRANULARITY  # its file offset (as numpy maps it)
     offset = start + (arr.ctypes.data - base)
-    seg = Segment.open(os.fspath(path), backing="file", writable=False)
     lo, span = array_extent(arr)
-    if lo - arr.ctypes.data + offset < 0 or lo - arr.ctypes.data + offset + span > seg.size:
-        seg.close()  # the file shrank under the memmap: copy what the array shows
+    end = lo - arr.ctypes.data + offset + span  # one past the array's last byte in the file
+    if end > file_size:  # (truncation drops even a mode "c" memmap's private pages)
+        raise InvalidArgumentError(
+            f"{name}: the file {os.fspath(path)!r} behind this np.memmap was truncated to {file_size} bytes "
+            f"but the array reaches byte {end}; reading it would crash with SIGBUS. Recreate the memmap "
+            "from the file as it is now"
+        )
+    if getattr(arr, "mode", "c") == "c":
+        return None
+    try:
+        seg = Segment.open(os.fspath(path), backing="file", writable=False)
+    except OSError:  # the path was removed (or replaced by something unreadable): copy
+        return None
+    if lo - arr.ctypes.data + offset < 0 or end > seg.size or _mapped_file(base) != _file_id(seg.fd):
+        seg.close()  # the path names another file now (replaced): copy what the array shows
         return None
     return Shared(
         "array", "file", [seg], dtype=arr.dtype, shape=arr.shape, strides=arr.strides, offset=offset, owns=True
     )
+
+
+def _file_id(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def _mapped_file(addr: int) -> tuple[int, int, int] | None:
+    """(device major, minor, inode) of the file mapped at ``addr``, from /proc/self/maps."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                rng, _perm, _off, dev, ino = line.split(None, 5)[:5]
+                lo, _, hi = rng.partition("-")
+                if int(lo, 16) <= addr < int(hi, 16):
+                    major, _, minor = dev.partition(":")
+                    return int(major, 16), int(minor, 16), int(ino)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def share(obj: Any, backing: str = "auto") -> Shared:

@@ -8,6 +8,7 @@ import operator
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def test_value_and_diagnostics(pools):
     assert r.diagnostics.num_shards == red["groups"]
     back = pickle.loads(pickle.dumps(r))  # plain data, like ShardResult
     assert back.value == r.value and back.diagnostics.reduce == red
+    head = r.report().data["summary"]  # groups are not the caller's shards: say which is which
+    assert head.startswith(f"shard_reduce: {red['groups']}/{red['groups']} groups ok (10000 shards folded"), head
 
 
 def test_tuple_identity_with_arrays_is_copied_per_group(pools):
@@ -262,7 +265,7 @@ def test_unpicklable_map_and_combine(no_workers):
     lock = threading.Lock()
     with pytest.raises(shardc.UnpicklableFunctionError, match="combine"):
         shardc.shard_reduce(10, lambda s: 1, lambda a, b: (lock, a + b)[1], 0)
-    with pytest.raises(shardc.UnpicklableFunctionError, match="cannot be pickled"):
+    with pytest.raises(shardc.UnpicklableFunctionError, match="map=.*cannot be pickled.*captures .*'lock'"):
         shardc.shard_reduce(10, lambda s: (lock, 1)[1], operator.add, 0)
 
 
@@ -421,3 +424,125 @@ def test_every_group_failing_leaves_the_identity(pools):
     )
     assert r.value == 0 and sorted(r.failures) == [0, 2, 4] and r.missing == [(0, 2), (2, 4), (4, 6)]
     assert r.diagnostics.reduce["partials"] == 0 and r.diagnostics.reduce["fold_steps"] == 0
+
+
+def test_channel_close_releases_fds_of_a_frame_cut_short():
+    """A worker killed while sending RESULTS (fds first, then the payload) leaves fds in the
+    master's channel: closing the channel closes them (each may pin a big value's segment)."""
+    from shardc._channel import _HDR, Channel
+
+    a, b = socket.socketpair()
+    master = Channel(b)
+    base = len(os.listdir("/proc/self/fd"))
+    r, w = os.pipe()
+    payload = pickle.dumps(("results", 1, []))
+    socket.send_fds(a, [_HDR.pack(len(payload), 2) + payload[:3]], [r, w])  # the rest never comes
+    os.close(r)
+    os.close(w)
+    a.close()
+    assert master.recv_ready() == []
+    assert len(os.listdir("/proc/self/fd")) == base - 1 + 2  # the peer's end closed, 2 fds held by the channel
+    master.close()
+    assert len(os.listdir("/proc/self/fd")) == base - 2  # both sockets and both fds closed
+
+
+def test_master_failing_to_map_a_big_value_fails_that_attempt_only(pools, monkeypatch):
+    """The master cannot map a segment-borne value (ENOMEM): that shard's attempt fails and is
+    retried, the other value of the same message arrives, and no fd is left open."""
+    from shardc import dispatch_rpc, values
+
+    calls = []
+
+    def flaky_unpack(fd, spec):
+        calls.append(fd)
+        if len(calls) == 1:
+            values.close_fds([fd])
+            raise shardc.SegmentError(12, "mmap of segment 'value' failed (injected)")
+        return values.unpack(fd, spec)
+
+    monkeypatch.setattr(dispatch_rpc, "unpack_value", flaky_unpack)
+    fds = len(os.listdir("/proc/self/fd"))
+    r = shardc.shard_map(
+        2, lambda s: np.full(300_000, s.id, dtype=np.int64), chunk_size=2, max_retries=1, pool=pools[1],
+        progress=False,
+    )  # fmt: skip
+    assert [int(v[0]) for v in r.results] == [0, 1] and r.diagnostics.retries == 1 and len(calls) == 3
+    del r
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def value_fds() -> list[str]:
+    """The master's open fds of big-value segments (shardc.values)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own fd
+        if "shardc.value." in link:
+            out.append(link)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_stale_big_values_of_an_aborted_call_leave_no_fd(pools, mode):
+    """combine raising SystemExit on the master aborts the call with groups still running; their
+    RESULTS (big values: segment fds) reach the next call's setup or dispatcher, which close them."""
+    master = os.getpid()
+
+    def combine(a, b):
+        if os.getpid() == master and not isinstance(a, int):
+            raise SystemExit("stop")
+        return a + b
+
+    out = shardc.buffer("int64", 4)
+    assert value_fds() == []
+    with pytest.raises(SystemExit):
+        shardc.shard_reduce(
+            40, lambda s: (time.sleep(0.05), np.full(200_000, s.id))[1], combine, 0, group_size=1, pool=pools[2],
+            progress=False,
+        )  # fmt: skip
+    time.sleep(0.5)  # the running groups finish and report to a call that is over
+    r = shardc.shard_map(4, lambda s, o: o.__setitem__(s.id, s.id), out={"o": out}, dispatch_mode=mode, pool=pools[2])
+    assert r.succeeded and list(out.array) == [0, 1, 2, 3]
+    out.close()
+    assert value_fds() == []
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_combine_returning_none_is_named(pools, group_size):
+    """The classic slip, an in-place combine without `return acc`: the error says so, in the
+    worker (a group of several shards) and on the master (one-shard groups)."""
+
+    def combine(a, b):
+        a += b
+
+    with pytest.raises(shardc.ReduceError, match="combine returned None as the accumulator"):
+        shardc.shard_reduce(
+            8, lambda s: np.ones(3), combine, np.zeros(3), group_size=group_size, max_retries=0, pool=pools[1],
+            progress=False,
+        )  # fmt: skip
+
+
+def test_scheduler_sink_gets_each_group_once():
+    """A group reported twice (a requeued group whose first run's RESULTS also arrive), or reported
+    after it failed for good, reaches the tree once: the first final outcome wins."""
+    from shardc.diagnostics import Diagnostics
+    from shardc.scheduler import Scheduler
+
+    seen = []
+    tree = TreeCombiner(3, operator.add)
+
+    def sink(g, value, ok):
+        seen.append((g, ok))
+        tree.put(g, value, ok)
+
+    sched = Scheduler(3, 0, 1, None, None, Diagnostics(mode="rpc_chunked", num_shards=3, cow="deny"), sink=sink)
+    assert sched.take_chunk(3) == [0, 1, 2]
+    sched.record_success(0, 10)
+    sched.record_success(0, 10)  # the duplicate
+    sched.record_failure(1, {"type": "RuntimeError", "message": "x", "deterministic": True})
+    sched.record_success(1, 20)  # late, after the group failed for good
+    sched.record_success(2, 30)
+    assert seen == [(0, True), (1, False), (2, True)] and sched.results == [None] * 3
+    assert tree.result(0) == 40 and tree.partials == 2 and tree.held == 0

@@ -5,6 +5,7 @@ the cow guards still apply to it."""
 from __future__ import annotations
 
 import operator
+import os
 
 import numpy as np
 import pytest
@@ -105,3 +106,33 @@ def test_file_bigger_than_mem_cap_streams_without_kills(pool, tmp_path):
     assert (r.value == rows * (rows - 1) / 2).all()
     assert r.diagnostics.borrow["X"]["bytes_copied"] == 0
     assert not [e for e in r.diagnostics.events if e["event"] in ("death", "recycle")], r.diagnostics.events
+
+
+def test_memmap_whose_path_was_replaced_gives_the_callers_values(pool, matrix):
+    """The file at the memmap's path was replaced (os.replace) after it was mapped: workers must see
+    what the caller's array shows (the old file), not the new file now at that path."""
+    X, path = matrix
+    mm = np.memmap(path, dtype=np.float64, mode="r", shape=X.shape)
+    np.full(X.shape, 7.0).tofile(str(path) + ".new")
+    os.replace(str(path) + ".new", path)
+    r = shardc.shard_reduce(
+        shardc.shards(2000, block_size=100), map=lambda s, X: X[s.idx].sum(0), combine=operator.add,
+        init=np.zeros(16), borrow={"X": mm}, pool=pool, progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(r.value, X.sum(0), rtol=1e-13)
+    assert r.diagnostics.borrow["X"]["how"] != "file"
+
+
+def test_memmap_whose_file_was_truncated_is_refused_by_name(pool, matrix):
+    """The memmap's file was truncated below the array's end: a clear error naming the input before
+    any worker starts, not a SIGBUS of the master copying it or of every worker reading it."""
+    X, path = matrix
+    for mode in ("r", "c"):
+        mm = np.memmap(path, dtype=np.float64, mode=mode, shape=X.shape)
+        os.truncate(path, 8 * 100)
+        pids = [w.pid for w in pool.workers]
+        with pytest.raises(shardc.InvalidArgumentError, match=r"borrow\['X'\].*truncated to 800 bytes"):
+            shardc.shard_reduce(4, lambda s, X: 0, operator.add, 0, borrow={"X": mm}, pool=pool, progress=False)
+        assert [w.pid for w in pool.workers] == pids
+        del mm
+        X.tofile(path)

@@ -281,10 +281,17 @@ def report(result: Any, level: str = "summary") -> Report:
     if level == "segments":
         parts.append(segment_report())
     parts.append(recommendations(result))
-    head = (
-        f"shard_map: {d.completed}/{d.num_shards} shards ok, {d.failed} failed, {d.wall_seconds:.3f} s, "
-        f"{d.throughput():,.0f} shards/s ({d.mode})"
-    )
+    red = getattr(d, "reduce", None)
+    if red:  # shard_reduce: the engine's tasks are groups of shards
+        head = (
+            f"shard_reduce: {d.completed}/{d.num_shards} groups ok ({red['fold_steps']} shards folded, "
+            f"{red['group_size']} per group), {d.failed} failed, {d.wall_seconds:.3f} s ({d.mode})"
+        )
+    else:
+        head = (
+            f"shard_map: {d.completed}/{d.num_shards} shards ok, {d.failed} failed, {d.wall_seconds:.3f} s, "
+            f"{d.throughput():,.0f} shards/s ({d.mode})"
+        )
     rep = Report("shardc report", {"level": level, "summary": head}, [head], parts)
     rep.data["_result"] = result
     return rep
