@@ -37,6 +37,7 @@ from . import _lowlevel as ll
 from .buffer import Buffer, array_protocol
 from .errors import ClosedError, InvalidArgumentError, InvalidTypeError
 from .segment import Segment, find_address
+from .sysinfo import HAS_PROCFS
 
 log = logging.getLogger("shardc")
 
@@ -363,7 +364,12 @@ def _file_id(fd: int) -> tuple[int, int, int]:
 
 
 def _mapped_file(addr: int) -> tuple[int, int, int] | None:
-    """(device major, minor, inode) of the file mapped at ``addr``, from /proc/self/maps."""
+    """(device major, minor, inode) of the file mapped at ``addr``, from /proc/self/maps.
+
+    None where there is no /proc (macOS): a memmap is then copied, since the
+    file its path names now cannot be told from the one the array maps."""
+    if not HAS_PROCFS:
+        return None
     try:
         with open("/proc/self/maps") as f:
             for line in f:
