@@ -41,9 +41,19 @@ def fd_targets(pid: int) -> list[str]:
     return out
 
 
+def _resource_tracker(c: psutil.Process) -> bool:
+    """multiprocessing's (or loky's) resource tracker: one per process that used
+    them (the peer tests of tests/adapters), alive until the interpreter exits."""
+    try:
+        return any("resource_tracker import main" in a for a in c.cmdline())
+    except psutil.Error:
+        return False
+
+
 def children() -> set[int]:
-    """Pids of every live descendant of this process (zombies included)."""
-    return {c.pid for c in psutil.Process().children(recursive=True)}
+    """Pids of every live descendant of this process (zombies included), but
+    not a peer library's resource tracker (see _resource_tracker)."""
+    return {c.pid for c in psutil.Process().children(recursive=True) if not _resource_tracker(c)}
 
 
 def assert_no_stray_children(allowed: set[int] | None = None, deadline_s: float = 3.0) -> None:

@@ -32,3 +32,23 @@ def _runs_backend(item: pytest.Item, name: str) -> bool:
     if spec is None:
         return False
     return any(v == name or type(v).__name__ == "ShardcBackend" for v in spec.params.values())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_helper_processes():
+    """After each module: stop what the peers keep alive on purpose (loky's
+    reusable executor; their resource trackers live on, see
+    tests/_engine_helpers.children) and
+    the joblib backend's cached shardc pool, so the engine tests that follow
+    (which check that no stray child process is left) start clean."""
+    yield
+    import sys
+
+    backend = sys.modules.get("shardc.joblib_backend")
+    if backend is not None and backend._cached is not None:
+        backend._cached.stop()
+        backend._cached = None
+    if "joblib" in sys.modules:
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor().shutdown(wait=True)
