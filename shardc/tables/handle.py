@@ -140,9 +140,10 @@ class TableHandle:
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Remove the directory if this handle owns it (idempotent)."""
-        self._closed = True
+        """Remove the directory if this handle owns it (idempotent; a handle
+        that owns nothing stays usable)."""
         if self._finalizer is not None:
+            self._closed = True
             self._finalizer()
 
     def __enter__(self) -> TableHandle:
