@@ -50,7 +50,9 @@ def _alive_or_gone(pid: int) -> int:
 def owned_tempdir(kind: str) -> str:
     """Make and return a new directory owned by this process (see the module docstring)."""
     pid = os.getpid()
-    path = os.path.join(config.get_str("SHARDC_TMPDIR"), f"shardc-{kind}.{pid}.{start_time(pid)}.{secrets.token_hex(4)}")
+    path = os.path.join(
+        config.get_str("SHARDC_TMPDIR"), f"shardc-{kind}.{pid}.{start_time(pid)}.{secrets.token_hex(4)}"
+    )
     os.makedirs(path, mode=0o700)
     return path
 

@@ -80,7 +80,12 @@ class AutoTableSink:
         if self.schema is not None:
             t = conform(t, self.schema, sid, "auto_table_schema")
         elif self.writer.schema is not None:
-            t = conform(t, self.writer.schema, sid, "the schema of this worker's earlier frames (set auto_table_schema to fix it)")
+            t = conform(
+                t,
+                self.writer.schema,
+                sid,
+                "the schema of this worker's earlier frames (set auto_table_schema to fix it)",
+            )
         return self.writer.put(sid, t)
 
     def commit(self) -> Any:
@@ -115,7 +120,9 @@ class AutoTable:
             try:
                 os.makedirs(path, exist_ok=True)
             except OSError as exc:
-                raise InvalidArgumentError(f"dispatch_opts['auto_table_path']={path!r}: cannot create it: {exc}") from exc
+                raise InvalidArgumentError(
+                    f"dispatch_opts['auto_table_path']={path!r}: cannot create it: {exc}"
+                ) from exc
             self.directory = path
         self.persistent = self.mode == "partitioned"
         self.spec = AutoTableSpec(self.directory, self.fmt, self.schema, fsync=self.persistent)
@@ -141,7 +148,14 @@ class AutoTable:
             os.rename(os.path.join(self.directory, rec["tmp"]), os.path.join(self.directory, name))
             if self.persistent:
                 _fsync_dir(self.directory)
-            self.parts.append({"file": name, "worker": slot, **{k: rec[k] for k in ("shards", "rows", "bytes")}, "schema": rec["schema"]})
+            self.parts.append(
+                {
+                    "file": name,
+                    "worker": slot,
+                    **{k: rec[k] for k in ("shards", "rows", "bytes")},
+                    "schema": rec["schema"],
+                }
+            )
             c = self.counters
             c["table_parts"] += 1
             c["table_rows"] += rec["rows"]

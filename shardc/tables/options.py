@@ -64,7 +64,7 @@ def _choice(opts: dict[str, Any], key: str, choices: tuple[str, ...], default: s
 
 
 def resolve_format(fmt: str, mode: str) -> str:
-    """"arrow" or "parquet" for a checked ``auto_table_format`` and mode."""
+    """ "arrow" or "parquet" for a checked ``auto_table_format`` and mode."""
     fmt = FORMAT_ALIASES.get(fmt, fmt)
     if fmt == "auto":
         return "arrow" if mode == "row_groups" else "parquet"
@@ -106,7 +106,9 @@ def check_auto_table(opts: dict[str, Any]) -> dict[str, Any]:
             )
         parent = os.path.dirname(path) or "."
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-            raise InvalidArgumentError(f"dispatch_opts['auto_table_path']={path!r}: {parent!r} is not a writable directory")
+            raise InvalidArgumentError(
+                f"dispatch_opts['auto_table_path']={path!r}: {parent!r} is not a writable directory"
+            )
     elif mode == "partitioned":
         raise InvalidArgumentError(
             "dispatch_opts['auto_table_mode']='partitioned' writes a persistent dataset: give its "

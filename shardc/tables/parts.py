@@ -99,9 +99,8 @@ class PartWriter:
             part.writer.write_table(table, row_group_size=n)
         part.shards.append([sid, n, int(table.nbytes)])
         part.rows += n
-        if self.fmt == "arrow" and part.file.tell() >= self.target:
-            self._close()
-        elif self.fmt == "parquet" and sum(s[2] for s in part.shards) >= self.target:
+        size = part.file.tell() if self.fmt == "arrow" else sum(s[2] for s in part.shards)  # parquet: Arrow bytes
+        if size >= self.target:
             self._close()
         return n
 

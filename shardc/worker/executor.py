@@ -283,7 +283,7 @@ class ShardExecutor:
             for i, r in enumerate(results):
                 if r[1] == OK:
                     err = RuntimeError(f"shard {r[0]}: its output could not be committed: {type(exc).__name__}: {exc}")
-                    results[i] = (r[0], ERR, error_record(err, r[0]), *r[3:])  # type: ignore[assignment]
+                    results[i] = (r[0], ERR, error_record(err, r[0]), *r[3:])
             release_traceback(exc)
             return None
 

@@ -57,8 +57,14 @@ def test_each_return_type_gives_the_concatenated_rows_in_shard_order(pool2, fun)
 
 @pytest.mark.parametrize(
     "mode,fmt,ext",
-    [("row_groups", "auto", "arrow"), ("row_groups", "parquet", "parquet"), ("partitioned", "auto", "parquet"),
-     ("partitioned", "arrow", "arrow"), ("partitioned", "native", "parquet"), ("row_groups", "rds", "arrow")],
+    [
+        ("row_groups", "auto", "arrow"),
+        ("row_groups", "parquet", "parquet"),
+        ("partitioned", "auto", "parquet"),
+        ("partitioned", "arrow", "arrow"),
+        ("partitioned", "native", "parquet"),
+        ("row_groups", "rds", "arrow"),
+    ],
 )
 def test_modes_and_formats(pool2, tmp_path, mode, fmt, ext):
     """Each mode/format writes parts of the resolved format; reads back equal, through every reader."""

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -37,9 +36,7 @@ def test_a_worker_killed_mid_part_leaves_exactly_one_copy_of_every_row(pool2, tm
             except FileExistsError:
                 return frame(shard)
             d = shardc.config.get_str("SHARDC_TMPDIR") if mode == "row_groups" else str(out)
-            tmps = [
-                e for root, _, fs in os.walk(d) for e in fs if e.startswith(".tmp-") and f"-{os.getpid()}-" in e
-            ]
+            tmps = [e for root, _, fs in os.walk(d) for e in fs if e.startswith(".tmp-") and f"-{os.getpid()}-" in e]
             seen.write_text("\n".join(tmps))
             os.kill(os.getpid(), signal.SIGKILL)
         return frame(shard)
