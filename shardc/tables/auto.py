@@ -37,7 +37,7 @@ import shutil
 from typing import Any
 
 from .. import tmpdirs
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, TableSchemaError
 from .convert import conform, to_table
 from .handle import MANIFEST, TableHandle, materialized_table
 from .options import require_pyarrow
@@ -79,13 +79,11 @@ class AutoTableSink:
         t = to_table(value, sid)  # a value that is not a frame: TableSchemaError naming its type
         if self.schema is not None:
             t = conform(t, self.schema, sid, "auto_table_schema")
-        elif self.writer.schema is not None:
-            t = conform(
-                t,
-                self.writer.schema,
-                sid,
-                "the schema of this worker's earlier frames (set auto_table_schema to fix it)",
-            )
+        elif self.writer.schema is not None and t.num_rows:
+            try:  # the earlier frames' types where they cast safely (int into float, ...)
+                t = conform(t, self.writer.schema, sid, "the earlier frames")
+            except TableSchemaError:  # else a new part with this frame's schema; reads unify them
+                self.writer.roll(t.schema)
         return self.writer.put(sid, t)
 
     def commit(self) -> Any:

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ClosedError
+from ..errors import ClosedError, TableSchemaError
 from .options import require_pyarrow
 from .parts import read_part, shard_slices
 
@@ -44,10 +44,12 @@ class TableHandle:
         manifest: the parsed ``_manifest.json``.
     """
 
-    def __init__(self, path: str, owned: bool = False) -> None:
+    def __init__(self, path: str, owned: bool = False, manifest: dict[str, Any] | None = None) -> None:
         self.path = os.fspath(path)
-        with open(os.path.join(self.path, MANIFEST)) as f:
-            self.manifest: dict[str, Any] = json.load(f)
+        if manifest is None:
+            with open(os.path.join(self.path, MANIFEST)) as f:
+                manifest = json.load(f)
+        self.manifest: dict[str, Any] = manifest
         self.fmt: str = self.manifest["format"]
         self._closed = False
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True) if owned else None
@@ -81,23 +83,30 @@ class TableHandle:
         schemas = [_schema(pa, p["schema"]) for p in self.manifest["parts"]]
         if not schemas:
             return pa.schema([])
-        return pa.unify_schemas(schemas, promote_options="permissive")
+        try:
+            return pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise TableSchemaError(
+                f"the parts of {self.path!r} have schemas that do not unify ({exc}); give the frames one "
+                "schema (auto_table_schema) or read the parts one by one (iter_parts(unify=False))"
+            ) from None
 
     def _check(self) -> None:
         if self._closed:
             raise ClosedError(f"the table handle of {self.path!r} is closed (its temporary files are removed)")
 
     # -- reading ----------------------------------------------------------------------------------
-    def iter_parts(self, mmap: bool = True) -> Iterator[Any]:
+    def iter_parts(self, mmap: bool = True, unify: bool = True) -> Iterator[Any]:
         """One ``pyarrow.Table`` per part, in commit order (bounded memory:
-        one part at a time; rows inside a part in the order they were written)."""
+        one part at a time; rows inside a part in the order they were
+        written), with the unified schema (``unify``: as ``pd.concat`` does,
+        types promoted, a column a part lacks is null there)."""
         self._check()
         pa = require_pyarrow("TableHandle")
-        schema = self.schema
+        schema = self.schema if unify else None
         for p in self.manifest["parts"]:
             t = read_part(os.path.join(self.path, p["file"]), self.fmt, mmap)
-            yield t if t.schema.equals(schema) else t.cast(schema)
-        del pa
+            yield t if schema is None or t.schema.equals(schema) else _align(pa, t, schema)
 
     def shard_tables(self, mmap: bool = True) -> list[tuple[int, Any]]:
         """``(sid, table)`` for every shard with rows, in shard order."""
@@ -152,14 +161,26 @@ class TableHandle:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __reduce__(self) -> Any:
-        return (TableHandle, (self.path, False))
+    def __reduce__(self) -> Any:  # a copy owns nothing (and unpickles even where the files are gone)
+        return (TableHandle, (self.path, False, self.manifest))
 
     def __repr__(self) -> str:
         return (
             f"<TableHandle {self.path!r} {self.fmt}: {self.num_rows} rows in "
             f"{len(self.manifest['parts'])} part(s), {len(self.failed_shards)} failed shard(s)>"
         )
+
+
+def _align(pa: Any, t: Any, schema: Any) -> Any:
+    """``t`` with ``schema``'s columns: cast, or all null where ``t`` has none."""
+    cols = []
+    for f in schema:
+        if f.name in t.column_names:
+            c = t.column(f.name)
+            cols.append(c if c.type == f.type else c.cast(f.type))
+        else:
+            cols.append(pa.nulls(t.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def open_table(path: Any) -> TableHandle:

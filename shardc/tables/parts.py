@@ -104,6 +104,11 @@ class PartWriter:
             self._close()
         return n
 
+    def roll(self, schema: Any) -> None:
+        """Close the open part: the next ones have ``schema``."""
+        self._close()
+        self.schema = schema
+
     def _close(self) -> None:
         part, self.open = self.open, None
         if part is None:

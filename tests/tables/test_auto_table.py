@@ -24,9 +24,16 @@ pytestmark = pytest.mark.timeout(60)
 N = 23
 
 
-def run(pool, fun=frame, n=N, **opts):
+def run(pool, fun=frame, n=N, chunk_size=1, **opts):
     return shardc.shard_map(
-        n, fun, seed=3, pool=pool, progress=False, dispatch_opts={"auto_table": True, **opts}, on_failure="collect"
+        n,
+        fun,
+        seed=3,
+        pool=pool,
+        chunk_size=chunk_size,
+        progress=False,
+        dispatch_opts={"auto_table": True, **opts},
+        on_failure="collect",
     )
 
 
@@ -246,3 +253,30 @@ def test_raise_mode_still_raises_and_leaves_no_temporary_directory(pool2):
     with pytest.raises(ShardMapError):
         shardc.shard_map(3, lambda s: 1 / 0, pool=pool2, progress=False, dispatch_opts={"auto_table": True})
     assert {e for e in os.listdir(tmp) if e.startswith("shardc-table.")} == before
+
+
+def _drifting(shard):
+    k = shard.id
+    if k % 3 == 0:
+        return pd.DataFrame({"a": [k, k + 1], "b": [None, None]})  # ints; b all null
+    if k % 3 == 1:
+        return pd.DataFrame({"a": [k + 0.5], "b": ["t"], "c": [1.0]})  # floats, strings, an extra column
+    return pd.DataFrame({"b": ["u", None], "a": [k, k]})  # another column order
+
+
+def test_frames_whose_types_drift_stack_like_pd_concat(pool2):
+    """Without a schema, frames with other types/columns start a new part; the read unifies as pd.concat does."""
+    r = run(pool2, _drifting, n=12, chunk_size=12, auto_table_materialize="never")
+    h = r.table
+    assert r.succeeded and len(h.files) > 1
+    got = h.to_pandas()
+    want = pd.concat([_drifting(shardc.shards(12, block_size=1).shard(k)) for k in range(12)], ignore_index=True)
+    assert list(got.a) == list(want.a.astype(float))
+    assert [None if pd.isna(v) else v for v in got.b] == [None if pd.isna(v) else v for v in want.b]
+    assert got.c.isna().sum() == want.c.isna().sum()
+    import pickle
+
+    h2 = pickle.loads(pickle.dumps(r))  # a result (and its handle) pickles; the copy owns nothing
+    assert h2.table.num_rows == h.num_rows
+    h.close()
+    assert pickle.loads(pickle.dumps(h2.table)).manifest == h2.table.manifest
