@@ -136,3 +136,23 @@ def test_start_time_tells_a_reused_pid_apart():
     os.makedirs(d)
     assert d in shardc.tmpdirs.sweep() and not os.path.exists(d)
     assert np.isfinite(me)
+
+
+def test_a_failed_commit_fails_the_shards_it_covered():
+    """ShardExecutor.commit_sink: when the sink cannot commit, every succeeded outcome of the batch becomes a failure."""
+    from types import SimpleNamespace
+
+    from shardc.protocol import ERR, OK
+    from shardc.worker.executor import ShardExecutor
+
+    class Broken:
+        def commit(self):
+            raise OSError(28, "No space left on device")
+
+    ex = SimpleNamespace(call=SimpleNamespace(sink=Broken()))
+    results = [(1, OK, 50, 0, 1, None, None), (2, ERR, {"message": "own"}, 1, 2, None, None)]
+    assert ShardExecutor.commit_sink(ex, results) is None
+    assert results[0][1] == ERR and "could not be committed" in results[0][2]["message"]
+    assert "No space left" in results[0][2]["message"] and results[1][2] == {"message": "own"}
+    ex.call.sink = None
+    assert ShardExecutor.commit_sink(ex, results) is None
