@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tree's shardc
 import _common as C  # noqa: E402
 
 WORKERS = 2
@@ -196,7 +197,9 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
                 dd.from_delayed(parts, meta=meta).to_parquet(out_dir, write_index=False)
 
         def readback() -> Any:
-            files = sorted((f for f in os.listdir(out_dir) if f.endswith(".parquet")), key=lambda f: int(f.split(".")[1]))
+            files = sorted(
+                (f for f in os.listdir(out_dir) if f.endswith(".parquet")), key=lambda f: int(f.split(".")[1])
+            )
             return pd.concat([pd.read_parquet(os.path.join(out_dir, f)) for f in files], ignore_index=True)
     elif variant == "ray_parquet":
         import ray
@@ -275,7 +278,9 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
             note.append("DIFFERENT DATA")
         if name == "ray_parquet":
             note.append("compared as a set of rows (no shard order)")
-        rows.append([name, r["median_s"], r["cpu_s"], C.mib(r["master_extra"]), C.mib(r["tree_extra"]), "; ".join(note)])
+        rows.append(
+            [name, r["median_s"], r["cpu_s"], C.mib(r["master_extra"]), C.mib(r["tree_extra"]), "; ".join(note)]
+        )
     print()
     print(f"### tables: {n} shards x {ROWS} rows -> one table, {WORKERS} workers")
     print()
@@ -288,15 +293,33 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
         b = results[best]
         if ok("shardc_never"):
             a = results["shardc_never"]
-            lines.append(("never_wall", f"materialize never: wall <= 0.5x the fastest gather+concat peer ({best})",
-                          f"{a['median_s'] / b['median_s']:.2f}x", a["median_s"] <= 0.5 * b["median_s"]))
-            lines.append(("never_master_mem", f"materialize never: master peak <= 0.2x {best}'s",
-                          f"{a['master_extra'] / b['master_extra']:.3f}x", a["master_extra"] <= 0.2 * b["master_extra"]))
+            lines.append(
+                (
+                    "never_wall",
+                    f"materialize never: wall <= 0.5x the fastest gather+concat peer ({best})",
+                    f"{a['median_s'] / b['median_s']:.2f}x",
+                    a["median_s"] <= 0.5 * b["median_s"],
+                )
+            )
+            lines.append(
+                (
+                    "never_master_mem",
+                    f"materialize never: master peak <= 0.2x {best}'s",
+                    f"{a['master_extra'] / b['master_extra']:.3f}x",
+                    a["master_extra"] <= 0.2 * b["master_extra"],
+                )
+            )
         for v in ("shardc_always", "shardc_always_pandas"):
             if ok(v):
                 a = results[v]
-                lines.append((f"{v}_wall", f"{v}: wall <= 0.8x {best}", f"{a['median_s'] / b['median_s']:.2f}x",
-                              a["median_s"] <= 0.8 * b["median_s"]))
+                lines.append(
+                    (
+                        f"{v}_wall",
+                        f"{v}: wall <= 0.8x {best}",
+                        f"{a['median_s'] / b['median_s']:.2f}x",
+                        a["median_s"] <= 0.8 * b["median_s"],
+                    )
+                )
     C.print_targets("tables", lines)
 
 
