@@ -60,11 +60,11 @@ class Call:
     # An open call (shardc.stream): fed tasks while it runs.  ``wake`` has
     # fileno() and drain(); it is readable when tasks were fed or the feed closed.
     wake: Any = None
-    # A front end's per-call value sink (rpc_chunked): ``sink.spec`` travels in
+    # A front end's per-call value sink (rpc_chunked): ``value_sink.spec`` travels in
     # CALL and opens a ValueSink in each worker (shardc.worker.executor);
-    # ``sink.committed(slot, record)`` gets each commit record, with the
+    # ``value_sink.committed(slot, record)`` gets each commit record, with the
     # outcomes it covers, before they are recorded.
-    sink: Any = None
+    value_sink: Any = None
 
 
 class CallSetup:
@@ -96,7 +96,7 @@ class CallSetup:
             "fun": c.fun_blob,
             "segments": infos,
             "heap_keep": c.heap_keep,
-            "sink": c.sink.spec if c.sink is not None else None,
+            "value_sink": c.value_sink.spec if c.value_sink is not None else None,
         }
         return msg, fds
 

@@ -5,7 +5,7 @@ several chunks queued per worker (``depth``), so a worker never waits for the
 master; the worker runs them and replies with one ``RESULTS`` message of
 :class:`shardc.protocol.Outcome` per few chunks (values pickled one by one).
 Return values are gathered into the result.  A call with a value sink
-(``Call.sink``, e.g. the tables' ``auto_table``) has its workers commit it
+(``Call.value_sink``, e.g. the tables' ``auto_table``) has its workers commit it
 before each RESULTS, whose 4th item is then the commit record: the sink's
 master side gets it before the outcomes are recorded, and a worker that dies
 before reporting had committed nothing of the shards it held (they rerun).
@@ -158,7 +158,7 @@ class RpcDispatcher(Dispatcher):
             if msg[0] == RESULTS and msg[1] == self.call_id:
                 self.diag.messages_results += 1
                 if len(msg) > 3:  # the call's value sink committed what these outcomes kept
-                    self.call.sink.committed(w.slot, msg[3])
+                    self.call.value_sink.committed(w.slot, msg[3])
                 self.on_results(w, msg[2], fds)
             else:
                 close_fds(fds)

@@ -201,7 +201,7 @@ def shard_map(
     if auto_table:
         from .tables.auto import AutoTable  # the call's value sink (shardc.worker.executor.ValueSink)
 
-        call.sink = AutoTable(call.opts, desc.num_shards, diag)
+        call.value_sink = AutoTable(call.opts, desc.num_shards, diag)
     try:
         pool_stats = execute(
             call,
@@ -217,10 +217,10 @@ def shard_map(
             progress=progress,
             label="shard_map",
         )
-        table = call.sink.finish(list(sched.failures)) if call.sink is not None else None
+        table = call.value_sink.finish(list(sched.failures)) if call.value_sink is not None else None
     except BaseException:
-        if call.sink is not None:
-            call.sink.discard()  # a temporary directory does not outlive a failed call
+        if call.value_sink is not None:
+            call.value_sink.discard()  # a temporary directory does not outlive a failed call
         raise
     diag.wall_seconds = time.perf_counter() - t_start
     result = ShardResult(sched.results, dict(sorted(sched.failures.items())), diag, pool_stats, desc)

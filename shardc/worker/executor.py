@@ -56,7 +56,7 @@ Unified behaviours (they had diverged between the two modes):
 * Taint: after a shard that wrote an input inherited at fork (cow events), or
   failed under guards, a write the guards could not undo stops the run; the
   ids not run are left for the master and the worker retires.
-* A call may carry a value sink (``CallState.sink``, see :class:`ValueSink`):
+* A call may carry a value sink (``CallState.value_sink``, see :class:`ValueSink`):
   ``begin_call`` then binds ``fun`` wrapped so that each shard's return value
   goes through ``sink.put(shard.id, value)`` inside the shard's ``try`` (a
   sink that rejects a value fails that shard), and what ``put`` returns is
@@ -142,7 +142,7 @@ class CallState:
         self.diagnostics = True
         self.donemap: DoneMap | None = None
         self.inherited: list[np.ndarray] = []  # arrays inherited at fork, by owner of the memory
-        self.sink: ValueSink | None = None  # the call's value sink, if its front end gave one
+        self.value_sink: ValueSink | None = None  # the call's value sink, if its front end gave one
 
 
 class RunStats(NamedTuple):
@@ -241,7 +241,7 @@ class ShardExecutor:
         guard = self.guard if self.guard is not None and c.guard_regions else None
         make = c.desc.maker() if hasattr(c.desc, "maker") else c.desc.shard  # the fast shard factory
         args = positional_args(c.fun, c.kwargs)
-        fun = c.fun if c.sink is None else sink_fun(c.fun, c.sink.put)
+        fun = c.fun if c.value_sink is None else sink_fun(c.fun, c.value_sink.put)
         self._bound = (fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         self.ewma_ns = -1
 
@@ -274,7 +274,7 @@ class ShardExecutor:
         last commit) are reported; returns its record (None without a sink).
         A failed commit fails every shard of ``results`` that succeeded: none
         of their values was kept."""
-        sink = self.call.sink
+        sink = self.call.value_sink
         if sink is None:
             return None
         try:

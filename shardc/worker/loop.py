@@ -219,16 +219,16 @@ class Worker:
         c.kwargs = kwargs
         c.donemap = DoneMap.attach(self.out_array(msg["donemap"]))
         c.fun = _Unpickler(msg["fun"], self).load()
-        if msg.get("sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
-            c.sink = msg["sink"].open(self.slot, c.call_id)
+        if msg.get("value_sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
+            c.value_sink = msg["value_sink"].open(self.slot, c.call_id)
         self.ex.begin_call()
 
     def end_call(self) -> None:
         self.task_objects.clear()
         c = self.ex.end_call()
-        if c.sink is not None:
+        if c.value_sink is not None:
             try:
-                c.sink.abort()
+                c.value_sink.abort()
             except Exception:  # noqa: BLE001, S110 - best effort: the master removes what is left
                 pass
         if self.guard is not None:

@@ -244,6 +244,8 @@ def test_auto_table_requires_out_empty_and_a_new_path(tmp_path):
         shardc.shard_map(2, frame, dispatch_opts={"auto_table": True, "auto_table_path": str(tmp_path)})
     with pytest.raises(InvalidArgumentError, match="auto_table"):
         shardc.shard_map(2, frame, dispatch_mode="shm_queue", dispatch_opts={"auto_table": True})
+    with pytest.raises(InvalidArgumentError, match="shard_map option"):
+        shardc.shard_reduce(2, lambda s: 1, combine=lambda a, b: a + b, init=0, dispatch_opts={"auto_table": True})
 
 
 def test_raise_mode_still_raises_and_leaves_no_temporary_directory(pool2):

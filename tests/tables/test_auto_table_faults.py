@@ -149,10 +149,10 @@ def test_a_failed_commit_fails_the_shards_it_covered():
         def commit(self):
             raise OSError(28, "No space left on device")
 
-    ex = SimpleNamespace(call=SimpleNamespace(sink=Broken()))
+    ex = SimpleNamespace(call=SimpleNamespace(value_sink=Broken()))
     results = [(1, OK, 50, 0, 1, None, None), (2, ERR, {"message": "own"}, 1, 2, None, None)]
     assert ShardExecutor.commit_sink(ex, results) is None
     assert results[0][1] == ERR and "could not be committed" in results[0][2]["message"]
     assert "No space left" in results[0][2]["message"] and results[1][2] == {"message": "own"}
-    ex.call.sink = None
+    ex.call.value_sink = None
     assert ShardExecutor.commit_sink(ex, results) is None
