@@ -1,8 +1,7 @@
-"""Shared fixtures of the tables tests: a 2-worker pool and frame builders."""
+"""Fixtures of the tables tests: a 2-worker pool (frame builders: _frames.py)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import shardc
@@ -16,27 +15,3 @@ def pool2():
     p = shardc.Pool(2)
     yield p
     p.close()
-
-
-def frame(shard, n: int = 50):
-    """A pandas frame for ``shard``: floats from shard.rng, an int column
-    numbering rows globally, a string column with nulls."""
-    r = shard.rng
-    sid = shard.id
-    s = np.array([f"id{sid:04d}-{k:03d}" for k in range(n)], dtype=object)
-    s[::7] = None
-    return pd.DataFrame({"x": r.random(n), "i": np.arange(sid * n, sid * n + n, dtype=np.int64), "s": s})
-
-
-def expected(num: int, seed: int, n: int = 50):
-    """What the concatenated frames of ``num`` shards are (built serially)."""
-    desc = shardc.shards(num, block_size=1)
-    parts = []
-    for k in range(num):
-        sh = desc.shard(k, seed_entropy(seed))
-        parts.append(frame(sh, n))
-    return pd.concat(parts, ignore_index=True)
-
-
-def seed_entropy(seed: int) -> int:
-    return int(np.random.SeedSequence(seed).entropy)  # what shard_map passes workers as the entropy

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import expected, frame
+from _frames import expected, frame
 
 import shardc
 from shardc.errors import InvalidArgumentError, ShardMapError

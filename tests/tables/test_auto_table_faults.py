@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import expected, frame
+from _frames import expected, frame
 
 import shardc
 
