@@ -107,6 +107,8 @@ def stream_top_k(x: Any, col: str, k: int = 10, decreasing: bool = True, columns
         raise InvalidArgumentError(f"stream_top_k k must be an int >= 1, got {k!r}")
     _check_numeric(x, col)
     order = "descending" if decreasing else "ascending"
+    if columns is not None and col not in columns:
+        columns = [*columns, col]
     best = None
     for b in _batches(x, columns):
         t = pa.Table.from_batches([b])

@@ -49,7 +49,8 @@ def test_count_sum_topk(handle):
     assert tables.stream_sum(handle, "k") == df.k.sum()
     top = tables.stream_top_k(handle, "v", k=7)
     assert top.column("v").to_pylist() == pytest.approx(sorted(df.v.dropna(), reverse=True)[:7])
-    low = tables.stream_top_k(handle, "k", k=5, decreasing=False)
+    low = tables.stream_top_k(handle, "k", k=5, decreasing=False, columns=["g"])
+    assert low.column_names == ["g", "k"]
     assert low.column("k").to_pylist() == sorted(df.k)[:5]
     with pytest.raises(shardc.errors.InvalidTypeError, match="numeric"):
         tables.stream_sum(handle, "s")
