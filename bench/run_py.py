@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import _common as C  # noqa: E402
 
 # The benchmark list: bench/bench_<name>.py, run in this order.
-BENCHES = ["colstats", "tiny", "large_out", "startup", "recovery", "status", "pershard"]
+BENCHES = ["colstats", "tiny", "large_out", "startup", "recovery", "status", "pershard", "tables"]
 
 
 def versions() -> str:

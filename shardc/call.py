@@ -60,6 +60,11 @@ class Call:
     # An open call (shardc.stream): fed tasks while it runs.  ``wake`` has
     # fileno() and drain(); it is readable when tasks were fed or the feed closed.
     wake: Any = None
+    # A front end's per-call value sink (rpc_chunked): ``value_sink.spec`` travels in
+    # CALL and opens a ValueSink in each worker (shardc.worker.executor);
+    # ``value_sink.committed(slot, record)`` gets each commit record, with the
+    # outcomes it covers, before they are recorded.
+    value_sink: Any = None
 
 
 class CallSetup:
@@ -91,6 +96,7 @@ class CallSetup:
             "fun": c.fun_blob,
             "segments": infos,
             "heap_keep": c.heap_keep,
+            "value_sink": c.value_sink.spec if c.value_sink is not None else None,
         }
         return msg, fds
 

@@ -4,7 +4,11 @@ The master sends ``(RUN, call_id, ids)`` messages to each worker and keeps
 several chunks queued per worker (``depth``), so a worker never waits for the
 master; the worker runs them and replies with one ``RESULTS`` message of
 :class:`shardc.protocol.Outcome` per few chunks (values pickled one by one).
-Return values are gathered into the result.
+Return values are gathered into the result.  A call with a value sink
+(``Call.value_sink``, e.g. the tables' ``auto_table``) has its workers commit it
+before each RESULTS, whose 4th item is then the commit record: the sink's
+master side gets it before the outcomes are recorded, and a worker that dies
+before reporting had committed nothing of the shards it held (they rerun).
 
 What a dead worker held (:meth:`RpcDispatcher.lost`): its in-flight ids.  The
 one it was running (status row) is charged; ids the done map marks finished
@@ -153,6 +157,8 @@ class RpcDispatcher(Dispatcher):
         for msg, fds in msgs:
             if msg[0] == RESULTS and msg[1] == self.call_id:
                 self.diag.messages_results += 1
+                if len(msg) > 3:  # the call's value sink committed what these outcomes kept
+                    self.call.value_sink.committed(w.slot, msg[3])
                 self.on_results(w, msg[2], fds)
             else:
                 close_fds(fds)

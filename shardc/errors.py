@@ -22,6 +22,8 @@ NativeModuleError              the native module is missing or stale (an
                                ImportError, raised by ``import shardc``)
 MissingDependencyError         an optional package a feature needs is not
                                installed (an ImportError; e.g. matplotlib)
+TableSchemaError               a shard's frame does not match the table's
+                               schema (a TypeError; never retried)
 ShardcOSError                  an OS call failed (an OSError, ``errno``
                                set): processes, memory sampling, heap
 SegmentError                   ... on a shared-memory segment
@@ -114,6 +116,11 @@ _COMMON_HINTS = {
 class MissingDependencyError(ShardcError, ImportError):
     """An optional package a feature needs (e.g. matplotlib for plots) is not
     installed; the message says what to install."""
+
+
+class TableSchemaError(ShardcError, TypeError):
+    """A frame a shard produced does not match the table's schema (the
+    message names the shard, the column and the mismatch); never retried."""
 
 
 class ShardcOSError(ShardcError, OSError):

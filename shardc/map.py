@@ -34,7 +34,7 @@ from .diagnostics import Diagnostics
 from .errors import InvalidArgumentError, ShardMapError
 from .frontend import RPC_DEFAULT, check_options, execute
 from .kernels import get_kernel
-from .pool import Pool, register_front_end
+from .pool import Pool, pool_get, register_front_end
 from .result import ShardResult
 from .scheduler import Scheduler
 from .validate import (
@@ -93,7 +93,9 @@ def shard_map(
             False/"none", or a dict.
         dispatch_mode: "rpc_chunked" (gathers return values) or "shm_queue"
             (shared ring, no return values: for tiny shards writing to out=).
-        dispatch_opts: per mode: rpc_chunked {"prefetch"}; shm_queue
+        dispatch_opts: per mode: rpc_chunked {"prefetch", "auto_table*"
+            (see :mod:`shardc.tables.options`: frames returned by shards are
+            written to part files; ``result.table`` is the output)}; shm_queue
             {"block_size", "queue_backing", "error_log",
             "error_log_max_lines", "claim_batch"}.
         workers: pool size (None: the existing pool, or CPUs - 1).
@@ -176,28 +178,53 @@ def shard_map(
             "fun= has none, so nothing is throttled"
         )
     mode = call.mode
+    auto_table = bool(call.opts.get("auto_table"))
+    if auto_table:
+        if out:
+            raise InvalidArgumentError(
+                "dispatch_opts['auto_table'] requires out= to be empty: frames go to the table's parts; "
+                "write other outputs with an explicit shardc.tables.table_sink / table_buffer instead"
+            )
+        if chunk_size == 1 and autotune is None:  # a part per chunk: many shards per part
+            from .config import default_workers
+            from .tables.auto import default_chunk
+
+            known_pool = pool if pool is not None else pool_get()
+            n_workers = workers or (known_pool.size if known_pool is not None else default_workers())
+            chunk, tune = default_chunk(desc.num_shards, n_workers), None
     diag = Diagnostics(mode=mode, num_shards=desc.num_shards, cow=cow, enabled=call.diagnostics, chunk_size=chunk)
     huge = None
     if kern is not None and policy.get("max_huge_concurrency"):
         huge = (int(policy["max_huge_concurrency"]), lambda sid: kern.classify(desc.shard(sid))[0] == "huge")
     sched = Scheduler(desc.num_shards, call.max_retries, chunk, tune, huge, diag)
 
-    pool_stats = execute(
-        call,
-        target,
-        borrow,
-        out,
-        sched,
-        diag,
-        pool=pool,
-        workers=workers,
-        packages=packages,
-        init_expr=init_expr,
-        progress=progress,
-        label="shard_map",
-    )
+    if auto_table:
+        from .tables.auto import AutoTable  # the call's value sink (shardc.worker.executor.ValueSink)
+
+        call.value_sink = AutoTable(call.opts, desc.num_shards, diag)
+    try:
+        pool_stats = execute(
+            call,
+            target,
+            borrow,
+            out,
+            sched,
+            diag,
+            pool=pool,
+            workers=workers,
+            packages=packages,
+            init_expr=init_expr,
+            progress=progress,
+            label="shard_map",
+        )
+        table = call.value_sink.finish(list(sched.failures)) if call.value_sink is not None else None
+    except BaseException:
+        if call.value_sink is not None:
+            call.value_sink.discard()  # a temporary directory does not outlive a failed call
+        raise
     diag.wall_seconds = time.perf_counter() - t_start
     result = ShardResult(sched.results, dict(sorted(sched.failures.items())), diag, pool_stats, desc)
+    result.table = table
     if result.failures and on_failure == "raise":
         first = min(result.failures)
         f = result.failures[first]

@@ -35,7 +35,7 @@ import pickle
 import traceback
 from typing import Any, NamedTuple
 
-from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, ShardcError
+from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, ShardcError, TableSchemaError
 
 CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "exit"
 HELLO, READY, RESULTS, QFAIL, QCOW, QDONE, QIDLE = "hello", "ready", "results", "qfail", "qcow", "qdone", "qidle"
@@ -49,7 +49,7 @@ OK_SEGMENT = 3  # a big array in a segment whose fd rides with the message: valu
 RETIRE_EXIT = 75
 
 # Exceptions that will fail the same way on every attempt: never retried.
-DETERMINISTIC: tuple[type[BaseException], ...] = (BorrowedInputWriteError, BindingError)
+DETERMINISTIC: tuple[type[BaseException], ...] = (BorrowedInputWriteError, BindingError, TableSchemaError)
 
 
 class Outcome(NamedTuple):

@@ -222,6 +222,8 @@ def shard_reduce(
         progress=progress,
         autotune=None,
     )
+    if call.opts.get("auto_table"):
+        raise InvalidArgumentError("dispatch_opts['auto_table'] is a shard_map option: shard_reduce returns one value")
     requested = call.mode
     if requested == "shm_queue":
         call.mode, call.opts = "rpc_chunked", {}  # partials are values: see the module docstring

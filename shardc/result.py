@@ -135,6 +135,9 @@ class ShardResult:
         pool_stats: the pool's state after the run, as plain dicts and lists
             (a copy: the result keeps no reference to the pool).
         shards: the shard descriptor of the call.
+        table: with ``dispatch_opts={"auto_table": True}``, the rows the
+            shards returned: a ``shardc.tables.TableHandle``, or a
+            ``pyarrow.Table`` when materialized (None otherwise).
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class ShardResult:
         self.diagnostics = diagnostics
         self.pool_stats = _plain(pool_stats)
         self.shards = shards
+        self.table: Any = None
 
     @property
     def succeeded(self) -> bool:

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import _lowlevel as ll
-from . import config
+from . import config, tmpdirs
 from .errors import ClosedError, InvalidArgumentError, SegmentError
 
 log = logging.getLogger("shardc")
@@ -408,7 +408,8 @@ def _pid_dead(pid: int) -> bool:
 
 
 def janitor() -> list[str]:
-    """Remove shm/file segments left by dead shardc masters of this user.
+    """Remove shm/file segments and owned temporary directories
+    (:mod:`shardc.tmpdirs`) left by dead shardc masters of this user.
 
     Runs once per process when the first pool starts (and can be called any
     time).  Returns the names removed; each is logged.
@@ -465,6 +466,7 @@ def janitor() -> list[str]:
             os.rmdir(_owners_dir())
         except OSError:
             pass
+    removed += tmpdirs.sweep()  # temporary directories (e.g. tables' part files) of dead masters
     for name in removed:
         log.info("janitor: removed %s, left behind by a shardc process that died", name)
     return removed

@@ -27,7 +27,16 @@ log = logging.getLogger("shardc")
 COW_MODES = ("deny", "audit", "allow")
 DISPATCH_MODES = ("rpc_chunked", "shm_queue")
 DISPATCH_OPTS = {
-    "rpc_chunked": {"prefetch"},
+    "rpc_chunked": {
+        "prefetch",
+        "auto_table",
+        "auto_table_mode",
+        "auto_table_path",
+        "auto_table_format",
+        "auto_table_materialize",
+        "auto_table_max_bytes",
+        "auto_table_schema",
+    },
     "shm_queue": {"block_size", "queue_backing", "error_log", "error_log_max_lines", "claim_batch"},
 }
 
@@ -301,6 +310,10 @@ def check_dispatch_opts(opts: Any, mode: str) -> dict[str, Any]:
         check_int(opts["claim_batch"], "dispatch_opts['claim_batch']", 1)
     if "prefetch" in opts:
         check_int(opts["prefetch"], "dispatch_opts['prefetch']", 1)
+    if any(k.startswith("auto_table") for k in opts):
+        from .tables.options import check_auto_table  # the tables' keys (pyarrow only if used)
+
+        return check_auto_table(dict(opts))
     return dict(opts)
 
 

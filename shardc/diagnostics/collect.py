@@ -102,6 +102,7 @@ class Diagnostics:
         self.messages_dispatch = 0
         self.messages_results = 0  # rpc: RESULTS messages (a worker replies once per few chunks)
         self.bytes_results = 0
+        self.tables: dict[str, int] = {}  # auto_table: parts, rows, bytes written / materialized
         self.wall_seconds = 0.0
         self.t_start_ns = 0
         self.t_end_ns = 0

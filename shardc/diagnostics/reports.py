@@ -183,6 +183,7 @@ def copy_report(result: Any) -> Report:
         "setup_bytes": d.bytes_setup,
         "reforked_workers": d.reforked,
         "refork_seconds": d.refork_seconds,
+        **getattr(d, "tables", {}),
     }
     lines = []
     for name, v in d.borrow.items():
@@ -208,6 +209,13 @@ def copy_report(result: Any) -> Report:
         f"setup + {fmt_bytes(d.bytes_dispatch)} dispatch"
     )
     lines.append(f"materialized (private copies of borrowed pages): {fmt_bytes(materialized)}")
+    t = getattr(d, "tables", None)
+    if t:
+        lines.append(
+            f"table (auto_table): {t['table_rows']} rows in {t['table_parts']} part(s), "
+            f"{fmt_bytes(t['table_bytes_written'])} written by workers, "
+            f"{fmt_bytes(t['table_bytes_materialized'])} materialized on the master"
+        )
     return Report("copies", data, lines)
 
 

@@ -56,6 +56,12 @@ Unified behaviours (they had diverged between the two modes):
 * Taint: after a shard that wrote an input inherited at fork (cow events), or
   failed under guards, a write the guards could not undo stops the run; the
   ids not run are left for the master and the worker retires.
+* A call may carry a value sink (``CallState.value_sink``, see :class:`ValueSink`):
+  ``begin_call`` then binds ``fun`` wrapped so that each shard's return value
+  goes through ``sink.put(shard.id, value)`` inside the shard's ``try`` (a
+  sink that rejects a value fails that shard), and what ``put`` returns is
+  gathered instead.  Without a sink nothing changes, not even a test per
+  shard.  The loop commits the sink before it reports (``commit``).
 * The outcome tuples are laid out as :class:`shardc.protocol.Outcome` but
   are plain tuples: a NamedTuple pickles as a class call per item (measured:
   8x the dump and 3x the load time of a plain tuple, in a message of 1000).
@@ -71,7 +77,7 @@ from collections.abc import Callable
 from inspect import CO_VARARGS, CO_VARKEYWORDS
 from time import monotonic_ns
 from types import FunctionType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -91,6 +97,36 @@ OnFail = Callable[[OutcomeTuple], None]  # gets a failed shard's outcome
 OnCow = Callable[[int, Events], None]  # gets (shard id, cow events) of a shard that finished
 
 
+class ValueSink(Protocol):
+    """A per-call value sink in a worker (opened from the call's ``sink`` spec).
+
+    Front ends that keep shard values out of the result messages (the
+    tables' ``auto_table`` writes frames into part files) give the call a
+    spec whose ``open(slot, call_id)`` returns one of these."""
+
+    def put(self, sid: int, value: Any) -> Any:
+        """Take shard ``sid``'s value; return what is gathered instead (not
+        None when something was kept: its done mark then says "rerun if lost
+        before reported").  Raising fails the shard."""
+
+    def commit(self) -> Any:
+        """Make every value put since the last commit durable, before the
+        outcomes are reported; returns a record for the master (None:
+        nothing to commit).  Raising fails the shards put since then."""
+
+    def abort(self) -> None:
+        """Drop whatever was not committed (end of the call)."""
+
+
+def sink_fun(fun: Any, put: Callable[[int, Any], Any]) -> Callable[..., Any]:
+    """``fun`` with its value passed through a sink's ``put`` (see :class:`ValueSink`)."""
+
+    def through_sink(shard: Any, *args: Any, **kwargs: Any) -> Any:
+        return put(shard.id, fun(shard, *args, **kwargs))
+
+    return through_sink
+
+
 class CallState:
     """What a worker holds for the duration of one shard_map call."""
 
@@ -106,6 +142,7 @@ class CallState:
         self.diagnostics = True
         self.donemap: DoneMap | None = None
         self.inherited: list[np.ndarray] = []  # arrays inherited at fork, by owner of the memory
+        self.value_sink: ValueSink | None = None  # the call's value sink, if its front end gave one
 
 
 class RunStats(NamedTuple):
@@ -204,7 +241,8 @@ class ShardExecutor:
         guard = self.guard if self.guard is not None and c.guard_regions else None
         make = c.desc.maker() if hasattr(c.desc, "maker") else c.desc.shard  # the fast shard factory
         args = positional_args(c.fun, c.kwargs)
-        self._bound = (c.fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
+        fun = c.fun if c.value_sink is None else sink_fun(c.fun, c.value_sink.put)
+        self._bound = (fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         self.ewma_ns = -1
 
     def end_call(self) -> CallState:
@@ -230,6 +268,24 @@ class ShardExecutor:
         ``on_fail``, cow events of finished shards to ``on_cow``.  Returns the
         fields of a :class:`RunStats`."""
         return self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow)
+
+    def commit_sink(self, results: list[OutcomeTuple]) -> Any:
+        """Commit the call's sink before ``results`` (every outcome since the
+        last commit) are reported; returns its record (None without a sink).
+        A failed commit fails every shard of ``results`` that succeeded: none
+        of their values was kept."""
+        sink = self.call.value_sink
+        if sink is None:
+            return None
+        try:
+            return sink.commit()
+        except Exception as exc:  # noqa: BLE001 - reported as those shards' failure
+            for i, r in enumerate(results):
+                if r[1] == OK:
+                    err = RuntimeError(f"shard {r[0]}: its output could not be committed: {type(exc).__name__}: {exc}")
+                    results[i] = (r[0], ERR, error_record(err, r[0]), *r[3:])
+            release_traceback(exc)
+            return None
 
     # -- the one loop ----------------------------------------------------------------------
     def _run(

@@ -219,11 +219,18 @@ class Worker:
         c.kwargs = kwargs
         c.donemap = DoneMap.attach(self.out_array(msg["donemap"]))
         c.fun = _Unpickler(msg["fun"], self).load()
+        if msg.get("value_sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
+            c.value_sink = msg["value_sink"].open(self.slot, c.call_id)
         self.ex.begin_call()
 
     def end_call(self) -> None:
         self.task_objects.clear()
         c = self.ex.end_call()
+        if c.value_sink is not None:
+            try:
+                c.value_sink.abort()
+            except Exception:  # noqa: BLE001, S110 - best effort: the master removes what is left
+                pass
         if self.guard is not None:
             for rid in c.guard_regions:
                 try:
@@ -242,7 +249,7 @@ class Worker:
         self.heap.end_call()
 
     # -- rpc_chunked ---------------------------------------------------------------------
-    def send_results(self, call_id: int, results: list[tuple]) -> None:
+    def send_results(self, call_id: int, results: list[tuple], commit: Any = None) -> None:
         """Send a batch of outcomes.  Non-trivial return values are pickled one
         by one first, with ``ST_SENDING`` naming the shard: a value whose
         pickling fails fails only its shard, and one whose pickling blocks is
@@ -273,7 +280,8 @@ class Worker:
                 out.append(r)
         row.set_sending(None)
         try:
-            self.chan.send((RESULTS, call_id, out), [seg.fd for seg in segs])
+            msg = (RESULTS, call_id, out) if commit is None else (RESULTS, call_id, out, commit)
+            self.chan.send(msg, [seg.fd for seg in segs])
         finally:
             for seg in segs:
                 seg.close()
@@ -330,7 +338,7 @@ class Worker:
                     ids += self.chunk_ids(*pending.popleft())
             ex.run_ids(ids, results)
             pending.extend(chan.poll_nonblocking())
-        self.send_results(call_id, results)
+        self.send_results(call_id, results, ex.commit_sink(results))
         del results  # return values must not live on in an idle worker
         if ex.tainted:
             ex.retire()
@@ -398,6 +406,26 @@ def _stop_openblas_threads(ctl: Any) -> None:
             pass
 
 
+def limit_arrow() -> None:
+    """Cap pyarrow in this worker, as BLAS is, if pyarrow is loaded: one CPU
+    and one IO thread (the pool is the parallelism), and the system allocator
+    as its default memory pool, so that memory it frees goes back to libc and
+    the heap policy sees it, instead of being retained by jemalloc/mimalloc
+    arenas that would read as drift (a recycle).  Arrow re-creates its thread
+    pools in a forked child (its at-fork handlers), so a master that used
+    pyarrow's threads forks safe workers.  Called after fork and by front ends
+    that load pyarrow in a worker (the tables' sinks)."""
+    pa = sys.modules.get("pyarrow")
+    if pa is None:
+        return
+    try:
+        pa.set_cpu_count(1)
+        pa.set_io_thread_count(1)
+        pa.set_memory_pool(pa.system_memory_pool())
+    except Exception:  # noqa: BLE001, S110 - best effort, like the BLAS limit
+        pass
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the master is gone, for a worker without a parent-death signal.
 
@@ -452,6 +480,7 @@ def after_fork(parent_pid: int, packages: list[str], init_expr: Any, death_signa
         except Exception:  # noqa: BLE001, S110 - best effort
             pass
         _stop_openblas_threads(ctl)
+    limit_arrow()
     for mod in packages:
         __import__(mod)
     if init_expr is not None:

@@ -1,0 +1,331 @@
+"""Tables: 1,000 shards each return a 10,000-row frame; get them as one table.
+
+Each shard builds a pandas DataFrame of 10,000 rows from its own generator
+(``shard.rng``; the peers build the very same stream,
+``SeedSequence(SEED, spawn_key=(i,))``): 4 float64 columns, 1 int64, 1
+string of 12 characters (pandas' default string dtype).  10 M rows, about
+560 MB as pandas.  2 workers everywhere.  Variants (each in a fresh
+interpreter, pools warm):
+
+* ``shardc_never``: ``shard_map(..., dispatch_opts={"auto_table": True,
+  "auto_table_materialize": "never"})``: workers write Arrow IPC parts, the
+  master gets a handle (nothing gathered).
+* ``shardc_always``: the same, materialized: a ``pyarrow.Table`` in memory.
+* ``shardc_always_pandas``: ``shardc_always`` then ``.to_pandas()``: the
+  same thing the gathering peers return, a pandas DataFrame.
+* ``shardc_partitioned``: ``auto_table_mode="partitioned"``: a persistent
+  Parquet dataset (fsynced parts + manifest).
+* ``mp_pool_map``: ``multiprocessing.Pool(2).map`` (default chunking), then
+  ``pd.concat(ignore_index=True)``.
+* ``joblib``: ``Parallel(n_jobs=2)`` (loky), then ``pd.concat``.
+* ``dask_parquet``: ``dd.from_delayed([...]).to_parquet(dir)`` on the
+  ``processes`` scheduler with 2 workers (workers write the files).
+* ``ray_parquet``: ``ray.data.range(N).map_batches(...).write_parquet(dir)``
+  on ``ray.init(num_cpus=2)``.
+
+Measures: wall time (median over repeats), the master's peak memory added by
+the call (RSS sampled every 5 ms in the master alone: what gathering costs
+the caller) in a separate first run, and the peak of the whole process tree
+(``_common.MemSampler``).  Then it reads the output back (untimed: handle
+``.to_pandas()``, the Parquet files in their order) and checks it equals the
+concatenated frame row by row (a hash per row, in order; Ray's files have no
+shard order, so Ray is compared as a set of rows and says so).
+
+Does not measure: reading the data afterwards, results larger than RAM.
+The machine is shared (~4 agents on 2 cores): compare ratios within a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tree's shardc
+import _common as C  # noqa: E402
+
+WORKERS = 2
+ROWS = 10_000
+SEED = 20261206
+VARIANTS = [
+    "shardc_never",
+    "shardc_always",
+    "shardc_always_pandas",
+    "shardc_partitioned",
+    "mp_pool_map",
+    "joblib",
+    "dask_parquet",
+    "ray_parquet",
+]
+GATHER_PEERS = ["mp_pool_map", "joblib"]
+
+
+def nshards(quick: bool) -> int:
+    return 200 if quick else 1000
+
+
+def make_frame(rng: Any, n: int = ROWS) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "a": rng.random(n),
+            "b": rng.random(n),
+            "c": rng.standard_normal(n),
+            "d": rng.standard_normal(n),
+            "k": rng.integers(0, 1 << 40, n),
+            "s": "key-" + pd.Series(rng.integers(10**7, 10**8, n)).astype(str),
+        }
+    )
+
+
+def build(i: int) -> Any:
+    return make_frame(np.random.Generator(np.random.PCG64(np.random.SeedSequence(SEED, spawn_key=(i,)))))
+
+
+def shard_build(shard: Any) -> Any:
+    return make_frame(shard.rng)
+
+
+def fingerprint(df: Any) -> dict[str, str]:
+    import pandas as pd
+
+    h = pd.util.hash_pandas_object(df[["a", "b", "c", "d", "k", "s"]].reset_index(drop=True), index=False).to_numpy()
+    return {
+        "rows": str(len(df)),
+        "ordered": hashlib.sha1(h.tobytes()).hexdigest(),
+        "as_set": hashlib.sha1(np.sort(h).tobytes()).hexdigest(),
+    }
+
+
+class MasterPeak:
+    """Peak RSS of this process alone, sampled every 5 ms by a thread."""
+
+    def __init__(self) -> None:
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self.base = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> MasterPeak:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
+    import pandas as pd
+
+    n = nshards(quick)
+    holder: dict[str, Any] = {}
+    tmp = tempfile.mkdtemp(prefix="bench-tables-")
+    out_dir = os.path.join(tmp, "out")
+    cleanup: Any = lambda: None  # noqa: E731
+    readback: Any = None
+
+    def fresh_dir() -> None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+    if variant.startswith("shardc"):
+        import shardc
+
+        pool = shardc.pool_create(WORKERS)
+        cleanup = pool.stop
+        shardc.shard_map(4, shard_build, pool=pool, seed=SEED)  # warm: imports pandas/pyarrow in the workers
+        opts: dict[str, Any] = {"auto_table": True, "auto_table_materialize": "never"}
+        if variant.startswith("shardc_always"):
+            opts["auto_table_materialize"] = "always"
+        if variant == "shardc_partitioned":
+            opts.update(auto_table_mode="partitioned", auto_table_path=out_dir)
+
+        def run() -> None:
+            r = shardc.shard_map(n, shard_build, pool=pool, seed=SEED, dispatch_opts=opts, progress=False)
+            holder["res"] = r.table.to_pandas() if variant == "shardc_always_pandas" else r.table
+            holder["diag"] = shardc.copy_report(r).data
+
+        def readback() -> Any:
+            t = holder["res"]
+            return t if isinstance(t, pd.DataFrame) else t.to_pandas()
+    elif variant == "mp_pool_map":
+        import multiprocessing as mp
+
+        mpool = mp.get_context("fork").Pool(WORKERS)
+        mpool.map(abs, range(4))
+        cleanup = mpool.terminate
+
+        def run() -> None:
+            holder["res"] = pd.concat(mpool.map(build, range(n)), ignore_index=True)
+    elif variant == "joblib":
+        import joblib
+
+        par = joblib.Parallel(n_jobs=WORKERS)
+        par.__enter__()
+        par(joblib.delayed(build)(i) for i in range(4))
+        cleanup = lambda: par.__exit__(None, None, None)  # noqa: E731
+
+        def run() -> None:
+            holder["res"] = pd.concat(par(joblib.delayed(build)(i) for i in range(n)), ignore_index=True)
+    elif variant == "dask_parquet":
+        import dask
+        import dask.dataframe as dd
+
+        meta = build(0).iloc[:0]
+
+        def run() -> None:
+            parts = [dask.delayed(build)(i) for i in range(n)]
+            with dask.config.set(scheduler="processes", num_workers=WORKERS):
+                dd.from_delayed(parts, meta=meta).to_parquet(out_dir, write_index=False)
+
+        def readback() -> Any:
+            files = sorted(
+                (f for f in os.listdir(out_dir) if f.endswith(".parquet")), key=lambda f: int(f.split(".")[1])
+            )
+            return pd.concat([pd.read_parquet(os.path.join(out_dir, f)) for f in files], ignore_index=True)
+    elif variant == "ray_parquet":
+        import ray
+
+        ray.init(num_cpus=WORKERS, include_dashboard=False, log_to_driver=False)
+        cleanup = ray.shutdown
+
+        def batch(b: dict[str, Any]) -> Any:
+            return pd.concat([build(int(i)) for i in b["id"]], ignore_index=True)
+
+        def run() -> None:
+            ds = ray.data.range(n, override_num_blocks=n).map_batches(batch, batch_size=1, batch_format="numpy")
+            ds.write_parquet(out_dir)
+
+        def readback() -> Any:
+            files = sorted(f for f in os.listdir(out_dir) if f.endswith(".parquet"))
+            return pd.concat([pd.read_parquet(os.path.join(out_dir, f)) for f in files], ignore_index=True)
+    else:
+        raise SystemExit(f"unknown variant {variant}")
+    if readback is None:
+
+        def readback() -> Any:
+            return holder["res"]
+
+    def before() -> None:
+        old = holder.pop("res", None)
+        if hasattr(old, "close"):
+            old.close()
+        del old
+        fresh_dir()
+
+    try:
+        before()
+        with C.MemSampler(interval=0.05) as tree, MasterPeak() as master:
+            t0 = time.perf_counter()
+            run()
+            t_mem = time.perf_counter() - t0
+        res: dict[str, Any] = {
+            "master_extra": master.peak - master.base,
+            "tree_extra": tree.extra_total,
+            "mem_run_s": t_mem,
+        }
+        cpu: list[float] = []
+        times = C.timed_repeats(run, repeats, before, cpu)
+        res.update(times=times, median_s=C.median(times), cpu_s=C.median(cpu))
+        res.update(fingerprint(readback()))
+        if "diag" in holder:
+            res["table"] = {k: v for k, v in holder["diag"].items() if k.startswith("table_")}
+        before()
+    finally:
+        cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
+    n = nshards(quick)
+    ref = results.get("mp_pool_map", {})
+    rows = []
+    for name, r in results.items():
+        if "error" in r:
+            C.emit(f"tables.{name}.error", r["error"].replace("\t", " ")[:200], "text")
+            rows.append([name, "ERROR", "", "", "", r["error"][:100]])
+            continue
+        if "ordered" in ref:
+            same = r["ordered"] == ref["ordered"] if name != "ray_parquet" else r["as_set"] == ref["as_set"]
+        else:
+            same = None
+        C.emit(f"tables.{name}.wall_median", r["median_s"], "s")
+        C.emit(f"tables.{name}.cpu_median", r["cpu_s"], "s")
+        C.emit(f"tables.{name}.master_peak_extra", C.mib(r["master_extra"]), "MiB")
+        C.emit(f"tables.{name}.tree_peak_extra", C.mib(r["tree_extra"]), "MiB")
+        C.emit(f"tables.{name}.equal_to_concat", int(bool(same)), "bool")
+        note = [f"load {r['loadavg']:.1f}", f"n={len(r['times'])}"]
+        if same is False:
+            note.append("DIFFERENT DATA")
+        if name == "ray_parquet":
+            note.append("compared as a set of rows (no shard order)")
+        rows.append(
+            [name, r["median_s"], r["cpu_s"], C.mib(r["master_extra"]), C.mib(r["tree_extra"]), "; ".join(note)]
+        )
+    print()
+    print(f"### tables: {n} shards x {ROWS} rows -> one table, {WORKERS} workers")
+    print()
+    print(C.table(["variant", "wall s (median)", "CPU s", "master peak +MiB", "tree peak +MiB", "notes"], rows))
+    ok = lambda k: k in results and "error" not in results[k]  # noqa: E731
+    peers = [k for k in GATHER_PEERS if ok(k)]
+    lines = []
+    if peers:
+        best = min(peers, key=lambda k: results[k]["median_s"])
+        b = results[best]
+        if ok("shardc_never"):
+            a = results["shardc_never"]
+            lines.append(
+                (
+                    "never_wall",
+                    f"materialize never: wall <= 0.5x the fastest gather+concat peer ({best})",
+                    f"{a['median_s'] / b['median_s']:.2f}x",
+                    a["median_s"] <= 0.5 * b["median_s"],
+                )
+            )
+            lines.append(
+                (
+                    "never_master_mem",
+                    f"materialize never: master peak <= 0.2x {best}'s",
+                    f"{a['master_extra'] / b['master_extra']:.3f}x",
+                    a["master_extra"] <= 0.2 * b["master_extra"],
+                )
+            )
+        for v in ("shardc_always", "shardc_always_pandas"):
+            if ok(v):
+                a = results[v]
+                lines.append(
+                    (
+                        f"{v}_wall",
+                        f"{v}: wall <= 0.8x {best}",
+                        f"{a['median_s'] / b['median_s']:.2f}x",
+                        a["median_s"] <= 0.8 * b["median_s"],
+                    )
+                )
+    C.print_targets("tables", lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return C.variant_main(__doc__, __file__, VARIANTS, run_child, report, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Frames to Arrow: what a shard may return, and the schema checks.
+
+A shard's frame becomes one ``pyarrow.Table`` (one row group of its part):
+
+* pandas ``DataFrame``: ``pa.Table.from_pandas(preserve_index=False)``, as
+  ``pd.concat(ignore_index=True)`` would number the rows; the pandas
+  metadata is dropped (it differs from shard to shard);
+* ``pyarrow.Table`` / ``RecordBatch``: as is;
+* polars ``DataFrame``: ``.to_arrow()``;
+* anything with ``__arrow_c_stream__`` (the Arrow PyCapsule interface).
+
+String types are normalised to ``pa.string()`` (pandas 3 and polars hand
+out ``large_string``/``string_view``), so frames from any library stack.
+With a schema, columns are matched by name (order follows the schema),
+values cast safely; a missing/extra column or a failed cast is a
+:class:`shardc.errors.TableSchemaError` naming the shard, the column and
+the mismatch.  Without one, the first frame of a part fixes the part's
+schema and later frames are cast to it the same way.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from ..errors import TableSchemaError
+from .options import require_pyarrow
+
+
+def is_frame(value: Any) -> bool:
+    """Whether ``value`` is a frame this package turns into rows."""
+    mod = type(value).__module__.split(".", 1)[0]
+    if mod in ("pandas", "polars", "pyarrow"):
+        return type(value).__name__ in ("DataFrame", "Table", "RecordBatch")
+    return hasattr(value, "__arrow_c_stream__")
+
+
+def _normal_type(pa: Any, t: Any) -> Any:
+    if pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _t: False)(t):
+        return pa.string()
+    if pa.types.is_large_binary(t):
+        return pa.binary()
+    if pa.types.is_dictionary(t):
+        return pa.dictionary(t.index_type, _normal_type(pa, t.value_type), t.ordered)
+    return t
+
+
+def to_table(value: Any, sid: int) -> Any:
+    """``value`` (a frame) as a ``pyarrow.Table`` with normalised string types."""
+    pa = require_pyarrow("auto_table")
+    tname = type(value).__name__
+    mod = type(value).__module__.split(".", 1)[0]
+    if mod == "pyarrow" and tname == "Table":
+        t = value
+    elif mod == "pyarrow" and tname == "RecordBatch":
+        t = pa.Table.from_batches([value])
+    elif mod == "pandas" and tname == "DataFrame":
+        t = pa.Table.from_pandas(value, preserve_index=False)
+    elif mod == "polars" and tname == "DataFrame":
+        t = value.to_arrow()
+    elif hasattr(value, "__arrow_c_stream__"):
+        t = pa.table(value)
+    else:
+        raise TableSchemaError(
+            f"shard {sid} returned {type(value).__module__}.{tname}; with auto_table a shard returns a "
+            "pandas or polars DataFrame, a pyarrow Table or RecordBatch, or None (no rows)"
+        )
+    if t.schema.metadata:
+        t = t.replace_schema_metadata(None)
+    fields = t.schema
+    if any(_normal_type(pa, f.type) != f.type for f in fields):
+        t = t.cast(pa.schema([f.with_type(_normal_type(pa, f.type)) for f in fields]))
+    return t
+
+
+def conform(t: Any, schema: Any, sid: int, what: str) -> Any:
+    """``t`` with ``schema``'s columns (in its order) and types, or
+    TableSchemaError naming shard ``sid``, the column and the mismatch
+    (``what`` says where the schema comes from)."""
+    if t.schema.equals(schema):
+        return t
+    names = t.column_names
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise TableSchemaError(f"shard {sid}: duplicate column name(s) {dup}")
+    missing = [n for n in schema.names if n not in names]
+    extra = [n for n in names if n not in schema.names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"column(s) {missing} missing")
+        if extra:
+            parts.append(f"unexpected column(s) {extra}")
+        raise TableSchemaError(f"shard {sid}: its frame does not match {what}: " + "; ".join(parts))
+    cols = []
+    for f in schema:
+        col = t.column(f.name)
+        if col.type != f.type:
+            try:
+                col = col.cast(f.type, safe=True)
+            except Exception as exc:  # noqa: BLE001 - any cast failure is this column's mismatch
+                raise TableSchemaError(
+                    f"shard {sid}: column {f.name!r} is {col.type}, {what} says {f.type}, and it does not "
+                    f"cast safely: {exc}"
+                ) from None
+        if not f.nullable and col.null_count:
+            raise TableSchemaError(f"shard {sid}: column {f.name!r} has {col.null_count} null(s); {what} says not null")
+        cols.append(col)
+    return require_pyarrow("auto_table").Table.from_arrays(cols, schema=schema)
+
+
+def polars_loaded() -> bool:
+    return "polars" in sys.modules
