@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _lowlevel as ll
 from .errors import InvalidArgumentError
+from .native import NativeKernel, native_ref
 from .shards import Shard, ShardDescriptor
 
 TINY = 8 * 1024**2
@@ -95,18 +97,28 @@ _registry: dict[str, Kernel] = {}
 
 def register_kernel(
     name: str,
-    impl: Callable[..., Any],
+    impl: Callable[..., Any] | None = None,
     signature: str | None = None,
     footprint: Any = None,
     supports_views: bool = True,
     description: str | None = None,
+    *,
+    native: Any = None,
+    iparams: tuple[int, ...] = (),
 ) -> Kernel:
     """Register ``impl`` under ``name`` (replacing an earlier one) and return it.
 
     Args:
         name: the registry key.
-        impl: the function, called like ``fun``.
-        signature: reserved: a string describing the arguments, or None.
+        impl: the function, called like ``fun`` (or None with ``native=``).
+        signature: reserved for Python kernels: a string describing the
+            arguments, or None.  For a native kernel, the names of the arrays
+            in the order the C function gets them (``"X, out"``); default:
+            borrow= then out=, in the caller's order.
+        native: a compiled kernel with the ABI of ``csrc/kernel.h`` (see
+            :mod:`shardc.native` for the accepted forms); the workers run it
+            in C without the GIL, one call per shard.
+        iparams: up to 8 integers the native kernel gets in ``a->iparams``.
         footprint: bytes per shard, ``{"class": ..., "bytes": ...}``, or a
             function of the shard returning either.
         supports_views: reserved: must be a bool.
@@ -118,6 +130,15 @@ def register_kernel(
     """
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"kernel name must be a non-empty string, got {name!r}")
+    if native is not None:
+        if impl is not None:
+            raise InvalidArgumentError(f"kernel {name!r}: give impl= or native=, not both")
+        if signature is not None and not isinstance(signature, str):
+            raise InvalidArgumentError(f"kernel {name!r}: signature must be a string such as 'X, out', got {signature!r}")
+        order = tuple(n.strip() for n in signature.split(",")) if signature else None
+        if order is not None and not all(n.isidentifier() for n in order):
+            raise InvalidArgumentError(f"kernel {name!r}: signature {signature!r} must be names separated by commas")
+        impl = NativeKernel(name, native_ref(name, native), order, tuple(iparams))
     if not callable(impl):
         raise InvalidArgumentError(f"kernel {name!r}: impl must be callable, got {type(impl).__name__}")
     if signature is not None and not isinstance(signature, str):

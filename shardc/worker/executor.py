@@ -78,6 +78,7 @@ import numpy as np
 from ..protocol import ERR, OK, RETIRE_EXIT, error_record
 from ..status import DoneMap, StatusRow
 from .heap import HeapPolicy
+from .native import native_runner
 
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
@@ -185,7 +186,7 @@ class ShardExecutor:
         tainted: inherited inputs this process can no longer restore.
     """
 
-    __slots__ = ("_bound", "call", "ewma_ns", "guard", "heap", "row", "tainted")
+    __slots__ = ("_bound", "call", "ewma_ns", "guard", "heap", "native", "row", "tainted")
 
     def __init__(self, row: StatusRow, guard: Any, heap: HeapPolicy) -> None:
         self.row = row
@@ -195,6 +196,7 @@ class ShardExecutor:
         self.ewma_ns = -1
         self.tainted: list[str] = []
         self._bound: tuple[Any, ...] = ()
+        self.native: Any = None  # a native kernel's runner (shardc.worker.native), which runs the ids instead
 
     # -- call ----------------------------------------------------------------------------
     def begin_call(self) -> None:
@@ -206,11 +208,13 @@ class ShardExecutor:
         args = positional_args(c.fun, c.kwargs)
         self._bound = (c.fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         self.ewma_ns = -1
+        self.native = native_runner(self)
 
     def end_call(self) -> CallState:
         """Hand back the finished call's state; a fresh one is current."""
         c, self.call = self.call, CallState()
         self._bound = ()
+        self.native = None
         return c
 
     # -- the two entry points ----------------------------------------------------------------
@@ -218,6 +222,8 @@ class ShardExecutor:
         """rpc_chunked: run ``ids`` and return (``out`` extended with) one
         outcome tuple per shard run.  Shards after one that tainted this
         worker are not run (and have no outcome)."""
+        if self.native is not None:
+            return self.native.run_ids(ids, out)
         if out is None:
             out = []
         if ids:
@@ -229,6 +235,8 @@ class ShardExecutor:
         """shm_queue: run the block ``start .. stop-1``; failures go to
         ``on_fail``, cow events of finished shards to ``on_cow``.  Returns the
         fields of a :class:`RunStats`."""
+        if self.native is not None:
+            return self.native.run_block(start, stop, on_fail, on_cow)
         return self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow)
 
     # -- the one loop ----------------------------------------------------------------------
