@@ -16,11 +16,14 @@
  * as in NumPy (a NaN anywhere makes mean and variance NaN; an inf makes the
  * mean inf and the variance NaN).
  *
- * Inside a block the rows are taken in chunks of about 16K elements: a
- * chunk's sums (pass 1, from memory), then its squared deviations from the
- * chunk mean (pass 2, from cache), then a Chan merge into the block's
- * running moments: one pass over memory, the accuracy of a two-pass
- * algorithm per chunk.
+ * Inside a block the rows are taken in chunks (128 rows of a row block, 4096
+ * elements of a column): each chunk is summed shifted by its own first
+ * value (sum and sum of squares of x - k, one pass, vectorized across
+ * columns), its M2 taken from those, and the chunk folded into the block's
+ * running moments with Chan's update: one pass over memory, and the
+ * cancellation of the shifted sums is bounded by how far a chunk's first
+ * value lies from the chunk's mean (in standard deviations), not by how far
+ * the data lies from 0.
  */
 #ifndef SHARDC_KERN_STATS_H
 #define SHARDC_KERN_STATS_H

@@ -15,6 +15,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidTypeError,
     MissingDependencyError,
+    NativeKernelError,
     NativeModuleError,
     QueueClosedError,
     QueueError,
@@ -31,6 +32,7 @@ from .errors import (
     WorkerMemoryError,
     WorkerSetupError,
 )
+from .colstats import col_means, col_stats, col_sums, col_vars, shard_crossprod
 from .kernels import list_kernels, register_kernel, tiles2d
 from .map import shard_map
 from .pool import Pool, pool_create, pool_get, pool_health_check, pool_status, pool_stop
@@ -61,6 +63,11 @@ __all__ = [
     "pool_status",
     "pool_health_check",
     "register_kernel",
+    "col_sums",
+    "col_means",
+    "col_vars",
+    "col_stats",
+    "shard_crossprod",
     "list_kernels",
     "report",
     "mem_report",
@@ -88,6 +95,7 @@ __all__ = [
     "UsageError",
     "NativeModuleError",
     "MissingDependencyError",
+    "NativeKernelError",
     "ShardcOSError",
     "QueueError",
     "GuardError",

@@ -324,4 +324,5 @@ __all__ = [
     "ShardMapError",
     "RemoteTraceback",
     "signal_label",
+    "NativeKernelError",
 ]
