@@ -54,15 +54,16 @@ def dtype_code(dt: np.dtype) -> int:
     return int(_DTYPES.get(f"{dt.kind}{dt.itemsize}", lib.SHARDC_DT_OTHER))
 
 
-def fill_array(dst: Any, arr: np.ndarray) -> None:
-    """Describe ``arr`` (pointer, shape, strides, dtype) in a ``shardc_array_t``."""
+def fill_array(dst: Any, arr: np.ndarray, readonly: bool = False) -> None:
+    """Describe ``arr`` (pointer, shape, strides, dtype) in a ``shardc_array_t``
+    (``readonly``: a borrowed input, writable or not in this process)."""
     if arr.ndim > KERNEL_MAX_DIMS:
         raise InvalidArgumentError(f"native kernels take arrays of at most {KERNEL_MAX_DIMS} dimensions, got {arr.ndim}")
     dst.data = ffi.cast("void *", arr.__array_interface__["data"][0])
     dst.ndim = arr.ndim
     dst.dtype = dtype_code(arr.dtype)
     dst.itemsize = arr.itemsize
-    dst.writable = 1 if arr.flags.writeable else 0
+    dst.writable = 1 if arr.flags.writeable and not readonly else 0
     dst.kind = arr.dtype.kind.encode()
     for i, (n, s) in enumerate(zip(arr.shape, arr.strides, strict=True)):
         dst.shape[i] = n
@@ -85,13 +86,14 @@ class KernelArgs:
         block: int = 0,
         tiles: tuple[int, int, int, int] = (0, 0, 0, 0),
         iparams: tuple[int, ...] = (),
+        readonly: frozenset[int] = frozenset(),
     ) -> None:
         if len(iparams) > 8:
             raise InvalidArgumentError(f"a native kernel takes at most 8 integer parameters, got {len(iparams)}")
         self.arrays = list(arrays)
         self._arr = ffi.new("shardc_array_t[]", max(1, len(arrays)))
         for i, a in enumerate(arrays):
-            fill_array(self._arr[i], a)
+            fill_array(self._arr[i], a, i in readonly)
         p = ffi.new("shardc_kernel_args_t *")
         p.abi = KERNEL_ABI
         p.narrays = len(arrays)

@@ -99,6 +99,7 @@ class CallState:
         self.call_id = -1
         self.fun: Any = None
         self.kwargs: dict[str, Any] = {}
+        self.borrowed: frozenset[str] = frozenset()  # names in kwargs that are borrowed inputs (read-only)
         self.desc: Any = None  # shardc.shards.Shards: .shard(id, seedseq) builds a shard
         self.entropy: int | None = None
         self.seeded = False

@@ -81,7 +81,8 @@ class NativeRunner:
                     f"got {type(v).__name__}"
                 )
             arrays.append(v)
-        self.args = ll.KernelArgs(arrays, c.desc.num_shards, iparams=kernel.iparams, **_geometry(c.desc))
+        ro = frozenset(i for i, n in enumerate(names) if n in c.borrowed)
+        self.args = ll.KernelArgs(arrays, c.desc.num_shards, iparams=kernel.iparams, readonly=ro, **_geometry(c.desc))
         self.fn = ll.kernel_fn(kernel.address())
         self.guard = ex.guard if ex.guard is not None and c.guard_regions else None
         self.flags = ll.KRUN_GUARDED if self.guard is not None else 0
