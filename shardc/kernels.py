@@ -9,9 +9,11 @@ shard as tiny (< 8 MB), medium (< 64 MB) or huge; ``scheduler_policy=
 Built-in kernels (registered at import):
 
 * ``col_means(shard, X, out)``: ``out[shard.idx] = X[:, shard.idx].mean(0)``
-* ``col_vars(shard, X, out)``: sample variance (``ddof=1``), computed with a
-  two-pass algorithm per column block; NaN for columns with < 2 rows, and
-  NaN/inf propagate as in ``np.var``.
+* ``col_vars(shard, X, out)``: sample variance (``ddof=1``), one pass per
+  column block in C (``csrc/kern_stats.c``); NaN for columns with < 2 rows,
+  and NaN/inf propagate as in ``np.var``.  (Over a C-ordered matrix a column
+  block is a strided read: ``shardc.col_means``/``col_vars`` pick row blocks
+  instead and are several times faster.)
 * ``crossprod_tile(tile, X, Y, Z)``: ``Z[tile] = X[:, xs].T @ Y[:, ys]`` for a
   2-D tile from :func:`tiles2d`, straight into the out buffer.
 
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from . import _lowlevel as ll
+from . import moments
 from .errors import InvalidArgumentError
 from .native import NativeKernel, native_ref
 from .shards import Shard, ShardDescriptor
@@ -195,30 +198,36 @@ def get_kernel(name: str) -> Kernel:
 # -- built-in kernels -------------------------------------------------------------
 
 
+def _block_moments(shard: Shard, X: np.ndarray) -> np.ndarray:
+    """Moments (``shardc.moments`` layout) of the columns ``shard.idx`` of
+    ``X``, one pass in C without the GIL (``csrc/kern_stats.c``)."""
+    idx = shard.idx
+    if isinstance(idx, slice) and (idx.step or 1) == 1:
+        c0, c1 = idx.start or 0, idx.stop
+    else:
+        X, c0, c1 = X[:, idx], 0, len(shard)
+    part = np.empty((moments.ROWS, c1 - c0))
+    ll.colstats_block(X, 0, X.shape[0], c0, c1, part)
+    return part
+
+
 def col_means(shard: Shard, X: np.ndarray, out: np.ndarray) -> None:
-    """Column means of ``X[:, shard.idx]`` into ``out[shard.idx]``."""
-    if X.shape[0] == 0:
-        out[shard.idx] = np.nan
-        return
-    out[shard.idx] = X[:, shard.idx].mean(axis=0)
+    """Column means of ``X[:, shard.idx]`` into ``out[shard.idx]`` (NaN for 0 rows)."""
+    out[shard.idx] = moments.means(_block_moments(shard, X))
 
 
 def col_vars(shard: Shard, X: np.ndarray, out: np.ndarray) -> None:
     """Sample variances (ddof=1) of ``X[:, shard.idx]`` into ``out[shard.idx]``.
 
-    Two passes (mean, then mean squared deviation) per column block: as
-    accurate as ``np.var``; columns with fewer than 2 rows give NaN, and
-    non-finite values propagate (inf -> NaN, as in ``np.var``).
+    One pass per column block (shifted sums per chunk, Chan merges:
+    ``csrc/kern_stats.c``), accumulated in float64 for any input type;
+    columns with fewer than 2 rows give NaN, and non-finite values propagate
+    (inf -> NaN, as in ``np.var``).
     """
-    n = X.shape[0]
-    block = X[:, shard.idx]
-    if n < 2:
+    if X.shape[0] < 2:
         out[shard.idx] = np.nan
         return
-    with np.errstate(invalid="ignore", over="ignore"):
-        mu = block.mean(axis=0)
-        dev = block - mu
-        out[shard.idx] = np.einsum("ij,ij->j", dev, dev) / (n - 1)
+    out[shard.idx] = moments.variances(_block_moments(shard, X), 1)
 
 
 class Tile:
