@@ -34,9 +34,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
-
 import _common as C
+import numpy as np
 
 WORKERS = 2
 STATS = ["np_oneliner", "numba_prange", "dask_threads", "pool_fork_rows", "shardc_native"]
@@ -128,6 +127,7 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     extra: dict[str, Any] = {"matrix_bytes": X.nbytes}
 
     if variant == "np_oneliner":
+
         def run() -> None:
             out["m"], out["v"] = X.mean(0), X.var(0, ddof=1)
     elif variant == "numba_prange":
@@ -142,8 +142,7 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
 
         def run() -> None:
             x = da.from_array(X, chunks=(max(ROW_BLOCK, rows // 16), cols))
-            out["m"], out["v"] = dask.compute(x.mean(0), x.var(0, ddof=1), scheduler="threads",
-                                              num_workers=WORKERS)
+            out["m"], out["v"] = dask.compute(x.mean(0), x.var(0, ddof=1), scheduler="threads", num_workers=WORKERS)
     elif variant == "pool_fork_rows":
         import multiprocessing as mp
 
@@ -155,6 +154,7 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
         def run() -> None:
             out["m"], out["v"] = chan(mpool.starmap(_block_moments, bounds))
     elif variant == "shardc_native":
+
         def run() -> None:
             out["m"], out["v"] = shardc.col_stats(X, pool=pool)
     elif variant in ("xtx_blas1", "xtx_blas2"):
@@ -166,6 +166,7 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
             with threadpool_limits(limits=nthreads, user_api="blas"):
                 out["z"] = X.T @ X
     elif variant == "shardc_crossprod":
+
         def run() -> None:
             out["z"] = shardc.shard_crossprod(X, pool=pool)
     else:
@@ -213,14 +214,24 @@ def report_native(results: dict[str, dict[str, Any]], quick: bool) -> None:
             C.emit(f"colstats.{name}.extra_mem", C.mib(r["extra"]), "MiB")
             C.emit(f"colstats.{name}.correct", int(r["ok"]), "bool")
             err = r.get("err_var", r.get("err"))
-            table.append([name, r["median_s"], r["min_s"], r["cpu_s"], C.mib(r["peak"]), C.mib(r["extra"]),
-                          f"err {err:.1e}; load {r['loadavg']:.1f}" + ("" if r["ok"] else "; WRONG")])
+            table.append(
+                [
+                    name,
+                    r["median_s"],
+                    r["min_s"],
+                    r["cpu_s"],
+                    C.mib(r["peak"]),
+                    C.mib(r["extra"]),
+                    f"err {err:.1e}; load {r['loadavg']:.1f}" + ("" if r["ok"] else "; WRONG"),
+                ]
+            )
         print()
-        print(f"### {group}: {dims[0]} x {dims[1]} float64 ({dims[0] * dims[1] * 8 / 2**20:.0f} MiB), "
-              f"{WORKERS} workers/threads (shared machine: ratios within this run only)")
+        print(
+            f"### {group}: {dims[0]} x {dims[1]} float64 ({dims[0] * dims[1] * 8 / 2**20:.0f} MiB), "
+            f"{WORKERS} workers/threads (shared machine: ratios within this run only)"
+        )
         print()
-        print(C.table(["variant", "wall s (median)", "wall s (min)", "CPU s", "peak MiB", "extra MiB", "notes"],
-                      table))
+        print(C.table(["variant", "wall s (median)", "wall s (min)", "CPU s", "peak MiB", "extra MiB", "notes"], table))
     ok = lambda n: n in results and "error" not in results[n]  # noqa: E731
     t = lambda n: results[n]["median_s"]  # noqa: E731
     lines = []
@@ -233,8 +244,14 @@ def report_native(results: dict[str, dict[str, Any]], quick: bool) -> None:
     if ok("shardc_native"):
         x = results["shardc_native"]
         xs = x["extra"] / x["matrix_bytes"]
-        lines.append(("native_extra_mem", "col mean+var: extra memory of the tree (partials included) < 1% of X",
-                      f"{xs * 100:.2f}%", xs < 0.01))
+        lines.append(
+            (
+                "native_extra_mem",
+                "col mean+var: extra memory of the tree (partials included) < 1% of X",
+                f"{xs * 100:.2f}%",
+                xs < 0.01,
+            )
+        )
     if ok("shardc_crossprod") and ok("xtx_blas1"):
         r = t("shardc_crossprod") / t("xtx_blas1")
         lines.append(("xtx_vs_blas1", "X.T @ X: <= 0.55x single-thread BLAS", f"{r:.2f}x", r <= 0.55))

@@ -55,7 +55,8 @@ def build_kernel(tmp: str) -> Any:
     from cffi import FFI
 
     csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    hdr = open(os.path.join(csrc, "kernel.h")).read()
+    with open(os.path.join(csrc, "kernel.h")) as fh:
+        hdr = fh.read()
     cdef = re.search(r"/\* --- cdef begin --- \*/(.*?)/\* --- cdef end --- \*/", hdr, re.S).group(1)
     ffi = FFI()
     ffi.cdef(cdef[: cdef.index("/* What shardc_kernel_run() did. */")])
@@ -109,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             ("native_shm_queue_nodiag", {"diagnostics": False}, n),
             ("native_shm_queue_block", {"dispatch_opts": {"block_size": 2**20}}, n),
         ):
+
             def call(kw: dict[str, Any] = kw) -> None:
-                shardc.shard_map(n, kernel="bench_plus_one", out={"out": out}, pool=pool,
-                                 dispatch_mode="shm_queue", **kw)
+                shardc.shard_map(
+                    n, kernel="bench_plus_one", out={"out": out}, pool=pool, dispatch_mode="shm_queue", **kw
+                )
 
             out.array[:] = 0
             ts = timed(call, reps)
@@ -146,10 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         C.emit(f"native.{name}.rate", r / 1e6, "Mshards/s")
     C.emit("native.loadavg", C.loadavg(), "load")
     best = max(rates["native_shm_queue"], rates["native_shm_queue_nodiag"])
-    C.print_targets("native", [
-        ("native_rate", "native kernel in shm_queue >= 50M trivial shards/s (defaults; best of diag on/off)",
-         f"{best / 1e6:.1f} M/s", best >= 50e6),
-    ])
+    C.print_targets(
+        "native",
+        [
+            (
+                "native_rate",
+                "native kernel in shm_queue >= 50M trivial shards/s (defaults; best of diag on/off)",
+                f"{best / 1e6:.1f} M/s",
+                best >= 50e6,
+            ),
+        ],
+    )
     return 0
 
 

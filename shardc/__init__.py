@@ -5,6 +5,7 @@ The public API; see each object's docstring and the README.
 
 from ._version import __version__
 from .buffer import Buffer, buffer, buffer_open
+from .colstats import col_means, col_stats, col_sums, col_vars, shard_crossprod
 from .diagnostics import copy_report, cow_report, mem_report, recommendations, report, segment_report, task_report
 from .errors import (
     BindingError,
@@ -32,7 +33,6 @@ from .errors import (
     WorkerMemoryError,
     WorkerSetupError,
 )
-from .colstats import col_means, col_stats, col_sums, col_vars, shard_crossprod
 from .kernels import list_kernels, register_kernel, tiles2d
 from .map import shard_map
 from .pool import Pool, pool_create, pool_get, pool_health_check, pool_status, pool_stop

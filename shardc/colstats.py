@@ -206,11 +206,25 @@ def shard_crossprod(
     try:
         desc = tiles2d(p, q, min(tile, p), min(tile, q))
         if Yv is None:
-            shard_map(desc, kernel="crossprod_sym_tile", borrow={"X": X}, out={"Z": Z}, workers=workers, pool=pool,
-                      diagnostics=False)
+            shard_map(
+                desc,
+                kernel="crossprod_sym_tile",
+                borrow={"X": X},
+                out={"Z": Z},
+                workers=workers,
+                pool=pool,
+                diagnostics=False,
+            )
         else:
-            shard_map(desc, kernel="crossprod_tile", borrow={"X": X, "Y": Yv}, out={"Z": Z}, workers=workers,
-                      pool=pool, diagnostics=False)
+            shard_map(
+                desc,
+                kernel="crossprod_tile",
+                borrow={"X": X, "Y": Yv},
+                out={"Z": Z},
+                workers=workers,
+                pool=pool,
+                diagnostics=False,
+            )
         return np.array(Z.array)
     finally:
         Z.close()

@@ -137,7 +137,9 @@ def register_kernel(
         if impl is not None:
             raise InvalidArgumentError(f"kernel {name!r}: give impl= or native=, not both")
         if signature is not None and not isinstance(signature, str):
-            raise InvalidArgumentError(f"kernel {name!r}: signature must be a string such as 'X, out', got {signature!r}")
+            raise InvalidArgumentError(
+                f"kernel {name!r}: signature must be a string such as 'X, out', got {signature!r}"
+            )
         order = tuple(n.strip() for n in signature.split(",")) if signature else None
         if order is not None and not all(n.isidentifier() for n in order):
             raise InvalidArgumentError(f"kernel {name!r}: signature {signature!r} must be names separated by commas")

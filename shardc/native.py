@@ -102,7 +102,7 @@ class NativeKernel:
         else:
             import numba  # a numba cfunc was registered, so numba is installed
 
-            addr = int(numba.cfunc(self.ref[2], nopython=True)(self.ref[1]).address)
+            addr = int(numba.cfunc(self.ref[2])(self.ref[1]).address or 0)
         _resolved[key] = (os.getpid(), addr)
         return addr
 
@@ -110,9 +110,7 @@ class NativeKernel:
         """Run the kernel for one shard in this process (outside shard_map:
         ``kernel.impl(shard, X=..., out=...)``)."""
         names = self.order if self.order is not None else tuple(arrays)
-        args = ll.KernelArgs(
-            [np.asarray(arrays[n]) for n in names], 1, ll.SHARDS_CONTIGUOUS, iparams=self.iparams
-        )
+        args = ll.KernelArgs([np.asarray(arrays[n]) for n in names], 1, ll.SHARDS_CONTIGUOUS, iparams=self.iparams)
         sid = int(getattr(shard, "id", shard))
         rc = ll.kernel_call(ll.kernel_fn(self.address()), args, sid, sid + 1)
         if rc != 0:

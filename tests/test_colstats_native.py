@@ -176,8 +176,10 @@ def test_crossprod_matches_blas(pool2, dtype):
     X = rng.standard_normal((3000, 300)).astype(dtype)
     Y = rng.standard_normal((3000, 70)).astype(dtype)
     tol = 1e-13 if dtype is np.float64 else 1e-6
-    for Z, ref in ((shardc.shard_crossprod(X, pool=pool2, tile=64), X.T @ X),
-                   (shardc.shard_crossprod(X, Y, pool=pool2, tile=64), X.T @ Y)):
+    for Z, ref in (
+        (shardc.shard_crossprod(X, pool=pool2, tile=64), X.T @ X),
+        (shardc.shard_crossprod(X, Y, pool=pool2, tile=64), X.T @ Y),
+    ):
         assert Z.dtype == dtype
         assert np.linalg.norm(Z - ref) / np.linalg.norm(ref) <= tol
     Z = shardc.shard_crossprod(X, pool=pool2, tile=64)

@@ -145,15 +145,16 @@ def test_abi_fields_and_strided_views(kmod, registry, pool2):
     X = base.array[::2, 1::2]  # a non-contiguous view of shared memory
     desc = shardc.shards(20, block_size=3)
     out = shardc.buffer(np.int64, (desc.num_shards, 16))
-    shardc.shard_map(desc, kernel="t_describe", borrow={"X": X}, out={"out": out}, pool=pool2,
-                     dispatch_mode="shm_queue")
+    shardc.shard_map(
+        desc, kernel="t_describe", borrow={"X": X}, out={"out": out}, pool=pool2, dispatch_mode="shm_queue"
+    )
     r = out.array
     assert (r[:, 0] == ll.KERNEL_ABI).all() and (r[:, 1] == 2).all() and (r[:, 2] == desc.num_shards).all()
     assert (r[:, 3] == ll.SHARDS_CONTIGUOUS).all() and (r[:, 4] == 20).all() and (r[:, 5] == 3).all()
     assert (r[:, 6] == 2).all() and (r[:, 7] == ll.dtype_code(np.dtype(np.float64))).all()
     assert (r[:, 8:12] == [20, 3, 96, 16]).all()
     assert (r[:, 12] == 0).all() and (r[:, 13] == 1).all() and (r[:, 14] == 99).all()
-    np.testing.assert_array_equal(r[:, 15], X[:: 3, 0])
+    np.testing.assert_array_equal(r[:, 15], X[::3, 0])
     base.close()
     out.close()
 
@@ -164,8 +165,9 @@ def test_kernel_error_fails_only_its_shard(kmod, registry, pool2, mode):
     reg(kmod, "faulty", signature="out", iparams=(-1, 57))
     n = 300
     out = shardc.buffer(np.int64, n)
-    res = shardc.shard_map(n, kernel="t_faulty", out={"out": out}, pool=pool2, dispatch_mode=mode,
-                           max_retries=1, on_failure="collect")
+    res = shardc.shard_map(
+        n, kernel="t_faulty", out={"out": out}, pool=pool2, dispatch_mode=mode, max_retries=1, on_failure="collect"
+    )
     assert list(res.failures) == [57]
     f = res.failures[57]
     assert f.attempts == 2 and isinstance(f.exception, NativeKernelError)
@@ -182,8 +184,16 @@ def test_segfault_is_a_death_charged_to_its_shard(kmod, registry, pool2, mode):
     reg(kmod, "faulty", signature="out", iparams=(1234, -1))
     n = 5000
     out = shardc.buffer(np.int64, n)
-    res = shardc.shard_map(n, kernel="t_faulty", out={"out": out}, pool=pool2, dispatch_mode=mode,
-                           max_retries=1, on_failure="collect", **({"chunk_size": 100} if mode == "rpc_chunked" else {}))
+    res = shardc.shard_map(
+        n,
+        kernel="t_faulty",
+        out={"out": out},
+        pool=pool2,
+        dispatch_mode=mode,
+        max_retries=1,
+        on_failure="collect",
+        **({"chunk_size": 100} if mode == "rpc_chunked" else {}),
+    )
     assert list(res.failures) == [1234]
     f = res.failures[1234]
     assert f.attempts == 2 and isinstance(f.exception, WorkerCrashedError) and "SIGSEGV" in f.message
@@ -201,8 +211,16 @@ def test_cow_deny_from_a_native_kernel(kmod, registry, pool2, mode):
     X = np.arange(1000, dtype=np.float64)
     n = 400
     out = shardc.buffer(np.int64, n)
-    res = shardc.shard_map(n, kernel="t_write_input", borrow={"X": X}, out={"out": out}, pool=pool2,
-                           dispatch_mode=mode, on_failure="collect", cow="deny")
+    res = shardc.shard_map(
+        n,
+        kernel="t_write_input",
+        borrow={"X": X},
+        out={"out": out},
+        pool=pool2,
+        dispatch_mode=mode,
+        on_failure="collect",
+        cow="deny",
+    )
     assert list(res.failures) == [77]
     exc = res.failures[77].exception
     assert isinstance(exc, BorrowedInputWriteError) and exc.input_name == "X" and exc.shard_id == 77
@@ -219,8 +237,9 @@ def test_cow_audit_from_a_native_kernel(kmod, registry, pool2):
     X = np.arange(1000, dtype=np.float64)
     n = 400
     out = shardc.buffer(np.int64, n)
-    res = shardc.shard_map(n, kernel="t_write_input", borrow={"X": X}, out={"out": out}, pool=pool2,
-                           dispatch_mode="shm_queue", cow="audit")
+    res = shardc.shard_map(
+        n, kernel="t_write_input", borrow={"X": X}, out={"out": out}, pool=pool2, dispatch_mode="shm_queue", cow="audit"
+    )
     assert res.failures == {}
     np.testing.assert_array_equal(out.array, np.arange(1, n + 1))
     rep = shardc.cow_report(res).data

@@ -58,7 +58,9 @@ def fill_array(dst: Any, arr: np.ndarray, readonly: bool = False) -> None:
     """Describe ``arr`` (pointer, shape, strides, dtype) in a ``shardc_array_t``
     (``readonly``: a borrowed input, writable or not in this process)."""
     if arr.ndim > KERNEL_MAX_DIMS:
-        raise InvalidArgumentError(f"native kernels take arrays of at most {KERNEL_MAX_DIMS} dimensions, got {arr.ndim}")
+        raise InvalidArgumentError(
+            f"native kernels take arrays of at most {KERNEL_MAX_DIMS} dimensions, got {arr.ndim}"
+        )
     dst.data = ffi.cast("void *", arr.__array_interface__["data"][0])
     dst.ndim = arr.ndim
     dst.dtype = dtype_code(arr.dtype)
@@ -123,7 +125,9 @@ def new_krun() -> Any:
     return ffi.new("shardc_krun_t *")
 
 
-def kernel_run(fn: Any, args: KernelArgs, writer: Any, b0: int, bn: int, start: int, stop: int, flags: int, res: Any) -> int:
+def kernel_run(
+    fn: Any, args: KernelArgs, writer: Any, b0: int, bn: int, start: int, stop: int, flags: int, res: Any
+) -> int:
     """Run shards ``start .. stop-1`` (inside ring block ``b0, bn``) through
     ``fn`` without the GIL; a ``KRUN_*`` code, details in ``res``."""
     rc = lib.shardc_kernel_run(fn, args.ptr, writer, b0, bn, start, stop, flags, res)

@@ -78,7 +78,7 @@ import numpy as np
 from ..protocol import ERR, OK, RETIRE_EXIT, error_record
 from ..status import DoneMap, StatusRow
 from .heap import HeapPolicy
-from .native import native_runner
+from .native import NativeRunner, native_runner
 
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
@@ -197,7 +197,8 @@ class ShardExecutor:
         self.ewma_ns = -1
         self.tainted: list[str] = []
         self._bound: tuple[Any, ...] = ()
-        self.native: Any = None  # a native kernel's runner (shardc.worker.native), which runs the ids instead
+        # A native kernel's runner (shardc.worker.native): it runs the ids instead of _run.
+        self.native: NativeRunner | None = None
 
     # -- call ----------------------------------------------------------------------------
     def begin_call(self) -> None:

@@ -136,8 +136,10 @@ class NativeRunner:
             if gather is not None and n_ok:
                 t0 = int(res.t0)
                 step = (t1 - t0) / max(n_ok, 1)
-                gather.extend((sid, OK, None, t0 + int(k * step), t0 + int((k + 1) * step), None, None)
-                              for k, sid in enumerate(range(pos, pos + n_ok)))
+                gather.extend(
+                    (sid, OK, None, t0 + int(k * step), t0 + int((k + 1) * step), None, None)
+                    for k, sid in enumerate(range(pos, pos + n_ok))
+                )
             ok += n_ok
             if rc == ll.KRUN_DONE:
                 if events and on_cow is not None:
