@@ -79,8 +79,9 @@ class NativeKernel:
         return f"NativeKernel({self.name!r}, {self.ref[0]}:{self.ref[-1] if self.ref[0] != 'numba' else '<cfunc>'})"
 
     def _key(self) -> tuple[Any, ...]:
-        if self.ref[0] == "numba":
-            return ("numba", id(self.ref[1]), str(self.ref[2]))
+        if self.ref[0] == "numba":  # the function arrives unpickled anew with each call: key by its code
+            code = self.ref[1].__code__
+            return ("numba", self.ref[1].__qualname__, code.co_code, repr(code.co_consts), str(self.ref[2]))
         return self.ref
 
     def address(self) -> int:

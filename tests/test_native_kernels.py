@@ -264,3 +264,26 @@ def test_bad_native_arguments_fail_at_registration(kmod, registry):
     cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(lambda a, s, e: 0)
     with pytest.raises(InvalidArgumentError, match="not in a shared object"):
         shardc.register_kernel("t_bad", native=cb)
+
+
+def test_numba_cfunc_kernel(registry, pool2):
+    """A numba.cfunc with the ABI's signature is recompiled in each worker; its return codes fail shards."""
+    numba = pytest.importorskip("numba")
+    sig = numba.types.int32(numba.types.voidptr, numba.types.int64, numba.types.int64)
+
+    def fails_on_3(a, start, stop):  # noqa: ARG001 - the ABI's arguments
+        return 5 if start == 3 else 0
+
+    shardc.register_kernel("t_numba", native=numba.cfunc(sig)(fails_on_3), signature="out")
+    out = shardc.buffer(np.int64, 8)
+    res = shardc.shard_map(
+        8,
+        kernel="t_numba",
+        out={"out": out},
+        pool=pool2,
+        dispatch_mode="shm_queue",
+        max_retries=0,
+        on_failure="collect",
+    )
+    assert list(res.failures) == [3] and res.failures[3].exception.code == 5
+    out.close()
