@@ -11,10 +11,14 @@
  * loop order is instantiated for each input type, so the element load is a
  * plain typed load converted to double.
  */
-#if defined(__GNUC__) && !defined(__clang__)
 /* The per-row loops are independent per column: vectorizing them changes no
- * result (no reassociation within a column), and -O2 of older GCCs does not. */
-#pragma GCC optimize("O3")
+ * result (no reassociation within a column), and -O2 of older GCCs does not.
+ * No fused multiply-adds: the merges must give the bits of their NumPy twin
+ * (shardc.moments), and results must not depend on the CPU. */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("O3", "fp-contract=off")
 #endif
 
 #include "kern_stats.h"
@@ -289,5 +293,44 @@ int shardc_kern_colstats(const shardc_kernel_args_t *a, int64_t start, int64_t s
         if (rc < 0)
             return rc;
     }
+    return 0;
+}
+
+/* One Chan merge of partial b into partial a (both COLSTATS_ROWS x nc,
+ * rows nc apart), written to o (which may be a).  The same operations in
+ * the same order as shardc.moments.merge (NumPy), so both give the same
+ * bits: the tree below and a reduction combining with merge() agree. */
+static void merge2(const double *a, const double *b, double *o, int64_t nc)
+{
+    int64_t j;
+    for (j = 0; j < nc; j++) {
+        double na = a[j], nb = b[j], n = na + nb;
+        double shift = na == 0 ? b[2 * nc + j] : a[2 * nc + j];
+        double ma = na == 0 ? 0.0 : a[3 * nc + j];
+        double mb = (b[2 * nc + j] - shift) + b[3 * nc + j];
+        double delta = mb - ma;
+        double fb = nb / (n == 0 ? 1.0 : n);
+        double mean = nb == 0 ? ma : ma + delta * fb;
+        double cross = (na == 0 || nb == 0) ? 0.0 : delta * delta * (na * fb);
+        double m2 = a[4 * nc + j] + b[4 * nc + j] + cross;
+        double sum = a[nc + j] + b[nc + j];
+        o[j] = n;
+        o[nc + j] = sum;
+        o[2 * nc + j] = shift;
+        o[3 * nc + j] = mean;
+        o[4 * nc + j] = m2;
+    }
+}
+
+int shardc_moments_tree(double *P, int64_t k, int64_t nc)
+{
+    int64_t s, i, part = SHARDC_COLSTATS_ROWS * nc;
+    if (P == NULL || k < 1 || nc < 0)
+        return -EINVAL;
+    /* Pairs (0,1), (2,3), ... then pairs of those; an odd last one is
+     * carried up: the tree of shardc.moments.merge_tree. */
+    for (s = 1; s < k; s *= 2)
+        for (i = 0; i + s < k; i += 2 * s)
+            merge2(P + i * part, P + (i + s) * part, P + i * part, nc);
     return 0;
 }

@@ -48,6 +48,10 @@ int shardc_kern_colstats(const shardc_kernel_args_t *a, int64_t start, int64_t s
  * (c1 - c0) doubles, `ld` doubles apart (count, sum, shift, mean - shift, M2). */
 int shardc_colstats_block(const shardc_array_t *x, int64_t r0, int64_t r1,
                           int64_t c0, int64_t c1, double *out, int64_t ld);
+/* Merge partials P[0..k-1] (each COLSTATS_ROWS x nc doubles, contiguous)
+ * in place in the fixed pairwise tree of shardc.moments.merge_tree; the
+ * result is P[0].  Same bits as the NumPy version. */
+int shardc_moments_tree(double *P, int64_t k, int64_t nc);
 /* --- cdef end --- */
 
 #endif /* SHARDC_KERN_STATS_H */

@@ -113,7 +113,9 @@ def col_moments(X: Any, *, workers: int | None = None, pool: Any = None, what: s
             diagnostics=False,
         )
         parts = P.array
-        return moments.merge_tree(parts) if nparts > 1 else parts[0].copy()
+        if nparts > 1:
+            ll.moments_tree(parts)  # moments.merge_tree's tree and bits, in C (~20x faster)
+        return parts[0].copy()
     finally:
         P.close()
 

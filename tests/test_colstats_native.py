@@ -153,6 +153,12 @@ def test_merges_are_usable_as_a_reduction_combine():
         assert rel(moments.means(got), X.mean(0)) <= 1e-14
         assert rel(moments.variances(got, 1), X.var(0, ddof=1)) <= 1e-13
     np.testing.assert_array_equal(moments.merge(moments.identity(8), whole), whole)
+    for k in (1, 2, 5, 6, 7, 13):  # the C tree (used by col_stats) gives merge_tree's bits
+        P = np.stack([parts[i % len(parts)] for i in range(k)])
+        P[:, moments.SHIFT] += np.arange(k)[:, None]  # different shifts per partial
+        want = moments.merge_tree(P)
+        ll.moments_tree(P)
+        np.testing.assert_array_equal(P[0], want)
     with pytest.raises(InvalidArgumentError, match="partials"):
         moments.merge_tree(np.zeros((3, 4)))
 

@@ -61,6 +61,7 @@ from .kernel import (  # noqa: F401
     kernel_locate,
     kernel_resolve,
     kernel_run,
+    moments_tree,
     new_krun,
 )
 from .proc import (  # noqa: F401

@@ -183,3 +183,12 @@ def colstats_block(x: np.ndarray, r0: int, r1: int, c0: int, c1: int, out: np.nd
             f"rows {r0}:{r1}, columns {c0}:{c1} inside its shape {x.shape}"
         )
     _check(rc, "colstats_block")
+
+
+def moments_tree(parts: np.ndarray) -> None:
+    """Merge ``parts`` (C-contiguous float64, shape ``(k, 5, ncols)``) in
+    place in shardc.moments' fixed pairwise tree; the result is ``parts[0]``."""
+    if parts.dtype != np.float64 or parts.ndim != 3 or parts.shape[1] != COLSTATS_ROWS or not parts.flags.c_contiguous:
+        raise InvalidArgumentError(f"moments_tree: parts must be C-contiguous float64 (k, 5, ncols), got {parts.shape}")
+    ptr = ffi.cast("double *", parts.__array_interface__["data"][0])
+    _check(lib.shardc_moments_tree(ptr, parts.shape[0], parts.shape[2]), "moments_tree")
