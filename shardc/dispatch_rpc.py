@@ -26,7 +26,6 @@ from .protocol import OK, OK_PICKLED, RESULTS, RUN
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 
-
 # Ids in flight per worker, at most (one chunk more if a chunk is bigger): the
 # RUN bytes a worker has not read yet (~5 bytes an id) stay well under a unix
 # socket's buffer (~208 KiB), so the master's blocking send never waits on a
