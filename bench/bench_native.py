@@ -50,18 +50,15 @@ int plus_one(const shardc_kernel_args_t *a, int64_t start, int64_t stop) {
 
 
 def build_kernel(tmp: str) -> Any:
-    import re
-
     from cffi import FFI
 
-    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    with open(os.path.join(csrc, "kernel.h")) as fh:
-        hdr = fh.read()
-    cdef = re.search(r"/\* --- cdef begin --- \*/(.*?)/\* --- cdef end --- \*/", hdr, re.S).group(1)
+    from shardc import native
+
+    native.write_kernel_header(tmp)
     ffi = FFI()
-    ffi.cdef(cdef[: cdef.index("/* What shardc_kernel_run() did. */")])
+    ffi.cdef(native.kernel_cdef())
     ffi.cdef("int plus_one(const shardc_kernel_args_t *a, int64_t start, int64_t stop);")
-    ffi.set_source("bench_native_kmod", KERNEL, include_dirs=[csrc], extra_compile_args=["-O2"])
+    ffi.set_source("bench_native_kmod", KERNEL, include_dirs=[tmp], extra_compile_args=["-O2"])
     ffi.compile(tmpdir=tmp)
     sys.path.insert(0, tmp)
     import bench_native_kmod as mod

@@ -31,6 +31,7 @@
 #define _GNU_SOURCE
 #include "kernel.h"
 #include "guard.h"
+#include "status.h"
 
 #include <dlfcn.h>
 #if defined(__linux__)

@@ -33,7 +33,11 @@
 
 #include <stdint.h>
 
-#include "status.h"
+/* The worker's status row writer (status.h), opaque here: this header stands
+ * alone for kernels compiled outside shardc (shardc.native.kernel_header()). */
+#ifndef SHARDC_STATUS_H
+typedef struct shardc_status_writer shardc_status_writer_t;
+#endif
 
 /* --- cdef begin --- */
 #define SHARDC_KERNEL_ABI 1

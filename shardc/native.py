@@ -118,6 +118,29 @@ class NativeKernel:
             raise kernel_error(self.name, sid, rc)
 
 
+def kernel_header() -> str:
+    """The text of ``csrc/kernel.h`` (the ABI), as compiled into this shardc:
+    write it next to a kernel's source to ``#include "kernel.h"``."""
+    return ll.kernel_header()
+
+
+def write_kernel_header(directory: str | os.PathLike[str]) -> str:
+    """Write ``kernel.h`` into ``directory``; returns its path."""
+    path = os.path.join(os.fspath(directory), "kernel.h")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(kernel_header())
+    return path
+
+
+def kernel_cdef() -> str:
+    """The ABI's types (``shardc_array_t``, ``shardc_kernel_args_t``, the
+    ``SHARDC_*`` constants, ``shardc_kernel_fn``) as a cffi ``cdef``; add
+    your kernels' prototypes after it."""
+    text = kernel_header()
+    body = text[text.index("/* --- cdef begin --- */") : text.index("/* What shardc_kernel_run() did. */")]
+    return body.replace("/* --- cdef begin --- */", "")
+
+
 def kernel_error(name: str, sid: int, code: int) -> NativeKernelError:
     return NativeKernelError(f"native kernel {name!r} returned {code} for shard {sid}", name, sid, code)
 

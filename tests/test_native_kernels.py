@@ -7,7 +7,6 @@ borrowed input is a cow event (deny: the named error) for that shard."""
 from __future__ import annotations
 
 import ctypes
-import re
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from _engine_helpers import drain, no_stray_children, pool2  # noqa: F401 (fixtu
 
 import shardc
 from shardc import _lowlevel as ll
+from shardc import native
 from shardc.errors import BorrowedInputWriteError, InvalidArgumentError, NativeKernelError, WorkerCrashedError
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -79,12 +79,11 @@ def kmod(tmp_path_factory: pytest.TempPathFactory):
     """A cffi (API mode) module of test kernels, compiled now."""
     cffi = pytest.importorskip("cffi")
     d = tmp_path_factory.mktemp("native_kernels")
+    native.write_kernel_header(d)  # the header shipped inside the module, as a user gets it
     ffi = cffi.FFI()
-    hdr = (CSRC / "kernel.h").read_text()
-    cdef = re.search(r"/\* --- cdef begin --- \*/(.*?)/\* --- cdef end --- \*/", hdr, re.S).group(1)
-    ffi.cdef(cdef[: cdef.index("/* What shardc_kernel_run() did. */")])  # the ABI types only
+    ffi.cdef(native.kernel_cdef())  # the ABI types only
     ffi.cdef("".join(f"int {n}(const shardc_kernel_args_t *a, int64_t start, int64_t stop);\n" for n in NAMES))
-    ffi.set_source("shardc_test_kmod", KERNELS, include_dirs=[str(CSRC)], extra_compile_args=["-O2"])
+    ffi.set_source("shardc_test_kmod", KERNELS, include_dirs=[str(d)], extra_compile_args=["-O2"])
     so = ffi.compile(tmpdir=str(d))
     sys.path.insert(0, str(d))
     try:
@@ -246,6 +245,12 @@ def test_cow_audit_from_a_native_kernel(kmod, registry, pool2):
     assert rep["inputs"]["X"]["shards"] == [77]
     assert X[3] == 3.0
     out.close()
+
+
+def test_shipped_header_is_the_source_header():
+    """kernel_header() is csrc/kernel.h byte for byte (the build embeds it), and it stands alone."""
+    assert native.kernel_header() == (CSRC / "kernel.h").read_text()
+    assert '#include "' not in native.kernel_header()
 
 
 def test_bad_native_arguments_fail_at_registration(kmod, registry):

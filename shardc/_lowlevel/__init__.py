@@ -58,6 +58,7 @@ from .kernel import (  # noqa: F401
     fn_address,
     kernel_call,
     kernel_fn,
+    kernel_header,
     kernel_locate,
     kernel_resolve,
     kernel_run,

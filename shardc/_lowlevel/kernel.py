@@ -192,3 +192,8 @@ def moments_tree(parts: np.ndarray) -> None:
         raise InvalidArgumentError(f"moments_tree: parts must be C-contiguous float64 (k, 5, ncols), got {parts.shape}")
     ptr = ffi.cast("double *", parts.__array_interface__["data"][0])
     _check(lib.shardc_moments_tree(ptr, parts.shape[0], parts.shape[2]), "moments_tree")
+
+
+def kernel_header() -> str:
+    """The text of csrc/kernel.h compiled into the module."""
+    return str(ffi.string(lib.shardc_kernel_header()).decode())
