@@ -26,7 +26,8 @@
 /* x86-64: an AVX2 copy of the loops too, picked at load time (ifunc); four
  * doubles per instruction instead of two.  No result changes: the loops
  * never reassociate within a column. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(__SANITIZE_THREAD__) /* ifunc resolvers run before the TSan runtime is up */
 #define SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define SIMD_CLONES
