@@ -271,9 +271,10 @@ def test_bad_native_arguments_fail_at_registration(kmod, registry):
         shardc.register_kernel("t_bad", native=cb)
 
 
-def test_numba_cfunc_kernel(registry, pool2):
-    """A numba.cfunc with the ABI's signature is recompiled in each worker; its return codes fail shards."""
-    numba = pytest.importorskip("numba")
+def _numba_kernel_run() -> tuple[list[int], int]:
+    """In a forked child: register a numba.cfunc kernel and run it on a pool of its own."""
+    import numba
+
     sig = numba.types.int32(numba.types.voidptr, numba.types.int64, numba.types.int64)
 
     def fails_on_3(a, start, stop):  # noqa: ARG001 - the ABI's arguments
@@ -281,14 +282,25 @@ def test_numba_cfunc_kernel(registry, pool2):
 
     shardc.register_kernel("t_numba", native=numba.cfunc(sig)(fails_on_3), signature="out")
     out = shardc.buffer(np.int64, 8)
-    res = shardc.shard_map(
-        8,
-        kernel="t_numba",
-        out={"out": out},
-        pool=pool2,
-        dispatch_mode="shm_queue",
-        max_retries=0,
-        on_failure="collect",
-    )
-    assert list(res.failures) == [3] and res.failures[3].exception.code == 5
+    with shardc.Pool(2) as pool:
+        res = shardc.shard_map(
+            8,
+            kernel="t_numba",
+            out={"out": out},
+            pool=pool,
+            dispatch_mode="shm_queue",
+            max_retries=0,
+            on_failure="collect",
+        )
     out.close()
+    return list(res.failures), res.failures[3].exception.code
+
+
+def test_numba_cfunc_kernel(fork_run):
+    """A numba.cfunc with the ABI's signature is recompiled in each worker; its return codes fail shards.
+
+    In a forked child: compiling a cfunc loads SciPy's OpenBLAS into the
+    process, after the pool code cached its BLAS controller, and later pools
+    of this process would not limit that library (tests/test_map.py checks)."""
+    pytest.importorskip("numba")
+    assert fork_run(_numba_kernel_run, 120) == ([3], 5)
