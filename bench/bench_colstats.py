@@ -1,5 +1,12 @@
 """Per-column mean and variance of a big borrowed matrix, shardc vs its peers.
 
+The single-pass variants (shardc.col_stats and shard_crossprod against the
+NumPy one-liners, numba prange, dask.array, a forked Pool) are described in
+``_colstats_native.py``; run them with
+``--only np_oneliner,numba_prange,dask_threads,pool_fork_rows,shardc_native``
+and ``--only xtx_blas1,xtx_blas2,shardc_crossprod``.  Below: the column-block
+``shard_map`` variants.
+
 Measures: wall time to compute the mean and variance (ddof=0) of every column
 of a float64 matrix (16384 x 8192 = 1 GiB; ``--quick``: 4096 x 8192 = 256 MiB)
 into result arrays, one task per block of 256 columns (32 tasks), on
@@ -59,12 +66,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _colstats_native as N  # noqa: E402
 import _common as C  # noqa: E402
 
 WORKERS = 2
 BLOCK = 256
 VARIANTS = ["serial", "numpy_whole", "mp_pool_args", "mp_pool_fork", "joblib", "mpire",
-            "shardc_borrow", "shardc_copy", "shardc_cached", "shardc_global", "shardc_shared"]
+            "shardc_borrow", "shardc_copy", "shardc_cached", "shardc_global", "shardc_shared",
+            *N.STATS, *N.XTX]
 
 _X: np.ndarray | None = None  # the fork-inherited global of mp_pool_fork
 
@@ -128,6 +137,8 @@ def gather(parts: list[tuple[np.ndarray, np.ndarray]], bl: list[tuple[int, int]]
 
 def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     global _X
+    if variant in N.STATS or variant in N.XTX:
+        return N.run_native_child(variant, quick, repeats)
     rows, cols = dims(quick)
     bl = blocks(cols)
     extra: dict[str, Any] = {}
@@ -252,6 +263,10 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
 
 
 def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
+    N.report_native(results, quick)
+    results = {k: v for k, v in results.items() if k not in N.STATS and k not in N.XTX}
+    if not results:
+        return
     rows, cols = dims(quick)
     serial = results.get("serial", {}).get("median_s")
     table = []

@@ -40,6 +40,7 @@ def cdef_text() -> str:
             raise RuntimeError(f"csrc/{name} has no cdef section")
         parts.append(f"/* from {name} */\n{m.group(1)}")
     parts.append("const char *shardc_build_stamp(void);")
+    parts.append("const char *shardc_kernel_header(void);")
     return "\n".join(parts)
 
 
@@ -64,9 +65,17 @@ ffibuilder = FFI()
 ffibuilder.cdef(cdef_text())
 
 # Python-facing glue (nothing in csrc/*.c includes Python.h).
+def _c_string(text: str) -> str:
+    """``text`` as a C string literal (for headers shipped inside the module)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", '\\n"\n"') + '"'
+
+
 _PREAMBLE = f"""
 #include "shardc.h"
 static const char *shardc_build_stamp(void) {{ return "{build_stamp()}"; }}
+/* csrc/kernel.h, for users compiling native kernels against an installed
+ * shardc (shardc.native.kernel_header()). */
+static const char *shardc_kernel_header(void) {{ return {_c_string((HERE / "kernel.h").read_text())}; }}
 
 /* Page-guard notifier (csrc/guard.h): the SIGSEGV handler calls it for a write
  * into a deny input, and a Python handler for that signal then raises

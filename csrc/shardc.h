@@ -12,5 +12,7 @@
 #include "queue.h"
 #include "guard.h"
 #include "status.h"
+#include "kernel.h"
+#include "kern_stats.h"
 
 #endif /* SHARDC_H */

@@ -284,6 +284,22 @@ int64_t shardc_status_next(shardc_status_writer_t *w, int64_t sid, int32_t mark,
     return v.start_ns;
 }
 
+int64_t shardc_status_next_at(shardc_status_writer_t *w, int64_t sid,
+                              int32_t mark, int64_t nxt, int64_t now_ns)
+{
+    uint64_t seq;
+    snap_t v;
+    row_t *r = w->row;
+    if (mark_done(w, sid, mark) < 0)
+        return -EINVAL;
+    load_copy(visible(r, &seq), &v);
+    v.current = nxt;
+    if (now_ns >= 0)
+        v.start_ns = now_ns;
+    publish(r, seq, &v);
+    return v.start_ns;
+}
+
 int64_t shardc_status_block_begin(shardc_status_writer_t *w, int64_t start,
                                   int64_t count)
 {

@@ -75,6 +75,11 @@ int64_t shardc_status_end(shardc_status_writer_t *w, int64_t sid, int32_t mark);
 /* Inside a block (stays RUNNING): mark `sid`, then `nxt` starts now. */
 int64_t shardc_status_next(shardc_status_writer_t *w, int64_t sid, int32_t mark,
                            int64_t nxt);
+/* As shardc_status_next, with the caller's time stamp: now_ns >= 0 is the
+ * start time of `nxt`, now_ns < 0 keeps the row's start time (the native
+ * kernel runner, csrc/kernel.c, stamps a run of very short shards once). */
+int64_t shardc_status_next_at(shardc_status_writer_t *w, int64_t sid,
+                              int32_t mark, int64_t nxt, int64_t now_ns);
 /* A block of `count` ids from `start` begins: its first shard runs now. */
 int64_t shardc_status_block_begin(shardc_status_writer_t *w, int64_t start,
                                   int64_t count);

@@ -5,6 +5,7 @@ The public API; see each object's docstring and the README.
 
 from ._version import __version__
 from .buffer import Buffer, buffer, buffer_open
+from .colstats import col_means, col_stats, col_sums, col_vars, shard_crossprod
 from .diagnostics import copy_report, cow_report, mem_report, recommendations, report, segment_report, task_report
 from .errors import (
     BindingError,
@@ -16,6 +17,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidTypeError,
     MissingDependencyError,
+    NativeKernelError,
     NativeModuleError,
     QueueClosedError,
     QueueError,
@@ -78,6 +80,11 @@ __all__ = [
     "DispatchResult",
     "register_joblib",
     "register_kernel",
+    "col_sums",
+    "col_means",
+    "col_vars",
+    "col_stats",
+    "shard_crossprod",
     "list_kernels",
     "report",
     "mem_report",
@@ -106,6 +113,7 @@ __all__ = [
     "UsageError",
     "NativeModuleError",
     "MissingDependencyError",
+    "NativeKernelError",
     "ShardcOSError",
     "QueueError",
     "GuardError",

@@ -33,6 +33,8 @@ GuardError                     ... in the page guards (mprotect, region
                                table)
 QueueClosedError               pop/push on a closed, drained task ring
 BorrowedInputWriteError        a worker wrote into a borrowed input (deny)
+NativeKernelError              a native (C) kernel returned a non-zero
+                               status for a shard
 WorkerSetupError               a worker failed to start, or to set up a
                                call (load ``fun``, map the inputs)
 WorkerCrashedError             a worker died (signal or exit) in a shard
@@ -217,6 +219,26 @@ class BorrowedInputWriteError(ShardcError):
         return (type(self), (str(self), self.input_name, self.shard_id, self.offset, self.index))
 
 
+class NativeKernelError(ShardcError, RuntimeError):
+    """A native kernel (``register_kernel(name, native=...)``) returned a
+    non-zero status for a shard.
+
+    Attributes:
+        kernel: the kernel's name.
+        shard_id: the shard it failed.
+        code: the kernel's return value.
+    """
+
+    def __init__(self, message: str, kernel: str | None = None, shard_id: int | None = None, code: int = 0) -> None:
+        super().__init__(message)
+        self.kernel = kernel
+        self.shard_id = shard_id
+        self.code = code
+
+    def __reduce__(self) -> Any:
+        return (type(self), (str(self), self.kernel, self.shard_id, self.code))
+
+
 def signal_label(code: int) -> str:
     """``-9`` -> ``"SIGKILL(-9)"``; ``3`` -> ``"exit(3)"``."""
     if code < 0:
@@ -333,4 +355,5 @@ __all__ = [
     "ReduceError",
     "RemoteTraceback",
     "signal_label",
+    "NativeKernelError",
 ]

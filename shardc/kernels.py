@@ -9,9 +9,11 @@ shard as tiny (< 8 MB), medium (< 64 MB) or huge; ``scheduler_policy=
 Built-in kernels (registered at import):
 
 * ``col_means(shard, X, out)``: ``out[shard.idx] = X[:, shard.idx].mean(0)``
-* ``col_vars(shard, X, out)``: sample variance (``ddof=1``), computed with a
-  two-pass algorithm per column block; NaN for columns with < 2 rows, and
-  NaN/inf propagate as in ``np.var``.
+* ``col_vars(shard, X, out)``: sample variance (``ddof=1``), one pass per
+  column block in C (``csrc/kern_stats.c``); NaN for columns with < 2 rows,
+  and NaN/inf propagate as in ``np.var``.  (Over a C-ordered matrix a column
+  block is a strided read: ``shardc.col_means``/``col_vars`` pick row blocks
+  instead and are several times faster.)
 * ``crossprod_tile(tile, X, Y, Z)``: ``Z[tile] = X[:, xs].T @ Y[:, ys]`` for a
   2-D tile from :func:`tiles2d`, straight into the out buffer.
 
@@ -39,7 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from . import _lowlevel as ll
+from . import moments
 from .errors import InvalidArgumentError
+from .native import NativeKernel, native_ref
 from .shards import Shard, ShardDescriptor
 
 TINY = 8 * 1024**2
@@ -118,19 +123,29 @@ DESCRIPTOR_KINDS = ("contiguous", "strided", "list", "tiles")
 
 def register_kernel(
     name: str,
-    impl: Callable[..., Any],
+    impl: Callable[..., Any] | None = None,
     signature: str | None = None,
     footprint: Any = None,
     supports_views: bool = True,
     description: str | None = None,
     descriptor: str | tuple[str, ...] | None = None,
+    *,
+    native: Any = None,
+    iparams: tuple[int, ...] = (),
 ) -> Kernel:
     """Register ``impl`` under ``name`` (replacing an earlier one) and return it.
 
     Args:
         name: the registry key.
-        impl: the function, called like ``fun``.
-        signature: reserved: a string describing the arguments, or None.
+        impl: the function, called like ``fun`` (or None with ``native=``).
+        signature: reserved for Python kernels: a string describing the
+            arguments, or None.  For a native kernel, the names of the arrays
+            in the order the C function gets them (``"X, out"``); default:
+            borrow= then out=, in the caller's order.
+        native: a compiled kernel with the ABI of ``csrc/kernel.h`` (see
+            :mod:`shardc.native` for the accepted forms); the workers run it
+            in C without the GIL, one call per shard.
+        iparams: up to 8 integers the native kernel gets in ``a->iparams``.
         footprint: bytes per shard, ``{"class": ..., "bytes": ...}``, or a
             function of the shard returning either.
         supports_views: reserved: must be a bool.
@@ -145,6 +160,17 @@ def register_kernel(
     """
     if not isinstance(name, str) or not name:
         raise InvalidArgumentError(f"kernel name must be a non-empty string, got {name!r}")
+    if native is not None:
+        if impl is not None:
+            raise InvalidArgumentError(f"kernel {name!r}: give impl= or native=, not both")
+        if signature is not None and not isinstance(signature, str):
+            raise InvalidArgumentError(
+                f"kernel {name!r}: signature must be a string such as 'X, out', got {signature!r}"
+            )
+        order = tuple(n.strip() for n in signature.split(",")) if signature else None
+        if order is not None and not all(n.isidentifier() for n in order):
+            raise InvalidArgumentError(f"kernel {name!r}: signature {signature!r} must be names separated by commas")
+        impl = NativeKernel(name, native_ref(name, native), order, tuple(iparams))
     if not callable(impl):
         raise InvalidArgumentError(f"kernel {name!r}: impl must be callable, got {type(impl).__name__}")
     if signature is not None and not isinstance(signature, str):
@@ -208,30 +234,36 @@ def get_kernel(name: str) -> Kernel:
 # -- built-in kernels -------------------------------------------------------------
 
 
+def _block_moments(shard: Shard, X: np.ndarray) -> np.ndarray:
+    """Moments (``shardc.moments`` layout) of the columns ``shard.idx`` of
+    ``X``, one pass in C without the GIL (``csrc/kern_stats.c``)."""
+    idx = shard.idx
+    if isinstance(idx, slice) and (idx.step or 1) == 1:
+        c0, c1 = idx.start or 0, idx.stop
+    else:
+        X, c0, c1 = X[:, idx], 0, len(shard)
+    part = np.empty((moments.ROWS, c1 - c0))
+    ll.colstats_block(X, 0, X.shape[0], c0, c1, part)
+    return part
+
+
 def col_means(shard: Shard, X: np.ndarray, out: np.ndarray) -> None:
-    """Column means of ``X[:, shard.idx]`` into ``out[shard.idx]``."""
-    if X.shape[0] == 0:
-        out[shard.idx] = np.nan
-        return
-    out[shard.idx] = X[:, shard.idx].mean(axis=0)
+    """Column means of ``X[:, shard.idx]`` into ``out[shard.idx]`` (NaN for 0 rows)."""
+    out[shard.idx] = moments.means(_block_moments(shard, X))
 
 
 def col_vars(shard: Shard, X: np.ndarray, out: np.ndarray) -> None:
     """Sample variances (ddof=1) of ``X[:, shard.idx]`` into ``out[shard.idx]``.
 
-    Two passes (mean, then mean squared deviation) per column block: as
-    accurate as ``np.var``; columns with fewer than 2 rows give NaN, and
-    non-finite values propagate (inf -> NaN, as in ``np.var``).
+    One pass per column block (shifted sums per chunk, Chan merges:
+    ``csrc/kern_stats.c``), accumulated in float64 for any input type;
+    columns with fewer than 2 rows give NaN, and non-finite values propagate
+    (inf -> NaN, as in ``np.var``).
     """
-    n = X.shape[0]
-    block = X[:, shard.idx]
-    if n < 2:
+    if X.shape[0] < 2:
         out[shard.idx] = np.nan
         return
-    with np.errstate(invalid="ignore", over="ignore"):
-        mu = block.mean(axis=0)
-        dev = block - mu
-        out[shard.idx] = np.einsum("ij,ij->j", dev, dev) / (n - 1)
+    out[shard.idx] = moments.variances(_block_moments(shard, X), 1)
 
 
 class Tile:

@@ -60,6 +60,7 @@ BUILTIN_OF = {
     "WorkerMemoryError": MemoryError,
     "ShardMapError": RuntimeError,
     "ReduceError": RuntimeError,
+    "NativeKernelError": RuntimeError,
 }
 
 

@@ -311,6 +311,7 @@ def test_worker_package_never_imports_the_master_side():
         "shardc.worker.executor",
         "shardc.worker.heap",
         "shardc.worker.loop",
+        "shardc.worker.native",
         "shardc.worker.queue_loop",
     ]
     seen: set[str] = set()

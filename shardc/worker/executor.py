@@ -84,6 +84,7 @@ import numpy as np
 from ..protocol import ERR, OK, RETIRE_EXIT, error_record
 from ..status import DoneMap, StatusRow
 from .heap import HeapPolicy
+from .native import NativeRunner, native_runner
 
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
@@ -134,6 +135,7 @@ class CallState:
         self.call_id = -1
         self.fun: Any = None
         self.kwargs: dict[str, Any] = {}
+        self.borrowed: frozenset[str] = frozenset()  # names in kwargs that are borrowed inputs (read-only)
         self.desc: Any = None  # shardc.shards.Shards: .shard(id, seedseq) builds a shard
         self.entropy: int | None = None
         self.seeded = False
@@ -222,7 +224,7 @@ class ShardExecutor:
         tainted: inherited inputs this process can no longer restore.
     """
 
-    __slots__ = ("_bound", "call", "ewma_ns", "guard", "heap", "row", "tainted")
+    __slots__ = ("_bound", "call", "ewma_ns", "guard", "heap", "native", "row", "tainted")
 
     def __init__(self, row: StatusRow, guard: Any, heap: HeapPolicy) -> None:
         self.row = row
@@ -232,6 +234,8 @@ class ShardExecutor:
         self.ewma_ns = -1
         self.tainted: list[str] = []
         self._bound: tuple[Any, ...] = ()
+        # A native kernel's runner (shardc.worker.native): it runs the ids instead of _run.
+        self.native: NativeRunner | None = None
 
     # -- call ----------------------------------------------------------------------------
     def begin_call(self) -> None:
@@ -244,11 +248,13 @@ class ShardExecutor:
         fun = c.fun if c.value_sink is None else sink_fun(c.fun, c.value_sink.put)
         self._bound = (fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         self.ewma_ns = -1
+        self.native = native_runner(self)
 
     def end_call(self) -> CallState:
         """Hand back the finished call's state; a fresh one is current."""
         c, self.call = self.call, CallState()
         self._bound = ()
+        self.native = None
         return c
 
     # -- the two entry points ----------------------------------------------------------------
@@ -256,6 +262,8 @@ class ShardExecutor:
         """rpc_chunked: run ``ids`` and return (``out`` extended with) one
         outcome tuple per shard run.  Shards after one that tainted this
         worker are not run (and have no outcome)."""
+        if self.native is not None:
+            return self.native.run_ids(ids, out)
         if out is None:
             out = []
         if ids:
@@ -267,6 +275,8 @@ class ShardExecutor:
         """shm_queue: run the block ``start .. stop-1``; failures go to
         ``on_fail``, cow events of finished shards to ``on_cow``.  Returns the
         fields of a :class:`RunStats`."""
+        if self.native is not None:
+            return self.native.run_block(start, stop, on_fail, on_cow)
         return self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow)
 
     def commit_sink(self, results: list[OutcomeTuple]) -> Any:

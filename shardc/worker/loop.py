@@ -217,6 +217,7 @@ class Worker:
         for name, desc in msg["out"].items():
             kwargs[name] = self.out_array(desc)
         c.kwargs = kwargs
+        c.borrowed = frozenset(msg["borrow"])
         c.donemap = DoneMap.attach(self.out_array(msg["donemap"]))
         c.fun = _Unpickler(msg["fun"], self).load()
         if msg.get("value_sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
