@@ -38,6 +38,11 @@ ShardTimeoutError              a shard ran past ``timeout``
 CallSetupTimeoutError          a worker hung while setting up a call
 WorkerMemoryError              a worker was killed for exceeding mem_cap
 ShardMapError                  shard_map finished with failed shards
+ClusterError                   a ``cluster=`` run could not go on: a node
+                               agent refused (version/build mismatch), the
+                               scheduler was lost, out buffers could not
+                               be merged (two nodes wrote the same bytes
+                               differently)
 =============================  ===========================================
 
 Which class a failed C call raises is decided by the primitive it came from
@@ -265,6 +270,11 @@ class ShardMapError(ShardcError, RuntimeError):
         self.result = result
 
 
+class ClusterError(ShardcError, RuntimeError):
+    """A ``shard_map(..., cluster=...)`` run could not go on (see the message:
+    it names the node, the buffer and offset, or the scheduler)."""
+
+
 class RemoteTraceback(Exception):
     """Carries a worker's formatted traceback; set as ``__cause__``."""
 
@@ -300,6 +310,7 @@ __all__ = [
     "CallSetupTimeoutError",
     "WorkerMemoryError",
     "ShardMapError",
+    "ClusterError",
     "RemoteTraceback",
     "signal_label",
 ]

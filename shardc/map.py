@@ -102,6 +102,7 @@ def shard_map(
     pool: Pool | None = None,
     on_failure: str = "raise",
     progress: bool | None = None,
+    cluster: Any = None,
 ) -> ShardResult:
     """Run ``fun(shard, **borrow, **out)`` for every shard, in parallel, supervised.
 
@@ -144,6 +145,11 @@ def shard_map(
             result) or "collect" (return the result with its failures).
         progress: show a progress bar (None: when stderr is a terminal or in
             a notebook, for runs over about a second).
+        cluster: run on a cluster instead of this machine: a
+            ``dask.distributed.Client``, ``"ray"``, or a
+            :class:`shardc.cluster.Cluster` with options (see docs/cluster.md).
+            Every other argument means what it means locally; ``workers`` is
+            per node.
 
     Returns:
         A :class:`ShardResult`.
@@ -201,6 +207,31 @@ def shard_map(
     if progress is not None and not isinstance(progress, bool):
         raise InvalidArgumentError(f"progress must be None, True or False, got {progress!r}")
     check_packages(packages)
+    if cluster is not None:
+        if pool is not None:
+            raise InvalidArgumentError("pool= is a pool on this machine; with cluster= every node runs its own pool")
+        from .cluster.base import run_on_cluster  # imports Dask/Ray only here
+
+        local = {
+            "dispatch_mode": mode,
+            "dispatch_opts": opts,
+            "chunk_size": chunk_size,
+            "autotune": tune if tune is not None else False,
+            "scheduler_policy": policy,
+            "workers": workers,
+            "profile": profile,
+            "mem_cap": mem_cap,
+            "recycle": recycle,
+            "cow": cow,
+            "seed": seed_v,
+            "diagnostics": bool(diagnostics),
+            "packages": packages,
+            "init_expr": init_expr,
+            "timeout": check_timeout(timeout),
+            "max_retries": check_int(max_retries, "max_retries", 0),
+            "health_check_interval": check_int(health_check_interval, "health_check_interval", 1),
+        }
+        return run_on_cluster(cluster, desc, fun, kernel, borrow, out, local, on_failure)
     call = Call(
         desc=desc,
         mode=mode,

@@ -58,6 +58,7 @@ BUILTIN_OF = {
     "CallSetupTimeoutError": TimeoutError,
     "WorkerMemoryError": MemoryError,
     "ShardMapError": RuntimeError,
+    "ClusterError": RuntimeError,
 }
 
 
