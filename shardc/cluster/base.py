@@ -269,8 +269,8 @@ def run_on_cluster(
     diag.completed = desc.num_shards - len(run.failures)
     diag.failed = len(run.failures)
     diag.retries = sum(r["retries"] for r in run.macros)
-    diag.cluster = run.summary(nodes, backend)  # type: ignore[attr-defined]
-    stats = {"workers": sum(n["workers"] for n in diag.cluster["nodes"].values()), "status": [], "events": []}  # type: ignore[attr-defined]
+    diag.cluster = run.summary(nodes, backend)
+    stats = {"workers": sum(n["workers"] for n in diag.cluster["nodes"].values()), "status": [], "events": []}
     result = ShardResult(run.results, dict(sorted(run.failures.items())), diag, stats, desc)
     if result.failures and on_failure == "raise":
         first = min(result.failures)
