@@ -151,7 +151,7 @@ class MacroPlanner:
         else:
             want = self.target / max(self.per_shard, 1e-9)
             floor = 0.1 * self.target / max(self.per_shard, 1e-9)  # tail pieces still amortise the round trip
-            size = int(max(min(want, left / (2 * self.nodes)), floor, 1))
+            size = round(max(min(want, left / (2 * self.nodes)), floor, 1))
         lo = self.next_lo
         self.next_lo = min(self.n, lo + size)
         return lo, self.next_lo

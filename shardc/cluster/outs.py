@@ -143,7 +143,7 @@ class OutMerger:
         prev = [w for s, e, w in self.sources[name] if s <= off < e]
         raise ClusterError(
             f"out[{name!r}]: byte offset {off} (element {tuple(int(i) for i in elem)}) was written with "
-            f"different values by {prev[-1] if prev else 'an earlier macro-shard'} and by {who}; a cluster "
+            f"different values by {', '.join(prev[-3:]) if prev else 'an earlier macro-shard'} and by {who}; a cluster "
             "run merges each node's writes and cannot order two shards that write the same bytes "
             "differently (a local run keeps whichever ran last). Let each element be written by one shard "
             "only (e.g. out[shard.idx] or out[shard.id])"

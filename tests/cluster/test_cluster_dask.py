@@ -1,0 +1,204 @@
+"""shard_map(..., cluster=client) on a Dask LocalCluster of two process workers standing in for two nodes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import psutil
+import pytest
+
+import shardc
+from shardc.cluster import Cluster
+from shardc.errors import ClusterError, ShardMapError
+
+distributed = pytest.importorskip("distributed")
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+
+N = 240
+
+
+def agent_procs() -> list[psutil.Process]:
+    """Every live shardc agent process on this machine (and its forked pool workers)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and "shardc.cluster.agent" in " ".join(p.info["cmdline"] or []):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def wait_no_agents(timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while agent_procs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = agent_procs()
+    assert not left, f"leaked agent processes: {[(p.pid, p.ppid()) for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=40
+    )
+    c = distributed.Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+        wait_no_agents()
+
+
+def rich_fun(shard: Any, x: np.ndarray, f: np.ndarray, meta: dict[str, Any], rows: Any, ids: Any) -> Any:
+    rows[shard.idx] = x[shard.idx] * meta["scale"] + shard.rng.random(shard.len)
+    ids[shard.id] = shard.id * 3 + 1  # neighbouring shards share pages: merged at byte precision
+    return (float(f[shard.idx, 1].sum()), shard.rng.random(), np.random.random(), random.random(), shard.id)
+
+
+def run_rich(**kw: Any) -> tuple[shardc.ShardResult, np.ndarray, np.ndarray]:
+    x = np.arange(N * 10, dtype=np.float64)
+    f = np.asfortranarray(np.arange(N * 10 * 3, dtype=np.float32).reshape(N * 10, 3))
+    rows = shardc.buffer("f8", N * 10)
+    ids = shardc.buffer("i8", N, init=-1)  # non-zero start: the nodes must start from these bytes
+    d = shardc.shards(N * 10, block_size=10)
+    res = shardc.shard_map(
+        d, rich_fun, borrow={"x": x, "f": f, "meta": {"scale": 2.5}}, out={"rows": rows, "ids": ids}, seed=11, **kw
+    )
+    out = (np.array(rows), np.array(ids))
+    rows.close()
+    ids.close()
+    return res, *out
+
+
+def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
+    """Values (shard order), out buffers (bytes) and every RNG (shard.rng, np.random, random) equal a local run; inputs went once per node."""
+    local, rows0, ids0 = run_rich(workers=1)
+    res, rows1, ids1 = run_rich(workers=1, cluster=Cluster(client, macro_seconds=0.05))
+    assert res.results == local.results
+    assert rows1.tobytes() == rows0.tobytes() and ids1.tobytes() == ids0.tobytes()
+    c = res.diagnostics.cluster
+    assert len(c["macros"]) >= 4 and sorted((m["lo"], m["hi"]) for m in c["macros"])[-1][1] == N
+    sent = sum(a.nbytes for a in (np.zeros(N * 10), np.zeros((N * 10, 3), np.float32)))
+    for node in c["nodes"].values():
+        assert len(node["agents"]) == 1  # one agent per node for the whole call
+        assert node["bytes_inputs"] >= sent and node["bytes_inputs"] < sent + 4096  # once (+ the pickled dict, ids)
+    assert "cluster" in str(res.report())
+
+
+def test_same_answers_with_one_node_and_with_retries(client: Any, tmp_path: Path) -> None:
+    """Shards failing once are retried inside their node; the values still equal a local run with one node's worth of workers."""
+
+    def flaky(shard: Any, mark: str) -> Any:
+        p = Path(mark) / f"{shard.id}"
+        if shard.id % 7 == 3 and not p.exists():
+            p.touch()
+            raise RuntimeError(f"first try of shard {shard.id}")
+        return shard.rng.integers(0, 2**62)
+
+    (tmp_path / "l").mkdir()
+    (tmp_path / "c").mkdir()
+    local = shardc.shard_map(50, flaky, borrow={"mark": str(tmp_path / "l")}, seed=5, workers=1)
+    res = shardc.shard_map(
+        50, flaky, borrow={"mark": str(tmp_path / "c")}, seed=5, workers=1, cluster=Cluster(client, macro_seconds=0.05)
+    )
+    assert res.results == local.results and res.diagnostics.retries == 7
+    assert sum(m["retries"] for m in res.diagnostics.cluster["macros"]) == 7
+
+
+def test_a_shard_failing_for_good_is_reported_with_its_global_id(client: Any) -> None:
+    """A permanently failing shard: ShardMapError, its failure keyed by its global id, every other value there."""
+
+    def bad(shard: Any) -> int:
+        if shard.id == 37:
+            raise ValueError("shard 37 is bad")
+        return shard.id
+
+    with pytest.raises(ShardMapError, match="first: shard 37 after 2 attempt") as info:
+        shardc.shard_map(60, bad, max_retries=1, workers=1, cluster=Cluster(client, macro_seconds=0.05))
+    r = info.value.result
+    assert list(r.failures) == [37] and r.failures[37].error_type.endswith("ValueError")
+    assert [v for i, v in enumerate(r.results) if i != 37] == [i for i in range(60) if i != 37]
+
+
+def test_an_agent_with_another_build_refuses(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agents check the caller's version and build stamp and refuse a mismatch with a clear error."""
+    import shardc._lowlevel as ll
+
+    monkeypatch.setattr(ll, "build_stamp", lambda: "0.0.0+deadbeefdeadbeef")
+    with pytest.raises(ClusterError, match=r"caller runs shardc .* built 0\.0\.0\+deadbeefdeadbeef; install the same"):
+        shardc.shard_map(8, lambda s: s.id, workers=1, cluster=client)
+    wait_no_agents()
+
+
+def test_two_nodes_writing_the_same_bytes_differently_fail_loudly(client: Any) -> None:
+    """An unmergeable write pattern fails naming the buffer and the offset; equal writes merge."""
+
+    def clash(shard: Any, o: Any) -> None:
+        o[0] = shard.id
+
+    def agree(shard: Any, o: Any) -> None:
+        o[0] = 42
+
+    with shardc.buffer("i8", 4) as o:
+        with pytest.raises(ClusterError, match=r"out\['o'\]: byte offset 0 \(element \(0,\)\) was written with different"):
+            shardc.shard_map(40, clash, out={"o": o}, workers=1, cluster=Cluster(client, macro_seconds=0.02))
+        shardc.shard_map(40, agree, out={"o": o}, workers=1, cluster=Cluster(client, macro_seconds=0.02))
+        assert list(o.array) == [42, 0, 0, 0]
+
+
+def _worker_pids(client: Any) -> dict[str, int]:
+    return client.run(os.getpid)  # type: ignore[no-any-return]
+
+
+def test_a_worker_killed_mid_run_has_its_work_redone(client: Any) -> None:
+    """SIGKILL of a Dask worker while its agent runs a macro-shard: that macro-shard is rerun elsewhere, results equal a local run, no agent survives."""
+
+    def slow(shard: Any, o: Any) -> float:
+        time.sleep(0.02)
+        o[shard.id] = shard.id + 0.5
+        return float(shard.rng.random())
+
+    local = shardc.shard_map(200, slow, out={"o": shardc.buffer("f8", 200)}, seed=3, workers=1)
+    pids = _worker_pids(client)
+    victim_addr, victim = sorted(pids.items())[0]
+    killed: list[float] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.ppid() == victim for p in agent_procs()):
+                time.sleep(0.4)  # inside a macro-shard
+                os.kill(victim, signal.SIGKILL)
+                killed.append(time.monotonic())
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    with shardc.buffer("f8", 200) as o:
+        res = shardc.shard_map(200, slow, out={"o": o}, seed=3, workers=1, cluster=Cluster(client, macro_seconds=0.3))
+        t.join(30)
+        assert killed, "the victim worker never started an agent"
+        assert res.results == local.results
+        assert np.array_equal(o.array, np.arange(200) + 0.5)
+    c = res.diagnostics.cluster
+    finished = {(m["macro"], m["node"]) for m in c["macros"]}
+    lost = [s for s in c["starts"] if s["node"] == victim_addr and (s["macro"], s["node"]) not in finished]
+    assert lost, "no macro-shard was lost with the killed worker"
+    # Each macro-shard is in the result exactly once: completed ones were not rerun.
+    assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
+    assert "did not finish it (node lost); rerun" in str(res.report())
+    wait_no_agents()
