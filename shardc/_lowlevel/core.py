@@ -68,6 +68,7 @@ def build_stamp() -> str:
     """The stamp compiled into the native module (``"<version>+<hash>"``)."""
     return str(ffi.string(lib.shardc_build_stamp()).decode())
 
+
 PAGE_SIZE: int = int(lib.shardc_page_size())
 
 

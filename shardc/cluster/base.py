@@ -306,7 +306,7 @@ class _Run:
         inflight: dict[Any, tuple[int, int, int, int]] = {}
         retry: deque[tuple[int, int, int, int]] = deque()
         mid = 0
-        seen = time.monotonic()
+        seen = counted = time.monotonic()
         while self.planner.has_next() or retry or inflight:
             limit = self.opts.inflight_per_node * max(1, self.n_nodes)
             while len(inflight) < limit and (retry or self.planner.has_next()):
@@ -318,14 +318,17 @@ class _Run:
                 inflight[self.backend.submit(m, lo, hi, attempt)] = (m, lo, hi, attempt)
             done = self.backend.wait(list(inflight), timeout=0.5)
             now = time.monotonic()
-            if self.backend.alive():
-                seen = now
-            elif now - seen > self.opts.scheduler_timeout:
-                raise ClusterError(
-                    f"the {self.backend.name} scheduler has been unreachable for {now - seen:.0f} s "
-                    f"(scheduler_timeout={self.opts.scheduler_timeout:g} s); {len(inflight)} macro-shard(s) "
-                    "were running. The call is abandoned: its agents exit on their own"
-                )
+            if not self.backend.alive():
+                if now - seen > self.opts.scheduler_timeout:
+                    raise ClusterError(
+                        f"the {self.backend.name} scheduler has been unreachable for {now - seen:.0f} s "
+                        f"(scheduler_timeout={self.opts.scheduler_timeout:g} s) with {len(inflight)} "
+                        "macro-shard(s) outstanding; the call is abandoned (its node agents exit when their "
+                        "worker does, or after agent_idle_timeout)"
+                    )
+                time.sleep(0.1)
+                continue  # nothing is fetched or sent while it is away
+            seen = now
             for h in done:
                 m, lo, hi, attempt = inflight.pop(h)
                 try:
@@ -336,7 +339,9 @@ class _Run:
                     self._lost(m, lo, hi, attempt, exc, retry)
                     continue
                 self._merge(m, lo, hi, attempt, rep)
-            self.n_nodes = max(1, len(self.backend.nodes()) or self.n_nodes)
+            if now - counted > 2.0:  # the node count sets how many macro-shards are outstanding
+                self.n_nodes = max(1, len(self.backend.nodes()) or self.n_nodes)
+                counted = now
 
     def _lost(self, m: int, lo: int, hi: int, attempt: int, exc: BaseException, retry: deque[Any]) -> None:
         why = f"{type(exc).__name__}: {exc}"

@@ -90,8 +90,10 @@ class DaskBackend:
             done, _ = wait(handles, timeout=timeout, return_when="FIRST_COMPLETED")
         except TimeoutError:
             return []
-        except OSError:  # the connection to the scheduler broke; alive() says for how long
-            return []
+        except Exception:  # noqa: BLE001 - cancelled futures (scheduler lost or restarted), a broken comm
+            if not self.alive():
+                return []  # the caller waits up to scheduler_timeout for the scheduler
+            return [f for f in handles if f.done()]  # fetch() raises for these: rerun
         return list(done)
 
     def fetch(self, handle: Future) -> dict[str, Any]:

@@ -83,10 +83,25 @@ def run_rich(**kw: Any) -> tuple[shardc.ShardResult, np.ndarray, np.ndarray]:
     return res, *out
 
 
+def leaked_segment_files(pids: list[int]) -> list[str]:
+    """Named segments (/dev/shm, the temp dir) created by any of ``pids`` that still exist."""
+    from shardc.segment import _tmpdir
+
+    found = []
+    for d in ("/dev/shm", _tmpdir()):
+        if os.path.isdir(d):
+            found += [f for f in os.listdir(d) for p in pids if f".{p}." in f and f.startswith("shardc")]
+    return found
+
+
 def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
-    """Values (shard order), out buffers (bytes) and every RNG (shard.rng, np.random, random) equal a local run; inputs went once per node."""
+    """Values (shard order), out buffers (bytes) and every RNG (shard.rng, np.random, random) equal a local run; inputs went once per node; nothing leaks."""
+    from shardc.segment import live_segments
+
     local, rows0, ids0 = run_rich(workers=1)
+    before = len(live_segments())
     res, rows1, ids1 = run_rich(workers=1, cluster=Cluster(client, macro_seconds=0.05))
+    assert len(live_segments()) == before
     assert res.results == local.results
     assert rows1.tobytes() == rows0.tobytes() and ids1.tobytes() == ids0.tobytes()
     c = res.diagnostics.cluster
@@ -96,6 +111,9 @@ def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
         assert len(node["agents"]) == 1  # one agent per node for the whole call
         assert node["bytes_inputs"] >= sent and node["bytes_inputs"] < sent + 4096  # once (+ the pickled dict, ids)
     assert "cluster" in str(res.report())
+    wait_no_agents()  # the call stopped its agents (and their pools)
+    pids = [p for n in c["nodes"].values() for p in n["agents"] + n["worker_pids"]]
+    assert pids and not leaked_segment_files(pids)
 
 
 def test_same_answers_with_one_node_and_with_retries(client: Any, tmp_path: Path) -> None:
@@ -153,7 +171,9 @@ def test_two_nodes_writing_the_same_bytes_differently_fail_loudly(client: Any) -
         o[0] = 42
 
     with shardc.buffer("i8", 4) as o:
-        with pytest.raises(ClusterError, match=r"out\['o'\]: byte offset 0 \(element \(0,\)\) was written with different"):
+        with pytest.raises(
+            ClusterError, match=r"out\['o'\]: byte offset 0 \(element \(0,\)\) was written with different"
+        ):
             shardc.shard_map(40, clash, out={"o": o}, workers=1, cluster=Cluster(client, macro_seconds=0.02))
         shardc.shard_map(40, agree, out={"o": o}, workers=1, cluster=Cluster(client, macro_seconds=0.02))
         assert list(o.array) == [42, 0, 0, 0]
@@ -202,3 +222,41 @@ def test_a_worker_killed_mid_run_has_its_work_redone(client: Any) -> None:
     assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
     assert "did not finish it (node lost); rerun" in str(res.report())
     wait_no_agents()
+
+
+def test_a_lost_scheduler_fails_the_call_within_the_timeout() -> None:
+    """The scheduler closing mid-run: ClusterError naming the scheduler within scheduler_timeout (+ slack), no hang, no agent left."""
+
+    def slow(shard: Any) -> int:
+        time.sleep(0.05)
+        return int(shard.id)
+
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=50
+    )
+    c = distributed.Client(cluster)
+    lost: list[float] = []
+
+    def close_scheduler() -> None:
+        deadline = time.monotonic() + 30
+        while len(agent_procs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lost.append(time.monotonic())
+        cluster.loop.add_callback(cluster.scheduler.close)
+
+    t = threading.Thread(target=close_scheduler)
+    t.start()
+    try:
+        with pytest.raises(
+            ClusterError, match=r"dask scheduler has been unreachable for \d+ s \(scheduler_timeout=2 s\)"
+        ):
+            shardc.shard_map(4000, slow, workers=1, cluster=Cluster(c, scheduler_timeout=2, macro_seconds=0.5))
+        assert lost and time.monotonic() - lost[0] < 2 + 5
+    finally:
+        t.join(30)
+        for close in (c.close, cluster.close):
+            try:
+                close(timeout=5)
+            except Exception:  # noqa: BLE001 - a cluster without its scheduler closes with complaints
+                pass
+    wait_no_agents(20)
