@@ -92,9 +92,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    from dask.distributed import Client, LocalCluster
-
     import cloudpickle
+    from dask.distributed import Client, LocalCluster
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     r = args.repeats
@@ -181,7 +180,7 @@ def main() -> None:
     emit("colstats.dask_array", t_arr, "s")
     emit("colstats.cluster1_vs_dask_client_map", t_map / t_cl, "x")
     emit("colstats.cluster1_vs_dask_array", t_arr / t_cl, "x")
-    del xf
+    xf.release()
 
     # -- two nodes: inputs once per node ------------------------------------------------------
     res2 = shardc.shard_map(
