@@ -48,6 +48,20 @@ class WindowDescriptor(ShardDescriptor):
         assert self._base is not None
         return self._base.shard(g, seedseq)
 
+    def maker(self) -> Any:
+        """The worker's fast shard factory: the base descriptor's (contiguous:
+        slots filled directly, see ``ShardDescriptor.maker``) shifted by ``lo``;
+        tiny shards run about 1 us each, where a generic ``shard()`` per shard
+        would cost a third of that again."""
+        if self._base is None or self.strategy != "contiguous":
+            return self.shard
+        make, lo = self._base.maker(), self.lo
+
+        def shifted(k: int, seedseq: Any = None) -> Shard:
+            return make(lo + k, seedseq)
+
+        return shifted
+
     def __reduce__(self) -> Any:
         return (
             _rebuild,

@@ -33,8 +33,8 @@ def test_window_shards_keep_their_global_identity(desc: shardc.ShardDescriptor) 
     back = pickle.loads(pickle.dumps(w))
     assert len(w) == len(back) == hi - lo
     for k in range(hi - lo):
-        for win in (w, back):
-            s = win.shard(k, 1234)
+        for make in (w.shard, back.shard, w.maker(), back.maker()):
+            s = make(k, 1234)
             ref = desc.shard(lo + k, 1234)
             assert s == ref and s.id == lo + k
             assert np.array_equal(s.rng.random(3), ref.rng.random(3))
