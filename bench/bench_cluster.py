@@ -91,6 +91,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=["tiny", "colstats"], help="run one part (colstats includes two_nodes)")
     args = ap.parse_args()
     import cloudpickle
     from dask.distributed import Client, LocalCluster
@@ -108,7 +109,18 @@ def main() -> None:
     c2 = Client(two)
     on1 = Cluster(c1, macro_seconds=2.0)
 
-    # -- tiny shards ---------------------------------------------------------------------
+    if args.only != "colstats":
+        run_tiny(c1, c2, on1, n_tiny, r)
+    if args.only != "tiny":
+        run_colstats(c2, on1, rows, cols, r)
+    for cl in (c1, c2):
+        cl.close()
+    one.close()
+    two.close()
+    shardc.pool_stop()
+
+
+def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     with shardc.buffer("i8", n_tiny) as o:
         t_local, _ = median_time(lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"), r)
         t_cl, res = median_time(
@@ -132,7 +144,8 @@ def main() -> None:
     emit("tiny.dask_bag", n_bag / t_bag, "items/s")
     emit("tiny.cluster1_vs_dask_bag", (n_tiny / t_cl) / (n_bag / t_bag), "x")
 
-    # -- column statistics of a big matrix -------------------------------------------------
+
+def run_colstats(c2: Any, on1: Cluster, rows: int, cols: int, r: int) -> None:
     X = np.random.default_rng(0).random((rows, cols))
     d = shardc.shards(cols, block_size=BLOCK)
     mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
@@ -190,11 +203,6 @@ def main() -> None:
     for name, n in res2.diagnostics.cluster["nodes"].items():
         emit(f"two_nodes.node_inputs[{name}]", n["bytes_inputs"], "B")
         emit(f"two_nodes.node_shards[{name}]", n["shards"], "shards")
-    for cl in (c1, c2):
-        cl.close()
-    one.close()
-    two.close()
-    shardc.pool_stop()
 
 
 if __name__ == "__main__":
