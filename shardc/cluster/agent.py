@@ -101,6 +101,20 @@ class Agent:
             self.out[s["name"]] = buf
             self.snap[s["name"]] = byte_view(buf.array).copy()
         self.peak_rss = 0
+        self.tuned: int | None = None  # the chunk/block size the first macro-shards' autotune settled on
+
+    def _options(self) -> dict[str, Any]:
+        """The local options; once autotune settled, its size, fixed: every macro-shard
+        is a call of its own, and would otherwise tune again from probe blocks."""
+        opts = dict(self.local)
+        if self.tuned is None or not opts.get("autotune"):
+            return opts
+        opts["autotune"] = False
+        if opts["dispatch_mode"] == "shm_queue":
+            opts["dispatch_opts"] = {**(opts.get("dispatch_opts") or {}), "block_size": self.tuned}
+        else:
+            opts["chunk_size"] = self.tuned
+        return opts
 
     def run(self, lo: int, hi: int) -> dict[str, Any]:
         """Run shards lo..hi-1 on the local pool; what they returned and wrote."""
@@ -115,7 +129,7 @@ class Agent:
                 on_failure="collect",
                 progress=False,
                 **kw,
-                **self.local,
+                **self._options(),
             )
         except BaseException:
             for name, buf in self.out.items():
@@ -129,6 +143,8 @@ class Agent:
             failures[lo + k] = f
         values = [None if isinstance(v, FailedShard) else v for v in res.results]
         d = res.diagnostics
+        if self.tuned is None and d.autotune:
+            self.tuned = d.chunk_size_final
         mem = d.worker_memory()
         self.peak_rss = max(self.peak_rss, _rss())
         return {

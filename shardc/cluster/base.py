@@ -42,7 +42,13 @@ from .. import _lowlevel as ll
 from .._version import __version__
 from ..buffer import Buffer
 from ..diagnostics import Diagnostics
-from ..errors import ClusterError, InvalidArgumentError, ShardMapError, UnpicklableFunctionError
+from ..errors import (
+    ClusterError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    ShardMapError,
+    UnpicklableFunctionError,
+)
 from ..kernels import get_kernel
 from ..result import FailedShard, ShardFailure, ShardResult
 from ..share import Shared
@@ -122,11 +128,15 @@ def backend_for(cluster: Any) -> tuple[Backend, Cluster]:
 
         return DaskBackend(engine, opts), opts
     if isinstance(engine, str) and engine == "ray":
-        raise InvalidArgumentError(
-            "cluster='ray' is not implemented yet (issue 16: Dask first); use a dask.distributed.Client"
-        )
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("cluster='ray' needs Ray: pip install 'shardc[ray]'") from None
+        from .ray import RayBackend
+
+        return RayBackend(opts), opts
     raise InvalidArgumentError(
-        f"cluster= must be a dask.distributed.Client or shardc.cluster.Cluster(client, ...), got {engine!r}"
+        f"cluster= must be a dask.distributed.Client, 'ray', or shardc.cluster.Cluster(...), got {engine!r}"
     )
 
 

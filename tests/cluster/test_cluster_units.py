@@ -103,14 +103,18 @@ def test_planner_covers_every_shard_once_and_grows_to_the_target() -> None:
 
 
 def test_bad_cluster_arguments_fail_before_anything_starts() -> None:
-    """cluster= with pool=, an unknown engine, "ray" (not built yet) or bad options: clear errors."""
+    """cluster= with pool=, an unknown engine, "ray" without ray.init() or bad options: clear errors."""
     f = lambda shard: shard.id  # noqa: E731
     with pytest.raises(InvalidArgumentError, match="pool= is a pool on this machine"):
         shardc.shard_map(4, f, cluster=object(), pool=object())  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="dask.distributed.Client"):
         shardc.shard_map(4, f, cluster=object())
-    with pytest.raises(InvalidArgumentError, match="not implemented yet"):
-        shardc.shard_map(4, f, cluster="ray")
+    code = (
+        "import shardc, pytest\n"
+        "with pytest.raises(shardc.InvalidArgumentError, match=r'call ray.init'):\n"
+        "    shardc.shard_map(4, lambda s: s.id, cluster='ray')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # importing ray costs seconds
     for kw in ({"macro_seconds": 0}, {"scheduler_timeout": float("nan")}, {"inflight_per_node": 0}):
         with pytest.raises(InvalidArgumentError, match="Cluster"):
             Cluster(None, **kw)
