@@ -94,3 +94,14 @@ def test_ray_node_removed_mid_run_has_its_work_redone(ray_cluster: Any) -> None:
     assert c["lost"] and all("was lost" in e["error"] for e in c["lost"])
     assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
     wait_no_agents()
+
+
+def test_ray_agent_with_another_build_refuses(ray_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Ray too, an agent refuses a caller with another build stamp, with a clear error, and no agent stays."""
+    import shardc._lowlevel as ll
+    from shardc.errors import ClusterError
+
+    monkeypatch.setattr(ll, "build_stamp", lambda: "0.0.0+feedfacefeedface")
+    with pytest.raises(ClusterError, match=r"built 0\.0\.0\+feedfacefeedface; install the same shardc build"):
+        shardc.shard_map(8, lambda s: s.id, workers=1, cluster="ray")
+    wait_no_agents()
