@@ -188,7 +188,16 @@ def serve(chan: Channel, idle_timeout: float) -> int:
             os.close(fd)
         chan.send(("REFUSED", why))
         return 3
-    agent = Agent(job[1], fds)
+    try:
+        agent = Agent(job[1], fds)
+    except Exception as exc:  # noqa: BLE001 - fun or an input does not load here: the caller says why
+        chan.send(
+            (
+                "REFUSED",
+                f"the shardc agent on {socket.gethostname()} could not set up the call: {type(exc).__name__}: {exc}",
+            )
+        )
+        return 3
     try:
         chan.send(("READY", {"pid": os.getpid(), "host": socket.gethostname()}))
         chan.sock.settimeout(idle_timeout)

@@ -37,7 +37,8 @@ from ..errors import ClusterError
 
 
 class AgentRefusedError(ClusterError):
-    """A node's agent refused the call (its shardc version or build differs from the caller's)."""
+    """A node's agent refused the call: its shardc version or build differs from the
+    caller's, or ``fun`` or an input cannot be loaded there (rerunning would not help)."""
 
 
 _agents: dict[str, AgentHandle] = {}

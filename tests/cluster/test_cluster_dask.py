@@ -108,6 +108,23 @@ def test_an_agent_with_another_build_refuses(client: Any, monkeypatch: pytest.Mo
     wait_no_agents()
 
 
+def test_a_fun_the_nodes_cannot_load_fails_with_the_reason(
+    client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fun from a module only the caller can import: ClusterError saying the agent could not set up the call and why (not retried)."""
+    (tmp_path / "only_here_mod.py").write_text("def f(shard):\n    return shard.id\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here_mod  # type: ignore[import-not-found]
+
+    t0 = time.monotonic()
+    with pytest.raises(
+        ClusterError, match=r"could not set up the call: ModuleNotFoundError: No module named 'only_here_mod'"
+    ):
+        shardc.shard_map(8, only_here_mod.f, workers=1, cluster=client)
+    assert time.monotonic() - t0 < 20
+    wait_no_agents()
+
+
 def test_two_nodes_writing_the_same_bytes_differently_fail_loudly(client: Any) -> None:
     """An unmergeable write pattern fails naming the buffer and the offset; equal writes merge."""
 
