@@ -21,10 +21,13 @@ script so the ratios share the machine's load):
   cluster run moved to the node (inputs once per node, replies).
 * ``two_nodes``: the colstats job on a 2-worker cluster: bytes of inputs per
   node (must be the matrix's size, once each) and per-node shards.
+* ``recovery``: 400 shards of 20 ms on the 2-worker cluster, one worker
+  SIGKILLed 1 s in: the run's wall time against an undisturbed one, and the
+  time from the kill until the lost macro-shard was done on the other node
+  (against that macro-shard's own duration: the rest is detection + restart).
 
 Does not measure: real networks (loopback only), more than one machine's
-cores (two "nodes" share 2 cores), recovery time after a node loss
-(tests/cluster checks that it is redone, not how fast), Ray.  The machine is
+cores (two "nodes" share 2 cores), Ray (tests/cluster checks it, untimed).  The machine is
 shared with other jobs: compare ratios from the same run, not across runs.
 Output: ``name<TAB>value<TAB>unit`` lines.
 """
@@ -91,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=["tiny", "colstats"], help="run one part (colstats includes two_nodes)")
+    ap.add_argument("--only", choices=["tiny", "colstats", "recovery"], help="run one part (colstats: with two_nodes)")
     args = ap.parse_args()
     import cloudpickle
     from dask.distributed import Client, LocalCluster
@@ -109,10 +112,12 @@ def main() -> None:
     c2 = Client(two)
     on1 = Cluster(c1, macro_seconds=2.0)
 
-    if args.only != "colstats":
+    if args.only in (None, "tiny"):
         run_tiny(c1, c2, on1, n_tiny, r)
-    if args.only != "tiny":
+    if args.only in (None, "colstats"):
         run_colstats(c2, on1, rows, cols, r)
+    if args.only in (None, "recovery"):
+        run_recovery(c2)
     for cl in (c1, c2):
         cl.close()
     one.close()
@@ -143,6 +148,46 @@ def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     t_bag, _ = median_time(lambda: db.from_sequence(range(n_bag), npartitions=8).map(tiny_item).compute(), r)
     emit("tiny.dask_bag", n_bag / t_bag, "items/s")
     emit("tiny.cluster1_vs_dask_bag", (n_tiny / t_cl) / (n_bag / t_bag), "x")
+
+
+def slow(shard: Any, o: Any) -> None:
+    time.sleep(0.02)
+    o[shard.id] = shard.id
+
+
+def run_recovery(c2: Any) -> None:
+    """Kill one of two Dask workers 1 s into a run of 400 x 20 ms shards (macro_seconds=0.5):
+    when is the macro-shard it was running done elsewhere, and what did the run cost."""
+    import signal
+    import threading
+
+    opts = Cluster(c2, macro_seconds=0.5)
+    with shardc.buffer("i8", 400) as o:
+        t_ok, _ = median_time(lambda: shardc.shard_map(400, slow, out={"o": o}, workers=1, cluster=opts), 1)
+        pids = c2.run(os.getpid)
+        victim_addr, victim = sorted(pids.items())[0]
+        killed: list[float] = []
+
+        def killer() -> None:
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(time.time())
+
+        t = threading.Thread(target=killer)
+        t.start()
+        t_bad, res = median_time(lambda: shardc.shard_map(400, slow, out={"o": o}, workers=1, cluster=opts), 1)
+        t.join()
+        assert np.array_equal(o.array, np.arange(400))
+    c = res.diagnostics.cluster
+    done = {(m["macro"], m["node"]) for m in c["macros"]}
+    lost = [s["macro"] for s in c["starts"] if s["node"] == victim_addr and (s["macro"], s["node"]) not in done]
+    redone = [m for m in c["macros"] if m["macro"] in lost]
+    emit("recovery.undisturbed", t_ok, "s")
+    emit("recovery.with_node_killed", t_bad, "s")
+    emit("recovery.macro_shards_lost", len(lost), "macro-shards")
+    if redone and killed:
+        emit("recovery.kill_to_rerun_done", max(m["t_done"] for m in redone) - killed[0], "s")
+        emit("recovery.rerun_macro_seconds", max(m["seconds"] for m in redone), "s")
 
 
 def run_colstats(c2: Any, on1: Cluster, rows: int, cols: int, r: int) -> None:

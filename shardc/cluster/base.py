@@ -418,6 +418,7 @@ class _Run:
                 "seconds": body["seconds"],
                 "retries": body["retries"],
                 "bytes_reply": len(payload),
+                "t_done": time.time(),  # wall clock, comparable with the engine's start events
             }
         )
 
