@@ -66,6 +66,11 @@ def check_versions(job: dict[str, Any]) -> str | None:
 
 def _map_input(spec: dict[str, Any], fd: int, keep: list[Segment]) -> Any:
     """The borrowed input ``spec`` from the memfd ``fd`` (read-only, zero-copy for arrays)."""
+    if spec["nbytes"] == 0:  # nothing to map (an mmap of 0 bytes is refused)
+        os.close(fd)
+        empty = np.empty(spec["shape"], dtype=spec["dtype"])
+        empty.flags.writeable = False
+        return empty
     seg = Segment.adopt(fd, spec["nbytes"], "memfd", f"cluster-{spec['name']}", f"cluster.{os.getpid()}.{spec['name']}")
     keep.append(seg)
     raw = np.frombuffer(seg.mapping(writable=False).buffer(), dtype=np.uint8, count=spec["nbytes"])

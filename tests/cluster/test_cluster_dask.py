@@ -63,6 +63,17 @@ def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
     assert pids and not leaked_segment_files(pids)
 
 
+def test_empty_and_object_inputs_reach_the_nodes(client: Any) -> None:
+    """A zero-size array and a plain object are borrowed on the nodes as locally."""
+
+    def shapes(shard: Any, e: np.ndarray, cfg: dict[str, Any]) -> Any:
+        return (e.shape, e.dtype.str, cfg["k"][shard.id])
+
+    kw: dict[str, Any] = {"borrow": {"e": np.zeros((0, 3), np.float32), "cfg": {"k": list("abcd")}}, "workers": 1}
+    res = shardc.shard_map(4, shapes, cluster=Cluster(client, macro_seconds=0.01), **kw)
+    assert res.results == shardc.shard_map(4, shapes, **kw).results == [((0, 3), "<f4", c) for c in "abcd"]
+
+
 def test_same_answers_with_one_node_and_with_retries(client: Any, tmp_path: Path) -> None:
     """Shards failing once are retried inside their node; the values still equal a local run with one node's worth of workers."""
 
