@@ -311,6 +311,7 @@ class _Run:
         self.bytes_inputs_per_node = 0
         self.bytes_replies = 0
         self.per_node: dict[str, dict[str, Any]] = {}
+        self.t_start_wall = time.time()  # the picture's origin (start events and completions are wall clock)
 
     def loop(self) -> None:
         inflight: dict[Any, tuple[int, int, int, int]] = {}
@@ -428,6 +429,7 @@ class _Run:
             nodes[name] = {**rec, "agents": sorted(rec["agents"]), "worker_pids": sorted(rec["worker_pids"])}
         return {
             "backend": backend.name,
+            "t_start_wall": self.t_start_wall,
             "nodes_at_start": sorted(nodes_at_start),
             "nodes": nodes,
             "macros": sorted(self.macros, key=lambda r: r["lo"]),

@@ -158,8 +158,8 @@ def _worker_pids(client: Any) -> dict[str, int]:
     return client.run(os.getpid)  # type: ignore[no-any-return]
 
 
-def test_a_worker_killed_mid_run_has_its_work_redone(client: Any) -> None:
-    """SIGKILL of a Dask worker while its agent runs a macro-shard: that macro-shard is rerun elsewhere, results equal a local run, no agent survives."""
+def test_a_worker_killed_mid_run_has_its_work_redone(client: Any, tmp_path: Path) -> None:
+    """SIGKILL of a Dask worker while its agent runs a macro-shard: that macro-shard is rerun elsewhere, results equal a local run, the report and the picture say so, no agent survives."""
 
     def slow(shard: Any, o: Any) -> float:
         time.sleep(0.02)
@@ -196,6 +196,10 @@ def test_a_worker_killed_mid_run_has_its_work_redone(client: Any) -> None:
     # Each macro-shard is in the result exactly once: completed ones were not rerun.
     assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
     assert "did not finish it (node lost); rerun" in str(res.report())
+    fig = res.plot(tmp_path / "timeline.png")  # one row per node, the lost try marked
+    assert (tmp_path / "timeline.png").stat().st_size > 0
+    assert any(victim_addr in t.get_text() for t in fig.axes[0].get_yticklabels())
+    assert len(fig.axes[0].lines) >= 1  # the x of the lost try
     wait_no_agents()
 
 
