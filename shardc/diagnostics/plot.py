@@ -132,6 +132,7 @@ def _draw_cluster(plt: Any, c: dict[str, Any], d: Diagnostics) -> Any:
         rec = c["nodes"].get(n)
         who = f"agent {','.join(map(str, rec['agents']))}, {rec['workers']} workers" if rec else "lost"
         labels.append(f"{n}\n{who}")
+    ax.set_xlim(left=0)  # the start: agents begin when their node's first macro-shard arrives
     ax.set_yticks(range(len(nodes)))
     ax.set_yticklabels(labels, fontsize="small")
     ax.set_xlabel("seconds since start (bars: macro-shards on the node's pool; x: a try lost with its node)")
