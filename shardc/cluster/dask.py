@@ -5,10 +5,10 @@ A *node* is a Dask worker (run one worker per machine, e.g. dask-jobqueue
 shardc pool).  The job and the inputs are scattered once with
 ``broadcast=True`` (one copy per worker; a worker that joins later gets them
 from a peer the first time a task needs them).  Each macro-shard is one
-``client.submit`` of :func:`_macro_task` with no worker restriction: the
-scheduler gives it to a worker with a free thread, so faster nodes take more,
-and a worker that dies has its running and queued tasks rerun on others by
-Dask itself.  Each task logs a start event (``log_event``) so the result can
+``client.submit`` of :func:`_macro_task`, asked (loosely) of the worker with
+the fewest outstanding, so faster nodes take more whatever their thread
+counts; a worker that dies has its running and queued tasks rerun on others
+by Dask itself.  Each task logs a start event (``log_event``) so the result can
 say which node started what, including tries lost with a node.
 """
 
@@ -52,13 +52,20 @@ class DaskBackend:
         self.job_f: Future | None = None
         self.inputs_f: list[Future] = []
         self.pending: list[Future] = []
+        self.load: dict[str, int] = {}  # worker address -> macro-shards handed to it, outstanding
+        self.owner: dict[Any, str] = {}  # future key -> the worker it was handed to
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers() else self.client.scheduler_info()
-        return {
+        found = {
             a: {"host": w.get("host"), "nthreads": w.get("nthreads"), "memory_limit": w.get("memory_limit")}
             for a, w in info.get("workers", {}).items()
         }
+        for a in found:
+            self.load.setdefault(a, 0)
+        for a in [a for a in self.load if a not in found]:
+            del self.load[a]  # gone: Dask reruns what it held elsewhere
+        return found
 
     def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray]) -> int:
         self.job_id = job_id
@@ -79,6 +86,12 @@ class DaskBackend:
             return self.client.scatter(data, broadcast=True, hash=False, timeout=timeout, direct=False)
 
     def submit(self, mid: int, lo: int, hi: int, attempt: int) -> Future:
+        # The worker with the fewest outstanding gets it (a faster node frees its
+        # slots sooner, so it gets more), whatever its thread count: left to
+        # Dask, a worker with 4 threads would take 4 macro-shards that its one
+        # agent runs in turn while another node idles.  The restriction is
+        # loose: if that worker dies, Dask runs the task elsewhere.
+        where = min(self.load, key=lambda a: self.load[a]) if self.load else None
         f = self.client.submit(
             _macro_task,
             self.job_id,
@@ -89,7 +102,12 @@ class DaskBackend:
             hi,
             key=f"shardc-{self.job_id}-{mid}-{attempt}",
             pure=False,
+            workers=[where] if where else None,
+            allow_other_workers=True,
         )
+        if where:
+            self.load[where] += 1
+            self.owner[f.key] = where
         self.pending.append(f)
         return f
 
@@ -107,6 +125,9 @@ class DaskBackend:
         return list(done)
 
     def fetch(self, handle: Future) -> dict[str, Any]:
+        where = self.owner.pop(handle.key, None)
+        if where in self.load:
+            self.load[where] -= 1
         try:
             return handle.result(timeout=self.opts.scheduler_timeout)
         finally:
