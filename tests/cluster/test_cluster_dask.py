@@ -13,6 +13,7 @@ from typing import Any
 
 import cloudpickle
 import numpy as np
+import psutil
 import pytest
 
 import shardc
@@ -210,6 +211,7 @@ def test_a_lost_scheduler_fails_the_call_within_the_timeout() -> None:
         time.sleep(0.05)
         return int(shard.id)
 
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     cluster = distributed.LocalCluster(
         n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=50
     )
@@ -238,4 +240,10 @@ def test_a_lost_scheduler_fails_the_call_within_the_timeout() -> None:
                 close(timeout=5)
             except Exception:  # noqa: BLE001 - a cluster without its scheduler closes with complaints
                 pass
+        # Nannies without a scheduler wait for it for minutes: end the processes this test started.
+        mine = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for p in mine:
+            if "resource_tracker" not in " ".join(p.cmdline()):
+                p.kill()
+        psutil.wait_procs(mine, timeout=10)
     wait_no_agents(20)
