@@ -4,13 +4,15 @@ Dask's process workers start multiprocessing's resource tracker in this
 process, which outlives the cluster; the engine-core tests that run after
 these (``tests/_engine_helpers.assert_no_stray_children``) demand that every
 child of the test process be a pool worker.  Each module here therefore ends
-by stopping a tracker it started and checking that no other child it started
-is left.
+by checking that no other child it started is left, then ending a tracker it
+started.
 """
 
 from __future__ import annotations
 
 import multiprocessing.resource_tracker as resource_tracker
+import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -46,6 +48,25 @@ def no_engine_children_left() -> Iterator[None]:
         except psutil.Error:
             continue
     assert not info, f"processes the cluster engines left behind: {info}"
-    if tracker is not None and hasattr(resource_tracker._resource_tracker, "_stop"):
-        # Only now: the tracker exits when every process holding its pipe is gone.
-        resource_tracker._resource_tracker._stop()
+    if tracker is not None:
+        _end_tracker(tracker)
+
+
+def _end_tracker(pid: int) -> None:
+    """End the resource tracker this module's engines started (by its pid).
+
+    Not ``_stop()``: that waits for the tracker to see EOF on its pipe, which
+    never comes while a process forked since (a pool worker) holds the pipe's
+    write end.  multiprocessing starts a fresh tracker when one is next needed.
+    """
+    rt = resource_tracker._resource_tracker
+    with rt._lock:
+        if rt._fd is not None:
+            os.close(rt._fd)
+            rt._fd = None
+        rt._pid = None
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
