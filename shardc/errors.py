@@ -46,6 +46,11 @@ WorkerMemoryError              a worker was killed for exceeding mem_cap
 ShardMapError                  shard_map finished with failed shards
 ReduceError                    shard_reduce finished with failed groups (a
                                ShardMapError)
+ClusterError                   a ``cluster=`` run could not go on: a node
+                               agent refused (version/build mismatch), the
+                               scheduler was lost, out buffers could not
+                               be merged (two nodes wrote the same bytes
+                               differently)
 =============================  ===========================================
 
 Which class a failed C call raises is decided by the primitive it came from
@@ -316,6 +321,11 @@ class ReduceError(ShardMapError):
     on the master); ``result`` is the :class:`~shardc.ReduceResult`."""
 
 
+class ClusterError(ShardcError, RuntimeError):
+    """A ``shard_map(..., cluster=...)`` run could not go on (see the message:
+    it names the node, the buffer and offset, or the scheduler)."""
+
+
 class RemoteTraceback(Exception):
     """Carries a worker's formatted traceback; set as ``__cause__``."""
 
@@ -353,6 +363,7 @@ __all__ = [
     "WorkerMemoryError",
     "ShardMapError",
     "ReduceError",
+    "ClusterError",
     "RemoteTraceback",
     "signal_label",
     "NativeKernelError",

@@ -75,6 +75,7 @@ def shard_map(
     pool: Pool | None = None,
     on_failure: str = "raise",
     progress: bool | None = None,
+    cluster: Any = None,
 ) -> ShardResult:
     """Run ``fun(shard, **borrow, **out)`` for every shard, in parallel, supervised.
 
@@ -119,6 +120,11 @@ def shard_map(
             result) or "collect" (return the result with its failures).
         progress: show a progress bar (None: when stderr is a terminal or in
             a notebook, for runs over about a second).
+        cluster: run on a cluster instead of this machine: a
+            ``dask.distributed.Client``, ``"ray"``, or a
+            :class:`shardc.cluster.Cluster` with options (see docs/cluster.md).
+            Every other argument means what it means locally; ``workers`` is
+            per node.
 
     Returns:
         A :class:`ShardResult`.
@@ -192,6 +198,36 @@ def shard_map(
             known_pool = pool if pool is not None else pool_get()
             n_workers = workers or (known_pool.size if known_pool is not None else default_workers())
             chunk, tune = default_chunk(desc.num_shards, n_workers), None
+    if cluster is not None:
+        if pool is not None:
+            raise InvalidArgumentError("pool= is a pool on this machine; with cluster= every node runs its own pool")
+        if auto_table:
+            raise InvalidArgumentError(
+                "dispatch_opts['auto_table'] is not supported with cluster= yet: return plain values, "
+                "or run the table job on one machine"
+            )
+        from .cluster.base import run_on_cluster  # imports Dask/Ray only here
+
+        local = {
+            "dispatch_mode": mode,
+            "dispatch_opts": call.opts,
+            "chunk_size": chunk_size,
+            "autotune": tune if tune is not None else False,
+            "scheduler_policy": policy,
+            "workers": workers,
+            "profile": profile,
+            "mem_cap": mem_cap,
+            "recycle": recycle,
+            "cow": cow,
+            "seed": call.seed,
+            "diagnostics": call.diagnostics,
+            "packages": packages,
+            "init_expr": init_expr,
+            "timeout": call.timeout,
+            "max_retries": call.max_retries,
+            "health_check_interval": call.health_check_interval,
+        }
+        return run_on_cluster(cluster, desc, fun, kernel, borrow, out, local, on_failure)
     diag = Diagnostics(mode=mode, num_shards=desc.num_shards, cow=cow, enabled=call.diagnostics, chunk_size=chunk)
     huge = None
     if kern is not None and policy.get("max_huge_concurrency"):

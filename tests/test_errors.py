@@ -61,6 +61,7 @@ BUILTIN_OF = {
     "ShardMapError": RuntimeError,
     "ReduceError": RuntimeError,
     "NativeKernelError": RuntimeError,
+    "ClusterError": RuntimeError,
 }
 
 

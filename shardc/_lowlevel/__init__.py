@@ -17,6 +17,7 @@ from __future__ import annotations
 from .core import (  # noqa: F401
     PAGE_SIZE,
     _check,
+    build_stamp,
     ffi,
     lib,
 )

@@ -63,6 +63,12 @@ def _check_stamp() -> None:
 
 _check_stamp()
 
+
+def build_stamp() -> str:
+    """The stamp compiled into the native module (``"<version>+<hash>"``)."""
+    return str(ffi.string(lib.shardc_build_stamp()).decode())
+
+
 PAGE_SIZE: int = int(lib.shardc_page_size())
 
 

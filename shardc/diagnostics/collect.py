@@ -109,6 +109,7 @@ class Diagnostics:
         self.completed = 0
         self.failed = 0
         self.workers: dict[int, dict[str, Any]] = {}
+        self.cluster: dict[str, Any] | None = None  # a cluster= run: nodes, macro-shards (shardc.cluster.base)
         # The master's CPU time from start() to finish() (this process, all
         # threads): with the wall time it tells whether the master loop was
         # saturated, i.e. whether workers waited for it.
@@ -441,6 +442,7 @@ class Diagnostics:
             "master_peak_rss": max((m[1] for m in self.master_mem), default=0),
             "master_peak_uss": max((m[3] for m in self.master_mem), default=0),
             "master_peak_anon": max((m[4] for m in self.master_mem), default=0),
+            "cluster": self.cluster,
         }
 
     def __repr__(self) -> str:

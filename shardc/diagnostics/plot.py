@@ -1,5 +1,7 @@
 """The timeline picture: one row per worker (shards as bars coloured ok /
-retried / failed, deaths and recycles marked), memory underneath.
+retried / failed, deaths and recycles marked), memory underneath; for a
+``cluster=`` run one row per node (macro-shards as bars, tries lost with a
+node marked) and each node's peak memory underneath.
 
 Memory is sampled, not continuous, and each series is drawn as what it is:
 a worker's own anonymous memory (statm at shard boundaries and at ticks,
@@ -63,6 +65,9 @@ def plot_timeline(result: Any, path: Any = None, show: bool | None = None) -> An
     d = getattr(result, "diagnostics", None)
     if not isinstance(d, Diagnostics):
         raise InvalidTypeError(f"expected a ShardResult from shard_map, got {type(result).__name__}")
+    if d.cluster:
+        fig = _draw_cluster(plt, d.cluster, d)
+        return _finish(plt, fig, path, show)
     t0 = d.t_start_ns
     rows = max(1, len(d.workers))
     fig, (ax, axm) = plt.subplots(
@@ -91,6 +96,10 @@ def plot_timeline(result: Any, path: Any = None, show: bool | None = None) -> An
         title="memory (sampled)",
         title_fontsize="small",
     )
+    return _finish(plt, fig, path, show)
+
+
+def _finish(plt: Any, fig: Any, path: Any, show: bool | None) -> Any:
     fig.tight_layout()
     if path is not None:
         fig.savefig(os.fspath(path), bbox_inches="tight")
@@ -98,6 +107,48 @@ def plot_timeline(result: Any, path: Any = None, show: bool | None = None) -> An
         plt.show()
     else:
         plt.close(fig)
+    return fig
+
+
+def _draw_cluster(plt: Any, c: dict[str, Any], d: Diagnostics) -> Any:
+    """A cluster run: one row per node (its agent and workers named), each
+    macro-shard a bar (amber: a shard in it was retried), a try lost with its
+    node an x at its start; per-node peak memory underneath."""
+    nodes = sorted(set(c["nodes"]) | {s["node"] for s in c["starts"]})
+    row = {n: i for i, n in enumerate(nodes)}
+    w0 = c["t_start_wall"]
+    fig, (ax, axm) = plt.subplots(
+        2, 1, figsize=(11, 2.5 + 0.5 * len(nodes) + 3), gridspec_kw={"height_ratios": [max(1, len(nodes)), 2.5]}
+    )
+    for m in c["macros"]:
+        color = _COLORS[OK_RETRIED] if m["retries"] else _COLORS[OK]
+        ax.barh(row[m["node"]], m["seconds"], left=m["t_done"] - m["seconds"] - w0, height=0.6, color=color)
+    done = {(m["macro"], m["node"]) for m in c["macros"]}
+    for s in c["starts"]:
+        if (s["macro"], s["node"]) not in done:
+            ax.plot([s["t"] - w0], [row[s["node"]]], marker="x", color="#c0392b", markersize=10, linestyle="none")
+    labels = []
+    for n in nodes:
+        rec = c["nodes"].get(n)
+        who = f"agent {','.join(map(str, rec['agents']))}, {rec['workers']} workers" if rec else "lost"
+        labels.append(f"{n}\n{who}")
+    ax.set_xlim(left=0)  # the start: agents begin when their node's first macro-shard arrives
+    ax.set_yticks(range(len(nodes)))
+    ax.set_yticklabels(labels, fontsize="small")
+    ax.set_xlabel("seconds since start (bars: macro-shards on the node's pool; x: a try lost with its node)")
+    ax.set_title(
+        f"shard_map on {c['backend']}: {d.completed}/{d.num_shards} ok, {d.failed} failed, {d.wall_seconds:.2f} s"
+    )
+    names = [n for n in nodes if n in c["nodes"]]
+    x = np.arange(len(names))
+    for k, (key, label) in enumerate(
+        [("engine_peak_rss", "engine worker RSS"), ("agent_peak_rss", "agent RSS"), ("workers_peak_uss", "pool USS")]
+    ):
+        axm.bar(x + (k - 1) * 0.27, [c["nodes"][n][key] / 2**20 for n in names], width=0.27, label=label)
+    axm.set_xticks(x)
+    axm.set_xticklabels(names, fontsize="small")
+    axm.set_ylabel("peak MiB")
+    axm.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return fig
 
 

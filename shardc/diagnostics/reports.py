@@ -17,6 +17,7 @@ from ..segment import live_segments
 from ..units import fmt_bytes
 from .advice import dispatch_overhead, fmt_seconds, recommendations
 from .base import Report, diag_of
+from .cluster import cluster_report
 from .collect import NOT_RUN
 
 RETRIED_LINES = 20  # retried or failed shards listed in the text (to_dict() has them all)
@@ -284,6 +285,8 @@ def report(result: Any, level: str = "summary") -> Report:
         raise InvalidArgumentError(f"level={level!r} is not one of {LEVELS}")
     d = diag_of(result)
     parts = [task_report(result), mem_report(result), copy_report(result), cow_report(result)]
+    if d.cluster:
+        parts.insert(0, cluster_report(result))
     if level in ("workers", "tasks", "segments"):
         parts.append(worker_report(result))
     if level == "segments":

@@ -332,7 +332,7 @@ class ShardExecutor:
             shard = make(sid, entropy)  # shard.rng from (entropy, sid), built only if fun uses it
             try:
                 if seeded:
-                    seed_legacy(entropy, sid)
+                    seed_legacy(entropy, shard.id)  # the global id (a cluster agent runs a window)
                 if guard is None:
                     value = fun(shard, *args) if pos else fun(shard, **kwargs)
                 else:

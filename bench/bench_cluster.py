@@ -1,0 +1,254 @@
+"""shard_map on a 1-node Dask cluster vs the local pool, and vs the same jobs written in Dask.
+
+Measures (medians of ``--repeats`` runs, default 5, all in ONE run of this
+script so the ratios share the machine's load):
+
+* ``tiny``: N trivial shards (``o[shard.id] = shard.id``; N = 2M, ``--quick``
+  200k).  shardc local (``profile="speed"``: shm_queue, 2 workers); shardc on a
+  1-node cluster (a ``LocalCluster`` of one process worker, whose agent runs a
+  pool of 2 workers: the same 2 cores); Dask ``client.map`` one task per item
+  (on a 2k-item subset, as a rate: it is that slow) and ``dask.bag`` batched
+  (``from_sequence(range(100k), npartitions=8).map``, a rate), both on a 2-worker
+  ``LocalCluster`` (the 2 cores).  Reported as items/s; for the cluster run
+  also the steady rate once macro-shards run (shards / agent busy seconds of
+  every macro-shard after the first) and the fixed start cost.
+* ``colstats``: per-column mean and variance of a float64 matrix
+  (16384 x 8192 = 1 GiB; ``--quick`` 4096 x 8192 = 256 MiB), one shard per
+  256 columns, into out buffers.  shardc local (2 workers), shardc on the
+  1-node cluster, Dask ``client.map`` per block with the matrix scattered once
+  (broadcast), and ``dask.array`` (``from_array`` of the scattered matrix,
+  chunks of 256 columns: Dask's own batched form).  Also the bytes the
+  cluster run moved to the node (inputs once per node, replies).
+* ``two_nodes``: the colstats job on a 2-worker cluster: bytes of inputs per
+  node (must be the matrix's size, once each) and per-node shards.
+* ``recovery``: 400 shards of 20 ms on the 2-worker cluster, one worker
+  SIGKILLed 1 s in: the run's wall time against an undisturbed one, and the
+  time from the kill until the lost macro-shard was done on the other node
+  (against that macro-shard's own duration: the rest is detection + restart).
+
+Does not measure: real networks (loopback only), more than one machine's
+cores (two "nodes" share 2 cores), Ray (tests/cluster checks it, untimed).  The machine is
+shared with other jobs: compare ratios from the same run, not across runs.
+Output: ``name<TAB>value<TAB>unit`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import shardc
+from shardc.cluster import Cluster
+
+BLOCK = 256
+
+
+def emit(name: str, value: float, unit: str) -> None:
+    print(f"{name}\t{value:.6g}\t{unit}", flush=True)
+
+
+def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, last = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        last = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), last
+
+
+def tiny(shard: Any, o: Any) -> None:
+    o[shard.id] = shard.id
+
+
+def tiny_item(i: int) -> int:
+    return i
+
+
+def colstats(shard: Any, X: np.ndarray, mean: Any, var: Any) -> None:
+    blk = X[:, shard.idx]
+    mean[shard.idx] = blk.mean(axis=0)
+    var[shard.idx] = blk.var(axis=0)
+
+
+def block_stats(X: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
+    blk = X[:, j * BLOCK : (j + 1) * BLOCK]
+    return blk.mean(axis=0), blk.var(axis=0)
+
+
+def steady_rate(res: shardc.ShardResult) -> tuple[float, float]:
+    """(shards/s over the macro-shards after the first, seconds not spent in macro-shards)."""
+    ms = sorted(res.diagnostics.cluster["macros"], key=lambda m: m["lo"])
+    rest = ms[1:] or ms
+    busy = sum(m["seconds"] for m in ms)
+    return sum(m["hi"] - m["lo"] for m in rest) / sum(m["seconds"] for m in rest), res.diagnostics.wall_seconds - busy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=["tiny", "colstats", "recovery"], help="run one part (colstats: with two_nodes)")
+    args = ap.parse_args()
+    import cloudpickle
+    from dask.distributed import Client, LocalCluster
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    r = args.repeats
+    n_tiny = 200_000 if args.quick else 2_000_000
+    rows, cols = (4096, 8192) if args.quick else (16384, 8192)
+    print(f"# load average {os.getloadavg()}, {os.cpu_count()} CPUs, shared machine", flush=True)
+
+    shardc.pool_create(2)  # before any Dask thread exists in this process
+    one = LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=40)
+    c1 = Client(one)
+    two = LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=40)
+    c2 = Client(two)
+    on1 = Cluster(c1, macro_seconds=2.0)
+
+    if args.only in (None, "tiny"):
+        run_tiny(c1, c2, on1, n_tiny, r)
+    if args.only in (None, "colstats"):
+        run_colstats(c2, on1, rows, cols, r)
+    if args.only in (None, "recovery"):
+        run_recovery(c2)
+    for cl in (c1, c2):
+        cl.close()
+    one.close()
+    two.close()
+    shardc.pool_stop()
+
+
+def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
+    with shardc.buffer("i8", n_tiny) as o:
+        t_local, _ = median_time(lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"), r)
+        t_cl, res = median_time(
+            lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1), r
+        )
+        assert np.array_equal(o.array, np.arange(n_tiny))
+    rate, fixed = steady_rate(res)
+    emit("tiny.local", n_tiny / t_local, "items/s")
+    emit("tiny.cluster1", n_tiny / t_cl, "items/s")
+    emit("tiny.cluster1_steady", rate, "items/s")
+    emit("tiny.cluster1_fixed_cost", fixed, "s")
+    emit("tiny.cluster1_vs_local", t_local / t_cl, "x")
+    emit("tiny.cluster1_steady_vs_local", rate / (n_tiny / t_local), "x")
+    n_map = 2_000  # per-task scheduling runs at a few hundred to a few thousand tasks/s: a subset, as a rate
+    t_map, _ = median_time(lambda: c2.gather(c2.map(tiny_item, range(n_map), pure=False)), r)
+    emit("tiny.dask_client_map", n_map / t_map, "items/s")
+    import dask.bag as db
+
+    n_bag = min(n_tiny, 100_000)  # a subset too, reported as a rate
+    t_bag, _ = median_time(lambda: db.from_sequence(range(n_bag), npartitions=8).map(tiny_item).compute(), r)
+    emit("tiny.dask_bag", n_bag / t_bag, "items/s")
+    emit("tiny.cluster1_vs_dask_bag", (n_tiny / t_cl) / (n_bag / t_bag), "x")
+
+
+def slow(shard: Any, o: Any) -> None:
+    time.sleep(0.02)
+    o[shard.id] = shard.id
+
+
+def run_recovery(c2: Any) -> None:
+    """Kill one of two Dask workers 1 s into a run of 400 x 20 ms shards (macro_seconds=0.5):
+    when is the macro-shard it was running done elsewhere, and what did the run cost."""
+    import signal
+    import threading
+
+    opts = Cluster(c2, macro_seconds=0.5)
+    with shardc.buffer("i8", 400) as o:
+        t_ok, _ = median_time(lambda: shardc.shard_map(400, slow, out={"o": o}, workers=1, cluster=opts), 1)
+        pids = c2.run(os.getpid)
+        victim_addr, victim = sorted(pids.items())[0]
+        killed: list[float] = []
+
+        def killer() -> None:
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(time.time())
+
+        t = threading.Thread(target=killer)
+        t.start()
+        t_bad, res = median_time(lambda: shardc.shard_map(400, slow, out={"o": o}, workers=1, cluster=opts), 1)
+        t.join()
+        assert np.array_equal(o.array, np.arange(400))
+    c = res.diagnostics.cluster
+    done = {(m["macro"], m["node"]) for m in c["macros"]}
+    lost = [s["macro"] for s in c["starts"] if s["node"] == victim_addr and (s["macro"], s["node"]) not in done]
+    redone = [m for m in c["macros"] if m["macro"] in lost]
+    emit("recovery.undisturbed", t_ok, "s")
+    emit("recovery.with_node_killed", t_bad, "s")
+    emit("recovery.macro_shards_lost", len(lost), "macro-shards")
+    if redone and killed:
+        emit("recovery.kill_to_rerun_done", max(m["t_done"] for m in redone) - killed[0], "s")
+        emit("recovery.rerun_macro_seconds", max(m["seconds"] for m in redone), "s")
+
+
+def run_colstats(c2: Any, on1: Cluster, rows: int, cols: int, r: int) -> None:
+    X = np.random.default_rng(0).random((rows, cols))
+    d = shardc.shards(cols, block_size=BLOCK)
+    mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
+    emit("colstats.bytes", X.nbytes, "B")
+    t_local, _ = median_time(lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}), r)
+    ref = (mean.array.copy(), var.array.copy())
+    mean.array[:] = 0
+    var.array[:] = 0
+    t_cl, res = median_time(
+        lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2, cluster=on1),
+        r,
+    )
+    assert np.array_equal(mean.array, ref[0]) and np.array_equal(var.array, ref[1])
+    c = res.diagnostics.cluster
+    emit("colstats.local", t_local, "s")
+    emit("colstats.cluster1", t_cl, "s")
+    emit("colstats.cluster1_vs_local", t_local / t_cl, "x")
+    busy = sum(m["seconds"] for m in c["macros"])
+    emit("colstats.cluster1_in_macros", busy, "s")
+    emit("colstats.cluster1_in_macros_vs_local", t_local / busy, "x")
+    for name, n in c["nodes"].items():
+        emit(f"colstats.cluster1.node_inputs[{name}]", n["bytes_inputs"], "B")
+        emit(f"colstats.cluster1.node_replies[{name}]", n["bytes_replies"], "B")
+        emit(f"colstats.cluster1.node_engine_peak_rss[{name}]", n["engine_peak_rss"], "B")
+        emit(f"colstats.cluster1.node_agent_peak_rss[{name}]", n["agent_peak_rss"], "B")
+
+    t0 = time.perf_counter()
+    xf = c2.scatter(X, broadcast=True, hash=False)
+    emit("colstats.dask_scatter", time.perf_counter() - t0, "s")
+    nb = cols // BLOCK
+
+    def dask_map() -> Any:
+        return c2.gather(c2.map(block_stats, [xf] * nb, range(nb), pure=False))
+
+    t_map, _ = median_time(dask_map, r)
+    import dask.array as da
+
+    def dask_array() -> Any:
+        A = da.from_delayed(xf, shape=X.shape, dtype=X.dtype).rechunk((rows, BLOCK))
+        return da.compute(A.mean(axis=0), A.var(axis=0))
+
+    t_arr, out = median_time(dask_array, r)
+    assert np.allclose(out[0], ref[0])
+    emit("colstats.dask_client_map", t_map, "s")
+    emit("colstats.dask_array", t_arr, "s")
+    emit("colstats.cluster1_vs_dask_client_map", t_map / t_cl, "x")
+    emit("colstats.cluster1_vs_dask_array", t_arr / t_cl, "x")
+    xf.release()
+
+    # -- two nodes: inputs once per node ------------------------------------------------------
+    res2 = shardc.shard_map(
+        d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=1, cluster=Cluster(c2, macro_seconds=0.5)
+    )
+    assert np.array_equal(mean.array, ref[0])
+    for name, n in res2.diagnostics.cluster["nodes"].items():
+        emit(f"two_nodes.node_inputs[{name}]", n["bytes_inputs"], "B")
+        emit(f"two_nodes.node_shards[{name}]", n["shards"], "shards")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The node agent: ``python -m shardc.cluster.agent FD``, one per node and call.
+
+Started by :mod:`shardc.cluster.node` inside a Dask/Ray worker process as a
+*new* process (never a fork of that worker: its threads make ``fork()``
+unsafe), the agent is single-threaded when its own pool forks.  It talks to
+its starter over the unix socket ``FD`` (:class:`shardc._channel.Channel`
+frames, file descriptors by ``SCM_RIGHTS``)::
+
+    starter                               agent
+      JOB {fun, desc, inputs, outs, ...} + memfds ->   check version + build stamp
+                                       <- READY {pid} | REFUSED "why"
+      RUN (macro id, lo, hi)           ->   shard_map(window lo..hi, ...) on the local pool
+                                       <- DONE {results, failures, out runs, stats}
+      ...
+      STOP (or EOF: the starter died)  ->   stop the pool, exit
+
+Borrowed inputs arrive as memfds the starter filled from the engine's copy:
+the agent maps each one read-only and passes the array as ``borrow=``, where
+it is found in a live segment and goes to the pool by reference (zero-copy).
+Out buffers are local ``shardc.buffer``s, started from the caller's bytes;
+after each macro-shard :func:`shardc.cluster.outs.take_diff` says what its
+shards wrote.  Every shard runs with all of shardc's local supervision
+(retries, timeouts, mem_cap, cow guards).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .. import _lowlevel as ll
+from .._channel import Channel, ChannelClosed
+from .._version import __version__
+from ..buffer import buffer
+from ..kernels import _registry
+from ..map import shard_map
+from ..pool import pool_stop
+from ..result import FailedShard
+from ..segment import Segment
+from ..shards import ShardDescriptor
+from .outs import byte_view, rollback, take_diff
+from .window import WindowDescriptor
+
+log = logging.getLogger("shardc")
+
+
+def check_versions(job: dict[str, Any]) -> str | None:
+    """None if the caller's shardc version and build stamp are this agent's, else why not."""
+    mine = (__version__, ll.build_stamp())
+    theirs = (job.get("version"), job.get("stamp"))
+    if mine == theirs:
+        return None
+    return (
+        f"the shardc agent on {socket.gethostname()} (pid {os.getpid()}, {sys.executable}) runs shardc "
+        f"{mine[0]} built {mine[1]}, but the caller runs shardc {theirs[0]} built {theirs[1]}; install the "
+        "same shardc build on every node (a different native module could disagree on shared layouts)"
+    )
+
+
+def _map_input(spec: dict[str, Any], fd: int, keep: list[Segment]) -> Any:
+    """The borrowed input ``spec`` from the memfd ``fd`` (read-only, zero-copy for arrays)."""
+    if spec["nbytes"] == 0:  # nothing to map (an mmap of 0 bytes is refused)
+        os.close(fd)
+        empty = np.empty(spec["shape"], dtype=spec["dtype"])
+        empty.flags.writeable = False
+        return empty
+    seg = Segment.adopt(fd, spec["nbytes"], "memfd", f"cluster-{spec['name']}", f"cluster.{os.getpid()}.{spec['name']}")
+    keep.append(seg)
+    raw = np.frombuffer(seg.mapping(writable=False).buffer(), dtype=np.uint8, count=spec["nbytes"])
+    if spec["kind"] == "object":
+        return pickle.loads(raw.data)
+    arr = raw.view(spec["dtype"]).reshape(spec["shape"], order=spec["order"])
+    arr.flags.writeable = False
+    return arr
+
+
+class Agent:
+    """One call's state on a node (see the module docstring)."""
+
+    def __init__(self, job: dict[str, Any], fds: list[int]) -> None:
+        self.job = job
+        self.desc: ShardDescriptor = job["desc"]
+        self.fun = pickle.loads(job["fun"]) if job["fun"] is not None else None
+        self.kernel = job["kernel_name"]
+        if job["kernel"] is not None:
+            _registry[job["kernel_name"]] = pickle.loads(job["kernel"])
+        self.local = dict(job["local"])
+        self.segments: list[Segment] = []
+        it = iter(fds)
+        self.borrow = {s["name"]: _map_input(s, next(it), self.segments) for s in job["borrow"]}
+        self.out: dict[str, Any] = {}
+        self.snap: dict[str, np.ndarray] = {}
+        for s in job["out"]:
+            buf = buffer(s["dtype"], s["shape"])
+            if s["init"]:
+                held: list[Segment] = []
+                buf.array[...] = _map_input({**s, "kind": "array", "order": "C"}, next(it), held)
+                held[0].close()  # the caller's bytes are in the buffer now
+            self.out[s["name"]] = buf
+            self.snap[s["name"]] = byte_view(buf.array).copy()
+        self.peak_rss = 0
+        self.tuned: int | None = None  # the chunk/block size the first macro-shards' autotune settled on
+
+    def _options(self) -> dict[str, Any]:
+        """The local options; once autotune settled, its size, fixed: every macro-shard
+        is a call of its own, and would otherwise tune again from probe blocks."""
+        opts = dict(self.local)
+        if self.tuned is None or not opts.get("autotune"):
+            return opts
+        opts["autotune"] = False
+        if opts["dispatch_mode"] == "shm_queue":
+            opts["dispatch_opts"] = {**(opts.get("dispatch_opts") or {}), "block_size": self.tuned}
+        else:
+            opts["chunk_size"] = self.tuned
+        return opts
+
+    def run(self, lo: int, hi: int) -> dict[str, Any]:
+        """Run shards lo..hi-1 on the local pool; what they returned and wrote."""
+        t0 = time.perf_counter()
+        kw: dict[str, Any] = {"kernel": self.kernel} if self.kernel is not None else {}
+        try:
+            res = shard_map(
+                WindowDescriptor(self.desc, lo, hi),
+                self.fun,
+                borrow=self.borrow,
+                out={n: b for n, b in self.out.items()},
+                on_failure="collect",
+                progress=False,
+                **kw,
+                **self._options(),
+            )
+        except BaseException:
+            for name, buf in self.out.items():
+                rollback(byte_view(buf.array), self.snap[name])
+            raise
+        wall = time.perf_counter() - t0
+        runs = {name: take_diff(byte_view(buf.array), self.snap[name]) for name, buf in self.out.items()}
+        failures = {}
+        for k, f in res.failures.items():
+            f.shard_id = lo + k
+            failures[lo + k] = f
+        values = [None if isinstance(v, FailedShard) else v for v in res.results]
+        d = res.diagnostics
+        if self.tuned is None and d.autotune:
+            self.tuned = d.chunk_size_final
+        mem = d.worker_memory()
+        self.peak_rss = max(self.peak_rss, _rss())
+        return {
+            "values": values,
+            "failures": failures,
+            "runs": runs,
+            "seconds": wall,
+            "workers": res.pool_stats.get("workers"),
+            "worker_pids": sorted({p for s in res.pool_stats.get("status", []) for p in [s.get("pid")] if p}),
+            "retries": d.retries,
+            "events": [f"{e['event']}: worker {e['worker']}: {e['reason']}" for e in d.events],
+            "worker_peak_uss": sum(r["peak_uss"] for r in mem.values()),
+            "agent_peak_rss": self.peak_rss,
+        }
+
+    def close(self) -> None:
+        pool_stop()
+        for buf in self.out.values():
+            buf.close()
+        for seg in self.segments:
+            seg.close()
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def serve(chan: Channel, idle_timeout: float) -> int:
+    """The agent's loop; returns the exit code."""
+    job, fds = chan.recv()
+    if job[0] != "JOB":
+        chan.send(("REFUSED", f"expected the JOB message first, got {job[0]!r}"))
+        return 2
+    why = check_versions(job[1])
+    if why is not None:
+        for fd in fds:
+            os.close(fd)
+        chan.send(("REFUSED", why))
+        return 3
+    try:
+        agent = Agent(job[1], fds)
+    except Exception as exc:  # noqa: BLE001 - fun or an input does not load here: the caller says why
+        chan.send(
+            (
+                "REFUSED",
+                f"the shardc agent on {socket.gethostname()} could not set up the call: {type(exc).__name__}: {exc}",
+            )
+        )
+        return 3
+    try:
+        chan.send(("READY", {"pid": os.getpid(), "host": socket.gethostname()}))
+        chan.sock.settimeout(idle_timeout)
+        while True:
+            try:
+                msg, _ = chan.recv()
+            except TimeoutError:
+                log.warning("shardc agent %d: no work for %g s, its caller is gone: exiting", os.getpid(), idle_timeout)
+                return 4
+            except ChannelClosed:
+                return 0  # the starter (the engine's worker) is gone
+            if msg[0] == "STOP":
+                return 0
+            _, mid, lo, hi = msg
+            reply: tuple[str, int, Any]
+            try:
+                reply = ("DONE", mid, agent.run(lo, hi))
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, which reruns the macro-shard
+                reply = ("ERROR", mid, f"{type(exc).__name__}: {exc}")
+            chan.sock.settimeout(None)
+            chan.send(reply)
+            chan.sock.settimeout(idle_timeout)
+    finally:
+        agent.close()
+
+
+def main(argv: list[str]) -> int:
+    fd = int(argv[1])
+    idle = float(argv[2]) if len(argv) > 2 else 600.0
+    sock = socket.socket(fileno=fd)
+    chan = Channel(sock)
+    try:
+        return serve(chan, idle)
+    finally:
+        chan.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,441 @@
+"""``shard_map(..., cluster=...)``: the caller's side of a cluster run.
+
+::
+
+    shard_map(shards, fun, ..., cluster=client)       (validated in map.py)
+      │ run_on_cluster: the job (fun by value, the descriptor, the local options,
+      │   version + build stamp), inputs as contiguous arrays -> Backend.put:
+      │   sent once to every node (Dask scatter broadcast / Ray object store)
+      ▼
+    driver loop (this module)                         one per call
+      │ MacroPlanner: macro-shards lo..hi-1, sized to take ~macro_seconds
+      │   (first ones small, to learn the shard time), handed out dynamically:
+      │   at most inflight_per_node per node outstanding, the engine picks the node
+      │ Backend.submit -> node.run_macro (in the engine's worker) -> the node's agent
+      │ each reply: values into results (shard order), failures (global ids),
+      │   out runs merged (OutMerger: conflicts fail loudly), timings
+      │ a task that failed (agent died, worker lost): rerun, up to max_attempts;
+      │   the engine itself reruns tasks of a lost worker elsewhere
+      │ the scheduler unreachable for scheduler_timeout s: ClusterError
+      ▼
+    ShardResult (diagnostics.cluster: nodes -> workers, memory, bytes, macro-shards)
+
+A backend (:mod:`.dask`, :mod:`.ray`) only moves things: put the job and
+inputs on every node, submit a macro-shard, wait for any, fetch one, say
+whether the scheduler is reachable, list nodes, stop the agents.  Nothing
+here imports Dask or Ray; :func:`backend_for` imports the one asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import time
+import uuid
+from collections import deque
+from typing import Any, Protocol
+
+import numpy as np
+
+from .. import _lowlevel as ll
+from .._version import __version__
+from ..buffer import Buffer
+from ..diagnostics import Diagnostics
+from ..errors import (
+    ClusterError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    ShardMapError,
+    UnpicklableFunctionError,
+)
+from ..kernels import get_kernel
+from ..result import FailedShard, ShardFailure, ShardResult
+from ..share import Shared
+from .node import AgentRefusedError
+from .outs import OutMerger
+
+log = logging.getLogger("shardc")
+
+
+class Cluster:
+    """A cluster engine plus options, for ``shard_map(..., cluster=Cluster(client, ...))``.
+
+    Args:
+        engine: a ``dask.distributed.Client`` or ``"ray"`` (the connected Ray runtime).
+        scheduler_timeout: seconds the scheduler may be unreachable before the
+            call fails with :class:`~shardc.errors.ClusterError` (default 60).
+        macro_seconds: target duration of one macro-shard (default 2 s).
+        inflight_per_node: macro-shards outstanding per node (one running,
+            the rest queued so the node never waits for the caller).
+        max_attempts: tries of one macro-shard whose node or agent was lost.
+        agent_idle_timeout: an agent with no work this long exits (its
+            caller is gone).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        scheduler_timeout: float = 60.0,
+        macro_seconds: float = 2.0,
+        inflight_per_node: int = 2,
+        max_attempts: int = 4,
+        agent_idle_timeout: float = 600.0,
+    ) -> None:
+        for name, v in (
+            ("scheduler_timeout", scheduler_timeout),
+            ("macro_seconds", macro_seconds),
+            ("agent_idle_timeout", agent_idle_timeout),
+        ):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise InvalidArgumentError(f"Cluster({name}=...) must be a positive number of seconds, got {v!r}")
+        for name, k in (("inflight_per_node", inflight_per_node), ("max_attempts", max_attempts)):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise InvalidArgumentError(f"Cluster({name}=...) must be a positive int, got {k!r}")
+        self.engine = engine
+        self.scheduler_timeout = float(scheduler_timeout)
+        self.macro_seconds = float(macro_seconds)
+        self.inflight_per_node = inflight_per_node
+        self.max_attempts = max_attempts
+        self.agent_idle_timeout = float(agent_idle_timeout)
+
+    def __repr__(self) -> str:
+        return f"<shardc.cluster.Cluster {type(self.engine).__name__} macro_seconds={self.macro_seconds:g}>"
+
+
+class Backend(Protocol):
+    """What a cluster engine does for a run (see the module docstring)."""
+
+    name: str
+
+    def nodes(self) -> dict[str, dict[str, Any]]: ...
+    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray]) -> int: ...
+    def submit(self, mid: int, lo: int, hi: int, attempt: int) -> Any: ...
+    def wait(self, handles: list[Any], timeout: float) -> list[Any]: ...
+    def fetch(self, handle: Any) -> dict[str, Any]: ...
+    def alive(self) -> bool: ...
+    def starts(self) -> list[dict[str, Any]]: ...
+    def finish(self) -> None: ...
+
+
+def backend_for(cluster: Any) -> tuple[Backend, Cluster]:
+    """The backend for ``cluster=`` (a Client, "ray" or a Cluster), importing only that engine."""
+    opts = cluster if isinstance(cluster, Cluster) else Cluster(cluster)
+    engine = opts.engine
+    if type(engine).__module__.split(".")[0] == "distributed" and type(engine).__name__ == "Client":
+        from .dask import DaskBackend
+
+        return DaskBackend(engine, opts), opts
+    if isinstance(engine, str) and engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("cluster='ray' needs Ray: pip install 'shardc[ray]'") from None
+        from .ray import RayBackend
+
+        return RayBackend(opts), opts
+    raise InvalidArgumentError(
+        f"cluster= must be a dask.distributed.Client, 'ray', or shardc.cluster.Cluster(...), got {engine!r}"
+    )
+
+
+class MacroPlanner:
+    """Cuts ``0..n-1`` into macro-shards of about ``target`` seconds, in order."""
+
+    def __init__(self, n: int, nodes: int, target: float) -> None:
+        self.n = n
+        self.nodes = max(1, nodes)
+        self.target = target
+        self.next_lo = 0
+        self.per_shard: float | None = None  # seconds per shard, running mean
+        self.first = max(1, min(n // (self.nodes * 64), 4096))
+
+    def has_next(self) -> bool:
+        return self.next_lo < self.n
+
+    def take(self) -> tuple[int, int]:
+        left = self.n - self.next_lo
+        if self.per_shard is None:
+            size = self.first
+        else:
+            want = self.target / max(self.per_shard, 1e-9)
+            floor = 0.1 * self.target / max(self.per_shard, 1e-9)  # tail pieces still amortise the round trip
+            size = round(max(min(want, left / (2 * self.nodes)), floor, 1))
+        lo = self.next_lo
+        self.next_lo = min(self.n, lo + size)
+        return lo, self.next_lo
+
+    def observe(self, count: int, seconds: float) -> None:
+        per = seconds / max(1, count)
+        self.per_shard = per if self.per_shard is None else 0.5 * self.per_shard + 0.5 * per
+
+
+def _input_array(name: str, obj: Any) -> tuple[dict[str, Any], np.ndarray]:
+    """The spec and contiguous bytes of one borrowed input."""
+    if isinstance(obj, Buffer):
+        obj = obj.array
+    elif isinstance(obj, Shared):
+        obj = obj.array if obj.kind == "array" else obj.get()
+    if (type(obj) is np.ndarray or isinstance(obj, np.memmap)) and not obj.dtype.hasobject:
+        order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+        data = np.asarray(obj).ravel(order="K" if obj.flags.forc else "C")
+        if not obj.flags.forc:
+            order = "C"
+        spec = {"name": name, "kind": "array", "dtype": obj.dtype, "shape": obj.shape, "order": order}
+        spec["nbytes"] = int(data.nbytes)
+        return spec, data.view(np.uint8) if data.size else np.zeros(0, np.uint8)
+    try:
+        import cloudpickle
+
+        blob = cloudpickle.dumps(obj, protocol=5)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidArgumentError(f"borrow[{name!r}] cannot be pickled to send it to the nodes: {exc}") from exc
+    return {"name": name, "kind": "object", "nbytes": len(blob)}, np.frombuffer(blob, dtype=np.uint8)
+
+
+def build_job(
+    desc: Any,
+    fun: Any,
+    kernel: str | None,
+    borrow: dict[str, Any],
+    out: dict[str, np.ndarray],
+    local: dict[str, Any],
+    opts: Cluster,
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The job every agent gets, and the input arrays (sent once per node)."""
+    import cloudpickle
+
+    try:
+        fun_blob = cloudpickle.dumps(fun, protocol=5) if fun is not None else None
+        kern_blob = cloudpickle.dumps(get_kernel(kernel), protocol=5) if kernel is not None else None
+    except Exception as exc:  # noqa: BLE001
+        raise UnpicklableFunctionError(
+            f"fun {getattr(fun, '__qualname__', fun)!r} cannot be pickled by value to send it to the nodes: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    specs, inputs, bspecs, ospecs = [], [], [], []
+    for name, obj in borrow.items():
+        spec, data = _input_array(name, obj)
+        bspecs.append(spec)
+        specs.append(spec)
+        inputs.append(data)
+    for name, arr in out.items():
+        raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        init = bool(raw.any())  # an all-zero buffer is not sent: a fresh node buffer reads as zeros
+        spec = {"name": name, "dtype": arr.dtype, "shape": arr.shape, "nbytes": int(arr.nbytes), "init": init}
+        ospecs.append(spec)
+        if init:
+            specs.append(spec)
+            inputs.append(raw)
+    job = {
+        "version": __version__,
+        "stamp": ll.build_stamp(),
+        "desc": desc,
+        "fun": fun_blob,
+        "kernel": kern_blob,
+        "kernel_name": kernel,
+        "local": local,
+        "borrow": bspecs,
+        "out": ospecs,
+        "inputs": specs,
+        "agent_idle_timeout": opts.agent_idle_timeout,
+    }
+    return job, inputs
+
+
+def run_on_cluster(
+    cluster: Any,
+    desc: Any,
+    fun: Any,
+    kernel: str | None,
+    borrow: dict[str, Any],
+    out: dict[str, Any],
+    local: dict[str, Any],
+    on_failure: str,
+) -> ShardResult:
+    """Run a validated ``shard_map`` call on ``cluster`` (see the module docstring)."""
+    t_start = time.perf_counter()
+    backend, opts = backend_for(cluster)
+    outs = {n: (b.array if isinstance(b, Buffer) else b) for n, b in out.items()}
+    job, inputs = build_job(desc, fun, kernel, borrow, outs, local, opts)
+    nodes = backend.nodes()
+    if not nodes:
+        raise ClusterError(f"the {backend.name} cluster has no workers: start some, or run without cluster=")
+    job_id = uuid.uuid4().hex[:12]
+    diag = Diagnostics(
+        mode=local["dispatch_mode"], num_shards=desc.num_shards, cow=local["cow"], enabled=False, chunk_size=1
+    )
+    diag.t_start_ns = time.monotonic_ns()
+    run = _Run(backend, opts, desc.num_shards, len(nodes), outs)
+    try:
+        run.bytes_inputs_per_node = backend.put(job_id, job, inputs)
+        run.loop()
+    finally:
+        backend.finish()
+    run.merger.finish()
+    diag.t_end_ns = time.monotonic_ns()
+    diag.wall_seconds = time.perf_counter() - t_start
+    diag.completed = desc.num_shards - len(run.failures)
+    diag.failed = len(run.failures)
+    diag.retries = sum(r["retries"] for r in run.macros)
+    diag.cluster = run.summary(nodes, backend)
+    stats = {"workers": sum(n["workers"] for n in diag.cluster["nodes"].values()), "status": [], "events": []}
+    result = ShardResult(run.results, dict(sorted(run.failures.items())), diag, stats, desc)
+    if result.failures and on_failure == "raise":
+        first = min(result.failures)
+        f = result.failures[first]
+        raise ShardMapError(
+            f"{len(result.failures)} of {desc.num_shards} shards failed on the cluster; first: shard {first} "
+            f"after {f.attempts} attempt(s): {f.error_type.rsplit('.', 1)[-1]}: {f.message} (the full result "
+            "is in err.result; pass on_failure='collect' to get it returned)",
+            result,
+        ) from f.exception
+    return result
+
+
+class _Run:
+    """The driver loop of one call and what it gathered."""
+
+    def __init__(self, backend: Backend, opts: Cluster, n: int, n_nodes: int, outs: dict[str, np.ndarray]) -> None:
+        self.backend = backend
+        self.opts = opts
+        self.n = n
+        self.planner = MacroPlanner(n, n_nodes, opts.macro_seconds)
+        self.n_nodes = n_nodes
+        self.results: list[Any] = [None] * n
+        self.failures: dict[int, ShardFailure] = {}
+        self.merger = OutMerger(outs)
+        self.macros: list[dict[str, Any]] = []
+        self.lost: list[dict[str, Any]] = []  # failed tries of macro-shards (rerun)
+        self.bytes_inputs_per_node = 0
+        self.bytes_replies = 0
+        self.per_node: dict[str, dict[str, Any]] = {}
+        self.t_start_wall = time.time()  # the picture's origin (start events and completions are wall clock)
+
+    def loop(self) -> None:
+        inflight: dict[Any, tuple[int, int, int, int]] = {}
+        retry: deque[tuple[int, int, int, int]] = deque()
+        mid = 0
+        seen = counted = time.monotonic()
+        while self.planner.has_next() or retry or inflight:
+            limit = self.opts.inflight_per_node * max(1, self.n_nodes)
+            while len(inflight) < limit and (retry or self.planner.has_next()):
+                if retry:
+                    m, lo, hi, attempt = retry.popleft()
+                else:
+                    (lo, hi), m, attempt = self.planner.take(), mid, 1
+                    mid += 1
+                inflight[self.backend.submit(m, lo, hi, attempt)] = (m, lo, hi, attempt)
+            done = self.backend.wait(list(inflight), timeout=0.5)
+            now = time.monotonic()
+            if not self.backend.alive():
+                if now - seen > self.opts.scheduler_timeout:
+                    raise ClusterError(
+                        f"the {self.backend.name} scheduler has been unreachable for {now - seen:.0f} s "
+                        f"(scheduler_timeout={self.opts.scheduler_timeout:g} s) with {len(inflight)} "
+                        "macro-shard(s) outstanding; the call is abandoned (its node agents exit when their "
+                        "worker does, or after agent_idle_timeout)"
+                    )
+                time.sleep(0.1)
+                continue  # nothing is fetched or sent while it is away
+            seen = now
+            for h in done:
+                m, lo, hi, attempt = inflight.pop(h)
+                try:
+                    rep = self.backend.fetch(h)
+                except AgentRefusedError:
+                    raise  # a node with another shardc build: rerunning elsewhere would hide it
+                except Exception as exc:  # noqa: BLE001 - the engine's own failure (lost worker, ...)
+                    self._lost(m, lo, hi, attempt, exc, retry)
+                    continue
+                self._merge(m, lo, hi, attempt, rep)
+            if now - counted > 2.0:  # the node count sets how many macro-shards are outstanding
+                self.n_nodes = max(1, len(self.backend.nodes()) or self.n_nodes)
+                counted = now
+
+    def _lost(self, m: int, lo: int, hi: int, attempt: int, exc: BaseException, retry: deque[Any]) -> None:
+        why = f"{type(exc).__name__}: {exc}"
+        self.lost.append({"macro": m, "lo": lo, "hi": hi, "attempt": attempt, "error": why})
+        if attempt < self.opts.max_attempts:
+            log.warning("shardc cluster: macro-shard %d (shards %d..%d) is rerun: %s", m, lo, hi - 1, why)
+            retry.append((m, lo, hi, attempt + 1))
+            return
+        for sid in range(lo, hi):
+            msg = f"its macro-shard failed {attempt} times: {why}"
+            f = ShardFailure(sid, attempt, "shardc.errors.ClusterError", msg)
+            f.history = [e["error"] for e in self.lost if e["macro"] == m]
+            self.failures[sid] = f
+            self.results[sid] = FailedShard(f)
+
+    def _merge(self, m: int, lo: int, hi: int, attempt: int, rep: dict[str, Any]) -> None:
+        payload = rep["payload"]
+        self.bytes_replies += len(payload)
+        body = pickle.loads(payload)
+        who = f"macro-shard {m} (shards {lo}..{hi - 1}) on node {rep['node']}"
+        for name, runs in body["runs"].items():
+            self.merger.apply(name, runs, who)
+        self.results[lo:hi] = body["values"]
+        for sid, f in body["failures"].items():
+            self.failures[sid] = f
+            self.results[sid] = FailedShard(f)
+        self.planner.observe(hi - lo, body["seconds"])
+        node = self.per_node.setdefault(
+            rep["node"],
+            {
+                "macros": 0,
+                "shards": 0,
+                "busy_seconds": 0.0,
+                "agents": set(),
+                "worker_pids": set(),
+                "workers": 0,
+                "bytes_inputs": 0,
+                "bytes_replies": 0,
+                "engine_peak_rss": 0,
+                "agent_peak_rss": 0,
+                "workers_peak_uss": 0,
+                "events": [],
+            },
+        )
+        node["macros"] += 1
+        node["shards"] += hi - lo
+        node["busy_seconds"] += body["seconds"]
+        node["agents"].add(rep["agent_pid"])
+        node["worker_pids"].update(body["worker_pids"])
+        node["workers"] = max(node["workers"], body["workers"] or 0)
+        node["bytes_inputs"] += rep["input_bytes"]
+        node["bytes_replies"] += len(payload)
+        node["engine_peak_rss"] = max(node["engine_peak_rss"], rep["engine_rss"])
+        node["agent_peak_rss"] = max(node["agent_peak_rss"], body["agent_peak_rss"])
+        node["workers_peak_uss"] = max(node["workers_peak_uss"], body["worker_peak_uss"])
+        node["events"] += body["events"]
+        self.macros.append(
+            {
+                "macro": m,
+                "lo": lo,
+                "hi": hi,
+                "node": rep["node"],
+                "attempt": attempt,
+                "seconds": body["seconds"],
+                "retries": body["retries"],
+                "bytes_reply": len(payload),
+                "t_done": time.time(),  # wall clock, comparable with the engine's start events
+            }
+        )
+
+    def summary(self, nodes_at_start: dict[str, dict[str, Any]], backend: Backend) -> dict[str, Any]:
+        nodes = {}
+        for name, rec in self.per_node.items():
+            nodes[name] = {**rec, "agents": sorted(rec["agents"]), "worker_pids": sorted(rec["worker_pids"])}
+        return {
+            "backend": backend.name,
+            "t_start_wall": self.t_start_wall,
+            "nodes_at_start": sorted(nodes_at_start),
+            "nodes": nodes,
+            "macros": sorted(self.macros, key=lambda r: r["lo"]),
+            "lost": self.lost,
+            "starts": backend.starts(),
+            "bytes_inputs_per_node": self.bytes_inputs_per_node,
+            "bytes_replies": self.bytes_replies,
+            "bytes_out_merged": self.merger.bytes_merged,
+        }

@@ -1,0 +1,163 @@
+"""The Dask distributed backend: ``shard_map(..., cluster=client)``.
+
+A *node* is a Dask worker (run one worker per machine, e.g. dask-jobqueue
+``processes=1``: the node's agent uses the machine's cores through its own
+shardc pool).  The job and the inputs are scattered once with
+``broadcast=True`` (one copy per worker; a worker that joins later gets them
+from a peer the first time a task needs them).  Each macro-shard is one
+``client.submit`` of :func:`_macro_task`, asked (loosely) of the worker with
+the fewest outstanding, so faster nodes take more whatever their thread
+counts; a worker that dies has its running and queued tasks rerun on others
+by Dask itself.  Each task logs a start event (``log_event``) so the result can
+say which node started what, including tries lost with a node.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from distributed import Client, Future, get_worker, wait
+
+from . import node
+
+TOPIC = "shardc-cluster"
+log = logging.getLogger("shardc")
+
+
+def _macro_task(
+    job_id: str, job: dict[str, Any], inputs: list[np.ndarray], mid: int, lo: int, hi: int
+) -> dict[str, Any]:
+    """Runs in a Dask worker: one macro-shard on this worker's agent."""
+    w = get_worker()
+    w.log_event(f"{TOPIC}-{job_id}", {"macro": mid, "lo": lo, "hi": hi, "node": w.address, "t": time.time()})
+    return node.run_macro(job_id, job, inputs, mid, lo, hi, w.address)
+
+
+def _close_job(job_id: str) -> bool:
+    return node.close_job(job_id)
+
+
+class DaskBackend:
+    """See the module docstring."""
+
+    name = "dask"
+
+    def __init__(self, client: Client, opts: Any) -> None:
+        self.client = client
+        self.opts = opts
+        self.job_id = ""
+        self.job_f: Future | None = None
+        self.inputs_f: list[Future] = []
+        self.pending: list[Future] = []
+        self.load: dict[str, int] = {}  # worker address -> macro-shards handed to it, outstanding
+        self.owner: dict[Any, str] = {}  # future key -> the worker it was handed to
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers() else self.client.scheduler_info()
+        found = {
+            a: {"host": w.get("host"), "nthreads": w.get("nthreads"), "memory_limit": w.get("memory_limit")}
+            for a, w in info.get("workers", {}).items()
+        }
+        for a in found:
+            self.load.setdefault(a, 0)
+        for a in [a for a in self.load if a not in found]:
+            del self.load[a]  # gone: Dask reruns what it held elsewhere
+        return found
+
+    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray]) -> int:
+        self.job_id = job_id
+        t = self.opts.scheduler_timeout
+        # In a list: a scattered dict would become one future per value.
+        self.job_f = self._scatter([job], t)[0]
+        self.inputs_f = self._scatter(inputs, t) if inputs else []
+        return int(sum(a.nbytes for a in inputs))
+
+    def _scatter(self, data: list[Any], timeout: float) -> list[Future]:
+        """Scatter to every worker, straight from this client (measured: 256 MiB to a
+        local worker in 0.2-0.4 s, against 0.4-1.9 s through the scheduler); through
+        the scheduler when workers cannot be reached from here."""
+        try:
+            return self.client.scatter(data, broadcast=True, hash=False, timeout=timeout, direct=True)
+        except (OSError, TimeoutError) as exc:
+            log.info("shardc cluster: scattering straight to the workers failed (%s); through the scheduler", exc)
+            return self.client.scatter(data, broadcast=True, hash=False, timeout=timeout, direct=False)
+
+    def submit(self, mid: int, lo: int, hi: int, attempt: int) -> Future:
+        # The worker with the fewest outstanding gets it (a faster node frees its
+        # slots sooner, so it gets more), whatever its thread count: left to
+        # Dask, a worker with 4 threads would take 4 macro-shards that its one
+        # agent runs in turn while another node idles.  The restriction is
+        # loose: if that worker dies, Dask runs the task elsewhere.
+        where = min(self.load, key=lambda a: self.load[a]) if self.load else None
+        f = self.client.submit(
+            _macro_task,
+            self.job_id,
+            self.job_f,
+            self.inputs_f,
+            mid,
+            lo,
+            hi,
+            key=f"shardc-{self.job_id}-{mid}-{attempt}",
+            pure=False,
+            workers=[where] if where else None,
+            allow_other_workers=True,
+        )
+        if where:
+            self.load[where] += 1
+            self.owner[f.key] = where
+        self.pending.append(f)
+        return f
+
+    def wait(self, handles: list[Any], timeout: float) -> list[Any]:
+        if not handles:
+            return []
+        try:
+            done, _ = wait(handles, timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            return []
+        except Exception:  # noqa: BLE001 - cancelled futures (scheduler lost or restarted), a broken comm
+            if not self.alive():
+                return []  # the caller waits up to scheduler_timeout for the scheduler
+            return [f for f in handles if f.done()]  # fetch() raises for these: rerun
+        return list(done)
+
+    def fetch(self, handle: Future) -> dict[str, Any]:
+        where = self.owner.pop(handle.key, None)
+        if where in self.load:
+            self.load[where] -= 1
+        try:
+            return handle.result(timeout=self.opts.scheduler_timeout)
+        finally:
+            handle.release()
+
+    def alive(self) -> bool:
+        return self.client.status == "running"
+
+    def starts(self) -> list[dict[str, Any]]:
+        try:
+            return [e for _t, e in self.client.get_events(f"{TOPIC}-{self.job_id}")]
+        except Exception:  # noqa: BLE001 - diagnostics only; the scheduler may be gone
+            return []
+
+    def finish(self) -> None:
+        """Stop every node's agent of this call and let go of the scattered data."""
+        for f in self.pending:
+            f.cancel()
+        if self.alive():
+            try:
+                self.client.run(_close_job, self.job_id, wait=True, on_error="ignore")
+            except Exception as exc:  # noqa: BLE001 - agents exit on their own when idle
+                log.warning("shardc cluster: stopping the node agents failed (%s); they exit when idle", exc)
+        for fut in [self.job_f, *self.inputs_f]:
+            if fut is not None:
+                fut.release()
+        self.pending = []
+
+
+def _takes_n_workers() -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(Client.scheduler_info).parameters

@@ -1,0 +1,196 @@
+"""The engine side of a node: runs inside a Dask (or Ray) worker process.
+
+A macro-shard task calls :func:`run_macro`.  The first one of a call on this
+worker process starts the node's agent (:mod:`shardc.cluster.agent`) as a
+new process with ``subprocess`` (fork+exec at once: safe in a process with
+threads), hands it the call (``JOB``) and its inputs, then sends it the
+macro-shard; later tasks of the call find the agent in :data:`_agents` and
+only send theirs.  Inputs go to the agent once: each borrowed array (and
+each non-zero out buffer) is copied from the engine's copy into a memfd
+whose descriptor the agent maps, so a node holds the engine's copy plus one
+shared segment (about 2x the input) and nothing is pickled per task.
+
+Several tasks of one call on one worker process (a worker with several
+threads) take turns on its agent: the agent runs one macro-shard at a time on
+the whole node.  If the agent dies, the task fails with a
+:class:`~shardc.errors.ClusterError` (the caller reruns the macro-shard) and
+the next task starts a fresh agent.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._channel import Channel, ChannelClosed
+from ..errors import ClusterError
+
+
+class AgentRefusedError(ClusterError):
+    """A node's agent refused the call: its shardc version or build differs from the
+    caller's, or ``fun`` or an input cannot be loaded there (rerunning would not help)."""
+
+
+_agents: dict[str, AgentHandle] = {}
+_lock = threading.Lock()
+
+STOP_WAIT = 10.0  # seconds an agent gets to stop its pool before it is killed
+
+
+def _memfd(name: str, data: np.ndarray) -> int:
+    """A memfd holding ``data``'s bytes (``data`` is contiguous)."""
+    n = data.nbytes
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create(f"shardc-cluster-{name}", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - macOS: an unlinked file in the temp dir
+        import tempfile
+
+        with tempfile.TemporaryFile() as tmp:
+            fd = os.dup(tmp.fileno())
+    if n:
+        os.ftruncate(fd, n)
+        with mmap.mmap(fd, n) as mm:  # one copy from the engine's array into the segment
+            mm[:] = data.view(np.uint8).data
+    return fd
+
+
+class AgentHandle:
+    """This worker process's agent for one call."""
+
+    def __init__(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray], node: str) -> None:
+        self.job_id = job_id
+        self.node = node
+        self.lock = threading.Lock()
+        parent, child = socket.socketpair()
+        root = str(Path(__file__).resolve().parent.parent.parent)  # the shardc this process runs
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        idle = str(job.get("agent_idle_timeout", 600.0))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shardc.cluster.agent", str(child.fileno()), idle],
+            pass_fds=(child.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        self.chan = Channel(parent)
+        fds = [_memfd(spec["name"], arr) for spec, arr in zip(job["inputs"], inputs, strict=True)]
+        self.input_bytes = sum(int(a.nbytes) for a in inputs)
+        try:
+            self.chan.send(("JOB", job), fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        reply = self._recv("starting")
+        if reply[0] == "REFUSED":
+            self.close()
+            raise AgentRefusedError(f"node {node}: {reply[1]}")
+        self.pid = reply[1]["pid"]
+
+    def _recv(self, what: str) -> Any:
+        try:
+            msg, _ = self.chan.recv()
+            return msg
+        except (ChannelClosed, OSError):
+            code = self.proc.poll()
+            if code is None:
+                try:
+                    code = self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    code = None
+            raise ClusterError(
+                f"the shardc agent on node {self.node} (pid {self.proc.pid}) died while {what} "
+                f"(exit code {code}); the macro-shard is rerun"
+            ) from None
+
+    def run(self, mid: int, lo: int, hi: int) -> bytes:
+        """Run a macro-shard; returns the agent's reply payload, pickled."""
+        self.chan.send(("RUN", mid, lo, hi))
+        reply = self._recv(f"running shards {lo}..{hi - 1}")
+        if reply[0] == "ERROR":
+            raise ClusterError(f"node {self.node}: macro-shard {lo}..{hi - 1} failed in the agent: {reply[2]}")
+        return pickle.dumps(reply[2], protocol=5)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        try:
+            self.chan.send(("STOP",))
+        except OSError:
+            pass
+        try:
+            self.proc.wait(STOP_WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(STOP_WAIT)
+        self.chan.close()
+
+
+def run_macro(
+    job_id: str, job: dict[str, Any], inputs: list[np.ndarray], mid: int, lo: int, hi: int, node: str
+) -> dict[str, Any]:
+    """Run shards lo..hi-1 of call ``job_id`` on this node's agent (started if needed)."""
+    t0 = time.perf_counter()
+    started = 0
+    with _lock:
+        h = _agents.get(job_id)
+        if h is not None and not h.alive():
+            _agents.pop(job_id, None)
+            h = None
+        if h is None:
+            h = AgentHandle(job_id, job, inputs, node)
+            _agents[job_id] = h
+            started = h.input_bytes
+    with h.lock:
+        try:
+            payload = h.run(mid, lo, hi)
+        except ClusterError:
+            with _lock:
+                if _agents.get(job_id) is h:
+                    _agents.pop(job_id)
+            h.close()
+            raise
+    return {
+        "node": node,
+        "agent_pid": h.pid,
+        "payload": payload,
+        "input_bytes": started,
+        "engine_rss": _rss(),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def close_job(job_id: str) -> bool:
+    """Stop this process's agent of ``job_id`` (True if there was one)."""
+    with _lock:
+        h = _agents.pop(job_id, None)
+    if h is None:
+        return False
+    with h.lock:
+        h.close()
+    return True
+
+
+def live_agents() -> list[int]:
+    """Pids of this process's live agents (tests, diagnostics)."""
+    with _lock:
+        return [h.proc.pid for h in _agents.values() if h.alive()]
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

@@ -1,0 +1,249 @@
+"""shard_map(..., cluster=client) on a Dask LocalCluster of two process workers standing in for two nodes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import psutil
+import pytest
+
+import shardc
+from shardc.cluster import Cluster
+from shardc.errors import ClusterError, ShardMapError
+
+distributed = pytest.importorskip("distributed")
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cluster_helpers import N, agent_procs, leaked_segment_files, run_rich, wait_no_agents  # noqa: E402, F401
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=40
+    )
+    c = distributed.Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+        wait_no_agents()
+
+
+def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
+    """Values (shard order), out buffers (bytes) and every RNG (shard.rng, np.random, random) equal a local run; inputs went once per node; nothing leaks."""
+    from shardc.segment import live_segments
+
+    local, rows0, ids0 = run_rich(workers=1)
+    before = len(live_segments())
+    res, rows1, ids1 = run_rich(workers=1, cluster=Cluster(client, macro_seconds=0.05))
+    assert len(live_segments()) == before
+    assert res.results == local.results
+    assert rows1.tobytes() == rows0.tobytes() and ids1.tobytes() == ids0.tobytes()
+    c = res.diagnostics.cluster
+    assert len(c["macros"]) >= 4 and sorted((m["lo"], m["hi"]) for m in c["macros"])[-1][1] == N
+    sent = sum(a.nbytes for a in (np.zeros(N * 10), np.zeros((N * 10, 3), np.float32)))
+    for node in c["nodes"].values():
+        assert len(node["agents"]) == 1  # one agent per node for the whole call
+        assert node["bytes_inputs"] >= sent and node["bytes_inputs"] < sent + 4096  # once (+ the pickled dict, ids)
+    assert "cluster" in str(res.report())
+    wait_no_agents()  # the call stopped its agents (and their pools)
+    pids = [p for n in c["nodes"].values() for p in n["agents"] + n["worker_pids"]]
+    assert pids and not leaked_segment_files(pids)
+
+
+def test_empty_and_object_inputs_reach_the_nodes(client: Any) -> None:
+    """A zero-size array and a plain object are borrowed on the nodes as locally."""
+
+    def shapes(shard: Any, e: np.ndarray, cfg: dict[str, Any]) -> Any:
+        return (e.shape, e.dtype.str, cfg["k"][shard.id])
+
+    kw: dict[str, Any] = {"borrow": {"e": np.zeros((0, 3), np.float32), "cfg": {"k": list("abcd")}}, "workers": 1}
+    res = shardc.shard_map(4, shapes, cluster=Cluster(client, macro_seconds=0.01), **kw)
+    assert res.results == shardc.shard_map(4, shapes, **kw).results == [((0, 3), "<f4", c) for c in "abcd"]
+
+
+def test_same_answers_with_one_node_and_with_retries(client: Any, tmp_path: Path) -> None:
+    """Shards failing once are retried inside their node; the values still equal a local run with one node's worth of workers."""
+
+    def flaky(shard: Any, mark: str) -> Any:
+        p = Path(mark) / f"{shard.id}"
+        if shard.id % 7 == 3 and not p.exists():
+            p.touch()
+            raise RuntimeError(f"first try of shard {shard.id}")
+        return shard.rng.integers(0, 2**62)
+
+    (tmp_path / "l").mkdir()
+    (tmp_path / "c").mkdir()
+    local = shardc.shard_map(50, flaky, borrow={"mark": str(tmp_path / "l")}, seed=5, workers=1)
+    res = shardc.shard_map(
+        50, flaky, borrow={"mark": str(tmp_path / "c")}, seed=5, workers=1, cluster=Cluster(client, macro_seconds=0.05)
+    )
+    assert res.results == local.results and res.diagnostics.retries == 7
+    assert sum(m["retries"] for m in res.diagnostics.cluster["macros"]) == 7
+
+
+def test_a_shard_failing_for_good_is_reported_with_its_global_id(client: Any) -> None:
+    """A permanently failing shard: ShardMapError, its failure keyed by its global id, every other value there."""
+
+    def bad(shard: Any) -> int:
+        if shard.id == 37:
+            raise ValueError("shard 37 is bad")
+        return shard.id
+
+    with pytest.raises(ShardMapError, match="first: shard 37 after 2 attempt") as info:
+        shardc.shard_map(60, bad, max_retries=1, workers=1, cluster=Cluster(client, macro_seconds=0.05))
+    r = info.value.result
+    assert list(r.failures) == [37] and r.failures[37].error_type.endswith("ValueError")
+    assert [v for i, v in enumerate(r.results) if i != 37] == [i for i in range(60) if i != 37]
+
+
+def test_an_agent_with_another_build_refuses(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agents check the caller's version and build stamp and refuse a mismatch with a clear error."""
+    import shardc._lowlevel as ll
+
+    monkeypatch.setattr(ll, "build_stamp", lambda: "0.0.0+deadbeefdeadbeef")
+    with pytest.raises(ClusterError, match=r"caller runs shardc .* built 0\.0\.0\+deadbeefdeadbeef; install the same"):
+        shardc.shard_map(8, lambda s: s.id, workers=1, cluster=client)
+    wait_no_agents()
+
+
+def test_a_fun_the_nodes_cannot_load_fails_with_the_reason(
+    client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fun from a module only the caller can import: ClusterError saying the agent could not set up the call and why (not retried)."""
+    (tmp_path / "only_here_mod.py").write_text("def f(shard):\n    return shard.id\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here_mod  # type: ignore[import-not-found]
+
+    t0 = time.monotonic()
+    with pytest.raises(
+        ClusterError, match=r"could not set up the call: ModuleNotFoundError: No module named 'only_here_mod'"
+    ):
+        shardc.shard_map(8, only_here_mod.f, workers=1, cluster=client)
+    assert time.monotonic() - t0 < 20
+    wait_no_agents()
+
+
+def test_two_nodes_writing_the_same_bytes_differently_fail_loudly(client: Any) -> None:
+    """An unmergeable write pattern fails naming the buffer and the offset; equal writes merge."""
+
+    def clash(shard: Any, o: Any) -> None:
+        o[0] = shard.id
+
+    def agree(shard: Any, o: Any) -> None:
+        o[0] = 42
+
+    with shardc.buffer("i8", 4) as o:
+        with pytest.raises(
+            ClusterError, match=r"out\['o'\]: byte offset 0 \(element \(0,\)\) was written with different"
+        ):
+            shardc.shard_map(40, clash, out={"o": o}, workers=1, cluster=Cluster(client, macro_seconds=0.02))
+        shardc.shard_map(40, agree, out={"o": o}, workers=1, cluster=Cluster(client, macro_seconds=0.02))
+        assert list(o.array) == [42, 0, 0, 0]
+
+
+def _worker_pids(client: Any) -> dict[str, int]:
+    return client.run(os.getpid)  # type: ignore[no-any-return]
+
+
+def test_a_worker_killed_mid_run_has_its_work_redone(client: Any, tmp_path: Path) -> None:
+    """SIGKILL of a Dask worker while its agent runs a macro-shard: that macro-shard is rerun elsewhere, results equal a local run, the report and the picture say so, no agent survives."""
+
+    def slow(shard: Any, o: Any) -> float:
+        time.sleep(0.02)
+        o[shard.id] = shard.id + 0.5
+        return float(shard.rng.random())
+
+    local = shardc.shard_map(200, slow, out={"o": shardc.buffer("f8", 200)}, seed=3, workers=1)
+    pids = _worker_pids(client)
+    victim_addr, victim = sorted(pids.items())[0]
+    killed: list[float] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.ppid() == victim for p in agent_procs()):
+                time.sleep(0.4)  # inside a macro-shard
+                os.kill(victim, signal.SIGKILL)
+                killed.append(time.monotonic())
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    with shardc.buffer("f8", 200) as o:
+        res = shardc.shard_map(200, slow, out={"o": o}, seed=3, workers=1, cluster=Cluster(client, macro_seconds=0.3))
+        t.join(30)
+        assert killed, "the victim worker never started an agent"
+        assert res.results == local.results
+        assert np.array_equal(o.array, np.arange(200) + 0.5)
+    c = res.diagnostics.cluster
+    finished = {(m["macro"], m["node"]) for m in c["macros"]}
+    lost = [s for s in c["starts"] if s["node"] == victim_addr and (s["macro"], s["node"]) not in finished]
+    assert lost, "no macro-shard was lost with the killed worker"
+    # Each macro-shard is in the result exactly once: completed ones were not rerun.
+    assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
+    assert "did not finish it (node lost); rerun" in str(res.report())
+    fig = res.plot(tmp_path / "timeline.png")  # one row per node, the lost try marked
+    assert (tmp_path / "timeline.png").stat().st_size > 0
+    assert any(victim_addr in t.get_text() for t in fig.axes[0].get_yticklabels())
+    assert len(fig.axes[0].lines) >= 1  # the x of the lost try
+    wait_no_agents()
+
+
+def test_a_lost_scheduler_fails_the_call_within_the_timeout() -> None:
+    """The scheduler closing mid-run: ClusterError naming the scheduler within scheduler_timeout (+ slack), no hang, no agent left."""
+
+    def slow(shard: Any) -> int:
+        time.sleep(0.05)
+        return int(shard.id)
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, silence_logs=50
+    )
+    c = distributed.Client(cluster)
+    lost: list[float] = []
+
+    def close_scheduler() -> None:
+        deadline = time.monotonic() + 30
+        while len(agent_procs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lost.append(time.monotonic())
+        cluster.loop.add_callback(cluster.scheduler.close)
+
+    t = threading.Thread(target=close_scheduler)
+    t.start()
+    try:
+        with pytest.raises(
+            ClusterError, match=r"dask scheduler has been unreachable for \d+ s \(scheduler_timeout=2 s\)"
+        ):
+            shardc.shard_map(4000, slow, workers=1, cluster=Cluster(c, scheduler_timeout=2, macro_seconds=0.5))
+        assert lost and time.monotonic() - lost[0] < 2 + 5
+    finally:
+        t.join(30)
+        for close in (c.close, cluster.close):
+            try:
+                close(timeout=5)
+            except Exception:  # noqa: BLE001 - a cluster without its scheduler closes with complaints
+                pass
+        # Nannies without a scheduler wait for it for minutes: end the processes this test started.
+        mine = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        for p in mine:
+            if "resource_tracker" not in " ".join(p.cmdline()):
+                p.kill()
+        psutil.wait_procs(mine, timeout=10)
+    wait_no_agents(20)

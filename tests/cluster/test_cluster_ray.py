@@ -1,0 +1,107 @@
+"""shard_map(..., cluster="ray") on a two-node Ray cluster on this machine (ray.cluster_utils.Cluster)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import pytest
+
+import shardc
+from shardc.cluster import Cluster
+
+ray = pytest.importorskip("ray")  # Ray has wheels for Linux x86-64/arm64 and macOS: runs here, never skipped
+from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cluster_helpers import agent_procs, run_rich, wait_no_agents  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+ROOT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    # The raylets (and so the Ray workers) inherit PYTHONPATH: they import this shardc.
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
+    rc = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20})
+    rc.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    ray.init(address=rc.address, log_to_driver=False)
+    rc.wait_for_nodes()
+    try:
+        yield rc
+    finally:
+        ray.shutdown()
+        rc.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+        wait_no_agents()
+
+
+def test_ray_results_outs_and_seeds_equal_a_local_run(ray_cluster: Any) -> None:
+    """On two Ray nodes: values, out buffers and every RNG equal a local run; inputs went once per node; agents stopped."""
+    local, rows0, ids0 = run_rich(workers=1)
+    res, rows1, ids1 = run_rich(workers=1, cluster=Cluster("ray", macro_seconds=0.05))
+    assert res.results == local.results
+    assert rows1.tobytes() == rows0.tobytes() and ids1.tobytes() == ids0.tobytes()
+    c = res.diagnostics.cluster
+    assert c["backend"] == "ray" and len(c["nodes_at_start"]) == 2
+    for n in c["nodes"].values():
+        assert len(n["agents"]) == 1 and n["bytes_inputs"] > 0
+    wait_no_agents()
+
+
+def test_ray_node_removed_mid_run_has_its_work_redone(ray_cluster: Any) -> None:
+    """Removing the second Ray node while its agent runs: its macro-shard is rerun on the head node, results equal a local run."""
+
+    def slow(shard: Any, o: Any) -> float:
+        time.sleep(0.02)
+        o[shard.id] = shard.id + 0.5
+        return float(shard.rng.random())
+
+    local = shardc.shard_map(150, slow, out={"o": shardc.buffer("f8", 150)}, seed=3, workers=1)
+    victim = [n for n in ray_cluster.list_all_nodes() if n is not ray_cluster.head_node][0]
+    removed: list[float] = []
+
+    def remover() -> None:
+        deadline = time.monotonic() + 60
+        while len(agent_procs()) < 4 and time.monotonic() < deadline:  # two agents, each with one pool worker
+            time.sleep(0.05)
+        time.sleep(0.3)
+        ray_cluster.remove_node(victim, allow_graceful=False)
+        removed.append(time.monotonic())
+
+    t = threading.Thread(target=remover)
+    t.start()
+    with shardc.buffer("f8", 150) as o:
+        res = shardc.shard_map(150, slow, out={"o": o}, seed=3, workers=1, cluster=Cluster("ray", macro_seconds=0.3))
+        t.join(60)
+        assert removed, "the second node was never removed"
+        assert res.results == local.results
+        assert np.array_equal(o.array, np.arange(150) + 0.5)
+    c = res.diagnostics.cluster
+    assert c["lost"] and all("was lost" in e["error"] for e in c["lost"])
+    assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
+    wait_no_agents()
+
+
+def test_ray_agent_with_another_build_refuses(ray_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Ray too, an agent refuses a caller with another build stamp, with a clear error, and no agent stays."""
+    import shardc._lowlevel as ll
+    from shardc.errors import ClusterError
+
+    monkeypatch.setattr(ll, "build_stamp", lambda: "0.0.0+feedfacefeedface")
+    with pytest.raises(ClusterError, match=r"built 0\.0\.0\+feedfacefeedface; install the same shardc build"):
+        shardc.shard_map(8, lambda s: s.id, workers=1, cluster="ray")
+    wait_no_agents()

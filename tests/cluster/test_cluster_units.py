@@ -1,0 +1,133 @@
+"""Cluster pieces that need no cluster: windows of a descriptor, out-buffer diffs and merging, the planner, arguments."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import shardc
+from shardc.cluster import Cluster
+from shardc.cluster.base import MacroPlanner
+from shardc.cluster.outs import PAGE, OutMerger, rollback, take_diff
+from shardc.cluster.window import WindowDescriptor
+from shardc.errors import ClusterError, InvalidArgumentError
+
+
+@pytest.mark.parametrize(
+    "desc",
+    [
+        shardc.shards(1000, block_size=7),
+        shardc.shards(1000, block_size=3, strategy="strided"),
+        shardc.shards_list([[5, 1], [2], [9, 9, 3], [0], [4, 8]]),
+    ],
+    ids=["contiguous", "strided", "list"],
+)
+def test_window_shards_keep_their_global_identity(desc: shardc.ShardDescriptor) -> None:
+    """Local shard k of window lo..hi is the descriptor's shard lo+k (id, idx, rng), also after pickling."""
+    lo, hi = 1, min(4, desc.num_shards)
+    w = WindowDescriptor(desc, lo, hi)
+    back = pickle.loads(pickle.dumps(w))
+    assert len(w) == len(back) == hi - lo
+    for k in range(hi - lo):
+        for make in (w.shard, back.shard, w.maker(), back.maker()):
+            s = make(k, 1234)
+            ref = desc.shard(lo + k, 1234)
+            assert s == ref and s.id == lo + k
+            assert np.array_equal(s.rng.random(3), ref.rng.random(3))
+
+
+def test_window_of_a_list_descriptor_pickles_only_its_lists() -> None:
+    """A window of shards_list carries its own index lists, not the whole descriptor's."""
+    desc = shardc.shards_list([np.arange(10_000) for _ in range(50)])
+    small = len(pickle.dumps(WindowDescriptor(desc, 3, 4)))
+    assert small < len(pickle.dumps(desc)) / 20
+
+
+def test_diff_sends_only_changed_bytes_and_snapshot_catches_up() -> None:
+    """take_diff finds scattered byte changes (mask) and dense runs (no mask); a second diff is empty."""
+    cur = np.zeros(5 * PAGE + 100, dtype=np.uint8)
+    snap = cur.copy()
+    cur[10] = 1
+    cur[2 * PAGE : 3 * PAGE] = 7  # a whole page: no mask needed
+    cur[-1] = 9  # the tail beyond the last full page
+    runs = take_diff(cur, snap)
+    assert [r[0] for r in runs] == [0, 2 * PAGE, 5 * PAGE]
+    assert runs[0][2] is not None and runs[1][2] is None
+    assert np.array_equal(cur, snap) and take_diff(cur, snap) == []
+    cur[PAGE + 3] = 5
+    rollback(cur, snap)
+    assert cur[PAGE + 3] == 0
+
+
+def test_merger_merges_disjoint_writes_into_a_view_and_names_a_conflict() -> None:
+    """Writes of two macro-shards merge at byte precision (same value twice is fine); different values fail naming buffer, offset and element."""
+    base = shardc.buffer("i4", (4, 6))
+    view = base.array[:, ::2]  # not contiguous: merged through a copy
+    view[...] = -1
+    m = OutMerger({"o": view})
+    a, sa = np.full(12, -1, np.int32), np.full(12, -1, np.int32)
+    b, sb = sa.copy(), sa.copy()
+    a[0], b[1], a[5], b[5] = 10, 11, 55, 55
+    ra = take_diff(a.view(np.uint8), sa.view(np.uint8))
+    rb = take_diff(b.view(np.uint8), sb.view(np.uint8))
+    m.apply("o", ra, "A")
+    m.apply("o", rb, "B")
+    m.finish()
+    assert view[0, 0] == 10 and view[0, 1] == 11 and view[1, 2] == 55 and view[3, 2] == -1
+    assert base.array[0, 1] == 0  # the skipped columns untouched
+    c, sc = np.full(12, -1, np.int32), np.full(12, -1, np.int32)
+    c[5] = 99
+    with pytest.raises(ClusterError, match=r"out\['o'\]: byte offset 20 \(element \(1, 2\)\).*by A, B and by C"):
+        m.apply("o", take_diff(c.view(np.uint8), sc.view(np.uint8)), "C")
+    base.close()
+
+
+def test_planner_covers_every_shard_once_and_grows_to_the_target() -> None:
+    """Macro-shards tile 0..n-1 in order; after a measurement they are sized to about the target time."""
+    p = MacroPlanner(1_000_000, 2, 2.0)
+    lo, hi = p.take()
+    assert lo == 0 and hi == 4096  # n / (nodes * 64), at most 4096
+    p.observe(hi - lo, (hi - lo) * 1e-5)  # 10 us a shard
+    lo2, hi2 = p.take()
+    assert lo2 == hi and hi2 - lo2 == 200_000  # 2 s worth
+    covered = hi2
+    while p.has_next():
+        a, b = p.take()
+        assert a == covered and b > a
+        covered = b
+    assert covered == 1_000_000
+
+
+def test_bad_cluster_arguments_fail_before_anything_starts() -> None:
+    """cluster= with pool=, an unknown engine, "ray" without ray.init() or bad options: clear errors."""
+    f = lambda shard: shard.id  # noqa: E731
+    with pytest.raises(InvalidArgumentError, match="pool= is a pool on this machine"):
+        shardc.shard_map(4, f, cluster=object(), pool=object())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="dask.distributed.Client"):
+        shardc.shard_map(4, f, cluster=object())
+    code = (
+        "import shardc, pytest\n"
+        "with pytest.raises(shardc.InvalidArgumentError, match=r'call ray.init'):\n"
+        "    shardc.shard_map(4, lambda s: s.id, cluster='ray')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)  # importing ray costs seconds
+    for kw in ({"macro_seconds": 0}, {"scheduler_timeout": float("nan")}, {"inflight_per_node": 0}):
+        with pytest.raises(InvalidArgumentError, match="Cluster"):
+            Cluster(None, **kw)
+
+
+def test_without_cluster_nothing_imports_dask_or_ray() -> None:
+    """A local shard_map (and importing shardc.cluster) loads neither Dask nor Ray."""
+    code = (
+        "import sys, shardc, shardc.cluster\n"
+        "r = shardc.shard_map(4, lambda s: s.id, workers=1)\n"
+        "assert r.results == [0, 1, 2, 3]\n"
+        "bad = [m for m in ('dask', 'distributed', 'ray') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "shardc.pool_stop()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
