@@ -27,6 +27,9 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers canno
 sys.path.insert(0, str(Path(__file__).parent))
 from _cluster_helpers import N, agent_procs, leaked_segment_files, run_rich, wait_no_agents  # noqa: E402, F401
 
+# Starts a local Dask/Ray cluster: its own CI step (.ci/run), not the core run (-m cluster).
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:

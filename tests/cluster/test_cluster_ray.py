@@ -23,6 +23,9 @@ from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _cluster_helpers import agent_procs, run_rich, wait_no_agents  # noqa: E402
 
+# Starts a local Dask/Ray cluster: its own CI step (.ci/run), not the core run (-m cluster).
+pytestmark = pytest.mark.cluster
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 ROOT = str(Path(__file__).resolve().parent.parent.parent)
