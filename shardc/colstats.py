@@ -44,6 +44,7 @@ from .kernels import register_kernel, tiles2d
 from .map import shard_map
 from .pool import pool_get
 from .shards import shards
+from .share import Shared
 
 BLOCK_BYTES = 16 * 1024**2  # bytes of X per block (fixed: results must not depend on workers)
 
@@ -64,9 +65,13 @@ register_kernel(
 
 
 def _matrix(X: Any, what: str) -> np.ndarray:
-    arr = X.array if isinstance(X, Buffer) else X
+    # A shardc buffer or a share()d array: its ndarray view lies in a segment,
+    # which shard_map passes to the workers by reference.
+    arr = X.array if isinstance(X, (Buffer, Shared)) and getattr(X, "kind", "array") == "array" else X
     if not isinstance(arr, np.ndarray):
-        raise InvalidTypeError(f"{what}: X must be a 2-D NumPy array (or a shardc buffer), got {type(X).__name__}")
+        raise InvalidTypeError(
+            f"{what}: X must be a 2-D NumPy array (or a shardc buffer or shared array), got {type(X).__name__}"
+        )
     if arr.ndim != 2:
         raise InvalidArgumentError(f"{what}: X must be 2-D (rows x columns), got shape {arr.shape}")
     return arr
