@@ -8,7 +8,8 @@
 #                must exist there).  Compile and link only: nothing runs, and the
 #                cffi wrapper is not built (it needs a macOS pyconfig.h).
 #   arm64-linux  the C unit tests (tests/c/test_*.c + csrc/*.c) cross-compiled for
-#                aarch64 with Debian's gcc-aarch64-linux-gnu (static, -Werror), plain
+#                aarch64 with Debian's gcc-aarch64-linux-gnu (-Werror; dynamic, run
+#                against the cross libc in QEMU_LD_PREFIX), plain
 #                and with the portable wait, and run under qemu-aarch64 (qemu-user).
 #                A test qemu-user cannot run is skipped with its reason printed
 #                (QEMU_SKIP below), never silently.
@@ -24,13 +25,19 @@ cd "$(dirname "$0")/.." || exit 2
 ZIG=${ZIG:-python3 -m ziglang}
 CROSS_CC=${CROSS_CC:-aarch64-linux-gnu-gcc}
 QEMU=${QEMU:-qemu-aarch64}
+# The arm64 libc the cross compiler links against (Debian's libc6-arm64-cross):
+# the tests are linked dynamically (a static link warns about dlopen in
+# csrc/kernel.c, and test_kern dlopens a library) and qemu loads them from here.
+export QEMU_LD_PREFIX=${QEMU_LD_PREFIX:-/usr/aarch64-linux-gnu}
 OUT=${OUT:-build/cross}
 WARN=(-std=gnu11 -Wall -Wextra -Werror -Icsrc)
 VARIANTS=(native portable)
 
 # Tests (binary name without variant suffix) that qemu-user cannot run, with the
 # reason printed when they are skipped.  Keep this list short and specific.
-declare -A QEMU_SKIP=()
+declare -A QEMU_SKIP=(
+    [test_heap]="its checks count page faults, and under qemu-user they are qemu's own host faults (a trimmed heap refaulted 0 times in the dynamic link, 32 in the static one): the heap policy is tested natively"
+)
 
 failed=0
 fail() {
@@ -100,7 +107,7 @@ build_arm64_linux() {
             bin=$dir/$exe
             # SHARDC_TEST_HOOKS: the test-only hooks tests/c/Makefile also enables.
             # shellcheck disable=SC2046
-            compile "$CROSS_CC" "${WARN[@]}" -DSHARDC_TEST_HOOKS -O2 -g -static $(variant_flags "$variant") \
+            compile "$CROSS_CC" "${WARN[@]}" -DSHARDC_TEST_HOOKS -O2 -g $(variant_flags "$variant") \
                 -o "$bin" "$test" csrc/*.c -lpthread -lrt || continue
             if [ -n "${QEMU_SKIP[$name]:-}" ]; then
                 echo "SKIP $exe under qemu: ${QEMU_SKIP[$name]}"
