@@ -137,3 +137,20 @@ def no_segment_leak() -> Iterator[None]:
         gc.collect()  # only when needed: a full collection costs ~0.1 s
     leaked = [s for s in segment.live_segments() if s.key not in before]
     assert not leaked, f"test leaked segments: {leaked}"
+
+
+# Test directories whose modules load big third-party libraries into this
+# process (scikit-learn/SciPy, pyarrow/pandas/polars/DuckDB, Dask/Ray): they run
+# after the engine's own tests.  Workers fork from this process, and a worker's
+# memory (Pss_Anon) includes its share of the master's pages, so the engine's
+# memory tests (mem_cap, recycling, inherited inputs) would otherwise measure
+# whatever those libraries left in the master (seen: +60-100 MB per worker).
+_HEAVY_DIRS = ("adapters", "tables", "cluster")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def heavy(item: pytest.Item) -> bool:
+        parts = item.path.parts
+        return len(parts) >= 2 and parts[-2] in _HEAVY_DIRS and parts[-3:-2] == ("tests",)
+
+    items[:] = [i for i in items if not heavy(i)] + [i for i in items if heavy(i)]
