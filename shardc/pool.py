@@ -116,6 +116,11 @@ class Pool(MemoryModel):
                 len(threads),
                 ", ".join(threads[:5]),
             )
+        # Give the master's free heap back to the kernel before forking: pages
+        # the allocator keeps (freed arrays, a test suite's or a notebook's
+        # leftovers) are inherited, and a worker's anonymous memory (Pss_Anon)
+        # counts its share of them against mem_cap and drift.
+        ll.heap_trim()
         try:
             for slot in range(self.size):
                 self.workers.append(self._spawn(slot))
@@ -251,6 +256,7 @@ class Pool(MemoryModel):
                 except OSError:
                     pass
         new = []
+        ll.heap_trim()  # as at pool start: forked workers inherit what the allocator keeps
         try:
             for w in old:
                 nw = self._spawn(w.slot, close=old)

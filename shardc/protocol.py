@@ -35,6 +35,7 @@ import pickle
 import traceback
 from typing import Any, NamedTuple
 
+from . import errors
 from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, ShardcError, TableSchemaError
 
 CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "exit"
@@ -93,6 +94,16 @@ def raise_from_record(rec: dict[str, Any]) -> BaseException:
         except Exception:  # noqa: BLE001
             exc = None
     if exc is None:
-        exc = ShardcError(f"{rec['type']}: {rec['message']}")
+        # Not rebuilt (its class is missing here, its pickle failed): one of
+        # ours keeps its type, anything else becomes a ShardcError naming it.
+        mod, _, name = str(rec.get("type", "")).rpartition(".")
+        cls = getattr(errors, name, None) if mod == "shardc.errors" else None
+        if isinstance(cls, type) and issubclass(cls, ShardcError):
+            try:
+                exc = cls(rec["message"])
+            except Exception:  # noqa: BLE001 - an __init__ that wants more: the generic form
+                exc = None
+        if exc is None:
+            exc = ShardcError(f"{rec['type']}: {rec['message']}")
     exc.__cause__ = RemoteTraceback(rec["traceback"])
     return exc

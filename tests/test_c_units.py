@@ -22,6 +22,7 @@ LABELS = {"": "O2", "_asan": "asan", "_portable": "portable", "_tsan": "tsan"}
 pytestmark = pytest.mark.skipif(
     shutil.which("make") is None or shutil.which("cc") is None, reason="needs make and a C compiler"
 )
+pytestmark = [pytestmark, pytest.mark.evidence]  # its own CI step (.ci/run): -m evidence
 
 
 @pytest.fixture(scope="session")

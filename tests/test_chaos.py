@@ -13,6 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytestmark, pytest.mark.evidence]  # its own CI step (.ci/run): -m evidence
 
 
 def parse(stdout: str) -> dict[str, float]:

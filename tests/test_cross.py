@@ -21,6 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "cross_build.sh"
 
+# Builds and runs native code or models: its own CI step (.ci/run), -m evidence.
+pytestmark = pytest.mark.evidence
+
 
 def _missing(part: str) -> list[str]:
     if part == "macos":

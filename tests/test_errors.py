@@ -250,3 +250,15 @@ def test_kernel_reserved_fields_are_validated(monkeypatch: pytest.MonkeyPatch) -
         register_kernel("bad_views", lambda shard: None, supports_views="yes")
     k = register_kernel("reserved_ok", lambda shard: None, signature="shard", supports_views=False)
     assert get_kernel("reserved_ok") is k and k.signature == "shard" and k.supports_views is False
+
+
+def test_a_record_that_does_not_unpickle_keeps_our_type():
+    """An error record whose pickled exception cannot be rebuilt still gives one of our
+    exception types by its name (a WorkerMemoryError stays one); a foreign type becomes a
+    ShardcError naming it."""
+    from shardc.protocol import raise_from_record
+
+    e = raise_from_record({"type": "shardc.errors.WorkerMemoryError", "message": "m", "traceback": "", "exc": b"x"})
+    assert type(e) is shardc.WorkerMemoryError and str(e) == "m"
+    e = raise_from_record({"type": "numpy.linalg.LinAlgError", "message": "m", "traceback": "tb"})
+    assert type(e) is shardc.ShardcError and str(e) == "numpy.linalg.LinAlgError: m"

@@ -22,6 +22,9 @@ SPIN_DIR = Path(__file__).resolve().parent / "spin"
 if shutil.which("spin") is None and not os.environ.get("CI"):
     pytest.skip("spin is not installed (apt-get install spin); required when CI is set", allow_module_level=True)
 
+# Runs the SPIN models: its own CI step (.ci/run), -m evidence.
+pytestmark = pytest.mark.evidence
+
 
 def verify(model: str, tmp_path: Path, defines: tuple[str, ...] = ()) -> str:
     """Generate, compile and run the verifier of ``model``; return pan's output."""
