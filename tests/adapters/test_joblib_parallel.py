@@ -10,9 +10,6 @@ import pytest
 
 import shardc
 
-# A peer project's own suite: its own CI step (.ci/run), not the core run (-m peer_suite).
-pytestmark = pytest.mark.peer_suite
-
 pytest.importorskip("joblib", minversion="1.3")
 shardc.register_joblib()  # first: the peer module's lists are built from joblib's BACKENDS at import
 peer = pytest.importorskip("joblib.test.test_parallel")
@@ -37,3 +34,8 @@ XFAIL = {
     "test_auto_memmap_on_arrays_from_generator[shardc]": _NO_FILES + ": the test wants np.memmap instances",
     "test_memmapping_leaks[shardc]": _NO_FILES + ": the test wants files in temp_folder",
 }
+
+# A peer project's own suite: its own CI step (.ci/run), not the core run (-m peer_suite).
+# Set after the star import above, which brings joblib's own pytestmark.
+_theirs = getattr(peer, "pytestmark", [])
+pytestmark = [*(_theirs if isinstance(_theirs, list) else [_theirs]), pytest.mark.peer_suite]
