@@ -259,9 +259,18 @@ def run_on_cluster(
     backend, opts = backend_for(cluster)
     outs = {n: (b.array if isinstance(b, Buffer) else b) for n, b in out.items()}
     job, inputs = build_job(desc, fun, kernel, borrow, outs, local, opts)
+    # Workers of a cluster may be restarting (a nanny replacing a dead one):
+    # wait for one, up to the scheduler timeout (at most 30 s), before failing.
     nodes = backend.nodes()
+    deadline = time.monotonic() + min(30.0, opts.scheduler_timeout)
+    while not nodes and time.monotonic() < deadline:
+        time.sleep(0.2)
+        nodes = backend.nodes()
     if not nodes:
-        raise ClusterError(f"the {backend.name} cluster has no workers: start some, or run without cluster=")
+        raise ClusterError(
+            f"the {backend.name} cluster has no workers (waited {min(30.0, opts.scheduler_timeout):g} s): "
+            "start some, or run without cluster="
+        )
     job_id = uuid.uuid4().hex[:12]
     diag = Diagnostics(
         mode=local["dispatch_mode"], num_shards=desc.num_shards, cow=local["cow"], enabled=False, chunk_size=1
