@@ -66,16 +66,26 @@ _lock = threading.Lock()
 _dead_keys: deque[str] = deque()
 
 
+# Set while this thread holds _lock: an explicit close() that the cyclic GC
+# runs inside the locked section (a weakref callback closing a cached copy,
+# seen deadlocking a test) must not take _lock again either.
+_holder = threading.local()
+
+
 @contextlib.contextmanager
 def _registry_locked() -> Iterator[None]:
     """Hold _lock, with the ranges of segments finalized meanwhile dropped."""
     with _lock:
-        if _dead_keys:
-            dead = set()
-            while _dead_keys:
-                dead.add(_dead_keys.popleft())
-            _ranges[:] = [r for r in _ranges if r[2] not in dead]
-        yield
+        _holder.held = True
+        try:
+            if _dead_keys:
+                dead = set()
+                while _dead_keys:
+                    dead.add(_dead_keys.popleft())
+                _ranges[:] = [r for r in _ranges if r[2] not in dead]
+            yield
+        finally:
+            _holder.held = False
 
 
 def default_backing() -> str:
@@ -282,11 +292,14 @@ class Segment:
             return
         self._closed = True
         if self._mapping is not None:
-            with _registry_locked():
-                try:
-                    _ranges.remove((self._mapping.addr, self._mapping.addr + self.size, self.key))
-                except ValueError:
-                    pass
+            if getattr(_holder, "held", False):
+                _dead_keys.append(self.key)  # inside this thread's locked section: the next holder drops it
+            else:
+                with _registry_locked():
+                    try:
+                        _ranges.remove((self._mapping.addr, self._mapping.addr + self.size, self.key))
+                    except ValueError:
+                        pass
             self._mapping = None
         self._finalizer()
         for hook in _close_hooks:
