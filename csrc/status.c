@@ -272,16 +272,7 @@ int64_t shardc_status_end(shardc_status_writer_t *w, int64_t sid, int32_t mark)
 int64_t shardc_status_next(shardc_status_writer_t *w, int64_t sid, int32_t mark,
                            int64_t nxt)
 {
-    uint64_t seq;
-    snap_t v;
-    row_t *r = w->row;
-    if (mark_done(w, sid, mark) < 0)
-        return -EINVAL;
-    load_copy(visible(r, &seq), &v);
-    v.current = nxt;
-    v.start_ns = shardc_status_now_ns();
-    publish(r, seq, &v);
-    return v.start_ns;
+    return shardc_status_next_at(w, sid, mark, nxt, shardc_status_now_ns());
 }
 
 int64_t shardc_status_next_at(shardc_status_writer_t *w, int64_t sid,
