@@ -21,22 +21,14 @@ from .segment import find_address
 from .shards import ShardDescriptor, parse_count
 from .shards import shards as make_shards
 from .share import Shared, array_extent
+from .tables.options import KEYS as AUTO_TABLE_KEYS  # the tables' option names (no pyarrow)
 
 log = logging.getLogger("shardc")
 
 COW_MODES = ("deny", "audit", "allow")
 DISPATCH_MODES = ("rpc_chunked", "shm_queue")
 DISPATCH_OPTS = {
-    "rpc_chunked": {
-        "prefetch",
-        "auto_table",
-        "auto_table_mode",
-        "auto_table_path",
-        "auto_table_format",
-        "auto_table_materialize",
-        "auto_table_max_bytes",
-        "auto_table_schema",
-    },
+    "rpc_chunked": {"prefetch", *AUTO_TABLE_KEYS},
     "shm_queue": {"block_size", "queue_backing", "error_log", "error_log_max_lines", "claim_batch"},
 }
 
