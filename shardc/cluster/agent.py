@@ -64,27 +64,79 @@ def check_versions(job: dict[str, Any]) -> str | None:
     )
 
 
-def _map_input(spec: dict[str, Any], fd: int, keep: list[Segment]) -> Any:
-    """The borrowed input ``spec`` from the memfd ``fd`` (read-only, zero-copy for arrays)."""
-    if spec["nbytes"] == 0:  # nothing to map (an mmap of 0 bytes is refused)
+def _map_segment(key: str, nbytes: int, fd: int) -> tuple[Segment | None, np.ndarray]:
+    """The memfd ``fd`` of ``nbytes`` mapped read-only, as flat bytes (zero-copy)."""
+    if nbytes == 0:  # nothing to map (an mmap of 0 bytes is refused)
         os.close(fd)
-        empty = np.empty(spec["shape"], dtype=spec["dtype"])
-        empty.flags.writeable = False
-        return empty
-    seg = Segment.adopt(fd, spec["nbytes"], "memfd", f"cluster-{spec['name']}", f"cluster.{os.getpid()}.{spec['name']}")
-    keep.append(seg)
-    raw = np.frombuffer(seg.mapping(writable=False).buffer(), dtype=np.uint8, count=spec["nbytes"])
-    if spec["kind"] == "object":
+        return None, np.zeros(0, dtype=np.uint8)
+    seg = Segment.adopt(fd, nbytes, "memfd", f"cluster-{key[:12]}", f"cluster.{os.getpid()}.{key}")
+    raw = np.frombuffer(seg.mapping(writable=False).buffer(), dtype=np.uint8, count=nbytes)
+    return seg, raw
+
+
+def _view(spec: dict[str, Any], raw: np.ndarray) -> Any:
+    """The borrowed input ``spec`` over its cached bytes ``raw`` (read-only; arrays zero-copy)."""
+    if spec.get("kind") == "object":
         return pickle.loads(raw.data)
-    arr = raw.view(spec["dtype"]).reshape(spec["shape"], order=spec["order"])
+    if spec["nbytes"] == 0:
+        arr = np.empty(spec["shape"], dtype=spec["dtype"])
+    else:
+        arr = raw.view(spec["dtype"]).reshape(spec["shape"], order=spec.get("order", "C"))
     arr.flags.writeable = False
     return arr
 
 
 class Agent:
+    """A node's agent: the inputs it holds (by content key) and the calls it serves.
+
+    One agent serves every call of its caller's session on this node, one
+    macro-shard at a time, on one local pool that lives as long as the agent.
+    ``inputs`` maps a content key to the mapped segment holding those bytes;
+    each JOB says which keys the caller still holds (the others are dropped)
+    and brings memfds for the keys this agent lacks.
+    """
+
+    def __init__(self) -> None:
+        self.inputs: dict[str, tuple[Segment | None, np.ndarray]] = {}
+        self.jobs: dict[str, Job] = {}
+        self.peak_rss = 0
+
+    def add_job(
+        self, job_id: str, job: dict[str, Any], new: list[tuple[str, int]], keep: list[str], fds: list[int]
+    ) -> None:
+        """Take the new inputs (their fds, in order), drop the keys the caller let go, set up the call."""
+        for (key, nbytes), fd in zip(new, fds, strict=True):
+            old = self.inputs.pop(key, None)
+            if old is not None and old[0] is not None:
+                old[0].close()
+            self.inputs[key] = _map_segment(key, nbytes, fd)
+        wanted = set(keep)
+        for key in [k for k in self.inputs if k not in wanted]:
+            seg = self.inputs.pop(key)[0]
+            if seg is not None:
+                seg.close()
+        self.jobs[job_id] = Job(job, {k: v[1] for k, v in self.inputs.items()})
+
+    def end_job(self, job_id: str) -> None:
+        j = self.jobs.pop(job_id, None)
+        if j is not None:
+            j.close()
+
+    def close(self) -> None:
+        for j in self.jobs.values():
+            j.close()
+        self.jobs.clear()
+        pool_stop()
+        for seg, _ in self.inputs.values():
+            if seg is not None:
+                seg.close()
+        self.inputs.clear()
+
+
+class Job:
     """One call's state on a node (see the module docstring)."""
 
-    def __init__(self, job: dict[str, Any], fds: list[int]) -> None:
+    def __init__(self, job: dict[str, Any], raw: dict[str, np.ndarray]) -> None:
         self.job = job
         self.desc: ShardDescriptor = job["desc"]
         self.fun = pickle.loads(job["fun"]) if job["fun"] is not None else None
@@ -92,20 +144,15 @@ class Agent:
         if job["kernel"] is not None:
             _registry[job["kernel_name"]] = pickle.loads(job["kernel"])
         self.local = dict(job["local"])
-        self.segments: list[Segment] = []
-        it = iter(fds)
-        self.borrow = {s["name"]: _map_input(s, next(it), self.segments) for s in job["borrow"]}
+        self.borrow = {s["name"]: _view(s, raw[s["key"]]) for s in job["borrow"]}
         self.out: dict[str, Any] = {}
         self.snap: dict[str, np.ndarray] = {}
         for s in job["out"]:
             buf = buffer(s["dtype"], s["shape"])
             if s["init"]:
-                held: list[Segment] = []
-                buf.array[...] = _map_input({**s, "kind": "array", "order": "C"}, next(it), held)
-                held[0].close()  # the caller's bytes are in the buffer now
+                buf.array[...] = _view({**s, "kind": "array", "order": "C"}, raw[s["key"]])
             self.out[s["name"]] = buf
             self.snap[s["name"]] = byte_view(buf.array).copy()
-        self.peak_rss = 0
         self.tuned: int | None = None  # the chunk/block size the first macro-shards' autotune settled on
 
     def _options(self) -> dict[str, Any]:
@@ -121,7 +168,7 @@ class Agent:
             opts["chunk_size"] = self.tuned
         return opts
 
-    def run(self, lo: int, hi: int) -> dict[str, Any]:
+    def run(self, lo: int, hi: int, agent: Agent) -> dict[str, Any]:
         """Run shards lo..hi-1 on the local pool; what they returned and wrote."""
         t0 = time.perf_counter()
         kw: dict[str, Any] = {"kernel": self.kernel} if self.kernel is not None else {}
@@ -151,7 +198,7 @@ class Agent:
         if self.tuned is None and d.autotune:
             self.tuned = d.chunk_size_final
         mem = d.worker_memory()
-        self.peak_rss = max(self.peak_rss, _rss())
+        agent.peak_rss = max(agent.peak_rss, _rss())
         return {
             "values": values,
             "failures": failures,
@@ -162,15 +209,13 @@ class Agent:
             "retries": d.retries,
             "events": [f"{e['event']}: worker {e['worker']}: {e['reason']}" for e in d.events],
             "worker_peak_uss": sum(r["peak_uss"] for r in mem.values()),
-            "agent_peak_rss": self.peak_rss,
+            "agent_peak_rss": agent.peak_rss,
         }
 
     def close(self) -> None:
-        pool_stop()
         for buf in self.out.values():
             buf.close()
-        for seg in self.segments:
-            seg.close()
+        self.out.clear()
 
 
 def _rss() -> int:
@@ -181,50 +226,55 @@ def _rss() -> int:
         return 0
 
 
+def _refusal(exc: BaseException) -> str:
+    return f"the shardc agent on {socket.gethostname()} could not set up the call: {type(exc).__name__}: {exc}"
+
+
 def serve(chan: Channel, idle_timeout: float) -> int:
     """The agent's loop; returns the exit code."""
-    job, fds = chan.recv()
-    if job[0] != "JOB":
-        chan.send(("REFUSED", f"expected the JOB message first, got {job[0]!r}"))
-        return 2
-    why = check_versions(job[1])
-    if why is not None:
-        for fd in fds:
-            os.close(fd)
-        chan.send(("REFUSED", why))
-        return 3
+    agent = Agent()
     try:
-        agent = Agent(job[1], fds)
-    except Exception as exc:  # noqa: BLE001 - fun or an input does not load here: the caller says why
-        chan.send(
-            (
-                "REFUSED",
-                f"the shardc agent on {socket.gethostname()} could not set up the call: {type(exc).__name__}: {exc}",
-            )
-        )
-        return 3
-    try:
-        chan.send(("READY", {"pid": os.getpid(), "host": socket.gethostname()}))
-        chan.sock.settimeout(idle_timeout)
         while True:
+            chan.sock.settimeout(idle_timeout)
             try:
-                msg, _ = chan.recv()
+                msg, fds = chan.recv()
             except TimeoutError:
                 log.warning("shardc agent %d: no work for %g s, its caller is gone: exiting", os.getpid(), idle_timeout)
                 return 4
             except ChannelClosed:
                 return 0  # the starter (the engine's worker) is gone
+            chan.sock.settimeout(None)
             if msg[0] == "STOP":
                 return 0
-            _, mid, lo, hi = msg
+            if msg[0] == "END":
+                agent.end_job(msg[1])
+                continue
+            if msg[0] == "JOB":
+                _, job_id, job, new, keep, idle = msg
+                why = check_versions(job)
+                if why is not None:
+                    for fd in fds:
+                        os.close(fd)
+                    chan.send(("REFUSED", why))
+                    return 3  # another build: this process can serve no call of this caller
+                try:
+                    agent.add_job(job_id, job, new, keep, fds)
+                except Exception as exc:  # noqa: BLE001 - fun or an input does not load here: the caller says why
+                    chan.send(("REFUSED", _refusal(exc)))
+                    continue
+                idle_timeout = idle
+                chan.send(("READY", {"pid": os.getpid(), "host": socket.gethostname()}))
+                continue
+            if msg[0] != "RUN":
+                chan.send(("ERROR", -1, f"unknown message {msg[0]!r}"))
+                continue
+            _, job_id, mid, lo, hi = msg
             reply: tuple[str, int, Any]
             try:
-                reply = ("DONE", mid, agent.run(lo, hi))
+                reply = ("DONE", mid, agent.jobs[job_id].run(lo, hi, agent))
             except Exception as exc:  # noqa: BLE001 - reported to the caller, which reruns the macro-shard
                 reply = ("ERROR", mid, f"{type(exc).__name__}: {exc}")
-            chan.sock.settimeout(None)
             chan.send(reply)
-            chan.sock.settimeout(idle_timeout)
     finally:
         agent.close()
 

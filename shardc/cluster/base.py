@@ -29,7 +29,6 @@ here imports Dask or Ray; :func:`backend_for` imports the one asked for.
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 import time
 import uuid
@@ -42,102 +41,36 @@ from .. import _lowlevel as ll
 from .._version import __version__
 from ..buffer import Buffer
 from ..diagnostics import Diagnostics
-from ..errors import (
-    ClusterError,
-    InvalidArgumentError,
-    MissingDependencyError,
-    ShardMapError,
-    UnpicklableFunctionError,
-)
+from ..errors import ClusterError, InvalidArgumentError, ShardMapError, UnpicklableFunctionError
 from ..kernels import get_kernel
 from ..result import FailedShard, ShardFailure, ShardResult
 from ..share import Shared
 from .node import AgentRefusedError
+from .options import Cluster
 from .outs import OutMerger
+from .session import InputCache, content_key, session_for
 
 log = logging.getLogger("shardc")
 
 
-class Cluster:
-    """A cluster engine plus options, for ``shard_map(..., cluster=Cluster(client, ...))``.
-
-    Args:
-        engine: a ``dask.distributed.Client`` or ``"ray"`` (the connected Ray runtime).
-        scheduler_timeout: seconds the scheduler may be unreachable before the
-            call fails with :class:`~shardc.errors.ClusterError` (default 60).
-        macro_seconds: target duration of one macro-shard (default 2 s).
-        inflight_per_node: macro-shards outstanding per node (one running,
-            the rest queued so the node never waits for the caller).
-        max_attempts: tries of one macro-shard whose node or agent was lost.
-        agent_idle_timeout: an agent with no work this long exits (its
-            caller is gone).
-    """
-
-    def __init__(
-        self,
-        engine: Any,
-        *,
-        scheduler_timeout: float = 60.0,
-        macro_seconds: float = 2.0,
-        inflight_per_node: int = 2,
-        max_attempts: int = 4,
-        agent_idle_timeout: float = 600.0,
-    ) -> None:
-        for name, v in (
-            ("scheduler_timeout", scheduler_timeout),
-            ("macro_seconds", macro_seconds),
-            ("agent_idle_timeout", agent_idle_timeout),
-        ):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise InvalidArgumentError(f"Cluster({name}=...) must be a positive number of seconds, got {v!r}")
-        for name, k in (("inflight_per_node", inflight_per_node), ("max_attempts", max_attempts)):
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise InvalidArgumentError(f"Cluster({name}=...) must be a positive int, got {k!r}")
-        self.engine = engine
-        self.scheduler_timeout = float(scheduler_timeout)
-        self.macro_seconds = float(macro_seconds)
-        self.inflight_per_node = inflight_per_node
-        self.max_attempts = max_attempts
-        self.agent_idle_timeout = float(agent_idle_timeout)
-
-    def __repr__(self) -> str:
-        return f"<shardc.cluster.Cluster {type(self.engine).__name__} macro_seconds={self.macro_seconds:g}>"
-
-
 class Backend(Protocol):
-    """What a cluster engine does for a run (see the module docstring)."""
+    """What a cluster engine does for a session's calls (see the module docstring)."""
 
     name: str
+    opts: Cluster
+    call_lock: Any  # one call at a time per session
+    cache: InputCache  # the content keys the session holds on the nodes
 
+    def usable(self, engine: Any) -> bool: ...
     def nodes(self) -> dict[str, dict[str, Any]]: ...
-    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray]) -> int: ...
+    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray], drop: list[str]) -> int: ...
     def submit(self, mid: int, lo: int, hi: int, attempt: int) -> Any: ...
     def wait(self, handles: list[Any], timeout: float) -> list[Any]: ...
     def fetch(self, handle: Any) -> dict[str, Any]: ...
     def alive(self) -> bool: ...
     def starts(self) -> list[dict[str, Any]]: ...
     def finish(self) -> None: ...
-
-
-def backend_for(cluster: Any) -> tuple[Backend, Cluster]:
-    """The backend for ``cluster=`` (a Client, "ray" or a Cluster), importing only that engine."""
-    opts = cluster if isinstance(cluster, Cluster) else Cluster(cluster)
-    engine = opts.engine
-    if type(engine).__module__.split(".")[0] == "distributed" and type(engine).__name__ == "Client":
-        from .dask import DaskBackend
-
-        return DaskBackend(engine, opts), opts
-    if isinstance(engine, str) and engine == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise MissingDependencyError("cluster='ray' needs Ray: pip install 'shardc[ray]'") from None
-        from .ray import RayBackend
-
-        return RayBackend(opts), opts
-    raise InvalidArgumentError(
-        f"cluster= must be a dask.distributed.Client, 'ray', or shardc.cluster.Cluster(...), got {engine!r}"
-    )
+    def close(self) -> None: ...
 
 
 class MacroPlanner:
@@ -217,6 +150,7 @@ def build_job(
     specs, inputs, bspecs, ospecs = [], [], [], []
     for name, obj in borrow.items():
         spec, data = _input_array(name, obj)
+        spec["key"] = content_key(data)
         bspecs.append(spec)
         specs.append(spec)
         inputs.append(data)
@@ -226,6 +160,7 @@ def build_job(
         spec = {"name": name, "dtype": arr.dtype, "shape": arr.shape, "nbytes": int(arr.nbytes), "init": init}
         ospecs.append(spec)
         if init:
+            spec["key"] = content_key(raw)
             specs.append(spec)
             inputs.append(raw)
     job = {
@@ -238,7 +173,8 @@ def build_job(
         "local": local,
         "borrow": bspecs,
         "out": ospecs,
-        "inputs": specs,
+        "inputs": specs,  # each with its content "key": the agents cache inputs by it
+        "keep": [],  # every key the session holds (set by run_on_cluster): the agents drop the others
         "agent_idle_timeout": opts.agent_idle_timeout,
     }
     return job, inputs
@@ -256,9 +192,39 @@ def run_on_cluster(
 ) -> ShardResult:
     """Run a validated ``shard_map`` call on ``cluster`` (see the module docstring)."""
     t_start = time.perf_counter()
-    backend, opts = backend_for(cluster)
+    backend, opts = session_for(cluster)
     outs = {n: (b.array if isinstance(b, Buffer) else b) for n, b in out.items()}
     job, inputs = build_job(desc, fun, kernel, borrow, outs, local, opts)
+    with backend.call_lock:
+        run = _call(backend, opts, job, inputs, desc, outs)
+    run.merger.finish()
+    diag = Diagnostics(
+        mode=local["dispatch_mode"], num_shards=desc.num_shards, cow=local["cow"], enabled=False, chunk_size=1
+    )
+    diag.t_start_ns = run.t_start_ns
+    diag.t_end_ns = time.monotonic_ns()
+    diag.wall_seconds = time.perf_counter() - t_start
+    diag.completed = desc.num_shards - len(run.failures)
+    diag.failed = len(run.failures)
+    diag.retries = sum(r["retries"] for r in run.macros)
+    diag.cluster = run.summary(run.nodes_at_start, backend)
+    stats = {"workers": sum(n["workers"] for n in diag.cluster["nodes"].values()), "status": [], "events": []}
+    result = ShardResult(run.results, dict(sorted(run.failures.items())), diag, stats, desc)
+    if result.failures and on_failure == "raise":
+        first = min(result.failures)
+        f = result.failures[first]
+        raise ShardMapError(
+            f"{len(result.failures)} of {desc.num_shards} shards failed on the cluster; first: shard {first} "
+            f"after {f.attempts} attempt(s): {f.error_type.rsplit('.', 1)[-1]}: {f.message} (the full result "
+            "is in err.result; pass on_failure='collect' to get it returned)",
+            result,
+        ) from f.exception
+    return result
+
+
+def _call(backend: Any, opts: Cluster, job: dict[str, Any], inputs: list[np.ndarray], desc: Any, outs: Any) -> _Run:
+    """One call on the session ``backend`` (its call lock held)."""
+    backend.opts = opts
     # Workers of a cluster may be restarting (a nanny replacing a dead one):
     # wait for one, up to the scheduler timeout (at most 30 s), before failing.
     nodes = backend.nodes()
@@ -272,35 +238,19 @@ def run_on_cluster(
             "start some, or run without cluster="
         )
     job_id = uuid.uuid4().hex[:12]
-    diag = Diagnostics(
-        mode=local["dispatch_mode"], num_shards=desc.num_shards, cow=local["cow"], enabled=False, chunk_size=1
-    )
-    diag.t_start_ns = time.monotonic_ns()
+    keys = {s["key"]: int(a.nbytes) for s, a in zip(job["inputs"], inputs, strict=True)}
+    new, drop = backend.cache.use(keys, opts.input_cache_bytes)
+    job["keep"] = list(backend.cache.sizes)
     run = _Run(backend, opts, desc.num_shards, len(nodes), outs)
+    run.nodes_at_start = nodes
+    run.t_start_ns = time.monotonic_ns()
+    run.cached_keys = len(keys) - len(new)
     try:
-        run.bytes_inputs_per_node = backend.put(job_id, job, inputs)
+        run.bytes_inputs_per_node = backend.put(job_id, job, inputs, drop)
         run.loop()
     finally:
         backend.finish()
-    run.merger.finish()
-    diag.t_end_ns = time.monotonic_ns()
-    diag.wall_seconds = time.perf_counter() - t_start
-    diag.completed = desc.num_shards - len(run.failures)
-    diag.failed = len(run.failures)
-    diag.retries = sum(r["retries"] for r in run.macros)
-    diag.cluster = run.summary(nodes, backend)
-    stats = {"workers": sum(n["workers"] for n in diag.cluster["nodes"].values()), "status": [], "events": []}
-    result = ShardResult(run.results, dict(sorted(run.failures.items())), diag, stats, desc)
-    if result.failures and on_failure == "raise":
-        first = min(result.failures)
-        f = result.failures[first]
-        raise ShardMapError(
-            f"{len(result.failures)} of {desc.num_shards} shards failed on the cluster; first: shard {first} "
-            f"after {f.attempts} attempt(s): {f.error_type.rsplit('.', 1)[-1]}: {f.message} (the full result "
-            "is in err.result; pass on_failure='collect' to get it returned)",
-            result,
-        ) from f.exception
-    return result
+    return run
 
 
 class _Run:
@@ -318,6 +268,9 @@ class _Run:
         self.macros: list[dict[str, Any]] = []
         self.lost: list[dict[str, Any]] = []  # failed tries of macro-shards (rerun)
         self.bytes_inputs_per_node = 0
+        self.cached_keys = 0  # inputs the nodes already held (not sent)
+        self.nodes_at_start: dict[str, dict[str, Any]] = {}
+        self.t_start_ns = 0
         self.bytes_replies = 0
         self.per_node: dict[str, dict[str, Any]] = {}
         self.t_start_wall = time.time()  # the picture's origin (start events and completions are wall clock)
@@ -445,6 +398,7 @@ class _Run:
             "lost": self.lost,
             "starts": backend.starts(),
             "bytes_inputs_per_node": self.bytes_inputs_per_node,
+            "inputs_cached": self.cached_keys,
             "bytes_replies": self.bytes_replies,
             "bytes_out_merged": self.merger.bytes_merged,
         }

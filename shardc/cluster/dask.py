@@ -15,45 +15,60 @@ say which node started what, including tries lost with a node.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from typing import Any
 
 import numpy as np
 from distributed import Client, Future, get_worker, wait
 
 from . import node
+from .session import InputCache
 
 TOPIC = "shardc-cluster"
 log = logging.getLogger("shardc")
 
 
 def _macro_task(
-    job_id: str, job: dict[str, Any], inputs: list[np.ndarray], mid: int, lo: int, hi: int
+    session: str, job_id: str, job: dict[str, Any], inputs: list[np.ndarray], mid: int, lo: int, hi: int
 ) -> dict[str, Any]:
-    """Runs in a Dask worker: one macro-shard on this worker's agent."""
+    """Runs in a Dask worker: one macro-shard on this worker's agent of ``session``."""
     w = get_worker()
     w.log_event(f"{TOPIC}-{job_id}", {"macro": mid, "lo": lo, "hi": hi, "node": w.address, "t": time.time()})
-    return node.run_macro(job_id, job, inputs, mid, lo, hi, w.address)
+    return node.run_macro(session, job_id, job, inputs, mid, lo, hi, w.address)
 
 
-def _close_job(job_id: str) -> bool:
-    return node.close_job(job_id)
+def _end_job(session: str, job_id: str) -> bool:
+    return node.end_job(session, job_id)
+
+
+def _close_session(session: str) -> bool:
+    return node.close_session(session)
 
 
 class DaskBackend:
-    """See the module docstring."""
+    """A caller's session on one Dask client (see the module docstring)."""
 
     name = "dask"
 
-    def __init__(self, client: Client, opts: Any) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
-        self.opts = opts
+        self.session = uuid.uuid4().hex[:12]
+        self.call_lock = threading.Lock()
+        self.cache = InputCache()
+        self.held: dict[str, Future] = {}  # content key -> its scattered input (on every worker)
+        self.opts: Any = None
         self.job_id = ""
         self.job_f: Future | None = None
         self.inputs_f: list[Future] = []
         self.pending: list[Future] = []
         self.load: dict[str, int] = {}  # worker address -> macro-shards handed to it, outstanding
         self.owner: dict[Any, str] = {}  # future key -> the worker it was handed to
+
+    def usable(self, engine: Any) -> bool:
+        """Still this client's session (``engine`` None: whatever the engine)."""
+        return (engine is None or engine is self.client) and self.client.status == "running"
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         info = self.client.scheduler_info(n_workers=-1) if _takes_n_workers() else self.client.scheduler_info()
@@ -67,13 +82,27 @@ class DaskBackend:
             del self.load[a]  # gone: Dask reruns what it held elsewhere
         return found
 
-    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray]) -> int:
+    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray], drop: list[str]) -> int:
+        """Scatter the job, and the inputs the session does not hold yet; returns their bytes (per node)."""
         self.job_id = job_id
+        self.pending, self.owner = [], {}
+        for k in drop:
+            f = self.held.pop(k, None)
+            if f is not None:
+                f.release()
         t = self.opts.scheduler_timeout
         # In a list: a scattered dict would become one future per value.
         self.job_f = self._scatter([job], t)[0]
-        self.inputs_f = self._scatter(inputs, t) if inputs else []
-        return int(sum(a.nbytes for a in inputs))
+        missing: dict[str, np.ndarray] = {}
+        for spec, arr in zip(job["inputs"], inputs, strict=True):
+            f = self.held.get(spec["key"])
+            if f is None or f.status != "finished":  # new, or lost with every worker that held it
+                missing[spec["key"]] = arr
+        if missing:
+            for k, f in zip(missing, self._scatter(list(missing.values()), t), strict=True):
+                self.held[k] = f
+        self.inputs_f = [self.held[spec["key"]] for spec in job["inputs"]]
+        return int(sum(a.nbytes for a in missing.values()))
 
     def _scatter(self, data: list[Any], timeout: float) -> list[Future]:
         """Scatter to every worker, straight from this client (measured: 256 MiB to a
@@ -94,6 +123,7 @@ class DaskBackend:
         where = min(self.load, key=lambda a: self.load[a]) if self.load else None
         f = self.client.submit(
             _macro_task,
+            self.session,
             self.job_id,
             self.job_f,
             self.inputs_f,
@@ -143,18 +173,31 @@ class DaskBackend:
             return []
 
     def finish(self) -> None:
-        """Stop every node's agent of this call and let go of the scattered data."""
+        """The call is over: its agents drop its state (they, and the inputs, stay for the next call)."""
         for f in self.pending:
             f.cancel()
         if self.alive():
             try:
-                self.client.run(_close_job, self.job_id, wait=True, on_error="ignore")
-            except Exception as exc:  # noqa: BLE001 - agents exit on their own when idle
+                self.client.run(_end_job, self.session, self.job_id, wait=True, on_error="ignore")
+            except Exception as exc:  # noqa: BLE001 - the next call's JOB replaces nothing; agents exit when idle
+                log.warning("shardc cluster: ending the call on the nodes failed (%s)", exc)
+        if self.job_f is not None:
+            self.job_f.release()
+        self.job_f, self.inputs_f, self.pending = None, [], []
+        for k in [k for k in self.held if k not in self.cache.sizes]:
+            self.held.pop(k).release()
+
+    def close(self) -> None:
+        """End the session: stop its agents on every worker and let go of its inputs."""
+        if self.alive():
+            try:
+                self.client.run(_close_session, self.session, wait=True, on_error="ignore")
+            except Exception as exc:  # noqa: BLE001 - agents exit with their worker, or when idle
                 log.warning("shardc cluster: stopping the node agents failed (%s); they exit when idle", exc)
-        for fut in [self.job_f, *self.inputs_f]:
-            if fut is not None:
-                fut.release()
-        self.pending = []
+            for f in self.held.values():
+                f.release()
+        self.held.clear()
+        self.cache.sizes.clear()
 
 
 def _takes_n_workers() -> bool:

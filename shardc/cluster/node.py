@@ -41,7 +41,7 @@ class AgentRefusedError(ClusterError):
     caller's, or ``fun`` or an input cannot be loaded there (rerunning would not help)."""
 
 
-_agents: dict[str, AgentHandle] = {}
+_agents: dict[str, AgentHandle] = {}  # caller session -> its agent in this process
 _lock = threading.Lock()
 
 STOP_WAIT = 10.0  # seconds an agent gets to stop its pool before it is killed
@@ -65,37 +65,62 @@ def _memfd(name: str, data: np.ndarray) -> int:
 
 
 class AgentHandle:
-    """This worker process's agent for one call."""
+    """This worker process's agent for one caller session (kept across its calls).
 
-    def __init__(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray], node: str) -> None:
-        self.job_id = job_id
+    ``keys`` are the content keys of the inputs the agent holds, ``jobs`` the
+    calls it has set up and not yet ended.  All use is under ``lock``.
+    """
+
+    def __init__(self, session: str, node: str, idle: float) -> None:
+        self.session = session
         self.node = node
         self.lock = threading.Lock()
+        self.keys: set[str] = set()
+        self.jobs: set[str] = set()
+        self.pid = 0
         parent, child = socket.socketpair()
         root = str(Path(__file__).resolve().parent.parent.parent)  # the shardc this process runs
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        idle = str(job.get("agent_idle_timeout", 600.0))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardc.cluster.agent", str(child.fileno()), idle],
+            [sys.executable, "-m", "shardc.cluster.agent", str(child.fileno()), str(idle)],
             pass_fds=(child.fileno(),),
             env=env,
             stdin=subprocess.DEVNULL,
         )
         child.close()
         self.chan = Channel(parent)
-        fds = [_memfd(spec["name"], arr) for spec, arr in zip(job["inputs"], inputs, strict=True)]
-        self.input_bytes = sum(int(a.nbytes) for a in inputs)
+
+    def ensure_job(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray]) -> int:
+        """Set up call ``job_id`` on the agent (once); returns the input bytes copied to it.
+
+        Only inputs whose content key the agent does not hold are copied (from
+        the engine's copy into a memfd); the JOB message also lists every key
+        the caller still holds, and the agent drops the rest.
+        """
+        if job_id in self.jobs:
+            return 0
+        new: list[tuple[str, int]] = []
+        fds: list[int] = []
         try:
-            self.chan.send(("JOB", job), fds)
+            for spec, arr in zip(job["inputs"], inputs, strict=True):
+                key = spec["key"]
+                if key in self.keys or any(k == key for k, _ in new):
+                    continue
+                fds.append(_memfd(key[:12], arr))
+                new.append((key, int(arr.nbytes)))
+            self.chan.send(("JOB", job_id, job, new, job["keep"], job["agent_idle_timeout"]), fds)
         finally:
             for fd in fds:
                 os.close(fd)
-        reply = self._recv("starting")
+        reply = self._recv("setting up the call")
         if reply[0] == "REFUSED":
-            self.close()
-            raise AgentRefusedError(f"node {node}: {reply[1]}")
+            raise AgentRefusedError(f"node {self.node}: {reply[1]}")
         self.pid = reply[1]["pid"]
+        keep = set(job["keep"])
+        self.keys = {k for k in self.keys if k in keep} | {k for k, _ in new}
+        self.jobs.add(job_id)
+        return sum(n for _, n in new)
 
     def _recv(self, what: str) -> Any:
         try:
@@ -113,13 +138,21 @@ class AgentHandle:
                 f"(exit code {code}); the macro-shard is rerun"
             ) from None
 
-    def run(self, mid: int, lo: int, hi: int) -> bytes:
+    def run(self, job_id: str, mid: int, lo: int, hi: int) -> bytes:
         """Run a macro-shard; returns the agent's reply payload, pickled."""
-        self.chan.send(("RUN", mid, lo, hi))
+        self.chan.send(("RUN", job_id, mid, lo, hi))
         reply = self._recv(f"running shards {lo}..{hi - 1}")
         if reply[0] == "ERROR":
             raise ClusterError(f"node {self.node}: macro-shard {lo}..{hi - 1} failed in the agent: {reply[2]}")
         return pickle.dumps(reply[2], protocol=5)
+
+    def end_job(self, job_id: str) -> None:
+        if job_id in self.jobs:
+            self.jobs.discard(job_id)
+            try:
+                self.chan.send(("END", job_id))
+            except OSError:
+                pass
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -138,43 +171,55 @@ class AgentHandle:
 
 
 def run_macro(
-    job_id: str, job: dict[str, Any], inputs: list[np.ndarray], mid: int, lo: int, hi: int, node: str
+    session: str, job_id: str, job: dict[str, Any], inputs: list[np.ndarray], mid: int, lo: int, hi: int, node: str
 ) -> dict[str, Any]:
-    """Run shards lo..hi-1 of call ``job_id`` on this node's agent (started if needed)."""
+    """Run shards lo..hi-1 of call ``job_id`` on this node's agent of ``session`` (started if needed)."""
     t0 = time.perf_counter()
-    started = 0
     with _lock:
-        h = _agents.get(job_id)
+        h = _agents.get(session)
         if h is not None and not h.alive():
-            _agents.pop(job_id, None)
+            _agents.pop(session, None)
+            h.chan.close()
             h = None
         if h is None:
-            h = AgentHandle(job_id, job, inputs, node)
-            _agents[job_id] = h
-            started = h.input_bytes
+            h = AgentHandle(session, node, float(job["agent_idle_timeout"]))
+            _agents[session] = h
     with h.lock:
         try:
-            payload = h.run(mid, lo, hi)
+            copied = h.ensure_job(job_id, job, inputs)
+            payload = h.run(job_id, mid, lo, hi)
         except ClusterError:
             with _lock:
-                if _agents.get(job_id) is h:
-                    _agents.pop(job_id)
+                if _agents.get(session) is h:
+                    _agents.pop(session)
             h.close()
             raise
     return {
         "node": node,
         "agent_pid": h.pid,
         "payload": payload,
-        "input_bytes": started,
+        "input_bytes": copied,
         "engine_rss": _rss(),
         "seconds": time.perf_counter() - t0,
     }
 
 
-def close_job(job_id: str) -> bool:
-    """Stop this process's agent of ``job_id`` (True if there was one)."""
+def end_job(session: str, job_id: str) -> bool:
+    """The call ``job_id`` is over: its agent on this process drops its state (True if it had it)."""
     with _lock:
-        h = _agents.pop(job_id, None)
+        h = _agents.get(session)
+    if h is None:
+        return False
+    with h.lock:
+        had = job_id in h.jobs
+        h.end_job(job_id)
+    return had
+
+
+def close_session(session: str) -> bool:
+    """Stop this process's agent of ``session`` (True if there was one)."""
+    with _lock:
+        h = _agents.pop(session, None)
     if h is None:
         return False
     with h.lock:

@@ -19,29 +19,36 @@ macro-shards are rerun on the others.
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from typing import Any
 
 import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import ClusterError, InvalidArgumentError
+from ..errors import ClusterError
 from . import node
+from .session import InputCache
 
 log = logging.getLogger("shardc")
 
 
 class _NodeAgentActor:
-    """Holds this node's agent for one call (see the module docstring)."""
+    """Holds this node's agent of one session (see the module docstring)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, session: str) -> None:
         self.name = name
+        self.session = session
 
     def run(self, job_id: str, mid: int, lo: int, hi: int, job: dict[str, Any], *inputs: np.ndarray) -> dict[str, Any]:
-        return node.run_macro(job_id, job, list(inputs), mid, lo, hi, self.name)
+        return node.run_macro(self.session, job_id, job, list(inputs), mid, lo, hi, self.name)
 
-    def close(self, job_id: str) -> bool:
-        return node.close_job(job_id)
+    def end_job(self, job_id: str) -> bool:
+        return node.end_job(self.session, job_id)
+
+    def close(self) -> bool:
+        return node.close_session(self.session)
 
 
 # No CPU reserved: the actor waits while the node's agent works the cores.
@@ -53,20 +60,31 @@ def _node_name(n: dict[str, Any]) -> str:
 
 
 class RayBackend:
-    """See the module docstring."""
+    """A caller's session on the connected Ray runtime (see the module docstring)."""
 
     name = "ray"
 
-    def __init__(self, opts: Any) -> None:
-        if not ray.is_initialized():
-            raise InvalidArgumentError("cluster='ray' runs on the connected Ray runtime: call ray.init(...) first")
-        self.opts = opts
+    def __init__(self) -> None:
+        self.session = uuid.uuid4().hex[:12]
+        ctx = ray.get_runtime_context()
+        self.runtime = (ctx.get_job_id(), ctx.gcs_address)
+        self.call_lock = threading.Lock()
+        self.cache = InputCache()
+        self.held: dict[str, Any] = {}  # content key -> its ObjectRef
+        self.opts: Any = None
         self.job_id = ""
         self.job_ref: Any = None
         self.input_refs: list[Any] = []
-        self.actors: dict[str, Any] = {}  # node name -> actor
+        self.actors: dict[str, Any] = {}  # node name -> actor (kept across calls)
         self.load: dict[str, int] = {}  # node name -> outstanding macro-shards
         self.owner: dict[Any, str] = {}  # object ref -> node name
+
+    def usable(self, engine: Any) -> bool:
+        """Still the connected runtime's session (the runtime was not shut down)."""
+        if not ray.is_initialized():
+            return False
+        ctx = ray.get_runtime_context()
+        return (ctx.get_job_id(), ctx.gcs_address) == self.runtime
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         return {
@@ -75,18 +93,31 @@ class RayBackend:
             if n.get("Alive")
         }
 
-    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray]) -> int:
+    def put(self, job_id: str, job: dict[str, Any], inputs: list[np.ndarray], drop: list[str]) -> int:
+        """Put the job, and the inputs the session does not hold yet; an actor on every
+        alive node that has none.  Returns the bytes put (each node's store pulls them once)."""
         self.job_id = job_id
+        self.owner = {}
+        for k in drop:
+            self.held.pop(k, None)  # the last reference: Ray frees the object
         self.job_ref = ray.put(job)
-        self.input_refs = [ray.put(a) for a in inputs]
-        for n in ray.nodes():
-            if not n.get("Alive"):
-                continue
-            name = _node_name(n)
-            strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
-            self.actors[name] = _NodeActor.options(scheduling_strategy=strategy, max_restarts=0).remote(name)
-            self.load[name] = 0
-        return int(sum(a.nbytes for a in inputs))
+        sent = 0
+        for spec, arr in zip(job["inputs"], inputs, strict=True):
+            if spec["key"] not in self.held:
+                self.held[spec["key"]] = ray.put(arr)
+                sent += int(arr.nbytes)
+        self.input_refs = [self.held[spec["key"]] for spec in job["inputs"]]
+        alive = {_node_name(n): n for n in ray.nodes() if n.get("Alive")}
+        for name in [k for k in self.actors if k not in alive]:
+            self.actors.pop(name)  # its node is gone
+        for name, n in alive.items():
+            if name not in self.actors:
+                strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
+                self.actors[name] = _NodeActor.options(scheduling_strategy=strategy, max_restarts=0).remote(
+                    name, self.session
+                )
+        self.load = dict.fromkeys(self.actors, 0)
+        return sent
 
     def submit(self, mid: int, lo: int, hi: int, attempt: int) -> Any:
         if not self.actors:
@@ -126,12 +157,27 @@ class RayBackend:
         return []  # the lost tries are in the result's "lost" list, with the node named
 
     def finish(self) -> None:
+        """The call is over: its agents drop its state (they, the actors and the inputs stay)."""
         for name, actor in list(self.actors.items()):
             try:
-                ray.get(actor.close.remote(self.job_id), timeout=30)
-            except Exception as exc:  # noqa: BLE001 - the agent exits with its actor anyway
-                log.warning("shardc cluster: stopping the agent on Ray node %s failed: %s", name, exc)
-            ray.kill(actor)
-        self.actors.clear()
+                ray.get(actor.end_job.remote(self.job_id), timeout=30)
+            except Exception as exc:  # noqa: BLE001 - a lost actor: dropped, the next call starts another
+                log.warning("shardc cluster: ending the call on Ray node %s failed: %s", name, exc)
+                self.actors.pop(name, None)
         self.job_ref = None
         self.input_refs = []
+        for k in [k for k in self.held if k not in self.cache.sizes]:
+            self.held.pop(k)
+
+    def close(self) -> None:
+        """End the session: stop its agents and actors, let go of its inputs."""
+        if ray.is_initialized():
+            for name, actor in list(self.actors.items()):
+                try:
+                    ray.get(actor.close.remote(), timeout=30)
+                except Exception as exc:  # noqa: BLE001 - the agent exits with its actor anyway
+                    log.warning("shardc cluster: stopping the agent on Ray node %s failed: %s", name, exc)
+                ray.kill(actor)
+        self.actors.clear()
+        self.held.clear()
+        self.cache.sizes.clear()
