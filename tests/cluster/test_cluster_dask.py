@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 import shardc
+import shardc.cluster
 from shardc.cluster import Cluster
 from shardc.errors import ClusterError, ShardMapError
 
@@ -26,6 +28,8 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers canno
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _cluster_helpers import N, agent_procs, leaked_segment_files, run_rich, wait_no_agents  # noqa: E402, F401
+
+ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 # Starts a local Dask/Ray cluster: its own CI step (.ci/run), not the core run (-m cluster).
 pytestmark = pytest.mark.cluster
@@ -40,6 +44,8 @@ def client() -> Iterator[Any]:
     try:
         yield c
     finally:
+        shardc.cluster.close(c)  # the session's agents stop with it (psutil-checked below)
+        wait_no_agents()
         c.close()
         cluster.close()
         wait_no_agents()
@@ -62,8 +68,12 @@ def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
         assert len(node["agents"]) == 1  # one agent per node for the whole call
         assert node["bytes_inputs"] >= sent and node["bytes_inputs"] < sent + 4096  # once (+ the pickled dict, ids)
     assert "cluster" in str(res.report())
-    wait_no_agents()  # the call stopped its agents (and their pools)
     pids = [p for n in c["nodes"].values() for p in n["agents"] + n["worker_pids"]]
+    assert set(c["nodes"][n]["agents"][0] for n in c["nodes"]) <= {
+        p.pid for p in agent_procs()
+    }  # kept for the next call
+    shardc.cluster.close(client)
+    wait_no_agents()  # closing the session stopped its agents (and their pools)
     assert pids and not leaked_segment_files(pids)
 
 
@@ -120,6 +130,7 @@ def test_an_agent_with_another_build_refuses(client: Any, monkeypatch: pytest.Mo
     monkeypatch.setattr(ll, "build_stamp", lambda: "0.0.0+deadbeefdeadbeef")
     with pytest.raises(ClusterError, match=r"caller runs shardc .* built 0\.0\.0\+deadbeefdeadbeef; install the same"):
         shardc.shard_map(8, lambda s: s.id, workers=1, cluster=client)
+    shardc.cluster.close(client)
     wait_no_agents()
 
 
@@ -137,6 +148,7 @@ def test_a_fun_the_nodes_cannot_load_fails_with_the_reason(
     ):
         shardc.shard_map(8, only_here_mod.f, workers=1, cluster=client)
     assert time.monotonic() - t0 < 20
+    shardc.cluster.close(client)
     wait_no_agents()
 
 
@@ -158,6 +170,97 @@ def test_two_nodes_writing_the_same_bytes_differently_fail_loudly(client: Any) -
         assert list(o.array) == [42, 0, 0, 0]
 
 
+def _colsum(shard: Any, x: np.ndarray, o: Any) -> float:
+    o[shard.idx] = x[shard.idx] * 2
+    return float(x[shard.idx].sum())
+
+
+def _sum_call(client: Any, x: np.ndarray, **kw: Any) -> tuple[shardc.ShardResult, np.ndarray]:
+    with shardc.buffer("f8", x.size) as o:
+        opts = Cluster(client, macro_seconds=0.05, **kw)
+        res = shardc.shard_map(
+            shardc.shards(x.size, block_size=2000), _colsum, borrow={"x": x}, out={"o": o}, workers=1, cluster=opts
+        )
+        return res, o.array.copy()
+
+
+def _agents_of(res: shardc.ShardResult) -> set[int]:
+    return {p for n in res.diagnostics.cluster["nodes"].values() for p in n["agents"]}
+
+
+def test_a_second_call_reuses_the_agents_and_moves_no_input_bytes(client: Any) -> None:
+    """Call 2 with the same input: the same agent processes (alive in between, psutil), 0 input bytes sent to or copied on any node."""
+    x = np.random.default_rng(1).random(200_000)
+    r1, o1 = _sum_call(client, x)
+    between = {p.pid for p in agent_procs()}
+    assert _agents_of(r1) <= between
+    r2, o2 = _sum_call(client, x)
+    c1, c2 = r1.diagnostics.cluster, r2.diagnostics.cluster
+    assert c1["bytes_inputs_per_node"] == x.nbytes and c2["bytes_inputs_per_node"] == 0
+    assert c2["inputs_cached"] == 1 and all(n["bytes_inputs"] == 0 for n in c2["nodes"].values())
+    assert _agents_of(r2) <= _agents_of(r1) | between
+    assert r2.results == r1.results and np.array_equal(o1, o2) and np.array_equal(o2, x * 2)
+
+
+def test_a_changed_input_is_sent_again_never_served_stale(client: Any) -> None:
+    """One element changed in place between calls: its new bytes are sent and the results match a local run of the new array."""
+    x = np.arange(300_000, dtype=np.float64)
+    _sum_call(client, x)
+    x[123_457] = -7.0  # one element in the middle: a sampled fingerprint could miss it, the content hash does not
+    res, o = _sum_call(client, x)
+    c = res.diagnostics.cluster
+    assert c["bytes_inputs_per_node"] == x.nbytes and c["inputs_cached"] == 0
+    with shardc.buffer("f8", x.size) as lo:
+        local = shardc.shard_map(
+            shardc.shards(x.size, block_size=2000), _colsum, borrow={"x": x}, out={"o": lo}, workers=1
+        )
+        assert res.results == local.results and np.array_equal(o, lo.array)
+    y = x.copy()  # the same bytes in another array: served from the nodes' cache
+    r2, _ = _sum_call(client, y)
+    assert r2.diagnostics.cluster["bytes_inputs_per_node"] == 0 and r2.results == local.results
+
+
+def test_inputs_beyond_the_cache_budget_are_dropped_and_sent_again(client: Any) -> None:
+    """input_cache_bytes=0 keeps only the last call's inputs: A, B, then A again sends A's bytes again."""
+    a, b = np.full(50_000, 1.0), np.full(50_000, 2.0)
+    assert _sum_call(client, a, input_cache_bytes=0)[0].diagnostics.cluster["bytes_inputs_per_node"] == a.nbytes
+    assert _sum_call(client, b, input_cache_bytes=0)[0].diagnostics.cluster["bytes_inputs_per_node"] == b.nbytes
+    res, o = _sum_call(client, a, input_cache_bytes=0)
+    assert res.diagnostics.cluster["bytes_inputs_per_node"] == a.nbytes and np.array_equal(o, a * 2)
+    assert _sum_call(client, a)[0].diagnostics.cluster["bytes_inputs_per_node"] == 0
+
+
+def test_idle_agents_exit_and_the_next_call_starts_new_ones(client: Any) -> None:
+    """agent_idle_timeout=1: the agents exit on their own (psutil), the next call starts fresh ones from the nodes' copy (no bytes over the network)."""
+    shardc.cluster.close(client)
+    x = np.arange(10_000, dtype=np.float64)
+    r1, _ = _sum_call(client, x, agent_idle_timeout=1)
+    assert _agents_of(r1) <= {p.pid for p in agent_procs()}
+    wait_no_agents(15)
+    r2, o = _sum_call(client, x, agent_idle_timeout=1)
+    c = r2.diagnostics.cluster
+    assert not (_agents_of(r2) & _agents_of(r1)) and np.array_equal(o, x * 2)
+    assert c["bytes_inputs_per_node"] == 0 and sum(n["bytes_inputs"] for n in c["nodes"].values()) >= x.nbytes
+
+
+def test_agents_stop_when_the_calling_process_exits(client: Any, tmp_path: Path) -> None:
+    """Another Python process runs a call on this cluster and exits without closing anything: its agents stop (atexit), the workers stay."""
+    code = (
+        "import sys, numpy as np, shardc, distributed, cloudpickle\n"
+        f"c = distributed.Client({client.scheduler.address!r})\n"
+        "r = shardc.shard_map(40, lambda s: s.id, workers=1, cluster=c)\n"
+        "assert r.results == list(range(40))\n"
+        "print(sorted(p for n in r.diagnostics.cluster['nodes'].values() for p in n['agents']))\n"
+    )
+    shardc.cluster.close(client)
+    wait_no_agents()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith("[")
+    wait_no_agents(15)
+    assert len(_worker_pids(client)) == 2
+
+
 def _worker_pids(client: Any) -> dict[str, int]:
     return client.run(os.getpid)  # type: ignore[no-any-return]
 
@@ -171,6 +274,8 @@ def test_a_worker_killed_mid_run_has_its_work_redone(client: Any, tmp_path: Path
         return float(shard.rng.random())
 
     local = shardc.shard_map(200, slow, out={"o": shardc.buffer("f8", 200)}, seed=3, workers=1)
+    shardc.cluster.close(client)  # no agent of an earlier call: the killer waits for this call's
+    wait_no_agents()
     pids = _worker_pids(client)
     victim_addr, victim = sorted(pids.items())[0]
     killed: list[float] = []
@@ -204,6 +309,7 @@ def test_a_worker_killed_mid_run_has_its_work_redone(client: Any, tmp_path: Path
     assert (tmp_path / "timeline.png").stat().st_size > 0
     assert any(victim_addr in t.get_text() for t in fig.axes[0].get_yticklabels())
     assert len(fig.axes[0].lines) >= 1  # the x of the lost try
+    shardc.cluster.close(client)
     wait_no_agents()
 
 

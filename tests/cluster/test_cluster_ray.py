@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import shardc
+import shardc.cluster
 from shardc.cluster import Cluster
 
 ray = pytest.importorskip("ray")  # Ray has wheels for Linux x86-64/arm64 and macOS: runs here, never skipped
@@ -43,6 +44,7 @@ def ray_cluster() -> Iterator[Any]:
     try:
         yield rc
     finally:
+        shardc.cluster.close("ray")
         ray.shutdown()
         rc.shutdown()
         if old is None:
@@ -62,6 +64,31 @@ def test_ray_results_outs_and_seeds_equal_a_local_run(ray_cluster: Any) -> None:
     assert c["backend"] == "ray" and len(c["nodes_at_start"]) == 2
     for n in c["nodes"].values():
         assert len(n["agents"]) == 1 and n["bytes_inputs"] > 0
+    shardc.cluster.close("ray")
+    wait_no_agents()
+
+
+def test_ray_second_call_reuses_actors_agents_and_inputs(ray_cluster: Any) -> None:
+    """On Ray too: a second call runs on the same agents and puts no input bytes; a changed input is put anew."""
+
+    def f(shard: Any, x: np.ndarray) -> float:
+        return float(x[shard.idx].sum())
+
+    x = np.arange(20_000, dtype=np.float64)
+    d = shardc.shards(x.size, block_size=1000)
+    opts = Cluster("ray", macro_seconds=0.05)
+    r1 = shardc.shard_map(d, f, borrow={"x": x}, workers=1, cluster=opts)
+    r2 = shardc.shard_map(d, f, borrow={"x": x}, workers=1, cluster=opts)
+    c1, c2 = r1.diagnostics.cluster, r2.diagnostics.cluster
+    assert c1["bytes_inputs_per_node"] == x.nbytes and c2["bytes_inputs_per_node"] == 0
+    a1 = {p for n in c1["nodes"].values() for p in n["agents"]}
+    a2 = {p for n in c2["nodes"].values() for p in n["agents"]}
+    assert a2 <= a1 and all(n["bytes_inputs"] == 0 for n in c2["nodes"].values())
+    x[x.size // 2] += 1.0
+    r3 = shardc.shard_map(d, f, borrow={"x": x}, workers=1, cluster=opts)
+    assert r3.diagnostics.cluster["bytes_inputs_per_node"] == x.nbytes
+    assert r3.results == shardc.shard_map(d, f, borrow={"x": x}, workers=1).results != r2.results
+    shardc.cluster.close("ray")
     wait_no_agents()
 
 
@@ -74,6 +101,8 @@ def test_ray_node_removed_mid_run_has_its_work_redone(ray_cluster: Any) -> None:
         return float(shard.rng.random())
 
     local = shardc.shard_map(150, slow, out={"o": shardc.buffer("f8", 150)}, seed=3, workers=1)
+    shardc.cluster.close("ray")  # no agent of an earlier call: the remover waits for this call's
+    wait_no_agents()
     victim = [n for n in ray_cluster.list_all_nodes() if n is not ray_cluster.head_node][0]
     removed: list[float] = []
 
@@ -96,6 +125,7 @@ def test_ray_node_removed_mid_run_has_its_work_redone(ray_cluster: Any) -> None:
     c = res.diagnostics.cluster
     assert c["lost"] and all("was lost" in e["error"] for e in c["lost"])
     assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
+    shardc.cluster.close("ray")
     wait_no_agents()
 
 
@@ -107,4 +137,5 @@ def test_ray_agent_with_another_build_refuses(ray_cluster: Any, monkeypatch: pyt
     monkeypatch.setattr(ll, "build_stamp", lambda: "0.0.0+feedfacefeedface")
     with pytest.raises(ClusterError, match=r"built 0\.0\.0\+feedfacefeedface; install the same shardc build"):
         shardc.shard_map(8, lambda s: s.id, workers=1, cluster="ray")
+    shardc.cluster.close("ray")
     wait_no_agents()

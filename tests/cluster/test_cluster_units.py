@@ -131,3 +131,34 @@ def test_without_cluster_nothing_imports_dask_or_ray() -> None:
         "shardc.pool_stop()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_content_key_follows_every_byte_and_only_the_bytes() -> None:
+    """Equal bytes give equal keys (whatever the array object); any one changed byte, in small or chunked inputs, a new key."""
+    from shardc.cluster.session import _CHUNK, content_key
+
+    small = np.arange(1000, dtype=np.float64)
+    assert content_key(small) == content_key(small.copy()) == content_key(small.view(np.uint8))
+    big = np.zeros(2 * _CHUNK + 12345, dtype=np.uint8)  # hashed in parallel chunks
+    k = content_key(big)
+    for pos in (0, _CHUNK - 1, _CHUNK, big.size - 1):
+        big[pos] = 1
+        assert content_key(big) != k
+        big[pos] = 0
+    assert content_key(big) == k
+    assert content_key(np.zeros(8, np.uint8)) != content_key(np.zeros(16, np.uint8))
+
+
+def test_input_cache_keeps_the_call_and_drops_least_recently_used() -> None:
+    """The current call's keys always stay; older ones while they fit in the budget, least recently used dropped first."""
+    from shardc.cluster.session import InputCache
+
+    c = InputCache()
+    assert c.use({"a": 10}, 0) == (["a"], [])
+    assert c.use({"b": 10}, 15) == (["b"], [])  # a (10) fits in 15
+    assert c.use({"a": 10}, 15) == ([], [])  # a used again: now b is the oldest
+    assert c.use({"c": 10, "d": 10}, 15) == (["c", "d"], ["b"])
+    assert list(c.sizes) == ["a", "c", "d"]
+    assert c.use({"e": 100}, 0) == (["e"], ["a", "c", "d"])
+    with pytest.raises(InvalidArgumentError, match="input_cache_bytes"):
+        Cluster(None, input_cache_bytes=-1)
