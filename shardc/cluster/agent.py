@@ -1,26 +1,34 @@
-"""The node agent: ``python -m shardc.cluster.agent FD``, one per node and call.
+"""The node agent: ``python -m shardc.cluster.agent FD IDLE``, one per node and caller session.
 
 Started by :mod:`shardc.cluster.node` inside a Dask/Ray worker process as a
 *new* process (never a fork of that worker: its threads make ``fork()``
-unsafe), the agent is single-threaded when its own pool forks.  It talks to
-its starter over the unix socket ``FD`` (:class:`shardc._channel.Channel`
+unsafe), the agent is single-threaded when its own pool forks.  It serves
+every call of its caller's session (:mod:`.session`), one macro-shard at a
+time, on one local pool that lives as long as it does.  It talks to its
+starter over the unix socket ``FD`` (:class:`shardc._channel.Channel`
 frames, file descriptors by ``SCM_RIGHTS``)::
 
-    starter                               agent
-      JOB {fun, desc, inputs, outs, ...} + memfds ->   check version + build stamp
-                                       <- READY {pid} | REFUSED "why"
-      RUN (macro id, lo, hi)           ->   shard_map(window lo..hi, ...) on the local pool
-                                       <- DONE {results, failures, out runs, stats}
-      ...
-      STOP (or EOF: the starter died)  ->   stop the pool, exit
+    starter                                           agent
+      JOB job_id {fun, desc, inputs, outs, ...}
+          new inputs [(key, bytes)] + their memfds,
+          keep [every key the caller holds]  ->   check version + build stamp,
+                                                  map the new inputs, drop keys not kept
+                                           <- READY {pid} | REFUSED "why"
+      RUN job_id (macro id, lo, hi)        ->   shard_map(window lo..hi, ...) on the local pool
+                                           <- DONE {results, failures, out runs, stats}
+      END job_id                           ->   the call is over: drop its out buffers
+      STOP (or EOF: the starter died)      ->   stop the pool, exit
+      (nothing for IDLE seconds)           ->   exit
 
-Borrowed inputs arrive as memfds the starter filled from the engine's copy:
-the agent maps each one read-only and passes the array as ``borrow=``, where
-it is found in a live segment and goes to the pool by reference (zero-copy).
-Out buffers are local ``shardc.buffer``s, started from the caller's bytes;
-after each macro-shard :func:`shardc.cluster.outs.take_diff` says what its
-shards wrote.  Every shard runs with all of shardc's local supervision
-(retries, timeouts, mem_cap, cow guards).
+Borrowed inputs arrive as memfds the starter filled from the engine's copy,
+once per content key: the agent maps each one read-only and passes the array
+as ``borrow=``, where it is found in a live segment and goes to the pool by
+reference (zero-copy).  Out buffers are local ``shardc.buffer``s per call,
+started from the caller's bytes; after each macro-shard
+:func:`shardc.cluster.outs.take_diff` says what its shards wrote.  Every shard
+runs with all of shardc's local supervision (retries, timeouts, mem_cap, cow
+guards; a write to a borrowed input never reaches the shared segment, so the
+cached bytes stay the caller's).
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@
 ::
 
     shard_map(shards, fun, ..., cluster=client)       (validated in map.py)
-      │ run_on_cluster: the job (fun by value, the descriptor, the local options,
-      │   version + build stamp), inputs as contiguous arrays -> Backend.put:
-      │   sent once to every node (Dask scatter broadcast / Ray object store)
+      │ run_on_cluster: the client's session (.session: agents and inputs kept
+      │   across calls, one call at a time), the job (fun by value, the descriptor,
+      │   the local options, version + build stamp), inputs as contiguous arrays,
+      │   each with its content key -> Backend.put: the keys the session does not
+      │   hold are sent once to every node (Dask scatter broadcast / Ray object store)
       ▼
     driver loop (this module)                         one per call
       │ MacroPlanner: macro-shards lo..hi-1, sized to take ~macro_seconds
@@ -20,9 +22,10 @@
       ▼
     ShardResult (diagnostics.cluster: nodes -> workers, memory, bytes, macro-shards)
 
-A backend (:mod:`.dask`, :mod:`.ray`) only moves things: put the job and
-inputs on every node, submit a macro-shard, wait for any, fetch one, say
-whether the scheduler is reachable, list nodes, stop the agents.  Nothing
+A backend (:mod:`.dask`, :mod:`.ray`) is a session and only moves things:
+put the job and new inputs on every node, submit a macro-shard, wait for
+any, fetch one, say whether the scheduler is reachable, list nodes, end a
+call, stop the agents.  Nothing
 here imports Dask or Ray; :func:`backend_for` imports the one asked for.
 """
 

@@ -2,9 +2,11 @@
 
 A *node* is a Dask worker (run one worker per machine, e.g. dask-jobqueue
 ``processes=1``: the node's agent uses the machine's cores through its own
-shardc pool).  The job and the inputs are scattered once with
-``broadcast=True`` (one copy per worker; a worker that joins later gets them
-from a peer the first time a task needs them).  Each macro-shard is one
+shardc pool).  The job and the inputs the session does not hold yet are
+scattered with ``broadcast=True`` (one copy per worker; a worker that joins
+later gets them from a peer the first time a task needs them); the session
+keeps the inputs' futures across calls (:mod:`.session`), so a repeated
+input is not sent again.  Each macro-shard is one
 ``client.submit`` of :func:`_macro_task`, asked (loosely) of the worker with
 the fewest outstanding, so faster nodes take more whatever their thread
 counts; a worker that dies has its running and queued tasks rerun on others

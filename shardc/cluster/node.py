@@ -1,20 +1,24 @@
 """The engine side of a node: runs inside a Dask (or Ray) worker process.
 
-A macro-shard task calls :func:`run_macro`.  The first one of a call on this
-worker process starts the node's agent (:mod:`shardc.cluster.agent`) as a
-new process with ``subprocess`` (fork+exec at once: safe in a process with
-threads), hands it the call (``JOB``) and its inputs, then sends it the
-macro-shard; later tasks of the call find the agent in :data:`_agents` and
-only send theirs.  Inputs go to the agent once: each borrowed array (and
-each non-zero out buffer) is copied from the engine's copy into a memfd
-whose descriptor the agent maps, so a node holds the engine's copy plus one
-shared segment (about 2x the input) and nothing is pickled per task.
+A macro-shard task calls :func:`run_macro`.  The first one of a caller
+session on this worker process starts the node's agent
+(:mod:`shardc.cluster.agent`) as a new process with ``subprocess``
+(fork+exec at once: safe in a process with threads); it stays in
+:data:`_agents` for the session's later calls.  The first task of each call
+hands the agent the call (``JOB``) and the inputs it does not hold yet (by
+content key), then every task sends its macro-shard.  Inputs go to the agent
+once per session: each new borrowed array (and non-zero out buffer) is
+copied from the engine's copy into a memfd whose descriptor the agent maps,
+so a node holds the engine's copy plus one shared segment (about 2x the
+input) and nothing is pickled per task.
 
-Several tasks of one call on one worker process (a worker with several
-threads) take turns on its agent: the agent runs one macro-shard at a time on
-the whole node.  If the agent dies, the task fails with a
+Several tasks on one worker process (a worker with several threads) take
+turns on its agent: the agent runs one macro-shard at a time on the whole
+node.  If the agent dies, the task fails with a
 :class:`~shardc.errors.ClusterError` (the caller reruns the macro-shard) and
-the next task starts a fresh agent.
+the next task starts a fresh agent, which gets every input again from the
+engine's copy.  :func:`end_job` ends a call, :func:`close_session` stops the
+agent.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The Ray backend: ``shard_map(..., cluster="ray")`` on the connected Ray runtime.
 
-A *node* is a Ray node.  The caller starts one actor per alive node, pinned
+A *node* is a Ray node.  The session starts one actor per alive node (kept
+across its calls; a node that joins gets one at the next call), pinned
 there (``NodeAffinitySchedulingStrategy``, hard) and reserving no CPU: the
 node's shardc agent, which the actor starts through :mod:`.node` on its first
 macro-shard, uses the node's cores with its own pool.  An actor runs one
@@ -9,7 +10,8 @@ others wait in its mailbox.  Handing out is the caller's: each macro-shard
 goes to the live actor with the fewest outstanding, so a faster node,
 finishing sooner, is given more.
 
-Inputs: the job and each input array are ``ray.put`` once; passed as
+Inputs: the job and each input array the session does not hold yet are
+``ray.put`` once (the session keeps the refs across calls, :mod:`.session`); passed as
 top-level arguments, each node's object store fetches them once and the
 actor gets the arrays zero-copy (read-only views of the store).  An actor
 whose node died answers with ``RayActorError``: the actor is dropped and its
