@@ -22,7 +22,8 @@ def cluster_report(result: Any) -> Report:
         return Report("cluster", {}, ["not a cluster run"])
     lines = [
         f"{c['backend']}: {len(c['nodes'])} node(s) ran {len(c['macros'])} macro-shard(s); inputs "
-        f"{fmt_bytes(c['bytes_inputs_per_node'])} sent once per node, replies {fmt_bytes(c['bytes_replies'])}",
+        f"{fmt_bytes(c['bytes_inputs_per_node'])} sent once per node ({c.get('inputs_cached', 0)} input(s) already "
+        f"on the nodes from earlier calls, not sent), replies {fmt_bytes(c['bytes_replies'])}",
         "node                          agent pid(s)  workers  macros  shards  busy s  inputs    replies   "
         "peak: engine  agent  workers(USS)",
     ]

@@ -200,6 +200,7 @@ def test_a_second_call_reuses_the_agents_and_moves_no_input_bytes(client: Any) -
     assert c2["inputs_cached"] == 1 and all(n["bytes_inputs"] == 0 for n in c2["nodes"].values())
     assert _agents_of(r2) <= _agents_of(r1) | between
     assert r2.results == r1.results and np.array_equal(o1, o2) and np.array_equal(o2, x * 2)
+    assert "inputs 0 B sent once per node (1 input(s) already on the nodes" in str(r2.report())
 
 
 def test_a_changed_input_is_sent_again_never_served_stale(client: Any) -> None:
