@@ -50,7 +50,6 @@ from ..buffer import buffer
 from ..kernels import _registry
 from ..map import shard_map
 from ..pool import pool_stop
-from ..result import FailedShard
 from ..segment import Segment
 from ..shards import ShardDescriptor
 from .outs import byte_view, rollback, take_diff
@@ -201,7 +200,9 @@ class Job:
         for k, f in res.failures.items():
             f.shard_id = lo + k
             failures[lo + k] = f
-        values = [None if isinstance(v, FailedShard) else v for v in res.results]
+        values = list(res.results)
+        for k in res.failures:  # the failures travel (with global ids) on their own
+            values[k] = None
         d = res.diagnostics
         if self.tuned is None and d.autotune:
             self.tuned = d.chunk_size_final
@@ -279,7 +280,8 @@ def serve(chan: Channel, idle_timeout: float) -> int:
             _, job_id, mid, lo, hi = msg
             reply: tuple[str, int, Any]
             try:
-                reply = ("DONE", mid, agent.jobs[job_id].run(lo, hi, agent))
+                # Pickled here, once: the starter forwards the bytes as they are.
+                reply = ("DONE", mid, pickle.dumps(agent.jobs[job_id].run(lo, hi, agent), protocol=5))
             except Exception as exc:  # noqa: BLE001 - reported to the caller, which reruns the macro-shard
                 reply = ("ERROR", mid, f"{type(exc).__name__}: {exc}")
             chan.send(reply)
