@@ -1,4 +1,4 @@
-"""shard_map on a 1-node Dask cluster vs the local pool, and vs the same jobs written in Dask.
+"""shard_map on a 1-node Dask (and Ray) cluster vs the local pool, and vs the same jobs written in Dask and Ray.
 
 Measures (medians of ``--repeats`` runs, default 5, all in ONE run of this
 script so the ratios share the machine's load):
@@ -6,29 +6,38 @@ script so the ratios share the machine's load):
 * ``tiny``: N trivial shards (``o[shard.id] = shard.id``; N = 2M, ``--quick``
   200k).  shardc local (``profile="speed"``: shm_queue, 2 workers); shardc on a
   1-node cluster (a ``LocalCluster`` of one process worker, whose agent runs a
-  pool of 2 workers: the same 2 cores); Dask ``client.map`` one task per item
-  (on a 2k-item subset, as a rate: it is that slow) and ``dask.bag`` batched
-  (``from_sequence(range(100k), npartitions=8).map``, a rate), both on a 2-worker
-  ``LocalCluster`` (the 2 cores).  Reported as items/s; for the cluster run
-  also the steady rate once macro-shards run (shards / agent busy seconds of
-  every macro-shard after the first) and the fixed start cost.
+  pool of 2 workers: the same 2 cores): the first call (starts the agent) on
+  its own, then the median of the repeated calls (agent and inputs reused);
+  Dask ``client.map`` one task per item (on a 2k-item subset, as a rate: it is
+  that slow) and ``dask.bag`` batched (``from_sequence(range(100k),
+  npartitions=8).map``, a rate), both on a 2-worker ``LocalCluster`` (the 2
+  cores).  Reported as items/s; for the cluster run also the steady rate once
+  macro-shards run (shards / agent busy seconds of every macro-shard after
+  the first) and the fixed cost per call.
 * ``colstats``: per-column mean and variance of a float64 matrix
   (16384 x 8192 = 1 GiB; ``--quick`` 4096 x 8192 = 256 MiB), one shard per
   256 columns, into out buffers.  shardc local (2 workers), shardc on the
-  1-node cluster, Dask ``client.map`` per block with the matrix scattered once
-  (broadcast), and ``dask.array`` (``from_array`` of the scattered matrix,
-  chunks of 256 columns: Dask's own batched form).  Also the bytes the
-  cluster run moved to the node (inputs once per node, replies).
+  1-node cluster (first call, then repeated calls: bytes moved by each, the
+  content hash's cost, and a call after one element changed: its bytes are
+  sent again and the results equal a local run), Dask ``client.map`` per block
+  with the matrix scattered once (broadcast), and ``dask.array``
+  (``from_array`` of the scattered matrix, chunks of 256 columns: Dask's own
+  batched form).
 * ``two_nodes``: the colstats job on a 2-worker cluster: bytes of inputs per
   node (must be the matrix's size, once each) and per-node shards.
+* ``ray``: a one-node Ray runtime (``ray.init(num_cpus=2)``): shardc with
+  ``cluster="ray"`` (first and repeated calls) against Ray written directly:
+  tiny items as one task per item (2k subset, a rate) and as batched tasks (8
+  tasks over all N items), the column statistics as one task per block and as
+  2 batched tasks, the matrix ``ray.put`` once (timed apart).
 * ``recovery``: 400 shards of 20 ms on the 2-worker cluster, one worker
   SIGKILLed 1 s in: the run's wall time against an undisturbed one, and the
   time from the kill until the lost macro-shard was done on the other node
   (against that macro-shard's own duration: the rest is detection + restart).
 
 Does not measure: real networks (loopback only), more than one machine's
-cores (two "nodes" share 2 cores), Ray (tests/cluster checks it, untimed).  The machine is
-shared with other jobs: compare ratios from the same run, not across runs.
+cores (two "nodes" share 2 cores).  The machine is shared with other jobs:
+compare ratios from the same run, not across runs.
 Output: ``name<TAB>value<TAB>unit`` lines.
 """
 
@@ -45,6 +54,7 @@ from typing import Any
 import numpy as np
 
 import shardc
+import shardc.cluster
 from shardc.cluster import Cluster
 
 BLOCK = 256
@@ -94,7 +104,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=["tiny", "colstats", "recovery"], help="run one part (colstats: with two_nodes)")
+    ap.add_argument(
+        "--only", choices=["tiny", "colstats", "ray", "recovery"], help="run one part (colstats: with two_nodes)"
+    )
     args = ap.parse_args()
     import cloudpickle
     from dask.distributed import Client, LocalCluster
@@ -112,28 +124,38 @@ def main() -> None:
     c2 = Client(two)
     on1 = Cluster(c1, macro_seconds=2.0)
 
+    X = np.random.default_rng(0).random((rows, cols)) if args.only in (None, "colstats", "ray") else None
     if args.only in (None, "tiny"):
         run_tiny(c1, c2, on1, n_tiny, r)
     if args.only in (None, "colstats"):
-        run_colstats(c2, on1, rows, cols, r)
+        assert X is not None
+        run_colstats(c2, on1, X, r)
     if args.only in (None, "recovery"):
         run_recovery(c2)
+    shardc.cluster.close()  # the agents and the inputs they hold
     for cl in (c1, c2):
         cl.close()
     one.close()
     two.close()
+    if args.only in (None, "ray"):
+        assert X is not None
+        run_ray(n_tiny, X, r)
     shardc.pool_stop()
 
 
 def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     with shardc.buffer("i8", n_tiny) as o:
         t_local, _ = median_time(lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"), r)
+        t_first, _ = median_time(
+            lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1), 1
+        )
         t_cl, res = median_time(
             lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1), r
         )
         assert np.array_equal(o.array, np.arange(n_tiny))
     rate, fixed = steady_rate(res)
     emit("tiny.local", n_tiny / t_local, "items/s")
+    emit("tiny.cluster1_first_call", n_tiny / t_first, "items/s")
     emit("tiny.cluster1", n_tiny / t_cl, "items/s")
     emit("tiny.cluster1_steady", rate, "items/s")
     emit("tiny.cluster1_fixed_cost", fixed, "s")
@@ -190,8 +212,10 @@ def run_recovery(c2: Any) -> None:
         emit("recovery.rerun_macro_seconds", max(m["seconds"] for m in redone), "s")
 
 
-def run_colstats(c2: Any, on1: Cluster, rows: int, cols: int, r: int) -> None:
-    X = np.random.default_rng(0).random((rows, cols))
+def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
+    from shardc.cluster.session import content_key
+
+    rows, cols = X.shape
     d = shardc.shards(cols, block_size=BLOCK)
     mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
     emit("colstats.bytes", X.nbytes, "B")
@@ -199,14 +223,22 @@ def run_colstats(c2: Any, on1: Cluster, rows: int, cols: int, r: int) -> None:
     ref = (mean.array.copy(), var.array.copy())
     mean.array[:] = 0
     var.array[:] = 0
-    t_cl, res = median_time(
-        lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2, cluster=on1),
-        r,
-    )
+
+    def on_cluster() -> shardc.ShardResult:
+        return shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2, cluster=on1)
+
+    t_first, first = median_time(on_cluster, 1)
+    t_cl, res = median_time(on_cluster, r)
     assert np.array_equal(mean.array, ref[0]) and np.array_equal(var.array, ref[1])
     c = res.diagnostics.cluster
+    t_hash, _ = median_time(lambda: content_key(X), 3)
     emit("colstats.local", t_local, "s")
+    emit("colstats.cluster1_first_call", t_first, "s")
+    emit("colstats.cluster1_first_call.bytes_inputs_per_node", first.diagnostics.cluster["bytes_inputs_per_node"], "B")
     emit("colstats.cluster1", t_cl, "s")
+    emit("colstats.cluster1.bytes_inputs_per_node", c["bytes_inputs_per_node"], "B")
+    emit("colstats.cluster1.bytes_copied_on_nodes", sum(n["bytes_inputs"] for n in c["nodes"].values()), "B")
+    emit("colstats.content_hash", t_hash, "s")
     emit("colstats.cluster1_vs_local", t_local / t_cl, "x")
     busy = sum(m["seconds"] for m in c["macros"])
     emit("colstats.cluster1_in_macros", busy, "s")
@@ -240,6 +272,20 @@ def run_colstats(c2: Any, on1: Cluster, rows: int, cols: int, r: int) -> None:
     emit("colstats.cluster1_vs_dask_array", t_arr / t_cl, "x")
     xf.release()
 
+    # -- a changed input: sent again, never served stale ---------------------------------------
+    X[rows // 2, cols // 2] += 1.0
+    t_changed, changed = median_time(on_cluster, 1)
+    got = (mean.array.copy(), var.array.copy())
+    shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var})
+    assert np.array_equal(got[0], mean.array) and np.array_equal(got[1], var.array)
+    emit("colstats.cluster1_changed_input", t_changed, "s")
+    emit(
+        "colstats.cluster1_changed_input.bytes_inputs_per_node",
+        changed.diagnostics.cluster["bytes_inputs_per_node"],
+        "B",
+    )
+    X[rows // 2, cols // 2] -= 1.0
+
     # -- two nodes: inputs once per node ------------------------------------------------------
     res2 = shardc.shard_map(
         d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=1, cluster=Cluster(c2, macro_seconds=0.5)
@@ -248,6 +294,85 @@ def run_colstats(c2: Any, on1: Cluster, rows: int, cols: int, r: int) -> None:
     for name, n in res2.diagnostics.cluster["nodes"].items():
         emit(f"two_nodes.node_inputs[{name}]", n["bytes_inputs"], "B")
         emit(f"two_nodes.node_shards[{name}]", n["shards"], "shards")
+
+
+def ray_item(i: int) -> int:
+    return i
+
+
+def ray_batch(lo: int, hi: int) -> list[int]:
+    return [tiny_item(i) for i in range(lo, hi)]
+
+
+def ray_blocks(X: np.ndarray, js: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [block_stats(X, j) for j in js]
+
+
+def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
+    """shardc on a one-node Ray runtime against Ray tasks written directly (same run)."""
+    import ray
+
+    rows, cols = X.shape
+    ray.init(num_cpus=2, object_store_memory=int(X.nbytes * 2.5), include_dashboard=False, log_to_driver=False)
+    try:
+        item, batch, blocks = (ray.remote(f) for f in (ray_item, ray_batch, ray_blocks))
+        on = Cluster("ray", macro_seconds=2.0)
+        with shardc.buffer("i8", n_tiny) as o:
+            t_local, _ = median_time(lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"), r)
+            go = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on)  # noqa: E731
+            t_first, _ = median_time(go, 1)
+            t_cl, _ = median_time(go, r)
+            assert np.array_equal(o.array, np.arange(n_tiny))
+        emit("ray.tiny.local", n_tiny / t_local, "items/s")
+        emit("ray.tiny.shardc_first_call", n_tiny / t_first, "items/s")
+        emit("ray.tiny.shardc", n_tiny / t_cl, "items/s")
+        n_task = 2_000
+        t_task, _ = median_time(lambda: ray.get([item.remote(i) for i in range(n_task)]), r)
+        emit("ray.tiny.ray_task_per_item", n_task / t_task, "items/s")
+        step = -(-n_tiny // 8)
+        t_batch, out = median_time(
+            lambda: ray.get([batch.remote(lo, min(n_tiny, lo + step)) for lo in range(0, n_tiny, step)]), r
+        )
+        assert sum(len(b) for b in out) == n_tiny
+        emit("ray.tiny.ray_batched_tasks", n_tiny / t_batch, "items/s")
+        emit("ray.tiny.shardc_vs_ray_batched", t_batch / t_cl, "x")
+
+        d = shardc.shards(cols, block_size=BLOCK)
+        mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
+        t_loc, _ = median_time(
+            lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}), r
+        )
+        ref = mean.array.copy()
+        go2 = lambda: shardc.shard_map(  # noqa: E731
+            d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2, cluster=on
+        )
+        t_first, first = median_time(go2, 1)
+        t_cl, res = median_time(go2, r)
+        assert np.array_equal(mean.array, ref)
+        emit("ray.colstats.local", t_loc, "s")
+        emit("ray.colstats.shardc_first_call", t_first, "s")
+        emit("ray.colstats.shardc_first_call.bytes_inputs", first.diagnostics.cluster["bytes_inputs_per_node"], "B")
+        emit("ray.colstats.shardc", t_cl, "s")
+        emit("ray.colstats.shardc.bytes_inputs", res.diagnostics.cluster["bytes_inputs_per_node"], "B")
+        t0 = time.perf_counter()
+        xr = ray.put(X)
+        emit("ray.colstats.ray_put", time.perf_counter() - t0, "s")
+        nb = cols // BLOCK
+        t_task, got = median_time(lambda: ray.get([blocks.remote(xr, [j]) for j in range(nb)]), r)
+        assert np.allclose(np.concatenate([g[0][0] for g in got]), ref)
+        half = nb // 2
+        t_batch, _ = median_time(
+            lambda: ray.get([blocks.remote(xr, list(range(0, half))), blocks.remote(xr, list(range(half, nb)))]), r
+        )
+        emit("ray.colstats.ray_task_per_block", t_task, "s")
+        emit("ray.colstats.ray_batched_tasks", t_batch, "s")
+        emit("ray.colstats.shardc_vs_ray_task_per_block", t_task / t_cl, "x")
+        emit("ray.colstats.shardc_vs_ray_batched", t_batch / t_cl, "x")
+        mean.close()
+        var.close()
+    finally:
+        shardc.cluster.close("ray")
+        ray.shutdown()
 
 
 if __name__ == "__main__":

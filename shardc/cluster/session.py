@@ -11,7 +11,11 @@ reuse it, one call at a time (a second thread's call waits for the first):
   next call --, the Python process exiting), when their engine worker dies,
   or after ``agent_idle_timeout`` seconds without work.
 * **Inputs** are cached by *content*: each input's key is the SHA-256 of its
-  bytes (hashed in parallel chunks, ~1 GiB/s per core here) and its size.  An
+  bytes (hashed in parallel chunks, ~1 GiB/s per core here) and its size.
+  An array given as a sealed ``shardc.share(X)`` copy is hashed once; a plain
+  array of >= 1 MiB goes, as in a local call, through the share cache's sealed
+  copy (made once while the array lives, checked with one ``memcmp`` per
+  call, ~10x faster than hashing), so its key too is hashed once per change.  An
   input whose key the session holds is not sent again (0 bytes moved); an
   input that changed in any byte has another key and is sent anew, so a
   changed array is never served stale.  The session keeps the inputs of the
@@ -29,6 +33,7 @@ import hashlib
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -43,8 +48,27 @@ log = logging.getLogger("shardc")
 _CHUNK = 32 << 20  # bytes hashed per task: big inputs hash on several cores (hashlib drops the GIL)
 
 
-def content_key(data: np.ndarray) -> str:
-    """The content identity of ``data`` (flat bytes): SHA-256 of the bytes and their count."""
+SEALED_MIN_BYTES = 1 << 20  # plain arrays from this size go through the share cache's sealed copy
+_sealed_keys: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def is_sealed(shared: Any) -> bool:
+    """Whether a :class:`~shardc.share.Shared` array's bytes can no longer change
+    (sealed memfd segments: the kernel refuses writable mappings)."""
+    return bool(shared.segments) and all(seg.sealed for seg in shared.segments)
+
+
+def content_key(data: np.ndarray, sealed: Any = None) -> str:
+    """The content identity of ``data`` (flat bytes): SHA-256 of the bytes and their count.
+
+    ``sealed``: the sealed :class:`~shardc.share.Shared` copy that ``data`` views;
+    its bytes cannot change, so its key is hashed once and remembered.
+    """
+    if sealed is not None:
+        key = _sealed_keys.get(sealed)
+        if key is None:
+            key = _sealed_keys[sealed] = content_key(data)
+        return key
     raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
     n = raw.nbytes
     if n <= 2 * _CHUNK:

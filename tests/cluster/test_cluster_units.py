@@ -162,3 +162,25 @@ def test_input_cache_keeps_the_call_and_drops_least_recently_used() -> None:
     assert c.use({"e": 100}, 0) == (["e"], ["a", "c", "d"])
     with pytest.raises(InvalidArgumentError, match="input_cache_bytes"):
         Cluster(None, input_cache_bytes=-1)
+
+
+def test_a_sealed_copy_is_hashed_once_and_a_plain_array_through_the_share_cache() -> None:
+    """shardc.share(X) (sealed) and big plain arrays get their key from the sealed copy, hashed once; a changed array gets a new copy and key."""
+    from shardc.cluster.base import _input_array
+    from shardc.cluster.session import _sealed_keys, content_key, is_sealed
+
+    x = np.arange(300_000, dtype=np.float64)  # >= 1 MiB: through the share cache
+    spec, data, sealed = _input_array("x", x)
+    assert sealed is not None and is_sealed(sealed) and np.array_equal(data.view(np.float64), x)
+    k1 = content_key(data, sealed)
+    assert _sealed_keys[sealed] == k1 == content_key(x.view(np.uint8))
+    spec2, data2, sealed2 = _input_array("x", x)
+    assert sealed2 is sealed  # the same copy: no hashing
+    x[7] = -1.0
+    _, data3, sealed3 = _input_array("x", x)
+    assert sealed3 is not sealed and content_key(data3, sealed3) != k1
+    h = shardc.share(np.ones(1000))
+    assert _input_array("h", h)[2] is h
+    with shardc.buffer("f8", 200_000) as b:  # writable: no sealed copy, hashed per call
+        assert _input_array("b", b)[2] is None
+    h.close()
