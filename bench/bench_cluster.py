@@ -11,7 +11,8 @@ script so the ratios share the machine's load):
   Dask ``client.map`` one task per item (on a 2k-item subset, as a rate: it is
   that slow) and ``dask.bag`` batched (``from_sequence(range(100k),
   npartitions=8).map``, a rate), both on a 2-worker ``LocalCluster`` (the 2
-  cores).  Reported as items/s; for the cluster run also the steady rate once
+  cores), and shardc's batched form on the 1-node cluster (8 shards, a plain
+  loop in each).  Reported as items/s; for the cluster run also the steady rate once
   macro-shards run (shards / agent busy seconds of every macro-shard after
   the first) and the fixed cost per call.
 * ``colstats``: per-column mean and variance of a float64 matrix
@@ -28,7 +29,8 @@ script so the ratios share the machine's load):
 * ``ray``: a one-node Ray runtime (``ray.init(num_cpus=2)``): shardc with
   ``cluster="ray"`` (first and repeated calls) against Ray written directly:
   tiny items as one task per item (2k subset, a rate) and as batched tasks (8
-  tasks over all N items), the column statistics as one task per block and as
+  tasks over all N items; shardc's batched form alongside: 8 shards, a plain
+  loop in each), the column statistics as one task per block and as
   2 batched tasks, the matrix ``ray.put`` once (timed apart).
 * ``recovery``: 400 shards of 20 ms on the 2-worker cluster, one worker
   SIGKILLed 1 s in: the run's wall time against an undisturbed one, and the
@@ -169,6 +171,10 @@ def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     n_bag = min(n_tiny, 100_000)  # a subset too, reported as a rate
     t_bag, _ = median_time(lambda: db.from_sequence(range(n_bag), npartitions=8).map(tiny_item).compute(), r)
     emit("tiny.dask_bag", n_bag / t_bag, "items/s")
+    bd = shardc.shards(n_tiny, block_size=-(-n_tiny // 8))
+    t_sb, res = median_time(lambda: shardc.shard_map(bd, batch_shard, workers=2, cluster=on1), r)
+    assert sum(len(b) for b in res.results) == n_tiny
+    emit("tiny.cluster1_batched", n_tiny / t_sb, "items/s")
     emit("tiny.cluster1_vs_dask_bag", (n_tiny / t_cl) / (n_bag / t_bag), "x")
 
 
@@ -296,6 +302,11 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
         emit(f"two_nodes.node_shards[{name}]", n["shards"], "shards")
 
 
+def batch_shard(shard: Any) -> list[int]:
+    """The batched form in shardc: one shard per batch, a plain loop inside (as the peers' batches)."""
+    return [tiny_item(i) for i in range(shard.start, shard.stop)]
+
+
 def ray_item(i: int) -> int:
     return i
 
@@ -335,7 +346,12 @@ def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
         )
         assert sum(len(b) for b in out) == n_tiny
         emit("ray.tiny.ray_batched_tasks", n_tiny / t_batch, "items/s")
+        bd = shardc.shards(n_tiny, block_size=step)
+        t_sb, res = median_time(lambda: shardc.shard_map(bd, batch_shard, workers=2, cluster=on), r)
+        assert sum(len(b) for b in res.results) == n_tiny
+        emit("ray.tiny.shardc_batched", n_tiny / t_sb, "items/s")
         emit("ray.tiny.shardc_vs_ray_batched", t_batch / t_cl, "x")
+        emit("ray.tiny.shardc_batched_vs_ray_batched", t_batch / t_sb, "x")
 
         d = shardc.shards(cols, block_size=BLOCK)
         mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
