@@ -205,7 +205,10 @@ class Job:
             values[k] = None
         d = res.diagnostics
         if self.tuned is None and d.autotune:
-            self.tuned = d.chunk_size_final
+            # The size autotune settled on while shards were plentiful: its last
+            # steps shrink the chunks to balance the call's tail (down to 1), a
+            # size that would send every later macro-shard's shards one by one.
+            self.tuned = max(int(e["chunk_to"]) for e in d.autotune)
         mem = d.worker_memory()
         agent.peak_rss = max(agent.peak_rss, _rss())
         return {

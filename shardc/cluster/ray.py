@@ -160,9 +160,10 @@ class RayBackend:
 
     def finish(self) -> None:
         """The call is over: its agents drop its state (they, the actors and the inputs stay)."""
-        for name, actor in list(self.actors.items()):
+        ends = {name: actor.end_job.remote(self.job_id) for name, actor in self.actors.items()}  # all at once
+        for name, ref in ends.items():
             try:
-                ray.get(actor.end_job.remote(self.job_id), timeout=30)
+                ray.get(ref, timeout=30)
             except Exception as exc:  # noqa: BLE001 - a lost actor: dropped, the next call starts another
                 log.warning("shardc cluster: ending the call on Ray node %s failed: %s", name, exc)
                 self.actors.pop(name, None)
