@@ -79,13 +79,14 @@ class Backend(Protocol):
 class MacroPlanner:
     """Cuts ``0..n-1`` into macro-shards of about ``target`` seconds, in order."""
 
-    def __init__(self, n: int, nodes: int, target: float) -> None:
+    def __init__(self, n: int, nodes: int, target: float, workers: int = 1) -> None:
         self.n = n
         self.nodes = max(1, nodes)
         self.target = target
+        self.workers = max(1, workers)  # a macro-shard has at least this many shards (when left): the node's pool
         self.next_lo = 0
         self.per_shard: float | None = None  # seconds per shard, running mean
-        self.first = max(1, min(n // (self.nodes * 64), 4096))
+        self.first = max(self.workers, min(n // (self.nodes * 64), 4096))
 
     def has_next(self) -> bool:
         return self.next_lo < self.n
@@ -97,7 +98,9 @@ class MacroPlanner:
         else:
             want = self.target / max(self.per_shard, 1e-9)
             floor = 0.1 * self.target / max(self.per_shard, 1e-9)  # tail pieces still amortise the round trip
-            size = round(max(min(want, left / (2 * self.nodes)), floor, 1))
+            size = round(max(min(want, left / (2 * self.nodes)), floor, self.workers))
+        if left - size < self.workers:
+            size = left  # no remainder too small to keep the node's pool busy
         lo = self.next_lo
         self.next_lo = min(self.n, lo + size)
         return lo, self.next_lo
@@ -253,7 +256,7 @@ def _call(backend: Any, opts: Cluster, job: dict[str, Any], inputs: list[np.ndar
     keys = {s["key"]: int(a.nbytes) for s, a in zip(job["inputs"], inputs, strict=True)}
     new, drop = backend.cache.use(keys, opts.input_cache_bytes)
     job["keep"] = list(backend.cache.sizes)
-    run = _Run(backend, opts, desc.num_shards, len(nodes), outs)
+    run = _Run(backend, opts, desc.num_shards, len(nodes), outs, job["local"].get("workers"))
     run.nodes_at_start = nodes
     run.t_start_ns = time.monotonic_ns()
     run.cached_keys = len(keys) - len(new)
@@ -268,11 +271,20 @@ def _call(backend: Any, opts: Cluster, job: dict[str, Any], inputs: list[np.ndar
 class _Run:
     """The driver loop of one call and what it gathered."""
 
-    def __init__(self, backend: Backend, opts: Cluster, n: int, n_nodes: int, outs: dict[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        opts: Cluster,
+        n: int,
+        n_nodes: int,
+        outs: dict[str, np.ndarray],
+        local_workers: Any = None,
+    ) -> None:
         self.backend = backend
         self.opts = opts
         self.n = n
-        self.planner = MacroPlanner(n, n_nodes, opts.macro_seconds)
+        w = local_workers if isinstance(local_workers, int) else 1
+        self.planner = MacroPlanner(n, n_nodes, opts.macro_seconds, w)
         self.n_nodes = n_nodes
         self.results: list[Any] = [None] * n
         self.failures: dict[int, ShardFailure] = {}

@@ -100,6 +100,13 @@ def test_planner_covers_every_shard_once_and_grows_to_the_target() -> None:
         assert a == covered and b > a
         covered = b
     assert covered == 1_000_000
+    few = MacroPlanner(8, 1, 2.0, workers=2)  # 8 long shards: every macro-shard keeps the node's 2 workers busy
+    sizes = []
+    while few.has_next():
+        a, b = few.take()
+        sizes.append(b - a)
+        few.observe(b - a, 0.25 * (b - a))
+    assert sum(sizes) == 8 and min(sizes) >= 2
 
 
 def test_bad_cluster_arguments_fail_before_anything_starts() -> None:
