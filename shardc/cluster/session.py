@@ -168,12 +168,16 @@ def close(engine: Any = None) -> int:
     return len(found)
 
 
-def _close_quietly(b: Any) -> None:
-    with b.call_lock:
-        try:
-            b.close()
-        except Exception as exc:  # noqa: BLE001 - agents also exit with their worker, or when idle
-            log.warning("shardc cluster: closing a %s session failed (%s); its agents exit when idle", b.name, exc)
+def _close_quietly(b: Any, wait: float = 30.0) -> None:
+    # A call still running (a daemon thread at exit) keeps its lock: close anyway after ``wait``.
+    got = b.call_lock.acquire(timeout=wait)
+    try:
+        b.close()
+    except Exception as exc:  # noqa: BLE001 - agents also exit with their worker, or when idle
+        log.warning("shardc cluster: closing a %s session failed (%s); its agents exit when idle", b.name, exc)
+    finally:
+        if got:
+            b.call_lock.release()
 
 
 atexit.register(close)  # registered after Dask's/Ray's own atexit hooks: runs before them
