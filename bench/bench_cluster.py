@@ -219,7 +219,7 @@ def run_recovery(c2: Any) -> None:
 
 
 def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
-    from shardc.cluster.session import content_key
+    from shardc.cluster.keys import content_key
 
     rows, cols = X.shape
     d = shardc.shards(cols, block_size=BLOCK)

@@ -48,10 +48,11 @@ from ..errors import ClusterError, InvalidArgumentError, ShardMapError, Unpickla
 from ..kernels import get_kernel
 from ..result import FailedShard, ShardFailure, ShardResult
 from ..share import Shared, default_cache
+from .keys import SEALED_MIN_BYTES, InputCache, content_key, is_sealed
 from .node import AgentRefusedError
 from .options import Cluster
 from .outs import OutMerger
-from .session import SEALED_MIN_BYTES, InputCache, content_key, is_sealed, session_for
+from .session import session_for
 
 log = logging.getLogger("shardc")
 

@@ -26,7 +26,7 @@ import numpy as np
 from distributed import Client, Future, get_worker, wait
 
 from . import node
-from .session import InputCache
+from .keys import InputCache
 
 TOPIC = "shardc-cluster"
 log = logging.getLogger("shardc")

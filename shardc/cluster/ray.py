@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import ClusterError
 from . import node
-from .session import InputCache
+from .keys import InputCache
 
 log = logging.getLogger("shardc")
 

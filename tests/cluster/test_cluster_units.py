@@ -142,7 +142,7 @@ def test_without_cluster_nothing_imports_dask_or_ray() -> None:
 
 def test_content_key_follows_every_byte_and_only_the_bytes() -> None:
     """Equal bytes give equal keys (whatever the array object); any one changed byte, in small or chunked inputs, a new key."""
-    from shardc.cluster.session import _CHUNK, content_key
+    from shardc.cluster.keys import _CHUNK, content_key
 
     small = np.arange(1000, dtype=np.float64)
     assert content_key(small) == content_key(small.copy()) == content_key(small.view(np.uint8))
@@ -158,7 +158,7 @@ def test_content_key_follows_every_byte_and_only_the_bytes() -> None:
 
 def test_input_cache_keeps_the_call_and_drops_least_recently_used() -> None:
     """The current call's keys always stay; older ones while they fit in the budget, least recently used dropped first."""
-    from shardc.cluster.session import InputCache
+    from shardc.cluster.keys import InputCache
 
     c = InputCache()
     assert c.use({"a": 10}, 0) == (["a"], [])
@@ -174,7 +174,7 @@ def test_input_cache_keeps_the_call_and_drops_least_recently_used() -> None:
 def test_a_sealed_copy_is_hashed_once_and_a_plain_array_through_the_share_cache() -> None:
     """shardc.share(X) (sealed) and big plain arrays get their key from the sealed copy, hashed once; a changed array gets a new copy and key."""
     from shardc.cluster.base import _input_array
-    from shardc.cluster.session import _sealed_keys, content_key, is_sealed
+    from shardc.cluster.keys import _sealed_keys, content_key, is_sealed
 
     x = np.arange(300_000, dtype=np.float64)  # >= 1 MiB: through the share cache
     spec, data, sealed = _input_array("x", x)
