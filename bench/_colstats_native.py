@@ -21,8 +21,12 @@ Mean + variance (16384 x 8192 = 1 GiB; ``--quick``: 4096 x 8192), 2 workers or t
 
 * ``xtx_blas1`` / ``xtx_blas2``: NumPy ``X.T @ X`` with BLAS limited to 1 / 2
   threads (threadpoolctl); NumPy hands this product to ``syrk``.
-* ``shardc_crossprod``: ``shardc.shard_crossprod(X, pool=pool)``: tiles on and
-  above the diagonal, 1 BLAS thread per worker, mirrored.
+* ``shardc_crossprod``: ``shardc.shard_crossprod(X, pool=pool)``: row blocks
+  (the default for this tall shape): 16 blocks of 8192 rows, one full-width
+  ``syrk`` per block with 1 BLAS thread per worker, the 16 partials (8 MiB
+  each, in a shared buffer) summed in a fixed pairwise tree by the master.
+* ``shardc_crossprod_tiles``: the same with ``method="tiles"`` (2 x 2 output
+  tiles on and above the diagonal, mirrored): the previous default.
 
 Does not measure: the one-time copy of a matrix into shared memory (the
 matrix is created inside a shardc buffer), pool start-up, numba compilation
@@ -39,7 +43,7 @@ import numpy as np
 
 WORKERS = 2
 STATS = ["np_oneliner", "numba_prange", "dask_threads", "pool_fork_rows", "shardc_native"]
-XTX = ["xtx_blas1", "xtx_blas2", "shardc_crossprod"]
+XTX = ["xtx_blas1", "xtx_blas2", "shardc_crossprod", "shardc_crossprod_tiles"]
 ROW_BLOCK = 256  # rows per task / prange block for the peers
 
 _X: np.ndarray | None = None  # the matrix a forked Pool inherits
@@ -165,10 +169,11 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
         def run() -> None:
             with threadpool_limits(limits=nthreads, user_api="blas"):
                 out["z"] = X.T @ X
-    elif variant == "shardc_crossprod":
+    elif variant in ("shardc_crossprod", "shardc_crossprod_tiles"):
+        method = "tiles" if variant.endswith("tiles") else "auto"
 
         def run() -> None:
-            out["z"] = shardc.shard_crossprod(X, pool=pool)
+            out["z"] = shardc.shard_crossprod(X, pool=pool, method=method)
     else:
         raise SystemExit(f"unknown variant {variant}")
 
