@@ -210,8 +210,9 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
 
 def _xtx_paired(X: np.ndarray, B: Any, pool: Any, repeats: int) -> dict[str, Any]:
     """xtx_paired: the four X.T @ X variants interleaved in this interpreter (see the docstring)."""
-    import shardc
     from threadpoolctl import threadpool_limits
+
+    import shardc
 
     def blas(k: int) -> Any:
         def run() -> np.ndarray:
@@ -265,7 +266,8 @@ def _xtx_paired(X: np.ndarray, B: Any, pool: Any, repeats: int) -> dict[str, Any
 def report_paired(r: dict[str, Any]) -> None:
     med = r["medians"]
     print()
-    print(f"### xtx_paired: interleaved in one interpreter, {len(r['times']['xtx_blas1'])} rounds, load {r['loadavg']:.1f}")
+    rounds = len(r["times"]["xtx_blas1"])
+    print(f"### xtx_paired: interleaved in one interpreter, {rounds} rounds, load {r['loadavg']:.1f}")
     print()
     cpu = r["cpu_medians"]
     rows = [
