@@ -33,7 +33,7 @@ inf propagate as in NumPy.  Results are float64 arrays.
   s = 1, 2, 4, ...).  G depends on the shape only, never on the worker
   count, so the result is bit-identical for any number of workers and
   across retries.  Chosen when ``G * p * q * itemsize`` is at most 1/4 of
-  the inputs' bytes and 256 MiB;
+  the inputs' bytes and 256 MiB (blocks of at least 16 x max(p, q) rows);
 * **tiles** of the output (wide matrices): one BLAS call per tile, written
   into a shared output buffer.  With ``Y=None`` only the tiles on and above
   the diagonal are computed (a diagonal tile is ``A.T @ A``, which NumPy
@@ -210,9 +210,15 @@ register_kernel(
     description="X.T @ Y of the row block shard.idx into P[shard.id] (partials summed by the caller)",
 )
 
-ROW_PARTS = 16  # row blocks of a crossprod: at least this many (balance), data permitting
-ROW_PART_BYTES = 64 * 1024**2  # ... and one more per this many input bytes (room for more workers)
+ROW_PARTS = 16  # row blocks of a crossprod: this many (balance), data permitting
+ROW_PART_BYTES = 64 * 1024**2  # ... or one per this many input bytes if more (room for more workers)
 ROW_MIN_ROWS = 256  # rows per block at least (a BLAS call on fewer rows runs below its peak)
+# ... and at least this many times the output's side: a block's fixed costs
+# (NumPy mirrors syrk's triangle, p x p of strided copies; the partial's pages
+# are faulted in) are O(p * q), its BLAS work O(rows * p * q).  Measured at
+# p = 1024 (single thread, loaded box): 16 blocks of 8192 rows took 10% more
+# CPU than one syrk, 8 blocks of 16384 rows 2% more.
+ROW_MIN_RATIO = 16
 PARTIALS_MAX = 256 * 1024**2  # the (G, p, q) partials: at most this many bytes ...
 PARTIALS_SHARE = 4  # ... and at most 1/4 of the inputs' bytes; else tiles
 
@@ -226,7 +232,8 @@ def row_blocks(n: int, p: int, q: int, itemsize: int, in_bytes: int, force: bool
     the same for any worker count.  ``force``: row blocks even when the
     partials are big next to the inputs (never 0 then).
     """
-    want = min(max(ROW_PARTS, math.ceil(in_bytes / ROW_PART_BYTES)), math.ceil(n / ROW_MIN_ROWS))
+    min_rows = max(ROW_MIN_ROWS, ROW_MIN_RATIO * max(p, q))
+    want = min(max(ROW_PARTS, math.ceil(in_bytes / ROW_PART_BYTES)), math.ceil(n / min_rows))
     fit = min(in_bytes // PARTIALS_SHARE, PARTIALS_MAX) // max(1, p * q * itemsize)
     g = want if force else min(want, fit)
     if g < 2 and not force:
