@@ -21,8 +21,16 @@ Mean + variance (16384 x 8192 = 1 GiB; ``--quick``: 4096 x 8192), 2 workers or t
 
 * ``xtx_blas1`` / ``xtx_blas2``: NumPy ``X.T @ X`` with BLAS limited to 1 / 2
   threads (threadpoolctl); NumPy hands this product to ``syrk``.
-* ``shardc_crossprod``: ``shardc.shard_crossprod(X, pool=pool)``: tiles on and
-  above the diagonal, 1 BLAS thread per worker, mirrored.
+* ``shardc_crossprod``: ``shardc.shard_crossprod(X, pool=pool)``: row blocks
+  (the default for this tall shape): 16 blocks of 8192 rows, one full-width
+  ``syrk`` per block with 1 BLAS thread per worker, the 16 partials (8 MiB
+  each, in a shared buffer) summed in a fixed pairwise tree by the master.
+* ``shardc_crossprod_tiles``: the same with ``method="tiles"`` (2 x 2 output
+  tiles on and above the diagonal, mirrored): the previous default.
+* ``xtx_paired``: the four above in ONE interpreter on one matrix and one
+  warm pool, interleaved (each round runs all four, the order rotating), so
+  a shared box's changing load hits them alike; reports each one's median
+  and the ratios of the medians (the numbers to quote on a busy machine).
 
 Does not measure: the one-time copy of a matrix into shared memory (the
 matrix is created inside a shardc buffer), pool start-up, numba compilation
@@ -39,7 +47,7 @@ import numpy as np
 
 WORKERS = 2
 STATS = ["np_oneliner", "numba_prange", "dask_threads", "pool_fork_rows", "shardc_native"]
-XTX = ["xtx_blas1", "xtx_blas2", "shardc_crossprod"]
+XTX = ["xtx_blas1", "xtx_blas2", "shardc_crossprod", "shardc_crossprod_tiles", "xtx_paired"]
 ROW_BLOCK = 256  # rows per task / prange block for the peers
 
 _X: np.ndarray | None = None  # the matrix a forked Pool inherits
@@ -113,7 +121,7 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     import shardc
 
     pool = None
-    if variant.startswith("shardc"):
+    if variant.startswith("shardc") or variant == "xtx_paired":
         pool = shardc.pool_create(WORKERS)  # warm, forked before the data exists
     rows, cols = stats_dims(quick) if variant in STATS else xtx_dims(quick)
     B = shardc.buffer(np.float64, (rows, cols))
@@ -165,10 +173,13 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
         def run() -> None:
             with threadpool_limits(limits=nthreads, user_api="blas"):
                 out["z"] = X.T @ X
-    elif variant == "shardc_crossprod":
+    elif variant in ("shardc_crossprod", "shardc_crossprod_tiles"):
+        method = "tiles" if variant.endswith("tiles") else "auto"
 
         def run() -> None:
-            out["z"] = shardc.shard_crossprod(X, pool=pool)
+            out["z"] = shardc.shard_crossprod(X, pool=pool, method=method)
+    elif variant == "xtx_paired":
+        return _xtx_paired(X, B, pool, repeats)
     else:
         raise SystemExit(f"unknown variant {variant}")
 
@@ -197,9 +208,95 @@ def run_native_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     return res
 
 
+def _xtx_paired(X: np.ndarray, B: Any, pool: Any, repeats: int) -> dict[str, Any]:
+    """xtx_paired: the four X.T @ X variants interleaved in this interpreter (see the docstring)."""
+    from threadpoolctl import threadpool_limits
+
+    import shardc
+
+    def blas(k: int) -> Any:
+        def run() -> np.ndarray:
+            with threadpool_limits(limits=k, user_api="blas"):
+                return X.T @ X
+
+        return run
+
+    fns = {
+        "xtx_blas1": blas(1),
+        "xtx_blas2": blas(2),
+        "shardc_crossprod": lambda: shardc.shard_crossprod(X, pool=pool),
+        "shardc_crossprod_tiles": lambda: shardc.shard_crossprod(X, pool=pool, method="tiles"),
+    }
+    names = list(fns)
+    ref = fns["xtx_blas1"]()
+    for name in names[1:]:
+        z = fns[name]()  # warm-up, and the check
+        err = float(np.linalg.norm(z - ref) / np.linalg.norm(ref))
+        if err > 1e-13:
+            raise SystemExit(f"xtx_paired: {name} is off by {err:.1e}")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    meter = C.CpuMeter()
+    for r in range(max(5, repeats)):
+        for name in names[r % 4 :] + names[: r % 4]:
+            meter.start()
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(meter.stop())
+    pool.stop()
+    B.close()
+    med = {n: C.median(ts) for n, ts in times.items()}
+    return {
+        "paired": True,
+        "times": times,
+        "cpu_medians": {n: C.median(c) for n, c in cpu.items()},
+        "medians": med,
+        "median_s": med["shardc_crossprod"],
+        "min_s": min(times["shardc_crossprod"]),
+        "cpu_s": float("nan"),
+        "peak": 0,
+        "extra": 0,
+        "ok": True,
+        "err": 0.0,
+        "loadavg": C.loadavg(),
+    }
+
+
+def report_paired(r: dict[str, Any]) -> None:
+    med = r["medians"]
+    print()
+    rounds = len(r["times"]["xtx_blas1"])
+    print(f"### xtx_paired: interleaved in one interpreter, {rounds} rounds, load {r['loadavg']:.1f}")
+    print()
+    cpu = r["cpu_medians"]
+    rows = [
+        [n, med[n], min(r["times"][n]), med[n] / med["xtx_blas1"], med[n] / med["xtx_blas2"], cpu[n]] for n in med
+    ]
+    print(C.table(["variant", "wall s (median)", "wall s (min)", "/ blas1", "/ blas2", "CPU s (tree)"], rows))
+    # On a box whose other jobs saturate it (autogroup scheduling gives this
+    # session one share whatever its thread count), the wall ratio says
+    # little; the CPU ratio is what 2 free cores would turn into wall time.
+    print(f"CPU shardc_crossprod / blas1: {cpu['shardc_crossprod'] / cpu['xtx_blas1']:.3f} "
+          f"(on 2 free cores the wall ratio is about half of it)")
+    for n in med:
+        C.emit(f"colstats.xtx_paired.{n}.wall_median", med[n], "s")
+    a, b = med["shardc_crossprod"] / med["xtx_blas1"], med["shardc_crossprod"] / med["xtx_blas2"]
+    C.print_targets(
+        "colstats",
+        [
+            ("xtx_paired_vs_blas1", "X.T @ X (paired): <= 0.55x single-thread BLAS", f"{a:.2f}x", a <= 0.55),
+            ("xtx_paired_vs_blas2", "X.T @ X (paired): <= 1.05x NumPy with 2 BLAS threads", f"{b:.2f}x", b <= 1.05),
+        ],
+    )
+
+
 def report_native(results: dict[str, dict[str, Any]], quick: bool) -> None:
+    paired = results.get("xtx_paired")
+    if paired is not None and "error" not in paired:
+        report_paired(paired)
     for group, names, dims in (("onepass", STATS, stats_dims(quick)), ("xtx", XTX, xtx_dims(quick))):
-        got = {n: results[n] for n in names if n in results}
+        got = {n: results[n] for n in names if n in results and n != "xtx_paired"}
         if not got:
             continue
         table = []

@@ -4,7 +4,7 @@ The single-pass variants (shardc.col_stats and shard_crossprod against the
 NumPy one-liners, numba prange, dask.array, a forked Pool) are described in
 ``_colstats_native.py``; run them with
 ``--only np_oneliner,numba_prange,dask_threads,pool_fork_rows,shardc_native``
-and ``--only xtx_blas1,xtx_blas2,shardc_crossprod``.  Below: the column-block
+and ``--only xtx_blas1,xtx_blas2,shardc_crossprod,shardc_crossprod_tiles``.  Below: the column-block
 ``shard_map`` variants.
 
 Measures: wall time to compute the mean and variance (ddof=0) of every column

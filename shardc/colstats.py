@@ -22,11 +22,22 @@ depends only on the shape, never on the worker count.  Accumulation is in
 float64 for every input type (float32 and integer inputs included); NaN and
 inf propagate as in NumPy.  Results are float64 arrays.
 
-``shard_crossprod(X, Y=None)`` is ``X.T @ Y`` by 2-D tiles of the output,
-one BLAS call per tile (workers run BLAS with one thread), written into a
-shared output buffer.  With ``Y=None`` only the tiles on and above the
-diagonal are computed (a diagonal tile is ``A.T @ A``, which NumPy hands to
-``syrk``) and mirrored, half the work of the general product.
+``shard_crossprod(X, Y=None)`` is ``X.T @ Y``, one BLAS call per task
+(workers run BLAS with one thread), in one of two decompositions:
+
+* **row blocks** (tall matrices, the default when the partials are small):
+  ``X.T @ Y = sum_b Xb.T @ Yb`` over G blocks of consecutive rows; each
+  worker writes its block's full-width product (``syrk`` for ``X.T @ X``)
+  into slot b of a shared ``(G, p, q)`` buffer, and the master adds the
+  slots in a fixed pairwise tree (in place: slot i += slot i + s for
+  s = 1, 2, 4, ...).  G depends on the shape only, never on the worker
+  count, so the result is bit-identical for any number of workers and
+  across retries.  Chosen when ``G * p * q * itemsize`` is at most 1/4 of
+  the inputs' bytes and 256 MiB (blocks of at least 16 x max(p, q) rows);
+* **tiles** of the output (wide matrices): one BLAS call per tile, written
+  into a shared output buffer.  With ``Y=None`` only the tiles on and above
+  the diagonal are computed (a diagonal tile is ``A.T @ A``, which NumPy
+  hands to ``syrk``) and mirrored, half the work of the general product.
 """
 
 from __future__ import annotations
@@ -173,9 +184,78 @@ def crossprod_sym_tile(tile: Any, X: np.ndarray, Z: np.ndarray) -> None:
     Z[ys, xs] = Z[xs, ys].T
 
 
+def crossprod_rows_sym(shard: Any, X: np.ndarray, P: np.ndarray) -> None:
+    """Row block ``b = shard.id`` of ``X.T @ X``: ``P[b] = Xb.T @ Xb`` (NumPy's syrk path)."""
+    A = X[shard.idx]
+    np.matmul(A.T, A, out=P[shard.id])
+
+
+def crossprod_rows(shard: Any, X: np.ndarray, Y: np.ndarray, P: np.ndarray) -> None:
+    """Row block ``b = shard.id`` of ``X.T @ Y``: ``P[b] = Xb.T @ Yb`` (one gemm)."""
+    rows = shard.idx
+    np.matmul(X[rows].T, Y[rows], out=P[shard.id])
+
+
 register_kernel(
     "crossprod_sym_tile", crossprod_sym_tile, description="X.T @ X tile on/above the diagonal, mirrored, into Z"
 )
+register_kernel(
+    "crossprod_rows_sym",
+    crossprod_rows_sym,
+    description="X.T @ X of the row block shard.idx into P[shard.id] (partials summed by the caller)",
+)
+register_kernel(
+    "crossprod_rows",
+    crossprod_rows,
+    description="X.T @ Y of the row block shard.idx into P[shard.id] (partials summed by the caller)",
+)
+
+ROW_PARTS = 16  # row blocks of a crossprod: this many (balance), data permitting
+ROW_PART_BYTES = 64 * 1024**2  # ... or one per this many input bytes if more (room for more workers)
+ROW_MIN_ROWS = 256  # rows per block at least (a BLAS call on fewer rows runs below its peak)
+# ... and at least this many times the output's side: a block's fixed costs
+# (NumPy mirrors syrk's triangle, p x p of strided copies; the partial's pages
+# are faulted in) are O(p * q), its BLAS work O(rows * p * q).  Measured at
+# p = 1024 (single thread, loaded box): 16 blocks of 8192 rows took 10% more
+# CPU than one syrk, 8 blocks of 16384 rows 2% more.
+ROW_MIN_RATIO = 16
+PARTIALS_MAX = 256 * 1024**2  # the (G, p, q) partials: at most this many bytes ...
+PARTIALS_SHARE = 4  # ... and at most 1/4 of the inputs' bytes; else tiles
+
+
+def row_blocks(n: int, p: int, q: int, itemsize: int, in_bytes: int, force: bool = False) -> int:
+    """Rows per block for the row-block crossprod of an ``n x p`` by ``n x q``
+    product, or 0 when tiles are the better decomposition.
+
+    A function of the shapes and item size only (never of the workers), so
+    the partials and their summation tree, hence the bits of the result, are
+    the same for any worker count.  ``force``: row blocks even when the
+    partials are big next to the inputs (never 0 then).
+    """
+    min_rows = max(ROW_MIN_ROWS, ROW_MIN_RATIO * max(p, q))
+    want = min(max(ROW_PARTS, math.ceil(in_bytes / ROW_PART_BYTES)), math.ceil(n / min_rows))
+    fit = min(in_bytes // PARTIALS_SHARE, PARTIALS_MAX) // max(1, p * q * itemsize)
+    g = want if force else min(want, fit)
+    if g < 2 and not force:
+        return 0
+    return math.ceil(n / max(1, g))
+
+
+def tree_sum(P: np.ndarray) -> np.ndarray:
+    """``P.sum(0)`` in a fixed pairwise tree, in place: ``P[i] += P[i + s]``
+    for s = 1, 2, 4, ... (i a multiple of 2s); returns ``P[0]``.  Each add
+    runs over rows of ~1 MiB at a time, so both operands stay in cache."""
+    g = P.shape[0]
+    flat = P.reshape(g, -1)
+    step = max(1, (1024**2 // P.itemsize))
+    for c0 in range(0, flat.shape[1], step):
+        blk = flat[:, c0 : c0 + step]
+        s = 1
+        while s < g:
+            for i in range(0, g - s, 2 * s):
+                np.add(blk[i], blk[i + s], out=blk[i])
+            s *= 2
+    return P[0]
 
 
 def _grid(workers: int | None, pool: Any) -> int:
@@ -192,20 +272,32 @@ def _grid(workers: int | None, pool: Any) -> int:
 
 
 def shard_crossprod(
-    X: Any, Y: Any = None, *, workers: int | None = None, pool: Any = None, tile: int | None = None
+    X: Any,
+    Y: Any = None,
+    *,
+    workers: int | None = None,
+    pool: Any = None,
+    tile: int | None = None,
+    method: str = "auto",
 ) -> np.ndarray:
-    """``X.T @ Y`` (``X.T @ X`` when Y is None) by output tiles, one BLAS call per tile.
+    """``X.T @ Y`` (``X.T @ X`` when Y is None), one BLAS call per task.
 
     Args:
         X: 2-D float array (n x p); Y: 2-D float array (n x q) or None.
-        tile: the side of an output tile (columns of X and of Y); default:
-            a grid of 2 x 2 tiles for up to 2 workers, finer for more.
+        tile: the side of an output tile (columns of X and of Y) for the
+            tiles decomposition (implies ``method="tiles"`` under "auto");
+            default: a grid of 2 x 2 tiles for up to 2 workers, finer for more.
+        method: "auto" (row blocks when their partials are small next to
+            the inputs, see :func:`row_blocks`; tiles otherwise), "rows" or
+            "tiles".  Row blocks: bit-identical for any worker count; tiles:
+            for any worker count up to 2 (the grid follows the workers).
 
     Returns:
         The p x q product as a new array (float64, or float32 when both are).
 
     Raises:
-        InvalidArgumentError / InvalidTypeError: not 2-D float arrays, or the row counts differ.
+        InvalidArgumentError / InvalidTypeError: not 2-D float arrays, the
+            row counts differ, or a bad ``tile``/``method``.
     """
     X = _matrix(X, "shard_crossprod")
     Yv = None if Y is None else _matrix(Y, "shard_crossprod")
@@ -218,14 +310,52 @@ def shard_crossprod(
         )
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1):
         raise InvalidArgumentError(f"shard_crossprod: tile must be a positive integer, got {tile!r}")
-    p = X.shape[1]
+    if method not in ("auto", "rows", "tiles"):
+        raise InvalidArgumentError(f"shard_crossprod: method must be 'auto', 'rows' or 'tiles', got {method!r}")
+    if method == "rows" and tile is not None:
+        raise InvalidArgumentError("shard_crossprod: tile= applies to method='tiles'; leave it out with method='rows'")
+    n, p = X.shape
     q = p if Yv is None else Yv.shape[1]
+    dt = np.result_type(X.dtype, X.dtype if Yv is None else Yv.dtype)
+    if p == 0 or q == 0 or n == 0:
+        return np.zeros((p, q), dtype=dt)
+    rows = 0
+    if method == "rows" or (method == "auto" and tile is None):
+        in_bytes = X.nbytes + (0 if Yv is None else Yv.nbytes)
+        rows = row_blocks(n, p, q, dt.itemsize, in_bytes, force=method == "rows")
+    if rows:
+        return _crossprod_rows(X, Yv, dt, rows, workers, pool)
     if tile is None:
         g = _grid(workers, pool)
         tile = max(1, math.ceil(max(p, q) / g))
-    dt = np.result_type(X.dtype, X.dtype if Yv is None else Yv.dtype)
-    if p == 0 or q == 0 or X.shape[0] == 0:
-        return np.zeros((p, q), dtype=dt)
+    return _crossprod_tiles(X, Yv, dt, tile, workers, pool)
+
+
+def _crossprod_rows(X: np.ndarray, Yv: np.ndarray | None, dt: Any, rows: int, workers: Any, pool: Any) -> np.ndarray:
+    """Row blocks of ``rows`` rows, partials into a shared ``(G, p, q)`` buffer, summed by :func:`tree_sum`."""
+    desc = shards(X.shape[0], block_size=rows)
+    q = X.shape[1] if Yv is None else Yv.shape[1]
+    P = buffer(dt, (desc.num_shards, X.shape[1], q))
+    try:
+        shard_map(
+            desc,
+            kernel="crossprod_rows_sym" if Yv is None else "crossprod_rows",
+            borrow={"X": X} if Yv is None else {"X": X, "Y": Yv},
+            out={"P": P},
+            workers=workers,
+            pool=pool,
+            diagnostics=False,
+            dispatch_opts={"prefetch": 1},
+        )
+        return np.array(tree_sum(P.array))
+    finally:
+        P.close()
+
+
+def _crossprod_tiles(X: np.ndarray, Yv: np.ndarray | None, dt: Any, tile: int, workers: Any, pool: Any) -> np.ndarray:
+    """2-D tiles of the output, one BLAS call per tile, straight into a shared ``(p, q)`` buffer."""
+    p = X.shape[1]
+    q = p if Yv is None else Yv.shape[1]
     Z = buffer(dt, (p, q))
     # One tile at a time per worker (prefetch 1): the few tiles differ in cost
     # (for X.T @ X a diagonal tile is half an off-diagonal one and a tile below

@@ -218,8 +218,12 @@ class QueueFeeder:
             # blocks per worker in ever smaller blocks, so a retry waits
             # behind no more work than usual, and the last shards need no
             # further round trips to the master.
-            ids = sched.take_chunk(min(self.block, max(1, cover)))
-            items.append(encode(ids[0], len(ids)))
+            if sched.retry:  # (not after _retry_items took them all, unless the ring is full)
+                ids = sched.take_chunk(min(self.block, max(1, cover)))
+                items.append(encode(ids[0], len(ids)))
+            else:
+                start, count = sched.take_fresh(min(self.block, max(1, cover)))
+                items.append(encode(start, count))
             fresh += 1
         if items:
             try:

@@ -259,7 +259,7 @@ def shard_map(
             call.value_sink.discard()  # a temporary directory does not outlive a failed call
         raise
     diag.wall_seconds = time.perf_counter() - t_start
-    result = ShardResult(sched.results, dict(sorted(sched.failures.items())), diag, pool_stats, desc)
+    result = ShardResult(sched.results_or_count(), dict(sorted(sched.failures.items())), diag, pool_stats, desc)
     result.table = table
     if result.failures and on_failure == "raise":
         first = min(result.failures)

@@ -142,18 +142,30 @@ class ShardResult:
 
     def __init__(
         self,
-        results: list[Any],
+        results: list[Any] | int,
         failures: dict[int, ShardFailure],
         diagnostics: Any,
         pool_stats: dict[str, Any],
         shards: Any,
     ) -> None:
-        self.results = results
+        # An int n stands for n Nones, made into the list when first read
+        # (an shm_queue call of 20M shards gathers nothing: no 160 MB list).
+        self._results = results
         self.failures = failures
         self.diagnostics = diagnostics
         self.pool_stats = _plain(pool_stats)
         self.shards = shards
         self.table: Any = None
+
+    @property
+    def results(self) -> list[Any]:
+        if isinstance(self._results, int):
+            self._results = [None] * self._results
+        return self._results
+
+    @results.setter
+    def results(self, value: list[Any]) -> None:
+        self._results = value
 
     @property
     def succeeded(self) -> bool:
@@ -172,7 +184,7 @@ class ShardResult:
         return self.results
 
     def __len__(self) -> int:
-        return len(self.results)
+        return self._results if isinstance(self._results, int) else len(self._results)
 
     def __getitem__(self, i: Any) -> Any:
         return self.results[i]
@@ -192,4 +204,4 @@ class ShardResult:
         d = self.diagnostics
         wall = getattr(d, "wall_seconds", None) if d is not None else None
         extra = f" in {wall:.3f}s" if wall is not None else ""
-        return f"<ShardResult {len(self.results)} shards, {len(self.failures)} failed{extra}>"
+        return f"<ShardResult {len(self)} shards, {len(self.failures)} failed{extra}>"

@@ -69,7 +69,7 @@ class Scheduler:
         self.retry: deque[int] = deque()
         self.attempts = np.zeros(num, dtype=np.int16)
         self.state = bytearray(num)  # PENDING/DONE/FAILED (bytearray: cheap scalar access)
-        self.results: list[Any] = [None] * num
+        self._results: list[Any] | None = None  # made on first store: see results_or_count
         self.failures: dict[int, ShardFailure] = {}
         self.history: dict[int, list[str]] = {}
         self.completed = 0
@@ -78,6 +78,20 @@ class Scheduler:
         self.ewma_shard_s: float | None = None  # measured seconds per shard
         self.huge_inflight = 0
         self.huge_ids: set[int] = set()
+
+    @property
+    def results(self) -> list[Any]:
+        """One value per shard (None where nothing was stored), made on first use."""
+        if self._results is None:
+            self._results = [None] * self.num
+        return self._results
+
+    def results_or_count(self) -> list[Any] | int:
+        """``results``, or just ``num`` when nothing was ever stored (every
+        value None: an shm_queue call without failures), so that a call of
+        20M shards does not build a 20M-entry list nobody reads
+        (``ShardResult`` makes it when first asked)."""
+        return self._results if self._results is not None else self.num
 
     # -- taking work ---------------------------------------------------------------------
     def finished(self) -> bool:
@@ -96,6 +110,15 @@ class Scheduler:
             ids.extend(range(self.next_fresh, self.next_fresh + k))
             self.next_fresh += k
         return ids
+
+    def take_fresh(self, size: int) -> tuple[int, int]:
+        """Up to ``size`` fresh ids as a range ``(start, count)`` (count 0:
+        none left), without a Python object per id: the shm_queue feeder
+        hands out ranges (retries it takes from ``retry`` itself)."""
+        start = self.next_fresh
+        k = max(0, min(size, self.num - start))
+        self.next_fresh = start + k
+        return start, k
 
     def task_data(self, ids: list[int]) -> tuple[list[Any], list[Any], list[Any]] | None:
         """What the workers need for ``ids`` beyond their ids, sent with the

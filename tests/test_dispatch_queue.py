@@ -154,6 +154,12 @@ class FakeSched:
         self.next_fresh += k
         return ids
 
+    def take_fresh(self, size: int) -> tuple[int, int]:
+        start = self.next_fresh
+        k = min(size, self.num - start)
+        self.next_fresh += k
+        return start, k
+
     def put_back(self, ids: list[int]) -> None:
         raise AssertionError("the fake ring never fills")
 

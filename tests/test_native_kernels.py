@@ -119,6 +119,26 @@ def test_plus_one_in_both_modes(kmod, registry, pool2, mode):
     out.close()
 
 
+def test_shm_queue_call_builds_no_per_shard_state_on_the_master(kmod, registry, pool2):
+    """A clean shm_queue call allocates no per-shard arrays or value list (they appear when read), a failed one does."""
+    reg(kmod, "plus_one", signature="out")
+    n = 300_000
+    out = shardc.buffer(np.int64, n)
+    res = shardc.shard_map(n, kernel="t_plus_one", out={"out": out}, pool=pool2, dispatch_mode="shm_queue")
+    d = res.diagnostics
+    assert d._per_shard == {} and isinstance(res._results, int) and len(res) == n
+    assert sum(b[2] for b in d.blocks) == n  # the per-block records are kept
+    assert res.results[-1] is None and len(res.results) == n and (d.shard_worker == -1).all()
+    assert np.isnan(d.shard_mem_delta).all() and d.shard_t0.shape == (n,)
+    reg(kmod, "faulty", signature="out", iparams=(-1, 77))
+    res = shardc.shard_map(
+        1000, kernel="t_faulty", out={"out": out}, pool=pool2, dispatch_mode="shm_queue", on_failure="collect"
+    )
+    assert list(res.failures) == [77] and res.diagnostics.shard_ok[77] == 3  # FAILED
+    assert isinstance(res.results[77], shardc.result.FailedShard) and res.results[76] is None
+    out.close()
+
+
 def test_every_accepted_form_runs(kmod, registry, pool2):
     """(path, symbol), a ctypes function and a cffi pointer all find the same code in the workers."""
     mod, so = kmod
