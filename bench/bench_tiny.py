@@ -9,14 +9,21 @@ short.  Peak memory of the whole process tree is taken in one extra run.
 Variants (each in a fresh interpreter):
 
 * ``shardc_shm_queue``: ``dispatch_mode="shm_queue"``, ``fun`` writes
-  ``out[shard.id] = shard.id`` into a shared buffer (nothing gathered).
+  ``out[shard.id] = shard.id + 1`` into a shared buffer (nothing gathered).
 * ``shardc_rpc1``: ``rpc_chunked``, ``chunk_size=1, autotune=False``,
   ``fun`` returns ``shard.id`` (gathered in shard order).
 * ``shardc_rpc_auto``: ``rpc_chunked`` with ``chunk_size="auto"``.
+* ``shardc_default``: ``shard_map(N, f)`` with no options at all (the default
+  pool made by ``pool_create(2)``, ``chunk_size=1`` + autotune), ``f``
+  returning ``shard.id + 1``, gathered: the call a user writes first.
+* ``shardc_seeded``: the same with ``seed=1`` (every shard seeds ``random``
+  and ``np.random`` from (seed, id)); its target is >= 0.5x ``shardc_default``.
 * ``*_nodiag``: the same with ``diagnostics=False`` (its cost is reported by
   ``bench_recovery.py``).
 * ``mp_pool_map1``: ``multiprocessing.Pool(2).map(f, range(N), chunksize=1)``.
-* ``mp_pool_map_auto``: the same with its default chunksize, for reference.
+* ``mp_pool_map_auto``: ``Pool(2).map(f, range(N))`` with its default
+  chunksize (``f`` returns ``i + 1``): the batched peer ``shardc_default``
+  and ``shardc_shm_queue`` are measured against.
 * ``joblib_b1`` / ``joblib_auto``: ``Parallel(n_jobs=2, batch_size=1 |
   "auto")`` (loky), inside one ``with Parallel(...)`` block.
 * ``mpire``: ``WorkerPool(2, keep_alive=True).map(f, range(N))`` (its default
@@ -58,13 +65,16 @@ SIZES = {
     "shardc_rpc1_nodiag": (5_000, 400_000, 100_000),
     "shardc_rpc_auto": (20_000, 4_000_000, 1_000_000),
     "shardc_rpc_auto_nodiag": (20_000, 4_000_000, 1_000_000),
+    "shardc_default": (20_000, 4_000_000, 1_000_000),
+    "shardc_seeded": (5_000, 1_000_000, 300_000),
     "mp_pool_map1": (2_000, 200_000, 50_000),
     "mp_pool_map_auto": (20_000, 8_000_000, 3_000_000),
     "joblib_b1": (500, 40_000, 10_000),
     "joblib_auto": (5_000, 1_000_000, 200_000),
     "mpire": (20_000, 8_000_000, 3_000_000),
 }
-VARIANTS = ["shardc_shm_queue", "shardc_rpc1", "shardc_rpc_auto", "mp_pool_map1", "mp_pool_map_auto",
+VARIANTS = ["shardc_default", "shardc_seeded", "shardc_shm_queue", "shardc_rpc1", "shardc_rpc_auto",
+            "mp_pool_map1", "mp_pool_map_auto",
             "joblib_b1", "joblib_auto", "mpire", "grid"]
 GRID_N = [100, 1_000, 2_000, 10_000, 100_000, 1_000_000]
 GRID_MODES = ["shm_queue", "rpc_auto"]
@@ -78,8 +88,16 @@ def ident_mpire(i: int) -> int:
     return i
 
 
+def plus1(i: int) -> int:
+    return i + 1
+
+
+def shard_plus1(shard: Any) -> int:
+    return shard.id + 1
+
+
 def shard_write(shard: Any, out: Any) -> None:
-    out[shard.id] = shard.id
+    out[shard.id] = shard.id + 1
 
 
 def shard_return(shard: Any) -> int:
@@ -97,6 +115,11 @@ def make_runner(variant: str, quick: bool) -> tuple[Any, Any, Any]:
         bufs: dict[int, Any] = {}
 
         def run(n: int) -> Any:
+            if base in ("shardc_default", "shardc_seeded"):
+                r = (shardc.shard_map(n, shard_plus1) if base == "shardc_default"
+                     else shardc.shard_map(n, shard_plus1, seed=1))
+                info["last"] = r
+                return lambda: r.results == list(range(1, n + 1))
             if base == "shardc_shm_queue":
                 if n not in bufs:
                     bufs.clear()
@@ -105,7 +128,7 @@ def make_runner(variant: str, quick: bool) -> tuple[Any, Any, Any]:
                 r = shardc.shard_map(n, shard_write, out={"out": buf}, dispatch_mode="shm_queue", pool=pool,
                                      diagnostics=diag)
                 info["last"] = r
-                return lambda: np.array_equal(buf.array, np.arange(n))
+                return lambda: np.array_equal(buf.array, np.arange(1, n + 1))
             if base == "shardc_rpc1":
                 r = shardc.shard_map(n, shard_return, chunk_size=1, autotune=False, pool=pool, diagnostics=diag)
             else:
@@ -117,11 +140,14 @@ def make_runner(variant: str, quick: bool) -> tuple[Any, Any, Any]:
         import multiprocessing as mp
         pool = mp.get_context("fork").Pool(WORKERS)
         pool.map(ident, range(4))
-        cs = 1 if variant == "mp_pool_map1" else None
-
-        def run(n: int) -> Any:
-            res = pool.map(ident, range(n), chunksize=cs)
-            return lambda: res == list(range(n))
+        if variant == "mp_pool_map1":
+            def run(n: int) -> Any:
+                res = pool.map(ident, range(n), chunksize=1)
+                return lambda: res == list(range(n))
+        else:
+            def run(n: int) -> Any:
+                res = pool.map(plus1, range(n))
+                return lambda: res == list(range(1, n + 1))
         return run, pool.terminate, info
     if variant.startswith("joblib"):
         import joblib
@@ -180,7 +206,7 @@ def run_grid(quick: bool, repeats: int) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     calls[m]()
                     times[m].append(time.perf_counter() - t0)
-            ok = ok and bool(np.array_equal(buf.array, np.arange(n))) and last["rpc"].results == list(range(n))
+            ok = ok and bool(np.array_equal(buf.array, np.arange(1, n + 1))) and last["rpc"].results == list(range(n))
             grid[str(n)] = {m: {"median_s": C.median(v), "min_s": min(v), "calls": len(v)} for m, v in times.items()}
             buf.close()
     finally:
@@ -314,6 +340,16 @@ def targets(results: dict[str, dict[str, Any]]) -> None:
     else:
         lines.append(("shm_queue_rate", "shm_queue >= 1M shards/s",
                       "not run: " + results.get("shardc_shm_queue", {}).get("error", "skipped")[:80], False))
+    if ok("mp_pool_map_auto"):
+        peer = results["mp_pool_map_auto"]["rate"]
+        for name, key in (("shardc_default", "default_vs_pool"), ("shardc_shm_queue", "shm_queue_vs_pool")):
+            if ok(name):
+                a = results[name]["rate"]
+                lines.append((key, f"{name} >= 1.0x Pool.map default chunking (< 0.8x: not done)",
+                              f"{a / peer:.2f}x", a >= peer))
+    if ok("shardc_seeded") and ok("shardc_default"):
+        a, b = results["shardc_seeded"]["rate"], results["shardc_default"]["rate"]
+        lines.append(("seeded_vs_default", "seed= set >= 0.5x unseeded", f"{a / b:.2f}x", a >= 0.5 * b))
     if ok("shardc_rpc1") and ok("mp_pool_map1"):
         a, b = results["shardc_rpc1"]["rate"], results["mp_pool_map1"]["rate"]
         lines.append(("rpc1_vs_pool", "rpc chunk_size=1 >= 2x Pool.map(chunksize=1)", f"{a / b:.2f}x", a >= 2 * b))

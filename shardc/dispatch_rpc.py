@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections import deque
+from itertools import repeat
 from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
-from .protocol import ERR, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, error_record
+from .protocol import ERR, FRAME, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, error_record
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 from .values import close_fds
@@ -104,8 +106,7 @@ class RpcDispatcher(Dispatcher):
                 break  # an open call's fed tasks were all cancelled (shardc.stream)
             if not sched.admit(ids):
                 break  # huge-kernel throttle: wait for a huge chunk to finish
-            for s in ids:
-                st.inflight[s] = None
+            st.inflight.update(dict.fromkeys(ids))
             td = sched.task_data(ids)
             if td is None:
                 batch.append((RUN, self.call_id, ids))
@@ -184,9 +185,27 @@ class RpcDispatcher(Dispatcher):
             results = [_unpacked(r, fds) if r[1] == OK_SEGMENT else r for r in results]
         if any(r[1] == OK_PICKLED for r in results):
             results = [(r[0], OK, pickle.loads(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
-        if self.call.diagnostics:  # before the outcomes: attempts are those of the finished run
-            diag.batch_done(w.slot, results, sched.attempts)
         huge = sched.huge_ids
+        n = len(results)
+        busy = 0
+        if any(r[1] == FRAME for r in results):  # runs of OK shards (short ones): slices, not a loop
+            frames = [r for r in results if r[1] == FRAME]
+            results = [r for r in results if r[1] != FRAME]
+            pop = inflight.pop
+            for first, _, values, t0, t1, _e, _m in frames:
+                k = len(values)
+                ids = range(first, first + k)
+                deque(map(pop, ids, repeat(None, k)), maxlen=0)
+                if huge:
+                    for sid in ids:
+                        sched.released(sid)
+                if self.call.diagnostics:  # before the outcomes: attempts are those of the finished run
+                    diag.frame_done(w.slot, first, k, t0, t1, sched.attempts)
+                sched.record_run(first, values)
+                n += k - 1
+                busy += t1 - t0
+        if self.call.diagnostics and results:
+            diag.batch_done(w.slot, results, sched.attempts)
         for sid, ok, value, _t0, _t1, events, _dmem in results:
             inflight.pop(sid, None)
             if huge:
@@ -199,8 +218,8 @@ class RpcDispatcher(Dispatcher):
                 sched.record_success(sid, value)
             else:
                 sched.record_failure(sid, value, worker=w.slot)
-        sched.observe(sum(r[4] - r[3] for r in results) * 1e-9 / len(results))
-        st.since_sample += len(results)
+        sched.observe((busy + sum(r[4] - r[3] for r in results)) * 1e-9 / max(n, 1), count=n)
+        st.since_sample += n
         st.last_msg = time.monotonic()
 
     def after_poll(self) -> None:

@@ -22,7 +22,8 @@ worker -> master
     ``(HELLO, pid, None)``         started
     ``(READY, call_id, err)``      the call is set up (err: an error record or None)
     ``(RESULTS, call_id, [Outcome])`` (+ fds)   rpc: a chunk's outcomes (fds: big
-                                   array values, ``shardc.values``)
+                                   array values, ``shardc.values``); runs of OK shards
+                                   may come as frames (``FRAME``)
     ``(QFAIL, call_id, Outcome)``  shm_queue: a failed shard
     ``(QCOW, call_id, (sid, events))``  shm_queue: writes into borrowed inputs
     ``(QDONE, call_id, dict)``     shm_queue: the worker left the ring
@@ -43,6 +44,13 @@ HELLO, READY, RESULTS, QFAIL, QCOW, QDONE, QIDLE = "hello", "ready", "results", 
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
 OK_SEGMENT = 3  # a big array in a segment whose fd rides with the message: value = (fd index, spec)
+# A frame in a RESULTS list: consecutive shards that all succeeded, laid out
+# as an Outcome whose ``sid`` is the first id, ``value`` the list of their
+# values (ids sid .. sid + len - 1), ``t0``/``t1`` the start of the first and
+# the end of the last, no events, no memory delta.  Sent instead of one
+# Outcome per shard when shards are short (~0.4 us a shard of tuples, pickling
+# and the master's per-shard loop); failures stay Outcomes.
+FRAME = 4
 
 # Exit status of a worker that retires by itself: a shard wrote more of an
 # input inherited over fork than the guards could save, so this process's
@@ -57,7 +65,7 @@ class Outcome(NamedTuple):
     """What one attempt of one shard produced (sent back to the master)."""
 
     sid: int
-    ok: int  # OK, ERR, OK_PICKLED or OK_SEGMENT
+    ok: int  # OK, ERR, OK_PICKLED, OK_SEGMENT or FRAME
     value: Any  # the return value (OK), its pickle (OK_PICKLED) or an error record (ERR)
     t0: int  # monotonic ns at start
     t1: int  # monotonic ns at end

@@ -81,7 +81,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from ..protocol import ERR, OK, RETIRE_EXIT, error_record
+from ..protocol import ERR, FRAME, OK, RETIRE_EXIT, error_record
 from ..status import DoneMap, StatusRow
 from .heap import HeapPolicy
 from .native import NativeRunner, native_runner
@@ -224,7 +224,7 @@ class ShardExecutor:
         tainted: inherited inputs this process can no longer restore.
     """
 
-    __slots__ = ("_bound", "call", "ewma_ns", "guard", "heap", "native", "row", "tainted")
+    __slots__ = ("_bound", "_frames", "call", "ewma_ns", "guard", "heap", "native", "row", "tainted")
 
     def __init__(self, row: StatusRow, guard: Any, heap: HeapPolicy) -> None:
         self.row = row
@@ -234,6 +234,7 @@ class ShardExecutor:
         self.ewma_ns = -1
         self.tainted: list[str] = []
         self._bound: tuple[Any, ...] = ()
+        self._frames = False  # rpc: runs of OK shards may travel as one frame (see run_ids)
         # A native kernel's runner (shardc.worker.native): it runs the ids instead of _run.
         self.native: NativeRunner | None = None
 
@@ -247,6 +248,8 @@ class ShardExecutor:
         args = positional_args(c.fun, c.kwargs)
         fun = c.fun if c.value_sink is None else sink_fun(c.fun, c.value_sink.put)
         self._bound = (fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
+        # Frames carry neither cow events (guards) nor a sink's per-shard commit failure.
+        self._frames = guard is None and c.value_sink is None
         self.ewma_ns = -1
         self.native = native_runner(self)
 
@@ -260,15 +263,19 @@ class ShardExecutor:
     # -- the two entry points ----------------------------------------------------------------
     def run_ids(self, ids: list[int], out: list[OutcomeTuple] | None = None) -> list[OutcomeTuple]:
         """rpc_chunked: run ``ids`` and return (``out`` extended with) one
-        outcome tuple per shard run.  Shards after one that tainted this
-        worker are not run (and have no outcome)."""
+        outcome tuple per shard run, or, for short shards with consecutive
+        ids, one frame per run of OK shards (see :data:`shardc.protocol.FRAME`).
+        Shards after one that tainted this worker are not run (and have no
+        outcome)."""
         if self.native is not None:
             return self.native.run_ids(ids, out)
         if out is None:
             out = []
-        if ids:
+        n = len(ids)
+        if n:
             append = out.append
-            self._run([*ids, -1], -1, len(ids), False, append, append, None)
+            frames = self._frames and ids[-1] - ids[0] == n - 1 and (n < 3 or ids == list(range(ids[0], ids[0] + n)))
+            self._run([*ids, -1], -1, n, False, append, append, None, frames)
         return out
 
     def run_block(self, start: int, stop: int, on_fail: OnFail, on_cow: OnCow) -> RunTuple:
@@ -299,10 +306,22 @@ class ShardExecutor:
 
     # -- the one loop ----------------------------------------------------------------------
     def _run(
-        self, seq: Any, end: int, n: int, block: bool, append: OnFail | None, on_fail: OnFail, on_cow: OnCow | None
+        self,
+        seq: Any,
+        end: int,
+        n: int,
+        block: bool,
+        append: OnFail | None,
+        on_fail: OnFail,
+        on_cow: OnCow | None,
+        frames: bool = False,
     ) -> RunTuple:
         """Run the ``n`` ids of ``seq``; its last item is ``end``, a sentinel
         that is not run.  ``append`` gathers every outcome (rpc) or is None.
+        ``frames`` (rpc, ``seq`` consecutive ids): while shards are short, OK
+        shards gather as frames ``(first id, FRAME, [values], t_first,
+        t_last, None, None)``, one per run of them between failures, instead
+        of a tuple each (~0.4 us a shard less here and in the master).
         The loop looks one id ahead (``nxt``) so that a shard's end and the
         next one's start are one status call, and ``nxt == end`` is the one
         test for the last shard (cheaper than counting).  Returns the fields
@@ -326,6 +345,8 @@ class ShardExecutor:
         it = iter(seq)
         sid = next(it)
         t0 = t1 = t_first = row.block_begin(sid, n) if block else row.shard_begin(sid)
+        vals: list[Any] | None = [] if frames and not long else None  # the open frame's values
+        f_sid, f_t0 = sid, t0  # its first id and start
         next_c, rh = row.next_call(done)  # one C call per shard boundary, no method call
         ok = failed = returned = 0
         for nxt in it:
@@ -350,6 +371,9 @@ class ShardExecutor:
                 del err
                 if each:
                     dmem, m0, each = self._measure(t0, t1, m0, diag)
+                if vals:  # the frame ends before the failure (its last shard ended at t0)
+                    append((f_sid, FRAME, vals, f_t0, t0, None, None))  # type: ignore[misc]
+                    vals = []
                 on_fail((sid, ERR, rec, t0, t1, events, dmem))
                 events = dmem = None
                 failed += 1
@@ -359,6 +383,7 @@ class ShardExecutor:
                     break
                 sid = nxt
                 t0 = row.shard_begin(sid)
+                f_sid, f_t0 = sid, t0
                 continue
             ok += 1
             if value is None:
@@ -373,12 +398,19 @@ class ShardExecutor:
                     end = nxt  # leave the rest of the run to the master
             if nxt == end:
                 t1 = row.block_end(done, sid, mark, ok) if block else row.shard_end(done, sid, mark)
-                if gather:
+                if vals is not None:
+                    vals.append(value)
+                elif gather:
                     if each:
                         dmem, m0, each = self._measure(t0, t1, m0, diag)
                     append((sid, OK, value, t0, t1, events, dmem))  # type: ignore[misc]
                 break
-            if gather:
+            if vals is not None:  # the hot path of rpc: the value joins the frame
+                t0 = t1 = next_c(rh, sid, mark, nxt)
+                if t1 < 0:
+                    row.failed(t1, "shard_next", sid)
+                vals.append(value)
+            elif gather:
                 t1 = next_c(rh, sid, mark, nxt)
                 if t1 < 0:
                     row.failed(t1, "shard_next", sid)
@@ -392,6 +424,8 @@ class ShardExecutor:
                 if t0 < 0:
                     row.failed(t0, "shard_next", sid)
             sid = nxt
+        if vals:
+            append((f_sid, FRAME, vals, f_t0, t1, None, None))  # type: ignore[misc]
         ran = ok + failed
         bdmem = None
         if not (long and gather):  # no per-shard measure: learn the shard time from the run

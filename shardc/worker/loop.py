@@ -53,6 +53,7 @@ from ..protocol import (
     ERR,
     EXIT,
     FORGET,
+    FRAME,
     HELLO,
     OK,
     OK_PICKLED,
@@ -258,8 +259,12 @@ class Worker:
         row = self.row
         out = []
         segs: list[Segment] = []  # big arrays travel in segments (shardc.values), their fds with the message
+        if any(r[1] == FRAME for r in results):
+            results = _open_frames(results)
         for r in results:
-            if r[1] == OK and type(r[2]) not in _TRIVIAL:
+            if r[1] == FRAME:
+                out.append(r)
+            elif r[1] == OK and type(r[2]) not in _TRIVIAL:
                 row.set_sending(r[0])
                 try:
                     if is_big_array(r[2]):
@@ -370,6 +375,20 @@ class Worker:
                 self.forget(msg[1])
             elif kind == EXIT:
                 return
+
+
+def _open_frames(results: list[tuple]) -> list[tuple]:
+    """``results`` with each frame holding a value that is not trivial opened into one outcome
+    per shard (times spread evenly), so such values are pickled one by one under ``sending``."""
+    out = []
+    for r in results:
+        if r[1] != FRAME or set(map(type, r[2])).issubset(_TRIVIAL):
+            out.append(r)
+            continue
+        sid, _, vals, t0, t1 = r[:5]
+        step = (t1 - t0) // max(len(vals), 1)
+        out += [(sid + k, OK, v, t0 + k * step, t0 + (k + 1) * step, None, None) for k, v in enumerate(vals)]
+    return out
 
 
 _CONTROLLER: Any = None
