@@ -181,7 +181,7 @@ def positional_args(fun: Any, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
 _M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
 _NP_SEED = np.random.mtrand._rand.seed  # np.random.seed's own target, without its module-level wrapper
-_PY_RANDOM = random._inst  # type: ignore[attr-defined]  # the instance behind random.seed/random.random
+_PY_RANDOM: Any = random._inst  # the instance behind random.seed/random.random
 _PY_SEED = _random.Random.seed  # random.seed(int) minus its Python-level type checks
 _seed_keys: dict[int, int] = {}
 
