@@ -147,6 +147,7 @@ from .status import (  # noqa: F401
     status_init,
     status_mem_ptr,
     status_next,
+    status_run_next,
     status_now_ns,
     status_pid,
     status_read,
