@@ -29,7 +29,7 @@ from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
-from .protocol import ERR, FRAME, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, error_record
+from .protocol import ERR, FRAME, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, RUN_CAREFUL, error_record
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 from .values import close_fds
@@ -107,13 +107,14 @@ class RpcDispatcher(Dispatcher):
             if not sched.admit(ids):
                 break  # huge-kernel throttle: wait for a huge chunk to finish
             st.inflight.update(dict.fromkeys(ids))
+            tag = RUN_CAREFUL if sched.careful and not sched.careful.isdisjoint(ids) else RUN
             td = sched.task_data(ids)
             if td is None:
-                batch.append((RUN, self.call_id, ids))
+                batch.append((tag, self.call_id, ids))
                 continue
             data, segs, shared = td
             if not shared:
-                batch.append((RUN, self.call_id, ids, data))
+                batch.append((tag, self.call_id, ids, data))
                 continue
             # Segments the worker lacks go with this message as fds (SCM_RIGHTS).
             new = [s for s in segs if s.key not in w.known]
@@ -121,7 +122,7 @@ class RpcDispatcher(Dispatcher):
             self._send(w, batch)
             batch = []
             try:
-                msg = (RUN, self.call_id, ids, data, infos, shared)
+                msg = (tag, self.call_id, ids, data, infos, shared)
                 self.diag.dispatched(w.chan.send(msg, [s.fd for s in new]), 1)
                 w.known.update(s.key for s in new)
             except OSError:
@@ -196,6 +197,8 @@ class RpcDispatcher(Dispatcher):
                 k = len(values)
                 ids = range(first, first + k)
                 deque(map(pop, ids, repeat(None, k)), maxlen=0)
+                if sched.careful:
+                    sched.careful.difference_update(ids)
                 if huge:
                     for sid in ids:
                         sched.released(sid)
@@ -206,8 +209,11 @@ class RpcDispatcher(Dispatcher):
                 busy += t1 - t0
         if self.call.diagnostics and results:
             diag.batch_done(w.slot, results, sched.attempts)
+        careful = sched.careful
         for sid, ok, value, _t0, _t1, events, _dmem in results:
             inflight.pop(sid, None)
+            if careful:
+                careful.discard(sid)
             if huge:
                 sched.released(sid)
             if events:
@@ -256,7 +262,13 @@ class RpcDispatcher(Dispatcher):
         held = list(st.inflight)
         done = self.done
         charge: list[int] = []
-        if running is not None and running in st.inflight:
+        if running is not None and row.run_n > 1:
+            # Lost inside a speculative run (shardc.worker.spec): any of its
+            # ids may be the one that crashed or hung, and none is marked.
+            # Charge none; they rerun one shard at a time (RUN_CAREFUL), where
+            # a crash is charged to exactly the shard that caused it.
+            self.sched.careful.update(s for s in range(running, running + row.run_n) if s in st.inflight)
+        elif running is not None and running in st.inflight:
             charge.append(running)
         if reason == "no progress":
             sending = row.sending - 1

@@ -13,6 +13,9 @@ master -> worker
     ``(RUN, call_id, ids, data, segments, shared)`` + fds   ... and arrays the data refers
                                    to: ``shared`` descriptors, in ``segments`` (sent as fds)
                                    or in segments the worker holds; mapped before the chunk
+    ``(RUN_CAREFUL, ...)``         as any RUN, but the worker runs these ids alone with
+                                   per-shard status: they were in a speculative run of a
+                                   worker that was lost (``StatusRow.run_call``)
     ``(QUEUE, msg)`` + fds         shm_queue: pop blocks from the ring until it closes
     ``(END,)``                     drop the call's state
     ``(FORGET, keys)``             close segments the master closed
@@ -40,6 +43,7 @@ from . import errors
 from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, ShardcError, TableSchemaError
 
 CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "exit"
+RUN_CAREFUL = "run_careful"  # a RUN whose ids must run one shard at a time (no speculative run)
 HELLO, READY, RESULTS, QFAIL, QCOW, QDONE, QIDLE = "hello", "ready", "results", "qfail", "qcow", "qdone", "qidle"
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)

@@ -78,6 +78,9 @@ class Scheduler:
         self.ewma_shard_s: float | None = None  # measured seconds per shard
         self.huge_inflight = 0
         self.huge_ids: set[int] = set()
+        # Ids lost inside a worker's speculative run (shardc.worker.spec): dispatched in
+        # careful chunks (one shard at a time) until they report, so a crash is charged to one.
+        self.careful: set[int] = set()
 
     # -- taking work ---------------------------------------------------------------------
     def finished(self) -> bool:

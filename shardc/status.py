@@ -68,7 +68,7 @@ class RowSnapshot(NamedTuple):
     pid: int
     sending: int  # 1 + id of the shard whose value is being pickled, 0 if none
     heap_kept: int  # freed heap bytes kept for reuse (not drift)
-    run_n: int = 1  # ids from ``current`` covered while RUNNING: > 1 in a speculative run (none marked yet)
+    run_n: int  # ids from ``current`` covered while RUNNING: > 1 in a speculative run (none marked yet)
 
 
 class StatusTable:

@@ -69,11 +69,8 @@ Unified behaviours (they had diverged between the two modes):
 
 from __future__ import annotations
 
-import _random
 import os
-import random
 import sys
-import traceback
 from collections.abc import Callable
 from inspect import CO_VARARGS, CO_VARKEYWORDS
 from time import monotonic_ns
@@ -86,8 +83,14 @@ from ..protocol import ERR, FRAME, OK, RETIRE_EXIT, error_record
 from ..status import DoneMap, StatusRow
 from .heap import HeapPolicy
 from .native import NativeRunner, native_runner
+from .records import open_frames, release_traceback, shard_error
+from .seeding import seed_legacy
+from .spec import run_spec
+
+__all__ = ["ShardExecutor", "open_frames", "release_traceback", "seed_legacy", "shard_error"]
 
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
+SPEC_SHARD_NS = 20_000  # rpc shards shorter than this run in speculative runs (one status write a run)
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
 
 Events = list[dict[str, Any]]  # cow events of one shard (shardc.guard.ShardScope.events)
@@ -178,84 +181,6 @@ def positional_args(fun: Any, kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     return tuple(kwargs[n] for n in names)
 
 
-_M64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
-_NP_SEED = np.random.mtrand._rand.seed  # np.random.seed's own target, without its module-level wrapper
-_PY_RANDOM: Any = random._inst  # the instance behind random.seed/random.random
-_PY_SEED = _random.Random.seed  # random.seed(int) minus its Python-level type checks
-_seed_keys: dict[int, int] = {}
-
-
-def _mix64(z: int) -> int:
-    """splitmix64's output function (a 64-bit bijection with full avalanche)."""
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return z ^ (z >> 31)
-
-
-def seed_key(entropy: int) -> int:
-    """A call's seed folded to 64 bits (every bit of a bigger seed counts), memoized."""
-    key = _seed_keys.get(entropy)
-    if key is None:
-        key, e = _mix64(0x5348415244430001), entropy  # a fixed start: "SHARDC" v1
-        while True:
-            key = _mix64((key + (e & _M64) + _GAMMA) & _M64)
-            e >>= 64
-            if not e:
-                break
-        if len(_seed_keys) > 64:
-            _seed_keys.clear()
-        _seed_keys[entropy] = key
-    return key
-
-
-def seed_legacy(entropy: int, sid: int) -> None:
-    """Seed ``random`` and ``np.random`` from (seed, global shard id), for legacy code.
-
-    The two 32-bit seeds are output ``sid`` of the splitmix64 stream keyed by
-    the call's seed (:func:`seed_key`): a fixed integer mix, ~0.3 us, where a
-    ``SeedSequence`` per shard cost ~10 us.  Each generator is then seeded
-    exactly as ``np.random.seed(a)`` / ``random.seed(b)`` do (state, and the
-    cached Gaussian dropped), without their Python-level wrappers.  What is
-    left (~1.3 us for NumPy's MT19937, ~4 us for ``random``'s init_by_array)
-    is the generators' own seeding."""
-    z = _mix64((seed_key(entropy) + (sid + 1) * _GAMMA) & _M64)
-    _NP_SEED(z & 0xFFFFFFFF)
-    _PY_SEED(_PY_RANDOM, z >> 32)
-    _PY_RANDOM.gauss_next = None
-
-
-def release_traceback(exc: BaseException) -> None:
-    """Drop the frames of a recorded shard exception and of its chain.
-
-    Their locals hold fun's arguments (views of mapped inputs and out
-    buffers) and the loop's own state (a call's task ring): whatever still
-    holds the exception, e.g. a reference cycle through a frame, would keep
-    those mapped until the cyclic GC ran.  Measured before this: three
-    mappings left behind per call with a failed shard."""
-    todo: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        traceback.clear_frames(e.__traceback__)
-        e.__traceback__ = None
-        todo += [e.__cause__, e.__context__]
-
-
-def shard_error(exc: BaseException, sid: int) -> BaseException:
-    """The exception reported for shard ``sid``: ``exc`` itself, or for a
-    BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...)
-    a RuntimeError naming it, with ``exc`` as its cause."""
-    if isinstance(exc, Exception):
-        return exc
-    err = RuntimeError(f"shard {sid} raised {type(exc).__name__}({exc})")
-    err.__cause__ = exc
-    return err
-
-
 class ShardExecutor:
     """Runs shards of the worker's current call (see the module docstring).
 
@@ -302,10 +227,15 @@ class ShardExecutor:
         return c
 
     # -- the two entry points ----------------------------------------------------------------
-    def run_ids(self, ids: list[int], out: list[OutcomeTuple] | None = None) -> list[OutcomeTuple]:
+    def run_ids(
+        self, ids: list[int], out: list[OutcomeTuple] | None = None, careful: bool = False
+    ) -> list[OutcomeTuple]:
         """rpc_chunked: run ``ids`` and return (``out`` extended with) one
         outcome tuple per shard run, or, for short shards with consecutive
         ids, one frame per run of OK shards (see :data:`shardc.protocol.FRAME`).
+        Known-short shards run in speculative runs (:func:`.spec.run_spec`)
+        unless ``careful`` (ids the master reruns after losing a worker inside
+        such a run: per-shard status, so a crash is charged to one shard).
         Shards after one that tainted this worker are not run (and have no
         outcome)."""
         if self.native is not None:
@@ -316,7 +246,10 @@ class ShardExecutor:
         if n:
             append = out.append
             frames = self._frames and ids[-1] - ids[0] == n - 1 and (n < 3 or ids == list(range(ids[0], ids[0] + n)))
-            self._run([*ids, -1], -1, n, False, append, append, None, frames)
+            if frames and not careful and n > 1 and 0 <= self.ewma_ns <= SPEC_SHARD_NS:
+                run_spec(self, ids[0], n, append)
+            else:
+                self._run([*ids, -1], -1, n, False, append, append, None, frames)
         return out
 
     def run_block(self, start: int, stop: int, on_fail: OnFail, on_cow: OnCow) -> RunTuple:
