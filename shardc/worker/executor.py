@@ -404,7 +404,8 @@ class ShardExecutor:
         bdmem = None
         if not (long and gather):  # no per-shard measure: learn the shard time from the run
             avg = (t1 - t_first) // ran
-            self.ewma_ns = avg if ewma < 0 else (ewma * 7 + avg) >> 3
+            w = min(ran, 8)  # a run of 8 shards or more is the new mean by itself (a quick ramp to short)
+            self.ewma_ns = avg if ewma < 0 else (ewma * (8 - w) + avg * w) >> 3
             if sample or t1 - t_first > HEAP_CHECK_NS:
                 bdmem = self._after_run(sample, m0)
         return (ran, ok, returned, t_first, t1, bdmem)

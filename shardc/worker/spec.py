@@ -89,6 +89,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     if vals:
         append((f_sid, FRAME, vals, f_t0, t, None, None))
     avg = (t - t_first) // n
-    ex.ewma_ns = avg if ex.ewma_ns < 0 else (ex.ewma_ns * 7 + avg) >> 3
+    w = min(n, 8)  # as the executor's: a run of 8 or more is the new mean
+    ex.ewma_ns = avg if ex.ewma_ns < 0 else (ex.ewma_ns * (8 - w) + avg * w) >> 3
     if t - t_first > HEAP_CHECK_NS:
         ex._after_run(False, None)
