@@ -29,6 +29,13 @@ Variants (each in a fresh interpreter):
 * ``mpire``: ``WorkerPool(2, keep_alive=True).map(f, range(N))`` (its default
   chunking).
 
+* ``pairs``: the issue-18 ratios measured interleaved in ONE process (both
+  pools warm, calls alternating, order flipped every round, medians of
+  ``--repeats`` x 2 calls): ``shard_map(N, f)`` with defaults vs
+  ``Pool.map(f, range(N))`` with default chunking (N = 10^6, 3*10^5 with
+  ``--quick``), ``seed=1`` vs unseeded (N / 10), and shm_queue writing
+  ``out=`` vs the same ``Pool.map``.  On a shared machine the separate
+  children of the other variants see different load; this does not.
 * ``grid``: the per-call-size grid: N = 10^2, 2*10^3 and 10^3 .. 10^6 shards,
   ``shm_queue`` (writing ``out=``) vs ``rpc_chunked`` with ``chunk_size="auto"``
   (gathering), calls of the two modes alternating on one warm pool; ms per
@@ -75,7 +82,7 @@ SIZES = {
 }
 VARIANTS = ["shardc_default", "shardc_seeded", "shardc_shm_queue", "shardc_rpc1", "shardc_rpc_auto",
             "mp_pool_map1", "mp_pool_map_auto",
-            "joblib_b1", "joblib_auto", "mpire", "grid"]
+            "joblib_b1", "joblib_auto", "mpire", "pairs", "grid"]
 GRID_N = [100, 1_000, 2_000, 10_000, 100_000, 1_000_000]
 GRID_MODES = ["shm_queue", "rpc_auto"]
 
@@ -254,9 +261,87 @@ def report_grid(r: dict[str, Any]) -> None:
     C.print_targets("tiny", lines)
 
 
+def run_pairs(quick: bool, repeats: int) -> dict[str, Any]:
+    """The interleaved ratios (see ``pairs`` in the module docstring)."""
+    import multiprocessing as mp
+
+    import shardc
+
+    n = 300_000 if quick else 1_000_000
+    ns = n // 10
+    pool = shardc.pool_create(WORKERS)
+    mpool = mp.get_context("fork").Pool(WORKERS)
+    buf = shardc.buffer("i8", n)
+    want = list(range(1, n + 1))
+    ok = True
+
+    def default() -> None:
+        nonlocal ok
+        ok = ok and shardc.shard_map(n, shard_plus1).results == want
+
+    def seeded() -> None:
+        nonlocal ok
+        ok = ok and shardc.shard_map(ns, shard_plus1, seed=1).results == want[:ns]
+
+    def unseeded() -> None:
+        nonlocal ok
+        ok = ok and shardc.shard_map(ns, shard_plus1).results == want[:ns]
+
+    def shm() -> None:
+        shardc.shard_map(n, shard_write, out={"out": buf}, dispatch_mode="shm_queue")
+
+    def peer() -> None:
+        nonlocal ok
+        ok = ok and mpool.map(plus1, range(n)) == want
+
+    calls = {"default": (default, n), "pool_map": (peer, n), "shm_queue": (shm, n),
+             "seeded": (seeded, ns), "unseeded": (unseeded, ns)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    try:
+        for fn, _ in calls.values():
+            fn()  # warm
+        order = list(calls)
+        for r in range(max(repeats, 5)):
+            for k in order if r % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                calls[k][0]()
+                times[k].append(time.perf_counter() - t0)
+        ok = ok and bool(np.array_equal(buf.array, np.arange(1, n + 1)))
+    finally:
+        mpool.terminate()
+        pool.stop()
+        buf.close()
+    rates = {k: calls[k][1] / C.median(v) for k, v in times.items()}
+    return {"rates": rates, "n": n, "n_seeded": ns, "calls": len(times["default"]), "ok": ok,
+            "loadavg": os.getloadavg()[0]}
+
+
+def report_pairs(r: dict[str, Any]) -> None:
+    rates = r["rates"]
+    for k, v in rates.items():
+        C.emit(f"tiny.pairs.{k}.rate", v, "tasks/s")
+    print()
+    print(f"### tiny pairs: interleaved in one process, {WORKERS} workers, medians of {r['calls']} calls, "
+          f"load {r['loadavg']:.1f}")
+    print()
+    print(C.table(["call", "tasks/s"], [[k, v] for k, v in rates.items()]))
+    peer = rates["pool_map"]
+    C.print_targets("tiny", [
+        ("pairs_default_vs_pool", "shard_map(N, f) defaults >= 1.0x Pool.map default chunking (interleaved)",
+         f"{rates['default'] / peer:.2f}x", rates["default"] >= peer),
+        ("pairs_shm_vs_pool", "shm_queue out= >= 1.0x Pool.map default chunking (interleaved)",
+         f"{rates['shm_queue'] / peer:.2f}x", rates["shm_queue"] >= peer),
+        ("pairs_seeded", "seed= set >= 0.5x unseeded (interleaved)",
+         f"{rates['seeded'] / rates['unseeded']:.2f}x", rates["seeded"] >= 0.5 * rates["unseeded"]),
+        ("pairs_correct", "pairs outputs correct", "ok" if r["ok"] else "WRONG RESULT", bool(r["ok"])),
+    ])
+
+
 def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     if variant == "grid":
         return run_grid(quick, repeats)
+    if variant == "pairs":
+        return run_pairs(quick, repeats)
     run, cleanup, info = make_runner(variant, quick)
     n0, cap_full, cap_quick = SIZES[variant]
     cap = cap_quick if quick else cap_full
@@ -301,6 +386,7 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
 def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny") -> None:
     table = []
     grid = results.pop("grid", None)
+    pairs = results.pop("pairs", None)
     for name, r in results.items():
         if "error" in r:
             C.emit(f"{bench}.{name}.error", r["error"].replace("\t", " ")[:200], "text")
@@ -324,6 +410,11 @@ def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny")
     print(C.table(["variant", "tasks/s (median)", "N", "wall s", "peak MiB", "notes"], table))
     if bench == "tiny" and results:
         targets(results)
+    if pairs is not None:
+        if "error" in pairs:
+            C.emit(f"{bench}.pairs.error", pairs["error"].replace("\t", " ")[:200], "text")
+        else:
+            report_pairs(pairs)
     if grid is not None:
         if "error" in grid:
             C.emit(f"{bench}.grid.error", grid["error"].replace("\t", " ")[:200], "text")
