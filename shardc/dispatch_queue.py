@@ -153,11 +153,16 @@ class QueueFeeder:
         """Requeued ids as blocks: consecutive ids (the rest of a dead
         worker's block) travel together, up to the current block size."""
         retry = self.sched.retry
+        careful = self.sched.careful  # ids lost in a speculative run: alone, one-id blocks
         items: list[int] = []
         while retry and len(items) < limit:
             start = retry.popleft()
             count = 1
-            while retry and retry[0] == start + count and count < max(1, self.block):
+            if careful and start in careful:
+                careful.discard(start)
+                items.append(encode(start, 1))
+                continue
+            while retry and retry[0] == start + count and count < max(1, self.block) and retry[0] not in careful:
                 retry.popleft()
                 count += 1
             items.append(encode(start, count))
@@ -430,6 +435,12 @@ class QueueDispatcher(Dispatcher):
             charged = current
         if charged is not None and done.get(charged):
             charged = None  # killed after marking it done, before leaving RUNNING
+        if charged is not None and row.state == STATE_RUNNING and row.run_n > 1:
+            # Lost inside a speculative run (shardc.worker.spec): any of its ids may be the
+            # one that crashed or hung, none is marked.  Charge none; they come back as
+            # one-id blocks (careful: per-shard status), where a crash is charged to one.
+            self.sched.careful.update(range(charged, charged + row.run_n))
+            charged = None
         # In the block it was running, the ids before the current one failed
         # and were reported (their retry is the scheduler's already), unless
         # the report died unread with the worker (a watchdog kill closes the socket).

@@ -88,6 +88,31 @@ def test_frames_and_failures_mixed_in_one_chunk(spec_on):
         h.close()
 
 
+def writes_fails(shard: Any) -> Any:
+    if shard.id % 13 == 5:
+        raise ValueError(f"bad {shard.id}")
+    return shard.id if shard.id % 3 == 0 else None
+
+
+def test_queue_block_in_speculative_runs_with_failures():
+    """run_block with known-short shards: every shard of the block runs once; failures go to on_fail (no mark), the rest are marked 1; the row ends idle with the block's OK count added; RunStats fields right."""
+    h = Exec(writes_fails, 300)
+    failed: list[tuple] = []
+    try:
+        h.ex.run_block(0, 1, failed.append, lambda sid, ev: None)
+        h.ex.ewma_ns = spec.SPEC_RUN_NS // 16  # runs of 16
+        ran, ok, returned, t0, t1, dmem = h.ex.run_block(1, 300, failed.append, lambda sid, ev: None)
+        bad = [i for i in range(300) if i % 13 == 5]
+        assert [f[0] for f in failed] == bad and all(f[1] == ERR for f in failed)
+        assert (ran, ok) == (299, 299 - len(bad)) and t0 <= t1 and dmem is None
+        assert returned == len([i for i in range(1, 300) if i % 3 == 0 and i % 13 != 5])
+        assert [h.done.get(i) for i in range(300)] == [0 if i in bad else 1 for i in range(300)]
+        row = h.table.read(0)
+        assert row.state == STATE_IDLE and row.done == 300 - len(bad) and (row.block0, row.blockn) == (1, 299)
+    finally:
+        h.close()
+
+
 def test_speculative_run_row_covers_the_run_until_its_marks():
     """Inside a speculative run the row says RUNNING from the run's first id with run_n > 1 and none of the run's ids marked; the marks come with the next run."""
     seen: list[tuple[int, int, int, int]] = []
@@ -123,7 +148,8 @@ def counts_and_dies(shard: Any, out: Any) -> None:
     # returns None: a finished shard is complete once marked (a value would rerun if its worker died unreported)
 
 
-def test_sigkill_inside_speculative_run_charges_one_shard_and_reruns_no_done_shard(pool2):
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_sigkill_inside_speculative_run_charges_one_shard_and_reruns_no_done_shard(pool2, mode):
     """A worker SIGKILLed inside a speculative run: no shard is charged for that death, the run's ids rerun one shard at a time, where the next crash is charged to exactly the shard that kills; every shard outside the lost run ran exactly once (none marked done reran)."""
     n, die_at = 20_000, DIE_AT
     out = shardc.buffer(np.int64, (n,), init=0)

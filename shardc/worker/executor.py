@@ -85,12 +85,12 @@ from .heap import HeapPolicy
 from .native import NativeRunner, native_runner
 from .records import open_frames, release_traceback, shard_error
 from .seeding import seed_legacy
-from .spec import run_spec
+from .spec import run_spec, run_spec_block
 
 __all__ = ["ShardExecutor", "open_frames", "release_traceback", "seed_legacy", "shard_error"]
 
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
-SPEC_SHARD_NS = 20_000  # rpc shards shorter than this run in speculative runs (one status write a run)
+SPEC_SHARD_NS = 20_000  # shards shorter than this run in speculative runs (one status write a run)
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
 
 Events = list[dict[str, Any]]  # cow events of one shard (shardc.guard.ShardScope.events)
@@ -258,6 +258,8 @@ class ShardExecutor:
         fields of a :class:`RunStats`."""
         if self.native is not None:
             return self.native.run_block(start, stop, on_fail, on_cow)
+        if self._bound[6] is None and stop - start > 1 and 0 <= self.ewma_ns <= SPEC_SHARD_NS:
+            return run_spec_block(self, start, stop, on_fail)  # known-short shards: speculative runs
         return self._run(range(start, stop + 1), stop, stop - start, True, None, on_fail, on_cow)
 
     def commit_sink(self, results: list[OutcomeTuple]) -> Any:

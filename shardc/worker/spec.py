@@ -93,3 +93,68 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     ex.ewma_ns = avg if ex.ewma_ns < 0 else (ex.ewma_ns * (8 - w) + avg * w) >> 3
     if t - t_first > HEAP_CHECK_NS:
         ex._after_run(False, None)
+
+
+def run_spec_block(
+    ex: Any, start: int, stop: int, on_fail: Callable[[Any], None]
+) -> tuple[int, int, int, int, int, None]:
+    """shm_queue, known-short shards, the block ``start .. stop-1`` (no
+    guards): speculative runs as in :func:`run_spec`, every mark 1 (the
+    queue gathers nothing), failures to ``on_fail``.  The row keeps the
+    block (``block0``/``blockn``) while runs move ``current``/``run_n``
+    through it; the block's end adds its OK count to the row's done counter
+    (``block_end``).  Returns the fields of a ``RunStats``."""
+    fun, kwargs, args, make, entropy, seeded, _guard, done, _diag = ex._bound
+    pos = args is not None
+    row = ex.row
+    run_c, rh = row.run_call(done)
+    k = max(2, min(SPEC_MAX, SPEC_RUN_NS // max(ex.ewma_ns, 1)))
+    n = stop - start
+    t_first = row.block_begin(start, n)
+    a, b = start, min(stop, start + k)  # the open run: ids a..b-1, none marked yet
+    t = run_c(rh, 0, 0, 0, a, b - a)
+    ok = returned = 0
+    sid = a
+    while sid < stop:
+        shard = make(sid, entropy)
+        try:
+            if seeded:
+                seed_legacy(entropy, sid)
+            value = fun(shard, *args) if pos else fun(shard, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - everything is reported
+            t1 = run_c(rh, a, sid - a, 1, 0, 0)  # the run ends before sid: its marks, IDLE
+            if t1 < 0:
+                row.failed(t1, "run_next", a)
+            err = shard_error(exc, sid)
+            rec = error_record(err, sid)
+            release_traceback(err)
+            del err
+            on_fail((sid, ERR, rec, t, t1, None, None))
+            t = t1
+            sid += 1
+            a, b = sid, min(stop, sid + k)
+            if sid < stop:
+                t = run_c(rh, 0, 0, 0, a, b - a)
+            continue
+        ok += 1
+        if value is not None:
+            returned += 1
+        sid += 1
+        if sid == b:
+            b = min(stop, sid + k)
+            if b > sid:
+                t = run_c(rh, a, sid - a, 1, sid, b - sid)
+                if t < 0:
+                    row.failed(t, "run_next", a)
+                a = sid
+    if a < stop:  # the last run's marks, IDLE
+        t = run_c(rh, a, stop - a, 1, 0, 0)
+        if t < 0:
+            row.failed(t, "run_next", a)
+    t = row.block_end(done, stop - 1, 0, ok)  # IDLE (again) and the block's OK count
+    w = min(n, 8)
+    avg = (t - t_first) // n
+    ex.ewma_ns = avg if ex.ewma_ns < 0 else (ex.ewma_ns * (8 - w) + avg * w) >> 3
+    if t - t_first > HEAP_CHECK_NS:
+        ex._after_run(False, None)
+    return (n, ok, returned, t_first, t, None)
