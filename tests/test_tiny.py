@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,25 @@ def test_sigkill_inside_speculative_run_charges_one_shard_and_reruns_no_done_sha
     # only ids of the lost run (before die_at, within one run's length) ran twice
     assert np.all((lost_run < die_at) & (lost_run >= die_at - spec.SPEC_MAX)) and np.all(writes[lost_run] == 2)
     assert np.all(writes[: die_at - spec.SPEC_MAX] == 1) and np.all(writes[die_at + 1 :] == 1)
+
+
+HANG_AT = 7_000
+
+
+def hangs(shard: Any) -> None:
+    if shard.id == HANG_AT:
+        time.sleep(60)
+
+
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_hang_inside_speculative_run_times_out_on_its_own_shard(pool2, mode):
+    """A shard that hangs inside a speculative run: the first timeout (the run's) is charged to none; the careful rerun's timeout is charged to the hanging shard, which fails; every other shard succeeds."""
+    r = shardc.shard_map(
+        10_000, hangs, timeout=1.0, max_retries=0, on_failure="collect", progress=False, dispatch_mode=mode
+    )
+    assert list(r.failures) == [HANG_AT] and r.failures[HANG_AT].attempts == 1
+    deaths = [e for e in r.diagnostics.events if e["event"] == "death"]
+    assert [e["shard"] for e in deaths] == [None, HANG_AT]
 
 
 def plus1(shard: Any) -> int:
