@@ -29,7 +29,9 @@ names the shard it is running (``current`` since ``start_ns``; C accessors,
   the shard as a one-shard block (or fails it: deterministic, or out of retries);
 * **death** -> :meth:`QueueDispatcher.lost`: ``ring.repair(slot, reaped_pid)``
   returns the dead worker's claimed blocks; ids the done map marks are done,
-  the running one is charged an attempt, the rest are requeued free;
+  the running one is charged an attempt, the rest are requeued free (a
+  worker lost inside a speculative run, ``run_n`` > 1 in its row, charges
+  none: the run's ids come back as one-id blocks, ``Scheduler.careful``);
 * **timeout / memory** -> the supervisor's watchdog kills the worker: a death;
 * **recycle** -> the row's exit request asks the worker to leave after its
   current block (``QDONE`` with ``exiting``); the supervisor replaces it and

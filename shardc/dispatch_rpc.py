@@ -10,8 +10,15 @@ before each RESULTS, whose 4th item is then the commit record: the sink's
 master side gets it before the outcomes are recorded, and a worker that dies
 before reporting had committed nothing of the shards it held (they rerun).
 
-What a dead worker held (:meth:`RpcDispatcher.lost`): its in-flight ids.  The
-one it was running (status row) is charged; ids the done map marks finished
+Short shards come back as frames (``shardc.protocol.FRAME``: a run of OK
+shards' values), applied with slice stores (``Scheduler.record_run``,
+``Diagnostics.frame_done``), not a Python loop per shard.
+
+What a dead worker held (:meth:`RpcDispatcher.lost`): its in-flight ids.  A
+worker lost inside a speculative run (row RUNNING with ``run_n`` > 1, see
+``shardc.worker.spec``) is charged nothing: the run's ids go to
+``Scheduler.careful`` and rerun in ``RUN_CAREFUL`` chunks, one shard at a
+time.  Otherwise the one it was running (status row) is charged; ids the done map marks finished
 with no value (1) count as done; the rest are requeued free.  A worker killed
 for making no progress outside any shard was stuck reporting: the shard whose
 value it was pickling (``sending`` in its row) is charged, or, if it was stuck
