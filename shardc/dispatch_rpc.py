@@ -108,6 +108,7 @@ class RpcDispatcher(Dispatcher):
         batch: list[Any] = []
         limit = min(size * self.depth(), max(size, MAX_INFLIGHT_IDS))
         while len(st.inflight) < limit and sched.pending_count():
+            fresh0 = sched.next_fresh
             ids = sched.take_chunk(size)
             if not ids:
                 break  # an open call's fed tasks were all cancelled (shardc.stream)
@@ -117,7 +118,11 @@ class RpcDispatcher(Dispatcher):
             tag = RUN_CAREFUL if sched.careful and not sched.careful.isdisjoint(ids) else RUN
             td = sched.task_data(ids)
             if td is None:
-                batch.append((tag, self.call_id, ids))
+                # Fresh ids only (no retry among them): a range, a few bytes, not a list of
+                # ~5 bytes an id (a big chunk's RUN could fill the socket and block this send);
+                # a list below 9 ids is smaller than a range's pickle.
+                fresh = len(ids) > 8 and ids[0] == fresh0 and len(ids) == sched.next_fresh - fresh0
+                batch.append((tag, self.call_id, range(fresh0, sched.next_fresh) if fresh else ids))
                 continue
             data, segs, shared = td
             if not shared:

@@ -7,7 +7,7 @@ Messages (tuples; the first item is the tag):
 
 master -> worker
     ``(CALL, msg)`` + fds          set up a call (fun, inputs, out buffers)
-    ``(RUN, call_id, ids)``        rpc: run a chunk of shard ids
+    ``(RUN, call_id, ids)``        rpc: run a chunk of shard ids (a list, or a range of fresh ids)
     ``(RUN, call_id, ids, data)``  ... with per-id data (an open call's tasks, see
                                    ``shardc.stream``): ``desc.feed(ids, data, load)`` first
     ``(RUN, call_id, ids, data, segments, shared)`` + fds   ... and arrays the data refers

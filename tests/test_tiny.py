@@ -89,6 +89,20 @@ def test_frames_and_failures_mixed_in_one_chunk(spec_on):
         h.close()
 
 
+def test_run_ids_takes_a_range_of_fresh_ids():
+    """The master sends a chunk of fresh ids as a range: the worker runs it like the list (frames, marks)."""
+    h = Exec(mixed, 100)
+    try:
+        h.ex.run_ids(range(0, 1))
+        out = h.ex.run_ids(range(1, 100))
+        assert [f[0] for f in flatten(out)] == list(range(1, 100)) and any(o[1] == FRAME for o in out)
+        assert [h.done.get(i) for i in range(1, 100)] == [
+            0 if i % 13 == 5 else (1 if i % 2 == 0 else 2) for i in range(1, 100)
+        ]
+    finally:
+        h.close()
+
+
 def writes_fails(shard: Any) -> Any:
     if shard.id % 13 == 5:
         raise ValueError(f"bad {shard.id}")

@@ -228,7 +228,7 @@ class ShardExecutor:
 
     # -- the two entry points ----------------------------------------------------------------
     def run_ids(
-        self, ids: list[int], out: list[OutcomeTuple] | None = None, careful: bool = False
+        self, ids: list[int] | range, out: list[OutcomeTuple] | None = None, careful: bool = False
     ) -> list[OutcomeTuple]:
         """rpc_chunked: run ``ids`` and return (``out`` extended with) one
         outcome tuple per shard run, or, for short shards with consecutive
@@ -245,7 +245,11 @@ class ShardExecutor:
         n = len(ids)
         if n:
             append = out.append
-            frames = self._frames and ids[-1] - ids[0] == n - 1 and (n < 3 or ids == list(range(ids[0], ids[0] + n)))
+            frames = (
+                self._frames
+                and ids[-1] - ids[0] == n - 1
+                and (n < 3 or isinstance(ids, range) or ids == list(range(ids[0], ids[0] + n)))
+            )
             if frames and not careful and n > 1 and 0 <= self.ewma_ns <= SPEC_SHARD_NS:
                 run_spec(self, ids[0], n, append)
             else:
