@@ -19,8 +19,11 @@ shards ``shard_map(N, fun)`` makes (one item each) and bench_tiny's trivial
 * ``outcome_tuple``: rpc only: the outcome tuple appended per shard;
 * ``outcome_pickle``: rpc only: pickling outcomes into a RESULTS message;
 * ``executor_block`` / ``executor_ids``: the whole executor loop per shard,
-  ``ShardExecutor.run_block`` (shm_queue) and ``run_ids`` (rpc_chunked);
-* ``seed_legacy``: seeding ``random``/``np.random`` per shard (``seed=`` only).
+  ``ShardExecutor.run_block`` (shm_queue) and ``run_ids`` (rpc_chunked:
+  speculative runs, values in frames); ``executor_ids_careful``: ``run_ids``
+  with per-shard status (how ids lost in a speculative run are rerun);
+* ``seed_legacy``: seeding ``random``/``np.random`` per shard (``seed=``
+  only); ``seed_legacy_before``: the SeedSequence-per-shard way it replaced.
 
 With ``--pool`` it also runs shm_queue and rpc_chunked (``chunk_size="auto"``)
 calls of ``--n`` shards on 2 workers and reports the worker time per shard
@@ -174,6 +177,17 @@ def in_process(n: int, rounds: int) -> dict[str, float]:
     def ids(k: int) -> None:
         ex.run_ids(list(range(k)))
 
+    def ids_careful(k: int) -> None:
+        ex.run_ids(list(range(k)), careful=True)
+
+    def seeding_before(k: int) -> None:  # what seed_legacy did before issue 18: a SeedSequence per shard
+        import random
+
+        for sid in range(k):
+            state = np.random.SeedSequence(entropy, spawn_key=(sid, 1)).generate_state(2)
+            np.random.seed(int(state[0]))
+            random.seed(int(state[1]))
+
     res["loop"] = per_shard_ns(loop, n, rounds)
     res["bare_call"] = per_shard_ns(bare, n, rounds)
     res["fun_call"] = per_shard_ns(fun_call, n, rounds)
@@ -186,10 +200,12 @@ def in_process(n: int, rounds: int) -> dict[str, float]:
     res["outcome_tuple"] = per_shard_ns(outcome_tuple, n, rounds)
     res["outcome_pickle"] = per_shard_ns(outcome_pickle, n, rounds)
     res["seed_legacy"] = per_shard_ns(seeding, min(n, 20_000), rounds)
+    res["seed_legacy_before"] = per_shard_ns(seeding_before, min(n, 20_000), rounds)
     setup(shard_write, kwargs)
     res["executor_block"] = per_shard_ns(block, n, rounds)
     setup(shard_return, {})
     res["executor_ids"] = per_shard_ns(ids, n, rounds)
+    res["executor_ids_careful"] = per_shard_ns(ids_careful, n, rounds)
     ex.end_call()
     done.close()
     table.close()
@@ -238,9 +254,11 @@ ROWS = [  # (piece, what it is, counted in shm_queue / rpc)
     ("outcome_tuple", "outcome tuple per shard", "", "x"),
     ("outcome_pickle", "outcome pickled into RESULTS", "", "x"),
     ("executor_block", "whole executor loop, run_block (shm_queue)", "=", ""),
-    ("executor_ids", "whole executor loop, run_ids (rpc)", "", "="),
+    ("executor_ids", "whole executor loop, run_ids (rpc): speculative runs + frames", "", "="),
+    ("executor_ids_careful", "the same with per-shard status (careful): frames only", "", ""),
     ("rng_first_use", "shard.rng built (only if fun uses it)", "", ""),
-    ("seed_legacy", "random/np.random seeded (seed= only)", "", ""),
+    ("seed_legacy", "random/np.random seeded (seed= only): splitmix64 + direct seeding", "", ""),
+    ("seed_legacy_before", "the same before issue 18: a SeedSequence per shard", "", ""),
     ("pool_shm_queue", "whole call, 2 workers: wall x 2 / N", "", ""),
     ("pool_rpc_auto", "whole call, 2 workers: wall x 2 / N", "", ""),
 ]

@@ -9,19 +9,33 @@ short.  Peak memory of the whole process tree is taken in one extra run.
 Variants (each in a fresh interpreter):
 
 * ``shardc_shm_queue``: ``dispatch_mode="shm_queue"``, ``fun`` writes
-  ``out[shard.id] = shard.id`` into a shared buffer (nothing gathered).
+  ``out[shard.id] = shard.id + 1`` into a shared buffer (nothing gathered).
 * ``shardc_rpc1``: ``rpc_chunked``, ``chunk_size=1, autotune=False``,
   ``fun`` returns ``shard.id`` (gathered in shard order).
 * ``shardc_rpc_auto``: ``rpc_chunked`` with ``chunk_size="auto"``.
+* ``shardc_default``: ``shard_map(N, f)`` with no options at all (the default
+  pool made by ``pool_create(2)``, ``chunk_size=1`` + autotune), ``f``
+  returning ``shard.id + 1``, gathered: the call a user writes first.
+* ``shardc_seeded``: the same with ``seed=1`` (every shard seeds ``random``
+  and ``np.random`` from (seed, id)); its target is >= 0.5x ``shardc_default``.
 * ``*_nodiag``: the same with ``diagnostics=False`` (its cost is reported by
   ``bench_recovery.py``).
 * ``mp_pool_map1``: ``multiprocessing.Pool(2).map(f, range(N), chunksize=1)``.
-* ``mp_pool_map_auto``: the same with its default chunksize, for reference.
+* ``mp_pool_map_auto``: ``Pool(2).map(f, range(N))`` with its default
+  chunksize (``f`` returns ``i + 1``): the batched peer ``shardc_default``
+  and ``shardc_shm_queue`` are measured against.
 * ``joblib_b1`` / ``joblib_auto``: ``Parallel(n_jobs=2, batch_size=1 |
   "auto")`` (loky), inside one ``with Parallel(...)`` block.
 * ``mpire``: ``WorkerPool(2, keep_alive=True).map(f, range(N))`` (its default
   chunking).
 
+* ``pairs``: the issue-18 ratios measured interleaved in ONE process (both
+  pools warm, calls alternating, order flipped every round, medians of
+  ``--repeats`` x 2 calls): ``shard_map(N, f)`` with defaults vs
+  ``Pool.map(f, range(N))`` with default chunking (N = 10^6, 3*10^5 with
+  ``--quick``), ``seed=1`` vs unseeded (N / 10), and shm_queue writing
+  ``out=`` vs the same ``Pool.map``.  On a shared machine the separate
+  children of the other variants see different load; this does not.
 * ``grid``: the per-call-size grid: N = 10^2, 2*10^3 and 10^3 .. 10^6 shards,
   ``shm_queue`` (writing ``out=``) vs ``rpc_chunked`` with ``chunk_size="auto"``
   (gathering), calls of the two modes alternating on one warm pool; ms per
@@ -58,14 +72,17 @@ SIZES = {
     "shardc_rpc1_nodiag": (5_000, 400_000, 100_000),
     "shardc_rpc_auto": (20_000, 4_000_000, 1_000_000),
     "shardc_rpc_auto_nodiag": (20_000, 4_000_000, 1_000_000),
+    "shardc_default": (20_000, 4_000_000, 1_000_000),
+    "shardc_seeded": (5_000, 1_000_000, 300_000),
     "mp_pool_map1": (2_000, 200_000, 50_000),
     "mp_pool_map_auto": (20_000, 8_000_000, 3_000_000),
     "joblib_b1": (500, 40_000, 10_000),
     "joblib_auto": (5_000, 1_000_000, 200_000),
     "mpire": (20_000, 8_000_000, 3_000_000),
 }
-VARIANTS = ["shardc_shm_queue", "shardc_rpc1", "shardc_rpc_auto", "mp_pool_map1", "mp_pool_map_auto",
-            "joblib_b1", "joblib_auto", "mpire", "grid"]
+VARIANTS = ["shardc_default", "shardc_seeded", "shardc_shm_queue", "shardc_rpc1", "shardc_rpc_auto",
+            "mp_pool_map1", "mp_pool_map_auto",
+            "joblib_b1", "joblib_auto", "mpire", "pairs", "grid"]
 GRID_N = [100, 1_000, 2_000, 10_000, 100_000, 1_000_000]
 GRID_MODES = ["shm_queue", "rpc_auto"]
 
@@ -78,8 +95,16 @@ def ident_mpire(i: int) -> int:
     return i
 
 
+def plus1(i: int) -> int:
+    return i + 1
+
+
+def shard_plus1(shard: Any) -> int:
+    return shard.id + 1
+
+
 def shard_write(shard: Any, out: Any) -> None:
-    out[shard.id] = shard.id
+    out[shard.id] = shard.id + 1
 
 
 def shard_return(shard: Any) -> int:
@@ -97,6 +122,11 @@ def make_runner(variant: str, quick: bool) -> tuple[Any, Any, Any]:
         bufs: dict[int, Any] = {}
 
         def run(n: int) -> Any:
+            if base in ("shardc_default", "shardc_seeded"):
+                r = (shardc.shard_map(n, shard_plus1) if base == "shardc_default"
+                     else shardc.shard_map(n, shard_plus1, seed=1))
+                info["last"] = r
+                return lambda: r.results == list(range(1, n + 1))
             if base == "shardc_shm_queue":
                 if n not in bufs:
                     bufs.clear()
@@ -105,7 +135,7 @@ def make_runner(variant: str, quick: bool) -> tuple[Any, Any, Any]:
                 r = shardc.shard_map(n, shard_write, out={"out": buf}, dispatch_mode="shm_queue", pool=pool,
                                      diagnostics=diag)
                 info["last"] = r
-                return lambda: np.array_equal(buf.array, np.arange(n))
+                return lambda: np.array_equal(buf.array, np.arange(1, n + 1))
             if base == "shardc_rpc1":
                 r = shardc.shard_map(n, shard_return, chunk_size=1, autotune=False, pool=pool, diagnostics=diag)
             else:
@@ -117,11 +147,14 @@ def make_runner(variant: str, quick: bool) -> tuple[Any, Any, Any]:
         import multiprocessing as mp
         pool = mp.get_context("fork").Pool(WORKERS)
         pool.map(ident, range(4))
-        cs = 1 if variant == "mp_pool_map1" else None
-
-        def run(n: int) -> Any:
-            res = pool.map(ident, range(n), chunksize=cs)
-            return lambda: res == list(range(n))
+        if variant == "mp_pool_map1":
+            def run(n: int) -> Any:
+                res = pool.map(ident, range(n), chunksize=1)
+                return lambda: res == list(range(n))
+        else:
+            def run(n: int) -> Any:
+                res = pool.map(plus1, range(n))
+                return lambda: res == list(range(1, n + 1))
         return run, pool.terminate, info
     if variant.startswith("joblib"):
         import joblib
@@ -180,7 +213,7 @@ def run_grid(quick: bool, repeats: int) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     calls[m]()
                     times[m].append(time.perf_counter() - t0)
-            ok = ok and bool(np.array_equal(buf.array, np.arange(n))) and last["rpc"].results == list(range(n))
+            ok = ok and bool(np.array_equal(buf.array, np.arange(1, n + 1))) and last["rpc"].results == list(range(n))
             grid[str(n)] = {m: {"median_s": C.median(v), "min_s": min(v), "calls": len(v)} for m, v in times.items()}
             buf.close()
     finally:
@@ -228,9 +261,87 @@ def report_grid(r: dict[str, Any]) -> None:
     C.print_targets("tiny", lines)
 
 
+def run_pairs(quick: bool, repeats: int) -> dict[str, Any]:
+    """The interleaved ratios (see ``pairs`` in the module docstring)."""
+    import multiprocessing as mp
+
+    import shardc
+
+    n = 300_000 if quick else 1_000_000
+    ns = n // 10
+    pool = shardc.pool_create(WORKERS)
+    mpool = mp.get_context("fork").Pool(WORKERS)
+    buf = shardc.buffer("i8", n)
+    want = list(range(1, n + 1))
+    ok = True
+
+    def default() -> None:
+        nonlocal ok
+        ok = ok and shardc.shard_map(n, shard_plus1).results == want
+
+    def seeded() -> None:
+        nonlocal ok
+        ok = ok and shardc.shard_map(ns, shard_plus1, seed=1).results == want[:ns]
+
+    def unseeded() -> None:
+        nonlocal ok
+        ok = ok and shardc.shard_map(ns, shard_plus1).results == want[:ns]
+
+    def shm() -> None:
+        shardc.shard_map(n, shard_write, out={"out": buf}, dispatch_mode="shm_queue")
+
+    def peer() -> None:
+        nonlocal ok
+        ok = ok and mpool.map(plus1, range(n)) == want
+
+    calls = {"default": (default, n), "pool_map": (peer, n), "shm_queue": (shm, n),
+             "seeded": (seeded, ns), "unseeded": (unseeded, ns)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    try:
+        for fn, _ in calls.values():
+            fn()  # warm
+        order = list(calls)
+        for r in range(max(repeats, 5)):
+            for k in order if r % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                calls[k][0]()
+                times[k].append(time.perf_counter() - t0)
+        ok = ok and bool(np.array_equal(buf.array, np.arange(1, n + 1)))
+    finally:
+        mpool.terminate()
+        pool.stop()
+        buf.close()
+    rates = {k: calls[k][1] / C.median(v) for k, v in times.items()}
+    return {"rates": rates, "n": n, "n_seeded": ns, "calls": len(times["default"]), "ok": ok,
+            "loadavg": os.getloadavg()[0]}
+
+
+def report_pairs(r: dict[str, Any]) -> None:
+    rates = r["rates"]
+    for k, v in rates.items():
+        C.emit(f"tiny.pairs.{k}.rate", v, "tasks/s")
+    print()
+    print(f"### tiny pairs: interleaved in one process, {WORKERS} workers, medians of {r['calls']} calls, "
+          f"load {r['loadavg']:.1f}")
+    print()
+    print(C.table(["call", "tasks/s"], [[k, v] for k, v in rates.items()]))
+    peer = rates["pool_map"]
+    C.print_targets("tiny", [
+        ("pairs_default_vs_pool", "shard_map(N, f) defaults >= 1.0x Pool.map default chunking (interleaved)",
+         f"{rates['default'] / peer:.2f}x", rates["default"] >= peer),
+        ("pairs_shm_vs_pool", "shm_queue out= >= 1.0x Pool.map default chunking (interleaved)",
+         f"{rates['shm_queue'] / peer:.2f}x", rates["shm_queue"] >= peer),
+        ("pairs_seeded", "seed= set >= 0.5x unseeded (interleaved)",
+         f"{rates['seeded'] / rates['unseeded']:.2f}x", rates["seeded"] >= 0.5 * rates["unseeded"]),
+        ("pairs_correct", "pairs outputs correct", "ok" if r["ok"] else "WRONG RESULT", bool(r["ok"])),
+    ])
+
+
 def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     if variant == "grid":
         return run_grid(quick, repeats)
+    if variant == "pairs":
+        return run_pairs(quick, repeats)
     run, cleanup, info = make_runner(variant, quick)
     n0, cap_full, cap_quick = SIZES[variant]
     cap = cap_quick if quick else cap_full
@@ -275,6 +386,7 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
 def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny") -> None:
     table = []
     grid = results.pop("grid", None)
+    pairs = results.pop("pairs", None)
     for name, r in results.items():
         if "error" in r:
             C.emit(f"{bench}.{name}.error", r["error"].replace("\t", " ")[:200], "text")
@@ -298,6 +410,11 @@ def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny")
     print(C.table(["variant", "tasks/s (median)", "N", "wall s", "peak MiB", "notes"], table))
     if bench == "tiny" and results:
         targets(results)
+    if pairs is not None:
+        if "error" in pairs:
+            C.emit(f"{bench}.pairs.error", pairs["error"].replace("\t", " ")[:200], "text")
+        else:
+            report_pairs(pairs)
     if grid is not None:
         if "error" in grid:
             C.emit(f"{bench}.grid.error", grid["error"].replace("\t", " ")[:200], "text")
@@ -314,6 +431,16 @@ def targets(results: dict[str, dict[str, Any]]) -> None:
     else:
         lines.append(("shm_queue_rate", "shm_queue >= 1M shards/s",
                       "not run: " + results.get("shardc_shm_queue", {}).get("error", "skipped")[:80], False))
+    if ok("mp_pool_map_auto"):
+        peer = results["mp_pool_map_auto"]["rate"]
+        for name, key in (("shardc_default", "default_vs_pool"), ("shardc_shm_queue", "shm_queue_vs_pool")):
+            if ok(name):
+                a = results[name]["rate"]
+                lines.append((key, f"{name} >= 1.0x Pool.map default chunking (< 0.8x: not done)",
+                              f"{a / peer:.2f}x", a >= peer))
+    if ok("shardc_seeded") and ok("shardc_default"):
+        a, b = results["shardc_seeded"]["rate"], results["shardc_default"]["rate"]
+        lines.append(("seeded_vs_default", "seed= set >= 0.5x unseeded", f"{a / b:.2f}x", a >= 0.5 * b))
     if ok("shardc_rpc1") and ok("mp_pool_map1"):
         a, b = results["shardc_rpc1"]["rate"], results["mp_pool_map1"]["rate"]
         lines.append(("rpc1_vs_pool", "rpc chunk_size=1 >= 2x Pool.map(chunksize=1)", f"{a / b:.2f}x", a >= 2 * b))

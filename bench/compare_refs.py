@@ -9,7 +9,8 @@ interpreter whose ``shardc`` is imported from a worktree of that commit
 
 Metrics (lower is better for all, so ratio = B/A):
 
-* ``bench_tiny`` ``shardc_shm_queue`` / ``shardc_rpc1`` / ``shardc_rpc_auto``:
+* ``bench_tiny`` ``shardc_shm_queue`` / ``shardc_rpc1`` / ``shardc_rpc_auto`` /
+  ``shardc_default`` / ``shardc_seeded``:
   seconds per task (1 / tasks per second).
 * ``bench_colstats`` ``shardc_borrow`` / ``shardc_shared``: median wall seconds.
 * ``bench_recovery`` ``rpc_chunked:alone`` / ``shm_queue:alone``: median seconds
@@ -42,6 +43,8 @@ CASES = [  # (script, variant, metric)
     ("bench_tiny.py", "shardc_shm_queue", "per_task"),
     ("bench_tiny.py", "shardc_rpc1", "per_task"),
     ("bench_tiny.py", "shardc_rpc_auto", "per_task"),
+    ("bench_tiny.py", "shardc_default", "per_task"),
+    ("bench_tiny.py", "shardc_seeded", "per_task"),
     ("bench_colstats.py", "shardc_borrow", "median_s"),
     ("bench_colstats.py", "shardc_shared", "median_s"),
     ("bench_recovery.py", "rpc_chunked:alone", "median_s"),

@@ -6,14 +6,14 @@
  * Layout (inside the caller's memory, 64-byte aligned):
  *
  *   header   magic, nrows                                    (one line)
- *   rows     nrows x row_t                          (three lines each)
- *     lines 0-1  worker-written: seq, copy[0], copy[1] (each { state,
- *                current, start_ns, block0, blockn }), done, sending,
- *                heap_kept, pid
- *     line 2     master-written: call, exit_req
+ *   rows     nrows x row_t                           (four lines each)
+ *     lines 0-2  worker-written: seq, copy[0], copy[1] (each { state,
+ *                current, start_ns, block0, blockn, run_n }), done,
+ *                sending, heap_kept, pid
+ *     line 3     master-written: call, exit_req
  *
  * Snapshots: a latch (a seqlock with two copies).  The fields that must be
- * read together (state, current, start_ns, block0, blockn) exist twice;
+ * read together (state, current, start_ns, block0, blockn, run_n) exist twice;
  * copy[seq & 1] is the visible one.  The row's only writer (its worker)
  * writes a change into the other copy, then publishes it by bumping seq
  * (release).  A reader loads seq (acquire), copies copy[seq & 1], fences
@@ -60,14 +60,18 @@
 
 typedef struct {
     int64_t state, current, start_ns, block0, blockn;
+    /* ids current .. current + run_n - 1 are covered by this state: 1 for
+     * one shard; more in a speculative run (shardc_status_run_next), whose
+     * ids are marked done only at its end. */
+    int64_t run_n;
 } snap_t;
 
 typedef struct {
-    /* lines 0-1: written by the worker only (but `done`, see below) */
+    /* lines 0-2: written by the worker only (but `done`, see below) */
     uint64_t seq; /* copy[seq & 1] is visible; bumped once per update */
     snap_t copy[2];
     int64_t done, sending, heap_kept, pid;
-    /* line 2: written by the master only */
+    /* line 3: written by the master only */
     _Alignas(CL) int64_t call;
     int64_t exit_req;
 } row_t;
@@ -85,7 +89,7 @@ typedef struct {
     _Alignas(CL) row_t rows[];
 } table_t;
 
-_Static_assert(sizeof(row_t) == 3 * CL && offsetof(table_t, rows) == CL, "lines");
+_Static_assert(sizeof(row_t) == 4 * CL && offsetof(table_t, rows) == CL, "lines");
 
 /* ------------------------------------------------------------- clock */
 
@@ -199,12 +203,13 @@ static void publish(row_t *r, uint64_t seq, const snap_t *v)
      * ordered before the stores below, so a reader that sees any of them
      * sees seq moved and retries (pairs with the reader's acquire fence). */
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    /* relaxed (all five): published by the seq store below. */
+    /* relaxed (all six): published by the seq store below. */
     __atomic_store_n(&c->state, v->state, __ATOMIC_RELAXED);
     __atomic_store_n(&c->current, v->current, __ATOMIC_RELAXED);
     __atomic_store_n(&c->start_ns, v->start_ns, __ATOMIC_RELAXED);
     __atomic_store_n(&c->block0, v->block0, __ATOMIC_RELAXED);
     __atomic_store_n(&c->blockn, v->blockn, __ATOMIC_RELAXED);
+    __atomic_store_n(&c->run_n, v->run_n, __ATOMIC_RELAXED);
     /* release: the master's acquire load of seq (shardc_status_read) sees
      * this copy complete, and every done mark stored before it. */
     __atomic_store_n(&r->seq, seq + 1, __ATOMIC_RELEASE);
@@ -212,13 +217,14 @@ static void publish(row_t *r, uint64_t seq, const snap_t *v)
 
 static void load_copy(const snap_t *c, snap_t *v)
 {
-    /* relaxed (all five): validated by the caller's seq re-check, or our
+    /* relaxed (all six): validated by the caller's seq re-check, or our
      * own writes (the writer). */
     v->state = __atomic_load_n(&c->state, __ATOMIC_RELAXED);
     v->current = __atomic_load_n(&c->current, __ATOMIC_RELAXED);
     v->start_ns = __atomic_load_n(&c->start_ns, __ATOMIC_RELAXED);
     v->block0 = __atomic_load_n(&c->block0, __ATOMIC_RELAXED);
     v->blockn = __atomic_load_n(&c->blockn, __ATOMIC_RELAXED);
+    v->run_n = __atomic_load_n(&c->run_n, __ATOMIC_RELAXED);
 }
 
 /* Store a done mark; -EINVAL if sid is outside the map. */
@@ -241,6 +247,7 @@ int64_t shardc_status_begin(shardc_status_writer_t *w, int64_t sid)
     row_t *r = w->row;
     load_copy(visible(r, &seq), &v);
     v.current = sid;
+    v.run_n = 1;
     v.start_ns = shardc_status_now_ns();
     v.state = SHARDC_STATUS_RUNNING;
     publish(r, seq, &v);
@@ -285,8 +292,45 @@ int64_t shardc_status_next_at(shardc_status_writer_t *w, int64_t sid,
         return -EINVAL;
     load_copy(visible(r, &seq), &v);
     v.current = nxt;
+    v.run_n = 1;
     if (now_ns >= 0)
         v.start_ns = now_ns;
+    publish(r, seq, &v);
+    return v.start_ns;
+}
+
+int64_t shardc_status_run_next(shardc_status_writer_t *w, int64_t first,
+                               int64_t count, int32_t mark, int64_t nxt,
+                               int64_t nxt_count)
+{
+    uint64_t seq;
+    snap_t v;
+    row_t *r = w->row;
+    if (count < 0 || nxt_count < 0 || mark < 0 || mark > 255)
+        return -EINVAL;
+    if (count > 0 && mark != 0) {
+        if (w->done == NULL || first < 0 || (uint64_t)first > w->ndone ||
+            (uint64_t)count > w->ndone - (uint64_t)first)
+            return -EINVAL;
+        /* release fence: the run's effects (out= writes) are ordered before
+         * every mark stored below; a master whose acquire load (done_get /
+         * done_count) reads one of them sees those effects (fence-to-load
+         * synchronization; the marks themselves can then be relaxed). */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        for (int64_t i = 0; i < count; i++)
+            /* relaxed: ordered by the fence above (and published before the
+             * new state by publish()'s release fence and seq store). */
+            __atomic_store_n(&w->done[first + i], (uint8_t)mark, __ATOMIC_RELAXED);
+    }
+    load_copy(visible(r, &seq), &v);
+    v.start_ns = shardc_status_now_ns();
+    if (nxt_count > 0) {
+        v.current = nxt;
+        v.run_n = nxt_count;
+        v.state = SHARDC_STATUS_RUNNING;
+    } else {
+        v.state = SHARDC_STATUS_IDLE;
+    }
     publish(r, seq, &v);
     return v.start_ns;
 }
@@ -301,6 +345,7 @@ int64_t shardc_status_block_begin(shardc_status_writer_t *w, int64_t start,
     v.block0 = start;
     v.blockn = count;
     v.current = start;
+    v.run_n = 1;
     v.start_ns = shardc_status_now_ns();
     v.state = SHARDC_STATUS_RUNNING;
     publish(r, seq, &v);
@@ -397,6 +442,7 @@ int shardc_status_read(void *mem, uint32_t slot, shardc_status_snap_t *out)
     out->start_ns = v.start_ns;
     out->block0 = v.block0;
     out->blockn = v.blockn;
+    out->run_n = v.run_n;
     /* acquire (all): each pairs with its single writer's release store. */
     out->done = __atomic_load_n(&r->done, __ATOMIC_ACQUIRE);
     out->sending = __atomic_load_n(&r->sending, __ATOMIC_ACQUIRE);

@@ -42,6 +42,7 @@ typedef struct {
     int64_t pid;
     int64_t sending;   /* 1 + id of the shard whose value is being sent, 0 if none */
     int64_t heap_kept; /* freed heap bytes the worker keeps for reuse */
+    int64_t run_n;     /* ids from `current` this state covers: 1, or a speculative run's length */
 } shardc_status_snap_t;
 
 /* A worker's writer of its row: process-local memory (not shared) holding
@@ -80,6 +81,17 @@ int64_t shardc_status_next(shardc_status_writer_t *w, int64_t sid, int32_t mark,
  * kernel runner, csrc/kernel.c, stamps a run of very short shards once). */
 int64_t shardc_status_next_at(shardc_status_writer_t *w, int64_t sid,
                               int32_t mark, int64_t nxt, int64_t now_ns);
+/* A speculative run (short shards, one status write per run, not per
+ * shard): mark ids first .. first+count-1 done with `mark` (one release
+ * fence, then the bytes; count 0 or mark 0: none), then publish, stamped
+ * now, "ids nxt .. nxt+nxt_count-1 running" (nxt_count >= 1; run_n =
+ * nxt_count) or, for nxt_count 0, IDLE.  A worker that dies inside a run
+ * leaves it RUNNING with run_n > 1 and none of its ids marked: the master
+ * cannot tell which one crashed and reruns them one shard at a time.
+ * Returns now (ns), or -EINVAL (bad range: nothing changed). */
+int64_t shardc_status_run_next(shardc_status_writer_t *w, int64_t first,
+                               int64_t count, int32_t mark, int64_t nxt,
+                               int64_t nxt_count);
 /* A block of `count` ids from `start` begins: its first shard runs now. */
 int64_t shardc_status_block_begin(shardc_status_writer_t *w, int64_t start,
                                   int64_t count);

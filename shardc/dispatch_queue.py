@@ -29,7 +29,9 @@ names the shard it is running (``current`` since ``start_ns``; C accessors,
   the shard as a one-shard block (or fails it: deterministic, or out of retries);
 * **death** -> :meth:`QueueDispatcher.lost`: ``ring.repair(slot, reaped_pid)``
   returns the dead worker's claimed blocks; ids the done map marks are done,
-  the running one is charged an attempt, the rest are requeued free;
+  the running one is charged an attempt, the rest are requeued free (a
+  worker lost inside a speculative run, ``run_n`` > 1 in its row, charges
+  none: the run's ids come back as one-id blocks, ``Scheduler.careful``);
 * **timeout / memory** -> the supervisor's watchdog kills the worker: a death;
 * **recycle** -> the row's exit request asks the worker to leave after its
   current block (``QDONE`` with ``exiting``); the supervisor replaces it and
@@ -153,11 +155,16 @@ class QueueFeeder:
         """Requeued ids as blocks: consecutive ids (the rest of a dead
         worker's block) travel together, up to the current block size."""
         retry = self.sched.retry
+        careful = self.sched.careful  # ids lost in a speculative run: alone, one-id blocks
         items: list[int] = []
         while retry and len(items) < limit:
             start = retry.popleft()
             count = 1
-            while retry and retry[0] == start + count and count < max(1, self.block):
+            if careful and start in careful:
+                careful.discard(start)
+                items.append(encode(start, 1))
+                continue
+            while retry and retry[0] == start + count and count < max(1, self.block) and retry[0] not in careful:
                 retry.popleft()
                 count += 1
             items.append(encode(start, count))
@@ -434,6 +441,12 @@ class QueueDispatcher(Dispatcher):
             charged = current
         if charged is not None and done.get(charged):
             charged = None  # killed after marking it done, before leaving RUNNING
+        if charged is not None and row.state == STATE_RUNNING and row.run_n > 1:
+            # Lost inside a speculative run (shardc.worker.spec): any of its ids may be the
+            # one that crashed or hung, none is marked.  Charge none; they come back as
+            # one-id blocks (careful: per-shard status), where a crash is charged to one.
+            self.sched.careful.update(range(charged, charged + row.run_n))
+            charged = None
         # In the block it was running, the ids before the current one failed
         # and were reported (their retry is the scheduler's already), unless
         # the report died unread with the worker (a watchdog kill closes the socket).

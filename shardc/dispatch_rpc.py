@@ -10,8 +10,15 @@ before each RESULTS, whose 4th item is then the commit record: the sink's
 master side gets it before the outcomes are recorded, and a worker that dies
 before reporting had committed nothing of the shards it held (they rerun).
 
-What a dead worker held (:meth:`RpcDispatcher.lost`): its in-flight ids.  The
-one it was running (status row) is charged; ids the done map marks finished
+Short shards come back as frames (``shardc.protocol.FRAME``: a run of OK
+shards' values), applied with slice stores (``Scheduler.record_run``,
+``Diagnostics.frame_done``), not a Python loop per shard.
+
+What a dead worker held (:meth:`RpcDispatcher.lost`): its in-flight ids.  A
+worker lost inside a speculative run (row RUNNING with ``run_n`` > 1, see
+``shardc.worker.spec``) is charged nothing: the run's ids go to
+``Scheduler.careful`` and rerun in ``RUN_CAREFUL`` chunks, one shard at a
+time.  Otherwise the one it was running (status row) is charged; ids the done map marks finished
 with no value (1) count as done; the rest are requeued free.  A worker killed
 for making no progress outside any shard was stuck reporting: the shard whose
 value it was pickling (``sending`` in its row) is charged, or, if it was stuck
@@ -23,11 +30,13 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections import deque
+from itertools import repeat
 from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
-from .protocol import ERR, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, error_record
+from .protocol import ERR, FRAME, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, RUN_CAREFUL, error_record
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 from .values import close_fds
@@ -99,20 +108,25 @@ class RpcDispatcher(Dispatcher):
         batch: list[Any] = []
         limit = min(size * self.depth(), max(size, MAX_INFLIGHT_IDS))
         while len(st.inflight) < limit and sched.pending_count():
+            fresh0 = sched.next_fresh
             ids = sched.take_chunk(size)
             if not ids:
                 break  # an open call's fed tasks were all cancelled (shardc.stream)
             if not sched.admit(ids):
                 break  # huge-kernel throttle: wait for a huge chunk to finish
-            for s in ids:
-                st.inflight[s] = None
+            st.inflight.update(dict.fromkeys(ids))
+            tag = RUN_CAREFUL if sched.careful and not sched.careful.isdisjoint(ids) else RUN
             td = sched.task_data(ids)
             if td is None:
-                batch.append((RUN, self.call_id, ids))
+                # Fresh ids only (no retry among them): a range, a few bytes, not a list of
+                # ~5 bytes an id (a big chunk's RUN could fill the socket and block this send);
+                # a list below 9 ids is smaller than a range's pickle.
+                fresh = len(ids) > 8 and ids[0] == fresh0 and len(ids) == sched.next_fresh - fresh0
+                batch.append((tag, self.call_id, range(fresh0, sched.next_fresh) if fresh else ids))
                 continue
             data, segs, shared = td
             if not shared:
-                batch.append((RUN, self.call_id, ids, data))
+                batch.append((tag, self.call_id, ids, data))
                 continue
             # Segments the worker lacks go with this message as fds (SCM_RIGHTS).
             new = [s for s in segs if s.key not in w.known]
@@ -120,7 +134,7 @@ class RpcDispatcher(Dispatcher):
             self._send(w, batch)
             batch = []
             try:
-                msg = (RUN, self.call_id, ids, data, infos, shared)
+                msg = (tag, self.call_id, ids, data, infos, shared)
                 self.diag.dispatched(w.chan.send(msg, [s.fd for s in new]), 1)
                 w.known.update(s.key for s in new)
             except OSError:
@@ -184,11 +198,34 @@ class RpcDispatcher(Dispatcher):
             results = [_unpacked(r, fds) if r[1] == OK_SEGMENT else r for r in results]
         if any(r[1] == OK_PICKLED for r in results):
             results = [(r[0], OK, pickle.loads(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
-        if self.call.diagnostics:  # before the outcomes: attempts are those of the finished run
-            diag.batch_done(w.slot, results, sched.attempts)
         huge = sched.huge_ids
+        n = len(results)
+        busy = 0
+        if any(r[1] == FRAME for r in results):  # runs of OK shards (short ones): slices, not a loop
+            frames = [r for r in results if r[1] == FRAME]
+            results = [r for r in results if r[1] != FRAME]
+            pop = inflight.pop
+            for first, _, values, t0, t1, _e, _m in frames:
+                k = len(values)
+                ids = range(first, first + k)
+                deque(map(pop, ids, repeat(None, k)), maxlen=0)
+                if sched.careful:
+                    sched.careful.difference_update(ids)
+                if huge:
+                    for sid in ids:
+                        sched.released(sid)
+                if self.call.diagnostics:  # before the outcomes: attempts are those of the finished run
+                    diag.frame_done(w.slot, first, k, t0, t1, sched.attempts)
+                sched.record_run(first, values)
+                n += k - 1
+                busy += t1 - t0
+        if self.call.diagnostics and results:
+            diag.batch_done(w.slot, results, sched.attempts)
+        careful = sched.careful
         for sid, ok, value, _t0, _t1, events, _dmem in results:
             inflight.pop(sid, None)
+            if careful:
+                careful.discard(sid)
             if huge:
                 sched.released(sid)
             if events:
@@ -199,8 +236,8 @@ class RpcDispatcher(Dispatcher):
                 sched.record_success(sid, value)
             else:
                 sched.record_failure(sid, value, worker=w.slot)
-        sched.observe(sum(r[4] - r[3] for r in results) * 1e-9 / len(results))
-        st.since_sample += len(results)
+        sched.observe((busy + sum(r[4] - r[3] for r in results)) * 1e-9 / max(n, 1), count=n)
+        st.since_sample += n
         st.last_msg = time.monotonic()
 
     def after_poll(self) -> None:
@@ -237,7 +274,13 @@ class RpcDispatcher(Dispatcher):
         held = list(st.inflight)
         done = self.done
         charge: list[int] = []
-        if running is not None and running in st.inflight:
+        if running is not None and row.run_n > 1:
+            # Lost inside a speculative run (shardc.worker.spec): any of its
+            # ids may be the one that crashed or hung, and none is marked.
+            # Charge none; they rerun one shard at a time (RUN_CAREFUL), where
+            # a crash is charged to exactly the shard that caused it.
+            self.sched.careful.update(s for s in range(running, running + row.run_n) if s in st.inflight)
+        elif running is not None and running in st.inflight:
             charge.append(running)
         if reason == "no progress":
             sending = row.sending - 1

@@ -7,12 +7,15 @@ Messages (tuples; the first item is the tag):
 
 master -> worker
     ``(CALL, msg)`` + fds          set up a call (fun, inputs, out buffers)
-    ``(RUN, call_id, ids)``        rpc: run a chunk of shard ids
+    ``(RUN, call_id, ids)``        rpc: run a chunk of shard ids (a list, or a range of fresh ids)
     ``(RUN, call_id, ids, data)``  ... with per-id data (an open call's tasks, see
                                    ``shardc.stream``): ``desc.feed(ids, data, load)`` first
     ``(RUN, call_id, ids, data, segments, shared)`` + fds   ... and arrays the data refers
                                    to: ``shared`` descriptors, in ``segments`` (sent as fds)
                                    or in segments the worker holds; mapped before the chunk
+    ``(RUN_CAREFUL, ...)``         as any RUN, but the worker runs these ids alone with
+                                   per-shard status: they were in a speculative run of a
+                                   worker that was lost (``StatusRow.run_call``)
     ``(QUEUE, msg)`` + fds         shm_queue: pop blocks from the ring until it closes
     ``(END,)``                     drop the call's state
     ``(FORGET, keys)``             close segments the master closed
@@ -22,7 +25,8 @@ worker -> master
     ``(HELLO, pid, None)``         started
     ``(READY, call_id, err)``      the call is set up (err: an error record or None)
     ``(RESULTS, call_id, [Outcome])`` (+ fds)   rpc: a chunk's outcomes (fds: big
-                                   array values, ``shardc.values``)
+                                   array values, ``shardc.values``); runs of OK shards
+                                   may come as frames (``FRAME``)
     ``(QFAIL, call_id, Outcome)``  shm_queue: a failed shard
     ``(QCOW, call_id, (sid, events))``  shm_queue: writes into borrowed inputs
     ``(QDONE, call_id, dict)``     shm_queue: the worker left the ring
@@ -39,10 +43,18 @@ from . import errors
 from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, ShardcError, TableSchemaError
 
 CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "exit"
+RUN_CAREFUL = "run_careful"  # a RUN whose ids must run one shard at a time (no speculative run)
 HELLO, READY, RESULTS, QFAIL, QCOW, QDONE, QIDLE = "hello", "ready", "results", "qfail", "qcow", "qdone", "qidle"
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
 OK_SEGMENT = 3  # a big array in a segment whose fd rides with the message: value = (fd index, spec)
+# A frame in a RESULTS list: consecutive shards that all succeeded, laid out
+# as an Outcome whose ``sid`` is the first id, ``value`` the list of their
+# values (ids sid .. sid + len - 1), ``t0``/``t1`` the start of the first and
+# the end of the last, no events, no memory delta.  Sent instead of one
+# Outcome per shard when shards are short (~0.4 us a shard of tuples, pickling
+# and the master's per-shard loop); failures stay Outcomes.
+FRAME = 4
 
 # Exit status of a worker that retires by itself: a shard wrote more of an
 # input inherited over fork than the guards could save, so this process's
@@ -57,7 +69,7 @@ class Outcome(NamedTuple):
     """What one attempt of one shard produced (sent back to the master)."""
 
     sid: int
-    ok: int  # OK, ERR, OK_PICKLED or OK_SEGMENT
+    ok: int  # OK, ERR, OK_PICKLED, OK_SEGMENT or FRAME
     value: Any  # the return value (OK), its pickle (OK_PICKLED) or an error record (ERR)
     t0: int  # monotonic ns at start
     t1: int  # monotonic ns at end

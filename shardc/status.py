@@ -44,6 +44,7 @@ STATE_IDLE, STATE_RUNNING = ll.STATUS_IDLE, ll.STATUS_RUNNING
 _begin: Callable[[Any, int], int] = ll.status_begin
 _end: Callable[[Any, int, int], int] = ll.status_end
 _next: Callable[[Any, int, int, int], int] = ll.status_next
+_run_next: Callable[[Any, int, int, int, int, int], int] = ll.status_run_next
 _block_begin: Callable[[Any, int, int], int] = ll.status_block_begin
 _block_end: Callable[[Any, int, int, int], int] = ll.status_block_end
 _exit_requested: Callable[[Any], int] = ll.status_exit_requested
@@ -67,6 +68,7 @@ class RowSnapshot(NamedTuple):
     pid: int
     sending: int  # 1 + id of the shard whose value is being pickled, 0 if none
     heap_kept: int  # freed heap bytes kept for reuse (not drift)
+    run_n: int  # ids from ``current`` covered while RUNNING: > 1 in a speculative run (none marked yet)
 
 
 class StatusTable:
@@ -161,6 +163,19 @@ class StatusRow:
         if done is not self._done:
             self._bind(done)
         return _next, self._p
+
+    def run_call(self, done: DoneMap | None) -> tuple[Callable[[Any, int, int, int, int, int], int], Any]:
+        """The speculative runs' one call, unwrapped like :meth:`next_call`:
+        ``fn(handle, first, count, mark, nxt, nxt_count)`` marks ids
+        ``first .. first+count-1`` done with ``mark`` (one C call, one
+        fence), then says "ids ``nxt`` .. ``nxt+nxt_count-1`` run since now"
+        (``nxt_count`` 0: IDLE).  While such a run (``run_n`` > 1) is on the
+        row, none of its ids is marked: a worker lost inside it had finished
+        an unknown number of them, so the master charges none and reruns them
+        one shard at a time (``dispatch_rpc``)."""
+        if done is not self._done:
+            self._bind(done)
+        return _run_next, self._p
 
     def failed(self, rc: int, op: str, sid: int) -> None:
         """Raise for ``rc < 0`` returned by a status call on shard ``sid``."""

@@ -144,6 +144,7 @@ class FakeDiag:
 class FakeSched:
     def __init__(self, num: int) -> None:
         self.num, self.next_fresh, self.retry, self.chunk = num, 0, deque(), 1
+        self.careful: set[int] = set()  # ids lost in a speculative run (Scheduler.careful)
 
     def pending_count(self) -> int:
         return len(self.retry) + self.num - self.next_fresh

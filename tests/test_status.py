@@ -86,7 +86,7 @@ def test_master_and_single_fields(table: StatusTable) -> None:
     row.set_heap_kept(1 << 30)
     assert table.heap_kept(2) == 1 << 30 and table.read(2).heap_kept == 1 << 30
     table.reset(2)
-    assert table.read(2) == RowSnapshot(*([0] * 11))
+    assert table.read(2) == RowSnapshot(*([0] * 12))
     assert not row.exit_requested()
     t = row.shard_begin(5)  # the writer carries on after a reset
     assert table.read(2)[:3] == (STATE_RUNNING, 5, t)

@@ -18,7 +18,7 @@ import pytest
 from _engine_helpers import no_stray_children, pool2  # noqa: F401 (fixtures)
 
 import shardc
-from shardc.protocol import ERR, OK, QDONE, QFAIL, RESULTS, RUN
+from shardc.protocol import ERR, FRAME, OK, QDONE, QFAIL, RESULTS, RUN
 from shardc.queue import TaskRing
 from shardc.status import STATE_IDLE, DoneMap, StatusTable
 from shardc.worker.executor import LONG_NS, RunStats, ShardExecutor
@@ -160,8 +160,12 @@ def test_memory_delta_per_shard_in_rpc_and_per_block_in_queue(harness):
     assert isinstance(h.block(2, 4).mem_delta, int)
     s = harness(quick)
     s.ex.run_ids([0, 1, 2])  # learns that shards are short
-    assert [o[6] for o in s.ex.run_ids([3, 4])] == [None, None]
+    # short shards with consecutive ids travel as one frame, which has no memory delta
+    assert [(o[0], o[1], o[2], o[6]) for o in s.ex.run_ids([3, 4])] == [(3, FRAME, [None, None], None)]
     assert s.block(5, 8).mem_delta is None
+    s2 = harness(quick)
+    s2.ex.run_ids([0, 1, 2])
+    assert [o[6] for o in s2.ex.run_ids([4, 3])] == [None, None]  # not consecutive: per-shard outcomes
 
 
 def test_memory_delta_off_without_diagnostics(harness):
@@ -223,9 +227,9 @@ class _CountingExecutor(ShardExecutor):
         super().__init__(*a)
         self.runs: list[list[int]] = []
 
-    def run_ids(self, ids: list[int], out: list | None = None) -> list:
+    def run_ids(self, ids: list[int], out: list | None = None, careful: bool = False) -> list:
         self.runs.append(list(ids))
-        return super().run_ids(ids, out)
+        return super().run_ids(ids, out, careful)
 
 
 class _RpcChan(_Chan):
@@ -248,7 +252,8 @@ def test_rpc_chunks_queued_behind_run_in_one_call_when_short(harness, shards):
     else:
         assert all(len(r) == 1 for r in h.ex.runs) and 1 <= len(ran) <= 4 and len(pending) == 6 - len(ran)
     assert [m[0] for m in chan.sent] == [RESULTS]
-    assert [o[0] for o in chan.sent[0][2]] == ran == list(range(len(ran)))
+    sent = [i for o in chan.sent[0][2] for i in (range(o[0], o[0] + len(o[2])) if o[1] == FRAME else [o[0]])]
+    assert sent == ran == list(range(len(ran)))
 
 
 def sys_exits(shard: Any, out: Any = None) -> int:
@@ -313,6 +318,9 @@ def test_worker_package_never_imports_the_master_side():
         "shardc.worker.loop",
         "shardc.worker.native",
         "shardc.worker.queue_loop",
+        "shardc.worker.records",
+        "shardc.worker.seeding",
+        "shardc.worker.spec",
     ]
     seen: set[str] = set()
     todo = list(start)

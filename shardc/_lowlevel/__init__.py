@@ -152,6 +152,7 @@ from .status import (  # noqa: F401
     status_read,
     status_request_exit,
     status_reset,
+    status_run_next,
     status_set_call,
     status_set_heap_kept,
     status_set_idle,

@@ -30,6 +30,7 @@ NULL = ffi.NULL
 status_begin = lib.shardc_status_begin
 status_end = lib.shardc_status_end
 status_next = lib.shardc_status_next
+status_run_next = lib.shardc_status_run_next
 status_block_begin = lib.shardc_status_block_begin
 status_block_end = lib.shardc_status_block_end
 status_exit_requested = lib.shardc_status_exit_requested
@@ -86,6 +87,7 @@ _STATUS_FIELDS = (
     "pid",
     "sending",
     "heap_kept",
+    "run_n",
 )
 
 
@@ -105,6 +107,7 @@ def status_read(mem: object, slot: int) -> tuple[int, ...]:
         s.pid,
         s.sending,
         s.heap_kept,
+        s.run_n,
     )
 
 

@@ -277,6 +277,25 @@ class Diagnostics:
             rec["shards"] += n
             rec["busy_ns"] += int((t1 - t0).sum())
 
+    def frame_done(self, slot: int, start: int, count: int, t0: int, t1: int, attempts: np.ndarray) -> None:
+        """An rpc frame (``shardc.protocol.FRAME``): shards ``start`` ..
+        ``start + count - 1`` all succeeded on ``slot`` between ``t0`` and
+        ``t1``; slice stores, each shard given an equal part of the time (a
+        frame carries no per-shard times: its shards are short)."""
+        b = start + count
+        step = (t1 - t0) // count
+        t = np.arange(t0, t0 + step * count + 1, step, dtype=np.int64) if step > 0 else np.full(count + 1, t0, np.int64)
+        att = attempts[start:b]
+        self.shard_worker[start:b] = slot
+        self.shard_t0[start:b] = t[:count]
+        self.shard_t1[start:b] = t[1 : count + 1]
+        self.shard_attempts[start:b] = att + 1
+        self.shard_ok[start:b] = np.where(att == 0, OK, OK_RETRIED)
+        rec = self.workers.get(slot)
+        if rec is not None:
+            rec["shards"] += count
+            rec["busy_ns"] += t1 - t0
+
     def block_done(self, slot: int, start: int, count: int, t0: int, t1: int) -> None:
         self.blocks.append((slot, start, count, t0, t1))
         rec = self.workers.get(slot)

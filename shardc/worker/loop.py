@@ -53,6 +53,7 @@ from ..protocol import (
     ERR,
     EXIT,
     FORGET,
+    FRAME,
     HELLO,
     OK,
     OK_PICKLED,
@@ -61,6 +62,7 @@ from ..protocol import (
     READY,
     RESULTS,
     RUN,
+    RUN_CAREFUL,
     error_record,
 )
 from ..segment import Segment
@@ -68,7 +70,7 @@ from ..share import array_extent, view_array
 from ..status import DoneMap, StatusTable
 from ..values import is_big_array
 from ..values import pack as pack_value
-from .executor import ShardExecutor
+from .executor import ShardExecutor, open_frames
 from .heap import HeapPolicy
 from .queue_loop import run_queue_call
 
@@ -258,8 +260,12 @@ class Worker:
         row = self.row
         out = []
         segs: list[Segment] = []  # big arrays travel in segments (shardc.values), their fds with the message
+        if any(r[1] == FRAME for r in results):
+            results = open_frames(results, _TRIVIAL)
         for r in results:
-            if r[1] == OK and type(r[2]) not in _TRIVIAL:
+            if r[1] == FRAME:
+                out.append(r)
+            elif r[1] == OK and type(r[2]) not in _TRIVIAL:
                 row.set_sending(r[0])
                 try:
                     if is_big_array(r[2]):
@@ -321,10 +327,11 @@ class Worker:
         while they are short; send all their outcomes in one RESULTS."""
         chan, ex = self.chan, self.ex
         call_id = msg[1]
-        results = ex.run_ids(self.chunk_ids(msg, fds or []))
+        careful = msg[0] == RUN_CAREFUL  # run alone, one shard at a time (see ShardExecutor.run_ids)
+        results = ex.run_ids(self.chunk_ids(msg, fds or []), careful=careful)
         t_first = time.monotonic()
         pending.extend(chan.poll_nonblocking())
-        while pending and pending[0][0][0] == RUN and not ex.tainted:
+        while not careful and pending and pending[0][0][0] == RUN and not ex.tainted:
             left = COALESCE_S - (time.monotonic() - t_first)
             if left <= 0:
                 break
@@ -353,7 +360,7 @@ class Worker:
                 pending.append(chan.recv())
             msg, fds = pending.popleft()
             kind = msg[0]
-            if kind == RUN:
+            if kind in (RUN, RUN_CAREFUL):
                 self.run_chunks(msg, pending, fds)
             elif kind == CALL:
                 try:

@@ -94,7 +94,7 @@ class NativeRunner:
         ran, ok, t0, t1 = self._run(start, stop, on_fail, on_cow, None)
         return (ran, ok, 0, t0, t1, None)
 
-    def run_ids(self, ids: list[int], out: list[OutcomeTuple] | None = None) -> list[OutcomeTuple]:
+    def run_ids(self, ids: list[int] | range, out: list[OutcomeTuple] | None = None) -> list[OutcomeTuple]:
         """rpc_chunked: one outcome per id run, for each run of consecutive ids."""
         if out is None:
             out = []

@@ -409,11 +409,56 @@ static void test_fork_kill(void)
     munmap(sh->floor_ns, n * sizeof(int64_t));
 }
 
+/* Speculative runs: one call marks a range and publishes the next run;
+ * the row covers run_n ids; per-shard calls reset run_n to 1; bad ranges
+ * change nothing. */
+static void test_runs(void)
+{
+    void *mem = new_table(1, NULL);
+    shardc_status_writer_t *w = new_writer(mem, 0);
+    uint8_t done[16] = {0};
+    shardc_status_snap_t s;
+    int64_t t0, t1;
+
+    CHECK_RC(shardc_status_writer_set_done(w, done, 16));
+    t0 = shardc_status_run_next(w, 0, 0, 0, 2, 5); /* begin: ids 2..6, nothing marked */
+    CHECK(t0 > 0);
+    CHECK_RC(shardc_status_read(mem, 0, &s));
+    CHECK(s.state == SHARDC_STATUS_RUNNING && s.current == 2 && s.run_n == 5 && s.start_ns == t0);
+    CHECK(shardc_status_done_count(done, 16) == 0);
+    t1 = shardc_status_run_next(w, 2, 4, 2, 6, 3); /* 2..5 done (mark 2), then 6..8 */
+    CHECK(t1 >= t0);
+    CHECK_RC(shardc_status_read(mem, 0, &s));
+    CHECK(s.state == SHARDC_STATUS_RUNNING && s.current == 6 && s.run_n == 3 && s.start_ns == t1);
+    CHECK(done[1] == 0 && done[2] == 2 && done[5] == 2 && done[6] == 0);
+    /* out of the map: refused, nothing changed */
+    CHECK(shardc_status_run_next(w, 14, 3, 1, 0, 0) == -EINVAL);
+    CHECK(shardc_status_run_next(w, -1, 1, 1, 0, 0) == -EINVAL);
+    CHECK(shardc_status_run_next(w, 6, 1, 256, 0, 0) == -EINVAL);
+    CHECK_RC(shardc_status_read(mem, 0, &s));
+    CHECK(s.state == SHARDC_STATUS_RUNNING && s.current == 6 && done[14] == 0 && done[15] == 0);
+    /* the end: 6..8 marked 1, IDLE */
+    CHECK(shardc_status_run_next(w, 6, 3, 1, 0, 0) >= t1);
+    CHECK_RC(shardc_status_read(mem, 0, &s));
+    CHECK(s.state == SHARDC_STATUS_IDLE && done[6] == 1 && done[8] == 1 && done[9] == 0);
+    CHECK(shardc_status_done_count(done, 16) == 7);
+    /* a shard boundary after a run covers one id again */
+    CHECK(shardc_status_run_next(w, 0, 0, 0, 10, 4) > 0);
+    CHECK(shardc_status_next(w, 10, 1, 11) > 0);
+    CHECK_RC(shardc_status_read(mem, 0, &s));
+    CHECK(s.current == 11 && s.run_n == 1 && done[10] == 1);
+    CHECK(shardc_status_begin(w, 12) > 0);
+    CHECK_RC(shardc_status_read(mem, 0, &s));
+    CHECK(s.current == 12 && s.run_n == 1);
+    free(w);
+}
+
 int main(void)
 {
     RUN(test_init_and_args);
     RUN(test_state_changes);
     RUN(test_count);
+    RUN(test_runs);
     RUN(test_threads);
     RUN(test_fork_kill);
     return 0;
