@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections import deque
-from itertools import repeat
 from typing import Any
 
 from .dispatch import Dispatcher, Loss
@@ -108,21 +106,20 @@ class RpcDispatcher(Dispatcher):
         batch: list[Any] = []
         limit = min(size * self.depth(), max(size, MAX_INFLIGHT_IDS))
         while len(st.inflight) < limit and sched.pending_count():
-            fresh0 = sched.next_fresh
             ids = sched.take_chunk(size)
             if not ids:
                 break  # an open call's fed tasks were all cancelled (shardc.stream)
             if not sched.admit(ids):
                 break  # huge-kernel throttle: wait for a huge chunk to finish
-            st.inflight.update(dict.fromkeys(ids))
+            st.inflight.add(ids)
             tag = RUN_CAREFUL if sched.careful and not sched.careful.isdisjoint(ids) else RUN
             td = sched.task_data(ids)
             if td is None:
                 # Fresh ids only (no retry among them): a range, a few bytes, not a list of
                 # ~5 bytes an id (a big chunk's RUN could fill the socket and block this send);
                 # a list below 9 ids is smaller than a range's pickle.
-                fresh = len(ids) > 8 and ids[0] == fresh0 and len(ids) == sched.next_fresh - fresh0
-                batch.append((tag, self.call_id, range(fresh0, sched.next_fresh) if fresh else ids))
+                fresh = len(ids) > 8 and isinstance(ids, range)
+                batch.append((tag, self.call_id, ids if fresh else list(ids)))
                 continue
             data, segs, shared = td
             if not shared:
@@ -204,11 +201,10 @@ class RpcDispatcher(Dispatcher):
         if any(r[1] == FRAME for r in results):  # runs of OK shards (short ones): slices, not a loop
             frames = [r for r in results if r[1] == FRAME]
             results = [r for r in results if r[1] != FRAME]
-            pop = inflight.pop
             for first, _, values, t0, t1, _e, _m in frames:
                 k = len(values)
                 ids = range(first, first + k)
-                deque(map(pop, ids, repeat(None, k)), maxlen=0)
+                inflight.discard_run(first, first + k)
                 if sched.careful:
                     sched.careful.difference_update(ids)
                 if huge:
@@ -223,7 +219,7 @@ class RpcDispatcher(Dispatcher):
             diag.batch_done(w.slot, results, sched.attempts)
         careful = sched.careful
         for sid, ok, value, _t0, _t1, events, _dmem in results:
-            inflight.pop(sid, None)
+            inflight.discard(sid)
             if careful:
                 careful.discard(sid)
             if huge:

@@ -21,6 +21,7 @@ unpicklable return value) fail at once.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -103,8 +104,15 @@ class Scheduler:
     def pending_count(self) -> int:
         return len(self.retry) + (self.num - self.next_fresh)
 
-    def take_chunk(self, size: int) -> list[int]:
-        """Up to ``size`` ids: retries first, then fresh ones."""
+    def take_chunk(self, size: int) -> Sequence[int]:
+        """Up to ``size`` ids: retries first, then fresh ones; a ``range``
+        when there is no retry among them (no Python int per id: a chunk of
+        tiny shards holds thousands)."""
+        if not self.retry:
+            start = self.next_fresh
+            k = max(0, min(size, self.num - start))
+            self.next_fresh = start + k
+            return range(start, start + k)
         ids: list[int] = []
         while self.retry and len(ids) < size:
             ids.append(self.retry.popleft())
@@ -123,7 +131,7 @@ class Scheduler:
         self.next_fresh = start + k
         return start, k
 
-    def task_data(self, ids: list[int]) -> tuple[list[Any], list[Any], list[Any]] | None:
+    def task_data(self, ids: Sequence[int]) -> tuple[list[Any], list[Any], list[Any]] | None:
         """What the workers need for ``ids`` beyond their ids, sent with the
         chunk: ``(data per id, segments, shared)`` (the worker's call
         descriptor gets the data; segments it does not hold yet travel as
@@ -134,7 +142,7 @@ class Scheduler:
         arguments by reference."""
         return None
 
-    def put_back(self, ids: list[int]) -> None:
+    def put_back(self, ids: Sequence[int]) -> None:
         """Return ids that were taken but not handed out (they go first)."""
         for s in reversed(ids):
             self.retry.appendleft(s)
@@ -146,7 +154,7 @@ class Scheduler:
             if self.state[s] == PENDING and s not in queued:
                 self.retry.appendleft(s)
 
-    def admit(self, ids: list[int]) -> bool:
+    def admit(self, ids: Sequence[int]) -> bool:
         """The huge-kernel throttle: False (ids put back) when this chunk would
         exceed ``max_huge_concurrency``; else count it as running."""
         if self.huge is None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .diagnostics import Diagnostics
@@ -217,7 +217,7 @@ class StreamScheduler(Scheduler):
             ids.append(sid)
         return ids
 
-    def task_data(self, ids: list[int]) -> tuple[list[Any], list[Any], list[Any]]:
+    def task_data(self, ids: Sequence[int]) -> tuple[list[Any], list[Any], list[Any]]:
         data, refs = self.data, self.refs
         if not refs:
             return [data[s] for s in ids], [], []

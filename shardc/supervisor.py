@@ -42,6 +42,7 @@ from .errors import (
     WorkerSetupError,
     signal_label,
 )
+from .idruns import IdRuns
 from .protocol import RETIRE_EXIT
 from .scheduler import Scheduler
 from .status import STATE_RUNNING
@@ -58,7 +59,7 @@ class WorkerState:
     __slots__ = ("inflight", "pending_recycle", "since_sample", "last_msg", "deferred", "retiring")
 
     def __init__(self) -> None:
-        self.inflight: dict[int, None] = {}  # rpc: shard ids sent, not yet reported
+        self.inflight = IdRuns()  # rpc: shard ids sent, not yet reported
         self.pending_recycle: str | None = None  # why it is to be replaced at its next safe point
         self.since_sample = 0  # shards since the last memory check
         self.last_msg = time.monotonic()

@@ -538,7 +538,7 @@ def test_scheduler_sink_gets_each_group_once():
         tree.put(g, value, ok)
 
     sched = Scheduler(3, 0, 1, None, None, Diagnostics(mode="rpc_chunked", num_shards=3, cow="deny"), sink=sink)
-    assert sched.take_chunk(3) == [0, 1, 2]
+    assert list(sched.take_chunk(3)) == [0, 1, 2]
     sched.record_success(0, 10)
     sched.record_success(0, 10)  # the duplicate
     sched.record_failure(1, {"type": "RuntimeError", "message": "x", "deterministic": True})

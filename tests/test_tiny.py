@@ -259,3 +259,64 @@ def test_seeded_values_identical_with_speculative_runs_and_per_shard(pool2):
     b = shardc.shard_map(n, draws, seed=11, chunk_size=1, autotune=False, progress=False).results
     c = shardc.shard_map(n, draws, seed=12, progress=False).results
     assert a == b and a != c and len(set(a)) == n
+
+
+def test_idruns_matches_a_set():
+    """IdRuns (the master's in-flight ids) behaves as a set of ids under runs, singles and splits."""
+    from shardc.idruns import IdRuns
+
+    rng = np.random.default_rng(5)
+    runs, ref = IdRuns(), set()
+    nxt = 0
+    for _ in range(400):
+        op = rng.integers(0, 4)
+        if op == 0:  # a fresh chunk (range)
+            k = int(rng.integers(0, 50))
+            runs.add(range(nxt, nxt + k))
+            ref.update(range(nxt, nxt + k))
+            nxt += k
+        elif op == 1:  # retried ids (a list, not consecutive, not held)
+            ids = [int(s) for s in rng.integers(0, max(nxt, 1), 5) if int(s) not in ref]
+            ids = list(dict.fromkeys(ids))
+            runs.add(ids)
+            ref.update(ids)
+        elif op == 2 and nxt:  # a frame's run back
+            a = int(rng.integers(0, nxt))
+            b = a + int(rng.integers(0, 40))
+            runs.discard_run(a, b)
+            ref.difference_update(range(a, b))
+        elif nxt:
+            s = int(rng.integers(0, nxt))
+            runs.discard(s)
+            ref.discard(s)
+        assert len(runs) == len(ref) and bool(runs) == bool(ref)
+        assert sorted(runs) == sorted(ref)
+        probe = int(rng.integers(0, nxt + 2))
+        assert (probe in runs) == (probe in ref)
+    runs.clear()
+    assert not runs and list(runs) == []
+
+
+def test_block_shard_equals_the_descriptors_shard():
+    """The worker's fast shard (bounds computed from the id) equals desc.shard(k), pickles as a Shard."""
+    import pickle
+
+    from shardc.shards import Shard, shards
+
+    for n, b in ((10, 3), (7, 1), (1000, 64)):
+        d = shards(n, block_size=b)
+        make = d.maker()
+        for k in range(len(d)):
+            s, ref = make(k, 11), d.shard(k, 11)
+            assert isinstance(s, Shard) and s == ref
+            assert (s.id, s.start, s.stop, s.len, s.stride, s.idx) == (
+                ref.id,
+                ref.start,
+                ref.stop,
+                ref.len,
+                ref.stride,
+                ref.idx,
+            )
+            back = pickle.loads(pickle.dumps(s))
+            assert type(back) is Shard and back == ref
+            assert s.rng.random() == ref.rng.random()  # the same stream
