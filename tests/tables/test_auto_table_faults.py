@@ -127,6 +127,37 @@ def test_the_janitor_removes_temporary_parts_of_a_killed_master(tmp_path, monkey
     os.rmdir(mine)
 
 
+def test_import_removes_the_directories_of_dead_masters_only(tmp_path):
+    """A fresh ``import shardc`` removes what a SIGKILLed master (and a pid that exited) left; a live
+    process's directory and the user's own directories stay."""
+    env = {**os.environ, "SHARDC_TMPDIR": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-c", _LEAVE], capture_output=True, text=True, timeout=60, env=env)
+    dead = p.stdout.strip()
+    folder = os.path.dirname(dead)
+    assert (
+        p.returncode == -9 and os.path.isdir(dead) and folder == os.path.join(tmp_path, f"shardc-owned-{os.getuid()}")
+    )
+    exited = os.path.join(folder, f"shardc-table.{_pid_of_exited()}.12345.abcd")  # a pid that exited: stale too
+    os.makedirs(os.path.join(exited, "sub"))
+    me = shardc.tmpdirs.start_time(os.getpid())
+    live = os.path.join(folder, f"shardc-table.{os.getpid()}.{me}.beef")  # this test process: alive
+    os.makedirs(live)
+    user = tmp_path / "shardc-table-dataset"  # a persistent auto_table_path is never touched
+    user.mkdir()
+    q = subprocess.run([sys.executable, "-c", "import shardc"], capture_output=True, text=True, timeout=60, env=env)
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert not os.path.exists(dead) and not os.path.exists(exited)
+    assert os.path.isdir(live) and user.is_dir()
+    os.rmdir(live)
+
+
+def _pid_of_exited() -> int:
+    """The pid of a child that has exited and been reaped."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def test_start_time_tells_a_reused_pid_apart():
     """A directory whose pid lives but started at another time is stale."""
     me = shardc.tmpdirs.start_time(os.getpid())
