@@ -187,3 +187,63 @@ def test_a_failed_commit_fails_the_shards_it_covered():
     assert "No space left" in results[0][2]["message"] and results[1][2] == {"message": "own"}
     ex.call.value_sink = None
     assert ShardExecutor.commit_sink(ex, results) is None
+
+
+_KILLED_MASTER = r"""
+import sys, time, pandas as pd, shardc
+
+def f(shard):
+    time.sleep(0.005)
+    return pd.DataFrame({"sid": [shard.id] * 40, "x": range(40)})
+
+shardc.shard_map(800, f, chunk_size=4, workers=2, progress=False,
+                 dispatch_opts={"auto_table": True, "auto_table_mode": "partitioned", "auto_table_path": sys.argv[1]})
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.parametrize("wait_parts, delay", [(1, 0.0), (3, 0.011), (6, 0.037)])
+def test_a_master_killed_mid_run_leaves_a_manifest_that_lists_exactly_the_parts(tmp_path, wait_parts, delay):
+    """partitioned: SIGKILL the master while it runs; the manifest lists exactly the part files present, no
+    partial part is visible and pyarrow.dataset reads every listed shard's rows once."""
+    import json
+    import time
+
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from shardc.tables import open_table
+
+    out = tmp_path / "ds"
+    man = out / "_manifest.json"
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_MASTER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if len(json.loads(man.read_text())["parts"]) >= wait_parts:
+                    break
+            except (OSError, ValueError):
+                pass  # not there yet (a reader may see the rename only: the file is whole when it has a name)
+            time.sleep(0.002)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.kill()
+        stdout = p.communicate(timeout=30)[0]
+    assert p.returncode == -9 and "DONE" not in stdout, "the run ended before the kill: make it longer"
+    time.sleep(0.2)  # the workers die with their master (PDEATHSIG)
+    manifest = json.loads(man.read_text())
+    visible = sorted(e for e in os.listdir(out) if not e.startswith((".", "_")))
+    assert visible == sorted(part["file"] for part in manifest["parts"]) and len(visible) >= wait_parts
+    assert manifest["complete"] is False and manifest["num_shards"] == 800
+    listed = [s[0] for part in manifest["parts"] for s in part["shards"]]
+    assert len(listed) == len(set(listed)) and manifest["done_shards"] >= len(listed)
+    for part in manifest["parts"]:  # every listed part is whole: its footer reads, its rows are those recorded
+        assert pq.read_metadata(out / part["file"]).num_rows == part["rows"] == 40 * len(part["shards"])
+    t = ds.dataset(str(out), format="parquet").to_table()  # the directory as any reader sees it
+    assert t.num_rows == manifest["rows"] == 40 * len(listed)
+    per = t.group_by("sid").aggregate([("x", "count")]).to_pydict()
+    assert sorted(per["sid"]) == sorted(listed) and set(per["x_count"]) == {40}  # each shard's rows once
+    h = open_table(out)
+    assert h.num_rows == t.num_rows and h.to_pandas().sid.is_monotonic_increasing
