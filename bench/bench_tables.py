@@ -15,6 +15,13 @@ interpreter, pools warm):
   same thing the gathering peers return, a pandas DataFrame.
 * ``shardc_partitioned``: ``auto_table_mode="partitioned"``: a persistent
   Parquet dataset (fsynced parts + manifest).
+* ``floor_build``: the FLOOR: the same shards on the same pool, each
+  building its frame and returning None (the frame is dropped): what the
+  shard functions alone take on 2 workers.
+* ``floor_arrow``: the floor plus the conversion to Arrow that auto_table
+  does in the worker (``shardc.tables.convert.to_table``), then dropped:
+  what is left between it and ``shardc_never`` is writing the parts and the
+  master's side.
 * ``mp_pool_map``: ``multiprocessing.Pool(2).map`` (default chunking), then
   ``pd.concat(ignore_index=True)``.
 * ``joblib``: ``Parallel(n_jobs=2)`` (loky), then ``pd.concat``.
@@ -56,6 +63,8 @@ WORKERS = 2
 ROWS = 10_000
 SEED = 20261206
 VARIANTS = [
+    "floor_build",
+    "floor_arrow",
     "shardc_never",
     "shardc_always",
     "shardc_always_pandas",
@@ -93,6 +102,16 @@ def build(i: int) -> Any:
 
 def shard_build(shard: Any) -> Any:
     return make_frame(shard.rng)
+
+
+def shard_build_drop(shard: Any) -> None:
+    make_frame(shard.rng)
+
+
+def shard_arrow_drop(shard: Any) -> None:
+    from shardc.tables.convert import to_table
+
+    to_table(make_frame(shard.rng), shard.id)
 
 
 def fingerprint(df: Any) -> dict[str, str]:
@@ -146,7 +165,21 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     def fresh_dir() -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
-    if variant.startswith("shardc"):
+    if variant.startswith("floor"):
+        import shardc
+
+        pool = shardc.pool_create(WORKERS)
+        cleanup = pool.stop
+        fun = shard_build_drop if variant == "floor_build" else shard_arrow_drop
+        shardc.shard_map(4, fun, pool=pool, seed=SEED)  # warm
+        chunk = -(-n // (8 * WORKERS))  # the chunks auto_table uses
+
+        def run() -> None:
+            shardc.shard_map(n, fun, pool=pool, seed=SEED, chunk_size=chunk, progress=False)
+
+        def readback() -> Any:
+            return build(0).iloc[:0]  # nothing to compare: the frames were dropped
+    elif variant.startswith("shardc"):
         import shardc
 
         pool = shardc.pool_create(WORKERS)
@@ -264,7 +297,7 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
             C.emit(f"tables.{name}.error", r["error"].replace("\t", " ")[:200], "text")
             rows.append([name, "ERROR", "", "", "", r["error"][:100]])
             continue
-        if "ordered" in ref:
+        if "ordered" in ref and not name.startswith("floor"):
             same = r["ordered"] == ref["ordered"] if name != "ray_parquet" else r["as_set"] == ref["as_set"]
         else:
             same = None
@@ -272,10 +305,13 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
         C.emit(f"tables.{name}.cpu_median", r["cpu_s"], "s")
         C.emit(f"tables.{name}.master_peak_extra", C.mib(r["master_extra"]), "MiB")
         C.emit(f"tables.{name}.tree_peak_extra", C.mib(r["tree_extra"]), "MiB")
-        C.emit(f"tables.{name}.equal_to_concat", int(bool(same)), "bool")
+        if not name.startswith("floor"):
+            C.emit(f"tables.{name}.equal_to_concat", int(bool(same)), "bool")
         note = [f"load {r['loadavg']:.1f}", f"n={len(r['times'])}"]
         if same is False:
             note.append("DIFFERENT DATA")
+        if name.startswith("floor"):
+            note.append("frames dropped: no output")
         if name == "ray_parquet":
             note.append("compared as a set of rows (no shard order)")
         rows.append(
@@ -321,6 +357,23 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
                     )
                 )
     C.print_targets("tables", lines)
+    if ok("floor_build"):
+        fl = results["floor_build"]["median_s"]
+        notes = [f"floor (frames built and dropped on {WORKERS} workers): {fl:.2f} s"]
+        if ok("floor_arrow"):
+            notes.append(f"floor + conversion to Arrow: {results['floor_arrow']['median_s']:.2f} s")
+        for v in ("shardc_never", "shardc_always", "shardc_partitioned"):
+            if ok(v):
+                notes.append(f"{v}: {results[v]['median_s'] / fl:.2f}x the floor")
+        if peers:
+            pb = results[best]["median_s"]
+            notes.append(
+                f"0.5x {best} = {0.5 * pb:.2f} s = {0.5 * pb / fl:.2f}x the floor"
+                + (" (below the floor: not reachable on this machine)" if 0.5 * pb < fl else "")
+            )
+            C.emit("tables.floor_over_fastest_peer", fl / pb, "x")
+        print()
+        print("; ".join(notes))
 
 
 def main(argv: list[str] | None = None) -> int:

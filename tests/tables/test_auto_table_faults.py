@@ -247,3 +247,39 @@ def test_a_master_killed_mid_run_leaves_a_manifest_that_lists_exactly_the_parts(
     assert sorted(per["sid"]) == sorted(listed) and set(per["x_count"]) == {40}  # each shard's rows once
     h = open_table(out)
     assert h.num_rows == t.num_rows and h.to_pandas().sid.is_monotonic_increasing
+
+
+def test_manifest_flushes_are_batched_and_a_failed_call_keeps_what_was_committed(tmp_path):
+    """The master's side alone: a commit inside the flush interval stays hidden (temporary name, not in the
+    manifest) until the next flush; a call that fails (discard) publishes it in an incomplete manifest."""
+    import json
+    from types import SimpleNamespace
+
+    from shardc.tables.auto import AutoTable
+    from shardc.tables.options import check_auto_table
+    from shardc.tables.parts import PartWriter
+
+    out = tmp_path / "ds"
+    opts = check_auto_table({"auto_table": True, "auto_table_mode": "partitioned", "auto_table_path": str(out)})
+    at = AutoTable(opts, 4, SimpleNamespace())
+    w = PartWriter(at.directory, "parquet", "w0-1-c1", fsync=True)
+
+    def commit(sid):
+        w.put(sid, pa.table({"sid": [sid] * 3}))
+        return w.commit()
+
+    def state():
+        listed = [p["file"] for p in json.loads((out / "_manifest.json").read_text())["parts"]]
+        return listed, sorted(e for e in os.listdir(out) if e.startswith("part-"))
+
+    at.committed(0, commit(0))  # the first commit flushes at once
+    assert state() == (["part-000000.parquet"], ["part-000000.parquet"])
+    at.next_flush = float("inf")  # inside the interval: batched
+    at.committed(0, commit(1))
+    assert state() == (["part-000000.parquet"], ["part-000000.parquet"])
+    assert at.counters["table_parts"] == 2
+    at.discard()
+    man = json.loads((out / "_manifest.json").read_text())
+    assert state() == (["part-000000.parquet", "part-000001.parquet"],) * 2
+    assert man["complete"] is False and man["done_shards"] == 2 and man["rows"] == 6
+    assert not [e for e in os.listdir(out) if e.startswith(".tmp-")]

@@ -1,0 +1,61 @@
+"""Frames to Arrow: the pandas fast path gives what ``pa.Table.from_pandas`` gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shardc.errors import TableSchemaError
+from shardc.tables.convert import _from_pandas, to_table
+
+pa = pytest.importorskip("pyarrow")
+pd = pytest.importorskip("pandas")
+
+FRAMES = {
+    "floats with NaN, nullable ints, strings with None": lambda: pd.DataFrame(
+        {"x": [1.0, np.nan, 3.0], "o": ["a", None, "c"], "i": pd.array([1, None, 3], dtype="Int64")}
+    ),
+    "categorical": lambda: pd.DataFrame({"c": pd.Categorical(["a", "b", "a"])}),
+    "datetimes, tz-aware and naive, timedeltas": lambda: pd.DataFrame(
+        {
+            "t": pd.date_range("2020", periods=3, tz="Europe/Paris"),
+            "u": pd.date_range("2020", periods=3),
+            "d": pd.to_timedelta([1, 2, 3], unit="s"),
+        }
+    ),
+    "bools, nullable bools": lambda: pd.DataFrame({"b": [True, False, True], "nb": pd.array([True, None, False])}),
+    "object strings and bytes": lambda: pd.DataFrame(
+        {"o": np.array(["a", "bb", None], dtype=object), "by": [b"x", b"y", None]}
+    ),
+    "a non-default index (dropped)": lambda: pd.DataFrame({"x": [1, 2, 3]}, index=[5, 6, 7]),
+    "lists": lambda: pd.DataFrame({"l": [[1, 2], [3], None]}),
+    "small ints and float32": lambda: pd.DataFrame(
+        {"u": np.array([1, 2, 3], dtype=np.uint8), "f": np.array([1, np.nan, 2], dtype=np.float32)}
+    ),
+    "pyarrow-backed dtypes": lambda: pd.DataFrame({"a": pd.array([1, None, 3], dtype="int64[pyarrow]")}),
+    "empty": lambda: pd.DataFrame({"x": pd.Series([], dtype=float), "s": pd.Series([], dtype=str)}),
+    "non-string column names (from_pandas path)": lambda: pd.DataFrame({0: [1.0], 1: ["a"]}),
+}
+
+
+@pytest.mark.parametrize("name", list(FRAMES))
+def test_the_pandas_fast_path_equals_from_pandas(name):
+    df = FRAMES[name]()
+    want = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    got = _from_pandas(pa, df)
+    assert got.replace_schema_metadata(None).equals(want), (got.schema, want.schema)
+
+
+def test_a_column_that_does_not_convert_fails_naming_the_shard_and_type():
+    """Mixed objects: the fast path gives way to from_pandas, whose error names the column."""
+    df = pd.DataFrame({"ok": [1, 2], "bad": [1, "x"]})
+    with pytest.raises((pa.ArrowException, TypeError, ValueError), match="bad"):
+        to_table(df, 4)
+    with pytest.raises(TableSchemaError, match="shard 7 returned builtins.dict"):
+        to_table({"a": [1]}, 7)
+
+
+def test_duplicate_column_names_take_from_pandas():
+    df = pd.DataFrame([[1, 2]], columns=["a", "a"])
+    with pytest.raises(ValueError, match="[Dd]uplicate"):
+        _from_pandas(pa, df)
