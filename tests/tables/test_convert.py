@@ -32,6 +32,19 @@ FRAMES = {
     "small ints and float32": lambda: pd.DataFrame(
         {"u": np.array([1, 2, 3], dtype=np.uint8), "f": np.array([1, np.nan, 2], dtype=np.float32)}
     ),
+    "numpy ints, uints, bools, NaN-free floats with inf and -0.0": lambda: pd.DataFrame(
+        {
+            "i": np.array([-(2**62), 0, 5]),
+            "u": np.array([2**64 - 1, 0, 1], dtype=np.uint64),
+            "b": np.array([True, False, True]),
+            "f": [np.inf, -0.0, -np.inf],
+            "g": np.array([1.5, 2.5, 3.5], dtype=np.float32),
+        }
+    ),
+    "columns of one 2-D block (strided views)": lambda: pd.DataFrame(
+        np.arange(12.0).reshape(4, 3)[::2], columns=["p", "q", "r"]
+    ),
+    "float16 (from_pandas path)": lambda: pd.DataFrame({"h": np.array([1, 2], dtype=np.float16)}),
     "pyarrow-backed dtypes": lambda: pd.DataFrame({"a": pd.array([1, None, 3], dtype="int64[pyarrow]")}),
     "empty": lambda: pd.DataFrame({"x": pd.Series([], dtype=float), "s": pd.Series([], dtype=str)}),
     "non-string column names (from_pandas path)": lambda: pd.DataFrame({0: [1.0], 1: ["a"]}),
@@ -59,3 +72,32 @@ def test_duplicate_column_names_take_from_pandas():
     df = pd.DataFrame([[1, 2]], columns=["a", "a"])
     with pytest.raises(ValueError, match="[Dd]uplicate"):
         _from_pandas(pa, df)
+
+
+def test_parquet_parts_dictionary_encode_only_low_cardinality_columns(tmp_path):
+    """A part judges its columns on its first frame: repeated values get a dictionary, distinct ones do not;
+    the rows read back unchanged either way."""
+    import pyarrow.parquet as pq
+
+    from shardc.tables.parts import PartWriter, dictionary_columns
+
+    rng = np.random.default_rng(0)
+    first = pa.table(
+        {
+            "g": pa.array(["lo", "hi", "mid"] * 2000),
+            "x": pa.array(rng.random(6000)),
+            "id": pa.array(rng.permutation(6000)),
+            "c": pa.array(["a", "b"] * 3000).dictionary_encode(),
+        }
+    )
+    assert dictionary_columns(pa, first) == ["g", "c"]
+    assert dictionary_columns(pa, pa.table({"l": [[1], [2]]})) is True  # nested: pyarrow's default
+    w = PartWriter(str(tmp_path), "parquet", "t", fsync=False)
+    w.put(0, first)
+    w.put(1, first.slice(0, 100))
+    (rec,) = w.commit()
+    path = tmp_path / rec["tmp"]
+    rg = pq.ParquetFile(path).metadata.row_group(0)
+    has_dict = {rg.column(i).path_in_schema: rg.column(i).has_dictionary_page for i in range(rg.num_columns)}
+    assert has_dict == {"g": True, "x": False, "id": False, "c": True}
+    assert pq.read_table(path).equals(pa.concat_tables([first, first.slice(0, 100)]))
