@@ -38,6 +38,12 @@ the caller) in a separate first run, and the peak of the whole process tree
 concatenated frame row by row (a hash per row, in order; Ray's files have no
 shard order, so Ray is compared as a set of rows and says so).
 
+``--paired`` (see :func:`run_paired`) runs the floors, ``shardc_never``,
+``shardc_always`` and the two gathering peers in ONE master, interleaved
+round by round, and gives per-round (paired) ratios: on a box shared with
+other jobs, whose load moves by 2-3x within minutes, these are the numbers
+to compare (separate children see different loads).
+
 Does not measure: reading the data afterwards, results larger than RAM.
 The machine is shared (~4 agents on 2 cores): compare ratios within a run.
 """
@@ -376,7 +382,116 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
         print("; ".join(notes))
 
 
+PAIRED = ["floor_build", "floor_arrow", "shardc_never", "shardc_always", "mp_pool_map", "joblib"]
+
+
+def run_paired(quick: bool, rounds: int) -> int:
+    """``--paired``: every variant of PAIRED set up once in this one master
+    (a shardc pool, a Pool(2), a loky Parallel(2): idle ones use no CPU),
+    then ``rounds`` rounds, each running every variant once, in an order
+    that flips every round, so the other jobs' load falls on all of them
+    alike; the ratios are taken per round (paired), then their median."""
+    import multiprocessing as mp
+
+    import joblib
+    import pandas as pd
+
+    import shardc
+
+    n = nshards(quick)
+    chunk = -(-n // (8 * WORKERS))
+    pool = shardc.pool_create(WORKERS)
+    mpool = mp.get_context("fork").Pool(WORKERS)
+    par = joblib.Parallel(n_jobs=WORKERS)
+    par.__enter__()
+    par(joblib.delayed(build)(i) for i in range(4))
+    mpool.map(abs, range(4))
+    shardc.shard_map(4, shard_build, pool=pool, seed=SEED)
+
+    def auto(mat: str) -> Any:
+        def run() -> None:
+            opts = {"auto_table": True, "auto_table_materialize": mat}
+            r = shardc.shard_map(n, shard_build, pool=pool, seed=SEED, progress=False, dispatch_opts=opts)
+            if mat == "never":
+                r.table.close()
+
+        return run
+
+    calls = {
+        "floor_build": lambda: shardc.shard_map(
+            n, shard_build_drop, pool=pool, seed=SEED, chunk_size=chunk, progress=False
+        ),
+        "floor_arrow": lambda: shardc.shard_map(
+            n, shard_arrow_drop, pool=pool, seed=SEED, chunk_size=chunk, progress=False
+        ),
+        "shardc_never": auto("never"),
+        "shardc_always": auto("always"),
+        "mp_pool_map": lambda: pd.concat(mpool.map(build, range(n)), ignore_index=True),
+        "joblib": lambda: pd.concat(par(joblib.delayed(build)(i) for i in range(n)), ignore_index=True),
+    }
+    wall: dict[str, list[float]] = {k: [] for k in PAIRED}
+    cpu: dict[str, list[float]] = {k: [] for k in PAIRED}
+    meter = C.CpuMeter()
+    try:
+        for r in range(rounds):
+            for k in PAIRED if r % 2 == 0 else PAIRED[::-1]:
+                meter.start()
+                t0 = time.perf_counter()
+                calls[k]()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(meter.stop())
+            print(
+                f"# round {r}: load {C.loadavg():.1f}: " + ", ".join(f"{k} {wall[k][-1]:.2f}" for k in PAIRED),
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        pool.stop()
+        mpool.terminate()
+        par.__exit__(None, None, None)
+    rows = [[k, C.median(wall[k]), C.median(cpu[k])] for k in PAIRED]
+    print(f"### tables, paired in one master: {n} shards x {ROWS} rows, {WORKERS} workers, {rounds} rounds")
+    print()
+    print(C.table(["variant", "wall s (median)", "CPU s (median, all procs)"], rows))
+
+    def ratio(a: str, b: str) -> float:
+        return C.median([x / y for x, y in zip(wall[a], wall[b], strict=True)])
+
+    best = min(("mp_pool_map", "joblib"), key=lambda k: C.median(wall[k]))
+    lines = [
+        (
+            "paired_never_wall",
+            f"never / {best} (paired per round), target <= 0.5",
+            f"{ratio('shardc_never', best):.2f}x",
+            ratio("shardc_never", best) <= 0.5,
+        ),
+        (
+            "paired_always_wall",
+            f"always / {best} (paired per round), target <= 0.8",
+            f"{ratio('shardc_always', best):.2f}x",
+            ratio("shardc_always", best) <= 0.8,
+        ),
+    ]
+    C.print_targets("tables", lines)
+    print()
+    print(
+        f"floor_build / {best}: {ratio('floor_build', best):.2f}x; never / floor_build: "
+        f"{ratio('shardc_never', 'floor_build'):.2f}x; floor_arrow / floor_build: "
+        f"{ratio('floor_arrow', 'floor_build'):.2f}x; CPU never / {best}: "
+        f"{C.median(cpu['shardc_never']) / C.median(cpu[best]):.2f}x"
+    )
+    for k in PAIRED:
+        C.emit(f"tables.paired.{k}.wall_median", C.median(wall[k]), "s")
+        C.emit(f"tables.paired.{k}.cpu_median", C.median(cpu[k]), "s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--paired" in argv:  # python bench/bench_tables.py --paired [--quick] [--rounds R]
+        rest = [a for a in argv if a != "--paired"]
+        args = C.base_parser(__doc__).parse_args(rest)
+        return run_paired(args.quick, max(args.rounds, 5))
     return C.variant_main(__doc__, __file__, VARIANTS, run_child, report, argv)
 
 
