@@ -52,8 +52,8 @@ def _from_pandas(pa: Any, df: Any) -> Any:
     converting 10,000 rows): each column goes through :func:`_column`, i.e.
     ``pa.array(column, from_pandas=True)`` (the call ``from_pandas`` makes per
     column) or, where that gives the same array, a zero-copy wrap of its NumPy
-    values; a test compares the result with ``from_pandas`` over the dtypes
-    pandas has.  Frames whose column
+    values, with string types normalised per column; a test compares the
+    result with ``from_pandas`` over the dtypes pandas has.  Frames whose column
     names are not distinct strings, and columns that do not convert (the
     error message of ``from_pandas`` names the column), take ``from_pandas``."""
     names = list(df.columns)
@@ -77,7 +77,9 @@ def _column(pa: Any, col: Any) -> Any:
         a = col.to_numpy()
         if dt.kind != "f" or not np.isnan(a).any():
             return pa.array(a)
-    return pa.array(col, from_pandas=True)
+    arr = pa.array(col, from_pandas=True)
+    normal = _normal_type(pa, arr.type)
+    return arr if normal == arr.type else arr.cast(normal)  # one column: cheaper than casting the table
 
 
 def to_table(value: Any, sid: int) -> Any:
