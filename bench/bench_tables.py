@@ -15,6 +15,13 @@ interpreter, pools warm):
   same thing the gathering peers return, a pandas DataFrame.
 * ``shardc_partitioned``: ``auto_table_mode="partitioned"``: a persistent
   Parquet dataset (fsynced parts + manifest).
+* ``floor_build``: the FLOOR: the same shards on the same pool, each
+  building its frame and returning None (the frame is dropped): what the
+  shard functions alone take on 2 workers.
+* ``floor_arrow``: the floor plus the conversion to Arrow that auto_table
+  does in the worker (``shardc.tables.convert.to_table``), then dropped:
+  what is left between it and ``shardc_never`` is writing the parts and the
+  master's side.
 * ``mp_pool_map``: ``multiprocessing.Pool(2).map`` (default chunking), then
   ``pd.concat(ignore_index=True)``.
 * ``joblib``: ``Parallel(n_jobs=2)`` (loky), then ``pd.concat``.
@@ -30,6 +37,12 @@ the caller) in a separate first run, and the peak of the whole process tree
 ``.to_pandas()``, the Parquet files in their order) and checks it equals the
 concatenated frame row by row (a hash per row, in order; Ray's files have no
 shard order, so Ray is compared as a set of rows and says so).
+
+``--paired`` (see :func:`run_paired`) runs the floors, ``shardc_never``,
+``shardc_always`` and the two gathering peers in ONE master, interleaved
+round by round, and gives per-round (paired) ratios: on a box shared with
+other jobs, whose load moves by 2-3x within minutes, these are the numbers
+to compare (separate children see different loads).
 
 Does not measure: reading the data afterwards, results larger than RAM.
 The machine is shared (~4 agents on 2 cores): compare ratios within a run.
@@ -56,6 +69,8 @@ WORKERS = 2
 ROWS = 10_000
 SEED = 20261206
 VARIANTS = [
+    "floor_build",
+    "floor_arrow",
     "shardc_never",
     "shardc_always",
     "shardc_always_pandas",
@@ -93,6 +108,16 @@ def build(i: int) -> Any:
 
 def shard_build(shard: Any) -> Any:
     return make_frame(shard.rng)
+
+
+def shard_build_drop(shard: Any) -> None:
+    make_frame(shard.rng)
+
+
+def shard_arrow_drop(shard: Any) -> None:
+    from shardc.tables.convert import to_table
+
+    to_table(make_frame(shard.rng), shard.id)
 
 
 def fingerprint(df: Any) -> dict[str, str]:
@@ -146,7 +171,21 @@ def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
     def fresh_dir() -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
 
-    if variant.startswith("shardc"):
+    if variant.startswith("floor"):
+        import shardc
+
+        pool = shardc.pool_create(WORKERS)
+        cleanup = pool.stop
+        fun = shard_build_drop if variant == "floor_build" else shard_arrow_drop
+        shardc.shard_map(4, fun, pool=pool, seed=SEED)  # warm
+        chunk = -(-n // (8 * WORKERS))  # the chunks auto_table uses
+
+        def run() -> None:
+            shardc.shard_map(n, fun, pool=pool, seed=SEED, chunk_size=chunk, progress=False)
+
+        def readback() -> Any:
+            return build(0).iloc[:0]  # nothing to compare: the frames were dropped
+    elif variant.startswith("shardc"):
         import shardc
 
         pool = shardc.pool_create(WORKERS)
@@ -264,7 +303,7 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
             C.emit(f"tables.{name}.error", r["error"].replace("\t", " ")[:200], "text")
             rows.append([name, "ERROR", "", "", "", r["error"][:100]])
             continue
-        if "ordered" in ref:
+        if "ordered" in ref and not name.startswith("floor"):
             same = r["ordered"] == ref["ordered"] if name != "ray_parquet" else r["as_set"] == ref["as_set"]
         else:
             same = None
@@ -272,10 +311,13 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
         C.emit(f"tables.{name}.cpu_median", r["cpu_s"], "s")
         C.emit(f"tables.{name}.master_peak_extra", C.mib(r["master_extra"]), "MiB")
         C.emit(f"tables.{name}.tree_peak_extra", C.mib(r["tree_extra"]), "MiB")
-        C.emit(f"tables.{name}.equal_to_concat", int(bool(same)), "bool")
+        if not name.startswith("floor"):
+            C.emit(f"tables.{name}.equal_to_concat", int(bool(same)), "bool")
         note = [f"load {r['loadavg']:.1f}", f"n={len(r['times'])}"]
         if same is False:
             note.append("DIFFERENT DATA")
+        if name.startswith("floor"):
+            note.append("frames dropped: no output")
         if name == "ray_parquet":
             note.append("compared as a set of rows (no shard order)")
         rows.append(
@@ -321,9 +363,135 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
                     )
                 )
     C.print_targets("tables", lines)
+    if ok("floor_build"):
+        fl = results["floor_build"]["median_s"]
+        notes = [f"floor (frames built and dropped on {WORKERS} workers): {fl:.2f} s"]
+        if ok("floor_arrow"):
+            notes.append(f"floor + conversion to Arrow: {results['floor_arrow']['median_s']:.2f} s")
+        for v in ("shardc_never", "shardc_always", "shardc_partitioned"):
+            if ok(v):
+                notes.append(f"{v}: {results[v]['median_s'] / fl:.2f}x the floor")
+        if peers:
+            pb = results[best]["median_s"]
+            notes.append(
+                f"0.5x {best} = {0.5 * pb:.2f} s = {0.5 * pb / fl:.2f}x the floor"
+                + (" (below the floor: not reachable on this machine)" if 0.5 * pb < fl else "")
+            )
+            C.emit("tables.floor_over_fastest_peer", fl / pb, "x")
+        print()
+        print("; ".join(notes))
+
+
+PAIRED = ["floor_build", "floor_arrow", "shardc_never", "shardc_always", "mp_pool_map", "joblib"]
+
+
+def run_paired(quick: bool, rounds: int) -> int:
+    """``--paired``: every variant of PAIRED set up once in this one master
+    (a shardc pool, a Pool(2), a loky Parallel(2): idle ones use no CPU),
+    then ``rounds`` rounds, each running every variant once, in an order
+    that flips every round, so the other jobs' load falls on all of them
+    alike; the ratios are taken per round (paired), then their median."""
+    import multiprocessing as mp
+
+    import joblib
+    import pandas as pd
+
+    import shardc
+
+    n = nshards(quick)
+    chunk = -(-n // (8 * WORKERS))
+    pool = shardc.pool_create(WORKERS)
+    mpool = mp.get_context("fork").Pool(WORKERS)
+    par = joblib.Parallel(n_jobs=WORKERS)
+    par.__enter__()
+    par(joblib.delayed(build)(i) for i in range(4))
+    mpool.map(abs, range(4))
+    shardc.shard_map(4, shard_build, pool=pool, seed=SEED)
+
+    def auto(mat: str) -> Any:
+        def run() -> None:
+            opts = {"auto_table": True, "auto_table_materialize": mat}
+            r = shardc.shard_map(n, shard_build, pool=pool, seed=SEED, progress=False, dispatch_opts=opts)
+            if mat == "never":
+                r.table.close()
+
+        return run
+
+    calls = {
+        "floor_build": lambda: shardc.shard_map(
+            n, shard_build_drop, pool=pool, seed=SEED, chunk_size=chunk, progress=False
+        ),
+        "floor_arrow": lambda: shardc.shard_map(
+            n, shard_arrow_drop, pool=pool, seed=SEED, chunk_size=chunk, progress=False
+        ),
+        "shardc_never": auto("never"),
+        "shardc_always": auto("always"),
+        "mp_pool_map": lambda: pd.concat(mpool.map(build, range(n)), ignore_index=True),
+        "joblib": lambda: pd.concat(par(joblib.delayed(build)(i) for i in range(n)), ignore_index=True),
+    }
+    wall: dict[str, list[float]] = {k: [] for k in PAIRED}
+    cpu: dict[str, list[float]] = {k: [] for k in PAIRED}
+    meter = C.CpuMeter()
+    try:
+        for r in range(rounds):
+            for k in PAIRED if r % 2 == 0 else PAIRED[::-1]:
+                meter.start()
+                t0 = time.perf_counter()
+                calls[k]()
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(meter.stop())
+            print(
+                f"# round {r}: load {C.loadavg():.1f}: " + ", ".join(f"{k} {wall[k][-1]:.2f}" for k in PAIRED),
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        pool.stop()
+        mpool.terminate()
+        par.__exit__(None, None, None)
+    rows = [[k, C.median(wall[k]), C.median(cpu[k])] for k in PAIRED]
+    print(f"### tables, paired in one master: {n} shards x {ROWS} rows, {WORKERS} workers, {rounds} rounds")
+    print()
+    print(C.table(["variant", "wall s (median)", "CPU s (median, all procs)"], rows))
+
+    def ratio(a: str, b: str) -> float:
+        return C.median([x / y for x, y in zip(wall[a], wall[b], strict=True)])
+
+    best = min(("mp_pool_map", "joblib"), key=lambda k: C.median(wall[k]))
+    lines = [
+        (
+            "paired_never_wall",
+            f"never / {best} (paired per round), target <= 0.5",
+            f"{ratio('shardc_never', best):.2f}x",
+            ratio("shardc_never", best) <= 0.5,
+        ),
+        (
+            "paired_always_wall",
+            f"always / {best} (paired per round), target <= 0.8",
+            f"{ratio('shardc_always', best):.2f}x",
+            ratio("shardc_always", best) <= 0.8,
+        ),
+    ]
+    C.print_targets("tables", lines)
+    print()
+    print(
+        f"floor_build / {best}: {ratio('floor_build', best):.2f}x; never / floor_build: "
+        f"{ratio('shardc_never', 'floor_build'):.2f}x; floor_arrow / floor_build: "
+        f"{ratio('floor_arrow', 'floor_build'):.2f}x; CPU never / {best}: "
+        f"{C.median(cpu['shardc_never']) / C.median(cpu[best]):.2f}x"
+    )
+    for k in PAIRED:
+        C.emit(f"tables.paired.{k}.wall_median", C.median(wall[k]), "s")
+        C.emit(f"tables.paired.{k}.cpu_median", C.median(cpu[k]), "s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--paired" in argv:  # python bench/bench_tables.py --paired [--quick] [--rounds R]
+        rest = [a for a in argv if a != "--paired"]
+        args = C.base_parser(__doc__).parse_args(rest)
+        return run_paired(args.quick, max(args.rounds, 5))
     return C.variant_main(__doc__, __file__, VARIANTS, run_child, report, argv)
 
 

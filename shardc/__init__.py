@@ -48,6 +48,7 @@ from .reduction import ReduceResult
 from .result import FailedShard, ShardFailure, ShardResult
 from .shards import Shard, ShardDescriptor, shards, shards_list
 from .share import Shared, share
+from .tmpdirs import sweep_at_import as _sweep_tmpdirs
 
 __all__ = [
     "__version__",
@@ -123,3 +124,4 @@ __all__ = [
 ]
 
 _install_joblib_hook()  # registers the joblib backend when joblib is (or gets) imported
+_sweep_tmpdirs()  # removes temporary table directories of dead shardc processes (cheap: see tmpdirs)

@@ -11,10 +11,13 @@
                                                         end of the chunk(s): commit(): close, fsync
                                                           (partitioned), records
     committed(slot, records) <── RESULTS + records ──  (the outcomes: sid -> rows)
-      rename .tmp-* -> part-<seq>.<ext>
-      (fsync the directory: partitioned), manifest
-    finish(): remove parts of dead workers, write _manifest.json,
-      a TableHandle, or a pyarrow Table (materialize)
+      row_groups: rename .tmp-* -> part-<seq>.<ext>
+      partitioned: flush (batched): new manifest
+        (temporary name, fsync), rename the parts,
+        rename the manifest, fsync the directory
+    finish(): remove parts of dead workers, write _manifest.json
+      (complete, with the failed shards), a TableHandle,
+      or a pyarrow Table (materialize)
 
 A shard counts as done only once its part is committed: the done mark of a
 shard that returned a frame says "value to gather" (2), so a worker that dies
@@ -22,6 +25,15 @@ before reporting has its shards rerun and its temporary parts are never
 renamed (``finish`` removes them).  So each successful shard's rows are in
 exactly one part, a failed shard's in none (a frame is converted and checked
 before any of it is written), and no partial part is ever visible.
+
+In ``partitioned`` mode the manifest describes the dataset as it stands
+while the call runs: committed parts are published with a manifest that
+lists them (``"complete": false``, ``done_shards`` so far), at most once per
+50x the last flush's time so that it costs ~2% at most; the end writes it
+with ``"complete": true`` and the failed shards.  A master killed mid-run
+leaves a directory whose manifest lists exactly the ``part-*`` files in it
+(see ``AutoTable._flush`` for the window of a few renames), each shard's rows
+in at most one of them, and hidden ``.tmp-*`` files that nothing reads.
 
 Parts hold many shards: one part per worker per reported batch of chunks (and
 a new one past 256 MiB).  Left at ``chunk_size=1``, ``shard_map`` gives
@@ -32,8 +44,10 @@ auto_table calls chunks of ``ceil(N / (8 * workers))`` shards
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 from typing import Any
 
 from .. import tmpdirs
@@ -42,6 +56,9 @@ from .convert import conform, to_table
 from .handle import MANIFEST, TableHandle, materialized_table
 from .options import require_pyarrow
 from .parts import EXT, PartWriter
+
+log = logging.getLogger("shardc")
+FLUSH_FACTOR = 50  # persistent runs: the manifest is flushed at most once per 50x its last flush's time
 
 
 def default_chunk(num_shards: int, workers: int) -> int:
@@ -124,7 +141,9 @@ class AutoTable:
             self.directory = path
         self.persistent = self.mode == "partitioned"
         self.spec = AutoTableSpec(self.directory, self.fmt, self.schema, fsync=self.persistent)
-        self.parts: list[dict[str, Any]] = []
+        self.parts: list[dict[str, Any]] = []  # visible (renamed), in the manifest
+        self.pending: list[tuple[str, dict[str, Any]]] = []  # committed, still under their temporary names
+        self.next_flush = 0.0  # persistent: when the next commit may flush the manifest
         self.empty: list[int] = []
         self.seen: set[int] = set()
         self.counters = {"table_parts": 0, "table_rows": 0, "table_bytes_written": 0, "table_bytes_materialized": 0}
@@ -142,22 +161,71 @@ class AutoTable:
             if rec["tmp"] is None:
                 self.empty += sids
                 continue
-            name = f"part-{len(self.parts):06d}.{EXT[self.fmt]}"
-            os.rename(os.path.join(self.directory, rec["tmp"]), os.path.join(self.directory, name))
-            if self.persistent:
-                _fsync_dir(self.directory)
-            self.parts.append(
-                {
-                    "file": name,
-                    "worker": slot,
-                    **{k: rec[k] for k in ("shards", "rows", "bytes")},
-                    "schema": rec["schema"],
-                }
-            )
+            name = f"part-{len(self.parts) + len(self.pending):06d}.{EXT[self.fmt]}"
+            part = {"file": name, "worker": slot, **{k: rec[k] for k in ("shards", "rows", "bytes")}}
+            self.pending.append((rec["tmp"], {**part, "schema": rec["schema"]}))
             c = self.counters
             c["table_parts"] += 1
             c["table_rows"] += rec["rows"]
             c["table_bytes_written"] += rec["bytes"]
+        if not self.persistent:
+            self._publish()  # temporary parts: renamed at once, the manifest comes at the end
+        elif self.pending and time.monotonic() >= self.next_flush:
+            self._flush(complete=False, failed=[])
+
+    def _publish(self) -> None:
+        """Rename the pending parts to their final names."""
+        for tmp, part in self.pending:
+            os.rename(os.path.join(self.directory, tmp), os.path.join(self.directory, part["file"]))
+            self.parts.append(part)
+        self.pending = []
+
+    def _manifest(self, complete: bool, failed: list[int]) -> dict[str, Any]:
+        parts = self.parts + [p for _, p in self.pending]
+        return {
+            "version": 1,
+            "complete": complete,
+            "format": self.fmt,
+            "mode": self.mode,
+            "num_shards": self.num_shards,
+            "done_shards": len(self.seen),
+            "failed_shards": sorted(failed),
+            "empty_shards": sorted(self.empty),
+            "schema": self.schema.serialize().to_pybytes().hex() if self.schema is not None else None,
+            "parts": [{**p, "schema": p["schema"].hex()} for p in parts],
+            "rows": sum(p["rows"] for p in parts),
+            "bytes": sum(p["bytes"] for p in parts),
+            "arrow_bytes": sum(s[2] for p in parts for s in p["shards"]),
+        }
+
+    def _flush(self, complete: bool, failed: list[int]) -> dict[str, Any]:
+        """Make the pending parts visible together with a manifest that lists them.
+
+        The new manifest is written and (persistent) fsynced under a
+        temporary name first; then the parts are renamed and the manifest
+        after them, with no system call but renames in between, so a reader
+        (or a master killed at any point) sees the old manifest with the old
+        parts or the new one with the new parts, except in that window of a
+        few renames, where the complete ``._manifest.json.tmp`` lists them.
+        The directory is fsynced once, after both.  In a persistent run the
+        next flush waits ``FLUSH_FACTOR`` times as long as this one took,
+        so flushing costs at most ~1/FLUSH_FACTOR of the run.
+        """
+        t0 = time.monotonic()
+        manifest = self._manifest(complete, failed)
+        tmp = os.path.join(self.directory, "." + MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f)
+            if self.persistent:
+                f.flush()
+                os.fsync(f.fileno())
+        self._publish()
+        os.rename(tmp, os.path.join(self.directory, MANIFEST))
+        if self.persistent:
+            _fsync_dir(self.directory)
+        now = time.monotonic()
+        self.next_flush = now + FLUSH_FACTOR * (now - t0)
+        return manifest
 
     def _unlink(self, name: str) -> None:
         try:
@@ -165,36 +233,20 @@ class AutoTable:
         except OSError:
             pass
 
+    def _remove_leftovers(self) -> None:
+        """Remove the temporary parts that were never committed (their workers died)."""
+        accepted = {tmp for tmp, _ in self.pending}
+        for e in os.listdir(self.directory):
+            if e.startswith(".tmp-") and e not in accepted:
+                self._unlink(e)
+
     def finish(self, failed: list[int]) -> Any:
         """The call ended: remove what dead workers left, write the manifest,
         return a :class:`TableHandle` or (materialized) a ``pyarrow.Table``."""
-        for e in os.listdir(self.directory):
-            if e.startswith(".tmp-"):
-                self._unlink(e)
+        self._remove_leftovers()
         pa = require_pyarrow("auto_table")
-        manifest = {
-            "version": 1,
-            "format": self.fmt,
-            "mode": self.mode,
-            "num_shards": self.num_shards,
-            "failed_shards": sorted(failed),
-            "empty_shards": sorted(self.empty),
-            "schema": self.schema.serialize().to_pybytes().hex() if self.schema is not None else None,
-            "parts": [{**p, "schema": p["schema"].hex()} for p in self.parts],
-        }
-        manifest["rows"] = sum(p["rows"] for p in self.parts)
-        manifest["bytes"] = sum(p["bytes"] for p in self.parts)
-        manifest["arrow_bytes"] = sum(s[2] for p in self.parts for s in p["shards"])
-        tmp = os.path.join(self.directory, "." + MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-            if self.persistent:
-                f.flush()
-                os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(self.directory, MANIFEST))
-        if self.persistent:
-            _fsync_dir(self.directory)
-        handle = TableHandle(self.directory, owned=self.owned)
+        manifest = self._flush(complete=True, failed=failed)
+        handle = TableHandle(self.directory, owned=self.owned, manifest=manifest)
         mat = self.materialize
         if mat == "always" or (mat == "auto" and manifest["arrow_bytes"] <= self.max_bytes):
             table = materialized_table(handle, pa)
@@ -205,9 +257,16 @@ class AutoTable:
         return handle
 
     def discard(self) -> None:
-        """The call failed before it finished: remove a temporary directory."""
+        """The call failed before it finished: remove a temporary directory;
+        a persistent one keeps what was committed, in an incomplete manifest."""
         if self.owned:
             shutil.rmtree(self.directory, ignore_errors=True)
+        elif self.persistent:
+            try:
+                self._remove_leftovers()
+                self._flush(complete=False, failed=[])
+            except OSError as exc:
+                log.warning("auto_table: no manifest for %s after the failed call: %s", self.directory, exc)
 
 
 def _fsync_dir(path: str) -> None:

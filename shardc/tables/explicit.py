@@ -36,7 +36,7 @@ from ..units import parse_bytes
 from .convert import conform, to_table
 from .handle import MANIFEST, TableHandle, materialized_table
 from .options import DEFAULT_MAX_BYTES, FORMATS, MATERIALIZE, MODES, require_pyarrow, resolve_format
-from .parts import EXT, read_part
+from .parts import EXT, dictionary_columns, read_part
 
 LEVELS_KEY = b"shardc.levels"
 
@@ -276,7 +276,7 @@ class TableSink:
         else:
             import pyarrow.parquet as pq
 
-            pq.write_table(t, tmp, row_group_size=max(1, t.num_rows))
+            pq.write_table(t, tmp, row_group_size=max(1, t.num_rows), use_dictionary=dictionary_columns(pa, t))
         if self.mode == "partitioned":
             fd = os.open(tmp, os.O_RDONLY)
             try:

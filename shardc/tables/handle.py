@@ -91,6 +91,11 @@ class TableHandle:
                 "schema (auto_table_schema) or read the parts one by one (iter_parts(unify=False))"
             ) from None
 
+    @property
+    def owns_files(self) -> bool:
+        """Whether this handle removes its directory on close (a temporary one)."""
+        return self._finalizer is not None
+
     def _check(self) -> None:
         if self._closed:
             raise ClosedError(f"the table handle of {self.path!r} is closed (its temporary files are removed)")
@@ -189,8 +194,14 @@ def open_table(path: Any) -> TableHandle:
 
 
 def materialized_table(handle: TableHandle, pa: Any) -> Any:
-    """All rows of ``handle`` in memory (read, not mapped: the files may go), in shard order."""
-    pieces = handle.shard_tables(mmap=False)
+    """All rows of ``handle`` in memory, in shard order.
+
+    The Arrow IPC parts of a temporary directory that ``handle`` owns are
+    memory-mapped, not read: nobody else writes them, and a mapping outlives
+    the removal of its file (the caller closes the handle next), so the rows
+    are in memory (page cache) without a copy.  Parts in a user's directory
+    are read (copied): those files may change or go."""
+    pieces = handle.shard_tables(mmap=handle.owns_files)
     if not pieces:
         return handle.schema.empty_table()
     return pa.concat_tables([t for _, t in pieces])

@@ -103,15 +103,20 @@ def test_modes_and_formats(pool2, tmp_path, mode, fmt, ext):
         assert open_table(path).to_pandas().equals(h.to_pandas())
 
 
+def _owned() -> set[str]:
+    """The temporary table directories in this user's folder of SHARDC_TMPDIR."""
+    folder = shardc.tmpdirs.owned_root()
+    return {e for e in os.listdir(folder) if e.startswith("shardc-table.")} if os.path.isdir(folder) else set()
+
+
 @pytest.mark.parametrize("mat", ["always", "auto"])
 def test_materialize_gives_a_table_and_removes_temporary_parts(pool2, mat):
     """materialize always / auto (small): a pyarrow Table in memory; no temporary directory is left."""
-    before = {e for e in os.listdir(shardc.config.get_str("SHARDC_TMPDIR")) if e.startswith("shardc-table.")}
+    before = _owned()
     r = run(pool2, auto_table_materialize=mat)
     assert isinstance(r.table, pa.Table)
     pd.testing.assert_frame_equal(r.table.to_pandas(), expected(N, 3), check_dtype=False)
-    after = {e for e in os.listdir(shardc.config.get_str("SHARDC_TMPDIR")) if e.startswith("shardc-table.")}
-    assert after == before
+    assert _owned() == before
     cp = shardc.copy_report(r).data
     assert cp["table_rows"] == N * 50 and cp["table_parts"] >= 1 and cp["table_bytes_materialized"] == r.table.nbytes
 
@@ -250,11 +255,10 @@ def test_auto_table_requires_out_empty_and_a_new_path(tmp_path):
 
 def test_raise_mode_still_raises_and_leaves_no_temporary_directory(pool2):
     """on_failure='raise': ShardMapError; the call's temporary parts do not outlive it."""
-    tmp = shardc.config.get_str("SHARDC_TMPDIR")
-    before = {e for e in os.listdir(tmp) if e.startswith("shardc-table.")}
+    before = _owned()
     with pytest.raises(ShardMapError):
         shardc.shard_map(3, lambda s: 1 / 0, pool=pool2, progress=False, dispatch_opts={"auto_table": True})
-    assert {e for e in os.listdir(tmp) if e.startswith("shardc-table.")} == before
+    assert _owned() == before
 
 
 def _drifting(shard):
