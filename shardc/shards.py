@@ -245,6 +245,7 @@ class ShardDescriptor(Sequence[Shard]):
             s._rng = None
             return s
 
+        make.block_class = cls  # type: ignore[attr-defined]  # hot loops make it inline (shardc.worker.spec)
         return make
 
     def __iter__(self) -> Iterator[Shard]:

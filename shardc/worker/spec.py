@@ -35,6 +35,9 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     outcome times start at the last status stamp (not its own start)."""
     fun, kwargs, args, make, entropy, seeded, _guard, done, _diag = ex._bound
     pos = args is not None
+    bare = pos and not args  # fun(shard): no argument tuple to unpack
+    cls = getattr(make, "block_class", None)
+    new = object.__new__
     row = ex.row
     run_c, rh = row.run_call(done)
     k = max(2, min(SPEC_MAX, SPEC_RUN_NS // max(ex.ewma_ns, 1)))
@@ -46,11 +49,17 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     rmark = 0  # the open run's mark (0: none finished yet)
     sid = a
     while sid < stop:
-        shard = make(sid, entropy)
+        if cls is None:
+            shard = make(sid, entropy)
+        else:  # the maker's BlockShard made inline: no call (~0.1 us of a ~0.3 us shard)
+            shard = new(cls)
+            shard.id = sid
+            shard._seedseq = entropy
+            shard._rng = None
         try:
             if seeded:
                 seed_legacy(entropy, sid)
-            value = fun(shard, *args) if pos else fun(shard, **kwargs)
+            value = fun(shard) if bare else fun(shard, *args) if pos else fun(shard, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             t1 = run_c(rh, a, sid - a, rmark, 0, 0)  # the run ends before sid: its marks, IDLE
             if t1 < 0:
@@ -106,6 +115,9 @@ def run_spec_block(
     (``block_end``).  Returns the fields of a ``RunStats``."""
     fun, kwargs, args, make, entropy, seeded, _guard, done, _diag = ex._bound
     pos = args is not None
+    bare = pos and not args  # fun(shard): no argument tuple to unpack
+    cls = getattr(make, "block_class", None)
+    new = object.__new__
     row = ex.row
     run_c, rh = row.run_call(done)
     k = max(2, min(SPEC_MAX, SPEC_RUN_NS // max(ex.ewma_ns, 1)))
@@ -116,11 +128,17 @@ def run_spec_block(
     ok = returned = 0
     sid = a
     while sid < stop:
-        shard = make(sid, entropy)
+        if cls is None:
+            shard = make(sid, entropy)
+        else:  # the maker's BlockShard made inline: no call (~0.1 us of a ~0.3 us shard)
+            shard = new(cls)
+            shard.id = sid
+            shard._seedseq = entropy
+            shard._rng = None
         try:
             if seeded:
                 seed_legacy(entropy, sid)
-            value = fun(shard, *args) if pos else fun(shard, **kwargs)
+            value = fun(shard) if bare else fun(shard, *args) if pos else fun(shard, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             t1 = run_c(rh, a, sid - a, 1, 0, 0)  # the run ends before sid: its marks, IDLE
             if t1 < 0:
