@@ -345,6 +345,8 @@ class Executor(_BaseExecutor):
             raise
         self._engine = _Engine(run_pool, own, sup, sched, call)
         self._max_workers = run_pool.size
+        # Workers from the fork server do not have this __main__ (shardc.forkserver).
+        self._main_by_value = run_pool.fork_mode != "fork"
         self._engine.thread.start()
         _live.add(self)
         weakref.finalize(self, self._engine.close)
@@ -379,7 +381,7 @@ class Executor(_BaseExecutor):
         fut: Future[Any] = Future()
         fut._shardc_fn = fn  # type: ignore[attr-defined] # names the task in errors
         try:
-            data, segs = dumps_task((kind, fn, args, kwargs), self._sharer)
+            data, segs = dumps_task((kind, fn, args, kwargs), self._sharer, self._main_by_value)
         except Exception as exc:  # noqa: BLE001 - the future fails, as with ProcessPoolExecutor
             name = getattr(fn, "__qualname__", None) or repr(fn)
             err = UnpicklableFunctionError(f"task {name} cannot be pickled to send it to a worker: {exc}")

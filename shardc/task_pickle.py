@@ -12,6 +12,11 @@ reference; the segment travels to each worker once, as an fd, and the worker
 maps it read-only under the executor's ``cow`` policy (``Worker.load_task``),
 once per call however many tasks use it.  This is joblib's ``max_nbytes``
 rule, with shared memory in place of memmapped files.
+
+Workers started by the fork server (``shardc.forkserver``) do not share the
+caller's ``__main__``: for them (``main_by_value``) a pickle that names
+``__main__`` is redone with cloudpickle, which sends what ``__main__``
+defines by value.
 """
 
 from __future__ import annotations
@@ -81,18 +86,25 @@ _PlainSharing = _make_pickler(pickle.Pickler)
 _CloudSharing = _make_pickler(cloudpickle.CloudPickler)
 
 
-def dumps_task(task: tuple[Any, ...], sharer: ArgSharer | None) -> tuple[bytes, tuple[Any, Any] | None]:
+def dumps_task(
+    task: tuple[Any, ...], sharer: ArgSharer | None, main_by_value: bool = False
+) -> tuple[bytes, tuple[Any, Any] | None]:
     """``(pickle of task, refs)``: refs is None, or ``(segments, shared
     descriptors)`` of the arrays shared by reference (``StreamScheduler.feed``)."""
     if sharer is None:
         try:
-            return pickle.dumps(task, protocol=5), None
-        except Exception:  # noqa: BLE001 - cloudpickle is the general path
-            return cloudpickle.dumps(task, protocol=5), None
+            blob = pickle.dumps(task, protocol=5)
+            if not (main_by_value and b"__main__" in blob):
+                return blob, None
+        except Exception:  # noqa: BLE001, S110 - cloudpickle is the general path
+            pass
+        return cloudpickle.dumps(task, protocol=5), None
     buf = io.BytesIO()
     p = _PlainSharing(buf, sharer)
     try:
         p.dump(task)
+        if main_by_value and b"__main__" in buf.getvalue():
+            raise pickle.PicklingError("names __main__")
     except Exception:  # noqa: BLE001 - cloudpickle is the general path
         buf = io.BytesIO()
         p = _CloudSharing(buf, sharer)

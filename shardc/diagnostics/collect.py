@@ -98,6 +98,9 @@ class Diagnostics:
         self.bytes_setup = 0
         self.reforked = 0  # workers forked again so they inherit borrowed arrays
         self.refork_seconds = 0.0
+        # How the run's workers were started: "fork" (forked by this process)
+        # and/or "server" (by the fork server: inputs copied, not inherited).
+        self.worker_start: set[str] = set()
         self.bytes_dispatch = 0
         self.messages_dispatch = 0
         self.messages_results = 0  # rpc: RESULTS messages (a worker replies once per few chunks)
@@ -139,6 +142,7 @@ class Diagnostics:
         )
         if w.pid not in rec["pids"]:
             rec["pids"].append(w.pid)
+        self.worker_start.add("server" if getattr(w, "server", None) is not None else "fork")
 
     def finish(self, pool: Any, segments: Mapping[str, Any] | None = None) -> None:
         """The run is over: last samples of ``pool``'s workers and the master,
