@@ -41,6 +41,7 @@ spawn (logged, and recorded in the pool's events).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -136,7 +137,7 @@ class ForkServer:
         try:
             self.chan.send((READY, {"sys_path": list(sys.path), "packages": list(packages)}))
             msg = self._recv(START_TIMEOUT)
-        except (OSError, ChannelClosed, TimeoutError) as exc:
+        except (OSError, ChannelClosed) as exc:
             self.close(timeout=1.0)
             raise WorkerSetupError(
                 f"the shardc fork server (pid {self.pid}) did not start ({type(exc).__name__}: {exc}); "
@@ -160,7 +161,7 @@ class ForkServer:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no answer from the fork server within {timeout:g} s")
+                raise ShardcOSError(errno.ETIMEDOUT, f"no answer from the fork server within {timeout:g} s")
             self.chan.sock.settimeout(left)
             try:
                 msg, _fds = self.chan.recv()
@@ -202,7 +203,7 @@ class ForkServer:
             try:
                 self.chan.send((SPAWN, req), fds)
                 msg = self._recv(START_TIMEOUT)
-            except (OSError, ChannelClosed, TimeoutError) as exc:
+            except (OSError, ChannelClosed) as exc:
                 self._drain()
                 raise ShardcOSError(
                     0, f"the shardc fork server (pid {self.pid}) did not fork a worker: {type(exc).__name__}: {exc}"
@@ -222,7 +223,7 @@ class ForkServer:
         with self.lock:
             if pid not in self.exits:
                 if pid not in self.pids:
-                    raise ChildProcessError(pid)
+                    raise ChildProcessError(pid)  # as os.waitpid does: Pool._poll_exit's protocol
                 self._drain()
             if pid in self.exits:
                 self.pids.discard(pid)
