@@ -159,7 +159,7 @@ SETTINGS: dict[str, Setting] = {
             "SHARDC_FORK_SERVER",
             "bool",
             None,
-            "where pools with `fork_mode=\"auto\"` (the default) get their workers: `1` always from a "
+            'where pools with `fork_mode="auto"` (the default) get their workers: `1` always from a '
             "fork server (a single-threaded process started by exec), `0` always by forking the caller; "
             "unset: from the fork server while the caller has other threads alive",
             default_doc="unset",

@@ -103,7 +103,7 @@ def serve(fd: int) -> None:
     chan.send((READY, me))
     running = True
     while running:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        ready, _, _ = select.select([fd, wake_r], [], [])
         if wake_r in ready:
             try:
                 while os.read(wake_r, 512):
@@ -111,7 +111,7 @@ def serve(fd: int) -> None:
             except BlockingIOError:
                 pass
         _reap(chan, children)
-        if sock not in ready:
+        if fd not in ready:
             continue
         try:
             msgs = chan.recv_ready()
