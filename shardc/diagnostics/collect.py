@@ -100,7 +100,7 @@ class Diagnostics:
         self.refork_seconds = 0.0
         # How the run's workers were started: "fork" (forked by this process)
         # and/or "server" (by the fork server: inputs copied, not inherited).
-        self.worker_start: set[str] = set()
+        self.worker_start: list[str] = []
         self.bytes_dispatch = 0
         self.messages_dispatch = 0
         self.messages_results = 0  # rpc: RESULTS messages (a worker replies once per few chunks)
@@ -142,7 +142,9 @@ class Diagnostics:
         )
         if w.pid not in rec["pids"]:
             rec["pids"].append(w.pid)
-        self.worker_start.add("server" if getattr(w, "server", None) is not None else "fork")
+        how = "server" if getattr(w, "server", None) is not None else "fork"
+        if how not in self.worker_start:
+            self.worker_start.append(how)
 
     def finish(self, pool: Any, segments: Mapping[str, Any] | None = None) -> None:
         """The run is over: last samples of ``pool``'s workers and the master,

@@ -67,7 +67,7 @@ THREADED = textwrap.dedent(
     for it in range(int(sys.argv[2])):
         r = shardc.shard_map(16, lambda s: s.id * 3, workers=2, progress=False)
         assert r.results == [i * 3 for i in range(16)], r.results
-        assert r.diagnostics.worker_start == {"server"}, r.diagnostics.worker_start
+        assert r.diagnostics.worker_start == ["server"], r.diagnostics.worker_start
         shardc.pool_stop()
         with shardc.Executor(2) as ex:
             assert all(w.server is not None for w in ex.pool.workers)
