@@ -64,15 +64,20 @@ def main() -> int:
     for i in range(args.repeats):
         for m in MODES if i % 2 == 0 else MODES[::-1]:
             runs[m].append(one_round(m))
-    print(f"# fork vs fork server, 2 workers, {args.repeats} rounds interleaved, medians (ms); load {os.getloadavg()[0]:.1f}")
+    load = os.getloadavg()[0]
+    print(f"# fork vs fork server, 2 workers, {args.repeats} rounds interleaved, medians (ms); load {load:.1f}")
     print("| measure | fork | server | server / fork |")
     print("|---|---|---|---|")
     for k in ("start", "first", "replace", "recovery"):
         f = statistics.median(r[k] for r in runs["fork"]) * 1e3
         s = statistics.median(r[k] for r in runs["server"]) * 1e3
         print(f"| {k} | {f:.1f} | {s:.1f} | {s / f:.2f}x |")
-    print("recovery all (ms): fork", np.round(np.array([r["recovery"] for r in runs["fork"]]) * 1e3, 1).tolist(),
-          "server", np.round(np.array([r["recovery"] for r in runs["server"]]) * 1e3, 1).tolist())
+    print(
+        "recovery all (ms): fork",
+        np.round(np.array([r["recovery"] for r in runs["fork"]]) * 1e3, 1).tolist(),
+        "server",
+        np.round(np.array([r["recovery"] for r in runs["server"]]) * 1e3, 1).tolist(),
+    )
     return 0
 
 
