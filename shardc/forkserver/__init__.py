@@ -132,6 +132,7 @@ class ForkServer:
         self.pids: set[int] = set()  # workers it forked for us and not reported gone
         self.exits: dict[int, int] = {}  # pid -> exit code, reported, not yet collected
         self.dead = False
+        self.sent_modules: set[str] = set()  # module names the server was asked to import
         self.pid = self.proc.pid
         _servers.add(self)
         try:
@@ -199,7 +200,8 @@ class ForkServer:
         """Fork a worker for ``request`` (see ``shardc.forkserver.__main__``),
         handing it ``fds``; returns its pid."""
         with self.lock:
-            req = {**request, "env": dict(os.environ), "sys_path": list(sys.path), "cwd": _cwd()}
+            mods = [m for m in _importable() if m not in self.sent_modules]
+            req = {**request, "env": dict(os.environ), "sys_path": list(sys.path), "cwd": _cwd(), "modules": mods}
             try:
                 self.chan.send((SPAWN, req), fds)
                 msg = self._recv(START_TIMEOUT)
@@ -211,6 +213,7 @@ class ForkServer:
             if msg[0] == SPAWN_FAILED:
                 raise ShardcOSError(msg[1], f"the fork server could not fork a worker: {msg[2]}")
             pid = int(msg[1])
+            self.sent_modules.update(mods)
             self.pids.add(pid)
             return pid
 
@@ -250,6 +253,22 @@ class ForkServer:
                     self.proc.wait(5.0)
             self.dead = True
             self.chan.close()
+
+
+def _importable() -> list[str]:
+    """The modules this process has imported from files, in import order:
+    the server imports them before it forks, so a served worker starts with
+    what a forked one would have (no import time in its first task, and no
+    memory growth that would read as drift and recycle it)."""
+    out = []
+    for name, mod in list(sys.modules.items()):
+        spec = getattr(mod, "__spec__", None)
+        if spec is None or "__main__" in name or name.startswith("shardc.forkserver"):
+            continue
+        if spec.origin in (None, "built-in", "frozen") and not spec.submodule_search_locations:
+            continue
+        out.append(name)
+    return out
 
 
 def _cwd() -> str | None:

@@ -9,6 +9,7 @@ the children still alive, reap them, leave.
 
 from __future__ import annotations
 
+import importlib
 import os
 import select
 import signal
@@ -29,6 +30,18 @@ from shardc._channel import Channel, ChannelClosed  # noqa: E402
 from shardc.forkserver import EXITED, READY, SPAWN, SPAWN_FAILED, SPAWNED, STOP  # noqa: E402
 from shardc.status import StatusTable  # noqa: E402
 from shardc.worker import _threadpool_controller, worker_entry  # noqa: E402
+
+
+def _preload(req: dict[str, Any]) -> None:
+    """Import the modules the master has loaded (best effort: a worker that
+    needs one imports it itself, and reports its error)."""
+    sys.path[:] = req["sys_path"]
+    for name in req.get("modules", ()):
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # noqa: BLE001, S110 - SystemExit from a script-like module, ...
+                pass
 
 
 def _reap(chan: Channel, children: set[int]) -> None:
@@ -123,6 +136,7 @@ def serve(fd: int) -> None:
                 break
             if msg[0] != SPAWN:
                 continue
+            _preload(msg[1])
             try:
                 pid = os.fork()
             except OSError as exc:

@@ -253,3 +253,19 @@ def test_fork_mode_is_checked(monkeypatch):
     assert resolve_mode("auto") == "server" and resolve_mode("fork") == "fork"
     monkeypatch.setenv("SHARDC_FORK_SERVER", "0")
     assert resolve_mode("auto") == "fork"
+
+
+def _has_module(shard):
+    import sys
+
+    return "colorsys" in sys.modules
+
+
+@pytest.mark.timeout(60)
+def test_served_workers_start_with_the_callers_modules():
+    """The server imports what the caller has imported before it forks: a served worker does
+    not import it in its first task (time, and memory growth that would read as drift)."""
+    import colorsys  # noqa: F401 - a stdlib module shardc itself never imports
+
+    with shardc.Pool(1, fork_mode="server") as pool:
+        assert pool.shard_map(1, _has_module, progress=False).results == [True]
