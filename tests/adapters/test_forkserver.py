@@ -185,8 +185,11 @@ def test_kill_from_outside_is_detected_fast(served):
 def test_server_death_is_detected_and_a_new_server_started(served):
     old = served._server
     assert served.shard_map(4, lambda s: s.id, progress=False).results == [0, 1, 2, 3]
+    pids = [w.pid for w in served.workers]
     os.kill(old.pid, signal.SIGKILL)
-    r = served.shard_map(6, lambda s: s.id * 2, progress=False)  # workers died with it: replaced
+    # Its workers die with it (parent-death signal; portable mode: their parent watch, 0.2 s).
+    psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)
+    r = served.shard_map(6, lambda s: s.id * 2, progress=False)  # replaced, from a new server
     assert r.results == [0, 2, 4, 6, 8, 10]
     assert served._server is not old and served._server.alive()
     assert [e for e in served.events if e["event"] == "forkserver_restart"]
