@@ -111,9 +111,12 @@ class ForkServer:
     def __init__(self, packages: list[str]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
-        # The server must import this very shardc (e.g. a source tree on sys.path).
+        # The server must import this very shardc: a source tree (not an
+        # installed package, which it finds anyway) goes first on its path.
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        if os.path.basename(root) not in ("site-packages", "dist-packages"):
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join([root, *paths])
         t0 = time.perf_counter()
         try:
             self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
