@@ -179,14 +179,24 @@ def dumps_task(
             _PlainMain(buf).dump(task)
             return buf.getvalue(), None
         except Exception:  # noqa: BLE001 - cloudpickle is the general path
-            return cloudpickle.dumps(task, protocol=5), None
+            try:
+                return cloudpickle.dumps(task, protocol=5), None
+            except Exception:  # noqa: BLE001 - by value failed (e.g. an unpicklable global):
+                return pickle.dumps(task, protocol=5), None  # by reference, as for forked workers
     p = (_PlainSharingMain if main_by_value else _PlainSharing)(buf, sharer)
     try:
         p.dump(task)
     except Exception:  # noqa: BLE001 - cloudpickle is the general path
         buf = io.BytesIO()
         p = _CloudSharing(buf, sharer)
-        p.dump(task)
+        try:
+            p.dump(task)
+        except Exception:  # noqa: BLE001 - by value failed: by reference, as for forked workers
+            if not main_by_value:
+                raise
+            buf = io.BytesIO()
+            p = _PlainSharing(buf, sharer)
+            p.dump(task)
     if not p.shared:
         return buf.getvalue(), None
     return buf.getvalue(), (tuple(p.segments.values()), tuple(p.shared.values()))
