@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -205,6 +206,8 @@ class ForkServer:
         with self.lock:
             mods = [m for m in _importable() if m not in self.sent_modules]
             req = {**request, "env": dict(os.environ), "sys_path": list(sys.path), "cwd": _cwd(), "modules": mods}
+            # A forked worker has the caller's multiprocessing authkey (Manager proxies need it).
+            req["authkey"] = bytes(multiprocessing.current_process().authkey)
             try:
                 self.chan.send((SPAWN, req), fds)
                 msg = self._recv(START_TIMEOUT)

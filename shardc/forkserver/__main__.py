@@ -10,6 +10,7 @@ the children still alive, reap them, leave.
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import select
 import signal
@@ -70,6 +71,7 @@ def _child(req: dict[str, Any], fds: list[int], ctrl: socket.socket, close: list
             os.close(fd)
         os.environ.clear()
         os.environ.update(req["env"])
+        multiprocessing.current_process().authkey = req["authkey"]
         sys.path[:] = req["sys_path"]
         if req["cwd"] is not None:
             try:

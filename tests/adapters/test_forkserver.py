@@ -272,3 +272,19 @@ def test_served_workers_start_with_the_callers_modules():
 
     with shardc.Pool(1, fork_mode="server") as pool:
         assert pool.shard_map(1, _has_module, progress=False).results == [True]
+
+
+def _authkey(shard):
+    import multiprocessing
+
+    return bytes(multiprocessing.current_process().authkey)
+
+
+@pytest.mark.timeout(60)
+def test_served_workers_have_the_callers_multiprocessing_authkey(served):
+    """As a forked worker does: a multiprocessing.Manager proxy passed to a task must connect."""
+    import multiprocessing
+
+    assert (
+        served.shard_map(2, _authkey, progress=False).results == [bytes(multiprocessing.current_process().authkey)] * 2
+    )
