@@ -156,6 +156,15 @@ SETTINGS: dict[str, Setting] = {
             "`0` turns off inheriting big borrowed arrays at fork (they are copied into a segment instead)",
         ),
         Setting(
+            "SHARDC_FORK_SERVER",
+            "bool",
+            None,
+            'where pools with `fork_mode="auto"` (the default) get their workers: `1` always from a '
+            "fork server (a single-threaded process started by exec), `0` always by forking the caller; "
+            "unset: from the fork server while the caller has other threads alive",
+            default_doc="unset",
+        ),
+        Setting(
             "SHARDC_INHERIT_MIN_BYTES",
             "int",
             64 * 1024**2,

@@ -236,12 +236,13 @@ class Executor(_BaseExecutor):
         packages: modules to import in each worker.
         pool: run on this :class:`Pool` (it then serves only this executor
             until ``shutdown``, and is not stopped by it).
-        prefetch: tasks sent to a worker at once, counting the one it runs.
-            1 (default): a worker gets its next task when it reports the
-            last, so no task waits behind a long one while another worker
-            is idle, and each result is sent as soon as it exists.  More
-            saves a round trip per task for tiny tasks (``map`` with a
-            ``chunksize`` does that better).
+        prefetch: RUN messages sent to a worker at once, counting the one
+            it runs.  1 (default): a worker gets its next message when it
+            reports the last, so no task waits behind a long one while
+            another worker is idle.  A message carries one task, or, while
+            tasks wait for a worker and take under ~1 ms each (measured),
+            up to ~1 ms of them (``shardc.stream``: the round trip is paid
+            per batch).  More saves a round trip per message.
         max_nbytes: None (default: arguments are pickled, as by
             ProcessPoolExecutor), or a size ("1M"): NumPy array arguments
             this big or bigger are shared zero-copy instead (copied once
@@ -329,7 +330,13 @@ class Executor(_BaseExecutor):
             else:
                 run_pool = pool
             diag = Diagnostics(mode="rpc_chunked", num_shards=CAPACITY, cow=cow, enabled=False)
-            sched = StreamScheduler(CAPACITY, retries, _deliver, _accept, call.donemap, call.wake, diag)
+            # Tasks are pickled in the engine thread; workers from the fork
+            # server do not have this __main__ (shardc.forkserver).
+            by_value = run_pool.fork_mode != "fork"
+            prepare = functools.partial(dumps_task, sharer=self._sharer, main_by_value=by_value)
+            sched = StreamScheduler(
+                CAPACITY, retries, _deliver, _accept, call.donemap, call.wake, diag, prepare, _reject
+            )
             run_pool.ensure_alive()
             diag.start(run_pool)
             sup = Supervisor(call, run_pool, sched, diag, Progress(CAPACITY, "Executor", False))
@@ -378,21 +385,13 @@ class Executor(_BaseExecutor):
         assert engine is not None
         fut: Future[Any] = Future()
         fut._shardc_fn = fn  # type: ignore[attr-defined] # names the task in errors
-        try:
-            data, segs = dumps_task((kind, fn, args, kwargs), self._sharer)
-        except Exception as exc:  # noqa: BLE001 - the future fails, as with ProcessPoolExecutor
-            name = getattr(fn, "__qualname__", None) or repr(fn)
-            err = UnpicklableFunctionError(f"task {name} cannot be pickled to send it to a worker: {exc}")
-            err.__cause__ = exc
-            fut.set_running_or_notify_cancel()
-            fut.set_exception(err)
-            return fut
         with engine.lock:
             if engine.broken is not None:
                 raise ExecutorBrokenError(f"this executor cannot run tasks any more: {engine.broken}")
             if self._shutdown:
                 raise UsageError("cannot schedule new futures after shutdown")
-            engine.sched.feed(fut, data, segs)
+            # Pickled when it gets a worker slot, in the engine thread (dumps_task).
+            engine.sched.feed(fut, (kind, fn, args, kwargs))
         return fut
 
     def map(
@@ -472,6 +471,16 @@ class Executor(_BaseExecutor):
 
 def _accept(fut: Future[Any]) -> bool:
     return fut.set_running_or_notify_cancel()
+
+
+def _reject(fut: Future[Any], exc: BaseException) -> None:
+    """The task could not be pickled: its future fails, as with ProcessPoolExecutor."""
+    fn = getattr(fut, "_shardc_fn", None)
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    err = UnpicklableFunctionError(f"task {name} cannot be pickled to send it to a worker: {exc}")
+    err.__cause__ = exc
+    if not fut.done():
+        fut.set_exception(err)
 
 
 def _deliver(fut: Future[Any], ok: bool, value: Any) -> None:

@@ -32,6 +32,7 @@ from .dispatch_queue import QueueDispatcher
 from .dispatch_rpc import RpcDispatcher
 from .errors import InvalidArgumentError, signal_label
 from .forget import call_finished, call_started
+from .forkserver import resolve_mode, use_server
 from .inputs import InputPlan
 from .memory import PROFILES, heap_keep
 from .pool import Pool, pool_create, pool_get
@@ -163,7 +164,9 @@ def execute(
     # array pristine (and to catch writes on its partial end pages): a pool
     # without them (Pool(cow_guard=False)) gets segment copies instead.
     known = pool if pool is not None else pool_get()
-    plan = InputPlan(target, allow_inherit=known.cow_guard if known is not None else True)
+    # Workers from a fork server (threaded callers, shardc.forkserver) cannot inherit either.
+    inheritable = known.can_inherit if known is not None else not use_server(resolve_mode("auto"))
+    plan = InputPlan(target, allow_inherit=inheritable)
     call.plan = plan
     run_pool: Pool | None = None
     call_started()

@@ -38,6 +38,7 @@ class WorkerHandle:
         self.inherited_bytes = 0
         self.needs_baseline = False  # set by the first precise sample (Pool.refork)
         self.hello_anon = 0  # statm anonymous memory when it said hello (Pool.refork)
+        self.server: Any = None  # the shardc.forkserver.ForkServer that forked it (None: forked by the master)
 
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}

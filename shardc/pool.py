@@ -11,7 +11,7 @@ The pool itself does no scheduling: ``shard_map`` (``shardc.map``) drives it.
 It provides spawning, replacing (restart after death, recycle on memory),
 memory sampling (anonymous memory, Pss_Anon from ``/proc/PID/smaps_rollup``,
 so pages of borrowed inputs and out buffers never count as a worker's growth), a health
-check, and stopping (every wait bounded; SIGKILL as the last word).
+check, stopping (bounded waits, then SIGKILL), and ``shardc.forkserver`` for threaded callers.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import cloudpickle
 
 from . import _lowlevel as ll
 from . import config
+from . import forkserver as _forkserver
 from . import guard as _guard  # noqa: F401 - workers use it; imported once, in the master
 from . import inherit as _inherit
 from . import worker as _worker_mod
@@ -61,6 +62,10 @@ class Pool(MemoryModel):
         init_expr: a callable or a code string run once in each worker.
         profile: "default", "memory" (stricter recycling) or "speed".
         health_check_interval: sample worker memory at least every N shards.
+        cow_guard: page guards on borrowed inputs in workers (needed for ``cow=``).
+        fork_mode: "fork" (workers forked from this process), "server" (from
+            a fork server: safe with threads, see ``shardc.forkserver``) or "auto"
+            (the server while other threads are alive; ``SHARDC_FORK_SERVER``).
 
     Use as a context manager, or call :meth:`stop`.
     """
@@ -75,6 +80,7 @@ class Pool(MemoryModel):
         profile: str = "default",
         health_check_interval: int = 10,
         cow_guard: bool = True,
+        fork_mode: str = "auto",
     ) -> None:
         self.size = config.default_workers() if workers is None else check_int(workers, "workers", 1)
         self.mem_cap = parse_bytes(mem_cap, "mem_cap")
@@ -92,6 +98,8 @@ class Pool(MemoryModel):
         self.init_expr = init_expr
         self._init_blob = cloudpickle.dumps(init_expr) if callable(init_expr) else None
         self.cow_guard = cow_guard
+        self.fork_mode = _forkserver.resolve_mode(fork_mode)
+        self._server: _forkserver.ForkServer | None = None  # started at the first served spawn
         self.min_recycle_interval = 1.0
         self._closed = False
         self._pid = os.getpid()
@@ -106,16 +114,8 @@ class Pool(MemoryModel):
         run_janitor_once()
         # Prepare in the master what every child would otherwise redo.
         _worker_mod._threadpool_controller()
-        threads = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-        if threads:
-            log.warning(
-                "forking %d workers while %d other thread(s) run in this process (%s): a "
-                "thread holding a lock at fork time can deadlock a worker; create the pool "
-                "(shardc.pool_create) before starting threads",
-                self.size,
-                len(threads),
-                ", ".join(threads[:5]),
-            )
+        if self.fork_mode == "fork":
+            _forkserver.warn_threads(self.size)
         # Give the master's free heap back to the kernel before forking: pages
         # the allocator keeps (freed arrays, a test suite's or a notebook's
         # leftovers) are inherited, and a worker's anonymous memory (Pss_Anon)
@@ -137,6 +137,8 @@ class Pool(MemoryModel):
     def _spawn(self, slot: int, close: list[WorkerHandle] | None = None) -> WorkerHandle:
         """Fork a worker into ``slot``; the child closes the master's ends of
         every other worker's socket (and of ``close``: workers being replaced)."""
+        if self._use_server():
+            return _forkserver.spawn_for(self, slot)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.status.reset(slot)
         parent_pid = os.getpid()
@@ -166,6 +168,7 @@ class Pool(MemoryModel):
                     if p is not self:
                         for w in p.workers:
                             w.chan.close()
+                _forkserver.close_in_child()
             finally:
                 worker_entry(
                     slot,
@@ -292,12 +295,12 @@ class Pool(MemoryModel):
         delay = 0.0002
         while True:
             try:
-                pid, status = os.waitpid(w.pid, os.WNOHANG)
+                code = self._poll_exit(w)
             except ChildProcessError:
                 w.alive = False
                 return w.exitcode
-            if pid == w.pid:
-                w.exitcode = os.waitstatus_to_exitcode(status)
+            if code is not None:
+                w.exitcode = code
                 w.alive = False
                 w.chan.close()
                 return w.exitcode
@@ -314,17 +317,33 @@ class Pool(MemoryModel):
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
+    def _poll_exit(self, w: WorkerHandle) -> int | None:
+        """``w``'s exit code once it exited, else None (ChildProcessError: not ours)."""
+        if w.server is not None:  # forked by the fork server, which reaps it
+            return w.server.poll_exit(w.pid)
+        pid, status = os.waitpid(w.pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if pid == w.pid else None
+
+    def _use_server(self) -> bool:
+        """The next worker comes from the fork server ("auto": threads, no inherited input)."""
+        return _forkserver.use_server(self.fork_mode)
+
+    @property
+    def can_inherit(self) -> bool:
+        """Whether a call now may have its workers inherit big inputs at fork."""
+        return self.cow_guard and (self.fork_mode == "fork" or not self._use_server())
+
     def is_alive(self, w: WorkerHandle) -> bool:
         """True while ``w`` runs; reaps it (recording its exit code) if it died."""
         if not w.alive or w.exitcode is not None:
             return False
         try:
-            pid, status = os.waitpid(w.pid, os.WNOHANG)
+            code = self._poll_exit(w)
         except ChildProcessError:
             w.alive = False
             return False
-        if pid == w.pid:
-            w.exitcode = os.waitstatus_to_exitcode(status)
+        if code is not None:
+            w.exitcode = code
             w.alive = False
             w.chan.close()
             return False
@@ -385,6 +404,8 @@ class Pool(MemoryModel):
                 self._reap(w, wait=max(0.0, deadline - time.monotonic()))
             w.chan.close()
         live_pools.discard(self)
+        if self._server is not None:
+            self._server.close()
         self.status.close()
         if self.queue_ring is not None:
             self.queue_ring[0].release()
@@ -402,7 +423,6 @@ class Pool(MemoryModel):
         if os.getpid() != self._pid:
             raise ClosedError("a shardc pool cannot be used from a forked child of its master")
 
-    # -- memory --------------------------------------------------------------------------
     # -- reports ---------------------------------------------------------------------------
     def status_table(self) -> list[dict[str, Any]]:
         for w in self.workers:
@@ -469,6 +489,7 @@ def pool_create(
     init_expr: Any = None,
     profile: str = "default",
     health_check_interval: int = 10,
+    fork_mode: str = "auto",
 ) -> Pool:
     """Create the default pool (stopping any previous default pool)."""
     global _default
@@ -482,6 +503,7 @@ def pool_create(
         init_expr=init_expr,
         profile=profile,
         health_check_interval=health_check_interval,
+        fork_mode=fork_mode,
     )
     return _default
 

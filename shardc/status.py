@@ -81,6 +81,22 @@ class StatusTable:
         self._mem = ll.status_mem_ptr(self._buf.array)
         ll.status_init(self._mem, nbytes, nslots)
 
+    def share_spec(self) -> tuple[dict[str, Any], int]:
+        """``(info, fd)``: what a worker started elsewhere (the fork server) needs to :meth:`attach`."""
+        seg = self._buf.segment
+        info = {"nslots": self.nslots, "size": seg.size, "backing": seg.backing, "name": seg.name, "key": seg.key}
+        return info, seg.fd
+
+    @classmethod
+    def attach(cls, info: dict[str, Any], fd: int) -> StatusTable:
+        """A worker's table over the segment of ``fd`` (from :meth:`share_spec`)."""
+        self = cls.__new__(cls)
+        self.nslots = info["nslots"]
+        seg = Segment.adopt(fd, info["size"], info["backing"], info["name"], info["key"])
+        self._buf = Buffer(seg, np.dtype(np.uint8), (ll.status_bytes(self.nslots),))
+        self._mem = ll.status_mem_ptr(self._buf.array)
+        return self
+
     # -- master ----------------------------------------------------------------------
     def row(self, slot: int) -> StatusRow:
         """The writer for ``slot`` (used by the worker forked into it)."""

@@ -25,6 +25,13 @@ subclass and a call descriptor:
   (:meth:`StreamScheduler.close`) and every task is delivered.  Feeding and
   closing wake the supervisor's loop through ``Call.wake`` (a :class:`Waker`).
 
+Batching: a RUN message carries one task while tasks are long or few (a
+worker gets its next task when it reports the last, so no task waits behind
+a long one).  When tasks wait for a worker (fed faster than the workers
+finish them) and are short, it carries several, about ``BATCH_S`` of work
+(:meth:`StreamScheduler.chunk_size`), so the round trip to the master and
+the messages are paid per batch, not per task.
+
 Retries: a task is run again only after its worker died (crash or memory kill:
 ``WorkerCrashedError``, ``WorkerMemoryError``), up to ``max_retries`` times.  An
 exception the task raised, or a timeout, fails it at once: it would do the
@@ -46,6 +53,9 @@ from .status import DoneMap
 RETRIED = ("shardc.errors.WorkerCrashedError", "shardc.errors.WorkerMemoryError")
 
 Deliver = Callable[[Any, bool, Any], None]  # (key, ok, value or ShardFailure)
+
+BATCH_S = 0.001  # seconds of work per RUN message when short tasks wait (see chunk_size)
+MAX_BATCH = 64  # tasks per RUN message at most
 
 
 class Waker:
@@ -133,6 +143,12 @@ class StreamScheduler(Scheduler):
         donemap: the call's done map (marks of freed slots are cleared).
         waker: woken when tasks are fed or the feed is closed.
         diag: the call's diagnostics record.
+        prepare: None (tasks are fed as data), or a function that turns a
+            fed task into ``(data, refs)`` when it gets a slot, in the
+            supervisor's thread (the caller's thread only queues it: a
+            ``submit`` does not pickle, as ``ProcessPoolExecutor``'s does not).
+        reject: ``reject(key, exc)`` when ``prepare`` raised (the task is
+            dropped; its slot stays free).
     """
 
     def __init__(
@@ -144,8 +160,12 @@ class StreamScheduler(Scheduler):
         donemap: DoneMap,
         waker: Waker,
         diag: Diagnostics,
+        prepare: Callable[[Any], tuple[Any, Any]] | None = None,
+        reject: Callable[[Any, BaseException], None] | None = None,
     ) -> None:
         super().__init__(capacity, max_retries, 1, None, None, diag)
+        self.prepare = prepare
+        self.reject = reject
         self.deliver = deliver
         self.accept = accept
         self.donemap = donemap
@@ -196,6 +216,16 @@ class StreamScheduler(Scheduler):
     def in_flight(self) -> int:
         return self.num - len(self.free)
 
+    def chunk_size(self, workers: int) -> int:
+        """Tasks per RUN message: 1, unless tasks wait (at least two per
+        worker) and are short: then ~``BATCH_S`` of work (measured mean),
+        at most ``MAX_BATCH`` and half of a worker's share of the backlog."""
+        e = self.ewma_shard_s
+        backlog = len(self.incoming) + len(self.retry)
+        if e is None or backlog < 2 * workers:
+            return 1
+        return max(1, min(MAX_BATCH, int(BATCH_S / max(e, 1e-6)), backlog // (2 * workers)))
+
     def take_chunk(self, size: int) -> list[int]:
         ids: list[int] = []
         while self.retry and len(ids) < size:
@@ -207,6 +237,13 @@ class StreamScheduler(Scheduler):
                 break
             if not self.accept(key):
                 continue
+            if self.prepare is not None:
+                try:
+                    data, refs = self.prepare(data)
+                except Exception as exc:  # noqa: BLE001 - that task fails alone
+                    if self.reject is not None:
+                        self.reject(key, exc)
+                    continue
             sid = self.free.pop()
             self.keys[sid] = key
             self.data[sid] = data

@@ -12,12 +12,20 @@ reference; the segment travels to each worker once, as an fd, and the worker
 maps it read-only under the executor's ``cow`` policy (``Worker.load_task``),
 once per call however many tasks use it.  This is joblib's ``max_nbytes``
 rule, with shared memory in place of memmapped files.
+
+Workers started by the fork server (``shardc.forkserver``) do not share the
+caller's ``__main__``: for them (``main_by_value``) a function or class that
+``__main__`` defines goes by value, cloudpickled once per object
+(:func:`main_ref`) and unpickled once per worker (:func:`load_main`), so a
+task of a ``__main__`` function costs about what a plain pickle does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
+import types
 import weakref
 from typing import Any
 
@@ -80,23 +88,115 @@ def _make_pickler(base: type) -> type:
 _PlainSharing = _make_pickler(pickle.Pickler)
 _CloudSharing = _make_pickler(cloudpickle.CloudPickler)
 
+# __main__ functions and classes by value, pickled once each (see main_ref).
+_main_refs: dict[int, tuple[Any, _MainRef]] = {}  # id -> (weakref, its reference)
+_loaded: dict[bytes, Any] = {}  # in a worker: key -> the object, unpickled once
+_LOADED_MAX = 512
 
-def dumps_task(task: tuple[Any, ...], sharer: ArgSharer | None) -> tuple[bytes, tuple[Any, Any] | None]:
+
+class _MainRef:
+    """Pickles as :func:`load_main` of ``(key, blob)``."""
+
+    __slots__ = ("args", "mains")
+
+    def __init__(self, args: tuple[bytes, bytes]) -> None:
+        self.args = args
+        self.mains = args[1].count(b"__main__")  # in the blob (dumps_task checks the rest)
+
+    def __reduce__(self) -> Any:
+        return load_main, self.args
+
+
+def main_ref(obj: Any) -> _MainRef:
+    """``obj`` (a function or class of ``__main__``) cloudpickled by value
+    once while it lives (its globals as of then: what a worker forked at that
+    moment would see), with a digest that workers cache the object by."""
+    hit = _main_refs.get(id(obj))
+    if hit is not None and hit[0]() is obj:
+        return hit[1]
+    blob = cloudpickle.dumps(obj, protocol=5)
+    ref = _MainRef((hashlib.blake2b(blob, digest_size=16).digest(), blob))
+    try:
+        _main_refs[id(obj)] = (weakref.ref(obj), ref)
+    except TypeError:
+        pass
+    return ref
+
+
+def load_main(key: bytes, blob: bytes) -> Any:
+    """A worker's copy of a ``__main__`` object sent by :func:`main_ref`."""
+    obj = _loaded.get(key)
+    if obj is None:
+        if len(_loaded) >= _LOADED_MAX:
+            _loaded.clear()
+        obj = _loaded[key] = cloudpickle.loads(blob)
+    return obj
+
+
+def _by_value(obj: Any) -> Any:
+    if isinstance(obj, (types.FunctionType, type)) and getattr(obj, "__module__", None) == "__main__":
+        return load_main, main_ref(obj).args
+    return NotImplemented
+
+
+class _PlainMain(pickle.Pickler):
+    def __init__(self, file: Any, sharer: Any = None) -> None:
+        super().__init__(file, protocol=5)
+
+    def reducer_override(self, obj: Any) -> Any:
+        return _by_value(obj)
+
+
+class _PlainSharingMain(_PlainSharing):  # type: ignore[misc,valid-type]
+    def reducer_override(self, obj: Any) -> Any:
+        return _by_value(obj)
+
+
+def dumps_task(
+    task: tuple[Any, ...], sharer: ArgSharer | None, main_by_value: bool = False
+) -> tuple[bytes, tuple[Any, Any] | None]:
     """``(pickle of task, refs)``: refs is None, or ``(segments, shared
-    descriptors)`` of the arrays shared by reference (``StreamScheduler.feed``)."""
-    if sharer is None:
+    descriptors)`` of the arrays shared by reference (``StreamScheduler.feed``).
+    ``main_by_value``: what ``__main__`` defines goes by value (workers from
+    the fork server)."""
+    if sharer is None and not main_by_value:
         try:
             return pickle.dumps(task, protocol=5), None
         except Exception:  # noqa: BLE001 - cloudpickle is the general path
             return cloudpickle.dumps(task, protocol=5), None
     buf = io.BytesIO()
-    p = _PlainSharing(buf, sharer)
+    if sharer is None:
+        fn = task[1]
+        if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
+            try:  # the usual case, fast: only the function is __main__'s
+                ref = main_ref(fn)
+                blob = pickle.dumps((task[0], ref, *task[2:]), protocol=5)
+                if blob.count(b"__main__") == ref.mains:  # none in the arguments
+                    return blob, None
+            except Exception:  # noqa: BLE001, S110 - the general path below
+                pass
+        try:
+            _PlainMain(buf).dump(task)
+            return buf.getvalue(), None
+        except Exception:  # noqa: BLE001 - cloudpickle is the general path
+            try:
+                return cloudpickle.dumps(task, protocol=5), None
+            except Exception:  # noqa: BLE001 - by value failed (e.g. an unpicklable global):
+                return pickle.dumps(task, protocol=5), None  # by reference, as for forked workers
+    p = (_PlainSharingMain if main_by_value else _PlainSharing)(buf, sharer)
     try:
         p.dump(task)
     except Exception:  # noqa: BLE001 - cloudpickle is the general path
         buf = io.BytesIO()
         p = _CloudSharing(buf, sharer)
-        p.dump(task)
+        try:
+            p.dump(task)
+        except Exception:  # noqa: BLE001 - by value failed: by reference, as for forked workers
+            if not main_by_value:
+                raise
+            buf = io.BytesIO()
+            p = _PlainSharing(buf, sharer)
+            p.dump(task)
     if not p.shared:
         return buf.getvalue(), None
     return buf.getvalue(), (tuple(p.segments.values()), tuple(p.shared.values()))

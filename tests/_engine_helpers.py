@@ -20,11 +20,13 @@ import shardc
 
 
 def pool_pids(pool: Any = None) -> set[int]:
-    """Pids of the live workers of ``pool`` (default: the default pool)."""
+    """Pids of the live workers of ``pool`` (default: the default pool), and
+    of its fork server if it has one (shardc.forkserver)."""
     p = pool if pool is not None else shardc.pool_get()
     if p is None or p.closed:
         return set()
-    return {w.pid for w in p.workers}
+    server = {p._server.pid} if p._server is not None and not p._server.dead else set()
+    return {w.pid for w in p.workers} | server
 
 
 def fd_targets(pid: int) -> list[str]:

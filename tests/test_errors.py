@@ -210,6 +210,7 @@ def test_native_module_error_is_an_import_error() -> None:
 PROTOCOL_RAISES = {
     ("shardc.buffer", "AttributeError"),  # __getattr__ delegation
     ("shardc.worker.loop", "UnpicklingError"),  # pickle's persistent_load protocol
+    ("shardc.forkserver", "ChildProcessError"),  # os.waitpid's protocol (ForkServer.poll_exit)
 }
 
 

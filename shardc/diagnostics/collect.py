@@ -129,6 +129,9 @@ class Diagnostics:
         self.bytes_setup = 0
         self.reforked = 0  # workers forked again so they inherit borrowed arrays
         self.refork_seconds = 0.0
+        # How the run's workers were started: "fork" (forked by this process)
+        # and/or "server" (by the fork server: inputs copied, not inherited).
+        self.worker_start: list[str] = []
         self.bytes_dispatch = 0
         self.messages_dispatch = 0
         self.messages_results = 0  # rpc: RESULTS messages (a worker replies once per few chunks)
@@ -177,6 +180,9 @@ class Diagnostics:
         )
         if w.pid not in rec["pids"]:
             rec["pids"].append(w.pid)
+        how = "server" if getattr(w, "server", None) is not None else "fork"
+        if how not in self.worker_start:
+            self.worker_start.append(how)
 
     def finish(self, pool: Any, segments: Mapping[str, Any] | None = None) -> None:
         """The run is over: last samples of ``pool``'s workers and the master,

@@ -183,6 +183,7 @@ def copy_report(result: Any) -> Report:
         "dispatch_bytes": d.bytes_dispatch,
         "setup_bytes": d.bytes_setup,
         "reforked_workers": d.reforked,
+        "worker_start": sorted(getattr(d, "worker_start", ())),
         "refork_seconds": d.refork_seconds,
         **getattr(d, "tables", {}),
     }
@@ -200,6 +201,11 @@ def copy_report(result: Any) -> Report:
         lines.append(
             f"inherited inputs: workers see the caller's pages copy-on-write, as of fork time "
             f"({d.reforked} worker(s) re-forked for it in {d.refork_seconds * 1e3:.1f} ms)"
+        )
+    if "server" in getattr(d, "worker_start", ()):
+        lines.append(
+            "workers started by the fork server (the caller had other threads, or fork_mode='server'): "
+            "borrowed inputs took the copy path, none was inherited at fork"
         )
     for name, n in d.out.items():
         w = d.out_written.get(name)

@@ -23,9 +23,13 @@ import shardc
 
 
 def _pool_pids() -> set[int]:
-    """The default pool's workers (the local reference runs'): allowed to stay."""
+    """The default pool's workers (the local reference runs') and its fork
+    server, if it has one (shardc.forkserver): allowed to stay."""
     p = shardc.pool_get()
-    return set() if p is None or p.closed else {w.pid for w in p.workers}
+    if p is None or p.closed:
+        return set()
+    server = {p._server.pid} if p._server is not None and not p._server.dead else set()
+    return {w.pid for w in p.workers} | server
 
 
 def _children() -> set[int]:
