@@ -674,7 +674,12 @@ def _kill_idle_worker(pool):
     pid = pool.workers[0].pid
     os.kill(pid, signal.SIGKILL)
     end = time.monotonic() + 5
-    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < end:
+    while time.monotonic() < end:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break  # reaped already: a worker started by the fork server is its child, not ours
         time.sleep(0.005)
     return pid
 
