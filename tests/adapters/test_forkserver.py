@@ -21,6 +21,10 @@ import pytest
 import shardc
 from shardc.errors import InvalidArgumentError
 
+# Reliability evidence (threaded callers, kill -9, a dead server): its own CI step (-m evidence),
+# ~20-35 s of interpreter starts that the core run's 3-minute budget cannot hold.
+pytestmark = pytest.mark.evidence
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A program with busy threads: one takes the logging module's lock over and
