@@ -83,7 +83,7 @@ from ..protocol import ERR, FRAME, OK, RETIRE_EXIT, error_record
 from ..status import DoneMap, StatusRow
 from .heap import HeapPolicy
 from .native import NativeRunner, native_runner
-from .records import open_frames, release_traceback, shard_error
+from .records import failure_record, open_frames, release_traceback, shard_error
 from .seeding import seed_legacy
 from .spec import run_spec, run_spec_block
 
@@ -345,10 +345,7 @@ class ShardExecutor:
                 row.set_idle()
                 t1 = monotonic_ns()
                 events = getattr(exc, "cow_events", None) or None
-                err = shard_error(exc, sid)
-                rec = error_record(err, sid)
-                release_traceback(err)
-                del err
+                rec = failure_record(exc, sid)
                 if each:
                     dmem, m0, each = self._measure(t0, t1, m0, diag)
                 if vals:  # the frame ends before the failure (its last shard ended at t0)
@@ -409,12 +406,22 @@ class ShardExecutor:
         ran = ok + failed
         bdmem = None
         if not (long and gather):  # no per-shard measure: learn the shard time from the run
-            avg = (t1 - t_first) // ran
-            w = min(ran, 8)  # a run of 8 shards or more is the new mean by itself (a quick ramp to short)
-            self.ewma_ns = avg if ewma < 0 else (ewma * (8 - w) + avg * w) >> 3
-            if sample or t1 - t_first > HEAP_CHECK_NS:
-                bdmem = self._after_run(sample, m0)
+            bdmem = self.learn_run(t_first, t1, ran, sample, m0)
         return (ran, ok, returned, t_first, t1, bdmem)
+
+    def learn_run(self, t_first: int, t_end: int, n: int, sample: bool = False, m0: int | None = None) -> int | None:
+        """After a run of ``n`` shards timed only as a whole (short shards,
+        every loop): its mean shard time updates the running mean (a run of
+        8 or more is the new mean by itself: a quick ramp to short), and a
+        run that sampled memory or lasted ``HEAP_CHECK_NS`` checks the heap.
+        Returns the run's memory delta when ``sample`` read one."""
+        avg = (t_end - t_first) // n
+        w = min(n, 8)
+        e = self.ewma_ns
+        self.ewma_ns = avg if e < 0 else (e * (8 - w) + avg * w) >> 3
+        if sample or t_end - t_first > HEAP_CHECK_NS:
+            return self._after_run(sample, m0)
+        return None
 
     def _after_run(self, sample: bool, m0: int | None) -> int | None:
         """After a run of long shards (``sample``: returns its memory delta if

@@ -7,7 +7,7 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from ..protocol import FRAME, OK
+from ..protocol import FRAME, OK, error_record
 
 
 def open_frames(results: list[Any], trivial: tuple[type, ...]) -> list[Any]:
@@ -53,3 +53,13 @@ def shard_error(exc: BaseException, sid: int) -> BaseException:
     err = RuntimeError(f"shard {sid} raised {type(exc).__name__}({exc})")
     err.__cause__ = exc
     return err
+
+
+def failure_record(exc: BaseException, sid: int) -> dict[str, Any]:
+    """The error record of shard ``sid`` that raised ``exc`` (:func:`shard_error`
+    names a non-Exception), with the exception's frames dropped
+    (:func:`release_traceback`): what every shard loop reports for a failure."""
+    err = shard_error(exc, sid)
+    rec = error_record(err, sid)
+    release_traceback(err)
+    return rec

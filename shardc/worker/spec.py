@@ -11,13 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..protocol import ERR, FRAME, error_record
-from .records import release_traceback, shard_error
+from ..protocol import ERR, FRAME
+from .records import failure_record
 from .seeding import seed_legacy
 
 SPEC_RUN_NS = 100_000  # a speculative run holds about this much work: a rerun after a crash is cheap
 SPEC_MAX = 4096  # ids in one speculative run, at most
-HEAP_CHECK_NS = 1_000_000  # as the executor's: a run this long amortizes a heap check
 
 
 def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None:
@@ -67,10 +66,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
             if vals:
                 append((f_sid, FRAME, vals, f_t0, t1, None, None))
                 vals = []
-            err = shard_error(exc, sid)
-            rec = error_record(err, sid)
-            release_traceback(err)
-            del err
+            rec = failure_record(exc, sid)
             append((sid, ERR, rec, t, t1, None, None))
             t = t1
             sid += 1
@@ -97,11 +93,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
             a, rmark = sid, 0
     if vals:
         append((f_sid, FRAME, vals, f_t0, t, None, None))
-    avg = (t - t_first) // n
-    w = min(n, 8)  # as the executor's: a run of 8 or more is the new mean
-    ex.ewma_ns = avg if ex.ewma_ns < 0 else (ex.ewma_ns * (8 - w) + avg * w) >> 3
-    if t - t_first > HEAP_CHECK_NS:
-        ex._after_run(False, None)
+    ex.learn_run(t_first, t, n)
 
 
 def run_spec_block(
@@ -143,10 +135,7 @@ def run_spec_block(
             t1 = run_c(rh, a, sid - a, 1, 0, 0)  # the run ends before sid: its marks, IDLE
             if t1 < 0:
                 row.failed(t1, "run_next", a)
-            err = shard_error(exc, sid)
-            rec = error_record(err, sid)
-            release_traceback(err)
-            del err
+            rec = failure_record(exc, sid)
             on_fail((sid, ERR, rec, t, t1, None, None))
             t = t1
             sid += 1
@@ -170,9 +159,5 @@ def run_spec_block(
         if t < 0:
             row.failed(t, "run_next", a)
     t = row.block_end(done, stop - 1, 0, ok)  # IDLE (again) and the block's OK count
-    w = min(n, 8)
-    avg = (t - t_first) // n
-    ex.ewma_ns = avg if ex.ewma_ns < 0 else (ex.ewma_ns * (8 - w) + avg * w) >> 3
-    if t - t_first > HEAP_CHECK_NS:
-        ex._after_run(False, None)
+    ex.learn_run(t_first, t, n)
     return (n, ok, returned, t_first, t, None)
