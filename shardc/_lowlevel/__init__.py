@@ -71,6 +71,7 @@ from .proc import (  # noqa: F401
     heap_stats,
     heap_trim,
     mem_sampler,
+    own_rss,
     proc_after_fork,
     proc_mem,
     proc_mem_fast,

@@ -11,6 +11,7 @@ its shared part where psutil knows one (Linux), else RSS itself.
 from __future__ import annotations
 
 import errno as _errno
+import os
 import sys
 
 from .. import config
@@ -89,6 +90,12 @@ def proc_mem_fast(pid: int) -> dict[str, int] | None:
     """Cheap estimate from /proc/PID/statm (~8 us; precise=0, pss/uss/anon = RssAnon;
     macOS: the same as :func:`proc_mem`); None if the process is gone."""
     return _read_mem(lib.shardc_proc_mem_fast, pid, "statm")
+
+
+def own_rss() -> int:
+    """This process's resident memory in bytes (:func:`proc_mem_fast`), 0 if it cannot be read."""
+    m = proc_mem_fast(os.getpid())
+    return m["rss"] if m is not None else 0
 
 
 def proc_set_affinity(pid: int, cpus: list[int]) -> None:

@@ -210,7 +210,7 @@ class Job:
             # size that would send every later macro-shard's shards one by one.
             self.tuned = max(int(e["chunk_to"]) for e in d.autotune)
         mem = d.worker_memory()
-        agent.peak_rss = max(agent.peak_rss, _rss())
+        agent.peak_rss = max(agent.peak_rss, ll.own_rss())
         return {
             "values": values,
             "failures": failures,
@@ -228,14 +228,6 @@ class Job:
         for buf in self.out.values():
             buf.close()
         self.out.clear()
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
 
 def _refusal(exc: BaseException) -> str:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _lowlevel as ll
 from .._channel import Channel, ChannelClosed
 from ..errors import ClusterError
 
@@ -203,7 +204,7 @@ def run_macro(
         "agent_pid": h.pid,
         "payload": payload,
         "input_bytes": copied,
-        "engine_rss": _rss(),
+        "engine_rss": ll.own_rss(),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -235,11 +236,3 @@ def live_agents() -> list[int]:
     """Pids of this process's live agents (tests, diagnostics)."""
     with _lock:
         return [h.proc.pid for h in _agents.values() if h.alive()]
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
