@@ -109,9 +109,7 @@ class Scheduler:
         when there is no retry among them (no Python int per id: a chunk of
         tiny shards holds thousands)."""
         if not self.retry:
-            start = self.next_fresh
-            k = max(0, min(size, self.num - start))
-            self.next_fresh = start + k
+            start, k = self.take_fresh(size)
             return range(start, start + k)
         ids: list[int] = []
         while self.retry and len(ids) < size:
