@@ -217,8 +217,11 @@ ROW_MIN_ROWS = 256  # rows per block at least (a BLAS call on fewer rows runs be
 # (NumPy mirrors syrk's triangle, p x p of strided copies; the partial's pages
 # are faulted in) are O(p * q), its BLAS work O(rows * p * q).  Measured at
 # p = 1024 (single thread, loaded box): 16 blocks of 8192 rows took 10% more
-# CPU than one syrk, 8 blocks of 16384 rows 2% more.
-ROW_MIN_RATIO = 16
+# CPU than one syrk, 8 blocks of 16384 rows 2% more.  On 2 workers (131072 x
+# 1024, quiet, 7 interleaved rounds): 8 blocks 0.548x one syrk's wall, 4 blocks
+# 0.531x, 2 blocks 0.539x; 32 keeps the fixed costs near 1% and still gives 4
+# blocks to a 1 GiB input (more for taller ones).
+ROW_MIN_RATIO = 32
 PARTIALS_MAX = 256 * 1024**2  # the (G, p, q) partials: at most this many bytes ...
 PARTIALS_SHARE = 4  # ... and at most 1/4 of the inputs' bytes; else tiles
 

@@ -84,7 +84,9 @@ class MemoryModel:
 
     def sample(self, w: WorkerHandle) -> dict[str, int] | None:
         """Precise sample (smaps_rollup, ~0.3 ms): RSS, PSS, USS."""
+        t0 = time.perf_counter()
         m = ll.proc_mem(w.pid)
+        w.precise_cost = time.perf_counter() - t0
         if m is not None:
             fast = ll.proc_mem_fast(w.pid)
             if fast is not None:

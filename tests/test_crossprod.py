@@ -39,7 +39,7 @@ def test_row_blocks_are_chosen_by_shape_only():
     assert colstats.row_blocks(1024, 1024, 1024, 8, 1024 * 1024 * 8) == 0  # square: partials as big as X
     assert colstats.row_blocks(300, 40, 40, 8, 300 * 40 * 8) == 0  # too few rows for two blocks of 256
     assert colstats.row_blocks(300, 40, 40, 8, 300 * 40 * 8, force=True) == 300  # forced: one block
-    assert colstats.row_blocks(n, p, p, 8, n * p * 8) == 16 * p  # blocks of >= 16 x p rows: the mirror is cheap
+    assert colstats.row_blocks(n, p, p, 8, n * p * 8) == colstats.ROW_MIN_RATIO * p == 32 * p  # fixed costs ~1%
     # Huge p x q: the 256 MiB cap on the partials applies even when X is huge.
     assert colstats.row_blocks(10**7, 8192, 8192, 8, 10**7 * 8192 * 8) == 0
 

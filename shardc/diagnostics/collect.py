@@ -75,6 +75,10 @@ def _per_shard_array(name: str) -> property:
     return property(get, doc=f"``{name}``: one entry per shard (allocated on first access)")
 
 
+
+PRECISE_SHARE = 0.005  # end-of-run precise samples: together at most this share of the run's wall time
+_master_cost = [0.0]  # how long the master's last precise sample took (s), across runs
+
 class Diagnostics:
     """Everything one run measured (see module docstring).
 
@@ -192,25 +196,37 @@ class Diagnostics:
         if self._cpu0 is not None:
             self.master_cpu_seconds = time.process_time() - self._cpu0
         self._measure_out_written(segments or {})
-        precise = (self.t_end_ns - self.t_start_ns) > 200_000_000
+        run_s = (self.t_end_ns - self.t_start_ns) * 1e-9
+        # The last samples are on the caller's critical path, and a precise one
+        # (smaps_rollup) costs in proportion to the memory a process maps: ~20 ms
+        # for a worker or a master that touched a 1 GiB input.  Each is taken
+        # only when its last measured cost fits in PRECISE_SHARE of the run
+        # (and the run is over 0.2 s, the sample over 2 s old); else a cheap
+        # statm sample on the scale of the last precise one stands in.  The
+        # budget is shared: all of them together cost at most PRECISE_SHARE.
+        budget = PRECISE_SHARE * run_s
         for w in pool.workers:
             if w.alive:
-                # A precise sample only if the last one is stale (each costs up
-                # to ~9 ms with a big input mapped, and this is on the caller's
-                # critical path); else a calibrated cheap one.
+                precise = run_s > 0.2 and w.precise_cost <= budget
                 m = pool.sample_cheap(w, max_age=2.0) if precise else None
+                if m is not None:
+                    budget -= w.precise_cost
                 if m is None:
                     m = ll.proc_mem_fast(w.pid)
                     m = pool.calibrated(w, m) if m is not None else None
                 if m is not None:
                     self.mem_sample(w, m, anon=pool.footprint(m, w))
-        # A precise sample of the master costs up to ~10 ms when it holds a
-        # big array shared with the workers: only runs of over 0.5 s pay it
-        # (< 2%); shorter ones report the statm estimate (an upper bound).
-        self._sample_master(precise=(self.t_end_ns - self.t_start_ns) > 500_000_000)
+        # The master: the same rule, runs of over 0.5 s only; shorter ones
+        # report the statm estimate (an upper bound).
+        self._sample_master(precise=run_s > 0.5 and _master_cost[0] <= budget)
 
     def _sample_master(self, precise: bool = True) -> None:
-        m = ll.proc_mem(os.getpid()) if precise else ll.proc_mem_fast(os.getpid())
+        if precise:
+            t0 = time.perf_counter()
+            m = ll.proc_mem(os.getpid())
+            _master_cost[0] = time.perf_counter() - t0
+        else:
+            m = ll.proc_mem_fast(os.getpid())
         if m is not None:
             self.master_precise = self.master_precise or bool(m.get("precise", 1))
             self.master_mem.append((time.monotonic_ns(), m["rss"], m["pss"], m["uss"], m["pss_anon"]))
