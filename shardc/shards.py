@@ -84,7 +84,11 @@ class Shard:
     @property
     def rng(self) -> np.random.Generator:
         """This shard's random generator (created on first use)."""
-        if self._rng is None:
+        try:
+            r = self._rng
+        except AttributeError:  # a hot loop's BlockShard leaves the slot unset (run_class)
+            r = None
+        if r is None:
             ss = self._seedseq
             if ss is None:
                 self._rng = np.random.default_rng()
@@ -167,6 +171,15 @@ class BlockShard(Shard):
 def block_shard_class(block: int, n: int) -> type[BlockShard]:
     """The :class:`BlockShard` subclass for blocks of ``block`` items over ``0..n-1``."""
     return type("BlockShard", (BlockShard,), {"__slots__": (), "_block": block, "_n": n})
+
+
+@functools.lru_cache(maxsize=64)
+def run_class(cls: type[BlockShard], seedseq: Any) -> type[BlockShard]:
+    """``cls`` with every shard's ``_seedseq`` fixed to ``seedseq`` (the run's
+    entropy) as a class attribute, which shadows the slot: a hot loop then
+    makes a shard with one store (``id``), leaving ``_rng`` unset until
+    :attr:`Shard.rng` builds it (~40 ns of a ~160 ns trivial shard)."""
+    return type("BlockShard", (cls,), {"__slots__": (), "_seedseq": seedseq})
 
 
 class ShardDescriptor(Sequence[Shard]):

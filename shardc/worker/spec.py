@@ -8,15 +8,48 @@ short); kept in its own module for size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from ..protocol import ERR, FRAME
+from ..shards import run_class
 from .records import failure_record
 from .seeding import seed_legacy
 
 SPEC_RUN_NS = 100_000  # a speculative run holds about this much work: a rerun after a crash is cheap
 SPEC_MAX = 4096  # ids in one speculative run, at most
+
+
+def _loop_parts(ex: Any) -> tuple[Callable[[Any], Any], Any, Any, Any]:
+    """What both loops need from ``ex._bound``: ``call(shard)`` (fun with its
+    arguments bound, after the legacy seeding when seeded), the shard class
+    to make inline (``cls``, a :func:`shardc.shards.run_class`; None when the
+    descriptor has no BlockShard: then ``make(sid, entropy)``), ``make`` and
+    ``entropy``."""
+    fun, kwargs, args, make, entropy, seeded, _guard, _done, _diag = ex._bound
+    call: Callable[[Any], Any]
+    if args is None:
+        call = functools.partial(fun, **kwargs)  # fun(shard, **kwargs), bound in C
+    elif args:
+
+        def call_args(shard: Any) -> Any:
+            return fun(shard, *args)
+
+        call = call_args
+    else:
+        call = fun
+    if seeded:
+        inner = call
+
+        def call_seeded(shard: Any) -> Any:
+            seed_legacy(entropy, shard.id)
+            return inner(shard)
+
+        call = call_seeded
+
+    cls = getattr(make, "block_class", None)
+    return call, (None if cls is None else run_class(cls, entropy)), make, entropy
 
 
 def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None:
@@ -31,34 +64,49 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     values go out as frames.  A worker lost inside a run leaves the row
     RUNNING with ``run_n`` > 1 and the run's ids unmarked: the master
     charges none of them and reruns them ``careful``.  A failed shard's
-    outcome times start at the last status stamp (not its own start)."""
-    fun, kwargs, args, make, entropy, seeded, _guard, done, _diag = ex._bound
-    pos = args is not None
-    bare = pos and not args  # fun(shard): no argument tuple to unpack
-    cls = getattr(make, "block_class", None)
+    outcome times start at the last status stamp (not its own start).
+
+    The inner loop is a ``for`` over the run's ids with one call, one store
+    of the shard's id and one append per shard (all else hoisted into
+    :func:`_loop_parts` or done per run)."""
+    call, cls, make, entropy = _loop_parts(ex)
     new = object.__new__
     row = ex.row
-    run_c, rh = row.run_call(done)
+    run_c, rh = row.run_call(ex._bound[7])
     k = max(2, min(SPEC_MAX, SPEC_RUN_NS // max(ex.ewma_ns, 1)))
     stop = first + n
     a, b = first, min(stop, first + k)  # the open run: ids a..b-1, none marked yet
     t = t_first = run_c(rh, 0, 0, 0, a, b - a)
     f_sid, f_t0 = a, t  # the open frame: its first id, its start
     vals: list[Any] = []
+    app = vals.append
     rmark = 0  # the open run's mark (0: none finished yet)
     sid = a
-    while sid < stop:
-        if cls is None:
-            shard = make(sid, entropy)
-        else:  # the maker's BlockShard made inline: no call (~0.1 us of a ~0.3 us shard)
-            shard = new(cls)
-            shard.id = sid
-            shard._seedseq = entropy
-            shard._rng = None
+    while a < stop:
         try:
-            if seeded:
-                seed_legacy(entropy, sid)
-            value = fun(shard) if bare else fun(shard, *args) if pos else fun(shard, **kwargs)
+            for sid in range(a, b):
+                if cls is not None:
+                    shard = new(cls)
+                    shard.id = sid
+                else:
+                    shard = make(sid, entropy)
+                value = call(shard)
+                if value is None:
+                    if rmark != 1:
+                        if rmark:  # close the run before sid (sid is done: the next run marks it)
+                            t = run_c(rh, a, sid - a, rmark, sid, b - sid)
+                            if t < 0:
+                                break  # raised below, outside the try: not this shard's failure
+                            a = sid
+                        rmark = 1
+                elif rmark != 2:
+                    if rmark:
+                        t = run_c(rh, a, sid - a, rmark, sid, b - sid)
+                        if t < 0:
+                            break
+                        a = sid
+                    rmark = 2
+                app(value)
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             t1 = run_c(rh, a, sid - a, rmark, 0, 0)  # the run ends before sid: its marks, IDLE
             if t1 < 0:
@@ -66,31 +114,23 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
             if vals:
                 append((f_sid, FRAME, vals, f_t0, t1, None, None))
                 vals = []
+                app = vals.append
             rec = failure_record(exc, sid)
             append((sid, ERR, rec, t, t1, None, None))
             t = t1
-            sid += 1
-            a, b, rmark = sid, min(stop, sid + k), 0
-            if sid < stop:
+            a, rmark = sid + 1, 0
+            b = min(stop, a + k)
+            if a < stop:
                 t = f_t0 = run_c(rh, 0, 0, 0, a, b - a)
-                f_sid = sid
+                f_sid = a
             continue
-        mark = 1 if value is None else 2
-        if mark != rmark:
-            if rmark:  # close the run before sid (which is done: the next run marks it)
-                t = run_c(rh, a, sid - a, rmark, sid, b - sid)
-                if t < 0:
-                    row.failed(t, "run_next", a)
-                a = sid
-            rmark = mark
-        vals.append(value)
-        sid += 1
-        if sid == b:
-            b = min(stop, sid + k)
-            t = run_c(rh, a, sid - a, rmark, sid, b - sid)  # b == sid at the end: IDLE
-            if t < 0:
-                row.failed(t, "run_next", a)
-            a, rmark = sid, 0
+        if t < 0:
+            row.failed(t, "run_next", a)
+        nb = min(stop, b + k)
+        t = run_c(rh, a, b - a, rmark, b, nb - b)  # nb == b at the end: IDLE
+        if t < 0:
+            row.failed(t, "run_next", a)
+        a, b, rmark = b, nb, 0
     if vals:
         append((f_sid, FRAME, vals, f_t0, t, None, None))
     ex.learn_run(t_first, t, n)
@@ -105,59 +145,50 @@ def run_spec_block(
     block (``block0``/``blockn``) while runs move ``current``/``run_n``
     through it; the block's end adds its OK count to the row's done counter
     (``block_end``).  Returns the fields of a ``RunStats``."""
-    fun, kwargs, args, make, entropy, seeded, _guard, done, _diag = ex._bound
-    pos = args is not None
-    bare = pos and not args  # fun(shard): no argument tuple to unpack
-    cls = getattr(make, "block_class", None)
+    call, cls, make, entropy = _loop_parts(ex)
     new = object.__new__
     row = ex.row
+    done = ex._bound[7]
     run_c, rh = row.run_call(done)
     k = max(2, min(SPEC_MAX, SPEC_RUN_NS // max(ex.ewma_ns, 1)))
     n = stop - start
     t_first = row.block_begin(start, n)
     a, b = start, min(stop, start + k)  # the open run: ids a..b-1, none marked yet
     t = run_c(rh, 0, 0, 0, a, b - a)
-    ok = returned = 0
+    failed = returned = 0
     sid = a
-    while sid < stop:
-        if cls is None:
-            shard = make(sid, entropy)
-        else:  # the maker's BlockShard made inline: no call (~0.1 us of a ~0.3 us shard)
-            shard = new(cls)
-            shard.id = sid
-            shard._seedseq = entropy
-            shard._rng = None
+    while a < stop:
         try:
-            if seeded:
-                seed_legacy(entropy, sid)
-            value = fun(shard) if bare else fun(shard, *args) if pos else fun(shard, **kwargs)
+            for sid in range(a, b):
+                if cls is not None:
+                    shard = new(cls)
+                    shard.id = sid
+                else:
+                    shard = make(sid, entropy)
+                if call(shard) is not None:
+                    returned += 1
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             t1 = run_c(rh, a, sid - a, 1, 0, 0)  # the run ends before sid: its marks, IDLE
             if t1 < 0:
                 row.failed(t1, "run_next", a)
-            rec = failure_record(exc, sid)
-            on_fail((sid, ERR, rec, t, t1, None, None))
+            failed += 1
+            on_fail((sid, ERR, failure_record(exc, sid), t, t1, None, None))
             t = t1
-            sid += 1
-            a, b = sid, min(stop, sid + k)
-            if sid < stop:
+            a = sid + 1
+            b = min(stop, a + k)
+            if a < stop:
                 t = run_c(rh, 0, 0, 0, a, b - a)
             continue
-        ok += 1
-        if value is not None:
-            returned += 1
-        sid += 1
-        if sid == b:
-            b = min(stop, sid + k)
-            if b > sid:
-                t = run_c(rh, a, sid - a, 1, sid, b - sid)
-                if t < 0:
-                    row.failed(t, "run_next", a)
-                a = sid
-    if a < stop:  # the last run's marks, IDLE
-        t = run_c(rh, a, stop - a, 1, 0, 0)
-        if t < 0:
-            row.failed(t, "run_next", a)
-    t = row.block_end(done, stop - 1, 0, ok)  # IDLE (again) and the block's OK count
+        nb = min(stop, b + k)
+        if nb > b:
+            t = run_c(rh, a, b - a, 1, b, nb - b)
+            if t < 0:
+                row.failed(t, "run_next", a)
+        else:  # the last run's marks, IDLE
+            t = run_c(rh, a, b - a, 1, 0, 0)
+            if t < 0:
+                row.failed(t, "run_next", a)
+        a, b = b, nb
+    t = row.block_end(done, stop - 1, 0, n - failed)  # IDLE (again) and the block's OK count
     ex.learn_run(t_first, t, n)
-    return (n, ok, returned, t_first, t, None)
+    return (n, n - failed, returned, t_first, t, None)
