@@ -75,9 +75,9 @@ def _per_shard_array(name: str) -> property:
     return property(get, doc=f"``{name}``: one entry per shard (allocated on first access)")
 
 
-
 PRECISE_SHARE = 0.005  # end-of-run precise samples: together at most this share of the run's wall time
 _master_cost = [0.0]  # how long the master's last precise sample took (s), across runs
+
 
 class Diagnostics:
     """Everything one run measured (see module docstring).
