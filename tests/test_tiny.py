@@ -4,6 +4,7 @@ what a worker lost inside one costs), the autotune ramp, fast legacy seeding."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import time
@@ -320,3 +321,69 @@ def test_block_shard_equals_the_descriptors_shard():
             back = pickle.loads(pickle.dumps(s))
             assert type(back) is Shard and back == ref
             assert s.rng.random() == ref.rng.random()  # the same stream
+
+
+def test_plain_dumps_pickles_plain_data_only_and_never_runs_a_reduction():
+    """A frame goes out as one pickle only when every value is plain data; any other object
+    stops the pickling before its own reduction runs (one that blocks or fails must be pickled
+    per shard, with the worker's row naming that shard)."""
+    from shardc.worker.records import plain_dumps
+
+    plain = [None, True, 7, 2**80, 1.5, "s", b"b", (1, [2, {"k": frozenset({3})}])]
+    assert plain_dumps(plain) == pickle.dumps(plain, protocol=5)
+    reduced = []
+
+    class Blocks:
+        def __reduce__(self):
+            reduced.append(1)
+            raise AssertionError("must not be reached")
+
+    for bad in (np.float64(1.0), np.arange(3), 1 + 2j, Blocks(), [1, 2, Blocks()]):
+        assert plain_dumps([0, bad]) is None
+    assert not reduced
+
+
+@pytest.mark.parametrize("mode", ["rpc", "queue"])
+def test_a_reused_shard_object_is_never_one_that_fun_kept(mode):
+    """The speculative loops reuse one shard object while nothing else holds it: shards that fun
+    kept (stored, returned, captured in a failure), and their rng, stay exactly the shard they
+    were; shard.rng of every id is that id's own stream, whether the previous shard drew or not."""
+    kept: list[Any] = []
+    draws: dict[int, float] = {}
+
+    def fun(shard: Any) -> Any:
+        if shard.id % 7 == 0:
+            kept.append(shard)
+        if shard.id % 5 == 0:
+            draws[shard.id] = float(shard.rng.random())
+        if shard.id % 11 == 3:
+            raise ValueError(shard)  # the exception holds the shard
+        return shard if shard.id % 9 == 0 else shard.id
+
+    h = Exec(fun, 400)
+    errors: list[tuple] = []
+    try:
+        if mode == "rpc":
+            h.ex.run_ids([0])
+            h.ex.ewma_ns = 1_000
+            out = flatten(h.ex.run_ids(list(range(1, 400))))
+        else:
+            h.ex.run_block(0, 1, errors.append, lambda sid, ev: None)
+            h.ex.ewma_ns = 1_000
+            h.ex.run_block(1, 400, errors.append, lambda sid, ev: None)
+            out = []
+        assert [s.id for s in kept] == [i for i in range(400) if i % 7 == 0]
+        assert len({id(s) for s in kept}) == len(kept)
+        for sid, ok, value in out:
+            if ok == OK and sid % 9 == 0:
+                assert value.id == sid and value.start == sid and value.stop == sid + 1
+            elif ok == OK:
+                assert value == sid
+        ref = shardc.shards(400, block_size=1)
+        for sid, x in draws.items():
+            s = ref.shard(sid)
+            s._seedseq = 99  # the harness's entropy
+            assert x == float(s.rng.random())
+        assert all(s.rng is s.rng for s in kept)
+    finally:
+        h.close()

@@ -71,6 +71,7 @@ from ..status import DoneMap, StatusTable
 from ..values import is_big_array
 from ..values import pack as pack_value
 from .executor import ShardExecutor, open_frames
+from .records import plain_dumps
 from .heap import HeapPolicy
 from .queue_loop import run_queue_call
 
@@ -257,6 +258,13 @@ class Worker:
         by one first, with ``ST_SENDING`` naming the shard: a value whose
         pickling fails fails only its shard, and one whose pickling blocks is
         the only shard the master charges when it kills this worker."""
+        msg: tuple[Any, ...]
+        if all(r[1] == FRAME for r in results):  # the tiny-shard path: frames of plain values, one pickle
+            msg = (RESULTS, call_id, results) if commit is None else (RESULTS, call_id, results, commit)
+            payload = plain_dumps(msg)
+            if payload is not None:
+                self.chan.send_bytes(payload)
+                return
         row = self.row
         out = []
         segs: list[Segment] = []  # big arrays travel in segments (shardc.values), their fds with the message

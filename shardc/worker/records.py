@@ -4,6 +4,8 @@ outcomes (see :data:`shardc.protocol.FRAME`)."""
 
 from __future__ import annotations
 
+import io
+import pickle
 import traceback
 from typing import Any
 
@@ -22,6 +24,35 @@ def open_frames(results: list[Any], trivial: tuple[type, ...]) -> list[Any]:
         step = (t1 - t0) // max(len(vals), 1)
         out += [(sid + k, OK, v, t0 + k * step, t0 + (k + 1) * step, None, None) for k, v in enumerate(vals)]
     return out
+
+
+class _NotPlain(Exception):
+    pass
+
+
+class _PlainPickler(pickle.Pickler):
+    """Pickles only plain data: CPython's pickler calls ``reducer_override``
+    for every object except None, bools and exact ints, floats, strs,
+    bytes, tuples, lists, dicts, sets and frozensets, so any other object
+    raises here instead of running its own (possibly failing or blocking)
+    reduction."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        raise _NotPlain
+
+
+def plain_dumps(obj: Any) -> bytes | None:
+    """``pickle.dumps(obj, protocol=5)`` if ``obj`` is plain data throughout
+    (see :class:`_PlainPickler`), else None.  A frame of plain values can go
+    out as one pickle without opening it per shard (:func:`open_frames`),
+    and the check costs nothing per value: ``set(map(type, values))`` cost
+    more than pickling them (~40 vs ~30 ns a value)."""
+    buf = io.BytesIO()
+    try:
+        _PlainPickler(buf, protocol=5).dump(obj)
+    except _NotPlain:
+        return None
+    return buf.getvalue()
 
 
 def release_traceback(exc: BaseException) -> None:
