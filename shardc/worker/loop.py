@@ -71,9 +71,9 @@ from ..status import DoneMap, StatusTable
 from ..values import is_big_array
 from ..values import pack as pack_value
 from .executor import ShardExecutor, open_frames
-from .records import plain_dumps
 from .heap import HeapPolicy
 from .queue_loop import run_queue_call
+from .records import plain_dumps
 
 # Return values that pickle instantly and cannot run user code while pickled.
 _TRIVIAL = (type(None), bool, int, float, complex, str, bytes)

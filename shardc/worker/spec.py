@@ -22,35 +22,37 @@ SPEC_RUN_NS = 100_000  # a speculative run holds about this much work: a rerun a
 SPEC_MAX = 4096  # ids in one speculative run, at most
 
 
-def _loop_parts(ex: Any) -> tuple[Callable[[Any], Any], Any, Any, Any]:
-    """What both loops need from ``ex._bound``: ``call(shard)`` (fun with its
-    arguments bound, after the legacy seeding when seeded), the shard class
-    to make inline (``cls``, a :func:`shardc.shards.run_class`; None when the
-    descriptor has no BlockShard: then ``make(sid, entropy)``), ``make`` and
-    ``entropy``."""
+def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any, Any]:
+    """What both loops need from ``ex._bound``: ``call`` and ``extra``, such
+    that ``call(shard, *extra)`` runs fun on a shard (keywords bound with
+    ``partial``; with seeding or over two extra arguments, a closure), the
+    shard class to make inline (``cls``, a :func:`shardc.shards.run_class`;
+    None when the descriptor has no BlockShard: then ``make(sid,
+    entropy)``), ``make`` and ``entropy``.  The loops spell out the calls
+    with 0, 1 and 2 extra arguments: ``fun(shard, *args)`` builds a tuple
+    per call, and a closure around it is one more frame (py-spy: 38% of a
+    trivial shm_queue shard writing into one out buffer)."""
     fun, kwargs, args, make, entropy, seeded, _guard, _done, _diag = ex._bound
-    call: Callable[[Any], Any]
+    call: Callable[..., Any] = fun
+    extra: tuple[Any, ...] = args if args is not None else ()
     if args is None:
         call = functools.partial(fun, **kwargs)  # fun(shard, **kwargs), bound in C
-    elif args:
+    elif len(args) > 2 or seeded:
 
         def call_args(shard: Any) -> Any:
             return fun(shard, *args)
 
-        call = call_args
-    else:
-        call = fun
+        call, extra = call_args, ()
     if seeded:
-        inner = call
+        inner, inner_extra = call, extra
 
         def call_seeded(shard: Any) -> Any:
             seed_legacy(entropy, shard.id)
-            return inner(shard)
+            return inner(shard, *inner_extra)
 
-        call = call_seeded
-
+        call, extra = call_seeded, ()
     cls = getattr(make, "block_class", None)
-    return call, (None if cls is None else run_class(cls, entropy)), make, entropy
+    return call, extra, (None if cls is None else run_class(cls, entropy)), make, entropy
 
 
 # One shard object per loop while fun keeps no reference to it: a loop holds
@@ -80,7 +82,9 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     The inner loop is a ``for`` over the run's ids with one call, one store
     of the shard's id and one append per shard (all else hoisted into
     :func:`_loop_parts` or done per run)."""
-    call, cls, make, entropy = _loop_parts(ex)
+    call, extra, cls, make, entropy = _loop_parts(ex)
+    na = len(extra)
+    x0, x1 = (*extra, None, None)[:2]
     new = object.__new__
     refs = sys.getrefcount
     shard: Any = new(cls) if cls is not None else None  # reused while nothing else holds it (see _loop_parts)
@@ -105,7 +109,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
                     shard._rng = None
                 else:
                     shard = make(sid, entropy)
-                value = call(shard)
+                value = call(shard) if not na else call(shard, x0) if na == 1 else call(shard, x0, x1)
                 if value is None:
                     if rmark != 1:
                         if rmark:  # close the run before sid (sid is done: the next run marks it)
@@ -160,7 +164,9 @@ def run_spec_block(
     block (``block0``/``blockn``) while runs move ``current``/``run_n``
     through it; the block's end adds its OK count to the row's done counter
     (``block_end``).  Returns the fields of a ``RunStats``."""
-    call, cls, make, entropy = _loop_parts(ex)
+    call, extra, cls, make, entropy = _loop_parts(ex)
+    na = len(extra)
+    x0, x1 = (*extra, None, None)[:2]
     new = object.__new__
     refs = sys.getrefcount
     shard: Any = new(cls) if cls is not None else None  # reused while nothing else holds it (see _loop_parts)
@@ -184,7 +190,7 @@ def run_spec_block(
                     shard._rng = None
                 else:
                     shard = make(sid, entropy)
-                if call(shard) is not None:
+                if (call(shard) if not na else call(shard, x0) if na == 1 else call(shard, x0, x1)) is not None:
                     returned += 1
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             t1 = run_c(rh, a, sid - a, 1, 0, 0)  # the run ends before sid: its marks, IDLE
