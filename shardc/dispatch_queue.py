@@ -302,7 +302,12 @@ class QueueDispatcher(Dispatcher):
             "error_log": self._error_log_path(w) if opts.get("error_log") else None,
             "error_log_max_lines": int(opts.get("error_log_max_lines", 100)),
         }
-        self.diag.bytes_setup += w.chan.send((QUEUE, msg), [self.ring.fd])
+        # The fd only to a process that has not mapped this ring yet: workers
+        # keep the pool's ring between calls (shardc.worker.queue_loop), and
+        # passing an fd costs both sides syscalls (SCM_RIGHTS) every call.
+        held = getattr(w, "ring_held", None) == (w.pid, self.ring_token)
+        self.diag.bytes_setup += w.chan.send((QUEUE, msg), [] if held else [self.ring.fd])
+        w.ring_held = (w.pid, self.ring_token)
 
     def start(self) -> None:
         for w in self.pool.workers:

@@ -8,8 +8,11 @@ never here: these tests check behaviour only.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+import types
 from collections import deque
 from typing import Any
 
@@ -90,6 +93,49 @@ def test_pool_keeps_one_ring_and_workers_hold_no_more_fds_per_call():
             # worker); a leak of the ring's fd would add 2 per call (22 here).
             assert counts[11] - counts[1] <= 3, counts
         assert pool.queue_ring is None  # released with the pool
+    finally:
+        out.close()
+
+
+def test_the_ring_fd_goes_only_to_a_process_that_has_not_mapped_the_ring():
+    """QUEUE carries the ring's fd to each worker process once: later calls send none (the worker
+    kept its mapping), and a replacement for a killed worker gets it and runs its share."""
+    from shardc.protocol import QUEUE
+
+    out = shardc.buffer(np.int64, 200)
+    sent: list[tuple[int, int]] = []  # (pid, fds) of each QUEUE message
+
+    def spy(w: Any) -> None:
+        orig = w.chan.send
+
+        def send(obj: Any, fds: Any = ()) -> int:
+            if obj[0] == QUEUE:
+                sent.append((w.pid, len(fds)))
+            return orig(obj, fds)
+
+        w.chan.send = send
+
+    try:
+        with shardc.Pool(2) as pool:
+            for k in range(4):
+                for w in pool.workers:
+                    if not isinstance(w.chan.send, types.FunctionType):
+                        spy(w)
+                out.array[:] = 0
+                pool.shard_map(200, write_id, out={"out": out}, dispatch_mode="shm_queue", progress=False)
+                assert np.array_equal(out.array, np.arange(1, 201)), k
+                if k == 1:
+                    victim = pool.workers[0].pid
+                    os.kill(victim, signal.SIGKILL)
+                    deadline = time.monotonic() + 10
+                    while pool.is_alive(pool.workers[0]) and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                    pool.ensure_alive()  # the replacement now, so the spy sees its first QUEUE
+            first = {}
+            for pid, nfds in sent:
+                first.setdefault(pid, []).append(nfds)
+            assert len(first) == 3  # two workers, then one replacement
+            assert all(v[0] == 1 and not any(v[1:]) for v in first.values()), first
     finally:
         out.close()
 

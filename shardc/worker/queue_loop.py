@@ -36,7 +36,7 @@ from typing import Any
 
 from .. import _lowlevel as ll
 from .._channel import Channel
-from ..errors import QueueClosedError
+from ..errors import QueueClosedError, UsageError
 from ..protocol import QCOW, QDONE, QFAIL, QIDLE
 from ..queue import TaskRing
 from ..status import StatusRow
@@ -51,11 +51,16 @@ _ring: tuple[str, TaskRing] | None = None  # (token, mapping) of the pool's ring
 
 
 def _attach(token: str | None, fd: int, nbytes: int) -> TaskRing:
-    """The ring of ``token``: the mapping kept from an earlier call, or a new one."""
+    """The ring of ``token``: the mapping kept from an earlier call, or a new
+    one from ``fd`` (-1: none sent, the master knows this process holds the
+    ring of ``token``; see ``QueueDispatcher.attach``)."""
     global _ring
     if token is not None and _ring is not None and _ring[0] == token and not _ring[1].released:
-        ll.seg_close_fd(fd)
+        if fd >= 0:
+            ll.seg_close_fd(fd)
         return _ring[1]
+    if fd < 0:
+        raise UsageError(f"QUEUE for ring {token!r} came without its fd, and this worker holds no mapping of it")
     if _ring is not None:
         _ring[1].release()
         _ring = None
@@ -77,7 +82,7 @@ def run_queue_call(
     """Pop blocks and run them until the ring is closed (or exit is
     requested); then send ``QDONE``.  Exits the process (``os._exit``) when the
     worker leaves the pool: recycled, or retiring (tainted)."""
-    ring = _attach(msg.get("ring"), fds[0], msg["nbytes"])
+    ring = _attach(msg.get("ring"), fds[0] if fds else -1, msg["nbytes"])
     for fd in fds[1:]:  # the done map (sent by older masters): mapped at the call's setup already
         ll.seg_close_fd(fd)
     call_id = msg["call_id"]
