@@ -86,7 +86,7 @@ class Shard:
         """This shard's random generator (created on first use)."""
         try:
             r = self._rng
-        except AttributeError:  # a hot loop's BlockShard leaves the slot unset (run_class)
+        except AttributeError:  # unset: a hot loop's BlockShard (shardc.worker.spec)
             r = None
         if r is None:
             ss = self._seedseq
@@ -171,15 +171,6 @@ class BlockShard(Shard):
 def block_shard_class(block: int, n: int) -> type[BlockShard]:
     """The :class:`BlockShard` subclass for blocks of ``block`` items over ``0..n-1``."""
     return type("BlockShard", (BlockShard,), {"__slots__": (), "_block": block, "_n": n})
-
-
-@functools.lru_cache(maxsize=64)
-def run_class(cls: type[BlockShard], seedseq: Any) -> type[BlockShard]:
-    """``cls`` with every shard's ``_seedseq`` fixed to ``seedseq`` (the run's
-    entropy) as a class attribute, which shadows the slot: a hot loop then
-    makes a shard with one store (``id``), leaving ``_rng`` unset until
-    :attr:`Shard.rng` builds it (~40 ns of a ~160 ns trivial shard)."""
-    return type("BlockShard", (cls,), {"__slots__": (), "_seedseq": seedseq})
 
 
 class ShardDescriptor(Sequence[Shard]):

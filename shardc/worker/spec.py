@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ..protocol import ERR, FRAME
-from ..shards import run_class
 from .records import failure_record
 from .seeding import seed_legacy
 
@@ -26,9 +25,8 @@ def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any,
     """What both loops need from ``ex._bound``: ``call`` and ``extra``, such
     that ``call(shard, *extra)`` runs fun on a shard (keywords bound with
     ``partial``; with seeding or over two extra arguments, a closure), the
-    shard class to make inline (``cls``, a :func:`shardc.shards.run_class`;
-    None when the descriptor has no BlockShard: then ``make(sid,
-    entropy)``), ``make`` and ``entropy``.  The loops spell out the calls
+    shard class to make inline (``cls``, the descriptor's BlockShard; None
+    when it has none: then ``make(sid, entropy)``), ``make`` and ``entropy``.  The loops spell out the calls
     with 0, 1 and 2 extra arguments: ``fun(shard, *args)`` builds a tuple
     per call, and a closure around it is one more frame (py-spy: 38% of a
     trivial shm_queue shard writing into one out buffer)."""
@@ -52,14 +50,15 @@ def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any,
 
         call, extra = call_seeded, ()
     cls = getattr(make, "block_class", None)
-    return call, extra, (None if cls is None else run_class(cls, entropy)), make, entropy
+    return call, extra, cls, make, entropy
 
 
 # One shard object per loop while fun keeps no reference to it: a loop holds
 # the shard in one local, so ``sys.getrefcount(shard) == 2`` (that local and
 # the call's argument) after fun returned means nothing else can see it, and
-# the next id reuses it (``id`` and ``_rng`` reset; its other fields are
-# computed from the id).  Anything that kept it (fun stored or returned it, a
+# the next id reuses it (``id`` and ``_rng`` reset; ``_seedseq``, the run's
+# entropy, set when it is made; its other fields are computed from the id).
+# Anything that kept it (fun stored or returned it, a
 # closure, a traceback) raises the count, and the loop makes a fresh one.
 # Measured: ~100 vs ~160 ns a trivial shard, of which allocating and freeing
 # the object was ~60.
@@ -87,7 +86,10 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     x0, x1 = (*extra, None, None)[:2]
     new = object.__new__
     refs = sys.getrefcount
-    shard: Any = new(cls) if cls is not None else None  # reused while nothing else holds it (see _loop_parts)
+    shard: Any = None
+    if cls is not None:  # reused while nothing else holds it (see _loop_parts)
+        shard = new(cls)
+        shard._seedseq = entropy
     row = ex.row
     run_c, rh = row.run_call(ex._bound[7])
     k = max(2, min(SPEC_MAX, SPEC_RUN_NS // max(ex.ewma_ns, 1)))
@@ -105,6 +107,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
                 if cls is not None:
                     if refs(shard) > 2:  # kept by fun (a value, a list, a traceback): a fresh one
                         shard = new(cls)
+                        shard._seedseq = entropy
                     shard.id = sid
                     shard._rng = None
                 else:
@@ -169,7 +172,10 @@ def run_spec_block(
     x0, x1 = (*extra, None, None)[:2]
     new = object.__new__
     refs = sys.getrefcount
-    shard: Any = new(cls) if cls is not None else None  # reused while nothing else holds it (see _loop_parts)
+    shard: Any = None
+    if cls is not None:  # reused while nothing else holds it (see _loop_parts)
+        shard = new(cls)
+        shard._seedseq = entropy
     row = ex.row
     done = ex._bound[7]
     run_c, rh = row.run_call(done)
@@ -186,6 +192,7 @@ def run_spec_block(
                 if cls is not None:
                     if refs(shard) > 2:  # kept by fun (a value, a list, a traceback): a fresh one
                         shard = new(cls)
+                        shard._seedseq = entropy
                     shard.id = sid
                     shard._rng = None
                 else:
