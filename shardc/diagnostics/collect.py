@@ -175,9 +175,8 @@ class Diagnostics:
                 m = pool.calibrated(w, m)
                 self.mem_sample(w, m, anon=pool.footprint(m, w))
         self._sample_master(precise=False)
-        # The calling thread's CPU (it runs the call): the whole process's
-        # clock sums every thread's runtime under the scheduler's locks and
-        # took up to ~0.1 ms a read on this loaded 2-core VM, twice a call.
+        # The calling thread's CPU (it runs the call): the process clock sums
+        # every thread's runtime (up to ~0.1 ms a read on a loaded 2-core VM).
         self._cpu0 = time.thread_time()
 
     def worker_started(self, w: Any) -> None:
@@ -201,12 +200,10 @@ class Diagnostics:
         self._measure_out_written(segments or {})
         run_s = (self.t_end_ns - self.t_start_ns) * 1e-9
         # The last samples are on the caller's critical path, and a precise one
-        # (smaps_rollup) costs in proportion to the memory a process maps: ~20 ms
-        # for a worker or a master that touched a 1 GiB input.  Each is taken
-        # only when its last measured cost fits in PRECISE_SHARE of the run
-        # (and the run is over 0.2 s, the sample over 2 s old); else a cheap
-        # statm sample on the scale of the last precise one stands in.  The
-        # budget is shared: all of them together cost at most PRECISE_SHARE.
+        # (smaps_rollup) costs in proportion to what a process maps (~20 ms after
+        # touching a 1 GiB input): taken while their learned costs fit in
+        # PRECISE_SHARE of the run together (runs over 0.2 s, samples over 2 s
+        # old); else a cheap statm sample on the last precise one's scale.
         budget = PRECISE_SHARE * run_s
         for w in pool.workers:
             if w.alive:
