@@ -307,13 +307,24 @@ def setting(name: str) -> Value | None:
         InvalidArgumentError: ``name`` is not in :data:`SETTINGS`, or its value
             does not parse; the message names the variable and the expected form.
     """
-    spec = _spec(name)
     raw = os.environ.get(name, "")
+    hit = _parsed.get(name)
+    if hit is not None and hit[0] == raw:  # read again as set: the value parsed last time
+        return hit[1]
+    spec = _spec(name)
     if not raw.strip():
         if spec.kind == "path" and spec.default is None:
             return tempfile.gettempdir()
-        return spec.default
-    return _parse(spec, raw)
+        value = spec.default
+    else:
+        value = _parse(spec, raw)
+    _parsed[name] = (raw, value)
+    return value
+
+
+# name -> (the raw text last read, its value): the engine reads a dozen settings
+# per call, and parsing each again cost more than reading the environment.
+_parsed: dict[str, tuple[str, Value | None]] = {}
 
 
 def _typed(name: str, kinds: tuple[str, ...]) -> Value | None:

@@ -20,6 +20,8 @@ either stores them (``shard_map``) or hands them to a sink (``shard_reduce``).
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +64,10 @@ class _DefaultStr(str):
 
 
 RPC_DEFAULT = _DefaultStr("rpc_chunked")
+
+
+_ENTROPY = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ENTROPY.seed(os.urandom(32)))
 
 
 def check_options(
@@ -134,7 +140,11 @@ def check_options(
         health_check_interval=check_int(health_check_interval, "health_check_interval", 1),
         heap_keep=heap_keep(profile, cap),
     )
-    call.entropy = np.random.SeedSequence(seed_v).entropy  # type: ignore[assignment]
+    # Unseeded: fresh 128 bits per call from a generator seeded by the OS (and
+    # again in a forked child), where SeedSequence(None) asked the OS each call.
+    call.entropy = (
+        _ENTROPY.getrandbits(128) if seed_v is None else np.random.SeedSequence(seed_v).entropy  # type: ignore[assignment]
+    )
     chunk = 1 if chunk_size == "auto" else chunk_size
     return call, chunk, tune
 
