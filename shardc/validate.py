@@ -5,6 +5,7 @@ how to fix it."""
 from __future__ import annotations
 
 import inspect
+import types
 import io
 import logging
 import numbers
@@ -99,8 +100,36 @@ def check_out(out: dict[str, Any]) -> None:
         )
 
 
+_BOUND_OK: set[Any] = set()  # plain functions (code, defaults, names, what) that passed check_binding
+
+
 def check_binding(fun: Callable[..., Any], names: list[str], what: str) -> None:
-    """``fun(shard, **{name: ...})`` must bind for every name."""
+    """``fun(shard, **{name: ...})`` must bind for every name.  A plain
+    function's answer is kept by its code, defaults and the names (its
+    signature is a function of those alone): ``inspect.signature`` cost
+    ~20 us of every call."""
+    key = None
+    if type(fun) is types.FunctionType and not hasattr(fun, "__wrapped__") and not hasattr(fun, "__signature__"):
+        key = (
+            fun.__code__,
+            fun.__defaults__,
+            fun.__kwdefaults__ and tuple(fun.__kwdefaults__.items()),
+            tuple(names),
+            what,
+        )
+        try:
+            if key in _BOUND_OK:
+                return
+        except TypeError:  # an unhashable default
+            key = None
+    _check_binding(fun, names, what)
+    if key is not None:
+        if len(_BOUND_OK) > 256:
+            _BOUND_OK.clear()
+        _BOUND_OK.add(key)
+
+
+def _check_binding(fun: Callable[..., Any], names: list[str], what: str) -> None:
     try:
         sig = inspect.signature(fun)
     except (TypeError, ValueError):
