@@ -104,6 +104,19 @@ class MemoryModel:
             w.peak["anon"] = max(w.peak["anon"], self.footprint(m, w))
         return m
 
+    def fast_sample(self, w: WorkerHandle, max_age: float = 0.0) -> dict[str, int] | None:
+        """``w``'s statm sample (calibrated, see :meth:`calibrated`), read
+        again only if the last one read here is older than ``max_age`` s
+        (one call's start reuses the previous call's end)."""
+        now = time.monotonic()
+        if w.fast_last is not None and now - w.fast_t <= max_age:
+            return w.fast_last
+        m = ll.proc_mem_fast(w.pid)
+        if m is not None:
+            m = self.calibrated(w, m)
+        w.fast_last, w.fast_t = m, now
+        return m
+
     def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5, moved: int = 8 * 1024**2) -> dict[str, int] | None:
         """Sample on the hot path: statm (~8 us) every time, and a precise
         sample only when private memory moved by ``moved`` bytes or the

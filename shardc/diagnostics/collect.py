@@ -170,9 +170,8 @@ class Diagnostics:
         # costs milliseconds); precise ones follow during and after the run.
         for w in pool.workers:
             self.worker_started(w)
-            m = ll.proc_mem_fast(w.pid)
+            m = pool.fast_sample(w, max_age=0.05)  # an idle worker: the last call's end sample
             if m is not None:
-                m = pool.calibrated(w, m)
                 self.mem_sample(w, m, anon=pool.footprint(m, w))
         self._sample_master(precise=False)
         # The calling thread's CPU (it runs the call): the process clock sums
@@ -212,8 +211,7 @@ class Diagnostics:
                 if m is not None:
                     budget -= w.precise_cost
                 if m is None:
-                    m = ll.proc_mem_fast(w.pid)
-                    m = pool.calibrated(w, m) if m is not None else None
+                    m = pool.fast_sample(w)
                 if m is not None:
                     self.mem_sample(w, m, anon=pool.footprint(m, w))
         # The master: the same rule, runs of over 0.5 s only; shorter ones
