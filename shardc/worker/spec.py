@@ -21,15 +21,18 @@ SPEC_RUN_NS = 100_000  # a speculative run holds about this much work: a rerun a
 SPEC_MAX = 4096  # ids in one speculative run, at most
 
 
-def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any, Any]:
+def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any, Any, int]:
     """What both loops need from ``ex._bound``: ``call`` and ``extra``, such
     that ``call(shard, *extra)`` runs fun on a shard (keywords bound with
-    ``partial``; with seeding or over two extra arguments, a closure), the
+    ``partial``; with seeding or over two extra arguments, a closure); the
     shard class to make inline (``cls``, the descriptor's BlockShard; None
-    when it has none: then ``make(sid, entropy)``), ``make`` and ``entropy``.  The loops spell out the calls
-    with 0, 1 and 2 extra arguments: ``fun(shard, *args)`` builds a tuple
-    per call, and a closure around it is one more frame (py-spy: 38% of a
-    trivial shm_queue shard writing into one out buffer)."""
+    when it has none: then ``make(sid, entropy)``); ``make``; ``entropy``;
+    and ``off``, what a shard's id adds to the local id (a window of a bigger
+    descriptor, as a cluster macro-shard runs: global ids; else 0).  The
+    loops spell out the calls with 0, 1 and 2 extra arguments:
+    ``fun(shard, *args)`` builds a tuple per call, and a closure around it
+    is one more frame (py-spy: 38% of a trivial shm_queue shard writing
+    into one out buffer)."""
     fun, kwargs, args, make, entropy, seeded, _guard, _done, _diag = ex._bound
     call: Callable[..., Any] = fun
     extra: tuple[Any, ...] = args if args is not None else ()
@@ -50,7 +53,7 @@ def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any,
 
         call, extra = call_seeded, ()
     cls = getattr(make, "block_class", None)
-    return call, extra, cls, make, entropy
+    return call, extra, cls, make, entropy, getattr(make, "id_offset", 0)
 
 
 # One shard object per loop while fun keeps no reference to it: a loop holds
@@ -81,7 +84,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     The inner loop is a ``for`` over the run's ids with one call, one store
     of the shard's id and one append per shard (all else hoisted into
     :func:`_loop_parts` or done per run)."""
-    call, extra, cls, make, entropy = _loop_parts(ex)
+    call, extra, cls, make, entropy, off = _loop_parts(ex)
     na = len(extra)
     x0, x1 = (*extra, None, None)[:2]
     new = object.__new__
@@ -108,7 +111,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
                     if refs(shard) > 2:  # kept by fun (a value, a list, a traceback): a fresh one
                         shard = new(cls)
                         shard._seedseq = entropy
-                    shard.id = sid
+                    shard.id = sid + off
                     shard._rng = None
                 else:
                     shard = make(sid, entropy)
@@ -167,7 +170,7 @@ def run_spec_block(
     block (``block0``/``blockn``) while runs move ``current``/``run_n``
     through it; the block's end adds its OK count to the row's done counter
     (``block_end``).  Returns the fields of a ``RunStats``."""
-    call, extra, cls, make, entropy = _loop_parts(ex)
+    call, extra, cls, make, entropy, off = _loop_parts(ex)
     na = len(extra)
     x0, x1 = (*extra, None, None)[:2]
     new = object.__new__
@@ -193,7 +196,7 @@ def run_spec_block(
                     if refs(shard) > 2:  # kept by fun (a value, a list, a traceback): a fresh one
                         shard = new(cls)
                         shard._seedseq = entropy
-                    shard.id = sid
+                    shard.id = sid + off
                     shard._rng = None
                 else:
                     shard = make(sid, entropy)
