@@ -10,8 +10,16 @@ A shard's frame becomes one ``pyarrow.Table`` (one row group of its part):
 * polars ``DataFrame``: ``.to_arrow()``;
 * anything with ``__arrow_c_stream__`` (the Arrow PyCapsule interface).
 
-String types are normalised to ``pa.string()`` (pandas 3 and polars hand
-out ``large_string``/``string_view``), so frames from any library stack.
+String types are kept as the frame has them (pandas 3's default ``str``
+dtype and polars hand out ``large_string``, pandas 2's object strings and
+most pyarrow code ``string``): a cast from one to the other copies the
+offsets (~60 us of a worker's CPU per 10,000-row string column), and
+neither the worker nor the reader should pay it when all frames agree.  Only
+the view types (``string_view``, ``binary_view``) become ``large_string`` /
+``large_binary``, which every reader (DuckDB, older pyarrow, Spark) takes.
+Frames of one part whose string types differ are cast to the part's (the
+first frame's) type; parts that differ are unified on reading
+(``large_string``), as ``pd.concat`` would keep one string dtype.
 With a schema, columns are matched by name (order follows the schema),
 values cast safely; a missing/extra column or a failed cast is a
 :class:`shardc.errors.TableSchemaError` naming the shard, the column and
@@ -37,10 +45,10 @@ def is_frame(value: Any) -> bool:
 
 
 def _normal_type(pa: Any, t: Any) -> Any:
-    if pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _t: False)(t):
-        return pa.string()
-    if pa.types.is_large_binary(t):
-        return pa.binary()
+    if getattr(pa.types, "is_string_view", lambda _t: False)(t):
+        return pa.large_string()
+    if getattr(pa.types, "is_binary_view", lambda _t: False)(t):
+        return pa.large_binary()
     if pa.types.is_dictionary(t):
         return pa.dictionary(t.index_type, _normal_type(pa, t.value_type), t.ordered)
     return t
@@ -52,7 +60,7 @@ def _from_pandas(pa: Any, df: Any) -> Any:
     converting 10,000 rows): each column goes through :func:`_column`, i.e.
     ``pa.array(column, from_pandas=True)`` (the call ``from_pandas`` makes per
     column) or, where that gives the same array, a zero-copy wrap of its NumPy
-    values or its Arrow array, with string types normalised per column; a test
+    values or its Arrow array, with view types normalised per column; a test
     compares the result with ``from_pandas`` over the dtypes pandas has.  The
     columns' values are taken from the frame's block manager when it has one
     (``_mgr.iget_values``: ~0.5 us a column; ``df.items()`` builds a Series per
@@ -98,7 +106,7 @@ def _normalised(pa: Any, arr: Any) -> Any:
 
 
 def to_table(value: Any, sid: int) -> Any:
-    """``value`` (a frame) as a ``pyarrow.Table`` with normalised string types."""
+    """``value`` (a frame) as a ``pyarrow.Table`` (view types normalised, see the module docstring)."""
     pa = require_pyarrow("auto_table")
     tname = type(value).__name__
     mod = type(value).__module__.split(".", 1)[0]

@@ -55,7 +55,7 @@ FRAMES = {
 def test_the_pandas_fast_path_equals_from_pandas(name):
     df = FRAMES[name]()
     want = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
-    want = want.cast(pa.schema([f.with_type(_normal_type(pa, f.type)) for f in want.schema]))  # strings as pa.string()
+    want = want.cast(pa.schema([f.with_type(_normal_type(pa, f.type)) for f in want.schema]))  # views as large types
     got = to_table(df, 0)
     assert got.equals(want), (got.schema, want.schema)
 
