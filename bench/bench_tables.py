@@ -42,7 +42,12 @@ shard order, so Ray is compared as a set of rows and says so).
 ``shardc_always`` and the two gathering peers in ONE master, interleaved
 round by round, and gives per-round (paired) ratios: on a box shared with
 other jobs, whose load moves by 2-3x within minutes, these are the numbers
-to compare (separate children see different loads).
+to compare (separate children see different loads).  It prints every
+round's ratios, load average and CPU pressure, the floor measured in the
+same run, and the sink's cost ``(never - floor_build) / best peer`` (what
+auto_table adds to the shard functions themselves).  ``--wait-load L``
+waits (up to 3 min) before each round for the 1-minute load average to fall
+to ``L``.
 
 Does not measure: reading the data afterwards, results larger than RAM.
 The machine is shared (~4 agents on 2 cores): compare ratios within a run.
