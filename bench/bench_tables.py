@@ -42,7 +42,12 @@ shard order, so Ray is compared as a set of rows and says so).
 ``shardc_always`` and the two gathering peers in ONE master, interleaved
 round by round, and gives per-round (paired) ratios: on a box shared with
 other jobs, whose load moves by 2-3x within minutes, these are the numbers
-to compare (separate children see different loads).
+to compare (separate children see different loads).  It prints every
+round's ratios, load average and CPU pressure, the floor measured in the
+same run, and the sink's cost ``(never - floor_build) / best peer`` (what
+auto_table adds to the shard functions themselves).  ``--wait-load L``
+waits (up to 3 min) before each round for the 1-minute load average to fall
+to ``L``.
 
 Does not measure: reading the data afterwards, results larger than RAM.
 The machine is shared (~4 agents on 2 cores): compare ratios within a run.
@@ -385,12 +390,33 @@ def report(results: dict[str, dict[str, Any]], quick: bool) -> None:
 PAIRED = ["floor_build", "floor_arrow", "shardc_never", "shardc_always", "mp_pool_map", "joblib"]
 
 
-def run_paired(quick: bool, rounds: int) -> int:
+def cpu_pressure() -> str:
+    """``/proc/pressure/cpu``'s "some avg10" (the share of the last 10 s in
+    which a runnable task waited for a CPU), or "?" where there is none."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return f.readline().split()[1].split("=")[1] + "%"
+    except (OSError, IndexError):
+        return "?"
+
+
+def wait_for_load(limit: float, most: float = 180.0) -> float:
+    """Sleep (up to ``most`` s) until the 1-minute load average is <= ``limit``;
+    returns the seconds waited."""
+    t0 = time.monotonic()
+    while C.loadavg() > limit and time.monotonic() - t0 < most:
+        time.sleep(2.0)
+    return time.monotonic() - t0
+
+
+def run_paired(quick: bool, rounds: int, wait_load: float | None = None) -> int:
     """``--paired``: every variant of PAIRED set up once in this one master
     (a shardc pool, a Pool(2), a loky Parallel(2): idle ones use no CPU),
     then ``rounds`` rounds, each running every variant once, in an order
     that flips every round, so the other jobs' load falls on all of them
-    alike; the ratios are taken per round (paired), then their median."""
+    alike; the ratios are taken per round (paired), printed per round, then
+    their median.  ``wait_load``: before each round, wait (up to 3 min) for
+    the 1-minute load average to fall to it."""
     import multiprocessing as mp
 
     import joblib
@@ -413,7 +439,7 @@ def run_paired(quick: bool, rounds: int) -> int:
             opts = {"auto_table": True, "auto_table_materialize": mat}
             r = shardc.shard_map(n, shard_build, pool=pool, seed=SEED, progress=False, dispatch_opts=opts)
             if mat == "never":
-                r.table.close()
+                r.table.close()  # removing the parts is part of the cost
 
         return run
 
@@ -431,17 +457,28 @@ def run_paired(quick: bool, rounds: int) -> int:
     }
     wall: dict[str, list[float]] = {k: [] for k in PAIRED}
     cpu: dict[str, list[float]] = {k: [] for k in PAIRED}
+    loads: list[float] = []
     meter = C.CpuMeter()
+    print(f"# start: load {C.loadavg():.1f}, cpu pressure {cpu_pressure()}", file=sys.stderr, flush=True)
     try:
         for r in range(rounds):
+            if wait_load is not None:
+                waited = wait_for_load(wait_load)
+                print(f"# waited {waited:.0f} s for load <= {wait_load}", file=sys.stderr, flush=True)
+            load0 = C.loadavg()
             for k in PAIRED if r % 2 == 0 else PAIRED[::-1]:
                 meter.start()
                 t0 = time.perf_counter()
                 calls[k]()
                 wall[k].append(time.perf_counter() - t0)
                 cpu[k].append(meter.stop())
+            loads.append((load0 + C.loadavg()) / 2)
+            rb = min(GATHER_PEERS, key=lambda k: wall[k][-1])
             print(
-                f"# round {r}: load {C.loadavg():.1f}: " + ", ".join(f"{k} {wall[k][-1]:.2f}" for k in PAIRED),
+                f"# round {r}: load {loads[-1]:.1f}, cpu pressure {cpu_pressure()}: "
+                + ", ".join(f"{k} {wall[k][-1]:.2f}" for k in PAIRED)
+                + f" | / {rb}: never {wall['shardc_never'][-1] / wall[rb][-1]:.2f}, always "
+                f"{wall['shardc_always'][-1] / wall[rb][-1]:.2f}, floor {wall['floor_build'][-1] / wall[rb][-1]:.2f}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -449,15 +486,24 @@ def run_paired(quick: bool, rounds: int) -> int:
         pool.stop()
         mpool.terminate()
         par.__exit__(None, None, None)
-    rows = [[k, C.median(wall[k]), C.median(cpu[k])] for k in PAIRED]
-    print(f"### tables, paired in one master: {n} shards x {ROWS} rows, {WORKERS} workers, {rounds} rounds")
+    rows = [[k, C.median(wall[k]), min(wall[k]), C.median(cpu[k])] for k in PAIRED]
+    print(
+        f"### tables, paired in one master: {n} shards x {ROWS} rows, {WORKERS} workers, {rounds} rounds, "
+        f"load {min(loads):.1f}-{max(loads):.1f} (median {C.median(loads):.1f}; shared machine)"
+    )
     print()
-    print(C.table(["variant", "wall s (median)", "CPU s (median, all procs)"], rows))
+    print(C.table(["variant", "wall s (median)", "wall s (min)", "CPU s (median, all procs)"], rows))
+
+    def ratios(a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(wall[a], wall[b], strict=True)]
 
     def ratio(a: str, b: str) -> float:
-        return C.median([x / y for x, y in zip(wall[a], wall[b], strict=True)])
+        return C.median(ratios(a, b))
 
-    best = min(("mp_pool_map", "joblib"), key=lambda k: C.median(wall[k]))
+    best = min(GATHER_PEERS, key=lambda k: C.median(wall[k]))
+    sink = C.median(
+        [(x - f) / y for x, f, y in zip(wall["shardc_never"], wall["floor_build"], wall[best], strict=True)]
+    )
     lines = [
         (
             "paired_never_wall",
@@ -474,24 +520,37 @@ def run_paired(quick: bool, rounds: int) -> int:
     ]
     C.print_targets("tables", lines)
     print()
+    per_round = lambda a: " ".join(f"{x:.2f}" for x in ratios(a, best))  # noqa: E731
     print(
-        f"floor_build / {best}: {ratio('floor_build', best):.2f}x; never / floor_build: "
-        f"{ratio('shardc_never', 'floor_build'):.2f}x; floor_arrow / floor_build: "
-        f"{ratio('floor_arrow', 'floor_build'):.2f}x; CPU never / {best}: "
-        f"{C.median(cpu['shardc_never']) / C.median(cpu[best]):.2f}x"
+        f"per round / {best}: never [{per_round('shardc_never')}], always [{per_round('shardc_always')}], "
+        f"floor [{per_round('floor_build')}]"
+    )
+    print(
+        f"floor_build / {best}: {ratio('floor_build', best):.2f}x; (never - floor_build) / {best} (the sink's "
+        f"cost): {sink:.2f}x; never / floor_build: {ratio('shardc_never', 'floor_build'):.2f}x; floor_arrow / "
+        f"floor_build: {ratio('floor_arrow', 'floor_build'):.2f}x; CPU never / {best}: "
+        f"{C.median(cpu['shardc_never']) / C.median(cpu[best]):.2f}x; CPU (never - floor_build) / {best}: "
+        f"{(C.median(cpu['shardc_never']) - C.median(cpu['floor_build'])) / C.median(cpu[best]):.2f}x"
     )
     for k in PAIRED:
         C.emit(f"tables.paired.{k}.wall_median", C.median(wall[k]), "s")
         C.emit(f"tables.paired.{k}.cpu_median", C.median(cpu[k]), "s")
+    C.emit("tables.paired.sink_over_best", sink, "x")
+    C.emit("tables.paired.load_median", C.median(loads), "load")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "--paired" in argv:  # python bench/bench_tables.py --paired [--quick] [--rounds R]
+    if "--paired" in argv:  # python bench/bench_tables.py --paired [--quick] [--rounds R] [--wait-load L]
         rest = [a for a in argv if a != "--paired"]
+        wait_load = None
+        if "--wait-load" in rest:
+            i = rest.index("--wait-load")
+            wait_load = float(rest[i + 1])
+            del rest[i : i + 2]
         args = C.base_parser(__doc__).parse_args(rest)
-        return run_paired(args.quick, max(args.rounds, 5))
+        return run_paired(args.quick, max(args.rounds, 5), wait_load)
     return C.variant_main(__doc__, __file__, VARIANTS, run_child, report, argv)
 
 

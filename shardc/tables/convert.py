@@ -10,8 +10,16 @@ A shard's frame becomes one ``pyarrow.Table`` (one row group of its part):
 * polars ``DataFrame``: ``.to_arrow()``;
 * anything with ``__arrow_c_stream__`` (the Arrow PyCapsule interface).
 
-String types are normalised to ``pa.string()`` (pandas 3 and polars hand
-out ``large_string``/``string_view``), so frames from any library stack.
+String types are kept as the frame has them (pandas 3's default ``str``
+dtype and polars hand out ``large_string``, pandas 2's object strings and
+most pyarrow code ``string``): a cast from one to the other copies the
+offsets (~60 us of a worker's CPU per 10,000-row string column), and
+neither the worker nor the reader should pay it when all frames agree.  Only
+the view types (``string_view``, ``binary_view``) become ``large_string`` /
+``large_binary``, which every reader (DuckDB, older pyarrow, Spark) takes.
+Frames of one part whose string types differ are cast to the part's (the
+first frame's) type; parts that differ are unified on reading
+(``large_string``), as ``pd.concat`` would keep one string dtype.
 With a schema, columns are matched by name (order follows the schema),
 values cast safely; a missing/extra column or a failed cast is a
 :class:`shardc.errors.TableSchemaError` naming the shard, the column and
@@ -37,10 +45,10 @@ def is_frame(value: Any) -> bool:
 
 
 def _normal_type(pa: Any, t: Any) -> Any:
-    if pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", lambda _t: False)(t):
-        return pa.string()
-    if pa.types.is_large_binary(t):
-        return pa.binary()
+    if getattr(pa.types, "is_string_view", lambda _t: False)(t):
+        return pa.large_string()
+    if getattr(pa.types, "is_binary_view", lambda _t: False)(t):
+        return pa.large_binary()
     if pa.types.is_dictionary(t):
         return pa.dictionary(t.index_type, _normal_type(pa, t.value_type), t.ordered)
     return t
@@ -52,38 +60,53 @@ def _from_pandas(pa: Any, df: Any) -> Any:
     converting 10,000 rows): each column goes through :func:`_column`, i.e.
     ``pa.array(column, from_pandas=True)`` (the call ``from_pandas`` makes per
     column) or, where that gives the same array, a zero-copy wrap of its NumPy
-    values, with string types normalised per column; a test compares the
-    result with ``from_pandas`` over the dtypes pandas has.  Frames whose column
-    names are not distinct strings, and columns that do not convert (the
-    error message of ``from_pandas`` names the column), take ``from_pandas``."""
+    values or its Arrow array, with view types normalised per column; a test
+    compares the result with ``from_pandas`` over the dtypes pandas has.  The
+    columns' values are taken from the frame's block manager when it has one
+    (``_mgr.iget_values``: ~0.5 us a column; ``df.items()`` builds a Series per
+    column, ~9 us, a third of the whole conversion of a 10,000-row frame).
+    Frames whose column names are not distinct strings, and columns that do
+    not convert (the error message of ``from_pandas`` names the column), take
+    ``from_pandas``."""
     names = list(df.columns)
     if all(type(n) is str for n in names) and len(set(names)) == len(names):
+        iget = getattr(getattr(df, "_mgr", None), "iget_values", None)
         try:
-            return pa.Table.from_arrays([_column(pa, col) for _, col in df.items()], names=names)
+            return pa.Table.from_arrays([_column(pa, df, i, iget) for i in range(len(names))], names=names)
         except (pa.ArrowException, TypeError, ValueError):
             pass
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def _column(pa: Any, col: Any) -> Any:
-    """One pandas column as Arrow.  NumPy ints, bools and NaN-free floats
-    are wrapped as they are (no copy, ~4 us); ``from_pandas=True``'s scan
+def _column(pa: Any, df: Any, i: int, iget: Any) -> Any:
+    """Column ``i`` of ``df`` as Arrow.  NumPy ints, bools and NaN-free floats
+    are wrapped as they are (no copy, ~2 us); ``from_pandas=True``'s scan
     (NaN -> null) costs ~45 us for 10,000 floats, so floats go that way only
-    when they hold a NaN.  Everything else: ``pa.array(col, from_pandas=True)``."""
+    when they hold a NaN.  A pandas extension array with ``__arrow_array__``
+    (Arrow-backed strings, the default ``str`` dtype of pandas 3, nullable
+    ints, ``*[pyarrow]``) gives its Arrow array, which is what
+    ``pa.array(series)`` returns for it (no copy).  Everything else:
+    ``pa.array(col, from_pandas=True)``."""
     import numpy as np
 
-    dt = col.dtype
-    if isinstance(dt, np.dtype) and (dt.kind in "iub" or (dt.kind == "f" and dt.itemsize in (4, 8))):
-        a = col.to_numpy()
-        if dt.kind != "f" or not np.isnan(a).any():
-            return pa.array(a)
-    arr = pa.array(col, from_pandas=True)
+    values = iget(i) if iget is not None else None
+    if isinstance(values, np.ndarray):
+        dt = values.dtype
+        if dt.kind in "iub" or (dt.kind == "f" and dt.itemsize in (4, 8) and not np.isnan(values).any()):
+            return pa.array(values)
+    elif values is not None and type(values).__module__.startswith("pandas.") and hasattr(values, "__arrow_array__"):
+        arr = values.__arrow_array__()
+        return _normalised(pa, arr)
+    return _normalised(pa, pa.array(df.iloc[:, i], from_pandas=True))
+
+
+def _normalised(pa: Any, arr: Any) -> Any:
     normal = _normal_type(pa, arr.type)
     return arr if normal == arr.type else arr.cast(normal)  # one column: cheaper than casting the table
 
 
 def to_table(value: Any, sid: int) -> Any:
-    """``value`` (a frame) as a ``pyarrow.Table`` with normalised string types."""
+    """``value`` (a frame) as a ``pyarrow.Table`` (view types normalised, see the module docstring)."""
     pa = require_pyarrow("auto_table")
     tname = type(value).__name__
     mod = type(value).__module__.split(".", 1)[0]

@@ -286,3 +286,47 @@ def test_frames_whose_types_drift_stack_like_pd_concat(pool2):
     assert h2.table.num_rows == h.num_rows
     h.close()
     assert pickle.loads(pickle.dumps(h2.table)).manifest == h2.table.manifest
+
+
+def _string_types(shard):
+    """pandas 3's large_string frames, pyarrow string tables and polars frames (string_view or large_string)."""
+    df = frame(shard)
+    k = shard.id % 3
+    if k == 0:
+        return df
+    if k == 1:
+        return pa.Table.from_pandas(df, preserve_index=False).cast(
+            pa.schema([("x", pa.float64()), ("i", pa.int64()), ("s", pa.string())])
+        )
+    return pl.from_pandas(df)
+
+
+@pytest.mark.parametrize("chunk_size", [1, N], ids=["parts-differ", "one-part-mixed"])
+def test_string_types_are_kept_and_mixed_ones_unify(pool2, chunk_size):
+    """Frames keep their string type (no offsets copied); frames of one part are cast to the part's type, parts
+    of both types unify to large_string; every reader gets the concatenated rows."""
+    h = run(pool2, _string_types, chunk_size=chunk_size, auto_table_materialize="never").table
+    types = {pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(p["schema"]))).field("s").type for p in h.manifest["parts"]}
+    assert types <= {pa.string(), pa.large_string()}
+    if chunk_size == N:
+        assert len(types) == 1  # one worker's part: every frame cast to its first frame's type
+    assert h.schema.field("s").type == (pa.large_string() if len(types) > 1 else types.pop())
+    want = expected(N, 3)
+    pd.testing.assert_frame_equal(h.to_pandas(), want, check_dtype=False)
+    assert h.to_polars().get_column("s").to_list() == [None if pd.isna(v) else v for v in want.s]
+    con = duckdb.connect()
+    con.register("t", h.dataset().to_table())
+    assert con.execute("select count(*), count(s) from t").fetchone() == (len(want), int(want.s.notna().sum()))
+    h.close()
+
+
+def test_pandas_string_columns_reach_the_part_without_a_copy(tmp_path):
+    """pandas 3's Arrow-backed str column is written as its own large_string array: no cast in the worker."""
+    from shardc.tables.convert import to_table
+
+    df = pd.DataFrame({"s": pd.array(["a", None, "ccc"], dtype=pd.StringDtype("pyarrow")), "x": [1.0, 2.0, 3.0]})
+    t = to_table(df, 0)
+    src = df["s"].array.__arrow_array__()
+    assert t.schema.field("s").type == src.type
+    assert t.column("s").chunk(0).buffers()[1].address == src.chunk(0).buffers()[1].address
+    assert t.column("x").chunk(0).buffers()[1].address == df["x"].to_numpy().ctypes.data

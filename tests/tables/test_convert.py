@@ -46,6 +46,15 @@ FRAMES = {
     ),
     "float16 (from_pandas path)": lambda: pd.DataFrame({"h": np.array([1, 2], dtype=np.float16)}),
     "pyarrow-backed dtypes": lambda: pd.DataFrame({"a": pd.array([1, None, 3], dtype="int64[pyarrow]")}),
+    "string dtypes: default str, python-stored, string[pyarrow], large_string[pyarrow]": lambda: pd.DataFrame(
+        {
+            "d": ["a", None, "ccc"],
+            "p": pd.array(["a", None, "c"], dtype=pd.StringDtype("python")),
+            "q": pd.array(["a", None, "c"], dtype="string[pyarrow]"),
+            "l": pd.array(["x", None, "y"], dtype=pd.ArrowDtype(pa.large_string())),
+            "v": pd.array(["x", None, "y"], dtype=pd.ArrowDtype(pa.string_view())),
+        }
+    ),
     "empty": lambda: pd.DataFrame({"x": pd.Series([], dtype=float), "s": pd.Series([], dtype=str)}),
     "non-string column names (from_pandas path)": lambda: pd.DataFrame({0: [1.0], 1: ["a"]}),
 }
@@ -55,7 +64,7 @@ FRAMES = {
 def test_the_pandas_fast_path_equals_from_pandas(name):
     df = FRAMES[name]()
     want = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
-    want = want.cast(pa.schema([f.with_type(_normal_type(pa, f.type)) for f in want.schema]))  # strings as pa.string()
+    want = want.cast(pa.schema([f.with_type(_normal_type(pa, f.type)) for f in want.schema]))  # views as large types
     got = to_table(df, 0)
     assert got.equals(want), (got.schema, want.schema)
 
