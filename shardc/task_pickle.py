@@ -22,6 +22,8 @@ task of a ``__main__`` function costs about what a plain pickle does.
 
 from __future__ import annotations
 
+import collections
+import copyreg
 import hashlib
 import io
 import pickle
@@ -152,6 +154,54 @@ class _PlainSharingMain(_PlainSharing):  # type: ignore[misc,valid-type]
         return _by_value(obj)
 
 
+class _HasBig(Exception):
+    """Raised by the probe of :func:`_without_big`: the task has an array to share."""
+
+
+def _probe_table(base: Any, sharer: ArgSharer) -> Any:
+    """A dispatch table: ``base`` plus NumPy's two array types, whose reducer
+    raises :class:`_HasBig` for an array ``sharer`` wants (else the array
+    pickles as usual).  Consulted only for arrays, unlike ``persistent_id``,
+    which a Python pickler calls for every object (a joblib batch of 1,000
+    tiny calls: ~1 ms instead of ~0.09 ms)."""
+
+    def reduce_array(arr: Any) -> Any:
+        if sharer.wants(arr):
+            raise _HasBig
+        return arr.__reduce_ex__(5)
+
+    return collections.ChainMap({np.ndarray: reduce_array, np.memmap: reduce_array}, base)
+
+
+class _CloudProbe(cloudpickle.CloudPickler):
+    def __init__(self, file: Any, table: Any) -> None:
+        self.dispatch_table = table  # read by the C pickler's __init__ (the class attribute hides its slot)
+        super().__init__(file, protocol=5)
+
+
+def _without_big(task: tuple[Any, ...], sharer: ArgSharer) -> bytes | None:
+    """The task pickled as without a sharer (pickle, else cloudpickle) when
+    it holds no array to share; None when it does (the sharing picklers then
+    run: their per-object cost is small next to such an array's)."""
+    buf = io.BytesIO()
+    p = pickle.Pickler(buf, protocol=5)
+    p.dispatch_table = _probe_table(copyreg.dispatch_table, sharer)
+    try:
+        p.dump(task)
+        return buf.getvalue()
+    except _HasBig:
+        return None
+    except Exception:  # noqa: BLE001, S110 - cloudpickle is the general path
+        pass
+    buf = io.BytesIO()
+    cp = _CloudProbe(buf, _probe_table(cloudpickle.CloudPickler.dispatch_table, sharer))
+    try:
+        cp.dump(task)
+    except _HasBig:
+        return None
+    return buf.getvalue()
+
+
 def dumps_task(
     task: tuple[Any, ...], sharer: ArgSharer | None, main_by_value: bool = False
 ) -> tuple[bytes, tuple[Any, Any] | None]:
@@ -183,6 +233,11 @@ def dumps_task(
                 return cloudpickle.dumps(task, protocol=5), None
             except Exception:  # noqa: BLE001 - by value failed (e.g. an unpicklable global):
                 return pickle.dumps(task, protocol=5), None  # by reference, as for forked workers
+    if not main_by_value:
+        blob = _without_big(task, sharer)
+        if blob is not None:
+            return blob, None
+        buf = io.BytesIO()
     p = (_PlainSharingMain if main_by_value else _PlainSharing)(buf, sharer)
     try:
         p.dump(task)

@@ -282,3 +282,31 @@ def test_max_nbytes_shares_big_array_arguments_zero_copy_read_only():
         ex.submit(arg_write, small).result(timeout=30)  # under max_nbytes: pickled, a private copy
     with shardc.Executor(1) as ex:  # default: pickled, as ProcessPoolExecutor does
         ex.submit(arg_write, X).result(timeout=30)
+
+
+def test_task_pickling_shares_only_wanted_arrays_and_skips_the_slow_pickler_otherwise():
+    from shardc import task_pickle
+    from shardc.task_pickle import ArgSharer, dumps_task
+
+    sharer = ArgSharer(1000)
+    big, small = np.arange(1000.0), np.arange(3.0)
+    fn = lambda x: x  # noqa: E731 - needs cloudpickle
+    for f in (len, fn):
+        blob, refs = dumps_task((0, f, ({"deep": [small]},), {}), sharer)
+        assert refs is None and b"shared" not in blob
+        blob, refs = dumps_task((0, f, ([{"deep": (big,)}],), {}), sharer)
+        assert refs is not None and len(refs[1]) == 1 and refs[1][0]["shape"] == (1000,)
+    # a task with no big array never reaches the per-object persistent_id pickler
+    calls = []
+    orig = task_pickle.ArgSharer.wants
+    sharer.wants = lambda obj: calls.append(type(obj)) or orig(sharer, obj)  # type: ignore[method-assign]
+    dumps_task((0, len, ([small] * 3, list(range(100)), "x"), {}), sharer)
+    assert calls == [np.ndarray]  # the memoized array once, not every list item
+
+
+def test_lambda_task_with_a_big_array_shares_it_read_only():
+    X = np.ones((512, 512))
+    with shardc.Executor(1, max_nbytes="1M") as ex:
+        with pytest.raises(BorrowedInputWriteError, match="'task argument'"):
+            ex.submit(lambda A: A.__setitem__((3, 0), 5.0), X).result(timeout=30)
+        assert ex.submit(lambda A: float(A.sum()), X).result(timeout=30) == 512.0 * 512
