@@ -179,13 +179,32 @@ class _CloudProbe(cloudpickle.CloudPickler):
         super().__init__(file, protocol=5)
 
 
-def _without_big(task: tuple[Any, ...], sharer: ArgSharer) -> bytes | None:
+class _MainProbe(pickle.Pickler):
+    """:func:`_without_big`'s probe when ``__main__`` goes by value:
+    ``reducer_override`` (not called for the builtin containers and scalars)
+    does both jobs."""
+
+    def __init__(self, file: Any, sharer: ArgSharer) -> None:
+        super().__init__(file, protocol=5)
+        self.sharer = sharer
+
+    def reducer_override(self, obj: Any) -> Any:
+        if self.sharer.wants(obj):
+            raise _HasBig
+        return _by_value(obj)
+
+
+def _without_big(task: tuple[Any, ...], sharer: ArgSharer, main_by_value: bool) -> bytes | None:
     """The task pickled as without a sharer (pickle, else cloudpickle) when
     it holds no array to share; None when it does (the sharing picklers then
     run: their per-object cost is small next to such an array's)."""
     buf = io.BytesIO()
-    p = pickle.Pickler(buf, protocol=5)
-    p.dispatch_table = _probe_table(copyreg.dispatch_table, sharer)
+    p: pickle.Pickler
+    if main_by_value:
+        p = _MainProbe(buf, sharer)
+    else:
+        p = pickle.Pickler(buf, protocol=5)
+        p.dispatch_table = _probe_table(copyreg.dispatch_table, sharer)
     try:
         p.dump(task)
         return buf.getvalue()
@@ -233,11 +252,10 @@ def dumps_task(
                 return cloudpickle.dumps(task, protocol=5), None
             except Exception:  # noqa: BLE001 - by value failed (e.g. an unpicklable global):
                 return pickle.dumps(task, protocol=5), None  # by reference, as for forked workers
-    if not main_by_value:
-        blob = _without_big(task, sharer)
-        if blob is not None:
-            return blob, None
-        buf = io.BytesIO()
+    blob = _without_big(task, sharer, main_by_value)
+    if blob is not None:
+        return blob, None
+    buf = io.BytesIO()
     p = (_PlainSharingMain if main_by_value else _PlainSharing)(buf, sharer)
     try:
         p.dump(task)

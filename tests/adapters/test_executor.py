@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures as cf
 import gc
 import os
+import pickle
 import signal
 import threading
 import time
@@ -291,17 +292,20 @@ def test_task_pickling_shares_only_wanted_arrays_and_skips_the_slow_pickler_othe
     sharer = ArgSharer(1000)
     big, small = np.arange(1000.0), np.arange(3.0)
     fn = lambda x: x  # noqa: E731 - needs cloudpickle
-    for f in (len, fn):
-        blob, refs = dumps_task((0, f, ({"deep": [small]},), {}), sharer)
-        assert refs is None and b"shared" not in blob
-        blob, refs = dumps_task((0, f, ([{"deep": (big,)}],), {}), sharer)
-        assert refs is not None and len(refs[1]) == 1 and refs[1][0]["shape"] == (1000,)
-    # a task with no big array never reaches the per-object persistent_id pickler
-    calls = []
-    orig = task_pickle.ArgSharer.wants
-    sharer.wants = lambda obj: calls.append(type(obj)) or orig(sharer, obj)  # type: ignore[method-assign]
-    dumps_task((0, len, ([small] * 3, list(range(100)), "x"), {}), sharer)
-    assert calls == [np.ndarray]  # the memoized array once, not every list item
+    for by_value in (False, True):
+        for f in (len, fn):
+            blob, refs = dumps_task((0, f, ({"deep": [small]},), {}), sharer, by_value)
+            assert refs is None and b"shared" not in blob
+            assert pickle.loads(blob)[2][0]["deep"][0].tolist() == [0.0, 1.0, 2.0]
+            blob, refs = dumps_task((0, f, ([{"deep": (big,)}],), {}), sharer, by_value)
+            assert refs is not None and len(refs[1]) == 1 and refs[1][0]["shape"] == (1000,)
+        # a task with no big array never reaches the per-object persistent_id pickler
+        calls = []
+        orig = task_pickle.ArgSharer.wants
+        sharer.wants = lambda obj: calls.append(type(obj)) or orig(sharer, obj)  # type: ignore[method-assign]
+        dumps_task((0, len, ([small] * 3, list(range(100)), "x"), {}), sharer, by_value)
+        del sharer.wants
+        assert np.ndarray in calls and len(calls) <= 8  # not once per item of the 100-item list
 
 
 def test_lambda_task_with_a_big_array_shares_it_read_only():
