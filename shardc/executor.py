@@ -73,7 +73,8 @@ log = logging.getLogger("shardc")
 AUTO_CHUNK_MAX = 1024  # map(chunksize=None): items per task at most
 CAPACITY = 4096  # tasks in flight at most (slots of the open call); more wait in the master
 NO_TIMEOUT = 10.0 * 365 * 86400  # timeout=None: the watchdog never fires
-_CALL, _CHUNK = 0, 1  # task kinds: fn(*args, **kwargs), or [fn(*a) for a in args]
+# task kinds: fn(*args, **kwargs), [fn(*a) for a in args], [fn(a) for a in args] (map over one iterable)
+_CALL, _CHUNK, _CHUNK1 = 0, 1, 2
 
 
 def run_task(task: Any, **borrow: Any) -> Any:
@@ -82,6 +83,10 @@ def run_task(task: Any, **borrow: Any) -> Any:
         raise ShardcError("shardc internal error: a task arrived without its data")
     kind, fn, args, kwargs = task.load()
     try:
+        if kind == _CHUNK1:
+            if borrow:
+                return [fn(a, **borrow) for a in args]
+            return [fn(a) for a in args]
         if kind == _CHUNK:
             kw = {**borrow, **kwargs} if kwargs else borrow
             if kw:
@@ -416,7 +421,9 @@ class Executor(_BaseExecutor):
         if timeout is not None:
             timeout = float(timeout)
         end = None if timeout is None else time.monotonic() + timeout
-        items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
+        # One iterable: chunks of its items, not of 1-tuples (less to build and pickle).
+        one = len(iterables) == 1
+        items: Iterator[Any] = iter(iterables[0]) if one else zip(*iterables, strict=False)
         if chunksize is None:
             todo = list(items)
             per = 8 * self._max_workers
@@ -425,9 +432,10 @@ class Executor(_BaseExecutor):
         else:
             n = chunksize
         if n == 1:
-            fs = [self._submit(_CALL, fn, a, {}) for a in items]
+            fs = [self._submit(_CALL, fn, (a,) if one else a, {}) for a in items]
             return _ordered(fs, end, flat=False)
-        fs = [self._submit(_CHUNK, fn, chunk, None) for chunk in chunked(items, n)]
+        kind = _CHUNK1 if one else _CHUNK
+        fs = [self._submit(kind, fn, chunk, None) for chunk in chunked(items, n)]
         return _ordered(fs, end, flat=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -500,7 +508,7 @@ def _result(f: Future[Any], end: float | None) -> Any:
     return f.result() if end is None else f.result(end - time.monotonic())
 
 
-def chunked(items: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
+def chunked(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
     while True:
         chunk = list(itertools.islice(items, n))
         if not chunk:

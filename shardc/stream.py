@@ -79,7 +79,7 @@ class Waker:
 
     def drain(self) -> None:
         try:
-            while os.read(self._r, 4096):
+            while len(os.read(self._r, 4096)) == 4096:  # one read empties it (no EAGAIN raised) but for a flood
                 pass
         except OSError:
             pass

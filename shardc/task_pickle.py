@@ -236,7 +236,14 @@ def dumps_task(
     buf = io.BytesIO()
     if sharer is None:
         fn = task[1]
-        if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
+        if getattr(fn, "__module__", None) != "__main__":
+            try:  # the usual case, fastest: nothing of __main__ in the task (a plain pickle names it)
+                blob = pickle.dumps(task, protocol=5)
+                if b"__main__" not in blob:
+                    return blob, None
+            except Exception:  # noqa: BLE001, S110 - the general path below
+                pass
+        elif isinstance(fn, types.FunctionType):
             try:  # the usual case, fast: only the function is __main__'s
                 ref = main_ref(fn)
                 blob = pickle.dumps((task[0], ref, *task[2:]), protocol=5)
@@ -252,9 +259,9 @@ def dumps_task(
                 return cloudpickle.dumps(task, protocol=5), None
             except Exception:  # noqa: BLE001 - by value failed (e.g. an unpicklable global):
                 return pickle.dumps(task, protocol=5), None  # by reference, as for forked workers
-    blob = _without_big(task, sharer, main_by_value)
-    if blob is not None:
-        return blob, None
+    probed = _without_big(task, sharer, main_by_value)
+    if probed is not None:
+        return probed, None
     buf = io.BytesIO()
     p = (_PlainSharingMain if main_by_value else _PlainSharing)(buf, sharer)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import gc
 import os
 import pickle
@@ -96,6 +97,9 @@ def test_submit_map_and_futures_api():
         assert ex.submit(add, 2, y=5).result(timeout=30) == 7
         assert list(ex.map(square, range(20))) == [i * i for i in range(20)]
         assert list(ex.map(add, range(20), range(20), chunksize=7)) == [2 * i for i in range(20)]
+        items = [(1, 2), (3,), (), (4, 5, 6)]  # one iterable of tuples: each item is one argument
+        for cs in (None, 1, 3):
+            assert list(ex.map(len, items, chunksize=cs)) == [2, 1, 0, 3]
         fs = [ex.submit(square, i) for i in range(50)]
         done, pending = cf.wait(fs, timeout=30)
         assert not pending and sorted(f.result() for f in done) == sorted(i * i for i in range(50))
@@ -166,6 +170,7 @@ def test_borrow_reaches_every_task_zero_copy_and_read_only():
         assert [o[0] for o in out] == [float(X[i].sum()) for i in range(8)]
         # one mapping per worker, reused by every task (the same address in a worker)
         assert len({o[2] for o in out}) <= 2
+        assert list(ex.map(row_sum, range(8), chunksize=3)) == out  # chunks of one iterable's items
         with pytest.raises(BorrowedInputWriteError):
             ex.submit(write_x).result(timeout=30)
         assert X[0, 0] == 0.0
@@ -285,8 +290,14 @@ def test_max_nbytes_shares_big_array_arguments_zero_copy_read_only():
         ex.submit(arg_write, X).result(timeout=30)
 
 
+def _counting_wants(sharer, calls, obj):
+    from shardc.task_pickle import ArgSharer
+
+    calls.append(type(obj))
+    return ArgSharer.wants(sharer, obj)
+
+
 def test_task_pickling_shares_only_wanted_arrays_and_skips_the_slow_pickler_otherwise():
-    from shardc import task_pickle
     from shardc.task_pickle import ArgSharer, dumps_task
 
     sharer = ArgSharer(1000)
@@ -300,9 +311,8 @@ def test_task_pickling_shares_only_wanted_arrays_and_skips_the_slow_pickler_othe
             blob, refs = dumps_task((0, f, ([{"deep": (big,)}],), {}), sharer, by_value)
             assert refs is not None and len(refs[1]) == 1 and refs[1][0]["shape"] == (1000,)
         # a task with no big array never reaches the per-object persistent_id pickler
-        calls = []
-        orig = task_pickle.ArgSharer.wants
-        sharer.wants = lambda obj: calls.append(type(obj)) or orig(sharer, obj)  # type: ignore[method-assign]
+        calls: list[type] = []
+        sharer.wants = functools.partial(_counting_wants, sharer, calls)  # type: ignore[method-assign]
         dumps_task((0, len, ([small] * 3, list(range(100)), "x"), {}), sharer, by_value)
         del sharer.wants
         assert np.ndarray in calls and len(calls) <= 8  # not once per item of the 100-item list
