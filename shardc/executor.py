@@ -44,6 +44,7 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import Executor as _BaseExecutor
 from typing import Any
 
+from . import inherit as _inherit_mod
 from .call import Call
 from .diagnostics import Diagnostics, Progress
 from .dispatch_rpc import RpcDispatcher
@@ -176,7 +177,8 @@ class _Engine:
                     self.pool.end_call()
             finally:
                 assert call.plan is not None and call.donemap is not None
-                call.plan.release()
+                if call.plan.release():
+                    self.pool.released_inherited()
                 call.donemap.close()
                 call_finished()
                 if self.own_pool:
@@ -253,6 +255,14 @@ class Executor(_BaseExecutor):
             this big or bigger are shared zero-copy instead (copied once
             into shared memory, reused while the array lives; read-only in
             the task under ``cow``; see ``shardc.task_pickle``).
+        inherit: with ``max_nbytes``, arrays (of at least that size) that
+            task arguments will be: the workers are forked again now, while
+            they exist, and inherit them (``shardc.inherit``: no copy at all;
+            read-only under ``cow``) instead of a copy into shared memory.
+            Each task sees them as they were now: do not change them until
+            ``shutdown``.  Ignored (the copy path) where inheritance is not
+            possible (a pool without page guards, a fork server, arrays
+            not in private memory, ``SHARDC_INHERIT=0``).
 
     Raises:
         InvalidArgumentError: a bad argument (before any worker starts).
@@ -275,6 +285,7 @@ class Executor(_BaseExecutor):
         pool: Pool | None = None,
         prefetch: int = 1,
         max_nbytes: Any = None,
+        inherit: Iterable[Any] = (),
     ) -> None:
         if max_workers is not None and (
             isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
@@ -343,11 +354,14 @@ class Executor(_BaseExecutor):
                 CAPACITY, retries, _deliver, _accept, call.donemap, call.wake, diag, prepare, _reject
             )
             run_pool.ensure_alive()
+            if self._sharer is not None and run_pool.can_inherit:
+                self._inherit(inherit, plan, run_pool)
             diag.start(run_pool)
             sup = Supervisor(call, run_pool, sched, diag, Progress(CAPACITY, "Executor", False))
             sup.setup_all()
         except BaseException:
-            plan.release()
+            if plan.release() and run_pool is not None:
+                run_pool.released_inherited()
             if call.donemap is not None:
                 call.donemap.close()
             call.wake.close()
@@ -361,10 +375,27 @@ class Executor(_BaseExecutor):
         _live.add(self)
         weakref.finalize(self, self._engine.close)
 
+    def _inherit(self, arrays: Iterable[Any], plan: InputPlan, pool: Pool) -> None:
+        """Hold the eligible ``arrays`` and re-fork the workers to inherit them."""
+        sharer = self._sharer
+        assert sharer is not None
+        for arr in arrays:
+            if sharer.wants(arr) and sharer.inherited_desc(arr) is None and _inherit_mod.eligible(arr):
+                token = _inherit_mod.hold(arr)
+                plan.inherit_tokens.append(token)  # released with the plan, at the end of the call
+                sharer.inherit(arr, token)
+        if plan.inherit_tokens:
+            pool.refork(frozenset(plan.inherit_tokens), "fork after task arguments existed, to inherit them")
+
     # -- the Executor API ----------------------------------------------------------------
     @property
     def _broken(self) -> bool:
         return self._engine is not None and self._engine.broken is not None
+
+    @property
+    def inherits(self) -> bool:
+        """Whether the workers inherited arrays given as ``inherit=``."""
+        return self._sharer is not None and bool(self._sharer.inherited)
 
     @property
     def pool(self) -> Pool:

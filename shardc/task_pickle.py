@@ -44,8 +44,20 @@ class ArgSharer:
     def __init__(self, max_nbytes: int) -> None:
         self.max_nbytes = max_nbytes
         self._seen: dict[int, tuple[Any, Shared]] = {}  # id -> (weakref, shared): verified once
+        # id -> (array, descriptor): arrays the workers inherited at fork (shardc.inherit), by reference
+        self.inherited: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
+
+    def inherit(self, arr: np.ndarray, token: int) -> None:
+        """``arr`` (held as ``token`` when the workers were forked) goes by token."""
+        self.inherited[id(arr)] = (arr, {"kind": "inherited", "token": token, "label": "task argument"})
+
+    def inherited_desc(self, obj: Any) -> dict[str, Any] | None:
+        hit = self.inherited.get(id(obj))
+        return hit[1] if hit is not None and hit[0] is obj else None
 
     def wants(self, obj: Any) -> bool:
+        if self.inherited and self.inherited_desc(obj) is not None:
+            return True
         return (
             type(obj) in (np.ndarray, np.memmap)
             and obj.nbytes >= self.max_nbytes
@@ -76,6 +88,10 @@ def _make_pickler(base: type) -> type:
         def persistent_id(self, obj: Any) -> Any:
             if not self.sharer.wants(obj):
                 return None
+            d = self.sharer.inherited_desc(obj)
+            if d is not None:
+                self.shared[id(obj)] = d
+                return ("shared", d)
             sh = self.sharer.share(obj)
             for s in sh.segments:
                 self.segments[s.key] = s
