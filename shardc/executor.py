@@ -121,7 +121,9 @@ class _Engine:
         self.sched.close()
 
     def on_wake(self) -> None:
-        """In the engine thread, on each wake: carry out a kill request."""
+        """In the engine thread, on each wake: deliver the outcomes held
+        back (``StreamScheduler.flush``), carry out a kill request."""
+        self.sched.flush()
         if not self.kill_requested:
             return
         self.kill_requested = False

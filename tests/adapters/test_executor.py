@@ -324,3 +324,29 @@ def test_lambda_task_with_a_big_array_shares_it_read_only():
         with pytest.raises(BorrowedInputWriteError, match="'task argument'"):
             ex.submit(lambda A: A.__setitem__((3, 0), 5.0), X).result(timeout=30)
         assert ex.submit(lambda A: float(A.sum()), X).result(timeout=30) == 512.0 * 512
+
+
+def touch_then_sleep(path, t):
+    open(path, "w").close()
+    time.sleep(t)
+    return path
+
+
+def test_a_worker_gets_its_next_task_before_the_outcome_callbacks_run(tmp_path):
+    """A done-callback runs in the engine thread (joblib dispatches its next
+    batches there): the worker that reported must not idle meanwhile."""
+    marker = str(tmp_path / "b-started")
+    seen = []
+
+    def callback(_f):  # blocks the engine thread until B runs (or 5 s)
+        end = time.monotonic() + 5
+        while not os.path.exists(marker) and time.monotonic() < end:
+            time.sleep(0.005)
+        seen.append(os.path.exists(marker))
+
+    with shardc.Executor(1) as ex:
+        a = ex.submit(sleeper, 0.3)
+        a.add_done_callback(callback)
+        b = ex.submit(touch_then_sleep, marker, 0.0)
+        assert a.result(timeout=30) == 0.3 and b.result(timeout=30) == marker
+    assert seen == [True]
