@@ -13,6 +13,9 @@ threads or caches leak into another's numbers; medians of ``--repeats``):
   (p50/p99) and the ``submit`` call alone, shardc vs ProcessPoolExecutor;
 * ``joblib_tiny``: ``Parallel(n_jobs=2)(delayed(f)(i) ...)`` for N tiny
   tasks, backends shardc, loky, multiprocessing (batch_size="auto");
+* ``joblib_pair``: the same tiny tasks, shardc and loky alternating call by
+  call in one process (medians, and the median of the paired ratios): on a
+  shared machine the load changes between two fresh interpreters' runs;
 * ``joblib_big``: a 1 GiB float64 array argument to 8 tasks, each summing
   an eighth of it, a fresh ``Parallel`` per call: wall time of the first
   call and the median, and the process tree's peak extra memory
@@ -183,6 +186,33 @@ def mem_side(root: int) -> None:
             return
 
 
+def run_joblib_pair(n: int, repeats: int) -> dict[str, Any]:
+    """shardc and loky alternating call by call in ONE process (the order
+    flips every pair), so a neighbour's load hits both alike; the shardc pool
+    is started first (before loky's threads exist, as in a program that uses
+    only shardc)."""
+    from joblib import Parallel, delayed
+
+    import shardc  # noqa: F401
+
+    pars = {b: Parallel(n_jobs=WORKERS, backend=b) for b in ("shardc", "loky")}
+    times: dict[str, list[float]] = {b: [] for b in pars}
+    for p in pars.values():
+        p.__enter__()
+        p(delayed(tiny)(i) for i in range(200))  # warm
+    pairs = max(repeats, 15)
+    for r in range(pairs):
+        for b in ("shardc", "loky") if r % 2 == 0 else ("loky", "shardc"):
+            t0 = time.perf_counter()
+            out = pars[b](delayed(tiny)(i) for i in range(n))
+            times[b].append(time.perf_counter() - t0)
+            assert out[-1] == n
+    for p in pars.values():
+        p.__exit__(None, None, None)
+    ratios = [lk / sc for sc, lk in zip(times["shardc"], times["loky"], strict=True)]
+    return {"shardc": _med(times["shardc"]), "loky": _med(times["loky"]), "ratio": _med(ratios), "pairs": pairs}
+
+
 def run_joblib_big(backend: str, gib: float, repeats: int) -> dict[str, Any]:
     import threading
 
@@ -266,6 +296,7 @@ def child(args: argparse.Namespace) -> None:
         "map": lambda: run_map(variant, args.map_n, r),
         "latency": lambda: run_latency(variant, args.latency_n, r),
         "joblib_tiny": lambda: run_joblib_tiny(variant, args.joblib_n, r),
+        "joblib_pair": lambda: run_joblib_pair(args.joblib_n, r),
         "joblib_big": lambda: run_joblib_big(variant, args.gib, r),
         "sklearn": lambda: run_sklearn(variant, r),
         "crash": lambda: run_crash(variant),
@@ -290,7 +321,7 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--joblib-n", type=int, default=20000)
     ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--only", default="map,latency,joblib_tiny,joblib_big,sklearn,crash")
+    ap.add_argument("--only", default="map,latency,joblib_tiny,joblib_pair,joblib_big,sklearn,crash")
     ap.add_argument("--child")
     ap.add_argument("--mem-side", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -327,6 +358,17 @@ def main() -> None:
         rows = [[b, f"{r['median_s']:.3f}", f"{r['median_s'] / base:.2f}x"] for b, r in res.items()]
         print(f"\n### joblib.Parallel, {args.joblib_n} tiny tasks (s; ratio = peer / shardc)\n")
         print(C.table(["backend", "median s", "ratio"], rows))
+    if "joblib_pair" in only:
+        r = spawn("joblib_pair", "both", argv)
+        print(f"\n### the same, shardc and loky alternating in one process ({r.get('pairs')} pairs)\n")
+        if "error" in r:
+            print(r["error"])
+        else:
+            rows = [
+                ["median s", f"{r['shardc']:.3f}", f"{r['loky']:.3f}"],
+                ["loky / shardc, paired", "", f"{r['ratio']:.2f}x"],
+            ]
+            print(C.table(["", "shardc", "loky"], rows))
     if "joblib_big" in only:
         res = {b: spawn("joblib_big", b, argv) for b in ("shardc", "loky", "multiprocessing")}
         base = res["shardc"].get("median_s", float("nan"))
