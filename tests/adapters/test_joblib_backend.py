@@ -130,6 +130,12 @@ def test_sklearn_cross_val_score_and_grid_search_match_loky():
     np.testing.assert_array_equal(res["loky"][2], res["shardc"][2])
 
 
+def read_then_write(X):
+    before = float(X[0, 0])
+    X[0, 0] = -1.0
+    return before
+
+
 def die_once_sum(X, i, marker):
     if i == 3 and not os.path.exists(marker):
         open(marker, "w").close()
@@ -158,6 +164,9 @@ def test_big_array_of_the_first_batch_is_inherited_at_fork_not_copied(monkeypatc
         with pytest.raises(BorrowedInputWriteError, match=r"element \[0, 0\]"):
             Parallel()(delayed(write_first)(X) for _ in range(2))
         assert X[0, 0] == 1.0
+        # mmap_mode="c": a write stays private, and the next task sees X pristine again
+        assert Parallel(mmap_mode="c", batch_size=1)(delayed(read_then_write)(X) for _ in range(6)) == [1.0] * 6
+        assert X[0, 0] == 1.0 and not _copied(X)
         marker = str(tmp_path / "m")  # a crash: the replacement worker inherits X too
         out = Parallel(batch_size=1)(delayed(die_once_sum)(X, i, marker) for i in range(6))
         assert os.path.exists(marker) and out == [(X.ctypes.data, 256.0)] * 6
