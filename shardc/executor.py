@@ -219,7 +219,7 @@ class Executor(_BaseExecutor):
         pool: Pool | None = None,
         prefetch: int = 1,
         max_nbytes: Any = None,
-        inherit: Iterable[Any] = (),
+        inherit: list[Any] | tuple[Any, ...] = (),
     ) -> None:
         if max_workers is not None and (
             isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
@@ -237,6 +237,8 @@ class Executor(_BaseExecutor):
             raise InvalidArgumentError(f"initializer must be callable, got {type(initializer).__name__}")
         if not isinstance(initargs, tuple):
             raise InvalidArgumentError(f"initargs must be a tuple, got {type(initargs).__name__}")
+        if not isinstance(inherit, (list, tuple)):
+            raise InvalidArgumentError(f"inherit must be a list or tuple of NumPy arrays, got {type(inherit).__name__}")
         if pool is not None:
             if not isinstance(pool, Pool):
                 raise InvalidArgumentError(f"pool must be a shardc.Pool, got {type(pool).__name__}")

@@ -214,6 +214,8 @@ def test_bad_arguments_are_refused_before_any_worker_starts():
         shardc.Executor(1, borrow={"not an identifier": 1})
     with pytest.raises(InvalidArgumentError, match="timeout"):
         shardc.Executor(1, timeout=-1)
+    with pytest.raises(InvalidArgumentError, match="inherit must be a list or tuple"):
+        shardc.Executor(1, max_nbytes="1M", inherit=np.ones(4))
     with shardc.Executor(1) as ex:
         with pytest.raises(InvalidArgumentError, match="chunksize"):
             ex.map(square, range(3), chunksize=0)
