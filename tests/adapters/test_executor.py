@@ -352,3 +352,14 @@ def test_a_worker_gets_its_next_task_before_the_outcome_callbacks_run(tmp_path):
         b = ex.submit(touch_then_sleep, marker, 0.0)
         assert a.result(timeout=30) == 0.3 and b.result(timeout=30) == marker
     assert seen == [True]
+
+
+def blob(n):
+    return bytes(range(256)) * (n // 256)
+
+
+def test_big_and_small_messages_alternate_intact():
+    """The channel reads small messages with a small buffer, big ones with a big one."""
+    with shardc.Executor(1) as ex:
+        for n in (256, 3 << 20, 512, (1 << 16) - 256, 1 << 16, 5 << 20, 256):
+            assert ex.submit(blob, n).result(timeout=30) == blob(n)
