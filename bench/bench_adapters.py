@@ -13,9 +13,15 @@ threads or caches leak into another's numbers; medians of ``--repeats``):
   (p50/p99) and the ``submit`` call alone, shardc vs ProcessPoolExecutor;
 * ``joblib_tiny``: ``Parallel(n_jobs=2)(delayed(f)(i) ...)`` for N tiny
   tasks, backends shardc, loky, multiprocessing (batch_size="auto");
+* ``joblib_pair``: the same tiny tasks, shardc and loky alternating call by
+  call in one process (medians, and the median of the paired ratios): on a
+  shared machine the load changes between two fresh interpreters' runs;
 * ``joblib_big``: a 1 GiB float64 array argument to 8 tasks, each summing
-  an eighth of it: wall time and the process tree's peak extra memory
-  (``_common.MemSampler``: PSS plus shared-memory objects, counted once);
+  an eighth of it, a fresh ``Parallel`` per call: wall time of the first
+  call and the median, and the process tree's peak extra memory
+  (``_common.MemSampler``: PSS plus shared-memory objects, counted once;
+  sampled from a helper process, :class:`SideSampler`, so the measured
+  program has no thread of the benchmark's);
 * ``sklearn``: ``cross_val_score(RandomForestClassifier(n_estimators=50,
   random_state=0), X, y, cv=5, n_jobs=2)``, loky vs shardc;
 * ``crash``: 20 tasks of 50 ms, the 6th SIGKILLs its worker on its first
@@ -133,7 +139,83 @@ def run_joblib_tiny(backend: str, n: int, repeats: int) -> dict[str, Any]:
     return {"median_s": _med(ts)}
 
 
+class SideSampler:
+    """``_common.MemSampler`` of this process's tree, run in a helper process
+    (``--mem-side PID``) instead of a thread: a thread in the measured
+    program would change what it measures (shardc forks workers from its
+    fork server, without inheritance, while the caller has other threads).
+    The helper's own memory is in the baseline."""
+
+    def __init__(self) -> None:
+        cmd = [sys.executable, os.path.abspath(__file__), "--mem-side", str(os.getpid())]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._ask("")
+
+    def _ask(self, cmd: str) -> str:
+        assert self.p.stdin is not None and self.p.stdout is not None
+        if cmd:
+            self.p.stdin.write(cmd + "\n")
+            self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def start(self) -> None:
+        self._ask("start")
+
+    def stop(self) -> int:
+        return int(self._ask("stop"))
+
+    def close(self) -> None:
+        self._ask("quit")
+        self.p.wait(timeout=10)
+
+
+def mem_side(root: int) -> None:
+    """The helper of :class:`SideSampler`: start/stop a MemSampler of ``root``'s tree."""
+    print("ready", flush=True)
+    sampler = None
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "start":
+            sampler = C.MemSampler(root=root).start()
+            print("started", flush=True)
+        elif cmd == "stop" and sampler is not None:
+            sampler.stop()
+            print(sampler.extra_total, flush=True)
+        else:
+            print("bye", flush=True)
+            return
+
+
+def run_joblib_pair(n: int, repeats: int) -> dict[str, Any]:
+    """shardc and loky alternating call by call in ONE process (the order
+    flips every pair), so a neighbour's load hits both alike; the shardc pool
+    is started first (before loky's threads exist, as in a program that uses
+    only shardc)."""
+    from joblib import Parallel, delayed
+
+    import shardc  # noqa: F401
+
+    pars = {b: Parallel(n_jobs=WORKERS, backend=b) for b in ("shardc", "loky")}
+    times: dict[str, list[float]] = {b: [] for b in pars}
+    for p in pars.values():
+        p.__enter__()
+        p(delayed(tiny)(i) for i in range(200))  # warm
+    pairs = max(repeats, 15)
+    for r in range(pairs):
+        for b in ("shardc", "loky") if r % 2 == 0 else ("loky", "shardc"):
+            t0 = time.perf_counter()
+            out = pars[b](delayed(tiny)(i) for i in range(n))
+            times[b].append(time.perf_counter() - t0)
+            assert out[-1] == n
+    for p in pars.values():
+        p.__exit__(None, None, None)
+    ratios = [lk / sc for sc, lk in zip(times["shardc"], times["loky"], strict=True)]
+    return {"shardc": _med(times["shardc"]), "loky": _med(times["loky"]), "ratio": _med(ratios), "pairs": pairs}
+
+
 def run_joblib_big(backend: str, gib: float, repeats: int) -> dict[str, Any]:
+    import threading
+
     import numpy as np
     from joblib import Parallel, delayed
 
@@ -144,15 +226,17 @@ def run_joblib_big(backend: str, gib: float, repeats: int) -> dict[str, Any]:
     want = float(X.sum())
     k = 8
     ts, extra = [], []
+    side = SideSampler()
+    assert threading.active_count() == 1, threading.enumerate()
     for _ in range(repeats):
-        sampler = C.MemSampler().start()
+        side.start()
         t0 = time.perf_counter()
         with Parallel(n_jobs=WORKERS, backend=backend) as par:
             got = sum(par(delayed(part_sum)(X, i, k) for i in range(k)))
         ts.append(time.perf_counter() - t0)
-        sampler.stop()
-        extra.append(sampler.extra_total)
+        extra.append(side.stop())
         assert got == want, (got, want)
+    side.close()
     # shardc keeps its shared copy while X lives: the first call pays the copy,
     # the later ones reuse it (their baseline includes it): report both.
     return {
@@ -212,6 +296,7 @@ def child(args: argparse.Namespace) -> None:
         "map": lambda: run_map(variant, args.map_n, r),
         "latency": lambda: run_latency(variant, args.latency_n, r),
         "joblib_tiny": lambda: run_joblib_tiny(variant, args.joblib_n, r),
+        "joblib_pair": lambda: run_joblib_pair(args.joblib_n, r),
         "joblib_big": lambda: run_joblib_big(variant, args.gib, r),
         "sklearn": lambda: run_sklearn(variant, r),
         "crash": lambda: run_crash(variant),
@@ -236,9 +321,13 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--joblib-n", type=int, default=20000)
     ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--only", default="map,latency,joblib_tiny,joblib_big,sklearn,crash")
+    ap.add_argument("--only", default="map,latency,joblib_tiny,joblib_pair,joblib_big,sklearn,crash")
     ap.add_argument("--child")
+    ap.add_argument("--mem-side", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mem_side:
+        mem_side(args.mem_side)
+        return
     if args.quick:
         args.map_n, args.latency_n, args.joblib_n, args.gib, args.repeats = 2000, 300, 2000, 0.125, 3
     if args.child:
@@ -269,19 +358,32 @@ def main() -> None:
         rows = [[b, f"{r['median_s']:.3f}", f"{r['median_s'] / base:.2f}x"] for b, r in res.items()]
         print(f"\n### joblib.Parallel, {args.joblib_n} tiny tasks (s; ratio = peer / shardc)\n")
         print(C.table(["backend", "median s", "ratio"], rows))
+    if "joblib_pair" in only:
+        r = spawn("joblib_pair", "both", argv)
+        print(f"\n### the same, shardc and loky alternating in one process ({r.get('pairs')} pairs)\n")
+        if "error" in r:
+            print(r["error"])
+        else:
+            rows = [
+                ["median s", f"{r['shardc']:.3f}", f"{r['loky']:.3f}"],
+                ["loky / shardc, paired", "", f"{r['ratio']:.2f}x"],
+            ]
+            print(C.table(["", "shardc", "loky"], rows))
     if "joblib_big" in only:
         res = {b: spawn("joblib_big", b, argv) for b in ("shardc", "loky", "multiprocessing")}
         base = res["shardc"].get("median_s", float("nan"))
+        first = res["shardc"].get("first_s", float("nan"))
         rows = []
         for b, r in res.items():
             if "error" in r:
-                rows.append([b, "error", str(r["error"])[:80], "", ""])
+                rows.append([b, "error", str(r["error"])[:80], "", "", "", ""])
                 continue
             a = r["array_bytes"]
             rows.append(
                 [
                     b,
                     f"{r['first_s']:.2f}",
+                    f"{r['first_s'] / first:.2f}x",
                     f"{r['median_s']:.2f}",
                     f"{r['median_s'] / base:.2f}x",
                     f"{r['first_extra'] / a:.2f}",
@@ -289,7 +391,7 @@ def main() -> None:
                 ]
             )
         print(f"\n### joblib.Parallel, a {args.gib:g} GiB array argument, 8 tasks (peak extra memory of the tree)\n")
-        hdr = ["backend", "first call s", "median s", "peer / shardc (median)", "extra / array, first", "median"]
+        hdr = ["backend", "first call s", "peer / shardc", "median s", "peer / shardc", "extra / array, 1st", "median"]
         print(C.table(hdr, rows))
     if "sklearn" in only:
         res = {b: spawn("sklearn", b, argv) for b in ("loky", "shardc")}

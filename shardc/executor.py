@@ -44,23 +44,21 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import Executor as _BaseExecutor
 from typing import Any
 
+from . import inherit as _inherit_mod
 from .call import Call
 from .diagnostics import Diagnostics, Progress
 from .dispatch_rpc import RpcDispatcher
 from .errors import (
     ExecutorBrokenError,
     InvalidArgumentError,
-    ShardcError,
     UnpicklableFunctionError,
     UsageError,
-    WorkerCrashedError,
-    WorkerMemoryError,
 )
+from .executor_task import _CALL, _CHUNK, _CHUNK1, run_task, task_error
 from .forget import call_finished, call_started
 from .inputs import InputPlan
 from .memory import heap_keep
 from .pool import Pool
-from .result import ShardFailure
 from .status import DoneMap
 from .stream import StreamScheduler, TaskTable, Waker
 from .supervisor import Supervisor
@@ -73,66 +71,6 @@ log = logging.getLogger("shardc")
 AUTO_CHUNK_MAX = 1024  # map(chunksize=None): items per task at most
 CAPACITY = 4096  # tasks in flight at most (slots of the open call); more wait in the master
 NO_TIMEOUT = 10.0 * 365 * 86400  # timeout=None: the watchdog never fires
-_CALL, _CHUNK = 0, 1  # task kinds: fn(*args, **kwargs), or [fn(*a) for a in args]
-
-
-def run_task(task: Any, **borrow: Any) -> Any:
-    """The open call's function, in a worker: unpickle one task and run it."""
-    if task is None:
-        raise ShardcError("shardc internal error: a task arrived without its data")
-    kind, fn, args, kwargs = task.load()
-    try:
-        if kind == _CHUNK:
-            kw = {**borrow, **kwargs} if kwargs else borrow
-            if kw:
-                return [fn(*a, **kw) for a in args]
-            return [fn(*a) for a in args]
-        if borrow:
-            kwargs = {**borrow, **kwargs}
-        return fn(*args, **kwargs)
-    except Exception:
-        raise
-    except BaseException as exc:  # KeyboardInterrupt, SystemExit: the future raises it, as with ProcessPoolExecutor
-        raise TaskBaseException(exc) from exc
-
-
-class TaskBaseException(ShardcError):
-    """Carries a ``BaseException`` that is not an ``Exception`` (``SystemExit``,
-    ``KeyboardInterrupt``) raised by a task from the worker (where the shard
-    executor would turn it into a ``RuntimeError``) to the task's future,
-    which gets the original."""
-
-    def __init__(self, original: BaseException) -> None:
-        super().__init__(f"task raised {type(original).__name__}({original})")
-        self.original = original
-
-    def __reduce__(self) -> Any:
-        return (type(self), (self.original,))
-
-
-def _task_error(name: str, fail: ShardFailure) -> BaseException:
-    """The exception a failed task's future gets."""
-    exc = fail.exception
-    if isinstance(exc, TaskBaseException):
-        orig = exc.original
-        orig.__cause__ = exc.__cause__  # the worker's traceback
-        return orig
-    kind = fail.error_type.rsplit(".", 1)[-1]
-    if kind in ("WorkerCrashedError", "WorkerMemoryError"):
-        # The supervisor's record names the slot ("shard 17"): name the task.
-        # (Decided by the record's type name, not by the rebuilt exception.)
-        msg = (
-            f"task {name}: its worker died on each of {fail.attempts} attempt(s) "
-            f"(max_retries={fail.attempts - 1}); last: {fail.message}"
-        )
-        if kind == "WorkerCrashedError":
-            return WorkerCrashedError(msg, exitcode=getattr(exc, "exitcode", None), pid=getattr(exc, "pid", None))
-        err = WorkerMemoryError(msg)
-        err.__cause__ = exc
-        return err
-    if exc is None:
-        return ShardcError(f"task {name} failed: {fail.error_type}: {fail.message}")
-    return exc
 
 
 class _Engine:
@@ -171,7 +109,8 @@ class _Engine:
                     self.pool.end_call()
             finally:
                 assert call.plan is not None and call.donemap is not None
-                call.plan.release()
+                if call.plan.release():
+                    self.pool.released_inherited()
                 call.donemap.close()
                 call_finished()
                 if self.own_pool:
@@ -182,7 +121,9 @@ class _Engine:
         self.sched.close()
 
     def on_wake(self) -> None:
-        """In the engine thread, on each wake: carry out a kill request."""
+        """In the engine thread, on each wake: deliver the outcomes held
+        back (``StreamScheduler.flush``), carry out a kill request."""
+        self.sched.flush()
         if not self.kill_requested:
             return
         self.kill_requested = False
@@ -248,6 +189,14 @@ class Executor(_BaseExecutor):
             this big or bigger are shared zero-copy instead (copied once
             into shared memory, reused while the array lives; read-only in
             the task under ``cow``; see ``shardc.task_pickle``).
+        inherit: with ``max_nbytes``, arrays (of at least that size) that
+            task arguments will be: the workers are forked again now, while
+            they exist, and inherit them (``shardc.inherit``: no copy at all;
+            read-only under ``cow``) instead of a copy into shared memory.
+            Each task sees them as they were now: do not change them until
+            ``shutdown``.  Ignored (the copy path) where inheritance is not
+            possible (a pool without page guards, a fork server, arrays
+            not in private memory, ``SHARDC_INHERIT=0``).
 
     Raises:
         InvalidArgumentError: a bad argument (before any worker starts).
@@ -270,6 +219,7 @@ class Executor(_BaseExecutor):
         pool: Pool | None = None,
         prefetch: int = 1,
         max_nbytes: Any = None,
+        inherit: list[Any] | tuple[Any, ...] = (),
     ) -> None:
         if max_workers is not None and (
             isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1
@@ -287,6 +237,8 @@ class Executor(_BaseExecutor):
             raise InvalidArgumentError(f"initializer must be callable, got {type(initializer).__name__}")
         if not isinstance(initargs, tuple):
             raise InvalidArgumentError(f"initargs must be a tuple, got {type(initargs).__name__}")
+        if not isinstance(inherit, (list, tuple)):
+            raise InvalidArgumentError(f"inherit must be a list or tuple of NumPy arrays, got {type(inherit).__name__}")
         if pool is not None:
             if not isinstance(pool, Pool):
                 raise InvalidArgumentError(f"pool must be a shardc.Pool, got {type(pool).__name__}")
@@ -338,11 +290,14 @@ class Executor(_BaseExecutor):
                 CAPACITY, retries, _deliver, _accept, call.donemap, call.wake, diag, prepare, _reject
             )
             run_pool.ensure_alive()
+            if self._sharer is not None and run_pool.can_inherit:
+                self._inherit(inherit, plan, run_pool)
             diag.start(run_pool)
             sup = Supervisor(call, run_pool, sched, diag, Progress(CAPACITY, "Executor", False))
             sup.setup_all()
         except BaseException:
-            plan.release()
+            if plan.release() and run_pool is not None:
+                run_pool.released_inherited()
             if call.donemap is not None:
                 call.donemap.close()
             call.wake.close()
@@ -356,10 +311,27 @@ class Executor(_BaseExecutor):
         _live.add(self)
         weakref.finalize(self, self._engine.close)
 
+    def _inherit(self, arrays: Iterable[Any], plan: InputPlan, pool: Pool) -> None:
+        """Hold the eligible ``arrays`` and re-fork the workers to inherit them."""
+        sharer = self._sharer
+        assert sharer is not None
+        for arr in arrays:
+            if sharer.wants(arr) and sharer.inherited_desc(arr) is None and _inherit_mod.eligible(arr):
+                token = _inherit_mod.hold(arr)
+                plan.inherit_tokens.append(token)  # released with the plan, at the end of the call
+                sharer.inherit(arr, token)
+        if plan.inherit_tokens:
+            pool.refork(frozenset(plan.inherit_tokens), "fork after task arguments existed, to inherit them")
+
     # -- the Executor API ----------------------------------------------------------------
     @property
     def _broken(self) -> bool:
         return self._engine is not None and self._engine.broken is not None
+
+    @property
+    def inherits(self) -> bool:
+        """Whether the workers inherited arrays given as ``inherit=``."""
+        return self._sharer is not None and bool(self._sharer.inherited)
 
     @property
     def pool(self) -> Pool:
@@ -416,7 +388,9 @@ class Executor(_BaseExecutor):
         if timeout is not None:
             timeout = float(timeout)
         end = None if timeout is None else time.monotonic() + timeout
-        items: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
+        # One iterable: chunks of its items, not of 1-tuples (less to build and pickle).
+        one = len(iterables) == 1
+        items: Iterator[Any] = iter(iterables[0]) if one else zip(*iterables, strict=False)
         if chunksize is None:
             todo = list(items)
             per = 8 * self._max_workers
@@ -425,9 +399,10 @@ class Executor(_BaseExecutor):
         else:
             n = chunksize
         if n == 1:
-            fs = [self._submit(_CALL, fn, a, {}) for a in items]
+            fs = [self._submit(_CALL, fn, (a,) if one else a, {}) for a in items]
             return _ordered(fs, end, flat=False)
-        fs = [self._submit(_CHUNK, fn, chunk, None) for chunk in chunked(items, n)]
+        kind = _CHUNK1 if one else _CHUNK
+        fs = [self._submit(kind, fn, chunk, None) for chunk in chunked(items, n)]
         return _ordered(fs, end, flat=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -493,14 +468,14 @@ def _deliver(fut: Future[Any], ok: bool, value: Any) -> None:
         if name is None:
             fn = getattr(fut, "_shardc_fn", None)
             name = getattr(fn, "__qualname__", None) or repr(fn)
-        fut.set_exception(_task_error(name, value))
+        fut.set_exception(task_error(name, value))
 
 
 def _result(f: Future[Any], end: float | None) -> Any:
     return f.result() if end is None else f.result(end - time.monotonic())
 
 
-def chunked(items: Iterator[tuple[Any, ...]], n: int) -> Iterator[list[tuple[Any, ...]]]:
+def chunked(items: Iterator[Any], n: int) -> Iterator[list[Any]]:
     while True:
         chunk = list(itertools.islice(items, n))
         if not chunk:

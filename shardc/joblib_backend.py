@@ -119,6 +119,8 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         self.mem_cap = mem_cap
         self._executor: Executor | None = None
         self._pool: tuple[Pool, bool] | None = None
+        self._options: dict[str, Any] = {}
+        self._inherited = False  # the executor's workers inherited the first batch's arrays
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
@@ -158,31 +160,54 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
         share = max_nbytes if mmap_mode in ("r", "c") and max_nbytes is not None else None
-        if self._executor is not None:
+        if self._executor is not None or self._pool is not None:
             self.terminate()
         if initializer is not None:  # a pool of its own, whose workers ran it (joblib >= 1.5)
             init = functools.partial(initializer, *initargs)
             pool, private = self._pool = Pool(n_jobs, init_expr=init), True
         else:
             pool, private = self._pool = _take_pool(n_jobs)
-        try:
-            self._executor = Executor(
-                pool=pool,
-                max_retries=self.max_retries,
-                timeout=self.task_timeout,
-                mem_cap=self.mem_cap,
-                cow="allow" if mmap_mode == "c" else "deny",
-                max_nbytes=share or None,
-            )
-        except BaseException:
-            _give_back(pool, private)
-            self._pool = None
-            raise
+        self._options = {
+            "pool": pool,
+            "max_retries": self.max_retries,
+            "timeout": self.task_timeout,
+            "mem_cap": self.mem_cap,
+            "cow": "allow" if mmap_mode == "c" else "deny",
+            "max_nbytes": share or None,
+        }
+        if not share:  # nothing to inherit: start now (setup errors surface at configure)
+            self._start([])
         return n_jobs
 
+    def _start(self, first: Any) -> Executor:
+        """The executor, started at ``configure`` or, when big arrays may be
+        shared, at the first batch: the workers are then forked again to
+        inherit the big arrays among its arguments (``Executor(inherit=)``),
+        which costs no copy; arrays first seen in a later batch are copied."""
+        assert self._pool is not None, "configure() first"
+        arrays = [a for _f, args, kwargs in getattr(first, "items", ()) for a in (*args, *kwargs.values())]
+        try:
+            self._executor = Executor(**self._options, inherit=arrays)
+        except BaseException:
+            _give_back(*self._pool)
+            self._pool = None
+            raise
+        self._inherited = self._executor.inherits
+        return self._executor
+
+    def stop_call(self) -> None:
+        """The end of a Parallel call: an executor whose workers inherited
+        this call's arguments stops (a later call may pass changed arrays:
+        the next one starts afresh)."""
+        if self._inherited and self._executor is not None:
+            ex, self._executor = self._executor, None
+            ex.shutdown(wait=True)
+
     def submit(self, func: Any, callback: Any = None) -> Future[Any]:
-        assert self._executor is not None, "configure() first"
-        fut = self._executor.submit(func)
+        ex = self._executor
+        if ex is None:
+            ex = self._start(func)
+        fut = ex.submit(func)
         items = getattr(func, "items", None)
         if items:
             f = items[0][0]

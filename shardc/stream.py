@@ -79,7 +79,7 @@ class Waker:
 
     def drain(self) -> None:
         try:
-            while os.read(self._r, 4096):
+            while len(os.read(self._r, 4096)) == 4096:  # one read empties it (no EAGAIN raised) but for a flood
                 pass
         except OSError:
             pass
@@ -177,6 +177,7 @@ class StreamScheduler(Scheduler):
         self.refs: dict[int, tuple[Any, Any]] = {}  # slot -> (segments, shared descriptors) its data refers to
         self.closed = False
         self.next_fresh = capacity  # the base class's fresh-id counter is not used
+        self.outbox: list[tuple[Any, bool, Any]] = []  # outcomes held until the worker got its next task
 
     # -- the feed (any thread) ---------------------------------------------------------
     def feed(self, key: Any, data: Any, refs: tuple[Any, Any] | None = None) -> None:
@@ -208,7 +209,7 @@ class StreamScheduler(Scheduler):
 
     # -- the Scheduler interface (the supervisor's thread) -------------------------------
     def finished(self) -> bool:
-        return self.closed and not self.incoming and len(self.free) == self.num
+        return self.closed and not self.incoming and not self.outbox and len(self.free) == self.num
 
     def pending_count(self) -> int:
         return len(self.retry) + (len(self.incoming) if self.free else 0)
@@ -298,11 +299,28 @@ class StreamScheduler(Scheduler):
         diag = self.diag
         if len(diag.mem) > 4096 or len(diag.master_mem) > 4096:  # a long-lived call keeps the recent samples
             del diag.mem[:2048], diag.master_mem[:2048]
-        self.deliver(key, ok, value)
+        if not (self.incoming or self.retry):
+            self.deliver(key, ok, value)
+            return
+        # Tasks wait: the worker that reported gets its next one first (the
+        # dispatcher fills it after recording its outcomes), then the outcome
+        # is delivered (flush, on the wake): a delivery's callbacks (joblib
+        # dispatching its next batches) no longer keep the worker idle.
+        if not self.outbox:
+            self.waker.wake()
+        self.outbox.append((key, ok, value))
+
+    def flush(self) -> None:
+        """Deliver the outcomes held back by ``_release``."""
+        while self.outbox:
+            out, self.outbox = self.outbox, []
+            for key, ok, value in out:
+                self.deliver(key, ok, value)
 
     def drop_all(self) -> list[Any]:
         """Stop: every task not delivered is dropped (slots freed, nothing
         retried); returns their keys, in flight first, then those fed."""
+        self.flush()
         for sid, k in enumerate(self.keys):
             if k is not None:
                 self.state[sid] = FAILED
@@ -315,6 +333,7 @@ class StreamScheduler(Scheduler):
     def abandon(self) -> list[Any]:
         """The call stopped for good: the keys of every task not delivered
         (in flight, then fed), which the caller fails."""
+        self.flush()  # those done are delivered as they are
         keys = [k for k in self.keys if k is not None]
         self.keys = [None] * self.num
         self.data.clear()

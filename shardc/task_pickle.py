@@ -22,6 +22,8 @@ task of a ``__main__`` function costs about what a plain pickle does.
 
 from __future__ import annotations
 
+import collections
+import copyreg
 import hashlib
 import io
 import pickle
@@ -42,8 +44,20 @@ class ArgSharer:
     def __init__(self, max_nbytes: int) -> None:
         self.max_nbytes = max_nbytes
         self._seen: dict[int, tuple[Any, Shared]] = {}  # id -> (weakref, shared): verified once
+        # id -> (array, descriptor): arrays the workers inherited at fork (shardc.inherit), by reference
+        self.inherited: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
+
+    def inherit(self, arr: np.ndarray, token: int) -> None:
+        """``arr`` (held as ``token`` when the workers were forked) goes by token."""
+        self.inherited[id(arr)] = (arr, {"kind": "inherited", "token": token, "label": "task argument"})
+
+    def inherited_desc(self, obj: Any) -> dict[str, Any] | None:
+        hit = self.inherited.get(id(obj))
+        return hit[1] if hit is not None and hit[0] is obj else None
 
     def wants(self, obj: Any) -> bool:
+        if self.inherited and self.inherited_desc(obj) is not None:
+            return True
         return (
             type(obj) in (np.ndarray, np.memmap)
             and obj.nbytes >= self.max_nbytes
@@ -74,6 +88,10 @@ def _make_pickler(base: type) -> type:
         def persistent_id(self, obj: Any) -> Any:
             if not self.sharer.wants(obj):
                 return None
+            d = self.sharer.inherited_desc(obj)
+            if d is not None:
+                self.shared[id(obj)] = d
+                return ("shared", d)
             sh = self.sharer.share(obj)
             for s in sh.segments:
                 self.segments[s.key] = s
@@ -152,6 +170,73 @@ class _PlainSharingMain(_PlainSharing):  # type: ignore[misc,valid-type]
         return _by_value(obj)
 
 
+class _HasBig(Exception):
+    """Raised by the probe of :func:`_without_big`: the task has an array to share."""
+
+
+def _probe_table(base: Any, sharer: ArgSharer) -> Any:
+    """A dispatch table: ``base`` plus NumPy's two array types, whose reducer
+    raises :class:`_HasBig` for an array ``sharer`` wants (else the array
+    pickles as usual).  Consulted only for arrays, unlike ``persistent_id``,
+    which a Python pickler calls for every object (a joblib batch of 1,000
+    tiny calls: ~1 ms instead of ~0.09 ms)."""
+
+    def reduce_array(arr: Any) -> Any:
+        if sharer.wants(arr):
+            raise _HasBig
+        return arr.__reduce_ex__(5)
+
+    return collections.ChainMap({np.ndarray: reduce_array, np.memmap: reduce_array}, base)
+
+
+class _CloudProbe(cloudpickle.CloudPickler):
+    def __init__(self, file: Any, table: Any) -> None:
+        self.dispatch_table = table  # read by the C pickler's __init__ (the class attribute hides its slot)
+        super().__init__(file, protocol=5)
+
+
+class _MainProbe(pickle.Pickler):
+    """:func:`_without_big`'s probe when ``__main__`` goes by value:
+    ``reducer_override`` (not called for the builtin containers and scalars)
+    does both jobs."""
+
+    def __init__(self, file: Any, sharer: ArgSharer) -> None:
+        super().__init__(file, protocol=5)
+        self.sharer = sharer
+
+    def reducer_override(self, obj: Any) -> Any:
+        if self.sharer.wants(obj):
+            raise _HasBig
+        return _by_value(obj)
+
+
+def _without_big(task: tuple[Any, ...], sharer: ArgSharer, main_by_value: bool) -> bytes | None:
+    """The task pickled as without a sharer (pickle, else cloudpickle) when
+    it holds no array to share; None when it does (the sharing picklers then
+    run: their per-object cost is small next to such an array's)."""
+    buf = io.BytesIO()
+    p: pickle.Pickler
+    if main_by_value:
+        p = _MainProbe(buf, sharer)
+    else:
+        p = pickle.Pickler(buf, protocol=5)
+        p.dispatch_table = _probe_table(copyreg.dispatch_table, sharer)
+    try:
+        p.dump(task)
+        return buf.getvalue()
+    except _HasBig:
+        return None
+    except Exception:  # noqa: BLE001, S110 - cloudpickle is the general path
+        pass
+    buf = io.BytesIO()
+    cp = _CloudProbe(buf, _probe_table(cloudpickle.CloudPickler.dispatch_table, sharer))
+    try:
+        cp.dump(task)
+    except _HasBig:
+        return None
+    return buf.getvalue()
+
+
 def dumps_task(
     task: tuple[Any, ...], sharer: ArgSharer | None, main_by_value: bool = False
 ) -> tuple[bytes, tuple[Any, Any] | None]:
@@ -167,7 +252,14 @@ def dumps_task(
     buf = io.BytesIO()
     if sharer is None:
         fn = task[1]
-        if isinstance(fn, types.FunctionType) and fn.__module__ == "__main__":
+        if getattr(fn, "__module__", None) != "__main__":
+            try:  # the usual case, fastest: nothing of __main__ in the task (a plain pickle names it)
+                blob = pickle.dumps(task, protocol=5)
+                if b"__main__" not in blob:
+                    return blob, None
+            except Exception:  # noqa: BLE001, S110 - the general path below
+                pass
+        elif isinstance(fn, types.FunctionType):
             try:  # the usual case, fast: only the function is __main__'s
                 ref = main_ref(fn)
                 blob = pickle.dumps((task[0], ref, *task[2:]), protocol=5)
@@ -183,6 +275,10 @@ def dumps_task(
                 return cloudpickle.dumps(task, protocol=5), None
             except Exception:  # noqa: BLE001 - by value failed (e.g. an unpicklable global):
                 return pickle.dumps(task, protocol=5), None  # by reference, as for forked workers
+    probed = _without_big(task, sharer, main_by_value)
+    if probed is not None:
+        return probed, None
+    buf = io.BytesIO()
     p = (_PlainSharingMain if main_by_value else _PlainSharing)(buf, sharer)
     try:
         p.dump(task)

@@ -86,6 +86,8 @@ COALESCE_S = 0.002
 
 
 def _shared_key(d: dict[str, Any]) -> tuple[Any, ...]:
+    if d["kind"] == "inherited":  # an open call's task argument inherited at fork
+        return ("inherited", d["token"])
     return (tuple(d["segs"]), d["offset"], d["shape"], d["strides"], str(d["dtype"]))
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import gc
 import os
+import pickle
 import signal
 import threading
 import time
@@ -95,6 +97,9 @@ def test_submit_map_and_futures_api():
         assert ex.submit(add, 2, y=5).result(timeout=30) == 7
         assert list(ex.map(square, range(20))) == [i * i for i in range(20)]
         assert list(ex.map(add, range(20), range(20), chunksize=7)) == [2 * i for i in range(20)]
+        items = [(1, 2), (3,), (), (4, 5, 6)]  # one iterable of tuples: each item is one argument
+        for cs in (None, 1, 3):
+            assert list(ex.map(len, items, chunksize=cs)) == [2, 1, 0, 3]
         fs = [ex.submit(square, i) for i in range(50)]
         done, pending = cf.wait(fs, timeout=30)
         assert not pending and sorted(f.result() for f in done) == sorted(i * i for i in range(50))
@@ -165,6 +170,7 @@ def test_borrow_reaches_every_task_zero_copy_and_read_only():
         assert [o[0] for o in out] == [float(X[i].sum()) for i in range(8)]
         # one mapping per worker, reused by every task (the same address in a worker)
         assert len({o[2] for o in out}) <= 2
+        assert list(ex.map(row_sum, range(8), chunksize=3)) == out  # chunks of one iterable's items
         with pytest.raises(BorrowedInputWriteError):
             ex.submit(write_x).result(timeout=30)
         assert X[0, 0] == 0.0
@@ -208,6 +214,8 @@ def test_bad_arguments_are_refused_before_any_worker_starts():
         shardc.Executor(1, borrow={"not an identifier": 1})
     with pytest.raises(InvalidArgumentError, match="timeout"):
         shardc.Executor(1, timeout=-1)
+    with pytest.raises(InvalidArgumentError, match="inherit must be a list or tuple"):
+        shardc.Executor(1, max_nbytes="1M", inherit=np.ones(4))
     with shardc.Executor(1) as ex:
         with pytest.raises(InvalidArgumentError, match="chunksize"):
             ex.map(square, range(3), chunksize=0)
@@ -282,3 +290,76 @@ def test_max_nbytes_shares_big_array_arguments_zero_copy_read_only():
         ex.submit(arg_write, small).result(timeout=30)  # under max_nbytes: pickled, a private copy
     with shardc.Executor(1) as ex:  # default: pickled, as ProcessPoolExecutor does
         ex.submit(arg_write, X).result(timeout=30)
+
+
+def _counting_wants(sharer, calls, obj):
+    from shardc.task_pickle import ArgSharer
+
+    calls.append(type(obj))
+    return ArgSharer.wants(sharer, obj)
+
+
+def test_task_pickling_shares_only_wanted_arrays_and_skips_the_slow_pickler_otherwise():
+    from shardc.task_pickle import ArgSharer, dumps_task
+
+    sharer = ArgSharer(1000)
+    big, small = np.arange(1000.0), np.arange(3.0)
+    fn = lambda x: x  # noqa: E731 - needs cloudpickle
+    for by_value in (False, True):
+        for f in (len, fn):
+            blob, refs = dumps_task((0, f, ({"deep": [small]},), {}), sharer, by_value)
+            assert refs is None and b"shared" not in blob
+            assert pickle.loads(blob)[2][0]["deep"][0].tolist() == [0.0, 1.0, 2.0]
+            blob, refs = dumps_task((0, f, ([{"deep": (big,)}],), {}), sharer, by_value)
+            assert refs is not None and len(refs[1]) == 1 and refs[1][0]["shape"] == (1000,)
+        # a task with no big array never reaches the per-object persistent_id pickler
+        calls: list[type] = []
+        sharer.wants = functools.partial(_counting_wants, sharer, calls)  # type: ignore[method-assign]
+        dumps_task((0, len, ([small] * 3, list(range(100)), "x"), {}), sharer, by_value)
+        del sharer.wants
+        assert np.ndarray in calls and len(calls) <= 8  # not once per item of the 100-item list
+
+
+def test_lambda_task_with_a_big_array_shares_it_read_only():
+    X = np.ones((512, 512))
+    with shardc.Executor(1, max_nbytes="1M") as ex:
+        with pytest.raises(BorrowedInputWriteError, match="'task argument'"):
+            ex.submit(lambda A: A.__setitem__((3, 0), 5.0), X).result(timeout=30)
+        assert ex.submit(lambda A: float(A.sum()), X).result(timeout=30) == 512.0 * 512
+
+
+def touch_then_sleep(path, t):
+    open(path, "w").close()
+    time.sleep(t)
+    return path
+
+
+def test_a_worker_gets_its_next_task_before_the_outcome_callbacks_run(tmp_path):
+    """A done-callback runs in the engine thread (joblib dispatches its next
+    batches there): the worker that reported must not idle meanwhile."""
+    marker = str(tmp_path / "b-started")
+    seen = []
+
+    def callback(_f):  # blocks the engine thread until B runs (or 5 s)
+        end = time.monotonic() + 5
+        while not os.path.exists(marker) and time.monotonic() < end:
+            time.sleep(0.005)
+        seen.append(os.path.exists(marker))
+
+    with shardc.Executor(1) as ex:
+        a = ex.submit(sleeper, 0.3)
+        a.add_done_callback(callback)
+        b = ex.submit(touch_then_sleep, marker, 0.0)
+        assert a.result(timeout=30) == 0.3 and b.result(timeout=30) == marker
+    assert seen == [True]
+
+
+def blob(n):
+    return bytes(range(256)) * (n // 256)
+
+
+def test_big_and_small_messages_alternate_intact():
+    """The channel reads small messages with a small buffer, big ones with a big one."""
+    with shardc.Executor(1) as ex:
+        for n in (256, 3 << 20, 512, (1 << 16) - 256, 1 << 16, 5 << 20, 256):
+            assert ex.submit(blob, n).result(timeout=30) == blob(n)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -127,3 +128,63 @@ def test_sklearn_cross_val_score_and_grid_search_match_loky():
     np.testing.assert_array_equal(res["loky"][0], res["shardc"][0])
     assert res["loky"][1] == res["shardc"][1]
     np.testing.assert_array_equal(res["loky"][2], res["shardc"][2])
+
+
+def read_then_write(X):
+    before = float(X[0, 0])
+    X[0, 0] = -1.0
+    return before
+
+
+def die_once_sum(X, i, marker):
+    if i == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return X.ctypes.data, float(X[i].sum())
+
+
+def _copied(X):
+    from shardc.share import default_cache
+
+    return any(wr() is X for wr, _ in default_cache._entries.values())
+
+
+def test_big_array_of_the_first_batch_is_inherited_at_fork_not_copied(monkeypatch, tmp_path):
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)  # its threads (a test above ran loky) rule out a fork
+    monkeypatch.setenv("SHARDC_INHERIT_MIN_BYTES", str(1 << 20))
+    X = np.ones((1024, 256))  # 2 MiB >= max_nbytes and the inheritance threshold
+    with parallel_config(backend="shardc", n_jobs=2):
+        out = Parallel()(delayed(address_and_sum)(X, i) for i in range(16))
+        assert [o[1] for o in out] == [256.0] * 16
+        # the workers were forked again while X existed: the very same pages, at X's own address
+        assert {o[0] for o in out} == {X.ctypes.data}
+        assert not _copied(X)
+        with pytest.raises(BorrowedInputWriteError, match=r"element \[0, 0\]"):
+            Parallel()(delayed(write_first)(X) for _ in range(2))
+        assert X[0, 0] == 1.0
+        # mmap_mode="c": a write stays private, and the next task sees X pristine again
+        assert Parallel(mmap_mode="c", batch_size=1)(delayed(read_then_write)(X) for _ in range(6)) == [1.0] * 6
+        assert X[0, 0] == 1.0 and not _copied(X)
+        marker = str(tmp_path / "m")  # a crash: the replacement worker inherits X too
+        out = Parallel(batch_size=1)(delayed(die_once_sum)(X, i, marker) for i in range(6))
+        assert os.path.exists(marker) and out == [(X.ctypes.data, 256.0)] * 6
+    # one Parallel object for several calls: each call sees the array as it is then
+    with Parallel(n_jobs=2, backend="shardc") as par:
+        assert par(delayed(address_and_sum)(X, i) for i in range(4))[0][1] == 256.0
+        X[0] = 2.0
+        assert [o[1] for o in par(delayed(address_and_sum)(X, i) for i in range(4))] == [512.0, 256.0, 256.0, 256.0]
+    assert not _copied(X)
+    # a caller with another thread alive: workers come from the fork server, X is copied
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, name="h15-busy")
+    t.start()
+    try:
+        with parallel_config(backend="shardc", n_jobs=2):
+            out = Parallel()(delayed(address_and_sum)(X, i) for i in range(4))
+        assert [o[1] for o in out] == [512.0, 256.0, 256.0, 256.0] and X.ctypes.data not in {o[0] for o in out}
+        assert _copied(X)
+    finally:
+        stop.set()
+        t.join()
