@@ -31,6 +31,7 @@ here imports Dask or Ray; :func:`backend_for` imports the one asked for.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import time
@@ -64,6 +65,7 @@ class Backend(Protocol):
     opts: Cluster
     call_lock: Any  # one call at a time per session
     cache: InputCache  # the content keys the session holds on the nodes
+    shard_seconds: dict[str, float]  # job signature -> seconds per shard its last call measured
 
     def usable(self, engine: Any) -> bool: ...
     def nodes(self) -> dict[str, dict[str, Any]]: ...
@@ -80,13 +82,16 @@ class Backend(Protocol):
 class MacroPlanner:
     """Cuts ``0..n-1`` into macro-shards of about ``target`` seconds, in order."""
 
-    def __init__(self, n: int, nodes: int, target: float, workers: int = 1) -> None:
+    def __init__(self, n: int, nodes: int, target: float, workers: int = 1, per_shard: float | None = None) -> None:
         self.n = n
         self.nodes = max(1, nodes)
         self.target = target
         self.workers = max(1, workers)  # a macro-shard has at least this many shards (when left): the node's pool
         self.next_lo = 0
-        self.per_shard: float | None = None  # seconds per shard, running mean
+        # Seconds per shard, running mean; ``per_shard``: what an earlier call of the
+        # same job measured (the session remembers it), so the first macro-shards are
+        # sized at once instead of being small probes that leave the node waiting.
+        self.per_shard: float | None = per_shard
         self.first = max(self.workers, min(n // (self.nodes * 64), 4096))
 
     def has_next(self) -> bool:
@@ -109,6 +114,18 @@ class MacroPlanner:
     def observe(self, count: int, seconds: float) -> None:
         per = seconds / max(1, count)
         self.per_shard = per if self.per_shard is None else 0.5 * self.per_shard + 0.5 * per
+
+
+def job_signature(job: dict[str, Any]) -> str:
+    """What makes two calls the same job for the planner: the function (or kernel) by
+    value, the descriptor's shape and the local options (a hint only: results never
+    depend on it)."""
+    h = hashlib.sha1(job["fun"] or job["kernel"] or b"")
+    d = job["desc"]
+    h.update(
+        repr((job["kernel_name"], d.n, d.block_size, d.strategy, d.num_shards, sorted(job["local"].items()))).encode()
+    )
+    return h.hexdigest()
 
 
 def _input_array(name: str, obj: Any) -> tuple[dict[str, Any], np.ndarray, Any]:
@@ -257,7 +274,9 @@ def _call(backend: Any, opts: Cluster, job: dict[str, Any], inputs: list[np.ndar
     keys = {s["key"]: int(a.nbytes) for s, a in zip(job["inputs"], inputs, strict=True)}
     new, drop = backend.cache.use(keys, opts.input_cache_bytes)
     job["keep"] = list(backend.cache.sizes)
-    run = _Run(backend, opts, desc.num_shards, len(nodes), outs, job["local"].get("workers"))
+    hints = backend.shard_seconds  # per job signature: the seconds per shard its last call measured
+    sig = job_signature(job)
+    run = _Run(backend, opts, desc.num_shards, len(nodes), outs, job["local"].get("workers"), hints.get(sig))
     run.nodes_at_start = nodes
     run.t_start_ns = time.monotonic_ns()
     run.cached_keys = len(keys) - len(new)
@@ -266,6 +285,11 @@ def _call(backend: Any, opts: Cluster, job: dict[str, Any], inputs: list[np.ndar
         run.loop()
     finally:
         backend.finish()
+    if run.planner.per_shard is not None:
+        hints.pop(sig, None)
+        hints[sig] = run.planner.per_shard
+        while len(hints) > 64:  # the oldest first
+            hints.pop(next(iter(hints)))
     return run
 
 
@@ -280,12 +304,13 @@ class _Run:
         n_nodes: int,
         outs: dict[str, np.ndarray],
         local_workers: Any = None,
+        per_shard: float | None = None,
     ) -> None:
         self.backend = backend
         self.opts = opts
         self.n = n
         w = local_workers if isinstance(local_workers, int) else 1
-        self.planner = MacroPlanner(n, n_nodes, opts.macro_seconds, w)
+        self.planner = MacroPlanner(n, n_nodes, opts.macro_seconds, w, per_shard)
         self.n_nodes = n_nodes
         self.results: list[Any] = [None] * n
         self.failures: dict[int, ShardFailure] = {}
