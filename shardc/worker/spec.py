@@ -36,6 +36,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     pos = args is not None
     bare = pos and not args  # fun(shard): no argument tuple to unpack
     cls = getattr(make, "block_class", None)
+    off = getattr(make, "id_offset", 0)  # a window of a bigger descriptor (a cluster macro-shard): global ids
     new = object.__new__
     row = ex.row
     run_c, rh = row.run_call(done)
@@ -52,12 +53,12 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
             shard = make(sid, entropy)
         else:  # the maker's BlockShard made inline: no call (~0.1 us of a ~0.3 us shard)
             shard = new(cls)
-            shard.id = sid
+            shard.id = sid + off
             shard._seedseq = entropy
             shard._rng = None
         try:
             if seeded:
-                seed_legacy(entropy, sid)
+                seed_legacy(entropy, shard.id)  # the global id (a cluster agent runs a window)
             value = fun(shard) if bare else fun(shard, *args) if pos else fun(shard, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             t1 = run_c(rh, a, sid - a, rmark, 0, 0)  # the run ends before sid: its marks, IDLE
@@ -109,6 +110,7 @@ def run_spec_block(
     pos = args is not None
     bare = pos and not args  # fun(shard): no argument tuple to unpack
     cls = getattr(make, "block_class", None)
+    off = getattr(make, "id_offset", 0)  # a window of a bigger descriptor (a cluster macro-shard): global ids
     new = object.__new__
     row = ex.row
     run_c, rh = row.run_call(done)
@@ -124,12 +126,12 @@ def run_spec_block(
             shard = make(sid, entropy)
         else:  # the maker's BlockShard made inline: no call (~0.1 us of a ~0.3 us shard)
             shard = new(cls)
-            shard.id = sid
+            shard.id = sid + off
             shard._seedseq = entropy
             shard._rng = None
         try:
             if seeded:
-                seed_legacy(entropy, sid)
+                seed_legacy(entropy, shard.id)  # the global id (a cluster agent runs a window)
             value = fun(shard) if bare else fun(shard, *args) if pos else fun(shard, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - everything is reported
             t1 = run_c(rh, a, sid - a, 1, 0, 0)  # the run ends before sid: its marks, IDLE

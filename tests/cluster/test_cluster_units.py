@@ -234,3 +234,24 @@ def test_a_sealed_copy_is_hashed_once_and_a_plain_array_through_the_share_cache(
     with shardc.buffer("f8", 200_000) as b:  # writable: no sealed copy, hashed per call
         assert _input_array("b", b)[2] is None
     h.close()
+
+
+def _seeded_tiny(shard: object, o: np.ndarray) -> None:
+    import random
+
+    o[shard.id] = shard.id * 1000 + int(random.random() * 1000) + (shard.start == shard.id)  # type: ignore[attr-defined]
+
+
+def test_windows_of_tiny_seeded_shards_equal_a_local_run() -> None:
+    """A macro-shard's window runs tiny shards through the workers' speculative loops, which
+    make each shard inline: ids, starts and the legacy seeding (seed=) stay global, so the
+    windows together write exactly what one local call writes."""
+    n = 40_000
+    d = shardc.shards(n, block_size=1)
+    opts = {"seed": 7, "autotune": False, "dispatch_mode": "shm_queue", "dispatch_opts": {"block_size": 512}}
+    with shardc.buffer("i8", n) as ref, shardc.buffer("i8", n) as got:
+        shardc.shard_map(d, _seeded_tiny, out={"o": ref}, workers=2, **opts)
+        for lo, hi in [(0, 1000), (1000, 25_000), (25_000, n)]:
+            shardc.shard_map(WindowDescriptor(d, lo, hi), _seeded_tiny, out={"o": got}, workers=2, **opts)
+        assert np.array_equal(ref.array, got.array)
+        assert got.array[-1] // 1000 == n - 1
