@@ -104,7 +104,11 @@ class MacroPlanner:
         else:
             want = self.target / max(self.per_shard, 1e-9)
             floor = 0.1 * self.target / max(self.per_shard, 1e-9)  # tail pieces still amortise the round trip
-            size = round(max(min(want, left / (2 * self.nodes)), floor, self.workers))
+            # Two pieces per node of what is left, so the nodes' last macro-shards end
+            # together; one node has nothing to balance: it takes up to ``want`` at once
+            # (each macro-shard is a local call, with its set-up and out-buffer compare).
+            parts = 2 * self.nodes if self.nodes > 1 else 1
+            size = round(max(min(want, left / parts), floor, self.workers))
         if left - size < self.workers:
             size = left  # no remainder too small to keep the node's pool busy
         lo = self.next_lo

@@ -122,6 +122,10 @@ def test_planner_sizes_the_first_macro_shards_from_an_earlier_calls_measure() ->
     big = MacroPlanner(1_000_000, 2, 2.0, per_shard=1e-5)
     lo, hi = big.take()
     assert lo == 0 and hi == 200_000  # 2 s worth at once
+    one = MacroPlanner(3_000_000, 1, 2.0, per_shard=3e-7)  # one node, 0.9 s of work: one macro-shard
+    assert one.take() == (0, 3_000_000)
+    one = MacroPlanner(30_000_000, 1, 2.0, per_shard=3e-7)  # 9 s of work: ~2 s pieces
+    assert one.take() == (0, round(2.0 / 3e-7))
     probe = MacroPlanner(8, 1, 2.0, workers=2)
     assert probe.take() == (0, 2)  # without a measure: a probe of the pool's size
 
