@@ -11,7 +11,8 @@
       ▼
     driver loop (this module)                         one per call
       │ MacroPlanner: macro-shards lo..hi-1, sized to take ~macro_seconds
-      │   (first ones small, to learn the shard time), handed out dynamically:
+      │   (first ones small, to learn the shard time, unless the session ran the
+      │   same job before: .shard_seconds), handed out dynamically:
       │   at most inflight_per_node per node outstanding, the engine picks the node
       │ Backend.submit -> node.run_macro (in the engine's worker) -> the node's agent
       │ each reply: values into results (shard order), failures (global ids),
