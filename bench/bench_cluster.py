@@ -1,7 +1,9 @@
 """shard_map on a 1-node Dask (and Ray) cluster vs the local pool, and vs the same jobs written in Dask and Ray.
 
 Measures (medians of ``--repeats`` runs, default 5, all in ONE run of this
-script so the ratios share the machine's load):
+script so the ratios share the machine's load; the forms a ratio compares run
+in interleaved rounds, :class:`Rounds`, and the ratio is the median of the
+per-round ratios, so a load spike from other jobs hits both sides):
 
 * ``tiny``: N trivial shards (``o[shard.id] = shard.id``; N = 2M, ``--quick``
   200k).  shardc local (``profile="speed"``: shm_queue, 2 workers); shardc on a
@@ -36,6 +38,21 @@ script so the ratios share the machine's load):
   SIGKILLed 1 s in: the run's wall time against an undisturbed one, and the
   time from the kill until the lost macro-shard was done on the other node
   (against that macro-shard's own duration: the rest is detection + restart).
+
+Like for like (checked): every peer runs on 2 worker processes (a 2-worker
+``LocalCluster``, ``ray.init(num_cpus=2)``) as shardc does (one node whose
+agent runs a pool of 2); every form runs the same kernel (the per-block NumPy
+``mean``/``var`` of ``block_stats``/``colstats``, what a Dask or Ray user
+would write per row block of columns; shardc's native col_stats kernel is not
+used here); the tiny items do the same Python work in every batched form (a
+list of ``tiny_item(i)`` per batch of 250k).  What is not timed: the peers'
+scatter/``ray.put`` of the matrix, and for shardc the first call (agent start
++ the node transfer, reported on its own line); shardc's repeated calls with
+a plain array still check it (one ``memcmp`` of 1 GiB against the sealed copy,
+which is what guarantees nothing stale is served), so the strictly equal form
+is a ``shardc.share(X)`` handle made once and not timed, reported alongside
+(``*_share_handle``).  Ratios are named ``A_vs_B`` = speed of A / speed of B
+(> 1: A faster); the per-item, batched and cross-form ratios are kept apart.
 
 Does not measure: real networks (loopback only), more than one machine's
 cores (two "nodes" share 2 cores).  The machine is shared with other jobs:
@@ -73,6 +90,27 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         last = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), last
+
+
+class Rounds:
+    """The forms compared, timed in interleaved rounds (A, B, C, A, B, C, ...): on a machine
+    shared with other jobs each round's forms see about the same load.  ``vs(a, b)``: the
+    median over rounds of (time of b / time of a), i.e. a's speed over b's (> 1: a faster)."""
+
+    def __init__(self, forms: dict[str, Callable[[], Any]], repeats: int) -> None:
+        self.times: dict[str, list[float]] = {k: [] for k in forms}
+        self.last: dict[str, Any] = {}
+        for _ in range(repeats):
+            for k, fn in forms.items():
+                t0 = time.perf_counter()
+                self.last[k] = fn()
+                self.times[k].append(time.perf_counter() - t0)
+
+    def t(self, k: str) -> float:
+        return statistics.median(self.times[k])
+
+    def vs(self, a: str, b: str) -> float:
+        return statistics.median(tb / ta for ta, tb in zip(self.times[a], self.times[b], strict=True))
 
 
 def tiny(shard: Any, o: Any) -> None:
@@ -143,17 +181,16 @@ def main() -> None:
         assert X is not None
         run_ray(n_tiny, X, r)
     shardc.pool_stop()
+    print(f"# load average at the end {os.getloadavg()}", flush=True)
 
 
 def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     with shardc.buffer("i8", n_tiny) as o:
-        t_local, _ = median_time(lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"), r)
-        t_first, _ = median_time(
-            lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1), 1
-        )
-        t_cl, res = median_time(
-            lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1), r
-        )
+        local = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed")  # noqa: E731
+        on = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1)  # noqa: E731
+        t_first, _ = median_time(on, 1)
+        rd = Rounds({"local": local, "cluster": on}, r)
+        t_local, t_cl, res = rd.t("local"), rd.t("cluster"), rd.last["cluster"]
         assert np.array_equal(o.array, np.arange(n_tiny))
     rate, fixed = steady_rate(res)
     emit("tiny.local", n_tiny / t_local, "items/s")
@@ -161,7 +198,7 @@ def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     emit("tiny.cluster1", n_tiny / t_cl, "items/s")
     emit("tiny.cluster1_steady", rate, "items/s")
     emit("tiny.cluster1_fixed_cost", fixed, "s")
-    emit("tiny.cluster1_vs_local", t_local / t_cl, "x")
+    emit("tiny.cluster1_vs_local", rd.vs("cluster", "local"), "x")
     emit("tiny.cluster1_steady_vs_local", rate / (n_tiny / t_local), "x")
     n_map = 2_000  # per-task scheduling runs at a few hundred to a few thousand tasks/s: a subset, as a rate
     t_map, _ = median_time(lambda: c2.gather(c2.map(tiny_item, range(n_map), pure=False)), r)
@@ -171,11 +208,25 @@ def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     n_bag = min(n_tiny, 100_000)  # a subset too, reported as a rate
     t_bag, _ = median_time(lambda: db.from_sequence(range(n_bag), npartitions=8).map(tiny_item).compute(), r)
     emit("tiny.dask_bag", n_bag / t_bag, "items/s")
+    # Dask's batched client.map (8 tasks over ranges, as Ray's batched tasks): its gather of
+    # Python lists is slow here (minutes for 2M ints), so on n_bag items too, as a rate.
+    sb = -(-n_bag // 8)
+    t_db, out = median_time(
+        lambda: c2.gather(
+            c2.map(ray_batch, range(0, n_bag, sb), [min(n_bag, lo + sb) for lo in range(0, n_bag, sb)], pure=False)
+        ),
+        r,
+    )
+    assert sum(len(b) for b in out) == n_bag
+    emit("tiny.dask_batched_client_map", n_bag / t_db, "items/s")
     bd = shardc.shards(n_tiny, block_size=-(-n_tiny // 8))
     t_sb, res = median_time(lambda: shardc.shard_map(bd, batch_shard, workers=2, cluster=on1), r)
     assert sum(len(b) for b in res.results) == n_tiny
     emit("tiny.cluster1_batched", n_tiny / t_sb, "items/s")
-    emit("tiny.cluster1_vs_dask_bag", (n_tiny / t_cl) / (n_bag / t_bag), "x")
+    # Like for like: a shard per item against a task per item, batches against batches.
+    emit("tiny.cluster1_vs_dask_client_map", (n_tiny / t_cl) / (n_map / t_map), "x")
+    emit("tiny.cluster1_batched_vs_dask_batched_client_map", (n_tiny / t_sb) / (n_bag / t_db), "x")
+    emit("tiny.cluster1_batched_vs_dask_bag", (n_tiny / t_sb) / (n_bag / t_bag), "x")
 
 
 def slow(shard: Any, o: Any) -> None:
@@ -225,7 +276,8 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
     d = shardc.shards(cols, block_size=BLOCK)
     mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
     emit("colstats.bytes", X.nbytes, "B")
-    t_local, _ = median_time(lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}), r)
+    ref_res = shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var})  # warms the sealed copy
+    assert not ref_res.failures
     ref = (mean.array.copy(), var.array.copy())
     mean.array[:] = 0
     var.array[:] = 0
@@ -234,48 +286,73 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
         return shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2, cluster=on1)
 
     t_first, first = median_time(on_cluster, 1)
-    t_cl, res = median_time(on_cluster, r)
     assert np.array_equal(mean.array, ref[0]) and np.array_equal(var.array, ref[1])
-    c = res.diagnostics.cluster
-    t_hash, _ = median_time(lambda: content_key(X), 3)
-    emit("colstats.local", t_local, "s")
-    emit("colstats.cluster1_first_call", t_first, "s")
-    emit("colstats.cluster1_first_call.bytes_inputs_per_node", first.diagnostics.cluster["bytes_inputs_per_node"], "B")
-    emit("colstats.cluster1", t_cl, "s")
-    emit("colstats.cluster1.bytes_inputs_per_node", c["bytes_inputs_per_node"], "B")
-    emit("colstats.cluster1.bytes_copied_on_nodes", sum(n["bytes_inputs"] for n in c["nodes"].values()), "B")
-    emit("colstats.content_hash", t_hash, "s")
-    emit("colstats.cluster1_vs_local", t_local / t_cl, "x")
-    busy = sum(m["seconds"] for m in c["macros"])
-    emit("colstats.cluster1_in_macros", busy, "s")
-    emit("colstats.cluster1_in_macros_vs_local", t_local / busy, "x")
-    for name, n in c["nodes"].items():
-        emit(f"colstats.cluster1.node_inputs[{name}]", n["bytes_inputs"], "B")
-        emit(f"colstats.cluster1.node_replies[{name}]", n["bytes_replies"], "B")
-        emit(f"colstats.cluster1.node_engine_peak_rss[{name}]", n["engine_peak_rss"], "B")
-        emit(f"colstats.cluster1.node_agent_peak_rss[{name}]", n["agent_peak_rss"], "B")
+    # The peers' input is put/scattered once and not timed; shardc's like-for-like form
+    # is a sealed shardc.share(X) handle, made once and not timed either: a repeated call
+    # then neither sends nor checks the 1 GiB (a plain array is checked, one memcmp a call).
+    Xs = shardc.share(X)
 
+    def on_cluster_shared() -> shardc.ShardResult:
+        return shardc.shard_map(d, colstats, borrow={"X": Xs}, out={"mean": mean, "var": var}, workers=2, cluster=on1)
+
+    median_time(on_cluster_shared, 1)  # hashes the handle's key once (the same bytes: nothing sent)
     t0 = time.perf_counter()
     xf = c2.scatter(X, broadcast=True, hash=False)
-    emit("colstats.dask_scatter", time.perf_counter() - t0, "s")
+    t_scatter = time.perf_counter() - t0
     nb = cols // BLOCK
-
-    def dask_map() -> Any:
-        return c2.gather(c2.map(block_stats, [xf] * nb, range(nb), pure=False))
-
-    t_map, _ = median_time(dask_map, r)
     import dask.array as da
 
     def dask_array() -> Any:
         A = da.from_delayed(xf, shape=X.shape, dtype=X.dtype).rechunk((rows, BLOCK))
         return da.compute(A.mean(axis=0), A.var(axis=0))
 
-    t_arr, out = median_time(dask_array, r)
-    assert np.allclose(out[0], ref[0])
-    emit("colstats.dask_client_map", t_map, "s")
-    emit("colstats.dask_array", t_arr, "s")
-    emit("colstats.cluster1_vs_dask_client_map", t_map / t_cl, "x")
-    emit("colstats.cluster1_vs_dask_array", t_arr / t_cl, "x")
+    rd = Rounds(
+        {
+            "local": lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}),
+            "cluster": on_cluster,
+            "local_share": lambda: shardc.shard_map(d, colstats, borrow={"X": Xs}, out={"mean": mean, "var": var}),
+            "cluster_share": on_cluster_shared,
+            "dask_map": lambda: c2.gather(c2.map(block_stats, [xf] * nb, range(nb), pure=False)),
+            "dask_array": dask_array,
+        },
+        r,
+    )
+    assert np.array_equal(mean.array, ref[0]) and np.array_equal(var.array, ref[1])
+    assert np.allclose(np.concatenate([m for m, _ in rd.last["dask_map"]]), ref[0])
+    assert np.allclose(rd.last["dask_array"][0], ref[0])
+    res, res_s = rd.last["cluster"], rd.last["cluster_share"]
+    c = res.diagnostics.cluster
+    t_hash, _ = median_time(lambda: content_key(X), 3)
+    emit("colstats.local", rd.t("local"), "s")
+    emit("colstats.cluster1_first_call", t_first, "s")
+    emit("colstats.cluster1_first_call.bytes_inputs_per_node", first.diagnostics.cluster["bytes_inputs_per_node"], "B")
+    emit("colstats.cluster1", rd.t("cluster"), "s")
+    emit("colstats.cluster1.bytes_inputs_per_node", c["bytes_inputs_per_node"], "B")
+    emit("colstats.cluster1.bytes_copied_on_nodes", sum(n["bytes_inputs"] for n in c["nodes"].values()), "B")
+    emit("colstats.content_hash", t_hash, "s")
+    emit("colstats.cluster1_vs_local", rd.vs("cluster", "local"), "x")
+    busy = sum(m["seconds"] for m in c["macros"])
+    emit("colstats.cluster1_in_macros", busy, "s")
+    emit("colstats.cluster1_macro_shards", len(c["macros"]), "macro-shards")
+    for name, n in c["nodes"].items():
+        emit(f"colstats.cluster1.node_inputs[{name}]", n["bytes_inputs"], "B")
+        emit(f"colstats.cluster1.node_replies[{name}]", n["bytes_replies"], "B")
+        emit(f"colstats.cluster1.node_engine_peak_rss[{name}]", n["engine_peak_rss"], "B")
+        emit(f"colstats.cluster1.node_agent_peak_rss[{name}]", n["agent_peak_rss"], "B")
+    emit("colstats.local_share_handle", rd.t("local_share"), "s")
+    emit("colstats.cluster1_share_handle", rd.t("cluster_share"), "s")
+    emit(
+        "colstats.cluster1_share_handle.bytes_inputs_per_node", res_s.diagnostics.cluster["bytes_inputs_per_node"], "B"
+    )
+    emit("colstats.cluster1_share_handle_vs_local_share_handle", rd.vs("cluster_share", "local_share"), "x")
+    emit("colstats.dask_scatter", t_scatter, "s")
+    emit("colstats.dask_client_map", rd.t("dask_map"), "s")
+    emit("colstats.dask_array", rd.t("dask_array"), "s")
+    emit("colstats.cluster1_vs_dask_client_map", rd.vs("cluster", "dask_map"), "x")
+    emit("colstats.cluster1_vs_dask_array", rd.vs("cluster", "dask_array"), "x")
+    emit("colstats.cluster1_share_handle_vs_dask_client_map", rd.vs("cluster_share", "dask_map"), "x")
+    emit("colstats.cluster1_share_handle_vs_dask_array", rd.vs("cluster_share", "dask_array"), "x")
+    Xs.close()
     xf.release()
 
     # -- a changed input: sent again, never served stale ---------------------------------------
@@ -320,7 +397,7 @@ def ray_blocks(X: np.ndarray, js: list[int]) -> list[tuple[np.ndarray, np.ndarra
 
 
 def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
-    """shardc on a one-node Ray runtime against Ray tasks written directly (same run)."""
+    """shardc on a one-node Ray runtime against Ray tasks written directly (same run, interleaved rounds)."""
     import ray
 
     rows, cols = X.shape
@@ -328,62 +405,94 @@ def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
     try:
         item, batch, blocks = (ray.remote(f) for f in (ray_item, ray_batch, ray_blocks))
         on = Cluster("ray", macro_seconds=2.0)
+        n_task = 2_000
+        step = -(-n_tiny // 8)
+        bd = shardc.shards(n_tiny, block_size=step)
         with shardc.buffer("i8", n_tiny) as o:
-            t_local, _ = median_time(lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"), r)
             go = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on)  # noqa: E731
             t_first, _ = median_time(go, 1)
-            t_cl, _ = median_time(go, r)
+            median_time(lambda: shardc.shard_map(bd, batch_shard, workers=2, cluster=on), 1)  # its shard time learned
+            rd = Rounds(
+                {
+                    "local": lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"),
+                    "shardc": go,
+                    "ray_item": lambda: ray.get([item.remote(i) for i in range(n_task)]),
+                    "ray_batched": lambda: ray.get(
+                        [batch.remote(lo, min(n_tiny, lo + step)) for lo in range(0, n_tiny, step)]
+                    ),
+                    "shardc_batched": lambda: shardc.shard_map(bd, batch_shard, workers=2, cluster=on),
+                },
+                r,
+            )
             assert np.array_equal(o.array, np.arange(n_tiny))
-        emit("ray.tiny.local", n_tiny / t_local, "items/s")
+        assert sum(len(b) for b in rd.last["ray_batched"]) == n_tiny
+        assert sum(len(b) for b in rd.last["shardc_batched"].results) == n_tiny
+        emit("ray.tiny.local", n_tiny / rd.t("local"), "items/s")
         emit("ray.tiny.shardc_first_call", n_tiny / t_first, "items/s")
-        emit("ray.tiny.shardc", n_tiny / t_cl, "items/s")
-        n_task = 2_000
-        t_task, _ = median_time(lambda: ray.get([item.remote(i) for i in range(n_task)]), r)
-        emit("ray.tiny.ray_task_per_item", n_task / t_task, "items/s")
-        step = -(-n_tiny // 8)
-        t_batch, out = median_time(
-            lambda: ray.get([batch.remote(lo, min(n_tiny, lo + step)) for lo in range(0, n_tiny, step)]), r
-        )
-        assert sum(len(b) for b in out) == n_tiny
-        emit("ray.tiny.ray_batched_tasks", n_tiny / t_batch, "items/s")
-        bd = shardc.shards(n_tiny, block_size=step)
-        t_sb, res = median_time(lambda: shardc.shard_map(bd, batch_shard, workers=2, cluster=on), r)
-        assert sum(len(b) for b in res.results) == n_tiny
-        emit("ray.tiny.shardc_batched", n_tiny / t_sb, "items/s")
-        emit("ray.tiny.shardc_vs_ray_batched", t_batch / t_cl, "x")
-        emit("ray.tiny.shardc_batched_vs_ray_batched", t_batch / t_sb, "x")
+        emit("ray.tiny.shardc", n_tiny / rd.t("shardc"), "items/s")
+        emit("ray.tiny.shardc_vs_local", rd.vs("shardc", "local"), "x")
+        emit("ray.tiny.ray_task_per_item", n_task / rd.t("ray_item"), "items/s")
+        emit("ray.tiny.ray_batched_tasks", n_tiny / rd.t("ray_batched"), "items/s")
+        emit("ray.tiny.shardc_batched", n_tiny / rd.t("shardc_batched"), "items/s")
+        # Like for like: a shard per item against a task per item (2k tasks: a rate), batches
+        # against batches (the last line crosses forms: 2M shards writing an out buffer
+        # against 8 list-building tasks).
+        emit("ray.tiny.shardc_vs_ray_task_per_item", (n_tiny / rd.t("shardc")) / (n_task / rd.t("ray_item")), "x")
+        emit("ray.tiny.shardc_batched_vs_ray_batched", rd.vs("shardc_batched", "ray_batched"), "x")
+        emit("ray.tiny.shardc_per_shard_vs_ray_batched", rd.vs("shardc", "ray_batched"), "x")
 
         d = shardc.shards(cols, block_size=BLOCK)
         mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
-        t_loc, _ = median_time(
-            lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}), r
-        )
+        shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var})
         ref = mean.array.copy()
         go2 = lambda: shardc.shard_map(  # noqa: E731
             d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2, cluster=on
         )
         t_first, first = median_time(go2, 1)
-        t_cl, res = median_time(go2, r)
-        assert np.array_equal(mean.array, ref)
-        emit("ray.colstats.local", t_loc, "s")
-        emit("ray.colstats.shardc_first_call", t_first, "s")
-        emit("ray.colstats.shardc_first_call.bytes_inputs", first.diagnostics.cluster["bytes_inputs_per_node"], "B")
-        emit("ray.colstats.shardc", t_cl, "s")
-        emit("ray.colstats.shardc.bytes_inputs", res.diagnostics.cluster["bytes_inputs_per_node"], "B")
+        Xs = shardc.share(X)  # made once, not timed: the like-for-like form of ray.put (see run_colstats)
+        go3 = lambda: shardc.shard_map(  # noqa: E731
+            d, colstats, borrow={"X": Xs}, out={"mean": mean, "var": var}, workers=2, cluster=on
+        )
+        median_time(go3, 1)
         t0 = time.perf_counter()
         xr = ray.put(X)
-        emit("ray.colstats.ray_put", time.perf_counter() - t0, "s")
+        t_put = time.perf_counter() - t0
         nb = cols // BLOCK
-        t_task, got = median_time(lambda: ray.get([blocks.remote(xr, [j]) for j in range(nb)]), r)
-        assert np.allclose(np.concatenate([g[0][0] for g in got]), ref)
         half = nb // 2
-        t_batch, _ = median_time(
-            lambda: ray.get([blocks.remote(xr, list(range(0, half))), blocks.remote(xr, list(range(half, nb)))]), r
+        rd = Rounds(
+            {
+                "local": lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}),
+                "shardc": go2,
+                "shardc_share": go3,
+                "ray_task": lambda: ray.get([blocks.remote(xr, [j]) for j in range(nb)]),
+                "ray_batched": lambda: ray.get(
+                    [blocks.remote(xr, list(range(0, half))), blocks.remote(xr, list(range(half, nb)))]
+                ),
+            },
+            r,
         )
-        emit("ray.colstats.ray_task_per_block", t_task, "s")
-        emit("ray.colstats.ray_batched_tasks", t_batch, "s")
-        emit("ray.colstats.shardc_vs_ray_task_per_block", t_task / t_cl, "x")
-        emit("ray.colstats.shardc_vs_ray_batched", t_batch / t_cl, "x")
+        assert np.array_equal(mean.array, ref)
+        assert np.allclose(np.concatenate([g[0][0] for g in rd.last["ray_task"]]), ref)
+        emit("ray.colstats.local", rd.t("local"), "s")
+        emit("ray.colstats.shardc_first_call", t_first, "s")
+        emit("ray.colstats.shardc_first_call.bytes_inputs", first.diagnostics.cluster["bytes_inputs_per_node"], "B")
+        emit("ray.colstats.shardc", rd.t("shardc"), "s")
+        emit("ray.colstats.shardc.bytes_inputs", rd.last["shardc"].diagnostics.cluster["bytes_inputs_per_node"], "B")
+        emit("ray.colstats.shardc_vs_local", rd.vs("shardc", "local"), "x")
+        emit("ray.colstats.shardc_share_handle", rd.t("shardc_share"), "s")
+        emit(
+            "ray.colstats.shardc_share_handle.bytes_inputs",
+            rd.last["shardc_share"].diagnostics.cluster["bytes_inputs_per_node"],
+            "B",
+        )
+        emit("ray.colstats.ray_put", t_put, "s")
+        emit("ray.colstats.ray_task_per_block", rd.t("ray_task"), "s")
+        emit("ray.colstats.ray_batched_tasks", rd.t("ray_batched"), "s")
+        emit("ray.colstats.shardc_vs_ray_task_per_block", rd.vs("shardc", "ray_task"), "x")
+        emit("ray.colstats.shardc_vs_ray_batched", rd.vs("shardc", "ray_batched"), "x")
+        emit("ray.colstats.shardc_share_handle_vs_ray_task_per_block", rd.vs("shardc_share", "ray_task"), "x")
+        emit("ray.colstats.shardc_share_handle_vs_ray_batched", rd.vs("shardc_share", "ray_batched"), "x")
+        Xs.close()
         mean.close()
         var.close()
     finally:

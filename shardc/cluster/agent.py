@@ -279,7 +279,10 @@ def serve(chan: Channel, idle_timeout: float) -> int:
                 reply = ("DONE", mid, pickle.dumps(agent.jobs[job_id].run(lo, hi, agent), protocol=5))
             except Exception as exc:  # noqa: BLE001 - reported to the caller, which reruns the macro-shard
                 reply = ("ERROR", mid, f"{type(exc).__name__}: {exc}")
-            chan.send(reply)
+            try:
+                chan.send(reply)
+            except OSError:  # the starter (a killed engine worker) is gone: its task is rerun elsewhere
+                return 0
     finally:
         agent.close()
 

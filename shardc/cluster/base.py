@@ -11,7 +11,8 @@
       ▼
     driver loop (this module)                         one per call
       │ MacroPlanner: macro-shards lo..hi-1, sized to take ~macro_seconds
-      │   (first ones small, to learn the shard time), handed out dynamically:
+      │   (first ones small, to learn the shard time, unless the session ran the
+      │   same job before: .shard_seconds), handed out dynamically:
       │   at most inflight_per_node per node outstanding, the engine picks the node
       │ Backend.submit -> node.run_macro (in the engine's worker) -> the node's agent
       │ each reply: values into results (shard order), failures (global ids),
@@ -31,6 +32,7 @@ here imports Dask or Ray; :func:`backend_for` imports the one asked for.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import time
@@ -64,6 +66,7 @@ class Backend(Protocol):
     opts: Cluster
     call_lock: Any  # one call at a time per session
     cache: InputCache  # the content keys the session holds on the nodes
+    shard_seconds: dict[str, float]  # job signature -> seconds per shard its last call measured
 
     def usable(self, engine: Any) -> bool: ...
     def nodes(self) -> dict[str, dict[str, Any]]: ...
@@ -80,13 +83,16 @@ class Backend(Protocol):
 class MacroPlanner:
     """Cuts ``0..n-1`` into macro-shards of about ``target`` seconds, in order."""
 
-    def __init__(self, n: int, nodes: int, target: float, workers: int = 1) -> None:
+    def __init__(self, n: int, nodes: int, target: float, workers: int = 1, per_shard: float | None = None) -> None:
         self.n = n
         self.nodes = max(1, nodes)
         self.target = target
         self.workers = max(1, workers)  # a macro-shard has at least this many shards (when left): the node's pool
         self.next_lo = 0
-        self.per_shard: float | None = None  # seconds per shard, running mean
+        # Seconds per shard, running mean; ``per_shard``: what an earlier call of the
+        # same job measured (the session remembers it), so the first macro-shards are
+        # sized at once instead of being small probes that leave the node waiting.
+        self.per_shard: float | None = per_shard
         self.first = max(self.workers, min(n // (self.nodes * 64), 4096))
 
     def has_next(self) -> bool:
@@ -99,7 +105,11 @@ class MacroPlanner:
         else:
             want = self.target / max(self.per_shard, 1e-9)
             floor = 0.1 * self.target / max(self.per_shard, 1e-9)  # tail pieces still amortise the round trip
-            size = round(max(min(want, left / (2 * self.nodes)), floor, self.workers))
+            # Two pieces per node of what is left, so the nodes' last macro-shards end
+            # together; one node has nothing to balance: it takes up to ``want`` at once
+            # (each macro-shard is a local call, with its set-up and out-buffer compare).
+            parts = 2 * self.nodes if self.nodes > 1 else 1
+            size = round(max(min(want, left / parts), floor, self.workers))
         if left - size < self.workers:
             size = left  # no remainder too small to keep the node's pool busy
         lo = self.next_lo
@@ -109,6 +119,18 @@ class MacroPlanner:
     def observe(self, count: int, seconds: float) -> None:
         per = seconds / max(1, count)
         self.per_shard = per if self.per_shard is None else 0.5 * self.per_shard + 0.5 * per
+
+
+def job_signature(job: dict[str, Any]) -> str:
+    """What makes two calls the same job for the planner: the function (or kernel) by
+    value, the descriptor's shape and the local options (a hint only: results never
+    depend on it)."""
+    h = hashlib.sha1(job["fun"] or job["kernel"] or b"")
+    d = job["desc"]
+    h.update(
+        repr((job["kernel_name"], d.n, d.block_size, d.strategy, d.num_shards, sorted(job["local"].items()))).encode()
+    )
+    return h.hexdigest()
 
 
 def _input_array(name: str, obj: Any) -> tuple[dict[str, Any], np.ndarray, Any]:
@@ -257,7 +279,9 @@ def _call(backend: Any, opts: Cluster, job: dict[str, Any], inputs: list[np.ndar
     keys = {s["key"]: int(a.nbytes) for s, a in zip(job["inputs"], inputs, strict=True)}
     new, drop = backend.cache.use(keys, opts.input_cache_bytes)
     job["keep"] = list(backend.cache.sizes)
-    run = _Run(backend, opts, desc.num_shards, len(nodes), outs, job["local"].get("workers"))
+    hints = backend.shard_seconds  # per job signature: the seconds per shard its last call measured
+    sig = job_signature(job)
+    run = _Run(backend, opts, desc.num_shards, len(nodes), outs, job["local"].get("workers"), hints.get(sig))
     run.nodes_at_start = nodes
     run.t_start_ns = time.monotonic_ns()
     run.cached_keys = len(keys) - len(new)
@@ -266,6 +290,11 @@ def _call(backend: Any, opts: Cluster, job: dict[str, Any], inputs: list[np.ndar
         run.loop()
     finally:
         backend.finish()
+    if run.planner.per_shard is not None:
+        hints.pop(sig, None)
+        hints[sig] = run.planner.per_shard
+        while len(hints) > 64:  # the oldest first
+            hints.pop(next(iter(hints)))
     return run
 
 
@@ -280,12 +309,13 @@ class _Run:
         n_nodes: int,
         outs: dict[str, np.ndarray],
         local_workers: Any = None,
+        per_shard: float | None = None,
     ) -> None:
         self.backend = backend
         self.opts = opts
         self.n = n
         w = local_workers if isinstance(local_workers, int) else 1
-        self.planner = MacroPlanner(n, n_nodes, opts.macro_seconds, w)
+        self.planner = MacroPlanner(n, n_nodes, opts.macro_seconds, w, per_shard)
         self.n_nodes = n_nodes
         self.results: list[Any] = [None] * n
         self.failures: dict[int, ShardFailure] = {}

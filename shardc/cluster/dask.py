@@ -59,6 +59,7 @@ class DaskBackend:
         self.session = uuid.uuid4().hex[:12]
         self.call_lock = threading.Lock()
         self.cache = InputCache()
+        self.shard_seconds: dict[str, float] = {}  # the planner's hints (base.job_signature)
         self.held: dict[str, Future] = {}  # content key -> its scattered input (on every worker)
         self.opts: Any = None
         self.job_id = ""

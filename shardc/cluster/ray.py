@@ -72,6 +72,7 @@ class RayBackend:
         self.runtime = (ctx.get_job_id(), ctx.gcs_address)
         self.call_lock = threading.Lock()
         self.cache = InputCache()
+        self.shard_seconds: dict[str, float] = {}  # the planner's hints (base.job_signature)
         self.held: dict[str, Any] = {}  # content key -> its ObjectRef
         self.opts: Any = None
         self.job_id = ""

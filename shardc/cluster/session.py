@@ -23,6 +23,11 @@ reuse it, one call at a time (a second thread's call waits for the first):
   used dropped first); each call tells the agents which keys are still held,
   and they drop the rest.
 
+* **Shard times**: the seconds per shard each job's last call measured, by
+  :func:`.base.job_signature` (fun by value, descriptor, local options; the
+  last 64 jobs), so a repeated call's first macro-shards are sized at once
+  instead of being small probes.  A hint only: results never depend on it.
+
 The keys and the cache policy are in :mod:`.keys`.  Nothing here imports
 Dask or Ray; :func:`session_for` imports the one asked for.
 """

@@ -52,7 +52,9 @@ class WindowDescriptor(ShardDescriptor):
         """The worker's fast shard factory: the base descriptor's (contiguous:
         slots filled directly, see ``ShardDescriptor.maker``) shifted by ``lo``;
         tiny shards run about 1 us each, where a generic ``shard()`` per shard
-        would cost a third of that again."""
+        would cost a third of that again.  Its ``block_class`` and ``id_offset``
+        let the workers' speculative loops (:mod:`shardc.worker.spec`) make
+        each shard inline with its global id, without the two calls."""
         if self._base is None or self.strategy != "contiguous":
             return self.shard
         make, lo = self._base.maker(), self.lo
@@ -60,6 +62,10 @@ class WindowDescriptor(ShardDescriptor):
         def shifted(k: int, seedseq: Any = None) -> Shard:
             return make(lo + k, seedseq)
 
+        cls = getattr(make, "block_class", None)
+        if cls is not None:  # the workers' hot loops make the base's BlockShard inline, at id k + lo
+            shifted.block_class = cls  # type: ignore[attr-defined]
+            shifted.id_offset = lo  # type: ignore[attr-defined]
         return shifted
 
     def __reduce__(self) -> Any:

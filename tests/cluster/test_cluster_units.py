@@ -109,6 +109,53 @@ def test_planner_covers_every_shard_once_and_grows_to_the_target() -> None:
     assert sum(sizes) == 8 and min(sizes) >= 2
 
 
+def test_planner_sizes_the_first_macro_shards_from_an_earlier_calls_measure() -> None:
+    """A repeated job (the session remembers its seconds per shard) starts with full-size
+    macro-shards, not probes: 8 shards of 30 ms (0.24 s in all, under the tail's floor of
+    0.1 x macro_seconds) go as one macro-shard, not as 2 + 2 + 4 one after the other."""
+    sizes = []
+    p = MacroPlanner(8, 1, 2.0, workers=2, per_shard=0.03)
+    while p.has_next():
+        a, b = p.take()
+        sizes.append(b - a)
+    assert sizes == [8]
+    big = MacroPlanner(1_000_000, 2, 2.0, per_shard=1e-5)
+    lo, hi = big.take()
+    assert lo == 0 and hi == 200_000  # 2 s worth at once
+    one = MacroPlanner(3_000_000, 1, 2.0, per_shard=3e-7)  # one node, 0.9 s of work: one macro-shard
+    assert one.take() == (0, 3_000_000)
+    one = MacroPlanner(30_000_000, 1, 2.0, per_shard=3e-7)  # 9 s of work: ~2 s pieces
+    assert one.take() == (0, round(2.0 / 3e-7))
+    probe = MacroPlanner(8, 1, 2.0, workers=2)
+    assert probe.take() == (0, 2)  # without a measure: a probe of the pool's size
+
+
+def test_job_signature_tells_jobs_apart() -> None:
+    """The planner's hint is keyed by fun (by value), descriptor and local options."""
+    import cloudpickle
+
+    from shardc.cluster.base import job_signature
+
+    def job(fun: object, n: int, workers: int) -> dict[str, object]:
+        blob = cloudpickle.dumps(fun)
+        local = {"workers": workers, "dispatch_opts": {}}
+        return {"fun": blob, "kernel": None, "kernel_name": None, "desc": shardc.shards(n), "local": local}
+
+    f, g = (lambda s: s.id), (lambda s: -s.id)
+    assert job_signature(job(f, 100, 2)) == job_signature(job(f, 100, 2))
+    assert (
+        len(
+            {
+                job_signature(job(f, 100, 2)),
+                job_signature(job(g, 100, 2)),
+                job_signature(job(f, 101, 2)),
+                job_signature(job(f, 100, 1)),
+            }
+        )
+        == 4
+    )
+
+
 def test_bad_cluster_arguments_fail_before_anything_starts() -> None:
     """cluster= with pool=, an unknown engine, "ray" without ray.init() or bad options: clear errors."""
     f = lambda shard: shard.id  # noqa: E731
@@ -191,3 +238,24 @@ def test_a_sealed_copy_is_hashed_once_and_a_plain_array_through_the_share_cache(
     with shardc.buffer("f8", 200_000) as b:  # writable: no sealed copy, hashed per call
         assert _input_array("b", b)[2] is None
     h.close()
+
+
+def _seeded_tiny(shard: object, o: np.ndarray) -> None:
+    import random
+
+    o[shard.id] = shard.id * 1000 + int(random.random() * 1000) + (shard.start == shard.id)  # type: ignore[attr-defined]
+
+
+def test_windows_of_tiny_seeded_shards_equal_a_local_run() -> None:
+    """A macro-shard's window runs tiny shards through the workers' speculative loops, which
+    make each shard inline: ids, starts and the legacy seeding (seed=) stay global, so the
+    windows together write exactly what one local call writes."""
+    n = 40_000
+    d = shardc.shards(n, block_size=1)
+    opts = {"seed": 7, "autotune": False, "dispatch_mode": "shm_queue", "dispatch_opts": {"block_size": 512}}
+    with shardc.buffer("i8", n) as ref, shardc.buffer("i8", n) as got:
+        shardc.shard_map(d, _seeded_tiny, out={"o": ref}, workers=2, **opts)
+        for lo, hi in [(0, 1000), (1000, 25_000), (25_000, n)]:
+            shardc.shard_map(WindowDescriptor(d, lo, hi), _seeded_tiny, out={"o": got}, workers=2, **opts)
+        assert np.array_equal(ref.array, got.array)
+        assert got.array[-1] // 1000 == n - 1
