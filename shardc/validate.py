@@ -5,10 +5,10 @@ how to fix it."""
 from __future__ import annotations
 
 import inspect
-import types
 import io
 import logging
 import numbers
+import types
 from collections.abc import Callable
 from typing import Any
 
