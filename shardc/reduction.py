@@ -27,6 +27,7 @@ is reported under the shard that was running.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -138,13 +139,26 @@ class Fold:
         ent = group._seedseq
         g = group.id
         acc = fresh(self.init)
+        cls = getattr(make, "block_class", None)
+        if kw:
+            fn = functools.partial(fn, **kw)
         try:
-            if kw:
+            if cls is not None and not seeded:
+                # The hot case: contiguous shards made inline, one shard object
+                # reused while fn keeps no reference to it (as the engine's
+                # speculative loops do, shardc.worker.spec).
+                off = getattr(make, "id_offset", 0)
+                refs = sys.getrefcount
+                shard = object.__new__(cls)
+                shard._seedseq = ent
                 for sid in range(group.start, group.stop):
                     at[g] = sid
-                    if seeded:
-                        seed_legacy(ent, sid)
-                    acc = combine(acc, fn(make(sid, ent), **kw))
+                    if refs(shard) > 2:
+                        shard = object.__new__(cls)
+                        shard._seedseq = ent
+                    shard.id = sid + off
+                    shard._rng = None
+                    acc = combine(acc, fn(shard))
             else:
                 for sid in range(group.start, group.stop):
                     at[g] = sid

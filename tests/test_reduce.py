@@ -114,6 +114,25 @@ def test_shards_folded_in_id_order_with_shard_map_seeds(pools):
     assert r.value == m.results
 
 
+def _keeps_some(s):
+    fresh = s._rng is None  # nothing left over from the shard before (the loop reuses the object)
+    if s.id % 3 == 0:
+        s.rng.random()
+    return [(s.id, fresh, s if s.id % 5 == 0 else None)]
+
+
+def test_unseeded_fold_reuses_no_shard_that_map_kept(pools):
+    """The unseeded fold reuses one shard object while map keeps none: every shard starts without
+    a generator, and shards that map returned stay distinct objects with their own ids and bounds."""
+    r = shardc.shard_reduce(
+        shardc.shards(600, block_size=2), map=_keeps_some, combine=operator.add, init=[], group_size=25,
+        pool=pools[2], progress=False,
+    )  # fmt: skip
+    assert [v[0] for v in r.value] == list(range(300)) and all(v[1] for v in r.value)
+    kept = [v[2] for v in r.value if v[2] is not None]
+    assert [(k.id, k.start, k.stop) for k in kept] == [(i, 2 * i, 2 * i + 2) for i in range(0, 300, 5)]
+
+
 def test_init_is_copied_per_group_for_in_place_combine(pools):
     """An in-place combine on an array identity: each group starts from its own copy of init."""
     X = np.arange(600.0).reshape(200, 3)
