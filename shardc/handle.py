@@ -31,7 +31,7 @@ class WorkerHandle:
         self.precise_t = 0.0  # when the last smaps_rollup sample was taken
         self.precise_cost = 0.0  # ... and how long it took (s): it grows with the memory mapped
         self.ring_held: tuple[int, str] | None = None  # (pid, token) of the queue ring it has mapped
-        self.fast_last: dict[str, int] | None = None  # the last calibrated statm sample (MemoryModel.fast_sample)
+        self.fast_raw: dict[str, int] | None = None  # the last statm sample read (MemoryModel._statm), raw
         self.fast_t = 0.0  # ... and when it was read
         self.anon_offset = 0  # statm RssAnon minus Pss_Anon at that sample
         self.cow_slack = 0  # growth that copy-on-write of inherited pages alone can cause

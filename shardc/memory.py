@@ -104,25 +104,28 @@ class MemoryModel:
             w.peak["anon"] = max(w.peak["anon"], self.footprint(m, w))
         return m
 
+    def _statm(self, w: WorkerHandle) -> dict[str, int] | None:
+        """Read ``w``'s statm (~8 us) and remember it, raw, for :meth:`fast_sample`."""
+        fast = ll.proc_mem_fast(w.pid)
+        w.fast_raw, w.fast_t = fast, time.monotonic()
+        return fast
+
     def fast_sample(self, w: WorkerHandle, max_age: float = 0.0) -> dict[str, int] | None:
         """``w``'s statm sample (calibrated, see :meth:`calibrated`), read
         again only if the last one read here is older than ``max_age`` s
-        (one call's start reuses the previous call's end)."""
-        now = time.monotonic()
-        if w.fast_last is not None and now - w.fast_t <= max_age:
-            return w.fast_last
-        m = ll.proc_mem_fast(w.pid)
-        if m is not None:
-            m = self.calibrated(w, m)
-        w.fast_last, w.fast_t = m, now
-        return m
+        (one call's start reuses the previous call's end; a call's end the
+        read its last precise check just made)."""
+        raw = w.fast_raw
+        if raw is None or time.monotonic() - w.fast_t > max_age:
+            raw = self._statm(w)
+        return None if raw is None else self.calibrated(w, raw)
 
     def sample_cheap(self, w: WorkerHandle, max_age: float = 0.5, moved: int = 8 * 1024**2) -> dict[str, int] | None:
         """Sample on the hot path: statm (~8 us) every time, and a precise
         sample only when private memory moved by ``moved`` bytes or the
         precise one is older than ``max_age`` seconds.  Returns the precise
         sample when one was taken, else None."""
-        fast = ll.proc_mem_fast(w.pid)
+        fast = self._statm(w)
         if fast is None:
             return None
         if time.monotonic() - w.precise_t > max_age or abs(fast["anon"] - w.fast_anon) > moved:

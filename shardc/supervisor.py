@@ -29,7 +29,6 @@ import selectors
 import time
 from typing import Any
 
-from . import _lowlevel as ll
 from ._channel import ChannelClosed
 from .call import Call, CallSetup, WorkerGone
 from .diagnostics import Diagnostics, Progress
@@ -281,10 +280,9 @@ class Supervisor:
                 pool.kill(w)
                 self.handle_death(w, reason="timeout", code=w.exitcode)
                 continue
-            fast = ll.proc_mem_fast(w.pid)
+            fast = pool.fast_sample(w)
             if fast is None:
                 continue
-            fast = pool.calibrated(w, fast)
             if call.diagnostics:
                 self.diag.mem_sample(w, fast, anon=pool.footprint(fast, w))
             cap = call.mem_cap

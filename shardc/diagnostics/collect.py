@@ -211,7 +211,7 @@ class Diagnostics:
                 if m is not None:
                     budget -= w.precise_cost
                 if m is None:
-                    m = pool.fast_sample(w)
+                    m = pool.fast_sample(w, max_age=0.01)  # the statm read sample_cheap just made
                 if m is not None:
                     self.mem_sample(w, m, anon=pool.footprint(m, w))
         # The master: the same rule, runs of over 0.5 s only; shorter ones
