@@ -38,7 +38,7 @@ import numpy as np
 from .diagnostics import report
 from .errors import InvalidTypeError
 from .result import ShardFailure, _plain
-from .shards import ShardDescriptor
+from .shards import ShardDescriptor, reusable_shard
 from .worker.executor import seed_legacy
 
 AT_NAME = "_shardc_reduce_at"  # the out= name of the per-group "folding shard" array
@@ -149,13 +149,11 @@ class Fold:
                 # speculative loops do, shardc.worker.spec).
                 off = getattr(make, "id_offset", 0)
                 refs = sys.getrefcount
-                shard = object.__new__(cls)
-                shard._seedseq = ent
+                shard = reusable_shard(cls, ent)
                 for sid in range(group.start, group.stop):
                     at[g] = sid
                     if refs(shard) > 2:
-                        shard = object.__new__(cls)
-                        shard._seedseq = ent
+                        shard = reusable_shard(cls, ent)
                     shard.id = sid + off
                     shard._rng = None
                     acc = combine(acc, fn(shard))

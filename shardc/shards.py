@@ -173,6 +173,15 @@ def block_shard_class(block: int, n: int) -> type[BlockShard]:
     return type("BlockShard", (BlockShard,), {"__slots__": (), "_block": block, "_n": n})
 
 
+def reusable_shard(cls: type[BlockShard], seedseq: Any) -> BlockShard:
+    """A fresh ``cls`` shard for a hot loop that reuses it while nothing else
+    holds it (``shardc.worker.spec``, ``shardc.reduction``): ``_seedseq`` set
+    once; the loop sets ``id`` and resets ``_rng`` per shard."""
+    s = object.__new__(cls)
+    s._seedseq = seedseq
+    return s
+
+
 class ShardDescriptor(Sequence[Shard]):
     """A lazy sequence of :class:`Shard` covering ``0..n-1`` exactly once.
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..protocol import ERR, FRAME
+from ..shards import reusable_shard
 from .records import failure_record
 from .seeding import seed_legacy
 
@@ -38,20 +39,15 @@ def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any,
     extra: tuple[Any, ...] = args if args is not None else ()
     if args is None:
         call = functools.partial(fun, **kwargs)  # fun(shard, **kwargs), bound in C
-    elif len(args) > 2 or seeded:
-
-        def call_args(shard: Any) -> Any:
-            return fun(shard, *args)
-
-        call, extra = call_args, ()
-    if seeded:
+    if seeded or len(extra) > 2:
         inner, inner_extra = call, extra
 
-        def call_seeded(shard: Any) -> Any:
-            seed_legacy(entropy, shard.id)
+        def call_closed(shard: Any) -> Any:
+            if seeded:
+                seed_legacy(entropy, shard.id)
             return inner(shard, *inner_extra)
 
-        call, extra = call_seeded, ()
+        call, extra = call_closed, ()
     cls = getattr(make, "block_class", None)
     return call, extra, cls, make, entropy, getattr(make, "id_offset", 0)
 
@@ -87,12 +83,8 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     call, extra, cls, make, entropy, off = _loop_parts(ex)
     na = len(extra)
     x0, x1 = (*extra, None, None)[:2]
-    new = object.__new__
     refs = sys.getrefcount
-    shard: Any = None
-    if cls is not None:  # reused while nothing else holds it (see _loop_parts)
-        shard = new(cls)
-        shard._seedseq = entropy
+    shard: Any = None if cls is None else reusable_shard(cls, entropy)  # reused while nothing else holds it
     row = ex.row
     run_c, rh = row.run_call(ex._bound[7])
     k = max(2, min(SPEC_MAX, SPEC_RUN_NS // max(ex.ewma_ns, 1)))
@@ -109,8 +101,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
             for sid in range(a, b):
                 if cls is not None:
                     if refs(shard) > 2:  # kept by fun (a value, a list, a traceback): a fresh one
-                        shard = new(cls)
-                        shard._seedseq = entropy
+                        shard = reusable_shard(cls, entropy)
                     shard.id = sid + off
                     shard._rng = None
                 else:
@@ -173,12 +164,8 @@ def run_spec_block(
     call, extra, cls, make, entropy, off = _loop_parts(ex)
     na = len(extra)
     x0, x1 = (*extra, None, None)[:2]
-    new = object.__new__
     refs = sys.getrefcount
-    shard: Any = None
-    if cls is not None:  # reused while nothing else holds it (see _loop_parts)
-        shard = new(cls)
-        shard._seedseq = entropy
+    shard: Any = None if cls is None else reusable_shard(cls, entropy)  # reused while nothing else holds it
     row = ex.row
     done = ex._bound[7]
     run_c, rh = row.run_call(done)
@@ -194,8 +181,7 @@ def run_spec_block(
             for sid in range(a, b):
                 if cls is not None:
                     if refs(shard) > 2:  # kept by fun (a value, a list, a traceback): a fresh one
-                        shard = new(cls)
-                        shard._seedseq = entropy
+                        shard = reusable_shard(cls, entropy)
                     shard.id = sid + off
                     shard._rng = None
                 else:
