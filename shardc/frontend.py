@@ -39,7 +39,6 @@ from .inputs import InputPlan
 from .memory import PROFILES, heap_keep
 from .pool import Pool, pool_create, pool_get
 from .scheduler import Scheduler
-from .status import DoneMap
 from .supervisor import Supervisor
 from .units import check_recycle, parse_bytes
 from .validate import (
@@ -184,8 +183,6 @@ def execute(
         # Pickle fun before any worker exists (clear errors first), collecting
         # the buffers, shared inputs and inheritable arrays it captures.
         call.fun_blob = pickle_function(target, plan.capture)
-        call.donemap = DoneMap(call.desc.num_shards)
-        plan.add_segment(call.donemap.segment)
         plan.add_out(out)
         plan.add_borrow(borrow)
         for name, nbytes, seg in plan.out_records:
@@ -193,6 +190,8 @@ def execute(
         for rec in plan.borrow_records:
             diag.add_borrow(*rec)
         run_pool = get_pool(pool, workers, packages, init_expr, call.profile)
+        call.donemap = run_pool.status.done_map(call.desc.num_shards)  # the pool's kept map (small calls)
+        plan.add_segment(call.donemap.segment)
         _run(call, run_pool, sched, diag, progress, label)
     finally:
         if plan.release() and run_pool is not None:
@@ -235,6 +234,8 @@ def _run(call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics, progress: 
     try:
         sup = Supervisor(call, pool, sched, diag, bar)
         sup.setup_all()
+        assert call.donemap is not None
+        call.donemap.reset()  # every worker answered the setup: no earlier call's mark can follow
         dispatcher = QueueDispatcher(sup) if call.mode == "shm_queue" else RpcDispatcher(sup)
         try:
             sup.run(dispatcher)

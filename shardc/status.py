@@ -24,6 +24,8 @@ Roles:
   segment that forked workers inherit.
 * :class:`StatusRow` (worker) is one slot's writer.
 * :class:`DoneMap` is one call's done map (master creates, worker attaches).
+  A pool's calls of up to ``DONE_KEEP`` shards share one kept map
+  (:meth:`StatusTable.done_map`): no segment, fd and unmap per call.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ _done_count: Callable[[Any, int], int] = ll.status_done_count
 _NULL = ll.NULL
 _fail = ll.status_fail
 
+# Calls of up to this many shards use the pool's kept done map (a byte a
+# shard: at most 1 MiB stays mapped per pool); bigger ones get their own.
+DONE_KEEP = 1 << 20
+
 
 class RowSnapshot(NamedTuple):
     """One consistent read of a worker's row (see :meth:`StatusTable.read`)."""
@@ -80,6 +86,28 @@ class StatusTable:
         self._buf = buffer(np.uint8, nbytes)
         self._mem = ll.status_mem_ptr(self._buf.array)
         ll.status_init(self._mem, nbytes, nslots)
+        self._kept: Buffer | None = None  # the calls' shared done map (see done_map)
+
+    def done_map(self, num: int) -> DoneMap:
+        """A done map for a call of ``num`` shards: up to ``DONE_KEEP``, a view
+        of the pool's kept map (creating one sized for the calls seen so far),
+        which workers keep mapped between calls, so a call costs no segment,
+        no fd passing and no unmap.  The caller must :meth:`DoneMap.reset` it
+        once every worker has answered the call's setup: a worker reads a
+        call's setup only after its last message of the previous call, so no
+        earlier call's mark can land after that reset (one that was cut short
+        included).  Closing the view leaves the kept map to the table."""
+        if num > DONE_KEEP:
+            return DoneMap(num)
+        kept = self._kept
+        if kept is None or kept.array.shape[0] < num:
+            if kept is not None:
+                kept.close()  # workers let it go at the end of the call (shardc.forget)
+            size = 4096
+            while size < num:
+                size *= 2
+            kept = self._kept = buffer(np.uint8, size)
+        return DoneMap.over(kept, num)
 
     def share_spec(self) -> tuple[dict[str, Any], int]:
         """``(info, fd)``: what a worker started elsewhere (the fork server) needs to :meth:`attach`."""
@@ -92,6 +120,7 @@ class StatusTable:
         """A worker's table over the segment of ``fd`` (from :meth:`share_spec`)."""
         self = cls.__new__(cls)
         self.nslots = info["nslots"]
+        self._kept = None
         seg = Segment.adopt(fd, info["size"], info["backing"], info["name"], info["key"])
         self._buf = Buffer(seg, np.dtype(np.uint8), (ll.status_bytes(self.nslots),))
         self._mem = ll.status_mem_ptr(self._buf.array)
@@ -141,6 +170,9 @@ class StatusTable:
         return ll.status_pid(self._mem, slot)
 
     def close(self) -> None:
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
         self._buf.close()
 
 
@@ -254,12 +286,15 @@ class DoneMap:
 
     def __init__(self, num: int) -> None:
         self._buf: Buffer | None = buffer(np.uint8, max(num, 1))
+        self._kept: Buffer | None = None
         self.num = num
         self._a = self._buf.array
         self._p = ll.status_bytes_ptr(self._a)
 
     @property
     def segment(self) -> Segment:
+        if self._kept is not None:  # a view of a pool's kept map
+            return self._kept.segment
         if self._buf is None:  # a worker's handle: the master owns the segment
             raise UsageError("an attached done map has no segment of its own")
         return self._buf.segment
@@ -274,10 +309,26 @@ class DoneMap:
         """A worker's handle on the map mapped at ``arr`` (a uint8 view)."""
         self = cls.__new__(cls)
         self._buf = None
+        self._kept = None
         self.num = arr.shape[0]
         self._a = arr
         self._p = ll.status_bytes_ptr(arr)
         return self
+
+    @classmethod
+    def over(cls, kept: Buffer, num: int) -> DoneMap:
+        """A call's map over the first ``num`` bytes of ``kept`` (owned by
+        the caller: :meth:`close` leaves it open).  Not zeroed: see :meth:`reset`."""
+        self = cls.attach(kept.array[: max(num, 1)])
+        self._kept = kept
+        self.num = num
+        return self
+
+    def reset(self) -> None:
+        """Unmark every shard (a kept map reused by a new call, while no
+        worker writes to it: the caller's message to the workers orders it
+        before their marks)."""
+        self._a.fill(0)
 
     def get(self, sid: int) -> int:
         v = _done_get(self._p, self.num, sid)
