@@ -102,9 +102,9 @@ class Diagnostics:
         # failure never touches them, and filling them cost its master 0.2-0.5 s.
         self._per_shard_n = self.num_shards if self.enabled else 0
         self._per_shard: dict[str, np.ndarray] = {}
-        # rpc frames (see frame_done) not yet written into the per-shard arrays,
-        # and the scheduler's attempts array they read when they are.
-        self._frames: list[tuple[int, int, int, int, int]] = []
+        # rpc frames (frame_done) and single shards (shard_done: ~20 us of scalar stores
+        # each) not yet in the per-shard arrays; the scheduler's attempts frames read then.
+        self._frames: list[tuple[Any, ...]] = []
         self._attempts: np.ndarray | None = None
         self.blocks: list[tuple[int, int, int, int, int]] = []  # shm_queue: worker, start, count, t0, t1
         # shm_queue: worker, start, count, anonymous-memory growth over the block
@@ -264,21 +264,15 @@ class Diagnostics:
     def shard_done(
         self, sid: int, slot: int, t0: int, t1: int, ok: bool, attempts: int, mem_delta: int | None = None
     ) -> None:
-        self.shard_worker[sid] = slot
-        if mem_delta is not None:
-            self.shard_mem_delta[sid] = mem_delta
-        self.shard_t0[sid] = t0
-        self.shard_t1[sid] = t1
-        self.shard_attempts[sid] = attempts + 1
-        self.shard_ok[sid] = (OK if attempts == 0 else OK_RETRIED) if ok else NOT_RUN
+        self._frames.append((slot, sid, t0, t1, ok, attempts, mem_delta))
         rec = self.workers.get(slot)
         if rec is not None:
             rec["shards"] += 1
             rec["busy_ns"] += t1 - t0
 
     def batch_done(self, slot: int, results: list[tuple], attempts: np.ndarray) -> None:
-        """Record a results message's shards with array stores (one per column,
-        not one per shard: this runs in the master's hot loop)."""
+        """Record a results message's shards: a few as records, more with array
+        stores (one per column, not per shard: the master's hot loop)."""
         n = len(results)
         if n < 8:
             for sid, ok, _v, t0, t1, _e, dmem in results:
@@ -324,16 +318,24 @@ class Diagnostics:
         no per-shard times: its shards are short)."""
         frames, self._frames = self._frames, []
         attempts = self._attempts
-        assert attempts is not None
         worker, st0, st1 = self.shard_worker, self.shard_t0, self.shard_t1
         satt, sok = self.shard_attempts, self.shard_ok
-        for slot, start, count, t0, t1 in frames:
+        for fr in frames:
+            if len(fr) == 7:  # one shard (shard_done)
+                slot, sid, t0, t1, ok, att1, dmem = fr
+                if dmem is not None:
+                    self.shard_mem_delta[sid] = dmem
+                worker[sid], st0[sid], st1[sid], satt[sid] = slot, t0, t1, att1 + 1
+                sok[sid] = (OK if att1 == 0 else OK_RETRIED) if ok else NOT_RUN
+                continue
+            slot, start, count, t0, t1 = fr
             b = start + count
             step = (t1 - t0) // count
             if step > 0:
                 t = np.arange(t0, t0 + step * count + 1, step, dtype=np.int64)
             else:
                 t = np.full(count + 1, t0, np.int64)
+            assert attempts is not None
             att = attempts[start:b]
             worker[start:b] = slot
             st0[start:b] = t[:count]
