@@ -134,13 +134,7 @@ class CallSetup:
                     break
                 close_fds(fds)  # a stale message's big values (e.g. of a call aborted in the master)
         except TimeoutError:
-            kill(w)
-            self.diag.event("death", w, f"killed: no answer to the call setup within {limit:g} s", code=w.exitcode)
-            raise CallSetupTimeoutError(
-                f"worker {w.slot} (pid {w.pid}) did not finish setting up the call within {limit:g} s "
-                "(loading fun and mapping borrowed inputs); something fun or a borrowed object runs "
-                "when unpickled is blocking. It was killed (SHARDC_SETUP_TIMEOUT sets the limit)"
-            ) from None
+            raise self.overdue(w, kill) from None
         except (ChannelClosed, ConnectionError, OSError) as exc:
             raise WorkerGone(str(exc)) from None
         finally:
@@ -148,7 +142,22 @@ class CallSetup:
                 w.chan.sock.settimeout(None)
             except OSError:
                 pass
+        self.answered(w, reply)
+
+    def answered(self, w: Any, reply: tuple[Any, ...]) -> None:
+        """``w``'s READY ``reply`` to this call (raises WorkerSetupError for an error)."""
         if reply[2] is not None:
             cause = raise_from_record(reply[2])
             raise WorkerSetupError(f"worker {w.slot} could not set up the call: {reply[2]['message']}") from cause
         w.call_id = self.call.call_id
+
+    def overdue(self, w: Any, kill: Any) -> CallSetupTimeoutError:
+        """``w`` did not answer the setup in time: kill it; the error to raise."""
+        limit = self.limit
+        kill(w)
+        self.diag.event("death", w, f"killed: no answer to the call setup within {limit:g} s", code=w.exitcode)
+        return CallSetupTimeoutError(
+            f"worker {w.slot} (pid {w.pid}) did not finish setting up the call within {limit:g} s "
+            "(loading fun and mapping borrowed inputs); something fun or a borrowed object runs "
+            "when unpickled is blocking. It was killed (SHARDC_SETUP_TIMEOUT sets the limit)"
+        )

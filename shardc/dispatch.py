@@ -71,6 +71,12 @@ class Dispatcher(ABC):
         """Work was added (shards requeued after a death, or tasks fed to an
         open call, see ``shardc.stream``): let workers start on it now."""
 
+    def quiet(self) -> bool:
+        """After :meth:`drain`: no worker holds work of this call any more
+        (none can still mark its done map or be inside its ring), so the
+        pool's next call may send work right behind its setup."""
+        return False
+
     @abstractmethod
     def drain(self) -> None:
         """The work is done: collect the workers' last reports; release the transport."""

@@ -281,6 +281,7 @@ class QueueDispatcher(Dispatcher):
         self.last_done = 0
         self.tick_due = False
         self.closed = False
+        self.all_left = False
 
     # -- handing out work -------------------------------------------------------------
     def _error_log_path(self, w: Any) -> str:
@@ -499,6 +500,7 @@ class QueueDispatcher(Dispatcher):
                     elif m[0] in (QFAIL, QCOW):
                         self._report(w, m)
         self.sched.completed = self.done.count()
+        self.all_left = not waiting  # every worker handed the ring left it (QDONE): see quiet
         if self.returned:
             log.warning(
                 "dispatch_mode='shm_queue' gathers no return values, but %d shard(s) returned "
@@ -506,6 +508,9 @@ class QueueDispatcher(Dispatcher):
                 self.returned,
             )
             self.diag.returned_ignored = self.returned
+
+    def quiet(self) -> bool:
+        return self.all_left
 
     def close(self) -> None:
         """Close the ring (also when the call failed): workers still in it

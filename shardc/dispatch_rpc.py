@@ -285,6 +285,10 @@ class RpcDispatcher(Dispatcher):
         skip = set(charge) | set(completed)
         return Loss([sid for sid in held if sid not in skip], charge, completed)
 
+    def quiet(self) -> bool:
+        # Every chunk sent was answered: a worker marks a shard before its RESULTS.
+        return not any(self.ws[w.slot].inflight for w in self.pool.workers if w.alive)
+
     def drain(self) -> None:
         # Results of chunks that were requeued after a death and also
         # finished elsewhere were dropped by record_success.

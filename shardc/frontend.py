@@ -190,9 +190,10 @@ def execute(
         for rec in plan.borrow_records:
             diag.add_borrow(*rec)
         run_pool = get_pool(pool, workers, packages, init_expr, call.profile)
+        quiet = run_pool.status.quiet  # (done_map clears it until this call ends with all work reported)
         call.donemap = run_pool.status.done_map(call.desc.num_shards)  # the pool's kept map (small calls)
         plan.add_segment(call.donemap.segment)
-        _run(call, run_pool, sched, diag, progress, label)
+        _run(call, run_pool, sched, diag, progress, label, quiet)
     finally:
         if plan.release() and run_pool is not None:
             run_pool.released_inherited()  # also when the call failed before it ran
@@ -208,8 +209,12 @@ def execute(
     }
 
 
-def _run(call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics, progress: bool | None, label: str) -> None:
-    """Run the call on ``pool``: fresh workers where needed, set up, dispatch, end."""
+def _run(
+    call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics, progress: bool | None, label: str, quiet: bool
+) -> None:
+    """Run the call on ``pool``: fresh workers where needed, set up, dispatch, end.
+    ``quiet``: no worker holds work of an earlier call, so the first work
+    follows the setup without waiting for the answers (a round trip less)."""
     plan = call.plan
     assert plan is not None
     for w in pool.ensure_alive():
@@ -233,13 +238,18 @@ def _run(call: Call, pool: Pool, sched: Scheduler, diag: Diagnostics, progress: 
     bar = Progress(sched.num, f"{label}[{call.mode}]", progress)
     try:
         sup = Supervisor(call, pool, sched, diag, bar)
-        sup.setup_all()
+        sup.setup_all(pipeline=quiet)
         assert call.donemap is not None
-        call.donemap.reset()  # every worker answered the setup: no earlier call's mark can follow
+        # No earlier call's mark can follow: every worker answered the setup
+        # (after its last message of that call), or (quiet) had none left.
+        call.donemap.reset()
         dispatcher = QueueDispatcher(sup) if call.mode == "shm_queue" else RpcDispatcher(sup)
+        ended_quiet = False
         try:
             sup.run(dispatcher)
+            ended_quiet = dispatcher.quiet() and not sup.unready
         finally:
+            pool.status.quiet = ended_quiet
             if isinstance(dispatcher, QueueDispatcher):
                 dispatcher.close()
             diag.finish(pool, segments=plan.segments)

@@ -58,6 +58,7 @@ _fail = ll.status_fail
 # Calls of up to this many shards use the pool's kept done map (a byte a
 # shard: at most 1 MiB stays mapped per pool); bigger ones get their own.
 DONE_KEEP = 1 << 20
+DONE_MIN = 4096  # the kept map's first size (one page)
 
 
 class RowSnapshot(NamedTuple):
@@ -86,7 +87,14 @@ class StatusTable:
         self._buf = buffer(np.uint8, nbytes)
         self._mem = ll.status_mem_ptr(self._buf.array)
         ll.status_init(self._mem, nbytes, nslots)
-        self._kept: Buffer | None = None  # the calls' shared done map (see done_map)
+        # The calls' shared done map (see done_map), made with the pool: it is
+        # the pool's, like its rows (a bigger call replaces it with a bigger one).
+        self._kept: Buffer | None = buffer(np.uint8, DONE_MIN)
+        # No worker holds work of an earlier call (none can still mark a done
+        # map or be inside the task ring): the next call may pipeline its setup
+        # (Supervisor.setup_all).  Cleared by done_map, set by a call that ended
+        # with all its work reported (Dispatcher.quiet).
+        self.quiet = True
 
     def done_map(self, num: int) -> DoneMap:
         """A done map for a call of ``num`` shards: up to ``DONE_KEEP``, a view
@@ -97,13 +105,14 @@ class StatusTable:
         call's setup only after its last message of the previous call, so no
         earlier call's mark can land after that reset (one that was cut short
         included).  Closing the view leaves the kept map to the table."""
+        self.quiet = False
         if num > DONE_KEEP:
             return DoneMap(num)
         kept = self._kept
         if kept is None or kept.array.shape[0] < num:
             if kept is not None:
                 kept.close()  # workers let it go at the end of the call (shardc.forget)
-            size = 4096
+            size = DONE_MIN
             while size < num:
                 size *= 2
             kept = self._kept = buffer(np.uint8, size)
@@ -120,7 +129,7 @@ class StatusTable:
         """A worker's table over the segment of ``fd`` (from :meth:`share_spec`)."""
         self = cls.__new__(cls)
         self.nslots = info["nslots"]
-        self._kept = None
+        self._kept, self.quiet = None, False
         seg = Segment.adopt(fd, info["size"], info["backing"], info["name"], info["key"])
         self._buf = Buffer(seg, np.dtype(np.uint8), (ll.status_bytes(self.nslots),))
         self._mem = ll.status_mem_ptr(self._buf.array)

@@ -42,7 +42,7 @@ from .errors import (
     signal_label,
 )
 from .idruns import IdRuns
-from .protocol import RETIRE_EXIT
+from .protocol import READY, RETIRE_EXIT
 from .scheduler import Scheduler
 from .status import STATE_RUNNING
 from .units import fmt_bytes
@@ -80,11 +80,22 @@ class Supervisor:
         self.ws: dict[int, WorkerState] = {w.slot: WorkerState() for w in pool.workers}
         self.dispatcher: Dispatcher | None = None
         self.sel: selectors.BaseSelector | None = None
+        # Pipelined setup (setup_all(pipeline=True)): worker slot -> when its
+        # READY is due (SHARDC_SETUP_TIMEOUT); the loop reads the answers.
+        self.unready: dict[int, float] = {}
 
     # -- setting the call up ------------------------------------------------------------
-    def setup_all(self) -> None:
+    def setup_all(self, pipeline: bool = False) -> None:
         """Set up the call on every worker: all messages first, then the
-        replies, so workers load fun and map inputs in parallel."""
+        replies, so workers load fun and map inputs in parallel.
+
+        ``pipeline``: do not wait for the replies; the dispatcher's first work
+        follows each worker's CALL at once (a round trip less per call), and
+        the event loop reads the READYs (:meth:`receive`): an error fails the
+        call as before, a death is one before the call started, and the setup
+        deadline is checked by the watchdog.  Only for a pool whose workers
+        hold no work of an earlier call (``StatusTable.quiet``): the call's
+        done map and the task ring are reset without waiting for them."""
         sent, dead = [], []
         for w in list(self.pool.workers):
             try:
@@ -92,6 +103,10 @@ class Supervisor:
                 sent.append(w)
             except OSError:
                 dead.append(w)
+        if pipeline:
+            due = time.monotonic() + self.setup.limit
+            self.unready = {w.slot: due for w in sent}
+            sent = []
         for i, w in enumerate(sent):
             try:
                 self.setup.await_ready(w, self.pool.kill)
@@ -157,6 +172,8 @@ class Supervisor:
         st = self.ws[w.slot]
         loss = self.dispatcher.lost(w, reason)
         label = signal_label(code) if code is not None else "?"
+        if self.unready.pop(w.slot, None) is not None and reason is None:
+            reason = f"died before the call started ({signal_label(code) if code is not None else 'unknown status'})"
         running = loss.charge[0] if loss.charge else None
         if running is not None:
             log.warning(
@@ -267,9 +284,11 @@ class Supervisor:
         assert self.dispatcher is not None
         now_ns = time.monotonic_ns()
         now = time.monotonic()
+        if self.unready:
+            self.setup_overdue(now)
         for w in list(pool.workers):
-            if not w.alive:
-                continue
+            if not w.alive or w.slot in self.unready:
+                continue  # (a worker setting the call up runs no shard yet)
             row = self.status.read(w.slot)
             if row.state != STATE_RUNNING:
                 if self.dispatcher.stalled(w, row, now):
@@ -317,14 +336,40 @@ class Supervisor:
                 pass
 
     def receive(self, w: Any) -> list[tuple[Any, list[int]]] | None:
-        """Messages waiting from ``w``; None if it died (the caller handles the death)."""
+        """Messages waiting from ``w``; None if it died (the caller handles the death).
+        A pipelined setup's READY is taken here (see :meth:`setup_all`)."""
         before = w.chan.bytes_received
         try:
             msgs: list[tuple[Any, list[int]]] = w.chan.recv_ready()
         except (ChannelClosed, ConnectionError):
             return None
         self.diag.bytes_results += w.chan.bytes_received - before
+        if w.slot in self.unready:
+            for i, (m, _fds) in enumerate(msgs):
+                if m[0] == READY and m[1] == self.call.call_id:
+                    del self.unready[w.slot]
+                    self.setup.answered(w, m)  # raises WorkerSetupError for an error
+                    self.ws[w.slot].last_msg = time.monotonic()  # its no-progress clock starts now
+                    return msgs[:i] + msgs[i + 1 :]
         return msgs
+
+    def setup_overdue(self, now: float) -> None:
+        """A pipelined setup not answered by its deadline: kill the workers
+        still setting up (and replace them) and fail the call, as
+        :meth:`CallSetup.await_ready` does."""
+        late = [slot for slot, due in self.unready.items() if now > due]
+        if not late:
+            return
+        first = self.pool.workers[late[0]]
+        exc = self.setup.overdue(first, self.pool.kill)
+        for slot in list(self.unready):
+            w = self.pool.workers[slot]
+            self._unwatch(w)
+            if w is not first:
+                self.pool.kill(w)
+        self.unready.clear()
+        self.pool.ensure_alive()
+        raise exc
 
     def run(self, dispatcher: Dispatcher) -> None:
         """Run the call to the end with ``dispatcher``."""

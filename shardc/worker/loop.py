@@ -365,21 +365,24 @@ class Worker:
     def loop(self) -> None:
         chan = self.chan
         pending: deque[tuple[Any, list[int]]] = deque()
+        broken = 0  # a call whose setup failed: work sent right behind its CALL is dropped
         while True:
             if not pending:
                 pending.append(chan.recv())
             msg, fds = pending.popleft()
             kind = msg[0]
             if kind in (RUN, RUN_CAREFUL):
-                self.run_chunks(msg, pending, fds)
+                if msg[1] != broken:
+                    self.run_chunks(msg, pending, fds)
             elif kind == CALL:
                 try:
                     self.adopt(msg[1].get("segments", []), fds)
                     self.setup_call(msg[1])
                     chan.send((READY, msg[1]["call_id"], None))
                 except BaseException as exc:  # noqa: BLE001 - reported to the master
-                    chan.send((READY, msg[1]["call_id"], error_record(exc, None)))
-            elif kind == QUEUE:
+                    broken = msg[1]["call_id"]
+                    chan.send((READY, broken, error_record(exc, None)))
+            elif kind == QUEUE and msg[1]["call_id"] != broken:
                 run_queue_call(self.slot, chan, self.row, self.ex, msg[1], fds)
             elif kind == END:
                 self.end_call()
