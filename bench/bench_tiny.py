@@ -44,6 +44,14 @@ Variants (each in a fresh interpreter):
   3 ms, shm_queue throughput non-decreasing in N over 10^2..10^6 (within
   10%), and never below rpc_chunked's on the grid.
 
+* ``call10``: the per-call cost of a small call: ``shard_map(10, f,
+  dispatch_mode="rpc_chunked")`` (gathering ``shard.id``) on a warm pool,
+  calls alternating with ``Pool(2).map(f, range(10))`` on a warm
+  ``multiprocessing`` pool (its default chunking: the call a user would
+  otherwise write); ms per call (median and best of >= 200 calls each, 100
+  with ``--quick``) and the master's CPU per shardc call (its thread clock).
+  Its target (issue 18): a 10-shard rpc_chunked call <= 0.5 ms.
+
 Every variant checks its output (the ids, in order).  Does not measure:
 functions that do real work (see bench_colstats), pool start (see
 bench_startup), or results bigger than an int (see bench_large_out).
@@ -82,7 +90,7 @@ SIZES = {
 }
 VARIANTS = ["shardc_default", "shardc_seeded", "shardc_shm_queue", "shardc_rpc1", "shardc_rpc_auto",
             "mp_pool_map1", "mp_pool_map_auto",
-            "joblib_b1", "joblib_auto", "mpire", "pairs", "grid"]
+            "joblib_b1", "joblib_auto", "mpire", "pairs", "grid", "call10"]
 GRID_N = [100, 1_000, 2_000, 10_000, 100_000, 1_000_000]
 GRID_MODES = ["shm_queue", "rpc_auto"]
 
@@ -337,7 +345,64 @@ def report_pairs(r: dict[str, Any]) -> None:
     ])
 
 
+def run_call10(quick: bool, repeats: int) -> dict[str, Any]:
+    """The 10-shard call (see ``call10`` in the module docstring)."""
+    import multiprocessing as mp
+
+    import shardc
+
+    pool = shardc.pool_create(WORKERS)
+    mpool = mp.get_context("fork").Pool(WORKERS)
+    want = list(range(10))
+    ok = True
+    times: dict[str, list[float]] = {"shardc": [], "pool_map": []}
+    cpu: list[float] = []
+    try:
+        for _ in range(30):  # warm both
+            shardc.shard_map(10, shard_return, dispatch_mode="rpc_chunked", pool=pool)
+            mpool.map(ident, range(10))
+        for r in range(max(100 if quick else 200, repeats)):
+            for k in ("shardc", "pool_map") if r % 2 == 0 else ("pool_map", "shardc"):
+                c0 = time.thread_time()
+                t0 = time.perf_counter()
+                if k == "shardc":
+                    got = shardc.shard_map(10, shard_return, dispatch_mode="rpc_chunked", pool=pool).results
+                else:
+                    got = mpool.map(ident, range(10))
+                times[k].append(time.perf_counter() - t0)
+                if k == "shardc":
+                    cpu.append(time.thread_time() - c0)
+                ok = ok and got == want
+    finally:
+        mpool.terminate()
+        pool.stop()
+    return {"times": {k: {"median_s": C.median(v), "min_s": min(v), "calls": len(v)} for k, v in times.items()},
+            "cpu_median_s": C.median(cpu), "ok": ok, "loadavg": os.getloadavg()[0]}
+
+
+def report_call10(r: dict[str, Any]) -> None:
+    t = r["times"]
+    for k, v in t.items():
+        C.emit(f"tiny.call10.{k}.ms", v["median_s"] * 1e3, "ms/call")
+        C.emit(f"tiny.call10.{k}.best_ms", v["min_s"] * 1e3, "ms/call")
+    C.emit("tiny.call10.shardc.master_cpu_ms", r["cpu_median_s"] * 1e3, "ms/call")
+    print()
+    print(f"### tiny call10: one 10-shard call, {WORKERS} workers, warm pools, calls interleaved, "
+          f"load {r['loadavg']:.1f}")
+    print()
+    print(C.table(["call", "ms (median)", "ms (best)", "calls"],
+                  [[k, v["median_s"] * 1e3, v["min_s"] * 1e3, v["calls"]] for k, v in t.items()]))
+    print(f"shardc master CPU per call (median): {r['cpu_median_s'] * 1e3:.3f} ms")
+    med = t["shardc"]["median_s"]
+    C.print_targets("tiny", [
+        ("call10_rpc", "a 10-shard rpc_chunked call <= 0.5 ms", f"{med * 1e3:.2f} ms", med <= 0.5e-3),
+        ("call10_correct", "call10 outputs correct", "ok" if r["ok"] else "WRONG RESULT", bool(r["ok"])),
+    ])
+
+
 def run_child(variant: str, quick: bool, repeats: int) -> dict[str, Any]:
+    if variant == "call10":
+        return run_call10(quick, repeats)
     if variant == "grid":
         return run_grid(quick, repeats)
     if variant == "pairs":
@@ -387,6 +452,7 @@ def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny")
     table = []
     grid = results.pop("grid", None)
     pairs = results.pop("pairs", None)
+    call10 = results.pop("call10", None)
     for name, r in results.items():
         if "error" in r:
             C.emit(f"{bench}.{name}.error", r["error"].replace("\t", " ")[:200], "text")
@@ -415,6 +481,11 @@ def report(results: dict[str, dict[str, Any]], quick: bool, bench: str = "tiny")
             C.emit(f"{bench}.pairs.error", pairs["error"].replace("\t", " ")[:200], "text")
         else:
             report_pairs(pairs)
+    if call10 is not None:
+        if "error" in call10:
+            C.emit(f"{bench}.call10.error", call10["error"].replace("\t", " ")[:200], "text")
+        else:
+            report_call10(call10)
     if grid is not None:
         if "error" in grid:
             C.emit(f"{bench}.grid.error", grid["error"].replace("\t", " ")[:200], "text")
