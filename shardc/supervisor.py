@@ -399,7 +399,7 @@ class Supervisor:
                     msgs = self.receive(w)
                     if msgs is None:
                         self.handle_death(w)
-                    else:
+                    elif msgs:  # (nothing for the dispatcher: a READY, a frame's first part)
                         dispatcher.on_messages(w, msgs)
                 dispatcher.after_poll()
                 now = time.monotonic()

@@ -37,7 +37,7 @@ class HeapPolicy:
         refused: reuse was turned off for the rest of this process.
     """
 
-    __slots__ = ("_arenas", "_ref", "keep", "pid", "refused", "row")
+    __slots__ = ("_arenas", "_in_call", "_ref", "keep", "pid", "refused", "row")
 
     def __init__(self, row: StatusRow, pid: int) -> None:
         self.row = row
@@ -46,9 +46,12 @@ class HeapPolicy:
         self.refused = False
         self._ref: tuple[int, int, int] = (0, 0, 0)  # (anon, heap used, heap free) at the last trim
         self._arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
+        self._in_call = False  # set_keep was called since the last end_call
 
     def set_keep(self, keep: int) -> None:
-        """Keep up to ``keep`` freed bytes from now on (0: glibc's defaults)."""
+        """Keep up to ``keep`` freed bytes from now on (0: glibc's defaults);
+        a call's setup."""
+        self._in_call = True
         if self.refused:
             keep = 0
         if keep == self.keep:
@@ -129,8 +132,12 @@ class HeapPolicy:
         self.row.set_heap_kept(max(0, min(resident, st["free"])))
 
     def end_call(self) -> None:
-        """The call is over: an idle worker keeps no freed memory."""
-        if self.keep:
+        """The call is over: an idle worker keeps no freed memory.  Once per
+        call (a worker also ends the last call when the next one is set up:
+        a second check and trim there found nothing to give back, and cost
+        every small call ~40 us of the worker's time on its critical path)."""
+        if self.keep and self._in_call:
+            self._in_call = False
             self.check()  # (turns reuse off for good if thread arenas grew)
             if self.keep and not self.trim():
                 self.refuse()
