@@ -10,6 +10,7 @@ parallel: all messages go out before the first reply is read.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -74,6 +75,7 @@ class CallSetup:
         self.call = call
         self.diag = diag
         self.limit = config.get_float("SHARDC_SETUP_TIMEOUT")
+        self._payloads: dict[tuple[str, ...], bytes] = {}  # CALL pickled, by the new segments it names
 
     def message(self, w: Any) -> tuple[dict[str, Any], list[int]]:
         c = self.call
@@ -107,10 +109,15 @@ class CallSetup:
         if stale:
             w.chan.send((FORGET, stale))
             w.known.difference_update(stale)
-        msg, fds = self.message(w)
-        self.diag.bytes_setup += w.chan.send((CALL, msg), fds)
-        assert self.call.plan is not None
-        w.known.update(self.call.plan.segments)
+        segs = self.call.plan.segments if self.call.plan is not None else {}
+        # One pickle for every worker that needs the same segments (usually none new).
+        new = tuple(k for k in segs if k not in w.known)
+        payload = self._payloads.get(new)
+        if payload is None:
+            msg, _fds = self.message(w)
+            payload = self._payloads[new] = pickle.dumps((CALL, msg), protocol=5)
+        self.diag.bytes_setup += w.chan.send_bytes(payload, [segs[k].fd for k in new])
+        w.known.update(segs)
 
     def await_ready(self, w: Any, kill: Any) -> None:
         """Wait (bounded: SHARDC_SETUP_TIMEOUT, default 120 s) for ``w`` to

@@ -97,9 +97,9 @@ class RpcDispatcher(Dispatcher):
     def fill(self, w: Any) -> None:
         """Top ``w``'s queue of chunks up to ``depth``."""
         st = self.ws[w.slot]
-        if st.pending_recycle is not None or not w.alive:
-            return
         sched = self.sched
+        if st.pending_recycle is not None or not w.alive or not sched.pending_count():
+            return  # (nothing to send: the usual case at the end of a call)
         size = sched.chunk_size(len(self.ws))
         if not st.inflight:
             st.last_msg = time.monotonic()  # its no-progress clock starts with this dispatch

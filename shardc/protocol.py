@@ -77,6 +77,14 @@ class Outcome(NamedTuple):
     mem_delta: int | None  # anonymous-memory growth over the shard, if measured
 
 
+def work_call(msg: tuple[Any, ...]) -> int | None:
+    """The call a RUN or QUEUE message is work of (None for any other message).
+    A worker whose call's work is already behind its CALL skips READY: the
+    master takes that work's first message (or status row) as the answer
+    (``Supervisor.setup_all(pipeline=True)``)."""
+    return msg[1] if msg[0] in (RUN, RUN_CAREFUL) else msg[1]["call_id"] if msg[0] == QUEUE else None
+
+
 def error_record(exc: BaseException, sid: int | None, deterministic: bool | None = None) -> dict[str, Any]:
     """A picklable description of ``exc`` (type, message, traceback, the exception if it pickles)."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

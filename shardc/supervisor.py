@@ -83,6 +83,7 @@ class Supervisor:
         # Pipelined setup (setup_all(pipeline=True)): worker slot -> when its
         # READY is due (SHARDC_SETUP_TIMEOUT); the loop reads the answers.
         self.unready: dict[int, float] = {}
+        self.setup_ns = 0
 
     # -- setting the call up ------------------------------------------------------------
     def setup_all(self, pipeline: bool = False) -> None:
@@ -97,6 +98,7 @@ class Supervisor:
         hold no work of an earlier call (``StatusTable.quiet``): the call's
         done map and the task ring are reset without waiting for them."""
         sent, dead = [], []
+        t0_ns = time.monotonic_ns()  # any shard a worker starts after this is this call's
         for w in list(self.pool.workers):
             try:
                 self.setup.send(w)
@@ -107,6 +109,7 @@ class Supervisor:
             due = time.monotonic() + self.setup.limit
             self.unready = {w.slot: due for w in sent}
             sent = []
+        self.setup_ns = t0_ns
         for i, w in enumerate(sent):
             try:
                 self.setup.await_ready(w, self.pool.kill)
@@ -172,7 +175,7 @@ class Supervisor:
         st = self.ws[w.slot]
         loss = self.dispatcher.lost(w, reason)
         label = signal_label(code) if code is not None else "?"
-        if self.unready.pop(w.slot, None) is not None and reason is None:
+        if self.unready.pop(w.slot, None) is not None and reason is None and not self._started(w):
             reason = f"died before the call started ({signal_label(code) if code is not None else 'unknown status'})"
         running = loss.charge[0] if loss.charge else None
         if running is not None:
@@ -285,6 +288,8 @@ class Supervisor:
         now_ns = time.monotonic_ns()
         now = time.monotonic()
         if self.unready:
+            for slot in [s for s in self.unready if self._started(pool.workers[s])]:
+                self._answered(pool.workers[slot], None)  # it runs the call's shards: it was set up
             self.setup_overdue(now)
         for w in list(pool.workers):
             if not w.alive or w.slot in self.unready:
@@ -347,11 +352,25 @@ class Supervisor:
         if w.slot in self.unready:
             for i, (m, _fds) in enumerate(msgs):
                 if m[0] == READY and m[1] == self.call.call_id:
-                    del self.unready[w.slot]
-                    self.setup.answered(w, m)  # raises WorkerSetupError for an error
-                    self.ws[w.slot].last_msg = time.monotonic()  # its no-progress clock starts now
+                    self._answered(w, m)  # raises WorkerSetupError for an error
                     return msgs[:i] + msgs[i + 1 :]
+                if m[1] == self.call.call_id:  # the work behind its CALL answered for it (see Worker.loop)
+                    self._answered(w, None)
+                    break
         return msgs
+
+    def _answered(self, w: Any, reply: tuple[Any, ...] | None) -> None:
+        """``w`` answered a pipelined setup: its READY ``reply``, or None when
+        it skipped READY (its first work followed) and a later message or its
+        status row shows it set up."""
+        del self.unready[w.slot]
+        self.setup.answered(w, reply if reply is not None else (READY, self.call.call_id, None))
+        self.ws[w.slot].last_msg = time.monotonic()  # its no-progress clock starts now
+
+    def _started(self, w: Any) -> bool:
+        """``w`` started a shard since this call's setup was sent (its status row)."""
+        row = self.status.read(w.slot)
+        return bool(row.start_ns >= self.setup_ns)
 
     def setup_overdue(self, now: float) -> None:
         """A pipelined setup not answered by its deadline: kill the workers

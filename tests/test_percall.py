@@ -209,3 +209,60 @@ def test_pipelined_setup_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
         assert time.monotonic() - t0 < 20
         r = shardc.shard_map(10, _ident, pool=pool, progress=False)
         assert r.results == list(range(10))
+
+
+def _sleep_id(shard: Any) -> int:
+    time.sleep(2.5 if shard.id < 2 else 0)
+    return int(shard.id)
+
+
+def _hang_first(shard: Any) -> int:
+    if shard.id == 0:
+        time.sleep(60)
+    return int(shard.id)
+
+
+def test_long_first_shard_is_not_a_setup_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose work followed its CALL skips READY; a first shard running past SHARDC_SETUP_TIMEOUT is seen set up (its status row), not killed."""
+    monkeypatch.setenv("SHARDC_SETUP_TIMEOUT", "1")
+    with shardc.Pool(2) as pool:
+        shardc.shard_map(2, _ident, pool=pool, progress=False)  # warm
+        assert pool.status.quiet
+        r = shardc.shard_map(4, _sleep_id, pool=pool, progress=False, on_failure="collect")
+        assert r.results == [0, 1, 2, 3] and not r.failures
+        assert not [e for e in r.diagnostics.events if e["event"] == "death"]
+
+
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_shard_timeout_in_a_pipelined_call(mode: str) -> None:
+    """A shard hanging in a pipelined call's first work still times out (the watchdog knows the worker is set up)."""
+    with shardc.Pool(2) as pool:
+        buf = shardc.buffer("i8", 4)
+        shardc.shard_map(2, _ident, pool=pool, progress=False)  # warm
+        assert pool.status.quiet
+        t0 = time.monotonic()
+        if mode == "shm_queue":
+            r = shardc.shard_map(
+                4,
+                _hang_write,
+                out={"out": buf},
+                dispatch_mode=mode,
+                pool=pool,
+                progress=False,
+                timeout=1,
+                max_retries=0,
+                on_failure="collect",
+            )
+        else:
+            r = shardc.shard_map(
+                4, _hang_first, pool=pool, progress=False, timeout=1, max_retries=0, on_failure="collect"
+            )
+        assert time.monotonic() - t0 < 30
+        assert list(r.failures) == [0] and "timeout" in r.failures[0].message
+        buf.close()
+
+
+def _hang_write(shard: Any, out: Any) -> None:
+    if shard.id == 0:
+        time.sleep(60)
+    out[shard.id] = shard.id + 1

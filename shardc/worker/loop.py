@@ -12,7 +12,7 @@ teardown, and the segments it maps.
        │  EOF = master gone = exit)
        ├─ CALL    set up a call: unpickle fun once, map borrowed inputs
        │          (MAP_PRIVATE, read-only, guarded per cow) and out buffers
-       │          (MAP_SHARED) from fds sent with the message; cache them
+       │          (MAP_SHARED) from fds sent; cache them -> READY (none if its work follows)
        ├─ RUN     rpc_chunked: ShardExecutor.run_ids(chunk) -> RESULTS
        ├─ QUEUE   shm_queue: queue_loop.run_queue_call (ShardExecutor.run_block
        │          per block) until the ring closes -> QDONE
@@ -64,6 +64,7 @@ from ..protocol import (
     RUN,
     RUN_CAREFUL,
     error_record,
+    work_call,
 )
 from ..segment import Segment
 from ..share import array_extent, view_array
@@ -256,10 +257,9 @@ class Worker:
 
     # -- rpc_chunked ---------------------------------------------------------------------
     def send_results(self, call_id: int, results: list[tuple], commit: Any = None) -> None:
-        """Send a batch of outcomes.  Non-trivial return values are pickled one
-        by one first, with ``ST_SENDING`` naming the shard: a value whose
-        pickling fails fails only its shard, and one whose pickling blocks is
-        the only shard the master charges when it kills this worker."""
+        """Send a batch of outcomes.  Non-trivial return values are pickled one by one first, with
+        ``ST_SENDING`` naming the shard: a value whose pickling fails fails only its shard, and one
+        whose pickling blocks is the only shard the master charges when it kills this worker."""
         msg: tuple[Any, ...]
         if all(r[1] == FRAME for r in results):  # the tiny-shard path: frames of plain values, one pickle
             msg = (RESULTS, call_id, results) if commit is None else (RESULTS, call_id, results, commit)
@@ -304,9 +304,8 @@ class Worker:
                 seg.close()
 
     def chunk_ids(self, msg: tuple, fds: list[int]) -> list[int]:
-        """A RUN message's ids; per-id data riding with them (an open call's
-        tasks) goes to the call's descriptor first, with :meth:`load_task` to
-        unpickle it, after adopting the segments sent along."""
+        """A RUN message's ids; per-id data riding with them (an open call's tasks) goes to the
+        call's descriptor first (:meth:`load_task` unpickles it; segments sent along adopted)."""
         if len(msg) > 3:
             if len(msg) > 4:
                 self.adopt(msg[4], fds)
@@ -315,9 +314,8 @@ class Worker:
         return msg[2]
 
     def map_shared(self, descs: list[dict[str, Any]]) -> None:
-        """Map (and guard, under the call's cow policy) the arrays an open
-        call's tasks refer to, before they run, once per call; the executor
-        binds the guard scope again when the first ones appear."""
+        """Map (and guard, per the call's cow policy) the arrays an open call's tasks refer to, before
+        they run, once per call; the executor binds the guard scope again when the first ones appear."""
         fresh = False
         for d in descs:
             key = _shared_key(d)
@@ -328,8 +326,7 @@ class Worker:
             self.ex.begin_call()
 
     def load_task(self, blob: bytes) -> Any:
-        """Unpickle an open call's task: arrays it refers to in segments are
-        mapped read-only under the call's cow policy, once per call."""
+        """Unpickle an open call's task (arrays in segments mapped read-only per the cow policy, once)."""
         return _Unpickler(blob, self, self.task_objects).load()
 
     def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]], fds: list[int] | None = None) -> None:
@@ -375,13 +372,16 @@ class Worker:
                 if msg[1] != broken:
                     self.run_chunks(msg, pending, fds)
             elif kind == CALL:
+                cid = msg[1]["call_id"]
                 try:
                     self.adopt(msg[1].get("segments", []), fds)
                     self.setup_call(msg[1])
-                    chan.send((READY, msg[1]["call_id"], None))
+                    pending.extend(chan.poll_nonblocking())  # its work here already: that answers
+                    if not (pending and work_call(pending[0][0]) == cid):
+                        chan.send((READY, cid, None))
                 except BaseException as exc:  # noqa: BLE001 - reported to the master
-                    broken = msg[1]["call_id"]
-                    chan.send((READY, broken, error_record(exc, None)))
+                    broken = cid
+                    chan.send((READY, cid, error_record(exc, None)))
             elif kind == QUEUE and msg[1]["call_id"] != broken:
                 run_queue_call(self.slot, chan, self.row, self.ex, msg[1], fds)
             elif kind == END:
