@@ -48,6 +48,7 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.messages_sent = 0
+        self._corked: list[tuple[bytes, list[int]]] | None = None  # see cork
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -58,6 +59,27 @@ class Channel:
         payload = pickle.dumps(obj, protocol=5)
         return self.send_bytes(payload, fds)
 
+    def cork(self) -> None:
+        """Hold what is sent from now on until :meth:`uncork`, which sends it
+        all with one system call: a call's setup and its first work reach a
+        sleeping worker in one wake-up."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Send what :meth:`cork` held (raises OSError like a send)."""
+        held, self._corked = self._corked, None
+        if not held:
+            return
+        fds = [fd for _data, f in held for fd in f]
+        if len(fds) > _MAX_FDS:  # more than one sendmsg carries: frame by frame
+            for data, f in held:
+                self._send_frame(data, f)
+            return
+        # A frame's fds may arrive before the frame (the receiver queues them
+        # in order and gives each frame the count its header names).
+        self._send_frame(b"".join(data for data, _f in held), fds)
+
     def send_many(self, objs: list[Any]) -> int:
         """Send several messages with one system call; returns bytes sent."""
         frames = []
@@ -66,13 +88,25 @@ class Channel:
             frames.append(_HDR.pack(len(payload), 0))
             frames.append(payload)
         data = b"".join(frames)
-        self.sock.sendall(data)
+        if self._corked is not None:
+            self._corked.append((data, []))
+        else:
+            self.sock.sendall(data)
         self.bytes_sent += len(data)
         self.messages_sent += len(objs)
         return len(data)
 
     def send_bytes(self, payload: bytes, fds: list[int] | tuple[int, ...] = ()) -> int:
         frame = _HDR.pack(len(payload), len(fds)) + payload
+        if self._corked is not None:
+            self._corked.append((frame, list(fds)))
+        else:
+            self._send_frame(frame, fds)
+        self.bytes_sent += len(frame)
+        self.messages_sent += 1
+        return len(frame)
+
+    def _send_frame(self, frame: bytes, fds: list[int] | tuple[int, ...]) -> None:
         view = memoryview(frame)
         if fds:
             fds = list(fds)
@@ -83,9 +117,6 @@ class Channel:
                 view = view[n:]
         if len(view):
             self.sock.sendall(view)
-        self.bytes_sent += len(frame)
-        self.messages_sent += 1
-        return len(frame)
 
     # -- receiving -------------------------------------------------------------
     def _fill(self, flags: int = 0) -> bool:

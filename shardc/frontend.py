@@ -247,7 +247,7 @@ def _run(
         ended_quiet = False
         try:
             sup.run(dispatcher)
-            ended_quiet = dispatcher.quiet() and not sup.unready
+            ended_quiet = dispatcher.quiet()  # (a worker still setting up holds no work)
         finally:
             pool.status.quiet = ended_quiet
             if isinstance(dispatcher, QueueDispatcher):

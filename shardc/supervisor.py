@@ -90,26 +90,26 @@ class Supervisor:
         """Set up the call on every worker: all messages first, then the
         replies, so workers load fun and map inputs in parallel.
 
-        ``pipeline``: do not wait for the replies; the dispatcher's first work
-        follows each worker's CALL at once (a round trip less per call), and
-        the event loop reads the READYs (:meth:`receive`): an error fails the
-        call as before, a death is one before the call started, and the setup
-        deadline is checked by the watchdog.  Only for a pool whose workers
-        hold no work of an earlier call (``StatusTable.quiet``): the call's
-        done map and the task ring are reset without waiting for them."""
+        ``pipeline``: nothing is waited for; :meth:`run` sends each worker its
+        CALL and the dispatcher's first work together (one write, one wake-up,
+        a round trip less per call), and the event loop reads the answers
+        (:meth:`receive`): an error fails the call as before, a death is one
+        before the call started, the setup deadline is checked by the
+        watchdog.  Only for a pool whose workers hold no work of an earlier
+        call (``StatusTable.quiet``): the call's done map and the task ring
+        are reset without waiting for them."""
+        if pipeline:
+            due = time.monotonic() + self.setup.limit
+            self.unready = {w.slot: due for w in self.pool.workers}
+            return
         sent, dead = [], []
-        t0_ns = time.monotonic_ns()  # any shard a worker starts after this is this call's
+        self.setup_ns = time.monotonic_ns()  # any shard a worker starts after this is this call's
         for w in list(self.pool.workers):
             try:
                 self.setup.send(w)
                 sent.append(w)
             except OSError:
                 dead.append(w)
-        if pipeline:
-            due = time.monotonic() + self.setup.limit
-            self.unready = {w.slot: due for w in sent}
-            sent = []
-        self.setup_ns = t0_ns
         for i, w in enumerate(sent):
             try:
                 self.setup.await_ready(w, self.pool.kill)
@@ -401,7 +401,10 @@ class Supervisor:
             wake = self.call.wake
             if wake is not None:
                 sel.register(wake, selectors.EVENT_READ, None)
-            dispatcher.start()
+            if self.unready:
+                self._start_pipelined(dispatcher)
+            else:
+                dispatcher.start()
             timeout = self.call.timeout
             tick = 0.05 if timeout > 0.2 else timeout / 4
             next_tick = time.monotonic() + tick
@@ -438,6 +441,26 @@ class Supervisor:
         finally:
             sel.close()
             self.sel = None
+
+    def _start_pipelined(self, dispatcher: Dispatcher) -> None:
+        """A pipelined setup (see :meth:`setup_all`): each worker's CALL and
+        its first work in one write."""
+        corked = []
+        self.setup_ns = time.monotonic_ns()
+        try:
+            for w in list(self.pool.workers):
+                w.chan.cork()
+                corked.append(w)
+                self.setup.send(w)
+            dispatcher.start()
+        finally:
+            for w in corked:
+                try:
+                    w.chan.uncork()
+                except OSError:
+                    # Dead (or its socket unwritable): its EOF brings the loop
+                    # to the death handler, a death before the call started.
+                    self.pool.kill(w)
 
     def interrupted(self) -> None:
         """Ctrl-C (``KeyboardInterrupt``) in the caller during the run: stop
