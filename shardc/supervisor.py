@@ -437,6 +437,9 @@ class Supervisor:
                     dispatcher.on_tick()
                     self.diag.tick()
                     self.progress_update()
+            for slot in list(self.unready):  # lost while setting up a call that ended without it
+                if not pool.is_alive(pool.workers[slot]):
+                    self.handle_death(pool.workers[slot], code=pool.workers[slot].exitcode)
             dispatcher.drain()
         except KeyboardInterrupt:
             self.interrupted()
@@ -448,7 +451,7 @@ class Supervisor:
     def _start_pipelined(self, dispatcher: Dispatcher) -> None:
         """A pipelined setup (see :meth:`setup_all`): each worker's CALL and
         its first work in one write."""
-        corked = []
+        corked, failed = [], []
         self.setup_ns = time.monotonic_ns()
         try:
             for w in list(self.pool.workers):
@@ -461,9 +464,10 @@ class Supervisor:
                 try:
                     w.chan.uncork()
                 except OSError:
-                    # Dead (or its socket unwritable): its EOF brings the loop
-                    # to the death handler, a death before the call started.
-                    self.pool.kill(w)
+                    failed.append(w)
+                    self.pool.kill(w)  # dead, or its socket unwritable
+        for w in failed:  # a death before the call started: its work requeued, a fresh worker set up
+            self.handle_death(w, code=w.exitcode)
 
     def interrupted(self) -> None:
         """Ctrl-C (``KeyboardInterrupt``) in the caller during the run: stop

@@ -185,15 +185,18 @@ class _DieOnce:
         return int(shard.id)
 
 
-def test_pipelined_setup_death_is_a_death_before_the_call(tmp_path: Any) -> None:
-    """A worker dying while it sets up a pipelined call is replaced and reported as before the call started; its work reruns, nothing is charged."""
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_pipelined_setup_death_is_a_death_before_the_call(tmp_path: Any, mode: str) -> None:
+    """A worker dying while it sets up a pipelined call is replaced and reported (in this call) as before the call started; its work reruns, nothing is charged."""
     with shardc.Pool(2) as pool:
         assert pool.status.quiet
-        r = shardc.shard_map(30, Armed("die_once", str(tmp_path / "died")), pool=pool, progress=False)
+        fun = Armed("die_once", str(tmp_path / "died"))
+        r = shardc.shard_map(30, fun, dispatch_mode=mode, pool=pool, progress=False)
         assert r.results == [None] * 30 and not r.failures  # (the fun it loads returns None)
         reasons = [e["reason"] for e in r.diagnostics.events if e["event"] == "death"]
-        assert any("died before the call started" in x for x in reasons), reasons
-        assert np.all(r.diagnostics.shard_attempts == 1)  # every shard ran once: nothing charged
+        assert len(reasons) == 1 and "died before the call started" in reasons[0], reasons
+        if mode == "rpc_chunked":  # (shm_queue records blocks, not per-shard attempts)
+            assert np.all(r.diagnostics.shard_attempts == 1)  # every shard ran once: nothing charged
         r = shardc.shard_map(10, _ident, pool=pool, progress=False)
         assert r.results == list(range(10))
 
@@ -266,3 +269,50 @@ def _hang_write(shard: Any, out: Any) -> None:
     if shard.id == 0:
         time.sleep(60)
     out[shard.id] = shard.id + 1
+
+
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_worker_dead_when_a_pipelined_call_is_sent(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """A worker found dead when its CALL and first work go out (the write fails) is replaced; its work reruns, the call completes, nothing is charged."""
+    from shardc import _channel
+
+    with shardc.Pool(2) as pool:
+        buf = shardc.buffer("i8", 40)
+        shardc.shard_map(2, _ident, pool=pool, progress=False)  # warm
+        assert pool.status.quiet
+        victim = pool.workers[0]
+        orig = _channel.Channel.uncork
+
+        def uncork(self: Any) -> None:
+            if self is victim.chan and victim.alive:
+                os.kill(victim.pid, 9)
+                end = time.monotonic() + 5
+                while psutil_alive(victim.pid) and time.monotonic() < end:  # dead: the write fails
+                    time.sleep(0.005)
+            orig(self)
+
+        monkeypatch.setattr(_channel.Channel, "uncork", uncork)
+        if mode == "shm_queue":
+            r = shardc.shard_map(40, _write, out={"out": buf}, dispatch_mode=mode, pool=pool, progress=False)
+            assert np.array_equal(buf.array, np.arange(1, 41))
+        else:
+            r = shardc.shard_map(40, _ident, pool=pool, progress=False)
+            assert r.results == list(range(40))
+        assert not r.failures
+        if mode == "rpc_chunked":  # (shm_queue records blocks, not per-shard attempts)
+            assert np.all(r.diagnostics.shard_attempts == 1)
+        deaths = [e for e in r.diagnostics.events if e["event"] == "death"]
+        assert len(deaths) == 1 and "before the call started" in deaths[0]["reason"], deaths
+        monkeypatch.setattr(_channel.Channel, "uncork", orig)
+        r = shardc.shard_map(10, _ident, pool=pool, progress=False)
+        assert r.results == list(range(10))
+        buf.close()
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
