@@ -14,5 +14,6 @@
 #include "status.h"
 #include "kernel.h"
 #include "kern_stats.h"
+#include "legacy.h"
 
 #endif /* SHARDC_H */

@@ -188,6 +188,16 @@ SETTINGS: dict[str, Setting] = {
             "it for their next shards during a call",
         ),
         Setting(
+            "SHARDC_LEGACY_SEEDING",
+            "choice",
+            "lazy",
+            "with `seed=`: how workers seed `random` and `np.random` per shard. `lazy`: only for shards "
+            "that use them (a shard found drawing unseeded runs again, seeded; its function then seeds "
+            "every shard); `eager`: before every shard (no shard ever runs twice). Read by each worker "
+            "when it starts",
+            choices=("lazy", "eager"),
+        ),
+        Setting(
             "SHARDC_GUARD_SIGNAL",
             "signal",
             int(signal.SIGUSR2),

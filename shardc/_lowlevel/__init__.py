@@ -66,6 +66,7 @@ from .kernel import (  # noqa: F401
     moments_tree,
     new_krun,
 )
+from .legacy import legacy_watch  # noqa: F401
 from .proc import (  # noqa: F401
     heap_reuse,
     heap_stats,

@@ -1,14 +1,34 @@
 """Legacy RNG seeding per shard (``seed=``): ``random`` and ``np.random`` from
 (the call's seed, the shard's global id), bit-identical whichever worker,
-chunking, mode or attempt runs the shard."""
+chunking, mode or attempt runs the shard.
+
+Seeding both generators costs ~5 us a shard, 10-40x a trivial shard, and
+most functions never touch them (``shard.rng`` is the generator to use, and
+it is made only when read).  So the loops seed lazily (:class:`Legacy`):
+the first shard of a call is seeded and watched (a fingerprint of both
+states, :mod:`shardc._lowlevel.legacy`); a function that drew from them is
+seeded before every shard from then on; one that did not runs its next
+shards unseeded, and before a loop marks a run of shards done it checks the
+fingerprint (~60 ns a run): a run in which a shard drew (or reseeded) is
+run again at once, seeded, its outcomes dropped, before anything of it
+leaves the worker.  Outcomes are those of eager seeding.  What differs:
+such a run's shards run twice (their side effects happen twice: at most
+once per function and worker, as the worker remembers the function), and a
+shard that only reads a legacy state (``np.random.get_state()``) without
+drawing sees the state the previous shard left.
+``SHARDC_LEGACY_SEEDING=eager`` seeds before every shard instead."""
 
 from __future__ import annotations
 
 import _random
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from .. import _lowlevel as ll
+from .. import config
 
 _M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15  # splitmix64's increment
@@ -55,3 +75,122 @@ def seed_legacy(entropy: int, sid: int) -> None:
     _NP_SEED(z & 0xFFFFFFFF)
     _PY_SEED(_PY_RANDOM, z >> 32)
     _PY_RANDOM.gauss_next = None
+
+
+# Lazy seeding.  _watch: the states' ``changed()`` (None: seed eagerly),
+# set up on first use in each worker; _watched: the bit generator watched
+# (a reference keeps its memory alive; np.random.set_bit_generator swaps it).
+_watch: Callable[[], int] | None = None
+_watched: Any = None
+_DRAWS: set[Any] = set()  # code objects of functions seen drawing from the legacy states
+PROBE, LAZY, EAGER = 0, 1, 2
+
+
+def _changed() -> Callable[[], int] | None:
+    """The watch for this process's current legacy generators, or None."""
+    global _watch, _watched
+    bg = np.random.mtrand._rand._bit_generator
+    if bg is not _watched:
+        _watched = bg
+        _watch = None
+        if config.get_str("SHARDC_LEGACY_SEEDING") == "lazy":
+            _watch = ll.legacy_watch(bg, _PY_RANDOM)
+    return _watch
+
+
+def _never() -> int:
+    """The watch where there is none (the mode is then EAGER: never asked)."""
+    return 0
+
+
+def _code(fun: Any) -> Any:
+    """What identifies a function across calls in a worker (its code object)."""
+    fun = getattr(fun, "func", fun)  # functools.partial
+    return getattr(fun, "__code__", None)
+
+
+class Legacy:
+    """One call's legacy seeding in a worker (kept across the call's loops).
+
+    A loop calls ``fn(shard, *extra)`` (rebinding ``fn`` at each of its runs'
+    boundaries: it changes with ``mode``) and, before it marks a run's shards
+    done (and before it reports a failure), asks :meth:`drawn`; True means
+    a shard of the run drew from a legacy generator unseeded: the loop drops
+    the run's outcomes, calls :meth:`redo` and runs the run again (``fn`` is
+    then the eager one).  ``mode``: PROBE (the first shard is seeded and
+    watched; ``fn`` a closure that decides), LAZY (``fn`` is the function
+    itself: no cost per shard), EAGER (``fn`` seeds before every shard).
+    """
+
+    __slots__ = ("changed", "entropy", "fn", "inner", "key", "mode", "watched")
+
+    def __init__(self, inner: Callable[..., Any], entropy: int, fun: Any) -> None:
+        self.inner, self.entropy = inner, entropy
+        self.key = _code(fun)
+        changed = _changed()
+        self.watched = _watched
+        self.mode = PROBE
+        if changed is None or (self.key is not None and self.key in _DRAWS):
+            self.mode = EAGER
+            changed = _never
+        self.changed: Callable[[], int] = changed
+        self.fn = self._closure()
+
+    def loop_start(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """A loop of this call starts (``inner`` bound for it): the function to call."""
+        self.inner = inner
+        if self.mode != EAGER:
+            changed = _changed()
+            if changed is None or _watched is not self.watched:  # np.random's generator was swapped
+                self.mode = EAGER
+            elif self.mode == LAZY:
+                changed()  # the reference: the states as this loop finds them
+        self.fn = self._closure()
+        return self.fn
+
+    def drawn(self) -> bool:
+        """True if a shard since the last check drew from (or reseeded) a legacy
+        generator while LAZY; the fingerprint is taken again either way."""
+        return self.mode == LAZY and bool(self.changed())
+
+    def redo(self) -> Callable[..., Any]:
+        """After :meth:`drawn`: seed every shard from now on (this worker
+        remembers the function); returns the function to call."""
+        self.mode = EAGER
+        if self.key is not None:
+            if len(_DRAWS) > 256:
+                _DRAWS.clear()
+            _DRAWS.add(self.key)
+        self.fn = self._closure()
+        return self.fn
+
+    def _closure(self) -> Callable[..., Any]:
+        inner, entropy = self.inner, self.entropy
+        if self.mode == LAZY:
+            return inner
+        if self.mode == EAGER:
+
+            def eager(shard: Any, *args: Any) -> Any:
+                seed_legacy(entropy, shard.id)
+                return inner(shard, *args)
+
+            return eager
+        changed = self.changed
+
+        def probe(shard: Any, *args: Any) -> Any:
+            if self.mode == LAZY:  # decided by an earlier shard of this run
+                return inner(shard, *args)
+            if self.mode == EAGER:
+                seed_legacy(entropy, shard.id)
+                return inner(shard, *args)
+            seed_legacy(entropy, shard.id)
+            changed()  # the states just seeded are the reference
+            try:
+                return inner(shard, *args)
+            finally:
+                if changed():
+                    self.redo()
+                else:
+                    self.mode = LAZY
+
+        return probe
