@@ -15,5 +15,6 @@
 #include "kernel.h"
 #include "kern_stats.h"
 #include "legacy.h"
+#include "seedseq.h"
 
 #endif /* SHARDC_H */

@@ -186,3 +186,41 @@ def test_eager_setting_seeds_every_shard(monkeypatch):
         assert r.results == reference(sometimes) and (count.array == 1).all()
     finally:
         count.close()
+
+
+# -- shard.rng's seed from C (shardc/seedseq.py) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entropy,sid", [(0, 0), (1, 0), (12345, 7), (2**32, 2**32 - 1), ((1 << 127) + 99, (1 << 40) + 3), (2**64, 10**6)]
+)
+def test_shard_rng_is_numpys_stream(entropy, sid):
+    """shard_rng(e, id) draws what Generator(PCG64(SeedSequence(e, spawn_key=(id,)))) draws,
+    and its seed sequence acts as that SeedSequence (attributes, spawn, generate_state, pickling)."""
+    import pickle
+
+    from shardc.seedseq import ShardSeed, shard_rng
+
+    want = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy, spawn_key=(sid,))))
+    got = shard_rng(entropy, sid)
+    assert isinstance(got.bit_generator.seed_seq, ShardSeed)
+    assert got.bit_generator.state == want.bit_generator.state
+    assert got.integers(0, 2**62, 5).tolist() == want.integers(0, 2**62, 5).tolist()
+    ss, rs = got.bit_generator.seed_seq, want.bit_generator.seed_seq
+    assert (ss.entropy, ss.spawn_key, ss.pool.tolist()) == (rs.entropy, rs.spawn_key, rs.pool.tolist())
+    first = ss.generate_state(4, np.uint64)
+    shard_rng(entropy + 1, sid + 1)  # another generator made meanwhile must not change it
+    assert first.tolist() == rs.generate_state(4, np.uint64).tolist() == ss.generate_state(4, np.uint64).tolist()
+    assert [c.random() for c in got.spawn(2)] == [c.random() for c in want.spawn(2)]
+    back = pickle.loads(pickle.dumps(got))
+    assert back.random() == got.random()
+
+
+def test_shard_rng_in_workers_equals_numpy(pool2):  # noqa: F811
+    """shard.rng inside shard_map (seeded) draws NumPy's stream for (entropy, shard id)."""
+    r = shardc.shard_map(300, lambda s: float(s.rng.random()), seed=SEED, progress=False)
+    d = shardc.shards(300, block_size=1)
+    assert r.results == [float(d.shard(i, SEED).rng.random()) for i in range(300)]
+    assert r.results[5] == float(
+        np.random.Generator(np.random.PCG64(np.random.SeedSequence(SEED, spawn_key=(5,)))).random()
+    )
