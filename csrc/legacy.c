@@ -51,11 +51,13 @@ void shardc_legacy_watch(uintptr_t np_key, uintptr_t np_pos, uintptr_t py_key, u
 int shardc_legacy_changed(void)
 {
     uint32_t now[2][FP_WORDS];
-    int changed;
+    int s, changed = 0;
 
     take(now);
-    changed = memcmp(now, fingerprint, sizeof(now)) != 0;
-    if (changed)
-        memcpy(fingerprint, now, sizeof(now));
+    for (s = 0; s < 2; s++)
+        if (memcmp(now[s], fingerprint[s], sizeof(now[s])) != 0) {
+            memcpy(fingerprint[s], now[s], sizeof(now[s]));
+            changed |= 1 << s;
+        }
     return changed;
 }

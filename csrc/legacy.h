@@ -20,10 +20,11 @@
  * The caller guarantees the addresses stay valid while watched (it keeps the
  * owning objects alive) and has checked the layout. */
 void shardc_legacy_watch(uintptr_t np_key, uintptr_t np_pos, uintptr_t py_key, uintptr_t py_pos);
-/* 1 if a watched state changed since the last call (or the watch), else 0;
- * the fingerprint is taken again either way.  A draw moves `pos` (624 draws
- * bring it back, but regenerate every key word on the way); seeding and
- * setting a state rewrite the key. */
+/* Which watched states changed since the last call (or the watch): bit 0
+ * the first (NumPy's), bit 1 the second; 0 if none.  The fingerprint is
+ * taken again either way.  A draw moves `pos` (624 draws bring it back, but
+ * regenerate every key word on the way); seeding and setting a state
+ * rewrite the key. */
 int shardc_legacy_changed(void);
 /* --- cdef end --- */
 

@@ -191,10 +191,10 @@ SETTINGS: dict[str, Setting] = {
             "SHARDC_LEGACY_SEEDING",
             "choice",
             "lazy",
-            "with `seed=`: how workers seed `random` and `np.random` per shard. `lazy`: only for shards "
-            "that use them (a shard found drawing unseeded runs again, seeded; its function then seeds "
-            "every shard); `eager`: before every shard (no shard ever runs twice). Read by each worker "
-            "when it starts",
+            "with `seed=`: how workers seed `random` and `np.random` per shard. `lazy`: a generator only "
+            "once the function is seen drawing from it (a run of shards found drawing unseeded runs again, "
+            "seeded); `eager`: both before every shard (no shard ever runs twice). Read by each worker at "
+            "its first seeded call",
             choices=("lazy", "eager"),
         ),
         Setting(

@@ -71,6 +71,14 @@ def reseeds(shard: Any) -> Any:
     return shard.id
 
 
+def np_always_py_sometimes(shard: Any) -> Any:
+    """np.random on every shard (seeded eagerly after the first), random on a few (watched)."""
+    x = float(np.random.random())
+    if shard.id % 61 == 30:
+        return (x, random.random())
+    return x
+
+
 def fails_after_a_draw(shard: Any) -> Any:
     if shard.id % 50 == 25 and np.random.random() < 0.5:
         raise ValueError(f"unlucky {shard.id}")
@@ -78,7 +86,8 @@ def fails_after_a_draw(shard: Any) -> Any:
 
 
 def test_watch_sees_draws_and_refuses_other_layouts():
-    """The fingerprint sees a draw from either generator and a reseed; another bit generator (or object) is refused."""
+    """The fingerprint sees a draw from either generator (bit 0 np.random, bit 1 random) and a reseed;
+    another bit generator (or object) is refused."""
     changed = ll.legacy_watch(np.random.mtrand._rand._bit_generator, random._inst)
     assert changed is not None
     changed()
@@ -86,14 +95,17 @@ def test_watch_sees_draws_and_refuses_other_layouts():
     np.random.random()
     assert changed() == 1 and changed() == 0
     random.random()
-    assert changed() == 1
+    assert changed() == 2
     random.seed(5)
-    assert changed() == 1
+    np.random.seed(5)
+    assert changed() == 3
     assert ll.legacy_watch(np.random.PCG64(1), random._inst) is None
     assert ll.legacy_watch(np.random.mtrand._rand._bit_generator, object()) is None
 
 
-@pytest.mark.parametrize("fun", [always, sometimes, reseeds, fails_after_a_draw], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fun", [always, sometimes, np_always_py_sometimes, reseeds, fails_after_a_draw], ids=lambda f: f.__name__
+)
 @pytest.mark.parametrize(
     "opts",
     [{}, {"chunk_size": 1, "autotune": False}, {"chunk_size": 37}],
@@ -103,6 +115,44 @@ def test_outcomes_equal_eager_seeding(pool2, fun, opts):  # noqa: F811
     """Every shard's value (or failure) is the one eager seeding gives, in every rpc form."""
     r = shardc.shard_map(N, fun, seed=SEED, on_failure="collect", max_retries=0, progress=False, **opts)
     assert outcomes(r) == reference(fun)
+
+
+def test_legacy_learns_each_generator_on_its_own():
+    """Legacy, driven as a loop drives it (in process): the probe shard finds np.random
+    drawn, so np.random is seeded before every shard and random is watched; a run where
+    random is drawn too is found (drawn()) and redo() seeds both; what a function drew
+    from is remembered for its next call; a function that draws nothing costs nothing
+    (fn is the function itself)."""
+    from shardc.worker import seeding
+
+    def run(lg: Any, ids: range) -> list[Any]:
+        d = shardc.shards(10_000, block_size=1)
+        while True:
+            out = [lg.fn(d.shard(i, SEED)) for i in ids]
+            if not lg.drawn():
+                return out
+            lg.redo()
+
+    def np_first(shard: Any) -> Any:  # its own code object: nothing remembered yet
+        return np_always_py_sometimes(shard)
+
+    lg = seeding.Legacy(np_first, SEED, np_first)
+    lg.loop_start(np_first)
+    assert lg.probing
+    assert run(lg, range(0, 20)) == reference(np_always_py_sometimes, 20)
+    assert (lg.eager, lg.probing) == (seeding.NP, False)
+    assert run(lg, range(20, 40)) == reference(np_always_py_sometimes, 40)[20:]  # id 30 draws from random
+    assert lg.eager == seeding.BOTH
+    again = seeding.Legacy(np_first, SEED, np_first)
+    assert (again.eager, again.probing) == (seeding.BOTH, False)
+
+    def quiet(shard: Any) -> int:
+        return shard.id
+
+    lg = seeding.Legacy(quiet, SEED, quiet)
+    lg.loop_start(quiet)
+    run(lg, range(0, 5))
+    assert (lg.eager, lg.probing) == (0, False) and lg.loop_start(quiet) is quiet
 
 
 def counted(shard: Any, count: Any) -> Any:
