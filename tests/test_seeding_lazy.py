@@ -274,3 +274,28 @@ def test_shard_rng_in_workers_equals_numpy(pool2):  # noqa: F811
     assert r.results[5] == float(
         np.random.Generator(np.random.PCG64(np.random.SeedSequence(SEED, spawn_key=(5,)))).random()
     )
+
+
+class CrashOnce:
+    """sometimes(), but the worker dies (os._exit) the first time it reaches ``at``."""
+
+    def __init__(self, at: int, marker: str) -> None:
+        self.at, self.marker = at, marker
+
+    def __call__(self, shard: Any) -> Any:
+        import os
+
+        if shard.id == self.at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(3)
+        return sometimes(shard)
+
+
+@pytest.mark.parametrize("at", [10, 147, 3000])
+def test_a_worker_death_inside_a_lazy_run_keeps_eager_outcomes(pool2, tmp_path, at):  # noqa: F811
+    """A worker killed inside a run (before, at or after a drawing shard): the run is redone
+    elsewhere and every outcome still equals eager seeding."""
+    n = 6000
+    r = shardc.shard_map(n, CrashOnce(at, str(tmp_path / "died")), seed=SEED, max_retries=2, progress=False)
+    assert (tmp_path / "died").exists() and not r.failures
+    assert r.results == reference(sometimes, n)
