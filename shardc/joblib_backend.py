@@ -24,6 +24,12 @@ What it changes compared with loky:
 * ``timeout`` (a backend parameter) bounds each batch: its worker is killed.
 * ``require="sharedmem"`` falls back to threads and nested ``Parallel`` calls
   inside a task run on threads, both as with joblib's own process backends.
+* **waiting**: a call whose results come in order (a list,
+  ``return_as="generator"``) waits for the batch it yields next and is woken
+  by its completion (or by another batch's failure: fast abort), instead of
+  joblib's 10 ms polling loop; ``"generator_unordered"`` keeps the callbacks.
+* **the cyclic GC** is paused while joblib's completion callback builds the
+  next batches (``pause_gc``), and while a worker unpickles a batch.
 
 Registration: ``import shardc`` registers the backend when joblib is already
 imported, or else when joblib is imported later (a one-shot import hook that
@@ -282,10 +288,8 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
             if not out.done():
                 if failed.done():
                     return failed.result().result()  # raises the other batch's error
-                raise ParallelTimeoutError(
-                    f"a joblib batch ({getattr(out, '_shardc_name', 'its tasks')}) was not done "
-                    f"within Parallel(timeout={timeout})"
-                )
+                name = getattr(out, "_shardc_name", "a joblib batch")
+                raise ParallelTimeoutError(f"{name} was not done within Parallel(timeout={timeout})")
         return out.result()
 
     def retrieve_result_callback(self, out: Future[Any]) -> Any:
