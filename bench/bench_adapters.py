@@ -210,7 +210,14 @@ def run_joblib_pair(n: int, repeats: int) -> dict[str, Any]:
     for p in pars.values():
         p.__exit__(None, None, None)
     ratios = [lk / sc for sc, lk in zip(times["shardc"], times["loky"], strict=True)]
-    return {"shardc": _med(times["shardc"]), "loky": _med(times["loky"]), "ratio": _med(ratios), "pairs": pairs}
+    return {
+        "shardc": _med(times["shardc"]),
+        "loky": _med(times["loky"]),
+        "ratio": _med(ratios),
+        "pairs": pairs,
+        "rounds": ratios,
+        "at_least_1": sum(x >= 1.0 for x in ratios),
+    }
 
 
 def run_joblib_big(backend: str, gib: float, repeats: int) -> dict[str, Any]:
@@ -342,6 +349,7 @@ def main() -> None:
     ]
     only = args.only.split(",")
     print(f"# bench_adapters: {WORKERS} workers, medians of {args.repeats}, loadavg {C.loadavg():.1f} (shared machine)")
+    print(f"# joblib tasks per call: {args.joblib_n}")
     if "map" in only:
         s, p = spawn("map", "shardc", argv), spawn("map", "ppe", argv)
         rows = [[k, f"{s[k]:.3f}", f"{p[k]:.3f}", f"{p[k] / s[k]:.2f}x"] for k in s if k != "loadavg"]
@@ -369,6 +377,8 @@ def main() -> None:
                 ["loky / shardc, paired", "", f"{r['ratio']:.2f}x"],
             ]
             print(C.table(["", "shardc", "loky"], rows))
+            per = " ".join(f"{x:.2f}" for x in r["rounds"])
+            print(f"\nper round (loky / shardc): {per}; >= 1.0 in {r['at_least_1']} of {r['pairs']}")
     if "joblib_big" in only:
         res = {b: spawn("joblib_big", b, argv) for b in ("shardc", "loky", "multiprocessing")}
         base = res["shardc"].get("median_s", float("nan"))
