@@ -47,12 +47,19 @@ from .. import _lowlevel as ll
 from .._channel import Channel, ChannelClosed
 from .._version import __version__
 from ..buffer import buffer
+from ..call import values_pickled
 from ..kernels import _registry
 from ..map import shard_map
 from ..pool import pool_stop
+from ..protocol import PickledValue
 from ..segment import Segment
 from ..shards import ShardDescriptor
 from .outs import byte_view, rollback, take_diff
+from .reply import INLINE_MAX
+from .reply import pack as reply_pack
+from .reply import size as reply_size
+from .reply import to_bytes as reply_bytes
+from .reply import to_memfd as reply_memfd
 from .window import WindowDescriptor
 
 log = logging.getLogger("shardc")
@@ -180,16 +187,19 @@ class Job:
         t0 = time.perf_counter()
         kw: dict[str, Any] = {"kernel": self.kernel} if self.kernel is not None else {}
         try:
-            res = shard_map(
-                WindowDescriptor(self.desc, lo, hi),
-                self.fun,
-                borrow=self.borrow,
-                out={n: b for n, b in self.out.items()},
-                on_failure="collect",
-                progress=False,
-                **kw,
-                **self._options(),
-            )
+            # Values stay in the pickles their workers made (PickledValue): forwarded to
+            # the caller as they are, unpickled once, there (not here and pickled again).
+            with values_pickled():
+                res = shard_map(
+                    WindowDescriptor(self.desc, lo, hi),
+                    self.fun,
+                    borrow=self.borrow,
+                    out={n: b for n, b in self.out.items()},
+                    on_failure="collect",
+                    progress=False,
+                    **kw,
+                    **self._options(),
+                )
         except BaseException:
             for name, buf in self.out.items():
                 rollback(byte_view(buf.array), self.snap[name])
@@ -203,6 +213,11 @@ class Job:
         values = list(res.results)
         for k in res.failures:  # the failures travel (with global ids) on their own
             values[k] = None
+        # Which values are still their workers' pickles (the caller loads those): a
+        # C-speed look first, as most calls return None (out buffers) or plain frames.
+        pickled: list[int] = []
+        if values.count(None) != len(values) and PickledValue in set(map(type, values)):
+            pickled = [k for k, v in enumerate(values) if type(v) is PickledValue]
         d = res.diagnostics
         if self.tuned is None and d.autotune:
             # The size autotune settled on while shards were plentiful: its last
@@ -213,6 +228,7 @@ class Job:
         agent.peak_rss = max(agent.peak_rss, ll.own_rss())
         return {
             "values": values,
+            "pickled": pickled,
             "failures": failures,
             "runs": runs,
             "seconds": wall,
@@ -273,16 +289,29 @@ def serve(chan: Channel, idle_timeout: float) -> int:
                 chan.send(("ERROR", -1, f"unknown message {msg[0]!r}"))
                 continue
             _, job_id, mid, lo, hi = msg
-            reply: tuple[str, int, Any]
+            reply: tuple[Any, ...]
+            fds = []
             try:
-                # Pickled here, once: the starter forwards the bytes as they are.
-                reply = ("DONE", mid, pickle.dumps(agent.jobs[job_id].run(lo, hi, agent), protocol=5))
+                # Packed here, once (.reply): the starter forwards the bytes as they are; a
+                # big reply goes in a memfd the starter maps (no copy through this socket).
+                body = agent.jobs[job_id].run(lo, hi, agent)
+                pieces = reply_pack(body, body["values"], body["pickled"])
+                if reply_size(pieces) <= INLINE_MAX:
+                    reply = ("DONE", mid, reply_bytes(pieces))
+                else:
+                    fd, n = reply_memfd(pieces)
+                    fds.append(fd)
+                    reply = ("DONE_FD", mid, n)
+                del body, pieces
             except Exception as exc:  # noqa: BLE001 - reported to the caller, which reruns the macro-shard
                 reply = ("ERROR", mid, f"{type(exc).__name__}: {exc}")
             try:
-                chan.send(reply)
+                chan.send(reply, fds)
             except OSError:  # the starter (a killed engine worker) is gone: its task is rerun elsewhere
                 return 0
+            finally:
+                for fd in fds:
+                    os.close(fd)
     finally:
         agent.close()
 

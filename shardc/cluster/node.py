@@ -38,6 +38,7 @@ import numpy as np
 from .. import _lowlevel as ll
 from .._channel import Channel, ChannelClosed
 from ..errors import ClusterError
+from .reply import from_memfd as reply_view
 
 
 class AgentRefusedError(ClusterError):
@@ -127,9 +128,11 @@ class AgentHandle:
         return sum(n for _, n in new)
 
     def _recv(self, what: str) -> Any:
+        return self._recv_fds(what)[0]
+
+    def _recv_fds(self, what: str) -> tuple[Any, list[int]]:
         try:
-            msg, _ = self.chan.recv()
-            return msg
+            return self.chan.recv()
         except (ChannelClosed, OSError):
             code = self.proc.poll()
             if code is None:
@@ -142,14 +145,18 @@ class AgentHandle:
                 f"(exit code {code}); the macro-shard is rerun"
             ) from None
 
-    def run(self, job_id: str, mid: int, lo: int, hi: int) -> bytes:
-        """Run a macro-shard; returns the agent's reply payload, pickled."""
+    def run(self, job_id: str, mid: int, lo: int, hi: int) -> Any:
+        """Run a macro-shard; returns the agent's reply payload as it packed it
+        (:mod:`.reply`): bytes, or a big one as a read-only view of its memfd."""
         self.chan.send(("RUN", job_id, mid, lo, hi))
-        reply = self._recv(f"running shards {lo}..{hi - 1}")
+        reply, fds = self._recv_fds(f"running shards {lo}..{hi - 1}")
+        if reply[0] == "DONE_FD":
+            return reply_view(fds[0], reply[2])
+        for fd in fds:
+            os.close(fd)
         if reply[0] == "ERROR":
             raise ClusterError(f"node {self.node}: macro-shard {lo}..{hi - 1} failed in the agent: {reply[2]}")
-        payload: bytes = reply[2]  # pickled by the agent
-        return payload
+        return reply[2]
 
     def end_job(self, job_id: str) -> None:
         if job_id in self.jobs:

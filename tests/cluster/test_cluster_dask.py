@@ -27,7 +27,14 @@ distributed = pytest.importorskip("distributed")
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cluster_helpers import N, agent_procs, leaked_segment_files, run_rich, wait_no_agents  # noqa: E402, F401
+from _cluster_helpers import (  # noqa: E402, F401
+    N,
+    agent_procs,
+    check_big_values,
+    leaked_segment_files,
+    run_rich,
+    wait_no_agents,
+)
 
 ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
@@ -75,6 +82,12 @@ def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
     shardc.cluster.close(client)
     wait_no_agents()  # closing the session stopped its agents (and their pools)
     assert pids and not leaked_segment_files(pids)
+
+
+def test_big_values_come_back_as_a_local_run_returns_them(client: Any) -> None:
+    """Lists (their workers' pickles, forwarded by the agents in memfd replies), arrays, None and
+    tuples come back equal to a local run's, in shard order, from two Dask nodes."""
+    check_big_values(cluster=Cluster(client, macro_seconds=0.05))
 
 
 def test_empty_and_object_inputs_reach_the_nodes(client: Any) -> None:
