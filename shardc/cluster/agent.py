@@ -46,7 +46,7 @@ import numpy as np
 from .. import _lowlevel as ll
 from .._channel import Channel, ChannelClosed
 from .._version import __version__
-from ..buffer import buffer
+from ..buffer import Buffer, buffer
 from ..call import values_pickled
 from ..kernels import _registry
 from ..map import shard_map
@@ -63,6 +63,8 @@ from .reply import to_memfd as reply_memfd
 from .window import WindowDescriptor
 
 log = logging.getLogger("shardc")
+
+SPARE_BYTES = 1 << 30  # out-buffer bytes an agent keeps between calls (Agent.spare)
 
 
 def check_versions(job: dict[str, Any]) -> str | None:
@@ -114,6 +116,21 @@ class Agent:
         self.inputs: dict[str, tuple[Segment | None, np.ndarray]] = {}
         self.jobs: dict[str, Job] = {}
         self.peak_rss = 0
+        # Out buffers of ended calls (with their snapshots), one per dtype and shape, for
+        # the next call's: no new segment to fault in, map in every worker and unmap
+        # after (a repeated call of 2M tiny shards spent ~40 ms on its 16 MB buffer).
+        self.spare: dict[tuple[np.dtype, tuple[int, ...]], tuple[Buffer, np.ndarray]] = {}
+
+    def take_spare(self, dtype: Any, shape: Any) -> tuple[Buffer, np.ndarray] | None:
+        return self.spare.pop((np.dtype(dtype), tuple(shape)), None)
+
+    def give_spare(self, buf: Buffer, snap: np.ndarray) -> None:
+        key = (buf.array.dtype, tuple(buf.array.shape))
+        kept = sum(b.array.nbytes for b, _ in self.spare.values())
+        if key in self.spare or kept + buf.array.nbytes > SPARE_BYTES:
+            buf.close()
+        else:
+            self.spare[key] = (buf, snap)
 
     def add_job(
         self, job_id: str, job: dict[str, Any], new: list[tuple[str, int]], keep: list[str], fds: list[int]
@@ -129,17 +146,20 @@ class Agent:
             seg = self.inputs.pop(key)[0]
             if seg is not None:
                 seg.close()
-        self.jobs[job_id] = Job(job, {k: v[1] for k, v in self.inputs.items()})
+        self.jobs[job_id] = Job(job, {k: v[1] for k, v in self.inputs.items()}, self)
 
     def end_job(self, job_id: str) -> None:
         j = self.jobs.pop(job_id, None)
         if j is not None:
-            j.close()
+            j.close(self)
 
     def close(self) -> None:
         for j in self.jobs.values():
-            j.close()
+            j.close(None)
         self.jobs.clear()
+        for buf, _ in self.spare.values():
+            buf.close()
+        self.spare.clear()
         pool_stop()
         for seg, _ in self.inputs.values():
             if seg is not None:
@@ -150,7 +170,7 @@ class Agent:
 class Job:
     """One call's state on a node (see the module docstring)."""
 
-    def __init__(self, job: dict[str, Any], raw: dict[str, np.ndarray]) -> None:
+    def __init__(self, job: dict[str, Any], raw: dict[str, np.ndarray], agent: Agent) -> None:
         self.job = job
         self.desc: ShardDescriptor = job["desc"]
         self.fun = pickle.loads(job["fun"]) if job["fun"] is not None else None
@@ -162,11 +182,18 @@ class Job:
         self.out: dict[str, Any] = {}
         self.snap: dict[str, np.ndarray] = {}
         for s in job["out"]:
-            buf = buffer(s["dtype"], s["shape"])
+            spare = agent.take_spare(s["dtype"], s["shape"])
+            buf = buffer(s["dtype"], s["shape"]) if spare is None else spare[0]
             if s["init"]:
                 buf.array[...] = _view({**s, "kind": "array", "order": "C"}, raw[s["key"]])
+            elif spare is not None:
+                byte_view(buf.array)[:] = 0  # as a fresh buffer starts
             self.out[s["name"]] = buf
-            self.snap[s["name"]] = byte_view(buf.array).copy()
+            if spare is None:
+                self.snap[s["name"]] = byte_view(buf.array).copy()
+            else:
+                self.snap[s["name"]] = spare[1]
+                np.copyto(spare[1], byte_view(buf.array))
         self.tuned: int | None = None  # the chunk/block size the first macro-shards' autotune settled on
 
     def _options(self) -> dict[str, Any]:
@@ -210,14 +237,19 @@ class Job:
         for k, f in res.failures.items():
             f.shard_id = lo + k
             failures[lo + k] = f
-        values = list(res.results)
-        for k in res.failures:  # the failures travel (with global ids) on their own
-            values[k] = None
-        # Which values are still their workers' pickles (the caller loads those): a
-        # C-speed look first, as most calls return None (out buffers) or plain frames.
+        # The values; None when every one is None (nothing to send: 2M Nones cost ~40 ms
+        # of pickling here and there).  shm_queue gathers none (not even made into a list).
+        values: list[Any] | None = None
         pickled: list[int] = []
-        if values.count(None) != len(values) and PickledValue in set(map(type, values)):
-            pickled = [k for k, v in enumerate(values) if type(v) is PickledValue]
+        if res.diagnostics.mode != "shm_queue":
+            values = list(res.results)
+            for k in res.failures:  # the failures travel (with global ids) on their own
+                values[k] = None
+            if values.count(None) == len(values):
+                values = None
+            elif PickledValue in set(map(type, values)):  # C-speed looks first: most are None or plain
+                # Still their workers' pickles: the caller loads them.
+                pickled = [k for k, v in enumerate(values) if type(v) is PickledValue]
         d = res.diagnostics
         if self.tuned is None and d.autotune:
             # The size autotune settled on while shards were plentiful: its last
@@ -240,10 +272,15 @@ class Job:
             "agent_peak_rss": agent.peak_rss,
         }
 
-    def close(self) -> None:
-        for buf in self.out.values():
-            buf.close()
+    def close(self, agent: Agent | None) -> None:
+        """The call is over: its out buffers go to ``agent``'s spares (closed if None)."""
+        for name, buf in self.out.items():
+            if agent is None:
+                buf.close()
+            else:
+                agent.give_spare(buf, self.snap[name])
         self.out.clear()
+        self.snap.clear()
 
 
 def _refusal(exc: BaseException) -> str:

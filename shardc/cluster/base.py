@@ -393,8 +393,8 @@ class _Run:
         who = f"macro-shard {m} (shards {lo}..{hi - 1}) on node {rep['node']}"
         for name, runs in body["runs"].items():
             self.merger.apply(name, runs, who)
-        values = body["values"]
-        for k in body.get("pickled", ()):  # as its workers pickled them: loaded once, here
+        values = body["values"]  # None: every value None (the results start so; a macro-shard merges once)
+        for k in body["pickled"]:  # as its workers pickled them: loaded once, here
             try:
                 values[k] = values[k].load()
             except Exception as exc:  # noqa: BLE001 - that shard's failure, named
@@ -408,7 +408,8 @@ class _Run:
                 )
                 body["failures"][lo + k] = f
                 values[k] = None
-        self.results[lo:hi] = values
+        if values is not None:
+            self.results[lo:hi] = values
         for sid, f in body["failures"].items():
             self.failures[sid] = f
             self.results[sid] = FailedShard(f)

@@ -30,10 +30,10 @@ _LEN = struct.Struct("<Q")
 INLINE_MAX = 64 << 10  # replies up to this size travel in the DONE message itself
 
 
-def pack(body: dict[str, Any], values: list[Any], pickled: list[int]) -> list[Any]:
+def pack(body: dict[str, Any], values: list[Any] | None, pickled: list[int]) -> list[Any]:
     """The reply's pieces (bytes-like, in order); ``values[k]`` for ``k`` in ``pickled``
     are PickledValues, whose blobs go after the body as they are."""
-    blobs = {id(values[k].blob): values[k].blob for k in pickled}
+    blobs = {id(values[k].blob): values[k].blob for k in pickled} if values is not None else {}
     out: list[Any] = []
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:

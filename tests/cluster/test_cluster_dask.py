@@ -201,6 +201,21 @@ def _agents_of(res: shardc.ShardResult) -> set[int]:
     return {p for n in res.diagnostics.cluster["nodes"].values() for p in n["agents"]}
 
 
+def _bump(shard: Any, o: Any) -> None:
+    o[shard.idx] += 1  # reads the out buffer: its start bytes on the node must be the caller's
+
+
+def test_an_agent_reusing_an_out_buffer_starts_it_from_the_callers_bytes(client: Any) -> None:
+    """Agents keep ended calls' out buffers for the next call of the same shape: each call still
+    starts from its caller's bytes (zeros, or what the caller put there), never from the last call's."""
+    opts = Cluster(client, macro_seconds=0.05)
+    d = shardc.shards(4096, block_size=256)
+    for start in (0, 0, 5, 0):
+        with shardc.buffer("i8", 4096, init=start) as o:
+            shardc.shard_map(d, _bump, out={"o": o}, workers=1, cluster=opts)
+            assert np.array_equal(o.array, np.full(4096, start + 1))
+
+
 def test_a_second_call_reuses_the_agents_and_moves_no_input_bytes(client: Any) -> None:
     """Call 2 with the same input: the same agent processes (alive in between, psutil), 0 input bytes sent to or copied on any node."""
     x = np.random.default_rng(1).random(200_000)
