@@ -15,8 +15,9 @@ frames, file descriptors by ``SCM_RIGHTS``)::
                                                   map the new inputs, drop keys not kept
                                            <- READY {pid} | REFUSED "why"
       RUN job_id (macro id, lo, hi)        ->   shard_map(window lo..hi, ...) on the local pool
-                                           <- DONE {results, failures, out runs, stats}
-      END job_id                           ->   the call is over: drop its out buffers
+                                           <- DONE reply | DONE_FD nbytes + a memfd holding it
+                                              (.reply: values, failures, out runs, stats)
+      END job_id                           ->   the call is over: its out buffers become spares
       STOP (or EOF: the starter died)      ->   stop the pool, exit
       (nothing for IDLE seconds)           ->   exit
 
@@ -25,7 +26,12 @@ once per content key: the agent maps each one read-only and passes the array
 as ``borrow=``, where it is found in a live segment and goes to the pool by
 reference (zero-copy).  Out buffers are local ``shardc.buffer``s per call,
 started from the caller's bytes; after each macro-shard
-:func:`shardc.cluster.outs.take_diff` says what its shards wrote.  Every shard
+:func:`shardc.cluster.outs.take_diff` says what its shards wrote.  An ended
+call's out buffers (and snapshots) are kept for the next call of the same
+dtype and shape (``Agent.spare``, up to :data:`SPARE_BYTES`), refilled from
+that call's start bytes.  Return values stay the pickles the workers made
+(``shardc.call.values_pickled``): the reply carries them as they are and the
+caller unpickles each once.  Every shard
 runs with all of shardc's local supervision (retries, timeouts, mem_cap, cow
 guards; a write to a borrowed input never reaches the shared segment, so the
 cached bytes stay the caller's).

@@ -97,3 +97,20 @@ def test_a_value_the_caller_cannot_unpickle_fails_its_shard_by_name() -> None:
     f = run.failures[11]
     assert f.shard_id == 11 and "cannot be unpickled in the caller" in f.message
     assert run.per_node["n1"]["bytes_replies"] == len(payload)
+
+
+def test_a_reply_whose_values_are_all_none_carries_none_and_failures_still_land() -> None:
+    """All values None (out-buffer shards): the reply carries no list, the caller's results stay
+    None in shard order and a failure still lands on its global id."""
+    from shardc.result import FailedShard, ShardFailure
+
+    body = _body(None, [])  # type: ignore[arg-type]
+    body["failures"] = {21: ShardFailure(21, 2, "builtins.ValueError", "bad")}
+    payload = reply.to_bytes(reply.pack(body, None, []))
+    assert len(payload) < 2000
+    run = _Run(None, Cluster("ray"), 30, 1, {})  # type: ignore[arg-type]
+    run.results[19] = "sentinel"
+    rep = {"payload": payload, "node": "n1", "agent_pid": 9, "input_bytes": 0, "engine_rss": 0}
+    run._merge(0, 20, 30, 1, rep)
+    assert run.results[19] == "sentinel" and run.results[20] is None
+    assert isinstance(run.results[21], FailedShard) and run.failures[21].message == "bad"
