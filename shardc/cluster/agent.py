@@ -17,7 +17,7 @@ frames, file descriptors by ``SCM_RIGHTS``)::
       RUN job_id (macro id, lo, hi)        ->   shard_map(window lo..hi, ...) on the local pool
                                            <- DONE reply | DONE_FD nbytes + a memfd holding it
                                               (.reply: values, failures, out runs, stats)
-      END job_id                           ->   the call is over: its out buffers become spares
+      (the next JOB, or END job_id)        ->   the call is over: its out buffers become spares
       STOP (or EOF: the starter died)      ->   stop the pool, exit
       (nothing for IDLE seconds)           ->   exit
 
@@ -152,6 +152,10 @@ class Agent:
             seg = self.inputs.pop(key)[0]
             if seg is not None:
                 seg.close()
+        # A session runs one call at a time: a new call ends the earlier ones here (their
+        # out buffers become this call's spares), so a call's end costs no round trip.
+        for old_id in list(self.jobs):
+            self.end_job(old_id)
         self.jobs[job_id] = Job(job, {k: v[1] for k, v in self.inputs.items()}, self)
 
     def end_job(self, job_id: str) -> None:

@@ -17,8 +17,8 @@ turns on its agent: the agent runs one macro-shard at a time on the whole
 node.  If the agent dies, the task fails with a
 :class:`~shardc.errors.ClusterError` (the caller reruns the macro-shard) and
 the next task starts a fresh agent, which gets every input again from the
-engine's copy.  :func:`end_job` ends a call, :func:`close_session` stops the
-agent.
+engine's copy.  A call's state on the agent ends with the next call's ``JOB``;
+:func:`close_session` stops the agent.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class AgentHandle:
         self.pid = reply[1]["pid"]
         keep = set(job["keep"])
         self.keys = {k for k in self.keys if k in keep} | {k for k, _ in new}
-        self.jobs.add(job_id)
+        self.jobs = {job_id}  # the agent ended the earlier calls on this JOB
         return sum(n for _, n in new)
 
     def _recv(self, what: str) -> Any:
@@ -157,14 +157,6 @@ class AgentHandle:
         if reply[0] == "ERROR":
             raise ClusterError(f"node {self.node}: macro-shard {lo}..{hi - 1} failed in the agent: {reply[2]}")
         return reply[2]
-
-    def end_job(self, job_id: str) -> None:
-        if job_id in self.jobs:
-            self.jobs.discard(job_id)
-            try:
-                self.chan.send(("END", job_id))
-            except OSError:
-                pass
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -214,18 +206,6 @@ def run_macro(
         "engine_rss": ll.own_rss(),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def end_job(session: str, job_id: str) -> bool:
-    """The call ``job_id`` is over: its agent on this process drops its state (True if it had it)."""
-    with _lock:
-        h = _agents.get(session)
-    if h is None:
-        return False
-    with h.lock:
-        had = job_id in h.jobs
-        h.end_job(job_id)
-    return had
 
 
 def close_session(session: str) -> bool:
