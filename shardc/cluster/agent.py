@@ -70,7 +70,7 @@ from .window import WindowDescriptor
 
 log = logging.getLogger("shardc")
 
-SPARE_BYTES = 1 << 30  # out-buffer bytes an agent keeps between calls (Agent.spare)
+SPARE_BYTES = 256 << 20  # bytes an agent keeps between calls in spare out buffers and their snapshots (Agent.spare)
 
 
 def check_versions(job: dict[str, Any]) -> str | None:
@@ -132,8 +132,8 @@ class Agent:
 
     def give_spare(self, buf: Buffer, snap: np.ndarray) -> None:
         key = (buf.array.dtype, tuple(buf.array.shape))
-        kept = sum(b.array.nbytes for b, _ in self.spare.values())
-        if key in self.spare or kept + buf.array.nbytes > SPARE_BYTES:
+        kept = sum(b.array.nbytes + s.nbytes for b, s in self.spare.values())
+        if key in self.spare or kept + buf.array.nbytes + snap.nbytes > SPARE_BYTES:
             buf.close()
         else:
             self.spare[key] = (buf, snap)
