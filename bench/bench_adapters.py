@@ -13,6 +13,9 @@ threads or caches leak into another's numbers; medians of ``--repeats``):
   (p50/p99) and the ``submit`` call alone, shardc vs ProcessPoolExecutor;
 * ``joblib_tiny``: ``Parallel(n_jobs=2)(delayed(f)(i) ...)`` for N tiny
   tasks, backends shardc, loky, multiprocessing (batch_size="auto");
+* ``map_pair``: ``Executor.map`` and ``ProcessPoolExecutor.map`` alternating
+  call by call in one process, ``chunksize=1`` over N items and the tuned
+  chunksize over 10 x N (per-round ratios printed).
 * ``joblib_pair``: the same tiny tasks, shardc and loky alternating call by
   call in one process (medians, and the median of the paired ratios): on a
   shared machine the load changes between two fresh interpreters' runs;
@@ -92,6 +95,46 @@ def run_map(lib: str, n: int, repeats: int) -> dict[str, Any]:
                 ts.append(time.perf_counter() - t0)
                 assert r[-1] == n
             out[label] = _med(ts)
+    return out
+
+
+def run_map_pair(n: int, repeats: int) -> dict[str, Any]:
+    """Executor.map and ProcessPoolExecutor.map alternating call by call in ONE
+    process (the order flips every pair): ``chunksize=1`` over ``n`` items and
+    the tuned chunksize over ``10 * n`` (a tuned call of ``n`` items is ~10 ms,
+    too short to time on a shared machine).  The shardc pool starts first."""
+    import concurrent.futures as cf
+
+    import shardc
+
+    exs: dict[str, Any] = {"shardc": shardc.Executor(WORKERS)}
+    list(exs["shardc"].map(tiny, range(200)))
+    exs["ppe"] = cf.ProcessPoolExecutor(WORKERS)
+    list(exs["ppe"].map(tiny, range(200)))
+    big = 10 * n
+    cases = {"chunksize=1": (n, 1), f"chunksize={big // (4 * WORKERS)} ({big} items)": (big, big // (4 * WORKERS))}
+    out: dict[str, Any] = {}
+    pairs = max(repeats, 9)
+    try:
+        for label, (m, cs) in cases.items():
+            times: dict[str, list[float]] = {k: [] for k in exs}
+            for r in range(pairs):
+                for k in ("shardc", "ppe") if r % 2 == 0 else ("ppe", "shardc"):
+                    t0 = time.perf_counter()
+                    res = list(exs[k].map(tiny, range(m), chunksize=cs))
+                    times[k].append(time.perf_counter() - t0)
+                    assert res[-1] == m
+            ratios = [p / s for s, p in zip(times["shardc"], times["ppe"], strict=True)]
+            out[label] = {
+                "shardc": _med(times["shardc"]),
+                "ppe": _med(times["ppe"]),
+                "ratio": _med(ratios),
+                "rounds": ratios,
+            }
+    finally:
+        for ex in exs.values():
+            ex.shutdown()
+    out["pairs"] = pairs
     return out
 
 
@@ -210,7 +253,14 @@ def run_joblib_pair(n: int, repeats: int) -> dict[str, Any]:
     for p in pars.values():
         p.__exit__(None, None, None)
     ratios = [lk / sc for sc, lk in zip(times["shardc"], times["loky"], strict=True)]
-    return {"shardc": _med(times["shardc"]), "loky": _med(times["loky"]), "ratio": _med(ratios), "pairs": pairs}
+    return {
+        "shardc": _med(times["shardc"]),
+        "loky": _med(times["loky"]),
+        "ratio": _med(ratios),
+        "pairs": pairs,
+        "rounds": ratios,
+        "at_least_1": sum(x >= 1.0 for x in ratios),
+    }
 
 
 def run_joblib_big(backend: str, gib: float, repeats: int) -> dict[str, Any]:
@@ -294,6 +344,7 @@ def child(args: argparse.Namespace) -> None:
     r = args.repeats
     fn = {
         "map": lambda: run_map(variant, args.map_n, r),
+        "map_pair": lambda: run_map_pair(args.map_n, r),
         "latency": lambda: run_latency(variant, args.latency_n, r),
         "joblib_tiny": lambda: run_joblib_tiny(variant, args.joblib_n, r),
         "joblib_pair": lambda: run_joblib_pair(args.joblib_n, r),
@@ -321,7 +372,7 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--joblib-n", type=int, default=20000)
     ap.add_argument("--gib", type=float, default=1.0)
-    ap.add_argument("--only", default="map,latency,joblib_tiny,joblib_pair,joblib_big,sklearn,crash")
+    ap.add_argument("--only", default="map,map_pair,latency,joblib_tiny,joblib_pair,joblib_big,sklearn,crash")
     ap.add_argument("--child")
     ap.add_argument("--mem-side", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -342,11 +393,27 @@ def main() -> None:
     ]
     only = args.only.split(",")
     print(f"# bench_adapters: {WORKERS} workers, medians of {args.repeats}, loadavg {C.loadavg():.1f} (shared machine)")
+    print(f"# joblib tasks per call: {args.joblib_n}")
     if "map" in only:
         s, p = spawn("map", "shardc", argv), spawn("map", "ppe", argv)
         rows = [[k, f"{s[k]:.3f}", f"{p[k]:.3f}", f"{p[k] / s[k]:.2f}x"] for k in s if k != "loadavg"]
         print(f"\n### Executor.map vs ProcessPoolExecutor.map, {args.map_n} tiny tasks (s)\n")
         print(C.table(["chunksize", "shardc", "ProcessPoolExecutor", "speed-up"], rows))
+    if "map_pair" in only:
+        r = spawn("map_pair", "both", argv)
+        print(f"\n### the same, shardc and ProcessPoolExecutor alternating in one process ({r.get('pairs')} pairs)\n")
+        if "error" in r:
+            print(r["error"])
+        else:
+            rows = [
+                [k, f"{v['shardc']:.3f}", f"{v['ppe']:.3f}", f"{v['ratio']:.2f}x"]
+                for k, v in r.items()
+                if isinstance(v, dict)
+            ]
+            print(C.table(["chunksize", "shardc s", "ProcessPoolExecutor s", "PPE / shardc, paired"], rows))
+            for k, v in r.items():
+                if isinstance(v, dict):
+                    print(f"\n{k}, per round (PPE / shardc): " + " ".join(f"{x:.2f}" for x in v["rounds"]))
     if "latency" in only:
         s, p = spawn("latency", "shardc", argv), spawn("latency", "ppe", argv)
         rows = [[k, f"{s[k]:.0f}", f"{p[k]:.0f}", f"{p[k] / s[k]:.2f}x"] for k in s if k.endswith("_us")]
@@ -369,6 +436,8 @@ def main() -> None:
                 ["loky / shardc, paired", "", f"{r['ratio']:.2f}x"],
             ]
             print(C.table(["", "shardc", "loky"], rows))
+            per = " ".join(f"{x:.2f}" for x in r["rounds"])
+            print(f"\nper round (loky / shardc): {per}; >= 1.0 in {r['at_least_1']} of {r['pairs']}")
     if "joblib_big" in only:
         res = {b: spawn("joblib_big", b, argv) for b in ("shardc", "loky", "multiprocessing")}
         base = res["shardc"].get("median_s", float("nan"))

@@ -16,8 +16,9 @@ Variants (each in a fresh interpreter):
 * ``shardc_default``: ``shard_map(N, f)`` with no options at all (the default
   pool made by ``pool_create(2)``, ``chunk_size=1`` + autotune), ``f``
   returning ``shard.id + 1``, gathered: the call a user writes first.
-* ``shardc_seeded``: the same with ``seed=1`` (every shard seeds ``random``
-  and ``np.random`` from (seed, id)); its target is >= 0.5x ``shardc_default``.
+* ``shardc_seeded``: the same with ``seed=1`` (``random`` and ``np.random``
+  seeded from (seed, id) for the shards that use them: lazily, see
+  shardc/worker/seeding.py); its target is >= 0.5x ``shardc_default``.
 * ``*_nodiag``: the same with ``diagnostics=False`` (its cost is reported by
   ``bench_recovery.py``).
 * ``mp_pool_map1``: ``multiprocessing.Pool(2).map(f, range(N), chunksize=1)``.
@@ -34,7 +35,8 @@ Variants (each in a fresh interpreter):
   ``--repeats`` x 2 calls): ``shard_map(N, f)`` with defaults vs
   ``Pool.map(f, range(N))`` with default chunking (N = 10^6, 3*10^5 with
   ``--quick``), ``seed=1`` vs unseeded (N / 10), and shm_queue writing
-  ``out=`` vs the same ``Pool.map``.  On a shared machine the separate
+  ``out=`` vs the same ``Pool.map``; for information, ``seed=1`` vs unseeded
+  on functions that draw from ``shard.rng`` or ``np.random`` (N / 100).  On a shared machine the separate
   children of the other variants see different load; this does not.
 * ``grid``: the per-call-size grid: N = 10^2, 2*10^3 and 10^3 .. 10^6 shards,
   ``shm_queue`` (writing ``out=``) vs ``rpc_chunked`` with ``chunk_size="auto"``
@@ -62,6 +64,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -109,6 +112,14 @@ def plus1(i: int) -> int:
 
 def shard_plus1(shard: Any) -> int:
     return shard.id + 1
+
+
+def shard_rng(shard: Any) -> float:
+    return float(shard.rng.random())
+
+
+def shard_legacy(shard: Any) -> float:
+    return float(np.random.random())
 
 
 def shard_write(shard: Any, out: Any) -> None:
@@ -298,12 +309,26 @@ def run_pairs(quick: bool, repeats: int) -> dict[str, Any]:
     def shm() -> None:
         shardc.shard_map(n, shard_write, out={"out": buf}, dispatch_mode="shm_queue")
 
+    # What seed= costs a function that draws (information, no target): from
+    # shard.rng (a generator per shard either way) and from np.random (seeded
+    # before every shard once the function is seen drawing).
+    nd = ns // 10
+
+    def drawing(fun: Any, seed: int | None) -> Callable[[], None]:
+        def run() -> None:
+            nonlocal ok
+            r = shardc.shard_map(nd, fun, seed=seed)
+            ok = ok and len(r.results) == nd and not r.failures
+        return run
+
     def peer() -> None:
         nonlocal ok
         ok = ok and mpool.map(plus1, range(n)) == want
 
     calls = {"default": (default, n), "pool_map": (peer, n), "shm_queue": (shm, n),
-             "seeded": (seeded, ns), "unseeded": (unseeded, ns)}
+             "seeded": (seeded, ns), "unseeded": (unseeded, ns),
+             "rng_seeded": (drawing(shard_rng, 1), nd), "rng_unseeded": (drawing(shard_rng, None), nd),
+             "legacy_seeded": (drawing(shard_legacy, 1), nd), "legacy_unseeded": (drawing(shard_legacy, None), nd)}
     times: dict[str, list[float]] = {k: [] for k in calls}
     try:
         for fn, _ in calls.values():
@@ -343,6 +368,8 @@ def report_pairs(r: dict[str, Any]) -> None:
          f"{rates['seeded'] / rates['unseeded']:.2f}x", rates["seeded"] >= 0.5 * rates["unseeded"]),
         ("pairs_correct", "pairs outputs correct", "ok" if r["ok"] else "WRONG RESULT", bool(r["ok"])),
     ])
+    print(f"seed= on functions that draw (no target): shard.rng {rates['rng_seeded'] / rates['rng_unseeded']:.2f}x "
+          f"unseeded, np.random {rates['legacy_seeded'] / rates['legacy_unseeded']:.2f}x unseeded")
 
 
 def run_call10(quick: bool, repeats: int) -> dict[str, Any]:

@@ -14,5 +14,7 @@
 #include "status.h"
 #include "kernel.h"
 #include "kern_stats.h"
+#include "legacy.h"
+#include "seedseq.h"
 
 #endif /* SHARDC_H */

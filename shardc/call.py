@@ -11,6 +11,9 @@ parallel: all messages go out before the first reply is read.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Any
@@ -26,6 +29,19 @@ from .status import DoneMap
 from .values import close_fds
 
 _call_ids = count(1)
+_values_pickled: ContextVar[bool] = ContextVar("shardc_values_pickled", default=False)
+
+
+@contextmanager
+def values_pickled() -> Iterator[None]:
+    """Calls started inside keep the return values their workers pickled as
+    :class:`~shardc.protocol.PickledValue` (rpc_chunked): for a front end that
+    forwards the values to another process as they are (the cluster's node agent)."""
+    token = _values_pickled.set(True)
+    try:
+        yield
+    finally:
+        _values_pickled.reset(token)
 
 
 def next_call_id() -> int:
@@ -66,6 +82,8 @@ class Call:
     # ``value_sink.committed(slot, record)`` gets each commit record, with the
     # outcomes it covers, before they are recorded.
     value_sink: Any = None
+    # Values pickled by their worker stay pickled (PickledValue): see values_pickled().
+    keep_pickled: bool = field(default_factory=_values_pickled.get)
 
 
 class CallSetup:

@@ -188,6 +188,16 @@ SETTINGS: dict[str, Setting] = {
             "it for their next shards during a call",
         ),
         Setting(
+            "SHARDC_LEGACY_SEEDING",
+            "choice",
+            "lazy",
+            "with `seed=`: how workers seed `random` and `np.random` per shard. `lazy`: a generator only "
+            "once the function is seen drawing from it (a run of shards found drawing unseeded runs again, "
+            "seeded); `eager`: both before every shard (no shard ever runs twice). Read by each worker at "
+            "its first seeded call",
+            choices=("lazy", "eager"),
+        ),
+        Setting(
             "SHARDC_GUARD_SIGNAL",
             "signal",
             int(signal.SIGUSR2),

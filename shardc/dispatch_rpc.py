@@ -34,7 +34,7 @@ from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
-from .protocol import ERR, FRAME, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, RUN_CAREFUL, error_record
+from .protocol import ERR, FRAME, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, RUN_CAREFUL, PickledValue, error_record
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 from .values import close_fds
@@ -194,7 +194,8 @@ class RpcDispatcher(Dispatcher):
         if fds:  # big arrays in segments (shardc.values): map them, the array is the value
             results = [_unpacked(r, fds) if r[1] == OK_SEGMENT else r for r in results]
         if any(r[1] == OK_PICKLED for r in results):
-            results = [(r[0], OK, pickle.loads(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
+            load = PickledValue if self.call.keep_pickled else pickle.loads  # kept: forwarded as they are
+            results = [(r[0], OK, load(r[2]), *r[3:]) if r[1] == OK_PICKLED else r for r in results]
         huge = sched.huge_ids
         n = len(results)
         busy = 0

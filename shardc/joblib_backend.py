@@ -24,6 +24,12 @@ What it changes compared with loky:
 * ``timeout`` (a backend parameter) bounds each batch: its worker is killed.
 * ``require="sharedmem"`` falls back to threads and nested ``Parallel`` calls
   inside a task run on threads, both as with joblib's own process backends.
+* **waiting**: a call whose results come in order (a list,
+  ``return_as="generator"``) waits for the batch it yields next and is woken
+  by its completion (or by another batch's failure: fast abort), instead of
+  joblib's 10 ms polling loop; ``"generator_unordered"`` keeps the callbacks.
+* **the cyclic GC** is paused while joblib's completion callback builds the
+  next batches (``pause_gc``), and while a worker unpickles a batch.
 
 Registration: ``import shardc`` registers the backend when joblib is already
 imported, or else when joblib is imported later (a one-shot import hook that
@@ -34,13 +40,15 @@ offers no entry point for backends.
 from __future__ import annotations
 
 import functools
+import gc
+import multiprocessing
 import os
 import threading
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
-from .errors import InvalidArgumentError, MissingDependencyError
+from .errors import InvalidArgumentError, MissingDependencyError, ShardTimeoutError
 from .executor import Executor
 from .pool import Pool
 
@@ -82,6 +90,33 @@ def _take_pool(n_jobs: int) -> tuple[Pool, bool]:
     return Pool(n_jobs), True
 
 
+class ParallelTimeoutError(ShardTimeoutError, multiprocessing.TimeoutError):
+    """A batch of a ``Parallel(timeout=...)`` call was not done in time (as
+    joblib's own, a ``multiprocessing.TimeoutError``)."""
+
+
+def _note_failure(failed: Future[Any], fut: Future[Any]) -> None:
+    """Done-callback of an in-order call's batch: the first that failed is
+    put in ``failed``, which wakes ``retrieve_result``."""
+    if fut.cancelled() or fut.exception() is None:
+        return
+    with _lock:
+        if not failed.done():
+            failed.set_result(fut)
+
+
+def _gc_paused(callback: Any, fut: Future[Any]) -> None:
+    """``callback(fut)`` with the cyclic garbage collector paused (see ``pause_gc``)."""
+    if not gc.isenabled():
+        callback(fut)
+        return
+    gc.disable()
+    try:
+        callback(fut)
+    finally:
+        gc.enable()
+
+
 def _give_back(pool: Pool, private: bool) -> None:
     with _lock:
         _busy.discard(id(pool))
@@ -96,9 +131,18 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         max_retries: times a batch runs again after its worker died.
         timeout: seconds one batch may run (None: no limit).
         mem_cap: per-worker memory cap, as in ``shard_map``.
+        pause_gc: run joblib's batch-completion callback (which builds the
+            next batches from the caller's iterator: its ``delayed`` calls)
+            with Python's cyclic garbage collector paused (process-wide, for
+            that callback; re-enabled after it unless it was off already).
+            Building 20,000 ``delayed`` calls made the collector traverse
+            every object of the process several times; this made the
+            callback ~1.3x faster.  False: leave the collector alone.
     """
 
-    supports_retrieve_callback = True
+    supports_retrieve_callback = True  # per call: see configure()
+    supports_return_generator = True
+    supports_timeout = True
     supports_inner_max_num_threads = False
     uses_threads = False
     supports_sharedmem = False
@@ -111,9 +155,13 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         max_retries: int = 3,
         timeout: float | None = None,
         mem_cap: Any = "2GB",
+        pause_gc: bool = True,
         **backend_kwargs: Any,
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads, **backend_kwargs)
+        if not isinstance(pause_gc, bool):
+            raise InvalidArgumentError(f"pause_gc must be True or False, got {pause_gc!r}")
+        self.pause_gc = pause_gc
         self.max_retries = max_retries
         self.task_timeout = timeout
         self.mem_cap = mem_cap
@@ -121,6 +169,7 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         self._pool: tuple[Pool, bool] | None = None
         self._options: dict[str, Any] = {}
         self._inherited = False  # the executor's workers inherited the first batch's arrays
+        self._failed: Future[Any] = Future()  # in-order calls: the first failed batch (retrieve_result)
 
     def effective_n_jobs(self, n_jobs: int | None) -> int:
         if n_jobs == 0:
@@ -159,6 +208,11 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
         self.parallel = parallel
+        # Results in order (a list, return_as="generator"): joblib's main
+        # thread then waits in retrieve_result(), woken by the completion of
+        # the batch it yields next, instead of polling every 10 ms (its loop
+        # for callback backends); "generator_unordered" needs the callbacks.
+        self.supports_retrieve_callback = parallel is None or not getattr(parallel, "return_ordered", True)
         share = max_nbytes if mmap_mode in ("r", "c") and max_nbytes is not None else None
         if self._executor is not None or self._pool is not None:
             self.terminate()
@@ -195,6 +249,10 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         self._inherited = self._executor.inherits
         return self._executor
 
+    def start_call(self) -> None:
+        """The start of a Parallel call: no batch of it failed yet."""
+        self._failed = Future()
+
     def stop_call(self) -> None:
         """The end of a Parallel call: an executor whose workers inherited
         this call's arguments stops (a later call may pass changed arrays:
@@ -213,9 +271,26 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
             f = items[0][0]
             fname = getattr(f, "__qualname__", None) or type(f).__name__
             fut._shardc_name = f"joblib batch of {len(items)} call(s) to {fname}"  # type: ignore[attr-defined]
+        if not self.supports_retrieve_callback:  # first: a failure wakes the main thread at once
+            fut.add_done_callback(functools.partial(_note_failure, self._failed))
         if callback is not None:
-            fut.add_done_callback(callback)
+            fut.add_done_callback(functools.partial(_gc_paused, callback) if self.pause_gc else callback)
         return fut
+
+    def retrieve_result(self, out: Future[Any], timeout: float | None = None) -> Any:
+        """In-order calls: joblib's main thread waits here for the batch it
+        yields next, woken by its completion; or by the failure of any other
+        batch of the call, whose error it then raises (joblib's fast abort);
+        ``timeout`` (Parallel's): joblib's ``TimeoutError``."""
+        failed = self._failed
+        if not out.done():
+            wait((out, failed), timeout, FIRST_COMPLETED)
+            if not out.done():
+                if failed.done():
+                    return failed.result().result()  # raises the other batch's error
+                name = getattr(out, "_shardc_name", "a joblib batch")
+                raise ParallelTimeoutError(f"{name} was not done within Parallel(timeout={timeout})")
+        return out.result()
 
     def retrieve_result_callback(self, out: Future[Any]) -> Any:
         return out.result()

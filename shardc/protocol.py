@@ -65,6 +65,26 @@ RETIRE_EXIT = 75
 DETERMINISTIC: tuple[type[BaseException], ...] = (BorrowedInputWriteError, BindingError, TableSchemaError)
 
 
+class PickledValue:
+    """A shard's return value still in the pickle its worker made (a call run under
+    :func:`shardc.call.values_pickled`): a front end that forwards values to another
+    process (the cluster's node agent) sends these bytes on as they are, without
+    unpickling and pickling them again; :meth:`load` gives the value."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def load(self) -> Any:
+        return pickle.loads(self.blob)
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any]]:
+        # Protocol 5: the blob as a PickleBuffer, which a pickler with a buffer_callback
+        # can send out of band (shardc.cluster.reply); in band it is plain bytes.
+        return (PickledValue, (pickle.PickleBuffer(self.blob) if protocol >= 5 else self.blob,))
+
+
 class Outcome(NamedTuple):
     """What one attempt of one shard produced (sent back to the master)."""
 

@@ -40,6 +40,7 @@ from .errors import InvalidTypeError
 from .result import ShardFailure, _plain
 from .shards import ShardDescriptor, reusable_shard
 from .worker.executor import seed_legacy
+from .worker.seeding import Legacy
 
 AT_NAME = "_shardc_reduce_at"  # the out= name of the per-group "folding shard" array
 TARGET_GROUPS = 1024  # group_size="auto": about this many groups (from num_shards only)
@@ -143,20 +144,37 @@ class Fold:
         if kw:
             fn = functools.partial(fn, **kw)
         try:
-            if cls is not None and not seeded:
+            if cls is not None:
                 # The hot case: contiguous shards made inline, one shard object
                 # reused while fn keeps no reference to it (as the engine's
-                # speculative loops do, shardc.worker.spec).
+                # speculative loops do, shardc.worker.spec).  With seed=,
+                # random/np.random are seeded lazily (shardc.worker.seeding):
+                # a group whose shards drew unseeded is folded again, seeded.
+                lg = None
+                if seeded:
+                    lg = self.__dict__.get("_legacy")
+                    if lg is None:
+                        lg = self.__dict__["_legacy"] = Legacy(fn, ent, self.fn)
+                    fn = lg.loop_start(fn)
                 off = getattr(make, "id_offset", 0)
                 refs = sys.getrefcount
                 shard = reusable_shard(cls, ent)
-                for sid in range(group.start, group.stop):
-                    at[g] = sid
-                    if refs(shard) > 2:
-                        shard = reusable_shard(cls, ent)
-                    shard.id = sid + off
-                    shard._rng = None
-                    acc = combine(acc, fn(shard))
+                while True:
+                    try:
+                        for sid in range(group.start, group.stop):
+                            at[g] = sid
+                            if refs(shard) > 2:
+                                shard = reusable_shard(cls, ent)
+                            shard.id = sid + off
+                            shard._rng = None
+                            acc = combine(acc, fn(shard))
+                    except Exception:
+                        if lg is None or not lg.drawn():
+                            raise
+                    else:
+                        if lg is None or not lg.drawn():
+                            break
+                    fn, acc = lg.redo(), fresh(self.init)
             else:
                 for sid in range(group.start, group.stop):
                     at[g] = sid

@@ -22,6 +22,7 @@ import numpy as np
 
 from . import config
 from .errors import InvalidTypeError, ShardIndexError, ShardSpecError
+from .seedseq import shard_rng
 
 STRATEGIES = ("contiguous", "strided")
 _COUNT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*$", re.I)
@@ -96,10 +97,11 @@ class Shard:
                 # The run's entropy (the executor passes just that: no tuple
                 # per shard), or (entropy, shard id): built only now.
                 if isinstance(ss, (int, np.integer)):
-                    ss = np.random.SeedSequence(int(ss), spawn_key=(self.id,))
+                    self._rng = shard_rng(int(ss), self.id)
                 elif isinstance(ss, tuple):
-                    ss = np.random.SeedSequence(ss[0], spawn_key=(ss[1],))
-                self._rng = np.random.Generator(np.random.PCG64(ss))
+                    self._rng = shard_rng(int(ss[0]), int(ss[1]))
+                else:
+                    self._rng = np.random.Generator(np.random.PCG64(ss))
         return self._rng
 
     def indices(self) -> np.ndarray:

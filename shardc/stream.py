@@ -40,6 +40,7 @@ same again (``concurrent.futures`` semantics; ``shard_map`` retries those too).
 
 from __future__ import annotations
 
+import gc
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -106,7 +107,17 @@ class Task:
         self.loader = loader
 
     def load(self) -> Any:
-        return self.loader(self.blob)
+        # A big task (a joblib batch of 65,536 calls) unpickles into as many
+        # containers, and the cyclic GC would run over all of the worker's
+        # objects again and again meanwhile (its loads took ~15x longer:
+        # 120-170 ms instead of 8 ms).  Unpickling creates no garbage cycles.
+        if not gc.isenabled():
+            return self.loader(self.blob)
+        gc.disable()
+        try:
+            return self.loader(self.blob)
+        finally:
+            gc.enable()
 
 
 class TaskTable:

@@ -66,6 +66,7 @@ from .kernel import (  # noqa: F401
     moments_tree,
     new_krun,
 )
+from .legacy import legacy_watch  # noqa: F401
 from .proc import (  # noqa: F401
     heap_reuse,
     heap_stats,
@@ -99,6 +100,7 @@ from .queue import (  # noqa: F401
     queue_set_spin,
     queue_stats,
 )
+from .seedseq import seedseq_filler, seedseq_state, seedseq_words  # noqa: F401
 from .seg import (  # noqa: F401
     ADVICE,
     BACKING_FILE,

@@ -15,8 +15,9 @@ frames, file descriptors by ``SCM_RIGHTS``)::
                                                   map the new inputs, drop keys not kept
                                            <- READY {pid} | REFUSED "why"
       RUN job_id (macro id, lo, hi)        ->   shard_map(window lo..hi, ...) on the local pool
-                                           <- DONE {results, failures, out runs, stats}
-      END job_id                           ->   the call is over: drop its out buffers
+                                           <- DONE reply | DONE_FD nbytes + a memfd holding it
+                                              (.reply: values, failures, out runs, stats)
+      (the next JOB, or END job_id)        ->   the call is over: its out buffers become spares
       STOP (or EOF: the starter died)      ->   stop the pool, exit
       (nothing for IDLE seconds)           ->   exit
 
@@ -25,7 +26,12 @@ once per content key: the agent maps each one read-only and passes the array
 as ``borrow=``, where it is found in a live segment and goes to the pool by
 reference (zero-copy).  Out buffers are local ``shardc.buffer``s per call,
 started from the caller's bytes; after each macro-shard
-:func:`shardc.cluster.outs.take_diff` says what its shards wrote.  Every shard
+:func:`shardc.cluster.outs.take_diff` says what its shards wrote.  An ended
+call's out buffers (and snapshots) are kept for the next call of the same
+dtype and shape (``Agent.spare``, up to :data:`SPARE_BYTES`), refilled from
+that call's start bytes.  Return values stay the pickles the workers made
+(``shardc.call.values_pickled``): the reply carries them as they are and the
+caller unpickles each once.  Every shard
 runs with all of shardc's local supervision (retries, timeouts, mem_cap, cow
 guards; a write to a borrowed input never reaches the shared segment, so the
 cached bytes stay the caller's).
@@ -46,16 +52,25 @@ import numpy as np
 from .. import _lowlevel as ll
 from .._channel import Channel, ChannelClosed
 from .._version import __version__
-from ..buffer import buffer
+from ..buffer import Buffer, buffer
+from ..call import values_pickled
 from ..kernels import _registry
 from ..map import shard_map
 from ..pool import pool_stop
+from ..protocol import PickledValue
 from ..segment import Segment
 from ..shards import ShardDescriptor
 from .outs import byte_view, rollback, take_diff
+from .reply import INLINE_MAX
+from .reply import pack as reply_pack
+from .reply import size as reply_size
+from .reply import to_bytes as reply_bytes
+from .reply import to_memfd as reply_memfd
 from .window import WindowDescriptor
 
 log = logging.getLogger("shardc")
+
+SPARE_BYTES = 256 << 20  # bytes an agent keeps between calls in spare out buffers and their snapshots (Agent.spare)
 
 
 def check_versions(job: dict[str, Any]) -> str | None:
@@ -107,6 +122,21 @@ class Agent:
         self.inputs: dict[str, tuple[Segment | None, np.ndarray]] = {}
         self.jobs: dict[str, Job] = {}
         self.peak_rss = 0
+        # Out buffers of ended calls (with their snapshots), one per dtype and shape, for
+        # the next call's: no new segment to fault in, map in every worker and unmap
+        # after (a repeated call of 2M tiny shards spent ~40 ms on its 16 MB buffer).
+        self.spare: dict[tuple[np.dtype, tuple[int, ...]], tuple[Buffer, np.ndarray]] = {}
+
+    def take_spare(self, dtype: Any, shape: Any) -> tuple[Buffer, np.ndarray] | None:
+        return self.spare.pop((np.dtype(dtype), tuple(shape)), None)
+
+    def give_spare(self, buf: Buffer, snap: np.ndarray) -> None:
+        key = (buf.array.dtype, tuple(buf.array.shape))
+        kept = sum(b.array.nbytes + s.nbytes for b, s in self.spare.values())
+        if key in self.spare or kept + buf.array.nbytes + snap.nbytes > SPARE_BYTES:
+            buf.close()
+        else:
+            self.spare[key] = (buf, snap)
 
     def add_job(
         self, job_id: str, job: dict[str, Any], new: list[tuple[str, int]], keep: list[str], fds: list[int]
@@ -122,17 +152,24 @@ class Agent:
             seg = self.inputs.pop(key)[0]
             if seg is not None:
                 seg.close()
-        self.jobs[job_id] = Job(job, {k: v[1] for k, v in self.inputs.items()})
+        # A session runs one call at a time: a new call ends the earlier ones here (their
+        # out buffers become this call's spares), so a call's end costs no round trip.
+        for old_id in list(self.jobs):
+            self.end_job(old_id)
+        self.jobs[job_id] = Job(job, {k: v[1] for k, v in self.inputs.items()}, self)
 
     def end_job(self, job_id: str) -> None:
         j = self.jobs.pop(job_id, None)
         if j is not None:
-            j.close()
+            j.close(self)
 
     def close(self) -> None:
         for j in self.jobs.values():
-            j.close()
+            j.close(None)
         self.jobs.clear()
+        for buf, _ in self.spare.values():
+            buf.close()
+        self.spare.clear()
         pool_stop()
         for seg, _ in self.inputs.values():
             if seg is not None:
@@ -143,7 +180,7 @@ class Agent:
 class Job:
     """One call's state on a node (see the module docstring)."""
 
-    def __init__(self, job: dict[str, Any], raw: dict[str, np.ndarray]) -> None:
+    def __init__(self, job: dict[str, Any], raw: dict[str, np.ndarray], agent: Agent) -> None:
         self.job = job
         self.desc: ShardDescriptor = job["desc"]
         self.fun = pickle.loads(job["fun"]) if job["fun"] is not None else None
@@ -155,11 +192,18 @@ class Job:
         self.out: dict[str, Any] = {}
         self.snap: dict[str, np.ndarray] = {}
         for s in job["out"]:
-            buf = buffer(s["dtype"], s["shape"])
+            spare = agent.take_spare(s["dtype"], s["shape"])
+            buf = buffer(s["dtype"], s["shape"]) if spare is None else spare[0]
             if s["init"]:
                 buf.array[...] = _view({**s, "kind": "array", "order": "C"}, raw[s["key"]])
+            elif spare is not None:
+                byte_view(buf.array)[:] = 0  # as a fresh buffer starts
             self.out[s["name"]] = buf
-            self.snap[s["name"]] = byte_view(buf.array).copy()
+            if spare is None:
+                self.snap[s["name"]] = byte_view(buf.array).copy()
+            else:
+                self.snap[s["name"]] = spare[1]
+                np.copyto(spare[1], byte_view(buf.array))
         self.tuned: int | None = None  # the chunk/block size the first macro-shards' autotune settled on
 
     def _options(self) -> dict[str, Any]:
@@ -180,16 +224,19 @@ class Job:
         t0 = time.perf_counter()
         kw: dict[str, Any] = {"kernel": self.kernel} if self.kernel is not None else {}
         try:
-            res = shard_map(
-                WindowDescriptor(self.desc, lo, hi),
-                self.fun,
-                borrow=self.borrow,
-                out={n: b for n, b in self.out.items()},
-                on_failure="collect",
-                progress=False,
-                **kw,
-                **self._options(),
-            )
+            # Values stay in the pickles their workers made (PickledValue): forwarded to
+            # the caller as they are, unpickled once, there (not here and pickled again).
+            with values_pickled():
+                res = shard_map(
+                    WindowDescriptor(self.desc, lo, hi),
+                    self.fun,
+                    borrow=self.borrow,
+                    out={n: b for n, b in self.out.items()},
+                    on_failure="collect",
+                    progress=False,
+                    **kw,
+                    **self._options(),
+                )
         except BaseException:
             for name, buf in self.out.items():
                 rollback(byte_view(buf.array), self.snap[name])
@@ -200,9 +247,19 @@ class Job:
         for k, f in res.failures.items():
             f.shard_id = lo + k
             failures[lo + k] = f
-        values = list(res.results)
-        for k in res.failures:  # the failures travel (with global ids) on their own
-            values[k] = None
+        # The values; None when every one is None (nothing to send: 2M Nones cost ~40 ms
+        # of pickling here and there).  shm_queue gathers none (not even made into a list).
+        values: list[Any] | None = None
+        pickled: list[int] = []
+        if res.diagnostics.mode != "shm_queue":
+            values = list(res.results)
+            for k in res.failures:  # the failures travel (with global ids) on their own
+                values[k] = None
+            if values.count(None) == len(values):
+                values = None
+            elif PickledValue in set(map(type, values)):  # C-speed looks first: most are None or plain
+                # Still their workers' pickles: the caller loads them.
+                pickled = [k for k, v in enumerate(values) if type(v) is PickledValue]
         d = res.diagnostics
         if self.tuned is None and d.autotune:
             # The size autotune settled on while shards were plentiful: its last
@@ -213,6 +270,7 @@ class Job:
         agent.peak_rss = max(agent.peak_rss, ll.own_rss())
         return {
             "values": values,
+            "pickled": pickled,
             "failures": failures,
             "runs": runs,
             "seconds": wall,
@@ -224,10 +282,15 @@ class Job:
             "agent_peak_rss": agent.peak_rss,
         }
 
-    def close(self) -> None:
-        for buf in self.out.values():
-            buf.close()
+    def close(self, agent: Agent | None) -> None:
+        """The call is over: its out buffers go to ``agent``'s spares (closed if None)."""
+        for name, buf in self.out.items():
+            if agent is None:
+                buf.close()
+            else:
+                agent.give_spare(buf, self.snap[name])
         self.out.clear()
+        self.snap.clear()
 
 
 def _refusal(exc: BaseException) -> str:
@@ -273,16 +336,29 @@ def serve(chan: Channel, idle_timeout: float) -> int:
                 chan.send(("ERROR", -1, f"unknown message {msg[0]!r}"))
                 continue
             _, job_id, mid, lo, hi = msg
-            reply: tuple[str, int, Any]
+            reply: tuple[Any, ...]
+            fds = []
             try:
-                # Pickled here, once: the starter forwards the bytes as they are.
-                reply = ("DONE", mid, pickle.dumps(agent.jobs[job_id].run(lo, hi, agent), protocol=5))
+                # Packed here, once (.reply): the starter forwards the bytes as they are; a
+                # big reply goes in a memfd the starter maps (no copy through this socket).
+                body = agent.jobs[job_id].run(lo, hi, agent)
+                pieces = reply_pack(body, body["values"], body["pickled"])
+                if reply_size(pieces) <= INLINE_MAX:
+                    reply = ("DONE", mid, reply_bytes(pieces))
+                else:
+                    fd, n = reply_memfd(pieces)
+                    fds.append(fd)
+                    reply = ("DONE_FD", mid, n)
+                del body, pieces
             except Exception as exc:  # noqa: BLE001 - reported to the caller, which reruns the macro-shard
                 reply = ("ERROR", mid, f"{type(exc).__name__}: {exc}")
             try:
-                chan.send(reply)
+                chan.send(reply, fds)
             except OSError:  # the starter (a killed engine worker) is gone: its task is rerun elsewhere
                 return 0
+            finally:
+                for fd in fds:
+                    os.close(fd)
     finally:
         agent.close()
 

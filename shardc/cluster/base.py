@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import time
 import uuid
 from collections import deque
@@ -54,6 +53,7 @@ from .keys import SEALED_MIN_BYTES, InputCache, content_key, is_sealed
 from .node import AgentRefusedError
 from .options import Cluster
 from .outs import OutMerger
+from .reply import unpack as unpack_reply
 from .session import session_for
 
 log = logging.getLogger("shardc")
@@ -387,12 +387,29 @@ class _Run:
 
     def _merge(self, m: int, lo: int, hi: int, attempt: int, rep: dict[str, Any]) -> None:
         payload = rep["payload"]
-        self.bytes_replies += len(payload)
-        body = pickle.loads(payload)
+        nbytes = memoryview(payload).nbytes
+        self.bytes_replies += nbytes
+        body = unpack_reply(payload)
         who = f"macro-shard {m} (shards {lo}..{hi - 1}) on node {rep['node']}"
         for name, runs in body["runs"].items():
             self.merger.apply(name, runs, who)
-        self.results[lo:hi] = body["values"]
+        values = body["values"]  # None: every value None (the results start so; a macro-shard merges once)
+        for k in body["pickled"]:  # as its workers pickled them: loaded once, here
+            try:
+                values[k] = values[k].load()
+            except Exception as exc:  # noqa: BLE001 - that shard's failure, named
+                f = ShardFailure(
+                    lo + k,
+                    1,
+                    f"{type(exc).__module__}.{type(exc).__qualname__}",
+                    f"the return value of shard {lo + k} cannot be unpickled in the caller: {exc}; return "
+                    "plain data, or make its type importable here",
+                    exception=exc,
+                )
+                body["failures"][lo + k] = f
+                values[k] = None
+        if values is not None:
+            self.results[lo:hi] = values
         for sid, f in body["failures"].items():
             self.failures[sid] = f
             self.results[sid] = FailedShard(f)
@@ -421,7 +438,7 @@ class _Run:
         node["worker_pids"].update(body["worker_pids"])
         node["workers"] = max(node["workers"], body["workers"] or 0)
         node["bytes_inputs"] += rep["input_bytes"]
-        node["bytes_replies"] += len(payload)
+        node["bytes_replies"] += nbytes
         node["engine_peak_rss"] = max(node["engine_peak_rss"], rep["engine_rss"])
         node["agent_peak_rss"] = max(node["agent_peak_rss"], body["agent_peak_rss"])
         node["workers_peak_uss"] = max(node["workers_peak_uss"], body["worker_peak_uss"])
@@ -435,7 +452,7 @@ class _Run:
                 "attempt": attempt,
                 "seconds": body["seconds"],
                 "retries": body["retries"],
-                "bytes_reply": len(payload),
+                "bytes_reply": nbytes,
                 "t_done": time.time(),  # wall clock, comparable with the engine's start events
             }
         )

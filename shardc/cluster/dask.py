@@ -41,10 +41,6 @@ def _macro_task(
     return node.run_macro(session, job_id, job, inputs, mid, lo, hi, w.address)
 
 
-def _end_job(session: str, job_id: str) -> bool:
-    return node.end_job(session, job_id)
-
-
 def _close_session(session: str) -> bool:
     return node.close_session(session)
 
@@ -176,14 +172,10 @@ class DaskBackend:
             return []
 
     def finish(self) -> None:
-        """The call is over: its agents drop its state (they, and the inputs, stay for the next call)."""
+        """The call is over (its state on the agents ends with the next call's JOB: no
+        round trip here); the agents and the inputs stay for the next call."""
         for f in self.pending:
             f.cancel()
-        if self.alive():
-            try:
-                self.client.run(_end_job, self.session, self.job_id, wait=True, on_error="ignore")
-            except Exception as exc:  # noqa: BLE001 - the next call's JOB replaces nothing; agents exit when idle
-                log.warning("shardc cluster: ending the call on the nodes failed (%s)", exc)
         if self.job_f is not None:
             self.job_f.release()
         self.job_f, self.inputs_f, self.pending = None, [], []

@@ -17,8 +17,8 @@ turns on its agent: the agent runs one macro-shard at a time on the whole
 node.  If the agent dies, the task fails with a
 :class:`~shardc.errors.ClusterError` (the caller reruns the macro-shard) and
 the next task starts a fresh agent, which gets every input again from the
-engine's copy.  :func:`end_job` ends a call, :func:`close_session` stops the
-agent.
+engine's copy.  A call's state on the agent ends with the next call's ``JOB``;
+:func:`close_session` stops the agent.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 from .. import _lowlevel as ll
 from .._channel import Channel, ChannelClosed
 from ..errors import ClusterError
+from .reply import from_memfd as reply_view
 
 
 class AgentRefusedError(ClusterError):
@@ -123,13 +124,15 @@ class AgentHandle:
         self.pid = reply[1]["pid"]
         keep = set(job["keep"])
         self.keys = {k for k in self.keys if k in keep} | {k for k, _ in new}
-        self.jobs.add(job_id)
+        self.jobs = {job_id}  # the agent ended the earlier calls on this JOB
         return sum(n for _, n in new)
 
     def _recv(self, what: str) -> Any:
+        return self._recv_fds(what)[0]
+
+    def _recv_fds(self, what: str) -> tuple[Any, list[int]]:
         try:
-            msg, _ = self.chan.recv()
-            return msg
+            return self.chan.recv()
         except (ChannelClosed, OSError):
             code = self.proc.poll()
             if code is None:
@@ -142,22 +145,18 @@ class AgentHandle:
                 f"(exit code {code}); the macro-shard is rerun"
             ) from None
 
-    def run(self, job_id: str, mid: int, lo: int, hi: int) -> bytes:
-        """Run a macro-shard; returns the agent's reply payload, pickled."""
+    def run(self, job_id: str, mid: int, lo: int, hi: int) -> Any:
+        """Run a macro-shard; returns the agent's reply payload as it packed it
+        (:mod:`.reply`): bytes, or a big one as a read-only view of its memfd."""
         self.chan.send(("RUN", job_id, mid, lo, hi))
-        reply = self._recv(f"running shards {lo}..{hi - 1}")
+        reply, fds = self._recv_fds(f"running shards {lo}..{hi - 1}")
+        if reply[0] == "DONE_FD":
+            return reply_view(fds[0], reply[2])
+        for fd in fds:
+            os.close(fd)
         if reply[0] == "ERROR":
             raise ClusterError(f"node {self.node}: macro-shard {lo}..{hi - 1} failed in the agent: {reply[2]}")
-        payload: bytes = reply[2]  # pickled by the agent
-        return payload
-
-    def end_job(self, job_id: str) -> None:
-        if job_id in self.jobs:
-            self.jobs.discard(job_id)
-            try:
-                self.chan.send(("END", job_id))
-            except OSError:
-                pass
+        return reply[2]
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -207,18 +206,6 @@ def run_macro(
         "engine_rss": ll.own_rss(),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def end_job(session: str, job_id: str) -> bool:
-    """The call ``job_id`` is over: its agent on this process drops its state (True if it had it)."""
-    with _lock:
-        h = _agents.get(session)
-    if h is None:
-        return False
-    with h.lock:
-        had = job_id in h.jobs
-        h.end_job(job_id)
-    return had
 
 
 def close_session(session: str) -> bool:

@@ -46,9 +46,6 @@ class _NodeAgentActor:
     def run(self, job_id: str, mid: int, lo: int, hi: int, job: dict[str, Any], *inputs: np.ndarray) -> dict[str, Any]:
         return node.run_macro(self.session, job_id, job, list(inputs), mid, lo, hi, self.name)
 
-    def end_job(self, job_id: str) -> bool:
-        return node.end_job(self.session, job_id)
-
     def close(self) -> bool:
         return node.close_session(self.session)
 
@@ -160,14 +157,8 @@ class RayBackend:
         return []  # the lost tries are in the result's "lost" list, with the node named
 
     def finish(self) -> None:
-        """The call is over: its agents drop its state (they, the actors and the inputs stay)."""
-        ends = {name: actor.end_job.remote(self.job_id) for name, actor in self.actors.items()}  # all at once
-        for name, ref in ends.items():
-            try:
-                ray.get(ref, timeout=30)
-            except Exception as exc:  # noqa: BLE001 - a lost actor: dropped, the next call starts another
-                log.warning("shardc cluster: ending the call on Ray node %s failed: %s", name, exc)
-                self.actors.pop(name, None)
+        """The call is over (its state on the agents ends with the next call's JOB: no
+        round trip here); the agents, the actors and the inputs stay."""
         self.job_ref = None
         self.input_refs = []
         for k in [k for k in self.held if k not in self.cache.sizes]:

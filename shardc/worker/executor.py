@@ -190,7 +190,7 @@ class ShardExecutor:
         tainted: inherited inputs this process can no longer restore.
     """
 
-    __slots__ = ("_bound", "_frames", "call", "ewma_ns", "guard", "heap", "native", "row", "tainted")
+    __slots__ = ("_bound", "_frames", "call", "ewma_ns", "guard", "heap", "legacy", "native", "row", "tainted")
 
     def __init__(self, row: StatusRow, guard: Any, heap: HeapPolicy) -> None:
         self.row = row
@@ -201,6 +201,7 @@ class ShardExecutor:
         self.tainted: list[str] = []
         self._bound: tuple[Any, ...] = ()
         self._frames = False  # rpc: runs of OK shards may travel as one frame (see run_ids)
+        self.legacy: list[Any] = [None, None]  # (the call's _bound, its lazy-seeding state): worker/spec.py
         # A native kernel's runner (shardc.worker.native): it runs the ids instead of _run.
         self.native: NativeRunner | None = None
 

@@ -16,20 +16,29 @@ from typing import Any
 from ..protocol import ERR, FRAME
 from ..shards import reusable_shard
 from .records import failure_record
-from .seeding import seed_legacy
+from .seeding import Legacy
 
 SPEC_RUN_NS = 100_000  # a speculative run holds about this much work: a rerun after a crash is cheap
 SPEC_MAX = 4096  # ids in one speculative run, at most
 
 
-def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any, Any, int]:
+class _Redo(Exception):
+    """A run's shards drew from random/np.random unseeded: the run is run again, seeded."""
+
+
+_REDO = _Redo()
+
+
+def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any, Any, int, Legacy | None]:
     """What both loops need from ``ex._bound``: ``call`` and ``extra``, such
     that ``call(shard, *extra)`` runs fun on a shard (keywords bound with
-    ``partial``; with seeding or over two extra arguments, a closure); the
+    ``partial``; over two extra arguments, a closure; with seeding, what
+    ``lg``, the call's :class:`~shardc.worker.seeding.Legacy`, says); the
     shard class to make inline (``cls``, the descriptor's BlockShard; None
     when it has none: then ``make(sid, entropy)``); ``make``; ``entropy``;
     and ``off``, what a shard's id adds to the local id (a window of a bigger
-    descriptor, as a cluster macro-shard runs: global ids; else 0).  The
+    descriptor, as a cluster macro-shard runs: global ids; else 0); and
+    ``lg`` (None unless ``seed=``).  The
     loops spell out the calls with 0, 1 and 2 extra arguments:
     ``fun(shard, *args)`` builds a tuple per call, and a closure around it
     is one more frame (py-spy: 38% of a trivial shm_queue shard writing
@@ -39,17 +48,22 @@ def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any,
     extra: tuple[Any, ...] = args if args is not None else ()
     if args is None:
         call = functools.partial(fun, **kwargs)  # fun(shard, **kwargs), bound in C
-    if seeded or len(extra) > 2:
+    if len(extra) > 2:
         inner, inner_extra = call, extra
 
         def call_closed(shard: Any) -> Any:
-            if seeded:
-                seed_legacy(entropy, shard.id)
             return inner(shard, *inner_extra)
 
         call, extra = call_closed, ()
+    lg: Legacy | None = None
+    if seeded:  # random/np.random seeded lazily: the loops call lg.fn and check lg.drawn() per run
+        st = ex.legacy
+        if st[0] is not ex._bound:  # a new call: learn afresh
+            st[:] = [ex._bound, Legacy(call, entropy, fun)]
+        lg = st[1]
+        call = lg.loop_start(call)
     cls = getattr(make, "block_class", None)
-    return call, extra, cls, make, entropy, getattr(make, "id_offset", 0)
+    return call, extra, cls, make, entropy, getattr(make, "id_offset", 0), lg
 
 
 # One shard object per loop while fun keeps no reference to it: a loop holds
@@ -80,7 +94,7 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
     The inner loop is a ``for`` over the run's ids with one call, one store
     of the shard's id and one append per shard (all else hoisted into
     :func:`_loop_parts` or done per run)."""
-    call, extra, cls, make, entropy, off = _loop_parts(ex)
+    call, extra, cls, make, entropy, off, lg = _loop_parts(ex)
     na = len(extra)
     x0, x1 = (*extra, None, None)[:2]
     refs = sys.getrefcount
@@ -110,6 +124,8 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
                 if value is None:
                     if rmark != 1:
                         if rmark:  # close the run before sid (sid is done: the next run marks it)
+                            if lg is not None and lg.drawn():
+                                raise _REDO
                             t = run_c(rh, a, sid - a, rmark, sid, b - sid)
                             if t < 0:
                                 break  # raised below, outside the try: not this shard's failure
@@ -117,13 +133,24 @@ def run_spec(ex: Any, first: int, n: int, append: Callable[[Any], None]) -> None
                         rmark = 1
                 elif rmark != 2:
                     if rmark:
+                        if lg is not None and lg.drawn():
+                            raise _REDO
                         t = run_c(rh, a, sid - a, rmark, sid, b - sid)
                         if t < 0:
                             break
                         a = sid
                     rmark = 2
                 app(value)
+            if lg is not None:  # before the run's marks: did a shard draw unseeded?
+                if lg.drawn():
+                    raise _REDO
+                call = lg.fn
         except BaseException as exc:  # noqa: BLE001 - everything is reported
+            if lg is not None and (exc is _REDO or lg.drawn()):  # run a..sid again, seeded
+                call = lg.redo()
+                del vals[a - f_sid :]  # the open frame keeps the ids before a
+                rmark = 0
+                continue
             t1 = run_c(rh, a, sid - a, rmark, 0, 0)  # the run ends before sid: its marks, IDLE
             if t1 < 0:
                 row.failed(t1, "run_next", a)
@@ -161,7 +188,7 @@ def run_spec_block(
     block (``block0``/``blockn``) while runs move ``current``/``run_n``
     through it; the block's end adds its OK count to the row's done counter
     (``block_end``).  Returns the fields of a ``RunStats``."""
-    call, extra, cls, make, entropy, off = _loop_parts(ex)
+    call, extra, cls, make, entropy, off, lg = _loop_parts(ex)
     na = len(extra)
     x0, x1 = (*extra, None, None)[:2]
     refs = sys.getrefcount
@@ -174,7 +201,7 @@ def run_spec_block(
     t_first = row.block_begin(start, n)
     a, b = start, min(stop, start + k)  # the open run: ids a..b-1, none marked yet
     t = run_c(rh, 0, 0, 0, a, b - a)
-    failed = returned = 0
+    failed = returned = ret_a = 0  # ret_a: returned before the open run
     sid = a
     while a < stop:
         try:
@@ -188,14 +215,22 @@ def run_spec_block(
                     shard = make(sid, entropy)
                 if (call(shard) if not na else call(shard, x0) if na == 1 else call(shard, x0, x1)) is not None:
                     returned += 1
+            if lg is not None:  # before the run's marks: did a shard draw unseeded?
+                if lg.drawn():
+                    raise _REDO
+                call = lg.fn
         except BaseException as exc:  # noqa: BLE001 - everything is reported
+            if lg is not None and (exc is _REDO or lg.drawn()):  # run a..sid again, seeded
+                call = lg.redo()
+                returned = ret_a
+                continue
             t1 = run_c(rh, a, sid - a, 1, 0, 0)  # the run ends before sid: its marks, IDLE
             if t1 < 0:
                 row.failed(t1, "run_next", a)
             failed += 1
             on_fail((sid, ERR, failure_record(exc, sid), t, t1, None, None))
             t = t1
-            a = sid + 1
+            a, ret_a = sid + 1, returned
             b = min(stop, a + k)
             if a < stop:
                 t = run_c(rh, 0, 0, 0, a, b - a)
@@ -209,7 +244,7 @@ def run_spec_block(
             t = run_c(rh, a, b - a, 1, 0, 0)
             if t < 0:
                 row.failed(t, "run_next", a)
-        a, b = b, nb
+        a, b, ret_a = b, nb, returned
     t = row.block_end(done, stop - 1, 0, n - failed)  # IDLE (again) and the block's OK count
     ex.learn_run(t_first, t, n)
     return (n, n - failed, returned, t_first, t, None)

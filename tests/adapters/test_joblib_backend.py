@@ -188,3 +188,101 @@ def test_big_array_of_the_first_batch_is_inherited_at_fork_not_copied(monkeypatc
     finally:
         stop.set()
         t.join()
+
+
+def nap_or_fail(i):
+    import time
+
+    if i == 0:
+        time.sleep(30)
+    if i == 3:
+        raise ValueError(f"task {i} failed")
+    return i
+
+
+def test_in_order_calls_wait_for_the_batch_instead_of_polling(monkeypatch):
+    """Ordered results: joblib's main thread waits in retrieve_result (woken
+    by the batch's completion), not in its 10 ms sleep loop; unordered
+    generators keep the completion callbacks."""
+    import time
+
+    import joblib.parallel as jp
+
+    main = threading.get_ident()
+    naps = []
+    real_sleep = time.sleep
+
+    def counting_sleep(s):
+        if threading.get_ident() == main:
+            naps.append(s)
+        real_sleep(s)
+
+    monkeypatch.setattr(jp.time, "sleep", counting_sleep)  # the module joblib's _retrieve calls
+    with Parallel(n_jobs=2, backend="shardc") as par:
+        assert par._backend.supports_retrieve_callback is False
+        for n in (1, 2, 50, 2000):
+            assert par(delayed(square)(i) for i in range(n)) == [i * i for i in range(n)]
+    assert naps == []
+    gen = Parallel(n_jobs=2, backend="shardc", return_as="generator")(delayed(square)(i) for i in range(30))
+    assert list(gen) == [i * i for i in range(30)] and naps == []
+    par = Parallel(n_jobs=2, backend="shardc", return_as="generator_unordered")
+    assert sorted(par(delayed(square)(i) for i in range(30))) == [i * i for i in range(30)]
+    assert par._backend.supports_retrieve_callback is True
+
+
+@pytest.mark.timeout(60)
+def test_in_order_call_aborts_at_a_later_batchs_error_without_waiting_for_earlier_ones():
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="task 3 failed"):
+        Parallel(n_jobs=2, backend="shardc", batch_size=1)(delayed(nap_or_fail)(i) for i in range(6))
+    assert time.monotonic() - t0 < 20  # task 0 naps 30 s: its worker was killed, not waited for
+    # the same Parallel object afterwards (managed): a fresh call runs normally
+    with Parallel(n_jobs=2, backend="shardc", batch_size=1) as par:
+        with pytest.raises(ValueError, match="task 3 failed"):
+            par(delayed(nap_or_fail)(i) for i in range(6))
+        assert par(delayed(square)(i) for i in range(5)) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.timeout(60)
+def test_parallel_timeout_raises_joblibs_timeout_error():
+    import multiprocessing
+    import time
+
+    from shardc.errors import ShardTimeoutError
+
+    t0 = time.monotonic()
+    with pytest.raises(multiprocessing.TimeoutError, match=r"Parallel\(timeout=0.2\)") as info:
+        Parallel(n_jobs=2, backend="shardc", timeout=0.2)(delayed(time.sleep)(30) for _ in range(4))
+    assert isinstance(info.value, ShardTimeoutError) and time.monotonic() - t0 < 20
+    assert Parallel(n_jobs=2, backend="shardc", timeout=10)(delayed(square)(i) for i in range(4)) == [0, 1, 4, 9]
+
+
+def test_dispatch_callback_runs_with_the_gc_paused_unless_told_not_to():
+    import gc
+
+    from shardc.errors import InvalidArgumentError
+
+    def tasks(seen):
+        for i in range(3000):
+            seen.append(gc.isenabled())
+            yield delayed(square)(i)
+
+    for pause, want in ((True, False), (False, True)):
+        seen: list[bool] = []
+        with parallel_config(backend="shardc", n_jobs=2, pause_gc=pause):
+            assert Parallel()(tasks(seen)) == [i * i for i in range(3000)]
+        # the first items are taken by the caller's thread; the rest by the completion callbacks
+        assert want in seen[8:] and (pause is False or all(seen[:4]))
+        assert gc.isenabled()
+    gc.disable()  # the caller's own choice is kept
+    try:
+        with parallel_config(backend="shardc", n_jobs=2):
+            assert Parallel()(delayed(square)(i) for i in range(300)) == [i * i for i in range(300)]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(InvalidArgumentError, match="pause_gc must be True or False"):
+        with parallel_config(backend="shardc", n_jobs=2, pause_gc="yes"):
+            Parallel()(delayed(square)(i) for i in range(3))

@@ -69,3 +69,26 @@ def leaked_segment_files(pids: list[int]) -> list[str]:
         if os.path.isdir(d):
             found += [f for f in os.listdir(d) for p in pids if f".{p}." in f and f.startswith("shardc")]
     return found
+
+
+def big_values(shard: Any) -> Any:
+    """Values of every kind a shard returns: a list (pickled by its worker, forwarded through
+    the agent as that pickle), a NumPy array, None, a tuple (a frame of plain values)."""
+    k = shard.id % 4
+    if k == 0:
+        return [shard.id * 7 + i for i in range(40_000)]  # > reply.INLINE_MAX: a memfd reply
+    if k == 1:
+        return np.full(1000, shard.id, dtype=np.int64)
+    return None if k == 2 else (shard.id, float(shard.rng.random()))
+
+
+def check_big_values(**kw: Any) -> shardc.ShardResult:
+    """Run big_values locally and with ``kw`` (cluster=...): the same values, big replies sent."""
+    d = shardc.shards(64, block_size=1)
+    local = shardc.shard_map(d, big_values, seed=3, workers=1)
+    res = shardc.shard_map(d, big_values, seed=3, workers=1, **kw)
+    for a, b in zip(local.results, res.results, strict=True):
+        assert type(a) is type(b)
+        assert (a == b).all() if isinstance(a, np.ndarray) else a == b
+    assert res.diagnostics.cluster["bytes_replies"] > 16 * 40_000  # the 16 lists came back (>= 1 byte an item)
+    return res

@@ -27,7 +27,14 @@ distributed = pytest.importorskip("distributed")
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cluster_helpers import N, agent_procs, leaked_segment_files, run_rich, wait_no_agents  # noqa: E402, F401
+from _cluster_helpers import (  # noqa: E402, F401
+    N,
+    agent_procs,
+    check_big_values,
+    leaked_segment_files,
+    run_rich,
+    wait_no_agents,
+)
 
 ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
@@ -75,6 +82,12 @@ def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
     shardc.cluster.close(client)
     wait_no_agents()  # closing the session stopped its agents (and their pools)
     assert pids and not leaked_segment_files(pids)
+
+
+def test_big_values_come_back_as_a_local_run_returns_them(client: Any) -> None:
+    """Lists (their workers' pickles, forwarded by the agents in memfd replies), arrays, None and
+    tuples come back equal to a local run's, in shard order, from two Dask nodes."""
+    check_big_values(cluster=Cluster(client, macro_seconds=0.05))
 
 
 def test_empty_and_object_inputs_reach_the_nodes(client: Any) -> None:
@@ -186,6 +199,21 @@ def _sum_call(client: Any, x: np.ndarray, **kw: Any) -> tuple[shardc.ShardResult
 
 def _agents_of(res: shardc.ShardResult) -> set[int]:
     return {p for n in res.diagnostics.cluster["nodes"].values() for p in n["agents"]}
+
+
+def _bump(shard: Any, o: Any) -> None:
+    o[shard.idx] += 1  # reads the out buffer: its start bytes on the node must be the caller's
+
+
+def test_an_agent_reusing_an_out_buffer_starts_it_from_the_callers_bytes(client: Any) -> None:
+    """Agents keep ended calls' out buffers for the next call of the same shape: each call still
+    starts from its caller's bytes (zeros, or what the caller put there), never from the last call's."""
+    opts = Cluster(client, macro_seconds=0.05)
+    d = shardc.shards(4096, block_size=256)
+    for start in (0, 0, 5, 0):
+        with shardc.buffer("i8", 4096, init=start) as o:
+            shardc.shard_map(d, _bump, out={"o": o}, workers=1, cluster=opts)
+            assert np.array_equal(o.array, np.full(4096, start + 1))
 
 
 def test_a_second_call_reuses_the_agents_and_moves_no_input_bytes(client: Any) -> None:

@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")  # Ray has wheels for Linux x86-64/arm64 and ma
 from ray.cluster_utils import Cluster as RayCluster  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _cluster_helpers import agent_procs, run_rich, wait_no_agents  # noqa: E402
+from _cluster_helpers import agent_procs, check_big_values, run_rich, wait_no_agents  # noqa: E402
 
 # Starts a local Dask/Ray cluster: its own CI step (.ci/run), not the core run (-m cluster).
 pytestmark = pytest.mark.cluster
@@ -66,6 +66,13 @@ def test_ray_results_outs_and_seeds_equal_a_local_run(ray_cluster: Any) -> None:
         assert len(n["agents"]) == 1 and n["bytes_inputs"] > 0
     shardc.cluster.close("ray")
     wait_no_agents()
+
+
+def test_ray_big_values_come_back_as_a_local_run_returns_them(ray_cluster: Any) -> None:
+    """Lists (their workers' pickles, forwarded by the agents in memfd replies), arrays, None and
+    tuples come back equal to a local run's, in shard order, from two nodes."""
+    res = check_big_values(cluster=Cluster("ray", macro_seconds=0.05))
+    assert len(res.diagnostics.cluster["nodes"]) >= 1
 
 
 def test_ray_second_call_reuses_actors_agents_and_inputs(ray_cluster: Any) -> None:
