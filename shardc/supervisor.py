@@ -49,7 +49,7 @@ from .units import fmt_bytes
 
 log = logging.getLogger("shardc")
 
-STATM_MIN_GAP = 0.001  # s: a worker's statm is read at most this often at shard boundaries (unless due)
+STATM_MIN_GAP = 0.001  # s: without mem_cap, statm is read at most this often at shard boundaries (unless due)
 REPLACE_ATTEMPTS = 3  # a slot whose fresh workers die this often before the call starts fails the call
 
 
@@ -252,8 +252,8 @@ class Supervisor:
         if due or st.since_sample >= self.call.health_check_interval:
             st.since_sample = 0
             due = True
-        elif time.monotonic() - w.fast_t < STATM_MIN_GAP:
-            return  # read under 1 ms ago (replies in a burst): a second read tells nothing new
+        elif self.call.mem_cap is None and time.monotonic() - w.fast_t < STATM_MIN_GAP:
+            return  # read under 1 ms ago (replies in a burst), no cap to enforce: nothing new to learn
         m = pool.sample_cheap(w, max_age=0.5 if due else float("inf"))
         if m is None:
             return
