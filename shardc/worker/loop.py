@@ -26,6 +26,7 @@ Shards run only in :mod:`shardc.worker.executor`; this module decides when.
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import pickle
@@ -448,13 +449,10 @@ def limit_arrow() -> None:
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Exit when the master is gone, for a worker without a parent-death signal.
-
-    Its socket's EOF covers a worker waiting for a message, not one polling the
-    task ring (``shm_queue``) or running a long shard.  A daemon thread waits
-    for the master's exit: a kqueue ``EVFILT_PROC``/``NOTE_EXIT`` event on macOS,
-    else it polls ``getppid()`` (a dead master's children are re-parented)
-    every 0.2 s."""
+    """Exit when the master is gone, for a worker without a parent-death signal
+    (its socket's EOF misses a worker polling the task ring or in a long
+    shard): a daemon thread waits for a kqueue ``NOTE_EXIT`` event on macOS,
+    else polls ``getppid()`` (orphans are re-parented) every 0.2 s."""
 
     def watch() -> None:
         if sys.platform == "darwin":
@@ -509,6 +507,7 @@ def after_fork(parent_pid: int, packages: list[str], init_expr: Any, death_signa
             init_expr()
         else:
             exec(compile(init_expr, "<init_expr>", "exec"), {"__name__": "__shardc_init__"})  # noqa: S102 - the user's init code
+    gc.freeze()  # what it holds now (the master's objects, imports) is out of its GC: not walked, pages not touched
 
 
 def worker_entry(
