@@ -108,6 +108,9 @@ def shard_map(
         cow: "deny", "audit" or "allow": what a write into a borrowed input does.
         seed: makes ``shard.rng`` (and random/np.random) depend only on
             (seed, shard id): identical results for any workers/chunking.
+            random/np.random are seeded lazily (a run of shards found
+            drawing from them unseeded runs again, seeded; see
+            ``shardc.worker.seeding``; ``SHARDC_LEGACY_SEEDING=eager``).
         diagnostics: collect per-shard timings and memory samples.
         packages: modules to import in each worker.
         init_expr: callable or code string run once in each worker.
