@@ -308,8 +308,8 @@ def serve(chan: Channel, idle_timeout: float) -> int:
             except TimeoutError:
                 log.warning("shardc agent %d: no work for %g s, its caller is gone: exiting", os.getpid(), idle_timeout)
                 return 4
-            except ChannelClosed:
-                return 0  # the starter (the engine's worker) is gone
+            except (ChannelClosed, ConnectionResetError):
+                return 0  # the starter (the engine's worker) is gone (killed: a reset)
             chan.sock.settimeout(None)
             if msg[0] == "STOP":
                 return 0
