@@ -364,6 +364,16 @@ def spawn(section: str, variant: str, argv: list[str], timeout: float = 1800) ->
     return {"error": (cp.stderr or cp.stdout).strip().splitlines()[-3:]}
 
 
+def spawn_paired(section: str, peer: str, argv: list[str]) -> dict[str, Any] | None:
+    """Run a paired section, print its heading; None (the error printed) if it failed."""
+    r = spawn(section, "both", argv)
+    print(f"\n### the same, shardc and {peer} alternating in one process ({r.get('pairs')} pairs)\n")
+    if "error" in r:
+        print(r["error"])
+        return None
+    return r
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -400,11 +410,8 @@ def main() -> None:
         print(f"\n### Executor.map vs ProcessPoolExecutor.map, {args.map_n} tiny tasks (s)\n")
         print(C.table(["chunksize", "shardc", "ProcessPoolExecutor", "speed-up"], rows))
     if "map_pair" in only:
-        r = spawn("map_pair", "both", argv)
-        print(f"\n### the same, shardc and ProcessPoolExecutor alternating in one process ({r.get('pairs')} pairs)\n")
-        if "error" in r:
-            print(r["error"])
-        else:
+        r = spawn_paired("map_pair", "ProcessPoolExecutor", argv)
+        if r is not None:
             rows = [
                 [k, f"{v['shardc']:.3f}", f"{v['ppe']:.3f}", f"{v['ratio']:.2f}x"]
                 for k, v in r.items()
@@ -426,11 +433,8 @@ def main() -> None:
         print(f"\n### joblib.Parallel, {args.joblib_n} tiny tasks (s; ratio = peer / shardc)\n")
         print(C.table(["backend", "median s", "ratio"], rows))
     if "joblib_pair" in only:
-        r = spawn("joblib_pair", "both", argv)
-        print(f"\n### the same, shardc and loky alternating in one process ({r.get('pairs')} pairs)\n")
-        if "error" in r:
-            print(r["error"])
-        else:
+        r = spawn_paired("joblib_pair", "loky", argv)
+        if r is not None:
             rows = [
                 ["median s", f"{r['shardc']:.3f}", f"{r['loky']:.3f}"],
                 ["loky / shardc, paired", "", f"{r['ratio']:.2f}x"],
