@@ -40,7 +40,6 @@ offers no entry point for backends.
 from __future__ import annotations
 
 import functools
-import gc
 import multiprocessing
 import os
 import threading
@@ -51,6 +50,7 @@ from typing import Any
 from .errors import InvalidArgumentError, MissingDependencyError, ShardTimeoutError
 from .executor import Executor
 from .pool import Pool
+from .stream import gc_paused
 
 try:
     from joblib._parallel_backends import (
@@ -103,18 +103,6 @@ def _note_failure(failed: Future[Any], fut: Future[Any]) -> None:
     with _lock:
         if not failed.done():
             failed.set_result(fut)
-
-
-def _gc_paused(callback: Any, fut: Future[Any]) -> None:
-    """``callback(fut)`` with the cyclic garbage collector paused (see ``pause_gc``)."""
-    if not gc.isenabled():
-        callback(fut)
-        return
-    gc.disable()
-    try:
-        callback(fut)
-    finally:
-        gc.enable()
 
 
 def _give_back(pool: Pool, private: bool) -> None:
@@ -274,7 +262,7 @@ class ShardcBackend(AutoBatchingMixin, ParallelBackendBase):
         if not self.supports_retrieve_callback:  # first: a failure wakes the main thread at once
             fut.add_done_callback(functools.partial(_note_failure, self._failed))
         if callback is not None:
-            fut.add_done_callback(functools.partial(_gc_paused, callback) if self.pause_gc else callback)
+            fut.add_done_callback(functools.partial(gc_paused, callback) if self.pause_gc else callback)
         return fut
 
     def retrieve_result(self, out: Future[Any], timeout: float | None = None) -> Any:
