@@ -132,6 +132,7 @@ class Fold:
         self.combine = combine
         self.init = init
         self.seeded = seeded
+        self.legacy: Legacy | None = None  # a worker's lazy seeding of this call (seed=), made there
 
     def __call__(self, group: Group, **kw: Any) -> Any:
         make = group.make
@@ -152,9 +153,9 @@ class Fold:
                 # a group whose shards drew unseeded is folded again, seeded.
                 lg = None
                 if seeded:
-                    lg = self.__dict__.get("_legacy")
-                    if lg is None:
-                        lg = self.__dict__["_legacy"] = Legacy(fn, ent, self.fn)
+                    if self.legacy is None:
+                        self.legacy = Legacy(ent, self.fn)
+                    lg = self.legacy
                     fn = lg.loop_start(fn)
                 off = getattr(make, "id_offset", 0)
                 refs = sys.getrefcount

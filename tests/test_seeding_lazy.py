@@ -136,20 +136,20 @@ def test_legacy_learns_each_generator_on_its_own():
     def np_first(shard: Any) -> Any:  # its own code object: nothing remembered yet
         return np_always_py_sometimes(shard)
 
-    lg = seeding.Legacy(np_first, SEED, np_first)
+    lg = seeding.Legacy(SEED, np_first)
     lg.loop_start(np_first)
     assert lg.probing
     assert run(lg, range(0, 20)) == reference(np_always_py_sometimes, 20)
     assert (lg.eager, lg.probing) == (seeding.NP, False)
     assert run(lg, range(20, 40)) == reference(np_always_py_sometimes, 40)[20:]  # id 30 draws from random
     assert lg.eager == seeding.BOTH
-    again = seeding.Legacy(np_first, SEED, np_first)
+    again = seeding.Legacy(SEED, np_first)
     assert (again.eager, again.probing) == (seeding.BOTH, False)
 
     def quiet(shard: Any) -> int:
         return shard.id
 
-    lg = seeding.Legacy(quiet, SEED, quiet)
+    lg = seeding.Legacy(SEED, quiet)
     lg.loop_start(quiet)
     run(lg, range(0, 5))
     assert (lg.eager, lg.probing) == (0, False) and lg.loop_start(quiet) is quiet

@@ -100,7 +100,7 @@ from .queue import (  # noqa: F401
     queue_set_spin,
     queue_stats,
 )
-from .seedseq import seedseq_filler, seedseq_state, seedseq_words  # noqa: F401
+from .seedseq import seedseq_filler, seedseq_words  # noqa: F401
 from .seg import (  # noqa: F401
     ADVICE,
     BACKING_FILE,

@@ -1,10 +1,10 @@
 """NumPy's SeedSequence state for one shard (csrc/seedseq.c).
 
 :func:`seedseq_words` turns a seed into the words the C side reads (once
-per seed); :func:`seedseq_state` fills ``out`` (a C-contiguous uint64 array)
-with what ``SeedSequence(entropy, spawn_key=(key,)).generate_state(len(out),
-np.uint64)`` returns, in ~0.5 us instead of ~10; :func:`seedseq_filler`
-binds one array for a hot caller.
+per seed); :func:`seedseq_filler` binds a C-contiguous uint64 array ``out``
+and returns ``fill(words, key)``, which fills it with what
+``SeedSequence(entropy, spawn_key=(key,)).generate_state(len(out),
+np.uint64)`` returns, in ~0.5 us instead of ~10.
 """
 
 from __future__ import annotations
@@ -31,16 +31,10 @@ def seedseq_words(entropy: int) -> Any:
     return ffi.new("uint32_t[]", words)
 
 
-def seedseq_state(words: Any, key: int, out: np.ndarray) -> np.ndarray:
-    """``out`` (uint64, C-contiguous) filled as SeedSequence(entropy, spawn_key=(key,))
-    would fill it; ``words`` from :func:`seedseq_words`."""
-    lib.shardc_seedseq_state(words, len(words), key, ffi.from_buffer("uint64_t[]", out), out.size)
-    return out
-
-
 def seedseq_filler(out: np.ndarray) -> Any:
-    """``fill(words, key) -> out``: :func:`seedseq_state` into one array, its
-    pointer taken once (for a hot caller)."""
+    """``fill(words, key) -> out``: ``out`` filled as SeedSequence(entropy,
+    spawn_key=(key,)) would fill it (``words`` from :func:`seedseq_words`),
+    its pointer taken once."""
     ptr, n, f = ffi.from_buffer("uint64_t[]", out), out.size, lib.shardc_seedseq_state
 
     def fill(words: Any, key: int) -> np.ndarray:

@@ -135,7 +135,7 @@ def _code(fun: Any) -> Any:
 class Legacy:
     """One call's legacy seeding in a worker (kept across the call's loops).
 
-    A loop calls ``fn(shard, *extra)`` (rebinding ``fn`` at each of its runs'
+    Each loop starts with :meth:`loop_start`, then calls ``fn(shard, *extra)`` (rebinding ``fn`` at each of its runs'
     boundaries: it changes as this learns) and, before it marks a run's
     shards done (and before it reports a failure), asks :meth:`drawn`; True
     means a shard of the run drew from a generator that is not seeded before
@@ -148,9 +148,11 @@ class Legacy:
     """
 
     __slots__ = ("changed", "eager", "entropy", "fn", "inner", "key", "last", "probing", "watched")
+    inner: Callable[..., Any]  # the loop's bound function, and what the loop calls: set by loop_start
+    fn: Callable[..., Any]
 
-    def __init__(self, inner: Callable[..., Any], entropy: int, fun: Any) -> None:
-        self.inner, self.entropy = inner, entropy
+    def __init__(self, entropy: int, fun: Any) -> None:
+        self.entropy = entropy
         self.key = _code(fun)
         changed = _changed()
         self.watched = _watched
@@ -159,7 +161,6 @@ class Legacy:
         self.probing = changed is not None and known is None
         self.eager = BOTH if changed is None else (known or 0)
         self.changed: Callable[[], int] = changed if changed is not None else _never
-        self.fn = self._closure()
 
     def loop_start(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         """A loop of this call starts (``inner`` bound for it): the function to call."""

@@ -59,7 +59,7 @@ def _loop_parts(ex: Any) -> tuple[Callable[..., Any], tuple[Any, ...], Any, Any,
     if seeded:  # random/np.random seeded lazily: the loops call lg.fn and check lg.drawn() per run
         st = ex.legacy
         if st[0] is not ex._bound:  # a new call: learn afresh
-            st[:] = [ex._bound, Legacy(call, entropy, fun)]
+            st[:] = [ex._bound, Legacy(entropy, fun)]
         lg = st[1]
         call = lg.loop_start(call)
     cls = getattr(make, "block_class", None)
