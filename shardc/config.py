@@ -165,6 +165,15 @@ SETTINGS: dict[str, Setting] = {
             default_doc="unset",
         ),
         Setting(
+            "SHARDC_ZYGOTE",
+            "bool",
+            True,
+            'a pool with `fork_mode="auto"` that forks its workers directly also forks a *zygote* (a '
+            "single-threaded fork server copied from the caller at pool start) that starts the pool's "
+            "later workers while the caller has other threads; `0`: those come from a fork server "
+            "started by exec instead (an interpreter importing the caller's modules)",
+        ),
+        Setting(
             "SHARDC_INHERIT_MIN_BYTES",
             "int",
             64 * 1024**2,

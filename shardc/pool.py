@@ -126,6 +126,7 @@ class Pool(MemoryModel):
                 self.workers.append(self._spawn(slot))
             for w in self.workers:
                 self._await_hello(w)
+            self._server = _forkserver.zygote_for(self, self._drop_worker_ends) or self._server  # see there
         except BaseException:
             self.stop()
             raise
@@ -142,8 +143,6 @@ class Pool(MemoryModel):
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.status.reset(slot)
         parent_pid = os.getpid()
-        others = [w.chan.sock for w in self.workers if w.slot != slot]
-        others += [w.chan.sock for w in close or () if w.chan.sock not in others]
         tokens = _inherit.held_tokens()
         # Linux sends PDEATHSIG when the *thread* that forked the worker exits:
         # workers forked from another thread than the main one (a re-fork for an
@@ -162,13 +161,7 @@ class Pool(MemoryModel):
         if pid == 0:  # child: never returns
             try:
                 parent_sock.close()
-                for s in others:
-                    s.close()
-                for p in list(live_pools):
-                    if p is not self:
-                        for w in p.workers:
-                            w.chan.close()
-                _forkserver.close_in_child()
+                self._drop_worker_ends(close or ())
             finally:
                 worker_entry(
                     slot,
@@ -186,6 +179,13 @@ class Pool(MemoryModel):
         w.inherit_tokens = tokens
         w.inherited_bytes = _inherit.held_bytes(tokens)
         return w
+
+    def _drop_worker_ends(self, extra: list[WorkerHandle] | tuple[()] = ()) -> None:
+        """In a child of this process: close the master's ends of every worker
+        socket (this pool's, ``extra``'s, every live pool's) and of the fork servers."""
+        for w in [*self.workers, *extra, *(w for p in list(live_pools) for w in p.workers)]:
+            w.chan.close()
+        _forkserver.close_in_child()
 
     def _await_hello(self, w: WorkerHandle, timeout: float = 30.0, sample: bool = True) -> None:
         w.chan.sock.settimeout(timeout)

@@ -649,12 +649,12 @@ def test_max_huge_concurrency_throttles_and_completes(pool2):
 def test_pool_context_manager_reuses_workers():
     """Pool(2).shard_map reuses the same worker pids across calls; stop ends them."""
     with shardc.Pool(2) as pool:
-        pids = pool_pids(pool)
+        pids = {w.pid for w in pool.workers}
         r1 = pool.shard_map(6, shard_info, progress=False)
         drain(pool)
         r2 = pool.shard_map(6, shard_info, progress=False)
         assert {x[5] for x in r1.results} | {x[5] for x in r2.results} <= pids
-        assert pool_pids(pool) == pids and len(pids) == 2
+        assert {w.pid for w in pool.workers} == pids and len(pids) == 2
         with pytest.raises(shardc.InvalidArgumentError, match=r"workers=3 conflicts"):
             pool.shard_map(2, ident, workers=3, progress=False)
     assert pool.closed
@@ -673,7 +673,7 @@ def test_module_level_pool_functions():
     p = shardc.pool_create(2)
     assert shardc.pool_get() is p and p.size == 2
     st = shardc.pool_status()
-    assert [s["worker"] for s in st] == [0, 1] and {s["pid"] for s in st} == pool_pids(p)
+    assert [s["worker"] for s in st] == [0, 1] and {s["pid"] for s in st} == {w.pid for w in p.workers}
     assert all(s["state"] == "idle" and s["rss"] > 0 and s["restarts"] == 0 for s in st)
     hc = shardc.pool_health_check()
     assert hc["workers"] == 2 and [a["action"] for a in hc["actions"]] == ["none", "none"]

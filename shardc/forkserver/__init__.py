@@ -42,6 +42,7 @@ spawn (logged, and recorded in the pool's events).
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import multiprocessing
 import os
@@ -51,20 +52,22 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from .. import config, inherit
 from .._channel import Channel, ChannelClosed
 from ..errors import InvalidArgumentError, ShardcOSError, WorkerSetupError
 from ..handle import WorkerHandle
 from ..sysinfo import is_zombie
+from .wire import EXITED, READY, SPAWN, SPAWN_FAILED, STOP
 
 log = logging.getLogger("shardc")
 
 FORK_MODES = ("auto", "fork", "server")
 START_TIMEOUT = 60.0  # seconds for the server to import shardc and answer
-SPAWN, SPAWNED, SPAWN_FAILED, EXITED, STOP, READY = "spawn", "spawned", "spawn_failed", "exited", "stop", "ready"
 
 _servers: weakref.WeakSet[ForkServer] = weakref.WeakSet()
 
@@ -109,54 +112,80 @@ def close_in_child() -> None:
 class ForkServer:
     """The master's handle on one fork server process (one per pool)."""
 
-    def __init__(self, packages: list[str]) -> None:
+    def __init__(self, packages: list[str], fork_from: Callable[[], None] | None = None) -> None:
+        """Start a server: an exec'ed interpreter, or with ``fork_from`` a
+        *zygote*, a fork of this process (call it only while this process
+        has no other thread); ``fork_from`` runs first in the zygote and
+        closes what it must not keep (the master's ends of worker sockets)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        # The server must import this very shardc: a source tree (not an
-        # installed package, which it finds anyway) goes first on its path.
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        if os.path.basename(root) not in ("site-packages", "dist-packages"):
-            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-            env["PYTHONPATH"] = os.pathsep.join([root, *paths])
         t0 = time.perf_counter()
-        try:
-            self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "shardc.forkserver", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            ours.close()
-            raise ShardcOSError(exc.errno or 0, f"start the shardc fork server: {exc}") from None
-        finally:
+        self.zygote = fork_from is not None
+        if fork_from is not None:
+            self.proc: Any = _Forked(_fork_zygote(ours, theirs, fork_from))
             theirs.close()
+        else:
+            try:
+                self.proc = _exec_server(theirs)
+            except BaseException:
+                ours.close()
+                raise
         self.chan = Channel(ours)
         self.lock = threading.RLock()
         self.pids: set[int] = set()  # workers it forked for us and not reported gone
         self.exits: dict[int, int] = {}  # pid -> exit code, reported, not yet collected
         self.dead = False
-        self.sent_modules: set[str] = set()  # module names the server was asked to import
+        # module names the server has (a zygote: those of this process when it forked)
+        self.sent_modules: set[str] = set(sys.modules) if self.zygote else set()
         self.pid = self.proc.pid
         _servers.add(self)
+        self.t0 = t0
+        self.ready = False
+        self.start_seconds = 0.0
         try:
             self.chan.send((READY, {"sys_path": list(sys.path), "packages": list(packages)}))
-            msg = self._recv(START_TIMEOUT)
+        except OSError as exc:
+            self._failed(exc)
+        if not self.zygote:  # a zygote's answer is awaited at its first spawn: it has little to do
+            self._await_ready()
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while not self.ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ShardcOSError(errno.ETIMEDOUT, f"no answer within {START_TIMEOUT:g} s")
+                self.chan.sock.settimeout(left)
+                try:
+                    msg, _fds = self.chan.recv()
+                finally:
+                    self.chan.sock.settimeout(None)
+                self._note(msg)
         except (OSError, ChannelClosed) as exc:
-            self.close(timeout=1.0)
-            raise WorkerSetupError(
-                f"the shardc fork server (pid {self.pid}) did not start ({type(exc).__name__}: {exc}); "
-                "its error is on stderr; fork_mode='fork' or SHARDC_FORK_SERVER=0 fork workers directly"
-            ) from None
-        assert msg[0] == READY
-        self.start_seconds = time.perf_counter() - t0
-        log.debug("fork server pid %d started in %.0f ms", self.pid, self.start_seconds * 1e3)
+            self._failed(exc)
+        log.debug(
+            "fork server (%s) pid %d started in %.1f ms",
+            "zygote" if self.zygote else "exec",
+            self.pid,
+            self.start_seconds * 1e3,
+        )
+
+    def _failed(self, exc: BaseException) -> NoReturn:
+        self.close(timeout=1.0)
+        raise WorkerSetupError(
+            f"the shardc fork server (pid {self.pid}) did not start ({type(exc).__name__}: {exc}); "
+            "its error is on stderr; fork_mode='fork' or SHARDC_FORK_SERVER=0 fork workers directly"
+        ) from None
 
     # -- messages ---------------------------------------------------------------------
     def _note(self, msg: tuple) -> tuple | None:
         """Record an exit report; returns any other message."""
         if msg[0] == EXITED:
             self.exits[msg[1]] = msg[2]
+            return None
+        if msg[0] == READY:  # (a zygote's may come with any read)
+            self.ready = True
+            self.start_seconds = time.perf_counter() - self.t0
             return None
         return msg
 
@@ -204,7 +233,9 @@ class ForkServer:
         """Fork a worker for ``request`` (see ``shardc.forkserver.__main__``),
         handing it ``fds``; returns its pid."""
         with self.lock:
-            mods = [m for m in _importable() if m not in self.sent_modules]
+            if not self.ready:
+                self._await_ready()
+            mods = _importable(self.sent_modules)
             req = {**request, "env": dict(os.environ), "sys_path": list(sys.path), "cwd": _cwd(), "modules": mods}
             # A forked worker has the caller's multiprocessing authkey (Manager proxies need it).
             req["authkey"] = bytes(multiprocessing.current_process().authkey)
@@ -261,13 +292,104 @@ class ForkServer:
             self.chan.close()
 
 
-def _importable() -> list[str]:
-    """The modules this process has imported from files, in import order:
-    the server imports them before it forks, so a served worker starts with
-    what a forked one would have (no import time in its first task, and no
-    memory growth that would read as drift and recycle it)."""
+def _exec_server(theirs: socket.socket) -> subprocess.Popen[bytes]:
+    """``python -m shardc.forkserver FD``, with ``theirs`` as FD."""
+    env = dict(os.environ)
+    # The server must import this very shardc: a source tree (not an
+    # installed package, which it finds anyway) goes first on its path.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.basename(root) not in ("site-packages", "dist-packages"):
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    try:
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "shardc.forkserver", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    except OSError as exc:
+        raise ShardcOSError(exc.errno or 0, f"start the shardc fork server: {exc}") from None
+    finally:
+        theirs.close()
+
+
+def _fork_zygote(ours: socket.socket, theirs: socket.socket, closer: Callable[[], None]) -> int:
+    """Fork this (single-threaded) process into a fork server; returns its pid."""
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        ours.close()
+        theirs.close()
+        raise ShardcOSError(exc.errno or 0, f"fork the shardc zygote: {exc.strerror or exc}") from None
+    if pid != 0:
+        return pid
+    try:  # the zygote: never returns
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the master's business
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not a handler of the caller's
+        ours.close()
+        closer()
+        close_in_child()
+        # A full collection would write the header of every object inherited
+        # from the master: a private copy of each of their pages (as in workers).
+        gc.freeze()
+        from .server import serve
+
+        serve(theirs.detach())
+    except BaseException:  # noqa: BLE001 - printed; the master sees EOF before READY
+        traceback.print_exc()
+    finally:
+        os._exit(70)
+    return 0  # unreachable
+
+
+class _Forked:
+    """The master's handle on the zygote, its own child: what
+    :class:`subprocess.Popen` offers the exec'ed server (poll, wait, kill)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone
+                self.returncode = -signal.SIGKILL
+                return self.returncode
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"shardc zygote {self.pid}", timeout or 0.0)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _importable(skip: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The modules this process has imported from files, in import order,
+    but those in ``skip`` (looked at first: a module's ``__spec__`` can be
+    slow to get): the server imports them before it forks, so a served
+    worker starts with what a forked one would have (no import time in its
+    first task, and no memory growth that would read as drift and recycle it)."""
     out = []
     for name, mod in list(sys.modules.items()):
+        if name in skip:
+            continue
         spec = getattr(mod, "__spec__", None)
         if spec is None or "__main__" in name or name.startswith("shardc.forkserver"):
             continue
@@ -330,6 +452,32 @@ def warn_threads(size: int) -> None:
             len(threads),
             ", ".join(threads[:5]),
         )
+
+
+def zygote_for(pool: Any, closer: Callable[[], None]) -> ForkServer | None:
+    """A zygote for ``pool`` (just started, its workers forked directly), or
+    None: when ``fork_mode`` is "auto", ``SHARDC_ZYGOTE`` allows it and this
+    process has no other thread (else forking it would not be safe).
+
+    Later workers of the pool (replacements, recycles) come from it while
+    this process has other threads (an Executor's engine, ``Pool.map``'s
+    stream, the caller's own): a fork of a process that already has every
+    module the caller had at pool start, so such a start costs a fork, not
+    an interpreter importing those modules (seconds in a process that has
+    loaded pandas, pyarrow, dask or ray).  Its memory is shared with this
+    process until either writes a page.  It failing to start is logged, not
+    raised: the exec'ed server remains.  ``closer`` runs in the zygote first
+    (it closes the master's ends of the worker sockets)."""
+    if pool.fork_mode != "auto" or not config.get_bool("SHARDC_ZYGOTE") or other_threads():
+        return None
+    if any(w.server is not None for w in pool.workers):
+        return None
+
+    try:
+        return ForkServer(pool.packages, fork_from=closer)
+    except (WorkerSetupError, ShardcOSError) as exc:
+        log.warning("no zygote for this pool (%s): later workers started while threads run use the fork server", exc)
+        return None
 
 
 def spawn_for(pool: Any, slot: int) -> Any:

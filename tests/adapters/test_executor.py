@@ -157,7 +157,7 @@ def test_per_task_timeout_kills_only_that_task():
 
 def test_map_timeout_raises_and_cancels_the_rest():
     with shardc.Executor(1) as ex:
-        it = ex.map(sleeper, [0.0, 5.0, 0.0, 0.0], timeout=0.5)
+        it = ex.map(sleeper, [0.0, 1.5, 0.0, 0.0], timeout=0.5)  # shutdown waits for the running one
         assert next(it) == 0.0
         with pytest.raises(cf.TimeoutError):
             next(it)
@@ -195,6 +195,9 @@ def test_shutdown_without_wait_finishes_the_work():
     fs = [ex.submit(sleeper, 0.05) for _ in range(6)]
     ex.shutdown(wait=False)
     assert [f.result(timeout=30) for f in fs] == [0.05] * 6
+    engine = ex._engine
+    engine.thread.join(30)  # the engine stops its pool and leaves by itself
+    assert not engine.thread.is_alive() and engine.pool.closed
 
 
 def test_unpicklable_task_fails_its_future():

@@ -248,7 +248,7 @@ def test_auto_pool_in_a_threaded_caller_copies_instead_of_inheriting(monkeypatch
         t.join()
     _assert_no_leftovers(before)
     with shardc.Pool(1) as pool:  # no other thread now: forked directly, as before
-        assert pool.workers[0].server is None and pool._server is None
+        assert pool.workers[0].server is None and pool._server is not None and pool._server.zygote
 
 
 def test_fork_mode_is_checked(monkeypatch):
