@@ -206,9 +206,13 @@ class ShardExecutor:
         self.native: NativeRunner | None = None
 
     # -- call ----------------------------------------------------------------------------
-    def begin_call(self) -> None:
+    def begin_call(self, same_fun: bool = False) -> None:
         """``self.call`` is set up: bind what the loop reads, and learn the
-        shard time of the new ``fun`` again (its first shard is measured)."""
+        shard time of the new ``fun`` again (its first shard is measured),
+        unless ``same_fun``: the last call ran the same ``fun`` (the same
+        pickle), so its shard time is the best guess (a wrong one changes only
+        how the first chunk runs: a speculative run, no per-shard memory
+        delta; never an outcome)."""
         c = self.call
         guard = self.guard if self.guard is not None and c.guard_regions else None
         make = c.desc.maker() if hasattr(c.desc, "maker") else c.desc.shard  # the fast shard factory
@@ -217,7 +221,8 @@ class ShardExecutor:
         self._bound = (fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         # Frames carry neither cow events (guards) nor a sink's per-shard commit failure.
         self._frames = guard is None and c.value_sink is None
-        self.ewma_ns = -1
+        if not same_fun:
+            self.ewma_ns = -1
         self.native = native_runner(self)
 
     def end_call(self) -> CallState:

@@ -116,6 +116,7 @@ class Worker:
         self.heap = HeapPolicy(self.row, self.pid)
         self.ex = ShardExecutor(self.row, guard, self.heap)
         self.task_objects: dict[Any, Any] = {}  # see load_task
+        self.last_fun = (0, 0)  # (length, hash) of the pickle of the last call's fun
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -213,7 +214,9 @@ class Worker:
         c.fun = _Unpickler(msg["fun"], self).load()
         if msg.get("value_sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
             c.value_sink = msg["value_sink"].open(self.slot, c.call_id)
-        self.ex.begin_call()
+        key = (len(msg["fun"]), hash(msg["fun"]))  # (a guess of the shard time rides on it, nothing more)
+        self.ex.begin_call(same_fun=key == self.last_fun)
+        self.last_fun = key
 
     def end_call(self) -> None:
         self.task_objects.clear()
