@@ -91,6 +91,9 @@ __all__ = ["ShardExecutor", "open_frames", "release_traceback", "seed_legacy", "
 
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
 SPEC_SHARD_NS = 20_000  # shards shorter than this run in speculative runs (one status write a run)
+# Fewer ids run one by one (a status write each costs ~0.1 us; a crash inside a speculative
+# run costs a worker and a careful rerun of the run: for a few ids it is not worth it).
+SPEC_MIN_IDS = 16
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
 
 Events = list[dict[str, Any]]  # cow events of one shard (shardc.guard.ShardScope.events)
@@ -256,7 +259,7 @@ class ShardExecutor:
                 and ids[-1] - ids[0] == n - 1
                 and (n < 3 or isinstance(ids, range) or ids == list(range(ids[0], ids[0] + n)))
             )
-            if frames and not careful and n > 1 and 0 <= self.ewma_ns <= SPEC_SHARD_NS:
+            if frames and not careful and n >= SPEC_MIN_IDS and 0 <= self.ewma_ns <= SPEC_SHARD_NS:
                 run_spec(self, ids[0], n, append)
             else:
                 self._run([*ids, -1], -1, n, False, append, append, None, frames)
