@@ -174,7 +174,9 @@ def execute(
     # without them (Pool(cow_guard=False)) gets segment copies instead.
     known = pool if pool is not None else pool_get()
     # Workers from a fork server (threaded callers, shardc.forkserver) cannot inherit either.
-    inheritable = known.can_inherit if known is not None else not use_server(resolve_mode("auto"))
+    def inheritable() -> bool:  # (asked only when an input could be inherited)
+        return bool(known.can_inherit) if known is not None else not use_server(resolve_mode("auto"))
+
     plan = InputPlan(target, allow_inherit=inheritable)
     call.plan = plan
     run_pool: Pool | None = None
