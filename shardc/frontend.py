@@ -173,6 +173,7 @@ def execute(
     # array pristine (and to catch writes on its partial end pages): a pool
     # without them (Pool(cow_guard=False)) gets segment copies instead.
     known = pool if pool is not None else pool_get()
+
     # Workers from a fork server (threaded callers, shardc.forkserver) cannot inherit either.
     def inheritable() -> bool:  # (asked only when an input could be inherited)
         return bool(known.can_inherit) if known is not None else not use_server(resolve_mode("auto"))
