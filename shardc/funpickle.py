@@ -190,7 +190,8 @@ def pickle_fun(fun: Callable[..., Any], on_ref: Callable[[Any], Any]) -> bytes:
         return on_ref(obj)
 
     blob = pickle_function(fun, spy)
-    if not captured:  # (a captured shardc input is never frozen; checked all the same)
+    # Kept only if nothing changed while it was made (pickling may import a module).
+    if not captured and _same(fp, fingerprint(fun) or ()):  # (a captured input is never frozen; checked all the same)
         if len(_cache) >= MAX_ENTRIES and id(fun) not in _cache:
             del _cache[next(iter(_cache))]
         _cache[id(fun)] = (weakref.ref(fun), fp, blob)
