@@ -113,15 +113,30 @@ def give_back(w: Any, call_id: int, pending: deque[tuple[Any, list[int]]]) -> No
         w.chan.send((RETURNED, call_id, ids))
 
 
+def _merge(w: Any, ids: Any, pending: deque[tuple[Any, list[int]]], fit: float) -> Any:
+    """``ids`` and the RUN chunks queued next in ``pending`` while all of them
+    together stay within ``fit`` shards (taken out of ``pending``)."""
+    if pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
+        ids = list(ids)
+        while pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
+            ids += w.chunk_ids(*pending.popleft())
+    return ids
+
+
 def run_chunks(w: Any, msg: tuple, pending: deque[tuple[Any, list[int]]], fds: list[int] | None = None) -> None:
     """Run a RUN message's chunk on worker ``w``, and the RUN messages queued
     behind it while they are short; send all their outcomes in one RESULTS.
-    A chunk that ran long hands back the chunks queued behind the next one."""
+    A chunk that ran long hands back the chunks queued behind the next one.
+    When the shard time is already known (the same ``fun`` as the last call),
+    the queued chunks that fit run in the same executor call as the first."""
     chan, ex = w.chan, w.ex
     call_id = msg[1]
     careful = msg[0] == RUN_CAREFUL  # run alone, one shard at a time (see ShardExecutor.run_ids)
     t_start = time.monotonic()
-    results = ex.run_ids(w.chunk_ids(msg, fds or []), careful=careful)
+    ids = w.chunk_ids(msg, fds or [])
+    if not careful and ex.ewma_ns > 0 and not ex.tainted:
+        ids = _merge(w, ids, pending, COALESCE_S * 1e9 / ex.ewma_ns)
+    results = ex.run_ids(ids, careful=careful)
     t_first = time.monotonic()
     pending.extend(chan.poll_nonblocking())
     if t_first - t_start > COALESCE_S and len(pending) > 1 and not ex.tainted:
@@ -130,15 +145,11 @@ def run_chunks(w: Any, msg: tuple, pending: deque[tuple[Any, list[int]]], fds: l
         left = COALESCE_S - (time.monotonic() - t_first)
         if left <= 0:
             break
-        ids = w.chunk_ids(*pending.popleft())
         # Shards known to be short: the chunks queued behind this one that
         # fit in the time left run in the same executor call (chunks of one
         # tiny shard would otherwise pay the call's setup once per shard).
-        fit = left * 1e9 / ex.ewma_ns if ex.ewma_ns > 0 else 0
-        if pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
-            ids = list(ids)
-            while pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
-                ids += w.chunk_ids(*pending.popleft())
+        ids = w.chunk_ids(*pending.popleft())
+        ids = _merge(w, ids, pending, left * 1e9 / ex.ewma_ns if ex.ewma_ns > 0 else 0)
         ex.run_ids(ids, results)
         pending.extend(chan.poll_nonblocking())
     send_results(w, call_id, results, ex.commit_sink(results))
