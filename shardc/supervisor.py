@@ -397,9 +397,7 @@ class Supervisor:
         """Run the call to the end with ``dispatcher``."""
         self.dispatcher = dispatcher
         pool = self.pool
-        # poll(2), not epoll: a call watches a few sockets, and an epoll instance costs three
-        # more system calls a call (create, one per socket, close; ~7 us of a small call).
-        self.sel = sel = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.DefaultSelector()
+        self.sel = sel = selectors.DefaultSelector()
         try:
             for w in pool.workers:
                 self._watch(w)
