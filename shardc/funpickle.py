@@ -25,8 +25,9 @@ the module globals cloudpickle copies, its ``__dict__``, names, doc and
 annotations.  Rebinding a global, assigning a default, a ``nonlocal``
 rebinding a cell, a new function attribute: each changes an identity, and
 the function is pickled again.  Mutation cannot reach a frozen value.  The
-set of imported modules (cloudpickle records which submodules ``fun`` uses)
-and cloudpickle's by-value registry are part of the fingerprint too.
+imported submodules of the packages it names that cloudpickle records with
+it (``np.random`` used as an attribute) and cloudpickle's by-value registry
+are part of the fingerprint too.
 """
 
 from __future__ import annotations
@@ -147,6 +148,24 @@ def _function(f: types.FunctionType, out: list[Any], active: set[int]) -> None:
             out.append(v)
         else:
             _frozen(v, out, active)
+            if type(v) is types.ModuleType and getattr(v, "__package__", None):
+                _submodules(v.__name__, code.co_names, out)
+
+
+def _submodules(package: str, names: tuple[str, ...], out: list[Any]) -> None:
+    """Append the imported submodules of ``package`` that cloudpickle records
+    for a function naming ``names`` (every part of the submodule's path among
+    them): a package's submodules are imported after their parent, so a walk
+    from the package down through the names finds exactly those."""
+    todo = [package]
+    while todo:
+        prefix = todo.pop() + "."
+        for name in names:
+            sub = sys.modules.get(prefix + name)
+            if sub is not None:
+                out.append(sub)
+                todo.append(prefix + name)
+    out.append(_MISSING)  # (the end of this package's list)
 
 
 def fingerprint(fun: Any) -> tuple[Any, ...] | None:
@@ -155,7 +174,7 @@ def fingerprint(fun: Any) -> tuple[Any, ...] | None:
     function)."""
     if _BY_VALUE is None or type(fun) is not types.FunctionType:
         return None
-    out: list[Any] = [len(sys.modules), tuple(sorted(_BY_VALUE))]
+    out: list[Any] = [tuple(sorted(_BY_VALUE))]
     try:
         _function(fun, out, set())
     except _Uncacheable:

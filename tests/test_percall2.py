@@ -185,10 +185,10 @@ def test_unchanged_function_reuses_its_pickle() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    ["global", "helper_global", "helper_rebound", "default", "kwdefault", "code", "attribute", "new_global", "import"],
+    ["global", "helper_global", "helper_rebound", "default", "kwdefault", "code", "attribute", "new_global"],
 )
 def test_every_change_to_what_is_pickled_by_value_is_seen(change: str) -> None:
-    """Rebinding a global (of fun or of a __main__ helper), the helper itself, a default, a keyword default, the code, a function attribute, a global that did not exist, or importing a module: fun is pickled again and the new pickle runs the new version."""
+    """Rebinding a global (of fun or of a __main__ helper), the helper itself, a default, a keyword default, the code, a function attribute, or a global that did not exist: fun is pickled again and the new pickle runs the new version."""
     ns = _main_ns(SRC)
     f = ns["f"]
     fp.pickle_fun(f, _never)
@@ -218,17 +218,35 @@ def test_every_change_to_what_is_pickled_by_value_is_seen(change: str) -> None:
     elif change == "new_global":
         ns["int"] = lambda v: 7  # shadows the builtin: a global the code names, absent before
         want = 120
-    elif change == "import":
-        sys.modules["shardc_test_fresh_module"] = types.ModuleType("shardc_test_fresh_module")
+    second = fp.pickle_fun(f, _never)
+    assert second is not first
+    g = pickle.loads(second)
+    assert g(None) == want
+    if change == "attribute":
+        assert g.marker == "seen"
+
+
+def test_a_newly_imported_submodule_is_seen() -> None:
+    """A package's submodule that fun names as an attribute (``pkg.sub``) and that is imported after fun was pickled: cloudpickle records it with fun, so fun is pickled again; other imports change nothing."""
+    pkg = types.ModuleType("shardc_test_pkg")
+    pkg.__package__ = "shardc_test_pkg"
+    pkg.__path__ = []
+    sys.modules["shardc_test_pkg"] = pkg
     try:
-        second = fp.pickle_fun(f, _never)
-        assert second is not first
-        g = pickle.loads(second)
-        assert g(None) == want
-        if change == "attribute":
-            assert g.marker == "seen"
+        ns = _main_ns("def f(x):\n    return P.sub.VALUE\n", P=pkg)
+        fp.pickle_fun(ns["f"], _never)
+        first = fp.pickle_fun(ns["f"], _never)
+        sys.modules["shardc_test_unrelated"] = types.ModuleType("shardc_test_unrelated")
+        assert fp.pickle_fun(ns["f"], _never) is first
+        sub = types.ModuleType("shardc_test_pkg.sub")
+        sub.VALUE = 7  # type: ignore[attr-defined]
+        sys.modules["shardc_test_pkg.sub"] = sub
+        pkg.sub = sub  # type: ignore[attr-defined]
+        second = fp.pickle_fun(ns["f"], _never)
+        assert second is not first and b"shardc_test_pkg.sub" in second
     finally:
-        sys.modules.pop("shardc_test_fresh_module", None)
+        for name in ("shardc_test_pkg", "shardc_test_pkg.sub", "shardc_test_unrelated"):
+            sys.modules.pop(name, None)
 
 
 def test_closure_cells_are_part_of_the_fingerprint() -> None:
