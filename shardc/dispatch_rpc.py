@@ -47,6 +47,7 @@ from .protocol import (
     PickledValue,
     error_record,
 )
+from .scheduler import Scheduler
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 from .values import close_fds
@@ -185,7 +186,9 @@ class RpcDispatcher(Dispatcher):
         equal share of the ids per worker: one message and one report per
         worker instead of two or three rounds.  Balance is kept by the
         workers: one whose chunk runs long hands back what is queued behind
-        its next chunk (``RETURNED``, see :mod:`shardc.worker.rpc`)."""
+        its next chunk (``RETURNED``, see :mod:`shardc.worker.rpc`).  Not for
+        an open call's tasks (``shardc.stream``): their data is sent once and
+        never handed back."""
         sched = self.sched
         n = len(self.ws)
         pending = sched.pending_count()
@@ -193,6 +196,7 @@ class RpcDispatcher(Dispatcher):
             self.prefetch is None
             and sched.ewma_shard_s is None
             and sched.huge is None
+            and type(sched).task_data is Scheduler.task_data  # (tasks with data are not handed back)
             and pending <= SMALL_CALL_CHUNKS * sched.chunk_size(n) * n
         ):
             self.share = -(-pending // n)
