@@ -107,7 +107,7 @@ class CallSetup:
             "call_id": c.call_id,
             "cow": c.cow,
             "entropy": c.entropy,
-            "donemap": array_desc(dm.array, dm.segment),
+            "donemap": {**array_desc(dm.array, dm.segment), "dtype": "|u1"},  # (a str unpickles in ~1/3 the time)
             "seeded": c.seed is not None,
             "diagnostics": c.diagnostics,
             "desc": c.desc,

@@ -34,7 +34,20 @@ from typing import Any
 
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
-from .protocol import ERR, FRAME, OK, OK_PICKLED, OK_SEGMENT, RESULTS, RUN, RUN_CAREFUL, PickledValue, error_record
+from .protocol import (
+    ERR,
+    FRAME,
+    OK,
+    OK_PICKLED,
+    OK_SEGMENT,
+    RESULTS,
+    RETURNED,
+    RUN,
+    RUN_CAREFUL,
+    PickledValue,
+    error_record,
+)
+from .scheduler import Scheduler
 from .status import DoneMap, RowSnapshot
 from .supervisor import Supervisor
 from .values import close_fds
@@ -60,6 +73,10 @@ def _unpacked(r: tuple[Any, ...], fds: list[int]) -> tuple[Any, ...]:
 # both block in send for good.
 MAX_INFLIGHT_IDS = 16384
 
+# A call of at most this many chunks per worker goes out whole in the first
+# round (see RpcDispatcher.start).
+SMALL_CALL_CHUNKS = 8
+
 
 class RpcDispatcher(Dispatcher):
     """Chunks over sockets (see the module docstring)."""
@@ -78,6 +95,7 @@ class RpcDispatcher(Dispatcher):
         t = self.call.timeout
         self.poll_interval = 0.05 if t > 0.2 else t / 4
         self.send_failures = 0  # in a row: a send that keeps failing fails the call
+        self.share = 0  # ids per worker in a small call's first round (start), else 0
 
     # -- handing out work -------------------------------------------------------------
     def depth(self) -> int:
@@ -104,9 +122,9 @@ class RpcDispatcher(Dispatcher):
         if not st.inflight:
             st.last_msg = time.monotonic()  # its no-progress clock starts with this dispatch
         batch: list[Any] = []
-        limit = min(size * self.depth(), max(size, MAX_INFLIGHT_IDS))
+        limit = self.share or min(size * self.depth(), max(size, MAX_INFLIGHT_IDS))
         while len(st.inflight) < limit and sched.pending_count():
-            ids = sched.take_chunk(size)
+            ids = sched.take_chunk(min(size, limit - len(st.inflight)))
             if not ids:
                 break  # an open call's fed tasks were all cancelled (shardc.stream)
             if not sched.admit(ids):
@@ -161,8 +179,32 @@ class RpcDispatcher(Dispatcher):
                 self.pool.kill(w)
 
     def start(self) -> None:
-        for w in self.pool.workers:
-            self.fill(w)
+        """The first round.  Nothing is known of the shards yet, so a call
+        normally starts with two chunks per worker and sends the rest once the
+        first reports say how long a shard is.  A small call (at most
+        ``SMALL_CALL_CHUNKS`` chunks per worker) goes out whole instead, an
+        equal share of the ids per worker: one message and one report per
+        worker instead of two or three rounds.  Balance is kept by the
+        workers: one whose chunk runs long hands back what is queued behind
+        its next chunk (``RETURNED``, see :mod:`shardc.worker.rpc`).  Not for
+        an open call's tasks (``shardc.stream``): their data is sent once and
+        never handed back."""
+        sched = self.sched
+        n = len(self.ws)
+        pending = sched.pending_count()
+        if (
+            self.prefetch is None
+            and sched.ewma_shard_s is None
+            and sched.huge is None
+            and type(sched).task_data is Scheduler.task_data  # (tasks with data are not handed back)
+            and pending <= SMALL_CALL_CHUNKS * sched.chunk_size(n) * n
+        ):
+            self.share = -(-pending // n)
+        try:
+            for w in self.pool.workers:
+                self.fill(w)
+        finally:
+            self.share = 0
 
     def attach(self, w: Any) -> None:
         self.fill(w)
@@ -180,6 +222,8 @@ class RpcDispatcher(Dispatcher):
                 if len(msg) > 3:  # the call's value sink committed what these outcomes kept
                     self.call.value_sink.committed(w.slot, msg[3])
                 self.on_results(w, msg[2], fds)
+            elif msg[0] == RETURNED and msg[1] == self.call_id:
+                self.on_returned(w, msg[2])
             else:
                 close_fds(fds)
         if w.alive:
@@ -236,6 +280,18 @@ class RpcDispatcher(Dispatcher):
         sched.observe((busy + sum(r[4] - r[3] for r in results)) * 1e-9 / max(n, 1), count=n)
         st.since_sample += n
         st.last_msg = time.monotonic()
+
+    def on_returned(self, w: Any, ids: list[int]) -> None:
+        """``w`` handed back ``ids`` unrun (queued behind a long chunk): they
+        are no longer in flight there and go first to whichever worker asks
+        next (free: no attempt ran)."""
+        inflight = self.ws[w.slot].inflight
+        held = [sid for sid in ids if sid in inflight]
+        for sid in held:
+            inflight.discard(sid)
+            self.sched.released(sid)
+        self.sched.requeue(held)
+        self.requeued()
 
     def after_poll(self) -> None:
         pass

@@ -35,6 +35,7 @@ from .dispatch_rpc import RpcDispatcher
 from .errors import InvalidArgumentError, signal_label
 from .forget import call_finished, call_started
 from .forkserver import resolve_mode, use_server
+from .funpickle import pickle_fun
 from .inputs import InputPlan
 from .memory import PROFILES, heap_keep
 from .pool import Pool, pool_create, pool_get
@@ -51,7 +52,6 @@ from .validate import (
     check_packages,
     check_seed,
     check_timeout,
-    pickle_function,
 )
 
 log = logging.getLogger("shardc")
@@ -173,8 +173,11 @@ def execute(
     # array pristine (and to catch writes on its partial end pages): a pool
     # without them (Pool(cow_guard=False)) gets segment copies instead.
     known = pool if pool is not None else pool_get()
+
     # Workers from a fork server (threaded callers, shardc.forkserver) cannot inherit either.
-    inheritable = known.can_inherit if known is not None else not use_server(resolve_mode("auto"))
+    def inheritable() -> bool:  # (asked only when an input could be inherited)
+        return bool(known.can_inherit) if known is not None else not use_server(resolve_mode("auto"))
+
     plan = InputPlan(target, allow_inherit=inheritable)
     call.plan = plan
     run_pool: Pool | None = None
@@ -182,7 +185,7 @@ def execute(
     try:
         # Pickle fun before any worker exists (clear errors first), collecting
         # the buffers, shared inputs and inheritable arrays it captures.
-        call.fun_blob = pickle_function(target, plan.capture)
+        call.fun_blob = pickle_fun(target, plan.capture)  # (reused while provably unchanged)
         plan.add_out(out)
         plan.add_borrow(borrow)
         for name, nbytes, seg in plan.out_records:

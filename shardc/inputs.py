@@ -60,10 +60,11 @@ class InputPlan:
     Args:
         target: the function the workers run (names captured arrays in reports).
         allow_inherit: False for a pool without page guards (inheritance relies
-            on them to keep every shard's view pristine): copies instead.
+            on them to keep every shard's view pristine): copies instead.  Or
+            a function saying so, called only once an input could be inherited.
     """
 
-    def __init__(self, target: Callable[..., Any], allow_inherit: bool) -> None:
+    def __init__(self, target: Callable[..., Any], allow_inherit: bool | Callable[[], bool]) -> None:
         self.target = target
         self.allow_inherit = allow_inherit
         self.borrow: dict[str, dict[str, Any]] = {}  # name -> worker descriptor
@@ -106,12 +107,11 @@ class InputPlan:
 
     def _inheritable(self, obj: Any) -> bool:
         """A big array in private memory that workers can inherit at fork."""
-        return (
-            self.allow_inherit
-            and type(obj) is np.ndarray
-            and find_address(*array_extent(obj)) is None
-            and inherit.eligible(obj)
-        )
+        if not (type(obj) is np.ndarray and find_address(*array_extent(obj)) is None and inherit.eligible(obj)):
+            return False
+        if callable(self.allow_inherit):  # asked only when an input could be inherited (it lists threads)
+            self.allow_inherit = bool(self.allow_inherit())
+        return self.allow_inherit
 
     def _inherit(self, name: str, obj: np.ndarray, t0: float) -> dict[str, Any]:
         token = inherit.hold(obj)

@@ -27,6 +27,9 @@ worker -> master
     ``(RESULTS, call_id, [Outcome])`` (+ fds)   rpc: a chunk's outcomes (fds: big
                                    array values, ``shardc.values``); runs of OK shards
                                    may come as frames (``FRAME``)
+    ``(RETURNED, call_id, ids)``   rpc: ids of chunks queued behind a long shard that the
+                                   worker hands back unrun (sent before that shard's
+                                   RESULTS): the master dispatches them again, to any worker
     ``(QFAIL, call_id, Outcome)``  shm_queue: a failed shard
     ``(QCOW, call_id, (sid, events))``  shm_queue: writes into borrowed inputs
     ``(QDONE, call_id, dict)``     shm_queue: the worker left the ring
@@ -45,6 +48,7 @@ from .errors import BindingError, BorrowedInputWriteError, RemoteTraceback, Shar
 CALL, RUN, QUEUE, END, FORGET, EXIT = "call", "run", "queue", "end", "forget", "exit"
 RUN_CAREFUL = "run_careful"  # a RUN whose ids must run one shard at a time (no speculative run)
 HELLO, READY, RESULTS, QFAIL, QCOW, QDONE, QIDLE = "hello", "ready", "results", "qfail", "qcow", "qdone", "qidle"
+RETURNED = "returned"  # rpc: queued chunks a worker hands back unrun (their shards are long)
 
 OK, ERR, OK_PICKLED = 0, 1, 2  # OK_PICKLED: the value travels as its own pickle (bytes)
 OK_SEGMENT = 3  # a big array in a segment whose fd rides with the message: value = (fd index, spec)

@@ -319,6 +319,7 @@ def test_worker_package_never_imports_the_master_side():
         "shardc.worker.native",
         "shardc.worker.queue_loop",
         "shardc.worker.records",
+        "shardc.worker.rpc",
         "shardc.worker.seeding",
         "shardc.worker.spec",
     ]

@@ -31,6 +31,7 @@ import numpy as np
 
 from .. import _lowlevel as ll
 from ..errors import signal_label
+from . import master
 
 # Shard outcomes in ``shard_ok``.
 NOT_RUN, OK, OK_RETRIED, FAILED = 0, 1, 2, 3
@@ -76,7 +77,6 @@ def _per_shard_array(name: str) -> property:
 
 
 PRECISE_SHARE = 0.005  # end-of-run precise samples: together at most this share of the run's wall time
-_master_cost = [0.0]  # how long the master's last precise sample took (s), across runs
 
 
 class Diagnostics:
@@ -173,7 +173,7 @@ class Diagnostics:
             m = pool.fast_sample(w, max_age=0.05)  # an idle worker: the last call's end sample
             if m is not None:
                 self.mem_sample(w, m, anon=pool.footprint(m, w))
-        self._sample_master(precise=False)
+        self._sample_master(precise=False, max_age=0.05)
         # The calling thread's CPU (it runs the call): the process clock sums
         # every thread's runtime (up to ~0.1 ms a read on a loaded 2-core VM).
         self._cpu0 = time.thread_time()
@@ -216,18 +216,14 @@ class Diagnostics:
                     self.mem_sample(w, m, anon=pool.footprint(m, w))
         # The master: the same rule, runs of over 0.5 s only; shorter ones
         # report the statm estimate (an upper bound).
-        self._sample_master(precise=run_s > 0.5 and _master_cost[0] <= budget)
+        self._sample_master(precise=run_s > 0.5 and master.cost[0] <= budget)
 
-    def _sample_master(self, precise: bool = True) -> None:
-        if precise:
-            t0 = time.perf_counter()
-            m = ll.proc_mem(os.getpid())
-            _master_cost[0] = time.perf_counter() - t0
-        else:
-            m = ll.proc_mem_fast(os.getpid())
-        if m is not None:
+    def _sample_master(self, precise: bool = True, max_age: float = 0.0) -> None:
+        got = master.sample(precise, max_age)  # (a cheap one may be the last, if under max_age s old)
+        if got is not None:
+            t, m = got
             self.master_precise = self.master_precise or bool(m.get("precise", 1))
-            self.master_mem.append((time.monotonic_ns(), m["rss"], m["pss"], m["uss"], m["pss_anon"]))
+            self.master_mem.append((t, m["rss"], m["pss"], m["uss"], m["pss_anon"]))
 
     def tick(self) -> None:
         """The master loop's periodic tick: a cheap sample of the master every 0.5 s."""

@@ -8,6 +8,8 @@ Modules (nothing here imports the master side: ``map``, ``pool``,
 * :mod:`~shardc.worker.executor` -- the one shard executor, used by both
   dispatch modes (``ShardExecutor.run_ids`` for rpc_chunked,
   ``ShardExecutor.run_block`` for shm_queue);
+* :mod:`~shardc.worker.rpc` -- the rpc_chunked side: RUN chunks ->
+  executor -> RESULTS, and chunks handed back behind a long one (RETURNED);
 * :mod:`~shardc.worker.queue_loop` -- the shm_queue loop (ring blocks ->
   executor) and the ring's item format;
 * :mod:`~shardc.worker.heap` -- heap reuse policy (C part: ``csrc/heap.c``).

@@ -91,6 +91,9 @@ __all__ = ["ShardExecutor", "open_frames", "release_traceback", "seed_legacy", "
 
 LONG_NS = 500_000  # shards longer than this get their memory measured (a statm read is ~8 us)
 SPEC_SHARD_NS = 20_000  # shards shorter than this run in speculative runs (one status write a run)
+# Fewer ids run one by one (a status write each costs ~0.1 us; a crash inside a speculative
+# run costs a worker and a careful rerun of the run: for a few ids it is not worth it).
+SPEC_MIN_IDS = 16
 HEAP_CHECK_NS = 1_000_000  # a run of short shards this long amortizes a heap check
 
 Events = list[dict[str, Any]]  # cow events of one shard (shardc.guard.ShardScope.events)
@@ -206,9 +209,13 @@ class ShardExecutor:
         self.native: NativeRunner | None = None
 
     # -- call ----------------------------------------------------------------------------
-    def begin_call(self) -> None:
+    def begin_call(self, same_fun: bool = False) -> None:
         """``self.call`` is set up: bind what the loop reads, and learn the
-        shard time of the new ``fun`` again (its first shard is measured)."""
+        shard time of the new ``fun`` again (its first shard is measured),
+        unless ``same_fun``: the last call ran the same ``fun`` (the same
+        pickle), so its shard time is the best guess (a wrong one changes only
+        how the first chunk runs: a speculative run, no per-shard memory
+        delta; never an outcome)."""
         c = self.call
         guard = self.guard if self.guard is not None and c.guard_regions else None
         make = c.desc.maker() if hasattr(c.desc, "maker") else c.desc.shard  # the fast shard factory
@@ -217,7 +224,8 @@ class ShardExecutor:
         self._bound = (fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         # Frames carry neither cow events (guards) nor a sink's per-shard commit failure.
         self._frames = guard is None and c.value_sink is None
-        self.ewma_ns = -1
+        if not same_fun:
+            self.ewma_ns = -1
         self.native = native_runner(self)
 
     def end_call(self) -> CallState:
@@ -251,7 +259,7 @@ class ShardExecutor:
                 and ids[-1] - ids[0] == n - 1
                 and (n < 3 or isinstance(ids, range) or ids == list(range(ids[0], ids[0] + n)))
             )
-            if frames and not careful and n > 1 and 0 <= self.ewma_ns <= SPEC_SHARD_NS:
+            if frames and not careful and n >= SPEC_MIN_IDS and 0 <= self.ewma_ns <= SPEC_SHARD_NS:
                 run_spec(self, ids[0], n, append)
             else:
                 self._run([*ids, -1], -1, n, False, append, append, None, frames)

@@ -12,7 +12,7 @@ module bounds what is kept and tells the master about it:
   an estimate of the freed memory still resident is published in the
   worker's status row (``set_heap_kept``: the master does not count it as
   drift) and bounded by trimming;
-* **off** at the end of the call (an idle worker keeps nothing);
+* **off** at the end of the call (an idle worker keeps nothing, bar ``END_SLACK``);
 * **refused** for the rest of the process once the estimate cannot be made
   (no ``mallinfo2``, /proc unreadable) or thread arenas grew (glibc cannot
   trim their free tops from here).
@@ -27,6 +27,9 @@ from ..status import StatusRow
 
 # Thread arenas may grow this much under reuse before it is refused for good.
 THREAD_ARENA_SLACK = 8 * 1024**2
+# An idle worker may keep this much freed memory rather than trim at every call's end
+# (glibc's own default trim threshold is 128 KiB).
+END_SLACK = 256 * 1024
 
 
 class HeapPolicy:
@@ -138,6 +141,23 @@ class HeapPolicy:
         every small call ~40 us of the worker's time on its critical path)."""
         if self.keep and self._in_call:
             self._in_call = False
-            self.check()  # (turns reuse off for good if thread arenas grew)
+            st, anon = ll.heap_stats(), self.own_anon()
+            if st is not None and anon is not None and self._idle_clean(st, anon):
+                return  # (a trim costs ~40 us even with nothing to give back: small calls skip it)
+            self.check(anon)  # (turns reuse off for good if thread arenas grew)
             if self.keep and not self.trim():
                 self.refuse()
+
+    def _idle_clean(self, st: dict[str, int], anon: int) -> bool:
+        """Nothing worth a trim was freed since the last one: the estimate of
+        freed memory still resident (see :meth:`check`) and the growth of the
+        allocator's free bytes are both under ``END_SLACK``, and thread arenas
+        did not grow."""
+        anon0, used0, free0 = self._ref
+        resident = (anon - anon0) - (st["used"] - used0)
+        if self._thread_arena_growth(st) > THREAD_ARENA_SLACK:
+            return False
+        if resident > END_SLACK or st["free"] - free0 > END_SLACK:
+            return False
+        self.row.set_heap_kept(max(0, min(resident, st["free"])))
+        return True

@@ -13,7 +13,8 @@ teardown, and the segments it maps.
        ├─ CALL    set up a call: unpickle fun once, map borrowed inputs
        │          (MAP_PRIVATE, read-only, guarded per cow) and out buffers
        │          (MAP_SHARED) from fds sent; cache them -> READY (none if its work follows)
-       ├─ RUN     rpc_chunked: ShardExecutor.run_ids(chunk) -> RESULTS
+       ├─ RUN     rpc_chunked: worker.rpc.run_chunks (ShardExecutor.run_ids per
+       │          chunk) -> RESULTS (and RETURNED: queued chunks behind a long one)
        ├─ QUEUE   shm_queue: queue_loop.run_queue_call (ShardExecutor.run_block
        │          per block) until the ring closes -> QDONE
        ├─ END     drop the call's state
@@ -51,17 +52,11 @@ from .._channel import Channel, ChannelClosed
 from ..protocol import (
     CALL,
     END,
-    ERR,
     EXIT,
     FORGET,
-    FRAME,
     HELLO,
-    OK,
-    OK_PICKLED,
-    OK_SEGMENT,
     QUEUE,
     READY,
-    RESULTS,
     RUN,
     RUN_CAREFUL,
     error_record,
@@ -70,21 +65,10 @@ from ..protocol import (
 from ..segment import Segment
 from ..share import array_extent, view_array
 from ..status import DoneMap, StatusTable
-from ..values import is_big_array
-from ..values import pack as pack_value
-from .executor import ShardExecutor, open_frames
+from .executor import ShardExecutor
 from .heap import HeapPolicy
 from .queue_loop import run_queue_call
-from .records import plain_dumps
-
-# Return values that pickle instantly and cannot run user code while pickled.
-_TRIVIAL = (type(None), bool, int, float, complex, str, bytes)
-
-# Chunks the master sent ahead are run before replying only while they are
-# short (this long since the first), so tiny shards cost one message per few
-# chunks, and long ones still report promptly.  Chunks already queued that the
-# running mean says fit in the time left run in one executor call.
-COALESCE_S = 0.002
+from .rpc import run_chunks
 
 
 def _shared_key(d: dict[str, Any]) -> tuple[Any, ...]:
@@ -132,6 +116,7 @@ class Worker:
         self.heap = HeapPolicy(self.row, self.pid)
         self.ex = ShardExecutor(self.row, guard, self.heap)
         self.task_objects: dict[Any, Any] = {}  # see load_task
+        self.last_fun = (0, 0)  # (length, hash) of the pickle of the last call's fun
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -229,7 +214,9 @@ class Worker:
         c.fun = _Unpickler(msg["fun"], self).load()
         if msg.get("value_sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
             c.value_sink = msg["value_sink"].open(self.slot, c.call_id)
-        self.ex.begin_call()
+        key = (len(msg["fun"]), hash(msg["fun"]))  # (a guess of the shard time rides on it, nothing more)
+        self.ex.begin_call(same_fun=key == self.last_fun)
+        self.last_fun = key
 
     def end_call(self) -> None:
         self.task_objects.clear()
@@ -256,54 +243,7 @@ class Worker:
                 ll.seg_discard(a, b - a)
         self.heap.end_call()
 
-    # -- rpc_chunked ---------------------------------------------------------------------
-    def send_results(self, call_id: int, results: list[tuple], commit: Any = None) -> None:
-        """Send a batch of outcomes.  Non-trivial return values are pickled one by one first, with
-        ``ST_SENDING`` naming the shard: a value whose pickling fails fails only its shard, and one
-        whose pickling blocks is the only shard the master charges when it kills this worker."""
-        msg: tuple[Any, ...]
-        if all(r[1] == FRAME for r in results):  # the tiny-shard path: frames of plain values, one pickle
-            msg = (RESULTS, call_id, results) if commit is None else (RESULTS, call_id, results, commit)
-            payload = plain_dumps(msg)
-            if payload is not None:
-                self.chan.send_bytes(payload)
-                return
-        row = self.row
-        out = []
-        segs: list[Segment] = []  # big arrays travel in segments (shardc.values), their fds with the message
-        if any(r[1] == FRAME for r in results):
-            results = open_frames(results, _TRIVIAL)
-        for r in results:
-            if r[1] == FRAME:
-                out.append(r)
-            elif r[1] == OK and type(r[2]) not in _TRIVIAL:
-                row.set_sending(r[0])
-                try:
-                    if is_big_array(r[2]):
-                        try:
-                            seg, spec = pack_value(r[2])
-                            segs.append(seg)
-                            out.append((r[0], OK_SEGMENT, (len(segs) - 1, spec), *r[3:]))
-                            continue
-                        except OSError:
-                            pass  # no room for a segment: pickle it as before
-                    out.append((r[0], OK_PICKLED, pickle.dumps(r[2], protocol=5), *r[3:]))
-                except Exception as exc:  # noqa: BLE001 - reported as that shard's failure
-                    err = TypeError(
-                        f"the return value of shard {r[0]} cannot be pickled to send it "
-                        f"back: {exc}; return plain data or write into an out= buffer"
-                    )
-                    out.append((r[0], ERR, error_record(err, r[0], deterministic=True), *r[3:]))
-            else:
-                out.append(r)
-        row.set_sending(None)
-        try:
-            msg = (RESULTS, call_id, out) if commit is None else (RESULTS, call_id, out, commit)
-            self.chan.send(msg, [seg.fd for seg in segs])
-        finally:
-            for seg in segs:
-                seg.close()
-
+    # -- rpc_chunked (shardc.worker.rpc) ------------------------------------------------------
     def chunk_ids(self, msg: tuple, fds: list[int]) -> list[int]:
         """A RUN message's ids; per-id data riding with them (an open call's tasks) goes to the
         call's descriptor first (:meth:`load_task` unpickles it; segments sent along adopted)."""
@@ -331,33 +271,8 @@ class Worker:
         return _Unpickler(blob, self, self.task_objects).load()
 
     def run_chunks(self, msg: tuple, pending: deque[tuple[Any, list[int]]], fds: list[int] | None = None) -> None:
-        """Run a RUN message's chunk, and the RUN messages queued behind it
-        while they are short; send all their outcomes in one RESULTS."""
-        chan, ex = self.chan, self.ex
-        call_id = msg[1]
-        careful = msg[0] == RUN_CAREFUL  # run alone, one shard at a time (see ShardExecutor.run_ids)
-        results = ex.run_ids(self.chunk_ids(msg, fds or []), careful=careful)
-        t_first = time.monotonic()
-        pending.extend(chan.poll_nonblocking())
-        while not careful and pending and pending[0][0][0] == RUN and not ex.tainted:
-            left = COALESCE_S - (time.monotonic() - t_first)
-            if left <= 0:
-                break
-            ids = self.chunk_ids(*pending.popleft())
-            # Shards known to be short: the chunks queued behind this one that
-            # fit in the time left run in the same executor call (chunks of one
-            # tiny shard would otherwise pay the call's setup once per shard).
-            fit = left * 1e9 / ex.ewma_ns if ex.ewma_ns > 0 else 0
-            if pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
-                ids = list(ids)
-                while pending and pending[0][0][0] == RUN and len(ids) + len(pending[0][0][2]) <= fit:
-                    ids += self.chunk_ids(*pending.popleft())
-            ex.run_ids(ids, results)
-            pending.extend(chan.poll_nonblocking())
-        self.send_results(call_id, results, ex.commit_sink(results))
-        del results  # return values must not live on in an idle worker
-        if ex.tainted:
-            ex.retire()
+        """Run a RUN message's chunk and the short ones queued behind it (:func:`.rpc.run_chunks`)."""
+        run_chunks(self, msg, pending, fds)
 
     # -- main loop ------------------------------------------------------------------
     def loop(self) -> None:
