@@ -174,7 +174,7 @@ def fingerprint(fun: Any) -> tuple[Any, ...] | None:
     function)."""
     if _BY_VALUE is None or type(fun) is not types.FunctionType:
         return None
-    out: list[Any] = [tuple(sorted(_BY_VALUE))]
+    out: list[Any] = [len(_BY_VALUE), *sorted(_BY_VALUE)]  # (items, not a new tuple: compared by identity)
     try:
         _function(fun, out, set())
     except _Uncacheable:

@@ -183,6 +183,31 @@ def test_unchanged_function_reuses_its_pickle() -> None:
     assert a is b and _run(a) == 113
 
 
+def test_the_cache_hits_while_modules_are_registered_for_pickling_by_value() -> None:
+    """cloudpickle's by-value registry is part of the fingerprint, compared item by item (a
+    fresh tuple of it was never identical: with any module registered, e.g. by another library,
+    the cache missed every call); registering one more module is a change."""
+    import colorsys
+
+    import cloudpickle
+
+    ns = _main_ns(SRC)
+    cloudpickle.register_pickle_by_value(colorsys)
+    try:
+        fp.pickle_fun(ns["f"], _never)
+        a = fp.pickle_fun(ns["f"], _never)
+        assert fp.pickle_fun(ns["f"], _never) is a
+        import json
+
+        cloudpickle.register_pickle_by_value(json)
+        try:
+            assert fp.pickle_fun(ns["f"], _never) is not a
+        finally:
+            cloudpickle.unregister_pickle_by_value(json)
+    finally:
+        cloudpickle.unregister_pickle_by_value(colorsys)
+
+
 @pytest.mark.parametrize(
     "change",
     ["global", "helper_global", "helper_rebound", "default", "kwdefault", "code", "attribute", "new_global"],
