@@ -10,8 +10,10 @@ Three paths, cheapest first:
    is then *sealed* (memfd: the kernel refuses writable shared mappings from
    then on), keeping its memory order (C, or F for Fortran arrays; other
    layouts are made C-contiguous).  ``shard_map`` caches that copy per array
-   while the caller keeps the array alive, and before reusing it checks with
-   one ``memcmp`` that the caller did not change the array in between.
+   while the caller keeps the array alive, and before reusing it checks that
+   the caller did not change the array in between: one ``memcmp``, or, where
+   the kernel tracks writes to the array's pages (:mod:`shardc.pagetrack`),
+   a compare of only the pages it does not vouch for.
 3. **Pickle protocol 5.**  Anything else (dicts of arrays, DataFrames, ...)
    is pickled with out-of-band buffers; every buffer of at least 64 KiB goes
    into a segment, so the big parts of the object are zero-copy in workers.
@@ -36,6 +38,7 @@ import numpy as np
 from . import _lowlevel as ll
 from .buffer import Buffer, array_protocol
 from .errors import ClosedError, InvalidArgumentError, InvalidTypeError
+from .pagetrack import Tracker, track
 from .segment import Segment, find_address
 from .sysinfo import HAS_PROCFS
 
@@ -413,14 +416,18 @@ def share(obj: Any, backing: str = "auto") -> Shared:
 class ShareCache:
     """Per-array cache of copies made for ``borrow=`` (while the array lives).
 
-    A cached copy is reused only after a ``memcmp`` shows the caller's array
-    still holds the same bytes, so mutating an array between calls is safe.
+    A cached copy is reused only after a check shows the caller's array still
+    holds the same bytes, so mutating an array between calls is safe.  The
+    check compares the bytes (one parallel ``memcmp``), or, where the kernel
+    tracks writes to the array's pages (:mod:`shardc.pagetrack`), only the
+    pages it does not vouch for.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, Shared]] = {}
+        self._entries: dict[int, tuple[weakref.ref, Shared, Tracker | None]] = {}
         # Reentrant: a weakref callback (-> _drop) can run inside a locked section.
         self._lock = threading.RLock()
+        self.bytes_compared = 0  # by the last check (diagnostics and tests)
 
     def get(self, arr: np.ndarray, backing: str) -> tuple[Shared, str, float]:
         """Return ``(shared, how, seconds)``; how is reference/cached/copied."""
@@ -432,32 +439,73 @@ class ShareCache:
         with self._lock:
             entry = self._entries.get(key)
         if entry is not None:
-            wr, shared = entry
-            if wr() is arr and not shared.closed and _same_bytes(arr, shared):
+            wr, shared, tracker = entry
+            if wr() is arr and not shared.closed and self._same(arr, shared, tracker):
                 return shared, "cached", time.perf_counter() - t0
-            self._drop(key)
-        shared = _copy_array(arr, backing)
+            self._drop(key, shared)
+        # Armed before the copy: a write while it is copied shows at the next check.
+        tracker = track(arr)
+        try:
+            shared = _copy_array(arr, backing)
+        except BaseException:
+            if tracker is not None:
+                tracker.close()
+            raise
         try:
             wr = weakref.ref(arr, lambda _r: self._drop(key))
         except TypeError:
+            if tracker is not None:
+                tracker.close()
             return shared, "copied", time.perf_counter() - t0
         with self._lock:
-            self._entries[key] = (wr, shared)
+            self._entries[key] = (wr, shared, tracker)
         return shared, "copied", time.perf_counter() - t0
+
+    def _same(self, arr: np.ndarray, shared: Shared, tracker: Tracker | None) -> bool:
+        if tracker is None or not tracker.matches(arr) or not _same_layout(arr, shared):
+            self.bytes_compared = arr.nbytes
+            return _same_bytes(arr, shared)
+        with tracker.lock:  # a look consumes the kernel's record: one check at a time
+            if tracker.stale:
+                return False
+            runs = tracker.unsure()
+            if runs is None:
+                self.bytes_compared = arr.nbytes
+                same = _same_bytes(arr, shared)
+            else:
+                self.bytes_compared = sum(n for _, n in runs)
+                a, b = arr.ctypes.data, shared.array.ctypes.data
+                same = all(_parallel_equal(a + off, b + off, n) for off, n in runs)
+            tracker.stale = not same  # its record is consumed: never trusted again
+            return same
 
     def owns(self, shared: Shared) -> bool:
         with self._lock:
-            return any(s is shared for _, s in self._entries.values())
+            return any(s is shared for _, s, _ in self._entries.values())
 
-    def _drop(self, key: int) -> None:
+    def _drop(self, key: int, shared: Shared | None = None) -> None:
+        """Drop ``key``'s entry (only if it still holds ``shared``, when given)."""
         with self._lock:
-            entry = self._entries.pop(key, None)
-        if entry is not None:
-            entry[1].close()
+            entry = self._entries.get(key)
+            if entry is None or (shared is not None and entry[1] is not shared):
+                return
+            del self._entries[key]
+        if entry[2] is not None:
+            entry[2].close()
+        entry[1].close()
 
     def clear(self) -> None:
         for key in list(self._entries):
             self._drop(key)
+
+
+def _same_layout(arr: np.ndarray, shared: Shared) -> bool:
+    """Whether byte i of ``arr`` is byte i of its copy (both C or both F contiguous)."""
+    view = shared.array
+    if arr.shape != view.shape or arr.dtype != view.dtype:
+        return False
+    c = arr.flags.c_contiguous and view.flags.c_contiguous
+    return bool(c or (arr.flags.f_contiguous and view.flags.f_contiguous))
 
 
 def _same_bytes(arr: np.ndarray, shared: Shared) -> bool:
