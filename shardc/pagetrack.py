@@ -49,6 +49,7 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -118,6 +119,30 @@ class Tracker:
             and arr.nbytes == self.nbytes
             and (arr.flags.c_contiguous or arr.flags.f_contiguous)
         )
+
+    def check(
+        self, arr: np.ndarray, copy: np.ndarray, equal: Callable[[int, int, int], bool], equal_all: Callable[[], bool]
+    ) -> tuple[bool, int] | None:
+        """``(same, bytes compared)``: whether ``arr`` still holds ``copy``'s bytes, comparing
+        (``equal(a, b, n)``) only what the kernel does not vouch for, or all of it
+        (``equal_all()``) when the look fails; None if this tracker does not apply
+        (another array or layout, another process): the caller compares everything."""
+        if not self.matches(arr) or arr.shape != copy.shape or arr.dtype != copy.dtype:
+            return None
+        c = arr.flags.c_contiguous and copy.flags.c_contiguous
+        if not (c or (arr.flags.f_contiguous and copy.flags.f_contiguous)):
+            return None  # byte i of arr is not byte i of the copy
+        with self.lock:  # a look consumes the kernel's record: one check at a time, compare included
+            if self.stale:
+                return False, 0
+            runs = self.unsure()
+            if runs is None:
+                same, n = equal_all(), arr.nbytes
+            else:
+                a, b = arr.ctypes.data, copy.ctypes.data
+                same, n = all(equal(a + off, b + off, k) for off, k in runs), sum(k for _, k in runs)
+            self.stale = not same  # its record is consumed: never trusted again
+            return same, n
 
     def unsure(self) -> list[tuple[int, int]] | None:
         """Byte ranges ``(offset, length)`` of the array the kernel does not vouch for

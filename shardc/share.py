@@ -438,13 +438,32 @@ class ShareCache:
         key = id(arr)
         with self._lock:
             entry = self._entries.get(key)
+        changed = False  # the array changed since its copy: its next copy is not tracked
         if entry is not None:
             wr, shared, tracker = entry
-            if wr() is arr and not shared.closed and self._same(arr, shared, tracker):
-                return shared, "cached", time.perf_counter() - t0
+            if wr() is arr and not shared.closed:
+                if tracker is None:
+                    # Untracked (it changed before, or could not be tracked): arm now,
+                    # BEFORE comparing, so a write after the compare shows next time.
+                    tracker = track(arr)
+                    if self._same(arr, shared, None):
+                        with self._lock:
+                            if tracker is not None and self._entries.get(key) is entry:
+                                self._entries[key] = (wr, shared, tracker)
+                                tracker = None
+                        if tracker is not None:
+                            tracker.close()
+                        return shared, "cached", time.perf_counter() - t0
+                    if tracker is not None:
+                        tracker.close()
+                elif self._same(arr, shared, tracker):
+                    return shared, "cached", time.perf_counter() - t0
+                changed = True
             self._drop(key, shared)
-        # Armed before the copy: a write while it is copied shows at the next check.
-        tracker = track(arr)
+        # An array that changes between calls is compared (a memcmp stops at the first
+        # difference) rather than tracked (its writes would each take a fault); a new one
+        # is armed BEFORE the copy: a write while it is copied shows at the next check.
+        tracker = None if changed else track(arr)
         try:
             shared = _copy_array(arr, backing)
         except BaseException:
@@ -462,22 +481,11 @@ class ShareCache:
         return shared, "copied", time.perf_counter() - t0
 
     def _same(self, arr: np.ndarray, shared: Shared, tracker: Tracker | None) -> bool:
-        if tracker is None or not tracker.matches(arr) or not _same_layout(arr, shared):
-            self.bytes_compared = arr.nbytes
-            return _same_bytes(arr, shared)
-        with tracker.lock:  # a look consumes the kernel's record: one check at a time
-            if tracker.stale:
-                return False
-            runs = tracker.unsure()
-            if runs is None:
-                self.bytes_compared = arr.nbytes
-                same = _same_bytes(arr, shared)
-            else:
-                self.bytes_compared = sum(n for _, n in runs)
-                a, b = arr.ctypes.data, shared.array.ctypes.data
-                same = all(_parallel_equal(a + off, b + off, n) for off, n in runs)
-            tracker.stale = not same  # its record is consumed: never trusted again
-            return same
+        """Whether ``arr`` still holds its copy's bytes (the kernel's record where tracked)."""
+        eq_all = lambda: _same_bytes(arr, shared)  # noqa: E731
+        got = None if tracker is None else tracker.check(arr, shared.array, _parallel_equal, eq_all)
+        same, self.bytes_compared = got if got is not None else (eq_all(), arr.nbytes)
+        return same
 
     def owns(self, shared: Shared) -> bool:
         with self._lock:
@@ -497,15 +505,6 @@ class ShareCache:
     def clear(self) -> None:
         for key in list(self._entries):
             self._drop(key)
-
-
-def _same_layout(arr: np.ndarray, shared: Shared) -> bool:
-    """Whether byte i of ``arr`` is byte i of its copy (both C or both F contiguous)."""
-    view = shared.array
-    if arr.shape != view.shape or arr.dtype != view.dtype:
-        return False
-    c = arr.flags.c_contiguous and view.flags.c_contiguous
-    return bool(c or (arr.flags.f_contiguous and view.flags.f_contiguous))
 
 
 def _same_bytes(arr: np.ndarray, shared: Shared) -> bool:

@@ -330,6 +330,26 @@ def test_a_write_of_the_same_bytes_keeps_the_copy(tracked: None) -> None:
     assert (s2, how) == (s1, "cached") and 0 < default_cache.bytes_compared <= PAGE_BYTES
 
 
+def test_an_array_that_changes_is_compared_until_it_stays_the_same(tracked: None) -> None:
+    """After a change the new copy is not tracked (an array rewritten every call would take a fault per page): the
+    next check compares it whole, finds it unchanged and arms it; from then on 0 bytes, and a later write is seen."""
+    x = _fresh()
+    default_cache.get(x, "auto")
+    x[3] += 1.0
+    s1, how, _ = default_cache.get(x, "auto")
+    assert how == "copied"
+    s2, how, _ = default_cache.get(x, "auto")
+    assert (s2, how, default_cache.bytes_compared) == (s1, "cached", x.nbytes)
+    s3, how, _ = default_cache.get(x, "auto")
+    assert (s3, how, default_cache.bytes_compared) == (s1, "cached", 0)
+    x[-3] += 1.0
+    s4, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and np.array_equal(s4.array, x) and default_cache.bytes_compared <= PAGE_BYTES
+    x[0] += 1.0  # changed again while untracked: the whole compare sees it
+    s5, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and np.array_equal(s5.array, x)
+
+
 def test_kernel_writes_into_a_tracked_array_are_seen(tracked: None) -> None:
     """read() from a pipe and a write through /proc/self/mem change the array without a store of ours: both seen."""
     x = _fresh()
