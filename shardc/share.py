@@ -427,6 +427,9 @@ class ShareCache:
         self._entries: dict[int, tuple[weakref.ref, Shared, Tracker | None]] = {}
         # Reentrant: a weakref callback (-> _drop) can run inside a locked section.
         self._lock = threading.RLock()
+        # One check-or-copy at a time: two threads checking one array would otherwise
+        # race on its entry (and a look at a tracker consumes the kernel's record).
+        self._get_lock = threading.Lock()
         self.bytes_compared = 0  # by the last check (diagnostics and tests)
 
     def get(self, arr: np.ndarray, backing: str) -> tuple[Shared, str, float]:
@@ -435,6 +438,11 @@ class ShareCache:
         ref = _by_reference(arr)
         if ref is not None:
             return ref, "reference", time.perf_counter() - t0
+        with self._get_lock:
+            shared, how = self._get(arr, backing)
+        return shared, how, time.perf_counter() - t0
+
+    def _get(self, arr: np.ndarray, backing: str) -> tuple[Shared, str]:
         key = id(arr)
         with self._lock:
             entry = self._entries.get(key)
@@ -443,21 +451,17 @@ class ShareCache:
             wr, shared, tracker = entry
             if wr() is arr and not shared.closed:
                 if tracker is None:
-                    # Untracked (it changed before, or could not be tracked): arm now,
-                    # BEFORE comparing, so a write after the compare shows next time.
+                    # Untracked (it changed before, or could not be tracked): armed BEFORE
+                    # the compare, so a write after it shows at the next check.
                     tracker = track(arr)
                     if self._same(arr, shared, None):
-                        with self._lock:
-                            if tracker is not None and self._entries.get(key) is entry:
-                                self._entries[key] = (wr, shared, tracker)
-                                tracker = None
-                        if tracker is not None:
-                            tracker.close()
-                        return shared, "cached", time.perf_counter() - t0
+                        with self._lock:  # (the get lock: nobody else replaced the entry)
+                            self._entries[key] = (wr, shared, tracker)
+                        return shared, "cached"
                     if tracker is not None:
                         tracker.close()
                 elif self._same(arr, shared, tracker):
-                    return shared, "cached", time.perf_counter() - t0
+                    return shared, "cached"
                 changed = True
             self._drop(key, shared)
         # An array that changes between calls is compared (a memcmp stops at the first
@@ -475,10 +479,10 @@ class ShareCache:
         except TypeError:
             if tracker is not None:
                 tracker.close()
-            return shared, "copied", time.perf_counter() - t0
+            return shared, "copied"
         with self._lock:
             self._entries[key] = (wr, shared, tracker)
-        return shared, "copied", time.perf_counter() - t0
+        return shared, "copied"
 
     def _same(self, arr: np.ndarray, shared: Shared, tracker: Tracker | None) -> bool:
         """Whether ``arr`` still holds its copy's bytes (the kernel's record where tracked)."""

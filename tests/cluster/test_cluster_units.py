@@ -350,6 +350,45 @@ def test_an_array_that_changes_is_compared_until_it_stays_the_same(tracked: None
     assert how == "copied" and np.array_equal(s5.array, x)
 
 
+def test_threads_checking_a_changed_array_at_once_both_see_the_change(tracked: None) -> None:
+    """A look consumes the kernel's record: a second thread checking the same changed array meanwhile must not take
+    the now-clean record as proof (each gets a copy holding the new bytes)."""
+    import threading
+
+    x = _fresh()
+    for _ in range(20):
+        default_cache.get(x, "auto")
+        x[12345] += 1.0
+        got: list[np.ndarray] = []
+        barrier = threading.Barrier(2)
+
+        def check(barrier: threading.Barrier = barrier, got: list[np.ndarray] = got) -> None:
+            barrier.wait()
+            got.append(np.array(default_cache.get(x, "auto")[0].array))
+
+        ts = [threading.Thread(target=check) for _ in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert len(got) == 2 and all(np.array_equal(g, x) for g in got)
+
+
+def test_a_transparent_huge_page_written_once_is_compared_as_one_small_page(tracked: None) -> None:
+    """A 64 MiB array on transparent huge pages (NumPy advises them): one byte written splits the mapping, and
+    only that 4 KiB page is compared; the change is seen."""
+    x = np.random.default_rng(5).random(8 << 20)
+    with open("/proc/self/smaps_rollup") as f:
+        huge = [int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")]
+    if not huge or huge[0] == 0:
+        pytest.skip("no transparent huge pages here")
+    default_cache.get(x, "auto")
+    assert default_cache.get(x, "auto")[1] == "cached" and default_cache.bytes_compared <= 2 * PAGE_BYTES
+    x[(4 << 20) + 17] = -1.0
+    s, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and s.array[(4 << 20) + 17] == -1.0 and default_cache.bytes_compared <= 3 * PAGE_BYTES
+
+
 def test_kernel_writes_into_a_tracked_array_are_seen(tracked: None) -> None:
     """read() from a pipe and a write through /proc/self/mem change the array without a store of ours: both seen."""
     x = _fresh()
