@@ -202,3 +202,9 @@ def track(arr: np.ndarray) -> Tracker | None:
         t = Tracker(addr, arr.nbytes, lo, hi, os.getpid())
         _live[id(t)] = (lo, hi)
         return t
+
+
+def release(tracker: Tracker | None) -> None:
+    """Stop ``tracker`` (None: nothing to do)."""
+    if tracker is not None:
+        tracker.close()

@@ -38,7 +38,7 @@ import numpy as np
 from . import _lowlevel as ll
 from .buffer import Buffer, array_protocol
 from .errors import ClosedError, InvalidArgumentError, InvalidTypeError
-from .pagetrack import Tracker, track
+from .pagetrack import Tracker, release, track
 from .segment import Segment, find_address
 from .sysinfo import HAS_PROCFS
 
@@ -424,7 +424,8 @@ class ShareCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, Shared, Tracker | None]] = {}
+        self._entries: dict[int, tuple[weakref.ref, Shared]] = {}
+        self._trackers: dict[int, Tracker] = {}  # key -> the kernel's write tracking of its array
         # Reentrant: a weakref callback (-> _drop) can run inside a locked section.
         self._lock = threading.RLock()
         # One check-or-copy at a time: two threads checking one array would otherwise
@@ -446,20 +447,21 @@ class ShareCache:
         key = id(arr)
         with self._lock:
             entry = self._entries.get(key)
+            tracker = self._trackers.get(key)
         changed = False  # the array changed since its copy: its next copy is not tracked
         if entry is not None:
-            wr, shared, tracker = entry
+            wr, shared = entry
             if wr() is arr and not shared.closed:
                 if tracker is None:
                     # Untracked (it changed before, or could not be tracked): armed BEFORE
                     # the compare, so a write after it shows at the next check.
                     tracker = track(arr)
                     if self._same(arr, shared, None):
-                        with self._lock:  # (the get lock: nobody else replaced the entry)
-                            self._entries[key] = (wr, shared, tracker)
+                        if tracker is not None:
+                            with self._lock:  # (the get lock: nobody else replaced the entry)
+                                self._trackers[key] = tracker
                         return shared, "cached"
-                    if tracker is not None:
-                        tracker.close()
+                    release(tracker)
                 elif self._same(arr, shared, tracker):
                     return shared, "cached"
                 changed = True
@@ -471,17 +473,17 @@ class ShareCache:
         try:
             shared = _copy_array(arr, backing)
         except BaseException:
-            if tracker is not None:
-                tracker.close()
+            release(tracker)
             raise
         try:
             wr = weakref.ref(arr, lambda _r: self._drop(key))
         except TypeError:
-            if tracker is not None:
-                tracker.close()
+            release(tracker)
             return shared, "copied"
         with self._lock:
-            self._entries[key] = (wr, shared, tracker)
+            self._entries[key] = (wr, shared)
+            if tracker is not None:
+                self._trackers[key] = tracker
         return shared, "copied"
 
     def _same(self, arr: np.ndarray, shared: Shared, tracker: Tracker | None) -> bool:
@@ -493,7 +495,7 @@ class ShareCache:
 
     def owns(self, shared: Shared) -> bool:
         with self._lock:
-            return any(s is shared for _, s, _ in self._entries.values())
+            return any(s is shared for _, s in self._entries.values())
 
     def _drop(self, key: int, shared: Shared | None = None) -> None:
         """Drop ``key``'s entry (only if it still holds ``shared``, when given)."""
@@ -502,8 +504,8 @@ class ShareCache:
             if entry is None or (shared is not None and entry[1] is not shared):
                 return
             del self._entries[key]
-        if entry[2] is not None:
-            entry[2].close()
+            tracker = self._trackers.pop(key, None)
+        release(tracker)
         entry[1].close()
 
     def clear(self) -> None:
