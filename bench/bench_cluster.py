@@ -48,10 +48,12 @@ used here); the tiny items do the same Python work in every batched form (a
 list of ``tiny_item(i)`` per batch of 250k).  What is not timed: the peers'
 scatter/``ray.put`` of the matrix, and for shardc the first call (agent start
 + the node transfer, reported on its own line); shardc's repeated calls with
-a plain array still check it (one ``memcmp`` of 1 GiB against the sealed copy,
-which is what guarantees nothing stale is served), so the strictly equal form
-is a ``shardc.share(X)`` handle made once and not timed, reported alongside
-(``*_share_handle``).  Ratios are named ``A_vs_B`` = speed of A / speed of B
+a plain array still check it against the sealed copy (what guarantees nothing
+stale is served): where the kernel tracks writes (``shardc.pagetrack``) only
+the pages it cannot vouch for are compared, else one ``memcmp`` of 1 GiB;
+``*.check`` is that check's time and bytes, beside a full ``memcmp``.  The
+strictly equal form of ``ray.put`` is a ``shardc.share(X)`` handle made once
+and not timed, reported alongside (``*_share_handle``).  Ratios are named ``A_vs_B`` = speed of A / speed of B
 (> 1: A faster); the per-item, batched and cross-form ratios are kept apart.
 
 Does not measure: real networks (loopback only), more than one machine's
@@ -130,6 +132,20 @@ def colstats(shard: Any, X: np.ndarray, mean: Any, var: Any) -> None:
 def block_stats(X: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
     blk = X[:, j * BLOCK : (j + 1) * BLOCK]
     return blk.mean(axis=0), blk.var(axis=0)
+
+
+def emit_check(prefix: str, X: np.ndarray) -> None:
+    """The plain array's per-call check (share cache: kernel write tracking where
+    available, else memcmp), against a full memcmp of the array."""
+    from shardc import pagetrack
+    from shardc.share import _same_bytes, default_cache
+
+    t, _ = median_time(lambda: default_cache.get(X, "auto"), 5)
+    emit(f"{prefix}.check", t, "s")
+    emit(f"{prefix}.check.bytes_compared", default_cache.bytes_compared, "B")
+    shared = default_cache.get(X, "auto")[0]
+    emit(f"{prefix}.check_full_memcmp", median_time(lambda: _same_bytes(X, shared), 5)[0], "s")
+    emit(f"{prefix}.write_tracking", 0 if pagetrack.unavailable() else 1, "on")
 
 
 def steady_rate(res: shardc.ShardResult) -> tuple[float, float]:
@@ -289,7 +305,7 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
     assert np.array_equal(mean.array, ref[0]) and np.array_equal(var.array, ref[1])
     # The peers' input is put/scattered once and not timed; shardc's like-for-like form
     # is a sealed shardc.share(X) handle, made once and not timed either: a repeated call
-    # then neither sends nor checks the 1 GiB (a plain array is checked, one memcmp a call).
+    # then neither sends nor checks the 1 GiB (a plain array is checked each call: emit_check).
     Xs = shardc.share(X)
 
     def on_cluster_shared() -> shardc.ShardResult:
@@ -330,6 +346,7 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
     emit("colstats.cluster1.bytes_inputs_per_node", c["bytes_inputs_per_node"], "B")
     emit("colstats.cluster1.bytes_copied_on_nodes", sum(n["bytes_inputs"] for n in c["nodes"].values()), "B")
     emit("colstats.content_hash", t_hash, "s")
+    emit_check("colstats.plain_array", X)
     emit("colstats.cluster1_vs_local", rd.vs("cluster", "local"), "x")
     busy = sum(m["seconds"] for m in c["macros"])
     emit("colstats.cluster1_in_macros", busy, "s")
@@ -486,6 +503,7 @@ def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
             "B",
         )
         emit("ray.colstats.ray_put", t_put, "s")
+        emit_check("ray.colstats.plain_array", X)
         emit("ray.colstats.ray_task_per_block", rd.t("ray_task"), "s")
         emit("ray.colstats.ray_batched_tasks", rd.t("ray_batched"), "s")
         emit("ray.colstats.shardc_vs_ray_task_per_block", rd.vs("shardc", "ray_task"), "x")

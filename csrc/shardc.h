@@ -16,5 +16,6 @@
 #include "kern_stats.h"
 #include "legacy.h"
 #include "seedseq.h"
+#include "wtrack.h"
 
 #endif /* SHARDC_H */

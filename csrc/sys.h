@@ -126,6 +126,15 @@ static inline int shardc__memfd_create(const char *name, unsigned int flags)
     return (int)SHARDC__RETRY(syscall(SYS_memfd_create, name, flags));
 }
 #endif
+#if defined(SYS_userfaultfd)
+#define SHARDC__HAVE_USERFAULTFD 1
+/* userfaultfd(2) through syscall(): glibc has no wrapper.  Returns the fd
+ * or -errno (csrc/wtrack.c: write tracking). */
+static inline int shardc__userfaultfd(int flags)
+{
+    return (int)SHARDC__RETRY(syscall(SYS_userfaultfd, flags));
+}
+#endif
 #endif
 
 #if defined(SHARDC__WAIT_FUTEX)

@@ -10,8 +10,10 @@ Three paths, cheapest first:
    is then *sealed* (memfd: the kernel refuses writable shared mappings from
    then on), keeping its memory order (C, or F for Fortran arrays; other
    layouts are made C-contiguous).  ``shard_map`` caches that copy per array
-   while the caller keeps the array alive, and before reusing it checks with
-   one ``memcmp`` that the caller did not change the array in between.
+   while the caller keeps the array alive, and before reusing it checks that
+   the caller did not change the array in between: one ``memcmp``, or, where
+   the kernel tracks writes to the array's pages (:mod:`shardc.pagetrack`),
+   a compare of only the pages it does not vouch for.
 3. **Pickle protocol 5.**  Anything else (dicts of arrays, DataFrames, ...)
    is pickled with out-of-band buffers; every buffer of at least 64 KiB goes
    into a segment, so the big parts of the object are zero-copy in workers.
@@ -36,6 +38,7 @@ import numpy as np
 from . import _lowlevel as ll
 from .buffer import Buffer, array_protocol
 from .errors import ClosedError, InvalidArgumentError, InvalidTypeError
+from .pagetrack import Tracker, release, track
 from .segment import Segment, find_address
 from .sysinfo import HAS_PROCFS
 
@@ -413,14 +416,22 @@ def share(obj: Any, backing: str = "auto") -> Shared:
 class ShareCache:
     """Per-array cache of copies made for ``borrow=`` (while the array lives).
 
-    A cached copy is reused only after a ``memcmp`` shows the caller's array
-    still holds the same bytes, so mutating an array between calls is safe.
+    A cached copy is reused only after a check shows the caller's array still
+    holds the same bytes, so mutating an array between calls is safe.  The
+    check compares the bytes (one parallel ``memcmp``), or, where the kernel
+    tracks writes to the array's pages (:mod:`shardc.pagetrack`), only the
+    pages it does not vouch for.
     """
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, Shared]] = {}
+        self._trackers: dict[int, Tracker] = {}  # key -> the kernel's write tracking of its array
         # Reentrant: a weakref callback (-> _drop) can run inside a locked section.
         self._lock = threading.RLock()
+        # One check-or-copy at a time: two threads checking one array would otherwise
+        # race on its entry (and a look at a tracker consumes the kernel's record).
+        self._get_lock = threading.Lock()
+        self.bytes_compared = 0  # by the last check (diagnostics and tests)
 
     def get(self, arr: np.ndarray, backing: str) -> tuple[Shared, str, float]:
         """Return ``(shared, how, seconds)``; how is reference/cached/copied."""
@@ -428,32 +439,74 @@ class ShareCache:
         ref = _by_reference(arr)
         if ref is not None:
             return ref, "reference", time.perf_counter() - t0
+        with self._get_lock:
+            shared, how = self._get(arr, backing)
+        return shared, how, time.perf_counter() - t0
+
+    def _get(self, arr: np.ndarray, backing: str) -> tuple[Shared, str]:
         key = id(arr)
         with self._lock:
             entry = self._entries.get(key)
+            tracker = self._trackers.get(key)
+        changed = False  # the array changed since its copy: its next copy is not tracked
         if entry is not None:
             wr, shared = entry
-            if wr() is arr and not shared.closed and _same_bytes(arr, shared):
-                return shared, "cached", time.perf_counter() - t0
-            self._drop(key)
-        shared = _copy_array(arr, backing)
+            if wr() is arr and not shared.closed:
+                if tracker is None:
+                    # Untracked (it changed before, or could not be tracked): armed BEFORE
+                    # the compare, so a write after it shows at the next check.
+                    tracker = track(arr)
+                    if self._same(arr, shared, None):
+                        if tracker is not None:
+                            with self._lock:  # (the get lock: nobody else replaced the entry)
+                                self._trackers[key] = tracker
+                        return shared, "cached"
+                    release(tracker)
+                elif self._same(arr, shared, tracker):
+                    return shared, "cached"
+                changed = True
+            self._drop(key, shared)
+        # An array that changes between calls is compared (a memcmp stops at the first
+        # difference) rather than tracked (its writes would each take a fault); a new one
+        # is armed BEFORE the copy: a write while it is copied shows at the next check.
+        tracker = None if changed else track(arr)
+        try:
+            shared = _copy_array(arr, backing)
+        except BaseException:
+            release(tracker)
+            raise
         try:
             wr = weakref.ref(arr, lambda _r: self._drop(key))
         except TypeError:
-            return shared, "copied", time.perf_counter() - t0
+            release(tracker)
+            return shared, "copied"
         with self._lock:
             self._entries[key] = (wr, shared)
-        return shared, "copied", time.perf_counter() - t0
+            if tracker is not None:
+                self._trackers[key] = tracker
+        return shared, "copied"
+
+    def _same(self, arr: np.ndarray, shared: Shared, tracker: Tracker | None) -> bool:
+        """Whether ``arr`` still holds its copy's bytes (the kernel's record where tracked)."""
+        eq_all = lambda: _same_bytes(arr, shared)  # noqa: E731
+        got = None if tracker is None else tracker.check(arr, shared.array, _parallel_equal, eq_all)
+        same, self.bytes_compared = got if got is not None else (eq_all(), arr.nbytes)
+        return same
 
     def owns(self, shared: Shared) -> bool:
         with self._lock:
             return any(s is shared for _, s in self._entries.values())
 
-    def _drop(self, key: int) -> None:
+    def _drop(self, key: int, shared: Shared | None = None) -> None:
+        """Drop ``key``'s entry (only if it still holds ``shared``, when given)."""
         with self._lock:
-            entry = self._entries.pop(key, None)
-        if entry is not None:
-            entry[1].close()
+            entry = self._entries.get(key)
+            if entry is None or (shared is not None and entry[1] is not shared):
+                return
+            del self._entries[key]
+            tracker = self._trackers.pop(key, None)
+        release(tracker)
+        entry[1].close()
 
     def clear(self) -> None:
         for key in list(self._entries):

@@ -165,3 +165,4 @@ from .status import (  # noqa: F401
     status_writer,
     status_writer_set_done,
 )
+from .wtrack import WT_MAX_RUNS, wt_arm, wt_disarm, wt_open, wt_take  # noqa: F401

@@ -249,6 +249,34 @@ def test_a_changed_input_is_sent_again_never_served_stale(client: Any) -> None:
     assert r2.diagnostics.cluster["bytes_inputs_per_node"] == 0 and r2.results == local.results
 
 
+@pytest.mark.parametrize("where", ["first page", "last page", "middle byte"])
+def test_a_write_tracked_input_changed_in_one_byte_is_sent_again(
+    client: Any, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the kernel tracking writes to the array (shardc.pagetrack), one byte flipped in the first page, the last page
+    or the middle between calls: only the written page is compared, the new bytes are sent, the results are a local run's."""
+    from shardc import pagetrack
+    from shardc.share import default_cache
+
+    if pagetrack.unavailable() is not None:
+        pytest.skip(f"no kernel write tracking here: {pagetrack.unavailable()}")
+    monkeypatch.setattr(pagetrack, "TRACK_MIN_BYTES", 1 << 20)
+    x = np.arange(300_000, dtype=np.float64)
+    _sum_call(client, x)
+    r1, _ = _sum_call(client, x)
+    assert r1.diagnostics.cluster["bytes_inputs_per_node"] == 0 and default_cache.bytes_compared <= 2 * 4096
+    pos = {"first page": 1, "last page": x.nbytes - 2, "middle byte": x.nbytes // 2 + 5}[where]
+    x.view(np.uint8)[pos] ^= 0x10
+    res, o = _sum_call(client, x)
+    assert res.diagnostics.cluster["bytes_inputs_per_node"] == x.nbytes and default_cache.bytes_compared <= 3 * 4096
+    with shardc.buffer("f8", x.size) as lo:
+        local = shardc.shard_map(
+            shardc.shards(x.size, block_size=2000), _colsum, borrow={"x": x}, out={"o": lo}, workers=1
+        )
+        assert res.results == local.results and np.array_equal(o, lo.array) and np.array_equal(o, x * 2)
+    default_cache.clear()
+
+
 def test_inputs_beyond_the_cache_budget_are_dropped_and_sent_again(client: Any) -> None:
     """input_cache_bytes=0 keeps only the last call's inputs: A, B, then A again sends A's bytes again."""
     a, b = np.full(50_000, 1.0), np.full(50_000, 2.0)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +21,7 @@ from shardc.cluster.base import MacroPlanner
 from shardc.cluster.outs import PAGE, OutMerger, rollback, take_diff
 from shardc.cluster.window import WindowDescriptor
 from shardc.errors import ClusterError, InvalidArgumentError
+from shardc.share import default_cache
 
 
 @pytest.mark.parametrize(
@@ -259,3 +266,210 @@ def test_windows_of_tiny_seeded_shards_equal_a_local_run() -> None:
             shardc.shard_map(WindowDescriptor(d, lo, hi), _seeded_tiny, out={"o": got}, workers=2, **opts)
         assert np.array_equal(ref.array, got.array)
         assert got.array[-1] // 1000 == n - 1
+
+
+# --- the share cache's check with kernel write tracking (shardc.pagetrack) -----------------------------------------
+
+PAGE_BYTES = mmap.PAGESIZE
+
+
+@pytest.fixture
+def tracked(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Write tracking on for arrays of >= 1 MiB (16 MiB by default); skipped where the kernel cannot track."""
+    from shardc import pagetrack
+
+    why = pagetrack.unavailable()
+    if why is not None:
+        pytest.skip(f"no kernel write tracking here: {why}")
+    monkeypatch.setattr(pagetrack, "TRACK_MIN_BYTES", 1 << 20)
+    yield
+    default_cache.clear()
+
+
+def _fresh(n: int = 1 << 19) -> np.ndarray:
+    """n random float64 (4 MiB) on pages of their own (no neighbour's write shows on an edge page)."""
+    raw = np.empty(n * 8 + PAGE_BYTES, np.uint8)
+    off = -raw.ctypes.data % PAGE_BYTES
+    x = raw[off : off + n * 8].view(np.float64)
+    x[:] = np.random.default_rng(n).random(n)
+    return x
+
+
+def _byte_at(x: np.ndarray, where: str) -> int:
+    return {"first page": 0, "last page": x.nbytes - 1, "middle byte": x.nbytes // 2 + 3}[where]
+
+
+@pytest.mark.parametrize("where", ["first page", "last page", "middle byte"])
+def test_a_tracked_array_changed_in_one_byte_is_never_served_stale(tracked: None, where: str) -> None:
+    """One byte flipped in the first page, the last page or the middle: the check sees it, the new copy holds it, and
+    a local run over the array computes from the new bytes; an unchanged array is vouched for with 0 bytes compared."""
+    x = _fresh()
+    s1, how, _ = default_cache.get(x, "auto")
+    assert how == "copied"
+    s2, how, _ = default_cache.get(x, "auto")
+    assert (s2, how, default_cache.bytes_compared) == (s1, "cached", 0)  # the kernel vouched for every page
+    x.view(np.uint8)[_byte_at(x, where)] ^= 0x40
+    s3, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and s3 is not s1 and np.array_equal(s3.array, x)
+    assert default_cache.bytes_compared <= PAGE_BYTES  # only the written page was compared
+    with shardc.buffer("f8", 8) as o:
+        shardc.shard_map(shardc.shards(8, block_size=1), _block_sum, borrow={"x": x}, out={"o": o}, workers=2)
+        assert np.array_equal(o.array, x.reshape(8, -1).sum(axis=1))
+
+
+def _block_sum(shard: Any, x: np.ndarray, o: np.ndarray) -> None:
+    o[shard.id] = x.reshape(8, -1)[shard.id].sum()
+
+
+def test_a_write_of_the_same_bytes_keeps_the_copy(tracked: None) -> None:
+    """A page written with the bytes it held is compared (one page) and the copy is kept."""
+    x = _fresh()
+    s1, _, _ = default_cache.get(x, "auto")
+    x[1000] = x[1000]
+    s2, how, _ = default_cache.get(x, "auto")
+    assert (s2, how) == (s1, "cached") and 0 < default_cache.bytes_compared <= PAGE_BYTES
+
+
+def test_an_array_that_changes_is_compared_until_it_stays_the_same(tracked: None) -> None:
+    """After a change the new copy is not tracked (an array rewritten every call would take a fault per page): the
+    next check compares it whole, finds it unchanged and arms it; from then on 0 bytes, and a later write is seen."""
+    x = _fresh()
+    default_cache.get(x, "auto")
+    x[3] += 1.0
+    s1, how, _ = default_cache.get(x, "auto")
+    assert how == "copied"
+    s2, how, _ = default_cache.get(x, "auto")
+    assert (s2, how, default_cache.bytes_compared) == (s1, "cached", x.nbytes)
+    s3, how, _ = default_cache.get(x, "auto")
+    assert (s3, how, default_cache.bytes_compared) == (s1, "cached", 0)
+    x[-3] += 1.0
+    s4, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and np.array_equal(s4.array, x) and default_cache.bytes_compared <= PAGE_BYTES
+    x[0] += 1.0  # changed again while untracked: the whole compare sees it
+    s5, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and np.array_equal(s5.array, x)
+
+
+def test_threads_checking_a_changed_array_at_once_both_see_the_change(tracked: None) -> None:
+    """A look consumes the kernel's record: a second thread checking the same changed array meanwhile must not take
+    the now-clean record as proof (each gets a copy holding the new bytes)."""
+    import threading
+
+    x = _fresh()
+    for _ in range(20):
+        default_cache.get(x, "auto")
+        x[12345] += 1.0
+        got: list[np.ndarray] = []
+        barrier = threading.Barrier(2)
+
+        def check(barrier: threading.Barrier = barrier, got: list[np.ndarray] = got) -> None:
+            barrier.wait()
+            got.append(np.array(default_cache.get(x, "auto")[0].array))
+
+        ts = [threading.Thread(target=check) for _ in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert len(got) == 2 and all(np.array_equal(g, x) for g in got)
+
+
+def test_a_transparent_huge_page_written_once_is_compared_as_one_small_page(tracked: None) -> None:
+    """A 64 MiB array on transparent huge pages (NumPy advises them): one byte written splits the mapping, and
+    only that 4 KiB page is compared; the change is seen."""
+    x = np.random.default_rng(5).random(8 << 20)
+    with open("/proc/self/smaps_rollup") as f:
+        huge = [int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")]
+    if not huge or huge[0] == 0:
+        pytest.skip("no transparent huge pages here")
+    default_cache.get(x, "auto")
+    assert default_cache.get(x, "auto")[1] == "cached" and default_cache.bytes_compared <= 2 * PAGE_BYTES
+    x[(4 << 20) + 17] = -1.0
+    s, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and s.array[(4 << 20) + 17] == -1.0 and default_cache.bytes_compared <= 3 * PAGE_BYTES
+
+
+def test_kernel_writes_into_a_tracked_array_are_seen(tracked: None) -> None:
+    """read() from a pipe and a write through /proc/self/mem change the array without a store of ours: both seen."""
+    x = _fresh()
+    default_cache.get(x, "auto")
+    r, w = os.pipe()
+    os.write(w, b"\x01\x02\x03")
+    os.readv(r, [memoryview(x.view(np.uint8))[777_777:777_780]])
+    os.close(r)
+    os.close(w)
+    s, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and np.array_equal(s.array, x)
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(x.ctypes.data + 2_000_000)
+        mem.write(b"\xff")
+    assert x.view(np.uint8)[2_000_000] == 0xFF
+    s, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and np.array_equal(s.array, x)
+
+
+def test_pages_dropped_with_madvise_dontneed_are_never_vouched_for(tracked: None) -> None:
+    """MADV_DONTNEED zaps pages (they read back as zeros, no write happened): the check compares them and sees the change."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    x = _fresh()
+    default_cache.get(x, "auto")
+    page = (x.ctypes.data // PAGE_BYTES + 10) * PAGE_BYTES
+    assert libc.madvise(ctypes.c_void_p(page), ctypes.c_size_t(PAGE_BYTES), 4) == 0  # MADV_DONTNEED
+    assert not x.view(np.uint8)[page - x.ctypes.data : page - x.ctypes.data + PAGE_BYTES].any()
+    s, how, _ = default_cache.get(x, "auto")
+    assert how == "copied" and np.array_equal(s.array, x)
+
+
+def test_a_fork_childs_writes_are_its_own_and_it_does_not_inherit_tracking(tracked: None) -> None:
+    """A forked child writing the array changes only its copy: the parent keeps its copy, 0 bytes compared.  In the
+    child the inherited tracking is not used: it compares every byte (its uffd and pagemap watch the parent)."""
+    x = _fresh()
+    s1, _, _ = default_cache.get(x, "auto")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            _, how, _ = default_cache.get(x, "auto")
+            ok = how == "cached" and default_cache.bytes_compared == x.nbytes
+            x[5] = -1.0
+            s, how2, _ = default_cache.get(x, "auto")
+            ok = ok and how2 == "copied" and s.array[5] == -1.0
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+    s2, how, _ = default_cache.get(x, "auto")
+    assert (s2, how, default_cache.bytes_compared) == (s1, "cached", 0) and x[5] != -1.0
+
+
+def test_overlapping_arrays_are_not_both_tracked(tracked: None) -> None:
+    """Two views sharing pages: the second is compared byte by byte (one look would hide writes from the other)."""
+    base = _fresh(1 << 20)
+    a, b = base[:600_000], base[500_000:]
+    default_cache.get(a, "auto")
+    default_cache.get(b, "auto")
+    base[550_000] = 7.0  # in both
+    for v in (a, b):
+        s, how, _ = default_cache.get(v, "auto")
+        assert how == "copied" and np.array_equal(s.array, v)
+    assert default_cache.bytes_compared == b.nbytes  # b untracked: compared whole
+
+
+def test_without_tracking_changes_are_still_caught_by_comparing(tmp_path: Path) -> None:
+    """SHARDC_PORTABLE=1 turns tracking off (as on macOS or an old kernel): the check compares every byte, still exact."""
+    code = (
+        "import numpy as np; from shardc import pagetrack; from shardc.share import default_cache as c\n"
+        "pagetrack.TRACK_MIN_BYTES = 1 << 20\n"
+        "x = np.random.default_rng(0).random(1 << 19); c.get(x, 'auto')\n"
+        "assert c.get(x, 'auto')[1] == 'cached' and c.bytes_compared == x.nbytes\n"
+        "x[-1] += 1; s, how, _ = c.get(x, 'auto'); assert how == 'copied' and np.array_equal(s.array, x)\n"
+        "print(pagetrack.unavailable())\n"
+    )
+    env = {**os.environ, "SHARDC_PORTABLE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "portable mode" in out.stdout
