@@ -127,3 +127,24 @@ def pool2():
         p = shardc.pool_create(2)
     drain(p)
     return p
+
+
+class RecordingChan:
+    """A worker's channel in unit tests: records what it sends (``send`` and the
+    pre-pickled ``send_bytes`` path, unpickled), and has nothing to receive."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, msg: Any, fds: Any = None) -> int:
+        self.sent.append(msg)
+        return 0
+
+    def send_bytes(self, payload: bytes, fds: Any = None) -> int:
+        import pickle
+
+        self.sent.append(pickle.loads(payload))  # noqa: S301 - our own worker's bytes
+        return 0
+
+    def poll_nonblocking(self) -> list[Any]:
+        return []

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _engine_helpers import RecordingChan
 
 import shardc
 from shardc import _lowlevel as ll
@@ -85,24 +86,6 @@ def test_a_long_shard_does_not_keep_the_shards_queued_behind_it() -> None:
     assert list(r.diagnostics.shard_attempts) == [1] * 10
 
 
-class _Chan:
-    """Records what a worker sends (both paths of send_results)."""
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def send(self, msg: Any, fds: Any = None) -> int:
-        self.sent.append(msg)
-        return 0
-
-    def send_bytes(self, payload: bytes, fds: Any = None) -> int:
-        self.sent.append(pickle.loads(payload))
-        return 0
-
-    def poll_nonblocking(self) -> list[Any]:
-        return []
-
-
 def _sleeps(shard: Any) -> int:
     time.sleep(2 * wrpc.COALESCE_S)
     return int(shard.id)
@@ -121,7 +104,7 @@ def test_worker_hands_back_what_is_queued_behind_a_long_chunk(long: bool, monkey
         c.fun, c.kwargs, c.desc = (_sleeps if long else _ident), {}, shardc.shards(8, block_size=1)
         c.entropy, c.seeded, c.diagnostics, c.donemap = 5, False, True, done
         ex.begin_call()
-        chan = _Chan()
+        chan = RecordingChan()
         w = Worker(0, chan, table, None)  # type: ignore[arg-type]
         w.ex = ex
         other = (("forget", ["k"]), [])

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _engine_helpers import no_stray_children, pool2  # noqa: F401 (fixtures)
+from _engine_helpers import RecordingChan, no_stray_children, pool2  # noqa: F401 (fixtures)
 
 import shardc
 from shardc.protocol import ERR, FRAME, OK, QDONE, QFAIL, RESULTS, RUN
@@ -190,17 +190,6 @@ def test_seeding_is_the_same_in_both_modes(harness):
     assert dict(got) == rpc and rpc[2] != rpc[3]
 
 
-class _Chan:
-    """Records what the queue loop sends."""
-
-    def __init__(self) -> None:
-        self.sent: list[Any] = []
-
-    def send(self, msg: Any, fds: Any = None) -> int:
-        self.sent.append(msg)
-        return 0
-
-
 def test_queue_loop_runs_ring_blocks_and_reports(harness):
     """run_queue_call: every block of a closed ring runs; QFAIL per failure, then QDONE with block timings, memory deltas of long blocks and the dropped-value count."""
     h = harness(lambda shard: fails_on_3(shard) or odd_value(shard))
@@ -208,7 +197,7 @@ def test_queue_loop_runs_ring_blocks_and_reports(harness):
     ring = TaskRing.create(capacity=16, max_consumers=1)
     ring.push(np.asarray([encode(0, 3), encode(3, 5)], dtype=np.uint64), timeout=0)
     ring.close()
-    chan = _Chan()
+    chan = RecordingChan()
     msg = {"call_id": 7, "nbytes": ring.nbytes, "claim_batch": 2}
     run_queue_call(0, chan, h.row, h.ex, msg, [os.dup(ring.fd), os.dup(h.done.segment.fd)])
     ring.release()
@@ -232,16 +221,11 @@ class _CountingExecutor(ShardExecutor):
         return super().run_ids(ids, out, careful)
 
 
-class _RpcChan(_Chan):
-    def poll_nonblocking(self) -> list:
-        return []
-
-
 @pytest.mark.parametrize("shards", ["short", "long"])
 def test_rpc_chunks_queued_behind_run_in_one_call_when_short(harness, shards):
     """Worker.run_chunks: RUN chunks already queued run in one executor call when shards are known to be short, one call each when long (and only within ~2 ms); one RESULTS, in order."""
     h = harness(odd_value if shards == "short" else sleeps, executor=_CountingExecutor)
-    chan = _RpcChan()
+    chan = RecordingChan()
     w = Worker(0, chan, h.table, None)
     w.ex = h.ex
     pending = deque(((RUN, 1, [i]), []) for i in range(1, 6))

@@ -152,15 +152,7 @@ class ForkServer:
         deadline = time.monotonic() + START_TIMEOUT
         try:
             while not self.ready:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ShardcOSError(errno.ETIMEDOUT, f"no answer within {START_TIMEOUT:g} s")
-                self.chan.sock.settimeout(left)
-                try:
-                    msg, _fds = self.chan.recv()
-                finally:
-                    self.chan.sock.settimeout(None)
-                self._note(msg)
+                self._note(self._recv_one(deadline, START_TIMEOUT))
         except (OSError, ChannelClosed) as exc:
             self._failed(exc)
         log.debug(
@@ -189,19 +181,23 @@ class ForkServer:
             return None
         return msg
 
+    def _recv_one(self, deadline: float, timeout: float) -> tuple:
+        """The next message, by ``deadline`` (a monotonic time, ``timeout`` s from the start)."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ShardcOSError(errno.ETIMEDOUT, f"no answer from the fork server within {timeout:g} s")
+        self.chan.sock.settimeout(left)
+        try:
+            msg, _fds = self.chan.recv()
+        finally:
+            self.chan.sock.settimeout(None)
+        return msg
+
     def _recv(self, timeout: float) -> tuple:
         """The next message that is not an exit report."""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ShardcOSError(errno.ETIMEDOUT, f"no answer from the fork server within {timeout:g} s")
-            self.chan.sock.settimeout(left)
-            try:
-                msg, _fds = self.chan.recv()
-            finally:
-                self.chan.sock.settimeout(None)
-            other = self._note(msg)
+            other = self._note(self._recv_one(deadline, timeout))
             if other is not None:
                 return other
 

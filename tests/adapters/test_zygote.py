@@ -103,6 +103,7 @@ def test_the_zygote_holds_no_end_of_a_worker_socket():
     with shardc.Pool(2) as pool:
         z = pool._server
         assert z is not None and z.zygote
+        z._await_ready()  # (its READY, sent once it closed them, is read at first use otherwise)
         ours = {f"socket:[{os.fstat(w.chan.sock.fileno()).st_ino}]" for w in pool.workers}
         assert not ours & fd_targets(z.pid)
         # ... and no served worker holds the zygote's control socket (the zygote sees EOF when we go)
