@@ -43,7 +43,6 @@ class ArgSharer:
 
     def __init__(self, max_nbytes: int) -> None:
         self.max_nbytes = max_nbytes
-        self._seen: dict[int, tuple[Any, Shared]] = {}  # id -> (weakref, shared): verified once
         # id -> (array, descriptor): arrays the workers inherited at fork (shardc.inherit), by reference
         self.inherited: dict[int, tuple[np.ndarray, dict[str, Any]]] = {}
 
@@ -66,14 +65,11 @@ class ArgSharer:
         )
 
     def share(self, arr: np.ndarray) -> Shared:
-        hit = self._seen.get(id(arr))
-        if hit is not None and hit[0]() is arr and not hit[1].closed:
-            return hit[1]
+        """``arr``'s sealed shared copy, from the share cache: reused only once
+        the cache proved ``arr`` unchanged since it was made (kernel write
+        tracking, or a compare), at every task that sends it: a task sees the
+        array as it was when the task was pickled, never an older copy."""
         sh, _how, _s = default_cache.get(arr, "auto")
-        try:
-            self._seen[id(arr)] = (weakref.ref(arr), sh)
-        except TypeError:
-            pass
         return sh
 
 
@@ -84,13 +80,17 @@ def _make_pickler(base: type) -> type:
             self.sharer = sharer
             self.segments: dict[str, Any] = {}
             self.shared: dict[int, dict[str, Any]] = {}
+            self.seen: dict[int, dict[str, Any]] = {}  # id(array) -> its reference, in this pickle
 
         def persistent_id(self, obj: Any) -> Any:
+            d = self.seen.get(id(obj))  # (the objects pickled live while this pickle is made)
+            if d is not None:
+                return ("shared", d)
             if not self.sharer.wants(obj):
                 return None
             d = self.sharer.inherited_desc(obj)
             if d is not None:
-                self.shared[id(obj)] = d
+                self.shared[id(obj)] = self.seen[id(obj)] = d
                 return ("shared", d)
             sh = self.sharer.share(obj)
             for s in sh.segments:
@@ -98,6 +98,7 @@ def _make_pickler(base: type) -> type:
             d = self.shared.get(id(sh))
             if d is None:
                 d = self.shared[id(sh)] = {**sh.descriptor(), "label": "task argument"}
+            self.seen[id(obj)] = d
             return ("shared", d)
 
     return _Sharing

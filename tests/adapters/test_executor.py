@@ -390,3 +390,21 @@ def test_a_task_is_unpickled_with_the_gc_paused_and_runs_with_it_on():
         assert ex.submit(gc.disable).result() is None  # a task that turns the GC off keeps it off
         assert ex.submit(gc_states, GcProbe()).result() == (False, False)
         ex.submit(gc.enable).result()
+
+
+def _sum_of(a):
+    return float(a.sum())
+
+
+@pytest.mark.parametrize("nbytes", [1 << 19, 16 << 20])  # compared / tracked by the kernel where it can
+def test_a_big_argument_changed_in_place_between_tasks_is_never_served_stale(nbytes):
+    """max_nbytes= shares big arguments through the share cache; every task that sends one gets a
+    copy proven equal to the array as it is when the task is pickled (an earlier version kept
+    the first copy for the array's lifetime: the second task summed the old zeros)."""
+    a = np.zeros(nbytes // 8)
+    with shardc.Executor(1, max_nbytes="64K") as ex:
+        assert ex.submit(_sum_of, a).result(timeout=60) == 0.0
+        a[:] = 1.0
+        assert ex.submit(_sum_of, a).result(timeout=60) == float(a.size)
+        a[-1] = 2.0
+        assert list(ex.map(_sum_of, [a, a])) == [float(a.size) + 1.0] * 2
