@@ -286,3 +286,18 @@ def test_dispatch_callback_runs_with_the_gc_paused_unless_told_not_to():
     with pytest.raises(InvalidArgumentError, match="pause_gc must be True or False"):
         with parallel_config(backend="shardc", n_jobs=2, pause_gc="yes"):
             Parallel()(delayed(square)(i) for i in range(3))
+
+
+def total_of(a):
+    return float(a.sum())
+
+
+def test_a_reused_parallel_never_sums_a_stale_copy_of_a_changed_array():
+    """A reused Parallel keeps its executor across calls; an array over joblib's max_nbytes
+    ('1M') changed in place between the calls reaches the second call as it is now (found by
+    review: the sharer's memo served the first call's copy)."""
+    a = np.zeros(1 << 18)  # 2 MiB
+    with parallel_config(backend="shardc", n_jobs=2), Parallel() as par:
+        assert par(delayed(total_of)(a) for _ in range(2)) == [0.0, 0.0]
+        a[:] = 1.0
+        assert par(delayed(total_of)(a) for _ in range(2)) == [float(a.size)] * 2
