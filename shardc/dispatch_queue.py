@@ -191,24 +191,6 @@ class QueueFeeder:
             self.block = new
             self.rounds += 1
 
-    def _fresh_blocks(self, items: list[int], cap: int, room: int) -> int:
-        """The loop of :meth:`feed` for a scheduler without retries: the same
-        blocks, without a method call per block (a small call's whole feed)."""
-        sched = self.sched
-        nf, num, block, half = sched.next_fresh, sched.num, self.block, 2 * self.workers
-        fresh = 0
-        while fresh < cap and nf < num:
-            pending = num - nf
-            cover = -(-pending // half)
-            if fresh >= room and cover >= block:
-                break
-            k = min(block, max(1, cover), pending)
-            items.append((nf << COUNT_BITS) | k)
-            nf += k
-            fresh += 1
-        sched.next_fresh = nf
-        return fresh
-
     def feed(self, done: int = 0) -> None:
         """Top the ring up to ~2 blocks per worker.  Retries go in first and
         regardless of that mark, so a retried shard waits behind as little
@@ -230,8 +212,6 @@ class QueueFeeder:
             # the master for the rest (a retry waits at most behind the call).
             room = cap
         fresh = 0
-        if not sched.retry:  # (the usual case: fresh ids only, the loop below in local arithmetic)
-            fresh = self._fresh_blocks(items, cap, room)
         while fresh < cap:
             pending = sched.pending_count()
             if pending == 0:
