@@ -103,7 +103,7 @@ class HeapPolicy:
         arena0, brk0 = self._arenas
         return (st["arena"] - arena0) - (st["brk"] - brk0)
 
-    def check(self, anon: int | None = None) -> None:
+    def check(self, anon: int | None = None, bound: int | None = None) -> None:
         """Bound the freed memory kept and publish an estimate of it.
 
         The estimate (a lower bound) is the growth of anonymous memory since
@@ -117,6 +117,7 @@ class HeapPolicy:
 
         Args:
             anon: this process's anonymous memory, if the caller just read it.
+            bound: the most that may stay kept without a trim (default ``keep``).
         """
         if not self.keep:
             return
@@ -128,7 +129,8 @@ class HeapPolicy:
             return
         anon0, used0, free0 = self._ref
         resident = (anon - anon0) - (st["used"] - used0)
-        if resident > self.keep or st["free"] - free0 > self.keep:
+        limit = self.keep if bound is None else bound
+        if resident > limit or st["free"] - free0 > limit:
             if not self.trim():
                 self.refuse()
             return
@@ -141,23 +143,6 @@ class HeapPolicy:
         every small call ~40 us of the worker's time on its critical path)."""
         if self.keep and self._in_call:
             self._in_call = False
-            st, anon = ll.heap_stats(), self.own_anon()
-            if st is not None and anon is not None and self._idle_clean(st, anon):
-                return  # (a trim costs ~40 us even with nothing to give back: small calls skip it)
-            self.check(anon)  # (turns reuse off for good if thread arenas grew)
-            if self.keep and not self.trim():
-                self.refuse()
-
-    def _idle_clean(self, st: dict[str, int], anon: int) -> bool:
-        """Nothing worth a trim was freed since the last one: the estimate of
-        freed memory still resident (see :meth:`check`) and the growth of the
-        allocator's free bytes are both under ``END_SLACK``, and thread arenas
-        did not grow."""
-        anon0, used0, free0 = self._ref
-        resident = (anon - anon0) - (st["used"] - used0)
-        if self._thread_arena_growth(st) > THREAD_ARENA_SLACK:
-            return False
-        if resident > END_SLACK or st["free"] - free0 > END_SLACK:
-            return False
-        self.row.set_heap_kept(max(0, min(resident, st["free"])))
-        return True
+            # Trims only past END_SLACK: a trim costs ~40 us even with nothing to give
+            # back (small calls skip it); turns reuse off for good if thread arenas grew.
+            self.check(bound=END_SLACK)
