@@ -83,23 +83,26 @@ def _make_pickler(base: type) -> type:
             self.seen: dict[int, dict[str, Any]] = {}  # id(array) -> its reference, in this pickle
 
         def persistent_id(self, obj: Any) -> Any:
-            d = self.seen.get(id(obj))  # (the objects pickled live while this pickle is made)
-            if d is not None:
-                return ("shared", d)
             if not self.sharer.wants(obj):
                 return None
+            d = self.seen.get(id(obj))  # (the objects pickled live while this pickle is made)
+            if d is None:
+                d = self.seen[id(obj)] = self._reference(obj)
+            return ("shared", d)
+
+        def _reference(self, obj: Any) -> dict[str, Any]:
+            """What a worker needs to find ``obj`` (inherited, or its shared copy)."""
             d = self.sharer.inherited_desc(obj)
             if d is not None:
-                self.shared[id(obj)] = self.seen[id(obj)] = d
-                return ("shared", d)
+                self.shared[id(obj)] = d
+                return d
             sh = self.sharer.share(obj)
             for s in sh.segments:
                 self.segments[s.key] = s
             d = self.shared.get(id(sh))
             if d is None:
                 d = self.shared[id(sh)] = {**sh.descriptor(), "label": "task argument"}
-            self.seen[id(obj)] = d
-            return ("shared", d)
+            return d
 
     return _Sharing
 
