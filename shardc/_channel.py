@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import os
 import pickle
+import select
 import socket
 import struct
 from collections import deque
@@ -182,6 +183,10 @@ class Channel:
 
     def pending(self) -> bool:
         return bool(self._ready)
+
+    def wait(self, timeout: float) -> bool:
+        """True if a message is ready, or bytes arrive within ``timeout`` seconds."""
+        return bool(self._ready) or bool(select.select([self.sock], [], [], timeout)[0])
 
     def poll_nonblocking(self) -> list[tuple[Any, list[int]]]:
         """Return messages already available without blocking."""

@@ -122,6 +122,7 @@ class CallSetup:
 
     def send(self, w: Any) -> None:
         """Send the call to ``w`` (raises OSError if it is dead)."""
+        w.call_ended = False
         # Segments the worker holds that this process has closed since: let go.
         stale = [k for k in w.known if live_segment(k) is None]
         if stale:

@@ -190,6 +190,15 @@ SETTINGS: dict[str, Setting] = {
             minimum=0,
         ),
         Setting(
+            "SHARDC_WORKER_SCHED",
+            "choice",
+            "batch",
+            "Linux scheduling policy of the workers: `batch` (`SCHED_BATCH`: a worker woken by the "
+            "master does not preempt it, so the master hands every worker its work before any runs; "
+            "same CPU share as `normal`) or `normal` (`SCHED_OTHER`)",
+            choices=("batch", "normal"),
+        ),
+        Setting(
             "SHARDC_HEAP_REUSE",
             "bool",
             True,

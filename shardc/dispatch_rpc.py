@@ -35,6 +35,7 @@ from typing import Any
 from .dispatch import Dispatcher, Loss
 from .errors import ShardcOSError
 from .protocol import (
+    END,
     ERR,
     FRAME,
     OK,
@@ -118,6 +119,8 @@ class RpcDispatcher(Dispatcher):
         sched = self.sched
         if st.pending_recycle is not None or not w.alive or not sched.pending_count():
             return  # (nothing to send: the usual case at the end of a call)
+        if w.call_ended and not self.sup.resume(w):
+            return  # (dead: its EOF brings the loop to the death handler)
         size = sched.chunk_size(len(self.ws))
         if not st.inflight:
             st.last_msg = time.monotonic()  # its no-progress clock starts with this dispatch
@@ -188,7 +191,17 @@ class RpcDispatcher(Dispatcher):
         workers: one whose chunk runs long hands back what is queued behind
         its next chunk (``RETURNED``, see :mod:`shardc.worker.rpc`).  Not for
         an open call's tasks (``shardc.stream``): their data is sent once and
-        never handed back."""
+        never handed back.
+
+        A small call's END goes with its work too: a worker ends the call
+        right after its RESULTS instead of being woken again for it when the
+        call is over (a wake-up costs the master ~20 us on these VMs).  Work
+        it must run later in the call (a retry) is preceded by the call's
+        setup again (:meth:`Supervisor.resume`); one that hands chunks back
+        keeps the call open instead (that END is void, see the worker's
+        loop): a call of long shards is not set up twice.  Not
+        for a call with a value sink (it is opened once per call in each
+        worker) or inputs inherited at fork (their pages go at END)."""
         sched = self.sched
         n = len(self.ws)
         pending = sched.pending_count()
@@ -204,7 +217,16 @@ class RpcDispatcher(Dispatcher):
             for w in self.pool.workers:
                 self.fill(w)
         finally:
-            self.share = 0
+            share, self.share = self.share, 0
+        plan = self.call.plan
+        if share and not sched.pending_count() and self.call.value_sink is None and not (plan and plan.inherit_tokens):
+            for w in self.pool.workers:
+                if w.alive:
+                    try:
+                        w.chan.send((END, self.call_id))
+                        w.call_ended = True
+                    except OSError:
+                        pass  # the worker died: its EOF is seen by the loop, which requeues
 
     def attach(self, w: Any) -> None:
         self.fill(w)
@@ -216,22 +238,24 @@ class RpcDispatcher(Dispatcher):
 
     # -- results ------------------------------------------------------------------------
     def on_messages(self, w: Any, msgs: list[tuple[Any, list[int]]]) -> None:
+        busy = 0
         for msg, fds in msgs:
             if msg[0] == RESULTS and msg[1] == self.call_id:
                 self.diag.messages_results += 1
                 if len(msg) > 3:  # the call's value sink committed what these outcomes kept
                     self.call.value_sink.committed(w.slot, msg[3])
-                self.on_results(w, msg[2], fds)
+                busy += self.on_results(w, msg[2], fds)
             elif msg[0] == RETURNED and msg[1] == self.call_id:
                 self.on_returned(w, msg[2])
             else:
                 close_fds(fds)
         if w.alive:
-            self.sup.check_memory(w)
+            self.sup.check_memory(w, busy_ns=busy)
         w = self.maybe_recycle(w)
         self.fill(w)
 
-    def on_results(self, w: Any, results: list[tuple[Any, ...]], fds: list[int] | None = None) -> None:
+    def on_results(self, w: Any, results: list[tuple[Any, ...]], fds: list[int] | None = None) -> int:
+        """Record ``w``'s outcomes; returns their shard time (ns)."""
         st = self.ws[w.slot]
         sched, diag = self.sched, self.diag
         inflight = st.inflight
@@ -277,14 +301,17 @@ class RpcDispatcher(Dispatcher):
                 sched.record_success(sid, value)
             else:
                 sched.record_failure(sid, value, worker=w.slot)
-        sched.observe((busy + sum(r[4] - r[3] for r in results)) * 1e-9 / max(n, 1), count=n)
+        busy += sum(r[4] - r[3] for r in results)
+        sched.observe(busy * 1e-9 / max(n, 1), count=n)
         st.since_sample += n
         st.last_msg = time.monotonic()
+        return int(busy)
 
     def on_returned(self, w: Any, ids: list[int]) -> None:
         """``w`` handed back ``ids`` unrun (queued behind a long chunk): they
         are no longer in flight there and go first to whichever worker asks
         next (free: no attempt ran)."""
+        w.call_ended = False  # (an END sent with its work is void now: it keeps the call)
         inflight = self.ws[w.slot].inflight
         held = [sid for sid in ids if sid in inflight]
         for sid in held:

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from ._channel import Channel
+from .sysinfo import ProcState
 
 
 class WorkerHandle:
@@ -27,12 +28,15 @@ class WorkerHandle:
         self.alive = True
         self.exitcode: int | None = None
         self.call_id = -1
+        self.call_ended = False  # the call's END already went with its work (RpcDispatcher.start)
         self.pids: list[int] = [pid]
+        self.proc = ProcState(pid)  # its /proc state, for Pool.is_alive's zombie check
         self.precise_t = 0.0  # when the last smaps_rollup sample was taken
         self.precise_cost = 0.0  # ... and how long it took (s): it grows with the memory mapped
         self.ring_held: tuple[int, str] | None = None  # (pid, token) of the queue ring it has mapped
         self.fast_raw: dict[str, int] | None = None  # the last statm sample read (MemoryModel._statm), raw
         self.fast_t = 0.0  # ... and when it was read
+        self.busy_unread_ns = 0  # shard time reported since then (MemoryModel.unmoved)
         self.anon_offset = 0  # statm RssAnon minus Pss_Anon at that sample
         self.cow_slack = 0  # growth that copy-on-write of inherited pages alone can cause
         self.fast_anon = 0  # statm private estimate at that time

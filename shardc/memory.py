@@ -25,6 +25,16 @@ from .units import fmt_bytes
 PROFILES = ("default", "memory", "speed")
 HEAP_KEEP_MAX = 256 * 1024**2
 
+# A statm read is skipped while it cannot show growth of STATM_SLACK: the last
+# one is under STATM_MAX_AGE s old and the shards reported since ran too short
+# to make that much memory resident at MEM_RATE, an upper bound of how fast a
+# process faults in and zeroes pages (~3 GiB/s measured here with 4 KiB pages,
+# ~10 GiB/s with huge pages): 8 MiB takes >= 0.25 ms of shard time.
+MEM_RATE = 32 * 1024**3
+STATM_SLACK = 8 * 1024**2
+STATM_MAX_AGE = 0.05
+BUSY_UNKNOWN = 1 << 62  # reported work whose shard time is not known: never skip
+
 
 def heap_keep(profile: str, mem_cap: int | None) -> int:
     """Freed heap bytes each worker keeps for its next shards during a call
@@ -107,8 +117,19 @@ class MemoryModel:
     def _statm(self, w: WorkerHandle) -> dict[str, int] | None:
         """Read ``w``'s statm (~8 us) and remember it, raw, for :meth:`fast_sample`."""
         fast = ll.proc_mem_fast(w.pid)
-        w.fast_raw, w.fast_t = fast, time.monotonic()
+        w.fast_raw, w.fast_t, w.busy_unread_ns = fast, time.monotonic(), 0
         return fast
+
+    def unmoved(self, w: WorkerHandle, cap: int | None = None) -> bool:
+        """True if ``w``'s memory cannot have grown by ``STATM_SLACK`` since its
+        last statm read (see ``MEM_RATE``), and, with a ``cap``, that read plus
+        the slack is under it: a new read would tell nothing new."""
+        raw = w.fast_raw
+        if raw is None or time.monotonic() - w.fast_t > STATM_MAX_AGE:
+            return False
+        if w.busy_unread_ns * 1e-9 * MEM_RATE >= STATM_SLACK:
+            return False
+        return cap is None or raw["rss"] + STATM_SLACK < cap
 
     def fast_sample(self, w: WorkerHandle, max_age: float = 0.0) -> dict[str, int] | None:
         """``w``'s statm sample (calibrated, see :meth:`calibrated`), read
@@ -116,7 +137,7 @@ class MemoryModel:
         (one call's start reuses the previous call's end; a call's end the
         read its last precise check just made)."""
         raw = w.fast_raw
-        if raw is None or time.monotonic() - w.fast_t > max_age:
+        if raw is None or (time.monotonic() - w.fast_t > max_age and not self.unmoved(w)):
             raw = self._statm(w)
         return None if raw is None else self.calibrated(w, raw)
 

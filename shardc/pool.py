@@ -41,7 +41,6 @@ from .memory import PROFILES, MemoryModel
 from .protocol import END, EXIT, HELLO
 from .segment import run_janitor_once
 from .status import StatusTable
-from .sysinfo import is_zombie
 from .units import check_recycle, parse_bytes
 from .validate import check_choice, check_int, check_packages
 from .worker import worker_entry
@@ -347,7 +346,7 @@ class Pool(MemoryModel):
             w.alive = False
             w.chan.close()
             return False
-        if is_zombie(w.pid):
+        if w.proc.zombie():
             # Dead, but its other threads (OpenBLAS starts one when the worker
             # limits it to 1 thread) are still being torn down, so waitpid
             # cannot reap it for a moment yet: wait for that, bounded.
@@ -379,13 +378,14 @@ class Pool(MemoryModel):
         self._reap(w, wait=grace)
 
     def end_call(self) -> None:
-        """Tell every live worker the call is over (it drops the call's state)."""
+        """Tell every live worker the call is over (it drops the call's state), unless it was told already."""
         for w in self.workers:
-            if w.alive:
+            if w.alive and not w.call_ended:
                 try:
                     w.chan.send((END,))
                 except OSError:
                     pass
+            w.call_ended = False
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop every worker: ask, then SIGKILL after ``timeout``; idempotent."""

@@ -18,6 +18,8 @@ master -> worker
                                    worker that was lost (``StatusRow.run_call``)
     ``(QUEUE, msg)`` + fds         shm_queue: pop blocks from the ring until it closes
     ``(END,)``                     drop the call's state
+    ``(END, call_id)``             the same, sent with a small call's work; void once the
+                                   worker handed chunks of that call back (RETURNED)
     ``(FORGET, keys)``             close segments the master closed
     ``(EXIT,)``                    leave
 

@@ -42,6 +42,7 @@ from .errors import (
     signal_label,
 )
 from .idruns import IdRuns
+from .memory import BUSY_UNKNOWN
 from .protocol import READY, RETIRE_EXIT
 from .scheduler import Scheduler
 from .status import STATE_RUNNING
@@ -49,6 +50,7 @@ from .units import fmt_bytes
 
 log = logging.getLogger("shardc")
 
+PRECISE_MAX_AGE = 0.5  # s: a due check takes a precise sample if the last one is older
 STATM_MIN_GAP = 0.001  # s: without mem_cap, statm is read at most this often at shard boundaries (unless due)
 REPLACE_ATTEMPTS = 3  # a slot whose fresh workers die this often before the call starts fails the call
 
@@ -126,6 +128,18 @@ class Supervisor:
                 dead.append(w)
         for w in dead:
             self._died_before_call(w)
+
+    def resume(self, w: Any) -> bool:
+        """Set the call up again in ``w``, which ended it early (its END went
+        with its first work, ``RpcDispatcher.start``), before it gets more
+        work; answered like a pipelined setup (:meth:`receive`).  False if
+        ``w`` is dead."""
+        try:
+            self.setup.send(w)
+        except OSError:
+            return False
+        self.unready[w.slot] = time.monotonic() + self.setup.limit
+        return True
 
     def _died_before_call(self, w: Any) -> Any:
         code = self.pool._reap(w, wait=2.0)
@@ -242,19 +256,25 @@ class Supervisor:
         }
 
     # -- memory -----------------------------------------------------------------------------
-    def check_memory(self, w: Any, due: bool = False) -> None:
-        """Sample ``w`` at a shard boundary: statm every time (~8 us), a
-        precise sample every ``health_check_interval`` shards (or when
-        ``due``) if the last is over 0.5 s old, or whenever anonymous memory
-        moved by 8 MiB; decide on recycling from the precise one."""
+    def check_memory(self, w: Any, due: bool = False, busy_ns: int | None = None) -> None:
+        """Sample ``w`` at a shard boundary, after work that ran ``busy_ns``
+        (None: not known): statm (~8 us) unless it cannot have moved
+        (:meth:`MemoryModel.unmoved`), a precise sample every
+        ``health_check_interval`` shards (or when ``due``) if the last is over
+        0.5 s old, or whenever anonymous memory moved by 8 MiB; decide on
+        recycling from the precise one."""
         pool = self.pool
         st = self.ws[w.slot]
+        w.busy_unread_ns += BUSY_UNKNOWN if busy_ns is None else busy_ns
+        now = time.monotonic()
         if due or st.since_sample >= self.call.health_check_interval:
             st.since_sample = 0
             due = True
-        elif self.call.mem_cap is None and time.monotonic() - w.fast_t < STATM_MIN_GAP:
+        elif self.call.mem_cap is None and now - w.fast_t < STATM_MIN_GAP:
             return  # read under 1 ms ago (replies in a burst), no cap to enforce: nothing new to learn
-        m = pool.sample_cheap(w, max_age=0.5 if due else float("inf"))
+        if (not due or now - w.precise_t <= PRECISE_MAX_AGE) and pool.unmoved(w, self.call.mem_cap):
+            return  # (tiny shards since a recent read: the read could not show a move worth acting on)
+        m = pool.sample_cheap(w, max_age=PRECISE_MAX_AGE if due else float("inf"))
         if m is None:
             return
         self.diag.mem_sample(w, m, anon=pool.footprint(m, w))

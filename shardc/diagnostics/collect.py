@@ -215,8 +215,10 @@ class Diagnostics:
                 if m is not None:
                     self.mem_sample(w, m, anon=pool.footprint(m, w))
         # The master: the same rule, runs of over 0.5 s only; shorter ones
-        # report the statm estimate (an upper bound).
-        self._sample_master(precise=run_s > 0.5 and master.cost[0] <= budget)
+        # report the statm estimate (an upper bound; the start's, if this call
+        # took under 10 ms).
+        precise = run_s > 0.5 and master.cost[0] <= budget
+        self._sample_master(precise=precise, max_age=0.0 if precise else 0.01)
 
     def _sample_master(self, precise: bool = True, max_age: float = 0.0) -> None:
         got = master.sample(precise, max_age)  # (a cheap one may be the last, if under max_age s old)

@@ -40,12 +40,13 @@ class HeapPolicy:
         refused: reuse was turned off for the rest of this process.
     """
 
-    __slots__ = ("_arenas", "_in_call", "_ref", "keep", "pid", "refused", "row")
+    __slots__ = ("_arenas", "_in_call", "_ref", "keep", "kept", "pid", "refused", "row")
 
     def __init__(self, row: StatusRow, pid: int) -> None:
         self.row = row
         self.pid = pid
         self.keep = 0
+        self.kept = 0  # the estimate last published (set_heap_kept)
         self.refused = False
         self._ref: tuple[int, int, int] = (0, 0, 0)  # (anon, heap used, heap free) at the last trim
         self._arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
@@ -60,7 +61,7 @@ class HeapPolicy:
         if keep == self.keep:
             return
         self.keep = keep if ll.heap_reuse(keep) else 0
-        self.row.set_heap_kept(0)
+        self._publish(0)
         if self.keep:
             st = ll.heap_stats()
             if st is None or not self.trim():
@@ -74,7 +75,7 @@ class HeapPolicy:
         big allocations, resident, as if reuse were still on)."""
         self.refused = True
         self.keep = 0
-        self.row.set_heap_kept(0)
+        self._publish(0)
         ll.heap_reuse(0)
         ll.heap_trim()
 
@@ -94,7 +95,7 @@ class HeapPolicy:
         if st is None or anon is None:
             return False
         self._ref = (anon, st["used"], st["free"])
-        self.row.set_heap_kept(0)
+        self._publish(0)
         return True
 
     def _thread_arena_growth(self, st: dict[str, int]) -> int:
@@ -134,7 +135,11 @@ class HeapPolicy:
             if not self.trim():
                 self.refuse()
             return
-        self.row.set_heap_kept(max(0, min(resident, st["free"])))
+        self._publish(max(0, min(resident, st["free"])))
+
+    def _publish(self, kept: int) -> None:
+        self.kept = kept
+        self.row.set_heap_kept(kept)
 
     def end_call(self) -> None:
         """The call is over: an idle worker keeps no freed memory.  Once per

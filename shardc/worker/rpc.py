@@ -110,6 +110,7 @@ def give_back(w: Any, call_id: int, pending: deque[tuple[Any, list[int]]]) -> No
     if ids:
         pending.clear()
         pending.extend(kept)
+        w.returned_call = call_id  # the master sends more: an END sent with the work is void
         w.chan.send((RETURNED, call_id, ids))
 
 
