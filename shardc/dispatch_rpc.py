@@ -119,8 +119,8 @@ class RpcDispatcher(Dispatcher):
         sched = self.sched
         if st.pending_recycle is not None or not w.alive or not sched.pending_count():
             return  # (nothing to send: the usual case at the end of a call)
-        if w.call_ended and not self.sup.resume(w):
-            return  # (dead: its EOF brings the loop to the death handler)
+        if w.call_ended and (st.inflight or not self.sup.resume(w)):
+            return  # (more after it reported its share; dead: its EOF brings the loop to the death handler)
         size = sched.chunk_size(len(self.ws))
         if not st.inflight:
             st.last_msg = time.monotonic()  # its no-progress clock starts with this dispatch
@@ -196,8 +196,9 @@ class RpcDispatcher(Dispatcher):
         A small call's END goes with its work too: a worker ends the call
         right after its RESULTS instead of being woken again for it when the
         call is over (a wake-up costs the master ~20 us on these VMs).  Work
-        it must run later in the call (a retry) is preceded by the call's
-        setup again (:meth:`Supervisor.resume`); one that hands chunks back
+        it must run later in the call (a retry) waits until it reported its
+        share and is preceded by the call's setup again
+        (:meth:`Supervisor.resume`); one that hands chunks back
         keeps the call open instead (that END is void, see the worker's
         loop): a call of long shards is not set up twice.  Not
         for a call with a value sink (it is opened once per call in each

@@ -48,6 +48,11 @@ class WorkerHandle:
         self.hello_anon = 0  # statm anonymous memory when it said hello (Pool.refork)
         self.server: Any = None  # the shardc.forkserver.ForkServer that forked it (None: forked by the master)
 
+    def close(self) -> None:
+        """The worker is gone (reaped) or being let go: close its socket and its /proc descriptor."""
+        self.chan.close()
+        self.proc.close()
+
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}
         return {

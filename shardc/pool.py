@@ -183,7 +183,7 @@ class Pool(MemoryModel):
         """In a child of this process: close the master's ends of every worker
         socket (this pool's, ``extra``'s, every live pool's) and of the fork servers."""
         for w in [*self.workers, *extra, *(w for p in list(live_pools) for w in p.workers)]:
-            w.chan.close()
+            w.close()
         _forkserver.close_in_child()
 
     def _await_hello(self, w: WorkerHandle, timeout: float = 30.0, sample: bool = True) -> None:
@@ -301,7 +301,7 @@ class Pool(MemoryModel):
             if code is not None:
                 w.exitcode = code
                 w.alive = False
-                w.chan.close()
+                w.close()
                 return w.exitcode
             if time.monotonic() > deadline and not killed:
                 try:
@@ -344,7 +344,7 @@ class Pool(MemoryModel):
         if code is not None:
             w.exitcode = code
             w.alive = False
-            w.chan.close()
+            w.close()
             return False
         if w.proc.zombie():
             # Dead, but its other threads (OpenBLAS starts one when the worker
@@ -402,7 +402,7 @@ class Pool(MemoryModel):
         for w in self.workers:
             if w.alive:
                 self._reap(w, wait=max(0.0, deadline - time.monotonic()))
-            w.chan.close()
+            w.close()
         live_pools.discard(self)
         if self._server is not None:
             self._server.close()
