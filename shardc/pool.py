@@ -104,9 +104,8 @@ class Pool(MemoryModel):
         self._pid = os.getpid()
         self.events: list[dict[str, Any]] = []  # deaths, recycles, restarts (pool lifetime)
         self.status = StatusTable(self.size)
-        # shm_queue's task ring, reused by every call on this pool:
-        # (TaskRing, token, backing), set and reset by shardc.dispatch_queue.pool_ring.
-        self.queue_ring: Any = None
+        self.queue_ring: Any = None  # shm_queue's task ring for every call: (TaskRing, token, backing), pool_ring's
+        self.selector: Any = None  # the calls' selector over the worker sockets (Supervisor.run), kept
         self.workers: list[WorkerHandle] = []
         self.start_seconds = 0.0
         t0 = time.perf_counter()
@@ -115,10 +114,9 @@ class Pool(MemoryModel):
         _worker_mod._threadpool_controller()
         if self.fork_mode == "fork":
             _forkserver.warn_threads(self.size)
-        # Give the master's free heap back to the kernel before forking: pages
-        # the allocator keeps (freed arrays, a test suite's or a notebook's
-        # leftovers) are inherited, and a worker's anonymous memory (Pss_Anon)
-        # counts its share of them against mem_cap and drift.
+        # Give the master's free heap back to the kernel before forking: pages the allocator keeps
+        # (freed arrays, a test suite's or a notebook's leftovers) are inherited, and a worker's
+        # anonymous memory (Pss_Anon) counts its share of them against mem_cap and drift.
         ll.heap_trim()
         try:
             for slot in range(self.size):
@@ -332,8 +330,9 @@ class Pool(MemoryModel):
         """Whether a call now may have its workers inherit big inputs at fork."""
         return self.cow_guard and (self.fork_mode == "fork" or not self._use_server())
 
-    def is_alive(self, w: WorkerHandle) -> bool:
-        """True while ``w`` runs; reaps it (recording its exit code) if it died."""
+    def is_alive(self, w: WorkerHandle, zombie: bool = True) -> bool:
+        """True while ``w`` runs; reaps it (recording its exit code) if it died.  ``zombie=False``: no
+        /proc read (~5 us) for one whose last threads still exit (not reapable yet; its EOF shows it)."""
         if not w.alive or w.exitcode is not None:
             return False
         try:
@@ -346,7 +345,7 @@ class Pool(MemoryModel):
             w.alive = False
             w.close()
             return False
-        if w.proc.zombie():
+        if zombie and w.proc.zombie():
             # Dead, but its other threads (OpenBLAS starts one when the worker
             # limits it to 1 thread) are still being torn down, so waitpid
             # cannot reap it for a moment yet: wait for that, bounded.
@@ -355,8 +354,9 @@ class Pool(MemoryModel):
         return True
 
     def ensure_alive(self) -> list[WorkerHandle]:
-        """Replace every worker that died since it was last used; returns the replaced ones."""
-        dead = [w for w in self.workers if not self.is_alive(w)]
+        """Replace every worker that died since it was last used; returns the replaced ones (one
+        still exiting is not seen: the call sees its death, as one before the call started)."""
+        dead = [w for w in self.workers if not self.is_alive(w, zombie=False)]
         for w in dead:
             label = signal_label(w.exitcode) if w.exitcode is not None else "unknown status"
             self.replace(w, f"worker died while idle ({label})", "restart")
@@ -407,6 +407,8 @@ class Pool(MemoryModel):
         if self._server is not None:
             self._server.close()
         self.status.close()
+        if self.selector is not None:
+            self.selector.close()
         if self.queue_ring is not None:
             self.queue_ring[0].release()
             self.queue_ring = None
