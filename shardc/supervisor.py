@@ -372,7 +372,7 @@ class Supervisor:
         down per call cost ~20 us), watching exactly its current workers'
         sockets: those of workers replaced since the last call are dropped."""
         pool = self.pool
-        sel = pool.selector
+        sel: selectors.BaseSelector | None = pool.selector
         if sel is None:
             sel = pool.selector = selectors.DefaultSelector()
         slots = {w.chan.sock: w.slot for w in pool.workers}
