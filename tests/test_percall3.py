@@ -271,6 +271,25 @@ def test_a_worker_killed_while_idle_is_replaced_before_the_next_call() -> None:
         assert any("died while idle" in e.get("reason", "") for e in r.diagnostics.events), r.diagnostics.events
 
 
+def test_the_pools_selector_is_kept_and_watches_exactly_its_workers() -> None:
+    """One selector for every call of a pool; after a worker is replaced between calls (killed
+    while idle) it watches the new socket and no longer the old one; closed with the pool."""
+    with shardc.Pool(2) as pool:
+        shardc.shard_map(10, _ident, pool=pool, progress=False)
+        sel = pool.selector
+        assert sel is not None
+        old = pool.workers[1].chan.sock
+        os.kill(pool.workers[1].pid, 9)
+        time.sleep(0.2)
+        assert shardc.shard_map(10, _ident, pool=pool, progress=False).results == list(range(10))
+        assert pool.selector is sel
+        watched = [key.fileobj for key in sel.get_map().values()]
+        assert len(watched) == 2 and old not in watched
+        assert {id(x) for x in watched} == {id(w.chan.sock) for w in pool.workers}
+    with pytest.raises((RuntimeError, ValueError, OSError)):
+        sel.select(0)  # closed with the pool
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or ll.heap_stats() is None, reason="heap reuse needs glibc >= 2.33"
 )
