@@ -153,7 +153,8 @@ class ShardResult:
         self._results = results
         self.failures = failures
         self.diagnostics = diagnostics
-        self.pool_stats = _plain(pool_stats)
+        self._pool_stats = pool_stats  # made plain when first read (the pool's events: its whole life)
+        self._plain_stats = False
         self.shards = shards
         self.table: Any = None
 
@@ -166,6 +167,12 @@ class ShardResult:
     @results.setter
     def results(self, value: list[Any]) -> None:
         self._results = value
+
+    @property
+    def pool_stats(self) -> dict[str, Any]:
+        if not self._plain_stats:
+            self._pool_stats, self._plain_stats = _plain(self._pool_stats), True
+        return self._pool_stats
 
     @property
     def succeeded(self) -> bool:

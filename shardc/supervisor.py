@@ -448,6 +448,7 @@ class Supervisor:
                 self._start_pipelined(dispatcher)
             else:
                 dispatcher.start()
+            self.diag.sample_start(pool)  # (while the workers wake up)
             timeout = self.call.timeout
             tick = 0.05 if timeout > 0.2 else timeout / 4
             next_tick = time.monotonic() + tick

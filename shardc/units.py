@@ -28,6 +28,9 @@ _SIZE_UNITS = {
 }
 
 
+_SIZES: dict[str, int] = {}  # sizes parsed from strings (valid ones only, a few)
+
+
 def parse_bytes(value: Any, arg: str) -> int | None:
     """Parse a memory size: bytes as a number, or "2GB", "512MB", "1.5G" (binary units).
 
@@ -44,6 +47,9 @@ def parse_bytes(value: Any, arg: str) -> int | None:
             raise InvalidArgumentError(f"{arg} must be a positive size, got {value!r}")
         return int(value)
     if isinstance(value, str):
+        n = _SIZES.get(value)  # (the default mem_cap is parsed at every call)
+        if n is not None:
+            return n
         m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$", value)
         unit = m.group(2).upper() if m else None
         if not m or unit not in _SIZE_UNITS:
@@ -54,6 +60,8 @@ def parse_bytes(value: Any, arg: str) -> int | None:
         n = int(float(m.group(1)) * _SIZE_UNITS[unit])
         if n <= 0:
             raise InvalidArgumentError(f"{arg} must be a positive size, got {value!r}")
+        if len(_SIZES) < 64:
+            _SIZES[value] = n
         return n
     raise InvalidArgumentError(f"{arg} must be a size like '2GB' or a number of bytes, got {value!r}")
 

@@ -164,19 +164,24 @@ class Diagnostics:
 
     # -- collection -----------------------------------------------------------------------
     def start(self, pool: Any) -> None:
-        """The run starts on ``pool``'s workers (sampled, not kept)."""
+        """The run starts on ``pool``'s workers (not kept); :meth:`sample_start` follows."""
         self.t_start_ns = time.monotonic_ns()
-        # Cheap samples at the start (a precise smaps_rollup of the master
-        # costs milliseconds); precise ones follow during and after the run.
         for w in pool.workers:
             self.worker_started(w)
+        # The calling thread's CPU (it runs the call): the process clock sums
+        # every thread's runtime (up to ~0.1 ms a read on a loaded 2-core VM).
+        self._cpu0 = time.thread_time()
+
+    def sample_start(self, pool: Any) -> None:
+        """Memory at the start: cheap samples (a precise smaps_rollup of the
+        master costs milliseconds; precise ones follow during and after the
+        run), taken once the first work is sent (``Supervisor.run``): the
+        master waits for the workers then."""
+        for w in pool.workers:
             m = pool.fast_sample(w, max_age=0.05)  # an idle worker: the last call's end sample
             if m is not None:
                 self.mem_sample(w, m, anon=pool.footprint(m, w))
         self._sample_master(precise=False, max_age=0.05)
-        # The calling thread's CPU (it runs the call): the process clock sums
-        # every thread's runtime (up to ~0.1 ms a read on a loaded 2-core VM).
-        self._cpu0 = time.thread_time()
 
     def worker_started(self, w: Any) -> None:
         """Worker handle ``w`` (slot, pid, baseline read; not kept) serves the run."""
