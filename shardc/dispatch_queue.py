@@ -51,7 +51,7 @@ import numpy as np
 
 from .dispatch import Dispatcher, Loss
 from .errors import QueueClosedError
-from .protocol import QCOW, QDONE, QFAIL, QIDLE, QUEUE
+from .protocol import END, QCOW, QDONE, QFAIL, QIDLE, QUEUE
 from .queue import TaskRing
 from .scheduler import Scheduler
 from .status import STATE_RUNNING, DoneMap, RowSnapshot, StatusTable
@@ -309,6 +309,10 @@ class QueueDispatcher(Dispatcher):
         held = getattr(w, "ring_held", None) == (w.pid, self.ring_token)
         self.diag.bytes_setup += w.chan.send((QUEUE, msg), [] if held else [self.ring.fd])
         w.ring_held = (w.pid, self.ring_token)
+        # Its END too: nothing else is sent to it in this call, and it reads END when it leaves the
+        # ring (with the call's setup and QUEUE in one write: no wake-up at the call's end).
+        w.chan.send((END, self.call_id))
+        w.call_ended = True
 
     def start(self) -> None:
         for w in self.pool.workers:

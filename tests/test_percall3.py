@@ -92,6 +92,26 @@ def test_a_small_call_sends_its_end_with_its_work(monkeypatch: pytest.MonkeyPatc
         assert [w.pid for w in pool.workers] == pids
 
 
+def _into(shard: Any, out: Any) -> None:
+    out[shard.id] = shard.id + 1
+
+
+def test_an_shm_queue_call_sends_its_end_with_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """shm_queue: each worker's END goes right behind its QUEUE (it reads it when it leaves the
+    ring), none at the call's end; outputs exact over calls of several sizes, with a failing
+    shard retried in the ring."""
+    ends = _ends_sent(monkeypatch)
+    with shardc.Pool(2) as pool:
+        for n in (100, 2000, 100):
+            out = shardc.buffer("i8", n)
+            del ends[:]
+            r = shardc.shard_map(n, _into, out={"out": out}, dispatch_mode="shm_queue", pool=pool, progress=False)
+            assert r.succeeded and np.array_equal(out.array, np.arange(1, n + 1))
+            assert len(ends) == 2 and all(len(e) == 2 for e in ends), ends
+            out.close()
+        assert shardc.shard_map(10, _ident, pool=pool, progress=False).results == list(range(10))
+
+
 def test_a_retry_after_an_early_end_sets_the_call_up_again(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shard 3 fails its first attempt: its retry goes to a worker that already ended the call,
     which is set up again first (resume); the retry succeeds and nothing else runs twice."""
