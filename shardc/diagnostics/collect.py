@@ -173,10 +173,8 @@ class Diagnostics:
         self._cpu0 = time.thread_time()
 
     def sample_start(self, pool: Any) -> None:
-        """Memory at the start: cheap samples (a precise smaps_rollup of the
-        master costs milliseconds; precise ones follow during and after the
-        run), taken once the first work is sent (``Supervisor.run``): the
-        master waits for the workers then."""
+        """Memory at the start, once the first work is sent (the master waits then): cheap samples (a
+        precise smaps_rollup of the master costs ms; precise ones follow during and after the run)."""
         for w in pool.workers:
             m = pool.fast_sample(w, max_age=0.05)  # an idle worker: the last call's end sample
             if m is not None:
@@ -219,9 +217,8 @@ class Diagnostics:
                     m = pool.fast_sample(w, max_age=0.01)  # the statm read sample_cheap just made
                 if m is not None:
                     self.mem_sample(w, m, anon=pool.footprint(m, w))
-        # The master: the same rule, runs of over 0.5 s only; shorter ones
-        # report the statm estimate (an upper bound; the start's, if this call
-        # took under 10 ms).
+        # The master: the same rule, runs of over 0.5 s only; shorter ones report the statm
+        # estimate (an upper bound; the start's, if this call took under 10 ms).
         precise = run_s > 0.5 and master.cost[0] <= budget
         self._sample_master(precise=precise, max_age=0.0 if precise else 0.01)
 
