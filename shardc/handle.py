@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 from ._channel import Channel
-from .sysinfo import ProcState
 
 
 class WorkerHandle:
@@ -30,7 +29,6 @@ class WorkerHandle:
         self.call_id = -1
         self.call_ended = False  # the call's END already went with its work (RpcDispatcher.start)
         self.pids: list[int] = [pid]
-        self.proc = ProcState(pid)  # its /proc state, for Pool.is_alive's zombie check
         self.precise_t = 0.0  # when the last smaps_rollup sample was taken
         self.precise_cost = 0.0  # ... and how long it took (s): it grows with the memory mapped
         self.ring_held: tuple[int, str] | None = None  # (pid, token) of the queue ring it has mapped
@@ -47,11 +45,6 @@ class WorkerHandle:
         self.needs_baseline = False  # set by the first precise sample (Pool.refork)
         self.hello_anon = 0  # statm anonymous memory when it said hello (Pool.refork)
         self.server: Any = None  # the shardc.forkserver.ForkServer that forked it (None: forked by the master)
-
-    def close(self) -> None:
-        """The worker is gone (reaped) or being let go: close its socket and its /proc descriptor."""
-        self.chan.close()
-        self.proc.close()
 
     def info(self) -> dict[str, Any]:
         m = self.last_mem or {}

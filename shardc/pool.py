@@ -41,6 +41,7 @@ from .memory import PROFILES, MemoryModel
 from .protocol import END, EXIT, HELLO
 from .segment import run_janitor_once
 from .status import StatusTable
+from .sysinfo import is_zombie
 from .units import check_recycle, parse_bytes
 from .validate import check_choice, check_int, check_packages
 from .worker import worker_entry
@@ -181,7 +182,7 @@ class Pool(MemoryModel):
         """In a child of this process: close the master's ends of every worker
         socket (this pool's, ``extra``'s, every live pool's) and of the fork servers."""
         for w in [*self.workers, *extra, *(w for p in list(live_pools) for w in p.workers)]:
-            w.close()
+            w.chan.close()
         _forkserver.close_in_child()
 
     def _await_hello(self, w: WorkerHandle, timeout: float = 30.0, sample: bool = True) -> None:
@@ -299,7 +300,7 @@ class Pool(MemoryModel):
             if code is not None:
                 w.exitcode = code
                 w.alive = False
-                w.close()
+                w.chan.close()
                 return w.exitcode
             if time.monotonic() > deadline and not killed:
                 try:
@@ -343,9 +344,9 @@ class Pool(MemoryModel):
         if code is not None:
             w.exitcode = code
             w.alive = False
-            w.close()
+            w.chan.close()
             return False
-        if zombie and w.proc.zombie():
+        if zombie and is_zombie(w.pid):
             # Dead, but its other threads (OpenBLAS starts one when the worker
             # limits it to 1 thread) are still being torn down, so waitpid
             # cannot reap it for a moment yet: wait for that, bounded.
@@ -354,8 +355,7 @@ class Pool(MemoryModel):
         return True
 
     def ensure_alive(self) -> list[WorkerHandle]:
-        """Replace every worker that died since it was last used; returns the replaced ones (one
-        still exiting is not seen: the call sees its death, as one before the call started)."""
+        """Replace the workers that died since last used (one still exiting: the call sees it); returns them."""
         dead = [w for w in self.workers if not self.is_alive(w, zombie=False)]
         for w in dead:
             label = signal_label(w.exitcode) if w.exitcode is not None else "unknown status"
@@ -402,7 +402,7 @@ class Pool(MemoryModel):
         for w in self.workers:
             if w.alive:
                 self._reap(w, wait=max(0.0, deadline - time.monotonic()))
-            w.close()
+            w.chan.close()
         live_pools.discard(self)
         if self._server is not None:
             self._server.close()

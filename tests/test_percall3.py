@@ -7,15 +7,14 @@
   open (its END is void).
 * Workers run under SCHED_BATCH (``SHARDC_WORKER_SCHED``).
 * A worker's statm is not read while it cannot show growth
-  (``MemoryModel.unmoved``); the idle check reads ``/proc/PID/stat`` through a
-  kept descriptor (``ProcState``).
+  (``MemoryModel.unmoved``); the call-start liveness check reads no
+  ``/proc/PID/stat``.
 * A worker's end-of-call heap check waits until it is idle.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from typing import Any
@@ -29,7 +28,6 @@ from shardc import memory as mem
 from shardc.handle import WorkerHandle
 from shardc.protocol import END
 from shardc.supervisor import Supervisor
-from shardc.sysinfo import HAS_PROCFS, ProcState
 from shardc.worker.heap import HeapPolicy
 
 pytestmark = pytest.mark.timeout(120)
@@ -259,24 +257,6 @@ def test_tiny_calls_skip_statm_and_a_growing_shard_is_still_read(monkeypatch: py
 
 
 # -- the idle check -------------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(not HAS_PROCFS, reason="/proc")
-def test_proc_state_follows_a_process_to_its_reaping() -> None:
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
-    ps = ProcState(p.pid)
-    try:
-        assert not ps.zombie() and ps.fd >= 0
-        deadline = time.monotonic() + 10
-        while not ps.zombie():
-            assert time.monotonic() < deadline, "never seen as a zombie"
-            time.sleep(0.02)
-        p.wait()
-        assert not ps.zombie() and ps.fd == -1  # reaped: the read fails, the descriptor is closed
-    finally:
-        ps.close()
-        p.kill()
-        p.wait()
 
 
 def test_a_worker_killed_while_idle_is_replaced_before_the_next_call() -> None:
