@@ -202,7 +202,9 @@ class RpcDispatcher(Dispatcher):
         keeps the call open instead (that END is void, see the worker's
         loop): a call of long shards is not set up twice.  Not
         for a call with a value sink (it is opened once per call in each
-        worker) or inputs inherited at fork (their pages go at END)."""
+        worker) or inputs inherited at fork (their pages go at END), nor to a
+        worker that got no share (fewer ids than workers): it stays in the
+        call, ready for a retry at once, as before."""
         sched = self.sched
         n = len(self.ws)
         pending = sched.pending_count()
@@ -222,7 +224,7 @@ class RpcDispatcher(Dispatcher):
         plan = self.call.plan
         if share and not sched.pending_count() and self.call.value_sink is None and not (plan and plan.inherit_tokens):
             for w in self.pool.workers:
-                if w.alive:
+                if w.alive and self.ws[w.slot].inflight:  # (one with no share stays in the call: a retry's)
                     try:
                         w.chan.send((END, self.call_id))
                         w.call_ended = True
