@@ -24,6 +24,7 @@ status row); the other shards the worker held are requeued free.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import selectors
 import time
@@ -228,6 +229,9 @@ class Supervisor:
             sched.record_failure(sid, self.crash_record(w, sid, code, reason), worker=w.slot)
         st.inflight.clear()
         self.dispatcher.requeued()  # survivors start on the requeued shards now
+        # A survivor woken for them onto this CPU does not preempt this process (SCHED_BATCH,
+        # SHARDC_WORKER_SCHED): let it start before the replacement's fork and setup keep it busy.
+        os.sched_yield()
         return self.replace(w, reason or f"worker died with {label}", "recycle" if retired else "restart")
 
     def crash_record(self, w: Any, sid: int, code: int | None, reason: str | None) -> dict[str, Any]:

@@ -72,8 +72,9 @@ def _resumes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_a_small_call_sends_its_end_with_its_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """10 shards on 2 workers: one END per worker, carrying the call id, sent with the work; none
-    when the call is over.  A bigger call (three rounds) ends as before: a plain END per worker at
-    its end.  Every result is exact, and the next call runs on the same workers."""
+    when the call is over.  A one-shard call: the worker without a share gets its END at the end
+    (it stays in the call, ready for a retry).  A bigger call (three rounds) ends as before: a plain
+    END per worker at its end.  Every result is exact, and the next call runs on the same workers."""
     ends = _ends_sent(monkeypatch)
     with shardc.Pool(2) as pool:
         pids = [w.pid for w in pool.workers]
@@ -83,6 +84,10 @@ def test_a_small_call_sends_its_end_with_its_work(monkeypatch: pytest.MonkeyPatc
             assert r.results == list(range(10)) and not r.failures
             assert len(ends) == 2 and all(len(e) == 2 for e in ends), ends
             assert all(not w.call_ended for w in pool.workers)  # (cleared for the next call)
+        del ends[:]
+        r = shardc.shard_map(1, _ident, pool=pool, progress=False)  # one worker has no share: it stays in
+        assert r.results == [0]
+        assert sorted(len(e) for e in ends) == [1, 2], ends  # the one with the shard early, the other at the end
         del ends[:]
         r = shardc.shard_map(200, _ident, pool=pool, progress=False, autotune=False)
         assert r.results == list(range(200))
