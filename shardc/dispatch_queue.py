@@ -45,6 +45,7 @@ import logging
 import os
 import tempfile
 import time
+import weakref
 from typing import Any, cast
 
 import numpy as np
@@ -65,6 +66,10 @@ PROBE_BLOCK = 8  # shards per block before anything is measured
 RAMP = 64  # a round of blocks the workers ran through quickly grows blocks at most this much
 SMALL_CALL = 64  # shards per worker up to which the first feed pushes the whole call
 RING_CAPACITY = 1024
+# A call of the same fun as the pool's last shm_queue call, whose shard time then says this one is
+# at most this much work per worker, goes in whole at once in equal blocks, 2 per worker (QueueFeeder).
+WHOLE_CALL_S = 0.002
+_last: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], float]] = weakref.WeakKeyDictionary()
 _ring_serial = itertools.count(1)
 
 
@@ -103,6 +108,7 @@ class QueueFeeder:
         workers: int,
         block_size: int | None,
         autotune: dict[str, Any] | None,
+        known_s: float | None = None,
     ) -> None:
         self.sched = sched
         self.diag = diag
@@ -115,6 +121,10 @@ class QueueFeeder:
         # (ramp), and the first 20 ms window of throughput sizes the rest.
         self.block = self.fixed or (PROBE_BLOCK if autotune else max(1, min(4096, sched.num // (workers * 8) or 1)))
         self.tuned = self.fixed is not None or not autotune
+        # Shards known to be tiny (``known_s`` s each, the same fun's last call): no probes, no tail.
+        self.whole = bool(autotune and not self.fixed and known_s and sched.num * known_s <= WHOLE_CALL_S * workers)
+        if self.whole:
+            self.block, self.tuned = max(1, -(-sched.num // (2 * workers))), True
         self.win_t: float | None = None
         self.win_done = 0
         self.rounds = 0
@@ -207,7 +217,7 @@ class QueueFeeder:
         items = self._retry_items(max(0, self.ring.capacity - size))
         cap = self.ring.capacity - size - len(items)
         room = 2 * self.workers - size - len(items)
-        if not self.tuned and self.t_first is None and sched.pending_count() <= SMALL_CALL * self.workers:
+        if self.whole or not self.tuned and self.t_first is None and sched.pending_count() <= SMALL_CALL * self.workers:
             # A small call goes in whole, in probe blocks: no round trip to
             # the master for the rest (a retry waits at most behind the call).
             room = cap
@@ -218,7 +228,7 @@ class QueueFeeder:
                 break
             # Shrink blocks at the end so the tail spreads over every worker
             # (rounded up: the blocks that fit in the ring cover what is left).
-            cover = -(-pending // (2 * self.workers))
+            cover = self.block if self.whole else -(-pending // (2 * self.workers))
             if fresh >= room and cover >= self.block:
                 break
             # Past the mark only the tail goes in, whole: less than 2 full
@@ -271,7 +281,10 @@ class QueueDispatcher(Dispatcher):
         self.ring, self.ring_token = pool_ring(pool, n, backing)
         assert call.donemap is not None
         self.done: DoneMap = call.donemap  # the call's done map (closed with the call)
-        self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"), self.sched.autotune)
+        self.fun_key = (len(call.fun_blob or b""), hash(call.fun_blob))
+        known = _last.get(pool)
+        per = known[1] if known is not None and known[0] == self.fun_key else None
+        self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"), self.sched.autotune, per)
         self.done_base = 0  # finished-shard counts of workers that are gone
         self.queued_pids: set[int] = set()  # workers handed the ring (each sends QDONE)
         self.left_pids: set[int] = set()  # workers that sent QDONE (left the ring)
@@ -478,6 +491,11 @@ class QueueDispatcher(Dispatcher):
     def drain(self) -> None:
         """Close the ring and collect every worker's QDONE (block timings), with a deadline."""
         self.ring.close()
+        sched, t_first = self.sched, self.feeder.t_first
+        if t_first is not None and not sched.retries_total and not sched.n_failed and sched.num:
+            # The shard time (wall since the first block, wake-ups included: an upper bound) for
+            # the next call of this fun on this pool (WHOLE_CALL_S).
+            _last[self.pool] = (self.fun_key, (time.monotonic() - t_first) * len(self.pool.workers) / sched.num)
         deadline = time.monotonic() + 5.0
         # A replacement forked after the last shard finished never got the
         # ring: waiting for its QDONE would only run out the deadline.

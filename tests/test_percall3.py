@@ -101,8 +101,7 @@ def _into(shard: Any, out: Any) -> None:
 
 def test_an_shm_queue_call_sends_its_end_with_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
     """shm_queue: each worker's END goes right behind its QUEUE (it reads it when it leaves the
-    ring), none at the call's end; outputs exact over calls of several sizes, with a failing
-    shard retried in the ring."""
+    ring), none at the call's end; outputs exact over calls of several sizes."""
     ends = _ends_sent(monkeypatch)
     with shardc.Pool(2) as pool:
         for n in (100, 2000, 100):
@@ -323,3 +322,56 @@ def test_an_idle_worker_runs_its_end_of_call_heap_check(tmp_path: Any, monkeypat
         time.sleep(0.2)
         assert {p.name.split("-")[0] for p in marks.iterdir()} == {str(w.pid) for w in pool.workers}
     assert in_a_row < 50, in_a_row
+
+
+def _twice(shard: Any) -> int:
+    return 2 * int(shard.id)
+
+
+def test_a_worker_keeps_the_shard_time_of_each_recent_fun() -> None:
+    """Calls alternating between two functions: each function's first call measures its first shard
+    (a memory delta is recorded), its later calls start from the time kept for it (none measured),
+    where one guess for the last function alone was lost at every switch."""
+    with shardc.Pool(1) as pool:
+        seen = []
+        for f in (_ident, _twice, _ident, _twice, _ident):
+            r = shardc.shard_map(20, f, pool=pool, progress=False)
+            assert r.results == [f(type("S", (), {"id": i})()) for i in range(20)]
+            seen.append(not np.isnan(r.diagnostics.shard_mem_delta[0]))
+    assert seen == [True, True, False, False, False]
+
+
+def _slow_into(shard: Any, out: Any) -> None:
+    time.sleep(0.001)
+    out[shard.id] = shard.id + 1
+
+
+def test_a_call_of_tiny_shards_of_a_known_fun_goes_in_whole_in_equal_blocks() -> None:
+    """shm_queue: the first call of a fun probes (8-shard blocks, then growing and shrinking ones);
+    once a call of it measured ~ms of work (within a few calls of a fresh pool), its next calls go
+    in as 2 equal blocks per worker, and stay so; a different fun probes again, and a fun of 1 ms
+    shards never goes in whole; outputs exact throughout."""
+    with shardc.Pool(2) as pool:
+
+        def run(fun: Any, n: int = 1000) -> list[int]:
+            out = shardc.buffer("i8", n)
+            r = shardc.shard_map(n, fun, out={"out": out}, dispatch_mode="shm_queue", pool=pool, progress=False)
+            assert r.succeeded and np.array_equal(out.array, np.arange(1, n + 1))
+            out.close()
+            return sorted(b[2] for b in r.diagnostics.blocks)
+
+        first = run(_into)
+        assert min(first) < 250 and len(first) > 4, first
+        for _ in range(6):
+            if run(_into) == [250] * 4:
+                break
+        else:
+            pytest.fail("calls of a known tiny fun never went in whole")
+        assert run(_into) == [250] * 4 and run(_into) == [250] * 4
+        assert len(run(_into2)) > 4  # a new fun: probed again
+        for _ in range(3):
+            assert len(run(_slow_into, 200)) > 4  # 0.2 s of work: never whole
+
+
+def _into2(shard: Any, out: Any) -> None:
+    out[shard.id] = shard.id + 1

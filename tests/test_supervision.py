@@ -497,7 +497,11 @@ def test_crash_in_a_chunk_charges_only_the_running_shard(pool2, tmp_path, fun, k
     assert_outputs(r, mode, failed=[3])
     assert r.failures[3].attempts == 1 and r.failures[3].error_type == etype
     assert r.diagnostics.retries == 0
-    assert [(e["event"], e["signal"], e["shard"]) for e in r.diagnostics.events] == [("death", "SIGKILL(-9)", 3)]
+    got = [(e["event"], e["signal"], e["shard"]) for e in r.diagnostics.events]
+    # When the worker knows `fun`'s shards to be tiny (an earlier call of it on this pool: shm_queue
+    # runs a block speculatively then), the first death is in a run with no per-shard status,
+    # charged to no shard, and the careful rerun of that block finds the culprit.
+    assert got in ([("death", "SIGKILL(-9)", 3)], [("death", "SIGKILL(-9)", None), ("death", "SIGKILL(-9)", 3)]), got
     assert_pool_usable(pool2)
 
 

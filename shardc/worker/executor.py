@@ -209,13 +209,13 @@ class ShardExecutor:
         self.native: NativeRunner | None = None
 
     # -- call ----------------------------------------------------------------------------
-    def begin_call(self, same_fun: bool = False) -> None:
-        """``self.call`` is set up: bind what the loop reads, and learn the
-        shard time of the new ``fun`` again (its first shard is measured),
-        unless ``same_fun``: the last call ran the same ``fun`` (the same
-        pickle), so its shard time is the best guess (a wrong one changes only
-        how the first chunk runs: a speculative run, no per-shard memory
-        delta; never an outcome)."""
+    def begin_call(self, ewma_ns: int = -1) -> None:
+        """``self.call`` is set up: bind what the loop reads, and start from
+        ``ewma_ns``, the shard time of the same ``fun`` (the same pickle) in
+        an earlier call on this worker, if known (-1: learn it again, the
+        first shard is measured).  A wrong guess changes only how the first
+        chunk runs (a speculative run, no per-shard memory delta), never an
+        outcome."""
         c = self.call
         guard = self.guard if self.guard is not None and c.guard_regions else None
         make = c.desc.maker() if hasattr(c.desc, "maker") else c.desc.shard  # the fast shard factory
@@ -224,8 +224,7 @@ class ShardExecutor:
         self._bound = (fun, c.kwargs, args, make, c.entropy, c.seeded, guard, c.donemap, c.diagnostics)
         # Frames carry neither cow events (guards) nor a sink's per-shard commit failure.
         self._frames = guard is None and c.value_sink is None
-        if not same_fun:
-            self.ewma_ns = -1
+        self.ewma_ns = ewma_ns
         self.native = native_runner(self)
 
     def end_call(self) -> CallState:

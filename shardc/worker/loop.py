@@ -74,6 +74,7 @@ from .rpc import run_chunks
 # A worker this long without a message after a call's END is idle: it runs the
 # heap's end-of-call check then (see Worker.end_call).
 IDLE_HEAP_S = 0.002
+FUN_TIMES = 8
 
 
 def _shared_key(d: dict[str, Any]) -> tuple[Any, ...]:
@@ -124,6 +125,7 @@ class Worker:
         self.ex = ShardExecutor(self.row, guard, self.heap)
         self.task_objects: dict[Any, Any] = {}  # see load_task
         self.last_fun = (0, 0)  # (length, hash) of the pickle of the last call's fun
+        self.fun_times: dict[tuple[int, int], int] = {}  # such keys -> shard time (ns), the last FUN_TIMES
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -222,8 +224,16 @@ class Worker:
         c.fun = _Unpickler(msg["fun"], self).load()
         if msg.get("value_sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
             c.value_sink = msg["value_sink"].open(self.slot, c.call_id)
-        key = (len(msg["fun"]), hash(msg["fun"]))  # (a guess of the shard time rides on it, nothing more)
-        self.ex.begin_call(same_fun=key == self.last_fun)
+        # The shard time of each of the last few funs (by pickle), so calls alternating between
+        # functions keep their guesses (a guess of the shard time rides on the key, nothing more).
+        times = self.fun_times
+        if self.ex.ewma_ns >= 0:
+            times.pop(self.last_fun, None)
+            times[self.last_fun] = self.ex.ewma_ns
+            if len(times) > FUN_TIMES:
+                del times[next(iter(times))]
+        key = (len(msg["fun"]), hash(msg["fun"]))
+        self.ex.begin_call(times.get(key, -1))
         self.last_fun = key
 
     def end_call(self) -> None:
