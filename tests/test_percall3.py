@@ -375,3 +375,40 @@ def test_a_call_of_tiny_shards_of_a_known_fun_goes_in_whole_in_equal_blocks() ->
 
 def _into2(shard: Any, out: Any) -> None:
     out[shard.id] = shard.id + 1
+
+
+def _count(shard: Any, hits: Any) -> None:
+    hits[shard.id] += 1
+
+
+def _count_then_die_once(shard: Any, hits: Any, flag: Any) -> None:
+    hits[shard.id] += 1
+    if shard.id == 3 and flag[0] == 0:
+        flag[0] = 1
+        os.kill(os.getpid(), 9)
+
+
+def test_the_kept_done_map_handle_follows_the_pools_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker reuses its done-map handle while the call's map is the same region of the same
+    mapping: small calls, then a call big enough to replace the pool's kept map, then small calls
+    again, one with a crash: every shard's mark lands in the map the master reads (no shard rerun
+    but the crashed one, none lost)."""
+    with shardc.Pool(2) as pool:
+        for n in (10, 10, 300_000, 10, 10):
+            hits = shardc.buffer("i4", n)
+            r = shardc.shard_map(
+                n,
+                _count,
+                out={"hits": hits},
+                dispatch_mode="shm_queue" if n > 10 else "rpc_chunked",
+                pool=pool,
+                progress=False,
+            )
+            assert r.succeeded and int(hits.array.min()) == 1 == int(hits.array.max()), n
+            hits.close()
+        hits, flag = shardc.buffer("i4", 10), shardc.buffer("i4", 1)
+        r = shardc.shard_map(10, _count_then_die_once, out={"hits": hits, "flag": flag}, pool=pool, progress=False)
+        assert r.succeeded
+        assert hits.array.tolist() == [1, 1, 1, 2, 1, 1, 1, 1, 1, 1]  # shard 3: its crashed attempt and its retry
+        hits.close()
+        flag.close()

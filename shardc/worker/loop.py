@@ -126,6 +126,7 @@ class Worker:
         self.task_objects: dict[Any, Any] = {}  # see load_task
         self.last_fun = (0, 0)  # (length, hash) of the pickle of the last call's fun
         self.fun_times: dict[tuple[int, int], int] = {}  # such keys -> shard time (ns), the last FUN_TIMES
+        self._dm: tuple[tuple[Any, ...], Any, DoneMap] | None = None  # the last done map (see _donemap)
 
     # -- segments ----------------------------------------------------------------
     def adopt(self, infos: list[dict[str, Any]], fds: list[int]) -> None:
@@ -135,7 +136,19 @@ class Worker:
                 old.close()
             self.segments[info["key"]] = Segment.adopt(fd, info["size"], info["backing"], info["name"], info["key"])
 
+    def _donemap(self, d: dict[str, Any]) -> DoneMap:
+        """The call's done map: the last call's handle when it is the same region of the same
+        mapping (the pool keeps one map for its small calls), else a new one."""
+        key = (d["segs"][0], d["offset"], d["shape"])
+        held = self._dm
+        if held is None or held[0] != key or self.shared_maps.get(key[0]) is not held[1]:
+            arr = self.out_array(d)
+            held = self._dm = (key, self.shared_maps[key[0]], DoneMap.attach(arr))
+        return held[2]
+
     def forget(self, keys: list[str]) -> None:
+        if self._dm is not None and self._dm[0][0] in keys:
+            self._dm = None  # (its mapping goes: not kept alive by the handle)
         for k in keys:
             seg = self.segments.pop(k, None)
             self.shared_maps.pop(k, None)
@@ -220,7 +233,7 @@ class Worker:
             kwargs[name] = self.out_array(desc)
         c.kwargs = kwargs
         c.borrowed = frozenset(msg["borrow"])
-        c.donemap = DoneMap.attach(self.out_array(msg["donemap"]))
+        c.donemap = self._donemap(msg["donemap"])
         c.fun = _Unpickler(msg["fun"], self).load()
         if msg.get("value_sink") is not None:  # a front end's value sink (ShardExecutor's ValueSink)
             c.value_sink = msg["value_sink"].open(self.slot, c.call_id)
