@@ -52,7 +52,7 @@ import numpy as np
 
 from .dispatch import Dispatcher, Loss
 from .errors import QueueClosedError
-from .protocol import END, QCOW, QDONE, QFAIL, QIDLE, QUEUE
+from .protocol import END, QCOW, QDONE, QFAIL, QIDLE, QUEUE, fun_key
 from .queue import TaskRing
 from .scheduler import Scheduler
 from .status import STATE_RUNNING, DoneMap, RowSnapshot, StatusTable
@@ -281,7 +281,7 @@ class QueueDispatcher(Dispatcher):
         self.ring, self.ring_token = pool_ring(pool, n, backing)
         assert call.donemap is not None
         self.done: DoneMap = call.donemap  # the call's done map (closed with the call)
-        self.fun_key = (len(call.fun_blob or b""), hash(call.fun_blob))
+        self.fun_key = fun_key(call.fun_blob)
         known = _last.get(pool)
         per = known[1] if known is not None and known[0] == self.fun_key else None
         self.feeder = QueueFeeder(self.sched, self.diag, self.ring, n, opts.get("block_size"), self.sched.autotune, per)

@@ -103,6 +103,12 @@ class Outcome(NamedTuple):
     mem_delta: int | None  # anonymous-memory growth over the shard, if measured
 
 
+def fun_key(blob: bytes | None) -> tuple[int, int]:
+    """The identity of a CALL's ``fun`` pickle, by which master and workers keep
+    what they learned of a function's shards across calls (a guess, nothing more)."""
+    return (len(blob), hash(blob)) if blob is not None else (0, 0)
+
+
 def work_call(msg: tuple[Any, ...]) -> int | None:
     """The call a RUN or QUEUE message is work of (None for any other message).
     A worker whose call's work is already behind its CALL skips READY: the

@@ -364,7 +364,7 @@ class Supervisor:
             # worker's socket: drop the stale registration first.
             stale = self.sel.get_map().get(w.chan.sock.fileno())
             if stale is not None:
-                self.sel.unregister(stale.fileobj)
+                _unregister(self.sel, stale.fileobj)
             self.sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
 
     def _unwatch(self, w: Any) -> None:
@@ -379,6 +379,7 @@ class Supervisor:
         sel: selectors.BaseSelector | None = pool.selector
         if sel is None:
             sel = pool.selector = selectors.DefaultSelector()
+        self.sel = sel
         slots = {w.chan.sock: w.slot for w in pool.workers}
         for key in list(sel.get_map().values()):
             if slots.get(key.fileobj) != key.data:
@@ -386,7 +387,7 @@ class Supervisor:
         watched = sel.get_map()
         for w in pool.workers:
             if w.chan.sock not in watched:
-                sel.register(w.chan.sock, selectors.EVENT_READ, w.slot)
+                self._watch(w)
         return sel
 
     def receive(self, w: Any) -> list[tuple[Any, list[int]]] | None:

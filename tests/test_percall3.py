@@ -412,3 +412,13 @@ def test_the_kept_done_map_handle_follows_the_pools_map(monkeypatch: pytest.Monk
         assert hits.array.tolist() == [1, 1, 1, 2, 1, 1, 1, 1, 1, 1]  # shard 3: its crashed attempt and its retry
         hits.close()
         flag.close()
+
+
+@pytest.mark.parametrize("n", [1, 10, 12345])
+def test_an_int_n_resolves_to_what_shards_makes(n: int) -> None:
+    """resolve_shards' fast path for an int N is the descriptor ``shards(N, block_size=1)`` makes."""
+    from shardc.shards import shards
+    from shardc.validate import resolve_shards
+
+    desc, scalar = resolve_shards(n)
+    assert scalar and vars(desc) == vars(shards(n, block_size=1))

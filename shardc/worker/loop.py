@@ -61,6 +61,7 @@ from ..protocol import (
     RUN,
     RUN_CAREFUL,
     error_record,
+    fun_key,
     work_call,
 )
 from ..segment import Segment
@@ -124,7 +125,7 @@ class Worker:
         self.returned_call = 0  # the last call it handed chunks of back (rpc.give_back)
         self.ex = ShardExecutor(self.row, guard, self.heap)
         self.task_objects: dict[Any, Any] = {}  # see load_task
-        self.last_fun = (0, 0)  # (length, hash) of the pickle of the last call's fun
+        self.last_fun = fun_key(None)  # (protocol.fun_key) of the last call's fun
         self.fun_times: dict[tuple[int, int], int] = {}  # such keys -> shard time (ns), the last FUN_TIMES
         self._dm: tuple[tuple[Any, ...], Any, DoneMap] | None = None  # the last done map (see _donemap)
 
@@ -245,7 +246,7 @@ class Worker:
             times[self.last_fun] = self.ex.ewma_ns
             if len(times) > FUN_TIMES:
                 del times[next(iter(times))]
-        key = (len(msg["fun"]), hash(msg["fun"]))
+        key = fun_key(msg["fun"])
         self.ex.begin_call(times.get(key, -1))
         self.last_fun = key
 
