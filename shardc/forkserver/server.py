@@ -112,7 +112,9 @@ def serve(fd: int) -> None:
     chan.send((READY, me))
     running = True
     while running:
-        ready, _, _ = select.select([fd, wake_r], [], [])
+        # Messages read with the INIT (a STOP right behind it, from a pool stopped before this
+        # zygote ran) are handled before waiting: the socket has nothing more to wake it.
+        ready = [fd] if chan.pending() else select.select([fd, wake_r], [], [])[0]
         if wake_r in ready:
             try:
                 while os.read(wake_r, 512):
@@ -123,7 +125,7 @@ def serve(fd: int) -> None:
         if fd not in ready:
             continue
         try:
-            msgs = chan.recv_ready()
+            msgs = chan.poll_nonblocking() if chan.pending() else chan.recv_ready()
         except (ChannelClosed, OSError):
             break
         for msg, fds in msgs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -193,3 +194,32 @@ def test_a_killed_master_takes_its_zygote_and_workers_along():
     pids = {int(p) for p in out.stdout.split()}
     assert len(pids) == 3
     assert not _gone(pids), f"left running after the master was killed: {_gone(pids, 0)}"
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_read_together_with_the_init_stops_the_server():
+    """A pool stopped before its zygote first ran: INIT and STOP reach the server in one read.
+    The STOP left over from that read must be handled, not wait for more bytes (it used to sit
+    in the channel while the server slept in select, and the pool's close waited out its 5 s)."""
+    from shardc._channel import Channel
+    from shardc.forkserver.wire import READY, STOP
+
+    ours, theirs = socket.socketpair()
+    chan = Channel(ours)
+    chan.cork()  # both frames in one write: the server's first read takes both
+    chan.send((READY, {"sys_path": list(sys.path), "packages": []}))
+    chan.send((STOP,))
+    chan.uncork()
+    code = "import sys; from shardc.forkserver.server import serve; serve(int(sys.argv[1]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], pass_fds=[theirs.fileno()], cwd=REPO)
+    theirs.close()
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("the server did not act on a STOP that arrived with its INIT")
+    assert rc == 0
+    msg, _ = chan.recv()
+    assert msg[0] == READY
+    chan.close()
