@@ -15,9 +15,8 @@ work, shrinking at the end so the last blocks spread over all workers.
 
 Nobody waits out a poll interval: a worker that finds the ring empty says so
 once (``QIDLE``) before it parks, which wakes the master's loop at once to
-top the ring up, or to see that the call is over.  (Measured before: the
-master refilled the ring only every 2 ms poll, so a 100-shard call took
-10 ms and a 2,000-shard call 57 ms, almost all of it workers waiting.)
+top the ring up, or to see that the call is over (with a 2 ms poll before,
+a 100-shard call took 10 ms, almost all of it workers waiting).
 
 Workers write only to ``out=`` buffers: return values are not gathered (each
 ``results`` entry is None), failures are.  Progress needs no message per
@@ -69,7 +68,10 @@ RING_CAPACITY = 1024
 # A call of the same fun as the pool's last shm_queue call, whose shard time then says this one is
 # at most this much work per worker, goes in whole at once in equal blocks, 2 per worker (QueueFeeder).
 WHOLE_CALL_S = 0.002
-_last: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], float]] = weakref.WeakKeyDictionary()
+# A call at most this much longer than the last figure said (a preemption as likely as slower
+# shards) keeps that figure once; a second in a row replaces it.
+PREEMPT_S = 0.010
+_last: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], float, bool]] = weakref.WeakKeyDictionary()
 _ring_serial = itertools.count(1)
 
 
@@ -316,22 +318,19 @@ class QueueDispatcher(Dispatcher):
             "error_log": self._error_log_path(w) if opts.get("error_log") else None,
             "error_log_max_lines": int(opts.get("error_log_max_lines", 100)),
         }
-        # The fd only to a process that has not mapped this ring yet: workers
-        # keep the pool's ring between calls (shardc.worker.queue_loop), and
-        # passing an fd costs both sides syscalls (SCM_RIGHTS) every call.
+        # The fd only to a process without this ring mapped (workers keep it between calls,
+        # shardc.worker.queue_loop): an fd passed costs both sides syscalls (SCM_RIGHTS).
         held = getattr(w, "ring_held", None) == (w.pid, self.ring_token)
         self.diag.bytes_setup += w.chan.send((QUEUE, msg), [] if held else [self.ring.fd])
         w.ring_held = (w.pid, self.ring_token)
-        # Its END too: nothing else is sent to it in this call, and it reads END when it leaves the
-        # ring (with the call's setup and QUEUE in one write: no wake-up at the call's end).
+        # Its END too (nothing else goes to it in this call; read when it leaves the ring): no wake-up at the end.
         w.chan.send((END, self.call_id))
         w.call_ended = True
 
     def start(self) -> None:
         for w in self.pool.workers:
             self.status.take_done(w.slot)  # counts start at 0 each call
-        # Blocks first: a worker's first pop then finds work instead of
-        # parking (and being woken, ~50-85 us) until the master pushes.
+        # Blocks first: a worker's first pop finds work instead of parking (a wake-up: 50-85 us).
         self.feeder.feed()
         for w in self.pool.workers:
             self.attach(w)
@@ -494,8 +493,11 @@ class QueueDispatcher(Dispatcher):
         sched, t_first = self.sched, self.feeder.t_first
         if t_first is not None and not sched.retries_total and not sched.n_failed and sched.num:
             # The shard time (wall since the first block, wake-ups included: an upper bound) for
-            # the next call of this fun on this pool (WHOLE_CALL_S).
-            _last[self.pool] = (self.fun_key, (time.monotonic() - t_first) * len(self.pool.workers) / sched.num)
+            # the next call of this fun on this pool (WHOLE_CALL_S; a first small rise: PREEMPT_S).
+            n, prev = len(self.pool.workers), _last.get(self.pool)
+            per = (time.monotonic() - t_first) * n / sched.num
+            once = prev and prev[0] == self.fun_key and not prev[2] and 0 < per - prev[1] < PREEMPT_S * n / sched.num
+            _last[self.pool] = (self.fun_key, prev[1], True) if once and prev else (self.fun_key, per, False)
         deadline = time.monotonic() + 5.0
         # A replacement forked after the last shard finished never got the
         # ring: waiting for its QDONE would only run out the deadline.
