@@ -34,6 +34,7 @@ READ_SMALL, READ_BIG = 1 << 16, 1 << 20  # bytes per recvmsg (see Channel._fill)
 # A frame with a payload over BIG_FRAME is received straight into a buffer of its size (one copy,
 # from the kernel); that buffer is kept for the next big frame up to KEEP_BIG bytes.
 BIG_FRAME, KEEP_BIG = 1 << 17, 64 << 20
+SMALL_FRAME = 4096  # a complete frame up to this size is unpickled from a copy, bigger ones from a view
 
 
 class ChannelClosed(ShardcError, EOFError):
@@ -46,7 +47,7 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._buf = bytearray()  # bytes read and not yet parsed (small frames)
-        self._rbuf = bytearray(READ_SMALL)  # what each read lands in (kept: no allocation per read)
+        self._rbuf = memoryview(bytearray(READ_SMALL))  # what each read lands in (kept: no allocation per read)
         self._big = bytearray()  # a big frame's payload, received in place (see _fill)
         self._big_need = self._big_at = self._big_fds = 0  # its size, bytes in, fds announced
         self._fds: list[int] = []
@@ -136,12 +137,13 @@ class Channel:
         of a 10 MB transfer's receiving time).  While a big frame is open (its
         header read, :meth:`_parse`), its payload is read straight into place.
         """
-        big = self._big_need
-        view = memoryview(self._big)[self._big_at : self._big_need] if big else memoryview(self._rbuf)
-        with view:
-            n, anc, _flags, _addr = self.sock.recvmsg_into([view], _ANC_SPACE, flags)
-            if n and not self._big_need:
-                self._buf += view[:n]
+        if self._big_need:
+            with memoryview(self._big) as mv, mv[self._big_at : self._big_need] as view:
+                n, anc, _flags, _addr = self.sock.recvmsg_into([view], _ANC_SPACE, flags)
+        else:
+            n, anc, _flags, _addr = self.sock.recvmsg_into([self._rbuf], _ANC_SPACE, flags)
+            if n:
+                self._buf += self._rbuf[:n]
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -152,7 +154,7 @@ class Channel:
         if self._big_need:
             self._big_at += n
         elif n == len(self._rbuf) and n < READ_BIG:  # reads fill it: many frames in transit
-            self._rbuf = bytearray(READ_BIG)
+            self._rbuf = memoryview(bytearray(READ_BIG))
         self.bytes_received += n
         return True
 
@@ -173,8 +175,11 @@ class Channel:
             n, nfds = _HDR.unpack_from(self._buf)
             end = _HDR.size + n
             if len(self._buf) >= end:
-                with memoryview(self._buf) as mv, mv[_HDR.size : end] as payload:
-                    self._take(payload, nfds)
+                if n <= SMALL_FRAME:  # a copy costs less than a view's setup here
+                    self._take(self._buf[_HDR.size : end], nfds)
+                else:
+                    with memoryview(self._buf) as mv, mv[_HDR.size : end] as payload:
+                        self._take(payload, nfds)
                 del self._buf[:end]
                 continue
             if n <= BIG_FRAME:
@@ -187,8 +192,11 @@ class Channel:
             self._big_need, self._big_at, self._big_fds = n, have, nfds
             self._buf.clear()
 
-    def _take(self, payload: memoryview, nfds: int) -> None:
-        """Unpickle one frame's payload (a view: nothing of it is kept)."""
+    def _take(self, payload: Any, nfds: int) -> None:
+        """Unpickle one frame's payload (bytes-like; nothing of it is kept)."""
+        if not nfds:
+            self._ready.append((pickle.loads(payload), []))
+            return
         if len(self._fds) < nfds:  # cannot happen: fds arrive with the frame's first byte
             raise ChannelClosed(f"frame announced {nfds} fds but only {len(self._fds)} arrived")
         fds, self._fds = self._fds[:nfds], self._fds[nfds:]
