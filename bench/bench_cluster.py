@@ -202,7 +202,7 @@ def main() -> None:
 
 def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
     with shardc.buffer("i8", n_tiny) as o:
-        local = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed")  # noqa: E731
+        local = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2)  # noqa: E731
         on = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1)  # noqa: E731
         t_first, _ = median_time(on, 1)
         rd = Rounds({"local": local, "cluster": on}, r)
@@ -292,7 +292,9 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
     d = shardc.shards(cols, block_size=BLOCK)
     mean, var = shardc.buffer("f8", cols), shardc.buffer("f8", cols)
     emit("colstats.bytes", X.nbytes, "B")
-    ref_res = shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var})  # warms the sealed copy
+    ref_res = shardc.shard_map(
+        d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2
+    )  # warms the sealed copy
     assert not ref_res.failures
     ref = (mean.array.copy(), var.array.copy())
     mean.array[:] = 0
@@ -324,9 +326,11 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
 
     rd = Rounds(
         {
-            "local": lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}),
+            "local": lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2),
             "cluster": on_cluster,
-            "local_share": lambda: shardc.shard_map(d, colstats, borrow={"X": Xs}, out={"mean": mean, "var": var}),
+            "local_share": lambda: shardc.shard_map(
+                d, colstats, borrow={"X": Xs}, out={"mean": mean, "var": var}, workers=2
+            ),
             "cluster_share": on_cluster_shared,
             "dask_map": lambda: c2.gather(c2.map(block_stats, [xf] * nb, range(nb), pure=False)),
             "dask_array": dask_array,
@@ -431,7 +435,7 @@ def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
             median_time(lambda: shardc.shard_map(bd, batch_shard, workers=2, cluster=on), 1)  # its shard time learned
             rd = Rounds(
                 {
-                    "local": lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed"),
+                    "local": lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2),
                     "shardc": go,
                     "ray_item": lambda: ray.get([item.remote(i) for i in range(n_task)]),
                     "ray_batched": lambda: ray.get(
@@ -478,7 +482,9 @@ def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
         half = nb // 2
         rd = Rounds(
             {
-                "local": lambda: shardc.shard_map(d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}),
+                "local": lambda: shardc.shard_map(
+                    d, colstats, borrow={"X": X}, out={"mean": mean, "var": var}, workers=2
+                ),
                 "shardc": go2,
                 "shardc_share": go3,
                 "ray_task": lambda: ray.get([blocks.remote(xr, [j]) for j in range(nb)]),
