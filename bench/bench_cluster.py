@@ -97,11 +97,19 @@ def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 class Rounds:
     """The forms compared, timed in interleaved rounds (A, B, C, A, B, C, ...): on a machine
     shared with other jobs each round's forms see about the same load.  ``vs(a, b)``: the
-    median over rounds of (time of b / time of a), i.e. a's speed over b's (> 1: a faster)."""
+    median over rounds of (time of b / time of a), i.e. a's speed over b's (> 1: a faster).
 
-    def __init__(self, forms: dict[str, Callable[[], Any]], repeats: int) -> None:
+    ``warmup`` untimed rounds of every form first: right after the 1 GiB input was copied
+    (``ray.put``, a share, a scatter) every form ran up to 2-3x slower for two rounds while
+    the kernel settled its memory (seen in the rounds ``show`` prints); first calls are
+    reported on their own."""
+
+    def __init__(self, forms: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> None:
         self.times: dict[str, list[float]] = {k: [] for k in forms}
         self.last: dict[str, Any] = {}
+        for _ in range(warmup):
+            for fn in forms.values():
+                fn()
         for _ in range(repeats):
             for k, fn in forms.items():
                 t0 = time.perf_counter()
@@ -110,6 +118,11 @@ class Rounds:
 
     def t(self, k: str) -> float:
         return statistics.median(self.times[k])
+
+    def show(self, prefix: str) -> None:
+        """Every round's time of every form (a comment line each: the spread behind the medians)."""
+        for k, ts in self.times.items():
+            print(f"# {prefix}.{k} rounds: " + " ".join(f"{t:.3f}" for t in ts), flush=True)
 
     def vs(self, a: str, b: str) -> float:
         return statistics.median(tb / ta for ta, tb in zip(self.times[a], self.times[b], strict=True))
@@ -206,6 +219,7 @@ def run_tiny(c1: Any, c2: Any, on1: Cluster, n_tiny: int, r: int) -> None:
         on = lambda: shardc.shard_map(n_tiny, tiny, out={"o": o}, profile="speed", workers=2, cluster=on1)  # noqa: E731
         t_first, _ = median_time(on, 1)
         rd = Rounds({"local": local, "cluster": on}, r)
+        rd.show("tiny")
         t_local, t_cl, res = rd.t("local"), rd.t("cluster"), rd.last["cluster"]
         assert np.array_equal(o.array, np.arange(n_tiny))
     rate, fixed = steady_rate(res)
@@ -337,6 +351,7 @@ def run_colstats(c2: Any, on1: Cluster, X: np.ndarray, r: int) -> None:
         },
         r,
     )
+    rd.show("colstats")
     assert np.array_equal(mean.array, ref[0]) and np.array_equal(var.array, ref[1])
     assert np.allclose(np.concatenate([m for m, _ in rd.last["dask_map"]]), ref[0])
     assert np.allclose(rd.last["dask_array"][0], ref[0])
@@ -446,6 +461,7 @@ def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
                 r,
             )
             assert np.array_equal(o.array, np.arange(n_tiny))
+        rd.show("ray.tiny")
         assert sum(len(b) for b in rd.last["ray_batched"]) == n_tiny
         assert sum(len(b) for b in rd.last["shardc_batched"].results) == n_tiny
         emit("ray.tiny.local", n_tiny / rd.t("local"), "items/s")
@@ -494,6 +510,7 @@ def run_ray(n_tiny: int, X: np.ndarray, r: int) -> None:
             },
             r,
         )
+        rd.show("ray.colstats")
         assert np.array_equal(mean.array, ref)
         assert np.allclose(np.concatenate([g[0][0] for g in rd.last["ray_task"]]), ref)
         emit("ray.colstats.local", rd.t("local"), "s")
