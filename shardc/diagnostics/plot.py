@@ -1,7 +1,8 @@
 """The timeline picture: one row per worker (shards as bars coloured ok /
 retried / failed, deaths and recycles marked), memory underneath; for a
 ``cluster=`` run one row per node (macro-shards as bars, tries lost with a
-node marked) and each node's peak memory underneath.
+node marked, bytes moved in its label), under it a lane per worker of the
+node's pool, and each node's peak memory underneath.
 
 Memory is sampled, not continuous, and each series is drawn as what it is:
 a worker's own anonymous memory (statm at shard boundaries and at ticks,
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidTypeError, MissingDependencyError
+from ..units import fmt_bytes
 from .collect import FAILED, OK, OK_RETRIED, Diagnostics
 
 _COLORS = {OK: "#4c9a2a", OK_RETRIED: "#e0a000", FAILED: "#c0392b"}
@@ -111,31 +113,51 @@ def _finish(plt: Any, fig: Any, path: Any, show: bool | None) -> Any:
 
 
 def _draw_cluster(plt: Any, c: dict[str, Any], d: Diagnostics) -> Any:
-    """A cluster run: one row per node (its agent and workers named), each
-    macro-shard a bar (amber: a shard in it was retried), a try lost with its
-    node an x at its start; per-node peak memory underneath."""
+    """A cluster run: per node a row of its macro-shards (amber: a shard in it was
+    retried; a try lost with its node an x at its start), then a lane per worker of
+    the node's pool (its span of shards in each macro-shard, as the agent measured
+    it); per-node peak memory and bytes moved underneath."""
+    from .cluster import node_lanes
+
     nodes = sorted(set(c["nodes"]) | {s["node"] for s in c["starts"]})
-    row = {n: i for i, n in enumerate(nodes)}
+    lanes = {n: node_lanes(c, n) for n in nodes}
+    row: dict[Any, int] = {}
+    labels: list[str] = []
+    for n in nodes:
+        rec = c["nodes"].get(n)
+        row[n] = len(labels)
+        labels.append(
+            f"{n}\nagent {','.join(map(str, rec['agents']))}; in {fmt_bytes(rec['bytes_inputs'])}, "
+            f"replies {fmt_bytes(rec['bytes_replies'])}"
+            if rec
+            else f"{n}\nlost"
+        )
+        for slot, lane in lanes[n].items():
+            row[(n, slot)] = len(labels)
+            labels.append(f"worker {slot} (pid {','.join(map(str, lane['pids']))}): {lane['shards']} shards")
     w0 = c["t_start_wall"]
     fig, (ax, axm) = plt.subplots(
-        2, 1, figsize=(11, 2.5 + 0.5 * len(nodes) + 3), gridspec_kw={"height_ratios": [max(1, len(nodes)), 2.5]}
+        2, 1, figsize=(11, 2.5 + 0.4 * len(labels) + 3), gridspec_kw={"height_ratios": [max(1, len(labels)), 2.5]}
     )
     for m in c["macros"]:
         color = _COLORS[OK_RETRIED] if m["retries"] else _COLORS[OK]
         ax.barh(row[m["node"]], m["seconds"], left=m["t_done"] - m["seconds"] - w0, height=0.6, color=color)
+    for n in nodes:
+        for slot, lane in lanes[n].items():
+            for t0, t1 in lane["spans"]:
+                ax.barh(row[(n, slot)], max(t1 - t0, 1e-6), left=t0 - w0, height=0.4, color="#7fb3d5", linewidth=0)
     done = {(m["macro"], m["node"]) for m in c["macros"]}
     for s in c["starts"]:
         if (s["macro"], s["node"]) not in done:
             ax.plot([s["t"] - w0], [row[s["node"]]], marker="x", color="#c0392b", markersize=10, linestyle="none")
-    labels = []
-    for n in nodes:
-        rec = c["nodes"].get(n)
-        who = f"agent {','.join(map(str, rec['agents']))}, {rec['workers']} workers" if rec else "lost"
-        labels.append(f"{n}\n{who}")
     ax.set_xlim(left=0)  # the start: agents begin when their node's first macro-shard arrives
-    ax.set_yticks(range(len(nodes)))
+    ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize="small")
-    ax.set_xlabel("seconds since start (bars: macro-shards on the node's pool; x: a try lost with its node)")
+    ax.invert_yaxis()  # each node above its workers
+    ax.set_xlabel(
+        "seconds since start (node rows: macro-shards on the node's pool, x: a try lost with its node; "
+        "worker lanes: each one's shards in each macro-shard)"
+    )
     ax.set_title(
         f"shard_map on {c['backend']}: {d.completed}/{d.num_shards} ok, {d.failed} failed, {d.wall_seconds:.2f} s"
     )

@@ -75,6 +75,15 @@ def test_results_outs_and_seeds_equal_a_local_run(client: Any) -> None:
         assert len(node["agents"]) == 1  # one agent per node for the whole call
         assert node["bytes_inputs"] >= sent and node["bytes_inputs"] < sent + 4096  # once (+ the pickled dict, ids)
     assert "cluster" in str(res.report())
+    # nodes -> workers: each macro-shard names its node's workers and their shards (all of them)
+    assert sum(lane[4] for m in c["macros"] for lane in m["lanes"]) == N
+    for m in c["macros"]:
+        node_pids = set(c["nodes"][m["node"]]["worker_pids"])
+        assert m["lanes"] and {lane[1] for lane in m["lanes"]} <= node_pids
+        for _slot, _pid, t0, t1, n, busy in m["lanes"]:
+            assert n > 0 and t0 <= t1 and 0 <= busy <= (t1 - t0) + 1e-3
+            assert m["t_done"] - m["seconds"] - 0.5 <= t0 and t1 <= m["t_done"] + 0.5  # inside its macro-shard
+    assert "worker 0 (pid " in str(res.report())
     pids = [p for n in c["nodes"].values() for p in n["agents"] + n["worker_pids"]]
     assert set(c["nodes"][n]["agents"][0] for n in c["nodes"]) <= {
         p.pid for p in agent_procs()
@@ -362,9 +371,11 @@ def test_a_worker_killed_mid_run_has_its_work_redone(client: Any, tmp_path: Path
     # Each macro-shard is in the result exactly once: completed ones were not rerun.
     assert sorted(m["macro"] for m in c["macros"]) == sorted({m["macro"] for m in c["macros"]})
     assert "did not finish it (node lost); rerun" in str(res.report())
-    fig = res.plot(tmp_path / "timeline.png")  # one row per node, the lost try marked
+    fig = res.plot(tmp_path / "timeline.png")  # one row per node, the lost try marked, a lane per worker
     assert (tmp_path / "timeline.png").stat().st_size > 0
-    assert any(victim_addr in t.get_text() for t in fig.axes[0].get_yticklabels())
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert any(victim_addr in t for t in labels)
+    assert sum(t.startswith("worker 0 (pid") for t in labels) == len(c["nodes"])  # under each node that finished
     assert len(fig.axes[0].lines) >= 1  # the x of the lost try
     shardc.cluster.close(client)
     wait_no_agents()

@@ -473,3 +473,28 @@ def test_without_tracking_changes_are_still_caught_by_comparing(tmp_path: Path) 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert "portable mode" in out.stdout
+
+
+@pytest.mark.parametrize("mode", ["rpc_chunked", "shm_queue"])
+def test_worker_spans_of_a_local_run(mode: str) -> None:
+    """What an agent reports per worker of a macro-shard: every shard counted once, each span
+    inside the run (wall clock), busy time within the span, the slot's pid."""
+    import time
+
+    from shardc.diagnostics.cluster import worker_spans
+
+    def f(shard: Any, o: Any) -> None:
+        time.sleep(0.002)
+        o[shard.id] = 1
+
+    with shardc.Pool(2) as pool, shardc.buffer("i8", 60) as o:
+        t0 = time.time()
+        res = shardc.shard_map(60, f, out={"o": o}, pool=pool, progress=False, dispatch_mode=mode)
+        t1 = time.time()
+        pids = {w.slot: w.pid for w in pool.workers}
+        spans = worker_spans(res.diagnostics, pids)
+    assert sum(s[4] for s in spans) == 60
+    assert {s[0] for s in spans} <= {0, 1} and all(s[1] == pids[s[0]] for s in spans)
+    for _slot, _pid, a, b, n, busy in spans:
+        assert t0 - 0.05 <= a <= b <= t1 + 0.05
+        assert n * 0.002 * 0.9 <= busy <= (b - a) + 1e-3
