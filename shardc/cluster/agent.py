@@ -54,7 +54,7 @@ from .._channel import Channel, ChannelClosed
 from .._version import __version__
 from ..buffer import Buffer, buffer
 from ..call import values_pickled
-from ..diagnostics.cluster import worker_spans
+from ..diagnostics.lanes import worker_spans
 from ..kernels import _registry
 from ..map import shard_map
 from ..pool import pool_stop
@@ -269,7 +269,7 @@ class Job:
             self.tuned = max(int(e["chunk_to"]) for e in d.autotune)
         mem = d.worker_memory()
         agent.peak_rss = max(agent.peak_rss, ll.own_rss())
-        status = res.pool_stats.get("status", [])
+        status = res.pool_stats.get("status", [])  # (read once: it is built on first use)
         return {
             "values": values,
             "pickled": pickled,
@@ -278,7 +278,7 @@ class Job:
             "seconds": wall,
             "workers": res.pool_stats.get("workers"),
             "worker_pids": sorted({p for s in status for p in [s.get("pid")] if p}),
-            "lanes": worker_spans(d, {int(s["worker"]): s.get("pid") for s in status if "worker" in s}),
+            "lanes": worker_spans(d),
             "retries": d.retries,
             "events": [f"{e['event']}: worker {e['worker']}: {e['reason']}" for e in d.events],
             "worker_peak_uss": sum(r["peak_uss"] for r in mem.values()),

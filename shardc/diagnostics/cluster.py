@@ -5,61 +5,17 @@ fills: per node the agent and worker pids, macro-shards and shards run, busy
 time, peak memory (the engine's worker process, the agent, the pool's
 workers' USS summed) and bytes moved (inputs sent once, replies); then the
 macro-shards lost with a node or agent and rerun elsewhere; per worker of
-each node, shards run and busy time (:func:`worker_spans`, measured by the
-node's agent on every macro-shard's local call).
+each node, shards run and busy time (:func:`.lanes.worker_spans`, measured
+by the node's agent on every macro-shard's local call).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
-
-import numpy as np
 
 from ..units import fmt_bytes
 from .base import Report, diag_of
-
-
-def worker_spans(d: Any, pids: dict[int, int]) -> list[list[Any]]:
-    """Each worker's part of a local run (the agent's, for one macro-shard):
-    ``[slot, pid, first start, last end, shards, busy seconds]``, times as wall
-    clock seconds of this machine (the caller draws them beside its macro-shards).
-    From per-shard times (rpc_chunked, diagnostics on) or blocks (shm_queue)."""
-    acc: dict[int, list[float]] = {}
-
-    def add(slot: int, t0: int, t1: int, n: int, busy: int) -> None:
-        a = acc.setdefault(slot, [t0, t1, 0, 0])
-        a[0], a[1], a[2], a[3] = min(a[0], t0), max(a[1], t1), a[2] + n, a[3] + busy
-
-    if d.enabled and d.mode == "rpc_chunked":
-        w = d.shard_worker
-        for slot in np.flatnonzero(np.bincount(w[w >= 0])) if (w >= 0).any() else ():
-            sel = w == slot
-            t0, t1 = d.shard_t0[sel], d.shard_t1[sel]
-            add(int(slot), int(t0.min()), int(t1.max()), int(sel.sum()), int((t1 - t0).sum()))
-    for slot, _start, count, b0, b1 in d.blocks:
-        add(slot, b0, b1, count, b1 - b0)
-    off = time.time() - time.monotonic_ns() * 1e-9  # monotonic ns -> this machine's wall clock
-    return [
-        [slot, pids.get(slot), a[0] * 1e-9 + off, a[1] * 1e-9 + off, int(a[2]), a[3] * 1e-9]
-        for slot, a in sorted(acc.items())
-    ]
-
-
-def node_lanes(c: dict[str, Any], node: str) -> dict[int, dict[str, Any]]:
-    """A node's workers over the call: slot -> pids, shards, busy seconds, spans (wall clock)."""
-    out: dict[int, dict[str, Any]] = {}
-    for m in c["macros"]:
-        if m["node"] != node:
-            continue
-        for slot, pid, t0, t1, n, busy in m.get("lanes", ()):
-            lane = out.setdefault(slot, {"pids": [], "shards": 0, "busy": 0.0, "spans": []})
-            if pid is not None and pid not in lane["pids"]:
-                lane["pids"].append(pid)
-            lane["shards"] += n
-            lane["busy"] += busy
-            lane["spans"].append((t0, t1))
-    return dict(sorted(out.items()))
+from .lanes import node_lanes
 
 
 def cluster_report(result: Any) -> Report:

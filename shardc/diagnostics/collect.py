@@ -265,10 +265,7 @@ class Diagnostics:
         self, sid: int, slot: int, t0: int, t1: int, ok: bool, attempts: int, mem_delta: int | None = None
     ) -> None:
         self._frames.append((slot, sid, t0, t1, ok, attempts, mem_delta))
-        rec = self.workers.get(slot)
-        if rec is not None:
-            rec["shards"] += 1
-            rec["busy_ns"] += t1 - t0
+        self._busy(slot, 1, t0, t1, t1 - t0)
 
     def batch_done(self, slot: int, results: list[tuple], attempts: np.ndarray) -> None:
         """Record a results message's shards: a few as records, more with array
@@ -292,10 +289,7 @@ class Diagnostics:
             for r in results:
                 if r[6] is not None:
                     self.shard_mem_delta[r[0]] = r[6]
-        rec = self.workers.get(slot)
-        if rec is not None:
-            rec["shards"] += n
-            rec["busy_ns"] += int((t1 - t0).sum())
+        self._busy(slot, n, int(t0.min()), int(t1.max()), int((t1 - t0).sum()))
 
     def frame_done(self, slot: int, start: int, count: int, t0: int, t1: int, attempts: np.ndarray) -> None:
         """An rpc frame (``shardc.protocol.FRAME``): shards ``start`` ..
@@ -307,10 +301,17 @@ class Diagnostics:
         done, so their ``attempts`` do not change until then."""
         self._frames.append((slot, start, count, t0, t1))
         self._attempts = attempts
+        self._busy(slot, count, t0, t1, t1 - t0)
+
+    def _busy(self, slot: int, n: int, t0: int, t1: int, busy: int) -> None:
+        """Worker ``slot`` ran ``n`` shards between ``t0`` and ``t1`` (ns), ``busy`` ns of it:
+        its shards, busy time and span (first start, last end: ``diagnostics.cluster.worker_spans``)."""
         rec = self.workers.get(slot)
         if rec is not None:
-            rec["shards"] += count
-            rec["busy_ns"] += t1 - t0
+            rec["shards"] += n
+            rec["busy_ns"] += busy
+            span = rec.get("span")
+            rec["span"] = (min(span[0], t0), max(span[1], t1)) if span else (t0, t1)
 
     def _apply_frames(self) -> None:
         """Write the recorded frames into the per-shard arrays, in order;
@@ -345,10 +346,7 @@ class Diagnostics:
 
     def block_done(self, slot: int, start: int, count: int, t0: int, t1: int) -> None:
         self.blocks.append((slot, start, count, t0, t1))
-        rec = self.workers.get(slot)
-        if rec is not None:
-            rec["shards"] += count
-            rec["busy_ns"] += t1 - t0
+        self._busy(slot, count, t0, t1, t1 - t0)
 
     def block_mem_delta(self, slot: int, start: int, count: int, delta: int) -> None:
         """shm_queue: worker ``slot``'s memory grew by ``delta`` bytes over the

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import InvalidTypeError, MissingDependencyError
 from ..units import fmt_bytes
 from .collect import FAILED, OK, OK_RETRIED, Diagnostics
+from .lanes import node_lanes
 
 _COLORS = {OK: "#4c9a2a", OK_RETRIED: "#e0a000", FAILED: "#c0392b"}
 
@@ -117,8 +118,6 @@ def _draw_cluster(plt: Any, c: dict[str, Any], d: Diagnostics) -> Any:
     retried; a try lost with its node an x at its start), then a lane per worker of
     the node's pool (its span of shards in each macro-shard, as the agent measured
     it); per-node peak memory and bytes moved underneath."""
-    from .cluster import node_lanes
-
     nodes = sorted(set(c["nodes"]) | {s["node"] for s in c["starts"]})
     lanes = {n: node_lanes(c, n) for n in nodes}
     row: dict[Any, int] = {}

@@ -481,7 +481,7 @@ def test_worker_spans_of_a_local_run(mode: str) -> None:
     inside the run (wall clock), busy time within the span, the slot's pid."""
     import time
 
-    from shardc.diagnostics.cluster import worker_spans
+    from shardc.diagnostics.lanes import worker_spans
 
     def f(shard: Any, o: Any) -> None:
         time.sleep(0.002)
@@ -492,9 +492,24 @@ def test_worker_spans_of_a_local_run(mode: str) -> None:
         res = shardc.shard_map(60, f, out={"o": o}, pool=pool, progress=False, dispatch_mode=mode)
         t1 = time.time()
         pids = {w.slot: w.pid for w in pool.workers}
-        spans = worker_spans(res.diagnostics, pids)
+        spans = worker_spans(res.diagnostics)
     assert sum(s[4] for s in spans) == 60
     assert {s[0] for s in spans} <= {0, 1} and all(s[1] == pids[s[0]] for s in spans)
     for _slot, _pid, a, b, n, busy in spans:
         assert t0 - 0.05 <= a <= b <= t1 + 0.05
         assert n * 0.002 * 0.9 <= busy <= (b - a) + 1e-3
+
+
+def test_worker_spans_of_tiny_shards_in_frames() -> None:
+    """20,000 tiny shards (rpc frames, batches, single records): every shard in exactly one span."""
+    import time
+
+    from shardc.diagnostics.lanes import worker_spans
+
+    with shardc.Pool(2) as pool:
+        t0 = time.time()
+        res = shardc.shard_map(20_000, lambda s: None, pool=pool, progress=False)
+        t1 = time.time()
+        spans = worker_spans(res.diagnostics)
+    assert sum(s[4] for s in spans) == 20_000 and res.succeeded
+    assert all(t0 - 0.05 <= a <= b <= t1 + 0.05 and 0 <= busy <= b - a + 1e-3 for _s, _p, a, b, _n, busy in spans)
