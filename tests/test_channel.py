@@ -24,6 +24,17 @@ def _pair() -> tuple[Channel, Channel]:
     return Channel(a), Channel(b)
 
 
+def _frame(msg: Any) -> bytes:
+    """The bytes a Channel writes for ``msg`` (no fds), without sending them."""
+    ch = Channel(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    ch.cork()
+    ch.send(msg)
+    data = b"".join(d for d, _ in ch._corked or [])
+    ch._corked = None
+    ch.close()
+    return data
+
+
 def _drain(ch: Channel, count: int) -> list[tuple[Any, list[int]]]:
     got: list[tuple[Any, list[int]]] = []
     while len(got) < count:
@@ -60,16 +71,8 @@ def test_frames_written_one_byte_at_a_time() -> None:
     """The worst cut: every read returns one byte (a big frame's header alone, then its payload)."""
     a, b = socket.socketpair()
     rx = Channel(b)
-    frames = []
     msgs = [("small", 1), ("big", b"x" * (BIG_FRAME + 5000)), ("after", 2)]
-    for m in msgs:
-        tx_side = Channel(socket.socket(fileno=os.dup(a.fileno())))
-        tx_side.cork()
-        tx_side.send(m)
-        frames.append(b"".join(d for d, _ in tx_side._corked or []))
-        tx_side._corked = None
-        tx_side.close()
-    data = b"".join(frames)
+    data = b"".join(_frame(m) for m in msgs)
     got: list[Any] = []
     for i in range(0, len(data), 4096):  # (one byte each for the first frames, then 4 KiB steps)
         chunk = data[i : i + 4096]
@@ -113,11 +116,7 @@ def test_fds_go_with_their_frame_small_and_big() -> None:
 def test_eof_in_the_middle_of_a_big_frame_is_channel_closed() -> None:
     a, b = socket.socketpair()
     rx = Channel(b)
-    tx = Channel(a)
-    tx.cork()
-    tx.send(("big", b"z" * (1 << 20)))
-    frame = b"".join(d for d, _ in tx._corked or [])
-    tx._corked = None
+    frame = _frame(("big", b"z" * (1 << 20)))
 
     def half_then_close() -> None:
         a.sendall(frame[: len(frame) // 2])
@@ -137,12 +136,8 @@ def test_a_timeout_in_the_middle_of_a_big_frame_keeps_what_was_read() -> None:
     """recv with a socket timeout: the half frame stays; the rest completes it."""
     a, b = socket.socketpair()
     rx = Channel(b)
-    tx = Channel(a)
-    tx.cork()
     msg = ("big", os.urandom(1 << 20))
-    tx.send(msg)
-    frame = b"".join(d for d, _ in tx._corked or [])
-    tx._corked = None
+    frame = _frame(msg)
     first = threading.Thread(target=a.sendall, args=(frame[:300_000],))
     first.start()
     b.settimeout(0.5)
