@@ -37,22 +37,9 @@ import numpy as np
 import shardc
 from shardc.cluster import Cluster
 
-BLOCK = 256
-
-
-def colstats(shard: Any, X: np.ndarray, mean: Any, var: Any) -> None:
-    blk = X[:, shard.idx]
-    mean[shard.idx] = blk.mean(axis=0)
-    var[shard.idx] = blk.var(axis=0)
-
-
-def block_stats(X: np.ndarray, j: int) -> tuple[np.ndarray, np.ndarray]:
-    blk = X[:, j * BLOCK : (j + 1) * BLOCK]
-    return blk.mean(axis=0), blk.var(axis=0)
-
-
-def ray_blocks(X: np.ndarray, js: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [block_stats(X, j) for j in js]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cluster  # noqa: E402  (the same kernels as the full benchmark)
+from bench_cluster import BLOCK, colstats, ray_blocks  # noqa: E402
 
 
 def tiny(shard: Any, o: Any) -> None:
@@ -86,7 +73,11 @@ def main() -> None:
     ap.add_argument("--before", choices=["none", "tiny", "batch", "raytiny"], default="none")
     ap.add_argument("--sets", default="pair,all,pair,all")
     args = ap.parse_args()
+    import cloudpickle
     import ray
+
+    for mod in (bench_cluster, sys.modules[__name__]):  # Ray's workers and the nodes cannot import them
+        cloudpickle.register_pickle_by_value(mod)
 
     print(f"# load average {os.getloadavg()}, {os.cpu_count()} CPUs, shared machine", flush=True)
     X = np.random.default_rng(0).random((16384, 8192))
