@@ -39,7 +39,8 @@ def test_chaos_quick() -> None:
     )
     rows = parse(proc.stdout)
     tail = "\n".join(line for line in proc.stderr.splitlines() if "VIOLATION" in line or "Error" in line)
-    assert proc.returncode == 0, f"chaos run failed ({proc.returncode}):\n{proc.stdout}\n{tail or proc.stderr[-3000:]}"
+    # The violations, then the end of stderr whole (an exception's traceback, not only its last line).
+    assert proc.returncode == 0, f"chaos run failed ({proc.returncode}):\n{proc.stdout}\n{tail}\n{proc.stderr[-6000:]}"
     assert rows["chaos_violations"] == 0
     assert rows["chaos_done_reruns"] == 0
     assert rows["chaos_rounds"] >= 2
