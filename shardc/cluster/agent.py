@@ -269,7 +269,6 @@ class Job:
             self.tuned = max(int(e["chunk_to"]) for e in d.autotune)
         mem = d.worker_memory()
         agent.peak_rss = max(agent.peak_rss, ll.own_rss())
-        status = res.pool_stats.get("status", [])  # (read once: it is built on first use)
         return {
             "values": values,
             "pickled": pickled,
@@ -277,7 +276,7 @@ class Job:
             "runs": runs,
             "seconds": wall,
             "workers": res.pool_stats.get("workers"),
-            "worker_pids": sorted({p for s in status for p in [s.get("pid")] if p}),
+            "worker_pids": sorted({p for s in res.pool_stats.get("status", []) for p in [s.get("pid")] if p}),
             "lanes": worker_spans(d),
             "retries": d.retries,
             "events": [f"{e['event']}: worker {e['worker']}: {e['reason']}" for e in d.events],

@@ -454,7 +454,7 @@ class _Run:
                 "retries": body["retries"],
                 "bytes_reply": nbytes,
                 "t_done": time.time(),  # wall clock, comparable with the engine's start events
-                "lanes": body.get("lanes", []),  # per worker of the node: diagnostics.cluster.worker_spans
+                "lanes": body.get("lanes", []),  # per worker of the node: diagnostics.lanes.worker_spans
             }
         )
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..units import fmt_bytes
 from .base import Report, diag_of
-from .lanes import node_lanes
+from .lanes import lanes_by_node
 
 
 def cluster_report(result: Any) -> Report:
@@ -30,6 +30,7 @@ def cluster_report(result: Any) -> Report:
         "node                          agent pid(s)  workers  macros  shards  busy s  inputs    replies   "
         "peak: engine  agent  workers(USS)",
     ]
+    lanes = lanes_by_node(c)
     for name, n in sorted(c["nodes"].items()):
         lines.append(
             f"{name[:28]:<28}  {','.join(map(str, n['agents']))[:12]:<12}  {n['workers']:>7}  {n['macros']:>6}  "
@@ -38,7 +39,7 @@ def cluster_report(result: Any) -> Report:
             f"{fmt_bytes(n['agent_peak_rss']):>5}  {fmt_bytes(n['workers_peak_uss']):>12}"
         )
         lines.append(f"  {'':<26}worker pids {', '.join(map(str, n['worker_pids']))}")
-        for slot, lane in node_lanes(c, name).items():
+        for slot, lane in lanes.get(name, {}).items():
             lines.append(
                 f"  {'':<26}worker {slot} (pid {', '.join(map(str, lane['pids']))}): {lane['shards']} shards, "
                 f"busy {lane['busy']:.2f} s"

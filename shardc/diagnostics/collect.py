@@ -305,7 +305,7 @@ class Diagnostics:
 
     def _busy(self, slot: int, n: int, t0: int, t1: int, busy: int) -> None:
         """Worker ``slot`` ran ``n`` shards between ``t0`` and ``t1`` (ns), ``busy`` ns of it:
-        its shards, busy time and span (first start, last end: ``diagnostics.cluster.worker_spans``)."""
+        its shards, busy time and span (first start, last end: ``diagnostics.lanes.worker_spans``)."""
         rec = self.workers.get(slot)
         if rec is not None:
             rec["shards"] += n

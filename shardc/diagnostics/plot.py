@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InvalidTypeError, MissingDependencyError
 from ..units import fmt_bytes
 from .collect import FAILED, OK, OK_RETRIED, Diagnostics
-from .lanes import node_lanes
+from .lanes import lanes_by_node
 
 _COLORS = {OK: "#4c9a2a", OK_RETRIED: "#e0a000", FAILED: "#c0392b"}
 
@@ -119,7 +119,8 @@ def _draw_cluster(plt: Any, c: dict[str, Any], d: Diagnostics) -> Any:
     the node's pool (its span of shards in each macro-shard, as the agent measured
     it); per-node peak memory and bytes moved underneath."""
     nodes = sorted(set(c["nodes"]) | {s["node"] for s in c["starts"]})
-    lanes = {n: node_lanes(c, n) for n in nodes}
+    by_node = lanes_by_node(c)
+    lanes = {n: by_node.get(n, {}) for n in nodes}
     row: dict[Any, int] = {}
     labels: list[str] = []
     for n in nodes:
