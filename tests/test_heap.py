@@ -93,6 +93,35 @@ def test_heap_reuse_is_off_with_profile_memory_or_the_env_switch(how, monkeypatc
     assert min(faults) > BLOCK // ll.PAGE_SIZE // 4, faults
 
 
+def pin_above_temp(shard):
+    """temp_faults, and once a 40 MiB array kept for good, made while the
+    temporary lives: the temporary's chunk becomes a hole below it."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(BLOCK // 8)
+    if shard.id == 2:
+        import builtins
+
+        builtins.__dict__.setdefault("_shardc_test_pin", []).append(np.ones(40 * 1024**2 // 8))
+    del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+
+def test_a_hole_left_by_reuse_does_not_keep_serving_temporaries_once_it_is_off():
+    """A trim gives back a free chunk's pages below the top of the heap but
+    not the chunk: glibc then serves a same-size temporary from it before it
+    considers an mmap, resident from shard to shard, as if reuse were on (CI
+    saw [8192, 0, 0, 0, 0, 0] in the test above when the worker's own
+    allocations landed above a temporary).  Off must mean every shard faults
+    its temporary afresh."""
+    with shardc.Pool(1, init_expr=no_thp) as pool:
+        on = run_faults(pool, chunk_size=1).results  # (run_faults runs temp_faults)
+        r = pool.shard_map(shardc.shards(6, block_size=1), pin_above_temp, chunk_size=1, progress=False)
+        assert r.succeeded
+        faults = run_faults(pool, chunk_size=1, profile="memory").results
+    assert max(on[1:]) < BLOCK // ll.PAGE_SIZE // 20, on
+    assert min(faults) > BLOCK // ll.PAGE_SIZE // 4, faults
+
+
 def hold_and_free(shard):
     a = np.ones(96 * 1024**2 // 8)  # 96 MiB, kept after the first shard
     return float(a[shard.id])

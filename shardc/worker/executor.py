@@ -324,7 +324,7 @@ class ShardExecutor:
         long = ewma < 0 or ewma > LONG_NS
         if long:
             each = gather  # per-shard memory and timing: rpc, long shards
-            sample = bool(diag or heap.keep)  # memory read at all (for the delta, for the heap)
+            sample = bool(diag or heap.watch)  # memory read at all (for the delta, for the heap)
             m0 = heap.own_anon() if diag else None
         else:
             each = sample = False
@@ -445,7 +445,7 @@ class ShardExecutor:
         """After a long shard (rpc): its memory delta, the reading the next
         shard starts from, whether shards are still long; updates the running
         mean and checks the heap with the same reading."""
-        m1 = self.heap.own_anon() if diag or self.heap.keep else None
+        m1 = self.heap.own_anon() if diag or self.heap.watch else None
         dmem = m1 - m0 if diag and m0 is not None and m1 is not None else None
         dt = t1 - t0
         self.ewma_ns = dt if self.ewma_ns < 0 else (self.ewma_ns * 7 + dt) >> 3

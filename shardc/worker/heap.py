@@ -13,6 +13,12 @@ module bounds what is kept and tells the master about it:
   worker's status row (``set_heap_kept``: the master does not count it as
   drift) and bounded by trimming;
 * **off** at the end of the call (an idle worker keeps nothing, bar ``END_SLACK``);
+* **drained** once switched off (``heap_keep`` 0 after a call that kept memory):
+  a trim gives back the pages of free chunks below the top of the heap but
+  leaves the chunks, so a hole as big as a temporary goes on serving it from
+  the heap, resident between shards, as if reuse were on (glibc looks in its
+  bins before it considers an mmap).  The checks go on with ``END_SLACK`` as
+  the bound until the heap's free bytes are under it (``watch``);
 * **refused** for the rest of the process once the estimate cannot be made
   (no ``mallinfo2``, /proc unreadable) or thread arenas grew (glibc cannot
   trim their free tops from here).
@@ -38,9 +44,11 @@ class HeapPolicy:
     Attributes:
         keep: freed bytes kept for the next shard (0: glibc's defaults).
         refused: reuse was turned off for the rest of this process.
+        watch: freed memory is checked and bounded after shards (reuse on, or
+            off with free chunks left from when it was on).
     """
 
-    __slots__ = ("_arenas", "_in_call", "_ref", "keep", "kept", "pid", "refused", "row")
+    __slots__ = ("_arenas", "_in_call", "_ref", "keep", "kept", "pid", "refused", "row", "watch")
 
     def __init__(self, row: StatusRow, pid: int) -> None:
         self.row = row
@@ -48,6 +56,7 @@ class HeapPolicy:
         self.keep = 0
         self.kept = 0  # the estimate last published (set_heap_kept)
         self.refused = False
+        self.watch = False
         self._ref: tuple[int, int, int] = (0, 0, 0)  # (anon, heap used, heap free) at the last trim
         self._arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
         self._in_call = False  # set_keep was called since the last end_call
@@ -62,12 +71,22 @@ class HeapPolicy:
             return
         self.keep = keep if ll.heap_reuse(keep) else 0
         self._publish(0)
-        if self.keep:
-            st = ll.heap_stats()
-            if st is None or not self.trim():
-                self.refuse()
-                return
-            self._arenas = (st["arena"], st["brk"])
+        if not self.keep:
+            self._drain()
+            return
+        st = ll.heap_stats()
+        if st is None or not self.trim():
+            self.refuse()
+            return
+        self._arenas = (st["arena"], st["brk"])
+        self.watch = True
+
+    def _drain(self, trimmed: bool = False) -> None:
+        """Reuse is off and the heap was just trimmed: go on bounding freed
+        memory while free chunks left from it could serve a temporary (see
+        the module docstring); ``trimmed``: the reference point is taken."""
+        st = ll.heap_stats()
+        self.watch = bool(st is not None and st["free"] > END_SLACK and (trimmed or self.trim()))
 
     def refuse(self) -> None:
         """glibc's defaults for the rest of this process, and give back what
@@ -78,6 +97,7 @@ class HeapPolicy:
         self._publish(0)
         ll.heap_reuse(0)
         ll.heap_trim()
+        self.watch = False  # (what made it refuse also makes the estimate unsound)
 
     def own_anon(self) -> int | None:
         """This process's anonymous memory (statm, ~8 us), or None if unreadable."""
@@ -120,20 +140,22 @@ class HeapPolicy:
             anon: this process's anonymous memory, if the caller just read it.
             bound: the most that may stay kept without a trim (default ``keep``).
         """
-        if not self.keep:
+        if not self.watch:
             return
         st = ll.heap_stats()
         if anon is None:
             anon = self.own_anon()
-        if st is None or anon is None or self._thread_arena_growth(st) > THREAD_ARENA_SLACK:
+        if st is None or anon is None or (self.keep and self._thread_arena_growth(st) > THREAD_ARENA_SLACK):
             self.refuse()
             return
         anon0, used0, free0 = self._ref
         resident = (anon - anon0) - (st["used"] - used0)
-        limit = self.keep if bound is None else bound
+        limit = (self.keep or END_SLACK) if bound is None else bound
         if resident > limit or st["free"] - free0 > limit:
             if not self.trim():
                 self.refuse()
+            elif not self.keep:
+                self._drain(trimmed=True)
             return
         self._publish(max(0, min(resident, st["free"])))
 
@@ -146,7 +168,7 @@ class HeapPolicy:
         call (a worker also ends the last call when the next one is set up:
         a second check and trim there found nothing to give back, and cost
         every small call ~40 us of the worker's time on its critical path)."""
-        if self.keep and self._in_call:
+        if self.watch and self._in_call:
             self._in_call = False
             # Trims only past END_SLACK: a trim costs ~40 us even with nothing to give
             # back (small calls skip it); turns reuse off for good if thread arenas grew.
