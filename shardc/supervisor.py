@@ -396,7 +396,10 @@ class Supervisor:
         before = w.chan.bytes_received
         try:
             msgs: list[tuple[Any, list[int]]] = w.chan.recv_ready()
-        except (ChannelClosed, ConnectionError):
+        except (ChannelClosed, OSError):
+            # EOF or a reset; EBADF: ``w`` was killed (its socket closed, see
+            # Pool.kill) after the select that returned its event, while an
+            # earlier event of the same batch was handled (a failed send).
             return None
         self.diag.bytes_results += w.chan.bytes_received - before
         if w.slot in self.unready:
