@@ -19,7 +19,7 @@ from shardc.dispatch_rpc import RpcDispatcher
 pytestmark = pytest.mark.timeout(60)
 
 
-class SlowSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class SlowSelector(selectors.DefaultSelector):
     """Waits a little before each select, so every worker's reply is in one batch."""
 
     def select(self, timeout=None):
@@ -56,9 +56,7 @@ def test_a_worker_killed_while_its_event_is_in_the_batch_is_a_death(monkeypatch)
     try:
         with shardc.Pool(2) as pool:
             pool.selector = SlowSelector()
-            r = pool.shard_map(
-                200, slow, out={"out": out}, chunk_size=1, autotune=False, max_retries=3, progress=False
-            )
+            r = pool.shard_map(200, slow, out={"out": out}, chunk_size=1, autotune=False, max_retries=3, progress=False)
             assert killed, "no batch held both workers' replies"
             assert r.succeeded, r
             assert out.array.tolist() == list(range(1, 201))
