@@ -95,9 +95,8 @@ class HeapPolicy:
         self.refused = True
         self.keep = 0
         self._publish(0)
-        ll.heap_reuse(0)
-        ll.heap_trim()
-        self.watch = False  # (what made it refuse also makes the estimate unsound)
+        ll.heap_reuse(0)  # (trims)
+        self._drain()  # holes left in the main heap (thread arenas' free tops count as memory in use from now)
 
     def own_anon(self) -> int | None:
         """This process's anonymous memory (statm, ~8 us), or None if unreadable."""
