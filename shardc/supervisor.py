@@ -51,7 +51,11 @@ from .units import fmt_bytes
 
 log = logging.getLogger("shardc")
 
-PRECISE_MAX_AGE = 0.5  # s: a due check takes a precise sample if the last one is older
+PRECISE_MAX_AGE = 0.5  # s: a due check takes a precise sample if the last one is older ...
+# ... and at most this share of the time: a precise sample (smaps_rollup) costs in proportion
+# to what the worker maps, ~25 ms after reading a 1 GiB input, and the master dispatches nothing
+# meanwhile (both workers due at once left one idle 20-60 ms in every 0.45 s call of 32 blocks).
+PRECISE_RUN_SHARE = 0.005
 STATM_MIN_GAP = 0.001  # s: without mem_cap, statm is read at most this often at shard boundaries (unless due)
 REPLACE_ATTEMPTS = 3  # a slot whose fresh workers die this often before the call starts fails the call
 
@@ -272,7 +276,8 @@ class Supervisor:
         (None: not known): statm (~8 us) unless it cannot have moved
         (:meth:`MemoryModel.unmoved`), a precise sample every
         ``health_check_interval`` shards (or when ``due``) if the last is over
-        0.5 s old, or whenever anonymous memory moved by 8 MiB; decide on
+        0.5 s old (and 200x its cost: ``PRECISE_RUN_SHARE``), or whenever
+        anonymous memory moved by 8 MiB; decide on
         recycling from the precise one."""
         pool = self.pool
         st = self.ws[w.slot]
@@ -283,9 +288,10 @@ class Supervisor:
             due = True
         elif self.call.mem_cap is None and now - w.fast_t < STATM_MIN_GAP:
             return  # read under 1 ms ago (replies in a burst), no cap to enforce: nothing new to learn
-        if (not due or now - w.precise_t <= PRECISE_MAX_AGE) and pool.unmoved(w, self.call.mem_cap):
+        age = max(PRECISE_MAX_AGE, w.precise_cost / PRECISE_RUN_SHARE)
+        if (not due or now - w.precise_t <= age) and pool.unmoved(w, self.call.mem_cap):
             return  # (tiny shards since a recent read: the read could not show a move worth acting on)
-        m = pool.sample_cheap(w, max_age=PRECISE_MAX_AGE if due else float("inf"))
+        m = pool.sample_cheap(w, max_age=age if due else float("inf"))
         if m is None:
             return
         self.diag.mem_sample(w, m, anon=pool.footprint(m, w))
