@@ -94,9 +94,9 @@ class MemoryModel:
 
     def sample(self, w: WorkerHandle) -> dict[str, int] | None:
         """Precise sample (smaps_rollup, ~0.3 ms): RSS, PSS, USS."""
-        t0 = time.perf_counter()
+        t0 = time.thread_time()  # (CPU time: a preemption does not inflate it)
         m = ll.proc_mem(w.pid)
-        w.precise_cost = time.perf_counter() - t0
+        w.precise_cost = time.thread_time() - t0
         if m is not None:
             fast = ll.proc_mem_fast(w.pid)
             if fast is not None:

@@ -23,6 +23,7 @@ status row); the other shards the worker held are requeued free.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -51,11 +52,14 @@ from .units import fmt_bytes
 
 log = logging.getLogger("shardc")
 
-PRECISE_MAX_AGE = 0.5  # s: a due check takes a precise sample if the last one is older ...
-# ... and at most this share of the time: a precise sample (smaps_rollup) costs in proportion
-# to what the worker maps, ~25 ms after reading a 1 GiB input, and the master dispatches nothing
-# meanwhile (both workers due at once left one idle 20-60 ms in every 0.45 s call of 32 blocks).
+# A due check takes a precise sample (smaps_rollup) of a worker when the last one is older than
+# PRECISE_MAX_AGE and than its cost / PRECISE_RUN_SHARE (at most PRECISE_MAX_WAIT); a growth of
+# 8 MiB brings one at once.  Its cost grows with what the worker maps (~25 ms after reading a
+# 1 GiB input) and the master dispatches nothing meanwhile: both workers due at once left one
+# idle 20-60 ms in nearly every 0.45 s call of 32 blocks of a 1 GiB matrix.
+PRECISE_MAX_AGE = 0.5  # s
 PRECISE_RUN_SHARE = 0.005
+PRECISE_MAX_WAIT = 5.0  # s (a cost that one slow read inflated does not put it off for long)
 STATM_MIN_GAP = 0.001  # s: without mem_cap, statm is read at most this often at shard boundaries (unless due)
 REPLACE_ATTEMPTS = 3  # a slot whose fresh workers die this often before the call starts fails the call
 
@@ -288,7 +292,7 @@ class Supervisor:
             due = True
         elif self.call.mem_cap is None and now - w.fast_t < STATM_MIN_GAP:
             return  # read under 1 ms ago (replies in a burst), no cap to enforce: nothing new to learn
-        age = max(PRECISE_MAX_AGE, w.precise_cost / PRECISE_RUN_SHARE)
+        age = min(PRECISE_MAX_WAIT, max(PRECISE_MAX_AGE, w.precise_cost / PRECISE_RUN_SHARE))
         if (not due or now - w.precise_t <= age) and pool.unmoved(w, self.call.mem_cap):
             return  # (tiny shards since a recent read: the read could not show a move worth acting on)
         m = pool.sample_cheap(w, max_age=age if due else float("inf"))
@@ -402,11 +406,15 @@ class Supervisor:
         before = w.chan.bytes_received
         try:
             msgs: list[tuple[Any, list[int]]] = w.chan.recv_ready()
-        except (ChannelClosed, OSError):
-            # EOF or a reset; EBADF: ``w`` was killed (its socket closed, see
-            # Pool.kill) after the select that returned its event, while an
-            # earlier event of the same batch was handled (a failed send).
+        except (ChannelClosed, ConnectionError):
             return None
+        except OSError as exc:
+            # EBADF: ``w`` was killed (its socket closed, see Pool.kill) after the
+            # select that returned its event, while an earlier event of the same
+            # batch was handled (a failed send).  Anything else is not a death.
+            if exc.errno == errno.EBADF or not w.alive:
+                return None
+            raise
         self.diag.bytes_results += w.chan.bytes_received - before
         if w.slot in self.unready:
             for i, (m, _fds) in enumerate(msgs):

@@ -15,6 +15,7 @@ from _engine_helpers import no_stray_children  # noqa: F401 (fixture)
 
 import shardc
 from shardc.dispatch_rpc import RpcDispatcher
+from shardc.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,23 +35,32 @@ def slow(shard, out):
 
 def test_a_worker_killed_while_its_event_is_in_the_batch_is_a_death(monkeypatch):
     orig = RpcDispatcher.on_messages
-    killed: list[int] = []
-    batches: list[int] = []
+    orig_receive = Supervisor.receive
     orig_select = SlowSelector.select
+    killed: list[int] = []
+    batch: list[int] = []  # the slots of the last select's events, in the order they are handled
+    received: dict[int, list[bool]] = {}  # pid -> whether each receive saw it dead
 
     def select(self, timeout=None):
         got = orig_select(self, timeout)
-        batches.append(sum(1 for key, _ in got if key.data is not None))
+        batch[:] = [key.data for key, _ in got if key.data is not None]
         return got
 
+    def receive(self, w):
+        msgs = orig_receive(self, w)
+        received.setdefault(w.pid, []).append(msgs is None)
+        return msgs
+
     def on_messages(self, w, msgs):
-        others = [o for o in self.pool.workers if o is not w and o.alive]
-        if not killed and others and batches and batches[-1] == len(self.pool.workers):
-            killed.append(others[0].pid)
-            self.pool.kill(others[0])  # what a failed send to it does
+        # The first event of a batch of both workers: kill the other, whose event comes next.
+        if not killed and len(batch) == 2 and batch[0] == w.slot:
+            other = self.pool.workers[batch[1]]
+            killed.append(other.pid)
+            self.pool.kill(other)  # what a failed send to it does
         return orig(self, w, msgs)
 
     monkeypatch.setattr(RpcDispatcher, "on_messages", on_messages)
+    monkeypatch.setattr(Supervisor, "receive", receive)
     monkeypatch.setattr(SlowSelector, "select", select)
     out = shardc.buffer(np.int64, (200,), init=0)
     try:
@@ -58,6 +68,7 @@ def test_a_worker_killed_while_its_event_is_in_the_batch_is_a_death(monkeypatch)
             pool.selector = SlowSelector()
             r = pool.shard_map(200, slow, out={"out": out}, chunk_size=1, autotune=False, max_retries=3, progress=False)
             assert killed, "no batch held both workers' replies"
+            assert received[killed[0]][-1] is True  # its event was handled after the kill: a death
             assert r.succeeded, r
             assert out.array.tolist() == list(range(1, 201))
             assert killed[0] not in [w.pid for w in pool.workers]

@@ -9,6 +9,7 @@ the kept memory for a leak.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -114,10 +115,13 @@ def test_a_hole_left_by_reuse_does_not_keep_serving_temporaries_once_it_is_off()
     allocations landed above a temporary).  Off must mean every shard faults
     its temporary afresh."""
     with shardc.Pool(1, init_expr=no_thp) as pool:
+        pid = pool.workers[0].pid
         on = run_faults(pool, chunk_size=1).results  # (run_faults runs temp_faults)
-        r = pool.shard_map(shardc.shards(6, block_size=1), pin_above_temp, chunk_size=1, progress=False)
+        # No drift recycling: a replacement of the worker would have no hole.
+        r = pool.shard_map(shardc.shards(6, block_size=1), pin_above_temp, chunk_size=1, recycle=False, progress=False)
         assert r.succeeded
-        faults = run_faults(pool, chunk_size=1, profile="memory").results
+        faults = run_faults(pool, chunk_size=1, profile="memory", recycle=False).results
+        assert pool.workers[0].pid == pid
     assert max(on[1:]) < BLOCK // ll.PAGE_SIZE // 20, on
     assert min(faults) > BLOCK // ll.PAGE_SIZE // 4, faults
 
@@ -222,19 +226,57 @@ def test_reuse_turns_itself_off_once_shards_allocate_in_threads():
 
 
 def test_reuse_turns_itself_off_in_a_worker_of_a_threaded_master():
-    """The same from this process (pytest's, whose threads left arenas with room
-    that the worker inherits: the shard's threads need not grow one)."""
+    """The same from this process (pytest's): a thread of the master allocated
+    first, so the worker inherits a thread arena, which its shard's threads may
+    take (from glibc's free list) instead of making one."""
     import threading
 
     def alloc():
-        a = np.ones(48 * 1024**2 // 8)  # an arena of the master's, grown and left with room
-        del a
+        held = [bytearray(64 * 1024) for _ in range(256)]  # 16 MiB below the mmap threshold: an arena
+        del held
 
     t = threading.Thread(target=alloc)
     t.start()
     t.join()
     faults = _threads_scenario()
     assert min(faults) > BLOCK // ll.PAGE_SIZE // 4, faults
+
+
+def test_draining_goes_on_while_a_hole_is_reused_and_stops_after_a_call_with_nothing_to_trim():
+    """HeapPolicy in this process: after reuse is switched off, a hole left in
+    the heap is trimmed again each time it is reused; a call whose checks found
+    nothing to trim ends the draining (a thread arena's free top, which no trim
+    gives back, would otherwise keep it on for good)."""
+    from shardc.status import StatusTable
+    from shardc.worker.heap import HeapPolicy
+
+    table = StatusTable(1)
+    pin = None
+    try:
+        h = HeapPolicy(table.row(0), os.getpid())
+        h.set_keep(64 * 1024**2)
+        if not h.keep:
+            pytest.skip("heap reuse refused here")
+        a = np.ones(8 * 1024**2 // 8)  # from the heap (reuse on) ...
+        pin = np.ones(1024**2 // 8)  # ... below this one, kept
+        del a
+        h.end_call()
+        h.set_keep(0)
+        assert h.watch  # the 8 MiB hole is free
+        b = np.ones(8 * 1024**2 // 8)  # from the hole (glibc looks in its bins first), resident again
+        del b
+        h.check()
+        assert h.watch and h._drained  # it trimmed the hole again, and goes on
+        h.end_call()
+        assert h.watch  # that call trimmed: go on
+        h.set_keep(0)  # the next call, reuse still off
+        h.end_call()  # nothing freed meanwhile: nothing to trim
+        assert not h.watch
+    finally:
+        ll.heap_reuse(0)
+        ll.heap_trim()
+        table.close()
+        del pin
 
 
 def test_heap_keep_bounds(monkeypatch):

@@ -18,7 +18,9 @@ module bounds what is kept and tells the master about it:
   leaves the chunks, so a hole as big as a temporary goes on serving it from
   the heap, resident between shards, as if reuse were on (glibc looks in its
   bins before it considers an mmap).  The checks go on with ``END_SLACK`` as
-  the bound until the heap's free bytes are under it (``watch``);
+  the bound (``watch``) until the heap's free bytes are under it, or until a
+  call's checks found nothing to trim (a free top of a thread arena, which a
+  trim cannot give back, would otherwise keep it on for good);
 * **refused** for the rest of the process once the estimate cannot be made
   (no ``mallinfo2``, /proc unreadable) or thread arenas grew (glibc cannot
   trim their free tops from here).
@@ -48,7 +50,7 @@ class HeapPolicy:
             off with free chunks left from when it was on).
     """
 
-    __slots__ = ("_arenas", "_in_call", "_ref", "keep", "kept", "pid", "refused", "row", "watch")
+    __slots__ = ("_arenas", "_drained", "_in_call", "_ref", "keep", "kept", "pid", "refused", "row", "watch")
 
     def __init__(self, row: StatusRow, pid: int) -> None:
         self.row = row
@@ -60,6 +62,7 @@ class HeapPolicy:
         self._ref: tuple[int, int, int] = (0, 0, 0)  # (anon, heap used, heap free) at the last trim
         self._arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
         self._in_call = False  # set_keep was called since the last end_call
+        self._drained = False  # reuse off: this call's checks trimmed (see _drain)
 
     def set_keep(self, keep: int) -> None:
         """Keep up to ``keep`` freed bytes from now on (0: glibc's defaults);
@@ -69,7 +72,7 @@ class HeapPolicy:
             keep = 0
         if keep == self.keep:
             return
-        self.keep = keep if ll.heap_reuse(keep) else 0
+        self.keep = keep if ll.heap_reuse(keep) else 0  # (0: trims)
         self._publish(0)
         if not self.keep:
             self._drain()
@@ -81,12 +84,12 @@ class HeapPolicy:
         self._arenas = (st["arena"], st["brk"])
         self.watch = True
 
-    def _drain(self, trimmed: bool = False) -> None:
+    def _drain(self, ref: bool = False) -> None:
         """Reuse is off and the heap was just trimmed: go on bounding freed
         memory while free chunks left from it could serve a temporary (see
-        the module docstring); ``trimmed``: the reference point is taken."""
+        the module docstring); ``ref``: the reference point is taken too."""
         st = ll.heap_stats()
-        self.watch = bool(st is not None and st["free"] > END_SLACK and (trimmed or self.trim()))
+        self.watch = bool(st is not None and st["free"] > END_SLACK and (ref or self.trim(done=True)))
 
     def refuse(self) -> None:
         """glibc's defaults for the rest of this process, and give back what
@@ -96,7 +99,7 @@ class HeapPolicy:
         self.keep = 0
         self._publish(0)
         ll.heap_reuse(0)  # (trims)
-        self._drain()  # holes left in the main heap (thread arenas' free tops count as memory in use from now)
+        self._drain()  # holes left in the main heap
 
     def own_anon(self) -> int | None:
         """This process's anonymous memory (statm, ~8 us), or None if unreadable."""
@@ -106,10 +109,11 @@ class HeapPolicy:
             return None
         return None if m is None else int(m["anon"])
 
-    def trim(self) -> bool:
-        """Trim, and take the reference point: nothing freed is resident now.
-        False if the reference cannot be read."""
-        ll.heap_trim()
+    def trim(self, done: bool = False) -> bool:
+        """Trim (``done``: the caller just did), and take the reference point:
+        nothing freed is resident now.  False if the reference cannot be read."""
+        if not done:
+            ll.heap_trim()
         st, anon = ll.heap_stats(), self.own_anon()
         if st is None or anon is None:
             return False
@@ -145,16 +149,23 @@ class HeapPolicy:
         if anon is None:
             anon = self.own_anon()
         if st is None or anon is None or (self.keep and self._thread_arena_growth(st) > THREAD_ARENA_SLACK):
-            self.refuse()
+            if self.keep:
+                self.refuse()
+            else:  # draining (reuse is off already): stop, without refusing reuse for good
+                self.watch = False
             return
         anon0, used0, free0 = self._ref
         resident = (anon - anon0) - (st["used"] - used0)
         limit = (self.keep or END_SLACK) if bound is None else bound
         if resident > limit or st["free"] - free0 > limit:
-            if not self.trim():
+            if self.trim():
+                if not self.keep:
+                    self._drained = True
+                    self._drain(ref=True)
+            elif self.keep:
                 self.refuse()
-            elif not self.keep:
-                self._drain(trimmed=True)
+            else:
+                self.watch = False
             return
         self._publish(max(0, min(resident, st["free"])))
 
@@ -171,4 +182,10 @@ class HeapPolicy:
             self._in_call = False
             # Trims only past END_SLACK: a trim costs ~40 us even with nothing to give
             # back (small calls skip it); turns reuse off for good if thread arenas grew.
+            draining = not self.keep
             self.check(bound=END_SLACK)
+            # Draining: a call whose checks had nothing to trim shows no hole being reused;
+            # what is left free (a thread arena's top) would keep it on for good.
+            if draining and not self._drained:
+                self.watch = False
+            self._drained = False
