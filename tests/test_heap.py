@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -277,6 +278,46 @@ def test_draining_goes_on_while_a_hole_is_reused_and_stops_after_a_call_with_not
         ll.heap_trim()
         table.close()
         del pin
+
+
+def test_a_thread_that_ran_turns_reuse_off_whichever_arena_it_used(monkeypatch):
+    """HeapPolicy in this process: a thread that ran under reuse (its CPU time,
+    here with no allocation at all, so no arena grew) turns reuse off for good;
+    one of shardc's own (quiet_thread) does not."""
+    import threading
+
+    from shardc.status import StatusTable
+    from shardc.worker import heap
+
+    def burn():
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.02:
+            pass
+
+    table = StatusTable(1)
+    try:
+        monkeypatch.setattr(heap, "_QUIET", [])
+        h = heap.HeapPolicy(table.row(0), os.getpid())
+        h.set_keep(64 * 1024**2)
+        if not h.keep:
+            pytest.skip("heap reuse refused here")
+        quiet = threading.Thread(target=lambda: (heap.quiet_thread(threading.get_ident()), burn(), time.sleep(0.5)))
+        quiet.start()
+        time.sleep(0.1)  # it burned, and is alive (a quiet thread's time is read while it lives)
+        h.check()
+        assert h.keep and not h.refused
+        t = threading.Thread(target=burn)
+        t.start()
+        t.join()  # ended: its time stays in the process's
+        h.check()
+        assert h.refused and not h.keep
+        h.set_keep(64 * 1024**2)
+        assert not h.keep  # for good
+        quiet.join()
+    finally:
+        ll.heap_reuse(0)
+        ll.heap_trim()
+        table.close()
 
 
 def test_heap_keep_bounds(monkeypatch):

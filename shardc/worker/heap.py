@@ -22,19 +22,58 @@ module bounds what is kept and tells the master about it:
   call's checks found nothing to trim (a free top of a thread arena, which a
   trim cannot give back, would otherwise keep it on for good);
 * **refused** for the rest of the process once the estimate cannot be made
-  (no ``mallinfo2``, /proc unreadable) or thread arenas grew (glibc cannot
-  trim their free tops from here).
+  (no ``mallinfo2``, /proc unreadable) or threads other than the main one ran
+  (a thread allocates in an arena of its own, whose free top glibc keeps up
+  to ``keep`` and ``malloc_trim`` cannot give back) or thread arenas grew.
+  A thread that ran is seen whether it is alive or not and whichever arena
+  glibc gave it (growing one or not, which the arena check alone missed in
+  CI): its CPU time stays in the process's (``others_cpu``); shardc's own
+  threads (``quiet_thread``) do not count.
 
 Nothing here is shared between processes except the one published number.
 """
 
 from __future__ import annotations
 
+import resource
+import time
+
 from .. import _lowlevel as ll
 from ..status import StatusRow
 
 # Thread arenas may grow this much under reuse before it is refused for good.
 THREAD_ARENA_SLACK = 8 * 1024**2
+# Other threads (ended or alive) may run this much CPU time under reuse before it is refused
+# for good (a thread that fills a block-sized temporary spends more).
+THREAD_CPU_SLACK = 0.002
+# Threads of shardc's own that allocate next to nothing (the parent watcher): their idents.
+_QUIET: list[int] = []
+
+
+def quiet_thread(ident: int | None) -> None:
+    """Thread ``ident`` is shardc's own and allocates next to nothing: its CPU
+    time is not other threads' (:func:`others_cpu`)."""
+    if ident is not None:
+        _QUIET.append(ident)
+
+
+def others_cpu() -> float | None:
+    """CPU seconds of every thread of this process but the calling one and the
+    quiet ones, ended threads included (``getrusage``: ~2 us); None without
+    ``RUSAGE_THREAD`` (not Linux: no heap reuse there either)."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    if who is None:
+        return None
+    a, me = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(who)
+    t = a.ru_utime + a.ru_stime - me.ru_utime - me.ru_stime
+    for ident in _QUIET:
+        try:
+            t -= time.clock_gettime(time.pthread_getcpuclockid(ident))
+        except (OSError, OverflowError):  # it ended (its time stays in the process's): it counts
+            pass
+    return t
+
+
 # An idle worker may keep this much freed memory rather than trim at every call's end
 # (glibc's own default trim threshold is 128 KiB).
 END_SLACK = 256 * 1024
@@ -50,7 +89,7 @@ class HeapPolicy:
             off with free chunks left from when it was on).
     """
 
-    __slots__ = ("_arenas", "_drained", "_in_call", "_ref", "keep", "kept", "pid", "refused", "row", "watch")
+    __slots__ = ("_arenas", "_drained", "_in_call", "_others", "_ref", "keep", "kept", "pid", "refused", "row", "watch")
 
     def __init__(self, row: StatusRow, pid: int) -> None:
         self.row = row
@@ -61,6 +100,7 @@ class HeapPolicy:
         self.watch = False
         self._ref: tuple[int, int, int] = (0, 0, 0)  # (anon, heap used, heap free) at the last trim
         self._arenas = (0, 0)  # (allocator's system bytes, program break) when reuse was turned on
+        self._others = 0.0  # others_cpu() then
         self._in_call = False  # set_keep was called since the last end_call
         self._drained = False  # reuse off: this call's checks trimmed (see _drain)
 
@@ -77,11 +117,12 @@ class HeapPolicy:
         if not self.keep:
             self._drain()
             return
-        st = ll.heap_stats()
-        if st is None or not self.trim():
+        st, others = ll.heap_stats(), others_cpu()
+        if st is None or others is None or not self.trim():
             self.refuse()
             return
         self._arenas = (st["arena"], st["brk"])
+        self._others = others
         self.watch = True
 
     def _drain(self, ref: bool = False) -> None:
@@ -121,11 +162,15 @@ class HeapPolicy:
         self._publish(0)
         return True
 
-    def _thread_arena_growth(self, st: dict[str, int]) -> int:
-        """Growth of the allocator's arenas since reuse was turned on, beyond the
-        growth of the main heap (the program break): thread arenas."""
+    def _threads_ran(self, st: dict[str, int]) -> bool:
+        """Since reuse was turned on, other threads ran (and may have allocated
+        in arenas of their own), or the allocator's arenas grew beyond the
+        main heap (the program break): thread arenas."""
+        others = others_cpu()
+        if others is None or others - self._others > THREAD_CPU_SLACK:
+            return True
         arena0, brk0 = self._arenas
-        return (st["arena"] - arena0) - (st["brk"] - brk0)
+        return (st["arena"] - arena0) - (st["brk"] - brk0) > THREAD_ARENA_SLACK
 
     def check(self, anon: int | None = None, bound: int | None = None) -> None:
         """Bound the freed memory kept and publish an estimate of it.
@@ -136,8 +181,8 @@ class HeapPolicy:
         they are not resident (only they can make it too high, by at most their
         size); memory in use but never touched can make it too low, so the
         growth of free bytes since the trim bounds it from above.  Past either
-        bound the worker trims; once thread arenas grow (their freed tops
-        cannot be trimmed from here) it stops keeping memory.
+        bound the worker trims; once other threads ran or thread arenas grew
+        (their freed tops cannot be trimmed from here) it stops keeping memory.
 
         Args:
             anon: this process's anonymous memory, if the caller just read it.
@@ -148,7 +193,7 @@ class HeapPolicy:
         st = ll.heap_stats()
         if anon is None:
             anon = self.own_anon()
-        if st is None or anon is None or (self.keep and self._thread_arena_growth(st) > THREAD_ARENA_SLACK):
+        if st is None or anon is None or (self.keep and self._threads_ran(st)):
             if self.keep:
                 self.refuse()
             else:  # draining (reuse is off already): stop, without refusing reuse for good
@@ -181,7 +226,7 @@ class HeapPolicy:
         if self.watch and self._in_call:
             self._in_call = False
             # Trims only past END_SLACK: a trim costs ~40 us even with nothing to give
-            # back (small calls skip it); turns reuse off for good if thread arenas grew.
+            # back (small calls skip it); turns reuse off for good if other threads ran.
             draining = not self.keep
             self.check(bound=END_SLACK)
             # Draining: a call whose checks had nothing to trim shows no hole being reused;

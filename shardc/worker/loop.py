@@ -68,7 +68,7 @@ from ..segment import Segment
 from ..share import array_extent, view_array
 from ..status import DoneMap, StatusTable
 from .executor import ShardExecutor
-from .heap import END_SLACK, HeapPolicy
+from .heap import END_SLACK, HeapPolicy, quiet_thread
 from .queue_loop import run_queue_call
 from .rpc import run_chunks
 
@@ -430,7 +430,9 @@ def _watch_parent(parent_pid: int) -> None:
             time.sleep(0.2)
         os._exit(0)  # the master went away: nothing left to do (as on EOF)
 
-    threading.Thread(target=watch, name="shardc-parent-watch", daemon=True).start()
+    t = threading.Thread(target=watch, name="shardc-parent-watch", daemon=True)
+    t.start()
+    quiet_thread(t.ident)  # (its wake-ups every 0.2 s do not turn heap reuse off)
 
 
 def after_fork(parent_pid: int, packages: list[str], init_expr: Any, death_signal: int = signal.SIGKILL) -> None:
