@@ -176,7 +176,11 @@ def test_worker_killed_mid_group_reruns_the_group_once(pools, tmp_path, mode):
     )  # fmt: skip
     assert r.value.hex() == clean.value.hex() and r.succeeded
     deaths = [e for e in r.diagnostics.events if e["event"] == "death"]
-    assert len(deaths) == 1 and deaths[0]["shard"] == 1234 // auto_group_size(3000)
+    # Charged to its group; or to none when the worker ran several short groups as one
+    # speculative run (shardc.worker.spec): those rerun one by one, and only a crash then
+    # is charged (here none: the marker is there).  Which happens depends on timing (CI
+    # saw the second once).
+    assert len(deaths) == 1 and deaths[0]["shard"] in (1234 // auto_group_size(3000), None), deaths
     assert r.diagnostics.reduce["partials"] == r.diagnostics.reduce["groups"]  # the rerun group counted once
 
 
