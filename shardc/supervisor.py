@@ -292,10 +292,11 @@ class Supervisor:
             due = True
         elif self.call.mem_cap is None and now - w.fast_t < STATM_MIN_GAP:
             return  # read under 1 ms ago (replies in a burst), no cap to enforce: nothing new to learn
-        age = min(PRECISE_MAX_WAIT, max(PRECISE_MAX_AGE, w.precise_cost / PRECISE_RUN_SHARE))
-        if (not due or now - w.precise_t <= age) and pool.unmoved(w, self.call.mem_cap):
+        # How old the last precise sample may be (none due: any age).
+        age = min(PRECISE_MAX_WAIT, max(PRECISE_MAX_AGE, w.precise_cost / PRECISE_RUN_SHARE)) if due else float("inf")
+        if now - w.precise_t <= age and pool.unmoved(w, self.call.mem_cap):
             return  # (tiny shards since a recent read: the read could not show a move worth acting on)
-        m = pool.sample_cheap(w, max_age=age if due else float("inf"))
+        m = pool.sample_cheap(w, max_age=age)
         if m is None:
             return
         self.diag.mem_sample(w, m, anon=pool.footprint(m, w))

@@ -243,50 +243,55 @@ def test_reuse_turns_itself_off_in_a_worker_of_a_threaded_master():
     assert min(faults) > BLOCK // ll.PAGE_SIZE // 4, faults
 
 
-def test_draining_goes_on_while_a_hole_is_reused_and_stops_after_a_call_with_nothing_to_trim():
-    """HeapPolicy in this process: after reuse is switched off, a hole left in
-    the heap is trimmed again each time it is reused; a call whose checks found
-    nothing to trim ends the draining (a thread arena's free top, which no trim
-    gives back, would otherwise keep it on for good)."""
+@pytest.fixture
+def policy():
+    """A HeapPolicy of this process with reuse on (64 MiB); glibc's defaults again after."""
     from shardc.status import StatusTable
     from shardc.worker.heap import HeapPolicy
 
     table = StatusTable(1)
-    pin = None
     try:
         h = HeapPolicy(table.row(0), os.getpid())
         h.set_keep(64 * 1024**2)
         if not h.keep:
             pytest.skip("heap reuse refused here")
-        a = np.ones(8 * 1024**2 // 8)  # from the heap (reuse on) ...
-        pin = np.ones(1024**2 // 8)  # ... below this one, kept
-        del a
-        h.end_call()
-        h.set_keep(0)
-        assert h.watch  # the 8 MiB hole is free
-        b = np.ones(8 * 1024**2 // 8)  # from the hole (glibc looks in its bins first), resident again
-        del b
-        h.check()
-        assert h.watch and h._drained  # it trimmed the hole again, and goes on
-        h.end_call()
-        assert h.watch  # that call trimmed: go on
-        h.set_keep(0)  # the next call, reuse still off
-        h.end_call()  # nothing freed meanwhile: nothing to trim
-        assert not h.watch
+        yield h
     finally:
         ll.heap_reuse(0)
         ll.heap_trim()
         table.close()
-        del pin
 
 
-def test_a_thread_that_ran_turns_reuse_off_whichever_arena_it_used(monkeypatch):
+def test_draining_goes_on_while_a_hole_is_reused_and_stops_after_a_call_with_nothing_to_trim(policy):
+    """HeapPolicy in this process: after reuse is switched off, a hole left in
+    the heap is trimmed again each time it is reused; a call whose checks found
+    nothing to trim ends the draining (a thread arena's free top, which no trim
+    gives back, would otherwise keep it on for good)."""
+    h = policy
+    a = np.ones(8 * 1024**2 // 8)  # from the heap (reuse on) ...
+    pin = np.ones(1024**2 // 8)  # ... below this one, kept
+    del a
+    h.end_call()
+    h.set_keep(0)
+    assert h.watch  # the 8 MiB hole is free
+    b = np.ones(8 * 1024**2 // 8)  # from the hole (glibc looks in its bins first), resident again
+    del b
+    h.check()
+    assert h.watch and h._drained  # it trimmed the hole again, and goes on
+    h.end_call()
+    assert h.watch  # that call trimmed: go on
+    h.set_keep(0)  # the next call, reuse still off
+    h.end_call()  # nothing freed meanwhile: nothing to trim
+    assert not h.watch
+    del pin
+
+
+def test_a_thread_that_ran_turns_reuse_off_whichever_arena_it_used(policy, monkeypatch):
     """HeapPolicy in this process: a thread that ran under reuse (its CPU time,
     here with no allocation at all, so no arena grew) turns reuse off for good;
     one of shardc's own (quiet_thread) does not."""
     import threading
 
-    from shardc.status import StatusTable
     from shardc.worker import heap
 
     def burn():
@@ -294,30 +299,21 @@ def test_a_thread_that_ran_turns_reuse_off_whichever_arena_it_used(monkeypatch):
         while time.thread_time() - t0 < 0.02:
             pass
 
-    table = StatusTable(1)
-    try:
-        monkeypatch.setattr(heap, "_QUIET", [])
-        h = heap.HeapPolicy(table.row(0), os.getpid())
-        h.set_keep(64 * 1024**2)
-        if not h.keep:
-            pytest.skip("heap reuse refused here")
-        quiet = threading.Thread(target=lambda: (heap.quiet_thread(threading.get_ident()), burn(), time.sleep(0.5)))
-        quiet.start()
-        time.sleep(0.1)  # it burned, and is alive (a quiet thread's time is read while it lives)
-        h.check()
-        assert h.keep and not h.refused
-        t = threading.Thread(target=burn)
-        t.start()
-        t.join()  # ended: its time stays in the process's
-        h.check()
-        assert h.refused and not h.keep
-        h.set_keep(64 * 1024**2)
-        assert not h.keep  # for good
-        quiet.join()
-    finally:
-        ll.heap_reuse(0)
-        ll.heap_trim()
-        table.close()
+    h = policy
+    monkeypatch.setattr(heap, "_QUIET", [])
+    quiet = threading.Thread(target=lambda: (heap.quiet_thread(threading.get_ident()), burn(), time.sleep(0.5)))
+    quiet.start()
+    time.sleep(0.1)  # it burned, and is alive (a quiet thread's time is read while it lives)
+    h.check()
+    assert h.keep and not h.refused
+    t = threading.Thread(target=burn)
+    t.start()
+    t.join()  # ended: its time stays in the process's
+    h.check()
+    assert h.refused and not h.keep
+    h.set_keep(64 * 1024**2)
+    assert not h.keep  # for good
+    quiet.join()
 
 
 def test_heap_keep_bounds(monkeypatch):

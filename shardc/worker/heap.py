@@ -128,9 +128,17 @@ class HeapPolicy:
     def _drain(self, ref: bool = False) -> None:
         """Reuse is off and the heap was just trimmed: go on bounding freed
         memory while free chunks left from it could serve a temporary (see
-        the module docstring); ``ref``: the reference point is taken too."""
-        st = ll.heap_stats()
-        self.watch = bool(st is not None and st["free"] > END_SLACK and (ref or self.trim(done=True)))
+        the module docstring); ``ref``: the reference point is taken too
+        (its free bytes are the heap's now)."""
+        self.watch = (ref or self.trim(done=True)) and self._ref[2] > END_SLACK
+
+    def _give_up(self) -> None:
+        """Reuse cannot go on (no estimate, or other threads ran): refuse it
+        for good; draining (reuse is off already), stop draining instead."""
+        if self.keep:
+            self.refuse()
+        else:
+            self.watch = False
 
     def refuse(self) -> None:
         """glibc's defaults for the rest of this process, and give back what
@@ -194,23 +202,17 @@ class HeapPolicy:
         if anon is None:
             anon = self.own_anon()
         if st is None or anon is None or (self.keep and self._threads_ran(st)):
-            if self.keep:
-                self.refuse()
-            else:  # draining (reuse is off already): stop, without refusing reuse for good
-                self.watch = False
+            self._give_up()
             return
         anon0, used0, free0 = self._ref
         resident = (anon - anon0) - (st["used"] - used0)
         limit = (self.keep or END_SLACK) if bound is None else bound
         if resident > limit or st["free"] - free0 > limit:
-            if self.trim():
-                if not self.keep:
-                    self._drained = True
-                    self._drain(ref=True)
-            elif self.keep:
-                self.refuse()
-            else:
-                self.watch = False
+            if not self.trim():
+                self._give_up()
+            elif not self.keep:
+                self._drained = True
+                self._drain(ref=True)
             return
         self._publish(max(0, min(resident, st["free"])))
 
