@@ -286,6 +286,26 @@ def test_draining_goes_on_while_a_hole_is_reused_and_stops_after_a_call_with_not
     del pin
 
 
+def test_a_refusal_at_a_calls_last_shard_keeps_draining_into_the_next_call(policy):
+    """Reuse refused at a call's last check (other threads ran): the call's end
+    must not end the draining it just started (CI: the next call's temporaries
+    came from the hole, [8192, 0, 0, 0, 0, 0])."""
+    h = policy
+    a = np.ones(8 * 1024**2 // 8)
+    pin = np.ones(1024**2 // 8)
+    del a  # an 8 MiB hole below pin
+    h.refuse()
+    assert h.watch
+    h.end_call()
+    assert h.watch  # the refusal's call ended: the next call still drains
+    h.set_keep(64 * 1024**2)  # refused: stays 0
+    b = np.ones(8 * 1024**2 // 8)  # from the hole, resident again
+    del b
+    h.check()
+    assert h.watch and h._drained  # trimmed again
+    del pin
+
+
 def test_a_thread_that_ran_turns_reuse_off_whichever_arena_it_used(policy, monkeypatch):
     """HeapPolicy in this process: a thread that ran under reuse (its CPU time,
     here with no allocation at all, so no arena grew) turns reuse off for good;

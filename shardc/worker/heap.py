@@ -131,6 +131,9 @@ class HeapPolicy:
         the module docstring); ``ref``: the reference point is taken too
         (its free bytes are the heap's now)."""
         self.watch = (ref or self.trim(done=True)) and self._ref[2] > END_SLACK
+        # (counts as this call's trim: a switch-off or refusal late in a call keeps draining
+        # through the next call, which has to show a hole is reused or end it)
+        self._drained = self.watch
 
     def _give_up(self) -> None:
         """Reuse cannot go on (no estimate, or other threads ran): refuse it
@@ -211,7 +214,6 @@ class HeapPolicy:
             if not self.trim():
                 self._give_up()
             elif not self.keep:
-                self._drained = True
                 self._drain(ref=True)
             return
         self._publish(max(0, min(resident, st["free"])))
